@@ -1,0 +1,3 @@
+//! kiln guest agent (stub).
+
+fn main() {}

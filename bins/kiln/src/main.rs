@@ -1,0 +1,3 @@
+//! kiln CLI (stub).
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! kiln daemon (stub).
+
+fn main() {}

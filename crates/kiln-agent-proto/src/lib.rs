@@ -1,0 +1,1 @@
+//! Wire format between kiln's host and its guest agent (stub).

@@ -1,0 +1,1 @@
+//! Sandbox engine (stub).
