@@ -1,0 +1,1 @@
+//! End-to-end tests that boot real VMs under QEMU (see tests/).
