@@ -1,1 +1,636 @@
-//! HTTP API types (stub).
+//! Request and response types of kiln's HTTP API, shared by the daemon (`kilnd`), the CLI and
+//! (later) the generated SDKs.
+//!
+//! This crate owns the *shape* of the API and nothing else: no I/O, no engine logic. Every type
+//! here is serialised as JSON. Streaming endpoints (exec over a WebSocket, image builds as
+//! newline-delimited JSON) exchange the [`ExecClientMessage`], [`ExecServerMessage`] and
+//! [`ImageBuildEvent`] types; the byte layout of the exec WebSocket is documented in
+//! `docs/protocol.md`.
+//!
+//! Invariants:
+//! - identifiers are newtypes ([`SandboxId`]) validated on parse, so a malformed id is rejected
+//!   at the edge instead of reaching the engine or the file system;
+//! - limits that the API enforces live here as constants, so CLI and daemon agree on them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of this API; served by `GET /v1/health`.
+pub const API_VERSION: u32 = 1;
+
+/// Fewest vCPUs a sandbox may have.
+pub const MIN_CPUS: u32 = 1;
+/// Most vCPUs a sandbox may have.
+pub const MAX_CPUS: u32 = 16;
+/// Least guest memory in MiB (the Debian cloud kernel and the agent need about 96 MiB).
+pub const MIN_MEMORY_MIB: u32 = 128;
+/// Most guest memory in MiB.
+pub const MAX_MEMORY_MIB: u32 = 16384;
+/// Default guest memory in MiB.
+pub const DEFAULT_MEMORY_MIB: u32 = 256;
+/// Default number of vCPUs.
+pub const DEFAULT_CPUS: u32 = 1;
+/// Default image of `kiln run`.
+pub const DEFAULT_IMAGE: &str = "python";
+/// Longest argv (in elements) an exec may carry.
+pub const MAX_ARGV: usize = 4096;
+/// Most environment variables an exec may carry.
+pub const MAX_ENV: usize = 1024;
+
+/// Stream tag of a binary exec WebSocket message carrying stdout bytes.
+pub const STREAM_STDOUT: u8 = 1;
+/// Stream tag of a binary exec WebSocket message carrying stderr bytes.
+pub const STREAM_STDERR: u8 = 2;
+
+/// Identifier of a sandbox: `sb-` followed by 12 lowercase hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SandboxId(String);
+
+/// A string that is not a valid identifier.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid sandbox id {0:?}: expected `sb-` and 12 lowercase hex digits")]
+pub struct InvalidId(pub String);
+
+impl SandboxId {
+    /// A new random id.
+    pub fn random() -> Self {
+        let n: u64 = rand::random::<u64>() & 0xffff_ffff_ffff;
+        SandboxId(format!("sb-{n:012x}"))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for SandboxId {
+    type Err = InvalidId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let hex = s
+            .strip_prefix("sb-")
+            .ok_or_else(|| InvalidId(s.to_owned()))?;
+        if hex.len() == 12
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            Ok(SandboxId(s.to_owned()))
+        } else {
+            Err(InvalidId(s.to_owned()))
+        }
+    }
+}
+
+impl TryFrom<String> for SandboxId {
+    type Error = InvalidId;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<SandboxId> for String {
+    fn from(id: SandboxId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for SandboxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Lifecycle state of a sandbox.
+///
+/// ```text
+///   booting ──agent answered──▶ running ──delete──▶ (removed)
+///      │                           │
+///      └──QEMU died / no agent─────┴──▶ failed ──delete──▶ (removed)
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    /// QEMU started, the agent has not answered yet.
+    Booting,
+    /// The agent answered; execs are accepted.
+    Running,
+    /// QEMU or the agent died, or the sandbox was orphaned by a daemon crash; see `error`.
+    Failed,
+}
+
+impl SandboxState {
+    /// The state's name as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Booting => "booting",
+            SandboxState::Running => "running",
+            SandboxState::Failed => "failed",
+        }
+    }
+}
+
+impl FromStr for SandboxState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "booting" => Ok(SandboxState::Booting),
+            "running" => Ok(SandboxState::Running),
+            "failed" => Ok(SandboxState::Failed),
+            other => Err(format!("unknown sandbox state {other:?}")),
+        }
+    }
+}
+
+/// `POST /v1/sandboxes`: start a sandbox from an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxCreateRequest {
+    /// Image name (a recipe name such as `python`); built first if missing.
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// Number of vCPUs.
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    #[serde(default = "default_memory")]
+    pub memory_mib: u32,
+}
+
+fn default_image() -> String {
+    DEFAULT_IMAGE.to_owned()
+}
+fn default_cpus() -> u32 {
+    DEFAULT_CPUS
+}
+fn default_memory() -> u32 {
+    DEFAULT_MEMORY_MIB
+}
+
+impl Default for SandboxCreateRequest {
+    fn default() -> Self {
+        SandboxCreateRequest {
+            image: default_image(),
+            cpus: DEFAULT_CPUS,
+            memory_mib: DEFAULT_MEMORY_MIB,
+        }
+    }
+}
+
+impl SandboxCreateRequest {
+    /// Checks ranges; the error names the field and the allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(MIN_CPUS..=MAX_CPUS).contains(&self.cpus) {
+            return Err(format!(
+                "cpus must be between {MIN_CPUS} and {MAX_CPUS}, got {}",
+                self.cpus
+            ));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(format!(
+                "memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, got {}",
+                self.memory_mib
+            ));
+        }
+        validate_image_name(&self.image)
+    }
+}
+
+/// Checks that an image name is a plain recipe-style name (it becomes a directory name).
+pub fn validate_image_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid image name {name:?}: use lowercase letters, digits, '-' and '_'"
+        ))
+    }
+}
+
+/// What the API says about one sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxInfo {
+    /// Identifier.
+    pub id: SandboxId,
+    /// Image name it was started from.
+    pub image: String,
+    /// Content id of that image build.
+    pub image_id: String,
+    /// Lifecycle state.
+    pub state: SandboxState,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Accelerator in use (`kvm` or `tcg`).
+    pub accel: String,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// QEMU start → agent answered, in milliseconds (once running).
+    pub boot_ms: Option<u64>,
+    /// Why the sandbox failed.
+    pub error: Option<String>,
+}
+
+/// `GET /v1/sandboxes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxList {
+    /// All sandboxes, oldest first.
+    pub sandboxes: Vec<SandboxInfo>,
+}
+
+/// One command to run in a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments; the program is looked up in the guest's `PATH`.
+    pub argv: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default `/root`).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Whether the client will send stdin; if false the command reads `/dev/null`.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Kill the command after this many milliseconds (exit code 124 in the CLI).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Kill the command once it has written this many bytes to stdout and stderr together.
+    #[serde(default)]
+    pub max_output_bytes: Option<u64>,
+}
+
+impl ExecRequest {
+    /// An exec of `argv` with defaults for everything else.
+    pub fn new(argv: Vec<String>) -> Self {
+        ExecRequest {
+            argv,
+            env: BTreeMap::new(),
+            cwd: None,
+            stdin: false,
+            timeout_ms: None,
+            max_output_bytes: None,
+        }
+    }
+
+    /// Checks the request; the error names what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.argv.is_empty() || self.argv[0].is_empty() {
+            return Err("empty command: give a program to run".to_owned());
+        }
+        if self.argv.len() > MAX_ARGV {
+            return Err(format!(
+                "too many arguments: {} (at most {MAX_ARGV})",
+                self.argv.len()
+            ));
+        }
+        if self.argv.iter().any(|a| a.contains('\0')) {
+            return Err("an argument contains a NUL byte".to_owned());
+        }
+        if self.env.len() > MAX_ENV {
+            return Err(format!(
+                "too many environment variables: {} (at most {MAX_ENV})",
+                self.env.len()
+            ));
+        }
+        for (k, v) in &self.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                return Err(format!("invalid environment variable name {k:?}"));
+            }
+        }
+        if let Some(cwd) = &self.cwd
+            && (!cwd.starts_with('/') || cwd.contains('\0'))
+        {
+            return Err(format!(
+                "working directory must be an absolute path, got {cwd:?}"
+            ));
+        }
+        if self.timeout_ms == Some(0) {
+            return Err("timeout must be greater than zero".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// First message of the `/v1/run` WebSocket: a fresh sandbox, one command, then teardown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    /// The sandbox to start.
+    #[serde(default)]
+    pub sandbox: SandboxCreateRequest,
+    /// The command to run in it.
+    pub exec: ExecRequest,
+}
+
+/// Text messages a client sends on an exec WebSocket after the first one.
+/// Binary messages from the client are stdin bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecClientMessage {
+    /// No more stdin.
+    StdinClose,
+    /// Deliver a signal to the command's process group.
+    Signal {
+        /// Signal number (e.g. 15 for SIGTERM).
+        signo: i32,
+    },
+}
+
+/// Text messages the daemon sends on an exec WebSocket. Binary messages from the daemon are
+/// output: first byte [`STREAM_STDOUT`] or [`STREAM_STDERR`], then the bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecServerMessage {
+    /// The sandbox is ready and the command was started.
+    Started {
+        /// Sandbox the command runs in.
+        sandbox: SandboxId,
+        /// QEMU start → agent ready, when this exec started a sandbox.
+        boot_ms: Option<u64>,
+    },
+    /// The command ended; no more output follows.
+    Exit(ExitStatus),
+    /// The exec could not start or broke off; no more messages follow.
+    Error(ApiError),
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code, if it exited.
+    pub code: Option<i32>,
+    /// Signal number, if a signal ended it.
+    pub signal: Option<i32>,
+    /// The timeout killed it.
+    pub timed_out: bool,
+    /// Its output reached `max_output_bytes` and it was killed.
+    pub output_truncated: bool,
+}
+
+impl ExitStatus {
+    /// The exit code a shell would report: the code, 128+N for signal N, 124 for a timeout.
+    pub fn shell_code(&self) -> i32 {
+        if self.timed_out {
+            124
+        } else if let Some(code) = self.code {
+            code
+        } else if let Some(sig) = self.signal {
+            128 + sig
+        } else {
+            1
+        }
+    }
+}
+
+/// Error body of every failed request: a stable machine-readable code and the message chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Stable code, e.g. `not_found`, `bad_request`, `sandbox_failed`.
+    pub code: String,
+    /// Human-readable message (the whole error chain).
+    pub message: String,
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// `POST /v1/images/{name}/build` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageBuildRequest {
+    /// Rebuild even if the inputs are unchanged.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// What the API says about one built image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// Content id (short fingerprint of all inputs).
+    pub id: String,
+    /// Image name.
+    pub name: String,
+    /// Recipe it was built from.
+    pub recipe: String,
+    /// Bytes allocated on disk by kernel, initramfs and root filesystem.
+    pub size_bytes: u64,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// Debian kernel package version.
+    pub kernel_version: String,
+    /// Size of each file: (name, apparent bytes, allocated bytes).
+    pub files: Vec<ImageFileSize>,
+}
+
+/// Size of one file of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageFileSize {
+    /// File name inside the image directory.
+    pub name: String,
+    /// Apparent size in bytes.
+    pub apparent_bytes: u64,
+    /// Allocated size in bytes (sparse files allocate less).
+    pub allocated_bytes: u64,
+}
+
+/// `GET /v1/images`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageList {
+    /// All built images.
+    pub images: Vec<ImageInfo>,
+}
+
+/// One line of the newline-delimited JSON stream of `POST /v1/images/{name}/build`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ImageBuildEvent {
+    /// A build stage started.
+    Stage {
+        /// 1-based index.
+        index: u32,
+        /// Number of stages.
+        total: u32,
+        /// What the stage does.
+        name: String,
+    },
+    /// A line of tool output.
+    Log {
+        /// The line.
+        line: String,
+    },
+    /// Progress within a stage.
+    Progress {
+        /// Units done.
+        done: u64,
+        /// Units in all.
+        total: u64,
+    },
+    /// The build finished (`up_to_date` when nothing had to be built).
+    Done {
+        /// Whether the inputs were unchanged and nothing was built.
+        up_to_date: bool,
+        /// The image.
+        image: ImageInfo,
+    },
+    /// The build failed; the previous image, if any, is untouched.
+    Error(ApiError),
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// [`API_VERSION`].
+    pub api_version: u32,
+    /// kiln version.
+    pub version: String,
+    /// Daemon process id.
+    pub pid: u32,
+    /// What the startup janitor reclaimed.
+    pub janitor: JanitorReport,
+}
+
+/// What the startup janitor found and reclaimed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JanitorReport {
+    /// Orphaned QEMU processes killed.
+    pub processes_killed: u32,
+    /// Runtime directories removed.
+    pub dirs_removed: u32,
+    /// Bytes freed by removing them.
+    pub bytes_freed: u64,
+    /// Sandboxes marked failed because their daemon died.
+    pub sandboxes_failed: u32,
+}
+
+/// `POST /v1/sandboxes/{id}/ping`: one agent round trip, timed inside the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingResponse {
+    /// Round trip host → agent → host in microseconds.
+    pub rtt_us: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_id_random_parses_back() {
+        let id = SandboxId::random();
+        assert_eq!(id.as_str().parse::<SandboxId>(), Ok(id.clone()));
+    }
+
+    #[test]
+    fn sandbox_id_malformed_is_rejected() {
+        for bad in [
+            "",
+            "sb-",
+            "sb-12345678901",
+            "sb-1234567890123",
+            "sb-ABCDEF123456",
+            "xx-123456789012",
+            "sb-../../etc0",
+        ] {
+            assert!(bad.parse::<SandboxId>().is_err(), "{bad} accepted");
+        }
+        assert!(serde_json::from_str::<SandboxId>("\"sb-zzzzzzzzzzzz\"").is_err());
+    }
+
+    #[test]
+    fn create_request_out_of_range_names_field() {
+        let req = SandboxCreateRequest {
+            cpus: 0,
+            ..Default::default()
+        };
+        assert!(req.validate().unwrap_err().contains("cpus"));
+        let req = SandboxCreateRequest {
+            memory_mib: 64,
+            ..Default::default()
+        };
+        assert!(req.validate().unwrap_err().contains("memory_mib"));
+        let req = SandboxCreateRequest {
+            image: "../etc".into(),
+            ..Default::default()
+        };
+        assert!(req.validate().unwrap_err().contains("image"));
+        assert!(SandboxCreateRequest::default().validate().is_ok());
+    }
+
+    #[test]
+    fn create_request_unknown_field_is_rejected() {
+        assert!(serde_json::from_str::<SandboxCreateRequest>(r#"{"cpu": 2}"#).is_err());
+        let req: SandboxCreateRequest = serde_json::from_str("{}").unwrap();
+        assert_eq!(req, SandboxCreateRequest::default());
+    }
+
+    #[test]
+    fn exec_request_validation_catches_bad_input() {
+        assert!(
+            ExecRequest::new(vec![])
+                .validate()
+                .unwrap_err()
+                .contains("empty command")
+        );
+        assert!(ExecRequest::new(vec![String::new()]).validate().is_err());
+        let mut r = ExecRequest::new(vec!["true".into()]);
+        r.cwd = Some("relative".into());
+        assert!(r.validate().unwrap_err().contains("absolute"));
+        let mut r = ExecRequest::new(vec!["true".into()]);
+        r.env.insert("A=B".into(), "x".into());
+        assert!(r.validate().is_err());
+        let mut r = ExecRequest::new(vec!["true".into()]);
+        r.timeout_ms = Some(0);
+        assert!(r.validate().is_err());
+        assert!(ExecRequest::new(vec!["true".into()]).validate().is_ok());
+    }
+
+    #[test]
+    fn exit_status_shell_code_follows_shell_rules() {
+        let s = |code, signal, timed_out| ExitStatus {
+            code,
+            signal,
+            timed_out,
+            output_truncated: false,
+        };
+        assert_eq!(s(Some(7), None, false).shell_code(), 7);
+        assert_eq!(s(None, Some(9), false).shell_code(), 137);
+        assert_eq!(s(None, Some(9), true).shell_code(), 124);
+    }
+
+    #[test]
+    fn server_messages_have_stable_json() {
+        let m = ExecServerMessage::Exit(ExitStatus {
+            code: Some(0),
+            signal: None,
+            timed_out: false,
+            output_truncated: false,
+        });
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"type":"exit","code":0,"signal":null,"timed_out":false,"output_truncated":false}"#
+        );
+        let m = ExecClientMessage::Signal { signo: 15 };
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"type":"signal","signo":15}"#
+        );
+    }
+}

@@ -1,1 +1,430 @@
-//! SQLite state store (stub).
+//! kiln's persistent state in SQLite: the only crate that speaks SQL.
+//!
+//! Owns the schema (numbered migrations applied through `PRAGMA user_version`) and typed
+//! accessors for the rows the engine keeps. It must not hold business logic: the engine decides
+//! what a state change means, the store only records it atomically.
+//!
+//! Invariants:
+//! - the database is opened in WAL mode with a busy timeout and foreign keys on, so a second
+//!   reader (another daemon starting while one exits) waits instead of failing;
+//! - migrations run in one transaction each; a database newer than this binary is refused
+//!   rather than misread;
+//! - the API is blocking (rusqlite): async callers wrap calls in `spawn_blocking` or keep them
+//!   short; one [`Store`] holds one connection behind a mutex.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kiln_api_types::{SandboxId, SandboxState};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Schema migrations; index + 1 is the `user_version` each one brings the database to.
+const MIGRATIONS: &[&str] = &[
+    // 1: sandboxes.
+    "CREATE TABLE sandboxes (
+        id            TEXT PRIMARY KEY NOT NULL,
+        image         TEXT NOT NULL,
+        image_id      TEXT NOT NULL,
+        state         TEXT NOT NULL,
+        cpus          INTEGER NOT NULL,
+        memory_mib    INTEGER NOT NULL,
+        accel         TEXT NOT NULL,
+        created_unix  INTEGER NOT NULL,
+        boot_ms       INTEGER,
+        error         TEXT
+    ) STRICT;",
+];
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database file could not be opened or configured.
+    #[error("failed to open the state database {path}")]
+    Open {
+        /// Database path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer kiln.
+    #[error("the state database has schema version {found}, newer than this kiln knows ({known})")]
+    TooNew {
+        /// Version in the file.
+        found: i64,
+        /// Newest version this binary knows.
+        known: i64,
+    },
+    /// A migration failed.
+    #[error("failed to migrate the state database to version {version}")]
+    Migrate {
+        /// Target version.
+        version: usize,
+        /// Cause.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A query failed.
+    #[error("state database query failed: {what}")]
+    Query {
+        /// What was being done.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A row holds a value this binary cannot read.
+    #[error("corrupt row in the state database: {0}")]
+    Corrupt(String),
+}
+
+/// One sandbox as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxRow {
+    /// Identifier.
+    pub id: SandboxId,
+    /// Image name.
+    pub image: String,
+    /// Image content id.
+    pub image_id: String,
+    /// State.
+    pub state: SandboxState,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest memory.
+    pub memory_mib: u32,
+    /// Accelerator (`kvm`/`tcg`).
+    pub accel: String,
+    /// Creation time (Unix seconds).
+    pub created_unix: u64,
+    /// Boot time once running.
+    pub boot_ms: Option<u64>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// The state database.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating if needed) and migrates the database at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
+        Self::migrate(conn)
+    }
+
+    /// An in-memory database (tests).
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        let conn = Connection::open_in_memory().map_err(|source| StoreError::Open {
+            path: PathBuf::from(":memory:"),
+            source,
+        })?;
+        Self::migrate(conn)
+    }
+
+    fn migrate(mut conn: Connection) -> Result<Store, StoreError> {
+        let q = |source| StoreError::Query {
+            what: "read schema version",
+            source,
+        };
+        let current: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(q)?;
+        let known = MIGRATIONS.len() as i64;
+        if current > known {
+            return Err(StoreError::TooNew {
+                found: current,
+                known,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            let version = i + 1;
+            let m = |source| StoreError::Migrate { version, source };
+            let tx = conn.transaction().map_err(m)?;
+            tx.execute_batch(sql).map_err(m)?;
+            tx.pragma_update(None, "user_version", version as i64)
+                .map_err(m)?;
+            tx.commit().map_err(m)?;
+        }
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written (statements are
+        // atomic), so a poisoned lock is still safe to use.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a new sandbox.
+    pub fn sandbox_insert(&self, row: &SandboxRow) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO sandboxes (id, image, image_id, state, cpus, memory_mib, accel, created_unix, boot_ms, error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    row.id.as_str(),
+                    row.image,
+                    row.image_id,
+                    row.state.as_str(),
+                    row.cpus,
+                    row.memory_mib,
+                    row.accel,
+                    row.created_unix as i64,
+                    row.boot_ms.map(|v| v as i64),
+                    row.error,
+                ],
+            )
+            .map_err(|source| StoreError::Query { what: "insert sandbox", source })?;
+        Ok(())
+    }
+
+    /// Sets a sandbox's state (and boot time / error where given). Returns false if no such row.
+    pub fn sandbox_set_state(
+        &self,
+        id: &SandboxId,
+        state: SandboxState,
+        boot_ms: Option<u64>,
+        error: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE sandboxes SET state = ?2, boot_ms = COALESCE(?3, boot_ms), error = COALESCE(?4, error)
+                 WHERE id = ?1",
+                params![id.as_str(), state.as_str(), boot_ms.map(|v| v as i64), error],
+            )
+            .map_err(|source| StoreError::Query { what: "update sandbox state", source })?;
+        Ok(n == 1)
+    }
+
+    /// Removes a sandbox's row. Returns false if there was none.
+    pub fn sandbox_delete(&self, id: &SandboxId) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM sandboxes WHERE id = ?1", params![id.as_str()])
+            .map_err(|source| StoreError::Query {
+                what: "delete sandbox",
+                source,
+            })?;
+        Ok(n == 1)
+    }
+
+    /// One sandbox.
+    pub fn sandbox_get(&self, id: &SandboxId) -> Result<Option<SandboxRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(&format!("{SELECT} WHERE id = ?1"))
+            .map_err(|source| StoreError::Query {
+                what: "get sandbox",
+                source,
+            })?;
+        let raw = stmt
+            .query_row(params![id.as_str()], RawRow::read)
+            .optional()
+            .map_err(|source| StoreError::Query {
+                what: "get sandbox",
+                source,
+            })?;
+        raw.map(RawRow::into_row).transpose()
+    }
+
+    /// All sandboxes, oldest first.
+    pub fn sandbox_list(&self) -> Result<Vec<SandboxRow>, StoreError> {
+        let conn = self.conn();
+        let q = |source| StoreError::Query {
+            what: "list sandboxes",
+            source,
+        };
+        let mut stmt = conn
+            .prepare_cached(&format!("{SELECT} ORDER BY created_unix, id"))
+            .map_err(q)?;
+        let raws = stmt
+            .query_map([], RawRow::read)
+            .map_err(q)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(q)?;
+        raws.into_iter().map(RawRow::into_row).collect()
+    }
+}
+
+const SELECT: &str = "SELECT id, image, image_id, state, cpus, memory_mib, accel, created_unix, boot_ms, error FROM sandboxes";
+
+/// A row as SQLite returns it, before validation.
+struct RawRow {
+    id: String,
+    image: String,
+    image_id: String,
+    state: String,
+    cpus: i64,
+    memory_mib: i64,
+    accel: String,
+    created_unix: i64,
+    boot_ms: Option<i64>,
+    error: Option<String>,
+}
+
+impl RawRow {
+    fn read(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+        Ok(RawRow {
+            id: r.get(0)?,
+            image: r.get(1)?,
+            image_id: r.get(2)?,
+            state: r.get(3)?,
+            cpus: r.get(4)?,
+            memory_mib: r.get(5)?,
+            accel: r.get(6)?,
+            created_unix: r.get(7)?,
+            boot_ms: r.get(8)?,
+            error: r.get(9)?,
+        })
+    }
+
+    fn into_row(self) -> Result<SandboxRow, StoreError> {
+        let id = SandboxId::from_str(&self.id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let state = SandboxState::from_str(&self.state).map_err(StoreError::Corrupt)?;
+        let num = |v: i64, what: &str| {
+            u32::try_from(v).map_err(|_| {
+                StoreError::Corrupt(format!("{what} {v} of sandbox {id} out of range"))
+            })
+        };
+        Ok(SandboxRow {
+            cpus: num(self.cpus, "cpus")?,
+            memory_mib: num(self.memory_mib, "memory_mib")?,
+            id: id.clone(),
+            image: self.image,
+            image_id: self.image_id,
+            state,
+            accel: self.accel,
+            created_unix: self.created_unix.max(0) as u64,
+            boot_ms: self.boot_ms.map(|v| v.max(0) as u64),
+            error: self.error,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(created: u64) -> SandboxRow {
+        SandboxRow {
+            id: SandboxId::random(),
+            image: "python".into(),
+            image_id: "abc".into(),
+            state: SandboxState::Booting,
+            cpus: 1,
+            memory_mib: 256,
+            accel: "tcg".into(),
+            created_unix: created,
+            boot_ms: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn sandbox_insert_then_get_returns_same_row() {
+        let store = Store::open_in_memory().unwrap();
+        let r = row(5);
+        store.sandbox_insert(&r).unwrap();
+        assert_eq!(store.sandbox_get(&r.id).unwrap(), Some(r));
+    }
+
+    #[test]
+    fn sandbox_set_state_records_boot_and_keeps_error() {
+        let store = Store::open_in_memory().unwrap();
+        let r = row(5);
+        store.sandbox_insert(&r).unwrap();
+        assert!(
+            store
+                .sandbox_set_state(&r.id, SandboxState::Running, Some(1234), None)
+                .unwrap()
+        );
+        assert!(
+            store
+                .sandbox_set_state(&r.id, SandboxState::Failed, None, Some("qemu died"))
+                .unwrap()
+        );
+        let got = store.sandbox_get(&r.id).unwrap().unwrap();
+        assert_eq!(got.state, SandboxState::Failed);
+        assert_eq!(got.boot_ms, Some(1234));
+        assert_eq!(got.error.as_deref(), Some("qemu died"));
+        assert!(
+            !store
+                .sandbox_set_state(&SandboxId::random(), SandboxState::Running, None, None)
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn sandbox_list_is_ordered_and_delete_removes() {
+        let store = Store::open_in_memory().unwrap();
+        let (a, b) = (row(20), row(10));
+        store.sandbox_insert(&a).unwrap();
+        store.sandbox_insert(&b).unwrap();
+        let ids: Vec<_> = store
+            .sandbox_list()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, vec![b.id.clone(), a.id.clone()]);
+        assert!(store.sandbox_delete(&a.id).unwrap());
+        assert!(!store.sandbox_delete(&a.id).unwrap());
+        assert_eq!(store.sandbox_list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn open_file_twice_keeps_rows_and_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        let r = row(1);
+        Store::open(&path).unwrap().sandbox_insert(&r).unwrap();
+        let again = Store::open(&path).unwrap();
+        assert_eq!(again.sandbox_get(&r.id).unwrap(), Some(r));
+    }
+
+    #[test]
+    fn open_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "user_version", 99).unwrap();
+        }
+        match Store::open(&path) {
+            Err(StoreError::TooNew { found: 99, .. }) => {}
+            other => panic!("expected TooNew, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[test]
+    fn corrupt_state_is_reported_not_panicked() {
+        let store = Store::open_in_memory().unwrap();
+        let r = row(1);
+        store.sandbox_insert(&r).unwrap();
+        store
+            .conn()
+            .execute("UPDATE sandboxes SET state = 'exploded'", [])
+            .unwrap();
+        assert!(matches!(
+            store.sandbox_get(&r.id),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+}
