@@ -1,1 +1,127 @@
-//! Guest image builder (stub).
+//! Guest image builder: recipes -> kernel + initramfs + rootfs.
+//!
+//! Owns `$KILN_HOME/images/` and `$KILN_HOME/cache/{kernel,debs}/` (layout and boot contract in
+//! docs/design-contract.md). One function per stage, one module per concern:
+//!
+//! | module        | owns                                                                |
+//! |---------------|---------------------------------------------------------------------|
+//! | `recipe`      | built-in recipes, name validation                                   |
+//! | `kernel`      | resolving (apt-cache), downloading and extracting the cloud kernel  |
+//! | `modules`     | modules.dep, the virtio closure in load order, decompression        |
+//! | `elf`         | static-executable check of the agent, `.modinfo` of modules          |
+//! | `cpio`        | reproducible newc writer                                            |
+//! | `initramfs`   | the initramfs layout of the boot contract                           |
+//! | `rootfs`      | mirrors, mmdebstrap, trimming, `mkfs.ext4 -d`                        |
+//! | `fingerprint` | canonical encoding and sha256 of the build inputs                   |
+//! | `manifest`    | `manifest.json` and the file layout of one image                    |
+//! | `publish`     | temp dirs, atomic swap, per-name locks, mount-safe removal          |
+//! | `build`       | the stages in order, `list`/`get`/`remove`                          |
+//!
+//! What it must not do: boot VMs (kiln-vmm does), know about sandboxes, or run anything async.
+//! Everything here is blocking; the daemon calls it from `spawn_blocking`.
+//!
+//! Host tools used: apt-cache, apt-get, dpkg-deb, mmdebstrap, mkfs.ext4 (and xz/zstd only for
+//! compressed modules). `scripts/setup-host` installs them.
+
+mod build;
+mod cmd;
+mod cpio;
+mod elf;
+mod error;
+mod fingerprint;
+mod initramfs;
+mod kernel;
+mod manifest;
+mod modules;
+mod publish;
+mod recipe;
+mod rootfs;
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+pub use build::{MIRROR_ENV, build, get, list, remove};
+pub use cpio::{Archive as CpioArchive, EntryKind as CpioEntryKind};
+pub use error::ImageError;
+pub use fingerprint::{
+    FingerprintInputs, IMAGE_FORMAT_VERSION, fingerprint, sha256_file, short_id,
+};
+pub use kernel::{KERNEL_METAPACKAGE, Kernel, KernelPackage, ensure_kernel, resolve_kernel};
+pub use manifest::{
+    FileSize, INITRAMFS_FILE, ImageFiles, ImageId, ImageManifest, KERNEL_FILE, MANIFEST_FILE,
+    MANIFEST_SCHEMA, ROOTFS_FILE, images_dir,
+};
+pub use modules::GUEST_MODULES;
+pub use recipe::{
+    DEFAULT_SUITE, ReadinessProbe, Recipe, RestoreHook, builtin, builtin_names, lookup,
+    validate_name,
+};
+pub use rootfs::{DEFAULT_MIRROR, MIN_ROOTFS_BYTES, Mirror};
+
+/// What a build needs besides the recipe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildConfig {
+    /// `$KILN_HOME`.
+    pub home: PathBuf,
+    /// The static guest agent, installed as the initramfs's `/init`.
+    pub agent_binary: PathBuf,
+    /// Debian mirror URI; `None` means `$KILN_DEBIAN_MIRROR`, else the host's apt sources,
+    /// else deb.debian.org.
+    pub mirror: Option<String>,
+}
+
+/// Progress of a build, delivered in order on the building thread.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum BuildEvent {
+    /// A new stage began (`index` counts from 1 to `total`).
+    Stage {
+        /// 1-based stage number.
+        index: u32,
+        /// Number of stages in a full build.
+        total: u32,
+        /// Short stage name: resolve, kernel, initramfs, rootfs, pack, publish.
+        name: String,
+    },
+    /// One line of output (ours or a tool's, e.g. mmdebstrap's).
+    Log(String),
+    /// Progress within the current stage, where the stage knows its total.
+    Progress {
+        /// Units done.
+        done: u64,
+        /// Units in all.
+        total: u64,
+    },
+}
+
+/// The result of [`build`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildOutcome {
+    /// A new image was built and published.
+    Built(ImageManifest),
+    /// The existing image already matches the inputs; nothing was done.
+    UpToDate(ImageManifest),
+}
+
+impl BuildOutcome {
+    /// The manifest of the image now in place.
+    pub fn manifest(&self) -> &ImageManifest {
+        match self {
+            BuildOutcome::Built(m) | BuildOutcome::UpToDate(m) => m,
+        }
+    }
+}
+
+/// Renders an error with its whole `source()` chain, `: `-separated (for logs).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}

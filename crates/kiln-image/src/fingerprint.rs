@@ -1,0 +1,232 @@
+//! The image fingerprint: a sha256 over everything that determines an image's bytes.
+//!
+//! Inputs: the image format version (bumped whenever this crate changes what it produces:
+//! trimming rules, mkfs options, initramfs layout), the recipe (name, suite, packages), the
+//! kernel package version, the agent binary's sha256 and the Debian mirrors. Package versions
+//! inside the rootfs are *not* inputs (they drift with the archive); rebuild explicitly to pick
+//! them up. Recipe hooks are runtime behaviour, not image bytes, and are not inputs either.
+//!
+//! Canonical encoding (pinned by a golden test; changing it changes every image id):
+//!
+//! ```text
+//! "kiln-image-fingerprint\0"
+//! for each field, in the order of `FingerprintInputs`:
+//!     key bytes, 0x00, u64 LE length, value bytes
+//! packages: sorted, deduplicated; encoded as the key "packages", u64 LE count, then each
+//!     package as a length-prefixed value
+//! ```
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::recipe::Recipe;
+
+/// Version of what this crate produces; part of every fingerprint.
+pub const IMAGE_FORMAT_VERSION: u32 = 1;
+
+/// Length of the short id derived from a fingerprint (hex characters).
+pub const ID_LEN: usize = 12;
+
+/// Everything that determines an image, recorded in its manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FingerprintInputs {
+    /// [`IMAGE_FORMAT_VERSION`] at build time.
+    pub format_version: u32,
+    /// Recipe name.
+    pub recipe: String,
+    /// Debian suite.
+    pub suite: String,
+    /// Recipe packages, sorted and deduplicated.
+    pub packages: Vec<String>,
+    /// Debian version of the kernel package.
+    pub kernel_version: String,
+    /// Hex sha256 of the agent binary.
+    pub agent_sha256: String,
+    /// Debian mirror URI the rootfs was bootstrapped from.
+    pub mirror: String,
+    /// Debian security mirror URI.
+    pub security_mirror: String,
+}
+
+impl FingerprintInputs {
+    /// Collects the inputs of building `recipe` with the given kernel, agent and mirrors.
+    pub fn new(
+        recipe: &Recipe,
+        kernel_version: &str,
+        agent_sha256: &str,
+        mirror: &str,
+        security_mirror: &str,
+    ) -> Self {
+        let mut packages = recipe.packages.clone();
+        packages.sort();
+        packages.dedup();
+        Self {
+            format_version: IMAGE_FORMAT_VERSION,
+            recipe: recipe.name.clone(),
+            suite: recipe.suite.clone(),
+            packages,
+            kernel_version: kernel_version.to_owned(),
+            agent_sha256: agent_sha256.to_owned(),
+            mirror: mirror.to_owned(),
+            security_mirror: security_mirror.to_owned(),
+        }
+    }
+
+    /// The canonical byte encoding described in the module docs.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        fn field(out: &mut Vec<u8>, key: &str, value: &[u8]) {
+            out.extend_from_slice(key.as_bytes());
+            out.push(0);
+            out.extend_from_slice(&(value.len() as u64).to_le_bytes());
+            out.extend_from_slice(value);
+        }
+        let mut packages = self.packages.clone();
+        packages.sort();
+        packages.dedup();
+        let mut out = b"kiln-image-fingerprint\0".to_vec();
+        field(
+            &mut out,
+            "format_version",
+            self.format_version.to_string().as_bytes(),
+        );
+        field(&mut out, "recipe", self.recipe.as_bytes());
+        field(&mut out, "suite", self.suite.as_bytes());
+        out.extend_from_slice(b"packages\0");
+        out.extend_from_slice(&(packages.len() as u64).to_le_bytes());
+        for p in &packages {
+            out.extend_from_slice(&(p.len() as u64).to_le_bytes());
+            out.extend_from_slice(p.as_bytes());
+        }
+        field(&mut out, "kernel_version", self.kernel_version.as_bytes());
+        field(&mut out, "agent_sha256", self.agent_sha256.as_bytes());
+        field(&mut out, "mirror", self.mirror.as_bytes());
+        field(&mut out, "security_mirror", self.security_mirror.as_bytes());
+        out
+    }
+
+    /// Hex sha256 of [`Self::canonical_bytes`].
+    pub fn fingerprint(&self) -> String {
+        fingerprint(self)
+    }
+}
+
+/// Hex sha256 of the canonical encoding of `inputs`.
+pub fn fingerprint(inputs: &FingerprintInputs) -> String {
+    hex::encode(Sha256::digest(inputs.canonical_bytes()))
+}
+
+/// The short image id: the first [`ID_LEN`] hex characters of a fingerprint.
+pub fn short_id(fingerprint: &str) -> String {
+    fingerprint.chars().take(ID_LEN).collect()
+}
+
+/// Hex sha256 of a file's contents, streamed.
+pub fn sha256_file(path: &std::path::Path) -> Result<String, crate::ImageError> {
+    use crate::error::IoContext;
+    let mut file = std::fs::File::open(path).ctx("open", path)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).ctx("read", path)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs() -> FingerprintInputs {
+        let recipe = crate::recipe::builtin("base").expect("base");
+        FingerprintInputs::new(
+            &recipe,
+            "6.1.192-2",
+            &"ab".repeat(32),
+            "http://deb.debian.org/debian",
+            "http://deb.debian.org/debian-security",
+        )
+    }
+
+    #[test]
+    fn fingerprint_same_inputs_same_value() {
+        assert_eq!(inputs().fingerprint(), inputs().fingerprint());
+        assert_eq!(inputs().fingerprint().len(), 64);
+    }
+
+    #[test]
+    fn fingerprint_golden_value_is_stable() {
+        // Pinned: a change here changes the id of every image ever built. Only update it
+        // together with IMAGE_FORMAT_VERSION.
+        let mut i = inputs();
+        i.packages = vec!["a".into(), "b".into()];
+        i.recipe = "t".into();
+        assert_eq!(
+            i.fingerprint(),
+            "f8a23944501f9c1875e46a02cc90ec148f5d481d19df6b2fa589f4fe69b7c746"
+        );
+    }
+
+    #[test]
+    fn fingerprint_each_input_changes_it() {
+        let base = inputs().fingerprint();
+        type Mutation = Box<dyn Fn(&mut FingerprintInputs)>;
+        let mutations: Vec<(&str, Mutation)> = vec![
+            ("format", Box::new(|i| i.format_version += 1)),
+            ("recipe", Box::new(|i| i.recipe.push('x'))),
+            ("suite", Box::new(|i| i.suite = "trixie".into())),
+            ("add pkg", Box::new(|i| i.packages.push("zsh".into()))),
+            (
+                "rm pkg",
+                Box::new(|i| {
+                    i.packages.pop();
+                }),
+            ),
+            (
+                "kernel",
+                Box::new(|i| i.kernel_version = "6.1.193-1".into()),
+            ),
+            ("agent", Box::new(|i| i.agent_sha256 = "cd".repeat(32))),
+            ("mirror", Box::new(|i| i.mirror = "http://m/debian".into())),
+            (
+                "security",
+                Box::new(|i| i.security_mirror = "http://m/s".into()),
+            ),
+        ];
+        for (what, mutate) in mutations {
+            let mut i = inputs();
+            mutate(&mut i);
+            assert_ne!(
+                i.fingerprint(),
+                base,
+                "changing {what} kept the fingerprint"
+            );
+        }
+    }
+
+    #[test]
+    fn fingerprint_package_order_and_duplicates_do_not_matter() {
+        let mut a = inputs();
+        let mut b = inputs();
+        a.packages = vec!["x".into(), "y".into()];
+        b.packages = vec!["y".into(), "x".into(), "x".into()];
+        assert_eq!(a.fingerprint(), b.fingerprint());
+    }
+
+    #[test]
+    fn fingerprint_field_boundaries_are_unambiguous() {
+        let mut a = inputs();
+        let mut b = inputs();
+        a.packages = vec!["ab".into()];
+        b.packages = vec!["a".into(), "b".into()];
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        a.mirror = "http://x/".into();
+        a.security_mirror = "y".into();
+        b.mirror = "http://x".into();
+        b.security_mirror = "/y".into();
+        assert_ne!(a.fingerprint(), b.fingerprint());
+    }
+
+    #[test]
+    fn short_id_is_prefix() {
+        let fp = inputs().fingerprint();
+        assert_eq!(short_id(&fp).len(), ID_LEN);
+        assert!(fp.starts_with(&short_id(&fp)));
+    }
+}
