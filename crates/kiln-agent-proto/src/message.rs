@@ -1,0 +1,436 @@
+//! Typed control messages carried as JSON in CONTROL frames.
+//!
+//! Owns: [`HostMessage`] (host → guest), [`GuestMessage`] (guest → host) and their parts.
+//!
+//! ```text
+//!  host → guest                                       guest → host
+//!  {"type":"request","id":N,"request":{"op":..}}  ─▶  {"type":"response","id":N,"response":{"op":..}}
+//!                                                     {"type":"error","id":N,"error":{"code":..,"message":..}}
+//!  {"type":"stdin_close","stream":S}                  {"type":"exit","stream":S,"status":{..}}
+//! ```
+//!
+//! Every request gets exactly one `response` or `error` with its id. Exec output is not JSON:
+//! it travels in STDOUT/STDERR frames on the exec's stream, and the `exit` event follows the
+//! last of them.
+//!
+//! Extensibility invariants: each enum has an `Unknown` catch-all (`#[serde(other)]`) so a peer
+//! speaking a newer minor revision never causes a decode failure: an unknown request is
+//! answered with [`ErrorCode::Unsupported`], unknown events are ignored. New fields must be
+//! `#[serde(default)]`. Planned additions (next issue) slot in as new `Request` variants:
+//! `restore_identity` (restore id, RNG entropy, wall clock, hostname, machine-id),
+//! `secret_put`, `file_put`/`file_get` (bytes on a stream like exec output) and
+//! `tunnel_open` (a stream per connection); a host uses them only if the SYNC_ACK version or
+//! [`crate::AgentInfo::features`] says the guest has them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ProtoError;
+use crate::frame::{Frame, StreamId};
+
+/// Correlates a request with its response or error. Chosen by the host, unique per session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RequestId(pub u64);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What to run and how. Shared by the host API and the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Program and arguments; a program without `/` is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// Variables overlaid on the agent's base environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default `/root`).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Whether stdin is a pipe fed by STDIN frames (otherwise `/dev/null`).
+    #[serde(default)]
+    pub stdin: bool,
+    /// Kill the process group after this many milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Kill the process group once stdout + stderr together exceed this many bytes; exactly
+    /// this many bytes are forwarded.
+    #[serde(default)]
+    pub max_output_bytes: Option<u64>,
+}
+
+impl ExecRequest {
+    /// An exec of `argv` with defaults for everything else.
+    pub fn new<I, S>(argv: I) -> ExecRequest
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ExecRequest {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..ExecRequest::default()
+        }
+    }
+}
+
+/// Host → guest control message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HostMessage {
+    /// A request; answered by exactly one [`GuestMessage::Response`] or [`GuestMessage::Error`].
+    Request {
+        /// Correlation id.
+        id: RequestId,
+        /// What is asked.
+        request: Request,
+    },
+    /// No more stdin for this exec: the guest closes the pipe after writing what it received.
+    StdinClose {
+        /// The exec's stream.
+        stream: StreamId,
+    },
+    /// A message type this build does not know (sent by a newer host); ignored.
+    #[serde(other)]
+    Unknown,
+}
+
+/// A host request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Liveness check; answered with [`Response::Pong`].
+    Ping,
+    /// Start a process; answered with [`Response::ExecStarted`], then output frames on
+    /// `stream` and finally [`GuestMessage::Exit`].
+    Exec {
+        /// Stream for this exec's data (allocated by the host, unused in this session).
+        stream: StreamId,
+        /// Initial credit for stdout + stderr bytes on `stream`.
+        output_window: u32,
+        /// What to run.
+        exec: ExecRequest,
+    },
+    /// Deliver a signal to an exec's process group.
+    Signal {
+        /// The exec's stream.
+        stream: StreamId,
+        /// Signal number (1..=64).
+        signo: i32,
+    },
+    /// Sync filesystems and power the guest off; answered with [`Response::ShuttingDown`].
+    Shutdown,
+    /// An operation this build does not know; answered with [`ErrorCode::Unsupported`].
+    #[serde(other)]
+    Unknown,
+}
+
+impl Request {
+    /// The operation name as on the wire, for messages and logs.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Ping => "ping",
+            Request::Exec { .. } => "exec",
+            Request::Signal { .. } => "signal",
+            Request::Shutdown => "shutdown",
+            Request::Unknown => "unknown",
+        }
+    }
+}
+
+/// Guest → host control message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GuestMessage {
+    /// Successful answer to a request.
+    Response {
+        /// The request's id.
+        id: RequestId,
+        /// The answer.
+        response: Response,
+    },
+    /// Failed request. `id` is `None` only if the request was too malformed to carry one.
+    Error {
+        /// The request's id.
+        id: Option<RequestId>,
+        /// What went wrong.
+        error: ErrorBody,
+    },
+    /// An exec ended; sent after its last output frame.
+    Exit {
+        /// The exec's stream (retired after this message).
+        stream: StreamId,
+        /// How it ended.
+        status: ExitStatus,
+    },
+    /// A message type this build does not know (sent by a newer guest); ignored.
+    #[serde(other)]
+    Unknown,
+}
+
+/// Successful answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Response {
+    /// Answer to [`Request::Ping`].
+    Pong,
+    /// Answer to [`Request::Exec`]. `pid` is `None` when the program could not be executed
+    /// (the exec then reports exit 126/127 like a shell).
+    ExecStarted {
+        /// Pid of the process (also its process group id).
+        pid: Option<u32>,
+    },
+    /// Answer to [`Request::Signal`]: the signal was sent.
+    Signaled,
+    /// Answer to [`Request::Shutdown`]: the guest is powering off.
+    ShuttingDown,
+    /// An answer this build does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// Error answer body: a stable machine-readable code and a human message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// Human-readable detail (lowercase, no trailing period).
+    pub message: String,
+}
+
+/// Stable error codes (wire values are the snake_case names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed or invalid (e.g. empty argv, bad signal number).
+    BadRequest,
+    /// The operation is not supported by this agent.
+    Unsupported,
+    /// No running exec has this stream id.
+    NoSuchStream,
+    /// The stream id is already used in this session.
+    StreamInUse,
+    /// Too many concurrent execs in this session.
+    TooManyStreams,
+    /// The working directory does not exist or is not a directory.
+    BadCwd,
+    /// The agent could not start the process for a reason of its own (pipes, fork, ...).
+    SpawnFailed,
+    /// An unexpected failure inside the agent.
+    Internal,
+    /// A code this build does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unsupported => "unsupported",
+            ErrorCode::NoSuchStream => "no_such_stream",
+            ErrorCode::StreamInUse => "stream_in_use",
+            ErrorCode::TooManyStreams => "too_many_streams",
+            ErrorCode::BadCwd => "bad_cwd",
+            ErrorCode::SpawnFailed => "spawn_failed",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How an exec ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code, if the process exited normally (126/127 when it could not be executed).
+    #[serde(default)]
+    pub code: Option<i32>,
+    /// Signal number, if the process was killed by a signal.
+    #[serde(default)]
+    pub signal: Option<i32>,
+    /// The agent killed the process group because the timeout expired.
+    #[serde(default)]
+    pub timed_out: bool,
+    /// The agent killed the process group because the output cap was reached.
+    #[serde(default)]
+    pub output_truncated: bool,
+}
+
+impl HostMessage {
+    /// The message as a CONTROL frame.
+    pub fn to_frame(&self) -> Result<Frame, ProtoError> {
+        to_control_frame(self, "host message")
+    }
+
+    /// Parses a CONTROL payload.
+    pub fn from_payload(payload: &[u8]) -> Result<HostMessage, ProtoError> {
+        from_payload(payload, "host message")
+    }
+}
+
+impl GuestMessage {
+    /// The message as a CONTROL frame.
+    pub fn to_frame(&self) -> Result<Frame, ProtoError> {
+        to_control_frame(self, "guest message")
+    }
+
+    /// Parses a CONTROL payload.
+    pub fn from_payload(payload: &[u8]) -> Result<GuestMessage, ProtoError> {
+        from_payload(payload, "guest message")
+    }
+}
+
+/// Best-effort extraction of a request id from a CONTROL payload that failed to parse as a
+/// [`HostMessage`], so the guest can still answer it with an error.
+pub fn loose_request_id(payload: &[u8]) -> Option<RequestId> {
+    #[derive(Deserialize)]
+    struct Loose {
+        id: Option<u64>,
+    }
+    serde_json::from_slice::<Loose>(payload)
+        .ok()
+        .and_then(|l| l.id)
+        .map(RequestId)
+}
+
+fn to_control_frame<T: Serialize>(msg: &T, what: &'static str) -> Result<Frame, ProtoError> {
+    let json = serde_json::to_vec(msg).map_err(|e| ProtoError::EncodeJson {
+        what,
+        source: e.into(),
+    })?;
+    Ok(Frame::Control(Bytes::from(json)))
+}
+
+fn from_payload<T: DeserializeOwned>(payload: &[u8], what: &'static str) -> Result<T, ProtoError> {
+    serde_json::from_slice(payload).map_err(|e| ProtoError::InvalidJson {
+        what,
+        source: e.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ping_json_is_stable() {
+        let msg = HostMessage::Request {
+            id: RequestId(1),
+            request: Request::Ping,
+        };
+        let json = serde_json::to_string(&msg).expect("serialises");
+        assert_eq!(json, r#"{"type":"request","id":1,"request":{"op":"ping"}}"#);
+    }
+
+    #[test]
+    fn request_exec_json_is_stable() {
+        let msg = HostMessage::Request {
+            id: RequestId(2),
+            request: Request::Exec {
+                stream: StreamId::FIRST,
+                output_window: 65536,
+                exec: ExecRequest {
+                    argv: vec!["echo".into(), "hi".into()],
+                    env: BTreeMap::from([("A".into(), "b".into())]),
+                    cwd: Some("/tmp".into()),
+                    stdin: true,
+                    timeout_ms: Some(1000),
+                    max_output_bytes: None,
+                },
+            },
+        };
+        let json = serde_json::to_string(&msg).expect("serialises");
+        assert_eq!(
+            json,
+            r#"{"type":"request","id":2,"request":{"op":"exec","stream":1,"output_window":65536,"exec":{"argv":["echo","hi"],"env":{"A":"b"},"cwd":"/tmp","stdin":true,"timeout_ms":1000,"max_output_bytes":null}}}"#
+        );
+        assert_eq!(HostMessage::from_payload(json.as_bytes()).ok(), Some(msg));
+    }
+
+    #[test]
+    fn guest_exit_json_is_stable() {
+        let msg = GuestMessage::Exit {
+            stream: StreamId::FIRST,
+            status: ExitStatus {
+                code: None,
+                signal: Some(9),
+                timed_out: true,
+                output_truncated: false,
+            },
+        };
+        let json = serde_json::to_string(&msg).expect("serialises");
+        assert_eq!(
+            json,
+            r#"{"type":"exit","stream":1,"status":{"code":null,"signal":9,"timed_out":true,"output_truncated":false}}"#
+        );
+    }
+
+    #[test]
+    fn unknown_request_op_parses_as_unknown() {
+        let msg = HostMessage::from_payload(
+            br#"{"type":"request","id":5,"request":{"op":"file_put","path":"/x"}}"#,
+        )
+        .expect("unknown ops parse");
+        assert_eq!(
+            msg,
+            HostMessage::Request {
+                id: RequestId(5),
+                request: Request::Unknown
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_message_types_parse_as_unknown() {
+        let host = HostMessage::from_payload(br#"{"type":"tunnel_data","x":1}"#);
+        assert_eq!(host.ok(), Some(HostMessage::Unknown));
+        let guest = GuestMessage::from_payload(br#"{"type":"log","line":"x"}"#);
+        assert_eq!(guest.ok(), Some(GuestMessage::Unknown));
+        let code: ErrorCode = serde_json::from_str(r#""quota_exceeded""#).expect("parses");
+        assert_eq!(code, ErrorCode::Unknown);
+    }
+
+    #[test]
+    fn exec_request_defaults_missing_fields() {
+        let req: ExecRequest = serde_json::from_str(r#"{"argv":["ls"]}"#).expect("parses");
+        assert_eq!(req, ExecRequest::new(["ls"]));
+    }
+
+    #[test]
+    fn loose_request_id_finds_id_in_invalid_request() {
+        let payload = br#"{"type":"request","id":77,"request":{"op":"exec","stream":0}}"#;
+        assert!(HostMessage::from_payload(payload).is_err());
+        assert_eq!(loose_request_id(payload), Some(RequestId(77)));
+        assert_eq!(loose_request_id(b"not json"), None);
+    }
+
+    #[test]
+    fn error_code_display_matches_wire_name() {
+        for code in [
+            ErrorCode::BadRequest,
+            ErrorCode::Unsupported,
+            ErrorCode::NoSuchStream,
+            ErrorCode::StreamInUse,
+            ErrorCode::TooManyStreams,
+            ErrorCode::BadCwd,
+            ErrorCode::SpawnFailed,
+            ErrorCode::Internal,
+        ] {
+            let json = serde_json::to_string(&code).expect("serialises");
+            assert_eq!(json, format!("\"{code}\""));
+        }
+    }
+}

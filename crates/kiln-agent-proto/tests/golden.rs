@@ -1,0 +1,131 @@
+//! Golden byte fixtures: these pin the wire format. If one fails, the format changed: bump
+//! the protocol version and update docs/protocol.md, don't just update the bytes.
+
+use bytes::Bytes;
+use kiln_agent_proto::{
+    AgentInfo, DataChannel, Decoder, Frame, HostMessage, Request, RequestId, StreamId,
+    SyncAckFrame, SyncFrame,
+};
+
+fn unhex(s: &str) -> Vec<u8> {
+    let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("fixture is hex"))
+        .collect()
+}
+
+fn stream(id: u32) -> StreamId {
+    StreamId::new(id).expect("non-zero")
+}
+
+fn assert_golden(frame: Frame, hex: &str) {
+    let expected = unhex(hex);
+    let encoded = frame.to_bytes().expect("fixture frame encodes");
+    assert_eq!(
+        encoded.as_ref(),
+        expected.as_slice(),
+        "encoding of {frame:?}"
+    );
+    let mut d = Decoder::new();
+    d.feed(&expected);
+    let decoded = d.next_frame().expect("fixture decodes").expect("complete");
+    assert_eq!(decoded, frame);
+    assert_eq!(d.buffered(), 0);
+}
+
+#[test]
+fn golden_window_frame() {
+    assert_golden(
+        Frame::Window {
+            stream: stream(7),
+            increment: 65536,
+        },
+        "9f6b 04 00 07000000 04000000 00000100",
+    );
+}
+
+#[test]
+fn golden_stdout_frame() {
+    assert_golden(
+        Frame::Data {
+            stream: stream(1),
+            channel: DataChannel::Stdout,
+            data: Bytes::from_static(b"hi\n"),
+        },
+        "9f6b 11 00 01000000 03000000 68690a",
+    );
+}
+
+#[test]
+fn golden_stderr_and_stdin_frames() {
+    assert_golden(
+        Frame::Data {
+            stream: stream(0x0102),
+            channel: DataChannel::Stderr,
+            data: Bytes::from_static(b"e"),
+        },
+        "9f6b 12 00 02010000 01000000 65",
+    );
+    assert_golden(
+        Frame::Data {
+            stream: stream(2),
+            channel: DataChannel::Stdin,
+            data: Bytes::from_static(b"ab"),
+        },
+        "9f6b 10 00 02000000 02000000 6162",
+    );
+}
+
+#[test]
+fn golden_sync_frame() {
+    assert_golden(
+        Frame::Sync(SyncFrame {
+            nonce: 0x0102_0304_0506_0708,
+            versions: vec![1, 2],
+        }),
+        "9f6b 01 00 00000000 15000000 \
+         4b494c4e2d53594e 0807060504030201 02 0100 0200",
+    );
+}
+
+#[test]
+fn golden_sync_ack_frame() {
+    let json = br#"{"agent_version":"0.1.0","pid":1,"kernel_release":"6.1.0","features":["exec"]}"#;
+    let mut hex = format!(
+        "9f6b 02 00 00000000 {:08x} 4b494c4e2d41434b 2a00000000000000 0100",
+        u32::try_from(18 + json.len()).expect("small").swap_bytes()
+    );
+    for b in json {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    assert_golden(
+        Frame::SyncAck(SyncAckFrame {
+            nonce: 42,
+            version: 1,
+            info: AgentInfo {
+                agent_version: "0.1.0".into(),
+                pid: 1,
+                kernel_release: Some("6.1.0".into()),
+                features: vec!["exec".into()],
+            },
+        }),
+        &hex,
+    );
+}
+
+#[test]
+fn golden_control_ping_frame() {
+    let frame = HostMessage::Request {
+        id: RequestId(1),
+        request: Request::Ping,
+    }
+    .to_frame()
+    .expect("encodes");
+    let json = br#"{"type":"request","id":1,"request":{"op":"ping"}}"#;
+    let mut hex = format!("9f6b 03 00 00000000 {:02x}000000", json.len());
+    for b in json {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    assert_golden(frame, &hex);
+}

@@ -1,0 +1,134 @@
+//! Property tests: frame round trips under arbitrary chunking, hunting through garbage, and
+//! arbitrary bytes through the fuzz entry point.
+
+use bytes::Bytes;
+use kiln_agent_proto::{
+    AgentInfo, DataChannel, Decoder, Frame, HuntTarget, MAX_DATA_PAYLOAD, StreamId, SyncAckFrame,
+    SyncFrame, fuzz_decode,
+};
+use proptest::prelude::*;
+
+fn stream_id() -> impl Strategy<Value = StreamId> {
+    (1u32..=u32::MAX).prop_map(|id| StreamId::new(id).expect("non-zero"))
+}
+
+fn frame() -> impl Strategy<Value = Frame> {
+    prop_oneof![
+        (any::<u64>(), prop::collection::vec(any::<u16>(), 1..=16))
+            .prop_map(|(nonce, versions)| Frame::Sync(SyncFrame { nonce, versions })),
+        (
+            any::<u64>(),
+            any::<u16>(),
+            "[a-z0-9.]{0,20}",
+            any::<u32>(),
+            prop::collection::vec("[a-z_]{1,8}", 0..4)
+        )
+            .prop_map(|(nonce, version, agent_version, pid, features)| {
+                Frame::SyncAck(SyncAckFrame {
+                    nonce,
+                    version,
+                    info: AgentInfo {
+                        agent_version,
+                        pid,
+                        kernel_release: None,
+                        features,
+                    },
+                })
+            }),
+        prop::collection::vec(any::<u8>(), 1..512).prop_map(|b| Frame::Control(Bytes::from(b))),
+        (stream_id(), 1u32..=u32::MAX)
+            .prop_map(|(stream, increment)| Frame::Window { stream, increment }),
+        (
+            stream_id(),
+            prop_oneof![
+                Just(DataChannel::Stdin),
+                Just(DataChannel::Stdout),
+                Just(DataChannel::Stderr)
+            ],
+            prop::collection::vec(any::<u8>(), 1..2048)
+        )
+            .prop_map(|(stream, channel, data)| Frame::Data {
+                stream,
+                channel,
+                data: Bytes::from(data),
+            }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn frames_round_trip_under_any_chunking(
+        frames in prop::collection::vec(frame(), 1..8),
+        chunk in 1usize..300,
+    ) {
+        let mut wire = Vec::new();
+        for f in &frames {
+            wire.extend_from_slice(&f.to_bytes().expect("generated frames are valid"));
+        }
+        let mut d = Decoder::new();
+        let mut out = Vec::new();
+        for piece in wire.chunks(chunk) {
+            d.feed(piece);
+            while let Some(f) = d.next_frame().expect("valid stream") {
+                out.push(f);
+            }
+        }
+        prop_assert_eq!(out, frames);
+        prop_assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn hunting_finds_sync_after_garbage(
+        garbage in prop::collection::vec(any::<u8>().prop_filter("no magic byte", |b| *b != 0x9f), 0..4096),
+        nonce in any::<u64>(),
+        chunk in 1usize..100,
+    ) {
+        let sync = Frame::Sync(SyncFrame { nonce, versions: vec![1] });
+        let mut wire = garbage.clone();
+        wire.extend_from_slice(&sync.to_bytes().expect("valid"));
+        let mut d = Decoder::hunting(HuntTarget::Sync);
+        let mut found = None;
+        for piece in wire.chunks(chunk) {
+            d.feed(piece);
+            if let Some(f) = d.next_frame().expect("hunting never fails") {
+                found = Some(f);
+            }
+        }
+        prop_assert_eq!(found, Some(sync));
+        prop_assert_eq!(d.discarded(), garbage.len() as u64);
+    }
+
+    #[test]
+    fn fuzz_decode_never_panics_on_arbitrary_bytes(data in prop::collection::vec(any::<u8>(), 0..4096)) {
+        fuzz_decode(&data);
+    }
+
+    #[test]
+    fn fuzz_decode_never_panics_on_mutated_frames(
+        frames in prop::collection::vec(frame(), 1..6),
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+        lead in any::<u8>(),
+    ) {
+        let mut wire = vec![lead];
+        for f in &frames {
+            wire.extend_from_slice(&f.to_bytes().expect("valid"));
+        }
+        for (at, byte) in flips {
+            let i = at.index(wire.len());
+            wire[i] ^= byte;
+        }
+        fuzz_decode(&wire);
+    }
+}
+
+#[test]
+fn max_data_frame_round_trips() {
+    let frame = Frame::Data {
+        stream: StreamId::FIRST,
+        channel: DataChannel::Stdout,
+        data: Bytes::from(vec![0xAB; MAX_DATA_PAYLOAD]),
+    };
+    let mut d = Decoder::new();
+    d.feed(&frame.to_bytes().expect("max size is allowed"));
+    assert_eq!(d.next_frame().expect("valid").as_ref(), Some(&frame));
+}
