@@ -226,6 +226,14 @@ fn ensure_deb(
         if !line.contains("unsandboxed") {
             on_log(line);
         }
+    })
+    .map_err(|e| match e {
+        // The usual cause is stale lists naming a version the archive no longer has (404).
+        ImageError::CommandFailed { output_tail, .. } => ImageError::KernelUnresolvable {
+            package: format!("{}={}", pkg.package, pkg.version),
+            detail: format!("apt-get download failed: {output_tail}"),
+        },
+        other => other,
     })?;
     let downloaded = std::fs::read_dir(tmp.path())
         .ctx("read directory", tmp.path())?
@@ -270,6 +278,72 @@ mod tests {
     #[test]
     fn parse_metapackage_without_depends_is_none() {
         assert_eq!(parse_metapackage("Package: x\n"), None);
+    }
+
+    fn fake_pkg() -> KernelPackage {
+        KernelPackage {
+            package: "linux-image-9.9.9-1-test".into(),
+            version: "9.9.9-1".into(),
+            release: "9.9.9-1-test".into(),
+        }
+    }
+
+    #[test]
+    fn ensure_package_cached_kernel_needs_no_tools() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let pkg = fake_pkg();
+        let k = cached(home.path(), &pkg);
+        std::fs::create_dir_all(&k.modules_dir).expect("mkdir");
+        std::fs::write(&k.vmlinuz, "kernel").expect("write");
+        std::fs::write(k.modules_dir.join("modules.dep"), "").expect("write");
+        let got = ensure_package(home.path(), &pkg, &mut |l| panic!("no work expected: {l}"))
+            .expect("cached");
+        assert_eq!(got, k);
+    }
+
+    #[test]
+    fn ensure_package_extracts_deb_and_generates_modules_dep() {
+        // A fake kernel .deb built with dpkg-deb, placed where a download would put it.
+        let home = tempfile::tempdir().expect("tempdir");
+        let pkg = fake_pkg();
+        let src = home.path().join("src");
+        let mdir = src.join("lib/modules/9.9.9-1-test/kernel/drivers/virtio");
+        std::fs::create_dir_all(&mdir).expect("mkdir");
+        std::fs::create_dir_all(src.join("boot")).expect("mkdir");
+        std::fs::create_dir_all(src.join("DEBIAN")).expect("mkdir");
+        std::fs::write(src.join("boot/vmlinuz-9.9.9-1-test"), "kernel").expect("write");
+        let m = crate::elf::tests::fake_module;
+        std::fs::write(mdir.join("virtio.ko"), m(b"depends=\0")).expect("write");
+        std::fs::write(mdir.join("virtio_blk.ko"), m(b"depends=virtio\0")).expect("write");
+        std::fs::write(
+            src.join("DEBIAN/control"),
+            "Package: linux-image-9.9.9-1-test\nVersion: 9.9.9-1\nArchitecture: amd64\n\
+             Maintainer: kiln <kiln@localhost>\nDescription: test kernel\n",
+        )
+        .expect("write");
+        let debs = home.path().join("cache/debs");
+        std::fs::create_dir_all(&debs).expect("mkdir");
+        let deb = debs.join("linux-image-9.9.9-1-test_9.9.9-1_amd64.deb");
+        cmd::run_capture(
+            Command::new("dpkg-deb")
+                .args(["--root-owner-group", "-Znone", "-b"])
+                .arg(&src)
+                .arg(&deb),
+        )
+        .expect("dpkg-deb -b");
+
+        let k = ensure_package(home.path(), &pkg, &mut |_| {}).expect("extract");
+        assert_eq!(std::fs::read_to_string(&k.vmlinuz).expect("read"), "kernel");
+        let dep = std::fs::read_to_string(k.modules_dir.join("modules.dep")).expect("read");
+        assert!(
+            dep.contains("kernel/drivers/virtio/virtio_blk.ko: kernel/drivers/virtio/virtio.ko"),
+            "{dep}"
+        );
+        let names: Vec<String> = std::fs::read_dir(home.path().join("cache/kernel"))
+            .expect("readdir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["9.9.9-1"], "temporary directory left behind");
     }
 
     #[test]
