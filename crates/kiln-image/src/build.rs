@@ -23,8 +23,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::error::{ImageError, IoContext};
 use crate::fingerprint::{FingerprintInputs, sha256_file, short_id};
 use crate::manifest::{
-    FileSize, INITRAMFS_FILE, ImageFiles, ImageId, ImageManifest, KERNEL_FILE, MANIFEST_FILE,
-    MANIFEST_SCHEMA, ROOTFS_FILE, images_dir,
+    INITRAMFS_FILE, ImageFile, ImageId, ImageManifest, KERNEL_FILE, MANIFEST_FILE, MANIFEST_SCHEMA,
+    ROOTFS_FILE, images_dir,
 };
 use crate::publish::{self, TMP_PREFIX};
 use crate::recipe::{Recipe, validate_name};
@@ -87,6 +87,7 @@ pub fn build(
     })?;
     publish::clean_stale_tmp(&images);
     if let Some(existing) = get(&cfg.home, &recipe.name)?
+        && !cfg.force
         && existing.fingerprint == fingerprint
         && files_present(&existing, &cfg.home)
     {
@@ -153,11 +154,10 @@ pub fn build(
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
-            files: ImageFiles {
-                kernel: FileSize::of(&tmp.join(KERNEL_FILE))?,
-                initramfs: FileSize::of(&tmp.join(INITRAMFS_FILE))?,
-                rootfs: FileSize::of(&tmp.join(ROOTFS_FILE))?,
-            },
+            files: [KERNEL_FILE, INITRAMFS_FILE, ROOTFS_FILE]
+                .iter()
+                .map(|name| ImageFile::measure(tmp, name))
+                .collect::<Result<_, _>>()?,
         };
         manifest.write(&tmp.join(MANIFEST_FILE))?;
         Ok(manifest)
@@ -311,6 +311,7 @@ mod tests {
             home: home.path().join("kiln"),
             agent_binary: "/bin/true".into(),
             mirror: None,
+            force: false,
         };
         let recipe = crate::recipe::builtin("base").expect("base");
         let mut events = Vec::new();

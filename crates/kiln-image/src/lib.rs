@@ -49,7 +49,7 @@ pub use fingerprint::{
 };
 pub use kernel::{KERNEL_METAPACKAGE, Kernel, KernelPackage, ensure_kernel, resolve_kernel};
 pub use manifest::{
-    FileSize, INITRAMFS_FILE, ImageFiles, ImageId, ImageManifest, KERNEL_FILE, MANIFEST_FILE,
+    FileSize, INITRAMFS_FILE, ImageFile, ImageId, ImageManifest, KERNEL_FILE, MANIFEST_FILE,
     MANIFEST_SCHEMA, ROOTFS_FILE, images_dir,
 };
 pub use modules::GUEST_MODULES;
@@ -69,12 +69,14 @@ pub struct BuildConfig {
     /// Debian mirror URI; `None` means `$KILN_DEBIAN_MIRROR`, else the host's apt sources,
     /// else deb.debian.org.
     pub mirror: Option<String>,
+    /// Rebuild even if the image is up to date (e.g. to pick up new package versions, which
+    /// are not part of the fingerprint).
+    pub force: bool,
 }
 
 /// Progress of a build, delivered in order on the building thread.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-#[non_exhaustive]
 pub enum BuildEvent {
     /// A new stage began (`index` counts from 1 to `total`).
     Stage {

@@ -61,15 +61,27 @@ impl FileSize {
     }
 }
 
-/// Sizes of the files of an image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageFiles {
-    /// `vmlinuz`.
-    pub kernel: FileSize,
-    /// `initramfs.cpio`.
-    pub initramfs: FileSize,
-    /// `rootfs.ext4` (sparse).
-    pub rootfs: FileSize,
+/// One file of an image and its size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageFile {
+    /// File name inside the image directory ([`KERNEL_FILE`], [`INITRAMFS_FILE`], ...).
+    pub name: String,
+    /// `st_size`.
+    pub apparent_bytes: u64,
+    /// `st_blocks * 512` (the rootfs is sparse: much less than its apparent size).
+    pub allocated_bytes: u64,
+}
+
+impl ImageFile {
+    /// Measures `dir/name`.
+    pub fn measure(dir: &Path, name: &str) -> Result<Self, ImageError> {
+        let size = FileSize::of(&dir.join(name))?;
+        Ok(Self {
+            name: name.to_owned(),
+            apparent_bytes: size.apparent_bytes,
+            allocated_bytes: size.allocated_bytes,
+        })
+    }
 }
 
 /// What `images/<name>/manifest.json` records about a built image.
@@ -93,11 +105,21 @@ pub struct ImageManifest {
     pub kernel_release: String,
     /// Build completion time, seconds since the Unix epoch.
     pub created_unix: u64,
-    /// File sizes.
-    pub files: ImageFiles,
+    /// The image's files (kernel, initramfs, rootfs) with their sizes.
+    pub files: Vec<ImageFile>,
 }
 
 impl ImageManifest {
+    /// The recorded size of file `name`, if the image has it.
+    pub fn file(&self, name: &str) -> Option<&ImageFile> {
+        self.files.iter().find(|f| f.name == name)
+    }
+
+    /// Bytes allocated on disk by all files of the image.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.allocated_bytes).sum()
+    }
+
     /// `$KILN_HOME/images/<name>/`.
     pub fn dir(&self, home: &Path) -> PathBuf {
         images_dir(home).join(&self.name)
@@ -167,10 +189,6 @@ pub(crate) mod tests {
         let recipe = crate::recipe::builtin("base").expect("base");
         let inputs = FingerprintInputs::new(&recipe, "6.1.192-2", "00", "http://m", "http://s");
         let fingerprint = inputs.fingerprint();
-        let size = FileSize {
-            apparent_bytes: 10,
-            allocated_bytes: 4096,
-        };
         ImageManifest {
             schema: MANIFEST_SCHEMA,
             id: ImageId(crate::fingerprint::short_id(&fingerprint)),
@@ -181,11 +199,13 @@ pub(crate) mod tests {
             kernel_version: "6.1.192-2".into(),
             kernel_release: "6.1.0-56-cloud-amd64".into(),
             created_unix: 1_700_000_000,
-            files: ImageFiles {
-                kernel: size,
-                initramfs: size,
-                rootfs: size,
-            },
+            files: [KERNEL_FILE, INITRAMFS_FILE, ROOTFS_FILE]
+                .map(|name| ImageFile {
+                    name: name.to_owned(),
+                    apparent_bytes: 10,
+                    allocated_bytes: 4096,
+                })
+                .to_vec(),
         }
     }
 
@@ -210,6 +230,14 @@ pub(crate) mod tests {
             matches!(err, ImageError::ManifestVersion { found: 99, .. }),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn manifest_file_lookup_and_total() {
+        let m = sample("base");
+        assert_eq!(m.file(ROOTFS_FILE).map(|f| f.allocated_bytes), Some(4096));
+        assert_eq!(m.file("nope"), None);
+        assert_eq!(m.allocated_bytes(), 3 * 4096);
     }
 
     #[test]
