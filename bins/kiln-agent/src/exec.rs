@@ -1,0 +1,694 @@
+//! One exec: validation, spawning, output and stdin pumps, timeout, output cap, exit report.
+//!
+//! Owns: [`start`], which turns an [`ExecRequest`] into an [`ExecHandle`] (kept by the
+//! session) plus a task future (run by the session's `JoinSet`).
+//!
+//! ```text
+//!                 ┌─ pump stdout ─┐  read ≤ min(credit, 64 KiB) ─▶ STDOUT frame
+//!  spawn ─▶ task ─┼─ pump stderr ─┤  (shared credit and output budget)
+//!                 ├─ pump stdin ──┘  STDIN frames ─▶ pipe, WINDOW back as consumed
+//!                 └─ supervisor: exit status (reaper) │ timeout │ cap hit ─▶ SIGKILL group
+//!  Exit is sent once the status is known AND both output pumps are done.
+//! ```
+//!
+//! Invariants:
+//! - The child leads its own session/process group (pgid = pid); every kill targets the group.
+//! - An output pump never reads more than the host's credit, so no output is buffered here
+//!   beyond one read.
+//! - `Exit` is queued after the last output frame of the exec (same queue, same task).
+//! - After the leader exits, a pump keeps reading while data keeps coming; it gives up on a
+//!   pipe that stays silent for `drain_linger` (a background process still holds it).
+//! - If the task is dropped (session reset) before completing, the process group is killed.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kiln_agent_proto::{
+    DataChannel, ErrorBody, ErrorCode, ExecRequest, ExitStatus, FlowError, Frame, GuestMessage,
+    MAX_DATA_PAYLOAD, MAX_WINDOW, RecvWindow, SendCredit, StreamId,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::console::warn;
+use crate::outbound::Outbound;
+use crate::reaper::Reaper;
+use crate::session::AgentConfig;
+use crate::sys::{self, ChildExit};
+
+/// The environment every exec starts from, before the request's variables are overlaid.
+pub const BASE_ENV: &[(&str, &str)] = &[
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
+    ("HOME", "/root"),
+    ("LANG", "C.UTF-8"),
+    ("TERM", "dumb"),
+];
+
+type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Output credit granted by the host for one exec (shared by its stdout and stderr pumps).
+pub(crate) struct OutputCredit {
+    credit: Mutex<SendCredit>,
+    notify: Notify,
+}
+
+impl OutputCredit {
+    fn new(initial: u32) -> OutputCredit {
+        OutputCredit {
+            credit: Mutex::new(SendCredit::new(initial)),
+            notify: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SendCredit> {
+        self.credit.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds a WINDOW grant from the host.
+    pub(crate) fn grant(&self, increment: u32) -> Result<(), FlowError> {
+        self.lock().grant(increment)?;
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Waits for credit and takes 1..=`max` bytes of it.
+    async fn acquire(&self, max: usize) -> usize {
+        loop {
+            {
+                let mut credit = self.lock();
+                let n = credit.take(max);
+                if n > 0 {
+                    if credit.available() > 0 {
+                        // Let the other pump see what is left.
+                        self.notify.notify_one();
+                    }
+                    return n;
+                }
+            }
+            self.notify.notified().await;
+        }
+    }
+
+    fn give_back(&self, n: usize) {
+        if n > 0 {
+            self.lock().give_back(n);
+            self.notify.notify_one();
+        }
+    }
+}
+
+/// The session's view of a running exec.
+pub(crate) struct ExecHandle {
+    /// Process group to signal; `None` if nothing was spawned (exit 126/127 reported).
+    pub(crate) pgid: Option<i32>,
+    /// Output credit, fed by the host's WINDOW frames.
+    pub(crate) credit: Arc<OutputCredit>,
+    stdin: Option<StdinFeed>,
+}
+
+struct StdinFeed {
+    tx: mpsc::UnboundedSender<Bytes>,
+    window: Arc<Mutex<RecvWindow>>,
+}
+
+impl ExecHandle {
+    /// Hands STDIN bytes to the exec's stdin pump. The queue is unbounded by count but bounded
+    /// in bytes by the stdin window: a host that overruns it gets an error and the bytes are
+    /// dropped.
+    pub(crate) fn feed_stdin(&mut self, data: Bytes) -> Result<(), FlowError> {
+        let Some(feed) = &self.stdin else {
+            return Ok(());
+        };
+        lock(&feed.window).on_data(data.len())?;
+        // The pump may be gone (exec finishing); the bytes are then moot.
+        let _ = feed.tx.send(data);
+        Ok(())
+    }
+
+    /// Closes stdin once the bytes already received have been written.
+    pub(crate) fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A started exec.
+pub(crate) struct Started {
+    pub(crate) handle: ExecHandle,
+    pub(crate) pid: Option<u32>,
+    /// Initial stdin credit to grant the host, if stdin is a pipe.
+    pub(crate) stdin_window: Option<u32>,
+    pub(crate) task: Task,
+}
+
+fn bad_request(message: impl Into<String>) -> ErrorBody {
+    ErrorBody {
+        code: ErrorCode::BadRequest,
+        message: message.into(),
+    }
+}
+
+fn validate(req: &ExecRequest, output_window: u32) -> Result<(), ErrorBody> {
+    let Some(program) = req.argv.first() else {
+        return Err(bad_request("argv is empty"));
+    };
+    if program.is_empty() {
+        return Err(bad_request("argv[0] is empty"));
+    }
+    if req.argv.iter().any(|a| a.contains('\0')) {
+        return Err(bad_request("argv contains a nul byte"));
+    }
+    for (k, v) in &req.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(bad_request(format!("invalid environment variable {k:?}")));
+        }
+    }
+    if req.cwd.as_deref().is_some_and(|c| c.contains('\0')) {
+        return Err(bad_request("cwd contains a nul byte"));
+    }
+    if output_window == 0 || u64::from(output_window) > MAX_WINDOW {
+        return Err(bad_request(format!(
+            "output window {output_window} is not in 1..={MAX_WINDOW}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_cwd(cwd: &PathBuf) -> Result<(), ErrorBody> {
+    let bad = |message: String| ErrorBody {
+        code: ErrorCode::BadCwd,
+        message,
+    };
+    match std::fs::metadata(cwd) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(bad(format!("{} is not a directory", cwd.display()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(bad(format!(
+            "working directory {} does not exist",
+            cwd.display()
+        ))),
+        Err(e) => Err(bad(format!(
+            "cannot use working directory {}: {}",
+            cwd.display(),
+            os_message(&e)
+        ))),
+    }
+}
+
+/// `strerror`-like text without std's " (os error N)" suffix, lowercased like a shell's.
+fn os_message(e: &io::Error) -> String {
+    let text = e.to_string();
+    let text = match text.find(" (os error") {
+        Some(i) => &text[..i],
+        None => &text,
+    };
+    text.to_lowercase()
+}
+
+/// Validates and starts an exec. Errors are answered to the host as the request's error.
+pub(crate) fn start(
+    reaper: &Reaper,
+    config: &AgentConfig,
+    stream: StreamId,
+    output_window: u32,
+    req: ExecRequest,
+    out: Outbound,
+) -> Result<Started, ErrorBody> {
+    validate(&req, output_window)?;
+    let cwd = req
+        .cwd
+        .as_ref()
+        .map_or_else(|| config.default_cwd.clone(), PathBuf::from);
+    check_cwd(&cwd)?;
+
+    let mut cmd = Command::new(&req.argv[0]);
+    cmd.args(&req.argv[1..]).env_clear();
+    for (k, v) in BASE_ENV {
+        cmd.env(k, v);
+    }
+    cmd.envs(&req.env)
+        .current_dir(&cwd)
+        .stdin(if req.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    sys::set_new_session(&mut cmd);
+
+    let credit = Arc::new(OutputCredit::new(output_window));
+    let (mut child, exit_rx) = match reaper.spawn(&mut cmd) {
+        Ok(spawned) => spawned,
+        Err(e) => return not_executed(&req.argv[0], &e, stream, credit, out),
+    };
+    let pid = child.id();
+    // Cannot fail: the reaper already checked that the pid fits.
+    let pgid = i32::try_from(pid).unwrap_or(i32::MAX);
+    let guard = GroupGuard { pgid, armed: true };
+
+    let pipes = (|| -> io::Result<_> {
+        let stdout = child.stdout.take().map(OwnedFd::from);
+        let stderr = child.stderr.take().map(OwnedFd::from);
+        let stdin = child.stdin.take().map(OwnedFd::from);
+        let (Some(stdout), Some(stderr)) = (stdout, stderr) else {
+            return Err(io::Error::other("child pipes missing"));
+        };
+        Ok((
+            pipe::Receiver::from_owned_fd(stdout)?,
+            pipe::Receiver::from_owned_fd(stderr)?,
+            stdin.map(pipe::Sender::from_owned_fd).transpose()?,
+        ))
+    })();
+    let (stdout, stderr, stdin_pipe) = match pipes {
+        Ok(p) => p,
+        Err(e) => {
+            // `guard` kills the process group as it drops; the reaper collects the leader.
+            return Err(ErrorBody {
+                code: ErrorCode::SpawnFailed,
+                message: format!("failed to set up pipes: {}", os_message(&e)),
+            });
+        }
+    };
+
+    let (stdin, stdin_rx, stdin_window) = if req.stdin {
+        let window = Arc::new(Mutex::new(RecvWindow::new(config.stdin_window)));
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Some(StdinFeed {
+                tx,
+                window: Arc::clone(&window),
+            }),
+            Some((rx, window)),
+            Some(config.stdin_window.max(1)),
+        )
+    } else {
+        (None, None, None)
+    };
+
+    let proc = Process {
+        stream,
+        out,
+        credit: Arc::clone(&credit),
+        guard,
+        exit_rx,
+        stdout,
+        stderr,
+        stdin_pipe,
+        stdin_rx,
+        timeout: req.timeout_ms.map(Duration::from_millis),
+        budget: req.max_output_bytes,
+        linger: config.drain_linger,
+    };
+    Ok(Started {
+        handle: ExecHandle {
+            pgid: Some(pgid),
+            credit,
+            stdin,
+        },
+        pid: Some(pid),
+        stdin_window,
+        task: Box::pin(proc.run()),
+    })
+}
+
+/// Maps a spawn failure to a shell-like exit (127 not found, 126 cannot execute) reported on
+/// the exec's stderr, or to an error answer when the failure is the agent's own.
+fn not_executed(
+    program: &str,
+    err: &io::Error,
+    stream: StreamId,
+    credit: Arc<OutputCredit>,
+    out: Outbound,
+) -> Result<Started, ErrorBody> {
+    let (code, what) = match err.raw_os_error() {
+        Some(libc::ENOENT) => (127, "command not found".to_owned()),
+        Some(libc::EACCES | libc::EPERM) => (126, "permission denied".to_owned()),
+        Some(
+            libc::ENOEXEC
+            | libc::EISDIR
+            | libc::ENOTDIR
+            | libc::ELOOP
+            | libc::ETXTBSY
+            | libc::ENAMETOOLONG,
+        ) => (126, os_message(err)),
+        _ => {
+            return Err(ErrorBody {
+                code: ErrorCode::SpawnFailed,
+                message: format!("failed to start {program}: {}", os_message(err)),
+            });
+        }
+    };
+    let message = Bytes::from(format!("kiln-agent: {program}: {what}\n"));
+    let task_credit = Arc::clone(&credit);
+    let task = async move {
+        let mut rest = message;
+        while !rest.is_empty() {
+            let n = task_credit.acquire(rest.len().min(MAX_DATA_PAYLOAD)).await;
+            let data = rest.split_to(n);
+            let frame = Frame::Data {
+                stream,
+                channel: DataChannel::Stderr,
+                data,
+            };
+            if !out.send(&frame).await {
+                return;
+            }
+        }
+        let status = ExitStatus {
+            code: Some(code),
+            ..ExitStatus::default()
+        };
+        out.message(&GuestMessage::Exit { stream, status }).await;
+    };
+    Ok(Started {
+        handle: ExecHandle {
+            pgid: None,
+            credit,
+            stdin: None,
+        },
+        pid: None,
+        stdin_window: None,
+        task: Box::pin(task),
+    })
+}
+
+/// Kills the process group when dropped while armed.
+struct GroupGuard {
+    pgid: i32,
+    armed: bool,
+}
+
+impl GroupGuard {
+    fn kill(&self) {
+        // ESRCH (group already gone) is fine.
+        let _ = sys::kill_group(self.pgid, libc::SIGKILL);
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.kill();
+        }
+    }
+}
+
+/// The byte budget of `max_output_bytes`, shared by stdout and stderr.
+struct OutputBudget {
+    remaining: Mutex<Option<u64>>,
+    truncated: AtomicBool,
+    cap_hit: Notify,
+}
+
+impl OutputBudget {
+    fn new(limit: Option<u64>) -> OutputBudget {
+        OutputBudget {
+            remaining: Mutex::new(limit),
+            truncated: AtomicBool::new(false),
+            cap_hit: Notify::new(),
+        }
+    }
+
+    /// How many of `n` bytes may still be forwarded; trips the cap if fewer than `n`.
+    fn take(&self, n: usize) -> usize {
+        let mut remaining = lock(&self.remaining);
+        let Some(left) = remaining.as_mut() else {
+            return n;
+        };
+        let allowed = (*left).min(n as u64);
+        *left -= allowed;
+        if allowed < n as u64 {
+            self.truncated.store(true, Ordering::SeqCst);
+            self.cap_hit.notify_one();
+        }
+        // Cannot truncate: allowed <= n.
+        allowed as usize
+    }
+
+    fn truncated(&self) -> bool {
+        self.truncated.load(Ordering::SeqCst)
+    }
+}
+
+struct Process {
+    stream: StreamId,
+    out: Outbound,
+    credit: Arc<OutputCredit>,
+    guard: GroupGuard,
+    exit_rx: oneshot::Receiver<ChildExit>,
+    stdout: pipe::Receiver,
+    stderr: pipe::Receiver,
+    stdin_pipe: Option<pipe::Sender>,
+    stdin_rx: Option<(mpsc::UnboundedReceiver<Bytes>, Arc<Mutex<RecvWindow>>)>,
+    timeout: Option<Duration>,
+    budget: Option<u64>,
+    linger: Duration,
+}
+
+/// What one output pump needs.
+struct PumpCtx<'a> {
+    stream: StreamId,
+    out: &'a Outbound,
+    credit: &'a OutputCredit,
+    budget: &'a OutputBudget,
+    linger: Duration,
+}
+
+impl Process {
+    async fn run(self) {
+        let Process {
+            stream,
+            out,
+            credit,
+            mut guard,
+            mut exit_rx,
+            stdout,
+            stderr,
+            stdin_pipe,
+            stdin_rx,
+            timeout,
+            budget,
+            linger,
+        } = self;
+        let budget = OutputBudget::new(budget);
+        let (exited_tx, exited_rx) = watch::channel(false);
+        let ctx = PumpCtx {
+            stream,
+            out: &out,
+            credit: &credit,
+            budget: &budget,
+            linger,
+        };
+        let pumps = async {
+            tokio::join!(
+                pump_output(stdout, DataChannel::Stdout, &ctx, exited_rx.clone()),
+                pump_output(stderr, DataChannel::Stderr, &ctx, exited_rx.clone()),
+            );
+        };
+        tokio::pin!(pumps);
+        let stdin = pump_stdin(stdin_pipe, stdin_rx, &out, stream);
+        tokio::pin!(stdin);
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let sleep = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now));
+        tokio::pin!(sleep);
+
+        let mut status: Option<Option<ChildExit>> = None;
+        let mut pumps_done = false;
+        let mut stdin_done = false;
+        let mut timed_out = false;
+        let mut cap_killed = false;
+        while status.is_none() || !pumps_done {
+            tokio::select! {
+                r = &mut exit_rx, if status.is_none() => {
+                    status = Some(r.ok());
+                    let _ = exited_tx.send(true);
+                }
+                () = &mut pumps, if !pumps_done => pumps_done = true,
+                () = &mut sleep, if deadline.is_some() && !timed_out => {
+                    timed_out = true;
+                    guard.kill();
+                }
+                () = budget.cap_hit.notified(), if !cap_killed => {
+                    cap_killed = true;
+                    guard.kill();
+                }
+                () = &mut stdin, if !stdin_done => stdin_done = true,
+            }
+        }
+        // Whatever is left in the group (daemons started in the background) may live on.
+        guard.armed = false;
+        let (code, signal) = match status.flatten() {
+            Some(ChildExit::Exited(c)) => (Some(c), None),
+            Some(ChildExit::Signaled(s)) => (None, Some(s)),
+            None => (None, None),
+        };
+        let status = ExitStatus {
+            code,
+            signal,
+            timed_out,
+            output_truncated: budget.truncated(),
+        };
+        out.message(&GuestMessage::Exit { stream, status }).await;
+    }
+}
+
+/// Reads into `buf` (at most `limit` bytes); once the leader has exited, gives up (`None`)
+/// if the pipe stays silent for `linger`.
+async fn read_or_linger(
+    pipe: &mut pipe::Receiver,
+    buf: &mut BytesMut,
+    limit: usize,
+    exited: &mut watch::Receiver<bool>,
+    linger: Duration,
+) -> Option<io::Result<usize>> {
+    loop {
+        if *exited.borrow() {
+            let mut dst = (&mut *buf).limit(limit);
+            return tokio::time::timeout(linger, pipe.read_buf(&mut dst))
+                .await
+                .ok();
+        }
+        let mut dst = (&mut *buf).limit(limit);
+        tokio::select! {
+            r = pipe.read_buf(&mut dst) => return Some(r),
+            changed = exited.changed() => {
+                if changed.is_err() {
+                    // The supervisor is gone; behave as if the leader had exited.
+                    let mut dst = (&mut *buf).limit(limit);
+                    return tokio::time::timeout(linger, pipe.read_buf(&mut dst)).await.ok();
+                }
+            }
+        }
+    }
+}
+
+async fn pump_output(
+    mut pipe: pipe::Receiver,
+    channel: DataChannel,
+    ctx: &PumpCtx<'_>,
+    mut exited: watch::Receiver<bool>,
+) {
+    loop {
+        let discarding = ctx.budget.truncated();
+        let want = if discarding {
+            MAX_DATA_PAYLOAD
+        } else {
+            ctx.credit.acquire(MAX_DATA_PAYLOAD).await
+        };
+        let refund = |n: usize| {
+            if !discarding {
+                ctx.credit.give_back(n);
+            }
+        };
+        let mut chunk = BytesMut::with_capacity(want);
+        let n = match read_or_linger(&mut pipe, &mut chunk, want, &mut exited, ctx.linger).await
+        {
+            Some(Ok(n)) if n > 0 => n,
+            Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {
+                refund(want);
+                continue;
+            }
+            // EOF, read error, or abandoned after the leader exited.
+            _ => {
+                refund(want);
+                return;
+            }
+        };
+        if discarding {
+            continue;
+        }
+        let allowed = ctx.budget.take(n);
+        refund(want - allowed);
+        if allowed > 0 {
+            chunk.truncate(allowed);
+            let frame = Frame::Data {
+                stream: ctx.stream,
+                channel,
+                data: chunk.freeze(),
+            };
+            if !ctx.out.send(&frame).await {
+                return;
+            }
+        }
+    }
+}
+
+async fn pump_stdin(
+    mut pipe: Option<pipe::Sender>,
+    feed: Option<(mpsc::UnboundedReceiver<Bytes>, Arc<Mutex<RecvWindow>>)>,
+    out: &Outbound,
+    stream: StreamId,
+) {
+    let Some((mut rx, window)) = feed else {
+        return;
+    };
+    while let Some(data) = rx.recv().await {
+        if let Some(p) = pipe.as_mut()
+            && let Err(e) = p.write_all(&data).await
+        {
+            if e.kind() != io::ErrorKind::BrokenPipe {
+                warn(format_args!("stream {stream}: stdin write failed: {e}"));
+            }
+            // The process closed its stdin: keep granting credit so the host never stalls.
+            pipe = None;
+        }
+        let grant = lock(&window).on_consumed(data.len());
+        if let Some(increment) = grant
+            && !out.send(&Frame::Window { stream, increment }).await
+        {
+            return;
+        }
+    }
+    // The host closed stdin (or the session ended): dropping `pipe` gives the process EOF.
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_rejects_bad_requests() {
+        assert!(validate(&ExecRequest::new(Vec::<String>::new()), 1).is_err());
+        assert!(validate(&ExecRequest::new([""]), 1).is_err());
+        assert!(validate(&ExecRequest::new(["a\0b"]), 1).is_err());
+        assert!(validate(&ExecRequest::new(["ls"]), 0).is_err());
+        let mut env = ExecRequest::new(["ls"]);
+        env.env.insert("A=B".into(), "c".into());
+        assert!(validate(&env, 1).is_err());
+        assert!(validate(&ExecRequest::new(["ls"]), 1).is_ok());
+    }
+
+    #[test]
+    fn output_budget_trips_exactly_past_the_cap() {
+        let b = OutputBudget::new(Some(10));
+        assert_eq!(b.take(6), 6);
+        assert!(!b.truncated());
+        assert_eq!(b.take(4), 4);
+        assert!(!b.truncated());
+        assert_eq!(b.take(1), 0);
+        assert!(b.truncated());
+        assert_eq!(OutputBudget::new(None).take(1 << 20), 1 << 20);
+    }
+
+    #[test]
+    fn os_message_strips_errno_suffix() {
+        let e = io::Error::from_raw_os_error(libc::ENOEXEC);
+        assert_eq!(os_message(&e), "exec format error");
+    }
+}

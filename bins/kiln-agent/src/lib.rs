@@ -1,0 +1,26 @@
+//! kiln's guest agent: the initramfs `/init` and the server side of the agent channel.
+//!
+//! Owns: PID 1 boot duties ([`init`]), child reaping ([`reaper`]), the protocol loop and
+//! session state ([`session`]), exec handling, the virtio-serial port ([`port`]) and the only
+//! `unsafe` code of the agent ([`sys`]). The binary (`main.rs`) only wires these together, so
+//! tests can run the real session and exec logic in-process over `tokio::io::duplex`.
+//!
+//! Must not: depend on anything beyond tokio (current-thread), serde_json, libc and the
+//! protocol crate (it is linked statically into every guest); block the runtime thread for
+//! long; trust the byte stream (it hunts for SYNC after any framing error).
+//!
+//! Invariants: one session per SYNC; execs run in their own process group and are killed with
+//! their session; every child is reaped by [`reaper::Reaper`], never by tokio.
+
+pub mod console;
+mod exec;
+pub mod init;
+mod outbound;
+pub mod port;
+pub mod reaper;
+pub mod session;
+pub mod sys;
+
+pub use exec::BASE_ENV;
+pub use reaper::{ReapMode, Reaper};
+pub use session::{Agent, AgentConfig, ServeEnd, ServeError};

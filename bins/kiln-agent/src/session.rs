@@ -1,0 +1,439 @@
+//! The agent's protocol loop: one connection, any number of sessions, many execs.
+//!
+//! Owns: [`Agent`] (configuration, reaper, identity) and [`Agent::serve`], which runs the
+//! protocol over any byte stream until the host goes away or asks for shutdown. Usable as a
+//! library: tests drive it over `tokio::io::duplex`, the binary over the virtio-serial port.
+//!
+//! ```text
+//!   serve(io) ──▶ Hunting ── SYNC(n) ──▶ Session(epoch e) ── SYNC(n') ──▶ Session(e+1) ...
+//!                   ▲                        │ framing error               (old session
+//!                   └──── hunt for SYNC ◀────┘                              dropped: its
+//!   EOF / broken pipe ─▶ ServeEnd::HostGone (session dropped)               execs killed)
+//!   Shutdown request  ─▶ answer flushed ─▶ ServeEnd::Shutdown
+//! ```
+//!
+//! Invariants:
+//! - Nothing but a SYNC is acted on before the first SYNC (the decoder hunts).
+//! - A SYNC drops the previous session before it is answered: running execs of that session
+//!   are aborted and their process groups SIGKILLed, their queued frames are discarded by
+//!   epoch, and the SYNC_ACK is the first frame of the new session.
+//! - A framing error never ends the connection: the decoder hunts for the next SYNC.
+//! - Every request is answered exactly once (`response` or `error` with its id).
+
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use kiln_agent_proto::{
+    AgentInfo, DataChannel, Decoder, ErrorBody, ErrorCode, ExecRequest, Frame, GuestMessage,
+    HostMessage, HuntTarget, Request, RequestId, Response, SUPPORTED_VERSIONS, StreamId,
+    SyncAckFrame, choose_version, loose_request_id,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::task::{self, JoinSet};
+
+use crate::console::{error_chain, warn};
+use crate::exec::{self, ExecHandle};
+use crate::outbound::{OutItem, Outbound, write_loop};
+use crate::reaper::Reaper;
+use crate::sys;
+
+/// Bytes read from the channel per read call.
+const READ_CHUNK: usize = 64 << 10;
+
+/// Tunables of the agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Stdin credit the agent grants per exec, in bytes.
+    pub stdin_window: u32,
+    /// Most concurrent execs per session.
+    pub max_execs: usize,
+    /// After an exec's leader exits, how long a silent output pipe is waited on before it is
+    /// abandoned (a background process may hold it open forever).
+    pub drain_linger: Duration,
+    /// Capacity of the outgoing frame queue, in frames (each ≤ 64 KiB + header).
+    pub out_queue_frames: usize,
+    /// Working directory of execs that name none.
+    pub default_cwd: PathBuf,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            stdin_window: 256 << 10,
+            max_execs: 256,
+            drain_linger: Duration::from_millis(250),
+            out_queue_frames: 64,
+            default_cwd: PathBuf::from("/root"),
+        }
+    }
+}
+
+/// Why [`Agent::serve`] returned normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServeEnd {
+    /// The host side closed the channel (EOF or broken pipe). A new host will send SYNC.
+    HostGone,
+    /// The host asked for shutdown; the answer has been flushed. The caller powers off.
+    Shutdown,
+}
+
+/// Failure of the channel itself (not of an exec).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Reading from the host channel failed.
+    #[error("failed to read from the host channel")]
+    Read(#[source] io::Error),
+    /// Writing to the host channel failed.
+    #[error("failed to write to the host channel")]
+    Write(#[source] io::Error),
+}
+
+/// The guest agent: configuration, the child reaper and what it reports about itself.
+pub struct Agent {
+    config: AgentConfig,
+    reaper: Reaper,
+    info: AgentInfo,
+}
+
+/// One session: everything a SYNC creates and the next SYNC (or EOF) destroys.
+struct Session {
+    out: Outbound,
+    execs: HashMap<StreamId, ExecHandle>,
+    tasks: JoinSet<StreamId>,
+    task_streams: HashMap<task::Id, StreamId>,
+}
+
+enum Event {
+    Read(io::Result<usize>),
+    Finished(StreamId, bool),
+}
+
+fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
+impl Agent {
+    /// An agent that spawns through `reaper`.
+    pub fn new(config: AgentConfig, reaper: Reaper) -> Agent {
+        let info = AgentInfo {
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            kernel_release: sys::kernel_release(),
+            features: vec!["exec".to_owned()],
+        };
+        Agent {
+            config,
+            reaper,
+            info,
+        }
+    }
+
+    /// What the agent reports in SYNC_ACK.
+    pub fn info(&self) -> &AgentInfo {
+        &self.info
+    }
+
+    /// Runs the protocol over `io` until the host goes away or asks for shutdown. Session
+    /// state never outlives the call; the caller may call again (same or new stream) and the
+    /// next host starts with SYNC.
+    pub async fn serve<S>(&self, io: S) -> Result<ServeEnd, ServeError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (rd, wr) = tokio::io::split(io);
+        let epoch = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = mpsc::channel(self.config.out_queue_frames.max(1));
+        let writer = write_loop(wr, rx, Arc::clone(&epoch));
+        let reader = self.read_loop(rd, tx, epoch);
+        tokio::pin!(writer, reader);
+        tokio::select! {
+            r = &mut reader => r,
+            r = &mut writer => match r {
+                Err(e) if !is_disconnect(&e) => Err(ServeError::Write(e)),
+                _ => Ok(ServeEnd::HostGone),
+            },
+        }
+    }
+
+    async fn read_loop<R: AsyncRead + Unpin>(
+        &self,
+        mut rd: R,
+        tx: mpsc::Sender<OutItem>,
+        epoch: Arc<AtomicU64>,
+    ) -> Result<ServeEnd, ServeError> {
+        let mut decoder = Decoder::hunting(HuntTarget::Sync);
+        let mut session: Option<Session> = None;
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            let event = tokio::select! {
+                r = rd.read(&mut buf) => Event::Read(r),
+                (stream, clean) = next_finished(&mut session) => Event::Finished(stream, clean),
+            };
+            match event {
+                Event::Read(Ok(0)) => return Ok(ServeEnd::HostGone),
+                Event::Read(Ok(n)) => {
+                    decoder.feed(&buf[..n]);
+                    loop {
+                        match decoder.next_frame() {
+                            Ok(Some(frame)) => {
+                                if let Some(end) =
+                                    self.on_frame(frame, &mut session, &tx, &epoch).await
+                                {
+                                    return Ok(end);
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                warn(format_args!(
+                                    "framing error, waiting for a new sync: {}",
+                                    error_chain(&e)
+                                ));
+                                decoder.hunt(HuntTarget::Sync);
+                            }
+                        }
+                    }
+                }
+                Event::Read(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Event::Read(Err(e)) if is_disconnect(&e) => return Ok(ServeEnd::HostGone),
+                Event::Read(Err(e)) => return Err(ServeError::Read(e)),
+                Event::Finished(stream, clean) => {
+                    if let Some(s) = session.as_mut() {
+                        s.execs.remove(&stream);
+                        if !clean {
+                            // The exec task panicked before reporting; don't leave the host
+                            // waiting for an exit that will never come.
+                            let msg = GuestMessage::Exit {
+                                stream,
+                                status: Default::default(),
+                            };
+                            s.out.message(&msg).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_frame(
+        &self,
+        frame: Frame,
+        session: &mut Option<Session>,
+        tx: &mpsc::Sender<OutItem>,
+        epoch: &AtomicU64,
+    ) -> Option<ServeEnd> {
+        let frame = match frame {
+            Frame::Sync(sync) => {
+                // Drop the old session first: aborts its exec tasks (killing their groups).
+                *session = None;
+                let e = epoch.fetch_add(1, Ordering::SeqCst) + 1;
+                let out = Outbound::new(tx.clone(), e);
+                let version = choose_version(&sync.versions, SUPPORTED_VERSIONS).unwrap_or(0);
+                let ack = Frame::SyncAck(SyncAckFrame {
+                    nonce: sync.nonce,
+                    version,
+                    info: self.info.clone(),
+                });
+                out.send(&ack).await;
+                if version == 0 {
+                    warn(format_args!(
+                        "host offered versions {:?}, none supported",
+                        sync.versions
+                    ));
+                } else {
+                    *session = Some(Session {
+                        out,
+                        execs: HashMap::new(),
+                        tasks: JoinSet::new(),
+                        task_streams: HashMap::new(),
+                    });
+                }
+                return None;
+            }
+            other => other,
+        };
+        let s = session.as_mut()?;
+        match frame {
+            Frame::Control(payload) => return self.on_control(s, &payload).await,
+            Frame::Window { stream, increment } => {
+                if let Some(h) = s.execs.get(&stream)
+                    && let Err(e) = h.credit.grant(increment)
+                {
+                    warn(format_args!("stream {stream}: {e}"));
+                }
+            }
+            Frame::Data {
+                stream,
+                channel: DataChannel::Stdin,
+                data,
+            } => {
+                if let Some(h) = s.execs.get_mut(&stream)
+                    && let Err(e) = h.feed_stdin(data)
+                {
+                    warn(format_args!("stream {stream}: stdin dropped: {e}"));
+                }
+            }
+            other => warn(format_args!("ignoring {} frame from the host", other.kind())),
+        }
+        None
+    }
+
+    async fn on_control(&self, s: &mut Session, payload: &Bytes) -> Option<ServeEnd> {
+        let msg = match HostMessage::from_payload(payload) {
+            Ok(msg) => msg,
+            Err(e) => {
+                let reply = GuestMessage::Error {
+                    id: loose_request_id(payload),
+                    error: ErrorBody {
+                        code: ErrorCode::BadRequest,
+                        message: error_chain(&e),
+                    },
+                };
+                s.out.message(&reply).await;
+                return None;
+            }
+        };
+        match msg {
+            HostMessage::Request { id, request } => {
+                let result = match request {
+                    Request::Ping => Ok(Response::Pong),
+                    Request::Exec {
+                        stream,
+                        output_window,
+                        exec,
+                    } => self.start_exec(s, stream, output_window, exec).await,
+                    Request::Signal { stream, signo } => signal_exec(s, stream, signo),
+                    Request::Shutdown => {
+                        reply(s, id, Ok(Response::ShuttingDown)).await;
+                        s.out.flush().await;
+                        return Some(ServeEnd::Shutdown);
+                    }
+                    Request::Unknown => Err(ErrorBody {
+                        code: ErrorCode::Unsupported,
+                        message: "unsupported request".to_owned(),
+                    }),
+                };
+                reply(s, id, result).await;
+            }
+            HostMessage::StdinClose { stream } => {
+                if let Some(h) = s.execs.get_mut(&stream) {
+                    h.close_stdin();
+                }
+            }
+            HostMessage::Unknown => {}
+        }
+        None
+    }
+
+    async fn start_exec(
+        &self,
+        s: &mut Session,
+        stream: StreamId,
+        output_window: u32,
+        req: ExecRequest,
+    ) -> Result<Response, ErrorBody> {
+        if s.execs.contains_key(&stream) {
+            return Err(ErrorBody {
+                code: ErrorCode::StreamInUse,
+                message: format!("stream {stream} is already in use"),
+            });
+        }
+        if s.execs.len() >= self.config.max_execs {
+            return Err(ErrorBody {
+                code: ErrorCode::TooManyStreams,
+                message: format!("at most {} execs may run at once", self.config.max_execs),
+            });
+        }
+        let started = exec::start(
+            &self.reaper,
+            &self.config,
+            stream,
+            output_window,
+            req,
+            s.out.clone(),
+        )?;
+        if let Some(increment) = started.stdin_window {
+            s.out.send(&Frame::Window { stream, increment }).await;
+        }
+        let task = started.task;
+        let handle = s.tasks.spawn(async move {
+            task.await;
+            stream
+        });
+        s.task_streams.insert(handle.id(), stream);
+        s.execs.insert(stream, started.handle);
+        Ok(Response::ExecStarted { pid: started.pid })
+    }
+}
+
+async fn reply(s: &Session, id: RequestId, result: Result<Response, ErrorBody>) {
+    let msg = match result {
+        Ok(response) => GuestMessage::Response { id, response },
+        Err(error) => GuestMessage::Error {
+            id: Some(id),
+            error,
+        },
+    };
+    s.out.message(&msg).await;
+}
+
+fn signal_exec(s: &Session, stream: StreamId, signo: i32) -> Result<Response, ErrorBody> {
+    if !(1..=64).contains(&signo) {
+        return Err(ErrorBody {
+            code: ErrorCode::BadRequest,
+            message: format!("signal {signo} is not in 1..=64"),
+        });
+    }
+    let Some(handle) = s.execs.get(&stream) else {
+        return Err(ErrorBody {
+            code: ErrorCode::NoSuchStream,
+            message: format!("no running exec on stream {stream}"),
+        });
+    };
+    let Some(pgid) = handle.pgid else {
+        return Ok(Response::Signaled);
+    };
+    match sys::kill_group(pgid, signo) {
+        Ok(()) => Ok(Response::Signaled),
+        // The group is already gone; the exit is on its way.
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(Response::Signaled),
+        Err(e) => Err(ErrorBody {
+            code: ErrorCode::Internal,
+            message: format!("failed to signal process group {pgid}: {e}"),
+        }),
+    }
+}
+
+/// The next exec task to finish: its stream and whether it ended cleanly (not panicked).
+/// Pending forever while there is no session or no task.
+async fn next_finished(session: &mut Option<Session>) -> (StreamId, bool) {
+    loop {
+        let Some(s) = session.as_mut().filter(|s| !s.tasks.is_empty()) else {
+            return std::future::pending().await;
+        };
+        match s.tasks.join_next_with_id().await {
+            Some(Ok((id, stream))) => {
+                s.task_streams.remove(&id);
+                return (stream, true);
+            }
+            Some(Err(e)) => {
+                if let Some(stream) = s.task_streams.remove(&e.id()) {
+                    return (stream, false);
+                }
+            }
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Thin, safe wrappers around the Linux syscalls the agent needs.
+//!
+//! Owns: every `unsafe` block of the agent. Each wrapper validates its inputs (no interior NUL
+//! bytes), makes exactly one libc call (or a short fixed sequence), and turns the result into
+//! `io::Result`. Nothing here knows about the protocol or sessions.
+//!
+//! Invariants: every `unsafe` block has a `// SAFETY:` comment; pointers handed to the kernel
+//! point to live, correctly sized, NUL-terminated buffers for the whole call.
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+/// How a child process ended, decoded from a `waitpid` status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildExit {
+    /// It called `exit(code)`.
+    Exited(i32),
+    /// A signal killed it.
+    Signaled(i32),
+}
+
+fn cstring(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interior nul byte"))
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `mount(2)`.
+pub fn mount(
+    source: &str,
+    target: &str,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let source = cstring(source)?;
+    let target = cstring(target)?;
+    let fstype = fstype.map(cstring).transpose()?;
+    let data = data.map(cstring).transpose()?;
+    // SAFETY: all pointers are either null or point to NUL-terminated CStrings that outlive
+    // the call; mount(2) only reads them.
+    let ret = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            flags,
+            data.as_ref()
+                .map_or(std::ptr::null(), |s| s.as_ptr().cast::<libc::c_void>()),
+        )
+    };
+    check(ret).map(drop)
+}
+
+/// `finit_module(2)` with empty parameters.
+pub fn finit_module(module: &File) -> io::Result<()> {
+    let params = c"";
+    // SAFETY: the fd is owned by `module` and open for the whole call; `params` is a static
+    // NUL-terminated string.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_finit_module,
+            module.as_raw_fd(),
+            params.as_ptr(),
+            0 as libc::c_int,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `sethostname(2)`.
+pub fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes, which outlive the call.
+    let ret = unsafe { libc::sethostname(name.as_ptr().cast::<libc::c_char>(), name.len()) };
+    check(ret).map(drop)
+}
+
+/// `sync(2)`.
+pub fn sync() {
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() }
+}
+
+/// `reboot(RB_POWER_OFF)`. Returns only if the kernel refused.
+pub fn power_off() -> io::Error {
+    // SAFETY: reboot takes a plain integer command; on success it does not return.
+    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    io::Error::last_os_error()
+}
+
+/// `tcdrain(3)`: waits until output written to a terminal has been transmitted.
+pub fn tcdrain(fd: RawFd) -> io::Result<()> {
+    // SAFETY: tcdrain only takes an fd; an invalid one yields EBADF.
+    check(unsafe { libc::tcdrain(fd) }).map(drop)
+}
+
+/// `kill(-pgid, signo)`: signals a whole process group.
+pub fn kill_group(pgid: i32, signo: i32) -> io::Result<()> {
+    if pgid <= 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "refusing to signal process group <= 1",
+        ));
+    }
+    // SAFETY: kill takes plain integers; a negative pid addresses a process group.
+    check(unsafe { libc::kill(-pgid, signo) }).map(drop)
+}
+
+/// `waitpid(pid, WNOHANG)`; `pid == -1` waits for any child. `Ok(None)` if no matching child
+/// has exited yet.
+pub fn waitpid_nohang(pid: i32) -> io::Result<Option<(i32, ChildExit)>> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: `status` is a valid, writable c_int for the duration of the call.
+    let ret = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if ret == 0 {
+        return Ok(None);
+    }
+    let exit = if libc::WIFEXITED(status) {
+        ChildExit::Exited(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        ChildExit::Signaled(libc::WTERMSIG(status))
+    } else {
+        // Stopped/continued are not reported without WUNTRACED/WCONTINUED.
+        return Ok(None);
+    };
+    Ok(Some((ret, exit)))
+}
+
+/// Makes the child call `setsid()` before exec, so it leads a new session and process group
+/// whose id equals its pid (the agent signals the whole group).
+pub fn set_new_session(cmd: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and calls only setsid(2), which is
+    // async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The kernel release (`uname -r`).
+pub fn kernel_release() -> Option<String> {
+    // SAFETY: utsname is plain old data; all-zero is a valid value.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `uts` is a valid, writable utsname.
+    if unsafe { libc::uname(&mut uts) } < 0 {
+        return None;
+    }
+    // SAFETY: uname NUL-terminates every field within its fixed-size array.
+    let release = unsafe { CStr::from_ptr(uts.release.as_ptr()) };
+    Some(release.to_string_lossy().into_owned())
+}
+
+/// Sets `IFF_UP` on a network interface (used for `lo`).
+pub fn interface_up(name: &str) -> io::Result<()> {
+    // SAFETY: socket takes plain integers; the result is checked before use.
+    let raw = check(unsafe {
+        libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
+    })?;
+    // SAFETY: `raw` is a fresh socket fd that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= ifr.ifr_name.len() || bytes.contains(&0) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad interface name"));
+    }
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `ifr` is a valid ifreq with a NUL-terminated name; SIOCGIFFLAGS fills its
+    // flags member.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) })?;
+    // SAFETY: SIOCGIFFLAGS initialised the flags member of the union just above.
+    unsafe {
+        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: `ifr` is a valid ifreq; SIOCSIFFLAGS only reads it.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) })?;
+    Ok(())
+}
+
+/// Points fds 0, 1 and 2 at `file` (used by init to talk to /dev/console). If `file` itself
+/// landed on one of them (they were closed), it stays open as that descriptor.
+pub fn dup_to_stdio(file: File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    for target in 0..=2 {
+        if fd == target {
+            continue;
+        }
+        // SAFETY: dup2 takes plain fds; `file` is open for the call, and replacing 0..=2 is
+        // the intent (no Rust object in this process owns them).
+        check(unsafe { libc::dup2(fd, target) })?;
+    }
+    if fd <= 2 {
+        // It is now one of the standard descriptors: keep it open.
+        let _ = file.into_raw_fd();
+    }
+    Ok(())
+}
+
+/// Registers an owned file with the current tokio reactor (read and write interest).
+pub fn register_async_fd(file: File) -> io::Result<tokio::io::unix::AsyncFd<File>> {
+    // SAFETY: `File` owns its descriptor: it stays open and refers to the same open file
+    // description until the `AsyncFd` (which takes ownership of the `File`) is dropped, and
+    // `File::as_raw_fd` always returns that same descriptor.
+    Ok(unsafe { tokio::io::unix::AsyncFd::register(file) }?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waitpid_nohang_reports_exit_code() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "exit 7"]);
+        let child = cmd.spawn().expect("sh runs");
+        let pid = i32::try_from(child.id()).expect("pid fits");
+        let exit = loop {
+            if let Some((p, exit)) = waitpid_nohang(pid).expect("child exists") {
+                assert_eq!(p, pid);
+                break exit;
+            }
+            std::thread::yield_now();
+        };
+        assert_eq!(exit, ChildExit::Exited(7));
+    }
+
+    #[test]
+    fn kill_group_refuses_init_and_everyone() {
+        assert!(kill_group(1, 0).is_err());
+        assert!(kill_group(0, 0).is_err());
+        assert!(kill_group(-5, 0).is_err());
+    }
+
+    #[test]
+    fn kernel_release_is_known() {
+        assert!(kernel_release().is_some_and(|r| !r.is_empty()));
+    }
+}
