@@ -1,1 +1,3 @@
 //! QEMU driver (stub).
+
+pub mod agent;

@@ -1,0 +1,611 @@
+//! The connection: handshake, reader and writer tasks, request correlation.
+//!
+//! Owns: [`AgentClient`] and the shared connection state the reader, the writer and the exec
+//! sessions use. Lock discipline: one std `Mutex` for connection state and one per exec inbox;
+//! never held across `.await`; when both are needed the state lock is released first.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use kiln_agent_proto::{
+    AgentInfo, DataChannel, Decoder, ErrorBody, ExecRequest, Frame, GuestMessage, HostMessage,
+    HuntTarget, Request, RequestId, Response, SUPPORTED_VERSIONS, StreamId, SyncFrame,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use super::error::{AgentError, ClosedReason};
+use super::exec::{ExecSession, ExecShared};
+
+/// After an acknowledgement of an older nonce, the guest is known to be alive: stop sending
+/// new SYNCs for this long (each would reset its session again) and wait for the latest ack.
+const ALIVE_GRACE: Duration = Duration::from_secs(1);
+/// Bytes read from the stream per read call.
+const READ_CHUNK: usize = 64 << 10;
+/// Most queued frames the writer writes before checking for grants again.
+const WRITE_BATCH: usize = 16;
+
+/// Tunables of a connection.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// How long `connect` waits for the guest's SYNC_ACK.
+    pub handshake_deadline: Duration,
+    /// Interval between SYNC resends while no acknowledgement has been seen.
+    pub sync_interval: Duration,
+    /// Output credit per exec (stdout + stderr bytes the guest may send ahead of the
+    /// consumer). Bounds host memory per exec.
+    pub output_window: u32,
+    /// Capacity of the outgoing frame queue, in frames.
+    pub write_queue_frames: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            handshake_deadline: Duration::from_secs(30),
+            sync_interval: Duration::from_millis(250),
+            output_window: 256 << 10,
+            write_queue_frames: 64,
+        }
+    }
+}
+
+/// A connected guest agent. Cheap to clone; the connection closes when the last clone and
+/// the last [`ExecSession`] are dropped.
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: Arc<ClientInner>,
+}
+
+/// What clients and exec sessions share.
+pub(crate) struct ClientInner {
+    pub(crate) shared: Arc<Shared>,
+    tx: mpsc::Sender<Bytes>,
+    output_window: u32,
+    tasks: [AbortHandle; 2],
+}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+type Reply = Result<Response, ErrorBody>;
+
+/// Connection state shared by the reader, the writer, clients and sessions.
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    /// Wakes the writer when WINDOW grants are pending.
+    writer_wake: Notify,
+    /// `true` once the channel is dead.
+    closed_tx: watch::Sender<bool>,
+}
+
+struct State {
+    closed: Option<ClosedReason>,
+    next_request: u64,
+    next_stream: Option<StreamId>,
+    pending: HashMap<RequestId, oneshot::Sender<Reply>>,
+    execs: HashMap<StreamId, Arc<ExecShared>>,
+    grants: BTreeMap<StreamId, u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn new() -> Shared {
+        Shared {
+            state: Mutex::new(State {
+                closed: None,
+                next_request: 1,
+                next_stream: Some(StreamId::FIRST),
+                pending: HashMap::new(),
+                execs: HashMap::new(),
+                grants: BTreeMap::new(),
+            }),
+            writer_wake: Notify::new(),
+            closed_tx: watch::Sender::new(false),
+        }
+    }
+
+    /// The error callers get once the channel is dead.
+    pub(crate) fn closed_error(&self) -> AgentError {
+        let reason = lock(&self.state)
+            .closed
+            .clone()
+            .unwrap_or(ClosedReason::Eof);
+        AgentError::ChannelClosed(reason)
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        lock(&self.state).closed.is_some()
+    }
+
+    /// Marks the channel dead (first reason wins) and wakes every waiter.
+    fn close(&self, reason: ClosedReason) {
+        let (pending, execs) = {
+            let mut st = lock(&self.state);
+            if st.closed.is_some() {
+                return;
+            }
+            tracing::debug!(reason = %reason, "agent channel closed");
+            st.closed = Some(reason.clone());
+            (
+                std::mem::take(&mut st.pending),
+                std::mem::take(&mut st.execs),
+            )
+        };
+        // Dropping the senders fails the waiting requests with the stored reason.
+        drop(pending);
+        for exec in execs.values() {
+            exec.on_channel_closed(&reason);
+        }
+        self.closed_tx.send_replace(true);
+        self.writer_wake.notify_one();
+    }
+
+    /// Queues a WINDOW grant for the writer (coalesced per stream; never blocks).
+    pub(crate) fn queue_grant(&self, stream: StreamId, increment: u32) {
+        {
+            let mut st = lock(&self.state);
+            if st.closed.is_some() {
+                return;
+            }
+            *st.grants.entry(stream).or_insert(0) += u64::from(increment);
+        }
+        self.writer_wake.notify_one();
+    }
+
+    pub(crate) fn forget_exec(&self, stream: StreamId) {
+        lock(&self.state).execs.remove(&stream);
+    }
+
+    fn take_grants(&self) -> Vec<Frame> {
+        let grants = std::mem::take(&mut lock(&self.state).grants);
+        let mut frames = Vec::with_capacity(grants.len());
+        for (stream, mut total) in grants {
+            while total > 0 {
+                let increment = u32::try_from(total).unwrap_or(u32::MAX);
+                total -= u64::from(increment);
+                frames.push(Frame::Window { stream, increment });
+            }
+        }
+        frames
+    }
+
+    /// Handles one frame from the guest. An error is a protocol violation: the channel dies.
+    fn dispatch(&self, frame: Frame) -> Result<(), ClosedReason> {
+        match frame {
+            Frame::Control(payload) => {
+                let msg = GuestMessage::from_payload(&payload).map_err(ClosedReason::Decode)?;
+                self.on_message(msg);
+                Ok(())
+            }
+            Frame::Data {
+                stream,
+                channel: channel @ (DataChannel::Stdout | DataChannel::Stderr),
+                data,
+            } => {
+                let exec = lock(&self.state).execs.get(&stream).cloned();
+                match exec {
+                    Some(exec) => {
+                        if let Some(grant) = exec.on_output(channel, &data)? {
+                            self.queue_grant(stream, grant);
+                        }
+                    }
+                    None => tracing::debug!(%stream, "dropping output for an unknown stream"),
+                }
+                Ok(())
+            }
+            Frame::Window { stream, increment } => {
+                let exec = lock(&self.state).execs.get(&stream).cloned();
+                if let Some(exec) = exec {
+                    exec.on_stdin_grant(increment)?;
+                }
+                Ok(())
+            }
+            Frame::SyncAck(_) => {
+                // A late answer to one of our older SYNCs; the session is already up.
+                tracing::debug!("ignoring a late sync acknowledgement");
+                Ok(())
+            }
+            other => Err(ClosedReason::Violation {
+                what: format!("sent a {} frame", other.kind()),
+            }),
+        }
+    }
+
+    fn on_message(&self, msg: GuestMessage) {
+        match msg {
+            GuestMessage::Response { id, response } => self.complete(id, Ok(response)),
+            GuestMessage::Error {
+                id: Some(id),
+                error,
+            } => self.complete(id, Err(error)),
+            GuestMessage::Error { id: None, error } => {
+                tracing::warn!(code = %error.code, message = %error.message, "guest agent reported an error for an unparseable request");
+            }
+            GuestMessage::Exit { stream, status } => {
+                let exec = lock(&self.state).execs.remove(&stream);
+                match exec {
+                    Some(exec) => exec.on_exit(status),
+                    None => tracing::debug!(%stream, "exit for an unknown stream"),
+                }
+            }
+            GuestMessage::Unknown => tracing::debug!("ignoring an unknown guest message"),
+        }
+    }
+
+    fn complete(&self, id: RequestId, reply: Reply) {
+        let waiter = lock(&self.state).pending.remove(&id);
+        match waiter {
+            // The requester may have given up; that is fine.
+            Some(tx) => drop(tx.send(reply)),
+            None => tracing::debug!(%id, "answer for an unknown request"),
+        }
+    }
+}
+
+/// Removes a pending request when its caller stops waiting (completion or cancellation).
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    id: RequestId,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.shared.state).pending.remove(&self.id);
+    }
+}
+
+impl ClientInner {
+    /// Queues an encoded frame for the writer.
+    pub(crate) async fn send_frame(&self, frame: &Frame) -> Result<(), AgentError> {
+        let bytes = frame.to_bytes().map_err(AgentError::Encode)?;
+        if self.shared.is_closed() {
+            return Err(self.shared.closed_error());
+        }
+        self.tx
+            .send(bytes)
+            .await
+            .map_err(|_| self.shared.closed_error())
+    }
+
+    /// Queues a frame without waiting (used from `Drop`); dropped if the queue is full.
+    pub(crate) fn try_send_request(&self, request: Request) {
+        let id = {
+            let mut st = lock(&self.shared.state);
+            let id = RequestId(st.next_request);
+            st.next_request += 1;
+            id
+        };
+        let msg = HostMessage::Request { id, request };
+        if let Ok(bytes) = msg.to_frame().and_then(|f| f.to_bytes()) {
+            let _ = self.tx.try_send(bytes);
+        }
+    }
+
+    /// Sends a request and waits for its answer.
+    pub(crate) async fn request(&self, request: Request) -> Result<Response, AgentError> {
+        let op = request.op();
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut st = lock(&self.shared.state);
+            if st.closed.is_some() {
+                drop(st);
+                return Err(self.shared.closed_error());
+            }
+            let id = RequestId(st.next_request);
+            st.next_request += 1;
+            st.pending.insert(id, tx);
+            id
+        };
+        let _guard = PendingGuard {
+            shared: &self.shared,
+            id,
+        };
+        let frame = HostMessage::Request { id, request }
+            .to_frame()
+            .map_err(AgentError::Encode)?;
+        self.send_frame(&frame).await?;
+        match rx.await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => Err(AgentError::Remote {
+                op,
+                code: error.code,
+                message: error.message,
+            }),
+            Err(_) => Err(self.shared.closed_error()),
+        }
+    }
+
+    pub(crate) fn output_window(&self) -> u32 {
+        self.output_window
+    }
+}
+
+fn fresh_nonce() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    // RandomState is seeded from the OS once per thread and varies per instance.
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+impl AgentClient {
+    /// Runs the resync handshake on `stream` (resending SYNC every ~250 ms until `deadline`)
+    /// and starts the connection's reader and writer tasks.
+    pub async fn connect<S>(
+        stream: S,
+        deadline: Duration,
+    ) -> Result<(AgentClient, AgentInfo), AgentError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let config = ClientConfig {
+            handshake_deadline: deadline,
+            ..ClientConfig::default()
+        };
+        AgentClient::connect_with(stream, config).await
+    }
+
+    /// [`AgentClient::connect`] with explicit tunables.
+    pub async fn connect_with<S>(
+        stream: S,
+        config: ClientConfig,
+    ) -> Result<(AgentClient, AgentInfo), AgentError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let (decoder, info) = handshake(&mut rd, &mut wr, &config).await?;
+        let shared = Arc::new(Shared::new());
+        let (tx, rx) = mpsc::channel(config.write_queue_frames.max(1));
+        let reader = tokio::spawn(reader_task(rd, decoder, Arc::clone(&shared)));
+        let writer = tokio::spawn(writer_task(wr, rx, Arc::clone(&shared)));
+        let inner = ClientInner {
+            shared,
+            tx,
+            output_window: config.output_window.max(1),
+            tasks: [reader.abort_handle(), writer.abort_handle()],
+        };
+        Ok((
+            AgentClient {
+                inner: Arc::new(inner),
+            },
+            info,
+        ))
+    }
+
+    /// One request/response round trip; returns how long it took.
+    pub async fn ping(&self) -> Result<Duration, AgentError> {
+        let start = Instant::now();
+        match self.inner.request(Request::Ping).await? {
+            Response::Pong => Ok(start.elapsed()),
+            _ => Err(AgentError::UnexpectedResponse { op: "ping" }),
+        }
+    }
+
+    /// Starts a command. Its output, stdin and exit go through the returned session; dropping
+    /// the session before the exit kills the command's process group.
+    pub async fn exec(&self, req: ExecRequest) -> Result<ExecSession, AgentError> {
+        let window = self.inner.output_window();
+        let exec = {
+            let mut st = lock(&self.inner.shared.state);
+            if st.closed.is_some() {
+                drop(st);
+                return Err(self.inner.shared.closed_error());
+            }
+            let stream = st.next_stream.ok_or(AgentError::StreamsExhausted)?;
+            st.next_stream = stream.next();
+            let exec = Arc::new(ExecShared::new(stream, window, req.stdin));
+            st.execs.insert(stream, Arc::clone(&exec));
+            exec
+        };
+        // Registered before the request is sent, so early output is never dropped; if this
+        // future is cancelled, the session's Drop cleans up.
+        let mut session = ExecSession::new(Arc::clone(&self.inner), exec);
+        let request = Request::Exec {
+            stream: session.stream(),
+            output_window: window,
+            exec: req,
+        };
+        match self.inner.request(request).await? {
+            Response::ExecStarted { pid } => {
+                session.set_started(pid);
+                Ok(session)
+            }
+            _ => Err(AgentError::UnexpectedResponse { op: "exec" }),
+        }
+    }
+
+    /// Asks the guest to sync and power off. Succeeds when the agent acknowledges, or when
+    /// the channel closes while waiting (the guest powering off closes it).
+    pub async fn shutdown(&self) -> Result<(), AgentError> {
+        match self.inner.request(Request::Shutdown).await {
+            Ok(Response::ShuttingDown) => Ok(()),
+            Ok(_) => Err(AgentError::UnexpectedResponse { op: "shutdown" }),
+            Err(AgentError::ChannelClosed(ClosedReason::Eof)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Resolves once the channel has died (EOF, I/O error or protocol violation).
+    pub async fn closed(&self) {
+        let mut rx = self.inner.shared.closed_tx.subscribe();
+        // Cannot fail: `shared` owns the sender and outlives this call.
+        let _ = rx.wait_for(|closed| *closed).await;
+    }
+
+    /// Why the channel died, if it has.
+    pub fn close_reason(&self) -> Option<ClosedReason> {
+        lock(&self.inner.shared.state).closed.clone()
+    }
+}
+
+/// Sends SYNCs and discards everything until the SYNC_ACK for the latest nonce.
+async fn handshake<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    config: &ClientConfig,
+) -> Result<(Decoder, AgentInfo), AgentError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let deadline = Instant::now() + config.handshake_deadline;
+    let timeout = || AgentError::HandshakeTimeout {
+        waited: config.handshake_deadline,
+    };
+    let mut decoder = Decoder::hunting(HuntTarget::SyncAck);
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut nonce: Option<u64> = None;
+    let mut alive_at: Option<Instant> = None;
+    let mut next_sync = Instant::now();
+    loop {
+        let now = Instant::now();
+        if now >= next_sync {
+            let recently_alive = alive_at.is_some_and(|t| now.duration_since(t) < ALIVE_GRACE);
+            if nonce.is_none() || !recently_alive {
+                let fresh = fresh_nonce();
+                let sync = Frame::Sync(SyncFrame {
+                    nonce: fresh,
+                    versions: SUPPORTED_VERSIONS.to_vec(),
+                })
+                .to_bytes()
+                .map_err(AgentError::Encode)?;
+                let write = async {
+                    wr.write_all(&sync).await?;
+                    wr.flush().await
+                };
+                tokio::time::timeout_at(deadline, write)
+                    .await
+                    .map_err(|_| timeout())?
+                    .map_err(AgentError::HandshakeWrite)?;
+                nonce = Some(fresh);
+            }
+            next_sync = now + config.sync_interval;
+        }
+        let n = tokio::select! {
+            r = rd.read(&mut buf) => match r {
+                Ok(0) => return Err(AgentError::ChannelClosed(ClosedReason::Eof)),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(AgentError::ChannelClosed(ClosedReason::Read(Arc::new(e)))),
+            },
+            () = tokio::time::sleep_until(next_sync.min(deadline)) => {
+                if Instant::now() >= deadline {
+                    return Err(timeout());
+                }
+                continue;
+            }
+        };
+        decoder.feed(&buf[..n]);
+        // While hunting the decoder only ever yields SYNC_ACK frames.
+        while let Ok(Some(frame)) = decoder.next_frame() {
+            let Frame::SyncAck(ack) = frame else {
+                decoder.hunt(HuntTarget::SyncAck);
+                continue;
+            };
+            if Some(ack.nonce) != nonce {
+                tracing::debug!(nonce = ack.nonce, "ignoring an acknowledgement of an older sync");
+                alive_at = Some(Instant::now());
+                decoder.hunt(HuntTarget::SyncAck);
+                continue;
+            }
+            if !SUPPORTED_VERSIONS.contains(&ack.version) {
+                return Err(AgentError::VersionMismatch {
+                    chosen: ack.version,
+                    offered: SUPPORTED_VERSIONS.to_vec(),
+                });
+            }
+            return Ok((decoder, ack.info));
+        }
+    }
+}
+
+async fn reader_task<R: AsyncRead + Unpin>(mut rd: R, mut decoder: Decoder, shared: Arc<Shared>) {
+    let mut buf = vec![0u8; READ_CHUNK];
+    let reason = 'conn: loop {
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    if let Err(reason) = shared.dispatch(frame) {
+                        tracing::warn!(reason = %reason, "closing the agent channel");
+                        break 'conn reason;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "malformed frame from the guest agent");
+                    break 'conn ClosedReason::Decode(e);
+                }
+            }
+        }
+        match rd.read(&mut buf).await {
+            Ok(0) => break ClosedReason::Eof,
+            Ok(n) => decoder.feed(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break ClosedReason::Read(Arc::new(e)),
+        }
+    };
+    shared.close(reason);
+}
+
+async fn writer_task<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Bytes>,
+    shared: Arc<Shared>,
+) {
+    let mut closed = shared.closed_tx.subscribe();
+    let result: io::Result<()> = async {
+        loop {
+            // Grants first: they are what lets the guest keep producing.
+            let grants = shared.take_grants();
+            for frame in &grants {
+                match frame.to_bytes() {
+                    Ok(bytes) => wr.write_all(&bytes).await?,
+                    Err(e) => tracing::error!(error = %e, "unencodable window frame"),
+                }
+            }
+            if !grants.is_empty() {
+                wr.flush().await?;
+            }
+            tokio::select! {
+                biased;
+                () = async { drop(closed.wait_for(|c| *c).await) } => return Ok(()),
+                () = shared.writer_wake.notified() => {}
+                item = rx.recv() => match item {
+                    Some(bytes) => {
+                        wr.write_all(&bytes).await?;
+                        // Batch a little, but go back to the grants regularly.
+                        for _ in 1..WRITE_BATCH {
+                            let Ok(more) = rx.try_recv() else { break };
+                            wr.write_all(&more).await?;
+                        }
+                        wr.flush().await?;
+                    }
+                    // Every client and session is gone.
+                    None => return wr.shutdown().await,
+                },
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        shared.close(ClosedReason::Write(Arc::new(e)));
+    }
+}

@@ -1,0 +1,41 @@
+//! Host side of the guest agent channel.
+//!
+//! Owns: [`AgentClient`] (resync handshake, request/response correlation, one reader task and
+//! one writer task per connection) and [`ExecSession`] (one running command: its output
+//! events, stdin and signals). The wire format lives in `kiln-agent-proto` and is described
+//! in `docs/protocol.md`. Must not: know about sandboxes, QEMU or sockets; any
+//! `AsyncRead + AsyncWrite` stream works (production: the UnixStream of QEMU's chardev).
+//!
+//! ```text
+//!  connect(stream) ── SYNC(n1) ── SYNC(n2) ... (every ~250 ms until the deadline)
+//!        │  discard every byte until SYNC_ACK(n_latest)
+//!        ▼
+//!  reader task ──▶ dispatch: responses → pending oneshots
+//!        │                   STDOUT/STDERR → per-exec inbox (bounded by the exec's window)
+//!        │                   WINDOW → stdin credit, EXIT → inbox
+//!        │ EOF / error ──▶ close: fail pending requests, wake every exec, `closed()` resolves
+//!  writer task ◀── bounded frame queue (requests, stdin) + coalesced WINDOW grants
+//! ```
+//!
+//! Invariants:
+//! - The reader never waits on anything but the stream: the guest can always make progress
+//!   writing, so a guest blocked on its own writes can never deadlock the host.
+//! - Host memory per exec is bounded by its output window: the guest may not send more than
+//!   granted (an overrun closes the channel), and credit is granted back only as the consumer
+//!   takes events from [`ExecSession::next_event`].
+//! - Every queue is bounded: the frame queue by count, inboxes by the window, pending requests
+//!   by the callers awaiting them, WINDOW grants by one entry per stream.
+//! - Once the channel dies, every waiter (requests, `next_event`, stdin writes, `closed()`)
+//!   resolves promptly.
+
+mod client;
+mod error;
+mod exec;
+
+#[cfg(test)]
+mod tests;
+
+pub use client::{AgentClient, ClientConfig};
+pub use error::{AgentError, ClosedReason};
+pub use exec::{ExecEvent, ExecOutput, ExecSession, StdinSender};
+pub use kiln_agent_proto::{AgentInfo, ErrorCode, ExecRequest, ExitStatus, StreamId};

@@ -1,0 +1,335 @@
+//! Host-client tests against a scripted fake guest (frames written by hand), for behaviour the
+//! real agent never exhibits: stale acknowledgements, hostile credit overruns, sudden death.
+//! The real agent end to end is tested in `bins/kiln-agent/tests/`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use kiln_agent_proto::{
+    AgentInfo, DataChannel, Decoder, ExecRequest, ExitStatus, Frame, GuestMessage, HostMessage,
+    Request, RequestId, Response, StreamId, SyncAckFrame,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+use super::{AgentClient, AgentError, ClientConfig, ClosedReason, ExecEvent};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+struct FakeGuest {
+    io: DuplexStream,
+    decoder: Decoder,
+}
+
+impl FakeGuest {
+    fn new(io: DuplexStream) -> FakeGuest {
+        FakeGuest {
+            io,
+            decoder: Decoder::new(),
+        }
+    }
+
+    async fn frame(&mut self) -> Option<Frame> {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(f) = self.decoder.next_frame().expect("host sends valid frames") {
+                return Some(f);
+            }
+            let n = self.io.read(&mut buf).await.expect("read");
+            if n == 0 {
+                return None;
+            }
+            self.decoder.feed(&buf[..n]);
+        }
+    }
+
+    async fn send(&mut self, frame: Frame) {
+        let bytes = frame.to_bytes().expect("valid frame");
+        self.io.write_all(&bytes).await.expect("write");
+    }
+
+    async fn raw(&mut self, bytes: &[u8]) {
+        self.io.write_all(bytes).await.expect("write");
+    }
+
+    async fn sync_nonce(&mut self) -> u64 {
+        match self.frame().await {
+            Some(Frame::Sync(s)) => s.nonce,
+            other => panic!("expected sync, got {other:?}"),
+        }
+    }
+
+    async fn ack(&mut self, nonce: u64, version: u16) {
+        self.send(Frame::SyncAck(SyncAckFrame {
+            nonce,
+            version,
+            info: info(),
+        }))
+        .await;
+    }
+
+    /// The next request, skipping WINDOW frames.
+    async fn request(&mut self) -> (RequestId, Request) {
+        loop {
+            match self.frame().await {
+                Some(Frame::Control(p)) => match HostMessage::from_payload(&p).expect("json") {
+                    HostMessage::Request { id, request } => return (id, request),
+                    other => panic!("expected a request, got {other:?}"),
+                },
+                Some(Frame::Window { .. }) => continue,
+                other => panic!("expected a request, got {other:?}"),
+            }
+        }
+    }
+
+    async fn respond(&mut self, id: RequestId, response: Response) {
+        let msg = GuestMessage::Response { id, response };
+        self.send(msg.to_frame().expect("encodes")).await;
+    }
+
+    /// Completes a handshake and answers the first exec request; returns its stream.
+    async fn accept_exec(&mut self) -> StreamId {
+        let (id, req) = self.request().await;
+        let Request::Exec { stream, .. } = req else {
+            panic!("expected exec, got {req:?}");
+        };
+        self.respond(id, Response::ExecStarted { pid: Some(42) })
+            .await;
+        stream
+    }
+}
+
+fn info() -> AgentInfo {
+    AgentInfo {
+        agent_version: "test".into(),
+        pid: 1,
+        kernel_release: None,
+        features: vec![],
+    }
+}
+
+fn config(output_window: u32) -> ClientConfig {
+    ClientConfig {
+        handshake_deadline: DEADLINE,
+        output_window,
+        ..ClientConfig::default()
+    }
+}
+
+async fn connected(output_window: u32) -> (AgentClient, FakeGuest) {
+    let (host, guest) = tokio::io::duplex(1 << 20);
+    let mut guest = FakeGuest::new(guest);
+    let connect = AgentClient::connect_with(host, config(output_window));
+    let accept = async {
+        let nonce = guest.sync_nonce().await;
+        guest.ack(nonce, 1).await;
+    };
+    let (client, ()) = tokio::join!(connect, accept);
+    let (client, _) = client.expect("handshake");
+    (client, guest)
+}
+
+#[tokio::test]
+async fn connect_stale_bytes_and_old_acks_are_skipped() {
+    let (host, guest) = tokio::io::duplex(1 << 20);
+    let mut guest = FakeGuest::new(guest);
+    let connect = AgentClient::connect_with(host, config(1024));
+    let accept = async {
+        let nonce = guest.sync_nonce().await;
+        // Leftovers of a previous session, an ack for someone else's nonce, garbage.
+        guest
+            .send(Frame::Data {
+                stream: StreamId::FIRST,
+                channel: DataChannel::Stdout,
+                data: Bytes::from_static(b"stale"),
+            })
+            .await;
+        guest.ack(nonce.wrapping_add(1), 1).await;
+        guest.raw(b"\x9fk\x02garbage\x9f").await;
+        guest.ack(nonce, 1).await;
+    };
+    let (client, ()) = tokio::join!(connect, accept);
+    let (client, info) = client.expect("handshake succeeds");
+    assert_eq!(info, self::info());
+    drop(client);
+}
+
+#[tokio::test]
+async fn connect_without_answer_times_out() {
+    let (host, _guest) = tokio::io::duplex(1 << 20);
+    let cfg = ClientConfig {
+        handshake_deadline: Duration::from_millis(100),
+        sync_interval: Duration::from_millis(20),
+        ..ClientConfig::default()
+    };
+    let err = AgentClient::connect_with(host, cfg)
+        .await
+        .err()
+        .expect("no guest, no session");
+    assert!(matches!(err, AgentError::HandshakeTimeout { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn connect_version_zero_is_a_mismatch() {
+    let (host, guest) = tokio::io::duplex(1 << 20);
+    let mut guest = FakeGuest::new(guest);
+    let connect = AgentClient::connect_with(host, config(1024));
+    let accept = async {
+        let nonce = guest.sync_nonce().await;
+        guest.ack(nonce, 0).await;
+    };
+    let (client, ()) = tokio::join!(connect, accept);
+    let err = client.err().expect("no common version");
+    assert!(
+        matches!(err, AgentError::VersionMismatch { chosen: 0, .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn exec_output_overrun_closes_channel() {
+    let (client, mut guest) = connected(16).await;
+    let (session, stream) = tokio::join!(client.exec(ExecRequest::new(["x"])), guest.accept_exec());
+    let mut session = session.expect("exec starts");
+    guest
+        .send(Frame::Data {
+            stream,
+            channel: DataChannel::Stdout,
+            data: Bytes::from(vec![b'a'; 17]),
+        })
+        .await;
+    client.closed().await;
+    assert!(matches!(
+        client.close_reason(),
+        Some(ClosedReason::Violation { .. })
+    ));
+    assert_eq!(session.next_event().await, None);
+    assert!(matches!(
+        session.close_reason(),
+        Some(AgentError::ChannelClosed(ClosedReason::Violation { .. }))
+    ));
+}
+
+#[tokio::test]
+async fn exec_channel_death_delivers_buffered_output_then_none() {
+    let (client, mut guest) = connected(1024).await;
+    let (session, stream) = tokio::join!(client.exec(ExecRequest::new(["x"])), guest.accept_exec());
+    let mut session = session.expect("exec starts");
+    guest
+        .send(Frame::Data {
+            stream,
+            channel: DataChannel::Stderr,
+            data: Bytes::from_static(b"partial"),
+        })
+        .await;
+    drop(guest);
+    assert_eq!(
+        session.next_event().await,
+        Some(ExecEvent::Stderr(Bytes::from_static(b"partial")))
+    );
+    assert_eq!(session.next_event().await, None);
+    assert!(matches!(
+        session.close_reason(),
+        Some(AgentError::ChannelClosed(ClosedReason::Eof))
+    ));
+    let err = client.ping().await.expect_err("channel is dead");
+    assert!(matches!(err, AgentError::ChannelClosed(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn exec_consumed_output_is_granted_back() {
+    let (client, mut guest) = connected(64).await;
+    let (session, stream) = tokio::join!(client.exec(ExecRequest::new(["x"])), guest.accept_exec());
+    let mut session = session.expect("exec starts");
+    guest
+        .send(Frame::Data {
+            stream,
+            channel: DataChannel::Stdout,
+            data: Bytes::from(vec![b'o'; 64]),
+        })
+        .await;
+    assert!(matches!(session.next_event().await, Some(ExecEvent::Stdout(b)) if b.len() == 64));
+    match guest.frame().await {
+        Some(Frame::Window { stream: s, increment }) => {
+            assert_eq!(s, stream);
+            assert_eq!(increment, 64);
+        }
+        other => panic!("expected a window grant, got {other:?}"),
+    }
+    let exit = GuestMessage::Exit {
+        stream,
+        status: ExitStatus {
+            code: Some(3),
+            ..ExitStatus::default()
+        },
+    };
+    guest.send(exit.to_frame().expect("encodes")).await;
+    assert!(matches!(
+        session.next_event().await,
+        Some(ExecEvent::Exit(ExitStatus { code: Some(3), .. }))
+    ));
+    assert_eq!(session.next_event().await, None);
+    assert!(session.close_reason().is_none());
+}
+
+#[tokio::test]
+async fn exec_dropped_session_is_killed_and_credited() {
+    let (client, mut guest) = connected(64).await;
+    let (session, stream) = tokio::join!(client.exec(ExecRequest::new(["x"])), guest.accept_exec());
+    let session = session.expect("exec starts");
+    guest
+        .send(Frame::Data {
+            stream,
+            channel: DataChannel::Stdout,
+            data: Bytes::from(vec![b'o'; 10]),
+        })
+        .await;
+    // Whether the output arrives before or after the drop, it must be credited back.
+    drop(session);
+    let mut saw_kill = false;
+    let mut credited = 0;
+    while !(saw_kill && credited >= 10) {
+        match guest.frame().await {
+            Some(Frame::Window { increment, .. }) => credited += increment,
+            Some(Frame::Control(p)) => match HostMessage::from_payload(&p).expect("json") {
+                HostMessage::Request {
+                    request: Request::Signal { stream: s, signo },
+                    ..
+                } => {
+                    assert_eq!((s, signo), (stream, 9));
+                    saw_kill = true;
+                }
+                HostMessage::Request { id, request: Request::Ping } => {
+                    guest.respond(id, Response::Pong).await;
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn exec_rejected_request_reports_remote_error() {
+    let (client, mut guest) = connected(64).await;
+    let answer = async {
+        let (id, _) = guest.request().await;
+        let msg = GuestMessage::Error {
+            id: Some(id),
+            error: kiln_agent_proto::ErrorBody {
+                code: kiln_agent_proto::ErrorCode::BadCwd,
+                message: "working directory /nope does not exist".into(),
+            },
+        };
+        guest.send(msg.to_frame().expect("encodes")).await;
+    };
+    let (result, ()) = tokio::join!(client.exec(ExecRequest::new(["x"])), answer);
+    match result {
+        Err(AgentError::Remote { op, code, message }) => {
+            assert_eq!(op, "exec");
+            assert_eq!(code, kiln_agent_proto::ErrorCode::BadCwd);
+            assert!(message.contains("/nope"));
+        }
+        Err(e) => panic!("unexpected error {e:?}"),
+        Ok(_) => panic!("exec should fail"),
+    }
+}
