@@ -1,3 +1,38 @@
-//! QEMU driver (stub).
+//! QEMU driver: command line, process lifecycle, accelerator probe, and the host side of the
+//! guest-agent channel.
+//!
+//! Owns:
+//! - [`qemu`]: finding `qemu-system-x86_64`, its version and capabilities;
+//! - [`cmdline`]: [`VmConfig`] → argument vector (machine type and kernel command line,
+//!   with the measurements behind them);
+//! - [`Vm`]: one QEMU process (spawn, pidfile, QMP, exit notification, shutdown);
+//! - [`procid`]: pid + start-time identities for the daemon's startup janitor;
+//! - [`accel`]: KVM-or-TCG, probed by booting the real guest kernel;
+//! - [`create_overlay`]: qcow2 overlays over the read-only rootfs;
+//! - [`agent`]: the host side of the agent channel.
+//!
+//! Must not: know about sandboxes, images or the database. Everything here is driven by
+//! paths and configs the caller provides.
+//!
+//! Runtime requirement: QEMU processes get `PR_SET_PDEATHSIG(SIGKILL)`, which fires when the
+//! *thread* that spawned them exits. Call the spawning functions from tokio worker threads
+//! (plain `async` tasks), never from `spawn_blocking`.
 
+pub mod accel;
 pub mod agent;
+pub mod cmdline;
+mod error;
+mod overlay;
+mod process;
+pub mod procid;
+pub mod qemu;
+mod vm;
+
+pub use accel::{Accel, AccelVerdict};
+pub use cmdline::{Incoming, RunPaths, VmConfig};
+pub use error::VmmError;
+pub use overlay::create_overlay;
+pub use process::VmExit;
+pub use vm::{QMP_CONNECT_TIMEOUT, Vm};
+
+pub use kiln_qmp as qmp;

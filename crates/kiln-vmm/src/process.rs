@@ -1,0 +1,185 @@
+//! Child-process plumbing shared by VMs and helper QEMUs: die-with-parent, a supervisor task
+//! that owns the child, and bounded log tails.
+//!
+//! Invariants:
+//! - Only the supervisor task touches the `Child`, so a kill request can never signal a pid
+//!   that was already reaped and recycled (tokio's `start_kill` knows whether it reaped).
+//! - Children get `PR_SET_PDEATHSIG(SIGKILL)`. Linux delivers it when the *thread* that
+//!   forked the child exits, not the process: spawn from a long-lived runtime worker thread
+//!   (any `async fn` of this crate called from a task), never from `spawn_blocking`, whose
+//!   threads exit when idle and would take the child with them.
+//! - Children run in their own process group, so a terminal's Ctrl-C reaches the daemon (which
+//!   shuts VMs down in order), not QEMU directly.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+use std::process::ExitStatus;
+use std::sync::Arc;
+
+use tokio::process::{Child, Command};
+use tokio::sync::{Notify, watch};
+
+/// How a QEMU process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// It exited with this code (0 after `quit`, a guest poweroff or reboot).
+    Exited(i32),
+    /// A signal killed it.
+    Signaled(i32),
+    /// Waiting for it failed; the process is presumed gone.
+    Unknown(String),
+}
+
+impl VmExit {
+    /// True for exit code 0.
+    pub fn success(&self) -> bool {
+        matches!(self, VmExit::Exited(0))
+    }
+
+    fn from_status(status: ExitStatus) -> VmExit {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => VmExit::Exited(code),
+            (None, Some(sig)) => VmExit::Signaled(sig),
+            (None, None) => VmExit::Unknown(format!("{status}")),
+        }
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::Exited(code) => write!(f, "exit code {code}"),
+            VmExit::Signaled(9) => f.write_str("killed by SIGKILL"),
+            VmExit::Signaled(15) => f.write_str("killed by SIGTERM"),
+            VmExit::Signaled(sig) => write!(f, "killed by signal {sig}"),
+            VmExit::Unknown(why) => write!(f, "unknown exit ({why})"),
+        }
+    }
+}
+
+/// Makes the child die with this thread (SIGKILL), puts it in its own process group and
+/// kills it when its `Child` handle is dropped.
+#[allow(unsafe_code)]
+pub(crate) fn supervise_settings(cmd: &mut Command) {
+    let parent = rustix::process::getpid();
+    cmd.process_group(0).kill_on_drop(true);
+    // SAFETY: the closure runs in the forked child before exec. It calls only prctl and
+    // getppid (async-signal-safe syscalls), allocates nothing and touches no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            // If the parent died before prctl took effect, no signal will ever come.
+            if rustix::process::getppid() != Some(parent) {
+                return Err(rustix::io::Errno::SRCH.into());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Handle to a child owned by a supervisor task.
+#[derive(Debug, Clone)]
+pub(crate) struct Supervised {
+    exit: watch::Receiver<Option<VmExit>>,
+    kill: Arc<Notify>,
+}
+
+impl Supervised {
+    /// Moves `child` into a supervisor task that reaps it and publishes its exit.
+    pub(crate) fn start(mut child: Child) -> Supervised {
+        let (tx, exit) = watch::channel(None);
+        let kill = Arc::new(Notify::new());
+        let kill_rx = Arc::clone(&kill);
+        tokio::spawn(async move {
+            let status = loop {
+                tokio::select! {
+                    status = child.wait() => break status,
+                    () = kill_rx.notified() => {
+                        // Fails only if already reaped, which the loop would have noticed.
+                        let _ = child.start_kill();
+                    }
+                }
+            };
+            let exit = match status {
+                Ok(s) => VmExit::from_status(s),
+                Err(e) => VmExit::Unknown(format!("wait failed: {e}")),
+            };
+            tx.send_replace(Some(exit));
+        });
+        Supervised { exit, kill }
+    }
+
+    /// Asks for SIGKILL (idempotent; a no-op once the child is gone).
+    pub(crate) fn request_kill(&self) {
+        self.kill.notify_one();
+    }
+
+    /// The exit, if it already happened.
+    pub(crate) fn try_exit(&self) -> Option<VmExit> {
+        self.exit.borrow().clone()
+    }
+
+    /// Waits for the exit. Any number of callers may wait at once.
+    pub(crate) async fn wait(&self) -> VmExit {
+        let mut rx = self.exit.clone();
+        match rx.wait_for(Option::is_some).await {
+            Ok(v) => v
+                .clone()
+                .unwrap_or_else(|| VmExit::Unknown("no status".to_owned())),
+            // The supervisor task was dropped: the runtime is shutting down and kill_on_drop
+            // has killed the child.
+            Err(_) => VmExit::Unknown("supervisor stopped".to_owned()),
+        }
+    }
+}
+
+/// The last `max_bytes` of a file as text, starting at a line boundary when truncated.
+/// Missing or unreadable files give an empty string: tails are for error messages only.
+pub(crate) fn file_tail(path: &Path, max_bytes: usize) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max_bytes as u64);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::with_capacity(max_bytes.min(len as usize));
+    if f.take(max_bytes as u64).read_to_end(&mut buf).is_err() {
+        return String::new();
+    }
+    let mut text = String::from_utf8_lossy(&buf).into_owned();
+    if start > 0
+        && let Some(nl) = text.find('\n')
+    {
+        text.drain(..=nl);
+    }
+    // Serial output carries \r\n and the odd NUL; error messages want neither.
+    text.retain(|c| c != '\r' && c != '\0');
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_tail_starts_at_line_boundary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("log");
+        std::fs::write(&p, "first line\r\nsecond line\r\nthird\r\n").expect("write");
+        assert_eq!(file_tail(&p, 1000), "first line\nsecond line\nthird\n");
+        assert_eq!(file_tail(&p, 16), "third\n");
+        assert_eq!(file_tail(&dir.path().join("missing"), 10), "");
+    }
+
+    #[test]
+    fn vm_exit_display_is_readable() {
+        assert_eq!(VmExit::Exited(1).to_string(), "exit code 1");
+        assert_eq!(VmExit::Signaled(9).to_string(), "killed by SIGKILL");
+        assert_eq!(VmExit::Signaled(6).to_string(), "killed by signal 6");
+        assert!(VmExit::Exited(0).success());
+        assert!(!VmExit::Signaled(9).success());
+    }
+}

@@ -1,0 +1,210 @@
+//! Process identity: a pid plus its start time, so that a process can be recognised (and
+//! killed) later without ever hitting a recycled pid.
+//!
+//! Owns the pidfile format (`<run>/qemu.pid`): one line, `"<pid> <start_time>\n"`, where
+//! `start_time` is field 22 of `/proc/<pid>/stat` (clock ticks since boot). Written
+//! atomically (temporary file + rename).
+//!
+//! Invariants: [`ProcessIdentity::kill_if_same`] signals only a process whose start time
+//! matches, through a pidfd opened *before* the check, so the pid cannot be recycled between
+//! the check and the signal.
+
+use std::io;
+use std::path::Path;
+
+use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
+
+/// A process, identified by pid and start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProcessIdentity {
+    /// Process id.
+    pub pid: u32,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
+    pub start_time: u64,
+}
+
+/// Errors reading a pidfile.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcIdError {
+    /// The pidfile could not be read.
+    #[error("failed to read the pidfile {path}")]
+    Read {
+        /// The pidfile.
+        path: std::path::PathBuf,
+        /// Underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The pidfile's content is not `"<pid> <start_time>"`.
+    #[error("malformed pidfile {path}: {content:?}")]
+    Malformed {
+        /// The pidfile.
+        path: std::path::PathBuf,
+        /// Its content (truncated).
+        content: String,
+    },
+}
+
+impl ProcessIdentity {
+    /// Reads the identity of a running process from `/proc`.
+    pub fn of_pid(pid: u32) -> io::Result<ProcessIdentity> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let start_time = parse_stat_start_time(&stat).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unparsable /proc/{pid}/stat"),
+            )
+        })?;
+        Ok(ProcessIdentity { pid, start_time })
+    }
+
+    /// Writes the pidfile atomically.
+    pub fn write(&self, path: &Path) -> io::Result<()> {
+        let tmp = path.with_extension("pid.tmp");
+        std::fs::write(&tmp, format!("{} {}\n", self.pid, self.start_time))?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Reads a pidfile; `Ok(None)` when it does not exist.
+    pub fn read(path: &Path) -> Result<Option<ProcessIdentity>, ProcIdError> {
+        let content = match std::fs::read_to_string(path) {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(ProcIdError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let malformed = || ProcIdError::Malformed {
+            path: path.to_owned(),
+            content: content.chars().take(64).collect(),
+        };
+        let mut it = content.split_ascii_whitespace();
+        let pid = it
+            .next()
+            .and_then(|s| s.parse::<u32>().ok())
+            .filter(|p| *p > 0)
+            .ok_or_else(malformed)?;
+        let start_time = it
+            .next()
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(malformed)?;
+        if it.next().is_some() {
+            return Err(malformed());
+        }
+        Ok(Some(ProcessIdentity { pid, start_time }))
+    }
+
+    /// True when a process with this pid exists *and* started at the recorded time.
+    pub fn is_same_process_alive(&self) -> bool {
+        ProcessIdentity::of_pid(self.pid).is_ok_and(|now| now.start_time == self.start_time)
+    }
+
+    /// Sends SIGKILL if (and only if) the process is still the recorded one. Returns true when
+    /// the signal was delivered. Never signals a recycled pid: the pidfd pins the process
+    /// before its start time is compared.
+    pub fn kill_if_same(&self) -> bool {
+        let Some(pid) = i32::try_from(self.pid).ok().and_then(Pid::from_raw) else {
+            return false;
+        };
+        let Ok(pidfd) = pidfd_open(pid, PidfdFlags::empty()) else {
+            return false;
+        };
+        if !self.is_same_process_alive() {
+            return false;
+        }
+        pidfd_send_signal(&pidfd, Signal::KILL).is_ok()
+    }
+}
+
+/// Extracts field 22 (`starttime`) from a `/proc/<pid>/stat` line. The command name (field 2)
+/// is in parentheses and may itself contain spaces and parentheses, so parsing starts after
+/// the *last* `)`.
+pub fn parse_stat_start_time(stat: &str) -> Option<u64> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    // Fields after comm start at field 3 (state); starttime is field 22 → index 19.
+    after_comm.split_ascii_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_stat_start_time_comm_with_spaces_and_parens() {
+        let stat = "1234 (qemu (x) y) S 1 1234 1234 0 -1 4194560 1000 0 0 0 10 5 0 0 20 0 3 0 987654 100000 50 18446744073709551615";
+        assert_eq!(parse_stat_start_time(stat), Some(987_654));
+        assert_eq!(parse_stat_start_time("garbage"), None);
+        assert_eq!(parse_stat_start_time("1 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn of_pid_self_is_alive_and_same() {
+        let me = ProcessIdentity::of_pid(std::process::id()).expect("own stat");
+        assert!(me.is_same_process_alive());
+        let other = ProcessIdentity {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(!other.is_same_process_alive());
+    }
+
+    #[test]
+    fn kill_if_same_wrong_start_time_never_signals() {
+        // Our own pid with a wrong start time stands for a recycled pid: it must be spared
+        // (if it were not, this test process would die).
+        let me = ProcessIdentity::of_pid(std::process::id()).expect("own stat");
+        assert!(
+            !ProcessIdentity {
+                start_time: me.start_time + 1,
+                ..me
+            }
+            .kill_if_same()
+        );
+    }
+
+    #[test]
+    fn kill_if_same_matching_child_is_killed() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let ident = ProcessIdentity::of_pid(child.id()).expect("child stat");
+        assert!(ident.kill_if_same());
+        let status = child.wait().expect("wait");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9));
+        // Reaped: nothing left to kill.
+        assert!(!ident.kill_if_same());
+    }
+
+    #[test]
+    fn pidfile_round_trip_and_missing_and_malformed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qemu.pid");
+        assert!(
+            ProcessIdentity::read(&path)
+                .expect("missing is fine")
+                .is_none()
+        );
+        let id = ProcessIdentity {
+            pid: 4242,
+            start_time: 77,
+        };
+        id.write(&path).expect("write");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "4242 77\n");
+        assert_eq!(ProcessIdentity::read(&path).expect("read"), Some(id));
+        std::fs::write(&path, "4242\n").expect("write");
+        assert!(matches!(
+            ProcessIdentity::read(&path),
+            Err(ProcIdError::Malformed { .. })
+        ));
+        std::fs::write(&path, "0 5\n").expect("write");
+        assert!(matches!(
+            ProcessIdentity::read(&path),
+            Err(ProcIdError::Malformed { .. })
+        ));
+    }
+}
