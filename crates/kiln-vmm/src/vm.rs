@@ -43,6 +43,9 @@ const LOG_TAIL_BYTES: usize = 2048;
 /// Longest unix socket path (`sun_path` is 108 bytes including the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
+/// How long to wait for QEMU's exit after the QMP handshake broke.
+const EXIT_AFTER_RESET: Duration = Duration::from_secs(2);
+
 /// Retry interval while waiting for the QMP socket to appear.
 const CONNECT_RETRY: Duration = Duration::from_millis(5);
 
@@ -287,9 +290,11 @@ async fn connect_qmp(paths: &RunPaths, child: &Supervised) -> Result<QmpClient, 
                 return tokio::select! {
                     r = tokio::time::timeout_at(deadline, handshake) => match r {
                         Ok(Ok(qmp)) => Ok(qmp),
-                        Ok(Err(e)) => match child.try_exit() {
-                            Some(status) => Err(early_exit(status)),
-                            None => Err(VmmError::Qmp(e)),
+                        // A QEMU that fails after creating its socket (e.g. cannot load the
+                        // kernel) resets the connection while exiting: report the exit.
+                        Ok(Err(e)) => match tokio::time::timeout(EXIT_AFTER_RESET, child.wait()).await {
+                            Ok(status) => Err(early_exit(status)),
+                            Err(_) => Err(VmmError::Qmp(e)),
                         },
                         Err(_) => Err(timeout()),
                     },

@@ -1,0 +1,216 @@
+//! Real QEMU tests (ignored by default: they boot a Linux guest under TCG).
+//!
+//! Run with a Debian cloud kernel and the busybox test initramfs:
+//! ```text
+//! tests/support/make-test-initramfs.sh <extracted kernel package> /tmp/kiln-test.cpio
+//! KILN_TEST_KERNEL=<root>/boot/vmlinuz-... KILN_TEST_INITRAMFS=/tmp/kiln-test.cpio \
+//!     cargo test -p kiln-vmm --test real_qemu -- --ignored --test-threads=1 --nocapture
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kiln_vmm::accel::{self, ProbeOutcome};
+use kiln_vmm::qmp::commands::{QueryStatus, RunState};
+use kiln_vmm::{Accel, Vm, VmConfig, VmExit, VmmError, create_overlay};
+
+const BOOT_LIMIT: Duration = Duration::from_secs(60);
+
+fn env_path(name: &str) -> PathBuf {
+    PathBuf::from(
+        std::env::var_os(name).unwrap_or_else(|| panic!("set {name} (see the file's docs)")),
+    )
+}
+
+fn config(run_dir: &Path, extra: &str) -> VmConfig {
+    VmConfig {
+        qemu: kiln_vmm::qemu::find_binary().expect("qemu installed"),
+        accel: Accel::Tcg,
+        cpus: 1,
+        memory_mib: 256,
+        kernel: env_path("KILN_TEST_KERNEL"),
+        initramfs: env_path("KILN_TEST_INITRAMFS"),
+        extra_cmdline: extra.to_owned(),
+        disk: None,
+        memory_file: run_dir.join("mem"),
+        memory_shared: true,
+        run_dir: run_dir.to_owned(),
+        incoming: None,
+    }
+}
+
+/// Polls the console until `marker` appears; returns the time since `start`.
+async fn wait_marker(vm: &Vm, marker: &str, start: Instant) -> Duration {
+    loop {
+        let console = std::fs::read_to_string(vm.console_log()).unwrap_or_default();
+        if console.contains(marker) {
+            return start.elapsed();
+        }
+        if let Some(exit) = vm.try_exit() {
+            panic!("QEMU exited ({exit}) before {marker}; console:\n{console}");
+        }
+        assert!(
+            start.elapsed() < BOOT_LIMIT,
+            "no {marker} within {BOOT_LIMIT:?}; console:\n{console}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots a real guest under TCG"]
+async fn vm_boots_with_disk_and_agent_port_then_guest_poweroff_exits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.raw");
+    std::fs::File::create(&base)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("base image");
+    let disk = dir.path().join("disk.qcow2");
+    create_overlay(&base, &disk).await.expect("overlay");
+    let cfg = VmConfig {
+        disk: Some(disk),
+        ..config(dir.path(), "")
+    };
+    let start = Instant::now();
+    let vm = Vm::spawn(&cfg).await.expect("spawn");
+    let qmp_up = start.elapsed();
+    let status = vm.qmp().execute(&QueryStatus).await.expect("query-status");
+    assert_eq!(status.status, RunState::Running);
+    assert!(vm.agent_socket().exists());
+    let init = wait_marker(&vm, "KILN-MARKER-INIT", start).await;
+    let done = wait_marker(&vm, "KILN-MARKER-DONE", start).await;
+    let exit = tokio::time::timeout(BOOT_LIMIT, vm.wait_exit())
+        .await
+        .expect("guest powers off");
+    assert_eq!(exit, VmExit::Exited(0));
+    let console = std::fs::read_to_string(vm.console_log()).expect("console");
+    eprintln!("qmp up {qmp_up:?}, init {init:?}, devices {done:?}\n{console}");
+    assert!(console.contains("name=org.kiln.agent.0"), "{console}");
+    assert!(console.contains("block: vda"), "{console}");
+    // Several waiters see the same exit.
+    assert_eq!(vm.wait_exit().await, VmExit::Exited(0));
+    assert!(!vm.identity().is_same_process_alive());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots a real guest under TCG"]
+async fn vm_shutdown_quits_running_guest_and_kill_and_drop_reap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let start = Instant::now();
+    let vm = Vm::spawn(&config(&dir.path().join("a"), "kiln.test=sleep"))
+        .await
+        .expect("spawn");
+    wait_marker(&vm, "KILN-MARKER-DONE", start).await;
+    let _agent = tokio::net::UnixStream::connect(vm.agent_socket())
+        .await
+        .expect("agent socket accepts");
+    let exit = vm.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(exit, VmExit::Exited(0), "quit is a clean exit");
+    assert_eq!(
+        vm.shutdown(Duration::from_secs(1)).await,
+        exit,
+        "idempotent"
+    );
+
+    let vm = Vm::spawn(&config(&dir.path().join("b"), "kiln.test=sleep"))
+        .await
+        .expect("spawn");
+    assert_eq!(vm.kill().await, VmExit::Signaled(9));
+
+    let vm = Vm::spawn(&config(&dir.path().join("c"), "kiln.test=sleep"))
+        .await
+        .expect("spawn");
+    let ident = vm.identity();
+    assert!(ident.is_same_process_alive());
+    drop(vm);
+    let t = Instant::now();
+    while ident.is_same_process_alive() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "dropping a Vm must kill QEMU"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts real QEMU"]
+async fn vm_spawn_missing_kernel_is_early_exit_with_qemu_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = VmConfig {
+        kernel: "/nonexistent/vmlinuz".into(),
+        ..config(dir.path(), "")
+    };
+    match Vm::spawn(&cfg).await {
+        Err(VmmError::EarlyExit { status, log_tail }) => {
+            assert_eq!(status, VmExit::Exited(1));
+            assert!(log_tail.contains("/nonexistent/vmlinuz"), "{log_tail}");
+        }
+        other => panic!("expected EarlyExit, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+#[ignore = "starts real QEMU"]
+async fn qemu_detect_real_binary_reports_version_and_x_ignore_shared() {
+    let info = kiln_vmm::qemu::detect().await.expect("detect");
+    eprintln!("{info:?}");
+    assert!(info.version >= kiln_vmm::qemu::MIN_VERSION);
+    assert!(info.x_ignore_shared, "QEMU 7.2 has x-ignore-shared");
+    // Second call is served from the cache (still correct).
+    assert_eq!(kiln_vmm::qemu::detect().await.expect("detect"), info);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots a real guest under KVM (if any)"]
+async fn accel_probe_real_kernel_finishes_within_deadline() {
+    let qemu = kiln_vmm::qemu::detect().await.expect("detect");
+    let kernel = env_path("KILN_TEST_KERNEL");
+    let initramfs = env_path("KILN_TEST_INITRAMFS");
+    let t = Instant::now();
+    let outcome = accel::probe_kvm(&qemu.path, &kernel, &initramfs, accel::PROBE_DEADLINE).await;
+    let took = t.elapsed();
+    eprintln!("probe: {outcome:?} in {took:?}");
+    assert!(took < accel::PROBE_DEADLINE + Duration::from_secs(5));
+    if !Path::new("/dev/kvm").exists() {
+        assert!(!matches!(outcome, ProbeOutcome::Booted { .. }));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = dir.path().join("accel.json");
+    let verdict = accel::resolve(&qemu, &kernel, &initramfs, &cache)
+        .await
+        .expect("resolve");
+    eprintln!("verdict: {verdict:?}");
+    if Path::new("/dev/kvm").exists() && std::env::var_os(accel::ACCEL_ENV).is_none() {
+        assert!(cache.exists(), "a probe verdict is cached");
+    }
+}
+
+/// Boot-time measurement (not an assertion): N boots to the init and devices markers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: boots real guests under TCG"]
+async fn bench_boot_to_marker() {
+    let runs: usize = std::env::var("KILN_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let extra = std::env::var("KILN_BENCH_CMDLINE").unwrap_or_default();
+    let mut init = Vec::new();
+    let mut done = Vec::new();
+    for i in 0..runs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let vm = Vm::spawn(&config(dir.path(), &extra)).await.expect("spawn");
+        init.push(wait_marker(&vm, "KILN-MARKER-INIT", start).await);
+        done.push(wait_marker(&vm, "KILN-MARKER-DONE", start).await);
+        vm.kill().await;
+        eprintln!("run {i}: init {:?} devices {:?}", init[i], done[i]);
+    }
+    init.sort();
+    done.sort();
+    eprintln!(
+        "median of {runs}: init {:?}, devices {:?}",
+        init[runs / 2],
+        done[runs / 2]
+    );
+}
