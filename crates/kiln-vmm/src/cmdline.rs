@@ -2,36 +2,41 @@
 //!
 //! # Machine type: `q35` (measured)
 //!
-//! Boot of the Debian 6.1 cloud kernel + a busybox initramfs to a marker printed by `/init`,
-//! then insmod of the virtio modules until `/sys/class/virtio-ports/*/name` shows
-//! `org.kiln.agent.0` (TCG, 1 vCPU, 256 MiB, QEMU 7.2, 2-core host with a parallel build
-//! running; medians of interleaved runs, seconds from QEMU spawn):
+//! Boot of the Debian 6.1 cloud kernel (bzImage) + a busybox initramfs whose `/init` loads the
+//! virtio modules and waits until `/sys/class/virtio-ports/*/name` shows `org.kiln.agent.0`
+//! (TCG, 1 vCPU, 256 MiB, QEMU 7.2, 2-core host; seconds from QEMU spawn to that point,
+//! medians of interleaved runs; harness: `tests/real_qemu.rs` and the script beside it):
 //!
-//! | machine                                  | init marker | devices ready | hangs      |
-//! |------------------------------------------|-------------|---------------|------------|
-//! | `microvm` (virtio-mmio via ACPI)         | 1.95        | 2.27          | 4 of 26    |
-//! | `microvm` + `tsc_early_khz=<host>`       | 1.83        | 2.18          | 0 of 10    |
-//! | `q35` (virtio-pci)                       | 2.10        | 2.38          | 0 of 40+   |
-//! | `q35` trimmed (`smm,vmport,sata,...=off`) | 2.07        | 2.39          | 0          |
-//! | `pc`                                     | 2.65        | 3.30          | 0 of 3     |
+//! | machine (virtio transport)             | idle host (n=12) | 2 CPU hogs (n=8) | hung boots      |
+//! |----------------------------------------|------------------|------------------|-----------------|
+//! | `microvm` (virtio-mmio, found via ACPI) | 2.04             | 3.18             | 2/8 hogs, 4/26 builds |
+//! | `q35`, trimmed (virtio-pci)             | 2.22             | 3.53             | 0 of 130+       |
+//! | `pc` (virtio-pci)                       | 3.3 (n=3)        | -                | 0               |
 //!
-//! `microvm` is ~0.1–0.15 s faster, but under TCG on a loaded host its guest intermittently
-//! fails "Fast TSC calibration using PIT" and, having neither HPET nor an ACPI PM timer to
-//! fall back on ("tsc: No reference (HPET/PMTIMER) available"), hangs forever. `q35` has both
-//! references, never hung, and keeps PCI device addresses stable for snapshot/restore. So
-//! kiln uses `q35` with the legacy devices it does not need turned off. (`tsc_early_khz`
-//! would fix microvm but ties the guest command line to the host's TSC frequency.)
+//! `microvm` is ~0.2 s faster, but under TCG on a loaded host its guest intermittently fails
+//! "Fast TSC calibration using PIT" and, having neither HPET nor an ACPI PM timer to fall back
+//! on ("tsc: No reference (HPET/PMTIMER) available"), hangs forever. `q35` has both
+//! references, never hung, and its PCI addresses are stable for snapshot/restore. So kiln uses
+//! `q35` with the legacy devices it does not need turned off ([`MACHINE`]).
+//! `tsc_early_khz=<host TSC kHz>` fixes microvm (0 of 10 hangs) but ties the guest command
+//! line to the host CPU, which a snapshot may outlive.
+//!
+//! Not done here but measured: booting the *uncompressed* ELF `vmlinux` (PVH entry, extracted
+//! from the bzImage's LZ4 payload) instead of the bzImage takes q35 from 2.18 s to 1.76 s.
+//! That is the image builder's choice: `-kernel` accepts either.
 //!
 //! # Kernel command line (measured)
 //!
-//! [`BASE_CMDLINE`] is the boot contract. [`FAST_BOOT_CMDLINE`] was kept because it measurably
-//! shortened TCG boot: `cryptomgr.notests` ≈ −0.3 s (the crypto self-tests run in TCG),
-//! `quiet` ≈ −0.1 s (every console byte is an emulated UART write), `init_on_alloc=0`
-//! ≈ −0.1 s (no zeroing of every allocation), `tsc=reliable no_timer_check` remove the
-//! clocksource watchdog and the timer IRQ check (which under TCG on a loaded host can demote
-//! the TSC to the slow HPET), `mitigations=off` (the guest is single tenant; the host is
-//! protected by QEMU/KVM, not by guest mitigations), `audit=0 nowatchdog 8250.nr_uarts=1`
-//! (less init work). Errors and panics are still printed with `quiet`.
+//! [`BASE_CMDLINE`] is the boot contract. [`FAST_BOOT_CMDLINE`], same harness on q35, idle
+//! host, n=7 medians: nothing 2.53 s (n=12) → `quiet` 2.35 s (every console byte is an emulated UART
+//! write) → `+ cryptomgr.notests` 2.10 s (the crypto self-tests run in TCG) →
+//! `+ init_on_alloc=0` 2.07 s (within noise at boot; saves zeroing every allocation later).
+//! Kept for robustness rather than boot speed: `tsc=reliable no_timer_check` (no clocksource
+//! watchdog or timer IRQ check, which under TCG on a loaded host can demote the TSC to the
+//! slow, MMIO-read HPET) and `mitigations=off` (single-tenant guest: the host is protected by
+//! QEMU/KVM, not by guest mitigations, whose per-syscall cost is large under TCG).
+//! Dropped for no measurable effect: `audit=0 nowatchdog 8250.nr_uarts=1 random.trust_cpu=on
+//! nokaslr rcupdate.rcu_expedited=1`. Errors and panics are still printed with `quiet`.
 //!
 //! # Other choices
 //! - Disk: the per-sandbox qcow2 overlay is attached with `cache.no-flush=on` (= `cache=unsafe`):
@@ -56,8 +61,8 @@ pub const AGENT_PORT_NAME: &str = "org.kiln.agent.0";
 pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 rdinit=/init kiln.port=org.kiln.agent.0";
 
 /// Options that measurably shorten boot under TCG (see the module docs).
-pub const FAST_BOOT_CMDLINE: &str = "quiet cryptomgr.notests init_on_alloc=0 tsc=reliable no_timer_check \
-     mitigations=off audit=0 nowatchdog 8250.nr_uarts=1";
+pub const FAST_BOOT_CMDLINE: &str =
+    "quiet cryptomgr.notests init_on_alloc=0 tsc=reliable no_timer_check mitigations=off";
 
 /// `-machine` options: q35 without the legacy devices a sandbox does not use.
 pub const MACHINE: &str =
