@@ -214,3 +214,93 @@ async fn bench_boot_to_marker() {
         done[runs / 2]
     );
 }
+
+/// The fast-restore recipe (MACHINE_NOTES) works with this command line: capture with
+/// `share=on` + `x-ignore-shared`, restore a clone with `share=off` on the same memory file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots a real guest under TCG"]
+async fn vm_snapshot_restore_recipe_resumes_guest() {
+    use kiln_vmm::Incoming;
+    use kiln_vmm::qmp::commands::{
+        Cont, Migrate, MigrateIncoming, MigrateSetCapabilities, MigrationCapabilityStatus,
+        MigrationStatus, QueryMigrate, Stop, X_IGNORE_SHARED,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let caps = MigrateSetCapabilities {
+        capabilities: vec![MigrationCapabilityStatus {
+            capability: X_IGNORE_SHARED.to_owned(),
+            state: true,
+        }],
+    };
+    let capture_cfg = config(&dir.path().join("cap"), "kiln.test=sleep");
+    let start = Instant::now();
+    let vm = Vm::spawn(&capture_cfg).await.expect("spawn");
+    wait_marker(&vm, "kiln-tick 1", start).await;
+    let qmp = vm.qmp();
+    qmp.execute(&Stop).await.expect("stop");
+    qmp.execute(&caps).await.expect("caps");
+    let t = Instant::now();
+    let uri = format!("exec:cat > {}", state.display());
+    qmp.execute(&Migrate { uri, resume: None })
+        .await
+        .expect("migrate");
+    loop {
+        let info = qmp.execute(&QueryMigrate).await.expect("query-migrate");
+        match info.status {
+            Some(MigrationStatus::Completed) => break,
+            Some(MigrationStatus::Failed) => panic!("migration failed: {:?}", info.error_desc),
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    let saved = t.elapsed();
+    vm.shutdown(Duration::from_secs(5)).await;
+    let state_len = std::fs::metadata(&state).expect("state").len();
+
+    let clone_cfg = VmConfig {
+        memory_shared: false,
+        incoming: Some(Incoming::Defer),
+        extra_cmdline: capture_cfg.extra_cmdline.clone(),
+        memory_file: capture_cfg.memory_file.clone(),
+        ..config(&dir.path().join("clone"), "")
+    };
+    let t = Instant::now();
+    let clone = Vm::spawn(&clone_cfg).await.expect("spawn clone");
+    let qmp = clone.qmp();
+    qmp.execute(&caps).await.expect("caps");
+    qmp.execute(&MigrateIncoming {
+        uri: format!("exec:cat {}", state.display()),
+    })
+    .await
+    .expect("incoming");
+    loop {
+        let s = qmp.execute(&QueryStatus).await.expect("status");
+        if s.status == RunState::Paused {
+            break;
+        }
+        assert!(
+            t.elapsed() < BOOT_LIMIT,
+            "restore did not reach paused: {:?}",
+            s.status
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let paused = t.elapsed();
+    qmp.execute(&Cont).await.expect("cont");
+    // The restored guest keeps counting where the captured one stopped.
+    wait_marker(&clone, "kiln-tick", t).await;
+    let ticking = t.elapsed();
+    eprintln!(
+        "save {saved:?} ({state_len} bytes), restore to paused {paused:?}, to first tick {ticking:?}"
+    );
+    assert!(
+        state_len < 8 << 20,
+        "x-ignore-shared must keep RAM out of the state ({state_len} bytes)"
+    );
+    assert_eq!(
+        clone.shutdown(Duration::from_secs(5)).await,
+        VmExit::Exited(0)
+    );
+    // The template memory file is untouched by the clone's private mapping.
+    assert!(capture_cfg.memory_file.exists());
+}

@@ -6,7 +6,7 @@
 #
 # /init prints KILN-MARKER-INIT, answers kiln.probe=1 with KILN-PROBE-OK + poweroff, else loads
 # the virtio modules, lists the virtio devices and ports (KILN-MARKER-DONE) and powers off,
-# or, with kiln.test=sleep, stays up until killed.
+# or, with kiln.test=sleep, stays up printing "kiln-tick N" every second until killed.
 set -eu
 root=$1
 out=$2
@@ -42,7 +42,7 @@ for p in /sys/class/virtio-ports/*; do echo "virtio-port $($B basename $p) name=
 echo "block: $($B ls /sys/block | $B tr '\n' ' ')"
 echo "uptime: $($B cat /proc/uptime)"
 echo KILN-MARKER-DONE
-if $B grep -q kiln.test=sleep /proc/cmdline; then while :; do $B sleep 3600; done; fi
+if $B grep -q kiln.test=sleep /proc/cmdline; then n=0; while :; do echo "kiln-tick $n"; n=$((n+1)); $B sleep 1; done; fi
 $B poweroff -f
 INIT
 chmod +x "$work/init"
