@@ -1,3 +1,111 @@
-//! kiln CLI (stub).
+//! `kiln`, the command-line client of `kilnd`.
+//!
+//! One file per subcommand. Everything except `doctor` goes through the daemon's HTTP API
+//! (started on demand, see [`client`]); `doctor` examines the host in-process so it works even
+//! when the daemon cannot start. Errors are printed with their whole chain as one line
+//! `kiln: ...` and give exit code 1 (`kiln run` passes the command's own code through).
 
-fn main() {}
+mod bench;
+mod client;
+mod doctor;
+mod image;
+mod ps;
+mod run;
+mod sandbox;
+
+use clap::{Parser, Subcommand};
+use kiln_core::Home;
+
+/// kiln: local microVM sandboxes.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a command in a fresh sandbox, stream its output, exit with its code.
+    Run(run::RunArgs),
+    /// Build, list and remove guest images.
+    #[command(subcommand)]
+    Image(image::ImageCmd),
+    /// Start a sandbox that stays up; prints its id.
+    Create(sandbox::CreateArgs),
+    /// Run a command in a running sandbox (same streaming and exit code rules as `run`).
+    Exec(sandbox::ExecArgs),
+    /// List sandboxes.
+    Ps {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Destroy sandboxes.
+    Rm {
+        /// Sandbox ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Report what kiln will use on this host and why.
+    Doctor {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or stop the daemon.
+    #[command(subcommand)]
+    Daemon(sandbox::DaemonCmd),
+    /// Measure kiln.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Cold boot, agent round trips, exec round trips, stdout throughput.
+    Boot(bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kiln: failed to start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kiln: {e:#}");
+            1
+        }
+    };
+    // Do not wait for the stdin reader thread, which may be blocked on a terminal.
+    std::process::exit(code);
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    let home = Home::from_env();
+    match &cli.cmd {
+        Cmd::Doctor { json } => return doctor::run(&home, *json).await,
+        Cmd::Daemon(cmd) => return sandbox::daemon(&home, cmd).await,
+        _ => {}
+    }
+    let client = client::Client::connect(&home).await?;
+    match &cli.cmd {
+        Cmd::Run(args) => run::run(&client, args).await,
+        Cmd::Image(cmd) => image::run(&client, cmd).await,
+        Cmd::Ps { json } => ps::ps(&client, *json).await,
+        Cmd::Rm { ids } => ps::rm(&client, ids).await,
+        Cmd::Bench(BenchCmd::Boot(args)) => bench::run(&client, args).await,
+        Cmd::Create(args) => sandbox::create(&client, args).await,
+        Cmd::Exec(args) => sandbox::exec(&client, args).await,
+        Cmd::Doctor { .. } | Cmd::Daemon(_) => unreachable!("handled above"),
+    }
+}

@@ -1,1 +1,206 @@
-//! End-to-end tests that boot real VMs under QEMU (see tests/).
+//! Harness for kiln's end-to-end tests, which drive the real `kiln` binary against real QEMU
+//! guests (under TCG on machines without usable KVM).
+//!
+//! The tests are `#[ignore]`d so that a plain `cargo nextest run --workspace` stays fast and
+//! needs no QEMU; `scripts/test` runs them with `--run-ignored only` after building the
+//! release binaries and the `base` and `python` images into `$KILN_E2E_HOME`.
+//!
+//! Most tests share that home (and so one daemon). Tests that kill or restart the daemon get
+//! an isolated home of their own ([`Kiln::isolated`]) whose `images` directory links to the
+//! shared one, and whose daemon is stopped when the test ends.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// A kiln installation under test: the binary and a state directory.
+pub struct Kiln {
+    bin: PathBuf,
+    home: PathBuf,
+    _own: Option<tempfile::TempDir>,
+}
+
+fn shared_home() -> PathBuf {
+    match std::env::var_os("KILN_E2E_HOME") {
+        Some(h) if !h.is_empty() => PathBuf::from(h),
+        _ => panic!("KILN_E2E_HOME is not set: run the end-to-end suite through scripts/test"),
+    }
+}
+
+fn kiln_bin() -> PathBuf {
+    match std::env::var_os("KILN_BIN") {
+        Some(b) if !b.is_empty() => PathBuf::from(b),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/release/kiln"),
+    }
+}
+
+impl Kiln {
+    /// The shared home with prebuilt images.
+    pub fn shared() -> Kiln {
+        Kiln {
+            bin: kiln_bin(),
+            home: shared_home(),
+            _own: None,
+        }
+    }
+
+    /// A fresh home whose images are the shared ones; its daemon is stopped on drop.
+    pub fn isolated() -> Kiln {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-e2e-")
+            .tempdir()
+            .expect("create temp home");
+        std::os::unix::fs::symlink(shared_home().join("images"), dir.path().join("images"))
+            .expect("link shared images");
+        Kiln {
+            bin: kiln_bin(),
+            home: dir.path().to_owned(),
+            _own: Some(dir),
+        }
+    }
+
+    /// The state directory.
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    /// A `kiln` command with this home.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(args)
+            .env("KILN_HOME", &self.home)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `kiln args` to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("spawn kiln")
+    }
+
+    /// Runs `kiln args` with `input` on stdin.
+    pub fn run_with_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child = self
+            .cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kiln");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let input = input.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let out = child.wait_with_output().expect("wait for kiln");
+        writer.join().expect("stdin writer");
+        out
+    }
+
+    /// `kiln create`, returning the new sandbox id.
+    pub fn create(&self, image: &str) -> String {
+        let out = self.run(&["create", "--image", image]);
+        assert_success(&out, "kiln create");
+        String::from_utf8(out.stdout)
+            .expect("utf-8 id")
+            .trim()
+            .to_owned()
+    }
+
+    /// `kiln ps --json` as JSON.
+    pub fn ps(&self) -> serde_json::Value {
+        let out = self.run(&["ps", "--json"]);
+        assert_success(&out, "kiln ps");
+        serde_json::from_slice(&out.stdout).expect("ps json")
+    }
+
+    /// The state of one sandbox per `kiln ps`, if listed.
+    pub fn state_of(&self, id: &str) -> Option<String> {
+        self.ps()["sandboxes"]
+            .as_array()
+            .expect("sandboxes array")
+            .iter()
+            .find(|s| s["id"] == id)
+            .map(|s| s["state"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// The QEMU process of a sandbox, from its pidfile (`<pid> <start time>`).
+    pub fn qemu_pid(&self, id: &str) -> i32 {
+        let text = std::fs::read_to_string(self.home.join("run").join(id).join("qemu.pid"))
+            .expect("read qemu.pid");
+        text.split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("pid in qemu.pid")
+    }
+
+    /// The daemon's pid, if one runs.
+    pub fn daemon_pid(&self) -> Option<i32> {
+        let out = self.run(&["daemon", "status", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["pid"].as_i64().map(|p| p as i32)
+    }
+}
+
+impl Drop for Kiln {
+    fn drop(&mut self) {
+        if self._own.is_some() {
+            let _ = self.run(&["daemon", "stop"]);
+        }
+    }
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                != Some("Z")
+        }
+        Err(_) => false,
+    }
+}
+
+/// Sends a signal.
+pub fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Panics with kiln's output if it failed.
+pub fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Lowercase hex sha256.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// stdout as text.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// stderr as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

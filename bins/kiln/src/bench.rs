@@ -1,0 +1,281 @@
+//! `kiln bench boot`: cold boot, agent round trips, exec round trips and stdout throughput,
+//! measured through the daemon's API over repeated runs and reported as p50/p95.
+//!
+//! Each run boots a fresh sandbox (`POST /v1/sandboxes`, which answers once the agent has
+//! completed its handshake), then measures in it: agent pings (timed inside the daemon, and
+//! through the API), `true` execs (client-side wall time from request to exit status), and a
+//! stdout stream of `--stream-mib` MiB (bytes received / wall time). Nothing is asserted: the
+//! numbers go to stdout (`--json` for machines) and into docs/benchmarks.md by hand.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use futures_util::{SinkExt, StreamExt};
+use hyper::Method;
+use kiln_api_types::{
+    ExecRequest, ExecServerMessage, ExitStatus, PingResponse, SandboxCreateRequest, SandboxId,
+    SandboxInfo,
+};
+use serde::Serialize;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::Client;
+
+/// Options of `kiln bench boot`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Number of sandboxes to boot.
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    /// Image to boot.
+    #[arg(long, default_value = "base")]
+    pub image: String,
+    /// Pings per sandbox.
+    #[arg(long, default_value_t = 50)]
+    pub pings: usize,
+    /// `true` execs per sandbox.
+    #[arg(long, default_value_t = 10)]
+    pub execs: usize,
+    /// MiB streamed from the guest's stdout per sandbox.
+    #[arg(long, default_value_t = 64)]
+    pub stream_mib: u64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// p50 / p95 of a series.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    /// Median.
+    pub p50: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// Number of samples.
+    pub n: usize,
+}
+
+/// The benchmark's result.
+#[derive(Debug, Serialize)]
+pub struct BootBench {
+    /// Accelerator used.
+    pub accel: String,
+    /// Image booted.
+    pub image: String,
+    /// Sandboxes booted.
+    pub runs: usize,
+    /// QEMU start → agent handshake done, measured in the daemon (ms).
+    pub cold_boot_ms: Summary,
+    /// `POST /v1/sandboxes` wall time seen by the client (ms).
+    pub create_wall_ms: Summary,
+    /// Agent ping round trip, timed in the daemon (ms).
+    pub ping_ms: Summary,
+    /// Ping through the API (client → daemon → agent → client) (ms).
+    pub api_ping_ms: Summary,
+    /// `true` exec round trip through the API (ms).
+    pub exec_true_ms: Summary,
+    /// stdout throughput guest → client (MiB/s).
+    pub stdout_mib_s: Summary,
+}
+
+/// Runs `kiln bench boot`.
+pub async fn run(client: &Client, a: &BenchArgs) -> anyhow::Result<i32> {
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    crate::image::ensure_built(client, &a.image).await?;
+    let (mut boot, mut create, mut ping, mut api_ping, mut exec, mut tput) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    let mut accel = String::new();
+    for run in 0..a.runs {
+        let req = SandboxCreateRequest {
+            image: a.image.clone(),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let info: SandboxInfo = client
+            .call(Method::POST, "/v1/sandboxes", Some(&req))
+            .await?;
+        create.push(ms(t.elapsed()));
+        boot.push(info.boot_ms.unwrap_or(0) as f64);
+        accel = info.accel.clone();
+        let result = measure_in(
+            client,
+            &info.id,
+            a,
+            &mut ping,
+            &mut api_ping,
+            &mut exec,
+            &mut tput,
+        )
+        .await;
+        client
+            .call_empty(Method::DELETE, &format!("/v1/sandboxes/{}", info.id))
+            .await?;
+        result?;
+        if !a.json {
+            eprintln!(
+                "run {}/{}: boot {} ms",
+                run + 1,
+                a.runs,
+                info.boot_ms.unwrap_or(0)
+            );
+        }
+    }
+    let out = BootBench {
+        accel,
+        image: a.image.clone(),
+        runs: a.runs,
+        cold_boot_ms: summary(&mut boot),
+        create_wall_ms: summary(&mut create),
+        ping_ms: summary(&mut ping),
+        api_ping_ms: summary(&mut api_ping),
+        exec_true_ms: summary(&mut exec),
+        stdout_mib_s: summary(&mut tput),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "kiln bench boot: image {}, accel {}, {} runs",
+            out.image, out.accel, out.runs
+        );
+        let row = |name: &str, s: &Summary, unit: &str| {
+            println!(
+                "  {name:<28} p50 {:>9.3} {unit:<6} p95 {:>9.3} {unit:<6} (n={})",
+                s.p50, s.p95, s.n
+            )
+        };
+        row("cold boot -> agent ready", &out.cold_boot_ms, "ms");
+        row("create (API wall)", &out.create_wall_ms, "ms");
+        row("agent ping (in daemon)", &out.ping_ms, "ms");
+        row("ping via API", &out.api_ping_ms, "ms");
+        row("exec true round trip", &out.exec_true_ms, "ms");
+        row("stdout throughput", &out.stdout_mib_s, "MiB/s");
+    }
+    Ok(0)
+}
+
+async fn measure_in(
+    client: &Client,
+    id: &SandboxId,
+    a: &BenchArgs,
+    ping: &mut Vec<f64>,
+    api_ping: &mut Vec<f64>,
+    exec: &mut Vec<f64>,
+    tput: &mut Vec<f64>,
+) -> anyhow::Result<()> {
+    let path = format!("/v1/sandboxes/{id}/ping");
+    for _ in 0..a.pings {
+        let t = Instant::now();
+        let p: PingResponse = client.call(Method::POST, &path, None::<&()>).await?;
+        api_ping.push(ms(t.elapsed()));
+        ping.push(p.rtt_us as f64 / 1000.0);
+    }
+    for _ in 0..a.execs {
+        let t = Instant::now();
+        let (status, _) = exec_collect(client, id, vec!["true".into()]).await?;
+        exec.push(ms(t.elapsed()));
+        if status.shell_code() != 0 {
+            bail!("`true` exited {}", status.shell_code());
+        }
+    }
+    if a.stream_mib > 0 {
+        let bytes = a.stream_mib << 20;
+        let t = Instant::now();
+        let (status, got) = exec_collect(
+            client,
+            id,
+            vec![
+                "head".into(),
+                "-c".into(),
+                bytes.to_string(),
+                "/dev/zero".into(),
+            ],
+        )
+        .await?;
+        let secs = t.elapsed().as_secs_f64();
+        if status.shell_code() != 0 || got != bytes {
+            bail!(
+                "stream of {bytes} bytes ended with {} after {got} bytes",
+                status.shell_code()
+            );
+        }
+        tput.push(got as f64 / (1024.0 * 1024.0) / secs);
+    }
+    Ok(())
+}
+
+/// Runs a command in a sandbox, counting (not keeping) its stdout bytes.
+pub async fn exec_collect(
+    client: &Client,
+    id: &SandboxId,
+    argv: Vec<String>,
+) -> anyhow::Result<(ExitStatus, u64)> {
+    let mut ws = client
+        .websocket(&format!("/v1/sandboxes/{id}/exec"))
+        .await?;
+    ws.send(Message::Text(
+        serde_json::to_string(&ExecRequest::new(argv))?.into(),
+    ))
+    .await?;
+    let mut stdout = 0u64;
+    while let Some(msg) = ws.next().await {
+        match msg.context("exec stream broke")? {
+            Message::Binary(b) if b.first() == Some(&kiln_api_types::STREAM_STDOUT) => {
+                stdout += b.len() as u64 - 1
+            }
+            Message::Text(t) => match serde_json::from_str::<ExecServerMessage>(t.as_str())? {
+                ExecServerMessage::Exit(s) => return Ok((s, stdout)),
+                ExecServerMessage::Error(e) => bail!("{}", e.message),
+                ExecServerMessage::Started { .. } => {}
+            },
+            _ => {}
+        }
+    }
+    bail!("exec stream ended without an exit status")
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// p50/p95 by nearest rank.
+pub fn summary(v: &mut [f64]) -> Summary {
+    if v.is_empty() {
+        return Summary {
+            p50: f64::NAN,
+            p95: f64::NAN,
+            n: 0,
+        };
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+    Summary {
+        p50: rank(0.50),
+        p95: rank(0.95),
+        n: v.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_uses_nearest_rank() {
+        let mut v: Vec<f64> = (1..=20).rev().map(f64::from).collect();
+        let s = summary(&mut v);
+        assert_eq!((s.p50, s.p95, s.n), (10.0, 19.0, 20));
+        let s = summary(&mut [7.0]);
+        assert_eq!((s.p50, s.p95), (7.0, 7.0));
+        assert!(summary(&mut []).p50.is_nan());
+    }
+}

@@ -1,0 +1,83 @@
+//! `kiln doctor`: prints what kiln will use and why; exits non-zero when kiln cannot run.
+//! Runs in this process (no daemon needed), so it also works when the daemon cannot start.
+
+use kiln_core::Home;
+use kiln_core::doctor::DoctorReport;
+
+use crate::image::human_bytes;
+
+/// Runs `kiln doctor`.
+pub async fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
+    let r = kiln_core::doctor::run(home).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print_report(&r);
+    }
+    Ok(if r.ok() { 0 } else { 1 })
+}
+
+fn print_report(r: &DoctorReport) {
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    match (&r.qemu_path, &r.qemu_error) {
+        (Some(p), _) => println!(
+            "qemu:            {} (version {})",
+            p.display(),
+            or_dash(&r.qemu_version)
+        ),
+        (None, Some(e)) => println!("qemu:            unusable: {e}"),
+        (None, None) => println!("qemu:            not found"),
+    }
+    println!(
+        "x-ignore-shared: {}",
+        match r.x_ignore_shared {
+            Some(true) => "supported (snapshots map guest memory instead of copying it)",
+            Some(false) => "NOT supported (snapshots will copy guest RAM)",
+            None => "unknown",
+        }
+    );
+    println!(
+        "accelerator:     {} ({})",
+        or_dash(&r.accel),
+        r.accel_reason
+    );
+    println!(
+        "state dir:       {} ({} free)",
+        r.state_dir.display(),
+        r.free_bytes.map(human_bytes).unwrap_or_else(|| "?".into())
+    );
+    println!(
+        "guest agent:     {}",
+        r.agent_binary
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "not found".into())
+    );
+    println!(
+        "images:          {}",
+        if r.images.is_empty() {
+            "none built yet".to_owned()
+        } else {
+            r.images.join(", ")
+        }
+    );
+    if r.missing_packages.is_empty() {
+        println!("host packages:   all present");
+    } else {
+        println!("host packages:   missing {}", r.missing_packages.join("; "));
+    }
+    for w in &r.warnings {
+        println!("warning: {w}");
+    }
+    for p in &r.problems {
+        println!("problem: {p}");
+    }
+    println!(
+        "{}",
+        if r.ok() {
+            "kiln can run here"
+        } else {
+            "kiln cannot run here until the problems above are fixed"
+        }
+    );
+}

@@ -1,0 +1,281 @@
+//! `kiln run`: a fresh sandbox, one command, its output streamed, its exit code returned.
+//!
+//! The image is built first (with progress) if it does not exist. The command's stdout and
+//! stderr go to kiln's stdout and stderr as they arrive; kiln's stdin is forwarded until EOF.
+//! Exit code: the command's, 128+N if signal N ended it, 124 on `--timeout`. Ctrl-C destroys
+//! the sandbox before kiln exits (130).
+
+use std::io::{Read, Write};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Args;
+use futures_util::{SinkExt, StreamExt};
+use kiln_api_types::{
+    ExecClientMessage, ExecRequest, ExecServerMessage, RunRequest, STREAM_STDERR, STREAM_STDOUT,
+    SandboxCreateRequest, SandboxId,
+};
+use tokio::net::UnixStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::Client;
+
+/// Options of `kiln run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Image to start (a recipe name).
+    #[arg(long, default_value = kiln_api_types::DEFAULT_IMAGE)]
+    pub image: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = kiln_api_types::DEFAULT_CPUS)]
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = kiln_api_types::DEFAULT_MEMORY_MIB)]
+    pub memory: u32,
+    /// Environment variable for the command (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Working directory in the guest.
+    #[arg(long)]
+    pub workdir: Option<String>,
+    /// Kill the command after this many seconds (exit code 124).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Kill the command once its output exceeds this many bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub max_output: Option<u64>,
+    /// Do not forward stdin (the command reads /dev/null).
+    #[arg(long)]
+    pub no_stdin: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+impl RunArgs {
+    /// The exec request these options describe; errors name the bad option.
+    pub fn exec_request(&self) -> anyhow::Result<ExecRequest> {
+        let mut req = ExecRequest::new(self.command.clone());
+        for kv in &self.env {
+            let Some((k, v)) = kv.split_once('=') else {
+                bail!("--env {kv:?}: expected NAME=VALUE");
+            };
+            req.env.insert(k.to_owned(), v.to_owned());
+        }
+        req.cwd = self.workdir.clone();
+        req.stdin = !self.no_stdin;
+        if let Some(t) = self.timeout {
+            if !(t > 0.0 && t.is_finite() && t < 1e9) {
+                bail!("--timeout {t}: expected a positive number of seconds");
+            }
+            req.timeout_ms = Some((t * 1000.0).ceil() as u64);
+        }
+        req.max_output_bytes = self.max_output;
+        req.validate().map_err(anyhow::Error::msg)?;
+        Ok(req)
+    }
+
+    fn sandbox_request(&self) -> anyhow::Result<SandboxCreateRequest> {
+        let req = SandboxCreateRequest {
+            image: self.image.clone(),
+            cpus: self.cpus,
+            memory_mib: self.memory,
+        };
+        req.validate().map_err(|m| {
+            anyhow::anyhow!(
+                m.replace("memory_mib", "--memory")
+                    .replace("cpus", "--cpus")
+            )
+        })?;
+        Ok(req)
+    }
+}
+
+/// Runs `kiln run`; returns the process exit code.
+pub async fn run(client: &Client, args: &RunArgs) -> anyhow::Result<i32> {
+    let exec = args.exec_request()?;
+    let sandbox = args.sandbox_request()?;
+    crate::image::ensure_built(client, &sandbox.image).await?;
+    let ws = client.websocket("/v1/run").await?;
+    let first = serde_json::to_string(&RunRequest { sandbox, exec })?;
+    stream_exec(client, ws, first, !args.no_stdin, true).await
+}
+
+/// Drives one exec WebSocket to its end; returns the exit code to use.
+/// `destroy_on_interrupt`: on Ctrl-C also delete the sandbox (for `kiln run`).
+pub async fn stream_exec(
+    client: &Client,
+    mut ws: WebSocketStream<UnixStream>,
+    first: String,
+    forward_stdin: bool,
+    destroy_on_interrupt: bool,
+) -> anyhow::Result<i32> {
+    ws.send(Message::Text(first.into()))
+        .await
+        .context("sending the exec request")?;
+    let (mut tx, mut rx) = ws.split();
+    let mut stdin_rx = if forward_stdin {
+        Some(spawn_stdin_reader())
+    } else {
+        None
+    };
+    let mut sandbox: Option<SandboxId> = None;
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    let interrupt = tokio::signal::ctrl_c();
+    tokio::pin!(interrupt);
+    loop {
+        tokio::select! {
+            msg = rx.next() => {
+                let msg = match msg {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => bail!("connection to kilnd broke: {e}"),
+                    None => bail!("kilnd closed the exec stream without an exit status"),
+                };
+                match msg {
+                    Message::Binary(data) if !data.is_empty() => {
+                        let (tag, bytes) = (data[0], &data[1..]);
+                        let out: &mut dyn Write = if tag == STREAM_STDERR { &mut stderr } else { &mut stdout };
+                        debug_assert!(tag == STREAM_STDOUT || tag == STREAM_STDERR);
+                        // A closed stdout (e.g. `| head`) ends the command like a shell's SIGPIPE.
+                        if out.write_all(bytes).and_then(|_| out.flush()).is_err() {
+                            return Ok(141);
+                        }
+                    }
+                    Message::Text(t) => match serde_json::from_str::<ExecServerMessage>(t.as_str())
+                        .context("malformed message from kilnd")?
+                    {
+                        ExecServerMessage::Started { sandbox: id, .. } => sandbox = Some(id),
+                        ExecServerMessage::Exit(status) => {
+                            if status.timed_out {
+                                eprintln!("kiln: command timed out and was killed");
+                            } else if status.output_truncated {
+                                eprintln!("kiln: command output exceeded the limit; the command was killed");
+                            }
+                            return Ok(status.shell_code());
+                        }
+                        ExecServerMessage::Error(e) => bail!("{}", e.message),
+                    },
+                    Message::Close(_) => bail!("kilnd closed the exec stream without an exit status"),
+                    _ => {}
+                }
+            }
+            chunk = async { stdin_rx.as_mut().expect("guarded by if").recv().await }, if stdin_rx.is_some() => {
+                let msg = match chunk {
+                    Some(data) => Message::Binary(data),
+                    None => {
+                        stdin_rx = None;
+                        Message::Text(serde_json::to_string(&ExecClientMessage::StdinClose)?.into())
+                    }
+                };
+                // The daemon may already have finished; its exit message will still arrive.
+                let _ = tx.send(msg).await;
+            }
+            _ = &mut interrupt => {
+                let _ = tx.close().await;
+                if destroy_on_interrupt && let Some(id) = &sandbox {
+                    let _ = client.call_empty(hyper::Method::DELETE, &format!("/v1/sandboxes/{id}")).await;
+                }
+                eprintln!("kiln: interrupted");
+                return Ok(130);
+            }
+        }
+    }
+}
+
+/// Reads kiln's stdin on a thread (stdin may be a terminal or a pipe; neither is reliably
+/// non-blocking) and hands chunks to the async side. EOF or an error closes the channel.
+fn spawn_stdin_reader() -> tokio::sync::mpsc::Receiver<Bytes> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let spawned = std::thread::Builder::new()
+        .name("kiln-stdin".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if tx.blocking_send(Bytes::copy_from_slice(&buf[..n])).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    if spawned.is_err() {
+        // Without a reader thread the command simply sees EOF on stdin.
+        let (_tx, rx) = tokio::sync::mpsc::channel(1);
+        return rx;
+    }
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> RunArgs {
+        T::try_parse_from(std::iter::once("kiln").chain(args.iter().copied()))
+            .unwrap()
+            .run
+    }
+
+    #[test]
+    fn exec_request_carries_env_workdir_timeout() {
+        let a = parse(&[
+            "--env",
+            "A=1",
+            "--env",
+            "B=x=y",
+            "--workdir",
+            "/tmp",
+            "--timeout",
+            "1.5",
+            "--",
+            "ls",
+            "-l",
+        ]);
+        let r = a.exec_request().unwrap();
+        assert_eq!(r.argv, vec!["ls", "-l"]);
+        assert_eq!(r.env.get("B").map(String::as_str), Some("x=y"));
+        assert_eq!(r.cwd.as_deref(), Some("/tmp"));
+        assert_eq!(r.timeout_ms, Some(1500));
+        assert!(r.stdin);
+    }
+
+    #[test]
+    fn bad_options_are_named_in_the_error() {
+        let a = parse(&["--env", "NOEQUALS", "--", "true"]);
+        assert!(a.exec_request().unwrap_err().to_string().contains("--env"));
+        let a = parse(&["--timeout", "-1", "--", "true"]);
+        assert!(
+            a.exec_request()
+                .unwrap_err()
+                .to_string()
+                .contains("--timeout")
+        );
+        let a = parse(&["--memory", "1", "--", "true"]);
+        assert!(
+            a.sandbox_request()
+                .unwrap_err()
+                .to_string()
+                .contains("--memory")
+        );
+        let a = parse(&["--cpus", "999", "--", "true"]);
+        assert!(
+            a.sandbox_request()
+                .unwrap_err()
+                .to_string()
+                .contains("--cpus")
+        );
+    }
+}

@@ -1,0 +1,287 @@
+//! The HTTP API: routes, request parsing and the one mapping from engine errors to HTTP.
+//!
+//! ```text
+//! GET    /v1/health                      Health
+//! GET    /v1/sandboxes                   SandboxList
+//! POST   /v1/sandboxes                   SandboxCreateRequest -> SandboxInfo (once the agent answers)
+//! GET    /v1/sandboxes/{id}              SandboxInfo
+//! DELETE /v1/sandboxes/{id}              204
+//! POST   /v1/sandboxes/{id}/ping         PingResponse
+//! GET    /v1/sandboxes/{id}/exec         WebSocket: ExecRequest, then streams (docs/protocol.md)
+//! GET    /v1/run                         WebSocket: RunRequest; fresh sandbox, one exec, teardown
+//! GET    /v1/images                      ImageList
+//! POST   /v1/images/{name}/build         ImageBuildRequest -> NDJSON stream of ImageBuildEvent
+//! DELETE /v1/images/{name}               204
+//! ```
+//!
+//! Every error body is an [`ApiError`] with a stable `code`; a malformed request is always a
+//! 4xx, never a 5xx.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use kiln_api_types::{
+    ApiError, Health, ImageBuildEvent, ImageBuildRequest, ImageList, PingResponse,
+    SandboxCreateRequest, SandboxId, SandboxList,
+};
+use kiln_core::{CoreError, Engine};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+type Shared = State<Arc<Engine>>;
+
+/// The API's routes.
+pub fn router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/sandboxes", get(sandbox_list).post(sandbox_create))
+        .route(
+            "/v1/sandboxes/{id}",
+            get(sandbox_get).delete(sandbox_delete),
+        )
+        .route("/v1/sandboxes/{id}/ping", post(sandbox_ping))
+        .route("/v1/sandboxes/{id}/exec", get(sandbox_exec))
+        .route("/v1/run", get(run))
+        .route("/v1/images", get(image_list))
+        .route("/v1/images/{name}/build", post(image_build))
+        .route("/v1/images/{name}", axum::routing::delete(image_remove))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such API route".to_owned(),
+            )
+        })
+        .with_state(engine)
+}
+
+/// An error response.
+pub struct HttpError(StatusCode, ApiError);
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(self.1)).into_response()
+    }
+}
+
+fn error(status: StatusCode, code: &str, message: String) -> HttpError {
+    HttpError(
+        status,
+        ApiError {
+            code: code.to_owned(),
+            message,
+        },
+    )
+}
+
+/// The one mapping from engine errors to HTTP statuses.
+pub fn status_of(e: &CoreError) -> StatusCode {
+    match e {
+        CoreError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        CoreError::SandboxNotFound(_) | CoreError::ImageNotFound { .. } => StatusCode::NOT_FOUND,
+        CoreError::NotRunning { .. } => StatusCode::CONFLICT,
+        CoreError::ExecRejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        CoreError::SandboxFailed { .. } | CoreError::Agent(_) | CoreError::Vmm(_) => {
+            StatusCode::BAD_GATEWAY
+        }
+        CoreError::HostSetup(_) => StatusCode::SERVICE_UNAVAILABLE,
+        CoreError::Image(_) | CoreError::Store(_) | CoreError::Io { .. } => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    }
+}
+
+/// The API error body of an engine error.
+pub fn api_error(e: &CoreError) -> ApiError {
+    ApiError {
+        code: e.code().to_owned(),
+        message: e.chain(),
+    }
+}
+
+impl From<CoreError> for HttpError {
+    fn from(e: CoreError) -> Self {
+        HttpError(status_of(&e), api_error(&e))
+    }
+}
+
+/// Parses a JSON body; an empty body means the type's default.
+fn parse_body<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, HttpError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("invalid request body: {e}"),
+        )
+    })
+}
+
+fn parse_id(raw: &str) -> Result<SandboxId, HttpError> {
+    raw.parse().map_err(|e: kiln_api_types::InvalidId| {
+        error(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+    })
+}
+
+fn json<T: Serialize>(v: T) -> Response {
+    axum::Json(v).into_response()
+}
+
+async fn health(State(engine): Shared) -> Response {
+    json(Health {
+        api_version: kiln_api_types::API_VERSION,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        pid: std::process::id(),
+        janitor: engine.janitor_report(),
+    })
+}
+
+async fn sandbox_list(State(engine): Shared) -> Result<Response, HttpError> {
+    Ok(json(SandboxList {
+        sandboxes: engine.sandbox_list()?,
+    }))
+}
+
+async fn sandbox_create(State(engine): Shared, body: Bytes) -> Result<Response, HttpError> {
+    let req: SandboxCreateRequest = parse_body(&body)?;
+    let info = engine.sandbox_create(&req).await?;
+    Ok((StatusCode::CREATED, axum::Json(info)).into_response())
+}
+
+async fn sandbox_get(State(engine): Shared, Path(id): Path<String>) -> Result<Response, HttpError> {
+    Ok(json(engine.sandbox_get(&parse_id(&id)?)?))
+}
+
+async fn sandbox_delete(
+    State(engine): Shared,
+    Path(id): Path<String>,
+) -> Result<Response, HttpError> {
+    engine.sandbox_delete(&parse_id(&id)?).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn sandbox_ping(
+    State(engine): Shared,
+    Path(id): Path<String>,
+) -> Result<Response, HttpError> {
+    let rtt = engine.sandbox_ping(&parse_id(&id)?).await?;
+    Ok(json(PingResponse {
+        rtt_us: rtt.as_micros() as u64,
+    }))
+}
+
+async fn sandbox_exec(
+    State(engine): Shared,
+    Path(id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, HttpError> {
+    let id = parse_id(&id)?;
+    // Existence is checked before upgrading so that a wrong id is a plain 404.
+    engine.sandbox_get(&id)?;
+    Ok(ws.on_upgrade(move |socket| crate::exec_ws::exec_in(engine, id, socket)))
+}
+
+async fn run(State(engine): Shared, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |socket| crate::exec_ws::run(engine, socket))
+}
+
+async fn image_list(State(engine): Shared) -> Result<Response, HttpError> {
+    Ok(json(ImageList {
+        images: engine.image_list()?,
+    }))
+}
+
+async fn image_remove(
+    State(engine): Shared,
+    Path(name): Path<String>,
+) -> Result<Response, HttpError> {
+    engine.image_remove(&name)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Streams the build as newline-delimited JSON; the last line is `done` or `error`.
+async fn image_build(
+    State(engine): Shared,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let req: ImageBuildRequest = parse_body(&body)?;
+    kiln_api_types::validate_image_name(&name)
+        .map_err(|m| error(StatusCode::BAD_REQUEST, "bad_request", m))?;
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<ImageBuildEvent>(256);
+    let (line_tx, line_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(async move {
+        let build = engine.image_build(&name, req.force, ev_tx);
+        tokio::pin!(build);
+        let last = loop {
+            tokio::select! {
+                Some(ev) = ev_rx.recv() => { let _ = line_tx.send(Ok(ndjson(&ev))).await; }
+                res = &mut build => break res,
+            }
+        };
+        while let Ok(ev) = ev_rx.try_recv() {
+            let _ = line_tx.send(Ok(ndjson(&ev))).await;
+        }
+        let last = match last {
+            Ok((image, up_to_date)) => ImageBuildEvent::Done { up_to_date, image },
+            Err(e) => ImageBuildEvent::Error(api_error(&e)),
+        };
+        let _ = line_tx.send(Ok(ndjson(&last))).await;
+    });
+    let stream = futures_util::stream::unfold(line_rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok(Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?)
+}
+
+fn ndjson<T: Serialize>(v: &T) -> Bytes {
+    let mut line = serde_json::to_vec(v)
+        .unwrap_or_else(|e| format!("{{\"type\":\"log\",\"line\":\"{e}\"}}").into_bytes());
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_of_bad_request_is_4xx() {
+        assert_eq!(
+            status_of(&CoreError::BadRequest("x".into())),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status_of(&CoreError::SandboxNotFound(SandboxId::random())),
+            StatusCode::NOT_FOUND
+        );
+    }
+
+    #[test]
+    fn parse_body_rejects_garbage_with_400() {
+        let err = parse_body::<SandboxCreateRequest>(&Bytes::from_static(b"{nope"))
+            .err()
+            .unwrap();
+        assert_eq!(err.0, StatusCode::BAD_REQUEST);
+        assert_eq!(err.1.code, "bad_request");
+        let ok: SandboxCreateRequest = parse_body(&Bytes::from_static(b"  ")).unwrap();
+        assert_eq!(ok, SandboxCreateRequest::default());
+    }
+
+    #[test]
+    fn parse_id_rejects_path_tricks() {
+        assert!(parse_id("..").is_err());
+        assert!(parse_id("sb-0123456789ab").is_ok());
+    }
+}

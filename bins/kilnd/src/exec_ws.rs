@@ -1,0 +1,260 @@
+//! The exec WebSocket: streams a command's output to the client and the client's stdin and
+//! signals to the command.
+//!
+//! Three flows run at once so that none can stall another: the main loop pumps output to the
+//! client (and applies signals), a reader task takes client messages, and stdin bytes go to the
+//! guest from that reader task (waiting on the guest's flow-control credit without blocking
+//! output). When the client goes away the command is killed; for `/v1/run` the sandbox is then
+//! destroyed, whatever happened before.
+
+use std::sync::Arc;
+
+use axum::extract::ws::{Message, WebSocket};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use kiln_api_types::{
+    ApiError, ExecClientMessage, ExecRequest, ExecServerMessage, RunRequest, STREAM_STDERR,
+    STREAM_STDOUT, SandboxId,
+};
+use kiln_core::{CoreError, Engine, Exec, ExecOutput};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+/// SIGKILL.
+const SIGKILL: i32 = 9;
+
+/// `/v1/sandboxes/{id}/exec`.
+pub async fn exec_in(engine: Arc<Engine>, id: SandboxId, socket: WebSocket) {
+    let (mut tx, mut rx) = socket.split();
+    let req: ExecRequest = match first_message(&mut rx).await {
+        Ok(r) => r,
+        Err(e) => return send_error(&mut tx, e).await,
+    };
+    match engine.sandbox_exec(&id, &req).await {
+        Ok(exec) => {
+            let started = ExecServerMessage::Started {
+                sandbox: id,
+                boot_ms: None,
+            };
+            pump(exec, started, tx, rx).await;
+        }
+        Err(e) => send_error(&mut tx, crate::api::api_error(&e)).await,
+    }
+}
+
+/// `/v1/run`: boot a fresh sandbox, run one command, destroy the sandbox.
+pub async fn run(engine: Arc<Engine>, socket: WebSocket) {
+    let (mut tx, mut rx) = socket.split();
+    let req: RunRequest = match first_message(&mut rx).await {
+        Ok(r) => r,
+        Err(e) => return send_error(&mut tx, e).await,
+    };
+    if let Err(m) = req.exec.validate().and_then(|_| req.sandbox.validate()) {
+        return send_error(
+            &mut tx,
+            ApiError {
+                code: "bad_request".into(),
+                message: m,
+            },
+        )
+        .await;
+    }
+    // Boot in its own task so that a client leaving mid-boot is noticed; the sandbox is then
+    // destroyed as soon as the boot settles.
+    let boot = tokio::spawn({
+        let engine = Arc::clone(&engine);
+        let sreq = req.sandbox.clone();
+        async move { engine.sandbox_create(&sreq).await }
+    });
+    tokio::pin!(boot);
+    let info = tokio::select! {
+        res = &mut boot => res,
+        _ = client_gone(&mut rx) => {
+            debug!("client left during boot");
+            if let Ok(Ok(info)) = boot.await {
+                let _ = engine.sandbox_delete(&info.id).await;
+            }
+            return;
+        }
+    };
+    let info = match info {
+        Ok(Ok(info)) => info,
+        Ok(Err(e)) => return send_error(&mut tx, crate::api::api_error(&e)).await,
+        Err(e) => {
+            return send_error(
+                &mut tx,
+                ApiError {
+                    code: "internal".into(),
+                    message: format!("boot task failed: {e}"),
+                },
+            )
+            .await;
+        }
+    };
+    let id = info.id.clone();
+    match engine.sandbox_exec(&id, &req.exec).await {
+        Ok(exec) => {
+            let started = ExecServerMessage::Started {
+                sandbox: id.clone(),
+                boot_ms: info.boot_ms,
+            };
+            pump(exec, started, tx, rx).await;
+        }
+        Err(e) => send_error(&mut tx, crate::api::api_error(&e)).await,
+    }
+    if let Err(e) = engine.sandbox_delete(&id).await {
+        warn!(sandbox_id = %id, error = %e.chain(), "could not remove run sandbox");
+    }
+}
+
+/// Waits until the client closes the socket (anything it sends before that is ignored).
+async fn client_gone(rx: &mut SplitStream<WebSocket>) {
+    while let Some(Ok(msg)) = rx.next().await {
+        if matches!(msg, Message::Close(_)) {
+            return;
+        }
+    }
+}
+
+async fn first_message<T: serde::de::DeserializeOwned>(
+    rx: &mut SplitStream<WebSocket>,
+) -> Result<T, ApiError> {
+    let bad = |message: String| ApiError {
+        code: "bad_request".into(),
+        message,
+    };
+    loop {
+        match rx.next().await {
+            Some(Ok(Message::Text(t))) => {
+                return serde_json::from_str(t.as_str())
+                    .map_err(|e| bad(format!("invalid exec request: {e}")));
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(_)) => return Err(bad("the first message must be a JSON text message".into())),
+            Some(Err(e)) => return Err(bad(format!("websocket error: {e}"))),
+            None => {
+                return Err(bad(
+                    "the client closed the connection before sending a request".into(),
+                ));
+            }
+        }
+    }
+}
+
+async fn send_error(tx: &mut SplitSink<WebSocket, Message>, e: ApiError) {
+    let _ = send_json(tx, &ExecServerMessage::Error(e)).await;
+    let _ = tx.close().await;
+}
+
+async fn send_json(
+    tx: &mut SplitSink<WebSocket, Message>,
+    msg: &ExecServerMessage,
+) -> Result<(), axum::Error> {
+    let text = serde_json::to_string(msg).unwrap_or_else(|_| "{\"type\":\"error\"}".to_owned());
+    tx.send(Message::Text(text.into())).await
+}
+
+fn tagged(tag: u8, data: &Bytes) -> Message {
+    let mut buf = BytesMut::with_capacity(data.len() + 1);
+    buf.put_u8(tag);
+    buf.extend_from_slice(data);
+    Message::Binary(buf.freeze())
+}
+
+/// What the reader task tells the main loop.
+enum Control {
+    Signal(i32),
+}
+
+async fn pump(
+    mut exec: Exec,
+    started: ExecServerMessage,
+    mut tx: SplitSink<WebSocket, Message>,
+    rx: SplitStream<WebSocket>,
+) {
+    if send_json(&mut tx, &started).await.is_err() {
+        let _ = exec.signal(SIGKILL).await;
+        return;
+    }
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Control>(8);
+    let reader = tokio::spawn(read_client(rx, exec.stdin(), ctl_tx));
+    loop {
+        tokio::select! {
+            out = exec.next() => {
+                let (msg, last) = match out {
+                    Ok(ExecOutput::Stdout(b)) => (tagged(STREAM_STDOUT, &b), false),
+                    Ok(ExecOutput::Stderr(b)) => (tagged(STREAM_STDERR, &b), false),
+                    Ok(ExecOutput::Exit(status)) => {
+                        let text = serde_json::to_string(&ExecServerMessage::Exit(status)).unwrap_or_default();
+                        (Message::Text(text.into()), true)
+                    }
+                    Err(e) => {
+                        let text = serde_json::to_string(&ExecServerMessage::Error(error_body(&e))).unwrap_or_default();
+                        (Message::Text(text.into()), true)
+                    }
+                };
+                if tx.send(msg).await.is_err() {
+                    // The client is gone: the command must not run on unobserved.
+                    let _ = exec.signal(SIGKILL).await;
+                    break;
+                }
+                if last {
+                    let _ = tx.close().await;
+                    break;
+                }
+            }
+            ctl = ctl_rx.recv() => match ctl {
+                Some(Control::Signal(signo)) => {
+                    if let Err(e) = exec.signal(signo).await {
+                        debug!(error = %e.chain(), "signal not delivered");
+                    }
+                }
+                None => {
+                    // The reader ended: the client closed its side.
+                    let _ = exec.signal(SIGKILL).await;
+                    break;
+                }
+            },
+        }
+    }
+    reader.abort();
+}
+
+fn error_body(e: &CoreError) -> ApiError {
+    crate::api::api_error(e)
+}
+
+/// Takes the client's messages: stdin bytes go to the guest, signals to the main loop.
+async fn read_client(
+    mut rx: SplitStream<WebSocket>,
+    stdin: kiln_core::sandbox::StdinHandle,
+    ctl: mpsc::Sender<Control>,
+) {
+    let mut stdin_open = true;
+    while let Some(Ok(msg)) = rx.next().await {
+        match msg {
+            Message::Binary(data) if stdin_open => {
+                if stdin.write(data).await.is_err() {
+                    stdin_open = false;
+                }
+            }
+            Message::Text(t) => match serde_json::from_str::<ExecClientMessage>(t.as_str()) {
+                Ok(ExecClientMessage::StdinClose) => {
+                    if stdin_open {
+                        let _ = stdin.close().await;
+                        stdin_open = false;
+                    }
+                }
+                Ok(ExecClientMessage::Signal { signo }) => {
+                    if ctl.send(Control::Signal(signo)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => debug!(error = %e, "ignoring malformed client message"),
+            },
+            Message::Close(_) => return,
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The engine's error type and its stable machine-readable codes.
+//!
+//! Front ends map [`CoreError::code`] to their own vocabulary (HTTP status, CLI exit code) in
+//! one place each; the message chain is printed whole at that edge.
+
+use kiln_api_types::SandboxId;
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// The request was malformed or out of range.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No sandbox with that id.
+    #[error("no sandbox {0}")]
+    SandboxNotFound(SandboxId),
+    /// No image of that name.
+    #[error("image {name:?} is not built (build it with `kiln image build {name}`)")]
+    ImageNotFound {
+        /// Image name.
+        name: String,
+    },
+    /// The sandbox is not in a state that allows the operation.
+    #[error("sandbox {id} is {state}, not running")]
+    NotRunning {
+        /// Sandbox.
+        id: SandboxId,
+        /// Its state.
+        state: &'static str,
+    },
+    /// The sandbox's VM died or could not start.
+    #[error("sandbox {id} failed: {reason}")]
+    SandboxFailed {
+        /// Sandbox.
+        id: SandboxId,
+        /// What happened, with the tail of the guest's serial console where useful.
+        reason: String,
+    },
+    /// The guest agent refused the command (e.g. its working directory does not exist).
+    #[error("{0}")]
+    ExecRejected(String),
+    /// The host lacks something kiln needs.
+    #[error("{0}")]
+    HostSetup(String),
+    /// Building or reading an image failed.
+    #[error("image operation failed")]
+    Image(#[source] kiln_image::ImageError),
+    /// Driving QEMU failed.
+    #[error("virtual machine operation failed")]
+    Vmm(#[source] kiln_vmm::VmmError),
+    /// Talking to the guest agent failed.
+    #[error("guest agent channel failed")]
+    Agent(#[source] kiln_vmm::agent::AgentError),
+    /// The state database failed.
+    #[error("state database failed")]
+    Store(#[source] kiln_store::StoreError),
+    /// A file system operation on kiln's state failed.
+    #[error("failed to {what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Path involved.
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl CoreError {
+    /// Stable code for API error bodies.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CoreError::BadRequest(_) => "bad_request",
+            CoreError::SandboxNotFound(_) => "sandbox_not_found",
+            CoreError::ImageNotFound { .. } => "image_not_found",
+            CoreError::NotRunning { .. } => "sandbox_not_running",
+            CoreError::SandboxFailed { .. } => "sandbox_failed",
+            CoreError::ExecRejected(_) => "exec_rejected",
+            CoreError::HostSetup(_) => "host_setup",
+            CoreError::Image(_) => "image_error",
+            CoreError::Vmm(_) => "vmm_error",
+            CoreError::Agent(_) => "agent_error",
+            CoreError::Store(_) => "store_error",
+            CoreError::Io { .. } => "io_error",
+        }
+    }
+
+    /// The whole chain, `outer: inner: innermost`.
+    pub fn chain(&self) -> String {
+        error_chain(self)
+    }
+}
+
+/// Formats an error and all its sources as one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !out.ends_with(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = e.source();
+    }
+    out
+}
+
+impl From<kiln_store::StoreError> for CoreError {
+    fn from(e: kiln_store::StoreError) -> Self {
+        CoreError::Store(e)
+    }
+}
+
+impl From<kiln_image::ImageError> for CoreError {
+    fn from(e: kiln_image::ImageError) -> Self {
+        CoreError::Image(e)
+    }
+}
+
+impl From<kiln_vmm::VmmError> for CoreError {
+    fn from(e: kiln_vmm::VmmError) -> Self {
+        CoreError::Vmm(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chain_joins_sources() {
+        let e = CoreError::Io {
+            what: "create",
+            path: "/x".into(),
+            source: std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device"),
+        };
+        assert_eq!(e.chain(), "failed to create /x: no space left on device");
+        assert_eq!(e.code(), "io_error");
+    }
+}

@@ -1,0 +1,115 @@
+//! Where kiln keeps its state: the `$KILN_HOME` layout.
+//!
+//! Every path kiln touches on disk is derived here, so the layout is written down once
+//! (see `docs/architecture.md`). Nothing in this module creates or deletes anything except
+//! [`Home::ensure`], which creates the top-level directories.
+
+use std::path::{Path, PathBuf};
+
+use kiln_api_types::SandboxId;
+
+/// The state directory and the paths inside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Home {
+    root: PathBuf,
+}
+
+impl Home {
+    /// `$KILN_HOME` if set, else `/var/lib/kiln` for root and `~/.local/share/kiln` otherwise.
+    pub fn from_env() -> Home {
+        if let Some(dir) = std::env::var_os("KILN_HOME").filter(|v| !v.is_empty()) {
+            return Home::new(PathBuf::from(dir));
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        #[allow(unsafe_code)]
+        let euid = unsafe { libc::geteuid() };
+        if euid == 0 {
+            return Home::new(PathBuf::from("/var/lib/kiln"));
+        }
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+            .unwrap_or_else(|| PathBuf::from("."));
+        Home::new(base.join("kiln"))
+    }
+
+    /// A state directory at `root`.
+    pub fn new(root: PathBuf) -> Home {
+        Home { root }
+    }
+
+    /// Creates the top-level directories (mode 0700 for the root).
+    pub fn ensure(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)?;
+        for dir in [self.run_dir(), self.images_dir(), self.root.join("cache")] {
+            std::fs::create_dir_all(dir)?;
+        }
+        Ok(())
+    }
+
+    /// The state directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The daemon's API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("kilnd.sock")
+    }
+
+    /// The daemon's single-instance lock.
+    pub fn daemon_lock(&self) -> PathBuf {
+        self.root.join("kilnd.lock")
+    }
+
+    /// The daemon's log when started by the CLI.
+    pub fn daemon_log(&self) -> PathBuf {
+        self.root.join("kilnd.log")
+    }
+
+    /// The SQLite database.
+    pub fn database(&self) -> PathBuf {
+        self.root.join("kiln.db")
+    }
+
+    /// The cached accelerator verdict.
+    pub fn accel_cache(&self) -> PathBuf {
+        self.root.join("accel.json")
+    }
+
+    /// Parent of all sandbox runtime directories.
+    pub fn run_dir(&self) -> PathBuf {
+        self.root.join("run")
+    }
+
+    /// Runtime directory of one sandbox.
+    pub fn sandbox_dir(&self, id: &SandboxId) -> PathBuf {
+        self.run_dir().join(id.as_str())
+    }
+
+    /// Parent of all built images.
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_dir_is_under_run_dir() {
+        let home = Home::new(PathBuf::from("/k"));
+        let id: SandboxId = "sb-0123456789ab".parse().unwrap();
+        assert_eq!(
+            home.sandbox_dir(&id),
+            PathBuf::from("/k/run/sb-0123456789ab")
+        );
+        assert_eq!(home.socket(), PathBuf::from("/k/kilnd.sock"));
+    }
+}

@@ -1,0 +1,307 @@
+//! One sandbox: its VM, its agent channel, and the task that watches them.
+//!
+//! ```text
+//!   boot(): overlay disk ─▶ spawn QEMU ─▶ agent handshake ─▶ Running
+//!                  │              │               │
+//!                  └──────────────┴── any error ──┴─▶ teardown, error returned (nothing left)
+//!
+//!   supervisor task (one per sandbox):
+//!     QEMU exits or agent channel dies ─▶ Failed (reason + console tail recorded)
+//!     teardown requested               ─▶ QEMU shut down, runtime dir removed
+//! ```
+//!
+//! Invariants: a [`Sandbox`] exists only once its VM answered the handshake; teardown is
+//! idempotent; the failure reason is recorded once (first cause wins) and every exec waiting on
+//! the sandbox sees it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_api_types::{ExecRequest, ExitStatus, SandboxId};
+use kiln_vmm::agent::{AgentClient, AgentError, ExecEvent, ExecSession};
+use kiln_vmm::{Accel, Vm, VmConfig};
+use tokio::sync::watch;
+
+use crate::error::CoreError;
+
+/// How long a cold boot may take until the agent answers, under TCG.
+const BOOT_DEADLINE_TCG: Duration = Duration::from_secs(120);
+/// How long a cold boot may take until the agent answers, under KVM.
+const BOOT_DEADLINE_KVM: Duration = Duration::from_secs(30);
+/// How much of the serial console an error message quotes.
+const CONSOLE_TAIL_BYTES: usize = 1500;
+/// After the agent channel dies, how long to wait for QEMU's exit to explain it.
+const DEATH_EXPLAIN_WAIT: Duration = Duration::from_millis(500);
+
+/// Everything needed to boot one sandbox.
+pub struct BootSpec {
+    /// Sandbox id.
+    pub id: SandboxId,
+    /// Runtime directory (created by the caller, removed by teardown).
+    pub run_dir: PathBuf,
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Initramfs with the agent.
+    pub initramfs: PathBuf,
+    /// Read-only root filesystem image.
+    pub rootfs: PathBuf,
+    /// QEMU binary.
+    pub qemu: PathBuf,
+    /// Accelerator.
+    pub accel: Accel,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest memory.
+    pub memory_mib: u32,
+}
+
+/// A running sandbox.
+pub struct Sandbox {
+    id: SandboxId,
+    vm: Vm,
+    agent: AgentClient,
+    /// `Some(reason)` once the sandbox has failed.
+    failed: watch::Receiver<Option<String>>,
+    fail_tx: watch::Sender<Option<String>>,
+    /// QEMU start → agent ready.
+    pub boot: Duration,
+}
+
+impl Sandbox {
+    /// Boots a sandbox and waits for its agent. On error everything started is torn down.
+    pub async fn boot(spec: BootSpec) -> Result<Arc<Sandbox>, CoreError> {
+        let disk = spec.run_dir.join("disk.qcow2");
+        kiln_vmm::create_overlay(&spec.rootfs, &disk).await?;
+        let config = VmConfig {
+            qemu: spec.qemu.clone(),
+            accel: spec.accel,
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            kernel: spec.kernel.clone(),
+            initramfs: spec.initramfs.clone(),
+            extra_cmdline: String::new(),
+            disk: Some(disk),
+            memory_file: spec.run_dir.join("mem"),
+            memory_shared: true,
+            run_dir: spec.run_dir.clone(),
+            incoming: None,
+        };
+        let started = Instant::now();
+        let vm = Vm::spawn(&config).await?;
+        let deadline = match spec.accel {
+            Accel::Kvm => BOOT_DEADLINE_KVM,
+            Accel::Tcg => BOOT_DEADLINE_TCG,
+        };
+        let connect = async {
+            let stream = tokio::net::UnixStream::connect(vm.agent_socket())
+                .await
+                .map_err(|source| CoreError::Io {
+                    what: "connect to the agent socket",
+                    path: vm.agent_socket().to_owned(),
+                    source,
+                })?;
+            AgentClient::connect(stream, deadline)
+                .await
+                .map_err(CoreError::Agent)
+        };
+        let result = tokio::select! {
+            r = connect => r,
+            status = vm.wait_exit() => Err(CoreError::SandboxFailed {
+                id: spec.id.clone(),
+                reason: format!("QEMU exited during boot ({status}){}", console_suffix(&vm)),
+            }),
+        };
+        let agent = match result {
+            Ok((agent, _info)) => agent,
+            Err(e) => {
+                let e = match e {
+                    CoreError::Agent(inner) => CoreError::SandboxFailed {
+                        id: spec.id.clone(),
+                        reason: format!(
+                            "the guest agent did not answer: {}{}",
+                            crate::error::error_chain(&inner),
+                            console_suffix(&vm)
+                        ),
+                    },
+                    other => other,
+                };
+                vm.kill().await;
+                return Err(e);
+            }
+        };
+        let boot = started.elapsed();
+        let (fail_tx, failed) = watch::channel(None);
+        Ok(Arc::new(Sandbox {
+            id: spec.id,
+            vm,
+            agent,
+            failed,
+            fail_tx,
+            boot,
+        }))
+    }
+
+    /// The sandbox id.
+    pub fn id(&self) -> &SandboxId {
+        &self.id
+    }
+
+    /// Resolves with the failure reason once QEMU exits or the agent channel dies.
+    /// The engine's supervisor records it and then calls [`Sandbox::mark_failed`].
+    pub async fn watch_failure(&self) -> String {
+        let reason = tokio::select! {
+            status = self.vm.wait_exit() => format!("QEMU exited ({status})"),
+            _ = self.agent.closed() => {
+                // The channel usually dies because QEMU did: give its exit a moment to explain.
+                match tokio::time::timeout(DEATH_EXPLAIN_WAIT, self.vm.wait_exit()).await {
+                    Ok(status) => format!("QEMU exited ({status})"),
+                    Err(_) => "the guest agent channel closed".to_owned(),
+                }
+            }
+        };
+        format!("{reason}{}", console_suffix(&self.vm))
+    }
+
+    /// Tells every exec waiting on this sandbox that it failed. Called after the failure is
+    /// recorded, so a client that sees the error and then lists sandboxes sees `failed`.
+    pub fn mark_failed(&self, reason: String) {
+        self.fail_tx.send_replace(Some(reason));
+    }
+
+    /// The failure reason, if the sandbox has failed.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.borrow().clone()
+    }
+
+    /// One agent round trip.
+    pub async fn ping(&self) -> Result<Duration, CoreError> {
+        self.agent.ping().await.map_err(CoreError::Agent)
+    }
+
+    /// Starts a command.
+    pub async fn exec(self: &Arc<Self>, req: &ExecRequest) -> Result<Exec, CoreError> {
+        if let Some(reason) = self.failure() {
+            return Err(CoreError::SandboxFailed {
+                id: self.id.clone(),
+                reason,
+            });
+        }
+        let session = self
+            .agent
+            .exec(to_agent_exec(req))
+            .await
+            .map_err(|e| match e {
+                // The guest refused this command (bad working directory, ...): the caller's fault.
+                AgentError::Remote { message, .. } => CoreError::ExecRejected(message),
+                other => CoreError::Agent(other),
+            })?;
+        Ok(Exec {
+            sandbox: Arc::clone(self),
+            session,
+            failed: self.failed.clone(),
+        })
+    }
+
+    /// Stops QEMU (graceful `quit`, then SIGKILL). Idempotent.
+    pub async fn shutdown(&self) {
+        self.vm.shutdown(Duration::from_millis(500)).await;
+    }
+
+    /// QEMU's pid.
+    pub fn pid(&self) -> u32 {
+        self.vm.pid()
+    }
+}
+
+fn console_suffix(vm: &Vm) -> String {
+    let tail = vm.console_tail(CONSOLE_TAIL_BYTES);
+    let tail = tail.trim_end();
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("; last console output:\n{tail}")
+    }
+}
+
+fn to_agent_exec(req: &ExecRequest) -> kiln_vmm::agent::ExecRequest {
+    kiln_vmm::agent::ExecRequest {
+        argv: req.argv.clone(),
+        env: req.env.clone(),
+        cwd: req.cwd.clone(),
+        stdin: req.stdin,
+        timeout_ms: req.timeout_ms,
+        max_output_bytes: req.max_output_bytes,
+    }
+}
+
+/// Writes a command's stdin; see [`Exec::stdin`].
+pub type StdinHandle = kiln_vmm::agent::StdinSender;
+
+/// An event of a running command, as the engine reports it.
+#[derive(Debug)]
+pub enum ExecOutput {
+    /// Bytes the command wrote to stdout.
+    Stdout(bytes::Bytes),
+    /// Bytes the command wrote to stderr.
+    Stderr(bytes::Bytes),
+    /// The command ended.
+    Exit(ExitStatus),
+}
+
+/// A running command in a sandbox.
+pub struct Exec {
+    sandbox: Arc<Sandbox>,
+    session: ExecSession,
+    failed: watch::Receiver<Option<String>>,
+}
+
+impl Exec {
+    /// The next output or the exit. An error means the sandbox died under the command; its
+    /// message carries the reason and the console tail.
+    pub async fn next(&mut self) -> Result<ExecOutput, CoreError> {
+        let event = tokio::select! {
+            ev = self.session.next_event() => ev,
+            _ = self.failed.wait_for(|f| f.is_some()) => None,
+        };
+        match event {
+            Some(ExecEvent::Stdout(b)) => Ok(ExecOutput::Stdout(b)),
+            Some(ExecEvent::Stderr(b)) => Ok(ExecOutput::Stderr(b)),
+            Some(ExecEvent::Exit(s)) => Ok(ExecOutput::Exit(ExitStatus {
+                code: s.code,
+                signal: s.signal,
+                timed_out: s.timed_out,
+                output_truncated: s.output_truncated,
+            })),
+            None => {
+                let reason = match self.sandbox.failure() {
+                    Some(r) => r,
+                    None => match tokio::time::timeout(
+                        DEATH_EXPLAIN_WAIT * 2,
+                        self.failed.wait_for(|f| f.is_some()),
+                    )
+                    .await
+                    {
+                        Ok(Ok(r)) => r.clone().unwrap_or_default(),
+                        _ => "the guest agent ended the command without an exit status".to_owned(),
+                    },
+                };
+                Err(CoreError::SandboxFailed {
+                    id: self.sandbox.id.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// A handle that writes the command's stdin (waiting for the guest's flow-control credit)
+    /// independently of [`Exec::next`], so stdin never stalls output.
+    pub fn stdin(&self) -> StdinHandle {
+        self.session.stdin()
+    }
+
+    /// Delivers a signal to the command's process group.
+    pub async fn signal(&self, signo: i32) -> Result<(), CoreError> {
+        self.session.signal(signo).await.map_err(CoreError::Agent)
+    }
+}
