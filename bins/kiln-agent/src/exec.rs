@@ -35,7 +35,7 @@ use kiln_agent_proto::{
     DataChannel, ErrorBody, ErrorCode, ExecRequest, ExitStatus, FlowError, Frame, GuestMessage,
     MAX_DATA_PAYLOAD, MAX_WINDOW, RecvWindow, SendCredit, StreamId,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -548,43 +548,45 @@ impl Process {
     }
 }
 
-/// Reads into `buf` (at most `limit` bytes); once the leader has exited, gives up (`None`)
-/// if the pipe stays silent for `linger`.
-async fn read_or_linger(
-    pipe: &mut pipe::Receiver,
-    buf: &mut BytesMut,
-    limit: usize,
+/// Waits until `pipe` has data or EOF. Once the leader has exited, gives up (`false`) if the
+/// pipe stays silent for `linger`.
+async fn readable_or_linger(
+    pipe: &pipe::Receiver,
     exited: &mut watch::Receiver<bool>,
     linger: Duration,
-) -> Option<io::Result<usize>> {
+) -> bool {
     loop {
         if *exited.borrow() {
-            let mut dst = (&mut *buf).limit(limit);
-            return tokio::time::timeout(linger, pipe.read_buf(&mut dst))
-                .await
-                .ok();
+            return matches!(
+                tokio::time::timeout(linger, pipe.readable()).await,
+                Ok(Ok(()))
+            );
         }
-        let mut dst = (&mut *buf).limit(limit);
         tokio::select! {
-            r = pipe.read_buf(&mut dst) => return Some(r),
+            r = pipe.readable() => return r.is_ok(),
             changed = exited.changed() => {
                 if changed.is_err() {
                     // The supervisor is gone; behave as if the leader had exited.
-                    let mut dst = (&mut *buf).limit(limit);
-                    return tokio::time::timeout(linger, pipe.read_buf(&mut dst)).await.ok();
+                    return matches!(tokio::time::timeout(linger, pipe.readable()).await, Ok(Ok(())));
                 }
             }
         }
     }
 }
 
+/// Forwards one output pipe. Credit is taken only once the pipe is readable, so a silent pipe
+/// (usually stderr) never sits on credit its sibling needs.
 async fn pump_output(
-    mut pipe: pipe::Receiver,
+    pipe: pipe::Receiver,
     channel: DataChannel,
     ctx: &PumpCtx<'_>,
     mut exited: watch::Receiver<bool>,
 ) {
     loop {
+        if !readable_or_linger(&pipe, &mut exited, ctx.linger).await {
+            // Abandoned after the leader exited, or the pipe broke.
+            return;
+        }
         let discarding = ctx.budget.truncated();
         let want = if discarding {
             MAX_DATA_PAYLOAD
@@ -597,14 +599,18 @@ async fn pump_output(
             }
         };
         let mut chunk = BytesMut::with_capacity(want);
-        let n = match read_or_linger(&mut pipe, &mut chunk, want, &mut exited, ctx.linger).await
-        {
-            Some(Ok(n)) if n > 0 => n,
-            Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {
+        let n = match pipe.try_read_buf(&mut (&mut chunk).limit(want)) {
+            Ok(n) if n > 0 => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
                 refund(want);
                 continue;
             }
-            // EOF, read error, or abandoned after the leader exited.
+            // EOF or a read error.
             _ => {
                 refund(want);
                 return;

@@ -150,7 +150,11 @@ pub fn early_mounts() -> Result<(), BootError> {
             });
         }
     }
-    match OpenOptions::new().read(true).write(true).open("/dev/console") {
+    match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    {
         Ok(console) => {
             if let Err(e) = sys::dup_to_stdio(console) {
                 warn(format_args!("cannot attach stdio to /dev/console: {e}"));
@@ -220,7 +224,11 @@ pub fn load_modules() {
 }
 
 /// Polls `check` every 10 ms until it is true or `limit` passes.
-pub fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> Result<(), BootError> {
+pub fn wait_until(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> bool,
+) -> Result<(), BootError> {
     let start = Instant::now();
     while !check() {
         if start.elapsed() >= limit {
@@ -256,7 +264,10 @@ pub fn switch_root() -> Result<(), BootError> {
         std::env::set_current_dir(NEW_ROOT),
     )?;
     mount(".", "/", None, libc::MS_MOVE, None)?;
-    step(|| "chroot into the new root".to_owned(), std::os::unix::fs::chroot("."))?;
+    step(
+        || "chroot into the new root".to_owned(),
+        std::os::unix::fs::chroot("."),
+    )?;
     step(|| "chdir to /".to_owned(), std::env::set_current_dir("/"))?;
     Ok(())
 }
@@ -277,7 +288,8 @@ pub fn late_setup() {
         ("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, "mode=1777"),
     ];
     for (source, target, fstype, flags, data) in mounts {
-        let result = mkdir(target).and_then(|()| mount(source, target, Some(fstype), flags, Some(data)));
+        let result =
+            mkdir(target).and_then(|()| mount(source, target, Some(fstype), flags, Some(data)));
         if let Err(e) = result {
             warn(format_args!("{}", crate::console::error_chain(&e)));
         }
@@ -296,7 +308,8 @@ mod tests {
 
     #[test]
     fn cmdline_parses_probe_and_port() {
-        let c = Cmdline::parse("console=ttyS0 rdinit=/init kiln.port=org.kiln.agent.7 kiln.probe=1");
+        let c =
+            Cmdline::parse("console=ttyS0 rdinit=/init kiln.port=org.kiln.agent.7 kiln.probe=1");
         assert!(c.probe);
         assert_eq!(c.port_name, "org.kiln.agent.7");
         let d = Cmdline::parse("console=ttyS0 kiln.probe=0 kiln.port=");

@@ -51,7 +51,10 @@ impl Outbound {
                 .await
                 .is_ok(),
             Err(e) => {
-                warn(format_args!("dropping unencodable frame: {}", error_chain(&e)));
+                warn(format_args!(
+                    "dropping unencodable frame: {}",
+                    error_chain(&e)
+                ));
                 true
             }
         }
@@ -62,7 +65,10 @@ impl Outbound {
         match msg.to_frame() {
             Ok(frame) => self.send(&frame).await,
             Err(e) => {
-                warn(format_args!("dropping unencodable message: {}", error_chain(&e)));
+                warn(format_args!(
+                    "dropping unencodable message: {}",
+                    error_chain(&e)
+                ));
                 true
             }
         }

@@ -130,7 +130,10 @@ mod tests {
         let root = std::env::temp_dir().join(format!("kiln-port-test-{}", std::process::id()));
         let sys = root.join("sys");
         let dev = root.join("dev");
-        for (port, name) in [("vport0p0", "org.qemu.other"), ("vport1p1", "org.kiln.agent.0")] {
+        for (port, name) in [
+            ("vport0p0", "org.qemu.other"),
+            ("vport1p1", "org.kiln.agent.0"),
+        ] {
             std::fs::create_dir_all(sys.join(port)).expect("mkdir");
             std::fs::write(sys.join(port).join("name"), format!("{name}\n")).expect("write");
         }

@@ -154,10 +154,7 @@ mod tests {
             .spawn(Command::new("sh").args(["-c", "kill -TERM $$"]))
             .expect("spawn sh");
         assert_eq!(exit1.await.ok(), Some(ChildExit::Exited(3)));
-        assert_eq!(
-            exit2.await.ok(),
-            Some(ChildExit::Signaled(libc::SIGTERM))
-        );
+        assert_eq!(exit2.await.ok(), Some(ChildExit::Signaled(libc::SIGTERM)));
         assert_eq!(reaper.pending(), 0);
     }
 

@@ -285,7 +285,10 @@ impl Agent {
                     warn(format_args!("stream {stream}: stdin dropped: {e}"));
                 }
             }
-            other => warn(format_args!("ignoring {} frame from the host", other.kind())),
+            other => warn(format_args!(
+                "ignoring {} frame from the host",
+                other.kind()
+            )),
         }
         None
     }

@@ -175,16 +175,18 @@ pub fn kernel_release() -> Option<String> {
 /// Sets `IFF_UP` on a network interface (used for `lo`).
 pub fn interface_up(name: &str) -> io::Result<()> {
     // SAFETY: socket takes plain integers; the result is checked before use.
-    let raw = check(unsafe {
-        libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
-    })?;
+    let raw =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: `raw` is a fresh socket fd that nothing else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(raw) };
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     let bytes = name.as_bytes();
     if bytes.len() >= ifr.ifr_name.len() || bytes.contains(&0) {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad interface name"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "bad interface name",
+        ));
     }
     for (dst, src) in ifr.ifr_name.iter_mut().zip(bytes) {
         *dst = *src as libc::c_char;
@@ -233,6 +235,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::zombie_processes)] // reaped by waitpid_nohang, the function under test
     fn waitpid_nohang_reports_exit_code() {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "exit 7"]);

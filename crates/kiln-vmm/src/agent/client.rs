@@ -521,7 +521,10 @@ where
                 continue;
             };
             if Some(ack.nonce) != nonce {
-                tracing::debug!(nonce = ack.nonce, "ignoring an acknowledgement of an older sync");
+                tracing::debug!(
+                    nonce = ack.nonce,
+                    "ignoring an acknowledgement of an older sync"
+                );
                 alive_at = Some(Instant::now());
                 decoder.hunt(HuntTarget::SyncAck);
                 continue;

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::{Bytes, BytesMut};
 use kiln_agent_proto::{
-    DataChannel, ExitStatus, Frame, HostMessage, MAX_DATA_PAYLOAD, RecvWindow, Request,
-    Response, SendCredit, StreamId,
+    DataChannel, ExitStatus, Frame, HostMessage, MAX_DATA_PAYLOAD, RecvWindow, Request, Response,
+    SendCredit, StreamId,
 };
 use tokio::sync::Notify;
 

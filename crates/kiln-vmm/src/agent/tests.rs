@@ -165,7 +165,10 @@ async fn connect_without_answer_times_out() {
         .await
         .err()
         .expect("no guest, no session");
-    assert!(matches!(err, AgentError::HandshakeTimeout { .. }), "{err:?}");
+    assert!(
+        matches!(err, AgentError::HandshakeTimeout { .. }),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -249,7 +252,10 @@ async fn exec_consumed_output_is_granted_back() {
         .await;
     assert!(matches!(session.next_event().await, Some(ExecEvent::Stdout(b)) if b.len() == 64));
     match guest.frame().await {
-        Some(Frame::Window { stream: s, increment }) => {
+        Some(Frame::Window {
+            stream: s,
+            increment,
+        }) => {
             assert_eq!(s, stream);
             assert_eq!(increment, 64);
         }
@@ -298,7 +304,10 @@ async fn exec_dropped_session_is_killed_and_credited() {
                     assert_eq!((s, signo), (stream, 9));
                     saw_kill = true;
                 }
-                HostMessage::Request { id, request: Request::Ping } => {
+                HostMessage::Request {
+                    id,
+                    request: Request::Ping,
+                } => {
                     guest.respond(id, Response::Pong).await;
                 }
                 other => panic!("unexpected {other:?}"),
