@@ -20,6 +20,8 @@ use kiln_agent::{Agent, AgentConfig, ReapMode, Reaper, ServeEnd};
 const PORT_WAIT: Duration = Duration::from_secs(30);
 /// A serve call shorter than this counts as a quick EOF (backed off to avoid spinning).
 const QUICK_EOF: Duration = Duration::from_secs(1);
+/// Consecutive quick EOFs tolerated before backing off.
+const QUICK_EOFS_FREE: u32 = 3;
 
 fn main() -> ExitCode {
     let is_init = std::process::id() == 1;
@@ -100,9 +102,11 @@ async fn serve_forever(cmdline: &Cmdline, is_init: bool) -> Result<(), BootError
         } else {
             quick_eofs.saturating_add(1)
         };
-        if quick_eofs > 0 {
-            // While no host is connected virtio-serial may keep reporting EOF: never spin.
-            let backoff_ms = (1u64 << quick_eofs.min(7)).min(100);
+        if quick_eofs > QUICK_EOFS_FREE {
+            // A read after EOF waits for a fresh readiness edge (host connecting or sending),
+            // so this only triggers if the port misbehaves; never spin. Not applied to the
+            // first few EOFs: a host reconnecting (e.g. after a restore) must not wait.
+            let backoff_ms = (1u64 << (quick_eofs - QUICK_EOFS_FREE).min(7)).min(100);
             tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
         }
     }
