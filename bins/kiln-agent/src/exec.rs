@@ -504,7 +504,8 @@ impl Process {
         tokio::pin!(pumps);
         let stdin = pump_stdin(stdin_pipe, stdin_rx, &out, stream);
         tokio::pin!(stdin);
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout too large to represent is no timeout (and must not panic PID 1).
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let sleep = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now));
         tokio::pin!(sleep);
 

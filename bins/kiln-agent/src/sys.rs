@@ -222,12 +222,88 @@ pub fn dup_to_stdio(file: File) -> io::Result<()> {
     Ok(())
 }
 
-/// Registers an owned file with the current tokio reactor (read and write interest).
-pub fn register_async_fd(file: File) -> io::Result<tokio::io::unix::AsyncFd<File>> {
-    // SAFETY: `File` owns its descriptor: it stays open and refers to the same open file
-    // description until the `AsyncFd` (which takes ownership of the `File`) is dropped, and
-    // `File::as_raw_fd` always returns that same descriptor.
-    Ok(unsafe { tokio::io::unix::AsyncFd::register(file) }?)
+/// Which readiness an [`EdgeWatch`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edge {
+    /// `EPOLLIN` (plus the always-reported `EPOLLHUP`/`EPOLLERR`).
+    Readable,
+    /// `EPOLLOUT` (plus the always-reported `EPOLLHUP`/`EPOLLERR`).
+    Writable,
+}
+
+/// A private edge-triggered epoll instance watching one descriptor.
+///
+/// Why: tokio treats `EPOLLHUP` as a final "closed" state that is never cleared, but a
+/// virtio-serial port reports `EPOLLHUP` whenever the host side is disconnected and recovers
+/// when a host connects again. Watching the port through an inner edge-triggered epoll (whose
+/// own fd is what tokio watches, and which never reports hangup) gives "something happened on
+/// the port" edges without tokio's sticky closed state.
+#[derive(Debug)]
+pub struct EdgeWatch {
+    epfd: OwnedFd,
+}
+
+impl EdgeWatch {
+    /// Watches `fd` for `edge`. `fd` must stay open as long as the watch is used (the kernel
+    /// drops the registration when it is closed).
+    pub fn new(fd: RawFd, edge: Edge) -> io::Result<EdgeWatch> {
+        // SAFETY: epoll_create1 takes a flag and returns a new descriptor or -1.
+        let raw = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        // SAFETY: `raw` is a fresh descriptor nothing else owns.
+        let epfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let events = match edge {
+            Edge::Readable => libc::EPOLLIN,
+            Edge::Writable => libc::EPOLLOUT,
+        } | libc::EPOLLET;
+        let mut event = libc::epoll_event {
+            events: events as u32,
+            u64: 0,
+        };
+        // SAFETY: both descriptors are valid for the call and `event` is a valid epoll_event.
+        check(unsafe { libc::epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) })?;
+        Ok(EdgeWatch { epfd })
+    }
+
+    /// Consumes every pending edge (non-blocking).
+    pub fn drain(&self) {
+        const BATCH: usize = 4;
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
+        loop {
+            // SAFETY: `events` is a writable array of BATCH epoll_events; timeout 0 never
+            // blocks.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epfd.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    BATCH as libc::c_int,
+                    0,
+                )
+            };
+            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if n < BATCH as libc::c_int {
+                return;
+            }
+        }
+    }
+
+    /// Registers the watch with the current tokio reactor (it becomes readable when an edge
+    /// is pending).
+    pub fn into_async(self) -> io::Result<tokio::io::unix::AsyncFd<EdgeWatch>> {
+        // SAFETY: `EdgeWatch` owns its epoll descriptor: it stays open and refers to the same
+        // open file description until the `AsyncFd` (which takes ownership) is dropped, and
+        // `as_raw_fd` always returns that same descriptor.
+        Ok(unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(self, tokio::io::Interest::READABLE)
+        }?)
+    }
+}
+
+impl AsRawFd for EdgeWatch {
+    fn as_raw_fd(&self) -> RawFd {
+        self.epfd.as_raw_fd()
+    }
 }
 
 #[cfg(test)]

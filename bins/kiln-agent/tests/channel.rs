@@ -6,6 +6,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use bytes::Bytes;
+use kiln_agent::port::VirtioPort;
 use kiln_agent::{Agent, AgentConfig, ReapMode, Reaper, ServeEnd};
 use kiln_vmm::agent::{
     AgentClient, AgentError, ClientConfig, ErrorCode, ExecEvent, ExecOutput, ExecRequest,
@@ -319,6 +320,17 @@ async fn exec_timeout_kills_process_group() {
 }
 
 #[tokio::test]
+async fn exec_huge_timeout_is_no_timeout() {
+    let agent = start_agent();
+    let client = agent.connect(64 << 10).await;
+    let mut req = ExecRequest::new(["echo", "ok"]);
+    req.timeout_ms = Some(u64::MAX);
+    let out = run(&client, req).await;
+    assert_eq!(text(&out.stdout), "ok\n");
+    assert!(!out.status.timed_out);
+}
+
+#[tokio::test]
 async fn exec_output_cap_truncates_and_kills() {
     let agent = start_agent();
     let client = agent.connect(64 << 10).await;
@@ -589,6 +601,33 @@ async fn connect_skips_garbage_before_sync() {
         .await
         .expect("handshake after garbage");
     client.ping().await.expect("pong");
+}
+
+#[tokio::test]
+async fn virtio_port_over_socketpair_serves_client() {
+    // The production port wrapper (edge-triggered readiness) under the real protocol.
+    let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    a.set_nonblocking(true).expect("nonblocking");
+    b.set_nonblocking(true).expect("nonblocking");
+    let port =
+        VirtioPort::from_file(std::fs::File::from(std::os::fd::OwnedFd::from(a))).expect("port");
+    let reaper = Reaper::start(ReapMode::RegisteredOnly).expect("sigchld listener");
+    let agent = Agent::new(AgentConfig::default(), reaper);
+    let serve = tokio::spawn(async move { agent.serve(port).await });
+    let host = tokio::net::UnixStream::from_std(b).expect("tokio stream");
+    let (client, _) = AgentClient::connect_with(host, config(8 << 10))
+        .await
+        .expect("handshake");
+    client.ping().await.expect("pong");
+    let out = run(
+        &client,
+        ExecRequest::new(["head", "-c", "3000000", "/dev/zero"]),
+    )
+    .await;
+    assert_eq!(out.stdout.len(), 3_000_000);
+    drop(client);
+    let end = serve.await.expect("serve task").expect("serve");
+    assert_eq!(end, ServeEnd::HostGone);
 }
 
 #[tokio::test]
