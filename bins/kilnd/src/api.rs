@@ -36,6 +36,9 @@ use serde::de::DeserializeOwned;
 
 type Shared = State<Arc<Engine>>;
 
+/// Largest WebSocket message a client may send (stdin chunks, control messages).
+const MAX_WS_MESSAGE: usize = 1 << 20;
+
 /// The API's routes.
 pub fn router(engine: Arc<Engine>) -> Router {
     Router::new()
@@ -186,11 +189,14 @@ async fn sandbox_exec(
     let id = parse_id(&id)?;
     // Existence is checked before upgrading so that a wrong id is a plain 404.
     engine.sandbox_get(&id)?;
-    Ok(ws.on_upgrade(move |socket| crate::exec_ws::exec_in(engine, id, socket)))
+    Ok(ws
+        .max_message_size(MAX_WS_MESSAGE)
+        .on_upgrade(move |socket| crate::exec_ws::exec_in(engine, id, socket)))
 }
 
 async fn run(State(engine): Shared, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| crate::exec_ws::run(engine, socket))
+    ws.max_message_size(MAX_WS_MESSAGE)
+        .on_upgrade(move |socket| crate::exec_ws::run(engine, socket))
 }
 
 async fn image_list(State(engine): Shared) -> Result<Response, HttpError> {

@@ -18,11 +18,37 @@ use kiln_api_types::{
     STREAM_STDOUT, SandboxId,
 };
 use kiln_core::{CoreError, Engine, Exec, ExecOutput};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 /// SIGKILL.
 const SIGKILL: i32 = 9;
+
+/// Client messages (after the first) queued between the socket and the exec, at most this many.
+const CLIENT_QUEUE: usize = 64;
+
+/// The client's side of an exec socket, read by a forwarder task from the moment the request
+/// arrived, so stdin sent while a sandbox boots is queued (bounded) rather than lost.
+struct ClientSide {
+    /// Messages in arrival order; closed when the client has gone.
+    msgs: mpsc::Receiver<Message>,
+    /// Becomes true when the client closed the socket or it broke.
+    gone: watch::Receiver<bool>,
+}
+
+fn spawn_forwarder(mut rx: SplitStream<WebSocket>) -> ClientSide {
+    let (msg_tx, msgs) = mpsc::channel(CLIENT_QUEUE);
+    let (gone_tx, gone) = watch::channel(false);
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = rx.next().await {
+            if matches!(msg, Message::Close(_)) || msg_tx.send(msg).await.is_err() {
+                break;
+            }
+        }
+        gone_tx.send_replace(true);
+    });
+    ClientSide { msgs, gone }
+}
 
 /// `/v1/sandboxes/{id}/exec`.
 pub async fn exec_in(engine: Arc<Engine>, id: SandboxId, socket: WebSocket) {
@@ -31,13 +57,14 @@ pub async fn exec_in(engine: Arc<Engine>, id: SandboxId, socket: WebSocket) {
         Ok(r) => r,
         Err(e) => return send_error(&mut tx, e).await,
     };
+    let client = spawn_forwarder(rx);
     match engine.sandbox_exec(&id, &req).await {
         Ok(exec) => {
             let started = ExecServerMessage::Started {
                 sandbox: id,
                 boot_ms: None,
             };
-            pump(exec, started, tx, rx).await;
+            pump(exec, started, tx, client).await;
         }
         Err(e) => send_error(&mut tx, crate::api::api_error(&e)).await,
     }
@@ -60,6 +87,7 @@ pub async fn run(engine: Arc<Engine>, socket: WebSocket) {
         )
         .await;
     }
+    let mut client = spawn_forwarder(rx);
     // Boot in its own task so that a client leaving mid-boot is noticed; the sandbox is then
     // destroyed as soon as the boot settles.
     let boot = tokio::spawn({
@@ -70,7 +98,7 @@ pub async fn run(engine: Arc<Engine>, socket: WebSocket) {
     tokio::pin!(boot);
     let info = tokio::select! {
         res = &mut boot => res,
-        _ = client_gone(&mut rx) => {
+        _ = async { drop(client.gone.wait_for(|g| *g).await) } => {
             debug!("client left during boot");
             if let Ok(Ok(info)) = boot.await {
                 let _ = engine.sandbox_delete(&info.id).await;
@@ -99,21 +127,12 @@ pub async fn run(engine: Arc<Engine>, socket: WebSocket) {
                 sandbox: id.clone(),
                 boot_ms: info.boot_ms,
             };
-            pump(exec, started, tx, rx).await;
+            pump(exec, started, tx, client).await;
         }
         Err(e) => send_error(&mut tx, crate::api::api_error(&e)).await,
     }
     if let Err(e) = engine.sandbox_delete(&id).await {
         warn!(sandbox_id = %id, error = %e.chain(), "could not remove run sandbox");
-    }
-}
-
-/// Waits until the client closes the socket (anything it sends before that is ignored).
-async fn client_gone(rx: &mut SplitStream<WebSocket>) {
-    while let Some(Ok(msg)) = rx.next().await {
-        if matches!(msg, Message::Close(_)) {
-            return;
-        }
     }
 }
 
@@ -171,14 +190,14 @@ async fn pump(
     mut exec: Exec,
     started: ExecServerMessage,
     mut tx: SplitSink<WebSocket, Message>,
-    rx: SplitStream<WebSocket>,
+    client: ClientSide,
 ) {
     if send_json(&mut tx, &started).await.is_err() {
         let _ = exec.signal(SIGKILL).await;
         return;
     }
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Control>(8);
-    let reader = tokio::spawn(read_client(rx, exec.stdin(), ctl_tx));
+    let reader = tokio::spawn(read_client(client.msgs, exec.stdin(), ctl_tx));
     loop {
         tokio::select! {
             out = exec.next() => {
@@ -227,12 +246,12 @@ fn error_body(e: &CoreError) -> ApiError {
 
 /// Takes the client's messages: stdin bytes go to the guest, signals to the main loop.
 async fn read_client(
-    mut rx: SplitStream<WebSocket>,
+    mut msgs: mpsc::Receiver<Message>,
     stdin: kiln_core::sandbox::StdinHandle,
     ctl: mpsc::Sender<Control>,
 ) {
     let mut stdin_open = true;
-    while let Some(Ok(msg)) = rx.next().await {
+    while let Some(msg) = msgs.recv().await {
         match msg {
             Message::Binary(data) if stdin_open => {
                 if stdin.write(data).await.is_err() {
