@@ -29,8 +29,10 @@ use crate::error::CoreError;
 const BOOT_DEADLINE_TCG: Duration = Duration::from_secs(120);
 /// How long a cold boot may take until the agent answers, under KVM.
 const BOOT_DEADLINE_KVM: Duration = Duration::from_secs(30);
-/// How much of the serial console an error message quotes.
-const CONSOLE_TAIL_BYTES: usize = 1500;
+/// How much of the serial console's end is searched for an error message.
+const CONSOLE_SCAN_BYTES: usize = 64 * 1024;
+/// How many console lines an error message quotes.
+const CONSOLE_TAIL_LINES: usize = 12;
 /// After the agent channel dies, how long to wait for QEMU's exit to explain it.
 const DEATH_EXPLAIN_WAIT: Duration = Duration::from_millis(500);
 
@@ -215,13 +217,30 @@ impl Sandbox {
 }
 
 fn console_suffix(vm: &Vm) -> String {
-    let tail = vm.console_tail(CONSOLE_TAIL_BYTES);
-    let tail = tail.trim_end();
-    if tail.is_empty() {
-        String::new()
-    } else {
-        format!("; last console output:\n{tail}")
+    summarize_console(&vm.console_tail(CONSOLE_SCAN_BYTES))
+}
+
+/// The part of a console log worth putting in an error: the kernel's panic line (if any,
+/// because a panic's backtrace pushes it far up) and the last few lines.
+fn summarize_console(log: &str) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return String::new();
     }
+    let mut out = String::new();
+    if let Some(panic) = lines.iter().find(|l| l.contains("Kernel panic")) {
+        out.push_str(&format!("; guest kernel panic: {}", panic.trim()));
+    }
+    out.push_str("; last console output:");
+    for l in &lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..] {
+        out.push('\n');
+        out.push_str(l);
+    }
+    out
 }
 
 fn to_agent_exec(req: &ExecRequest) -> kiln_vmm::agent::ExecRequest {
@@ -303,5 +322,35 @@ impl Exec {
     /// Delivers a signal to the command's process group.
     pub async fn signal(&self, signo: i32) -> Result<(), CoreError> {
         self.session.signal(signo).await.map_err(CoreError::Agent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summarize_console_puts_panic_line_first() {
+        let mut log = String::from(
+            "[ 1.0] sysrq: Trigger a crash\n[ 1.1] Kernel panic - not syncing: sysrq triggered crash\n",
+        );
+        for i in 0..40 {
+            log.push_str(&format!("[ 2.{i}] frame {i}\n"));
+        }
+        let s = summarize_console(&log);
+        assert!(
+            s.starts_with(
+                "; guest kernel panic: [ 1.1] Kernel panic - not syncing: sysrq triggered crash"
+            ),
+            "{s}"
+        );
+        assert!(s.ends_with("frame 39"), "{s}");
+        assert!(!s.contains("frame 27\n"), "{s}");
+        assert_eq!(s.lines().count(), 1 + CONSOLE_TAIL_LINES);
+    }
+
+    #[test]
+    fn summarize_console_empty_log_adds_nothing() {
+        assert_eq!(summarize_console("\n\n"), "");
     }
 }
