@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_api_types::{ExecRequest, ExitStatus, SandboxId};
-use kiln_vmm::agent::{AgentClient, AgentError, ExecEvent, ExecSession};
+use kiln_vmm::agent::{AgentClient, AgentError, ClientConfig, ExecEvent, ExecSession};
 use kiln_vmm::{Accel, Vm, VmConfig};
 use tokio::sync::watch;
 
@@ -29,6 +29,9 @@ use crate::error::CoreError;
 const BOOT_DEADLINE_TCG: Duration = Duration::from_secs(120);
 /// How long a cold boot may take until the agent answers, under KVM.
 const BOOT_DEADLINE_KVM: Duration = Duration::from_secs(30);
+/// Output bytes a command may have in flight to the host before the consumer catches up:
+/// bounds the daemon's memory per exec (1 MiB) while keeping the virtio-serial link busy.
+const OUTPUT_WINDOW: u32 = 1 << 20;
 /// How much of the serial console's end is searched for an error message.
 const CONSOLE_SCAN_BYTES: usize = 64 * 1024;
 /// How many console lines an error message quotes.
