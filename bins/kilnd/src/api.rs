@@ -65,6 +65,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
 }
 
 /// An error response.
+#[derive(Debug)]
 pub struct HttpError(StatusCode, ApiError);
 
 impl IntoResponse for HttpError {
@@ -245,10 +246,10 @@ async fn image_build(
     let stream = futures_util::stream::unfold(line_rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
-    Ok(Response::builder()
+    Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(Body::from_stream(stream))
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?)
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
 }
 
 fn ndjson<T: Serialize>(v: &T) -> Bytes {

@@ -253,11 +253,8 @@ async fn read_client(
     let mut stdin_open = true;
     while let Some(msg) = msgs.recv().await {
         match msg {
-            Message::Binary(data) if stdin_open => {
-                if stdin.write(data).await.is_err() {
-                    stdin_open = false;
-                }
-            }
+            // A command that stopped reading stdin loses the rest; output still flows.
+            Message::Binary(data) if stdin_open => stdin_open = stdin.write(data).await.is_ok(),
             Message::Text(t) => match serde_json::from_str::<ExecClientMessage>(t.as_str()) {
                 Ok(ExecClientMessage::StdinClose) => {
                     if stdin_open {

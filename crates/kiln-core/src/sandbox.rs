@@ -106,7 +106,12 @@ impl Sandbox {
                     path: vm.agent_socket().to_owned(),
                     source,
                 })?;
-            AgentClient::connect(stream, deadline)
+            let config = ClientConfig {
+                handshake_deadline: deadline,
+                output_window: OUTPUT_WINDOW,
+                ..Default::default()
+            };
+            AgentClient::connect_with(stream, config)
                 .await
                 .map_err(CoreError::Agent)
         };
