@@ -256,7 +256,7 @@ mod tests {
     fn bad_options_are_named_in_the_error() {
         let a = parse(&["--env", "NOEQUALS", "--", "true"]);
         assert!(a.exec_request().unwrap_err().to_string().contains("--env"));
-        let a = parse(&["--timeout", "-1", "--", "true"]);
+        let a = parse(&["--timeout", "0", "--", "true"]);
         assert!(
             a.exec_request()
                 .unwrap_err()
