@@ -238,6 +238,51 @@ pub fn build_args(cfg: &VmConfig) -> Vec<OsString> {
     a.0
 }
 
+/// Version tag mixed into [`device_fingerprint`]; bump when its inputs change meaning.
+const FINGERPRINT_VERSION: &str = "kiln-device-fingerprint-v1";
+
+/// A digest (hex sha256) of everything in `cfg`'s argument vector that a restored VM must
+/// share with the captured one for QEMU to accept the device state: machine type and options,
+/// accelerator, CPU model, vCPUs, memory size and backend, the device list and their
+/// options, disk presence and format, the agent port. Left out because they legitimately
+/// differ between a capture and its clones: every host path (run directory, sockets, logs,
+/// memory file, disk file), `share=on/off`, `-incoming`, the VM name. Left out because they
+/// do not affect device state: the kernel command line, and the kernel/initramfs *paths*
+/// (digesting their *content* is the caller's job, as for the rootfs).
+pub fn device_fingerprint(cfg: &VmConfig) -> String {
+    use sha2::{Digest, Sha256};
+    let normalized = VmConfig {
+        qemu: PathBuf::from("/qemu"),
+        kernel: PathBuf::from("/kernel"),
+        initramfs: PathBuf::from("/initramfs"),
+        extra_cmdline: String::new(),
+        disk: cfg.disk.as_ref().map(|_| PathBuf::from("/disk")),
+        memory_file: PathBuf::from("/mem"),
+        memory_shared: true,
+        run_dir: PathBuf::from("/run"),
+        incoming: None,
+        ..cfg.clone()
+    };
+    let mut h = Sha256::new();
+    h.update(FINGERPRINT_VERSION.as_bytes());
+    let args = build_args(&normalized);
+    let mut skip_next = false;
+    for (i, arg) in args.iter().enumerate() {
+        if skip_next {
+            skip_next = false;
+            continue;
+        }
+        // The kernel command line is guest memory once booted; the name is cosmetic.
+        if matches!(arg.as_bytes(), b"-append" | b"-name") && i + 1 < args.len() {
+            skip_next = true;
+            continue;
+        }
+        h.update([0u8]);
+        h.update(arg.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
 #[derive(Default)]
 struct Args(Vec<OsString>);
 
@@ -387,6 +432,44 @@ mod tests {
         let args = strings(&build_args(&cfg));
         assert!(values(&args, "-object")[0].contains("mem-path=/tmp/a,,b/mem,share=on"));
         assert!(values(&args, "-chardev").contains(&"file,id=console,path=/tmp/a,,b/console.log"));
+    }
+
+    #[test]
+    fn device_fingerprint_ignores_paths_but_not_devices() {
+        let base = device_fingerprint(&config());
+        assert_eq!(base.len(), 64);
+        let clone = VmConfig {
+            run_dir: "/other/run/clone1".into(),
+            memory_file: "/snapshots/s1/mem".into(),
+            memory_shared: false,
+            disk: Some("/other/run/clone1/disk.qcow2".into()),
+            kernel: "/elsewhere/vmlinuz".into(),
+            extra_cmdline: "kiln.debug=1".into(),
+            incoming: Some(Incoming::Defer),
+            ..config()
+        };
+        assert_eq!(device_fingerprint(&clone), base, "a clone matches its capture");
+        let differs = [
+            VmConfig {
+                cpus: 1,
+                ..config()
+            },
+            VmConfig {
+                memory_mib: 512,
+                ..config()
+            },
+            VmConfig {
+                accel: Accel::Kvm,
+                ..config()
+            },
+            VmConfig {
+                disk: None,
+                ..config()
+            },
+        ];
+        for cfg in differs {
+            assert_ne!(device_fingerprint(&cfg), base, "{cfg:?}");
+        }
     }
 
     #[test]

@@ -138,4 +138,53 @@ pub enum VmmError {
         /// Why KVM cannot be used.
         reason: String,
     },
+    /// A snapshot state file path cannot be passed to QEMU's `exec:` migration safely.
+    #[error("state file path {path} cannot be used: {reason}")]
+    StatePath {
+        /// The path.
+        path: PathBuf,
+        /// Why not.
+        reason: &'static str,
+    },
+    /// A QMP command of a snapshot step failed.
+    #[error("qmp {step} failed; qemu.log: {log_tail}")]
+    SnapshotQmp {
+        /// The step, e.g. `stop`, `migrate`.
+        step: &'static str,
+        /// The end of `qemu.log`.
+        log_tail: String,
+        /// Underlying error.
+        #[source]
+        source: kiln_qmp::QmpError,
+    },
+    /// QEMU reported a failed migration (capture or restore).
+    #[error("{step} failed: {desc}; qemu.log: {log_tail}")]
+    MigrationFailed {
+        /// `capture` or `restore`.
+        step: &'static str,
+        /// QEMU's `error-desc`, or the run state it ended in.
+        desc: String,
+        /// The end of `qemu.log`.
+        log_tail: String,
+    },
+    /// QEMU exited in the middle of a snapshot step.
+    #[error("QEMU exited during {step} ({status}); qemu.log: {log_tail}")]
+    ExitedDuring {
+        /// The step.
+        step: &'static str,
+        /// How it exited.
+        status: VmExit,
+        /// The end of `qemu.log`.
+        log_tail: String,
+    },
+    /// A snapshot step did not finish in time.
+    #[error("{step} did not finish within {timeout_ms} ms; qemu.log: {log_tail}")]
+    SnapshotTimeout {
+        /// The step.
+        step: &'static str,
+        /// The deadline.
+        timeout_ms: u64,
+        /// The end of `qemu.log`.
+        log_tail: String,
+    },
 }

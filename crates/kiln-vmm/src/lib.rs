@@ -9,6 +9,8 @@
 //! - [`procid`]: pid + start-time identities for the daemon's startup janitor;
 //! - [`accel`]: KVM-or-TCG, probed by booting the real guest kernel;
 //! - [`create_overlay`]: qcow2 overlays over the read-only rootfs;
+//! - [`snapshot`]: warm snapshots: [`Vm::capture`] (device state via migration) and
+//!   [`Vm::restore`] (clones mapping the captured RAM file copy-on-write);
 //! - [`agent`]: the host side of the agent channel.
 //!
 //! Must not: know about sandboxes, images or the database. Everything here is driven by
@@ -26,13 +28,15 @@ mod overlay;
 mod process;
 pub mod procid;
 pub mod qemu;
+pub mod snapshot;
 mod vm;
 
 pub use accel::{Accel, AccelVerdict};
-pub use cmdline::{Incoming, RunPaths, VmConfig};
+pub use cmdline::{Incoming, RunPaths, VmConfig, device_fingerprint};
 pub use error::VmmError;
 pub use overlay::create_overlay;
 pub use process::VmExit;
+pub use snapshot::{AfterCapture, CaptureMode, CaptureReport, RestoreReport};
 pub use vm::{QMP_CONNECT_TIMEOUT, Vm};
 
 pub use kiln_qmp as qmp;

@@ -38,7 +38,7 @@ use crate::procid::ProcessIdentity;
 pub const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How much of qemu.log goes into error messages.
-const LOG_TAIL_BYTES: usize = 2048;
+pub(crate) const LOG_TAIL_BYTES: usize = 2048;
 
 /// Longest unix socket path (`sun_path` is 108 bytes including the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -56,6 +56,8 @@ pub struct Vm {
     paths: RunPaths,
     qmp: QmpClient,
     child: Supervised,
+    /// The config QEMU was started with (snapshot capture checks `memory_shared`).
+    config: VmConfig,
 }
 
 impl Drop for Vm {
@@ -155,6 +157,7 @@ impl Vm {
                     paths,
                     qmp,
                     child,
+                    config: cfg.clone(),
                 })
             }
             Err(e) => {
@@ -163,6 +166,11 @@ impl Vm {
                 Err(e)
             }
         }
+    }
+
+    /// The config this QEMU was started with.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
     }
 
     /// QEMU's pid.
