@@ -33,7 +33,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use kiln_agent_proto::{
     DataChannel, ErrorBody, ErrorCode, ExecRequest, ExitStatus, FlowError, Frame, GuestMessage,
-    MAX_DATA_PAYLOAD, MAX_WINDOW, RecvWindow, SendCredit, StreamId,
+    MAX_DATA_PAYLOAD, MAX_WINDOW, RecvWindow, RestoreId, SendCredit, StreamId,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
@@ -41,6 +41,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::console::warn;
+use crate::identity::RESTORE_ID_ENV;
 use crate::outbound::Outbound;
 use crate::reaper::Reaper;
 use crate::session::AgentConfig;
@@ -227,6 +228,7 @@ pub(crate) fn start(
     stream: StreamId,
     output_window: u32,
     req: ExecRequest,
+    restore_id: Option<&RestoreId>,
     out: Outbound,
 ) -> Result<Started, ErrorBody> {
     validate(&req, output_window)?;
@@ -240,6 +242,9 @@ pub(crate) fn start(
     cmd.args(&req.argv[1..]).env_clear();
     for (k, v) in BASE_ENV {
         cmd.env(k, v);
+    }
+    if let Some(id) = restore_id {
+        cmd.env(RESTORE_ID_ENV, id.as_str());
     }
     cmd.envs(&req.env)
         .current_dir(&cwd)

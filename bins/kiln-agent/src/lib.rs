@@ -1,8 +1,9 @@
 //! kiln's guest agent: the initramfs `/init` and the server side of the agent channel.
 //!
 //! Owns: PID 1 boot duties ([`init`]), child reaping ([`reaper`]), the protocol loop and
-//! session state ([`session`]), exec handling, the virtio-serial port ([`port`]) and the only
-//! `unsafe` code of the agent ([`sys`]). The binary (`main.rs`) only wires these together, so
+//! session state ([`session`]), exec handling, applying a restored guest's new identity
+//! ([`identity`]), the virtio-serial port ([`port`]) and the only `unsafe` code of the agent
+//! ([`sys`]). The binary (`main.rs`) only wires these together, so
 //! tests can run the real session and exec logic in-process over `tokio::io::duplex`.
 //!
 //! Must not: depend on anything beyond tokio (current-thread), serde_json, libc and the
@@ -14,6 +15,7 @@
 
 pub mod console;
 mod exec;
+pub mod identity;
 pub mod init;
 mod outbound;
 pub mod port;
@@ -22,5 +24,6 @@ pub mod session;
 pub mod sys;
 
 pub use exec::BASE_ENV;
+pub use identity::{FakeIdentity, IdentitySink, SystemIdentity};
 pub use reaper::{ReapMode, Reaper};
 pub use session::{Agent, AgentConfig, ServeEnd, ServeError};

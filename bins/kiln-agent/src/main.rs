@@ -4,17 +4,22 @@
 //! serving the virtio-serial port forever (reconnects included). Shutdown requests and fatal
 //! boot errors power the guest off when PID 1; nothing here ever returns to the kernel.
 //!
+//! Only as PID 1 does the agent get the real identity sink (`apply_identity` after a snapshot
+//! restore changes the guest's clock, RNG, hostname and machine id); otherwise it answers
+//! that request `unsupported`.
+//!
 //! Not PID 1: skips boot duties, serves the port named on the kernel command line (or the
 //! device path in `KILN_AGENT_PORT`) and exits on shutdown.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_agent::console::{error_chain, say, warn};
 use kiln_agent::init::{self, BootError, Cmdline};
 use kiln_agent::port::{VirtioPort, find_port};
-use kiln_agent::{Agent, AgentConfig, ReapMode, Reaper, ServeEnd};
+use kiln_agent::{Agent, AgentConfig, ReapMode, Reaper, ServeEnd, SystemIdentity};
 
 /// How long to wait for the agent's virtio-serial port to appear.
 const PORT_WAIT: Duration = Duration::from_secs(30);
@@ -87,7 +92,11 @@ async fn serve_forever(cmdline: &Cmdline, is_init: bool) -> Result<(), BootError
         step: format!("open {}", path.display()),
         source,
     })?;
-    let agent = Agent::new(AgentConfig::default(), reaper);
+    let mut agent = Agent::new(AgentConfig::default(), reaper);
+    // Only the guest's init may change the clock, hostname, RNG and machine id.
+    if is_init && let Some(system) = SystemIdentity::for_pid1() {
+        agent = agent.with_identity_sink(Arc::new(system));
+    }
     say(format_args!("ready"));
     let mut quick_eofs = 0u32;
     loop {

@@ -1,6 +1,7 @@
 //! The agent's protocol loop: one connection, any number of sessions, many execs.
 //!
-//! Owns: [`Agent`] (configuration, reaper, identity) and [`Agent::serve`], which runs the
+//! Owns: [`Agent`] (configuration, reaper, what it reports about itself, the identity sink
+//! and the current restore id) and [`Agent::serve`], which runs the
 //! protocol over any byte stream until the host goes away or asks for shutdown. Usable as a
 //! library: tests drive it over `tokio::io::duplex`, the binary over the virtio-serial port.
 //!
@@ -19,19 +20,23 @@
 //!   epoch, and the SYNC_ACK is the first frame of the new session.
 //! - A framing error never ends the connection: the decoder hunts for the next SYNC.
 //! - Every request is answered exactly once (`response` or `error` with its id).
+//! - `apply_identity` runs synchronously inside the request handler: no other frame of any
+//!   session is processed while an identity is half applied. The restore id execs see is
+//!   cleared when an identity is attempted and set only once every step succeeded; it
+//!   outlives sessions (a restored guest keeps it across host reconnects).
 
 use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, Decoder, ErrorBody, ErrorCode, ExecRequest, Frame, GuestMessage,
-    HostMessage, HuntTarget, Request, RequestId, Response, SUPPORTED_VERSIONS, StreamId,
-    SyncAckFrame, choose_version, loose_request_id,
+    AgentInfo, DataChannel, Decoder, ErrorBody, ErrorCode, ExecRequest, FEATURE_IDENTITY_V1, Frame,
+    GuestIdentity, GuestMessage, HostMessage, HuntTarget, Request, RequestId, Response, RestoreId,
+    SUPPORTED_VERSIONS, StreamId, SyncAckFrame, choose_version, loose_request_id,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
@@ -39,6 +44,7 @@ use tokio::task::{self, JoinSet};
 
 use crate::console::{error_chain, warn};
 use crate::exec::{self, ExecHandle};
+use crate::identity::{self, IdentitySink};
 use crate::outbound::{OutItem, Outbound, write_loop};
 use crate::reaper::Reaper;
 use crate::sys;
@@ -94,11 +100,15 @@ pub enum ServeError {
     Write(#[source] io::Error),
 }
 
-/// The guest agent: configuration, the child reaper and what it reports about itself.
+/// The guest agent: configuration, the child reaper, what it reports about itself and, when
+/// it may change the system's identity, the sink that does it.
 pub struct Agent {
     config: AgentConfig,
     reaper: Reaper,
     info: AgentInfo,
+    identity: Option<Arc<dyn IdentitySink>>,
+    /// The restore id of the last identity applied in full; exported to execs.
+    restore_id: Mutex<Option<RestoreId>>,
 }
 
 /// One session: everything a SYNC creates and the next SYNC (or EOF) destroys.
@@ -138,7 +148,47 @@ impl Agent {
             config,
             reaper,
             info,
+            identity: None,
+            restore_id: Mutex::new(None),
         }
+    }
+
+    /// Lets the agent answer `apply_identity` through `sink` and advertises
+    /// [`FEATURE_IDENTITY_V1`]. Without a sink the request is answered `unsupported`. The
+    /// binary installs [`identity::SystemIdentity`] only as the guest's PID 1.
+    pub fn with_identity_sink(mut self, sink: Arc<dyn IdentitySink>) -> Agent {
+        self.identity = Some(sink);
+        if !self.info.features.iter().any(|f| f == FEATURE_IDENTITY_V1) {
+            self.info.features.push(FEATURE_IDENTITY_V1.to_owned());
+        }
+        self
+    }
+
+    /// The restore id of the last identity applied in full, if any.
+    pub fn restore_id(&self) -> Option<RestoreId> {
+        self.restore_id
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn apply_identity(&self, identity: &GuestIdentity) -> Result<Response, ErrorBody> {
+        let Some(sink) = &self.identity else {
+            return Err(ErrorBody {
+                code: ErrorCode::Unsupported,
+                message: "this agent does not apply identities (it is not the guest's init)"
+                    .to_owned(),
+            });
+        };
+        let mut current = self
+            .restore_id
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // A failed attempt must not leave execs believing in the previous identity.
+        *current = None;
+        let ack = identity::apply(sink.as_ref(), identity)?;
+        *current = Some(ack.restore_id.clone());
+        Ok(Response::IdentityApplied(ack))
     }
 
     /// What the agent reports in SYNC_ACK.
@@ -318,6 +368,7 @@ impl Agent {
                         exec,
                     } => self.start_exec(s, stream, output_window, exec).await,
                     Request::Signal { stream, signo } => signal_exec(s, stream, signo),
+                    Request::ApplyIdentity { identity } => self.apply_identity(&identity),
                     Request::Shutdown => {
                         reply(s, id, Ok(Response::ShuttingDown)).await;
                         s.out.flush().await;
@@ -359,12 +410,14 @@ impl Agent {
                 message: format!("at most {} execs may run at once", self.config.max_execs),
             });
         }
+        let restore_id = self.restore_id();
         let started = exec::start(
             &self.reaper,
             &self.config,
             stream,
             output_window,
             req,
+            restore_id.as_ref(),
             s.out.clone(),
         )?;
         if let Some(increment) = started.stdin_window {

@@ -271,12 +271,12 @@ pub fn clock_realtime_ns() -> io::Result<i128> {
 /// `clock_settime(CLOCK_REALTIME)`. Needs `CAP_SYS_TIME`.
 pub fn set_clock_realtime(secs: u64, nanos: u32) -> io::Result<()> {
     let out_of_range = || io::Error::new(io::ErrorKind::InvalidInput, "time out of range");
+    if nanos >= 1_000_000_000 {
+        return Err(out_of_range());
+    }
     let ts = libc::timespec {
         tv_sec: libc::time_t::try_from(secs).map_err(|_| out_of_range())?,
-        tv_nsec: libc::c_long::try_from(nanos)
-            .ok()
-            .filter(|n| *n < 1_000_000_000)
-            .ok_or_else(out_of_range)?,
+        tv_nsec: libc::c_long::from(nanos),
     };
     // SAFETY: `ts` is a valid timespec the kernel only reads during the call.
     check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(drop)

@@ -2,7 +2,8 @@
 //!
 //! Owns: the frame layout, the incremental [`Decoder`], the resync handshake
 //! ([`SyncFrame`]/[`SyncAckFrame`]), the typed control messages ([`HostMessage`],
-//! [`GuestMessage`]) and the pure flow-control bookkeeping ([`RecvWindow`], [`SendCredit`]).
+//! [`GuestMessage`]), the validated identity a restored guest is given ([`identity`]) and the
+//! pure flow-control bookkeeping ([`RecvWindow`], [`SendCredit`]).
 //! Must not do: any I/O, any async, any allocation sized by a peer-supplied number before that
 //! number has been checked against a cap.
 //!
@@ -47,6 +48,7 @@ pub mod flow;
 pub mod frame;
 pub mod fuzz;
 pub mod handshake;
+pub mod identity;
 pub mod message;
 
 pub use decoder::{Decoder, HuntTarget};
@@ -55,6 +57,10 @@ pub use flow::{FlowError, RecvWindow, SendCredit};
 pub use frame::{DataChannel, Frame, FrameKind, StreamId};
 pub use fuzz::fuzz_decode;
 pub use handshake::{AgentInfo, SyncAckFrame, SyncFrame, choose_version};
+pub use identity::{
+    Entropy, FEATURE_IDENTITY_V1, GuestIdentity, Hostname, IdentityAck, IdentityError, MachineId,
+    RestoreId, UnixNanos,
+};
 pub use message::{
     ErrorBody, ErrorCode, ExecRequest, ExitStatus, GuestMessage, HostMessage, Request, RequestId,
     Response, loose_request_id,

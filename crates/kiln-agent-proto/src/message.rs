@@ -16,11 +16,11 @@
 //! Extensibility invariants: each enum has an `Unknown` catch-all (`#[serde(other)]`) so a peer
 //! speaking a newer minor revision never causes a decode failure: an unknown request is
 //! answered with [`ErrorCode::Unsupported`], unknown events are ignored. New fields must be
-//! `#[serde(default)]`. Planned additions (next issue) slot in as new `Request` variants:
-//! `restore_identity` (restore id, RNG entropy, wall clock, hostname, machine-id),
+//! `#[serde(default)]`. Additions slot in as new `Request` variants; a host uses them only if
+//! the SYNC_ACK version or [`crate::AgentInfo::features`] says the guest has them. Added so
+//! far: `apply_identity` (feature `identity-v1`, see [`crate::identity`]). Planned:
 //! `secret_put`, `file_put`/`file_get` (bytes on a stream like exec output) and
-//! `tunnel_open` (a stream per connection); a host uses them only if the SYNC_ACK version or
-//! [`crate::AgentInfo::features`] says the guest has them.
+//! `tunnel_open` (a stream per connection).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ProtoError;
 use crate::frame::{Frame, StreamId};
+use crate::identity::{GuestIdentity, IdentityAck};
 
 /// Correlates a request with its response or error. Chosen by the host, unique per session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -126,6 +127,13 @@ pub enum Request {
     },
     /// Sync filesystems and power the guest off; answered with [`Response::ShuttingDown`].
     Shutdown,
+    /// Give a restored guest a new identity (feature `identity-v1`); answered with
+    /// [`Response::IdentityApplied`] or [`ErrorCode::IdentityFailed`]. Sent right after the
+    /// handshake of a restored VM, before any other request.
+    ApplyIdentity {
+        /// The new identity.
+        identity: GuestIdentity,
+    },
     /// An operation this build does not know; answered with [`ErrorCode::Unsupported`].
     #[serde(other)]
     Unknown,
@@ -139,6 +147,7 @@ impl Request {
             Request::Exec { .. } => "exec",
             Request::Signal { .. } => "signal",
             Request::Shutdown => "shutdown",
+            Request::ApplyIdentity { .. } => "apply_identity",
             Request::Unknown => "unknown",
         }
     }
@@ -190,6 +199,8 @@ pub enum Response {
     Signaled,
     /// Answer to [`Request::Shutdown`]: the guest is powering off.
     ShuttingDown,
+    /// Answer to [`Request::ApplyIdentity`]: every step ran; what exactly happened.
+    IdentityApplied(IdentityAck),
     /// An answer this build does not know.
     #[serde(other)]
     Unknown,
@@ -224,6 +235,8 @@ pub enum ErrorCode {
     SpawnFailed,
     /// An unexpected failure inside the agent.
     Internal,
+    /// A step of `apply_identity` failed; the message names it and the steps already applied.
+    IdentityFailed,
     /// A code this build does not know.
     #[serde(other)]
     Unknown,
@@ -241,6 +254,7 @@ impl ErrorCode {
             ErrorCode::BadCwd => "bad_cwd",
             ErrorCode::SpawnFailed => "spawn_failed",
             ErrorCode::Internal => "internal",
+            ErrorCode::IdentityFailed => "identity_failed",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -417,6 +431,124 @@ mod tests {
         assert_eq!(loose_request_id(b"not json"), None);
     }
 
+    const IDENTITY_JSON: &str = concat!(
+        r#"{"type":"request","id":3,"request":{"op":"apply_identity","identity":{"#,
+        r#""restore_id":"0123456789abcdef0123456789abcdef","#,
+        r#""entropy":"000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f","#,
+        r#""wall_clock_unix_ns":1767225600123456789,"hostname":"sbx-1","#,
+        r#""machine_id":"fedcba9876543210fedcba9876543210"}}}"#
+    );
+
+    fn identity() -> GuestIdentity {
+        use crate::identity::{Entropy, Hostname, MachineId, RestoreId, UnixNanos};
+        GuestIdentity {
+            restore_id: RestoreId::new("0123456789abcdef0123456789abcdef").expect("valid"),
+            entropy: Entropy::new((0u8..32).collect()).expect("valid"),
+            wall_clock_unix_ns: UnixNanos::new(1_767_225_600_123_456_789).expect("valid"),
+            hostname: Hostname::new("sbx-1").expect("valid"),
+            machine_id: MachineId::new("fedcba9876543210fedcba9876543210").expect("valid"),
+        }
+    }
+
+    #[test]
+    fn request_apply_identity_json_is_stable() {
+        let msg = HostMessage::Request {
+            id: RequestId(3),
+            request: Request::ApplyIdentity {
+                identity: identity(),
+            },
+        };
+        let json = serde_json::to_string(&msg).expect("serialises");
+        assert_eq!(json, IDENTITY_JSON);
+        assert_eq!(HostMessage::from_payload(json.as_bytes()).ok(), Some(msg));
+    }
+
+    #[test]
+    fn response_identity_applied_json_is_stable() {
+        let msg = GuestMessage::Response {
+            id: RequestId(3),
+            response: Response::IdentityApplied(IdentityAck {
+                restore_id: identity().restore_id,
+                entropy_credited: true,
+                rng_reseeded: true,
+                clock_set: true,
+                clock_step_ns: -1500,
+                hostname_set: true,
+                machine_id_written: true,
+            }),
+        };
+        let json = serde_json::to_string(&msg).expect("serialises");
+        assert_eq!(
+            json,
+            r#"{"type":"response","id":3,"response":{"op":"identity_applied","restore_id":"0123456789abcdef0123456789abcdef","entropy_credited":true,"rng_reseeded":true,"clock_set":true,"clock_step_ns":-1500,"hostname_set":true,"machine_id_written":true}}"#
+        );
+        assert_eq!(GuestMessage::from_payload(json.as_bytes()).ok(), Some(msg));
+    }
+
+    #[test]
+    fn apply_identity_hostile_values_fail_to_parse_but_keep_id() {
+        let good = identity();
+        let cases = [
+            ("\"sbx-1\"", format!("\"{}\"", "h".repeat(64))),
+            ("\"sbx-1\"", "\"-sbx\"".to_owned()),
+            ("\"sbx-1\"", "\"sbx.example\"".to_owned()),
+            (
+                "\"fedcba9876543210fedcba9876543210\"",
+                format!("\"{}\"", "0".repeat(32)),
+            ),
+            (
+                "\"fedcba9876543210fedcba9876543210\"",
+                format!("\"{}\"", "G".repeat(32)),
+            ),
+            (
+                "\"0123456789abcdef0123456789abcdef\"",
+                "\"0123\"".to_owned(),
+            ),
+            ("\"0123456789abcdef0123456789abcdef\"", "42".to_owned()),
+            ("1767225600123456789", "1767225600".to_owned()),
+            ("1767225600123456789", "-1".to_owned()),
+            ("1767225600123456789", "18446744073709551615".to_owned()),
+            ("\"0001020304050607", "\"zz01020304050607".to_owned()),
+            // 31 bytes: too short.
+            ("1c1d1e1f\"", "1c1d1e\"".to_owned()),
+            // 513 bytes: too long.
+            ("1c1d1e1f\"", format!("1c1d1e1f{}\"", "ab".repeat(481))),
+        ];
+        for (from, to) in cases {
+            assert!(IDENTITY_JSON.contains(from), "{from}");
+            let hostile = IDENTITY_JSON.replacen(from, &to, 1);
+            let parsed = HostMessage::from_payload(hostile.as_bytes());
+            assert!(parsed.is_err(), "accepted {from} -> {to}: {parsed:?}");
+            assert_eq!(loose_request_id(hostile.as_bytes()), Some(RequestId(3)));
+        }
+        // A missing field is an error too.
+        let missing = IDENTITY_JSON.replacen(r#""hostname":"sbx-1","#, "", 1);
+        assert!(HostMessage::from_payload(missing.as_bytes()).is_err());
+        // The unmodified fixture still parses (the cases above fail for their own reason).
+        assert!(matches!(
+            HostMessage::from_payload(IDENTITY_JSON.as_bytes()),
+            Ok(HostMessage::Request { request: Request::ApplyIdentity { identity }, .. }) if identity == good
+        ));
+    }
+
+    #[test]
+    fn apply_identity_is_unknown_to_a_peer_without_it() {
+        // What an agent of issue 2 sees: an op it does not know, answered `unsupported`.
+        #[derive(Deserialize, Debug, PartialEq)]
+        #[serde(tag = "op", rename_all = "snake_case")]
+        enum OldRequest {
+            Ping,
+            #[serde(other)]
+            Unknown,
+        }
+        #[derive(Deserialize)]
+        struct OldMessage {
+            request: OldRequest,
+        }
+        let old: OldMessage = serde_json::from_str(IDENTITY_JSON).expect("parses");
+        assert_eq!(old.request, OldRequest::Unknown);
+    }
+
     #[test]
     fn error_code_display_matches_wire_name() {
         for code in [
@@ -428,6 +560,7 @@ mod tests {
             ErrorCode::BadCwd,
             ErrorCode::SpawnFailed,
             ErrorCode::Internal,
+            ErrorCode::IdentityFailed,
         ] {
             let json = serde_json::to_string(&code).expect("serialises");
             assert_eq!(json, format!("\"{code}\""));

@@ -3,8 +3,9 @@
 
 use bytes::Bytes;
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, Decoder, Frame, HostMessage, Request, RequestId, StreamId,
-    SyncAckFrame, SyncFrame,
+    AgentInfo, DataChannel, Decoder, Entropy, Frame, GuestIdentity, GuestMessage, HostMessage,
+    Hostname, IdentityAck, MachineId, Request, RequestId, Response, RestoreId, StreamId,
+    SyncAckFrame, SyncFrame, UnixNanos,
 };
 
 fn unhex(s: &str) -> Vec<u8> {
@@ -128,4 +129,70 @@ fn golden_control_ping_frame() {
         hex.push_str(&format!("{b:02x}"));
     }
     assert_golden(frame, &hex);
+}
+
+fn control_hex(json: &[u8]) -> String {
+    let mut hex = format!(
+        "9f6b 03 00 00000000 {:08x}",
+        u32::try_from(json.len()).expect("small").swap_bytes()
+    );
+    for b in json {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    hex
+}
+
+fn restore_id() -> RestoreId {
+    RestoreId::new("00112233445566778899aabbccddeeff").expect("valid")
+}
+
+#[test]
+fn golden_control_apply_identity_frame() {
+    let frame = HostMessage::Request {
+        id: RequestId(2),
+        request: Request::ApplyIdentity {
+            identity: GuestIdentity {
+                restore_id: restore_id(),
+                entropy: Entropy::new(vec![0xa5; 32]).expect("valid"),
+                wall_clock_unix_ns: UnixNanos::new(1_767_225_600_000_000_001).expect("valid"),
+                hostname: Hostname::new("kiln-7").expect("valid"),
+                machine_id: MachineId::new("0123456789abcdef0123456789abcdef").expect("valid"),
+            },
+        },
+    }
+    .to_frame()
+    .expect("encodes");
+    let json = concat!(
+        r#"{"type":"request","id":2,"request":{"op":"apply_identity","identity":{"#,
+        r#""restore_id":"00112233445566778899aabbccddeeff","#,
+        r#""entropy":"a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5","#,
+        r#""wall_clock_unix_ns":1767225600000000001,"hostname":"kiln-7","#,
+        r#""machine_id":"0123456789abcdef0123456789abcdef"}}}"#
+    );
+    assert_golden(frame, &control_hex(json.as_bytes()));
+}
+
+#[test]
+fn golden_control_identity_applied_frame() {
+    let frame = GuestMessage::Response {
+        id: RequestId(2),
+        response: Response::IdentityApplied(IdentityAck {
+            restore_id: restore_id(),
+            entropy_credited: true,
+            rng_reseeded: false,
+            clock_set: true,
+            clock_step_ns: 3_600_000_000_000,
+            hostname_set: true,
+            machine_id_written: true,
+        }),
+    }
+    .to_frame()
+    .expect("encodes");
+    let json = concat!(
+        r#"{"type":"response","id":2,"response":{"op":"identity_applied","#,
+        r#""restore_id":"00112233445566778899aabbccddeeff","entropy_credited":true,"#,
+        r#""rng_reseeded":false,"clock_set":true,"clock_step_ns":3600000000000,"#,
+        r#""hostname_set":true,"machine_id_written":true}}"#
+    );
+    assert_golden(frame, &control_hex(json.as_bytes()));
 }

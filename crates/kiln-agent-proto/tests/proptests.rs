@@ -2,9 +2,11 @@
 //! arbitrary bytes through the fuzz entry point.
 
 use bytes::Bytes;
+use kiln_agent_proto::identity::{MAX_WALL_CLOCK_NS, MIN_WALL_CLOCK_NS};
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, Decoder, Frame, HuntTarget, MAX_DATA_PAYLOAD, StreamId, SyncAckFrame,
-    SyncFrame, fuzz_decode,
+    AgentInfo, DataChannel, Decoder, Entropy, Frame, GuestIdentity, GuestMessage, HostMessage,
+    Hostname, HuntTarget, IdentityAck, MAX_DATA_PAYLOAD, MachineId, Request, RequestId, Response,
+    RestoreId, StreamId, SyncAckFrame, SyncFrame, UnixNanos, fuzz_decode,
 };
 use proptest::prelude::*;
 
@@ -55,7 +57,56 @@ fn frame() -> impl Strategy<Value = Frame> {
     ]
 }
 
+fn identity() -> impl Strategy<Value = GuestIdentity> {
+    (
+        any::<[u8; 16]>(),
+        prop::collection::vec(any::<u8>(), 32..=512),
+        MIN_WALL_CLOCK_NS..=MAX_WALL_CLOCK_NS,
+        "[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?",
+        any::<[u8; 16]>().prop_filter("not all zero", |b| b.iter().any(|x| *x != 0)),
+    )
+        .prop_map(|(rid, entropy, ns, hostname, mid)| GuestIdentity {
+            restore_id: RestoreId::from_bytes(rid),
+            entropy: Entropy::new(entropy).expect("length in range"),
+            wall_clock_unix_ns: UnixNanos::new(ns).expect("in range"),
+            hostname: Hostname::new(hostname).expect("matches the label rule"),
+            machine_id: MachineId::from_bytes(mid).expect("not zero"),
+        })
+}
+
 proptest! {
+    #[test]
+    fn identity_messages_round_trip(
+        identity in identity(),
+        id in any::<u64>(),
+        flags in any::<[bool; 5]>(),
+        step in any::<i64>(),
+    ) {
+        let request = HostMessage::Request {
+            id: RequestId(id),
+            request: Request::ApplyIdentity { identity: identity.clone() },
+        };
+        let frame = request.to_frame().expect("encodes");
+        let Frame::Control(payload) = &frame else { panic!("control frame") };
+        prop_assert_eq!(HostMessage::from_payload(payload).expect("parses"), request);
+
+        let ack = GuestMessage::Response {
+            id: RequestId(id),
+            response: Response::IdentityApplied(IdentityAck {
+                restore_id: identity.restore_id,
+                entropy_credited: flags[0],
+                rng_reseeded: flags[1],
+                clock_set: flags[2],
+                clock_step_ns: step,
+                hostname_set: flags[3],
+                machine_id_written: flags[4],
+            }),
+        };
+        let frame = ack.to_frame().expect("encodes");
+        let Frame::Control(payload) = &frame else { panic!("control frame") };
+        prop_assert_eq!(GuestMessage::from_payload(payload).expect("parses"), ack);
+    }
+
     #[test]
     fn frames_round_trip_under_any_chunking(
         frames in prop::collection::vec(frame(), 1..8),
