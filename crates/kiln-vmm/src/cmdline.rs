@@ -448,7 +448,11 @@ mod tests {
             incoming: Some(Incoming::Defer),
             ..config()
         };
-        assert_eq!(device_fingerprint(&clone), base, "a clone matches its capture");
+        assert_eq!(
+            device_fingerprint(&clone),
+            base,
+            "a clone matches its capture"
+        );
         let differs = [
             VmConfig {
                 cpus: 1,

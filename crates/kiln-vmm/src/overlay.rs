@@ -14,9 +14,37 @@ use crate::error::VmmError;
 /// How long `qemu-img create` may take (it writes a few KiB).
 const QEMU_IMG_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Format of an overlay's backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingFormat {
+    /// A raw image (an image's `rootfs.ext4`).
+    Raw,
+    /// A qcow2 file (a snapshot's captured disk layer).
+    Qcow2,
+}
+
+impl BackingFormat {
+    fn as_str(self) -> &'static str {
+        match self {
+            BackingFormat::Raw => "raw",
+            BackingFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
 /// Creates `overlay` as a qcow2 backed by the raw image `base`
 /// (`qemu-img create -f qcow2 -F raw -b <base> <overlay>`), replacing any existing file.
 pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), VmmError> {
+    create_overlay_with(base, BackingFormat::Raw, overlay).await
+}
+
+/// Creates `overlay` as a qcow2 backed by `base` of the given format (a snapshot clone's disk
+/// is backed by the snapshot's qcow2 layer, itself backed by the image's rootfs).
+pub async fn create_overlay_with(
+    base: &Path,
+    format: BackingFormat,
+    overlay: &Path,
+) -> Result<(), VmmError> {
     let qemu_img =
         crate::qemu::search_path(Path::new("qemu-img"), std::env::var_os("PATH").as_ref())
             .ok_or(VmmError::QemuImgNotFound)?;
@@ -26,7 +54,7 @@ pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), VmmError>
         source,
     })?;
     let mut cmd = Command::new(&qemu_img);
-    cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+    cmd.args(["create", "-q", "-f", "qcow2", "-F", format.as_str(), "-b"])
         .arg(&base)
         .arg(overlay)
         .stdin(Stdio::null())

@@ -304,3 +304,260 @@ async fn vm_snapshot_restore_recipe_resumes_guest() {
     // The template memory file is untouched by the clone's private mapping.
     assert!(capture_cfg.memory_file.exists());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Warm snapshots with the real image (kernel + initramfs with the real agent + rootfs), e.g.
+// the one `kiln image build base` produced:
+//   KILN_TEST_IMAGE_DIR=/tmp/kh/images/base (the default) cargo test -p kiln-vmm \
+//       --test real_qemu snapshot_ -- --ignored --test-threads=1 --nocapture
+
+use kiln_vmm::agent::AgentClient;
+use kiln_vmm::{AfterCapture, BackingFormat, CaptureMode, create_overlay_with};
+
+fn image_dir() -> PathBuf {
+    std::env::var_os("KILN_TEST_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/kh/images/base"))
+}
+
+/// A VM of the real image with its own qcow2 overlay backed by `base` (the image's raw
+/// rootfs, or a snapshot's captured qcow2 layer).
+async fn image_config(run_dir: &Path, base: &Path, format: BackingFormat) -> VmConfig {
+    let img = image_dir();
+    std::fs::create_dir_all(run_dir).expect("run dir");
+    let disk = run_dir.join("disk.qcow2");
+    create_overlay_with(base, format, &disk)
+        .await
+        .expect("overlay");
+    VmConfig {
+        qemu: kiln_vmm::qemu::find_binary().expect("qemu installed"),
+        accel: Accel::Tcg,
+        cpus: 1,
+        memory_mib: 256,
+        kernel: img.join("vmlinuz"),
+        initramfs: img.join("initramfs.cpio"),
+        extra_cmdline: String::new(),
+        disk: Some(disk),
+        memory_file: run_dir.join("mem"),
+        memory_shared: true,
+        run_dir: run_dir.to_owned(),
+        incoming: None,
+    }
+}
+
+/// Connects to the agent and answers one ping.
+async fn agent_ping(vm: &Vm) -> AgentClient {
+    let stream = tokio::net::UnixStream::connect(vm.agent_socket())
+        .await
+        .expect("agent socket");
+    let (agent, _info) = tokio::select! {
+        r = AgentClient::connect(stream, BOOT_LIMIT) => r.expect("agent handshake"),
+        exit = vm.wait_exit() => panic!("QEMU exited ({exit}); console:\n{}", vm.console_tail(4096)),
+    };
+    agent.ping().await.expect("ping");
+    agent
+}
+
+/// Runs `sh -c script` in the guest; returns stdout.
+async fn guest_sh(agent: &AgentClient, script: &str) -> String {
+    let out = agent
+        .exec(kiln_vmm::agent::ExecRequest::new(["/bin/sh", "-c", script]))
+        .await
+        .expect("exec")
+        .collect()
+        .await
+        .expect("exec output");
+    assert!(
+        out.stderr.is_empty(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sha256_file(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut f = std::fs::File::open(path).expect("open");
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).expect("hash");
+    hex::encode(h.finalize())
+}
+
+/// Capture a booted guest (x-ignore-shared, paused), copy its disk layer while paused, then
+/// restore two clones concurrently from the same memory file: both answer the agent, see the
+/// disk as captured, write to memory and disk, and the template memory file is unchanged.
+/// Prints cold boot → ping versus restore → ping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots the real image under TCG"]
+async fn snapshot_capture_then_two_concurrent_clones_share_untouched_template() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rootfs = image_dir().join("rootfs.ext4");
+    let cap_cfg = image_config(&dir.path().join("cap"), &rootfs, BackingFormat::Raw).await;
+    assert_eq!(kiln_vmm::device_fingerprint(&cap_cfg).len(), 64);
+
+    let t = Instant::now();
+    let vm = Vm::spawn(&cap_cfg).await.expect("spawn");
+    let agent = agent_ping(&vm).await;
+    let cold_ping = t.elapsed();
+    assert_eq!(
+        guest_sh(
+            &agent,
+            "echo captured > /root/marker && sync && cat /root/marker"
+        )
+        .await,
+        "captured\n"
+    );
+
+    let snap = dir.path().join("snap");
+    std::fs::create_dir_all(&snap).expect("snap dir");
+    let state = snap.join("state");
+    let report = vm
+        .capture(&state, CaptureMode::IgnoreShared, AfterCapture::Paused)
+        .await
+        .expect("capture");
+    let status = vm.qmp().execute(&QueryStatus).await.expect("status");
+    assert!(!status.running, "left paused: {:?}", status.status);
+    // The disk layer, copied while the VM is paused (QEMU flushed and inactivated it).
+    let snap_disk = snap.join("disk.qcow2");
+    std::fs::copy(cap_cfg.disk.as_ref().expect("disk"), &snap_disk).expect("copy disk");
+    drop(agent);
+    vm.kill().await;
+    assert!(
+        report.state_bytes < 8 << 20,
+        "x-ignore-shared keeps RAM out of the state: {report:?}"
+    );
+    let template = cap_cfg.memory_file.clone();
+    let before = sha256_file(&template);
+
+    let mut clone_cfgs = Vec::new();
+    for i in 0..2 {
+        let mut cfg = image_config(
+            &dir.path().join(format!("c{i}")),
+            &snap_disk,
+            BackingFormat::Qcow2,
+        )
+        .await;
+        cfg.memory_file = template.clone();
+        assert_eq!(
+            kiln_vmm::device_fingerprint(&cfg),
+            kiln_vmm::device_fingerprint(&cap_cfg)
+        );
+        clone_cfgs.push(cfg);
+    }
+    let restore_and_ping = |cfg: VmConfig| {
+        let state = state.clone();
+        async move {
+            let t = Instant::now();
+            let (vm, rep) = Vm::restore(&cfg, &state, CaptureMode::IgnoreShared)
+                .await
+                .expect("restore");
+            let agent = agent_ping(&vm).await;
+            (vm, rep, agent, t.elapsed())
+        }
+    };
+    let (a, b) = tokio::join!(
+        restore_and_ping(clone_cfgs[0].clone()),
+        restore_and_ping(clone_cfgs[1].clone())
+    );
+    for (i, (vm, rep, agent, ping)) in [a, b].into_iter().enumerate() {
+        eprintln!("clone {i}: {rep:?}, start → ping {ping:?}");
+        assert_eq!(guest_sh(&agent, "cat /root/marker").await, "captured\n");
+        // Dirty guest memory (page cache, a tmpfs-free 32 MiB buffer) and the disk.
+        let out = guest_sh(
+            &agent,
+            &format!(
+                "head -c 33554432 /dev/urandom | md5sum >/dev/null && echo clone{i} > /root/marker && sync && cat /root/marker"
+            ),
+        )
+        .await;
+        assert_eq!(out, format!("clone{i}\n"));
+        let status = vm.qmp().execute(&QueryStatus).await.expect("status");
+        assert_eq!(status.status, RunState::Running);
+        drop(agent);
+        vm.kill().await;
+    }
+    assert_eq!(
+        sha256_file(&template),
+        before,
+        "clones must not write the template"
+    );
+
+    // One restore alone (no concurrent clone) for the headline number.
+    let cfg = image_config(&dir.path().join("c9"), &snap_disk, BackingFormat::Qcow2).await;
+    let (vm, rep, _agent, restore_ping) = restore_and_ping(VmConfig {
+        memory_file: template.clone(),
+        ..cfg
+    })
+    .await;
+    vm.kill().await;
+    eprintln!(
+        "capture: {report:?}\ncold boot → ping {cold_ping:?}; single restore → ping {restore_ping:?} ({rep:?})"
+    );
+}
+
+/// Full-RAM capture (the fallback without x-ignore-shared) of a running guest that resumes,
+/// then one clone restored from the stream alone (its memory file is a fresh empty file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots the real image under TCG"]
+async fn snapshot_full_ram_capture_resumes_and_restores_from_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rootfs = image_dir().join("rootfs.ext4");
+    let cap_cfg = image_config(&dir.path().join("cap"), &rootfs, BackingFormat::Raw).await;
+    let vm = Vm::spawn(&cap_cfg).await.expect("spawn");
+    let agent = agent_ping(&vm).await;
+    let state = dir.path().join("state");
+    let report = vm
+        .capture(&state, CaptureMode::FullRam, AfterCapture::Resume)
+        .await
+        .expect("capture");
+    agent.ping().await.expect("captured VM resumed");
+    let snap_disk = dir.path().join("disk.qcow2");
+    // Only consistent because the guest does not write its disk in between.
+    std::fs::copy(cap_cfg.disk.as_ref().expect("disk"), &snap_disk).expect("copy disk");
+    drop(agent);
+    vm.kill().await;
+    assert!(
+        report.state_bytes > 16 << 20,
+        "full RAM is in the stream: {report:?}"
+    );
+
+    let cfg = image_config(&dir.path().join("c0"), &snap_disk, BackingFormat::Qcow2).await;
+    let t = Instant::now();
+    let (clone, rep) = Vm::restore(&cfg, &state, CaptureMode::FullRam)
+        .await
+        .expect("restore");
+    let _agent = agent_ping(&clone).await;
+    eprintln!(
+        "full-ram capture: {report:?}\nrestore: {rep:?}, start → ping {:?}",
+        t.elapsed()
+    );
+    clone.kill().await;
+}
+
+/// A restore from a corrupt state file fails with QEMU's words and leaves no QEMU behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts real QEMU"]
+async fn snapshot_restore_corrupt_state_is_error_and_kills_qemu() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rootfs = image_dir().join("rootfs.ext4");
+    let cfg = image_config(&dir.path().join("c0"), &rootfs, BackingFormat::Raw).await;
+    std::fs::File::create(&cfg.memory_file)
+        .and_then(|f| f.set_len(256 << 20))
+        .expect("mem");
+    let state = dir.path().join("state");
+    std::fs::write(&state, b"not a migration stream").expect("state");
+    let err = Vm::restore(&cfg, &state, CaptureMode::IgnoreShared)
+        .await
+        .expect_err("must fail");
+    eprintln!("{err}");
+    match &err {
+        VmmError::ExitedDuring { log_tail, .. } | VmmError::MigrationFailed { log_tail, .. } => {
+            assert!(!log_tail.is_empty(), "{err}");
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
+    let ident = kiln_vmm::procid::ProcessIdentity::read(&cfg.run_dir.join("qemu.pid"))
+        .expect("pidfile")
+        .expect("identity");
+    assert!(!ident.is_same_process_alive(), "QEMU was killed");
+}
