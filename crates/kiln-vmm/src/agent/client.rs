@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, Decoder, ErrorBody, ExecRequest, Frame, GuestMessage, HostMessage,
-    HuntTarget, Request, RequestId, Response, SUPPORTED_VERSIONS, StreamId, SyncFrame,
+    AgentInfo, DataChannel, Decoder, ErrorBody, ExecRequest, Frame, GuestIdentity, GuestMessage,
+    HostMessage, HuntTarget, IdentityAck, Request, RequestId, Response, SUPPORTED_VERSIONS,
+    StreamId, SyncFrame,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -430,6 +431,79 @@ impl AgentClient {
             }
             _ => Err(AgentError::UnexpectedResponse { op: "exec" }),
         }
+    }
+
+    /// Gives a restored guest its new identity and checks the acknowledgement: the echoed
+    /// restore id must match and the clock, hostname and machine id must be confirmed.
+    /// Call it first on a connection to a restored VM, before any exec (or use
+    /// [`AgentClient::connect_restored`], which makes that ordering impossible to get wrong).
+    ///
+    /// How the RNG was reseeded is in the ack (`entropy_credited`, `rng_reseeded`) and
+    /// logged when weaker than credited-and-reseeded; it is the caller's policy whether that
+    /// is acceptable. An agent without the `identity-v1` feature answers
+    /// [`AgentError::Remote`] with [`kiln_agent_proto::ErrorCode::Unsupported`]; a failed
+    /// step answers [`kiln_agent_proto::ErrorCode::IdentityFailed`], naming the step.
+    pub async fn apply_identity(
+        &self,
+        identity: &GuestIdentity,
+    ) -> Result<IdentityAck, AgentError> {
+        const OP: &str = "apply_identity";
+        let request = Request::ApplyIdentity {
+            identity: identity.clone(),
+        };
+        let ack = match self.inner.request(request).await? {
+            Response::IdentityApplied(ack) => ack,
+            _ => return Err(AgentError::UnexpectedResponse { op: OP }),
+        };
+        if ack.restore_id != identity.restore_id {
+            return Err(AgentError::RestoreIdMismatch {
+                sent: identity.restore_id.clone(),
+                echoed: ack.restore_id,
+            });
+        }
+        let unconfirmed = [
+            (ack.clock_set, "set the wall clock"),
+            (ack.hostname_set, "set the hostname"),
+            (ack.machine_id_written, "write the machine id"),
+        ]
+        .into_iter()
+        .find_map(|(ok, step)| (!ok).then_some(step));
+        if let Some(step) = unconfirmed {
+            return Err(AgentError::IdentityIncomplete {
+                restore_id: ack.restore_id,
+                step,
+            });
+        }
+        if !(ack.entropy_credited && ack.rng_reseeded) {
+            tracing::warn!(
+                restore_id = %ack.restore_id,
+                entropy_credited = ack.entropy_credited,
+                rng_reseeded = ack.rng_reseeded,
+                "guest rng reseed was weaker than requested"
+            );
+        }
+        tracing::debug!(
+            restore_id = %ack.restore_id,
+            clock_step_ns = ack.clock_step_ns,
+            "guest identity applied"
+        );
+        Ok(ack)
+    }
+
+    /// [`AgentClient::connect_with`] for a VM restored from a snapshot: after the handshake
+    /// and before the client is handed out (so before any command can be sent), applies
+    /// `identity` with [`AgentClient::apply_identity`]. Fails if either step fails.
+    pub async fn connect_restored<S>(
+        stream: S,
+        config: ClientConfig,
+        identity: &GuestIdentity,
+    ) -> Result<(AgentClient, AgentInfo, IdentityAck), AgentError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (client, info) = AgentClient::connect_with(stream, config).await?;
+        let ack = client.apply_identity(identity).await?;
+        Ok((client, info, ack))
     }
 
     /// Asks the guest to sync and power off. Succeeds when the agent acknowledges, or when

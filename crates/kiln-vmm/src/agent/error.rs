@@ -7,7 +7,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_agent_proto::{ErrorCode, ProtoError};
+use kiln_agent_proto::{ErrorCode, ProtoError, RestoreId};
 
 /// Why the agent channel is dead.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -73,6 +73,24 @@ pub enum AgentError {
     UnexpectedResponse {
         /// The request's operation.
         op: &'static str,
+    },
+    /// The agent acknowledged a different restore id than the one sent.
+    #[error("guest agent acknowledged restore {echoed}, but restore {sent} was sent")]
+    RestoreIdMismatch {
+        /// The id in the request.
+        sent: RestoreId,
+        /// The id in the acknowledgement.
+        echoed: RestoreId,
+    },
+    /// The agent acknowledged an identity without confirming a required step.
+    #[error(
+        "guest agent acknowledged restore {restore_id} without confirming that it could {step}"
+    )]
+    IdentityIncomplete {
+        /// The restore id.
+        restore_id: RestoreId,
+        /// The unconfirmed step.
+        step: &'static str,
     },
     /// The exec has already exited; it takes no more stdin.
     #[error("the command has already exited")]

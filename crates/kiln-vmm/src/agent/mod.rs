@@ -1,7 +1,8 @@
 //! Host side of the guest agent channel.
 //!
 //! Owns: [`AgentClient`] (resync handshake, request/response correlation, one reader task and
-//! one writer task per connection) and [`ExecSession`] (one running command: its output
+//! one writer task per connection, the post-restore identity handshake
+//! [`AgentClient::apply_identity`] / [`AgentClient::connect_restored`]) and [`ExecSession`] (one running command: its output
 //! events, stdin and signals). The wire format lives in `kiln-agent-proto` and is described
 //! in `docs/protocol.md`. Must not: know about sandboxes, QEMU or sockets; any
 //! `AsyncRead + AsyncWrite` stream works (production: the UnixStream of QEMU's chardev).
@@ -38,4 +39,7 @@ mod tests;
 pub use client::{AgentClient, ClientConfig};
 pub use error::{AgentError, ClosedReason};
 pub use exec::{ExecEvent, ExecOutput, ExecSession, StdinSender};
-pub use kiln_agent_proto::{AgentInfo, ErrorCode, ExecRequest, ExitStatus, StreamId};
+pub use kiln_agent_proto::{
+    AgentInfo, Entropy, ErrorCode, ExecRequest, ExitStatus, FEATURE_IDENTITY_V1, GuestIdentity,
+    Hostname, IdentityAck, IdentityError, MachineId, RestoreId, StreamId, UnixNanos,
+};

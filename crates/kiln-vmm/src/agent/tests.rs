@@ -1,13 +1,15 @@
 //! Host-client tests against a scripted fake guest (frames written by hand), for behaviour the
-//! real agent never exhibits: stale acknowledgements, hostile credit overruns, sudden death.
+//! real agent never exhibits: stale acknowledgements, hostile credit overruns, sudden death,
+//! identity acknowledgements that do not match the request.
 //! The real agent end to end is tested in `bins/kiln-agent/tests/`.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, Decoder, ExecRequest, ExitStatus, Frame, GuestMessage, HostMessage,
-    Request, RequestId, Response, StreamId, SyncAckFrame,
+    AgentInfo, DataChannel, Decoder, Entropy, ErrorBody, ErrorCode, ExecRequest, ExitStatus, Frame,
+    GuestIdentity, GuestMessage, HostMessage, Hostname, IdentityAck, MachineId, Request, RequestId,
+    Response, RestoreId, StreamId, SyncAckFrame, UnixNanos,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
@@ -341,4 +343,185 @@ async fn exec_rejected_request_reports_remote_error() {
         Err(e) => panic!("unexpected error {e:?}"),
         Ok(_) => panic!("exec should fail"),
     }
+}
+
+fn identity() -> GuestIdentity {
+    GuestIdentity {
+        restore_id: RestoreId::from_bytes([0x5a; 16]),
+        entropy: Entropy::new(vec![0x33; 48]).expect("valid"),
+        wall_clock_unix_ns: UnixNanos::now().expect("host clock is sane"),
+        hostname: Hostname::new("sbx-restored").expect("valid"),
+        machine_id: MachineId::from_bytes([0x77; 16]).expect("valid"),
+    }
+}
+
+fn full_ack(restore_id: RestoreId) -> IdentityAck {
+    IdentityAck {
+        restore_id,
+        entropy_credited: true,
+        rng_reseeded: true,
+        clock_set: true,
+        clock_step_ns: 42,
+        hostname_set: true,
+        machine_id_written: true,
+    }
+}
+
+impl FakeGuest {
+    /// Receives the next request, which must be `apply_identity` with `expected`.
+    async fn expect_identity(&mut self, expected: &GuestIdentity) -> RequestId {
+        let (id, req) = self.request().await;
+        match req {
+            Request::ApplyIdentity { identity } => assert_eq!(&identity, expected),
+            other => panic!("expected apply_identity, got {other:?}"),
+        }
+        id
+    }
+}
+
+#[tokio::test]
+async fn apply_identity_confirmed_ack_is_returned() {
+    let (client, mut guest) = connected(64).await;
+    let ident = identity();
+    let answer = async {
+        let id = guest.expect_identity(&ident).await;
+        let ack = full_ack(ident.restore_id.clone());
+        guest.respond(id, Response::IdentityApplied(ack)).await;
+    };
+    let (ack, ()) = tokio::join!(client.apply_identity(&ident), answer);
+    let ack = ack.expect("identity applied");
+    assert_eq!(ack, full_ack(ident.restore_id.clone()));
+}
+
+#[tokio::test]
+async fn apply_identity_wrong_echo_is_rejected() {
+    let (client, mut guest) = connected(64).await;
+    let ident = identity();
+    let other = RestoreId::from_bytes([0x01; 16]);
+    let answer = async {
+        let id = guest.expect_identity(&ident).await;
+        guest
+            .respond(id, Response::IdentityApplied(full_ack(other.clone())))
+            .await;
+    };
+    let (result, ()) = tokio::join!(client.apply_identity(&ident), answer);
+    match result {
+        Err(AgentError::RestoreIdMismatch { sent, echoed }) => {
+            assert_eq!(sent, ident.restore_id);
+            assert_eq!(echoed, other);
+        }
+        other => panic!("expected a restore id mismatch, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn apply_identity_unconfirmed_step_is_rejected() {
+    let (client, mut guest) = connected(64).await;
+    let ident = identity();
+    let answer = async {
+        let id = guest.expect_identity(&ident).await;
+        let ack = IdentityAck {
+            machine_id_written: false,
+            ..full_ack(ident.restore_id.clone())
+        };
+        guest.respond(id, Response::IdentityApplied(ack)).await;
+    };
+    let (result, ()) = tokio::join!(client.apply_identity(&ident), answer);
+    assert!(
+        matches!(
+            result,
+            Err(AgentError::IdentityIncomplete {
+                step: "write the machine id",
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn apply_identity_failed_step_is_a_remote_error() {
+    let (client, mut guest) = connected(64).await;
+    let ident = identity();
+    let answer = async {
+        let id = guest.expect_identity(&ident).await;
+        let msg = GuestMessage::Error {
+            id: Some(id),
+            error: ErrorBody {
+                code: ErrorCode::IdentityFailed,
+                message: "failed to set the wall clock: operation not permitted".into(),
+            },
+        };
+        guest.send(msg.to_frame().expect("encodes")).await;
+    };
+    let (result, ()) = tokio::join!(client.apply_identity(&ident), answer);
+    match result {
+        Err(AgentError::Remote { op, code, .. }) => {
+            assert_eq!(op, "apply_identity");
+            assert_eq!(code, ErrorCode::IdentityFailed);
+        }
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn apply_identity_wrong_answer_kind_is_unexpected() {
+    let (client, mut guest) = connected(64).await;
+    let ident = identity();
+    let answer = async {
+        let id = guest.expect_identity(&ident).await;
+        guest.respond(id, Response::Pong).await;
+    };
+    let (result, ()) = tokio::join!(client.apply_identity(&ident), answer);
+    assert!(
+        matches!(
+            result,
+            Err(AgentError::UnexpectedResponse {
+                op: "apply_identity"
+            })
+        ),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn connect_restored_identity_is_the_first_request() {
+    let (host, guest) = tokio::io::duplex(1 << 20);
+    let mut guest = FakeGuest::new(guest);
+    let ident = identity();
+    let connect = AgentClient::connect_restored(host, config(64), &ident);
+    let accept = async {
+        let nonce = guest.sync_nonce().await;
+        guest.ack(nonce, 1).await;
+        // The very next frame must be the identity request.
+        let Some(Frame::Control(p)) = guest.frame().await else {
+            panic!("expected a control frame");
+        };
+        let HostMessage::Request { id, request } = HostMessage::from_payload(&p).expect("json")
+        else {
+            panic!("expected a request");
+        };
+        assert_eq!(
+            request,
+            Request::ApplyIdentity {
+                identity: ident.clone()
+            }
+        );
+        guest
+            .respond(
+                id,
+                Response::IdentityApplied(full_ack(ident.restore_id.clone())),
+            )
+            .await;
+    };
+    let (connected, ()) = tokio::join!(connect, accept);
+    let (client, _info, ack) = connected.expect("restored connection");
+    assert_eq!(ack.restore_id, ident.restore_id);
+    // The client is usable afterwards.
+    let (pong, ()) = tokio::join!(client.ping(), async {
+        let (id, req) = guest.request().await;
+        assert_eq!(req, Request::Ping);
+        guest.respond(id, Response::Pong).await;
+    });
+    pong.expect("pong");
 }
