@@ -1,0 +1,435 @@
+//! Tests across modules: publish, then corrupt each part and check that `verify` names it.
+
+use std::path::{Path, PathBuf};
+
+use crate::manifest::checksum_line;
+use crate::manifest::tests::fingerprint;
+use crate::*;
+
+fn input() -> ManifestInput {
+    ManifestInput {
+        image_id: "1589762fc101".into(),
+        fingerprint: fingerprint(),
+        capture: CaptureInfo {
+            pause_ms: 12,
+            mode: CaptureKind::IgnoreShared,
+        },
+    }
+}
+
+/// Publishes a small snapshot `name` under `root`; returns its directory.
+fn publish(root: &Path, name: &str) -> PathBuf {
+    let b = SnapshotBuilder::begin(root, SnapshotName::new(name).expect("name")).expect("begin");
+    std::fs::write(b.file(MEM_FILE), vec![7u8; 64 << 10]).expect("mem");
+    std::fs::write(b.file(STATE_FILE), b"QEVM state").expect("state");
+    std::fs::write(b.file(DISK_FILE), b"QFI disk").expect("disk");
+    let (dir, manifest) = b.publish(input()).expect("publish");
+    assert_eq!(manifest.files.len(), 3);
+    dir
+}
+
+fn verify_full(dir: &Path) -> Result<SnapshotManifest, SnapshotError> {
+    verify(dir, &fingerprint(), VerifyLevel::Full)
+}
+
+/// Rewrites manifest.json through `edit` and records a matching checksum.
+fn rewrite_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join(MANIFEST_FILE);
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&p).expect("read")).expect("json");
+    edit(&mut v);
+    let body = serde_json::to_vec_pretty(&v).expect("encode");
+    std::fs::write(&p, &body).expect("write");
+    std::fs::write(dir.join(MANIFEST_SHA256_FILE), checksum_line(&body)).expect("write sum");
+}
+
+fn flip_byte(path: &Path, at: usize) {
+    let mut b = std::fs::read(path).expect("read");
+    b[at] ^= 0x01;
+    std::fs::write(path, b).expect("write");
+}
+
+#[test]
+fn publish_then_verify_full_returns_manifest_and_leaves_no_tmp() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = publish(root.path(), "warm");
+    assert_eq!(dir, root.path().join("warm"));
+    let m = verify_full(&dir).expect("verifies");
+    assert_eq!(m.magic, MAGIC);
+    assert_eq!(m.format_version, FORMAT_VERSION);
+    assert_eq!(m.name.as_str(), "warm");
+    assert_eq!(m.file(MEM_FILE).map(|f| f.size), Some(64 << 10));
+    assert_eq!(m.capture.mode, CaptureKind::IgnoreShared);
+    let names: Vec<_> = std::fs::read_dir(root.path())
+        .expect("read")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names, ["warm"], "no .tmp- directory left");
+    // sha256sum-compatible checksum file.
+    let sum = std::fs::read_to_string(dir.join(MANIFEST_SHA256_FILE)).expect("sum");
+    assert!(sum.ends_with("  manifest.json\n"), "{sum}");
+}
+
+#[test]
+fn verify_missing_dir_is_missing_dir() {
+    let root = tempfile::tempdir().expect("tempdir");
+    assert!(matches!(
+        verify_full(&root.path().join("nope")),
+        Err(SnapshotError::MissingDir { .. })
+    ));
+}
+
+#[test]
+fn verify_missing_manifest_or_data_file_is_missing_file() {
+    let root = tempfile::tempdir().expect("tempdir");
+    for victim in [MANIFEST_FILE, MANIFEST_SHA256_FILE, STATE_FILE, MEM_FILE] {
+        let dir = publish(root.path(), &format!("s-{}", victim.replace('.', "_")));
+        std::fs::remove_file(dir.join(victim)).expect("remove");
+        match verify(&dir, &fingerprint(), VerifyLevel::Sizes) {
+            Err(SnapshotError::MissingFile { path }) => assert_eq!(path, dir.join(victim)),
+            other => panic!("{victim}: expected MissingFile, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn verify_edited_manifest_is_checksum_mismatch() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = publish(root.path(), "s");
+    let p = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&p).expect("read");
+    std::fs::write(&p, text.replace("\"cpus\": 1", "\"cpus\": 2")).expect("write");
+    assert!(matches!(
+        verify_full(&dir),
+        Err(SnapshotError::ManifestChecksum { .. })
+    ));
+    std::fs::write(dir.join(MANIFEST_SHA256_FILE), "garbage\n").expect("write");
+    assert!(matches!(
+        verify_full(&dir),
+        Err(SnapshotError::ChecksumFileMalformed { .. })
+    ));
+}
+
+#[test]
+fn verify_bad_json_with_matching_checksum_is_parse_error() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = publish(root.path(), "s");
+    let body = b"{\"magic\": \"kiln-snapshot\", \"format_version\": 1, ";
+    std::fs::write(dir.join(MANIFEST_FILE), body).expect("write");
+    std::fs::write(dir.join(MANIFEST_SHA256_FILE), checksum_line(body)).expect("sum");
+    assert!(matches!(
+        verify_full(&dir),
+        Err(SnapshotError::ManifestParse { .. })
+    ));
+    // Valid JSON of the wrong shape is a parse error too.
+    let body = br#"{"magic": "kiln-snapshot", "format_version": 1, "name": 3}"#;
+    std::fs::write(dir.join(MANIFEST_FILE), body).expect("write");
+    std::fs::write(dir.join(MANIFEST_SHA256_FILE), checksum_line(body)).expect("sum");
+    assert!(matches!(
+        verify_full(&dir),
+        Err(SnapshotError::ManifestParse { .. })
+    ));
+}
+
+#[test]
+fn verify_wrong_magic_and_future_version_are_named() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = publish(root.path(), "s");
+    rewrite_manifest(&dir, |v| v["magic"] = "qemu-savevm".into());
+    match verify_full(&dir) {
+        Err(SnapshotError::WrongMagic { found, .. }) => assert_eq!(found, "qemu-savevm"),
+        other => panic!("expected WrongMagic, got {other:?}"),
+    }
+    rewrite_manifest(&dir, |v| {
+        v["magic"] = MAGIC.into();
+        v["format_version"] = 2.into();
+        // A future version may change shapes: the version is reported, not the shape.
+        v["files"] = "elsewhere".into();
+    });
+    match verify_full(&dir) {
+        Err(SnapshotError::UnsupportedFormat { found, supported }) => {
+            assert_eq!((found, supported), (2, FORMAT_VERSION));
+        }
+        other => panic!("expected UnsupportedFormat, got {other:?}"),
+    }
+}
+
+#[test]
+fn verify_unknown_or_duplicate_file_entry_is_invalid() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = publish(root.path(), "s");
+    rewrite_manifest(&dir, |v| v["files"][1]["name"] = "../../etc/passwd".into());
+    assert!(matches!(
+        verify_full(&dir),
+        Err(SnapshotError::ManifestInvalid { .. })
+    ));
+    rewrite_manifest(&dir, |v| v["files"][1]["name"] = MEM_FILE.into());
+    assert!(matches!(
+        verify_full(&dir),
+        Err(SnapshotError::ManifestInvalid { .. })
+    ));
+}
+
+#[test]
+fn verify_truncated_file_is_size_mismatch_at_both_levels() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = publish(root.path(), "s");
+    let mem = dir.join(MEM_FILE);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&mem)
+        .and_then(|f| f.set_len(4096))
+        .expect("truncate");
+    for level in [VerifyLevel::Sizes, VerifyLevel::Full] {
+        match verify(&dir, &fingerprint(), level) {
+            Err(SnapshotError::SizeMismatch {
+                path,
+                expected,
+                actual,
+            }) => {
+                assert_eq!(path, mem);
+                assert_eq!((expected, actual), (64 << 10, 4096));
+            }
+            other => panic!("expected SizeMismatch, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn verify_flipped_byte_is_digest_mismatch_only_at_full() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = publish(root.path(), "s");
+    for victim in [MEM_FILE, STATE_FILE, DISK_FILE] {
+        flip_byte(&dir.join(victim), 3);
+        assert!(verify(&dir, &fingerprint(), VerifyLevel::Sizes).is_ok());
+        match verify_full(&dir) {
+            Err(SnapshotError::DigestMismatch { path, .. }) => assert_eq!(path, dir.join(victim)),
+            other => panic!("{victim}: expected DigestMismatch, got {other:?}"),
+        }
+        flip_byte(&dir.join(victim), 3);
+        assert!(verify_full(&dir).is_ok(), "{victim} restored");
+    }
+}
+
+#[test]
+fn verify_each_fingerprint_field_change_names_that_field() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = publish(root.path(), "s");
+    let base = fingerprint();
+    let cases: Vec<(&str, SnapshotFingerprint)> = vec![
+        (
+            "qemu_version",
+            SnapshotFingerprint {
+                qemu_version: "8.2.0".into(),
+                ..base.clone()
+            },
+        ),
+        (
+            "machine",
+            SnapshotFingerprint {
+                machine: "microvm".into(),
+                ..base.clone()
+            },
+        ),
+        (
+            "device_fingerprint",
+            SnapshotFingerprint {
+                device_fingerprint: "e".repeat(64),
+                ..base.clone()
+            },
+        ),
+        (
+            "cpu_model",
+            SnapshotFingerprint {
+                cpu_model: "host".into(),
+                ..base.clone()
+            },
+        ),
+        (
+            "accel",
+            SnapshotFingerprint {
+                accel: "kvm".into(),
+                ..base.clone()
+            },
+        ),
+        (
+            "cpus",
+            SnapshotFingerprint {
+                cpus: 2,
+                ..base.clone()
+            },
+        ),
+        (
+            "memory_mib",
+            SnapshotFingerprint {
+                memory_mib: 512,
+                ..base.clone()
+            },
+        ),
+        (
+            "kernel_digest",
+            SnapshotFingerprint {
+                kernel_digest: "0".repeat(64),
+                ..base.clone()
+            },
+        ),
+        (
+            "initramfs_digest",
+            SnapshotFingerprint {
+                initramfs_digest: "0".repeat(64),
+                ..base.clone()
+            },
+        ),
+        (
+            "image_digest",
+            SnapshotFingerprint {
+                image_digest: "0".repeat(64),
+                ..base.clone()
+            },
+        ),
+        (
+            "format_version",
+            SnapshotFingerprint {
+                format_version: 9,
+                ..base.clone()
+            },
+        ),
+    ];
+    assert_eq!(cases.len(), 11, "every field of SnapshotFingerprint");
+    for (field, host) in cases {
+        match verify(&dir, &host, VerifyLevel::Sizes) {
+            Err(e @ SnapshotError::FingerprintMismatch { .. }) => {
+                let SnapshotError::FingerprintMismatch { diffs } = &e else {
+                    unreachable!()
+                };
+                assert_eq!(diffs.len(), 1, "{e}");
+                assert_eq!(diffs[0].field, field);
+                assert!(
+                    e.to_string().contains(&format!("{field}: snapshot ")),
+                    "{e}"
+                );
+            }
+            other => panic!("{field}: expected FingerprintMismatch, got {other:?}"),
+        }
+    }
+    let e = verify(
+        &dir,
+        &SnapshotFingerprint {
+            accel: "kvm".into(),
+            ..base
+        },
+        VerifyLevel::Sizes,
+    )
+    .expect_err("mismatch");
+    assert_eq!(
+        e.to_string(),
+        "snapshot is incompatible: accel: snapshot tcg, host kvm"
+    );
+}
+
+#[test]
+fn publish_never_replaces_an_existing_snapshot() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = publish(root.path(), "s");
+    let name = || SnapshotName::new("s").expect("name");
+    assert!(matches!(
+        SnapshotBuilder::begin(root.path(), name()),
+        Err(SnapshotError::AlreadyExists { .. })
+    ));
+    // A competitor publishes between begin and publish: the rename refuses.
+    let other = tempfile::tempdir().expect("tempdir");
+    let b = SnapshotBuilder::begin(other.path(), name()).expect("begin");
+    for f in DATA_FILES {
+        std::fs::write(b.file(f), f).expect("write");
+    }
+    let tmp = b.dir().to_owned();
+    std::fs::create_dir(other.path().join("s")).expect("competitor");
+    std::fs::write(other.path().join("s/manifest.json"), "{}").expect("competitor");
+    assert!(matches!(
+        b.publish(input()),
+        Err(SnapshotError::AlreadyExists { .. })
+    ));
+    assert!(!tmp.exists(), "failed publish removes its build directory");
+    assert!(verify_full(&dir).is_ok(), "the first snapshot is untouched");
+}
+
+#[test]
+fn builder_dropped_or_failing_leaves_nothing_visible() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let b =
+        SnapshotBuilder::begin(root.path(), SnapshotName::new("s").expect("name")).expect("begin");
+    let tmp = b.dir().to_owned();
+    assert!(
+        tmp.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(".tmp-s-"))
+    );
+    std::fs::write(b.file(MEM_FILE), b"x").expect("write");
+    drop(b);
+    assert!(!tmp.exists());
+    // Missing data file: publish fails, nothing published, build dir gone.
+    let b =
+        SnapshotBuilder::begin(root.path(), SnapshotName::new("s").expect("name")).expect("begin");
+    std::fs::write(b.file(MEM_FILE), b"x").expect("write");
+    assert!(matches!(
+        b.publish(input()),
+        Err(SnapshotError::MissingFile { .. })
+    ));
+    assert_eq!(std::fs::read_dir(root.path()).expect("read").count(), 0);
+}
+
+#[test]
+fn cleanup_stale_tmp_removes_dead_pids_only() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dead = root.path().join(".tmp-a-b-999999999");
+    let mine = root.path().join(format!(".tmp-c-{}", std::process::id()));
+    let init = root.path().join(".tmp-d-1");
+    let published = root.path().join("e-999999999");
+    let odd = root.path().join(".tmp-noise");
+    for d in [&dead, &mine, &init, &published, &odd] {
+        std::fs::create_dir(d).expect("mkdir");
+        std::fs::write(d.join("mem"), b"x").expect("write");
+    }
+    assert_eq!(
+        cleanup_stale_tmp(root.path()).expect("cleanup"),
+        [dead.clone()]
+    );
+    assert!(!dead.exists());
+    for kept in [&mine, &init, &published, &odd] {
+        assert!(kept.exists(), "{}", kept.display());
+    }
+    assert!(
+        cleanup_stale_tmp(&root.path().join("missing"))
+            .expect("missing root")
+            .is_empty()
+    );
+}
+
+/// Measurement, not an assertion: sha256 throughput over a 256 MiB file (the size of a
+/// default guest's `mem`). Run with `--release -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: writes and hashes 256 MiB"]
+fn sha256_throughput_256mib() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("mem");
+    let chunk: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&p).expect("create");
+        for _ in 0..256 {
+            f.write_all(&chunk).expect("write");
+        }
+    }
+    for run in 0..3 {
+        let t = std::time::Instant::now();
+        let digest = sha256_file(&p).expect("hash");
+        let took = t.elapsed();
+        eprintln!(
+            "run {run}: sha256 of 256 MiB (page cache) in {took:?} = {:.0} MiB/s ({})",
+            256.0 / took.as_secs_f64(),
+            &digest[..12]
+        );
+    }
+}
