@@ -22,7 +22,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{Command, Stdio};
@@ -46,6 +46,10 @@ use crate::outbound::Outbound;
 use crate::reaper::Reaper;
 use crate::session::AgentConfig;
 use crate::sys::{self, ChildExit};
+
+/// Kernel buffer of a command's stdout and stderr pipes (the default is 64 KiB): measured
+/// under TCG, a 1 MiB pipe moves about 25% more bytes per second.
+const OUTPUT_PIPE_BYTES: i32 = 1 << 20;
 
 /// The environment every exec starts from, before the request's variables are overlaid.
 pub const BASE_ENV: &[(&str, &str)] = &[
@@ -274,6 +278,10 @@ pub(crate) fn start(
         let (Some(stdout), Some(stderr)) = (stdout, stderr) else {
             return Err(io::Error::other("child pipes missing"));
         };
+        for fd in [&stdout, &stderr] {
+            // Best effort: the default 64 KiB pipe still works, only slower.
+            let _ = sys::set_pipe_size(fd.as_raw_fd(), OUTPUT_PIPE_BYTES);
+        }
         Ok((
             pipe::Receiver::from_owned_fd(stdout)?,
             pipe::Receiver::from_owned_fd(stderr)?,

@@ -109,6 +109,14 @@ pub fn tcdrain(fd: RawFd) -> io::Result<()> {
     check(unsafe { libc::tcdrain(fd) }).map(drop)
 }
 
+/// `fcntl(F_SETPIPE_SZ)`: grows a pipe's kernel buffer. Fewer, larger transfers between a
+/// command and the agent matter under TCG, where every context switch is emulated.
+pub fn set_pipe_size(fd: RawFd, bytes: i32) -> io::Result<()> {
+    // SAFETY: fcntl with F_SETPIPE_SZ takes an fd and an integer; a non-pipe fd yields EBADF
+    // or EINVAL and nothing else happens.
+    check(unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, bytes) }).map(drop)
+}
+
 /// `kill(-pgid, signo)`: signals a whole process group.
 pub fn kill_group(pgid: i32, signo: i32) -> io::Result<()> {
     if pgid <= 1 {
