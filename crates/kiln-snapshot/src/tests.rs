@@ -392,7 +392,7 @@ fn cleanup_stale_tmp_removes_dead_pids_only() {
     }
     assert_eq!(
         cleanup_stale_tmp(root.path()).expect("cleanup"),
-        [dead.clone()]
+        std::slice::from_ref(&dead)
     );
     assert!(!dead.exists());
     for kept in [&mine, &init, &published, &odd] {
