@@ -346,7 +346,9 @@ impl Vm {
         deadline: Instant,
     ) -> Result<MigrationInfo, VmmError> {
         loop {
-            let info = self.snapshot_step("query-migrate", &QueryMigrate).await?;
+            let info = self
+                .snapshot_step("capture (query-migrate)", &QueryMigrate)
+                .await?;
             match &info.status {
                 Some(MigrationStatus::Completed) => return Ok(info),
                 Some(s @ (MigrationStatus::Failed | MigrationStatus::Cancelled)) => {
@@ -400,7 +402,9 @@ impl Vm {
     async fn wait_incoming(&self, deadline: Instant) -> Result<RunState, VmmError> {
         let mut events = self.qmp().events();
         loop {
-            let s = self.snapshot_step("query-status", &QueryStatus).await?;
+            let s = self
+                .snapshot_step("restore (query-status)", &QueryStatus)
+                .await?;
             match s.status {
                 RunState::Paused | RunState::Running => return Ok(s.status),
                 RunState::InMigrate | RunState::Prelaunch | RunState::RestoreVm => {}
