@@ -1,0 +1,205 @@
+//! Writes the seed corpus (`corpus/<target>/seed-*`) from the protocol crate's own types, so
+//! the seeds stay valid frames and messages as the crate evolves.
+//!
+//! Run from `fuzz/`: `cargo run --example gen_corpus`. Overwrites existing seeds; leaves the
+//! inputs libFuzzer added alone.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+use bytes::Bytes;
+use kiln_agent_proto::{
+    AgentInfo, DataChannel, ErrorBody, ErrorCode, ExecRequest, ExitStatus, Frame, GuestMessage,
+    HostMessage, Request, RequestId, Response, StreamId, SyncAckFrame, SyncFrame,
+};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    let stream = StreamId::new(3).ok_or("stream 3 is non-zero")?;
+
+    let host = host_messages(stream);
+    let guest = guest_messages(stream);
+    let sync = Frame::Sync(SyncFrame {
+        nonce: 0x0123_4567_89ab_cdef,
+        versions: vec![1],
+    });
+    let sync_many = Frame::Sync(SyncFrame {
+        nonce: 7,
+        versions: vec![0, 1, 2, 0xffff],
+    });
+    let ack = Frame::SyncAck(SyncAckFrame {
+        nonce: 0x0123_4567_89ab_cdef,
+        version: 1,
+        info: AgentInfo {
+            agent_version: "0.1.0".into(),
+            pid: 1,
+            kernel_release: Some("6.1.0-kiln".into()),
+            features: vec!["exec".into()],
+        },
+    });
+    let window = Frame::Window {
+        stream,
+        increment: 256 << 10,
+    };
+    let data = |channel, bytes: &'static [u8]| Frame::Data {
+        stream,
+        channel,
+        data: Bytes::from_static(bytes),
+    };
+
+    // frame_decoder: byte streams.
+    let dir = root.join("frame_decoder");
+    let mut session = Vec::new();
+    for frame in [&sync, &ack] {
+        session.extend_from_slice(&frame.to_bytes()?);
+    }
+    for msg in &host {
+        session.extend_from_slice(&msg.to_frame()?.to_bytes()?);
+    }
+    session.extend_from_slice(&window.to_bytes()?);
+    session.extend_from_slice(&data(DataChannel::Stdin, b"input\n").to_bytes()?);
+    session.extend_from_slice(&data(DataChannel::Stdout, b"hi\n").to_bytes()?);
+    session.extend_from_slice(&data(DataChannel::Stderr, b"oops\n").to_bytes()?);
+    for msg in &guest {
+        session.extend_from_slice(&msg.to_frame()?.to_bytes()?);
+    }
+    write(&dir, "session", &session)?;
+    write(&dir, "sync", &sync.to_bytes()?)?;
+    write(&dir, "sync-ack", &ack.to_bytes()?)?;
+    // Boot noise before the handshake, a frame cut short, then a resync.
+    let mut noisy = b"[    0.000000] Linux version 6.1\r\n\x9f\x9fk".to_vec();
+    noisy.extend_from_slice(&ack.to_bytes()?[..20]);
+    noisy.extend_from_slice(&sync_many.to_bytes()?);
+    noisy.extend_from_slice(&ack.to_bytes()?);
+    noisy.extend_from_slice(&window.to_bytes()?);
+    write(&dir, "noise-then-handshake", &noisy)?;
+    // A header announcing more than the cap, then a valid frame.
+    let mut oversized = data(DataChannel::Stdout, b"x").to_bytes()?.to_vec();
+    oversized[8..12].copy_from_slice(&(1u32 << 20).to_le_bytes());
+    oversized.extend_from_slice(&sync.to_bytes()?);
+    write(&dir, "oversized-then-sync", &oversized)?;
+
+    // control_messages: CONTROL payloads.
+    let dir = root.join("control_messages");
+    for (i, msg) in host.iter().enumerate() {
+        write(&dir, &format!("host-{i}"), &payload(&msg.to_frame()?)?)?;
+    }
+    for (i, msg) in guest.iter().enumerate() {
+        write(&dir, &format!("guest-{i}"), &payload(&msg.to_frame()?)?)?;
+    }
+    write(
+        &dir,
+        "unknown-op",
+        br#"{"type":"request","id":5,"request":{"op":"file_put","path":"/x"}}"#,
+    )?;
+    write(
+        &dir,
+        "exec-defaults",
+        br#"{"type":"request","id":6,"request":{"op":"exec","stream":1,"output_window":1,"exec":{"argv":["ls"]}}}"#,
+    )?;
+
+    // handshake: selector byte (bit 0: SYNC_ACK, bit 1: prepend body magic) + payload.
+    let dir = root.join("handshake");
+    let body = |frame: &Frame| -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+        Ok(frame.to_bytes()?[12..].to_vec())
+    };
+    write(&dir, "sync", &[&[0u8][..], &body(&sync)?].concat())?;
+    write(
+        &dir,
+        "sync-many",
+        &[&[0u8][..], &body(&sync_many)?].concat(),
+    )?;
+    write(
+        &dir,
+        "sync-after-magic",
+        &[&[2u8][..], &body(&sync)?[8..]].concat(),
+    )?;
+    write(&dir, "sync-ack", &[&[1u8][..], &body(&ack)?].concat())?;
+    write(
+        &dir,
+        "sync-ack-after-magic",
+        &[&[3u8][..], &body(&ack)?[8..]].concat(),
+    )?;
+    let mut minimal_ack = vec![3u8];
+    minimal_ack.extend_from_slice(&[0; 10]);
+    minimal_ack.extend_from_slice(br#"{"agent_version":"","pid":0,"future":[1,{"a":null}]}"#);
+    write(&dir, "sync-ack-unknown-field", &minimal_ack)?;
+    Ok(())
+}
+
+fn host_messages(stream: StreamId) -> Vec<HostMessage> {
+    let request = |id, request| HostMessage::Request {
+        id: RequestId(id),
+        request,
+    };
+    vec![
+        request(7, Request::Ping),
+        request(
+            8,
+            Request::Exec {
+                stream,
+                output_window: 262_144,
+                exec: ExecRequest {
+                    argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
+                    env: BTreeMap::from([("A".into(), "b".into())]),
+                    cwd: Some("/tmp".into()),
+                    stdin: true,
+                    timeout_ms: Some(5000),
+                    max_output_bytes: Some(1 << 20),
+                },
+            },
+        ),
+        request(9, Request::Signal { stream, signo: 15 }),
+        request(10, Request::Shutdown),
+        HostMessage::StdinClose { stream },
+    ]
+}
+
+fn guest_messages(stream: StreamId) -> Vec<GuestMessage> {
+    let response = |id, response| GuestMessage::Response {
+        id: RequestId(id),
+        response,
+    };
+    vec![
+        response(7, Response::Pong),
+        response(8, Response::ExecStarted { pid: Some(231) }),
+        response(9, Response::Signaled),
+        response(10, Response::ShuttingDown),
+        GuestMessage::Error {
+            id: Some(RequestId(8)),
+            error: ErrorBody {
+                code: ErrorCode::BadCwd,
+                message: "working directory /x does not exist".into(),
+            },
+        },
+        GuestMessage::Error {
+            id: None,
+            error: ErrorBody {
+                code: ErrorCode::BadRequest,
+                message: "invalid host message json".into(),
+            },
+        },
+        GuestMessage::Exit {
+            stream,
+            status: ExitStatus {
+                code: None,
+                signal: Some(9),
+                timed_out: true,
+                output_truncated: false,
+            },
+        },
+    ]
+}
+
+fn payload(frame: &Frame) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+    match frame {
+        Frame::Control(json) => Ok(json.to_vec()),
+        other => Err(format!("expected a CONTROL frame, got {other:?}").into()),
+    }
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    fs::create_dir_all(dir)?;
+    fs::write(dir.join(format!("seed-{name}")), bytes)
+}
