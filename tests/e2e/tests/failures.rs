@@ -184,3 +184,49 @@ fn run_interrupted_tears_the_sandbox_down() {
     assert!(!process_alive(qemu), "QEMU {qemu} still runs");
     assert!(!k.home().join("run").join(&id).exists());
 }
+
+#[test]
+#[ignore = "boots VMs: run by scripts/test"]
+fn qemu_missing_or_too_old_is_named() {
+    // Each case gets its own home, so its daemon starts with the broken KILN_QEMU.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let old = dir.path().join("qemu-system-x86_64");
+    std::fs::write(&old, "#!/bin/sh\necho 'QEMU emulator version 6.2.0'\n")
+        .expect("write fake qemu");
+    std::fs::set_permissions(&old, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let cases = [
+        ("/nonexistent/qemu", "KILN_QEMU=/nonexistent/qemu"),
+        (old.to_str().expect("utf-8"), "too old"),
+    ];
+    for (qemu, expect) in cases {
+        let k = Kiln::isolated();
+        let out = k
+            .cmd(&["run", "--image", "base", "--", "true"])
+            .env("KILN_QEMU", qemu)
+            .output()
+            .expect("run kiln");
+        assert!(!out.status.success(), "run with KILN_QEMU={qemu} succeeded");
+        assert!(
+            stderr(&out).contains(expect),
+            "expected {expect:?}:\n{}",
+            stderr(&out)
+        );
+        let doctor = k
+            .cmd(&["doctor"])
+            .env("KILN_QEMU", qemu)
+            .output()
+            .expect("run doctor");
+        assert_eq!(
+            doctor.status.code(),
+            Some(1),
+            "doctor must fail without a usable QEMU"
+        );
+        assert!(String::from_utf8_lossy(&doctor.stdout).contains(expect));
+        assert_eq!(
+            k.ps()["sandboxes"].as_array().map(Vec::len),
+            Some(0),
+            "a sandbox was left behind"
+        );
+    }
+}
