@@ -24,6 +24,17 @@ use crate::client::Client;
 /// Options of `kiln run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// The sandbox to start.
+    #[command(flatten)]
+    pub sandbox: SandboxOpts,
+    /// The command to run in it.
+    #[command(flatten)]
+    pub exec: ExecOpts,
+}
+
+/// Options that describe a sandbox (`kiln run`, `kiln create`).
+#[derive(Debug, Args)]
+pub struct SandboxOpts {
     /// Image to start (a recipe name).
     #[arg(long, default_value = kiln_api_types::DEFAULT_IMAGE)]
     pub image: String,
@@ -33,6 +44,29 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = kiln_api_types::DEFAULT_MEMORY_MIB)]
     pub memory: u32,
+}
+
+impl SandboxOpts {
+    /// The create request these options describe; errors name the bad option.
+    pub fn request(&self) -> anyhow::Result<SandboxCreateRequest> {
+        let req = SandboxCreateRequest {
+            image: self.image.clone(),
+            cpus: self.cpus,
+            memory_mib: self.memory,
+        };
+        req.validate().map_err(|m| {
+            anyhow::anyhow!(
+                m.replace("memory_mib", "--memory")
+                    .replace("cpus", "--cpus")
+            )
+        })?;
+        Ok(req)
+    }
+}
+
+/// Options that describe a command (`kiln run`, `kiln exec`).
+#[derive(Debug, Args)]
+pub struct ExecOpts {
     /// Environment variable for the command (repeatable).
     #[arg(long = "env", value_name = "K=V")]
     pub env: Vec<String>,
@@ -53,9 +87,9 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
-impl RunArgs {
+impl ExecOpts {
     /// The exec request these options describe; errors name the bad option.
-    pub fn exec_request(&self) -> anyhow::Result<ExecRequest> {
+    pub fn request(&self) -> anyhow::Result<ExecRequest> {
         let mut req = ExecRequest::new(self.command.clone());
         for kv in &self.env {
             let Some((k, v)) = kv.split_once('=') else {
@@ -75,31 +109,16 @@ impl RunArgs {
         req.validate().map_err(anyhow::Error::msg)?;
         Ok(req)
     }
-
-    fn sandbox_request(&self) -> anyhow::Result<SandboxCreateRequest> {
-        let req = SandboxCreateRequest {
-            image: self.image.clone(),
-            cpus: self.cpus,
-            memory_mib: self.memory,
-        };
-        req.validate().map_err(|m| {
-            anyhow::anyhow!(
-                m.replace("memory_mib", "--memory")
-                    .replace("cpus", "--cpus")
-            )
-        })?;
-        Ok(req)
-    }
 }
 
 /// Runs `kiln run`; returns the process exit code.
 pub async fn run(client: &Client, args: &RunArgs) -> anyhow::Result<i32> {
-    let exec = args.exec_request()?;
-    let sandbox = args.sandbox_request()?;
+    let exec = args.exec.request()?;
+    let sandbox = args.sandbox.request()?;
     crate::image::ensure_built(client, &sandbox.image).await?;
     let ws = client.websocket("/v1/run").await?;
     let first = serde_json::to_string(&RunRequest { sandbox, exec })?;
-    stream_exec(client, ws, first, !args.no_stdin, true).await
+    stream_exec(client, ws, first, !args.exec.no_stdin, true).await
 }
 
 /// Drives one exec WebSocket to its end; returns the exit code to use.
@@ -244,7 +263,7 @@ mod tests {
             "ls",
             "-l",
         ]);
-        let r = a.exec_request().unwrap();
+        let r = a.exec.request().unwrap();
         assert_eq!(r.argv, vec!["ls", "-l"]);
         assert_eq!(r.env.get("B").map(String::as_str), Some("x=y"));
         assert_eq!(r.cwd.as_deref(), Some("/tmp"));
@@ -255,24 +274,27 @@ mod tests {
     #[test]
     fn bad_options_are_named_in_the_error() {
         let a = parse(&["--env", "NOEQUALS", "--", "true"]);
-        assert!(a.exec_request().unwrap_err().to_string().contains("--env"));
+        assert!(a.exec.request().unwrap_err().to_string().contains("--env"));
         let a = parse(&["--timeout", "0", "--", "true"]);
         assert!(
-            a.exec_request()
+            a.exec
+                .request()
                 .unwrap_err()
                 .to_string()
                 .contains("--timeout")
         );
         let a = parse(&["--memory", "1", "--", "true"]);
         assert!(
-            a.sandbox_request()
+            a.sandbox
+                .request()
                 .unwrap_err()
                 .to_string()
                 .contains("--memory")
         );
         let a = parse(&["--cpus", "999", "--", "true"]);
         assert!(
-            a.sandbox_request()
+            a.sandbox
+                .request()
                 .unwrap_err()
                 .to_string()
                 .contains("--cpus")

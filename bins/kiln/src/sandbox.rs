@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use clap::{Args, Subcommand};
 use hyper::Method;
-use kiln_api_types::{SandboxCreateRequest, SandboxId, SandboxInfo};
+use kiln_api_types::{SandboxId, SandboxInfo};
 use kiln_core::Home;
 
 use crate::client::Client;
@@ -13,15 +13,9 @@ use crate::client::Client;
 /// Options of `kiln create`.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// Image to start (a recipe name).
-    #[arg(long, default_value = kiln_api_types::DEFAULT_IMAGE)]
-    pub image: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = kiln_api_types::DEFAULT_CPUS)]
-    pub cpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = kiln_api_types::DEFAULT_MEMORY_MIB)]
-    pub memory: u32,
+    /// The sandbox to start.
+    #[command(flatten)]
+    pub sandbox: crate::run::SandboxOpts,
     /// Print the sandbox as JSON instead of its id.
     #[arg(long)]
     pub json: bool,
@@ -29,17 +23,7 @@ pub struct CreateArgs {
 
 /// `kiln create`.
 pub async fn create(client: &Client, a: &CreateArgs) -> anyhow::Result<i32> {
-    let req = SandboxCreateRequest {
-        image: a.image.clone(),
-        cpus: a.cpus,
-        memory_mib: a.memory,
-    };
-    req.validate().map_err(|m| {
-        anyhow::anyhow!(
-            m.replace("memory_mib", "--memory")
-                .replace("cpus", "--cpus")
-        )
-    })?;
+    let req = a.sandbox.request()?;
     crate::image::ensure_built(client, &req.image).await?;
     let info: SandboxInfo = client
         .call(Method::POST, "/v1/sandboxes", Some(&req))
@@ -57,47 +41,28 @@ pub async fn create(client: &Client, a: &CreateArgs) -> anyhow::Result<i32> {
 pub struct ExecArgs {
     /// Sandbox id.
     pub id: String,
-    /// Environment variable for the command (repeatable).
-    #[arg(long = "env", value_name = "K=V")]
-    pub env: Vec<String>,
-    /// Working directory in the guest.
-    #[arg(long)]
-    pub workdir: Option<String>,
-    /// Kill the command after this many seconds (exit code 124).
-    #[arg(long, value_name = "SECS")]
-    pub timeout: Option<f64>,
-    /// Kill the command once its output exceeds this many bytes.
-    #[arg(long, value_name = "BYTES")]
-    pub max_output: Option<u64>,
-    /// Do not forward stdin (the command reads /dev/null).
-    #[arg(long)]
-    pub no_stdin: bool,
-    /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
-    pub command: Vec<String>,
+    /// The command to run.
+    #[command(flatten)]
+    pub exec: crate::run::ExecOpts,
 }
 
 /// `kiln exec`.
 pub async fn exec(client: &Client, a: &ExecArgs) -> anyhow::Result<i32> {
     let id: SandboxId = a.id.parse()?;
-    let run = crate::run::RunArgs {
-        image: String::new(),
-        cpus: 1,
-        memory: kiln_api_types::DEFAULT_MEMORY_MIB,
-        env: a.env.clone(),
-        workdir: a.workdir.clone(),
-        timeout: a.timeout,
-        max_output: a.max_output,
-        no_stdin: a.no_stdin,
-        command: a.command.clone(),
-    };
-    let req = run.exec_request()?;
+    let req = a.exec.request()?;
     // A wrong id is reported plainly before any WebSocket is opened.
     let _: SandboxInfo = client.get(&format!("/v1/sandboxes/{id}")).await?;
     let ws = client
         .websocket(&format!("/v1/sandboxes/{id}/exec"))
         .await?;
-    crate::run::stream_exec(client, ws, serde_json::to_string(&req)?, !a.no_stdin, false).await
+    crate::run::stream_exec(
+        client,
+        ws,
+        serde_json::to_string(&req)?,
+        !a.exec.no_stdin,
+        false,
+    )
+    .await
 }
 
 /// `kiln daemon ...`.
