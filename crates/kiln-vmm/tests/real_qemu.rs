@@ -561,3 +561,115 @@ async fn snapshot_restore_corrupt_state_is_error_and_kills_qemu() {
         .expect("identity");
     assert!(!ident.is_same_process_alive(), "QEMU was killed");
 }
+
+/// A fresh identity for clone `i`: distinct ids and names, host entropy, the host's clock.
+fn identity_for(i: u8) -> kiln_vmm::agent::GuestIdentity {
+    use kiln_vmm::agent::{Entropy, GuestIdentity, Hostname, MachineId, RestoreId, UnixNanos};
+    let mut entropy = vec![0u8; 64];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").expect("urandom"),
+        &mut entropy,
+    )
+    .expect("read urandom");
+    GuestIdentity {
+        restore_id: RestoreId::from_bytes([0xa0 + i; 16]),
+        entropy: Entropy::new(entropy).expect("entropy"),
+        wall_clock_unix_ns: UnixNanos::now().expect("clock"),
+        hostname: Hostname::new(format!("clone-{i}")).expect("hostname"),
+        machine_id: MachineId::from_bytes([0x10 + i; 16]).expect("machine id"),
+    }
+}
+
+/// The real identity path in real guests: capture a booted guest whose clock is then left
+/// 40 s behind (the snapshot ages), restore two clones, give each a fresh identity through
+/// `connect_restored`, and check inside each guest that hostname, machine-id, restore id,
+/// wall clock and RNG output are the new ones and differ between the clones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots the real image under TCG"]
+async fn snapshot_clones_get_fresh_identity_from_real_agent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rootfs = image_dir().join("rootfs.ext4");
+    let cap_cfg = image_config(&dir.path().join("cap"), &rootfs, BackingFormat::Raw).await;
+    let vm = Vm::spawn(&cap_cfg).await.expect("spawn");
+    let agent = agent_ping(&vm).await;
+    // Age the snapshot: the captured guest clock is 40 s behind the host.
+    guest_sh(&agent, "date -s @$(( $(date +%s) - 40 )) >/dev/null").await;
+    let snap = dir.path().join("snap");
+    std::fs::create_dir_all(&snap).expect("snap dir");
+    let state = snap.join("state");
+    vm.capture(&state, CaptureMode::IgnoreShared, AfterCapture::Paused)
+        .await
+        .expect("capture");
+    let snap_disk = snap.join("disk.qcow2");
+    std::fs::copy(cap_cfg.disk.as_ref().expect("disk"), &snap_disk).expect("copy disk");
+    drop(agent);
+    vm.kill().await;
+
+    let mut seen = Vec::new();
+    for i in 0..2u8 {
+        let mut cfg = image_config(
+            &dir.path().join(format!("c{i}")),
+            &snap_disk,
+            BackingFormat::Qcow2,
+        )
+        .await;
+        cfg.memory_file = cap_cfg.memory_file.clone();
+        let (vm, _rep) = Vm::restore(&cfg, &state, CaptureMode::IgnoreShared)
+            .await
+            .expect("restore");
+        let identity = identity_for(i);
+        let stream = tokio::net::UnixStream::connect(vm.agent_socket())
+            .await
+            .expect("agent socket");
+        let config = kiln_vmm::agent::ClientConfig {
+            handshake_deadline: BOOT_LIMIT,
+            ..Default::default()
+        };
+        let (agent, info, ack) =
+            kiln_vmm::agent::AgentClient::connect_restored(stream, config, &identity)
+                .await
+                .unwrap_or_else(|e| panic!("identity: {e:?}; console:\n{}", vm.console_tail(4096)));
+        assert!(
+            info.features
+                .iter()
+                .any(|f| f == kiln_vmm::agent::FEATURE_IDENTITY_V1)
+        );
+        assert_eq!(ack.restore_id, identity.restore_id);
+        assert!(
+            ack.clock_set && ack.hostname_set && ack.machine_id_written,
+            "{ack:?}"
+        );
+        assert!(ack.entropy_credited && ack.rng_reseeded, "{ack:?}");
+        assert!(
+            ack.clock_step_ns > 30_000_000_000,
+            "clock moved only {} ns",
+            ack.clock_step_ns
+        );
+        let out = guest_sh(
+            &agent,
+            "hostname; cat /etc/machine-id; echo $KILN_RESTORE_ID; cat /run/kiln/restore-id; \
+             date +%s; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo",
+        )
+        .await;
+        let host_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64;
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 6, "{out}");
+        assert_eq!(lines[0], format!("clone-{i}"));
+        assert_eq!(lines[1], identity.machine_id.as_str());
+        assert_eq!(lines[2], identity.restore_id.as_str());
+        assert_eq!(lines[3].trim(), identity.restore_id.as_str());
+        let guest_now: i64 = lines[4].parse().expect("guest date");
+        assert!(
+            (guest_now - host_now).abs() <= 2,
+            "guest clock {guest_now}, host {host_now}"
+        );
+        seen.push(lines[5].to_owned());
+        drop(agent);
+        vm.kill().await;
+    }
+    assert_eq!(seen[0].len(), 64);
+    assert_ne!(seen[0], seen[1], "clones produced the same random bytes");
+}
