@@ -96,8 +96,10 @@ pub async fn run(client: &Client, a: &BenchArgs) -> anyhow::Result<i32> {
     );
     let mut accel = String::new();
     for run in 0..a.runs {
+        // This benchmark measures cold boots; `kiln bench snapshot` measures restores.
         let req = SandboxCreateRequest {
             image: a.image.clone(),
+            cold: true,
             ..Default::default()
         };
         let t = Instant::now();

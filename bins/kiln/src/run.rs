@@ -44,6 +44,9 @@ pub struct SandboxOpts {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = kiln_api_types::DEFAULT_MEMORY_MIB)]
     pub memory: u32,
+    /// Boot from scratch instead of restoring the image's warm snapshot.
+    #[arg(long)]
+    pub cold: bool,
 }
 
 impl SandboxOpts {
@@ -53,6 +56,7 @@ impl SandboxOpts {
             image: self.image.clone(),
             cpus: self.cpus,
             memory_mib: self.memory,
+            cold: self.cold,
         };
         req.validate().map_err(|m| {
             anyhow::anyhow!(

@@ -95,9 +95,10 @@ pub fn status_of(e: &CoreError) -> StatusCode {
             StatusCode::BAD_GATEWAY
         }
         CoreError::HostSetup(_) => StatusCode::SERVICE_UNAVAILABLE,
-        CoreError::Image(_) | CoreError::Store(_) | CoreError::Io { .. } => {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
+        CoreError::Image(_)
+        | CoreError::Snapshot(_)
+        | CoreError::Store(_)
+        | CoreError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

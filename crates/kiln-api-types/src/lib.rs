@@ -162,6 +162,9 @@ pub struct SandboxCreateRequest {
     /// Guest memory in MiB.
     #[serde(default = "default_memory")]
     pub memory_mib: u32,
+    /// Boot from scratch instead of restoring the image's warm snapshot.
+    #[serde(default)]
+    pub cold: bool,
 }
 
 fn default_image() -> String {
@@ -180,6 +183,7 @@ impl Default for SandboxCreateRequest {
             image: default_image(),
             cpus: DEFAULT_CPUS,
             memory_mib: DEFAULT_MEMORY_MIB,
+            cold: false,
         }
     }
 }
@@ -241,6 +245,8 @@ pub struct SandboxInfo {
     pub created_unix: u64,
     /// QEMU start → agent answered, in milliseconds (once running).
     pub boot_ms: Option<u64>,
+    /// How it started: `cold` (booted) or `snapshot` (restored from the warm snapshot).
+    pub source: String,
     /// Why the sandbox failed.
     pub error: Option<String>,
 }

@@ -51,6 +51,9 @@ pub enum CoreError {
     /// Talking to the guest agent failed.
     #[error("guest agent channel failed")]
     Agent(#[source] kiln_vmm::agent::AgentError),
+    /// A snapshot could not be captured, verified or used.
+    #[error("snapshot unusable")]
+    Snapshot(#[source] kiln_snapshot::SnapshotError),
     /// The state database failed.
     #[error("state database failed")]
     Store(#[source] kiln_store::StoreError),
@@ -81,6 +84,7 @@ impl CoreError {
             CoreError::Image(_) => "image_error",
             CoreError::Vmm(_) => "vmm_error",
             CoreError::Agent(_) => "agent_error",
+            CoreError::Snapshot(_) => "snapshot_error",
             CoreError::Store(_) => "store_error",
             CoreError::Io { .. } => "io_error",
         }

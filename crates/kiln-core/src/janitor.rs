@@ -113,6 +113,7 @@ mod tests {
                     created_unix: 1,
                     boot_ms: None,
                     error: None,
+                    source: "cold".into(),
                 })
                 .unwrap();
         }

@@ -18,9 +18,10 @@ mod images;
 mod janitor;
 pub mod paths;
 pub mod sandbox;
+mod warm;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -44,6 +45,8 @@ pub struct Engine {
     qemu: OnceCell<kiln_vmm::qemu::QemuInfo>,
     accel: OnceCell<kiln_vmm::accel::AccelVerdict>,
     janitor: JanitorReport,
+    /// One lock per warm-snapshot key, so a snapshot is captured once.
+    capture_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Engine {
@@ -73,6 +76,7 @@ impl Engine {
             qemu: OnceCell::new(),
             accel: OnceCell::new(),
             janitor,
+            capture_locks: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -128,7 +132,8 @@ impl Engine {
         })?;
         let kernel = image.kernel_path(self.home.root());
         let initramfs = image.initramfs_path(self.home.root());
-        let qemu = self.qemu().await?.path.clone();
+        let qemu_info = self.qemu().await?;
+        let qemu = qemu_info.path.clone();
         let accel = self.accel(&kernel, &initramfs).await?.accel;
 
         let id = SandboxId::random();
@@ -149,6 +154,7 @@ impl Engine {
             created_unix: unix_now(),
             boot_ms: None,
             error: None,
+            source: "cold".to_owned(),
         };
         if let Err(e) = self.store.sandbox_insert(&row) {
             remove_dir(&run_dir);
@@ -165,7 +171,29 @@ impl Engine {
             cpus: req.cpus,
             memory_mib: req.memory_mib,
         };
-        let sb = match Sandbox::boot(spec).await {
+        let warm_spec = warm::WarmSpec {
+            qemu: qemu_info,
+            accel,
+            image: &image,
+            home: self.home.root(),
+            cpus: req.cpus,
+            memory_mib: req.memory_mib,
+        };
+        let restored = if req.cold || snapshots_disabled() {
+            None
+        } else {
+            self.warm_start(&warm_spec, &id, &run_dir).await
+        };
+        let source = if restored.is_some() {
+            "snapshot"
+        } else {
+            "cold"
+        };
+        let booted = match restored {
+            Some(sb) => Ok(sb),
+            None => Sandbox::boot(spec).await,
+        };
+        let sb = match booted {
             Ok(sb) => sb,
             Err(e) => {
                 // Nothing of a sandbox that never ran is kept: its row and directory go.
@@ -177,10 +205,80 @@ impl Engine {
         let boot_ms = sb.boot.as_millis() as u64;
         self.store
             .sandbox_set_state(&id, SandboxState::Running, Some(boot_ms), None)?;
+        self.store.sandbox_set_source(&id, source)?;
         self.table().insert(id.clone(), Arc::clone(&sb));
-        info!(sandbox_id = %id, boot_ms, pid = sb.pid(), "sandbox running");
+        info!(sandbox_id = %id, boot_ms, pid = sb.pid(), source, "sandbox running");
         self.spawn_supervisor(sb);
         self.sandbox_get(&id)
+    }
+
+    /// Restores a sandbox from the image's warm snapshot, capturing that snapshot first if
+    /// there is none. `None` (after one warning with the reason) means: cold-boot instead.
+    async fn warm_start(
+        &self,
+        spec: &warm::WarmSpec<'_>,
+        id: &SandboxId,
+        run_dir: &Path,
+    ) -> Option<Arc<Sandbox>> {
+        if !spec.qemu.x_ignore_shared {
+            warn!("QEMU lacks x-ignore-shared: warm snapshots are off, sandboxes cold-boot");
+            return None;
+        }
+        let name = spec.name();
+        let dir = warm::snapshots_dir(spec.home).join(&name);
+        {
+            // One capture per snapshot key at a time; later starts wait and then restore it.
+            let lock = Arc::clone(
+                self.capture_locks
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(name.clone())
+                    .or_default(),
+            );
+            let _guard = lock.lock().await;
+            if dir.exists() {
+                if let Err(e) = warm::verify(spec, &dir).await {
+                    warn!(snapshot = %name, reason = %e.chain(), "warm snapshot unusable and removed; cold boot (the next start captures a new one)");
+                    return None;
+                }
+            } else {
+                let cap_dir = self.home.run_dir().join(format!("capture-{}", id.as_str()));
+                let captured = match std::fs::create_dir_all(&cap_dir) {
+                    Ok(()) => {
+                        warm::capture(spec, &cap_dir, sandbox::boot_deadline(spec.accel)).await
+                    }
+                    Err(source) => Err(CoreError::Io {
+                        what: "create",
+                        path: cap_dir.clone(),
+                        source,
+                    }),
+                };
+                remove_dir(&cap_dir);
+                match captured {
+                    Ok(_) => info!(snapshot = %name, "warm snapshot captured"),
+                    Err(e) => {
+                        warn!(snapshot = %name, reason = %e.chain(), "warm snapshot capture failed; cold boot");
+                        return None;
+                    }
+                }
+            }
+        }
+        let started = std::time::Instant::now();
+        match warm::restore(spec, &dir, run_dir, id.as_str()).await {
+            Ok((vm, agent, _ack)) => {
+                Some(Sandbox::assemble(id.clone(), vm, agent, started.elapsed()))
+            }
+            Err(e) => {
+                warn!(sandbox_id = %id, snapshot = %name, reason = %e.chain(), "restore failed; snapshot removed, cold boot");
+                // A snapshot that failed to restore is not trusted again: the next start
+                // captures a fresh one.
+                remove_dir(&dir);
+                // The cold boot starts from an empty runtime directory.
+                remove_dir(run_dir);
+                let _ = std::fs::create_dir_all(run_dir);
+                None
+            }
+        }
     }
 
     /// Watches one sandbox and records its failure.
@@ -325,6 +423,7 @@ fn info_from_row(r: SandboxRow) -> SandboxInfo {
         created_unix: r.created_unix,
         boot_ms: r.boot_ms,
         error: r.error,
+        source: r.source,
     }
 }
 
@@ -334,6 +433,11 @@ fn remove_dir(dir: &std::path::Path) {
     {
         warn!(path = %dir.display(), error = %e, "could not remove runtime directory");
     }
+}
+
+/// `KILN_NO_SNAPSHOT=1` (in the daemon's environment) turns warm snapshots off.
+fn snapshots_disabled() -> bool {
+    std::env::var_os("KILN_NO_SNAPSHOT").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 /// Seconds since the Unix epoch.

@@ -31,13 +31,21 @@ const BOOT_DEADLINE_TCG: Duration = Duration::from_secs(120);
 const BOOT_DEADLINE_KVM: Duration = Duration::from_secs(30);
 /// Output bytes a command may have in flight to the host before the consumer catches up:
 /// bounds the daemon's memory per exec (1 MiB) while keeping the virtio-serial link busy.
-const OUTPUT_WINDOW: u32 = 1 << 20;
+pub(crate) const OUTPUT_WINDOW: u32 = 1 << 20;
 /// How much of the serial console's end is searched for an error message.
 const CONSOLE_SCAN_BYTES: usize = 64 * 1024;
 /// How many console lines an error message quotes.
 const CONSOLE_TAIL_LINES: usize = 12;
 /// After the agent channel dies, how long to wait for QEMU's exit to explain it.
 const DEATH_EXPLAIN_WAIT: Duration = Duration::from_millis(500);
+
+/// How long a cold boot may take until the agent answers.
+pub(crate) fn boot_deadline(accel: Accel) -> Duration {
+    match accel {
+        Accel::Kvm => BOOT_DEADLINE_KVM,
+        Accel::Tcg => BOOT_DEADLINE_TCG,
+    }
+}
 
 /// Everything needed to boot one sandbox.
 pub struct BootSpec {
@@ -94,10 +102,7 @@ impl Sandbox {
         };
         let started = Instant::now();
         let vm = Vm::spawn(&config).await?;
-        let deadline = match spec.accel {
-            Accel::Kvm => BOOT_DEADLINE_KVM,
-            Accel::Tcg => BOOT_DEADLINE_TCG,
-        };
+        let deadline = boot_deadline(spec.accel);
         let connect = async {
             let stream = tokio::net::UnixStream::connect(vm.agent_socket())
                 .await
@@ -140,16 +145,25 @@ impl Sandbox {
                 return Err(e);
             }
         };
-        let boot = started.elapsed();
+        Ok(Sandbox::assemble(spec.id, vm, agent, started.elapsed()))
+    }
+
+    /// A sandbox around a VM whose agent has answered (cold boot or restore).
+    pub(crate) fn assemble(
+        id: SandboxId,
+        vm: Vm,
+        agent: AgentClient,
+        boot: Duration,
+    ) -> Arc<Sandbox> {
         let (fail_tx, failed) = watch::channel(None);
-        Ok(Arc::new(Sandbox {
-            id: spec.id,
+        Arc::new(Sandbox {
+            id,
             vm,
             agent,
             failed,
             fail_tx,
             boot,
-        }))
+        })
     }
 
     /// The sandbox id.

@@ -35,6 +35,8 @@ const MIGRATIONS: &[&str] = &[
         boot_ms       INTEGER,
         error         TEXT
     ) STRICT;",
+    // 2: how a sandbox started (cold boot or snapshot restore).
+    "ALTER TABLE sandboxes ADD COLUMN source TEXT NOT NULL DEFAULT 'cold';",
 ];
 
 /// Errors of the store.
@@ -101,6 +103,8 @@ pub struct SandboxRow {
     pub created_unix: u64,
     /// Boot time once running.
     pub boot_ms: Option<u64>,
+    /// `cold` or `snapshot`.
+    pub source: String,
     /// Why it failed.
     pub error: Option<String>,
 }
@@ -175,8 +179,8 @@ impl Store {
     pub fn sandbox_insert(&self, row: &SandboxRow) -> Result<(), StoreError> {
         self.conn()
             .execute(
-                "INSERT INTO sandboxes (id, image, image_id, state, cpus, memory_mib, accel, created_unix, boot_ms, error)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO sandboxes (id, image, image_id, state, cpus, memory_mib, accel, created_unix, boot_ms, error, source)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     row.id.as_str(),
                     row.image,
@@ -188,6 +192,7 @@ impl Store {
                     row.created_unix as i64,
                     row.boot_ms.map(|v| v as i64),
                     row.error,
+                    row.source,
                 ],
             )
             .map_err(|source| StoreError::Query { what: "insert sandbox", source })?;
@@ -211,6 +216,20 @@ impl Store {
             )
             .map_err(|source| StoreError::Query { what: "update sandbox state", source })?;
         Ok(n == 1)
+    }
+
+    /// Records how a sandbox started (`cold` or `snapshot`).
+    pub fn sandbox_set_source(&self, id: &SandboxId, source: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE sandboxes SET source = ?2 WHERE id = ?1",
+                params![id.as_str(), source],
+            )
+            .map_err(|source| StoreError::Query {
+                what: "update sandbox source",
+                source,
+            })?;
+        Ok(())
     }
 
     /// Removes a sandbox's row. Returns false if there was none.
@@ -263,7 +282,7 @@ impl Store {
     }
 }
 
-const SELECT: &str = "SELECT id, image, image_id, state, cpus, memory_mib, accel, created_unix, boot_ms, error FROM sandboxes";
+const SELECT: &str = "SELECT id, image, image_id, state, cpus, memory_mib, accel, created_unix, boot_ms, error, source FROM sandboxes";
 
 /// A row as SQLite returns it, before validation.
 struct RawRow {
@@ -277,6 +296,7 @@ struct RawRow {
     created_unix: i64,
     boot_ms: Option<i64>,
     error: Option<String>,
+    source: String,
 }
 
 impl RawRow {
@@ -292,6 +312,7 @@ impl RawRow {
             created_unix: r.get(7)?,
             boot_ms: r.get(8)?,
             error: r.get(9)?,
+            source: r.get(10)?,
         })
     }
 
@@ -314,6 +335,7 @@ impl RawRow {
             created_unix: self.created_unix.max(0) as u64,
             boot_ms: self.boot_ms.map(|v| v.max(0) as u64),
             error: self.error,
+            source: self.source,
         })
     }
 }
@@ -334,6 +356,7 @@ mod tests {
             created_unix: created,
             boot_ms: None,
             error: None,
+            source: "cold".into(),
         }
     }
 

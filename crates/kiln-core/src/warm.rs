@@ -1,0 +1,261 @@
+//! Warm snapshots: one per (image, vCPUs, memory), captured once the guest's agent answers,
+//! and restored by mapping its memory file privately instead of booting.
+//!
+//! ```text
+//!   capture: SnapshotBuilder(tmp dir) ─ boot VM with RAM = tmp/mem (share=on), disk = tmp/disk.qcow2
+//!            ─ agent handshake ─ stop + migrate device state (x-ignore-shared) to tmp/state
+//!            ─ kill VM ─ publish (hash, fsync, atomic rename) ─▶ snapshots/warm-<image>-<c>c<m>m/
+//!   restore: verify (fingerprint, sizes) ─ qcow2 overlay on the snapshot's disk layer
+//!            ─ QEMU -incoming defer, same devices, RAM = snapshot mem (share=off, copy-on-write)
+//!            ─ migrate-incoming state ─ cont ─ agent resync + fresh identity ─▶ Running
+//! ```
+//!
+//! Invariants: a snapshot directory is visible only once complete (atomic publish); a snapshot
+//! that fails verification is removed, so the next start captures a fresh one; any failure
+//! here is reported to the caller, which cold-boots instead — never a half-working sandbox.
+//! Clones never write the template: their RAM mapping is private and their disk is an overlay.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_snapshot::{
+    CaptureInfo, CaptureKind, ManifestInput, SnapshotBuilder, SnapshotFingerprint, SnapshotName,
+    VerifyLevel,
+};
+use kiln_vmm::agent::{
+    AgentClient, ClientConfig, Entropy, GuestIdentity, Hostname, MachineId, RestoreId, UnixNanos,
+};
+use kiln_vmm::qemu::QemuInfo;
+use kiln_vmm::{
+    Accel, AfterCapture, BackingFormat, CaptureMode, Vm, VmConfig, create_overlay_with,
+};
+
+use crate::error::CoreError;
+
+/// How long a restored guest's agent may take to resync and apply its identity.
+const RESTORE_AGENT_DEADLINE: Duration = Duration::from_secs(30);
+/// Bytes of host entropy given to each restored guest.
+const ENTROPY_BYTES: usize = 64;
+
+/// What a warm snapshot is keyed by, and what a restore must match.
+pub struct WarmSpec<'a> {
+    /// QEMU in use.
+    pub qemu: &'a QemuInfo,
+    /// Accelerator in use.
+    pub accel: Accel,
+    /// The image.
+    pub image: &'a kiln_image::ImageManifest,
+    /// `$KILN_HOME`.
+    pub home: &'a Path,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest memory.
+    pub memory_mib: u32,
+}
+
+impl WarmSpec<'_> {
+    /// The snapshot's name.
+    pub fn name(&self) -> String {
+        format!("warm-{}-{}c{}m", self.image.id, self.cpus, self.memory_mib)
+    }
+
+    /// The VM configuration shared by the capture VM and every restore (paths aside).
+    pub fn vm_config(
+        &self,
+        run_dir: &Path,
+        disk: PathBuf,
+        memory_file: PathBuf,
+        shared: bool,
+    ) -> VmConfig {
+        VmConfig {
+            qemu: self.qemu.path.clone(),
+            accel: self.accel,
+            cpus: self.cpus,
+            memory_mib: self.memory_mib,
+            kernel: self.image.kernel_path(self.home),
+            initramfs: self.image.initramfs_path(self.home),
+            extra_cmdline: String::new(),
+            disk: Some(disk),
+            memory_file,
+            memory_shared: shared,
+            run_dir: run_dir.to_owned(),
+            incoming: None,
+        }
+    }
+
+    /// What must be equal between capture and restore.
+    pub fn fingerprint(&self, cfg: &VmConfig) -> SnapshotFingerprint {
+        SnapshotFingerprint {
+            qemu_version: self.qemu.version_line.clone(),
+            machine: kiln_vmm::cmdline::MACHINE.to_owned(),
+            device_fingerprint: kiln_vmm::device_fingerprint(cfg),
+            cpu_model: match self.accel {
+                Accel::Kvm => "host".to_owned(),
+                Accel::Tcg => "max".to_owned(),
+            },
+            accel: self.accel.to_string(),
+            cpus: self.cpus,
+            memory_mib: self.memory_mib,
+            // The image fingerprint covers the kernel package, the agent binary (the
+            // initramfs) and the recipe (the root file system); image files never change
+            // under one id.
+            kernel_digest: self.image.kernel_version.clone(),
+            initramfs_digest: self.image.fingerprint.clone(),
+            image_digest: self.image.fingerprint.clone(),
+            format_version: kiln_snapshot::FORMAT_VERSION,
+        }
+    }
+}
+
+/// The directory holding all snapshots.
+pub fn snapshots_dir(home: &Path) -> PathBuf {
+    home.join("snapshots")
+}
+
+/// Boots a capture VM in `run_dir`, waits for its agent, captures, and publishes the warm
+/// snapshot. Returns its directory.
+pub async fn capture(
+    spec: &WarmSpec<'_>,
+    run_dir: &Path,
+    boot_deadline: Duration,
+) -> Result<PathBuf, CoreError> {
+    let root = snapshots_dir(spec.home);
+    std::fs::create_dir_all(&root).map_err(|source| CoreError::Io {
+        what: "create",
+        path: root.clone(),
+        source,
+    })?;
+    let _ = kiln_snapshot::cleanup_stale_tmp(&root);
+    let name = SnapshotName::new(spec.name()).map_err(snapshot_err)?;
+    let builder = SnapshotBuilder::begin(&root, name).map_err(snapshot_err)?;
+    let disk = builder.file(kiln_snapshot::DISK_FILE);
+    create_overlay_with(
+        &spec.image.rootfs_path(spec.home),
+        BackingFormat::Raw,
+        &disk,
+    )
+    .await?;
+    let cfg = spec.vm_config(run_dir, disk, builder.file(kiln_snapshot::MEM_FILE), true);
+    let vm = Vm::spawn(&cfg).await?;
+    let result = async {
+        let stream = tokio::net::UnixStream::connect(vm.agent_socket())
+            .await
+            .map_err(|source| CoreError::Io { what: "connect to", path: vm.agent_socket().to_owned(), source })?;
+        let connect = AgentClient::connect(stream, boot_deadline);
+        let (agent, _) = tokio::select! {
+            r = connect => r.map_err(CoreError::Agent)?,
+            status = vm.wait_exit() => return Err(CoreError::HostSetup(format!("capture VM exited during boot ({status})"))),
+        };
+        // The agent is idle: the restored guest resumes waiting for its next host.
+        drop(agent);
+        let report = vm
+            .capture(&builder.file(kiln_snapshot::STATE_FILE), CaptureMode::IgnoreShared, AfterCapture::Paused)
+            .await?;
+        Ok(report)
+    }
+    .await;
+    vm.kill().await;
+    let report = result?;
+    let input = ManifestInput {
+        image_id: spec.image.id.to_string(),
+        fingerprint: spec.fingerprint(&cfg),
+        capture: CaptureInfo {
+            pause_ms: report.pause.as_millis() as u64,
+            mode: CaptureKind::IgnoreShared,
+        },
+    };
+    let (dir, _manifest) = tokio::task::spawn_blocking(move || builder.publish(input))
+        .await
+        .map_err(|e| CoreError::HostSetup(format!("snapshot publish task failed: {e}")))?
+        .map_err(snapshot_err)?;
+    Ok(dir)
+}
+
+/// Checks a snapshot against this host before use. A snapshot that fails is removed.
+pub async fn verify(spec: &WarmSpec<'_>, dir: &Path) -> Result<(), CoreError> {
+    // Paths do not enter the device fingerprint, so any run dir gives the same answer.
+    let cfg = spec.vm_config(
+        dir,
+        dir.join(kiln_snapshot::DISK_FILE),
+        dir.join(kiln_snapshot::MEM_FILE),
+        false,
+    );
+    let expected = spec.fingerprint(&cfg);
+    let d = dir.to_owned();
+    let res = tokio::task::spawn_blocking(move || {
+        kiln_snapshot::verify(&d, &expected, VerifyLevel::Sizes)
+    })
+    .await
+    .map_err(|e| CoreError::HostSetup(format!("snapshot verify task failed: {e}")))?;
+    if let Err(e) = res {
+        let _ = std::fs::remove_dir_all(dir);
+        return Err(snapshot_err(e));
+    }
+    Ok(())
+}
+
+/// Restores a VM from the snapshot in `dir` into `run_dir` and hands it a fresh identity.
+pub async fn restore(
+    spec: &WarmSpec<'_>,
+    dir: &Path,
+    run_dir: &Path,
+    hostname: &str,
+) -> Result<(Vm, AgentClient, kiln_vmm::agent::IdentityAck), CoreError> {
+    let disk = run_dir.join("disk.qcow2");
+    create_overlay_with(
+        &dir.join(kiln_snapshot::DISK_FILE),
+        BackingFormat::Qcow2,
+        &disk,
+    )
+    .await?;
+    let cfg = spec.vm_config(run_dir, disk, dir.join(kiln_snapshot::MEM_FILE), false);
+    let (vm, _report) = Vm::restore(
+        &cfg,
+        &dir.join(kiln_snapshot::STATE_FILE),
+        CaptureMode::IgnoreShared,
+    )
+    .await?;
+    let identity = fresh_identity(hostname)?;
+    let result = async {
+        let stream = tokio::net::UnixStream::connect(vm.agent_socket())
+            .await
+            .map_err(|source| CoreError::Io { what: "connect to", path: vm.agent_socket().to_owned(), source })?;
+        let config = ClientConfig {
+            handshake_deadline: RESTORE_AGENT_DEADLINE,
+            output_window: crate::sandbox::OUTPUT_WINDOW,
+            ..Default::default()
+        };
+        tokio::select! {
+            r = AgentClient::connect_restored(stream, config, &identity) => r.map_err(CoreError::Agent),
+            status = vm.wait_exit() => Err(CoreError::HostSetup(format!("restored QEMU exited ({status})"))),
+        }
+    }
+    .await;
+    match result {
+        Ok((agent, _info, ack)) => Ok((vm, agent, ack)),
+        Err(e) => {
+            vm.kill().await;
+            Err(e)
+        }
+    }
+}
+
+/// A new identity: random restore id, machine id and entropy, the host's clock, `hostname`.
+fn fresh_identity(hostname: &str) -> Result<GuestIdentity, CoreError> {
+    let bad = |e: kiln_vmm::agent::IdentityError| {
+        CoreError::HostSetup(format!("cannot build an identity: {e}"))
+    };
+    let mut entropy = vec![0u8; ENTROPY_BYTES];
+    rand::fill(&mut entropy[..]);
+    Ok(GuestIdentity {
+        restore_id: RestoreId::from_bytes(rand::random()),
+        entropy: Entropy::new(entropy).map_err(bad)?,
+        wall_clock_unix_ns: UnixNanos::now().map_err(bad)?,
+        hostname: Hostname::new(hostname).map_err(bad)?,
+        machine_id: MachineId::from_bytes(rand::random()).map_err(bad)?,
+    })
+}
+
+fn snapshot_err(e: kiln_snapshot::SnapshotError) -> CoreError {
+    CoreError::Snapshot(e)
+}

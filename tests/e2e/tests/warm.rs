@@ -1,0 +1,120 @@
+//! Warm snapshots against real VMs: restore by default, a fresh identity per restore, and a
+//! cold-boot fallback when the snapshot is corrupt or `--cold` is asked for.
+
+use kiln_e2e::{Kiln, assert_success, stdout};
+
+/// `kiln create --json` → (id, source).
+fn create(k: &Kiln, extra: &[&str]) -> (String, String) {
+    let mut args = vec!["create", "--image", "base", "--json"];
+    args.extend_from_slice(extra);
+    let out = k.run(&args);
+    assert_success(&out, "kiln create");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("create json");
+    (
+        v["id"].as_str().expect("id").to_owned(),
+        v["source"].as_str().expect("source").to_owned(),
+    )
+}
+
+fn sh(k: &Kiln, id: &str, script: &str) -> String {
+    let out = k.run(&["exec", id, "--", "sh", "-c", script]);
+    assert_success(&out, script);
+    stdout(&out)
+}
+
+#[test]
+#[ignore = "boots VMs: run by scripts/test"]
+fn restores_by_default_with_fresh_identity_each_time() {
+    let k = Kiln::isolated();
+    // The first start captures the warm snapshot (and then restores it); later ones restore.
+    let (first, _) = create(&k, &[]);
+    let (a, source_a) = create(&k, &[]);
+    let (b, source_b) = create(&k, &[]);
+    assert_eq!(
+        (source_a.as_str(), source_b.as_str()),
+        ("snapshot", "snapshot")
+    );
+    let probe = "hostname; cat /etc/machine-id; echo $KILN_RESTORE_ID; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+    let (oa, ob) = (sh(&k, &a, probe), sh(&k, &b, probe));
+    let (la, lb): (Vec<&str>, Vec<&str>) = (oa.lines().collect(), ob.lines().collect());
+    assert_eq!(la.len(), 5, "{oa}");
+    assert_eq!(la[0], a, "hostname is the sandbox id");
+    assert_eq!(lb[0], b);
+    for i in 1..4 {
+        assert_ne!(la[i], lb[i], "line {i} equal in two restores:\n{oa}\n{ob}");
+        assert!(!la[i].is_empty());
+    }
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    for l in [&la, &lb] {
+        let guest: i64 = l[4].parse().expect("guest date");
+        assert!(
+            (guest - host_now).abs() <= 2,
+            "guest clock {guest}, host {host_now}"
+        );
+    }
+    // Ten execs issued at once right after a restore all succeed.
+    let (c, source_c) = create(&k, &[]);
+    assert_eq!(source_c, "snapshot");
+    let children: Vec<_> = (0..10)
+        .map(|i| {
+            k.cmd(&["exec", &c, "--", "echo", &i.to_string()])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    for (i, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().expect("wait");
+        assert_success(&out, "exec after restore");
+        assert_eq!(stdout(&out), format!("{i}\n"));
+    }
+    // Clones' writes stay private.
+    sh(&k, &a, "echo mine > /root/private");
+    assert_eq!(
+        sh(&k, &b, "cat /root/private 2>/dev/null || echo absent"),
+        "absent\n"
+    );
+    for id in [&first, &a, &b, &c] {
+        assert_success(&k.run(&["rm", id]), "kiln rm");
+    }
+}
+
+#[test]
+#[ignore = "boots VMs: run by scripts/test"]
+fn corrupt_snapshot_falls_back_to_cold_boot_then_recaptures() {
+    let k = Kiln::isolated();
+    let (first, _) = create(&k, &[]);
+    let snapshots = k.home().join("snapshots");
+    let dir = std::fs::read_dir(&snapshots)
+        .expect("snapshots dir")
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("warm-"))
+        .expect("warm snapshot")
+        .path();
+    // Truncate the device state: detected before use.
+    let state = dir.join("state");
+    let len = std::fs::metadata(&state).expect("state").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&state)
+        .expect("open state")
+        .set_len(len / 2)
+        .expect("truncate");
+    let (second, source) = create(&k, &[]);
+    assert_eq!(source, "cold", "a truncated snapshot must not be used");
+    assert_eq!(sh(&k, &second, "echo ok"), "ok\n");
+    assert!(!dir.exists(), "the unusable snapshot was not removed");
+    let (third, source) = create(&k, &[]);
+    assert_eq!(
+        source, "snapshot",
+        "the next start re-captures and restores"
+    );
+    let (fourth, source) = create(&k, &["--cold"]);
+    assert_eq!(source, "cold");
+    for id in [&first, &second, &third, &fourth] {
+        assert_success(&k.run(&["rm", id]), "kiln rm");
+    }
+}
