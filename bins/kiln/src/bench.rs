@@ -80,6 +80,146 @@ pub struct BootBench {
     pub stdout_mib_s: Summary,
 }
 
+/// Options of `kiln bench snapshot`.
+#[derive(Debug, Args)]
+pub struct SnapshotBenchArgs {
+    /// Starts of each kind.
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    /// Image to start.
+    #[arg(long, default_value = "base")]
+    pub image: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The result of `kiln bench snapshot`.
+#[derive(Debug, Serialize)]
+pub struct SnapshotBench {
+    /// Accelerator used.
+    pub accel: String,
+    /// Image started.
+    pub image: String,
+    /// Starts of each kind.
+    pub runs: usize,
+    /// Cold boot: create request → first `true` exec result, client wall time (ms).
+    pub cold_first_exec_ms: Summary,
+    /// Restore from the warm snapshot: create request → first `true` exec result (ms).
+    pub restore_first_exec_ms: Summary,
+    /// QEMU start → agent ready, cold (daemon-side, ms).
+    pub cold_boot_ms: Summary,
+    /// QEMU start → identity applied, restore (daemon-side, ms).
+    pub restore_boot_ms: Summary,
+    /// p50 cold / p50 restore, first exec result.
+    pub speedup_p50: f64,
+}
+
+/// Runs `kiln bench snapshot`: cold boots and warm restores side by side, interleaved.
+pub async fn snapshot(client: &Client, a: &SnapshotBenchArgs) -> anyhow::Result<i32> {
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    crate::image::ensure_built(client, &a.image).await?;
+    // One start outside the measurement makes sure the warm snapshot exists.
+    let warm_up = start_and_exec(client, &a.image, false).await?;
+    let mut accel = warm_up.0.accel.clone();
+    let (mut cold, mut restore, mut cold_boot, mut restore_boot) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 0..a.runs {
+        for is_cold in [true, false] {
+            let (info, wall) = start_and_exec(client, &a.image, is_cold).await?;
+            let expect = if is_cold { "cold" } else { "snapshot" };
+            if info.source != expect {
+                bail!(
+                    "asked for a {expect} start, got {} (see kilnd.log)",
+                    info.source
+                );
+            }
+            accel = info.accel.clone();
+            let boot = info.boot_ms.unwrap_or(0) as f64;
+            if is_cold {
+                cold.push(wall);
+                cold_boot.push(boot);
+            } else {
+                restore.push(wall);
+                restore_boot.push(boot);
+            }
+        }
+        if !a.json {
+            eprintln!(
+                "run {}/{}: cold {:.0} ms, restore {:.0} ms",
+                run + 1,
+                a.runs,
+                cold[run],
+                restore[run]
+            );
+        }
+    }
+    let (c, r) = (summary(&mut cold), summary(&mut restore));
+    let out = SnapshotBench {
+        accel,
+        image: a.image.clone(),
+        runs: a.runs,
+        speedup_p50: c.p50 / r.p50,
+        cold_first_exec_ms: c,
+        restore_first_exec_ms: r,
+        cold_boot_ms: summary(&mut cold_boot),
+        restore_boot_ms: summary(&mut restore_boot),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "kiln bench snapshot: image {}, accel {}, {} runs each",
+            out.image, out.accel, out.runs
+        );
+        let row = |name: &str, s: &Summary| {
+            println!(
+                "  {name:<34} p50 {:>9.1} ms  p95 {:>9.1} ms  (n={})",
+                s.p50, s.p95, s.n
+            )
+        };
+        row("cold boot -> first exec result", &out.cold_first_exec_ms);
+        row("restore -> first exec result", &out.restore_first_exec_ms);
+        row("cold: QEMU start -> agent ready", &out.cold_boot_ms);
+        row("restore: QEMU start -> identity", &out.restore_boot_ms);
+        println!(
+            "  restore is {:.1}x faster to the first exec result (p50)",
+            out.speedup_p50
+        );
+    }
+    Ok(0)
+}
+
+/// Creates a sandbox (cold or from the warm snapshot), runs `true` in it, deletes it; returns
+/// the sandbox and the wall time from the create request to the exec's exit status (ms).
+async fn start_and_exec(
+    client: &Client,
+    image: &str,
+    cold: bool,
+) -> anyhow::Result<(SandboxInfo, f64)> {
+    let req = SandboxCreateRequest {
+        image: image.to_owned(),
+        cold,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let info: SandboxInfo = client
+        .call(Method::POST, "/v1/sandboxes", Some(&req))
+        .await?;
+    let result = exec_collect(client, &info.id, vec!["true".into()]).await;
+    let wall = ms(t.elapsed());
+    client
+        .call_empty(Method::DELETE, &format!("/v1/sandboxes/{}", info.id))
+        .await?;
+    let (status, _) = result?;
+    if status.shell_code() != 0 {
+        bail!("`true` exited {}", status.shell_code());
+    }
+    Ok((info, wall))
+}
+
 /// Runs `kiln bench boot`.
 pub async fn run(client: &Client, a: &BenchArgs) -> anyhow::Result<i32> {
     if a.runs == 0 {

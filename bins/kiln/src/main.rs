@@ -65,6 +65,8 @@ enum Cmd {
 enum BenchCmd {
     /// Cold boot, agent round trips, exec round trips, stdout throughput.
     Boot(bench::BenchArgs),
+    /// Cold boot versus warm-snapshot restore, to the first exec result.
+    Snapshot(bench::SnapshotBenchArgs),
 }
 
 fn main() {
@@ -104,6 +106,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Ps { json } => ps::ps(&client, *json).await,
         Cmd::Rm { ids } => ps::rm(&client, ids).await,
         Cmd::Bench(BenchCmd::Boot(args)) => bench::run(&client, args).await,
+        Cmd::Bench(BenchCmd::Snapshot(args)) => bench::snapshot(&client, args).await,
         Cmd::Create(args) => sandbox::create(&client, args).await,
         Cmd::Exec(args) => sandbox::exec(&client, args).await,
         Cmd::Doctor { .. } | Cmd::Daemon(_) => unreachable!("handled above"),
