@@ -423,6 +423,30 @@ mod tests {
     }
 
     #[test]
+    fn open_v1_database_migrates_rows_to_cold_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO sandboxes (id, image, image_id, state, cpus, memory_mib, accel, created_unix)
+                 VALUES ('sb-0123456789ab', 'base', 'x', 'running', 1, 256, 'tcg', 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let row = store
+            .sandbox_get(&"sb-0123456789ab".parse().unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.source, "cold");
+        assert_eq!(row.state, SandboxState::Running);
+    }
+
+    #[test]
     fn open_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kiln.db");
