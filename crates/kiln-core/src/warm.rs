@@ -16,7 +16,7 @@
 //! Clones never write the template: their RAM mapping is private and their disk is an overlay.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kiln_snapshot::{
     CaptureInfo, CaptureKind, ManifestInput, SnapshotBuilder, SnapshotFingerprint, SnapshotName,
@@ -146,6 +146,10 @@ pub async fn capture(
             r = connect => r.map_err(CoreError::Agent)?,
             status = vm.wait_exit() => return Err(CoreError::HostSetup(format!("capture VM exited during boot ({status})"))),
         };
+        // Run one command before capturing, so the exec path (the agent's spawn code, the
+        // guest's fork/exec, /bin/true's pages) is resident in the snapshot's memory.
+        let warm_up = agent.exec(kiln_vmm::agent::ExecRequest::new(["true"])).await.map_err(CoreError::Agent)?;
+        warm_up.collect().await.map_err(CoreError::Agent)?;
         // The agent is idle: the restored guest resumes waiting for its next host.
         drop(agent);
         let report = vm
@@ -209,7 +213,7 @@ pub async fn restore(
     )
     .await?;
     let cfg = spec.vm_config(run_dir, disk, dir.join(kiln_snapshot::MEM_FILE), false);
-    let (vm, _report) = Vm::restore(
+    let (vm, report) = Vm::restore(
         &cfg,
         &dir.join(kiln_snapshot::STATE_FILE),
         CaptureMode::IgnoreShared,
@@ -225,14 +229,30 @@ pub async fn restore(
             output_window: crate::sandbox::OUTPUT_WINDOW,
             ..Default::default()
         };
+        let handshake = async {
+            let t = Instant::now();
+            let (agent, _info) = AgentClient::connect_with(stream, config).await?;
+            let resync = t.elapsed();
+            // Nothing else is sent before the identity is acknowledged.
+            let ack = agent.apply_identity(&identity).await?;
+            Ok::<_, kiln_vmm::agent::AgentError>((agent, ack, resync, t.elapsed() - resync))
+        };
         tokio::select! {
-            r = AgentClient::connect_restored(stream, config, &identity) => r.map_err(CoreError::Agent),
+            r = handshake => r.map_err(CoreError::Agent),
             status = vm.wait_exit() => Err(CoreError::HostSetup(format!("restored QEMU exited ({status})"))),
         }
     }
     .await;
     match result {
-        Ok((agent, _info, ack)) => Ok((vm, agent, ack)),
+        Ok((agent, ack, resync, identity_time)) => {
+            tracing::debug!(
+                restore_ms = report.running.as_millis() as u64,
+                resync_ms = resync.as_millis() as u64,
+                identity_ms = identity_time.as_millis() as u64,
+                "restored and re-identified"
+            );
+            Ok((vm, agent, ack))
+        }
         Err(e) => {
             vm.kill().await;
             Err(e)
