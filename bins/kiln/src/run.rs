@@ -47,6 +47,10 @@ pub struct SandboxOpts {
     /// Boot from scratch instead of restoring the image's warm snapshot.
     #[arg(long)]
     pub cold: bool,
+    /// Deliver a secret as /run/secrets/NAME (repeatable); `NAME` alone generates a random
+    /// 64-hex value and prints it on stderr.
+    #[arg(long = "secret", value_name = "NAME[=VALUE]")]
+    pub secrets: Vec<String>,
 }
 
 impl SandboxOpts {
@@ -57,6 +61,7 @@ impl SandboxOpts {
             cpus: self.cpus,
             memory_mib: self.memory,
             cold: self.cold,
+            secrets: parse_secrets(&self.secrets)?,
         };
         req.validate().map_err(|m| {
             anyhow::anyhow!(
@@ -66,6 +71,37 @@ impl SandboxOpts {
         })?;
         Ok(req)
     }
+}
+
+/// `NAME=VALUE` or `NAME` (random value, announced on stderr) → secrets.
+fn parse_secrets(args: &[String]) -> anyhow::Result<kiln_api_types::Secrets> {
+    let mut out = kiln_api_types::Secrets::default();
+    for arg in args {
+        let (name, value) = match arg.split_once('=') {
+            Some((n, v)) => (n.to_owned(), v.to_owned()),
+            None => {
+                let value = random_hex64()?;
+                eprintln!("kiln: generated secret {arg}={value}");
+                (arg.clone(), value)
+            }
+        };
+        kiln_api_types::validate_secret_name(&name)
+            .map_err(|m| anyhow::anyhow!("--secret: {m}"))?;
+        if out.0.insert(name.clone(), value).is_some() {
+            bail!("--secret {name} given twice");
+        }
+    }
+    Ok(out)
+}
+
+/// 32 random bytes from the kernel, as 64 lowercase hex digits.
+fn random_hex64() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| anyhow::anyhow!("cannot read /dev/urandom for a generated secret: {e}"))?;
+    Ok(hex::encode(bytes))
 }
 
 /// Options that describe a command (`kiln run`, `kiln exec`).
@@ -295,6 +331,27 @@ mod tests {
                 .to_string()
                 .contains("--memory")
         );
+        let a = parse(&["--secret", "../etc/passwd=x", "--", "true"]);
+        assert!(
+            a.sandbox
+                .request()
+                .unwrap_err()
+                .to_string()
+                .contains("--secret")
+        );
+        let a = parse(&["--secret", "A=1", "--secret", "A=2", "--", "true"]);
+        assert!(
+            a.sandbox
+                .request()
+                .unwrap_err()
+                .to_string()
+                .contains("twice")
+        );
+        let a = parse(&["--secret", "TOKEN", "--secret", "K=v=w", "--", "true"]);
+        let s = a.sandbox.request().unwrap().secrets;
+        assert_eq!(s.0["K"], "v=w");
+        assert_eq!(s.0["TOKEN"].len(), 64);
+        assert!(s.0["TOKEN"].bytes().all(|b| b.is_ascii_hexdigit()));
         let a = parse(&["--cpus", "999", "--", "true"]);
         assert!(
             a.sandbox

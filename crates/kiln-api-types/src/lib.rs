@@ -165,6 +165,68 @@ pub struct SandboxCreateRequest {
     /// Boot from scratch instead of restoring the image's warm snapshot.
     #[serde(default)]
     pub cold: bool,
+    /// Secrets delivered into the guest as `/run/secrets/<name>` (mode 0400) after boot or
+    /// restore; never written to a snapshot, a disk layer, the store or a log.
+    #[serde(default)]
+    pub secrets: Secrets,
+}
+
+/// Most secrets one sandbox may carry.
+pub const MAX_SECRETS: usize = 64;
+/// Largest secret value in bytes.
+pub const MAX_SECRET_BYTES: usize = 64 * 1024;
+
+/// Secret values by name. Its `Debug` shows names only, so a logged request leaks nothing.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secrets(pub BTreeMap<String, String>);
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set()
+            .entries(self.0.keys().map(|k| format!("{k}=<redacted>")))
+            .finish()
+    }
+}
+
+impl Secrets {
+    /// Checks names (plain file names) and sizes; the error names the secret, never its value.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.0.len() > MAX_SECRETS {
+            return Err(format!(
+                "too many secrets: {} (at most {MAX_SECRETS})",
+                self.0.len()
+            ));
+        }
+        for (name, value) in &self.0 {
+            validate_secret_name(name)?;
+            if value.len() > MAX_SECRET_BYTES {
+                return Err(format!(
+                    "secret {name} is larger than {MAX_SECRET_BYTES} bytes"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A secret name becomes a file name under `/run/secrets`: letters, digits, `_`, `-`, `.`,
+/// not starting with `.` or `-`, at most 64 bytes.
+pub fn validate_secret_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid secret name {name:?}: use letters, digits, '_', '-' and '.' (a plain file name, at most 64 bytes)"
+        ))
+    }
 }
 
 fn default_image() -> String {
@@ -184,6 +246,7 @@ impl Default for SandboxCreateRequest {
             cpus: DEFAULT_CPUS,
             memory_mib: DEFAULT_MEMORY_MIB,
             cold: false,
+            secrets: Secrets::default(),
         }
     }
 }
@@ -203,7 +266,8 @@ impl SandboxCreateRequest {
                 self.memory_mib
             ));
         }
-        validate_image_name(&self.image)
+        validate_image_name(&self.image)?;
+        self.secrets.validate()
     }
 }
 
@@ -606,6 +670,20 @@ mod tests {
         r.timeout_ms = Some(0);
         assert!(r.validate().is_err());
         assert!(ExecRequest::new(vec!["true".into()]).validate().is_ok());
+    }
+
+    #[test]
+    fn secrets_debug_hides_values_and_names_are_checked() {
+        let mut s = Secrets::default();
+        s.0.insert("PGPASSWORD".into(), "hunter2".into());
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert!(s.validate().is_ok());
+        for bad in ["", "../x", "a/b", ".hidden", "-x", "sp ace"] {
+            assert!(validate_secret_name(bad).is_err(), "{bad:?} accepted");
+        }
+        s.0.insert("x".into(), "v".repeat(MAX_SECRET_BYTES + 1));
+        let err = s.validate().unwrap_err();
+        assert!(err.contains("secret x") && !err.contains("vvvv"));
     }
 
     #[test]

@@ -202,6 +202,14 @@ impl Engine {
                 return Err(e);
             }
         };
+        if !req.secrets.0.is_empty()
+            && let Err(e) = sb.deliver_secrets(&req.secrets).await
+        {
+            sb.shutdown().await;
+            remove_dir(&run_dir);
+            let _ = self.store.sandbox_delete(&id);
+            return Err(e);
+        }
         let boot_ms = sb.boot.as_millis() as u64;
         self.store
             .sandbox_set_state(&id, SandboxState::Running, Some(boot_ms), None)?;

@@ -96,7 +96,8 @@ impl Sandbox {
             extra_cmdline: String::new(),
             disk: Some(disk),
             memory_file: spec.run_dir.join("mem"),
-            memory_shared: true,
+            // Private RAM: guest memory (and any secret in it) never reaches the file.
+            memory_shared: false,
             run_dir: spec.run_dir.clone(),
             incoming: None,
         };
@@ -225,6 +226,50 @@ impl Sandbox {
             session,
             failed: self.failed.clone(),
         })
+    }
+
+    /// Writes each secret to `/run/secrets/<name>` (tmpfs, mode 0400) in the guest. The value
+    /// travels on the command's stdin, never on a command line, and is logged nowhere.
+    pub async fn deliver_secrets(
+        self: &Arc<Self>,
+        secrets: &kiln_api_types::Secrets,
+    ) -> Result<(), CoreError> {
+        for (name, value) in &secrets.0 {
+            let mut req = ExecRequest::new(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "mkdir -p -m 0700 /run/secrets && umask 0377 && cat > \"/run/secrets/$1\"".into(),
+                "kiln-secret".into(),
+                name.clone(),
+            ]);
+            req.stdin = true;
+            let mut exec = self.exec(&req).await?;
+            let stdin = exec.stdin();
+            stdin
+                .write(bytes::Bytes::copy_from_slice(value.as_bytes()))
+                .await
+                .map_err(CoreError::Agent)?;
+            stdin.close().await.map_err(CoreError::Agent)?;
+            let mut stderr = Vec::new();
+            let status = loop {
+                match exec.next().await? {
+                    ExecOutput::Exit(s) => break s,
+                    ExecOutput::Stderr(b) => stderr.extend_from_slice(&b[..b.len().min(4096)]),
+                    ExecOutput::Stdout(_) => {}
+                }
+            };
+            if status.shell_code() != 0 {
+                return Err(CoreError::SandboxFailed {
+                    id: self.id.clone(),
+                    reason: format!(
+                        "could not deliver secret {name} (exit {}): {}",
+                        status.shell_code(),
+                        String::from_utf8_lossy(&stderr).trim()
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Stops QEMU (graceful `quit`, then SIGKILL). Idempotent.

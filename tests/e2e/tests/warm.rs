@@ -118,3 +118,55 @@ fn corrupt_snapshot_falls_back_to_cold_boot_then_recaptures() {
         assert_success(&k.run(&["rm", id]), "kiln rm");
     }
 }
+
+/// Every file under the state directory that contains `needle`.
+fn files_containing(root: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let (path, ft) = (e.path(), e.file_type().expect("file type"));
+            if ft.is_dir() {
+                stack.push(path);
+            } else if ft.is_file() {
+                let data = std::fs::read(&path).unwrap_or_default();
+                if data.windows(needle.len()).any(|w| w == needle) {
+                    hits.push(path);
+                }
+            }
+        }
+    }
+    hits
+}
+
+#[test]
+#[ignore = "boots VMs: run by scripts/test"]
+fn secrets_reach_the_guest_and_no_file_on_the_host() {
+    let k = Kiln::isolated();
+    let secret = format!("kiln-e2e-secret-{}", std::process::id());
+    let arg = format!("DB_PASSWORD={secret}");
+    let (restored, source) = create(&k, &["--secret", &arg]);
+    let (cold, cold_source) = create(&k, &["--secret", &arg, "--cold"]);
+    assert_eq!(source, "snapshot", "first create captures, then restores");
+    assert_eq!(cold_source, "cold");
+    for id in [&restored, &cold] {
+        assert_eq!(sh(&k, id, "cat /run/secrets/DB_PASSWORD"), secret);
+        assert_eq!(sh(&k, id, "stat -c %a /run/secrets/DB_PASSWORD"), "400\n");
+    }
+    // While both run: not in snapshot files, disk layers, memory files, logs or the store.
+    let hits = files_containing(k.home(), secret.as_bytes());
+    assert!(hits.is_empty(), "secret found on the host in {hits:?}");
+    let out = k.run(&["create", "--image", "base", "--secret", "../x=1"]);
+    assert!(!out.status.success());
+    assert!(
+        kiln_e2e::stderr(&out).contains("invalid secret name"),
+        "{}",
+        kiln_e2e::stderr(&out)
+    );
+    for id in [&restored, &cold] {
+        assert_success(&k.run(&["rm", id]), "kiln rm");
+    }
+}
