@@ -89,6 +89,9 @@ pub struct SnapshotBenchArgs {
     /// Image to start.
     #[arg(long, default_value = "base")]
     pub image: String,
+    /// Clones started at once for the clone figures (0 skips them).
+    #[arg(long, default_value_t = 20)]
+    pub clones: u32,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -113,10 +116,20 @@ pub struct SnapshotBench {
     pub restore_boot_ms: Summary,
     /// p50 cold / p50 restore, first exec result.
     pub speedup_p50: f64,
+    /// Clones started at once.
+    pub clones: u32,
+    /// Wall time until all clones were exec-ready (ms), one sample.
+    pub clones_ready_wall_ms: Option<f64>,
+    /// PSS of each idle clone's QEMU process (MiB).
+    pub clone_pss_mib: Option<Summary>,
 }
 
 /// Runs `kiln bench snapshot`: cold boots and warm restores side by side, interleaved.
-pub async fn snapshot(client: &Client, a: &SnapshotBenchArgs) -> anyhow::Result<i32> {
+pub async fn snapshot(
+    client: &Client,
+    home: &kiln_core::Home,
+    a: &SnapshotBenchArgs,
+) -> anyhow::Result<i32> {
     if a.runs == 0 {
         bail!("--runs must be at least 1");
     }
@@ -156,6 +169,30 @@ pub async fn snapshot(client: &Client, a: &SnapshotBenchArgs) -> anyhow::Result<
             );
         }
     }
+    let (mut clones_wall, mut clone_pss) = (None, None);
+    if a.clones > 0 {
+        let req = SandboxCreateRequest {
+            image: a.image.clone(),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let ids = crate::sandbox::clone_n(client, &req, a.clones).await?;
+        clones_wall = Some(ms(t.elapsed()));
+        let mut pss: Vec<f64> = ids
+            .iter()
+            .filter_map(|id| qemu_pss_kib(home, id))
+            .map(|k| k / 1024.0)
+            .collect();
+        for id in &ids {
+            client
+                .call_empty(Method::DELETE, &format!("/v1/sandboxes/{id}"))
+                .await?;
+        }
+        if pss.len() != ids.len() {
+            bail!("could not read the PSS of every clone's QEMU");
+        }
+        clone_pss = Some(summary(&mut pss));
+    }
     let (c, r) = (summary(&mut cold), summary(&mut restore));
     let out = SnapshotBench {
         accel,
@@ -166,6 +203,9 @@ pub async fn snapshot(client: &Client, a: &SnapshotBenchArgs) -> anyhow::Result<
         restore_first_exec_ms: r,
         cold_boot_ms: summary(&mut cold_boot),
         restore_boot_ms: summary(&mut restore_boot),
+        clones: a.clones,
+        clones_ready_wall_ms: clones_wall,
+        clone_pss_mib: clone_pss,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -188,6 +228,16 @@ pub async fn snapshot(client: &Client, a: &SnapshotBenchArgs) -> anyhow::Result<
             "  restore is {:.1}x faster to the first exec result (p50)",
             out.speedup_p50
         );
+        if let (Some(wall), Some(pss)) = (out.clones_ready_wall_ms, &out.clone_pss_mib) {
+            println!(
+                "  {} clones at once: all exec-ready after {wall:.0} ms",
+                out.clones
+            );
+            println!(
+                "  PSS per idle clone (QEMU)           p50 {:>9.1} MiB p95 {:>9.1} MiB",
+                pss.p50, pss.p95
+            );
+        }
     }
     Ok(0)
 }
@@ -218,6 +268,17 @@ async fn start_and_exec(
         bail!("`true` exited {}", status.shell_code());
     }
     Ok((info, wall))
+}
+
+/// PSS in KiB of a sandbox's QEMU (`/proc/PID/smaps_rollup`), via its pidfile.
+fn qemu_pss_kib(home: &kiln_core::Home, id: &SandboxId) -> Option<f64> {
+    let pidfile = std::fs::read_to_string(home.sandbox_dir(id).join("qemu.pid")).ok()?;
+    let pid: u32 = pidfile.split_whitespace().next()?.parse().ok()?;
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Runs `kiln bench boot`.

@@ -33,6 +33,8 @@ enum Cmd {
     Image(image::ImageCmd),
     /// Start a sandbox that stays up; prints its id.
     Create(sandbox::CreateArgs),
+    /// Start N sandboxes at once from one warm snapshot; prints their ids.
+    Clone(sandbox::CloneArgs),
     /// Run a command in a running sandbox (same streaming and exit code rules as `run`).
     Exec(sandbox::ExecArgs),
     /// List sandboxes.
@@ -106,9 +108,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Ps { json } => ps::ps(&client, *json).await,
         Cmd::Rm { ids } => ps::rm(&client, ids).await,
         Cmd::Bench(BenchCmd::Boot(args)) => bench::run(&client, args).await,
-        Cmd::Bench(BenchCmd::Snapshot(args)) => bench::snapshot(&client, args).await,
+        Cmd::Bench(BenchCmd::Snapshot(args)) => bench::snapshot(&client, &home, args).await,
         Cmd::Create(args) => sandbox::create(&client, args).await,
         Cmd::Exec(args) => sandbox::exec(&client, args).await,
+        Cmd::Clone(args) => sandbox::clone(&client, args).await,
         Cmd::Doctor { .. } | Cmd::Daemon(_) => unreachable!("handled above"),
     }
 }

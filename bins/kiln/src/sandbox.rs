@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use clap::{Args, Subcommand};
 use hyper::Method;
-use kiln_api_types::{SandboxId, SandboxInfo};
+use kiln_api_types::{SandboxCreateRequest, SandboxId, SandboxInfo};
 use kiln_core::Home;
 
 use crate::client::Client;
@@ -34,6 +34,64 @@ pub async fn create(client: &Client, a: &CreateArgs) -> anyhow::Result<i32> {
         println!("{}", info.id);
     }
     Ok(0)
+}
+
+/// Most sandboxes one `kiln clone` starts.
+pub const MAX_CLONES: u32 = 64;
+
+/// Options of `kiln clone`.
+#[derive(Debug, Args)]
+pub struct CloneArgs {
+    /// The sandbox to clone: image, size and secrets (its warm snapshot is restored N times).
+    #[command(flatten)]
+    pub sandbox: crate::run::SandboxOpts,
+    /// How many sandboxes to start, concurrently.
+    #[arg(long, default_value_t = 1)]
+    pub count: u32,
+}
+
+/// `kiln clone --count N`: N sandboxes restored concurrently from one warm snapshot; prints
+/// their ids. If any fails, the others are removed and the first error is reported.
+pub async fn clone(client: &Client, a: &CloneArgs) -> anyhow::Result<i32> {
+    if !(1..=MAX_CLONES).contains(&a.count) {
+        bail!(
+            "--count must be between 1 and {MAX_CLONES}, got {}",
+            a.count
+        );
+    }
+    let ids = clone_n(client, &a.sandbox.request()?, a.count).await?;
+    for id in ids {
+        println!("{id}");
+    }
+    Ok(0)
+}
+
+/// Starts `count` sandboxes concurrently (the daemon captures the warm snapshot once if it
+/// is missing; the other starts wait for it); all or nothing.
+pub async fn clone_n(
+    client: &Client,
+    req: &SandboxCreateRequest,
+    count: u32,
+) -> anyhow::Result<Vec<SandboxId>> {
+    crate::image::ensure_built(client, &req.image).await?;
+    let starts =
+        (0..count).map(|_| client.call::<SandboxInfo>(Method::POST, "/v1/sandboxes", Some(req)));
+    let results = futures_util::future::join_all(starts).await;
+    let (ok, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
+    let ids: Vec<SandboxId> = ok
+        .into_iter()
+        .filter_map(|r| r.ok())
+        .map(|i| i.id)
+        .collect();
+    if let Some(Err(e)) = failed.into_iter().next() {
+        for id in &ids {
+            let _ = client
+                .call_empty(Method::DELETE, &format!("/v1/sandboxes/{id}"))
+                .await;
+        }
+        return Err(e.context(format!("starting {count} clones")));
+    }
+    Ok(ids)
 }
 
 /// Options of `kiln exec`.

@@ -170,3 +170,36 @@ fn secrets_reach_the_guest_and_no_file_on_the_host() {
         assert_success(&k.run(&["rm", id]), "kiln rm");
     }
 }
+
+#[test]
+#[ignore = "boots VMs: run by scripts/test"]
+fn clone_starts_n_sandboxes_from_one_snapshot() {
+    let k = Kiln::isolated();
+    let out = k.run(&["clone", "--image", "base", "--count", "4"]);
+    assert_success(&out, "kiln clone");
+    let ids: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+    assert_eq!(ids.len(), 4, "{}", stdout(&out));
+    let listed = k.ps();
+    for id in &ids {
+        let s = listed["sandboxes"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|s| s["id"] == id.as_str())
+            .expect("listed")
+            .clone();
+        assert_eq!(s["state"], "running");
+        assert_eq!(s["source"], "snapshot");
+    }
+    let hosts: std::collections::BTreeSet<String> =
+        ids.iter().map(|id| sh(&k, id, "hostname")).collect();
+    assert_eq!(hosts.len(), 4, "hostnames not distinct: {hosts:?}");
+    for bad in ["0", "65"] {
+        let out = k.run(&["clone", "--image", "base", "--count", bad]);
+        assert!(!out.status.success());
+        assert!(kiln_e2e::stderr(&out).contains("--count must be between 1 and 64"));
+    }
+    let mut rm = vec!["rm"];
+    rm.extend(ids.iter().map(String::as_str));
+    assert_success(&k.run(&rm), "kiln rm");
+}
