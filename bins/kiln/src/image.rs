@@ -28,6 +28,18 @@ pub enum ImageCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Capture the image's warm snapshot now (built first if missing), so that the next
+    /// start restores instead of booting.
+    Warm {
+        /// Image name.
+        name: String,
+        /// vCPUs of the sandboxes that will use it.
+        #[arg(long, default_value_t = kiln_api_types::DEFAULT_CPUS)]
+        cpus: u32,
+        /// Guest memory (MiB) of the sandboxes that will use it.
+        #[arg(long, default_value_t = kiln_api_types::DEFAULT_MEMORY_MIB)]
+        memory: u32,
+    },
     /// Remove a built image.
     Rm {
         /// Image name.
@@ -66,6 +78,38 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
                     );
                 }
             }
+            Ok(0)
+        }
+        ImageCmd::Warm { name, cpus, memory } => {
+            // A start captures the snapshot if it is missing and proves it restores.
+            let req = kiln_api_types::SandboxCreateRequest {
+                image: name.clone(),
+                cpus: *cpus,
+                memory_mib: *memory,
+                ..Default::default()
+            };
+            req.validate().map_err(|m| {
+                anyhow::anyhow!(
+                    m.replace("memory_mib", "--memory")
+                        .replace("cpus", "--cpus")
+                )
+            })?;
+            ensure_built(client, name).await?;
+            let info: kiln_api_types::SandboxInfo = client
+                .call(Method::POST, "/v1/sandboxes", Some(&req))
+                .await?;
+            client
+                .call_empty(Method::DELETE, &format!("/v1/sandboxes/{}", info.id))
+                .await?;
+            if info.source != "snapshot" {
+                bail!(
+                    "no warm snapshot for {name}: the sandbox cold-booted (see kilnd.log for why)"
+                );
+            }
+            eprintln!(
+                "warm snapshot of {name} ready ({cpus} vCPU, {memory} MiB): restored in {} ms",
+                info.boot_ms.unwrap_or(0)
+            );
             Ok(0)
         }
         ImageCmd::Rm { name } => {

@@ -203,3 +203,30 @@ fn clone_starts_n_sandboxes_from_one_snapshot() {
     rm.extend(ids.iter().map(String::as_str));
     assert_success(&k.run(&rm), "kiln rm");
 }
+
+#[test]
+#[ignore = "boots VMs: run by scripts/test"]
+fn image_warm_captures_before_the_first_start() {
+    let k = Kiln::isolated();
+    let out = k.run(&["image", "warm", "base"]);
+    assert_success(&out, "kiln image warm");
+    assert!(
+        kiln_e2e::stderr(&out).contains("warm snapshot of base ready"),
+        "{}",
+        kiln_e2e::stderr(&out)
+    );
+    let warm: Vec<_> = std::fs::read_dir(k.home().join("snapshots"))
+        .expect("snapshots dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("warm-"))
+        .collect();
+    assert_eq!(warm.len(), 1);
+    assert_eq!(
+        k.ps()["sandboxes"].as_array().map(Vec::len),
+        Some(0),
+        "warm left a sandbox"
+    );
+    let (id, source) = create(&k, &[]);
+    assert_eq!(source, "snapshot");
+    assert_success(&k.run(&["rm", &id]), "kiln rm");
+}
