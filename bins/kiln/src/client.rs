@@ -121,12 +121,7 @@ impl Client {
         let body = body.map(serde_json::to_vec).transpose()?;
         let resp = self.send(method, path, body).await?;
         let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .context("reading kilnd's answer")?
-            .to_bytes();
+        let bytes = read_body(resp).await?;
         decode(status, &bytes)
     }
 
@@ -142,12 +137,7 @@ impl Client {
         if status.is_success() {
             return Ok(());
         }
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .context("reading kilnd's answer")?
-            .to_bytes();
+        let bytes = read_body(resp).await?;
         Err(api_error(status, &bytes).into())
     }
 
@@ -163,15 +153,10 @@ impl Client {
             .send(method, path, Some(serde_json::to_vec(body)?))
             .await?;
         let status = resp.status();
-        let mut body = resp.into_body();
         if !status.is_success() {
-            let bytes = body
-                .collect()
-                .await
-                .context("reading kilnd's answer")?
-                .to_bytes();
-            return Err(api_error(status, &bytes).into());
+            return Err(api_error(status, &read_body(resp).await?).into());
         }
+        let mut body = resp.into_body();
         let mut buf = Vec::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.context("kilnd's stream broke off")?;
@@ -199,6 +184,16 @@ impl Client {
             .context("WebSocket handshake with kilnd failed")?;
         Ok(ws)
     }
+}
+
+/// The whole body of an answer.
+async fn read_body(resp: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<Bytes> {
+    Ok(resp
+        .into_body()
+        .collect()
+        .await
+        .context("reading kilnd's answer")?
+        .to_bytes())
 }
 
 fn decode<T: DeserializeOwned>(status: StatusCode, bytes: &[u8]) -> anyhow::Result<T> {

@@ -82,18 +82,14 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
         }
         ImageCmd::Warm { name, cpus, memory } => {
             // A start captures the snapshot if it is missing and proves it restores.
-            let req = kiln_api_types::SandboxCreateRequest {
+            let opts = crate::run::SandboxOpts {
                 image: name.clone(),
                 cpus: *cpus,
-                memory_mib: *memory,
-                ..Default::default()
+                memory: *memory,
+                cold: false,
+                secrets: Vec::new(),
             };
-            req.validate().map_err(|m| {
-                anyhow::anyhow!(
-                    m.replace("memory_mib", "--memory")
-                        .replace("cpus", "--cpus")
-                )
-            })?;
+            let req = opts.request()?;
             ensure_built(client, name).await?;
             let info: kiln_api_types::SandboxInfo = client
                 .call(Method::POST, "/v1/sandboxes", Some(&req))
