@@ -54,8 +54,8 @@ pub use manifest::{
 };
 pub use modules::GUEST_MODULES;
 pub use recipe::{
-    DEFAULT_SUITE, ReadinessProbe, Recipe, RestoreHook, builtin, builtin_names, lookup,
-    validate_name,
+    DEFAULT_SUITE, GuestCommand, ProbeCheck, ReadinessProbe, Recipe, RestoreHook, builtin,
+    builtin_names, lookup, validate_name,
 };
 pub use rootfs::{DEFAULT_MIRROR, MIN_ROOTFS_BYTES, Mirror};
 

@@ -1,5 +1,5 @@
-//! Recipes: what goes into an image (name, Debian suite, packages) and, later, how to tell it
-//! is ready and what to run after a snapshot restore.
+//! Recipes: what goes into an image (name, Debian suite, packages, build hooks) and how the host
+//! drives a sandbox of it: commands after boot, a readiness probe, a hook after secrets arrive.
 //!
 //! Owns the built-in recipes. A recipe is pure data: building it is `build`'s job. The name of
 //! a recipe is also the name of its image directory, so it is validated like one.
@@ -8,21 +8,44 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ImageError;
 
-/// A command the guest runs to decide whether a sandbox is ready (reserved; not used yet).
+/// A command the host runs in the guest through the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReadinessProbe {
-    /// Program and arguments, run in the guest; exit status 0 means ready.
+pub struct GuestCommand {
+    /// Program and arguments.
     pub argv: Vec<String>,
-    /// How long one attempt may take.
+    /// How long one run may take before it is killed and counted as failed.
     pub timeout_ms: u64,
 }
 
-/// A command the guest runs right after a snapshot restore (reserved; not used yet).
+/// How the host tells that a freshly booted guest is ready to be snapshotted or used.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RestoreHook {
-    /// Program and arguments, run in the guest.
-    pub argv: Vec<String>,
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ProbeCheck {
+    /// A guest command that exits 0 once the service is ready.
+    Command(GuestCommand),
+    /// A TCP port on the guest's loopback that accepts a connection once the service is ready.
+    TcpPort {
+        /// Guest port.
+        port: u16,
+    },
 }
+
+/// A readiness probe: `check` is retried every `interval_ms` until it passes or `deadline_ms`
+/// have passed since the first attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadinessProbe {
+    /// What is checked.
+    pub check: ProbeCheck,
+    /// Pause between failed attempts.
+    pub interval_ms: u64,
+    /// Give up after this long.
+    pub deadline_ms: u64,
+}
+
+/// A guest command run after every start that delivers secrets (restore or cold boot), once
+/// the secrets are in `/run/secrets`; e.g. to set a database password. Its failure fails the
+/// start. `kiln secret rotate` reruns it.
+pub type RestoreHook = GuestCommand;
 
 /// What an image is built from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,10 +57,19 @@ pub struct Recipe {
     /// Packages installed on top of mmdebstrap's `essential` variant (Essential: yes packages:
     /// coreutils, bash, dash, util-linux, findutils, grep, sed, tar, gzip, ...).
     pub packages: Vec<String>,
-    /// Reserved: readiness probe run in the guest after boot or restore.
+    /// Shell commands run by mmdebstrap as `--customize-hook`s once the packages are
+    /// installed; `$1` is the root directory (use `chroot "$1" ...` to run inside it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub customize: Vec<String>,
+    /// Guest commands run in order after a cold boot (also in the capture VM, so their effect
+    /// is part of the warm snapshot); each must exit 0. Services started here must detach
+    /// (their own session), as the agent kills an exec's process group when it ends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on_boot: Vec<GuestCommand>,
+    /// Checked after `on_boot`: a sandbox (or warm snapshot) is ready only once it passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness_probe: Option<ReadinessProbe>,
-    /// Reserved: hook run in the guest after a snapshot restore.
+    /// Run after secrets are delivered (see [`RestoreHook`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_restore: Option<RestoreHook>,
 }
@@ -68,6 +100,8 @@ pub fn builtin(name: &str) -> Option<Recipe> {
         name: name.to_owned(),
         suite: DEFAULT_SUITE.to_owned(),
         packages,
+        customize: Vec::new(),
+        on_boot: Vec::new(),
         readiness_probe: None,
         on_restore: None,
     })
