@@ -1,10 +1,11 @@
 //! The image fingerprint: a sha256 over everything that determines an image's bytes.
 //!
 //! Inputs: the image format version (bumped whenever this crate changes what it produces:
-//! trimming rules, mkfs options, initramfs layout), the recipe (name, suite, packages), the
-//! kernel package version, the agent binary's sha256 and the Debian mirrors. Package versions
-//! inside the rootfs are *not* inputs (they drift with the archive); rebuild explicitly to pick
-//! them up. Recipe hooks are runtime behaviour, not image bytes, and are not inputs either.
+//! trimming rules, mkfs options, initramfs layout), the recipe (name, suite, packages,
+//! customize hooks), the kernel package version, the agent binary's sha256 and the Debian
+//! mirrors. Package versions inside the rootfs are *not* inputs (they drift with the archive);
+//! rebuild explicitly to pick them up. The recipe's runtime hooks (`on_boot`,
+//! `readiness_probe`, `on_restore`) are behaviour, not image bytes, and are not inputs.
 //!
 //! Canonical encoding (pinned by a golden test; changing it changes every image id):
 //!
@@ -14,6 +15,9 @@
 //!     key bytes, 0x00, u64 LE length, value bytes
 //! packages: sorted, deduplicated; encoded as the key "packages", u64 LE count, then each
 //!     package as a length-prefixed value
+//! customize: in recipe order (hooks run in order); encoded like packages under the key
+//!     "customize", and left out entirely when empty, so recipes without hooks keep the
+//!     fingerprints they had before the field existed
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -38,6 +42,9 @@ pub struct FingerprintInputs {
     pub suite: String,
     /// Recipe packages, sorted and deduplicated.
     pub packages: Vec<String>,
+    /// Recipe customize hooks, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub customize: Vec<String>,
     /// Debian version of the kernel package.
     pub kernel_version: String,
     /// Hex sha256 of the agent binary.
@@ -65,6 +72,7 @@ impl FingerprintInputs {
             recipe: recipe.name.clone(),
             suite: recipe.suite.clone(),
             packages,
+            customize: recipe.customize.clone(),
             kernel_version: kernel_version.to_owned(),
             agent_sha256: agent_sha256.to_owned(),
             mirror: mirror.to_owned(),
@@ -80,6 +88,15 @@ impl FingerprintInputs {
             out.extend_from_slice(&(value.len() as u64).to_le_bytes());
             out.extend_from_slice(value);
         }
+        fn list(out: &mut Vec<u8>, key: &str, values: &[String]) {
+            out.extend_from_slice(key.as_bytes());
+            out.push(0);
+            out.extend_from_slice(&(values.len() as u64).to_le_bytes());
+            for v in values {
+                out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+                out.extend_from_slice(v.as_bytes());
+            }
+        }
         let mut packages = self.packages.clone();
         packages.sort();
         packages.dedup();
@@ -91,11 +108,9 @@ impl FingerprintInputs {
         );
         field(&mut out, "recipe", self.recipe.as_bytes());
         field(&mut out, "suite", self.suite.as_bytes());
-        out.extend_from_slice(b"packages\0");
-        out.extend_from_slice(&(packages.len() as u64).to_le_bytes());
-        for p in &packages {
-            out.extend_from_slice(&(p.len() as u64).to_le_bytes());
-            out.extend_from_slice(p.as_bytes());
+        list(&mut out, "packages", &packages);
+        if !self.customize.is_empty() {
+            list(&mut out, "customize", &self.customize);
         }
         field(&mut out, "kernel_version", self.kernel_version.as_bytes());
         field(&mut out, "agent_sha256", self.agent_sha256.as_bytes());
@@ -188,6 +203,10 @@ mod tests {
                 "security",
                 Box::new(|i| i.security_mirror = "http://m/s".into()),
             ),
+            (
+                "add customize",
+                Box::new(|i| i.customize.push("true".into())),
+            ),
         ];
         for (what, mutate) in mutations {
             let mut i = inputs();
@@ -221,6 +240,37 @@ mod tests {
         b.mirror = "http://x".into();
         b.security_mirror = "/y".into();
         assert_ne!(a.fingerprint(), b.fingerprint());
+    }
+
+    #[test]
+    fn fingerprint_recipe_customize_changed_changes_it() {
+        let recipe = |customize: &[&str]| {
+            let mut r = crate::recipe::builtin("base").expect("base");
+            r.customize = customize.iter().map(|c| (*c).to_owned()).collect();
+            FingerprintInputs::new(&r, "6.1.192-2", "00", "http://m", "http://s").fingerprint()
+        };
+        let none = recipe(&[]);
+        let one = recipe(&["echo a > \"$1/etc/a\""]);
+        assert_ne!(none, one);
+        assert_ne!(one, recipe(&["echo b > \"$1/etc/a\""]));
+        // Hooks run in order, so their order counts (unlike packages').
+        assert_ne!(recipe(&["a", "b"]), recipe(&["b", "a"]));
+        assert_ne!(recipe(&["ab"]), recipe(&["a", "b"]));
+    }
+
+    #[test]
+    fn fingerprint_empty_customize_keeps_old_encoding_and_json() {
+        let i = inputs();
+        assert!(i.customize.is_empty());
+        assert!(
+            !i.canonical_bytes()
+                .windows(b"customize".len())
+                .any(|w| w == b"customize")
+        );
+        let json = serde_json::to_string(&i).expect("serialize");
+        assert!(!json.contains("customize"), "{json}");
+        let back: FingerprintInputs = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, i);
     }
 
     #[test]

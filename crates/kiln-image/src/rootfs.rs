@@ -1,9 +1,10 @@
 //! The root filesystem: mmdebstrap a trimmed Debian tree, tidy it, pack it into a sparse ext4.
 //!
 //! Owns: choosing the Debian mirrors (explicit override, else the host's apt sources, else
-//! deb.debian.org), the mmdebstrap invocation and its dpkg path-excludes (which also stay in
-//! the guest's `/etc/dpkg/dpkg.cfg.d/`, so later installs stay trimmed), post-install cleanup
-//! (apt lists and caches, logs), guest identity files, and `mkfs.ext4 -d`.
+//! deb.debian.org), the mmdebstrap invocation (with the recipe's customize hooks) and its dpkg
+//! path-excludes (which also stay in the guest's `/etc/dpkg/dpkg.cfg.d/`, so later installs
+//! stay trimmed), post-install cleanup (apt lists and caches, logs), guest identity files, and
+//! `mkfs.ext4 -d`.
 //!
 //! Invariants: needs root (mmdebstrap's root mode; `mkfs.ext4 -d` copies the ownership it
 //! sees); the rootfs image is sparse with an apparent size of at least [`MIN_ROOTFS_BYTES`] so
@@ -199,6 +200,13 @@ pub fn bootstrap(
     target: &Path,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<(), ImageError> {
+    cmd::run_streaming(mmdebstrap_command(recipe, mirror, target), on_line)
+}
+
+/// The mmdebstrap invocation for `recipe`: options, then each customize hook as one
+/// `--customize-hook=` argument in recipe order (mmdebstrap runs them in that order, after
+/// the packages are installed, with `$1` = the root directory), then suite, target, sources.
+fn mmdebstrap_command(recipe: &Recipe, mirror: &Mirror, target: &Path) -> Command {
     let mut c = Command::new("mmdebstrap");
     c.args(["--mode=root", "--variant=essential", "--format=directory"]);
     if !recipe.packages.is_empty() {
@@ -207,9 +215,12 @@ pub fn bootstrap(
     for filter in DPKG_FILTERS {
         c.arg(format!("--dpkgopt={filter}"));
     }
+    for hook in &recipe.customize {
+        c.arg(format!("--customize-hook={hook}"));
+    }
     c.arg(&recipe.suite).arg(target);
     c.args(mirror.source_lines(&recipe.suite));
-    cmd::run_streaming(c, on_line)
+    c
 }
 
 /// Removes what a sandbox never needs (apt lists and caches, build logs) and writes the guest
@@ -447,6 +458,38 @@ mod tests {
         assert_eq!(u.len(), 36);
         assert_eq!(&u[14..15], "4");
         assert!("89ab".contains(&u[19..20]), "{u}");
+    }
+
+    #[test]
+    fn mmdebstrap_command_customize_hooks_in_order_before_suite() {
+        let mut recipe = crate::recipe::builtin("base").expect("base");
+        recipe.customize = vec!["echo 'a b' > \"$1/x\"".into(), "rm \"$1/y\"".into()];
+        let c = mmdebstrap_command(&recipe, &Mirror::from_uri(DEFAULT_MIRROR), Path::new("/t"));
+        let args: Vec<String> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let hooks: Vec<usize> = args
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.starts_with("--customize-hook="))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(hooks.len(), 2, "{args:?}");
+        assert_eq!(args[hooks[0]], "--customize-hook=echo 'a b' > \"$1/x\"");
+        assert_eq!(args[hooks[1]], "--customize-hook=rm \"$1/y\"");
+        let suite = args.iter().position(|a| a == "bookworm").expect("suite");
+        assert!(hooks[0] < hooks[1] && hooks[1] < suite, "{args:?}");
+    }
+
+    #[test]
+    fn mmdebstrap_command_no_customize_no_hook_args() {
+        let recipe = crate::recipe::builtin("base").expect("base");
+        let c = mmdebstrap_command(&recipe, &Mirror::from_uri(DEFAULT_MIRROR), Path::new("/t"));
+        assert!(
+            !c.get_args()
+                .any(|a| a.to_string_lossy().starts_with("--customize-hook"))
+        );
     }
 
     #[test]
