@@ -374,7 +374,7 @@ impl Agent {
                         s.out.flush().await;
                         return Some(ServeEnd::Shutdown);
                     }
-                    Request::Unknown => Err(ErrorBody {
+                    Request::Unknown | Request::TcpConnect { .. } => Err(ErrorBody {
                         code: ErrorCode::Unsupported,
                         message: "unsupported request".to_owned(),
                     }),
@@ -386,7 +386,9 @@ impl Agent {
                     h.close_stdin();
                 }
             }
-            HostMessage::Unknown => {}
+            HostMessage::Unknown
+            | HostMessage::TcpShutdown { .. }
+            | HostMessage::TcpClose { .. } => {}
         }
         None
     }

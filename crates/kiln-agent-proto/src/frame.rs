@@ -32,9 +32,9 @@ pub enum FrameKind {
     Control = 0x03,
     /// Either way: a credit grant for the peer's data on one stream.
     Window = 0x04,
-    /// Host → guest: bytes for an exec's stdin.
+    /// Host → guest: bytes for an exec's stdin, or for a TCP tunnel's guest socket.
     Stdin = 0x10,
-    /// Guest → host: bytes an exec wrote to stdout.
+    /// Guest → host: bytes an exec wrote to stdout, or a TCP tunnel's guest socket received.
     Stdout = 0x11,
     /// Guest → host: bytes an exec wrote to stderr.
     Stderr = 0x12,
@@ -113,7 +113,7 @@ pub(crate) const SYNC_FIXED_LEN: usize = 17;
 /// Fixed part of a SYNC_ACK body: magic (8) + nonce (8) + chosen version (2).
 pub(crate) const SYNC_ACK_FIXED_LEN: usize = 18;
 
-/// Identifies one multiplexed stream (one exec). Never zero: stream 0 is the control plane.
+/// Identifies one multiplexed stream (one exec or one TCP tunnel). Never zero: stream 0 is the control plane.
 /// The host allocates stream ids; they are not reused within a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "u32", into = "u32")]
@@ -158,7 +158,8 @@ impl fmt::Display for StreamId {
     }
 }
 
-/// Which byte stream of an exec a data frame belongs to.
+/// Which byte stream of an exec a data frame belongs to. A TCP tunnel uses `Stdin` for the
+/// bytes toward its guest socket and `Stdout` for the bytes from it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DataChannel {
     /// Host → guest.
@@ -197,7 +198,7 @@ pub enum Frame {
         /// Additional bytes granted (never 0).
         increment: u32,
     },
-    /// Raw bytes of one exec's stdin, stdout or stderr.
+    /// Raw bytes of one exec's stdin, stdout or stderr, or of one TCP tunnel.
     Data {
         /// Stream the bytes belong to.
         stream: StreamId,

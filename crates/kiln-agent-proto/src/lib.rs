@@ -25,6 +25,8 @@
 //!          0x10 STDIN     host→guest  stream≠0  payload = raw bytes (1..=64 KiB)
 //!          0x11 STDOUT    guest→host  stream≠0  payload = raw bytes (1..=64 KiB)
 //!          0x12 STDERR    guest→host  stream≠0  payload = raw bytes (1..=64 KiB)
+//!                         (a TCP tunnel's stream uses STDIN toward and STDOUT from the guest
+//!                         socket; never STDERR)
 //!  flags   reserved, must be 0 in version 1
 //!
 //!  SYNC body:      "KILN-SYN" | nonce u64 LE | n u8 (1..=16) | n × version u16 LE
@@ -62,8 +64,8 @@ pub use identity::{
     RestoreId, UnixNanos,
 };
 pub use message::{
-    ErrorBody, ErrorCode, ExecRequest, ExitStatus, GuestMessage, HostMessage, Request, RequestId,
-    Response, loose_request_id,
+    ErrorBody, ErrorCode, ExecRequest, ExitStatus, FEATURE_TCP_V1, GuestMessage, HostMessage,
+    Request, RequestId, Response, loose_request_id,
 };
 
 /// The two magic bytes that open every frame.

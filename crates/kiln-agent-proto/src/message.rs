@@ -7,20 +7,24 @@
 //!  {"type":"request","id":N,"request":{"op":..}}  ─▶  {"type":"response","id":N,"response":{"op":..}}
 //!                                                     {"type":"error","id":N,"error":{"code":..,"message":..}}
 //!  {"type":"stdin_close","stream":S}                  {"type":"exit","stream":S,"status":{..}}
+//!  {"type":"tcp_shutdown","stream":S}                 {"type":"tcp_eof","stream":S}
+//!  {"type":"tcp_close","stream":S}                    {"type":"tcp_closed","stream":S,"error":..}
 //! ```
 //!
 //! Every request gets exactly one `response` or `error` with its id. Exec output is not JSON:
 //! it travels in STDOUT/STDERR frames on the exec's stream, and the `exit` event follows the
-//! last of them.
+//! last of them. A TCP tunnel (`tcp_connect`, feature [`FEATURE_TCP_V1`]) carries its bytes in
+//! STDIN (host → guest) and STDOUT (guest → host) frames on its stream; `tcp_eof` follows the
+//! last STDOUT frame and `tcp_closed` is the stream's last message.
 //!
 //! Extensibility invariants: each enum has an `Unknown` catch-all (`#[serde(other)]`) so a peer
 //! speaking a newer minor revision never causes a decode failure: an unknown request is
 //! answered with [`ErrorCode::Unsupported`], unknown events are ignored. New fields must be
 //! `#[serde(default)]`. Additions slot in as new `Request` variants; a host uses them only if
 //! the SYNC_ACK version or [`crate::AgentInfo::features`] says the guest has them. Added so
-//! far: `apply_identity` (feature `identity-v1`, see [`crate::identity`]). Planned:
-//! `secret_put`, `file_put`/`file_get` (bytes on a stream like exec output) and
-//! `tunnel_open` (a stream per connection).
+//! far: `apply_identity` (feature `identity-v1`, see [`crate::identity`]) and `tcp_connect`
+//! with its events (feature [`FEATURE_TCP_V1`]). Planned: `secret_put`, `file_put`/`file_get`
+//! (bytes on a stream like exec output).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -32,6 +36,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::ProtoError;
 use crate::frame::{Frame, StreamId};
 use crate::identity::{GuestIdentity, IdentityAck};
+
+/// Feature string in [`crate::AgentInfo::features`] of an agent that serves `tcp_connect`,
+/// `tcp_shutdown`, `tcp_close` and sends `tcp_eof` / `tcp_closed`.
+pub const FEATURE_TCP_V1: &str = "tcp-v1";
 
 /// Correlates a request with its response or error. Chosen by the host, unique per session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -97,6 +105,19 @@ pub enum HostMessage {
         /// The exec's stream.
         stream: StreamId,
     },
+    /// No more bytes toward the guest socket of this tunnel: the guest calls
+    /// `shutdown(SHUT_WR)` after writing the bytes it already received (feature `tcp-v1`).
+    TcpShutdown {
+        /// The tunnel's stream.
+        stream: StreamId,
+    },
+    /// The host is done with this tunnel: the guest closes its socket at once, discarding
+    /// whatever is still buffered either way, and answers [`GuestMessage::TcpClosed`]
+    /// (feature `tcp-v1`).
+    TcpClose {
+        /// The tunnel's stream.
+        stream: StreamId,
+    },
     /// A message type this build does not know (sent by a newer host); ignored.
     #[serde(other)]
     Unknown,
@@ -134,6 +155,18 @@ pub enum Request {
         /// The new identity.
         identity: GuestIdentity,
     },
+    /// Open a TCP connection, inside the guest, to `127.0.0.1:port` (feature `tcp-v1`);
+    /// answered with [`Response::TcpConnected`] once connected or [`ErrorCode::ConnectFailed`].
+    /// Then bytes flow in STDIN (toward the guest socket) and STDOUT (from it) frames on
+    /// `stream` until [`GuestMessage::TcpClosed`].
+    TcpConnect {
+        /// Stream for this tunnel's data (allocated by the host, unused in this session).
+        stream: StreamId,
+        /// Guest loopback port to connect to (1..=65535).
+        port: u16,
+        /// Initial credit for the bytes the guest sends from its socket on `stream`.
+        window: u32,
+    },
     /// An operation this build does not know; answered with [`ErrorCode::Unsupported`].
     #[serde(other)]
     Unknown,
@@ -148,6 +181,7 @@ impl Request {
             Request::Signal { .. } => "signal",
             Request::Shutdown => "shutdown",
             Request::ApplyIdentity { .. } => "apply_identity",
+            Request::TcpConnect { .. } => "tcp_connect",
             Request::Unknown => "unknown",
         }
     }
@@ -178,6 +212,22 @@ pub enum GuestMessage {
         /// How it ended.
         status: ExitStatus,
     },
+    /// The guest socket of a tunnel reached end of file (its peer shut down writing); sent
+    /// after the tunnel's last STDOUT frame. The tunnel stays open toward the guest.
+    TcpEof {
+        /// The tunnel's stream.
+        stream: StreamId,
+    },
+    /// A tunnel is gone and its guest socket closed; the stream's last message (retired
+    /// after it). `error` is `None` after a clean close (both directions finished, or
+    /// [`HostMessage::TcpClose`]) and the reason when a socket error ended it.
+    TcpClosed {
+        /// The tunnel's stream.
+        stream: StreamId,
+        /// Why the tunnel failed, if it did (lowercase, like `connection reset by peer`).
+        #[serde(default)]
+        error: Option<String>,
+    },
     /// A message type this build does not know (sent by a newer guest); ignored.
     #[serde(other)]
     Unknown,
@@ -201,6 +251,9 @@ pub enum Response {
     ShuttingDown,
     /// Answer to [`Request::ApplyIdentity`]: every step ran; what exactly happened.
     IdentityApplied(IdentityAck),
+    /// Answer to [`Request::TcpConnect`]: the guest socket is connected and the initial
+    /// credit for the host's bytes has been granted with a WINDOW frame.
+    TcpConnected,
     /// An answer this build does not know.
     #[serde(other)]
     Unknown,
@@ -237,6 +290,8 @@ pub enum ErrorCode {
     Internal,
     /// A step of `apply_identity` failed; the message names it and the steps already applied.
     IdentityFailed,
+    /// `tcp_connect` could not connect (refused, timed out, ...); the message says why.
+    ConnectFailed,
     /// A code this build does not know.
     #[serde(other)]
     Unknown,
@@ -255,6 +310,7 @@ impl ErrorCode {
             ErrorCode::SpawnFailed => "spawn_failed",
             ErrorCode::Internal => "internal",
             ErrorCode::IdentityFailed => "identity_failed",
+            ErrorCode::ConnectFailed => "connect_failed",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -550,6 +606,127 @@ mod tests {
     }
 
     #[test]
+    fn tcp_messages_json_is_stable() {
+        let stream = StreamId::new(5).expect("non-zero");
+        let cases: [(&str, String); 6] = [
+            (
+                r#"{"type":"request","id":4,"request":{"op":"tcp_connect","stream":5,"port":5432,"window":262144}}"#,
+                serde_json::to_string(&HostMessage::Request {
+                    id: RequestId(4),
+                    request: Request::TcpConnect {
+                        stream,
+                        port: 5432,
+                        window: 262_144,
+                    },
+                })
+                .expect("serialises"),
+            ),
+            (
+                r#"{"type":"tcp_shutdown","stream":5}"#,
+                serde_json::to_string(&HostMessage::TcpShutdown { stream }).expect("serialises"),
+            ),
+            (
+                r#"{"type":"tcp_close","stream":5}"#,
+                serde_json::to_string(&HostMessage::TcpClose { stream }).expect("serialises"),
+            ),
+            (
+                r#"{"type":"response","id":4,"response":{"op":"tcp_connected"}}"#,
+                serde_json::to_string(&GuestMessage::Response {
+                    id: RequestId(4),
+                    response: Response::TcpConnected,
+                })
+                .expect("serialises"),
+            ),
+            (
+                r#"{"type":"tcp_eof","stream":5}"#,
+                serde_json::to_string(&GuestMessage::TcpEof { stream }).expect("serialises"),
+            ),
+            (
+                r#"{"type":"tcp_closed","stream":5,"error":"connection reset by peer"}"#,
+                serde_json::to_string(&GuestMessage::TcpClosed {
+                    stream,
+                    error: Some("connection reset by peer".into()),
+                })
+                .expect("serialises"),
+            ),
+        ];
+        for (expected, json) in cases {
+            assert_eq!(json, expected);
+        }
+        let refused = GuestMessage::Error {
+            id: Some(RequestId(4)),
+            error: ErrorBody {
+                code: ErrorCode::ConnectFailed,
+                message: "connection to 127.0.0.1:5432 refused".into(),
+            },
+        };
+        assert_eq!(
+            serde_json::to_string(&refused).expect("serialises"),
+            r#"{"type":"error","id":4,"error":{"code":"connect_failed","message":"connection to 127.0.0.1:5432 refused"}}"#
+        );
+    }
+
+    #[test]
+    fn tcp_closed_without_error_field_parses_as_clean() {
+        let msg = GuestMessage::from_payload(br#"{"type":"tcp_closed","stream":2}"#);
+        assert_eq!(
+            msg.ok(),
+            Some(GuestMessage::TcpClosed {
+                stream: StreamId::new(2).expect("non-zero"),
+                error: None
+            })
+        );
+    }
+
+    #[test]
+    fn tcp_connect_hostile_values_fail_to_parse_but_keep_id() {
+        for bad in [
+            r#"{"type":"request","id":9,"request":{"op":"tcp_connect","stream":0,"port":80,"window":1}}"#,
+            r#"{"type":"request","id":9,"request":{"op":"tcp_connect","stream":1,"port":65536,"window":1}}"#,
+            r#"{"type":"request","id":9,"request":{"op":"tcp_connect","stream":1,"port":-1,"window":1}}"#,
+            r#"{"type":"request","id":9,"request":{"op":"tcp_connect","stream":1,"port":80,"window":4294967296}}"#,
+            r#"{"type":"request","id":9,"request":{"op":"tcp_connect","stream":1,"port":80}}"#,
+        ] {
+            assert!(HostMessage::from_payload(bad.as_bytes()).is_err(), "{bad}");
+            assert_eq!(loose_request_id(bad.as_bytes()), Some(RequestId(9)));
+        }
+    }
+
+    #[test]
+    fn tcp_connect_is_unknown_to_a_peer_without_it() {
+        // What an agent without `tcp-v1` sees: an unknown op (answered `unsupported`); and
+        // what a host without it sees of the tunnel events: unknown messages (ignored).
+        #[derive(Deserialize, Debug, PartialEq)]
+        #[serde(tag = "op", rename_all = "snake_case")]
+        enum OldRequest {
+            Ping,
+            #[serde(other)]
+            Unknown,
+        }
+        #[derive(Deserialize)]
+        struct OldMessage {
+            request: OldRequest,
+        }
+        let json = r#"{"type":"request","id":1,"request":{"op":"tcp_connect","stream":1,"port":80,"window":1}}"#;
+        let old: OldMessage = serde_json::from_str(json).expect("parses");
+        assert_eq!(old.request, OldRequest::Unknown);
+        #[derive(Deserialize, Debug, PartialEq)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        enum OldGuestMessage {
+            Exit,
+            #[serde(other)]
+            Unknown,
+        }
+        for event in [
+            r#"{"type":"tcp_eof","stream":1}"#,
+            r#"{"type":"tcp_closed","stream":1,"error":null}"#,
+        ] {
+            let old: OldGuestMessage = serde_json::from_str(event).expect("parses");
+            assert_eq!(old, OldGuestMessage::Unknown);
+        }
+    }
+
+    #[test]
     fn error_code_display_matches_wire_name() {
         for code in [
             ErrorCode::BadRequest,
@@ -561,6 +738,7 @@ mod tests {
             ErrorCode::SpawnFailed,
             ErrorCode::Internal,
             ErrorCode::IdentityFailed,
+            ErrorCode::ConnectFailed,
         ] {
             let json = serde_json::to_string(&code).expect("serialises");
             assert_eq!(json, format!("\"{code}\""));

@@ -3,9 +3,9 @@
 
 use bytes::Bytes;
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, Decoder, Entropy, Frame, GuestIdentity, GuestMessage, HostMessage,
-    Hostname, IdentityAck, MachineId, Request, RequestId, Response, RestoreId, StreamId,
-    SyncAckFrame, SyncFrame, UnixNanos,
+    AgentInfo, DataChannel, Decoder, Entropy, ErrorBody, ErrorCode, Frame, GuestIdentity,
+    GuestMessage, HostMessage, Hostname, IdentityAck, MachineId, Request, RequestId, Response,
+    RestoreId, StreamId, SyncAckFrame, SyncFrame, UnixNanos,
 };
 
 fn unhex(s: &str) -> Vec<u8> {
@@ -195,4 +195,101 @@ fn golden_control_identity_applied_frame() {
         r#""hostname_set":true,"machine_id_written":true}}"#
     );
     assert_golden(frame, &control_hex(json.as_bytes()));
+}
+
+#[test]
+fn golden_control_tcp_connect_frame() {
+    let frame = HostMessage::Request {
+        id: RequestId(12),
+        request: Request::TcpConnect {
+            stream: stream(9),
+            port: 5432,
+            window: 262_144,
+        },
+    }
+    .to_frame()
+    .expect("encodes");
+    let json = br#"{"type":"request","id":12,"request":{"op":"tcp_connect","stream":9,"port":5432,"window":262144}}"#;
+    // The header spelled out: CONTROL, stream 0, 96 (0x60) payload bytes.
+    let hex = control_hex(json);
+    assert!(hex.starts_with("9f6b 03 00 00000000 60000000"), "{hex}");
+    assert_golden(frame, &hex);
+}
+
+#[test]
+fn golden_control_tcp_answers_and_events() {
+    let cases: Vec<(Frame, &[u8])> = vec![
+        (
+            GuestMessage::Response {
+                id: RequestId(12),
+                response: Response::TcpConnected,
+            }
+            .to_frame()
+            .expect("encodes"),
+            br#"{"type":"response","id":12,"response":{"op":"tcp_connected"}}"#,
+        ),
+        (
+            GuestMessage::Error {
+                id: Some(RequestId(13)),
+                error: ErrorBody {
+                    code: ErrorCode::ConnectFailed,
+                    message: "connection to 127.0.0.1:5433 refused".into(),
+                },
+            }
+            .to_frame()
+            .expect("encodes"),
+            br#"{"type":"error","id":13,"error":{"code":"connect_failed","message":"connection to 127.0.0.1:5433 refused"}}"#,
+        ),
+        (
+            HostMessage::TcpShutdown { stream: stream(9) }
+                .to_frame()
+                .expect("encodes"),
+            br#"{"type":"tcp_shutdown","stream":9}"#,
+        ),
+        (
+            HostMessage::TcpClose { stream: stream(9) }
+                .to_frame()
+                .expect("encodes"),
+            br#"{"type":"tcp_close","stream":9}"#,
+        ),
+        (
+            GuestMessage::TcpEof { stream: stream(9) }
+                .to_frame()
+                .expect("encodes"),
+            br#"{"type":"tcp_eof","stream":9}"#,
+        ),
+        (
+            GuestMessage::TcpClosed {
+                stream: stream(9),
+                error: None,
+            }
+            .to_frame()
+            .expect("encodes"),
+            br#"{"type":"tcp_closed","stream":9,"error":null}"#,
+        ),
+    ];
+    for (frame, json) in cases {
+        assert_golden(frame, &control_hex(json));
+    }
+}
+
+#[test]
+fn golden_tunnel_data_frames() {
+    // A tunnel's bytes use the STDIN (toward the guest socket) and STDOUT (from it) kinds.
+    assert_golden(
+        Frame::Data {
+            stream: stream(9),
+            channel: DataChannel::Stdin,
+            data: Bytes::from_static(b"GET"),
+        },
+        "9f6b 10 00 09000000 03000000 474554",
+    );
+    assert_golden(
+        Frame::Data {
+            stream: stream(9),
+            channel: DataChannel::Stdout,
+            data: Bytes::from_static(b"OK"),
+        },
+        "9f6b 11 00 09000000 02000000 4f4b",
+    );
 }

@@ -1,12 +1,13 @@
-//! Property tests: frame round trips under arbitrary chunking, hunting through garbage, and
-//! arbitrary bytes through the fuzz entry point.
+//! Property tests: frame round trips under arbitrary chunking, identity and TCP tunnel message
+//! round trips, hunting through garbage, and arbitrary bytes through the fuzz entry point.
 
 use bytes::Bytes;
 use kiln_agent_proto::identity::{MAX_WALL_CLOCK_NS, MIN_WALL_CLOCK_NS};
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, Decoder, Entropy, Frame, GuestIdentity, GuestMessage, HostMessage,
-    Hostname, HuntTarget, IdentityAck, MAX_DATA_PAYLOAD, MachineId, Request, RequestId, Response,
-    RestoreId, StreamId, SyncAckFrame, SyncFrame, UnixNanos, fuzz_decode,
+    AgentInfo, DataChannel, Decoder, Entropy, ErrorBody, ErrorCode, Frame, GuestIdentity,
+    GuestMessage, HostMessage, Hostname, HuntTarget, IdentityAck, MAX_DATA_PAYLOAD, MachineId,
+    Request, RequestId, Response, RestoreId, StreamId, SyncAckFrame, SyncFrame, UnixNanos,
+    fuzz_decode,
 };
 use proptest::prelude::*;
 
@@ -74,7 +75,67 @@ fn identity() -> impl Strategy<Value = GuestIdentity> {
         })
 }
 
+/// Every tunnel message a host or guest can send.
+fn tcp_messages() -> impl Strategy<Value = (HostMessage, GuestMessage)> {
+    (
+        any::<u64>(),
+        stream_id(),
+        any::<u16>(),
+        any::<u32>(),
+        0u8..3,
+        0u8..4,
+        prop::option::of(".{0,40}"),
+    )
+        .prop_map(|(id, stream, port, window, host_pick, guest_pick, error)| {
+            let id = RequestId(id);
+            let host = match host_pick {
+                0 => HostMessage::Request {
+                    id,
+                    request: Request::TcpConnect {
+                        stream,
+                        port,
+                        window,
+                    },
+                },
+                1 => HostMessage::TcpShutdown { stream },
+                _ => HostMessage::TcpClose { stream },
+            };
+            let guest = match guest_pick {
+                0 => GuestMessage::Response {
+                    id,
+                    response: Response::TcpConnected,
+                },
+                1 => GuestMessage::Error {
+                    id: Some(id),
+                    error: ErrorBody {
+                        code: ErrorCode::ConnectFailed,
+                        message: error.clone().unwrap_or_default(),
+                    },
+                },
+                2 => GuestMessage::TcpEof { stream },
+                _ => GuestMessage::TcpClosed { stream, error },
+            };
+            (host, guest)
+        })
+}
+
 proptest! {
+    #[test]
+    fn tcp_messages_round_trip((host, guest) in tcp_messages()) {
+        let frame = host.to_frame().expect("encodes");
+        let wire = frame.to_bytes().expect("fits a CONTROL frame");
+        let mut d = Decoder::new();
+        d.feed(&wire);
+        let Some(Frame::Control(payload)) = d.next_frame().expect("valid") else {
+            panic!("control frame")
+        };
+        prop_assert_eq!(HostMessage::from_payload(&payload).expect("parses"), host);
+
+        let frame = guest.to_frame().expect("encodes");
+        let Frame::Control(payload) = &frame else { panic!("control frame") };
+        prop_assert_eq!(GuestMessage::from_payload(payload).expect("parses"), guest);
+    }
+
     #[test]
     fn identity_messages_round_trip(
         identity in identity(),

@@ -245,6 +245,9 @@ impl Shared {
                     None => tracing::debug!(%stream, "exit for an unknown stream"),
                 }
             }
+            GuestMessage::TcpEof { .. } | GuestMessage::TcpClosed { .. } => {
+                tracing::debug!("ignoring a tunnel event")
+            }
             GuestMessage::Unknown => tracing::debug!("ignoring an unknown guest message"),
         }
     }
