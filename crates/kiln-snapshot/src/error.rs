@@ -14,12 +14,36 @@ pub struct FieldDiff {
     pub host: String,
 }
 
+impl FieldDiff {
+    /// What the field means, for people reading a log: `accel` → `accelerator`.
+    pub fn label(&self) -> &'static str {
+        match self.field {
+            "qemu_version" => "QEMU version",
+            "machine" => "machine type",
+            "device_fingerprint" => "device configuration",
+            "cpu_model" => "CPU model",
+            "accel" => "accelerator",
+            "cpus" => "vCPU count",
+            "memory_mib" => "guest memory (MiB)",
+            "kernel_digest" => "kernel",
+            "initramfs_digest" => "initramfs",
+            "image_digest" => "image",
+            "format_version" => "snapshot format version",
+            other => other,
+        }
+    }
+}
+
+/// `accelerator (accel): snapshot kvm, host tcg`: the meaning, then the manifest's name.
 impl std::fmt::Display for FieldDiff {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}: snapshot {}, host {}",
-            self.field, self.snapshot, self.host
+            "{} ({}): snapshot {}, host {}",
+            self.label(),
+            self.field,
+            self.snapshot,
+            self.host
         )
     }
 }
@@ -104,7 +128,9 @@ pub enum SnapshotError {
         diffs: Vec<FieldDiff>,
     },
     /// A data file has the wrong size (truncated or grown).
-    #[error("snapshot file {path} has {actual} bytes, the manifest says {expected}")]
+    #[error(
+        "snapshot file {path}: size mismatch (manifest says {expected} bytes, file has {actual})"
+    )]
     SizeMismatch {
         /// The file.
         path: PathBuf,
@@ -114,7 +140,7 @@ pub enum SnapshotError {
         actual: u64,
     },
     /// A data file's content does not match its recorded sha256.
-    #[error("snapshot file {path} is corrupt: sha256 {actual}, the manifest says {expected}")]
+    #[error("snapshot file {path}: sha256 mismatch (manifest says {expected}, file has {actual})")]
     DigestMismatch {
         /// The file.
         path: PathBuf,

@@ -24,11 +24,15 @@
 //! - `manifest.sha256` covers the manifest's exact bytes; the manifest lists every data file
 //!   with its size and sha256; [`verify`] checks them in that order, cheapest first, and
 //!   names the first thing that is wrong.
+//! - [`VerifyLevel::FullCached`] re-hashes a data file only if it changed since this process
+//!   last hashed it (its device, inode, size, mtime or ctime differ); the manifest checksum,
+//!   fingerprint and sizes are checked every time.
 //! - The format is versioned ([`FORMAT_VERSION`]); readers refuse versions they do not know.
 
 mod error;
 mod manifest;
 mod publish;
+mod seal;
 mod verify;
 
 pub use error::{FieldDiff, SnapshotError};
@@ -36,7 +40,7 @@ pub use manifest::{
     CaptureInfo, CaptureKind, FileEntry, SnapshotFingerprint, SnapshotManifest, SnapshotName,
 };
 pub use publish::{ManifestInput, SnapshotBuilder, cleanup_stale_tmp};
-pub use verify::{VerifyLevel, sha256_file, verify};
+pub use verify::{VerifyLevel, VerifyReport, sha256_file, verify, verify_with_report};
 
 /// `magic` of every manifest.
 pub const MAGIC: &str = "kiln-snapshot";

@@ -316,8 +316,14 @@ pub(crate) mod tests {
         };
         let diffs = a.diff(&b);
         assert_eq!(diffs.len(), 2);
-        assert_eq!(diffs[0].to_string(), "accel: snapshot tcg, host kvm");
-        assert_eq!(diffs[1].to_string(), "cpus: snapshot 1, host 2");
+        assert_eq!(
+            diffs[0].to_string(),
+            "accelerator (accel): snapshot tcg, host kvm"
+        );
+        assert_eq!(
+            diffs[1].to_string(),
+            "vCPU count (cpus): snapshot 1, host 2"
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::error::SnapshotError;
 use crate::manifest::{
     CaptureInfo, FileEntry, SnapshotFingerprint, SnapshotManifest, SnapshotName,
 };
+use crate::seal::{self, FileStamp};
 use crate::verify::sha256_file;
 use crate::{DATA_FILES, FORMAT_VERSION, MAGIC, MANIFEST_FILE, MANIFEST_SHA256_FILE, TMP_PREFIX};
 
@@ -90,13 +91,19 @@ impl SnapshotBuilder {
     /// Hashes and fsyncs the data files, writes the manifest and its checksum, and renames
     /// the directory into place without ever replacing an existing snapshot. Returns the
     /// published directory and its manifest. On error the build directory is removed.
+    ///
+    /// The hashed files are sealed, so the first [`crate::VerifyLevel::FullCached`] verify
+    /// in this process does not hash them again (unless they changed, or were written too
+    /// recently for their ctime to prove it; see `seal.rs`).
     pub fn publish(
         mut self,
         input: ManifestInput,
     ) -> Result<(PathBuf, SnapshotManifest), SnapshotError> {
         let mut files = Vec::with_capacity(DATA_FILES.len());
+        let mut stamps = Vec::with_capacity(DATA_FILES.len());
         for name in DATA_FILES {
             let path = self.tmp.join(name);
+            stamps.push(FileStamp::of(&path)?);
             let sha256 = sha256_file(&path)?;
             let f = std::fs::File::open(&path).map_err(|e| SnapshotError::io("open", &path, e))?;
             f.sync_all()
@@ -132,6 +139,10 @@ impl SnapshotBuilder {
         rename_noreplace(&self.tmp, &dest)?;
         self.published = true;
         sync_dir(&self.root)?;
+        // Renaming the directory leaves its files' inodes (and stamps) as they were.
+        for (entry, stamp) in manifest.files.iter().zip(&stamps) {
+            seal::record(&dest.join(&entry.name), &entry.sha256, stamp);
+        }
         info!(snapshot = %self.name, dir = %dest.display(), "snapshot published");
         Ok((dest, manifest))
     }

@@ -305,7 +305,7 @@ fn verify_each_fingerprint_field_change_names_that_field() {
                 assert_eq!(diffs.len(), 1, "{e}");
                 assert_eq!(diffs[0].field, field);
                 assert!(
-                    e.to_string().contains(&format!("{field}: snapshot ")),
+                    e.to_string().contains(&format!("({field}): snapshot ")),
                     "{e}"
                 );
             }
@@ -323,8 +323,197 @@ fn verify_each_fingerprint_field_change_names_that_field() {
     .expect_err("mismatch");
     assert_eq!(
         e.to_string(),
-        "snapshot is incompatible: accel: snapshot tcg, host kvm"
+        "snapshot is incompatible: accelerator (accel): snapshot tcg, host kvm"
     );
+}
+
+/// Waits (polling, bounded) until no data file in `dir` is too recent to be sealed, i.e.
+/// until any later write is guaranteed to change its ctime.
+fn settle(dir: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for f in DATA_FILES {
+        let stamp = crate::seal::FileStamp::of(&dir.join(f)).expect("stamp");
+        while stamp.is_racy(std::time::SystemTime::now()) {
+            assert!(std::time::Instant::now() < deadline, "{f} stays racy");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+/// Like [`publish`], but the data files are settled first, so publish seals them.
+fn publish_settled(root: &Path, name: &str) -> PathBuf {
+    let b = SnapshotBuilder::begin(root, SnapshotName::new(name).expect("name")).expect("begin");
+    std::fs::write(b.file(MEM_FILE), vec![7u8; 64 << 10]).expect("mem");
+    std::fs::write(b.file(STATE_FILE), b"QEVM state").expect("state");
+    std::fs::write(b.file(DISK_FILE), b"QFI disk").expect("disk");
+    settle(b.dir());
+    b.publish(input()).expect("publish").0
+}
+
+fn verify_cached(dir: &Path) -> Result<VerifyReport, SnapshotError> {
+    verify_with_report(dir, &fingerprint(), VerifyLevel::FullCached)
+}
+
+/// Flips the byte in the middle of `path` in place, then puts its mtime back.
+fn flip_middle_keeping_mtime(path: &Path) {
+    use std::os::unix::fs::FileExt;
+    let before = std::fs::metadata(path).expect("stat");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let at = before.len() / 2;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).expect("read");
+    f.write_all_at(&[b[0] ^ 0x01], at).expect("write");
+    f.set_times(std::fs::FileTimes::new().set_modified(before.modified().expect("mtime")))
+        .expect("restore mtime");
+    let after = std::fs::metadata(path).expect("stat");
+    assert_eq!(
+        after.modified().ok(),
+        before.modified().ok(),
+        "mtime restored"
+    );
+    assert_eq!(after.len(), before.len());
+}
+
+#[test]
+fn publish_seals_settled_files_so_full_cached_hashes_nothing() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = publish_settled(root.path(), "s");
+    assert_eq!(crate::seal::sealed_count(&dir), 3);
+    let r = verify_cached(&dir).expect("verifies");
+    assert!(r.hashed.is_empty(), "hashed {:?}", r.hashed);
+    assert_eq!(r.manifest.name.as_str(), "s");
+    // Full ignores seals; Sizes never hashes.
+    let full = verify_with_report(&dir, &fingerprint(), VerifyLevel::Full).expect("full");
+    assert_eq!(full.hashed, DATA_FILES);
+    let sizes = verify_with_report(&dir, &fingerprint(), VerifyLevel::Sizes).expect("sizes");
+    assert!(sizes.hashed.is_empty());
+}
+
+#[test]
+fn full_cached_unsealed_snapshot_hashes_once_then_hits_the_seal() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = publish(root.path(), "s");
+    settle(&dir);
+    // As after a daemon restart: nothing sealed.
+    crate::seal::forget_dir(&dir);
+    assert_eq!(verify_cached(&dir).expect("first").hashed, DATA_FILES);
+    assert_eq!(crate::seal::sealed_count(&dir), 3);
+    assert!(verify_cached(&dir).expect("second").hashed.is_empty());
+}
+
+#[test]
+fn full_cached_sealed_file_rewritten_with_mtime_restored_is_digest_mismatch() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = publish_settled(root.path(), "s");
+    for victim in DATA_FILES {
+        flip_middle_keeping_mtime(&dir.join(victim));
+        let e = verify_cached(&dir).expect_err("a flipped byte is caught");
+        match &e {
+            SnapshotError::DigestMismatch { path, .. } => assert_eq!(path, &dir.join(victim)),
+            other => panic!("{victim}: expected DigestMismatch, got {other:?}"),
+        }
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("/{victim}: sha256 mismatch (manifest says ")),
+            "{msg}"
+        );
+        assert_eq!(
+            crate::seal::sealed_count(&dir),
+            0,
+            "a failure forgets seals"
+        );
+        // Repaired: verified by hashing everything again, then sealed again.
+        flip_middle_keeping_mtime(&dir.join(victim));
+        settle(&dir);
+        assert_eq!(verify_cached(&dir).expect("repaired").hashed, DATA_FILES);
+        assert!(verify_cached(&dir).expect("sealed").hashed.is_empty());
+    }
+}
+
+#[test]
+fn full_cached_sealed_file_truncated_is_size_mismatch() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = publish_settled(root.path(), "s");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(STATE_FILE))
+        .and_then(|f| f.set_len(4))
+        .expect("truncate");
+    match verify_cached(&dir) {
+        Err(e @ SnapshotError::SizeMismatch { .. }) => assert!(
+            e.to_string()
+                .ends_with("/state: size mismatch (manifest says 10 bytes, file has 4)"),
+            "{e}"
+        ),
+        other => panic!("expected SizeMismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn full_cached_sealed_file_replaced_by_another_inode_is_hashed_again() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = publish_settled(root.path(), "s");
+    let mem = dir.join(MEM_FILE);
+    let tmp = dir.join("mem.new");
+    // Same content, new inode: hashed again (and fine).
+    std::fs::copy(&mem, &tmp).expect("copy");
+    std::fs::rename(&tmp, &mem).expect("replace");
+    assert_eq!(
+        verify_cached(&dir).expect("same content").hashed,
+        [MEM_FILE]
+    );
+    // Different content, new inode, same size and mtime: caught.
+    let old = std::fs::metadata(&mem).expect("stat");
+    let mut bytes = std::fs::read(&mem).expect("read");
+    bytes[100] ^= 0x80;
+    std::fs::write(&tmp, &bytes).expect("write");
+    std::fs::File::options()
+        .write(true)
+        .open(&tmp)
+        .and_then(|f| f.set_times(std::fs::FileTimes::new().set_modified(old.modified()?)))
+        .expect("mtime");
+    std::fs::rename(&tmp, &mem).expect("replace");
+    match verify_cached(&dir) {
+        Err(SnapshotError::DigestMismatch { path, .. }) => assert_eq!(path, mem),
+        other => panic!("expected DigestMismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn full_cached_sealed_snapshot_still_reports_fingerprint_mismatch() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = publish_settled(root.path(), "s");
+    let host = SnapshotFingerprint {
+        qemu_version: "9.9.9".into(),
+        ..fingerprint()
+    };
+    let e = verify_with_report(&dir, &host, VerifyLevel::FullCached).expect_err("mismatch");
+    assert!(matches!(e, SnapshotError::FingerprintMismatch { .. }));
+    assert_eq!(
+        e.to_string(),
+        "snapshot is incompatible: QEMU version (qemu_version): snapshot 7.2.22, host 9.9.9"
+    );
+}
+
+#[test]
+fn full_cached_seal_is_bound_to_the_manifest_digest() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = publish_settled(root.path(), "s");
+    // The manifest (with a valid checksum) now claims other content for an untouched file.
+    let claimed = "ab".repeat(32);
+    let c = claimed.clone();
+    rewrite_manifest(&dir, move |v| v["files"][0]["sha256"] = c.into());
+    match verify_cached(&dir) {
+        Err(SnapshotError::DigestMismatch { path, expected, .. }) => {
+            assert_eq!(path, dir.join(MEM_FILE));
+            assert_eq!(expected, claimed);
+        }
+        other => panic!("expected DigestMismatch, got {other:?}"),
+    }
 }
 
 #[test]

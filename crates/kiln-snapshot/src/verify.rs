@@ -2,15 +2,18 @@
 //!
 //! Order (cheapest first, each failure its own [`SnapshotError`] variant): directory →
 //! manifest files present → manifest checksum → magic → format version → JSON shape → file
-//! entries → fingerprint → each data file's size → (with [`VerifyLevel::Full`]) each data
-//! file's sha256.
+//! entries → fingerprint → each data file's size → (with [`VerifyLevel::Full`] and
+//! [`VerifyLevel::FullCached`]) each data file's sha256.
 //!
-//! Cost of [`VerifyLevel::Full`]: it reads every byte, dominated by the 256 MiB+ `mem` file.
-//! Measured on the 2-core dev machine (CPU with SHA-NI, file in page cache, sha2 0.10;
+//! Cost of hashing: it reads every byte, dominated by the 256 MiB+ `mem` file. Measured on
+//! the 2-core dev machine (CPU with SHA-NI, file in page cache, sha2 0.10;
 //! `sha256_throughput_256mib` ignored test): release build 180–200 ms per 256 MiB
 //! (~1.3 GiB/s); debug build ~5 s (~50 MiB/s, sha2 unoptimized). That is 2–3x a whole
-//! restore, so the hot restore path should use [`VerifyLevel::Sizes`] (microseconds) and
-//! leave [`VerifyLevel::Full`] to publish time, a janitor or an explicit `snapshot verify`.
+//! restore, so the hot restore path uses [`VerifyLevel::FullCached`]: a file this process
+//! already hashed (at publish or at an earlier verify) and whose inode, size, mtime and ctime
+//! are unchanged since is not read again (see `seal.rs` for why that proves it unchanged).
+//! A fresh daemon hashes each snapshot once; every later restore costs a few `stat` calls.
+//! Any failed verify forgets the directory's seals.
 
 use std::io::Read;
 use std::path::Path;
@@ -19,15 +22,30 @@ use sha2::{Digest, Sha256};
 
 use crate::error::SnapshotError;
 use crate::manifest::{SnapshotFingerprint, SnapshotManifest, parse_checksum_line, sha256_hex};
+use crate::seal::{self, FileStamp};
 use crate::{DATA_FILES, MANIFEST_FILE, MANIFEST_SHA256_FILE};
 
 /// How much of the data files [`verify`] checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VerifyLevel {
-    /// Sizes and sha256 of every data file (reads everything).
+    /// Sizes and sha256 of every data file (reads everything, always).
     Full,
-    /// Sizes only (catches truncation, not bit flips); milliseconds.
+    /// Like [`VerifyLevel::Full`], but a data file sealed by an earlier hash in this process
+    /// and unchanged since (same device, inode, size, mtime and ctime) is not read again.
+    /// Catches every write to a file; microseconds when nothing changed.
+    FullCached,
+    /// Sizes only (catches truncation, not bit flips); microseconds.
     Sizes,
+}
+
+/// What [`verify_with_report`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// The snapshot's manifest.
+    pub manifest: SnapshotManifest,
+    /// Data files whose content was hashed by this call (in manifest order); empty at
+    /// [`VerifyLevel::Sizes`] and for sealed files at [`VerifyLevel::FullCached`].
+    pub hashed: Vec<String>,
 }
 
 /// Verifies the snapshot in `dir` against the host's `expected` fingerprint and returns its
@@ -37,6 +55,28 @@ pub fn verify(
     expected: &SnapshotFingerprint,
     level: VerifyLevel,
 ) -> Result<SnapshotManifest, SnapshotError> {
+    verify_with_report(dir, expected, level).map(|r| r.manifest)
+}
+
+/// [`verify`], also saying which files were hashed. Every successful hash seals the file
+/// (for later [`VerifyLevel::FullCached`] calls); any error forgets the directory's seals.
+pub fn verify_with_report(
+    dir: &Path,
+    expected: &SnapshotFingerprint,
+    level: VerifyLevel,
+) -> Result<VerifyReport, SnapshotError> {
+    let res = verify_inner(dir, expected, level);
+    if res.is_err() {
+        seal::forget_dir(dir);
+    }
+    res
+}
+
+fn verify_inner(
+    dir: &Path,
+    expected: &SnapshotFingerprint,
+    level: VerifyLevel,
+) -> Result<VerifyReport, SnapshotError> {
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
@@ -75,26 +115,26 @@ pub fn verify(
     if !diffs.is_empty() {
         return Err(SnapshotError::FingerprintMismatch { diffs });
     }
+    let mut stamps = Vec::with_capacity(manifest.files.len());
     for entry in &manifest.files {
         let path = dir.join(&entry.name);
-        let actual = match std::fs::metadata(&path) {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(SnapshotError::MissingFile { path });
-            }
-            Err(e) => return Err(SnapshotError::io("read", path, e)),
-        };
-        if actual != entry.size {
+        let stamp = FileStamp::of(&path)?;
+        if stamp.size != entry.size {
             return Err(SnapshotError::SizeMismatch {
                 path,
                 expected: entry.size,
-                actual,
+                actual: stamp.size,
             });
         }
+        stamps.push(stamp);
     }
-    if level == VerifyLevel::Full {
-        for entry in &manifest.files {
+    let mut hashed = Vec::new();
+    if level != VerifyLevel::Sizes {
+        for (entry, stamp) in manifest.files.iter().zip(&stamps) {
             let path = dir.join(&entry.name);
+            if level == VerifyLevel::FullCached && seal::is_sealed(&path, &entry.sha256, stamp) {
+                continue;
+            }
             let actual = sha256_file(&path)?;
             if actual != entry.sha256 {
                 return Err(SnapshotError::DigestMismatch {
@@ -103,9 +143,11 @@ pub fn verify(
                     actual,
                 });
             }
+            seal::record(&path, &entry.sha256, stamp);
+            hashed.push(entry.name.clone());
         }
     }
-    Ok(manifest)
+    Ok(VerifyReport { manifest, hashed })
 }
 
 /// The manifest lists exactly the data files, once each, with well-formed digests.
