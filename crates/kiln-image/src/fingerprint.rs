@@ -45,6 +45,10 @@ pub struct FingerprintInputs {
     /// Recipe customize hooks, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub customize: Vec<String>,
+    /// The recipe's guest commands (on-boot, readiness probe, on-restore hook) as JSON: they
+    /// shape the warm snapshot, so a change must give a new image id. Empty when it has none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub guest_commands: String,
     /// Debian version of the kernel package.
     pub kernel_version: String,
     /// Hex sha256 of the agent binary.
@@ -53,6 +57,20 @@ pub struct FingerprintInputs {
     pub mirror: String,
     /// Debian security mirror URI.
     pub security_mirror: String,
+}
+
+/// The canonical JSON of a recipe's guest commands, or "" when it has none.
+fn guest_commands(recipe: &Recipe) -> String {
+    if recipe.on_boot.is_empty() && recipe.readiness_probe.is_none() && recipe.on_restore.is_none()
+    {
+        return String::new();
+    }
+    serde_json::json!({
+        "on_boot": recipe.on_boot,
+        "readiness_probe": recipe.readiness_probe,
+        "on_restore": recipe.on_restore,
+    })
+    .to_string()
 }
 
 impl FingerprintInputs {
@@ -73,6 +91,7 @@ impl FingerprintInputs {
             suite: recipe.suite.clone(),
             packages,
             customize: recipe.customize.clone(),
+            guest_commands: guest_commands(recipe),
             kernel_version: kernel_version.to_owned(),
             agent_sha256: agent_sha256.to_owned(),
             mirror: mirror.to_owned(),
@@ -111,6 +130,9 @@ impl FingerprintInputs {
         list(&mut out, "packages", &packages);
         if !self.customize.is_empty() {
             list(&mut out, "customize", &self.customize);
+        }
+        if !self.guest_commands.is_empty() {
+            field(&mut out, "guest_commands", self.guest_commands.as_bytes());
         }
         field(&mut out, "kernel_version", self.kernel_version.as_bytes());
         field(&mut out, "agent_sha256", self.agent_sha256.as_bytes());
@@ -207,6 +229,10 @@ mod tests {
                 "add customize",
                 Box::new(|i| i.customize.push("true".into())),
             ),
+            (
+                "guest commands",
+                Box::new(|i| i.guest_commands = "{\"on_boot\":[]}".into()),
+            ),
         ];
         for (what, mutate) in mutations {
             let mut i = inputs();
@@ -278,5 +304,16 @@ mod tests {
         let fp = inputs().fingerprint();
         assert_eq!(short_id(&fp).len(), ID_LEN);
         assert!(fp.starts_with(&short_id(&fp)));
+    }
+
+    #[test]
+    fn fingerprint_covers_the_recipes_guest_commands() {
+        let pg = crate::recipe::builtin("postgres").expect("postgres");
+        let base = crate::recipe::builtin("base").expect("base");
+        let inputs = |r: &Recipe| FingerprintInputs::new(r, "6.1", "ab", "m", "s");
+        assert!(inputs(&base).guest_commands.is_empty());
+        let mut changed = pg.clone();
+        changed.on_restore.as_mut().expect("hook").timeout_ms += 1;
+        assert_ne!(inputs(&pg).fingerprint(), inputs(&changed).fingerprint());
     }
 }

@@ -126,8 +126,10 @@ fi"#;
 
 /// Server settings for a small guest, as a `conf.d` file (Debian's `postgresql.conf` includes
 /// `conf.d/`): TCP on the loopback address only, 32 MiB of shared buffers and few connections
-/// so the server fits next to a workload in 256 MiB, and no JIT (it would load the 100 MiB
-/// LLVM library and compile under TCG, slower than interpreting).
+/// so the server fits next to a workload in 256 MiB, no JIT (it would load the 100 MiB
+/// LLVM library and compile under TCG, slower than interpreting), and no TLS: clients arrive
+/// through kiln's loopback tunnel, and a TLS handshake per connection costs ~0.5 s under TCG
+/// with a key every sandbox of the image would share anyway.
 const POSTGRES_CONF_HOOK: &str = r#"cat > "$1/etc/postgresql/15/main/conf.d/kiln.conf" <<'EOF'
 # Written by kiln's postgres recipe: sized for a small (256 MiB) guest.
 listen_addresses = '127.0.0.1'
@@ -137,6 +139,7 @@ shared_buffers = 32MB
 maintenance_work_mem = 16MB
 huge_pages = off
 jit = off
+ssl = off
 EOF"#;
 
 /// Starts the cluster. No systemd in the guest: `/run` is an empty tmpfs at every boot, so the
