@@ -186,16 +186,24 @@ pub async fn verify(spec: &WarmSpec<'_>, dir: &Path) -> Result<(), CoreError> {
     );
     let expected = spec.fingerprint(&cfg);
     let d = dir.to_owned();
+    // Every byte is checked, but a file this daemon already hashed (at publish or an earlier
+    // restore) and that has not changed since (same inode, size, mtime, ctime) is not read
+    // again: a few `stat` calls instead of ~200 ms per 256 MiB.
     let res = tokio::task::spawn_blocking(move || {
-        kiln_snapshot::verify(&d, &expected, VerifyLevel::Sizes)
+        kiln_snapshot::verify_with_report(&d, &expected, VerifyLevel::FullCached)
     })
     .await
     .map_err(|e| CoreError::HostSetup(format!("snapshot verify task failed: {e}")))?;
-    if let Err(e) = res {
-        let _ = std::fs::remove_dir_all(dir);
-        return Err(snapshot_err(e));
+    match res {
+        Ok(report) => {
+            tracing::debug!(snapshot = %dir.display(), hashed = ?report.hashed, "snapshot verified");
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(dir);
+            Err(snapshot_err(e))
+        }
     }
-    Ok(())
 }
 
 /// Restores a VM from the snapshot in `dir` into `run_dir` and hands it a fresh identity.
