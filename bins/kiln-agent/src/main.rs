@@ -11,6 +11,12 @@
 //! Not PID 1: skips boot duties, serves the port named on the kernel command line (or the
 //! device path in `KILN_AGENT_PORT`) and exits on shutdown.
 
+mod zalloc;
+
+/// Freed memory is zeroed (see `zalloc`): no secret outlives its use in the agent's heap.
+#[global_allocator]
+static ALLOC: zalloc::ZeroOnFree = zalloc::ZeroOnFree;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;

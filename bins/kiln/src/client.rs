@@ -132,7 +132,27 @@ impl Client {
 
     /// A request answering no body (204), or an API error.
     pub async fn call_empty(&self, method: Method, path: &str) -> anyhow::Result<()> {
-        let resp = self.send(method, path, None).await?;
+        self.send_no_content(method, path, None).await
+    }
+
+    /// A request with a JSON body answering no body (204), or an API error.
+    pub async fn call_no_content(
+        &self,
+        method: Method,
+        path: &str,
+        body: &impl Serialize,
+    ) -> anyhow::Result<()> {
+        self.send_no_content(method, path, Some(serde_json::to_vec(body)?))
+            .await
+    }
+
+    async fn send_no_content(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<()> {
+        let resp = self.send(method, path, body).await?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());

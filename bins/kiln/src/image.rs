@@ -11,7 +11,8 @@ use crate::client::Client;
 /// `kiln image ...`.
 #[derive(Debug, Subcommand)]
 pub enum ImageCmd {
-    /// Build an image from a built-in recipe (`base`, `python`); a no-op when nothing changed.
+    /// Build an image from a built-in recipe (`base`, `python`, `postgres`); a no-op when nothing
+    /// changed.
     Build {
         /// Recipe name.
         recipe: String,
@@ -88,6 +89,9 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
                 memory: *memory,
                 cold: false,
                 secrets: Vec::new(),
+                secret_env: false,
+                publish: Vec::new(),
+                snapshot: None,
             };
             let req = opts.request()?;
             ensure_built(client, name).await?;

@@ -33,8 +33,13 @@ enum Cmd {
     Image(image::ImageCmd),
     /// Start a sandbox that stays up; prints its id.
     Create(sandbox::CreateArgs),
-    /// Start N sandboxes at once from one warm snapshot; prints their ids.
+    /// Start N sandboxes at once from one snapshot; prints their ids.
     Clone(sandbox::CloneArgs),
+    /// Snapshot a running sandbox (`kiln snapshot ID --name NAME`), list or remove snapshots.
+    Snapshot(sandbox::SnapshotArgs),
+    /// Manage a running sandbox's secrets.
+    #[command(subcommand)]
+    Secret(sandbox::SecretCmd),
     /// Run a command in a running sandbox (same streaming and exit code rules as `run`).
     Exec(sandbox::ExecArgs),
     /// List sandboxes.
@@ -112,6 +117,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Create(args) => sandbox::create(&client, args).await,
         Cmd::Exec(args) => sandbox::exec(&client, args).await,
         Cmd::Clone(args) => sandbox::clone(&client, args).await,
+        Cmd::Snapshot(args) => sandbox::snapshot(&client, args).await,
+        Cmd::Secret(cmd) => sandbox::secret(&client, cmd).await,
         Cmd::Doctor { .. } | Cmd::Daemon(_) => unreachable!("handled above"),
     }
 }

@@ -51,6 +51,16 @@ pub struct SandboxOpts {
     /// 64-hex value and prints it on stderr.
     #[arg(long = "secret", value_name = "NAME[=VALUE]")]
     pub secrets: Vec<String>,
+    /// Also give the secrets to every command as environment variables.
+    #[arg(long)]
+    pub secret_env: bool,
+    /// Tunnel 127.0.0.1:HOST_PORT to the guest's port (repeatable).
+    #[arg(long = "publish", short = 'p', value_name = "HOST_PORT:GUEST_PORT")]
+    pub publish: Vec<String>,
+    /// Restore this user snapshot (see `kiln snapshot`) instead of the image's warm
+    /// snapshot; the image and size are the snapshot's.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["image", "cold"])]
+    pub snapshot: Option<String>,
 }
 
 impl SandboxOpts {
@@ -62,6 +72,16 @@ impl SandboxOpts {
             memory_mib: self.memory,
             cold: self.cold,
             secrets: parse_secrets(&self.secrets)?,
+            secret_env: self.secret_env,
+            snapshot: self.snapshot.clone(),
+            publish: self
+                .publish
+                .iter()
+                .map(|p| {
+                    p.parse()
+                        .map_err(|m: String| anyhow::anyhow!("--publish: {m}"))
+                })
+                .collect::<anyhow::Result<_>>()?,
         };
         req.validate().map_err(|m| {
             anyhow::anyhow!(
@@ -74,7 +94,7 @@ impl SandboxOpts {
 }
 
 /// `NAME=VALUE` or `NAME` (random value, announced on stderr) → secrets.
-fn parse_secrets(args: &[String]) -> anyhow::Result<kiln_api_types::Secrets> {
+pub fn parse_secrets(args: &[String]) -> anyhow::Result<kiln_api_types::Secrets> {
     let mut out = kiln_api_types::Secrets::default();
     for arg in args {
         let (name, value) = match arg.split_once('=') {
@@ -155,7 +175,9 @@ impl ExecOpts {
 pub async fn run(client: &Client, args: &RunArgs) -> anyhow::Result<i32> {
     let exec = args.exec.request()?;
     let sandbox = args.sandbox.request()?;
-    crate::image::ensure_built(client, &sandbox.image).await?;
+    if sandbox.snapshot.is_none() {
+        crate::image::ensure_built(client, &sandbox.image).await?;
+    }
     let ws = client.websocket("/v1/run").await?;
     let first = serde_json::to_string(&RunRequest { sandbox, exec })?;
     stream_exec(client, ws, first, !args.exec.no_stdin, true).await

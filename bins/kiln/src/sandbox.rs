@@ -24,7 +24,9 @@ pub struct CreateArgs {
 /// `kiln create`.
 pub async fn create(client: &Client, a: &CreateArgs) -> anyhow::Result<i32> {
     let req = a.sandbox.request()?;
-    crate::image::ensure_built(client, &req.image).await?;
+    if req.snapshot.is_none() {
+        crate::image::ensure_built(client, &req.image).await?;
+    }
     let info: SandboxInfo = client
         .call(Method::POST, "/v1/sandboxes", Some(&req))
         .await?;
@@ -42,6 +44,8 @@ pub const MAX_CLONES: u32 = 64;
 /// Options of `kiln clone`.
 #[derive(Debug, Args)]
 pub struct CloneArgs {
+    /// User snapshot to clone (see `kiln snapshot`); without it, the image's warm snapshot.
+    pub snapshot: Option<String>,
     /// The sandbox to clone: image, size and secrets (its warm snapshot is restored N times).
     #[command(flatten)]
     pub sandbox: crate::run::SandboxOpts,
@@ -59,7 +63,18 @@ pub async fn clone(client: &Client, a: &CloneArgs) -> anyhow::Result<i32> {
             a.count
         );
     }
-    let ids = clone_n(client, &a.sandbox.request()?, a.count).await?;
+    let mut req = a.sandbox.request()?;
+    if let Some(name) = &a.snapshot {
+        if req.snapshot.is_some() {
+            bail!("give the snapshot either as the argument or with --snapshot, not both");
+        }
+        req.snapshot = Some(name.clone());
+        req.validate().map_err(|m| anyhow::anyhow!(m))?;
+    }
+    if a.count > 1 && !req.publish.is_empty() {
+        bail!("--publish cannot be used with --count above 1: clones cannot share a host port");
+    }
+    let ids = clone_n(client, &req, a.count).await?;
     for id in ids {
         println!("{id}");
     }
@@ -73,7 +88,9 @@ pub async fn clone_n(
     req: &SandboxCreateRequest,
     count: u32,
 ) -> anyhow::Result<Vec<SandboxId>> {
-    crate::image::ensure_built(client, &req.image).await?;
+    if req.snapshot.is_none() {
+        crate::image::ensure_built(client, &req.image).await?;
+    }
     let starts =
         (0..count).map(|_| client.call::<SandboxInfo>(Method::POST, "/v1/sandboxes", Some(req)));
     let results = futures_util::future::join_all(starts).await;
@@ -189,4 +206,143 @@ pub async fn daemon(home: &Home, cmd: &DaemonCmd) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `kiln snapshot ID --name NAME`, `kiln snapshot ls`, `kiln snapshot rm NAME...`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct SnapshotArgs {
+    /// List or remove snapshots.
+    #[command(subcommand)]
+    pub cmd: Option<SnapshotCmd>,
+    /// Sandbox to snapshot (it keeps running).
+    #[arg(required = true)]
+    pub id: Option<String>,
+    /// Name of the new snapshot.
+    #[arg(long, required = true)]
+    pub name: Option<String>,
+    /// Print the snapshot as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `kiln snapshot ls|rm`.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCmd {
+    /// List snapshots (warm and user) and the sandboxes using them.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove snapshots (refused while a running sandbox was restored from one).
+    Rm {
+        /// Snapshot names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+/// `kiln snapshot ...`.
+pub async fn snapshot(client: &Client, a: &SnapshotArgs) -> anyhow::Result<i32> {
+    match &a.cmd {
+        Some(SnapshotCmd::Ls { json }) => {
+            let list: kiln_api_types::SnapshotList = client.get("/v1/snapshots").await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(0);
+            }
+            println!(
+                "{:<40} {:<5} {:<8} {:>4} {:>6} {:>9} {:>6}  USED BY",
+                "NAME", "KIND", "IMAGE", "CPUS", "MEMORY", "SIZE", "PAUSE"
+            );
+            for s in &list.snapshots {
+                let used: Vec<String> = s.used_by.iter().map(|i| i.to_string()).collect();
+                println!(
+                    "{:<40} {:<5} {:<8} {:>4} {:>5}M {:>8}M {:>4}ms  {}",
+                    s.name,
+                    s.kind,
+                    s.image.as_deref().unwrap_or("?"),
+                    s.cpus,
+                    s.memory_mib,
+                    s.size_bytes >> 20,
+                    s.pause_ms,
+                    if used.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        used.join(",")
+                    }
+                );
+            }
+            Ok(0)
+        }
+        Some(SnapshotCmd::Rm { names }) => {
+            let mut code = 0;
+            for name in names {
+                if let Err(e) = client
+                    .call_empty(Method::DELETE, &format!("/v1/snapshots/{name}"))
+                    .await
+                {
+                    eprintln!("kiln: {e:#}");
+                    code = 1;
+                }
+            }
+            Ok(code)
+        }
+        None => {
+            let (Some(id), Some(name)) = (&a.id, &a.name) else {
+                bail!("usage: kiln snapshot ID --name NAME");
+            };
+            let id: SandboxId = id.parse()?;
+            kiln_api_types::validate_snapshot_name(name).map_err(|m| anyhow::anyhow!(m))?;
+            let started = Instant::now();
+            let info: kiln_api_types::SnapshotInfo = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{id}/snapshot"),
+                    Some(&kiln_api_types::SnapshotCreateRequest { name: name.clone() }),
+                )
+                .await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                println!("{}", info.name);
+                eprintln!(
+                    "kiln: snapshot {} of {id} taken in {:.1} s (sandbox paused {} ms)",
+                    info.name,
+                    started.elapsed().as_secs_f64(),
+                    info.pause_ms
+                );
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// `kiln secret ...`.
+#[derive(Debug, Subcommand)]
+pub enum SecretCmd {
+    /// Deliver new secret values to a running sandbox and rerun its image's on-restore hook.
+    Rotate {
+        /// Sandbox id.
+        id: String,
+        /// `NAME=VALUE`, or `NAME` alone for a new random 64-hex value (printed on stderr).
+        #[arg(required = true, value_name = "NAME[=VALUE]")]
+        secrets: Vec<String>,
+    },
+}
+
+/// `kiln secret rotate ID NAME[=VALUE]...`.
+pub async fn secret(client: &Client, cmd: &SecretCmd) -> anyhow::Result<i32> {
+    let SecretCmd::Rotate { id, secrets } = cmd;
+    let id: SandboxId = id.parse()?;
+    let secrets = crate::run::parse_secrets(secrets)?;
+    client
+        .call_no_content(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/secrets"),
+            &kiln_api_types::SecretsUpdateRequest { secrets },
+        )
+        .await?;
+    Ok(0)
 }

@@ -7,11 +7,15 @@
 //! GET    /v1/sandboxes/{id}              SandboxInfo
 //! DELETE /v1/sandboxes/{id}              204
 //! POST   /v1/sandboxes/{id}/ping         PingResponse
+//! POST   /v1/sandboxes/{id}/snapshot     SnapshotCreateRequest -> SnapshotInfo (201; sandbox keeps running)
+//! POST   /v1/sandboxes/{id}/secrets      SecretsUpdateRequest -> 204 (delivered, hook rerun)
 //! GET    /v1/sandboxes/{id}/exec         WebSocket: ExecRequest, then streams (docs/protocol.md)
 //! GET    /v1/run                         WebSocket: RunRequest; fresh sandbox, one exec, teardown
 //! GET    /v1/images                      ImageList
 //! POST   /v1/images/{name}/build         ImageBuildRequest -> NDJSON stream of ImageBuildEvent
 //! DELETE /v1/images/{name}               204
+//! GET    /v1/snapshots                   SnapshotList
+//! DELETE /v1/snapshots/{name}            204 (409 while a sandbox uses it)
 //! ```
 //!
 //! Every error body is an [`ApiError`] with a stable `code`; a malformed request is always a
@@ -28,7 +32,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use kiln_api_types::{
     ApiError, Health, ImageBuildEvent, ImageBuildRequest, ImageList, PingResponse,
-    SandboxCreateRequest, SandboxId, SandboxList,
+    SandboxCreateRequest, SandboxId, SandboxList, SecretsUpdateRequest, SnapshotCreateRequest,
+    SnapshotList,
 };
 use kiln_core::{CoreError, Engine};
 use serde::Serialize;
@@ -50,6 +55,13 @@ pub fn router(engine: Arc<Engine>) -> Router {
         )
         .route("/v1/sandboxes/{id}/ping", post(sandbox_ping))
         .route("/v1/sandboxes/{id}/exec", get(sandbox_exec))
+        .route("/v1/sandboxes/{id}/snapshot", post(snapshot_create))
+        .route("/v1/sandboxes/{id}/secrets", post(secrets_update))
+        .route("/v1/snapshots", get(snapshot_list))
+        .route(
+            "/v1/snapshots/{name}",
+            axum::routing::delete(snapshot_remove),
+        )
         .route("/v1/run", get(run))
         .route("/v1/images", get(image_list))
         .route("/v1/images/{name}/build", post(image_build))
@@ -88,7 +100,14 @@ fn error(status: StatusCode, code: &str, message: String) -> HttpError {
 pub fn status_of(e: &CoreError) -> StatusCode {
     match e {
         CoreError::BadRequest(_) => StatusCode::BAD_REQUEST,
-        CoreError::SandboxNotFound(_) | CoreError::ImageNotFound { .. } => StatusCode::NOT_FOUND,
+        CoreError::SandboxNotFound(_)
+        | CoreError::ImageNotFound { .. }
+        | CoreError::SnapshotNotFound(_) => StatusCode::NOT_FOUND,
+        CoreError::SnapshotExists(_)
+        | CoreError::SnapshotUnusable { .. }
+        | CoreError::SnapshotInUse { .. }
+        | CoreError::PortUnavailable { .. } => StatusCode::CONFLICT,
+        CoreError::GuestCommand(_) => StatusCode::UNPROCESSABLE_ENTITY,
         CoreError::NotRunning { .. } => StatusCode::CONFLICT,
         CoreError::ExecRejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
         CoreError::SandboxFailed { .. } | CoreError::Agent(_) | CoreError::Vmm(_) => {
@@ -121,6 +140,17 @@ fn parse_body<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, HttpErro
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
+    serde_json::from_slice(body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("invalid request body: {e}"),
+        )
+    })
+}
+
+/// Parses a JSON body that has required fields.
+fn parse_required<T: DeserializeOwned>(body: &Bytes) -> Result<T, HttpError> {
     serde_json::from_slice(body).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
@@ -194,6 +224,42 @@ async fn sandbox_exec(
     Ok(ws
         .max_message_size(MAX_WS_MESSAGE)
         .on_upgrade(move |socket| crate::exec_ws::exec_in(engine, id, socket)))
+}
+
+async fn snapshot_create(
+    State(engine): Shared,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let id = parse_id(&id)?;
+    let req: SnapshotCreateRequest = parse_required(&body)?;
+    let info = engine.snapshot_create(&id, &req.name).await?;
+    Ok((StatusCode::CREATED, axum::Json(info)).into_response())
+}
+
+async fn secrets_update(
+    State(engine): Shared,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let id = parse_id(&id)?;
+    let req: SecretsUpdateRequest = parse_required(&body)?;
+    engine.sandbox_secrets_update(&id, &req.secrets).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn snapshot_list(State(engine): Shared) -> Result<Response, HttpError> {
+    Ok(json(SnapshotList {
+        snapshots: engine.snapshot_list()?,
+    }))
+}
+
+async fn snapshot_remove(
+    State(engine): Shared,
+    Path(name): Path<String>,
+) -> Result<Response, HttpError> {
+    engine.snapshot_remove(&name)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn run(State(engine): Shared, ws: WebSocketUpgrade) -> Response {

@@ -169,6 +169,125 @@ pub struct SandboxCreateRequest {
     /// restore; never written to a snapshot, a disk layer, the store or a log.
     #[serde(default)]
     pub secrets: Secrets,
+    /// Also pass the secrets as environment variables to every exec in the sandbox (an exec's
+    /// own `env` wins on a name clash).
+    #[serde(default)]
+    pub secret_env: bool,
+    /// Restore this snapshot (a user snapshot's name) instead of the image's warm snapshot;
+    /// the image, vCPUs and memory are then the snapshot's.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// Host ports on 127.0.0.1 tunnelled to guest ports.
+    #[serde(default)]
+    pub publish: Vec<PortMapping>,
+}
+
+/// Most published ports one sandbox may have.
+pub const MAX_PUBLISHED_PORTS: usize = 32;
+
+/// `HOST_PORT:GUEST_PORT`: the daemon listens on `127.0.0.1:host` and tunnels each connection
+/// to the guest's `127.0.0.1:guest` through the agent channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortMapping {
+    /// Host port (1..=65535).
+    pub host: u16,
+    /// Guest port (1..=65535).
+    pub guest: u16,
+}
+
+impl FromStr for PortMapping {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad =
+            || format!("invalid port mapping {s:?}: expected HOST_PORT:GUEST_PORT, e.g. 8080:80");
+        let (h, g) = s.split_once(':').ok_or_else(bad)?;
+        let port = |p: &str| p.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(bad);
+        Ok(PortMapping {
+            host: port(h)?,
+            guest: port(g)?,
+        })
+    }
+}
+
+impl fmt::Display for PortMapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.guest)
+    }
+}
+
+/// Checks a user snapshot name: 1–64 characters of `[a-z0-9._-]`, starting with a letter or
+/// digit; `warm-` is reserved for warm snapshots.
+pub fn validate_snapshot_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if !ok {
+        return Err(format!(
+            "invalid snapshot name {name:?}: use 1 to 64 lowercase letters, digits, '.', '_' and '-', starting with a letter or digit"
+        ));
+    }
+    if name.starts_with("warm-") {
+        return Err(format!(
+            "invalid snapshot name {name:?}: names starting with \"warm-\" are reserved for warm snapshots"
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /v1/sandboxes/{id}/snapshot`: snapshot a running sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateRequest {
+    /// The new snapshot's name.
+    pub name: String,
+}
+
+/// What the API says about one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Name (`warm-…` for warm snapshots).
+    pub name: String,
+    /// `warm` (captured per image automatically) or `user` (`kiln snapshot`).
+    pub kind: String,
+    /// Image name, if the image is still present.
+    pub image: Option<String>,
+    /// Image content id.
+    pub image_id: String,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Bytes allocated on disk.
+    pub size_bytes: u64,
+    /// Guest pause while capturing, in milliseconds.
+    pub pause_ms: u64,
+    /// The sandbox a user snapshot was taken of.
+    pub origin: Option<String>,
+    /// Capture time, seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// Running sandboxes restored from it.
+    pub used_by: Vec<SandboxId>,
+}
+
+/// `GET /v1/snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotList {
+    /// All snapshots, by name.
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// `POST /v1/sandboxes/{id}/secrets`: deliver (new values of) secrets and rerun the image's
+/// on-restore hook.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsUpdateRequest {
+    /// Names and new values.
+    pub secrets: Secrets,
 }
 
 /// Most secrets one sandbox may carry.
@@ -247,6 +366,9 @@ impl Default for SandboxCreateRequest {
             memory_mib: DEFAULT_MEMORY_MIB,
             cold: false,
             secrets: Secrets::default(),
+            secret_env: false,
+            snapshot: None,
+            publish: Vec::new(),
         }
     }
 }
@@ -267,6 +389,26 @@ impl SandboxCreateRequest {
             ));
         }
         validate_image_name(&self.image)?;
+        if let Some(name) = &self.snapshot {
+            validate_snapshot_name(name)?;
+            if self.cold {
+                return Err("cold and snapshot exclude each other".to_owned());
+            }
+        }
+        if self.publish.len() > MAX_PUBLISHED_PORTS {
+            return Err(format!(
+                "too many published ports: {} (at most {MAX_PUBLISHED_PORTS})",
+                self.publish.len()
+            ));
+        }
+        for (i, p) in self.publish.iter().enumerate() {
+            if p.host == 0 || p.guest == 0 {
+                return Err(format!("invalid port mapping {p}: ports are 1 to 65535"));
+            }
+            if self.publish[..i].iter().any(|q| q.host == p.host) {
+                return Err(format!("host port {} is published twice", p.host));
+            }
+        }
         self.secrets.validate()
     }
 }
@@ -309,8 +451,14 @@ pub struct SandboxInfo {
     pub created_unix: u64,
     /// QEMU start → agent answered, in milliseconds (once running).
     pub boot_ms: Option<u64>,
-    /// How it started: `cold` (booted) or `snapshot` (restored from the warm snapshot).
+    /// How it started: `cold` (booted) or `snapshot` (restored from a snapshot).
     pub source: String,
+    /// The snapshot it was restored from, if any.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// Published ports.
+    #[serde(default)]
+    pub publish: Vec<PortMapping>,
     /// Why the sandbox failed.
     pub error: Option<String>,
 }

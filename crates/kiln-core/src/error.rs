@@ -57,6 +57,40 @@ pub enum CoreError {
     /// The state database failed.
     #[error("state database failed")]
     Store(#[source] kiln_store::StoreError),
+    /// A command the image declares (on-boot, readiness probe, on-restore hook) or kiln's own
+    /// guest housekeeping failed; the message quotes its output.
+    #[error("{0}")]
+    GuestCommand(String),
+    /// No snapshot of that name.
+    #[error("no snapshot {0:?} (see `kiln snapshot ls`)")]
+    SnapshotNotFound(String),
+    /// A snapshot that exists but cannot be restored here.
+    #[error("snapshot {name:?} cannot be used: {reason}")]
+    SnapshotUnusable {
+        /// Snapshot name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// A snapshot of that name exists already.
+    #[error("a snapshot named {0:?} exists already")]
+    SnapshotExists(String),
+    /// The snapshot is in use and cannot be removed.
+    #[error("snapshot {name:?} is in use by running sandboxes {users}; remove them first")]
+    SnapshotInUse {
+        /// Snapshot name.
+        name: String,
+        /// Sandbox ids, comma separated.
+        users: String,
+    },
+    /// A host port to publish cannot be bound.
+    #[error("cannot publish host port {port}: {reason}")]
+    PortUnavailable {
+        /// Host port.
+        port: u16,
+        /// Why (e.g. "address already in use").
+        reason: String,
+    },
     /// A file system operation on kiln's state failed.
     #[error("failed to {what} {path}")]
     Io {
@@ -87,6 +121,12 @@ impl CoreError {
             CoreError::Snapshot(_) => "snapshot_error",
             CoreError::Store(_) => "store_error",
             CoreError::Io { .. } => "io_error",
+            CoreError::GuestCommand(_) => "guest_command_failed",
+            CoreError::SnapshotNotFound(_) => "snapshot_not_found",
+            CoreError::SnapshotExists(_) => "snapshot_exists",
+            CoreError::SnapshotUnusable { .. } => "snapshot_unusable",
+            CoreError::SnapshotInUse { .. } => "snapshot_in_use",
+            CoreError::PortUnavailable { .. } => "port_unavailable",
         }
     }
 

@@ -22,6 +22,17 @@ pub const ORPHAN_REASON: &str = "its daemon stopped; the sandbox was reclaimed a
 /// sandbox of this daemon.
 pub fn reclaim(home: &Home, store: &Store) -> Result<JanitorReport, CoreError> {
     let mut report = JanitorReport::default();
+    // Snapshot build directories of a dead daemon (crashed captures, interrupted removals).
+    match kiln_snapshot::cleanup_stale_tmp(&home.root().join("snapshots")) {
+        Ok(removed) if !removed.is_empty() => {
+            tracing::info!(
+                count = removed.len(),
+                "removed stale snapshot build directories"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not clean snapshot build directories"),
+    }
     let run = home.run_dir();
     let entries = match std::fs::read_dir(&run) {
         Ok(e) => e.collect::<Vec<_>>(),
@@ -114,6 +125,8 @@ mod tests {
                     boot_ms: None,
                     error: None,
                     source: "cold".into(),
+                    snapshot: None,
+                    publish: String::new(),
                 })
                 .unwrap();
         }

@@ -14,10 +14,13 @@
 
 pub mod doctor;
 pub mod error;
+mod guest;
 mod images;
 mod janitor;
 pub mod paths;
+mod ports;
 pub mod sandbox;
+mod usersnap;
 mod warm;
 
 use std::collections::HashMap;
@@ -119,17 +122,32 @@ impl Engine {
             .await
     }
 
-    /// Starts a sandbox from a built image and waits until its agent answers.
+    /// Starts a sandbox from a built image (restoring its warm snapshot, or cold-booting) or
+    /// from a user snapshot, and waits until its agent answers, its secrets are in place and
+    /// the image's on-restore hook has run.
     pub async fn sandbox_create(
         self: &Arc<Self>,
         req: &SandboxCreateRequest,
     ) -> Result<SandboxInfo, CoreError> {
         req.validate().map_err(CoreError::BadRequest)?;
-        let image = kiln_image::get(self.home.root(), &req.image)?.ok_or_else(|| {
-            CoreError::ImageNotFound {
-                name: req.image.clone(),
-            }
-        })?;
+        let user_snap = match &req.snapshot {
+            Some(name) => Some(usersnap::open(&self.home, name)?),
+            None => None,
+        };
+        let (image, cpus, memory_mib) = match &user_snap {
+            Some(u) => (u.image.clone(), u.cpus, u.memory_mib),
+            None => (
+                kiln_image::get(self.home.root(), &req.image)?.ok_or_else(|| {
+                    CoreError::ImageNotFound {
+                        name: req.image.clone(),
+                    }
+                })?,
+                req.cpus,
+                req.memory_mib,
+            ),
+        };
+        // Published ports are bound first: a port in use fails before anything starts.
+        let bound = ports::bind(&req.publish)?;
         let kernel = image.kernel_path(self.home.root());
         let initramfs = image.initramfs_path(self.home.root());
         let qemu_info = self.qemu().await?;
@@ -148,53 +166,55 @@ impl Engine {
             image: image.name.clone(),
             image_id: image.id.to_string(),
             state: SandboxState::Booting,
-            cpus: req.cpus,
-            memory_mib: req.memory_mib,
+            cpus,
+            memory_mib,
             accel: accel.to_string(),
             created_unix: unix_now(),
             boot_ms: None,
             error: None,
             source: "cold".to_owned(),
+            // Recorded from the start: a snapshot being restored is already in use.
+            snapshot: user_snap.as_ref().map(|u| u.name.clone()),
+            publish: req
+                .publish
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
         };
         if let Err(e) = self.store.sandbox_insert(&row) {
             remove_dir(&run_dir);
             return Err(e.into());
         }
-        let spec = sandbox::BootSpec {
-            id: id.clone(),
-            run_dir: run_dir.clone(),
-            kernel,
-            initramfs,
-            rootfs: image.rootfs_path(self.home.root()),
-            qemu,
-            accel,
-            cpus: req.cpus,
-            memory_mib: req.memory_mib,
-        };
         let warm_spec = warm::WarmSpec {
             qemu: qemu_info,
             accel,
             image: &image,
             home: self.home.root(),
-            cpus: req.cpus,
-            memory_mib: req.memory_mib,
+            cpus,
+            memory_mib,
         };
-        let restored = if req.cold || snapshots_disabled() {
-            None
-        } else {
-            self.warm_start(&warm_spec, &id, &run_dir).await
+        let started = match &user_snap {
+            Some(u) => usersnap::restore(&warm_spec, u, &id, &run_dir)
+                .await
+                .map(|sb| (sb, Some(u.name.clone()))),
+            None => {
+                let restored = if req.cold || snapshots_disabled() {
+                    None
+                } else {
+                    self.warm_start(&warm_spec, &id, &run_dir).await
+                };
+                match restored {
+                    Some(sb) => Ok((sb, Some(warm_spec.name()))),
+                    None => self
+                        .cold_boot(&image, &id, &run_dir, qemu, accel, cpus, memory_mib)
+                        .await
+                        .map(|sb| (sb, None)),
+                }
+            }
         };
-        let source = if restored.is_some() {
-            "snapshot"
-        } else {
-            "cold"
-        };
-        let booted = match restored {
-            Some(sb) => Ok(sb),
-            None => Sandbox::boot(spec).await,
-        };
-        let sb = match booted {
-            Ok(sb) => sb,
+        let (sb, snapshot) = match started {
+            Ok(v) => v,
             Err(e) => {
                 // Nothing of a sandbox that never ran is kept: its row and directory go.
                 remove_dir(&run_dir);
@@ -202,22 +222,73 @@ impl Engine {
                 return Err(e);
             }
         };
-        if !req.secrets.0.is_empty()
-            && let Err(e) = sb.deliver_secrets(&req.secrets).await
         {
+            let mut extras = sb.extras();
+            extras.secrets = req.secrets.clone();
+            extras.secret_env = req.secret_env;
+            extras.hook = image.recipe.on_restore.clone();
+        }
+        let ready = async {
+            if !req.secrets.0.is_empty() {
+                guest::deliver_secrets(sb.agent(), &req.secrets).await?;
+            }
+            if let Some(hook) = &image.recipe.on_restore {
+                guest::run_hook(sb.agent(), hook).await?;
+            }
+            ports::serve(&sb, bound)
+        }
+        .await;
+        if let Err(e) = ready {
             sb.shutdown().await;
             remove_dir(&run_dir);
             let _ = self.store.sandbox_delete(&id);
             return Err(e);
         }
+        let source = if snapshot.is_some() {
+            "snapshot"
+        } else {
+            "cold"
+        };
         let boot_ms = sb.boot.as_millis() as u64;
         self.store
             .sandbox_set_state(&id, SandboxState::Running, Some(boot_ms), None)?;
-        self.store.sandbox_set_source(&id, source)?;
+        self.store
+            .sandbox_set_source(&id, source, snapshot.as_deref())?;
         self.table().insert(id.clone(), Arc::clone(&sb));
-        info!(sandbox_id = %id, boot_ms, pid = sb.pid(), source, "sandbox running");
+        info!(sandbox_id = %id, boot_ms, pid = sb.pid(), source, snapshot = snapshot.as_deref().unwrap_or("-"), "sandbox running");
         self.spawn_supervisor(sb);
         self.sandbox_get(&id)
+    }
+
+    /// Boots a sandbox from scratch and runs the image's on-boot commands and readiness probe.
+    #[allow(clippy::too_many_arguments)]
+    async fn cold_boot(
+        &self,
+        image: &kiln_image::ImageManifest,
+        id: &SandboxId,
+        run_dir: &Path,
+        qemu: PathBuf,
+        accel: kiln_vmm::Accel,
+        cpus: u32,
+        memory_mib: u32,
+    ) -> Result<Arc<Sandbox>, CoreError> {
+        let spec = sandbox::BootSpec {
+            id: id.clone(),
+            run_dir: run_dir.to_owned(),
+            kernel: image.kernel_path(self.home.root()),
+            initramfs: image.initramfs_path(self.home.root()),
+            rootfs: image.rootfs_path(self.home.root()),
+            qemu,
+            accel,
+            cpus,
+            memory_mib,
+        };
+        let sb = Sandbox::boot(spec).await?;
+        if let Err(e) = guest::prepare(sb.agent(), &image.recipe).await {
+            sb.shutdown().await;
+            return Err(e);
+        }
+        Ok(sb)
     }
 
     /// Restores a sandbox from the image's warm snapshot, capturing that snapshot first if
@@ -378,6 +449,133 @@ impl Engine {
         self.running(id)?.exec(req).await
     }
 
+    /// Secrets of a running sandbox: delivers the given values (new names are added, known
+    /// ones replaced), then reruns the image's on-restore hook.
+    pub async fn sandbox_secrets_update(
+        &self,
+        id: &SandboxId,
+        secrets: &kiln_api_types::Secrets,
+    ) -> Result<(), CoreError> {
+        secrets.validate().map_err(CoreError::BadRequest)?;
+        if secrets.0.is_empty() {
+            return Err(CoreError::BadRequest("no secrets given".to_owned()));
+        }
+        let sb = self.running(id)?;
+        let _ops = sb.ops.lock().await;
+        let mut merged = sb.extras().secrets.clone();
+        merged
+            .0
+            .extend(secrets.0.iter().map(|(k, v)| (k.clone(), v.clone())));
+        merged.validate().map_err(CoreError::BadRequest)?;
+        guest::deliver_secrets(sb.agent(), secrets).await?;
+        let hook = {
+            let mut extras = sb.extras();
+            extras.secrets = merged;
+            extras.hook.clone()
+        };
+        if let Some(hook) = hook {
+            guest::run_hook(sb.agent(), &hook).await?;
+        }
+        info!(sandbox_id = %id, count = secrets.0.len(), "secrets rotated");
+        Ok(())
+    }
+
+    /// Saves running sandbox `id` as user snapshot `name`; the sandbox keeps running.
+    pub async fn snapshot_create(
+        &self,
+        id: &SandboxId,
+        name: &str,
+    ) -> Result<kiln_api_types::SnapshotInfo, CoreError> {
+        kiln_api_types::validate_snapshot_name(name).map_err(CoreError::BadRequest)?;
+        let sb = self.running(id)?;
+        let row = self
+            .store
+            .sandbox_get(id)?
+            .ok_or_else(|| CoreError::SandboxNotFound(id.clone()))?;
+        let image = kiln_image::get(self.home.root(), &row.image)?
+            .filter(|i| i.id.to_string() == row.image_id)
+            .ok_or_else(|| {
+                CoreError::BadRequest(format!(
+                    "sandbox {id} runs image {} (id {}), which has been removed or rebuilt since; it cannot be snapshotted",
+                    row.image, row.image_id
+                ))
+            })?;
+        let qemu = self.qemu().await?;
+        let spec = warm::WarmSpec {
+            qemu,
+            accel: sb.vm().config().accel,
+            image: &image,
+            home: self.home.root(),
+            cpus: row.cpus,
+            memory_mib: row.memory_mib,
+        };
+        usersnap::capture(&self.home, &spec, &sb, name).await
+    }
+
+    /// All snapshots (warm and user) with the running sandboxes that use them.
+    pub fn snapshot_list(&self) -> Result<Vec<kiln_api_types::SnapshotInfo>, CoreError> {
+        let rows = self.store.sandbox_list()?;
+        let images = kiln_image::list(self.home.root())?;
+        let mut out = usersnap::list(&self.home);
+        for snap in &mut out {
+            if snap.image.is_none() {
+                snap.image = images
+                    .iter()
+                    .find(|i| i.id.to_string() == snap.image_id)
+                    .map(|i| i.name.clone());
+            }
+            snap.used_by = rows
+                .iter()
+                .filter(|r| {
+                    r.snapshot.as_deref() == Some(snap.name.as_str())
+                        && r.state != SandboxState::Failed
+                })
+                .map(|r| r.id.clone())
+                .collect();
+        }
+        Ok(out)
+    }
+
+    /// Removes a snapshot; refused while a running sandbox was restored from it.
+    pub fn snapshot_remove(&self, name: &str) -> Result<(), CoreError> {
+        // Warm snapshots may be removed too; their names pass the same character rules.
+        let plain = name.strip_prefix("warm-").map_or(name, |rest| rest);
+        if plain.is_empty() || name.len() > 128 {
+            return Err(CoreError::BadRequest(format!(
+                "invalid snapshot name {name:?}"
+            )));
+        }
+        kiln_api_types::validate_snapshot_name(plain).map_err(CoreError::BadRequest)?;
+        let dir = warm::snapshots_dir(self.home.root()).join(name);
+        if !dir.is_dir() {
+            return Err(CoreError::SnapshotNotFound(name.to_owned()));
+        }
+        let users: Vec<String> = self
+            .store
+            .sandbox_list()?
+            .into_iter()
+            .filter(|r| r.snapshot.as_deref() == Some(name) && r.state != SandboxState::Failed)
+            .map(|r| r.id.to_string())
+            .collect();
+        if !users.is_empty() {
+            return Err(CoreError::SnapshotInUse {
+                name: name.to_owned(),
+                users: users.join(", "),
+            });
+        }
+        // Out of sight first (one rename), then deleted: never a half-removed snapshot.
+        let gone = warm::snapshots_dir(self.home.root())
+            .join(format!(".tmp-rm-{name}-{}", std::process::id()));
+        std::fs::rename(&dir, &gone).map_err(|source| CoreError::Io {
+            what: "remove",
+            path: dir.clone(),
+            source,
+        })?;
+        remove_dir(&gone);
+        info!(snapshot = name, "snapshot removed");
+        Ok(())
+    }
+
     /// Builds (or confirms up to date) the image `name`, sending progress to `events`.
     pub async fn image_build(
         &self,
@@ -432,6 +630,12 @@ fn info_from_row(r: SandboxRow) -> SandboxInfo {
         boot_ms: r.boot_ms,
         error: r.error,
         source: r.source,
+        snapshot: r.snapshot,
+        publish: r
+            .publish
+            .split(',')
+            .filter_map(|p| p.parse().ok())
+            .collect(),
     }
 }
 

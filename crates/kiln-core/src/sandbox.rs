@@ -69,6 +69,17 @@ pub struct BootSpec {
     pub memory_mib: u32,
 }
 
+/// What a sandbox keeps besides its VM: held in the daemon's memory only.
+#[derive(Default)]
+pub struct SandboxExtras {
+    /// Its secrets, for re-delivery after a user snapshot and as exec environment.
+    pub secrets: kiln_api_types::Secrets,
+    /// Pass the secrets to every exec as environment variables.
+    pub secret_env: bool,
+    /// The image's on-restore hook, rerun when secrets are rotated.
+    pub hook: Option<kiln_image::GuestCommand>,
+}
+
 /// A running sandbox.
 pub struct Sandbox {
     id: SandboxId,
@@ -79,6 +90,12 @@ pub struct Sandbox {
     fail_tx: watch::Sender<Option<String>>,
     /// QEMU start → agent ready.
     pub boot: Duration,
+    /// Secrets, hook and options.
+    extras: std::sync::Mutex<SandboxExtras>,
+    /// Serializes snapshots and secret rotations of this sandbox.
+    pub(crate) ops: tokio::sync::Mutex<()>,
+    /// Accept loops of published ports; aborted at shutdown.
+    forwards: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Sandbox {
@@ -164,7 +181,33 @@ impl Sandbox {
             failed,
             fail_tx,
             boot,
+            extras: std::sync::Mutex::new(SandboxExtras::default()),
+            ops: tokio::sync::Mutex::new(()),
+            forwards: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// Secrets, hook and options (a short-held lock; never across an `.await`).
+    pub(crate) fn extras(&self) -> std::sync::MutexGuard<'_, SandboxExtras> {
+        self.extras.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The agent channel.
+    pub(crate) fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// The VM.
+    pub(crate) fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Keeps a published port's accept loop, to abort it at shutdown.
+    pub(crate) fn add_forward(&self, task: tokio::task::JoinHandle<()>) {
+        self.forwards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
     }
 
     /// The sandbox id.
@@ -212,15 +255,20 @@ impl Sandbox {
                 reason,
             });
         }
-        let session = self
-            .agent
-            .exec(to_agent_exec(req))
-            .await
-            .map_err(|e| match e {
-                // The guest refused this command (bad working directory, ...): the caller's fault.
-                AgentError::Remote { message, .. } => CoreError::ExecRejected(message),
-                other => CoreError::Agent(other),
-            })?;
+        let mut agent_req = to_agent_exec(req);
+        {
+            let extras = self.extras();
+            if extras.secret_env {
+                for (k, v) in &extras.secrets.0 {
+                    agent_req.env.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+        }
+        let session = self.agent.exec(agent_req).await.map_err(|e| match e {
+            // The guest refused this command (bad working directory, ...): the caller's fault.
+            AgentError::Remote { message, .. } => CoreError::ExecRejected(message),
+            other => CoreError::Agent(other),
+        })?;
         Ok(Exec {
             sandbox: Arc::clone(self),
             session,
@@ -228,52 +276,16 @@ impl Sandbox {
         })
     }
 
-    /// Writes each secret to `/run/secrets/<name>` (tmpfs, mode 0400) in the guest. The value
-    /// travels on the command's stdin, never on a command line, and is logged nowhere.
-    pub async fn deliver_secrets(
-        self: &Arc<Self>,
-        secrets: &kiln_api_types::Secrets,
-    ) -> Result<(), CoreError> {
-        for (name, value) in &secrets.0 {
-            let mut req = ExecRequest::new(vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                "mkdir -p -m 0700 /run/secrets && umask 0377 && cat > \"/run/secrets/$1\"".into(),
-                "kiln-secret".into(),
-                name.clone(),
-            ]);
-            req.stdin = true;
-            let mut exec = self.exec(&req).await?;
-            let stdin = exec.stdin();
-            stdin
-                .write(bytes::Bytes::copy_from_slice(value.as_bytes()))
-                .await
-                .map_err(CoreError::Agent)?;
-            stdin.close().await.map_err(CoreError::Agent)?;
-            let mut stderr = Vec::new();
-            let status = loop {
-                match exec.next().await? {
-                    ExecOutput::Exit(s) => break s,
-                    ExecOutput::Stderr(b) => stderr.extend_from_slice(&b[..b.len().min(4096)]),
-                    ExecOutput::Stdout(_) => {}
-                }
-            };
-            if status.shell_code() != 0 {
-                return Err(CoreError::SandboxFailed {
-                    id: self.id.clone(),
-                    reason: format!(
-                        "could not deliver secret {name} (exit {}): {}",
-                        status.shell_code(),
-                        String::from_utf8_lossy(&stderr).trim()
-                    ),
-                });
-            }
-        }
-        Ok(())
-    }
-
     /// Stops QEMU (graceful `quit`, then SIGKILL). Idempotent.
     pub async fn shutdown(&self) {
+        for task in self
+            .forwards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
         self.vm.shutdown(Duration::from_millis(500)).await;
     }
 

@@ -146,6 +146,9 @@ pub async fn capture(
             r = connect => r.map_err(CoreError::Agent)?,
             status = vm.wait_exit() => return Err(CoreError::HostSetup(format!("capture VM exited during boot ({status})"))),
         };
+        // The image's services start and pass their probe before the capture, so every
+        // restore resumes them ready.
+        crate::guest::prepare(&agent, &spec.image.recipe).await?;
         // Run one command before capturing, so the exec path (the agent's spawn code, the
         // guest's fork/exec, /bin/true's pages) is resident in the snapshot's memory.
         let warm_up = agent.exec(kiln_vmm::agent::ExecRequest::new(["true"])).await.map_err(CoreError::Agent)?;

@@ -37,6 +37,10 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;",
     // 2: how a sandbox started (cold boot or snapshot restore).
     "ALTER TABLE sandboxes ADD COLUMN source TEXT NOT NULL DEFAULT 'cold';",
+    // 3: the snapshot a sandbox was restored from (it depends on it while it exists), and its
+    // published ports (`host:guest` pairs separated by commas).
+    "ALTER TABLE sandboxes ADD COLUMN snapshot TEXT;
+     ALTER TABLE sandboxes ADD COLUMN publish TEXT NOT NULL DEFAULT '';",
 ];
 
 /// Errors of the store.
@@ -105,6 +109,10 @@ pub struct SandboxRow {
     pub boot_ms: Option<u64>,
     /// `cold` or `snapshot`.
     pub source: String,
+    /// The snapshot it was restored from.
+    pub snapshot: Option<String>,
+    /// Published ports, `host:guest` pairs separated by commas (empty: none).
+    pub publish: String,
     /// Why it failed.
     pub error: Option<String>,
 }
@@ -179,8 +187,8 @@ impl Store {
     pub fn sandbox_insert(&self, row: &SandboxRow) -> Result<(), StoreError> {
         self.conn()
             .execute(
-                "INSERT INTO sandboxes (id, image, image_id, state, cpus, memory_mib, accel, created_unix, boot_ms, error, source)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                "INSERT INTO sandboxes (id, image, image_id, state, cpus, memory_mib, accel, created_unix, boot_ms, error, source, snapshot, publish)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 params![
                     row.id.as_str(),
                     row.image,
@@ -193,6 +201,8 @@ impl Store {
                     row.boot_ms.map(|v| v as i64),
                     row.error,
                     row.source,
+                    row.snapshot,
+                    row.publish,
                 ],
             )
             .map_err(|source| StoreError::Query { what: "insert sandbox", source })?;
@@ -218,12 +228,17 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Records how a sandbox started (`cold` or `snapshot`).
-    pub fn sandbox_set_source(&self, id: &SandboxId, source: &str) -> Result<(), StoreError> {
+    /// Records how a sandbox started (`cold` or `snapshot`, and which snapshot).
+    pub fn sandbox_set_source(
+        &self,
+        id: &SandboxId,
+        source: &str,
+        snapshot: Option<&str>,
+    ) -> Result<(), StoreError> {
         self.conn()
             .execute(
-                "UPDATE sandboxes SET source = ?2 WHERE id = ?1",
-                params![id.as_str(), source],
+                "UPDATE sandboxes SET source = ?2, snapshot = ?3 WHERE id = ?1",
+                params![id.as_str(), source, snapshot],
             )
             .map_err(|source| StoreError::Query {
                 what: "update sandbox source",
@@ -282,7 +297,7 @@ impl Store {
     }
 }
 
-const SELECT: &str = "SELECT id, image, image_id, state, cpus, memory_mib, accel, created_unix, boot_ms, error, source FROM sandboxes";
+const SELECT: &str = "SELECT id, image, image_id, state, cpus, memory_mib, accel, created_unix, boot_ms, error, source, snapshot, publish FROM sandboxes";
 
 /// A row as SQLite returns it, before validation.
 struct RawRow {
@@ -297,6 +312,8 @@ struct RawRow {
     boot_ms: Option<i64>,
     error: Option<String>,
     source: String,
+    snapshot: Option<String>,
+    publish: String,
 }
 
 impl RawRow {
@@ -313,6 +330,8 @@ impl RawRow {
             boot_ms: r.get(8)?,
             error: r.get(9)?,
             source: r.get(10)?,
+            snapshot: r.get(11)?,
+            publish: r.get(12)?,
         })
     }
 
@@ -336,6 +355,8 @@ impl RawRow {
             boot_ms: self.boot_ms.map(|v| v.max(0) as u64),
             error: self.error,
             source: self.source,
+            snapshot: self.snapshot,
+            publish: self.publish,
         })
     }
 }
@@ -357,6 +378,8 @@ mod tests {
             boot_ms: None,
             error: None,
             source: "cold".into(),
+            snapshot: None,
+            publish: String::new(),
         }
     }
 

@@ -64,6 +64,12 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 rdinit=/init kiln.port=or
 pub const FAST_BOOT_CMDLINE: &str =
     "quiet cryptomgr.notests init_on_alloc=0 tsc=reliable no_timer_check mitigations=off";
 
+/// Hygiene, not speed: `init_on_free=1` makes the guest kernel zero every page and slab
+/// object it frees, so a value that lived in a process, a pipe or a tmpfs file that is gone
+/// (e.g. a secret removed before a user snapshot) is not left in guest RAM for a memory
+/// snapshot to save.
+pub const HYGIENE_CMDLINE: &str = "init_on_free=1";
+
 /// `-machine` options: q35 without the legacy devices a sandbox does not use.
 pub const MACHINE: &str =
     "q35,smm=off,vmport=off,sata=off,smbus=off,usb=off,graphics=off,i8042=off";
@@ -140,7 +146,7 @@ impl RunPaths {
 
 /// The full kernel command line for `cfg`.
 pub fn kernel_cmdline(cfg: &VmConfig) -> String {
-    let mut s = format!("{BASE_CMDLINE} {FAST_BOOT_CMDLINE}");
+    let mut s = format!("{BASE_CMDLINE} {FAST_BOOT_CMDLINE} {HYGIENE_CMDLINE}");
     let extra = cfg.extra_cmdline.trim();
     if !extra.is_empty() {
         s.push(' ');
@@ -226,12 +232,14 @@ pub fn build_args(cfg: &VmConfig) -> Vec<OsString> {
         );
         a.push("-device").push("virtio-blk-pci,drive=disk0");
     }
+    // `-S` with `-incoming`: a loaded VM stays paused until the host says `cont`, even when
+    // the stream came from a running (live-migrated) VM.
     match &cfg.incoming {
         Some(Incoming::Defer) => {
-            a.push("-incoming").push("defer");
+            a.push("-S").push("-incoming").push("defer");
         }
         Some(Incoming::Uri(uri)) => {
-            a.push("-incoming").push(uri.as_str());
+            a.push("-S").push("-incoming").push(uri.as_str());
         }
         None => {}
     }
@@ -272,8 +280,9 @@ pub fn device_fingerprint(cfg: &VmConfig) -> String {
             skip_next = false;
             continue;
         }
-        // The kernel command line is guest memory once booted; the name is cosmetic.
-        if matches!(arg.as_bytes(), b"-append" | b"-name") && i + 1 < args.len() {
+        // The name is cosmetic. The kernel command line stays in: it is guest state once
+        // booted (e.g. `init_on_free`), so a snapshot booted with another one is stale.
+        if arg.as_bytes() == b"-name" && i + 1 < args.len() {
             skip_next = true;
             continue;
         }

@@ -34,7 +34,7 @@ mod vm;
 pub use accel::{Accel, AccelVerdict};
 pub use cmdline::{Incoming, RunPaths, VmConfig, device_fingerprint};
 pub use error::VmmError;
-pub use overlay::{BackingFormat, create_overlay, create_overlay_with};
+pub use overlay::{BackingFormat, create_overlay, create_overlay_with, rebase_overlay};
 pub use process::VmExit;
 pub use snapshot::{AfterCapture, CaptureMode, CaptureReport, RestoreReport};
 pub use vm::{QMP_CONNECT_TIMEOUT, Vm};

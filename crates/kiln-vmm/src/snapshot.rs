@@ -59,6 +59,10 @@ const POLL: Duration = Duration::from_millis(2);
 /// Migration bandwidth during a capture, bytes per second (effectively unlimited).
 const MAX_BANDWIDTH: u64 = 1 << 40;
 
+/// Most milliseconds a live capture may pause the guest for its last dirty pages (QEMU's
+/// default is 300).
+pub const LIVE_DOWNTIME_LIMIT_MS: u64 = 50;
+
 /// Suffix of the state file while it is being written.
 const PART_SUFFIX: &str = ".part";
 
@@ -152,6 +156,27 @@ impl Vm {
         mode: CaptureMode,
         after: AfterCapture,
     ) -> Result<CaptureReport, VmmError> {
+        self.capture_inner(state_file, mode, after, false).await
+    }
+
+    /// Captures a running VM with a live (pre-copy) full-RAM migration: the guest keeps
+    /// running while its RAM is copied and QEMU pauses it only for the last dirty pages
+    /// (downtime limit [`LIVE_DOWNTIME_LIMIT_MS`]). Returns with the VM paused
+    /// (`postmigrate`, block devices flushed): copy its disk, then [`Vm::resume`].
+    /// `report.pause` is QEMU's downtime figure (stop → completed); the caller adds the time
+    /// until it resumes.
+    pub async fn capture_live(&self, state_file: &Path) -> Result<CaptureReport, VmmError> {
+        self.capture_inner(state_file, CaptureMode::FullRam, AfterCapture::Paused, true)
+            .await
+    }
+
+    async fn capture_inner(
+        &self,
+        state_file: &Path,
+        mode: CaptureMode,
+        after: AfterCapture,
+        live: bool,
+    ) -> Result<CaptureReport, VmmError> {
         let out = outgoing_uri(state_file)?;
         if mode == CaptureMode::IgnoreShared && !self.config().memory_shared {
             return Err(VmmError::InvalidConfig {
@@ -166,7 +191,9 @@ impl Vm {
         let deadline = Instant::now() + CAPTURE_TIMEOUT;
         let mut events = self.qmp().events();
         let start = Instant::now();
-        self.snapshot_step("stop", &Stop).await?;
+        if !live {
+            self.snapshot_step("stop", &Stop).await?;
+        }
         self.snapshot_step("migrate-set-capabilities", &mode.capabilities())
             .await?;
         self.unthrottle().await?;
@@ -181,7 +208,11 @@ impl Vm {
         .await?;
         let info = self.wait_migration(&mut events, deadline).await?;
         let migrate = migrate_start.elapsed();
-        let mut pause = start.elapsed();
+        let mut pause = if live {
+            Duration::from_millis(info.downtime.unwrap_or(0))
+        } else {
+            start.elapsed()
+        };
         if after == AfterCapture::Resume {
             self.snapshot_step("cont", &Cont).await?;
             pause = start.elapsed();
@@ -213,7 +244,10 @@ impl Vm {
             .qmp()
             .execute_raw(
                 "migrate-set-parameters",
-                Some(serde_json::json!({ "max-bandwidth": MAX_BANDWIDTH })),
+                Some(serde_json::json!({
+                    "max-bandwidth": MAX_BANDWIDTH,
+                    "downtime-limit": LIVE_DOWNTIME_LIMIT_MS,
+                })),
             )
             .await
         {
@@ -243,6 +277,31 @@ impl Vm {
         state_file: &Path,
         mode: CaptureMode,
     ) -> Result<(Vm, RestoreReport), VmmError> {
+        let cfg = VmConfig {
+            memory_shared: false,
+            ..cfg.clone()
+        };
+        Vm::restore_inner(&cfg, state_file, mode, true).await
+    }
+
+    /// Loads a captured state into a new VM and leaves it paused, keeping `cfg.memory_shared`:
+    /// with `share=on` and a `FullRam` stream this writes the guest's RAM into
+    /// `cfg.memory_file`, which turns a full-RAM capture into an `IgnoreShared` one (capture
+    /// the loaded VM again with [`CaptureMode::IgnoreShared`]).
+    pub async fn load_paused(
+        cfg: &VmConfig,
+        state_file: &Path,
+        mode: CaptureMode,
+    ) -> Result<(Vm, RestoreReport), VmmError> {
+        Vm::restore_inner(cfg, state_file, mode, false).await
+    }
+
+    async fn restore_inner(
+        cfg: &VmConfig,
+        state_file: &Path,
+        mode: CaptureMode,
+        resume: bool,
+    ) -> Result<(Vm, RestoreReport), VmmError> {
         let uri = incoming_uri(state_file)?;
         std::fs::metadata(state_file).map_err(|source| VmmError::Io {
             what: "read",
@@ -253,7 +312,6 @@ impl Vm {
             check_memory_file(cfg)?;
         }
         let cfg = VmConfig {
-            memory_shared: false,
             incoming: Some(Incoming::Defer),
             ..cfg.clone()
         };
@@ -268,7 +326,7 @@ impl Vm {
                 .await?;
             let state = vm.wait_incoming(deadline).await?;
             let incoming_done = start.elapsed();
-            if state != RunState::Running {
+            if resume && state != RunState::Running {
                 vm.snapshot_step("cont", &Cont).await?;
             }
             Ok::<_, VmmError>(incoming_done)
