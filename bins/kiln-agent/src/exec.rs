@@ -64,14 +64,15 @@ pub const BASE_ENV: &[(&str, &str)] = &[
 
 type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
-/// Output credit granted by the host for one exec (shared by its stdout and stderr pumps).
+/// Output credit granted by the host for one exec (shared by its stdout and stderr pumps) or
+/// one TCP tunnel.
 pub(crate) struct OutputCredit {
     credit: Mutex<SendCredit>,
     notify: Notify,
 }
 
 impl OutputCredit {
-    fn new(initial: u32) -> OutputCredit {
+    pub(crate) fn new(initial: u32) -> OutputCredit {
         OutputCredit {
             credit: Mutex::new(SendCredit::new(initial)),
             notify: Notify::new(),
@@ -90,7 +91,7 @@ impl OutputCredit {
     }
 
     /// Waits for credit and takes 1..=`max` bytes of it.
-    async fn acquire(&self, max: usize) -> usize {
+    pub(crate) async fn acquire(&self, max: usize) -> usize {
         loop {
             {
                 let mut credit = self.lock();
@@ -107,7 +108,8 @@ impl OutputCredit {
         }
     }
 
-    fn give_back(&self, n: usize) {
+    /// Returns credit taken with [`OutputCredit::acquire`] but not used.
+    pub(crate) fn give_back(&self, n: usize) {
         if n > 0 {
             self.lock().give_back(n);
             self.notify.notify_one();
@@ -216,7 +218,7 @@ fn check_cwd(cwd: &PathBuf) -> Result<(), ErrorBody> {
 }
 
 /// `strerror`-like text without std's " (os error N)" suffix, lowercased like a shell's.
-fn os_message(e: &io::Error) -> String {
+pub(crate) fn os_message(e: &io::Error) -> String {
     let text = e.to_string();
     let text = match text.find(" (os error") {
         Some(i) => &text[..i],

@@ -1,17 +1,19 @@
 //! kiln's guest agent: the initramfs `/init` and the server side of the agent channel.
 //!
 //! Owns: PID 1 boot duties ([`init`]), child reaping ([`reaper`]), the protocol loop and
-//! session state ([`session`]), exec handling, applying a restored guest's new identity
-//! ([`identity`]), the virtio-serial port ([`port`]) and the only `unsafe` code of the agent
-//! ([`sys`]). The binary (`main.rs`) only wires these together, so
-//! tests can run the real session and exec logic in-process over `tokio::io::duplex`.
+//! session state ([`session`]), exec handling, TCP tunnels to guest loopback ports, applying
+//! a restored guest's new identity ([`identity`]), the virtio-serial port ([`port`]) and the
+//! only `unsafe` code of the agent ([`sys`]). The binary (`main.rs`) only wires these
+//! together, so tests can run the real session and exec logic in-process over
+//! `tokio::io::duplex`.
 //!
 //! Must not: depend on anything beyond tokio (current-thread), serde_json, libc and the
 //! protocol crate (it is linked statically into every guest); block the runtime thread for
 //! long; trust the byte stream (it hunts for SYNC after any framing error).
 //!
 //! Invariants: one session per SYNC; execs run in their own process group and are killed with
-//! their session; every child is reaped by [`reaper::Reaper`], never by tokio.
+//! their session, and tunnel sockets are closed with it; every child is reaped by
+//! [`reaper::Reaper`], never by tokio.
 
 pub mod console;
 mod exec;
@@ -22,6 +24,7 @@ pub mod port;
 pub mod reaper;
 pub mod session;
 pub mod sys;
+mod tunnel;
 
 pub use exec::BASE_ENV;
 pub use identity::{FakeIdentity, IdentitySink, SystemIdentity};

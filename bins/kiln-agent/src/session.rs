@@ -1,4 +1,5 @@
-//! The agent's protocol loop: one connection, any number of sessions, many execs.
+//! The agent's protocol loop: one connection, any number of sessions, many execs and TCP
+//! tunnels.
 //!
 //! Owns: [`Agent`] (configuration, reaper, what it reports about itself, the identity sink
 //! and the current restore id) and [`Agent::serve`], which runs the
@@ -16,10 +17,13 @@
 //! Invariants:
 //! - Nothing but a SYNC is acted on before the first SYNC (the decoder hunts).
 //! - A SYNC drops the previous session before it is answered: running execs of that session
-//!   are aborted and their process groups SIGKILLed, their queued frames are discarded by
-//!   epoch, and the SYNC_ACK is the first frame of the new session.
+//!   are aborted and their process groups SIGKILLed, its TCP tunnels' sockets are closed,
+//!   their queued frames are discarded by epoch, and the SYNC_ACK is the first frame of the
+//!   new session.
+//! - A stream id names at most one running exec or open tunnel of a session at a time.
 //! - A framing error never ends the connection: the decoder hunts for the next SYNC.
-//! - Every request is answered exactly once (`response` or `error` with its id).
+//! - Every request is answered exactly once (`response` or `error` with its id); a
+//!   `tcp_connect` is answered by its tunnel's task once the connect has finished.
 //! - `apply_identity` runs synchronously inside the request handler: no other frame of any
 //!   session is processed while an identity is half applied. The restore id execs see is
 //!   cleared when an identity is attempted and set only once every step succeeded; it
@@ -34,9 +38,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, Decoder, ErrorBody, ErrorCode, ExecRequest, FEATURE_IDENTITY_V1, Frame,
-    GuestIdentity, GuestMessage, HostMessage, HuntTarget, Request, RequestId, Response, RestoreId,
-    SUPPORTED_VERSIONS, StreamId, SyncAckFrame, choose_version, loose_request_id,
+    AgentInfo, DataChannel, Decoder, ErrorBody, ErrorCode, ExecRequest, FEATURE_IDENTITY_V1,
+    FEATURE_TCP_V1, Frame, GuestIdentity, GuestMessage, HostMessage, HuntTarget, Request,
+    RequestId, Response, RestoreId, SUPPORTED_VERSIONS, StreamId, SyncAckFrame, choose_version,
+    loose_request_id,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
@@ -48,6 +53,7 @@ use crate::identity::{self, IdentitySink};
 use crate::outbound::{OutItem, Outbound, write_loop};
 use crate::reaper::Reaper;
 use crate::sys;
+use crate::tunnel::{self, TunnelHandle};
 
 /// Bytes read from the channel per read call.
 const READ_CHUNK: usize = 64 << 10;
@@ -66,6 +72,13 @@ pub struct AgentConfig {
     pub out_queue_frames: usize,
     /// Working directory of execs that name none.
     pub default_cwd: PathBuf,
+    /// Most concurrent TCP tunnels per session (counted apart from execs).
+    pub max_tunnels: usize,
+    /// Credit the agent grants per TCP tunnel for the host's bytes (bounds the guest memory a
+    /// tunnel can hold), in bytes.
+    pub tunnel_window: u32,
+    /// How long a tunnel's connect may take before it fails with `connect_failed`.
+    pub tunnel_connect_timeout: Duration,
 }
 
 impl Default for AgentConfig {
@@ -76,6 +89,9 @@ impl Default for AgentConfig {
             drain_linger: Duration::from_millis(250),
             out_queue_frames: 64,
             default_cwd: PathBuf::from("/root"),
+            max_tunnels: 256,
+            tunnel_window: 256 << 10,
+            tunnel_connect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -115,6 +131,8 @@ pub struct Agent {
 struct Session {
     out: Outbound,
     execs: HashMap<StreamId, ExecHandle>,
+    tunnels: HashMap<StreamId, TunnelHandle>,
+    /// Exec and tunnel tasks, each yielding its stream when done.
     tasks: JoinSet<StreamId>,
     task_streams: HashMap<task::Id, StreamId>,
 }
@@ -142,7 +160,7 @@ impl Agent {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
             kernel_release: sys::kernel_release(),
-            features: vec!["exec".to_owned()],
+            features: vec!["exec".to_owned(), FEATURE_TCP_V1.to_owned()],
         };
         Agent {
             config,
@@ -261,16 +279,7 @@ impl Agent {
                 Event::Read(Err(e)) => return Err(ServeError::Read(e)),
                 Event::Finished(stream, clean) => {
                     if let Some(s) = session.as_mut() {
-                        s.execs.remove(&stream);
-                        if !clean {
-                            // The exec task panicked before reporting; don't leave the host
-                            // waiting for an exit that will never come.
-                            let msg = GuestMessage::Exit {
-                                stream,
-                                status: Default::default(),
-                            };
-                            s.out.message(&msg).await;
-                        }
+                        s.on_task_finished(stream, clean).await;
                     }
                 }
             }
@@ -306,6 +315,7 @@ impl Agent {
                     *session = Some(Session {
                         out,
                         execs: HashMap::new(),
+                        tunnels: HashMap::new(),
                         tasks: JoinSet::new(),
                         task_streams: HashMap::new(),
                     });
@@ -318,8 +328,13 @@ impl Agent {
         match frame {
             Frame::Control(payload) => return self.on_control(s, &payload).await,
             Frame::Window { stream, increment } => {
-                if let Some(h) = s.execs.get(&stream)
-                    && let Err(e) = h.credit.grant(increment)
+                let credit = match (s.execs.get(&stream), s.tunnels.get(&stream)) {
+                    (Some(h), _) => Some(&h.credit),
+                    (None, Some(t)) => Some(&t.credit),
+                    (None, None) => None,
+                };
+                if let Some(credit) = credit
+                    && let Err(e) = credit.grant(increment)
                 {
                     warn(format_args!("stream {stream}: {e}"));
                 }
@@ -329,10 +344,14 @@ impl Agent {
                 channel: DataChannel::Stdin,
                 data,
             } => {
-                if let Some(h) = s.execs.get_mut(&stream)
-                    && let Err(e) = h.feed_stdin(data)
+                if let Some(h) = s.execs.get_mut(&stream) {
+                    if let Err(e) = h.feed_stdin(data) {
+                        warn(format_args!("stream {stream}: stdin dropped: {e}"));
+                    }
+                } else if let Some(t) = s.tunnels.get_mut(&stream)
+                    && let Err(e) = t.feed(data)
                 {
-                    warn(format_args!("stream {stream}: stdin dropped: {e}"));
+                    warn(format_args!("stream {stream}: tunnel bytes dropped: {e}"));
                 }
             }
             other => warn(format_args!(
@@ -361,6 +380,15 @@ impl Agent {
         match msg {
             HostMessage::Request { id, request } => {
                 let result = match request {
+                    Request::TcpConnect {
+                        stream,
+                        port,
+                        window,
+                    } => match self.start_tunnel(s, id, stream, port, window) {
+                        // The tunnel's task answers once the connect has finished.
+                        Ok(()) => return None,
+                        Err(e) => Err(e),
+                    },
                     Request::Ping => Ok(Response::Pong),
                     Request::Exec {
                         stream,
@@ -374,7 +402,7 @@ impl Agent {
                         s.out.flush().await;
                         return Some(ServeEnd::Shutdown);
                     }
-                    Request::Unknown | Request::TcpConnect { .. } => Err(ErrorBody {
+                    Request::Unknown => Err(ErrorBody {
                         code: ErrorCode::Unsupported,
                         message: "unsupported request".to_owned(),
                     }),
@@ -386,9 +414,17 @@ impl Agent {
                     h.close_stdin();
                 }
             }
-            HostMessage::Unknown
-            | HostMessage::TcpShutdown { .. }
-            | HostMessage::TcpClose { .. } => {}
+            HostMessage::TcpShutdown { stream } => {
+                if let Some(t) = s.tunnels.get_mut(&stream) {
+                    t.shutdown_write();
+                }
+            }
+            HostMessage::TcpClose { stream } => {
+                if let Some(t) = s.tunnels.get_mut(&stream) {
+                    t.close();
+                }
+            }
+            HostMessage::Unknown => {}
         }
         None
     }
@@ -400,12 +436,7 @@ impl Agent {
         output_window: u32,
         req: ExecRequest,
     ) -> Result<Response, ErrorBody> {
-        if s.execs.contains_key(&stream) {
-            return Err(ErrorBody {
-                code: ErrorCode::StreamInUse,
-                message: format!("stream {stream} is already in use"),
-            });
-        }
+        s.check_unused(stream)?;
         if s.execs.len() >= self.config.max_execs {
             return Err(ErrorBody {
                 code: ErrorCode::TooManyStreams,
@@ -433,6 +464,84 @@ impl Agent {
         s.task_streams.insert(handle.id(), stream);
         s.execs.insert(stream, started.handle);
         Ok(Response::ExecStarted { pid: started.pid })
+    }
+}
+
+impl Agent {
+    /// Validates a `tcp_connect` and starts its tunnel task, which answers the request.
+    fn start_tunnel(
+        &self,
+        s: &mut Session,
+        id: RequestId,
+        stream: StreamId,
+        port: u16,
+        window: u32,
+    ) -> Result<(), ErrorBody> {
+        s.check_unused(stream)?;
+        if s.tunnels.len() >= self.config.max_tunnels {
+            return Err(ErrorBody {
+                code: ErrorCode::TooManyStreams,
+                message: format!(
+                    "at most {} tcp tunnels may be open at once",
+                    self.config.max_tunnels
+                ),
+            });
+        }
+        let started = tunnel::start(&self.config, id, stream, port, window, s.out.clone())?;
+        let task = started.task;
+        let handle = s.tasks.spawn(async move {
+            task.await;
+            stream
+        });
+        s.task_streams.insert(handle.id(), stream);
+        s.tunnels.insert(stream, started.handle);
+        Ok(())
+    }
+}
+
+impl Session {
+    /// Fails with `stream_in_use` if a running exec or an open tunnel has `stream`.
+    fn check_unused(&self, stream: StreamId) -> Result<(), ErrorBody> {
+        if self.execs.contains_key(&stream) || self.tunnels.contains_key(&stream) {
+            return Err(ErrorBody {
+                code: ErrorCode::StreamInUse,
+                message: format!("stream {stream} is already in use"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Retires the exec or tunnel whose task finished. A task that panicked (`!clean`) did
+    /// not report its end: report it here so the host never waits forever.
+    async fn on_task_finished(&mut self, stream: StreamId, clean: bool) {
+        let exec = self.execs.remove(&stream);
+        let tunnel = self.tunnels.remove(&stream);
+        if clean {
+            return;
+        }
+        if exec.is_some() {
+            let msg = GuestMessage::Exit {
+                stream,
+                status: Default::default(),
+            };
+            self.out.message(&msg).await;
+        } else if let Some(t) = tunnel {
+            let msg = if t.answered.load(std::sync::atomic::Ordering::SeqCst) {
+                GuestMessage::TcpClosed {
+                    stream,
+                    error: Some("internal error in the agent".to_owned()),
+                }
+            } else {
+                GuestMessage::Error {
+                    id: Some(t.request),
+                    error: ErrorBody {
+                        code: ErrorCode::Internal,
+                        message: "the tunnel failed inside the agent".to_owned(),
+                    },
+                }
+            };
+            self.out.message(&msg).await;
+        }
     }
 }
 
