@@ -1,10 +1,11 @@
 //! The connection: handshake, reader and writer tasks, request correlation.
 //!
-//! Owns: [`AgentClient`] and the shared connection state the reader, the writer and the exec
-//! sessions use. Lock discipline: one std `Mutex` for connection state and one per exec inbox;
-//! never held across `.await`; when both are needed the state lock is released first.
+//! Owns: [`AgentClient`] and the shared connection state the reader, the writer, the exec
+//! sessions and the TCP tunnels use. Lock discipline: one std `Mutex` for connection state and
+//! one per exec inbox or tunnel; never held across `.await`; when both are needed the state
+//! lock is released first.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +25,7 @@ use tokio::time::Instant;
 
 use super::error::{AgentError, ClosedReason};
 use super::exec::{ExecSession, ExecShared};
+use super::tunnel::{TcpTunnel, TunnelShared};
 
 /// After an acknowledgement of an older nonce, the guest is known to be alive: stop sending
 /// new SYNCs for this long (each would reset its session again) and wait for the latest ack.
@@ -45,6 +47,9 @@ pub struct ClientConfig {
     pub output_window: u32,
     /// Capacity of the outgoing frame queue, in frames.
     pub write_queue_frames: usize,
+    /// Credit per TCP tunnel for the bytes its guest socket receives (ahead of the reader).
+    /// Bounds host memory per tunnel.
+    pub tunnel_window: u32,
 }
 
 impl Default for ClientConfig {
@@ -54,12 +59,13 @@ impl Default for ClientConfig {
             sync_interval: Duration::from_millis(250),
             output_window: 256 << 10,
             write_queue_frames: 64,
+            tunnel_window: 256 << 10,
         }
     }
 }
 
-/// A connected guest agent. Cheap to clone; the connection closes when the last clone and
-/// the last [`ExecSession`] are dropped.
+/// A connected guest agent. Cheap to clone; the connection closes when the last clone, the
+/// last [`ExecSession`] and the last [`TcpTunnel`] are dropped.
 #[derive(Clone)]
 pub struct AgentClient {
     inner: Arc<ClientInner>,
@@ -70,6 +76,7 @@ pub(crate) struct ClientInner {
     pub(crate) shared: Arc<Shared>,
     tx: mpsc::Sender<Bytes>,
     output_window: u32,
+    tunnel_window: u32,
     tasks: [AbortHandle; 2],
 }
 
@@ -98,7 +105,10 @@ struct State {
     next_stream: Option<StreamId>,
     pending: HashMap<RequestId, oneshot::Sender<Reply>>,
     execs: HashMap<StreamId, Arc<ExecShared>>,
+    tunnels: HashMap<StreamId, Arc<TunnelShared>>,
     grants: BTreeMap<StreamId, u64>,
+    /// Tunnels whose `tcp_close` the writer still has to send.
+    closes: BTreeSet<StreamId>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -114,7 +124,9 @@ impl Shared {
                 next_stream: Some(StreamId::FIRST),
                 pending: HashMap::new(),
                 execs: HashMap::new(),
+                tunnels: HashMap::new(),
                 grants: BTreeMap::new(),
+                closes: BTreeSet::new(),
             }),
             writer_wake: Notify::new(),
             closed_tx: watch::Sender::new(false),
@@ -136,22 +148,27 @@ impl Shared {
 
     /// Marks the channel dead (first reason wins) and wakes every waiter.
     fn close(&self, reason: ClosedReason) {
-        let (pending, execs) = {
+        let (pending, execs, tunnels) = {
             let mut st = lock(&self.state);
             if st.closed.is_some() {
                 return;
             }
             tracing::debug!(reason = %reason, "agent channel closed");
             st.closed = Some(reason.clone());
+            st.closes.clear();
             (
                 std::mem::take(&mut st.pending),
                 std::mem::take(&mut st.execs),
+                std::mem::take(&mut st.tunnels),
             )
         };
         // Dropping the senders fails the waiting requests with the stored reason.
         drop(pending);
         for exec in execs.values() {
             exec.on_channel_closed(&reason);
+        }
+        for tunnel in tunnels.values() {
+            tunnel.on_channel_closed(&reason);
         }
         self.closed_tx.send_replace(true);
         self.writer_wake.notify_one();
@@ -171,6 +188,28 @@ impl Shared {
 
     pub(crate) fn forget_exec(&self, stream: StreamId) {
         lock(&self.state).execs.remove(&stream);
+    }
+
+    pub(crate) fn forget_tunnel(&self, stream: StreamId) {
+        lock(&self.state).tunnels.remove(&stream);
+    }
+
+    /// Queues a `tcp_close` for the writer (at most one per stream; never blocks). The writer
+    /// sends it only after every frame queued before it, so it cannot overtake the tunnel's
+    /// own `tcp_connect`.
+    pub(crate) fn queue_tunnel_close(&self, stream: StreamId) {
+        {
+            let mut st = lock(&self.state);
+            if st.closed.is_some() {
+                return;
+            }
+            st.closes.insert(stream);
+        }
+        self.writer_wake.notify_one();
+    }
+
+    fn take_closes(&self) -> BTreeSet<StreamId> {
+        std::mem::take(&mut lock(&self.state).closes)
     }
 
     fn take_grants(&self) -> Vec<Frame> {
@@ -199,21 +238,29 @@ impl Shared {
                 channel: channel @ (DataChannel::Stdout | DataChannel::Stderr),
                 data,
             } => {
-                let exec = lock(&self.state).execs.get(&stream).cloned();
-                match exec {
-                    Some(exec) => {
+                match self.target(stream) {
+                    Some(Target::Exec(exec)) => {
                         if let Some(grant) = exec.on_output(channel, &data)? {
                             self.queue_grant(stream, grant);
                         }
+                    }
+                    Some(Target::Tunnel(tunnel)) => {
+                        if channel == DataChannel::Stderr {
+                            return Err(ClosedReason::Violation {
+                                what: format!("sent a STDERR frame on tunnel stream {stream}"),
+                            });
+                        }
+                        tunnel.on_data(&data)?;
                     }
                     None => tracing::debug!(%stream, "dropping output for an unknown stream"),
                 }
                 Ok(())
             }
             Frame::Window { stream, increment } => {
-                let exec = lock(&self.state).execs.get(&stream).cloned();
-                if let Some(exec) = exec {
-                    exec.on_stdin_grant(increment)?;
+                match self.target(stream) {
+                    Some(Target::Exec(exec)) => exec.on_stdin_grant(increment)?,
+                    Some(Target::Tunnel(tunnel)) => tunnel.on_grant(increment)?,
+                    None => {}
                 }
                 Ok(())
             }
@@ -245,11 +292,33 @@ impl Shared {
                     None => tracing::debug!(%stream, "exit for an unknown stream"),
                 }
             }
-            GuestMessage::TcpEof { .. } | GuestMessage::TcpClosed { .. } => {
-                tracing::debug!("ignoring a tunnel event")
+            GuestMessage::TcpEof { stream } => {
+                let tunnel = lock(&self.state).tunnels.get(&stream).cloned();
+                match tunnel {
+                    Some(tunnel) => tunnel.on_eof(),
+                    None => tracing::debug!(%stream, "tcp_eof for an unknown stream"),
+                }
+            }
+            GuestMessage::TcpClosed { stream, error } => {
+                let tunnel = lock(&self.state).tunnels.remove(&stream);
+                match tunnel {
+                    Some(tunnel) => tunnel.on_closed(error),
+                    None => tracing::debug!(%stream, "tcp_closed for an unknown stream"),
+                }
             }
             GuestMessage::Unknown => tracing::debug!("ignoring an unknown guest message"),
         }
+    }
+
+    /// The exec or tunnel a data or WINDOW frame is for.
+    fn target(&self, stream: StreamId) -> Option<Target> {
+        let st = lock(&self.state);
+        if let Some(exec) = st.execs.get(&stream) {
+            return Some(Target::Exec(Arc::clone(exec)));
+        }
+        st.tunnels
+            .get(&stream)
+            .map(|t| Target::Tunnel(Arc::clone(t)))
     }
 
     fn complete(&self, id: RequestId, reply: Reply) {
@@ -260,6 +329,12 @@ impl Shared {
             None => tracing::debug!(%id, "answer for an unknown request"),
         }
     }
+}
+
+/// What a stream id names.
+enum Target {
+    Exec(Arc<ExecShared>),
+    Tunnel(Arc<TunnelShared>),
 }
 
 /// Removes a pending request when its caller stops waiting (completion or cancellation).
@@ -338,6 +413,11 @@ impl ClientInner {
     pub(crate) fn output_window(&self) -> u32 {
         self.output_window
     }
+
+    /// A handle on the frame queue, for writers that must wait for a slot inside `poll_*`.
+    pub(crate) fn frame_sender(&self) -> mpsc::Sender<Bytes> {
+        self.tx.clone()
+    }
 }
 
 fn fresh_nonce() -> u64 {
@@ -384,6 +464,7 @@ impl AgentClient {
             shared,
             tx,
             output_window: config.output_window.max(1),
+            tunnel_window: config.tunnel_window.max(1),
             tasks: [reader.abort_handle(), writer.abort_handle()],
         };
         Ok((
@@ -433,6 +514,50 @@ impl AgentClient {
                 Ok(session)
             }
             _ => Err(AgentError::UnexpectedResponse { op: "exec" }),
+        }
+    }
+
+    /// Opens a TCP connection, inside the guest, to `127.0.0.1:port` and returns it as a byte
+    /// stream (see [`TcpTunnel`]). Fails with [`AgentError::Remote`] and
+    /// [`kiln_agent_proto::ErrorCode::ConnectFailed`] if the guest cannot connect (the
+    /// message says why, e.g. `connection to 127.0.0.1:5432 refused`), with
+    /// [`kiln_agent_proto::ErrorCode::TooManyStreams`] when the guest's tunnel cap is reached,
+    /// and with [`kiln_agent_proto::ErrorCode::Unsupported`] if the agent predates the
+    /// `tcp-v1` feature.
+    pub async fn open_tcp(&self, port: u16) -> Result<TcpTunnel, AgentError> {
+        const OP: &str = "tcp_connect";
+        let window = self.inner.tunnel_window;
+        let tunnel = {
+            let mut st = lock(&self.inner.shared.state);
+            if st.closed.is_some() {
+                drop(st);
+                return Err(self.inner.shared.closed_error());
+            }
+            let stream = st.next_stream.ok_or(AgentError::StreamsExhausted)?;
+            st.next_stream = stream.next();
+            let tunnel = Arc::new(TunnelShared::new(stream, port, window));
+            st.tunnels.insert(stream, Arc::clone(&tunnel));
+            tunnel
+        };
+        // Registered before the request is sent (the guest grants credit before it answers).
+        // If this future is cancelled, or the answer is not a success, dropping the tunnel
+        // forgets it and closes whatever the guest may have opened.
+        let tcp = TcpTunnel::new(Arc::clone(&self.inner), Arc::clone(&tunnel));
+        let request = Request::TcpConnect {
+            stream: tcp.stream(),
+            port,
+            window,
+        };
+        match self.inner.request(request).await {
+            Ok(Response::TcpConnected) => Ok(tcp),
+            Ok(_) => Err(AgentError::UnexpectedResponse { op: OP }),
+            Err(e) => {
+                if matches!(e, AgentError::Remote { .. }) {
+                    // The guest opened nothing: no tcp_close needed.
+                    tunnel.mark_never_opened();
+                }
+                Err(e)
+            }
         }
     }
 
@@ -651,6 +776,10 @@ async fn writer_task<W: AsyncWrite + Unpin>(
     shared: Arc<Shared>,
 ) {
     let mut closed = shared.closed_tx.subscribe();
+    // tcp_close messages taken from `shared` but not written yet, and how many queued frames
+    // were written since the last were taken.
+    let mut closes: BTreeSet<StreamId> = BTreeSet::new();
+    let mut written_since_closes = 0usize;
     let result: io::Result<()> = async {
         loop {
             // Grants first: they are what lets the guest keep producing.
@@ -661,7 +790,26 @@ async fn writer_task<W: AsyncWrite + Unpin>(
                     Err(e) => tracing::error!(error = %e, "unencodable window frame"),
                 }
             }
-            if !grants.is_empty() {
+            let taken = shared.take_closes();
+            if !taken.is_empty() {
+                closes.extend(taken);
+                written_since_closes = 0;
+            }
+            // A close must follow every frame queued before it (its tunnel's tcp_connect may
+            // still be queued): once the queue was empty, or a whole queue's worth of frames
+            // has been written since, that holds.
+            let mut wrote_closes = false;
+            if !closes.is_empty() && (rx.is_empty() || written_since_closes >= rx.max_capacity()) {
+                for stream in std::mem::take(&mut closes) {
+                    let close = HostMessage::TcpClose { stream };
+                    match close.to_frame().and_then(|f| f.to_bytes()) {
+                        Ok(bytes) => wr.write_all(&bytes).await?,
+                        Err(e) => tracing::error!(error = %e, "unencodable tcp_close"),
+                    }
+                }
+                wrote_closes = true;
+            }
+            if !grants.is_empty() || wrote_closes {
                 wr.flush().await?;
             }
             tokio::select! {
@@ -671,10 +819,12 @@ async fn writer_task<W: AsyncWrite + Unpin>(
                 item = rx.recv() => match item {
                     Some(bytes) => {
                         wr.write_all(&bytes).await?;
+                        written_since_closes += 1;
                         // Batch a little, but go back to the grants regularly.
                         for _ in 1..WRITE_BATCH {
                             let Ok(more) = rx.try_recv() else { break };
                             wr.write_all(&more).await?;
+                            written_since_closes += 1;
                         }
                         wr.flush().await?;
                     }

@@ -2,8 +2,9 @@
 //!
 //! Owns: [`AgentClient`] (resync handshake, request/response correlation, one reader task and
 //! one writer task per connection, the post-restore identity handshake
-//! [`AgentClient::apply_identity`] / [`AgentClient::connect_restored`]) and [`ExecSession`] (one running command: its output
-//! events, stdin and signals). The wire format lives in `kiln-agent-proto` and is described
+//! [`AgentClient::apply_identity`] / [`AgentClient::connect_restored`]), [`ExecSession`] (one
+//! running command: its output events, stdin and signals) and [`TcpTunnel`] (one TCP
+//! connection to a guest loopback port, from [`AgentClient::open_tcp`]). The wire format lives in `kiln-agent-proto` and is described
 //! in `docs/protocol.md`. Must not: know about sandboxes, QEMU or sockets; any
 //! `AsyncRead + AsyncWrite` stream works (production: the UnixStream of QEMU's chardev).
 //!
@@ -13,9 +14,13 @@
 //!        ▼
 //!  reader task ──▶ dispatch: responses → pending oneshots
 //!        │                   STDOUT/STDERR → per-exec inbox (bounded by the exec's window)
-//!        │                   WINDOW → stdin credit, EXIT → inbox
-//!        │ EOF / error ──▶ close: fail pending requests, wake every exec, `closed()` resolves
-//!  writer task ◀── bounded frame queue (requests, stdin) + coalesced WINDOW grants
+//!        │                   STDOUT on a tunnel → tunnel inbox (bounded by its window)
+//!        │                   WINDOW → stdin / tunnel credit, EXIT → inbox
+//!        │                   tcp_eof / tcp_closed → tunnel
+//!        │ EOF / error ──▶ close: fail pending requests, wake every exec and tunnel,
+//!        │                 `closed()` resolves
+//!  writer task ◀── bounded frame queue (requests, stdin, tunnel bytes, tcp_shutdown)
+//!                  + coalesced WINDOW grants + tcp_close list (after the frames before it)
 //! ```
 //!
 //! Invariants:
@@ -23,15 +28,18 @@
 //!   writing, so a guest blocked on its own writes can never deadlock the host.
 //! - Host memory per exec is bounded by its output window: the guest may not send more than
 //!   granted (an overrun closes the channel), and credit is granted back only as the consumer
-//!   takes events from [`ExecSession::next_event`].
+//!   takes events from [`ExecSession::next_event`]. The same holds per tunnel with its window
+//!   and [`TcpTunnel`]'s `poll_read`.
 //! - Every queue is bounded: the frame queue by count, inboxes by the window, pending requests
-//!   by the callers awaiting them, WINDOW grants by one entry per stream.
-//! - Once the channel dies, every waiter (requests, `next_event`, stdin writes, `closed()`)
-//!   resolves promptly.
+//!   by the callers awaiting them, WINDOW grants and `tcp_close`s by one entry per stream.
+//! - Once the channel dies, every waiter (requests, `next_event`, stdin writes, tunnel reads
+//!   and writes, `closed()`) resolves promptly.
+//! - Stream ids are never reused within a connection (execs and tunnels share the space).
 
 mod client;
 mod error;
 mod exec;
+mod tunnel;
 
 #[cfg(test)]
 mod tests;
@@ -40,6 +48,7 @@ pub use client::{AgentClient, ClientConfig};
 pub use error::{AgentError, ClosedReason};
 pub use exec::{ExecEvent, ExecOutput, ExecSession, StdinSender};
 pub use kiln_agent_proto::{
-    AgentInfo, Entropy, ErrorCode, ExecRequest, ExitStatus, FEATURE_IDENTITY_V1, GuestIdentity,
-    Hostname, IdentityAck, IdentityError, MachineId, RestoreId, StreamId, UnixNanos,
+    AgentInfo, Entropy, ErrorCode, ExecRequest, ExitStatus, FEATURE_IDENTITY_V1, FEATURE_TCP_V1,
+    GuestIdentity, Hostname, IdentityAck, IdentityError, MachineId, RestoreId, StreamId, UnixNanos,
 };
+pub use tunnel::TcpTunnel;

@@ -1,7 +1,9 @@
 //! Host-client tests against a scripted fake guest (frames written by hand), for behaviour the
 //! real agent never exhibits: stale acknowledgements, hostile credit overruns, sudden death,
-//! identity acknowledgements that do not match the request.
+//! identity acknowledgements that do not match the request. TCP tunnels: [`tunnel`].
 //! The real agent end to end is tested in `bins/kiln-agent/tests/`.
+
+mod tunnel;
 
 use std::time::Duration;
 
