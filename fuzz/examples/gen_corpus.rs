@@ -95,6 +95,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     write(
         &dir,
+        "tcp-closed-defaults",
+        br#"{"type":"tcp_closed","stream":3}"#,
+    )?;
+    write(
+        &dir,
         "exec-defaults",
         br#"{"type":"request","id":6,"request":{"op":"exec","stream":1,"output_window":1,"exec":{"argv":["ls"]}}}"#,
     )?;
@@ -153,6 +158,17 @@ fn host_messages(stream: StreamId) -> Vec<HostMessage> {
         request(9, Request::Signal { stream, signo: 15 }),
         request(10, Request::Shutdown),
         HostMessage::StdinClose { stream },
+        // TCP tunnels (feature tcp-v1).
+        request(
+            12,
+            Request::TcpConnect {
+                stream,
+                port: 5432,
+                window: 262_144,
+            },
+        ),
+        HostMessage::TcpShutdown { stream },
+        HostMessage::TcpClose { stream },
     ]
 }
 
@@ -188,6 +204,24 @@ fn guest_messages(stream: StreamId) -> Vec<GuestMessage> {
                 timed_out: true,
                 output_truncated: false,
             },
+        },
+        // TCP tunnels (feature tcp-v1).
+        response(12, Response::TcpConnected),
+        GuestMessage::Error {
+            id: Some(RequestId(12)),
+            error: ErrorBody {
+                code: ErrorCode::ConnectFailed,
+                message: "connection to 127.0.0.1:5432 refused".into(),
+            },
+        },
+        GuestMessage::TcpEof { stream },
+        GuestMessage::TcpClosed {
+            stream,
+            error: Some("connection reset by peer".into()),
+        },
+        GuestMessage::TcpClosed {
+            stream,
+            error: None,
         },
     ]
 }
