@@ -9,7 +9,8 @@
 //!                 │ failed ─▶ error connect_failed (the request's only answer; no stream)
 //!                 ▼ connected
 //!            WINDOW (initial credit for the host's bytes) ─▶ response tcp_connected
-//!                 ├─ to host:   read ≤ min(credit, 64 KiB) ─▶ STDOUT frame ... EOF ─▶ tcp_eof
+//!                 ├─ to host:   readable ─▶ read ≤ min(credit, 64 KiB) ─▶ STDOUT frame
+//!                 │             ... EOF ─▶ tcp_eof
 //!                 └─ to socket: STDIN bytes ─▶ write ─▶ WINDOW back as written
 //!                               tcp_shutdown ─▶ shutdown(SHUT_WR) after the bytes before it
 //!            both directions done │ socket error │ tcp_close ─▶ close socket ─▶ tcp_closed
@@ -21,7 +22,8 @@
 //!   overruns it has the bytes dropped); everything that can wait (connect, socket I/O, credit,
 //!   the outbound queue) happens in the tunnel's own task, so a slow tunnel stalls only itself.
 //! - Guest-side buffering per tunnel: at most the receive window of host bytes plus one read
-//!   chunk of socket bytes, and a read never asks for more than the host's credit.
+//!   chunk of socket bytes, taken only once the socket is readable and never larger than the
+//!   host's credit (an idle tunnel holds no buffer).
 //! - The request is answered by the task, exactly once, before any other frame of the stream.
 //!   An opened tunnel's last message is `tcp_closed` (unless its session is dropped first:
 //!   then the task is dropped, which closes the socket, and its frames are discarded by epoch).
@@ -40,7 +42,7 @@ use kiln_agent_proto::{
     DataChannel, ErrorBody, ErrorCode, FlowError, Frame, GuestMessage, MAX_DATA_PAYLOAD,
     MAX_WINDOW, RecvWindow, RequestId, Response, StreamId,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
@@ -315,7 +317,8 @@ fn connect_failed(message: String) -> ErrorBody {
     }
 }
 
-/// Socket → STDOUT frames, within the host's credit; `tcp_eof` after the last one.
+/// Socket → STDOUT frames, within the host's credit; `tcp_eof` after the last one. Credit
+/// and a buffer are taken only once the socket is readable, so an idle tunnel holds neither.
 async fn pump_to_host(
     rd: &mut ReadHalf<'_>,
     stream: StreamId,
@@ -323,17 +326,23 @@ async fn pump_to_host(
     credit: &OutputCredit,
 ) -> Result<(), PumpError> {
     loop {
-        // Holding credit while the socket is silent is fine: nothing else uses this credit.
+        rd.readable().await.map_err(PumpError::Io)?;
         let want = credit.acquire(MAX_DATA_PAYLOAD).await;
         let mut chunk = BytesMut::with_capacity(want);
-        let n = loop {
-            match rd.read_buf(&mut (&mut chunk).limit(want)).await {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    credit.give_back(want);
-                    return Err(PumpError::Io(e));
-                }
+        let n = match rd.try_read_buf(&mut (&mut chunk).limit(want)) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                credit.give_back(want);
+                continue;
+            }
+            Err(e) => {
+                credit.give_back(want);
+                return Err(PumpError::Io(e));
             }
         };
         credit.give_back(want - n);

@@ -490,3 +490,28 @@ async fn tunnel_cap_is_enforced() {
     assert_eq!(out.status.code, Some(0));
     drop((a, b));
 }
+
+#[test]
+fn start_rejects_port_zero_and_windows_out_of_range() {
+    use kiln_agent_proto::{MAX_WINDOW, RequestId, StreamId};
+
+    let (tx, _rx) = mpsc::channel(1);
+    let out = crate::outbound::Outbound::new(tx, 1);
+    let stream = StreamId::FIRST;
+    let too_big = u32::try_from(MAX_WINDOW).expect("fits") + 1;
+    for (port, window) in [(0, 1024), (80, 0), (80, too_big)] {
+        match super::start(
+            &AgentConfig::default(),
+            RequestId(1),
+            stream,
+            port,
+            window,
+            out.clone(),
+        ) {
+            Err(e) => assert_eq!(e.code, ErrorCode::BadRequest, "{port} {window}"),
+            Ok(_) => panic!("port {port} window {window} accepted"),
+        }
+    }
+    let max = u32::try_from(MAX_WINDOW).expect("fits");
+    assert!(super::start(&AgentConfig::default(), RequestId(1), stream, 80, max, out).is_ok());
+}
