@@ -92,6 +92,12 @@ pub struct SnapshotBenchArgs {
     /// Clones started at once for the clone figures (0 skips them).
     #[arg(long, default_value_t = 20)]
     pub clones: u32,
+    /// Skip the full-RAM comparison (a second daemon whose snapshots stream all of RAM).
+    #[arg(long)]
+    pub no_full_ram: bool,
+    /// User snapshots taken for the pause-window figure (0 skips them).
+    #[arg(long, default_value_t = 5)]
+    pub user_snapshots: usize,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -110,6 +116,9 @@ pub struct SnapshotBench {
     pub cold_first_exec_ms: Summary,
     /// Restore from the warm snapshot: create request → first `true` exec result (ms).
     pub restore_first_exec_ms: Summary,
+    /// The same from a full-RAM snapshot (RAM copied from the stream, the method of
+    /// emulators that save whole VMs), measured in a second daemon (ms).
+    pub full_ram_restore_first_exec_ms: Option<Summary>,
     /// QEMU start → agent ready, cold (daemon-side, ms).
     pub cold_boot_ms: Summary,
     /// QEMU start → identity applied, restore (daemon-side, ms).
@@ -122,6 +131,10 @@ pub struct SnapshotBench {
     pub clones_ready_wall_ms: Option<f64>,
     /// PSS of each idle clone's QEMU process (MiB).
     pub clone_pss_mib: Option<Summary>,
+    /// Guest pause of a user snapshot (`kiln snapshot`) of a running sandbox (ms).
+    pub user_snapshot_pause_ms: Option<Summary>,
+    /// Wall time of a whole user snapshot, conversion included (ms).
+    pub user_snapshot_wall_ms: Option<Summary>,
 }
 
 /// Runs `kiln bench snapshot`: cold boots and warm restores side by side, interleaved.
@@ -137,9 +150,30 @@ pub async fn snapshot(
     // One start outside the measurement makes sure the warm snapshot exists.
     let warm_up = start_and_exec(client, &a.image, false).await?;
     let mut accel = warm_up.0.accel.clone();
-    let (mut cold, mut restore, mut cold_boot, mut restore_boot) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // The full-RAM daemon: its own home (sharing the images), its own warm snapshot.
+    let full = if a.no_full_ram {
+        None
+    } else {
+        let full_home = kiln_core::Home::new(home.root().join("bench-full-ram"));
+        std::fs::create_dir_all(full_home.root())?;
+        let link = full_home.root().join("images");
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(home.root().join("images"), &link)?;
+        }
+        let c = Client::connect_with_env(&full_home, &[("KILN_SNAPSHOT_MODE", "full-ram")]).await?;
+        start_and_exec(&c, &a.image, false).await?;
+        Some((full_home, c))
+    };
+    let (mut cold, mut restore, mut cold_boot, mut restore_boot, mut full_restore) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..a.runs {
+        if let Some((_, c)) = &full {
+            let (info, wall) = start_and_exec(c, &a.image, false).await?;
+            if info.source != "snapshot" {
+                bail!("the full-RAM daemon did not restore (see bench-full-ram/kilnd.log)");
+            }
+            full_restore.push(wall);
+        }
         for is_cold in [true, false] {
             let (info, wall) = start_and_exec(client, &a.image, is_cold).await?;
             let expect = if is_cold { "cold" } else { "snapshot" };
@@ -193,8 +227,62 @@ pub async fn snapshot(
         }
         clone_pss = Some(summary(&mut pss));
     }
+    if let Some((_, c)) = &full {
+        crate::sandbox::stop_daemon(&c.health().await?).await?;
+    }
+    let (mut pause, mut snap_wall) = (Vec::new(), Vec::new());
+    if a.user_snapshots > 0 {
+        let req = SandboxCreateRequest {
+            image: a.image.clone(),
+            ..Default::default()
+        };
+        let info: SandboxInfo = client
+            .call(Method::POST, "/v1/sandboxes", Some(&req))
+            .await?;
+        let taken = async {
+            // Some RAM in use, as in a working sandbox: 64 MiB of page cache in tmpfs.
+            let (s, _) = exec_collect(
+                client,
+                &info.id,
+                vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "head -c 64M /dev/urandom > /tmp/fill".into(),
+                ],
+            )
+            .await?;
+            if s.shell_code() != 0 {
+                bail!("filling guest memory failed");
+            }
+            for i in 0..a.user_snapshots {
+                let name = format!("bench-pause-{}-{i}", std::process::id());
+                let t = Instant::now();
+                let snap: kiln_api_types::SnapshotInfo = client
+                    .call(
+                        Method::POST,
+                        &format!("/v1/sandboxes/{}/snapshot", info.id),
+                        Some(&kiln_api_types::SnapshotCreateRequest { name: name.clone() }),
+                    )
+                    .await?;
+                snap_wall.push(ms(t.elapsed()));
+                pause.push(snap.pause_ms as f64);
+                client
+                    .call_empty(Method::DELETE, &format!("/v1/snapshots/{name}"))
+                    .await?;
+            }
+            Ok(())
+        }
+        .await;
+        client
+            .call_empty(Method::DELETE, &format!("/v1/sandboxes/{}", info.id))
+            .await?;
+        taken?;
+    }
     let (c, r) = (summary(&mut cold), summary(&mut restore));
     let out = SnapshotBench {
+        full_ram_restore_first_exec_ms: full.as_ref().map(|_| summary(&mut full_restore)),
+        user_snapshot_pause_ms: (!pause.is_empty()).then(|| summary(&mut pause)),
+        user_snapshot_wall_ms: (!snap_wall.is_empty()).then(|| summary(&mut snap_wall)),
         accel,
         image: a.image.clone(),
         runs: a.runs,
@@ -222,6 +310,13 @@ pub async fn snapshot(
         };
         row("cold boot -> first exec result", &out.cold_first_exec_ms);
         row("restore -> first exec result", &out.restore_first_exec_ms);
+        if let Some(f) = &out.full_ram_restore_first_exec_ms {
+            row("full-RAM restore -> first exec", f);
+            println!(
+                "  file-mapped restore is {:.1}x faster than full-RAM (p50)",
+                f.p50 / out.restore_first_exec_ms.p50
+            );
+        }
         row("cold: QEMU start -> agent ready", &out.cold_boot_ms);
         row("restore: QEMU start -> identity", &out.restore_boot_ms);
         println!(
@@ -237,6 +332,10 @@ pub async fn snapshot(
                 "  PSS per idle clone (QEMU)           p50 {:>9.1} MiB p95 {:>9.1} MiB",
                 pss.p50, pss.p95
             );
+        }
+        if let (Some(p), Some(w)) = (&out.user_snapshot_pause_ms, &out.user_snapshot_wall_ms) {
+            row("user snapshot: guest pause", p);
+            row("user snapshot: whole (wall)", w);
         }
     }
     Ok(0)

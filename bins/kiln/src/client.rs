@@ -47,13 +47,18 @@ impl std::error::Error for DaemonError {}
 impl Client {
     /// Connects to the daemon of `home`, starting one if none answers.
     pub async fn connect(home: &Home) -> anyhow::Result<Client> {
+        Client::connect_with_env(home, &[]).await
+    }
+
+    /// Like [`Client::connect`]; a daemon started here also gets `env`.
+    pub async fn connect_with_env(home: &Home, env: &[(&str, &str)]) -> anyhow::Result<Client> {
         let client = Client {
             socket: home.socket(),
         };
         if client.health().await.is_ok() {
             return Ok(client);
         }
-        start_daemon(home)?;
+        start_daemon(home, env)?;
         let started = Instant::now();
         let mut delay = Duration::from_millis(5);
         loop {
@@ -235,7 +240,7 @@ fn api_error(status: StatusCode, bytes: &[u8]) -> DaemonError {
 }
 
 /// Starts `kilnd` detached, logging to `kilnd.log`.
-fn start_daemon(home: &Home) -> anyhow::Result<()> {
+fn start_daemon(home: &Home, env: &[(&str, &str)]) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let kilnd = match std::env::var_os("KILN_KILND").filter(|v| !v.is_empty()) {
         Some(p) => PathBuf::from(p),
@@ -258,6 +263,7 @@ fn start_daemon(home: &Home) -> anyhow::Result<()> {
         .with_context(|| format!("failed to open {}", home.daemon_log().display()))?;
     let mut cmd = std::process::Command::new(&kilnd);
     cmd.env("KILN_HOME", home.root())
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -31,8 +31,9 @@ fn print_report(r: &DoctorReport) {
     println!(
         "x-ignore-shared: {}",
         match r.x_ignore_shared {
-            Some(true) => "supported (snapshots map guest memory instead of copying it)",
-            Some(false) => "NOT supported (snapshots will copy guest RAM)",
+            Some(true) => "supported: snapshots map guest memory instead of copying it",
+            Some(false) =>
+                "NOT supported: snapshots fall back to full-RAM streams (every restore copies guest RAM; clones share no pages)",
             None => "unknown",
         }
     );

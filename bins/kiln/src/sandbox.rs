@@ -183,28 +183,46 @@ pub async fn daemon(home: &Home, cmd: &DaemonCmd) -> anyhow::Result<i32> {
             Ok(0)
         }
         DaemonCmd::Stop => {
-            let pid = i32::try_from(health.pid)?;
-            // SAFETY: kill(2) with a pid the daemon reported for itself and SIGTERM; no memory
-            // is involved.
-            #[allow(unsafe_code)]
-            let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-            if rc != 0 {
-                bail!(
-                    "cannot signal kilnd (pid {pid}): {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            let deadline = Instant::now() + Duration::from_secs(30);
-            // The daemon exits once it has stopped its sandboxes; /proc tells when.
-            while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                if Instant::now() > deadline {
-                    bail!("kilnd (pid {pid}) did not exit within 30 s");
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let pid = stop_daemon(&health).await?;
             println!("stopped kilnd (pid {pid})");
             Ok(0)
         }
+    }
+}
+
+/// Stops the daemon that answered `health` (SIGTERM, it stops its sandboxes) and waits until
+/// it is gone; returns its pid.
+pub async fn stop_daemon(health: &kiln_api_types::Health) -> anyhow::Result<i32> {
+    let pid = i32::try_from(health.pid)?;
+    // SAFETY: kill(2) with a pid the daemon reported for itself and SIGTERM; no memory
+    // is involved.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    if rc != 0 {
+        bail!(
+            "cannot signal kilnd (pid {pid}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // The daemon exits once it has stopped its sandboxes; /proc tells when.
+    while process_exists(pid) {
+        if Instant::now() > deadline {
+            bail!("kilnd (pid {pid}) did not exit within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(pid)
+}
+
+/// Whether `pid` is a live process: a zombie (e.g. a daemon this very process started, as
+/// `kiln bench snapshot` does, and has not reaped) counts as gone.
+fn process_exists(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_none_or(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
     }
 }
 

@@ -106,7 +106,7 @@ pub async fn run(home: &Home) -> DoctorReport {
             r.x_ignore_shared = Some(q.x_ignore_shared);
             if !q.x_ignore_shared {
                 r.warnings.push(
-                    "QEMU lacks the x-ignore-shared migration capability: snapshots will copy guest RAM".to_owned(),
+                    "QEMU lacks the x-ignore-shared migration capability: snapshots fall back to full-RAM streams (restores copy guest RAM)".to_owned(),
                 );
             }
             Some(q)

@@ -50,6 +50,8 @@ pub struct Engine {
     janitor: JanitorReport,
     /// One lock per warm-snapshot key, so a snapshot is captured once.
     capture_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Whether the full-RAM snapshot mode was announced in the log.
+    full_ram_announced: std::sync::atomic::AtomicBool,
 }
 
 impl Engine {
@@ -80,6 +82,7 @@ impl Engine {
             accel: OnceCell::new(),
             janitor,
             capture_locks: Mutex::new(HashMap::new()),
+            full_ram_announced: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -120,6 +123,28 @@ impl Engine {
                 Ok::<_, CoreError>(verdict)
             })
             .await
+    }
+
+    /// How snapshots save RAM on this host: file-mapped (`x-ignore-shared`) when QEMU can,
+    /// else (or with `KILN_SNAPSHOT_MODE=full-ram`) a full-RAM stream. Says so once.
+    fn snapshot_mode(&self, qemu: &kiln_vmm::qemu::QemuInfo) -> kiln_vmm::CaptureMode {
+        let forced = std::env::var("KILN_SNAPSHOT_MODE").is_ok_and(|v| v == "full-ram");
+        if qemu.x_ignore_shared && !forced {
+            return kiln_vmm::CaptureMode::IgnoreShared;
+        }
+        if !self
+            .full_ram_announced
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            if forced {
+                warn!("KILN_SNAPSHOT_MODE=full-ram: snapshots carry all of RAM in their stream");
+            } else {
+                warn!(
+                    "QEMU lacks x-ignore-shared: snapshots carry all of RAM in their stream (slower restores, no page sharing between clones)"
+                );
+            }
+        }
+        kiln_vmm::CaptureMode::FullRam
     }
 
     /// Starts a sandbox from a built image (restoring its warm snapshot, or cold-booting) or
@@ -193,6 +218,10 @@ impl Engine {
             home: self.home.root(),
             cpus,
             memory_mib,
+            mode: match &user_snap {
+                Some(u) => u.mode,
+                None => self.snapshot_mode(qemu_info),
+            },
         };
         let started = match &user_snap {
             Some(u) => usersnap::restore(&warm_spec, u, &id, &run_dir)
@@ -299,10 +328,6 @@ impl Engine {
         id: &SandboxId,
         run_dir: &Path,
     ) -> Option<Arc<Sandbox>> {
-        if !spec.qemu.x_ignore_shared {
-            warn!("QEMU lacks x-ignore-shared: warm snapshots are off, sandboxes cold-boot");
-            return None;
-        }
         let name = spec.name();
         let dir = warm::snapshots_dir(spec.home).join(&name);
         {
@@ -508,6 +533,7 @@ impl Engine {
             home: self.home.root(),
             cpus: row.cpus,
             memory_mib: row.memory_mib,
+            mode: self.snapshot_mode(qemu),
         };
         usersnap::capture(&self.home, &spec, &sb, name).await
     }

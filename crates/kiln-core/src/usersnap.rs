@@ -63,6 +63,8 @@ pub struct UserSnapshot {
     pub cpus: u32,
     /// Guest memory.
     pub memory_mib: u32,
+    /// How its RAM is saved.
+    pub mode: CaptureMode,
 }
 
 fn read_manifest(dir: &Path) -> Result<SnapshotManifest, String> {
@@ -104,6 +106,10 @@ pub fn open(home: &Home, name: &str) -> Result<UserSnapshot, CoreError> {
         image,
         cpus: manifest.fingerprint.cpus,
         memory_mib: manifest.fingerprint.memory_mib,
+        mode: match manifest.capture.mode {
+            CaptureKind::IgnoreShared => CaptureMode::IgnoreShared,
+            CaptureKind::FullRam => CaptureMode::FullRam,
+        },
     })
 }
 
@@ -207,6 +213,19 @@ pub async fn capture(
         BackingFormat::Raw,
     )
     .await?;
+    if spec.mode == CaptureMode::FullRam {
+        // No x-ignore-shared: the stream is the snapshot's state, RAM included.
+        let state = builder.file(kiln_snapshot::STATE_FILE);
+        let mem = builder.file(kiln_snapshot::MEM_FILE);
+        std::fs::rename(&stream, &state)
+            .and_then(|()| std::fs::write(&mem, b""))
+            .map_err(|source| CoreError::Io {
+                what: "write",
+                path: state.clone(),
+                source,
+            })?;
+        return publish(builder, spec, sb, name, pause, &mem).await;
+    }
     let conv_dir = home.run_dir().join(format!("convert-{name}"));
     let _ = std::fs::remove_dir_all(&conv_dir);
     std::fs::create_dir_all(&conv_dir).map_err(|source| CoreError::Io {
@@ -235,6 +254,24 @@ pub async fn capture(
         path: stream.clone(),
         source,
     })?;
+    publish(builder, spec, sb, name, pause, &cfg.memory_file).await
+}
+
+/// Writes `origin.json` and publishes the snapshot being built.
+async fn publish(
+    builder: SnapshotBuilder,
+    spec: &WarmSpec<'_>,
+    sb: &Arc<Sandbox>,
+    name: &str,
+    pause: std::time::Duration,
+    mem: &Path,
+) -> Result<SnapshotInfo, CoreError> {
+    let cfg = spec.vm_config(
+        builder.dir(),
+        builder.file(kiln_snapshot::DISK_FILE),
+        mem.to_owned(),
+        spec.mode == CaptureMode::IgnoreShared,
+    );
     let origin = Origin {
         image: spec.image.name.clone(),
         sandbox: sb.id().to_string(),
@@ -254,7 +291,7 @@ pub async fn capture(
         fingerprint: spec.fingerprint(&cfg),
         capture: CaptureInfo {
             pause_ms: pause.as_millis() as u64,
-            mode: CaptureKind::IgnoreShared,
+            mode: warm::capture_kind(spec.mode),
         },
     };
     let (dir, _) = tokio::task::spawn_blocking(move || builder.publish(input))

@@ -51,12 +51,23 @@ pub struct WarmSpec<'a> {
     pub cpus: u32,
     /// Guest memory.
     pub memory_mib: u32,
+    /// How RAM is saved: `IgnoreShared` (RAM is the snapshot's `mem`, mapped copy-on-write),
+    /// or `FullRam` (RAM in the `state` stream, copied into every restore; for QEMUs without
+    /// `x-ignore-shared`, and for comparison in `kiln bench snapshot`).
+    pub mode: CaptureMode,
 }
 
 impl WarmSpec<'_> {
     /// The snapshot's name.
     pub fn name(&self) -> String {
-        format!("warm-{}-{}c{}m", self.image.id, self.cpus, self.memory_mib)
+        let suffix = match self.mode {
+            CaptureMode::IgnoreShared => "",
+            CaptureMode::FullRam => "-fullram",
+        };
+        format!(
+            "warm-{}-{}c{}m{suffix}",
+            self.image.id, self.cpus, self.memory_mib
+        )
     }
 
     /// The VM configuration shared by the capture VM and every restore (paths aside).
@@ -135,7 +146,21 @@ pub async fn capture(
         &disk,
     )
     .await?;
-    let cfg = spec.vm_config(run_dir, disk, builder.file(kiln_snapshot::MEM_FILE), true);
+    let cfg = match spec.mode {
+        CaptureMode::IgnoreShared => {
+            spec.vm_config(run_dir, disk, builder.file(kiln_snapshot::MEM_FILE), true)
+        }
+        CaptureMode::FullRam => {
+            // RAM goes into the stream; the snapshot's `mem` stays an empty placeholder.
+            let mem = builder.file(kiln_snapshot::MEM_FILE);
+            std::fs::write(&mem, b"").map_err(|source| CoreError::Io {
+                what: "create",
+                path: mem.clone(),
+                source,
+            })?;
+            spec.vm_config(run_dir, disk, run_dir.join("mem"), false)
+        }
+    };
     let vm = Vm::spawn(&cfg).await?;
     let result = async {
         let stream = tokio::net::UnixStream::connect(vm.agent_socket())
@@ -156,7 +181,7 @@ pub async fn capture(
         // The agent is idle: the restored guest resumes waiting for its next host.
         drop(agent);
         let report = vm
-            .capture(&builder.file(kiln_snapshot::STATE_FILE), CaptureMode::IgnoreShared, AfterCapture::Paused)
+            .capture(&builder.file(kiln_snapshot::STATE_FILE), spec.mode, AfterCapture::Paused)
             .await?;
         Ok(report)
     }
@@ -168,7 +193,7 @@ pub async fn capture(
         fingerprint: spec.fingerprint(&cfg),
         capture: CaptureInfo {
             pause_ms: report.pause.as_millis() as u64,
-            mode: CaptureKind::IgnoreShared,
+            mode: capture_kind(spec.mode),
         },
     };
     let (dir, _manifest) = tokio::task::spawn_blocking(move || builder.publish(input))
@@ -223,13 +248,13 @@ pub async fn restore(
         &disk,
     )
     .await?;
-    let cfg = spec.vm_config(run_dir, disk, dir.join(kiln_snapshot::MEM_FILE), false);
-    let (vm, report) = Vm::restore(
-        &cfg,
-        &dir.join(kiln_snapshot::STATE_FILE),
-        CaptureMode::IgnoreShared,
-    )
-    .await?;
+    let mem = match spec.mode {
+        CaptureMode::IgnoreShared => dir.join(kiln_snapshot::MEM_FILE),
+        // A fresh private RAM file: the stream fills it.
+        CaptureMode::FullRam => run_dir.join("mem"),
+    };
+    let cfg = spec.vm_config(run_dir, disk, mem, false);
+    let (vm, report) = Vm::restore(&cfg, &dir.join(kiln_snapshot::STATE_FILE), spec.mode).await?;
     let identity = fresh_identity(hostname)?;
     let result = async {
         let stream = tokio::net::UnixStream::connect(vm.agent_socket())
@@ -285,6 +310,14 @@ fn fresh_identity(hostname: &str) -> Result<GuestIdentity, CoreError> {
         hostname: Hostname::new(hostname).map_err(bad)?,
         machine_id: MachineId::from_bytes(rand::random()).map_err(bad)?,
     })
+}
+
+/// The manifest's name for a capture mode.
+pub fn capture_kind(mode: CaptureMode) -> CaptureKind {
+    match mode {
+        CaptureMode::IgnoreShared => CaptureKind::IgnoreShared,
+        CaptureMode::FullRam => CaptureKind::FullRam,
+    }
 }
 
 fn snapshot_err(e: kiln_snapshot::SnapshotError) -> CoreError {
