@@ -24,8 +24,6 @@ use crate::error::CoreError;
 const OUTPUT_QUOTE_BYTES: usize = 4096;
 /// Deadline of the small housekeeping commands (secret delivery and scrubbing).
 const HOUSEKEEPING_TIMEOUT: Duration = Duration::from_secs(30);
-/// Deadline of one TCP readiness attempt.
-const TCP_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The end of one guest command.
 #[derive(Debug)]
@@ -150,23 +148,16 @@ pub async fn wait_ready(agent: &AgentClient, probe: &ReadinessProbe) -> Result<(
                 }
                 r.describe(&format!("`{}`", cmd.argv.join(" ")), timeout)
             }
-            ProbeCheck::TcpPort { port } => {
-                let argv = [
-                    "/bin/bash".to_owned(),
-                    "-c".to_owned(),
-                    "exec 3<>\"/dev/tcp/127.0.0.1/$1\"".to_owned(),
-                    "kiln-probe".to_owned(),
-                    port.to_string(),
-                ];
-                let r = run(agent, &argv, None, TCP_PROBE_TIMEOUT).await?;
-                if r.code == 0 {
-                    return Ok(());
+            ProbeCheck::TcpPort { port } => match agent.open_tcp(*port).await {
+                // The agent connected to the port inside the guest: something listens.
+                Ok(_tunnel) => return Ok(()),
+                // Refused (nothing listens yet) is the usual "not ready"; anything else
+                // (a dead channel) ends the wait at once.
+                Err(kiln_vmm::agent::AgentError::Remote { message, .. }) => {
+                    format!("connecting to guest port {port}: {message}")
                 }
-                r.describe(
-                    &format!("connecting to guest port {port}"),
-                    TCP_PROBE_TIMEOUT,
-                )
-            }
+                Err(e) => return Err(CoreError::Agent(e)),
+            },
         };
         if started.elapsed() + interval > deadline {
             return Err(CoreError::GuestCommand(format!(
