@@ -144,7 +144,12 @@ fn secrets_never_reach_a_user_snapshot_and_come_back_to_the_source() {
     let b = create(&k, &["--snapshot", "nosecret"]);
     let b = b["id"].as_str().expect("id").to_owned();
     assert_eq!(
-        sh(&k, &b, "test -e /run/secrets && echo present || echo absent").trim(),
+        sh(
+            &k,
+            &b,
+            "test -e /run/secrets && echo present || echo absent"
+        )
+        .trim(),
         "absent"
     );
 
