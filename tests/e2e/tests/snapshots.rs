@@ -323,3 +323,45 @@ fn published_ports_tunnel_and_survive_snapshot_and_restore() {
     assert_success(&k.run(&["rm", b["id"].as_str().expect("id")]), "rm");
     assert!(http_get(p2).is_none(), "port {p2} still open after rm");
 }
+
+#[test]
+#[ignore = "boots VMs: run by scripts/test"]
+fn full_ram_mode_restores_warm_and_user_snapshots() {
+    // The mode a QEMU without x-ignore-shared gets, forced here: RAM travels in the stream.
+    let k = Kiln::isolated();
+    let run = |args: &[&str]| {
+        k.cmd(args)
+            .env("KILN_SNAPSHOT_MODE", "full-ram")
+            .output()
+            .expect("spawn kiln")
+    };
+    let start = |args: &[&str]| {
+        let mut all = vec!["create", "--json"];
+        all.extend_from_slice(args);
+        let out = run(&all);
+        assert_success(&out, "kiln create");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
+    };
+    let a = start(&["--image", "base"]);
+    let b = start(&["--image", "base"]);
+    assert_eq!(b["source"], "snapshot");
+    let warm = b["snapshot"].as_str().expect("snapshot name").to_owned();
+    assert!(warm.ends_with("-fullram"), "{warm}");
+    let mem = std::fs::metadata(k.home().join("snapshots").join(&warm).join("mem"))
+        .expect("mem")
+        .len();
+    assert_eq!(mem, 0, "a full-RAM snapshot keeps RAM in its state stream");
+    let a = a["id"].as_str().expect("id").to_owned();
+    let b = b["id"].as_str().expect("id").to_owned();
+    assert_eq!(sh(&k, &b, "hostname").trim(), b);
+    sh(&k, &a, "echo kept > /root/kept");
+    assert_success(&run(&["snapshot", &a, "--name", "fr"]), "snapshot");
+    let c = start(&["--snapshot", "fr"]);
+    let c = c["id"].as_str().expect("id").to_owned();
+    assert_eq!(sh(&k, &c, "cat /root/kept").trim(), "kept");
+    let log = std::fs::read_to_string(k.home().join("kilnd.log")).expect("log");
+    assert!(
+        log.contains("KILN_SNAPSHOT_MODE=full-ram"),
+        "mode not announced"
+    );
+}
