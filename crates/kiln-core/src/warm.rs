@@ -5,7 +5,7 @@
 //!   capture: SnapshotBuilder(tmp dir) ─ boot VM with RAM = tmp/mem (share=on), disk = tmp/disk.qcow2
 //!            ─ agent handshake ─ stop + migrate device state (x-ignore-shared) to tmp/state
 //!            ─ kill VM ─ publish (hash, fsync, atomic rename) ─▶ snapshots/warm-<image>-<c>c<m>m/
-//!   restore: verify (fingerprint, sizes) ─ qcow2 overlay on the snapshot's disk layer
+//!   restore: verify (fingerprint, sha256 via seals) ─ qcow2 overlay on the snapshot's disk layer
 //!            ─ QEMU -incoming defer, same devices, RAM = snapshot mem (share=off, copy-on-write)
 //!            ─ migrate-incoming state ─ cont ─ agent resync + fresh identity ─▶ Running
 //! ```
