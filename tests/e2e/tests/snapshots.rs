@@ -201,6 +201,19 @@ fn snapshot_bad_input_is_refused_with_the_reason() {
     let out = k.run(&["snapshot", "sb-000000000000", "--name", "x"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("no sandbox"), "{}", stderr(&out));
+    // A failed sandbox (its QEMU killed) cannot be snapshotted.
+    let f = create(&k, &["--image", "base"]);
+    let f = f["id"].as_str().expect("id").to_owned();
+    kiln_e2e::signal(k.qemu_pid(&f), 9);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while k.state_of(&f).as_deref() != Some("failed") {
+        assert!(Instant::now() < deadline, "sandbox never marked failed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = k.run(&["snapshot", &f, "--name", "of-failed"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not running"), "{}", stderr(&out));
+    assert!(snapshots(&k).iter().all(|s| s["name"] != "of-failed"));
     // A stopped (removed) sandbox cannot be snapshotted either.
     assert_success(&k.run(&["rm", &a]), "rm");
     let out = k.run(&["snapshot", &a, "--name", "late"]);
