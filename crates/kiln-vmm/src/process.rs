@@ -78,6 +78,31 @@ pub(crate) fn supervise_settings(cmd: &mut Command) {
     }
 }
 
+/// Gives the child `fd` as its descriptor `target` (without close-on-exec), e.g. the state file
+/// QEMU reads with `migrate-incoming fd:<target>`. `target` must be above 2 (stdio is set up
+/// before this runs and would be overwritten). The parent's copy closes when `cmd` is dropped.
+#[allow(unsafe_code)]
+pub(crate) fn pass_fd(cmd: &mut Command, fd: std::os::fd::OwnedFd, target: std::os::fd::RawFd) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    debug_assert!(target > 2, "stdio descriptors are not ours to replace");
+    // SAFETY: the closure runs in the forked child before exec. It only calls dup2/fcntl
+    // (async-signal-safe), allocates nothing and touches no locks. The `OwnedFd` naming
+    // `target` is never dropped (ManuallyDrop), so nothing closes a descriptor the child
+    // still needs.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd.as_raw_fd() == target {
+                // dup2 onto itself would keep close-on-exec set.
+                rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::empty())?;
+            } else {
+                let mut new = std::mem::ManuallyDrop::new(OwnedFd::from_raw_fd(target));
+                rustix::io::dup2(&fd, &mut new)?;
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Handle to a child owned by a supervisor task.
 #[derive(Debug, Clone)]
 pub(crate) struct Supervised {

@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::cmdline::{RunPaths, VmConfig, build_args};
 use crate::error::VmmError;
-use crate::process::{Supervised, VmExit, file_tail, supervise_settings};
+use crate::process::{Supervised, VmExit, file_tail, pass_fd, supervise_settings};
 use crate::procid::ProcessIdentity;
 
 /// How long QEMU may take to open its QMP socket and greet. QEMU is up in ~50 ms; the margin
@@ -74,6 +74,15 @@ impl Vm {
     /// Call from a tokio worker thread, not from `spawn_blocking` (QEMU gets
     /// `PR_SET_PDEATHSIG`, which fires when the spawning thread exits).
     pub async fn spawn(cfg: &VmConfig) -> Result<Vm, VmmError> {
+        Vm::spawn_passing(cfg, None).await
+    }
+
+    /// [`Vm::spawn`], handing QEMU `pass` = (descriptor, number it gets in QEMU), e.g. a state
+    /// file for `migrate-incoming fd:<number>` (no `exec:` shell and `cat` in between).
+    pub(crate) async fn spawn_passing(
+        cfg: &VmConfig,
+        pass: Option<(std::os::fd::OwnedFd, std::os::fd::RawFd)>,
+    ) -> Result<Vm, VmmError> {
         validate(cfg)?;
         let paths = RunPaths::new(&cfg.run_dir);
         std::fs::create_dir_all(&cfg.run_dir).map_err(|source| VmmError::Io {
@@ -112,10 +121,15 @@ impl Vm {
             .stdout(log)
             .stderr(log2);
         supervise_settings(&mut cmd);
+        if let Some((fd, target)) = pass {
+            pass_fd(&mut cmd, fd, target);
+        }
         let child = cmd.spawn().map_err(|source| VmmError::Spawn {
             qemu: cfg.qemu.clone(),
             source,
         })?;
+        // Closes our copies of descriptors passed to QEMU.
+        drop(cmd);
         let Some(pid) = child.id() else {
             return Err(VmmError::Spawn {
                 qemu: cfg.qemu.clone(),
