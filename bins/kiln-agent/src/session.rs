@@ -254,6 +254,9 @@ impl Agent {
                 Event::Read(Ok(0)) => return Ok(ServeEnd::HostGone),
                 Event::Read(Ok(n)) => {
                     decoder.feed(&buf[..n]);
+                    // The read buffer lives as long as the session: clear what it held, so
+                    // no received byte (a secret delivery) stays in it after use.
+                    buf[..n].fill(0);
                     loop {
                         match decoder.next_frame() {
                             Ok(Some(frame)) => {

@@ -31,6 +31,9 @@ unsafe impl GlobalAlloc for ZeroOnFree {
         // SAFETY: `ptr` is a live block of `layout.size()` bytes owned by the caller.
         unsafe {
             std::ptr::write_bytes(ptr, 0, layout.size());
+            // Stores right before `free` are dead to the optimizer, which would drop the
+            // memset; an opaque use of the block keeps it.
+            std::hint::black_box(ptr);
             System.dealloc(ptr, layout);
         }
     }

@@ -126,6 +126,13 @@ impl Decoder {
             self.discarded += data.len() as u64;
             return;
         }
+        if self.buf.is_empty() {
+            // Start on fresh storage rather than reusing the old allocation's spare room:
+            // bytes of consumed frames (e.g. a secret on its way to the guest) then live
+            // only as long as the frames handed out, and an allocator that clears on free
+            // (the agent's) leaves nothing behind.
+            self.buf = BytesMut::new();
+        }
         self.buf.extend_from_slice(data);
     }
 
