@@ -191,35 +191,12 @@ async fn create_overlay_qemu_img(
     format: BackingFormat,
     overlay: &Path,
 ) -> Result<(), VmmError> {
-    let qemu_img =
-        crate::qemu::search_path(Path::new("qemu-img"), std::env::var_os("PATH").as_ref())
-            .ok_or(VmmError::QemuImgNotFound)?;
-    let mut cmd = Command::new(&qemu_img);
-    cmd.args(["create", "-q", "-f", "qcow2", "-F", format.as_str(), "-b"])
-        .arg(base)
-        .arg(overlay)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(QEMU_IMG_TIMEOUT, cmd.output())
-        .await
-        .map_err(|_| VmmError::Timeout {
-            what: "qemu-img create",
-            timeout_ms: QEMU_IMG_TIMEOUT.as_millis() as u64,
-        })?
-        .map_err(|source| VmmError::Run {
-            program: qemu_img.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        stderr.truncate(2048);
-        return Err(VmmError::OverlayCreate {
-            overlay: overlay.to_owned(),
-            status: out.status.to_string(),
-            stderr,
-        });
-    }
-    Ok(())
+    let cmd = QemuImg {
+        verb: "create",
+        what: "qemu-img create",
+        timeout: QEMU_IMG_TIMEOUT,
+    };
+    cmd.run(base, format, overlay).await
 }
 
 /// Makes `overlay` self-contained above `base`: `qemu-img rebase` in safe mode copies into
@@ -232,40 +209,66 @@ pub async fn rebase_overlay(
     base: &Path,
     format: BackingFormat,
 ) -> Result<(), VmmError> {
-    let qemu_img =
-        crate::qemu::search_path(Path::new("qemu-img"), std::env::var_os("PATH").as_ref())
-            .ok_or(VmmError::QemuImgNotFound)?;
     let base = std::fs::canonicalize(base).map_err(|source| VmmError::Io {
         what: "resolve the base image",
         path: base.to_owned(),
         source,
     })?;
-    let mut cmd = Command::new(&qemu_img);
-    cmd.args(["rebase", "-q", "-f", "qcow2", "-F", format.as_str(), "-b"])
-        .arg(&base)
-        .arg(overlay)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(QEMU_IMG_REBASE_TIMEOUT, cmd.output())
-        .await
-        .map_err(|_| VmmError::Timeout {
-            what: "qemu-img rebase",
-            timeout_ms: QEMU_IMG_REBASE_TIMEOUT.as_millis() as u64,
-        })?
-        .map_err(|source| VmmError::Run {
-            program: qemu_img.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        stderr.truncate(2048);
-        return Err(VmmError::OverlayCreate {
-            overlay: overlay.to_owned(),
-            status: out.status.to_string(),
-            stderr,
-        });
+    let cmd = QemuImg {
+        verb: "rebase",
+        what: "qemu-img rebase",
+        timeout: QEMU_IMG_REBASE_TIMEOUT,
+    };
+    cmd.run(&base, format, overlay).await
+}
+
+/// One `qemu-img <verb> -q -f qcow2 -F <format> -b <base> <overlay>` run.
+struct QemuImg {
+    verb: &'static str,
+    /// Named in a timeout error.
+    what: &'static str,
+    timeout: Duration,
+}
+
+impl QemuImg {
+    /// Runs it with its deadline; a failure carries qemu-img's stderr.
+    async fn run(
+        &self,
+        base: &Path,
+        format: BackingFormat,
+        overlay: &Path,
+    ) -> Result<(), VmmError> {
+        let (verb, timeout) = (self.verb, self.timeout);
+        let qemu_img =
+            crate::qemu::search_path(Path::new("qemu-img"), std::env::var_os("PATH").as_ref())
+                .ok_or(VmmError::QemuImgNotFound)?;
+        let mut cmd = Command::new(&qemu_img);
+        cmd.args([verb, "-q", "-f", "qcow2", "-F", format.as_str(), "-b"])
+            .arg(base)
+            .arg(overlay)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(timeout, cmd.output())
+            .await
+            .map_err(|_| VmmError::Timeout {
+                what: self.what,
+                timeout_ms: timeout.as_millis() as u64,
+            })?
+            .map_err(|source| VmmError::Run {
+                program: qemu_img.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            stderr.truncate(2048);
+            return Err(VmmError::OverlayCreate {
+                overlay: overlay.to_owned(),
+                status: out.status.to_string(),
+                stderr,
+            });
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]
