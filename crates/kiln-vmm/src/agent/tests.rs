@@ -120,9 +120,14 @@ fn config(output_window: u32) -> ClientConfig {
 }
 
 async fn connected(output_window: u32) -> (AgentClient, FakeGuest) {
+    connected_with(config(output_window)).await
+}
+
+/// A client with `config`, handshaken with a fresh fake guest.
+async fn connected_with(config: ClientConfig) -> (AgentClient, FakeGuest) {
     let (host, guest) = tokio::io::duplex(1 << 20);
     let mut guest = FakeGuest::new(guest);
-    let connect = AgentClient::connect_with(host, config(output_window));
+    let connect = AgentClient::connect_with(host, config);
     let accept = async {
         let nonce = guest.sync_nonce().await;
         guest.ack(nonce, 1).await;

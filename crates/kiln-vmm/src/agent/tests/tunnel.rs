@@ -1,7 +1,7 @@
 //! Host side of TCP tunnels against a scripted fake guest: what a hostile or broken guest can
 //! do (credit overruns, STDERR or bytes after EOF on a tunnel, oversized grants) and the exact
 //! frames the host sends (credit respected, shutdown after queued bytes, close on drop).
-//! The real agent end to end is tested in `bins/kiln-agent/src/tunnel/tests.rs`.
+//! The real agent end to end is tested in `bins/kiln-agent/tests/tunnel.rs`.
 
 use std::io;
 
@@ -24,16 +24,7 @@ fn config(tunnel_window: u32) -> ClientConfig {
 }
 
 async fn connected(tunnel_window: u32) -> (AgentClient, FakeGuest) {
-    let (host, guest) = tokio::io::duplex(1 << 20);
-    let mut guest = FakeGuest::new(guest);
-    let connect = AgentClient::connect_with(host, config(tunnel_window));
-    let accept = async {
-        let nonce = guest.sync_nonce().await;
-        guest.ack(nonce, 1).await;
-    };
-    let (client, ()) = tokio::join!(connect, accept);
-    let (client, _) = client.expect("handshake");
-    (client, guest)
+    super::connected_with(config(tunnel_window)).await
 }
 
 impl FakeGuest {
