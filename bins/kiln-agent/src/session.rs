@@ -266,7 +266,10 @@ impl Agent {
                                     return Ok(end);
                                 }
                             }
-                            Ok(None) => break,
+                            Ok(None) => {
+                                decoder.release_if_empty();
+                                break;
+                            }
                             Err(e) => {
                                 warn(format_args!(
                                     "framing error, waiting for a new sync: {}",

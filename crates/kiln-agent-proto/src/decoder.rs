@@ -126,14 +126,18 @@ impl Decoder {
             self.discarded += data.len() as u64;
             return;
         }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// With nothing buffered, lets go of the storage instead of keeping it for the next
+    /// [`Decoder::feed`]: bytes of consumed frames (e.g. a secret on its way to the guest)
+    /// then live only as long as the frames handed out, and an allocator that clears on free
+    /// leaves nothing behind. The agent calls this after each drained batch; the host, which
+    /// carries no secrets inbound, keeps reusing its buffer.
+    pub fn release_if_empty(&mut self) {
         if self.buf.is_empty() {
-            // Start on fresh storage rather than reusing the old allocation's spare room:
-            // bytes of consumed frames (e.g. a secret on its way to the guest) then live
-            // only as long as the frames handed out, and an allocator that clears on free
-            // (the agent's) leaves nothing behind.
             self.buf = BytesMut::new();
         }
-        self.buf.extend_from_slice(data);
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed, or the framing error that

@@ -81,14 +81,8 @@ pub async fn run(
                 output.extend_from_slice(&b[..b.len().min(room)]);
             }
             Some(ExecEvent::Exit(s)) => {
-                let code = match (s.code, s.signal) {
-                    (Some(c), _) => c,
-                    (None, Some(sig)) => 128 + sig,
-                    (None, None) => -1,
-                };
-                let code = if s.timed_out { 124 } else { code };
                 return Ok(GuestRun {
-                    code,
+                    code: crate::sandbox::api_status(&s).shell_code(),
                     timed_out: s.timed_out,
                     output: String::from_utf8_lossy(&output).into_owned(),
                 });

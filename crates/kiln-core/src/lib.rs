@@ -550,14 +550,7 @@ impl Engine {
                     .find(|i| i.id.to_string() == snap.image_id)
                     .map(|i| i.name.clone());
             }
-            snap.used_by = rows
-                .iter()
-                .filter(|r| {
-                    r.snapshot.as_deref() == Some(snap.name.as_str())
-                        && r.state != SandboxState::Failed
-                })
-                .map(|r| r.id.clone())
-                .collect();
+            snap.used_by = users_of(&rows, &snap.name);
         }
         Ok(out)
     }
@@ -576,14 +569,9 @@ impl Engine {
         if !dir.is_dir() {
             return Err(CoreError::SnapshotNotFound(name.to_owned()));
         }
-        let users: Vec<String> = self
-            .store
-            .sandbox_list()?
-            .into_iter()
-            .filter(|r| r.snapshot.as_deref() == Some(name) && r.state != SandboxState::Failed)
-            .map(|r| r.id.to_string())
-            .collect();
+        let users = users_of(&self.store.sandbox_list()?, name);
         if !users.is_empty() {
+            let users: Vec<String> = users.iter().map(|id| id.to_string()).collect();
             return Err(CoreError::SnapshotInUse {
                 name: name.to_owned(),
                 users: users.join(", "),
@@ -641,6 +629,14 @@ impl Engine {
             let _ = self.store.sandbox_delete(&id);
         }
     }
+}
+
+/// The sandboxes (booting or running) restored from snapshot `name`.
+fn users_of(rows: &[SandboxRow], name: &str) -> Vec<SandboxId> {
+    rows.iter()
+        .filter(|r| r.snapshot.as_deref() == Some(name) && r.state != SandboxState::Failed)
+        .map(|r| r.id.clone())
+        .collect()
 }
 
 fn info_from_row(r: SandboxRow) -> SandboxInfo {

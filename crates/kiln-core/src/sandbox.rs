@@ -322,6 +322,16 @@ fn summarize_console(log: &str) -> String {
     out
 }
 
+/// The agent's exit status as the API reports it.
+pub(crate) fn api_status(s: &kiln_vmm::agent::ExitStatus) -> ExitStatus {
+    ExitStatus {
+        code: s.code,
+        signal: s.signal,
+        timed_out: s.timed_out,
+        output_truncated: s.output_truncated,
+    }
+}
+
 fn to_agent_exec(req: &ExecRequest) -> kiln_vmm::agent::ExecRequest {
     kiln_vmm::agent::ExecRequest {
         argv: req.argv.clone(),
@@ -365,12 +375,7 @@ impl Exec {
         match event {
             Some(ExecEvent::Stdout(b)) => Ok(ExecOutput::Stdout(b)),
             Some(ExecEvent::Stderr(b)) => Ok(ExecOutput::Stderr(b)),
-            Some(ExecEvent::Exit(s)) => Ok(ExecOutput::Exit(ExitStatus {
-                code: s.code,
-                signal: s.signal,
-                timed_out: s.timed_out,
-                output_truncated: s.output_truncated,
-            })),
+            Some(ExecEvent::Exit(s)) => Ok(ExecOutput::Exit(api_status(&s))),
             None => {
                 let reason = match self.sandbox.failure() {
                     Some(r) => r,
