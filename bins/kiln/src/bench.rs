@@ -14,8 +14,7 @@ use clap::Args;
 use futures_util::{SinkExt, StreamExt};
 use hyper::Method;
 use kiln_api_types::{
-    ExecRequest, ExecServerMessage, ExitStatus, PingResponse, SandboxCreateRequest, SandboxId,
-    SandboxInfo,
+    ExecRequest, ExecServerMessage, ExitStatus, PingResponse, SandboxId, SandboxInfo, SandboxSpec,
 };
 use serde::Serialize;
 use tokio_tungstenite::tungstenite::Message;
@@ -149,7 +148,7 @@ pub async fn snapshot(
     crate::image::ensure_built(client, &a.image).await?;
     // One start outside the measurement makes sure the warm snapshot exists.
     let warm_up = start_and_exec(client, &a.image, false).await?;
-    let mut accel = warm_up.0.accel.clone();
+    let mut accel = warm_up.0.status.accel.clone();
     // The full-RAM daemon: its own home (sharing the images), its own warm snapshot.
     let full = if a.no_full_ram {
         None
@@ -169,22 +168,27 @@ pub async fn snapshot(
     for run in 0..a.runs {
         if let Some((_, c)) = &full {
             let (info, wall) = start_and_exec(c, &a.image, false).await?;
-            if info.source != "snapshot" {
+            if info.status.source != kiln_api_types::StartSource::Snapshot {
                 bail!("the full-RAM daemon did not restore (see bench-full-ram/kilnd.log)");
             }
             full_restore.push(wall);
         }
         for is_cold in [true, false] {
             let (info, wall) = start_and_exec(client, &a.image, is_cold).await?;
-            let expect = if is_cold { "cold" } else { "snapshot" };
-            if info.source != expect {
+            let expect = if is_cold {
+                kiln_api_types::StartSource::Cold
+            } else {
+                kiln_api_types::StartSource::Snapshot
+            };
+            if info.status.source != expect {
                 bail!(
-                    "asked for a {expect} start, got {} (see kilnd.log)",
-                    info.source
+                    "asked for a {} start, got {} (see kilnd.log)",
+                    expect.as_str(),
+                    info.status.source.as_str()
                 );
             }
-            accel = info.accel.clone();
-            let boot = info.boot_ms.unwrap_or(0) as f64;
+            accel = info.status.accel.clone();
+            let boot = info.status.boot_ms.unwrap_or(0) as f64;
             if is_cold {
                 cold.push(wall);
                 cold_boot.push(boot);
@@ -205,12 +209,13 @@ pub async fn snapshot(
     }
     let (mut clones_wall, mut clone_pss) = (None, None);
     if a.clones > 0 {
-        let req = SandboxCreateRequest {
-            image: a.image.clone(),
-            ..Default::default()
-        };
+        let req = image_spec(&a.image, false)?;
         let t = Instant::now();
-        let ids = crate::sandbox::clone_n(client, &req, a.clones).await?;
+        let ids: Vec<SandboxId> = crate::sandbox::clone_n(client, &req, a.clones)
+            .await?
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
         clones_wall = Some(ms(t.elapsed()));
         let mut pss: Vec<f64> = ids
             .iter()
@@ -232,10 +237,7 @@ pub async fn snapshot(
     }
     let (mut pause, mut snap_wall) = (Vec::new(), Vec::new());
     if a.user_snapshots > 0 {
-        let req = SandboxCreateRequest {
-            image: a.image.clone(),
-            ..Default::default()
-        };
+        let req = image_spec(&a.image, false)?;
         let info: SandboxInfo = client
             .call(Method::POST, "/v1/sandboxes", Some(&req))
             .await?;
@@ -261,7 +263,9 @@ pub async fn snapshot(
                     .call(
                         Method::POST,
                         &format!("/v1/sandboxes/{}/snapshot", info.id),
-                        Some(&kiln_api_types::SnapshotCreateRequest { name: name.clone() }),
+                        Some(&kiln_api_types::SnapshotCreateRequest {
+                            name: name.parse()?,
+                        }),
                     )
                     .await?;
                 snap_wall.push(ms(t.elapsed()));
@@ -348,11 +352,7 @@ async fn start_and_exec(
     image: &str,
     cold: bool,
 ) -> anyhow::Result<(SandboxInfo, f64)> {
-    let req = SandboxCreateRequest {
-        image: image.to_owned(),
-        cold,
-        ..Default::default()
-    };
+    let req = image_spec(image, cold)?;
     let t = Instant::now();
     let info: SandboxInfo = client
         .call(Method::POST, "/v1/sandboxes", Some(&req))
@@ -397,18 +397,14 @@ pub async fn run(client: &Client, a: &BenchArgs) -> anyhow::Result<i32> {
     let mut accel = String::new();
     for run in 0..a.runs {
         // This benchmark measures cold boots; `kiln bench snapshot` measures restores.
-        let req = SandboxCreateRequest {
-            image: a.image.clone(),
-            cold: true,
-            ..Default::default()
-        };
+        let req = image_spec(&a.image, true)?;
         let t = Instant::now();
         let info: SandboxInfo = client
             .call(Method::POST, "/v1/sandboxes", Some(&req))
             .await?;
         create.push(ms(t.elapsed()));
-        boot.push(info.boot_ms.unwrap_or(0) as f64);
-        accel = info.accel.clone();
+        boot.push(info.status.boot_ms.unwrap_or(0) as f64);
+        accel = info.status.accel.clone();
         let result = measure_in(
             client,
             &info.id,
@@ -428,7 +424,7 @@ pub async fn run(client: &Client, a: &BenchArgs) -> anyhow::Result<i32> {
                 "run {}/{}: boot {} ms",
                 run + 1,
                 a.runs,
-                info.boot_ms.unwrap_or(0)
+                info.status.boot_ms.unwrap_or(0)
             );
         }
     }
@@ -566,6 +562,18 @@ pub fn summary(v: &mut [f64]) -> Summary {
         p95: rank(0.95),
         n: v.len(),
     }
+}
+
+/// A spec starting `image` (cold or from its warm snapshot) with default size.
+fn image_spec(image: &str, cold: bool) -> anyhow::Result<SandboxSpec> {
+    Ok(SandboxSpec {
+        source: kiln_api_types::SandboxSource::Image {
+            image: image.parse()?,
+            machine: kiln_api_types::MachineSpec::default(),
+            cold,
+        },
+        ..SandboxSpec::default()
+    })
 }
 
 #[cfg(test)]

@@ -196,6 +196,36 @@ impl Client {
         Ok(())
     }
 
+    /// `GET path` answering a text stream; `on_line` sees each line (without its newline)
+    /// until the stream ends or `on_line` says stop (`Ok(false)`).
+    pub async fn stream_text_lines(
+        &self,
+        path: &str,
+        mut on_line: impl FnMut(&str) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        let resp = self.send(Method::GET, path, None).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(api_error(status, &read_body(resp).await?).into());
+        }
+        let mut body = resp.into_body();
+        let mut buf = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.context("kilnd's stream broke off")?;
+            if let Some(data) = frame.data_ref() {
+                buf.extend_from_slice(data);
+                while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    let text = String::from_utf8_lossy(&line[..line.len() - 1]);
+                    if !on_line(&text)? {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Opens a WebSocket to `path`.
     pub async fn websocket(
         &self,

@@ -40,6 +40,9 @@ pub enum ImageCmd {
         /// Guest memory (MiB) of the sandboxes that will use it.
         #[arg(long, default_value_t = kiln_api_types::DEFAULT_MEMORY_MIB)]
         memory: u32,
+        /// Print the snapshot that was captured or found as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a built image.
     Rm {
@@ -81,19 +84,31 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        ImageCmd::Warm { name, cpus, memory } => {
+        ImageCmd::Warm {
+            name,
+            cpus,
+            memory,
+            json,
+        } => {
             // A start captures the snapshot if it is missing and proves it restores.
-            let opts = crate::run::SandboxOpts {
-                image: name.clone(),
-                cpus: *cpus,
-                memory: *memory,
-                cold: false,
-                secrets: Vec::new(),
-                secret_env: false,
-                publish: Vec::new(),
-                snapshot: None,
+            let req = kiln_api_types::SandboxSpec {
+                source: kiln_api_types::SandboxSource::Image {
+                    image: name.parse()?,
+                    machine: kiln_api_types::MachineSpec {
+                        cpus: *cpus,
+                        memory_mib: *memory,
+                    },
+                    cold: false,
+                },
+                ..Default::default()
             };
-            let req = opts.request()?;
+            req.validate().map_err(|e| {
+                anyhow::anyhow!(
+                    e.to_string()
+                        .replace("memory_mib", "--memory")
+                        .replace("cpus", "--cpus")
+                )
+            })?;
             ensure_built(client, name).await?;
             let info: kiln_api_types::SandboxInfo = client
                 .call(Method::POST, "/v1/sandboxes", Some(&req))
@@ -101,15 +116,25 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
             client
                 .call_empty(Method::DELETE, &format!("/v1/sandboxes/{}", info.id))
                 .await?;
-            if info.source != "snapshot" {
+            if info.status.source != kiln_api_types::StartSource::Snapshot {
                 bail!(
                     "no warm snapshot for {name}: the sandbox cold-booted (see kilnd.log for why)"
                 );
             }
             eprintln!(
                 "warm snapshot of {name} ready ({cpus} vCPU, {memory} MiB): restored in {} ms",
-                info.boot_ms.unwrap_or(0)
+                info.status.boot_ms.unwrap_or(0)
             );
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "image": name,
+                        "snapshot": info.status.snapshot,
+                        "restore_ms": info.status.boot_ms,
+                    })
+                );
+            }
             Ok(0)
         }
         ImageCmd::Rm { name } => {

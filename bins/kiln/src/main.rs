@@ -44,15 +44,65 @@ enum Cmd {
     Exec(sandbox::ExecArgs),
     /// List sandboxes.
     Ps {
+        /// Only sandboxes matching `label=K[=V]`, `status=STATE` or `name=NAME` (repeatable;
+        /// all must hold).
+        #[arg(long = "filter", short = 'f', value_name = "COND")]
+        filters: Vec<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Destroy sandboxes.
-    Rm {
-        /// Sandbox ids.
+    /// Show sandboxes as JSON (spec and status).
+    Inspect {
+        /// Sandbox ids, names or unambiguous id prefixes.
         #[arg(required = true)]
         ids: Vec<String>,
+    },
+    /// Destroy sandboxes.
+    Rm {
+        /// Sandbox ids, names or unambiguous id prefixes.
+        ids: Vec<String>,
+        /// Every sandbox (that passes the filters).
+        #[arg(long)]
+        all: bool,
+        /// With --all: only sandboxes matching this condition (as in `ps`).
+        #[arg(long = "filter", short = 'f', value_name = "COND")]
+        filters: Vec<String>,
+        /// Print the removed ids as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a sandbox's vCPUs in place (no CPU use; memory kept).
+    Pause {
+        /// Sandbox id, name or unambiguous id prefix.
+        id: String,
+        /// Print the sandbox as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let a paused sandbox run again.
+    Resume {
+        /// Sandbox id, name or unambiguous id prefix.
+        id: String,
+        /// Print the sandbox as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a sandbox's remaining lifetime (e.g. 30s, 5m, 2h) from now.
+    Ttl {
+        /// Sandbox id, name or unambiguous id prefix.
+        id: String,
+        /// New remaining lifetime.
+        duration: String,
+        /// Print the sandbox as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow the daemon's events (lifecycle transitions, exec start and end).
+    Events {
+        /// Print each event as a JSON line.
+        #[arg(long)]
+        json: bool,
     },
     /// Report what kiln will use on this host and why.
     Doctor {
@@ -110,8 +160,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match &cli.cmd {
         Cmd::Run(args) => run::run(&client, args).await,
         Cmd::Image(cmd) => image::run(&client, cmd).await,
-        Cmd::Ps { json } => ps::ps(&client, *json).await,
-        Cmd::Rm { ids } => ps::rm(&client, ids).await,
+        Cmd::Ps { filters, json } => ps::ps(&client, filters, *json).await,
+        Cmd::Inspect { ids } => ps::inspect(&client, ids).await,
+        Cmd::Rm {
+            ids,
+            all,
+            filters,
+            json,
+        } => ps::rm(&client, ids, *all, filters, *json).await,
+        Cmd::Pause { id, json } => ps::pause_resume(&client, id, true, *json).await,
+        Cmd::Resume { id, json } => ps::pause_resume(&client, id, false, *json).await,
+        Cmd::Ttl { id, duration, json } => ps::ttl(&client, id, duration, *json).await,
+        Cmd::Events { json } => ps::events(&client, *json).await,
         Cmd::Bench(BenchCmd::Boot(args)) => bench::run(&client, args).await,
         Cmd::Bench(BenchCmd::Snapshot(args)) => bench::snapshot(&client, &home, args).await,
         Cmd::Create(args) => sandbox::create(&client, args).await,

@@ -1,73 +1,275 @@
-//! `kiln ps` and `kiln rm`: list and destroy sandboxes.
+//! `kiln ps`, `kiln inspect`, `kiln rm`, `kiln pause`/`resume`, `kiln ttl` and
+//! `kiln events`: find, describe, change and destroy sandboxes.
+//!
+//! Wherever a sandbox is named, its id, its name or an unambiguous id prefix works; the
+//! daemon resolves it ([`resolve`]).
 
+use anyhow::bail;
 use hyper::Method;
-use kiln_api_types::{SandboxId, SandboxList};
+use kiln_api_types::{SandboxFilter, SandboxId, SandboxInfo, SandboxList};
 
 use crate::client::Client;
 
-/// `kiln ps`.
-pub async fn ps(client: &Client, json: bool) -> anyhow::Result<i32> {
-    let list: SandboxList = client.get("/v1/sandboxes").await?;
+/// The id of the sandbox `key` names (id, name or unambiguous id prefix), asked of the daemon.
+pub async fn resolve(client: &Client, key: &str) -> anyhow::Result<SandboxId> {
+    let info: SandboxInfo = client
+        .get(&format!("/v1/sandboxes/{}", path_key(key)?))
+        .await?;
+    Ok(info.id)
+}
+
+/// `key` as one path segment: ids, names and prefixes only ever use these characters, so
+/// anything else is refused here rather than reaching the URL.
+fn path_key(key: &str) -> anyhow::Result<&str> {
+    if key.is_empty()
+        || key.len() > 128
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        bail!("invalid sandbox id or name {key:?}");
+    }
+    Ok(key)
+}
+
+/// `?k=v&...` for a list of `--filter` conditions (checked here, so a typo fails fast).
+fn filter_query(filters: &[String]) -> anyhow::Result<String> {
+    let mut check = SandboxFilter::default();
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    for f in filters {
+        check.add(f).map_err(|e| anyhow::anyhow!("--filter: {e}"))?;
+        let (k, v) = f.split_once('=').unwrap_or((f, ""));
+        q.append_pair(k, v);
+    }
+    let q = q.finish();
+    Ok(if q.is_empty() { q } else { format!("?{q}") })
+}
+
+/// The sandboxes passing `filters`.
+async fn list(client: &Client, filters: &[String]) -> anyhow::Result<Vec<SandboxInfo>> {
+    let list: SandboxList = client
+        .get(&format!("/v1/sandboxes{}", filter_query(filters)?))
+        .await?;
+    Ok(list.sandboxes)
+}
+
+/// `kiln ps [--filter C]... [--json]`.
+pub async fn ps(client: &Client, filters: &[String], json: bool) -> anyhow::Result<i32> {
+    let sandboxes = list(client, filters).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&SandboxList { sandboxes })?
+        );
         return Ok(0);
     }
     println!(
-        "{:<16} {:<8} {:<8} {:>4} {:>7} {:<4} {:>8}  CREATED",
-        "ID", "IMAGE", "STATE", "CPUS", "MEM", "ACC", "BOOT"
+        "{:<16} {:<12} {:<8} {:<8} {:>4} {:>7} {:<4} {:>8}  CREATED",
+        "ID", "NAME", "IMAGE", "STATE", "CPUS", "MEM", "ACC", "BOOT"
     );
-    for s in &list.sandboxes {
+    for s in &sandboxes {
+        let st = &s.status;
         println!(
-            "{:<16} {:<8} {:<8} {:>4} {:>7} {:<4} {:>8}  {}",
+            "{:<16} {:<12} {:<8} {:<8} {:>4} {:>7} {:<4} {:>8}  {}",
             s.id,
-            s.image,
-            s.state.as_str(),
-            s.cpus,
-            format!("{}M", s.memory_mib),
-            s.accel,
-            s.boot_ms
+            s.spec.name.as_ref().map_or("-", |n| n.as_str()),
+            st.image,
+            st.state.as_str(),
+            st.cpus,
+            format!("{}M", st.memory_mib),
+            st.accel,
+            st.boot_ms
                 .map(|m| format!("{m}ms"))
                 .unwrap_or_else(|| "-".into()),
-            ago(s.created_unix)
+            ago(st.created_unix)
         );
-        if let Some(err) = &s.error {
+        if let Some(err) = &st.error {
             println!("    error: {}", err.lines().next().unwrap_or(""));
         }
     }
     Ok(0)
 }
 
-/// `kiln rm ID...`: every id is tried; the exit code is non-zero if any failed.
-pub async fn rm(client: &Client, ids: &[String]) -> anyhow::Result<i32> {
+/// `kiln inspect ID...`: the sandboxes as JSON (an array, like `docker inspect`).
+pub async fn inspect(client: &Client, keys: &[String]) -> anyhow::Result<i32> {
+    let mut out = Vec::new();
+    for key in keys {
+        let info: SandboxInfo = client
+            .get(&format!("/v1/sandboxes/{}", path_key(key)?))
+            .await?;
+        out.push(info);
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(0)
+}
+
+/// `kiln rm ID... | --all [--filter C]...`: every sandbox is tried; the exit code is
+/// non-zero if any failed.
+pub async fn rm(
+    client: &Client,
+    keys: &[String],
+    all: bool,
+    filters: &[String],
+    json: bool,
+) -> anyhow::Result<i32> {
+    let targets: Vec<String> = if all {
+        if !keys.is_empty() {
+            bail!("give either sandbox ids or --all, not both");
+        }
+        list(client, filters)
+            .await?
+            .into_iter()
+            .map(|s| s.id.to_string())
+            .collect()
+    } else {
+        if !filters.is_empty() {
+            bail!("--filter selects sandboxes for --all; add --all");
+        }
+        if keys.is_empty() {
+            bail!("give sandbox ids (or --all)");
+        }
+        keys.to_vec()
+    };
     let mut code = 0;
-    for raw in ids {
-        let res = match raw.parse::<SandboxId>() {
-            Ok(id) => {
-                client
-                    .call_empty(Method::DELETE, &format!("/v1/sandboxes/{id}"))
-                    .await
-            }
-            Err(e) => Err(e.into()),
-        };
+    let mut removed = Vec::new();
+    for raw in &targets {
+        let res = async {
+            let id = resolve(client, raw).await?;
+            client
+                .call_empty(Method::DELETE, &format!("/v1/sandboxes/{id}"))
+                .await?;
+            Ok::<_, anyhow::Error>(id)
+        }
+        .await;
         match res {
-            Ok(()) => println!("{raw}"),
+            Ok(id) => {
+                if !json {
+                    println!("{raw}");
+                }
+                removed.push(id);
+            }
             Err(e) => {
                 eprintln!("kiln: rm {raw}: {e:#}");
                 code = 1;
             }
         }
     }
+    if json {
+        println!("{}", serde_json::json!({ "removed": removed }));
+    }
     Ok(code)
+}
+
+/// `kiln pause ID` / `kiln resume ID`.
+pub async fn pause_resume(
+    client: &Client,
+    key: &str,
+    pause: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let id = resolve(client, key).await?;
+    let verb = if pause { "pause" } else { "resume" };
+    let info: SandboxInfo = client
+        .call::<SandboxInfo>(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/{verb}"),
+            None::<&()>,
+        )
+        .await?;
+    print_info(&info, json)
+}
+
+/// `kiln ttl ID DURATION`: the sandbox now lives DURATION from now.
+pub async fn ttl(client: &Client, key: &str, duration: &str, json: bool) -> anyhow::Result<i32> {
+    let ttl_secs = kiln_api_types::parse_duration_secs(duration)?;
+    let id = resolve(client, key).await?;
+    let info: SandboxInfo = client
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/ttl"),
+            Some(&kiln_api_types::TtlRequest { ttl_secs }),
+        )
+        .await?;
+    print_info(&info, json)
+}
+
+fn print_info(info: &SandboxInfo, json: bool) -> anyhow::Result<i32> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(info)?);
+    } else {
+        println!("{}", info.id);
+    }
+    Ok(0)
+}
+
+/// `kiln events [--json]`: follows the daemon's event stream until interrupted.
+pub async fn events(client: &Client, json: bool) -> anyhow::Result<i32> {
+    client
+        .stream_text_lines("/v1/events", |line| {
+            if let Some(data) = line.strip_prefix("data: ") {
+                if json {
+                    println!("{data}");
+                } else if let Ok(ev) = serde_json::from_str::<kiln_api_types::Event>(data) {
+                    println!("{}", describe_event(&ev));
+                } else if data.contains("missed") {
+                    eprintln!("kiln: events were missed (this client fell behind): {data}");
+                }
+            }
+            Ok(true)
+        })
+        .await?;
+    Ok(0)
+}
+
+/// One human-readable line per event.
+fn describe_event(ev: &kiln_api_types::Event) -> String {
+    use kiln_api_types::EventKind;
+    let what = match &ev.kind {
+        EventKind::State { state, reason } => match reason {
+            Some(r) => format!("{state}: {}", r.lines().next().unwrap_or("")),
+            None => state.to_string(),
+        },
+        EventKind::Removed { reason } => format!("removed ({reason})"),
+        EventKind::ExecStarted { argv } => format!("exec {}", argv.join(" ")),
+        EventKind::ExecEnded { status } => format!("exec ended (exit {})", status.shell_code()),
+    };
+    format!("{} {} {what}", ev.time_unix_ms, ev.sandbox)
 }
 
 /// "5s ago"-style age of a Unix time.
 pub fn ago(unix: u64) -> String {
-    let now = kiln_core::unix_now();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let d = now.saturating_sub(unix);
     match d {
         0..60 => format!("{d}s ago"),
         60..3600 => format!("{}m ago", d / 60),
         3600..86400 => format!("{}h ago", d / 3600),
         _ => format!("{}d ago", d / 86400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_key_refuses_url_tricks() {
+        assert!(path_key("sb-0123456789ab").is_ok());
+        assert!(path_key("web.1").is_ok());
+        for bad in ["", "a/b", "a?b=c", "..%2f", "a b", &"x".repeat(129)] {
+            assert!(path_key(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn filter_query_encodes_and_checks() {
+        assert_eq!(filter_query(&[]).unwrap(), "");
+        assert_eq!(
+            filter_query(&["label=team=a b".into(), "status=running".into()]).unwrap(),
+            "?label=team%3Da+b&status=running"
+        );
+        assert!(filter_query(&["colour=red".into()]).is_err());
     }
 }

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use clap::Args;
 use futures_util::{SinkExt, StreamExt};
 use kiln_api_types::{
-    ExecClientMessage, ExecRequest, ExecServerMessage, RunRequest, STREAM_STDERR, STREAM_STDOUT,
-    SandboxCreateRequest, SandboxId,
+    ExecClientMessage, ExecRequest, ExecServerMessage, MachineSpec, RunRequest, STREAM_STDERR,
+    STREAM_STDOUT, SandboxId, SandboxSource, SandboxSpec,
 };
 use tokio::net::UnixStream;
 use tokio_tungstenite::WebSocketStream;
@@ -61,19 +61,69 @@ pub struct SandboxOpts {
     /// snapshot; the image and size are the snapshot's.
     #[arg(long, value_name = "NAME", conflicts_with_all = ["image", "cold"])]
     pub snapshot: Option<String>,
+    /// A unique name, usable wherever an id is.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// A label (repeatable), for `kiln ps --filter label=K=V`.
+    #[arg(long = "label", short = 'l', value_name = "K=V")]
+    pub labels: Vec<String>,
+    /// Remove the sandbox this long after it started (e.g. 30s, 5m, 2h).
+    #[arg(long, value_name = "DURATION")]
+    pub ttl: Option<String>,
+    /// Remove the sandbox after this long without exec, file or tunnel activity.
+    #[arg(long, value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
 }
 
 impl SandboxOpts {
-    /// The create request these options describe; errors name the bad option.
-    pub fn request(&self) -> anyhow::Result<SandboxCreateRequest> {
-        let req = SandboxCreateRequest {
-            image: self.image.clone(),
-            cpus: self.cpus,
-            memory_mib: self.memory,
-            cold: self.cold,
+    /// The spec these options describe; errors name the bad option.
+    pub fn request(&self) -> anyhow::Result<SandboxSpec> {
+        let source = match &self.snapshot {
+            Some(name) => SandboxSource::Snapshot {
+                snapshot: name
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--snapshot: {e}"))?,
+            },
+            None => SandboxSource::Image {
+                image: self
+                    .image
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--image: {e}"))?,
+                machine: MachineSpec {
+                    cpus: self.cpus,
+                    memory_mib: self.memory,
+                },
+                cold: self.cold,
+            },
+        };
+        let duration = |flag: &str, v: &Option<String>| -> anyhow::Result<Option<u64>> {
+            v.as_deref()
+                .map(|d| {
+                    kiln_api_types::parse_duration_secs(d)
+                        .map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+                })
+                .transpose()
+        };
+        let labels = self
+            .labels
+            .iter()
+            .map(|l| l.parse().map_err(|e| anyhow::anyhow!("--label: {e}")))
+            .collect::<anyhow::Result<Vec<kiln_api_types::Label>>>()?;
+        let spec = SandboxSpec {
+            source,
+            name: self
+                .name
+                .as_deref()
+                .map(|n| n.parse().map_err(|e| anyhow::anyhow!("--name: {e}")))
+                .transpose()?,
+            labels: kiln_api_types::Labels::from_labels(labels)
+                .map_err(|e| anyhow::anyhow!("--label: {e}"))?,
+            lifetime: kiln_api_types::Lifetime {
+                ttl_secs: duration("--ttl", &self.ttl)?,
+                idle_timeout_secs: duration("--idle-timeout", &self.idle_timeout)?,
+            },
             secrets: parse_secrets(&self.secrets)?,
             secret_env: self.secret_env,
-            snapshot: self.snapshot.clone(),
             publish: self
                 .publish
                 .iter()
@@ -83,13 +133,22 @@ impl SandboxOpts {
                 })
                 .collect::<anyhow::Result<_>>()?,
         };
-        req.validate().map_err(|m| {
+        spec.validate().map_err(|e| {
             anyhow::anyhow!(
-                m.replace("memory_mib", "--memory")
+                e.to_string()
+                    .replace("memory_mib", "--memory")
                     .replace("cpus", "--cpus")
             )
         })?;
-        Ok(req)
+        Ok(spec)
+    }
+}
+
+/// The image a spec starts from, when it starts from one (to build it first if missing).
+pub fn image_of(spec: &SandboxSpec) -> Option<&str> {
+    match &spec.source {
+        SandboxSource::Image { image, .. } => Some(image.as_str()),
+        SandboxSource::Snapshot { .. } => None,
     }
 }
 
@@ -175,8 +234,8 @@ impl ExecOpts {
 pub async fn run(client: &Client, args: &RunArgs) -> anyhow::Result<i32> {
     let exec = args.exec.request()?;
     let sandbox = args.sandbox.request()?;
-    if sandbox.snapshot.is_none() {
-        crate::image::ensure_built(client, &sandbox.image).await?;
+    if let Some(image) = image_of(&sandbox) {
+        crate::image::ensure_built(client, image).await?;
     }
     let ws = client.websocket("/v1/run").await?;
     let first = serde_json::to_string(&RunRequest { sandbox, exec })?;

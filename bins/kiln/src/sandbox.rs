@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use clap::{Args, Subcommand};
 use hyper::Method;
-use kiln_api_types::{SandboxCreateRequest, SandboxId, SandboxInfo};
+use kiln_api_types::{SandboxInfo, SandboxSpec};
 use kiln_core::Home;
 
 use crate::client::Client;
@@ -24,8 +24,8 @@ pub struct CreateArgs {
 /// `kiln create`.
 pub async fn create(client: &Client, a: &CreateArgs) -> anyhow::Result<i32> {
     let req = a.sandbox.request()?;
-    if req.snapshot.is_none() {
-        crate::image::ensure_built(client, &req.image).await?;
+    if let Some(image) = crate::run::image_of(&req) {
+        crate::image::ensure_built(client, image).await?;
     }
     let info: SandboxInfo = client
         .call(Method::POST, "/v1/sandboxes", Some(&req))
@@ -52,6 +52,9 @@ pub struct CloneArgs {
     /// How many sandboxes to start, concurrently.
     #[arg(long, default_value_t = 1)]
     pub count: u32,
+    /// Print the sandboxes as JSON instead of their ids.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `kiln clone --count N`: N sandboxes restored concurrently from one warm snapshot; prints
@@ -65,18 +68,26 @@ pub async fn clone(client: &Client, a: &CloneArgs) -> anyhow::Result<i32> {
     }
     let mut req = a.sandbox.request()?;
     if let Some(name) = &a.snapshot {
-        if req.snapshot.is_some() {
+        if a.sandbox.snapshot.is_some() {
             bail!("give the snapshot either as the argument or with --snapshot, not both");
         }
-        req.snapshot = Some(name.clone());
-        req.validate().map_err(|m| anyhow::anyhow!(m))?;
+        req.source = kiln_api_types::SandboxSource::Snapshot {
+            snapshot: name.parse().map_err(|e| anyhow::anyhow!("{e}"))?,
+        };
     }
     if a.count > 1 && !req.publish.is_empty() {
         bail!("--publish cannot be used with --count above 1: clones cannot share a host port");
     }
-    let ids = clone_n(client, &req, a.count).await?;
-    for id in ids {
-        println!("{id}");
+    if a.count > 1 && req.name.is_some() {
+        bail!("--name cannot be used with --count above 1: names are unique");
+    }
+    let infos = clone_n(client, &req, a.count).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&infos)?);
+    } else {
+        for info in infos {
+            println!("{}", info.id);
+        }
     }
     Ok(0)
 }
@@ -85,36 +96,32 @@ pub async fn clone(client: &Client, a: &CloneArgs) -> anyhow::Result<i32> {
 /// is missing; the other starts wait for it); all or nothing.
 pub async fn clone_n(
     client: &Client,
-    req: &SandboxCreateRequest,
+    req: &SandboxSpec,
     count: u32,
-) -> anyhow::Result<Vec<SandboxId>> {
-    if req.snapshot.is_none() {
-        crate::image::ensure_built(client, &req.image).await?;
+) -> anyhow::Result<Vec<SandboxInfo>> {
+    if let Some(image) = crate::run::image_of(req) {
+        crate::image::ensure_built(client, image).await?;
     }
     let starts =
         (0..count).map(|_| client.call::<SandboxInfo>(Method::POST, "/v1/sandboxes", Some(req)));
     let results = futures_util::future::join_all(starts).await;
     let (ok, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
-    let ids: Vec<SandboxId> = ok
-        .into_iter()
-        .filter_map(|r| r.ok())
-        .map(|i| i.id)
-        .collect();
+    let infos: Vec<SandboxInfo> = ok.into_iter().filter_map(|r| r.ok()).collect();
     if let Some(Err(e)) = failed.into_iter().next() {
-        for id in &ids {
+        for id in infos.iter().map(|i| &i.id) {
             let _ = client
                 .call_empty(Method::DELETE, &format!("/v1/sandboxes/{id}"))
                 .await;
         }
         return Err(e.context(format!("starting {count} clones")));
     }
-    Ok(ids)
+    Ok(infos)
 }
 
 /// Options of `kiln exec`.
 #[derive(Debug, Args)]
 pub struct ExecArgs {
-    /// Sandbox id.
+    /// Sandbox id, name or unambiguous id prefix.
     pub id: String,
     /// The command to run.
     #[command(flatten)]
@@ -123,10 +130,10 @@ pub struct ExecArgs {
 
 /// `kiln exec`.
 pub async fn exec(client: &Client, a: &ExecArgs) -> anyhow::Result<i32> {
-    let id: SandboxId = a.id.parse()?;
     let req = a.exec.request()?;
-    // A wrong id is reported plainly before any WebSocket is opened.
-    let _: SandboxInfo = client.get(&format!("/v1/sandboxes/{id}")).await?;
+    // A wrong id is reported plainly before any WebSocket is opened; the id it resolves to
+    // is used from here on.
+    let id = crate::ps::resolve(client, &a.id).await?;
     let ws = client
         .websocket(&format!("/v1/sandboxes/{id}/exec"))
         .await?;
@@ -311,8 +318,9 @@ pub async fn snapshot(client: &Client, a: &SnapshotArgs) -> anyhow::Result<i32> 
             let (Some(id), Some(name)) = (&a.id, &a.name) else {
                 bail!("usage: kiln snapshot ID --name NAME");
             };
-            let id: SandboxId = id.parse()?;
-            kiln_api_types::validate_snapshot_name(name).map_err(|m| anyhow::anyhow!(m))?;
+            let id = crate::ps::resolve(client, id).await?;
+            let name =
+                kiln_api_types::SnapshotName::user(name).map_err(|e| anyhow::anyhow!("{e}"))?;
             let started = Instant::now();
             let info: kiln_api_types::SnapshotInfo = client
                 .call(
@@ -342,19 +350,23 @@ pub async fn snapshot(client: &Client, a: &SnapshotArgs) -> anyhow::Result<i32> 
 pub enum SecretCmd {
     /// Deliver new secret values to a running sandbox and rerun its image's on-restore hook.
     Rotate {
-        /// Sandbox id.
+        /// Sandbox id, name or unambiguous id prefix.
         id: String,
         /// `NAME=VALUE`, or `NAME` alone for a new random 64-hex value (printed on stderr).
         #[arg(required = true, value_name = "NAME[=VALUE]")]
         secrets: Vec<String>,
+        /// Print what was rotated as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
 /// `kiln secret rotate ID NAME[=VALUE]...`.
 pub async fn secret(client: &Client, cmd: &SecretCmd) -> anyhow::Result<i32> {
-    let SecretCmd::Rotate { id, secrets } = cmd;
-    let id: SandboxId = id.parse()?;
+    let SecretCmd::Rotate { id, secrets, json } = cmd;
+    let id = crate::ps::resolve(client, id).await?;
     let secrets = crate::run::parse_secrets(secrets)?;
+    let names: Vec<String> = secrets.0.keys().cloned().collect();
     client
         .call_no_content(
             Method::POST,
@@ -362,5 +374,8 @@ pub async fn secret(client: &Client, cmd: &SecretCmd) -> anyhow::Result<i32> {
             &kiln_api_types::SecretsUpdateRequest { secrets },
         )
         .await?;
+    if *json {
+        println!("{}", serde_json::json!({ "sandbox": id, "rotated": names }));
+    }
     Ok(0)
 }

@@ -2,13 +2,17 @@
 //!
 //! ```text
 //! GET    /v1/health                      Health
-//! GET    /v1/sandboxes                   SandboxList
-//! POST   /v1/sandboxes                   SandboxCreateRequest -> SandboxInfo (once the agent answers)
+//! GET    /v1/sandboxes                   ?label=K=V&status=S&name=N -> SandboxList
+//! POST   /v1/sandboxes                   SandboxSpec -> SandboxInfo (once the agent answers)
 //! GET    /v1/sandboxes/{id}              SandboxInfo
 //! DELETE /v1/sandboxes/{id}              204
 //! POST   /v1/sandboxes/{id}/ping         PingResponse
 //! POST   /v1/sandboxes/{id}/snapshot     SnapshotCreateRequest -> SnapshotInfo (201; sandbox keeps running)
 //! POST   /v1/sandboxes/{id}/secrets      SecretsUpdateRequest -> 204 (delivered, hook rerun)
+//! POST   /v1/sandboxes/{id}/pause        SandboxInfo (vCPUs stopped in place)
+//! POST   /v1/sandboxes/{id}/resume       SandboxInfo
+//! POST   /v1/sandboxes/{id}/ttl          TtlRequest -> SandboxInfo (lifetime ends ttl_secs from now)
+//! GET    /v1/events                      text/event-stream of Event (lifecycle, exec start/end)
 //! GET    /v1/sandboxes/{id}/exec         WebSocket: ExecRequest, then streams (docs/protocol.md)
 //! GET    /v1/run                         WebSocket: RunRequest; fresh sandbox, one exec, teardown
 //! GET    /v1/images                      ImageList
@@ -18,6 +22,8 @@
 //! DELETE /v1/snapshots/{name}            204 (409 while a sandbox uses it)
 //! ```
 //!
+//! `{id}` is a sandbox id, its name, or an unambiguous id prefix.
+//!
 //! Every error body is an [`ApiError`] with a stable `code`; a malformed request is always a
 //! 4xx, never a 5xx.
 
@@ -26,14 +32,14 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use kiln_api_types::{
-    ApiError, Health, ImageBuildEvent, ImageBuildRequest, ImageList, PingResponse,
-    SandboxCreateRequest, SandboxId, SandboxList, SecretsUpdateRequest, SnapshotCreateRequest,
-    SnapshotList,
+    ApiError, Health, ImageBuildEvent, ImageBuildRequest, ImageList, PingResponse, SandboxFilter,
+    SandboxId, SandboxList, SandboxSpec, SecretsUpdateRequest, SnapshotCreateRequest, SnapshotList,
+    SnapshotName, TtlRequest,
 };
 use kiln_core::{CoreError, Engine};
 use serde::Serialize;
@@ -57,6 +63,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/sandboxes/{id}/exec", get(sandbox_exec))
         .route("/v1/sandboxes/{id}/snapshot", post(snapshot_create))
         .route("/v1/sandboxes/{id}/secrets", post(secrets_update))
+        .route("/v1/sandboxes/{id}/pause", post(sandbox_pause))
+        .route("/v1/sandboxes/{id}/resume", post(sandbox_resume))
+        .route("/v1/sandboxes/{id}/ttl", post(sandbox_ttl))
+        .route("/v1/events", get(events))
         .route("/v1/snapshots", get(snapshot_list))
         .route(
             "/v1/snapshots/{name}",
@@ -100,6 +110,8 @@ fn error(status: StatusCode, code: &str, message: String) -> HttpError {
 pub fn status_of(e: &CoreError) -> StatusCode {
     match e {
         CoreError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        CoreError::Invalid(_) | CoreError::AmbiguousSandbox { .. } => StatusCode::BAD_REQUEST,
+        CoreError::NameTaken(_) => StatusCode::CONFLICT,
         CoreError::SandboxNotFound(_)
         | CoreError::ImageNotFound { .. }
         | CoreError::SnapshotNotFound(_) => StatusCode::NOT_FOUND,
@@ -108,7 +120,7 @@ pub fn status_of(e: &CoreError) -> StatusCode {
         | CoreError::SnapshotInUse { .. }
         | CoreError::PortUnavailable { .. } => StatusCode::CONFLICT,
         CoreError::GuestCommand(_) => StatusCode::UNPROCESSABLE_ENTITY,
-        CoreError::NotRunning { .. } => StatusCode::CONFLICT,
+        CoreError::WrongState { .. } => StatusCode::CONFLICT,
         CoreError::ExecRejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
         CoreError::SandboxFailed { .. } | CoreError::Agent(_) | CoreError::Vmm(_) => {
             StatusCode::BAD_GATEWAY
@@ -160,10 +172,9 @@ fn parse_required<T: DeserializeOwned>(body: &Bytes) -> Result<T, HttpError> {
     })
 }
 
-fn parse_id(raw: &str) -> Result<SandboxId, HttpError> {
-    raw.parse().map_err(|e: kiln_api_types::InvalidId| {
-        error(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
-    })
+/// The sandbox a path's `{id}` names: an id, a name or an unambiguous id prefix.
+fn resolve(engine: &Engine, raw: &str) -> Result<SandboxId, HttpError> {
+    Ok(engine.resolve(raw)?)
 }
 
 fn json<T: Serialize>(v: T) -> Response {
@@ -179,27 +190,37 @@ async fn health(State(engine): Shared) -> Response {
     })
 }
 
-async fn sandbox_list(State(engine): Shared) -> Result<Response, HttpError> {
+/// `?label=K=V&status=running&name=N`: every condition must hold.
+async fn sandbox_list(
+    State(engine): Shared,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Result<Response, HttpError> {
+    let mut filter = SandboxFilter::default();
+    for (k, v) in &query {
+        filter
+            .add(&format!("{k}={v}"))
+            .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
+    }
     Ok(json(SandboxList {
-        sandboxes: engine.sandbox_list()?,
+        sandboxes: engine.sandbox_list(&filter)?,
     }))
 }
 
 async fn sandbox_create(State(engine): Shared, body: Bytes) -> Result<Response, HttpError> {
-    let req: SandboxCreateRequest = parse_body(&body)?;
-    let info = engine.sandbox_create(&req).await?;
+    let spec: SandboxSpec = parse_body(&body)?;
+    let info = engine.sandbox_create(&spec).await?;
     Ok((StatusCode::CREATED, axum::Json(info)).into_response())
 }
 
 async fn sandbox_get(State(engine): Shared, Path(id): Path<String>) -> Result<Response, HttpError> {
-    Ok(json(engine.sandbox_get(&parse_id(&id)?)?))
+    Ok(json(engine.sandbox_get(&resolve(&engine, &id)?)?))
 }
 
 async fn sandbox_delete(
     State(engine): Shared,
     Path(id): Path<String>,
 ) -> Result<Response, HttpError> {
-    engine.sandbox_delete(&parse_id(&id)?).await?;
+    engine.sandbox_delete(&resolve(&engine, &id)?).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -207,7 +228,7 @@ async fn sandbox_ping(
     State(engine): Shared,
     Path(id): Path<String>,
 ) -> Result<Response, HttpError> {
-    let rtt = engine.sandbox_ping(&parse_id(&id)?).await?;
+    let rtt = engine.sandbox_ping(&resolve(&engine, &id)?).await?;
     Ok(json(PingResponse {
         rtt_us: rtt.as_micros() as u64,
     }))
@@ -218,7 +239,7 @@ async fn sandbox_exec(
     Path(id): Path<String>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, HttpError> {
-    let id = parse_id(&id)?;
+    let id = resolve(&engine, &id)?;
     // Existence is checked before upgrading so that a wrong id is a plain 404.
     engine.sandbox_get(&id)?;
     Ok(ws
@@ -231,7 +252,7 @@ async fn snapshot_create(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, HttpError> {
-    let id = parse_id(&id)?;
+    let id = resolve(&engine, &id)?;
     let req: SnapshotCreateRequest = parse_required(&body)?;
     let info = engine.snapshot_create(&id, &req.name).await?;
     Ok((StatusCode::CREATED, axum::Json(info)).into_response())
@@ -242,10 +263,62 @@ async fn secrets_update(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, HttpError> {
-    let id = parse_id(&id)?;
+    let id = resolve(&engine, &id)?;
     let req: SecretsUpdateRequest = parse_required(&body)?;
     engine.sandbox_secrets_update(&id, &req.secrets).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn sandbox_pause(
+    State(engine): Shared,
+    Path(id): Path<String>,
+) -> Result<Response, HttpError> {
+    let id = resolve(&engine, &id)?;
+    Ok(json(engine.sandbox_pause(&id).await?))
+}
+
+async fn sandbox_resume(
+    State(engine): Shared,
+    Path(id): Path<String>,
+) -> Result<Response, HttpError> {
+    let id = resolve(&engine, &id)?;
+    Ok(json(engine.sandbox_resume(&id).await?))
+}
+
+async fn sandbox_ttl(
+    State(engine): Shared,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let id = resolve(&engine, &id)?;
+    let req: TtlRequest = parse_required(&body)?;
+    Ok(json(engine.sandbox_set_ttl(&id, req.ttl_secs).await?))
+}
+
+/// Server-sent events: one `data:` line of JSON ([`kiln_api_types::Event`]) per event.
+async fn events(State(engine): Shared) -> Response {
+    let rx = engine.events();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let bytes = match rx.recv().await {
+            Ok(ev) => {
+                let mut line = b"data: ".to_vec();
+                line.extend(serde_json::to_vec(&ev).unwrap_or_default());
+                line.extend(b"\n\n");
+                Bytes::from(line)
+            }
+            // A slow client missed some: it is told, and goes on with the newest.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                Bytes::from(format!("event: lagged\ndata: {{\"missed\":{n}}}\n\n"))
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok::<_, std::io::Error>(bytes), rx))
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 async fn snapshot_list(State(engine): Shared) -> Result<Response, HttpError> {
@@ -258,6 +331,9 @@ async fn snapshot_remove(
     State(engine): Shared,
     Path(name): Path<String>,
 ) -> Result<Response, HttpError> {
+    let name: SnapshotName = name.parse().map_err(|e: kiln_api_types::InvalidInput| {
+        error(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+    })?;
     engine.snapshot_remove(&name)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -288,8 +364,10 @@ async fn image_build(
     body: Bytes,
 ) -> Result<Response, HttpError> {
     let req: ImageBuildRequest = parse_body(&body)?;
-    kiln_api_types::validate_image_name(&name)
-        .map_err(|m| error(StatusCode::BAD_REQUEST, "bad_request", m))?;
+    let _: kiln_api_types::ImageName =
+        name.parse().map_err(|e: kiln_api_types::InvalidInput| {
+            error(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+        })?;
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<ImageBuildEvent>(256);
     let (line_tx, line_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
@@ -337,25 +415,19 @@ mod tests {
             StatusCode::BAD_REQUEST
         );
         assert_eq!(
-            status_of(&CoreError::SandboxNotFound(SandboxId::random())),
+            status_of(&CoreError::SandboxNotFound("sb-0".into())),
             StatusCode::NOT_FOUND
         );
     }
 
     #[test]
     fn parse_body_rejects_garbage_with_400() {
-        let err = parse_body::<SandboxCreateRequest>(&Bytes::from_static(b"{nope"))
+        let err = parse_body::<SandboxSpec>(&Bytes::from_static(b"{nope"))
             .err()
             .unwrap();
         assert_eq!(err.0, StatusCode::BAD_REQUEST);
         assert_eq!(err.1.code, "bad_request");
-        let ok: SandboxCreateRequest = parse_body(&Bytes::from_static(b"  ")).unwrap();
-        assert_eq!(ok, SandboxCreateRequest::default());
-    }
-
-    #[test]
-    fn parse_id_rejects_path_tricks() {
-        assert!(parse_id("..").is_err());
-        assert!(parse_id("sb-0123456789ab").is_ok());
+        let ok: SandboxSpec = parse_body(&Bytes::from_static(b"  ")).unwrap();
+        assert_eq!(ok, SandboxSpec::default());
     }
 }

@@ -77,7 +77,11 @@ pub async fn run(engine: Arc<Engine>, socket: WebSocket) {
         Ok(r) => r,
         Err(e) => return send_error(&mut tx, e).await,
     };
-    if let Err(m) = req.exec.validate().and_then(|_| req.sandbox.validate()) {
+    if let Err(m) = req
+        .exec
+        .validate()
+        .and_then(|_| req.sandbox.validate().map_err(|e| e.to_string()))
+    {
         return send_error(
             &mut tx,
             ApiError {
@@ -125,7 +129,7 @@ pub async fn run(engine: Arc<Engine>, socket: WebSocket) {
         Ok(exec) => {
             let started = ExecServerMessage::Started {
                 sandbox: id.clone(),
-                boot_ms: info.boot_ms,
+                boot_ms: info.status.boot_ms,
             };
             pump(exec, started, tx, client).await;
         }

@@ -18,6 +18,18 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub mod names;
+pub mod sandbox;
+
+pub use names::{
+    ImageName, InvalidInput, Label, LabelKey, Labels, SandboxName, SnapshotName,
+    parse_duration_secs,
+};
+pub use sandbox::{
+    Event, EventKind, Lifetime, MachineSpec, SandboxFilter, SandboxInfo, SandboxSource,
+    SandboxSpec, SandboxState, SandboxStatus, StartSource,
+};
+
 /// Version of this API; served by `GET /v1/health`.
 pub const API_VERSION: u32 = 1;
 
@@ -107,81 +119,6 @@ impl fmt::Display for SandboxId {
     }
 }
 
-/// Lifecycle state of a sandbox.
-///
-/// ```text
-///   booting ──agent answered──▶ running ──delete──▶ (removed)
-///      │                           │
-///      └──QEMU died / no agent─────┴──▶ failed ──delete──▶ (removed)
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SandboxState {
-    /// QEMU started, the agent has not answered yet.
-    Booting,
-    /// The agent answered; execs are accepted.
-    Running,
-    /// QEMU or the agent died, or the sandbox was orphaned by a daemon crash; see `error`.
-    Failed,
-}
-
-impl SandboxState {
-    /// The state's name as stored and shown.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SandboxState::Booting => "booting",
-            SandboxState::Running => "running",
-            SandboxState::Failed => "failed",
-        }
-    }
-}
-
-impl FromStr for SandboxState {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "booting" => Ok(SandboxState::Booting),
-            "running" => Ok(SandboxState::Running),
-            "failed" => Ok(SandboxState::Failed),
-            other => Err(format!("unknown sandbox state {other:?}")),
-        }
-    }
-}
-
-/// `POST /v1/sandboxes`: start a sandbox from an image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SandboxCreateRequest {
-    /// Image name (a recipe name such as `python`); built first if missing.
-    #[serde(default = "default_image")]
-    pub image: String,
-    /// Number of vCPUs.
-    #[serde(default = "default_cpus")]
-    pub cpus: u32,
-    /// Guest memory in MiB.
-    #[serde(default = "default_memory")]
-    pub memory_mib: u32,
-    /// Boot from scratch instead of restoring the image's warm snapshot.
-    #[serde(default)]
-    pub cold: bool,
-    /// Secrets delivered into the guest as `/run/secrets/<name>` (mode 0400) after boot or
-    /// restore; never written to a snapshot, a disk layer, the store or a log.
-    #[serde(default)]
-    pub secrets: Secrets,
-    /// Also pass the secrets as environment variables to every exec in the sandbox (an exec's
-    /// own `env` wins on a name clash).
-    #[serde(default)]
-    pub secret_env: bool,
-    /// Restore this snapshot (a user snapshot's name) instead of the image's warm snapshot;
-    /// the image, vCPUs and memory are then the snapshot's.
-    #[serde(default)]
-    pub snapshot: Option<String>,
-    /// Host ports on 127.0.0.1 tunnelled to guest ports.
-    #[serde(default)]
-    pub publish: Vec<PortMapping>,
-}
-
 /// Most published ports one sandbox may have.
 pub const MAX_PUBLISHED_PORTS: usize = 32;
 
@@ -217,34 +154,12 @@ impl fmt::Display for PortMapping {
     }
 }
 
-/// Checks a user snapshot name: 1–64 characters of `[a-z0-9._-]`, starting with a letter or
-/// digit; `warm-` is reserved for warm snapshots.
-pub fn validate_snapshot_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
-    if !ok {
-        return Err(format!(
-            "invalid snapshot name {name:?}: use 1 to 64 lowercase letters, digits, '.', '_' and '-', starting with a letter or digit"
-        ));
-    }
-    if name.starts_with("warm-") {
-        return Err(format!(
-            "invalid snapshot name {name:?}: names starting with \"warm-\" are reserved for warm snapshots"
-        ));
-    }
-    Ok(())
-}
-
 /// `POST /v1/sandboxes/{id}/snapshot`: snapshot a running sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotCreateRequest {
-    /// The new snapshot's name.
-    pub name: String,
+    /// The new snapshot's name (`warm-…` is reserved).
+    pub name: SnapshotName,
 }
 
 /// What the API says about one snapshot.
@@ -290,6 +205,14 @@ pub struct SecretsUpdateRequest {
     pub secrets: Secrets,
 }
 
+/// `POST /v1/sandboxes/{id}/ttl`: the sandbox's lifetime now ends this long from now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtlRequest {
+    /// Seconds from now (1 s to 365 days).
+    pub ttl_secs: u64,
+}
+
 /// Most secrets one sandbox may carry.
 pub const MAX_SECRETS: usize = 64;
 /// Largest secret value in bytes.
@@ -309,6 +232,16 @@ impl fmt::Debug for Secrets {
 }
 
 impl Secrets {
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The same names with empty values: what may be stored or shown.
+    pub fn redacted(&self) -> Secrets {
+        Secrets(self.0.keys().map(|k| (k.clone(), String::new())).collect())
+    }
+
     /// Checks names (plain file names) and sizes; the error names the secret, never its value.
     pub fn validate(&self) -> Result<(), String> {
         if self.0.len() > MAX_SECRETS {
@@ -346,121 +279,6 @@ pub fn validate_secret_name(name: &str) -> Result<(), String> {
             "invalid secret name {name:?}: use letters, digits, '_', '-' and '.' (a plain file name, at most 64 bytes)"
         ))
     }
-}
-
-fn default_image() -> String {
-    DEFAULT_IMAGE.to_owned()
-}
-fn default_cpus() -> u32 {
-    DEFAULT_CPUS
-}
-fn default_memory() -> u32 {
-    DEFAULT_MEMORY_MIB
-}
-
-impl Default for SandboxCreateRequest {
-    fn default() -> Self {
-        SandboxCreateRequest {
-            image: default_image(),
-            cpus: DEFAULT_CPUS,
-            memory_mib: DEFAULT_MEMORY_MIB,
-            cold: false,
-            secrets: Secrets::default(),
-            secret_env: false,
-            snapshot: None,
-            publish: Vec::new(),
-        }
-    }
-}
-
-impl SandboxCreateRequest {
-    /// Checks ranges; the error names the field and the allowed range.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(MIN_CPUS..=MAX_CPUS).contains(&self.cpus) {
-            return Err(format!(
-                "cpus must be between {MIN_CPUS} and {MAX_CPUS}, got {}",
-                self.cpus
-            ));
-        }
-        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
-            return Err(format!(
-                "memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, got {}",
-                self.memory_mib
-            ));
-        }
-        validate_image_name(&self.image)?;
-        if let Some(name) = &self.snapshot {
-            validate_snapshot_name(name)?;
-            if self.cold {
-                return Err("cold and snapshot exclude each other".to_owned());
-            }
-        }
-        if self.publish.len() > MAX_PUBLISHED_PORTS {
-            return Err(format!(
-                "too many published ports: {} (at most {MAX_PUBLISHED_PORTS})",
-                self.publish.len()
-            ));
-        }
-        for (i, p) in self.publish.iter().enumerate() {
-            if p.host == 0 || p.guest == 0 {
-                return Err(format!("invalid port mapping {p}: ports are 1 to 65535"));
-            }
-            if self.publish[..i].iter().any(|q| q.host == p.host) {
-                return Err(format!("host port {} is published twice", p.host));
-            }
-        }
-        self.secrets.validate()
-    }
-}
-
-/// Checks that an image name is a plain recipe-style name (it becomes a directory name).
-pub fn validate_image_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-        && !name.starts_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "invalid image name {name:?}: use lowercase letters, digits, '-' and '_'"
-        ))
-    }
-}
-
-/// What the API says about one sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SandboxInfo {
-    /// Identifier.
-    pub id: SandboxId,
-    /// Image name it was started from.
-    pub image: String,
-    /// Content id of that image build.
-    pub image_id: String,
-    /// Lifecycle state.
-    pub state: SandboxState,
-    /// vCPUs.
-    pub cpus: u32,
-    /// Guest memory in MiB.
-    pub memory_mib: u32,
-    /// Accelerator in use (`kvm` or `tcg`).
-    pub accel: String,
-    /// Creation time, seconds since the Unix epoch.
-    pub created_unix: u64,
-    /// QEMU start → agent answered, in milliseconds (once running).
-    pub boot_ms: Option<u64>,
-    /// How it started: `cold` (booted) or `snapshot` (restored from a snapshot).
-    pub source: String,
-    /// The snapshot it was restored from, if any.
-    #[serde(default)]
-    pub snapshot: Option<String>,
-    /// Published ports.
-    #[serde(default)]
-    pub publish: Vec<PortMapping>,
-    /// Why the sandbox failed.
-    pub error: Option<String>,
 }
 
 /// `GET /v1/sandboxes`.
@@ -551,7 +369,7 @@ impl ExecRequest {
 pub struct RunRequest {
     /// The sandbox to start.
     #[serde(default)]
-    pub sandbox: SandboxCreateRequest,
+    pub sandbox: SandboxSpec,
     /// The command to run in it.
     pub exec: ExecRequest,
 }
@@ -770,33 +588,6 @@ mod tests {
             assert!(bad.parse::<SandboxId>().is_err(), "{bad} accepted");
         }
         assert!(serde_json::from_str::<SandboxId>("\"sb-zzzzzzzzzzzz\"").is_err());
-    }
-
-    #[test]
-    fn create_request_out_of_range_names_field() {
-        let req = SandboxCreateRequest {
-            cpus: 0,
-            ..Default::default()
-        };
-        assert!(req.validate().unwrap_err().contains("cpus"));
-        let req = SandboxCreateRequest {
-            memory_mib: 64,
-            ..Default::default()
-        };
-        assert!(req.validate().unwrap_err().contains("memory_mib"));
-        let req = SandboxCreateRequest {
-            image: "../etc".into(),
-            ..Default::default()
-        };
-        assert!(req.validate().unwrap_err().contains("image"));
-        assert!(SandboxCreateRequest::default().validate().is_ok());
-    }
-
-    #[test]
-    fn create_request_unknown_field_is_rejected() {
-        assert!(serde_json::from_str::<SandboxCreateRequest>(r#"{"cpu": 2}"#).is_err());
-        let req: SandboxCreateRequest = serde_json::from_str("{}").unwrap();
-        assert_eq!(req, SandboxCreateRequest::default());
     }
 
     #[test]

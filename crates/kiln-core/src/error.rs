@@ -11,9 +11,23 @@ pub enum CoreError {
     /// The request was malformed or out of range.
     #[error("{0}")]
     BadRequest(String),
-    /// No sandbox with that id.
+    /// No sandbox with that id, name or id prefix.
     #[error("no sandbox {0}")]
-    SandboxNotFound(SandboxId),
+    SandboxNotFound(String),
+    /// A prefix that several sandbox ids start with.
+    #[error("{key:?} matches several sandboxes ({matches}); give more of the id")]
+    AmbiguousSandbox {
+        /// What was given.
+        key: String,
+        /// The ids it matches, comma separated.
+        matches: String,
+    },
+    /// Another sandbox has that name.
+    #[error("a sandbox named {0:?} exists already")]
+    NameTaken(String),
+    /// Input that breaks one of the API's rules.
+    #[error(transparent)]
+    Invalid(#[from] kiln_api_types::InvalidInput),
     /// No image of that name.
     #[error("image {name:?} is not built (build it with `kiln image build {name}`)")]
     ImageNotFound {
@@ -21,12 +35,14 @@ pub enum CoreError {
         name: String,
     },
     /// The sandbox is not in a state that allows the operation.
-    #[error("sandbox {id} is {state}, not running")]
-    NotRunning {
+    #[error("sandbox {id} is {state}, not {wanted}")]
+    WrongState {
         /// Sandbox.
         id: SandboxId,
         /// Its state.
-        state: &'static str,
+        state: kiln_api_types::SandboxState,
+        /// The state the operation needs.
+        wanted: kiln_api_types::SandboxState,
     },
     /// The sandbox's VM died or could not start.
     #[error("sandbox {id} failed: {reason}")]
@@ -111,7 +127,13 @@ impl CoreError {
             CoreError::BadRequest(_) => "bad_request",
             CoreError::SandboxNotFound(_) => "sandbox_not_found",
             CoreError::ImageNotFound { .. } => "image_not_found",
-            CoreError::NotRunning { .. } => "sandbox_not_running",
+            CoreError::WrongState { wanted, .. } => match wanted {
+                kiln_api_types::SandboxState::Paused => "sandbox_not_paused",
+                _ => "sandbox_not_running",
+            },
+            CoreError::AmbiguousSandbox { .. } => "ambiguous_sandbox",
+            CoreError::NameTaken(_) => "name_taken",
+            CoreError::Invalid(_) => "bad_request",
             CoreError::SandboxFailed { .. } => "sandbox_failed",
             CoreError::ExecRejected(_) => "exec_rejected",
             CoreError::HostSetup(_) => "host_setup",
@@ -153,7 +175,10 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 
 impl From<kiln_store::StoreError> for CoreError {
     fn from(e: kiln_store::StoreError) -> Self {
-        CoreError::Store(e)
+        match e {
+            kiln_store::StoreError::NameTaken(name) => CoreError::NameTaken(name),
+            e => CoreError::Store(e),
+        }
     }
 }
 

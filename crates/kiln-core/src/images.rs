@@ -17,7 +17,7 @@ pub async fn build(
     force: bool,
     events: mpsc::Sender<ImageBuildEvent>,
 ) -> Result<(ImageInfo, bool), CoreError> {
-    kiln_api_types::validate_image_name(name).map_err(CoreError::BadRequest)?;
+    let _: kiln_api_types::ImageName = name.parse()?;
     let recipe = kiln_image::builtin(name).ok_or_else(|| {
         CoreError::BadRequest(format!(
             "unknown recipe {name:?}; known recipes: {}",

@@ -70,7 +70,13 @@ pub fn reclaim(home: &Home, store: &Store) -> Result<JanitorReport, CoreError> {
         }
     }
     for row in store.sandbox_list()? {
-        if matches!(row.state, SandboxState::Booting | SandboxState::Running) {
+        if matches!(
+            row.status.state,
+            SandboxState::Creating
+                | SandboxState::Running
+                | SandboxState::Paused
+                | SandboxState::Stopping
+        ) {
             store.sandbox_set_state(&row.id, SandboxState::Failed, None, Some(ORPHAN_REASON))?;
             report.sandboxes_failed += 1;
         }
@@ -115,18 +121,21 @@ mod tests {
             store
                 .sandbox_insert(&SandboxRow {
                     id: id.clone(),
-                    image: "base".into(),
-                    image_id: "x".into(),
-                    state,
-                    cpus: 1,
-                    memory_mib: 256,
-                    accel: "tcg".into(),
-                    created_unix: 1,
-                    boot_ms: None,
-                    error: None,
-                    source: "cold".into(),
-                    snapshot: None,
-                    publish: String::new(),
+                    spec: kiln_api_types::SandboxSpec::default(),
+                    status: kiln_api_types::SandboxStatus {
+                        state,
+                        image: "base".parse().unwrap(),
+                        image_id: "x".into(),
+                        cpus: 1,
+                        memory_mib: 256,
+                        accel: "tcg".into(),
+                        created_unix: 1,
+                        boot_ms: None,
+                        error: None,
+                        source: kiln_api_types::StartSource::Cold,
+                        snapshot: None,
+                        expires_unix: None,
+                    },
                 })
                 .unwrap();
         }
@@ -141,8 +150,8 @@ mod tests {
         assert_eq!(report.processes_killed, 0);
         assert!(!dir.exists());
         let row = store.sandbox_get(&live).unwrap().unwrap();
-        assert_eq!(row.state, SandboxState::Failed);
-        assert_eq!(row.error.as_deref(), Some(ORPHAN_REASON));
+        assert_eq!(row.status.state, SandboxState::Failed);
+        assert_eq!(row.status.error.as_deref(), Some(ORPHAN_REASON));
         // A second run finds nothing more.
         assert_eq!(reclaim(&home, &store).unwrap(), JanitorReport::default());
     }

@@ -17,6 +17,8 @@ pub mod error;
 mod guest;
 mod images;
 mod janitor;
+mod machine;
+mod owner;
 pub mod paths;
 mod ports;
 pub mod sandbox;
@@ -29,11 +31,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_api_types::{
-    ExecRequest, ImageBuildEvent, ImageInfo, JanitorReport, SandboxCreateRequest, SandboxId,
-    SandboxInfo, SandboxState,
+    Event, EventKind, ExecRequest, ImageBuildEvent, ImageInfo, JanitorReport, MachineSpec,
+    SandboxFilter, SandboxId, SandboxInfo, SandboxSource, SandboxSpec, SandboxState, SandboxStatus,
+    SnapshotName, StartSource,
 };
-use kiln_store::{SandboxRow, Store};
-use tokio::sync::{OnceCell, mpsc};
+use kiln_store::Store;
+use tokio::sync::{OnceCell, broadcast, mpsc};
+
+use crate::machine::MachinePlan;
+
+/// Events a slow subscriber may fall behind by before it misses some (it is told so).
+const EVENT_BACKLOG: usize = 1024;
 use tracing::{info, warn};
 
 pub use error::CoreError;
@@ -42,9 +50,12 @@ pub use sandbox::{Exec, ExecOutput, Sandbox};
 
 /// The engine. One per daemon; shared behind an `Arc`.
 pub struct Engine {
-    home: Home,
-    store: Store,
-    sandboxes: Mutex<HashMap<SandboxId, Arc<Sandbox>>>,
+    pub(crate) home: Home,
+    pub(crate) store: Store,
+    /// Live sandboxes: their owner's queue, and the sandbox itself (for shutdown).
+    sandboxes: Mutex<HashMap<SandboxId, (owner::Handle, Arc<Sandbox>)>>,
+    /// Lifecycle and exec events, for `GET /v1/events`.
+    events: broadcast::Sender<Event>,
     qemu: OnceCell<kiln_vmm::qemu::QemuInfo>,
     accel: OnceCell<kiln_vmm::accel::AccelVerdict>,
     janitor: JanitorReport,
@@ -78,6 +89,7 @@ impl Engine {
             home,
             store,
             sandboxes: Mutex::new(HashMap::new()),
+            events: broadcast::channel(EVENT_BACKLOG).0,
             qemu: OnceCell::new(),
             accel: OnceCell::new(),
             janitor,
@@ -96,7 +108,9 @@ impl Engine {
         self.janitor.clone()
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<SandboxId, Arc<Sandbox>>> {
+    fn table(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<SandboxId, (owner::Handle, Arc<Sandbox>)>> {
         // The table holds plain Arcs; a panic elsewhere cannot leave it inconsistent.
         self.sandboxes.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -147,37 +161,40 @@ impl Engine {
         kiln_vmm::CaptureMode::FullRam
     }
 
-    /// Starts a sandbox from a built image (restoring its warm snapshot, or cold-booting) or
-    /// from a user snapshot, and waits until its agent answers, its secrets are in place and
-    /// the image's on-restore hook has run.
+    /// Starts a sandbox as `spec` says: from a built image (restoring its warm snapshot, or
+    /// cold-booting) or from a user snapshot. Returns once its agent answers, its secrets are
+    /// in place, the image's on-restore hook has run and its owner task serves it.
     pub async fn sandbox_create(
         self: &Arc<Self>,
-        req: &SandboxCreateRequest,
+        spec: &SandboxSpec,
     ) -> Result<SandboxInfo, CoreError> {
-        req.validate().map_err(CoreError::BadRequest)?;
-        let user_snap = match &req.snapshot {
-            Some(name) => Some(usersnap::open(&self.home, name)?),
-            None => None,
-        };
-        let (image, cpus, memory_mib) = match &user_snap {
-            Some(u) => (u.image.clone(), u.cpus, u.memory_mib),
-            None => (
-                kiln_image::get(self.home.root(), &req.image)?.ok_or_else(|| {
+        spec.validate()?;
+        let (image, machine, user_snap) = match &spec.source {
+            SandboxSource::Snapshot { snapshot } => {
+                let u = usersnap::open(&self.home, snapshot)?;
+                (u.image.clone(), u.machine, Some(u))
+            }
+            SandboxSource::Image { image, machine, .. } => (
+                kiln_image::get(self.home.root(), image.as_str())?.ok_or_else(|| {
                     CoreError::ImageNotFound {
-                        name: req.image.clone(),
+                        name: image.to_string(),
                     }
                 })?,
-                req.cpus,
-                req.memory_mib,
+                *machine,
+                None,
             ),
         };
+        let cold = matches!(spec.source, SandboxSource::Image { cold: true, .. });
         // Published ports are bound first: a port in use fails before anything starts.
-        let bound = ports::bind(&req.publish)?;
-        let kernel = image.kernel_path(self.home.root());
-        let initramfs = image.initramfs_path(self.home.root());
+        let bound = ports::bind(&spec.publish)?;
         let qemu_info = self.qemu().await?;
-        let qemu = qemu_info.path.clone();
-        let accel = self.accel(&kernel, &initramfs).await?.accel;
+        let accel = self
+            .accel(
+                &image.kernel_path(self.home.root()),
+                &image.initramfs_path(self.home.root()),
+            )
+            .await?
+            .accel;
 
         let id = SandboxId::random();
         let run_dir = self.home.sandbox_dir(&id);
@@ -186,57 +203,62 @@ impl Engine {
             path: run_dir.clone(),
             source,
         })?;
-        let row = SandboxRow {
+        let created_unix = unix_now();
+        let row = SandboxInfo {
             id: id.clone(),
-            image: image.name.clone(),
-            image_id: image.id.to_string(),
-            state: SandboxState::Booting,
-            cpus,
-            memory_mib,
-            accel: accel.to_string(),
-            created_unix: unix_now(),
-            boot_ms: None,
-            error: None,
-            source: "cold".to_owned(),
-            // Recorded from the start: a snapshot being restored is already in use.
-            snapshot: user_snap.as_ref().map(|u| u.name.clone()),
-            publish: req
-                .publish
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join(","),
+            spec: spec.redacted(),
+            status: SandboxStatus {
+                state: SandboxState::Creating,
+                image: image.name.parse()?,
+                image_id: image.id.to_string(),
+                cpus: machine.cpus,
+                memory_mib: machine.memory_mib,
+                accel: accel.to_string(),
+                created_unix,
+                boot_ms: None,
+                source: StartSource::Cold,
+                // Recorded from the start: a snapshot being restored is already in use.
+                snapshot: user_snap.as_ref().map(|u| u.name.clone()),
+                expires_unix: spec.lifetime.ttl_secs.map(|t| created_unix + t),
+                error: None,
+            },
         };
         if let Err(e) = self.store.sandbox_insert(&row) {
             remove_dir(&run_dir);
             return Err(e.into());
         }
-        let warm_spec = warm::WarmSpec {
+        self.publish(
+            &id,
+            EventKind::State {
+                state: SandboxState::Creating,
+                reason: None,
+            },
+        );
+        let plan = MachinePlan {
             qemu: qemu_info,
             accel,
             image: &image,
             home: self.home.root(),
-            cpus,
-            memory_mib,
+            machine,
             mode: match &user_snap {
                 Some(u) => u.mode,
                 None => self.snapshot_mode(qemu_info),
             },
         };
         let started = match &user_snap {
-            Some(u) => usersnap::restore(&warm_spec, u, &id, &run_dir)
+            Some(u) => usersnap::restore(&plan, u, &id, &run_dir)
                 .await
                 .map(|sb| (sb, Some(u.name.clone()))),
             None => {
-                let restored = if req.cold || snapshots_disabled() {
+                let restored = if cold || snapshots_disabled() {
                     None
                 } else {
-                    self.warm_start(&warm_spec, &id, &run_dir).await
+                    self.warm_start(&plan, &id, &run_dir).await
                 };
                 match restored {
-                    Some(sb) => Ok((sb, Some(warm_spec.name()))),
+                    Some(sb) => Ok((sb, Some(plan.name()))),
                     None => self
-                        .cold_boot(&image, &id, &run_dir, qemu, accel, cpus, memory_mib)
+                        .cold_boot(&plan, &id, &run_dir)
                         .await
                         .map(|sb| (sb, None)),
                 }
@@ -246,20 +268,19 @@ impl Engine {
             Ok(v) => v,
             Err(e) => {
                 // Nothing of a sandbox that never ran is kept: its row and directory go.
-                remove_dir(&run_dir);
-                let _ = self.store.sandbox_delete(&id);
+                self.remove_records(&id, "failed to start");
                 return Err(e);
             }
         };
         {
             let mut extras = sb.extras();
-            extras.secrets = req.secrets.clone();
-            extras.secret_env = req.secret_env;
+            extras.secrets = spec.secrets.clone();
+            extras.secret_env = spec.secret_env;
             extras.hook = image.recipe.on_restore.clone();
         }
         let ready = async {
-            if !req.secrets.0.is_empty() {
-                guest::deliver_secrets(sb.agent(), &req.secrets).await?;
+            if !spec.secrets.is_empty() {
+                guest::deliver_secrets(sb.agent(), &spec.secrets).await?;
             }
             if let Some(hook) = &image.recipe.on_restore {
                 guest::run_hook(sb.agent(), hook).await?;
@@ -269,51 +290,46 @@ impl Engine {
         .await;
         if let Err(e) = ready {
             sb.shutdown().await;
-            remove_dir(&run_dir);
-            let _ = self.store.sandbox_delete(&id);
+            self.remove_records(&id, "failed to start");
             return Err(e);
         }
         let source = if snapshot.is_some() {
-            "snapshot"
+            StartSource::Snapshot
         } else {
-            "cold"
+            StartSource::Cold
         };
         let boot_ms = sb.boot.as_millis() as u64;
         self.store
-            .sandbox_set_state(&id, SandboxState::Running, Some(boot_ms), None)?;
-        self.store
             .sandbox_set_source(&id, source, snapshot.as_deref())?;
-        self.table().insert(id.clone(), Arc::clone(&sb));
-        info!(sandbox_id = %id, boot_ms, pid = sb.pid(), source, snapshot = snapshot.as_deref().unwrap_or("-"), "sandbox running");
-        self.spawn_supervisor(sb);
+        let handle = owner::spawn(
+            self,
+            Arc::clone(&sb),
+            row.status.expires_unix,
+            spec.lifetime.idle_timeout_secs,
+        );
+        self.table().insert(id.clone(), (handle, Arc::clone(&sb)));
+        self.store
+            .sandbox_set_state(&id, SandboxState::Running, Some(boot_ms), None)?;
+        self.publish(
+            &id,
+            EventKind::State {
+                state: SandboxState::Running,
+                reason: None,
+            },
+        );
+        info!(sandbox_id = %id, boot_ms, pid = sb.pid(), source = source.as_str(), snapshot = snapshot.as_deref().unwrap_or("-"), "sandbox running");
         self.sandbox_get(&id)
     }
 
     /// Boots a sandbox from scratch and runs the image's on-boot commands and readiness probe.
-    #[allow(clippy::too_many_arguments)]
     async fn cold_boot(
         &self,
-        image: &kiln_image::ImageManifest,
+        plan: &MachinePlan<'_>,
         id: &SandboxId,
         run_dir: &Path,
-        qemu: PathBuf,
-        accel: kiln_vmm::Accel,
-        cpus: u32,
-        memory_mib: u32,
     ) -> Result<Arc<Sandbox>, CoreError> {
-        let spec = sandbox::BootSpec {
-            id: id.clone(),
-            run_dir: run_dir.to_owned(),
-            kernel: image.kernel_path(self.home.root()),
-            initramfs: image.initramfs_path(self.home.root()),
-            rootfs: image.rootfs_path(self.home.root()),
-            qemu,
-            accel,
-            cpus,
-            memory_mib,
-        };
-        let sb = Sandbox::boot(spec).await?;
-        if let Err(e) = guest::prepare(sb.agent(), &image.recipe).await {
+        let sb = Sandbox::boot(plan, id, run_dir).await?;
+        if let Err(e) = guest::prepare(sb.agent(), &plan.image.recipe).await {
             sb.shutdown().await;
             return Err(e);
         }
@@ -324,7 +340,7 @@ impl Engine {
     /// there is none. `None` (after one warning with the reason) means: cold-boot instead.
     async fn warm_start(
         &self,
-        spec: &warm::WarmSpec<'_>,
+        spec: &MachinePlan<'_>,
         id: &SandboxId,
         run_dir: &Path,
     ) -> Option<Arc<Sandbox>> {
@@ -385,44 +401,105 @@ impl Engine {
         }
     }
 
-    /// Watches one sandbox and records its failure.
-    fn spawn_supervisor(self: &Arc<Self>, sb: Arc<Sandbox>) {
-        let engine = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let reason = sb.watch_failure().await;
-            let Some(engine) = engine.upgrade() else {
-                return;
-            };
-            // A sandbox being deleted is no longer in the table: its death is expected.
-            if engine
-                .table()
-                .get(sb.id())
-                .is_some_and(|cur| Arc::ptr_eq(cur, &sb))
-            {
-                warn!(sandbox_id = %sb.id(), %reason, "sandbox failed");
-                if let Err(e) = engine.store.sandbox_set_state(
-                    sb.id(),
-                    SandboxState::Failed,
-                    None,
-                    Some(&reason),
-                ) {
-                    warn!(sandbox_id = %sb.id(), error = %error::error_chain(&e), "could not record failure");
-                }
-                engine.table().remove(sb.id());
-                sb.shutdown().await;
-                remove_dir(&engine.home.sandbox_dir(sb.id()));
-            }
-            sb.mark_failed(reason);
-        });
+    /// The events channel (lifecycle transitions, exec start and end).
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
     }
 
-    /// All sandboxes.
-    pub fn sandbox_list(&self) -> Result<Vec<SandboxInfo>, CoreError> {
+    /// Publishes an event (nobody listening is fine).
+    pub(crate) fn publish(&self, id: &SandboxId, kind: EventKind) {
+        let _ = self.events.send(event(id, kind));
+    }
+
+    /// Records a state transition in the store, then publishes it.
+    pub(crate) fn record_state(&self, id: &SandboxId, to: SandboxState, reason: Option<String>) {
+        let error = if to == SandboxState::Failed {
+            reason.as_deref()
+        } else {
+            None
+        };
+        if let Err(e) = self.store.sandbox_set_state(id, to, None, error) {
+            warn!(sandbox_id = %id, error = %error::error_chain(&e), "could not record state");
+        }
+        self.publish(id, EventKind::State { state: to, reason });
+    }
+
+    /// Drops the table entry of `sb` (if it is still the one registered under `id`).
+    pub(crate) fn forget(&self, id: &SandboxId, sb: &Arc<Sandbox>) {
+        let mut table = self.table();
+        if table.get(id).is_some_and(|(_, cur)| Arc::ptr_eq(cur, sb)) {
+            table.remove(id);
+        }
+    }
+
+    /// Removes a sandbox's runtime directory and row, and publishes its removal.
+    pub(crate) fn remove_records(&self, id: &SandboxId, reason: &str) {
+        remove_dir(&self.home.sandbox_dir(id));
+        match self.store.sandbox_delete(id) {
+            Ok(true) => {
+                self.publish(
+                    id,
+                    EventKind::Removed {
+                        reason: reason.to_owned(),
+                    },
+                );
+                info!(sandbox_id = %id, reason, "sandbox removed");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn!(sandbox_id = %id, error = %error::error_chain(&e), "could not remove the sandbox's row")
+            }
+        }
+    }
+
+    /// Finds a sandbox by id, name, or unambiguous id prefix (with or without `sb-`).
+    pub fn resolve(&self, key: &str) -> Result<SandboxId, CoreError> {
+        let not_found = || CoreError::SandboxNotFound(key.to_owned());
+        if key.is_empty() || key.len() > 128 || key.chars().any(char::is_control) {
+            return Err(not_found());
+        }
+        if let Ok(id) = key.parse::<SandboxId>() {
+            if self.store.sandbox_get(&id)?.is_some() {
+                return Ok(id);
+            }
+            return Err(not_found());
+        }
+        let rows = self.store.sandbox_list()?;
+        if let Some(row) = rows
+            .iter()
+            .find(|r| r.spec.name.as_ref().is_some_and(|n| n.as_str() == key))
+        {
+            return Ok(row.id.clone());
+        }
+        let hex = key.strip_prefix("sb-").unwrap_or(key);
+        if hex.is_empty() {
+            return Err(not_found());
+        }
+        let matches: Vec<&SandboxInfo> = rows
+            .iter()
+            .filter(|r| r.id.as_str()[3..].starts_with(hex))
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok(one.id.clone()),
+            [] => Err(not_found()),
+            many => Err(CoreError::AmbiguousSandbox {
+                key: key.to_owned(),
+                matches: many
+                    .iter()
+                    .map(|r| r.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    /// The sandboxes that pass `filter`, oldest first.
+    pub fn sandbox_list(&self, filter: &SandboxFilter) -> Result<Vec<SandboxInfo>, CoreError> {
         Ok(self
             .store
             .sandbox_list()?
             .into_iter()
-            .map(info_from_row)
+            .filter(|r| filter.matches(r))
             .collect())
     }
 
@@ -430,48 +507,60 @@ impl Engine {
     pub fn sandbox_get(&self, id: &SandboxId) -> Result<SandboxInfo, CoreError> {
         self.store
             .sandbox_get(id)?
-            .map(info_from_row)
-            .ok_or_else(|| CoreError::SandboxNotFound(id.clone()))
+            .ok_or_else(|| CoreError::SandboxNotFound(id.to_string()))
     }
 
     /// Destroys a sandbox: stops its VM, removes its runtime directory and its row.
     pub async fn sandbox_delete(&self, id: &SandboxId) -> Result<(), CoreError> {
-        let sb = self.table().remove(id);
-        let known = self.store.sandbox_get(id)?.is_some();
-        if sb.is_none() && !known {
-            return Err(CoreError::SandboxNotFound(id.clone()));
+        let handle = self.table().get(id).map(|(h, _)| h.clone());
+        if let Some(handle) = handle
+            && let Some(done) = handle
+                .call(|r| owner::Op::Remove("removed".to_owned(), r))
+                .await
+        {
+            return done;
         }
-        if let Some(sb) = sb {
-            sb.shutdown().await;
+        // No owner (failed or never ran): only records are left.
+        if self.store.sandbox_get(id)?.is_none() {
+            return Err(CoreError::SandboxNotFound(id.to_string()));
         }
-        remove_dir(&self.home.sandbox_dir(id));
-        self.store.sandbox_delete(id)?;
-        info!(sandbox_id = %id, "sandbox removed");
+        self.remove_records(id, "removed");
         Ok(())
     }
 
-    fn running(&self, id: &SandboxId) -> Result<Arc<Sandbox>, CoreError> {
-        if let Some(sb) = self.table().get(id) {
-            return Ok(Arc::clone(sb));
+    /// Sends `op` to the owner of `id`. Without a live owner the answer is the sandbox's
+    /// current state (or that it does not exist).
+    async fn call<T>(
+        &self,
+        id: &SandboxId,
+        make: impl FnOnce(owner::Reply<T>) -> owner::Op,
+    ) -> Result<T, CoreError> {
+        let handle = self.table().get(id).map(|(h, _)| h.clone());
+        if let Some(handle) = handle
+            && let Some(answer) = handle.call(make).await
+        {
+            return answer;
         }
         match self.store.sandbox_get(id)? {
-            Some(row) => Err(CoreError::NotRunning {
+            Some(row) => Err(CoreError::WrongState {
                 id: id.clone(),
-                state: row.state.as_str(),
+                state: row.status.state,
+                wanted: SandboxState::Running,
             }),
-            None => Err(CoreError::SandboxNotFound(id.clone())),
+            None => Err(CoreError::SandboxNotFound(id.to_string())),
         }
     }
 
     /// One agent round trip, timed in the daemon.
     pub async fn sandbox_ping(&self, id: &SandboxId) -> Result<Duration, CoreError> {
-        self.running(id)?.ping().await
+        self.call(id, owner::Op::Ping).await
     }
 
     /// Starts a command in a running sandbox.
     pub async fn sandbox_exec(&self, id: &SandboxId, req: &ExecRequest) -> Result<Exec, CoreError> {
         req.validate().map_err(CoreError::BadRequest)?;
-        self.running(id)?.exec(req).await
+        self.call(id, |r| owner::Op::Exec(Box::new(req.clone()), r))
+            .await
     }
 
     /// Secrets of a running sandbox: delivers the given values (new names are added, known
@@ -485,57 +574,73 @@ impl Engine {
         if secrets.0.is_empty() {
             return Err(CoreError::BadRequest("no secrets given".to_owned()));
         }
-        let sb = self.running(id)?;
-        let _ops = sb.ops.lock().await;
-        let mut merged = sb.extras().secrets.clone();
-        merged
-            .0
-            .extend(secrets.0.iter().map(|(k, v)| (k.clone(), v.clone())));
-        merged.validate().map_err(CoreError::BadRequest)?;
-        guest::deliver_secrets(sb.agent(), secrets).await?;
-        let hook = {
-            let mut extras = sb.extras();
-            extras.secrets = merged;
-            extras.hook.clone()
-        };
-        if let Some(hook) = hook {
-            guest::run_hook(sb.agent(), &hook).await?;
-        }
-        info!(sandbox_id = %id, count = secrets.0.len(), "secrets rotated");
-        Ok(())
+        self.call(id, |r| owner::Op::Secrets(secrets.clone(), r))
+            .await
+    }
+
+    /// Stops a running sandbox's vCPUs in place.
+    pub async fn sandbox_pause(&self, id: &SandboxId) -> Result<SandboxInfo, CoreError> {
+        self.call(id, owner::Op::Pause).await?;
+        self.sandbox_get(id)
+    }
+
+    /// Lets a paused sandbox run again.
+    pub async fn sandbox_resume(&self, id: &SandboxId) -> Result<SandboxInfo, CoreError> {
+        self.call(id, owner::Op::Resume).await?;
+        self.sandbox_get(id)
+    }
+
+    /// Sets a sandbox's remaining lifetime to `secs` from now.
+    pub async fn sandbox_set_ttl(
+        &self,
+        id: &SandboxId,
+        secs: u64,
+    ) -> Result<SandboxInfo, CoreError> {
+        kiln_api_types::names::check_duration("ttl_secs", secs)?;
+        self.call(id, |r| owner::Op::Ttl(secs, r)).await?;
+        self.sandbox_get(id)
     }
 
     /// Saves running sandbox `id` as user snapshot `name`; the sandbox keeps running.
     pub async fn snapshot_create(
         &self,
         id: &SandboxId,
-        name: &str,
+        name: &SnapshotName,
     ) -> Result<kiln_api_types::SnapshotInfo, CoreError> {
-        kiln_api_types::validate_snapshot_name(name).map_err(CoreError::BadRequest)?;
-        let sb = self.running(id)?;
-        let row = self
-            .store
-            .sandbox_get(id)?
-            .ok_or_else(|| CoreError::SandboxNotFound(id.clone()))?;
-        let image = kiln_image::get(self.home.root(), &row.image)?
-            .filter(|i| i.id.to_string() == row.image_id)
+        SnapshotName::user(name.as_str())?;
+        self.call(id, |r| owner::Op::Snapshot(name.clone(), r))
+            .await
+    }
+
+    /// Takes the user snapshot (called by the sandbox's owner task).
+    pub(crate) async fn snapshot_of(
+        &self,
+        sb: &Arc<Sandbox>,
+        name: &SnapshotName,
+    ) -> Result<kiln_api_types::SnapshotInfo, CoreError> {
+        let id = sb.id();
+        let row = self.sandbox_get(id)?;
+        let image = kiln_image::get(self.home.root(), row.status.image.as_str())?
+            .filter(|i| i.id.to_string() == row.status.image_id)
             .ok_or_else(|| {
                 CoreError::BadRequest(format!(
                     "sandbox {id} runs image {} (id {}), which has been removed or rebuilt since; it cannot be snapshotted",
-                    row.image, row.image_id
+                    row.status.image, row.status.image_id
                 ))
             })?;
         let qemu = self.qemu().await?;
-        let spec = warm::WarmSpec {
+        let plan = MachinePlan {
             qemu,
             accel: sb.vm().config().accel,
             image: &image,
             home: self.home.root(),
-            cpus: row.cpus,
-            memory_mib: row.memory_mib,
+            machine: MachineSpec {
+                cpus: row.status.cpus,
+                memory_mib: row.status.memory_mib,
+            },
             mode: self.snapshot_mode(qemu),
         };
-        usersnap::capture(&self.home, &spec, &sb, name).await
+        usersnap::capture(&self.home, &plan, sb, name.as_str()).await
     }
 
     /// All snapshots (warm and user) with the running sandboxes that use them.
@@ -556,15 +661,8 @@ impl Engine {
     }
 
     /// Removes a snapshot; refused while a running sandbox was restored from it.
-    pub fn snapshot_remove(&self, name: &str) -> Result<(), CoreError> {
-        // Warm snapshots may be removed too; their names pass the same character rules.
-        let plain = name.strip_prefix("warm-").map_or(name, |rest| rest);
-        if plain.is_empty() || name.len() > 128 {
-            return Err(CoreError::BadRequest(format!(
-                "invalid snapshot name {name:?}"
-            )));
-        }
-        kiln_api_types::validate_snapshot_name(plain).map_err(CoreError::BadRequest)?;
+    pub fn snapshot_remove(&self, name: &SnapshotName) -> Result<(), CoreError> {
+        let name = name.as_str();
         let dir = warm::snapshots_dir(self.home.root()).join(name);
         if !dir.is_dir() {
             return Err(CoreError::SnapshotNotFound(name.to_owned()));
@@ -610,7 +708,7 @@ impl Engine {
 
     /// Removes a built image.
     pub fn image_remove(&self, name: &str) -> Result<(), CoreError> {
-        kiln_api_types::validate_image_name(name).map_err(CoreError::BadRequest)?;
+        let _: kiln_api_types::ImageName = name.parse()?;
         if kiln_image::get(self.home.root(), name)?.is_none() {
             return Err(CoreError::ImageNotFound {
                 name: name.to_owned(),
@@ -623,45 +721,42 @@ impl Engine {
     /// Stops every sandbox (daemon shutdown). Their rows are removed: they cannot outlive us.
     pub async fn shutdown(&self) {
         let all: Vec<_> = self.table().drain().collect();
-        for (id, sb) in all {
-            sb.shutdown().await;
-            remove_dir(&self.home.sandbox_dir(&id));
-            let _ = self.store.sandbox_delete(&id);
+        for (id, (handle, sb)) in all {
+            if handle
+                .call(|r| owner::Op::Remove("daemon stopped".to_owned(), r))
+                .await
+                .is_none()
+            {
+                sb.shutdown().await;
+                self.remove_records(&id, "daemon stopped");
+            }
         }
     }
 }
 
 /// The sandboxes (booting or running) restored from snapshot `name`.
-fn users_of(rows: &[SandboxRow], name: &str) -> Vec<SandboxId> {
+fn users_of(rows: &[SandboxInfo], name: &str) -> Vec<SandboxId> {
     rows.iter()
-        .filter(|r| r.snapshot.as_deref() == Some(name) && r.state != SandboxState::Failed)
+        .filter(|r| {
+            r.status.snapshot.as_deref() == Some(name) && r.status.state != SandboxState::Failed
+        })
         .map(|r| r.id.clone())
         .collect()
 }
 
-fn info_from_row(r: SandboxRow) -> SandboxInfo {
-    SandboxInfo {
-        id: r.id,
-        image: r.image,
-        image_id: r.image_id,
-        state: r.state,
-        cpus: r.cpus,
-        memory_mib: r.memory_mib,
-        accel: r.accel,
-        created_unix: r.created_unix,
-        boot_ms: r.boot_ms,
-        error: r.error,
-        source: r.source,
-        snapshot: r.snapshot,
-        publish: r
-            .publish
-            .split(',')
-            .filter_map(|p| p.parse().ok())
-            .collect(),
+/// An event about sandbox `id`, stamped now.
+pub(crate) fn event(id: &SandboxId, kind: EventKind) -> Event {
+    Event {
+        time_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        sandbox: id.clone(),
+        kind,
     }
 }
 
-fn remove_dir(dir: &std::path::Path) {
+pub(crate) fn remove_dir(dir: &std::path::Path) {
     if let Err(e) = std::fs::remove_dir_all(dir)
         && e.kind() != std::io::ErrorKind::NotFound
     {

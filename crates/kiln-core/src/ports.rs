@@ -88,6 +88,8 @@ async fn accept_loop(listener: TcpListener, mapping: PortMapping, sb: Weak<Sandb
                     return;
                 }
             };
+            // An open tunnel keeps the sandbox from going idle.
+            let _busy = sandbox.activity.busy();
             drop(sandbox);
             match tokio::io::copy_bidirectional(&mut conn, &mut tunnel).await {
                 Ok((up, down)) => {

@@ -14,16 +14,18 @@
 //! idempotent; the failure reason is recorded once (first cause wins) and every exec waiting on
 //! the sandbox sees it.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_api_types::{ExecRequest, ExitStatus, SandboxId};
 use kiln_vmm::agent::{AgentClient, AgentError, ClientConfig, ExecEvent, ExecSession};
-use kiln_vmm::{Accel, Vm, VmConfig};
+use kiln_vmm::{Accel, Vm};
 use tokio::sync::watch;
 
 use crate::error::CoreError;
+use crate::machine::MachinePlan;
 
 /// How long a cold boot may take until the agent answers, under TCG.
 const BOOT_DEADLINE_TCG: Duration = Duration::from_secs(120);
@@ -45,28 +47,6 @@ pub(crate) fn boot_deadline(accel: Accel) -> Duration {
         Accel::Kvm => BOOT_DEADLINE_KVM,
         Accel::Tcg => BOOT_DEADLINE_TCG,
     }
-}
-
-/// Everything needed to boot one sandbox.
-pub struct BootSpec {
-    /// Sandbox id.
-    pub id: SandboxId,
-    /// Runtime directory (created by the caller, removed by teardown).
-    pub run_dir: PathBuf,
-    /// Guest kernel.
-    pub kernel: PathBuf,
-    /// Initramfs with the agent.
-    pub initramfs: PathBuf,
-    /// Read-only root filesystem image.
-    pub rootfs: PathBuf,
-    /// QEMU binary.
-    pub qemu: PathBuf,
-    /// Accelerator.
-    pub accel: Accel,
-    /// vCPUs.
-    pub cpus: u32,
-    /// Guest memory.
-    pub memory_mib: u32,
 }
 
 /// What a sandbox keeps besides its VM: held in the daemon's memory only.
@@ -92,35 +72,26 @@ pub struct Sandbox {
     pub boot: Duration,
     /// Secrets, hook and options.
     extras: std::sync::Mutex<SandboxExtras>,
-    /// Serializes snapshots and secret rotations of this sandbox.
-    pub(crate) ops: tokio::sync::Mutex<()>,
+    /// When it was last used, and how many sessions use it now (idle timeout).
+    pub(crate) activity: Activity,
     /// Accept loops of published ports; aborted at shutdown.
     forwards: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Sandbox {
     /// Boots a sandbox and waits for its agent. On error everything started is torn down.
-    pub async fn boot(spec: BootSpec) -> Result<Arc<Sandbox>, CoreError> {
-        let disk = spec.run_dir.join("disk.qcow2");
-        kiln_vmm::create_overlay(&spec.rootfs, &disk).await?;
-        let config = VmConfig {
-            qemu: spec.qemu.clone(),
-            accel: spec.accel,
-            cpus: spec.cpus,
-            memory_mib: spec.memory_mib,
-            kernel: spec.kernel.clone(),
-            initramfs: spec.initramfs.clone(),
-            extra_cmdline: String::new(),
-            disk: Some(disk),
-            memory_file: spec.run_dir.join("mem"),
-            // Private RAM: guest memory (and any secret in it) never reaches the file.
-            memory_shared: false,
-            run_dir: spec.run_dir.clone(),
-            incoming: None,
-        };
+    pub async fn boot(
+        plan: &MachinePlan<'_>,
+        id: &SandboxId,
+        run_dir: &Path,
+    ) -> Result<Arc<Sandbox>, CoreError> {
+        let disk = run_dir.join("disk.qcow2");
+        kiln_vmm::create_overlay(&plan.image.rootfs_path(plan.home), &disk).await?;
+        // Private RAM: guest memory (and any secret in it) never reaches the file.
+        let config = plan.vm_config(run_dir, disk, run_dir.join("mem"), false);
         let started = Instant::now();
         let vm = Vm::spawn(&config).await?;
-        let deadline = boot_deadline(spec.accel);
+        let deadline = boot_deadline(plan.accel);
         let connect = async {
             let stream = tokio::net::UnixStream::connect(vm.agent_socket())
                 .await
@@ -141,7 +112,7 @@ impl Sandbox {
         let result = tokio::select! {
             r = connect => r,
             status = vm.wait_exit() => Err(CoreError::SandboxFailed {
-                id: spec.id.clone(),
+                id: id.clone(),
                 reason: format!("QEMU exited during boot ({status}){}", console_suffix(&vm)),
             }),
         };
@@ -150,7 +121,7 @@ impl Sandbox {
             Err(e) => {
                 let e = match e {
                     CoreError::Agent(inner) => CoreError::SandboxFailed {
-                        id: spec.id.clone(),
+                        id: id.clone(),
                         reason: format!(
                             "the guest agent did not answer: {}{}",
                             crate::error::error_chain(&inner),
@@ -163,7 +134,7 @@ impl Sandbox {
                 return Err(e);
             }
         };
-        Ok(Sandbox::assemble(spec.id, vm, agent, started.elapsed()))
+        Ok(Sandbox::assemble(id.clone(), vm, agent, started.elapsed()))
     }
 
     /// A sandbox around a VM whose agent has answered (cold boot or restore).
@@ -182,7 +153,7 @@ impl Sandbox {
             fail_tx,
             boot,
             extras: std::sync::Mutex::new(SandboxExtras::default()),
-            ops: tokio::sync::Mutex::new(()),
+            activity: Activity::new(),
             forwards: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -273,6 +244,8 @@ impl Sandbox {
             sandbox: Arc::clone(self),
             session,
             failed: self.failed.clone(),
+            _busy: self.activity.busy(),
+            events: None,
         })
     }
 
@@ -292,6 +265,66 @@ impl Sandbox {
     /// QEMU's pid.
     pub fn pid(&self) -> u32 {
         self.vm.pid()
+    }
+}
+
+/// When a sandbox was last used and how many sessions (execs, tunnels, file transfers) use
+/// it now: a sandbox is idle when none does and the last use is older than its timeout.
+#[derive(Clone)]
+pub(crate) struct Activity(Arc<ActivityInner>);
+
+struct ActivityInner {
+    epoch: Instant,
+    last_ms: AtomicU64,
+    busy: AtomicUsize,
+}
+
+impl ActivityInner {
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity(Arc::new(ActivityInner {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Records a use now.
+    pub(crate) fn touch(&self) {
+        self.0.touch();
+    }
+
+    /// A session in progress: the sandbox is busy until the guard drops (a use is recorded
+    /// at both ends).
+    pub(crate) fn busy(&self) -> BusyGuard {
+        self.0.touch();
+        self.0.busy.fetch_add(1, Ordering::Relaxed);
+        BusyGuard(Arc::clone(&self.0))
+    }
+
+    /// How long it has been idle: zero while a session is in progress.
+    pub(crate) fn idle_for(&self) -> Duration {
+        if self.0.busy.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.0.last_ms.load(Ordering::Relaxed));
+        self.0.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+/// See [`Activity::busy`].
+pub(crate) struct BusyGuard(Arc<ActivityInner>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -362,9 +395,21 @@ pub struct Exec {
     sandbox: Arc<Sandbox>,
     session: ExecSession,
     failed: watch::Receiver<Option<String>>,
+    /// A running command keeps its sandbox from going idle.
+    _busy: BusyGuard,
+    /// Where its end is reported as an `exec_ended` event.
+    events: Option<tokio::sync::broadcast::Sender<kiln_api_types::Event>>,
 }
 
 impl Exec {
+    /// Reports the command's end to `events`.
+    pub(crate) fn report_to(
+        &mut self,
+        events: tokio::sync::broadcast::Sender<kiln_api_types::Event>,
+    ) {
+        self.events = Some(events);
+    }
+
     /// The next output or the exit. An error means the sandbox died under the command; its
     /// message carries the reason and the console tail.
     pub async fn next(&mut self) -> Result<ExecOutput, CoreError> {
@@ -375,7 +420,16 @@ impl Exec {
         match event {
             Some(ExecEvent::Stdout(b)) => Ok(ExecOutput::Stdout(b)),
             Some(ExecEvent::Stderr(b)) => Ok(ExecOutput::Stderr(b)),
-            Some(ExecEvent::Exit(s)) => Ok(ExecOutput::Exit(api_status(&s))),
+            Some(ExecEvent::Exit(s)) => {
+                let status = api_status(&s);
+                if let Some(events) = self.events.take() {
+                    let _ = events.send(crate::event(
+                        &self.sandbox.id,
+                        kiln_api_types::EventKind::ExecEnded { status },
+                    ));
+                }
+                Ok(ExecOutput::Exit(status))
+            }
             None => {
                 let reason = match self.sandbox.failure() {
                     Some(r) => r,

@@ -33,9 +33,10 @@ use tracing::{info, warn};
 
 use crate::error::CoreError;
 use crate::guest;
+use crate::machine::MachinePlan;
 use crate::paths::Home;
 use crate::sandbox::Sandbox;
-use crate::warm::{self, WarmSpec};
+use crate::warm;
 
 /// Extra file of a user snapshot: where it came from (informational, not hashed).
 const ORIGIN_FILE: &str = "origin.json";
@@ -59,10 +60,8 @@ pub struct UserSnapshot {
     pub dir: PathBuf,
     /// The image it runs.
     pub image: kiln_image::ImageManifest,
-    /// vCPUs.
-    pub cpus: u32,
-    /// Guest memory.
-    pub memory_mib: u32,
+    /// The machine it was taken of.
+    pub machine: kiln_api_types::MachineSpec,
     /// How its RAM is saved.
     pub mode: CaptureMode,
 }
@@ -79,8 +78,8 @@ fn read_origin(dir: &Path) -> Option<Origin> {
 }
 
 /// Finds user snapshot `name` and the image it needs.
-pub fn open(home: &Home, name: &str) -> Result<UserSnapshot, CoreError> {
-    kiln_api_types::validate_snapshot_name(name).map_err(CoreError::BadRequest)?;
+pub fn open(home: &Home, name: &kiln_api_types::SnapshotName) -> Result<UserSnapshot, CoreError> {
+    let name = name.as_str();
     let dir = warm::snapshots_dir(home.root()).join(name);
     if !dir.is_dir() {
         return Err(CoreError::SnapshotNotFound(name.to_owned()));
@@ -104,8 +103,10 @@ pub fn open(home: &Home, name: &str) -> Result<UserSnapshot, CoreError> {
         name: name.to_owned(),
         dir,
         image,
-        cpus: manifest.fingerprint.cpus,
-        memory_mib: manifest.fingerprint.memory_mib,
+        machine: kiln_api_types::MachineSpec {
+            cpus: manifest.fingerprint.cpus,
+            memory_mib: manifest.fingerprint.memory_mib,
+        },
         mode: match manifest.capture.mode {
             CaptureKind::IgnoreShared => CaptureMode::IgnoreShared,
             CaptureKind::FullRam => CaptureMode::FullRam,
@@ -116,7 +117,7 @@ pub fn open(home: &Home, name: &str) -> Result<UserSnapshot, CoreError> {
 /// Restores user snapshot `snap` as sandbox `id`. Unlike a warm snapshot there is no cold
 /// fallback (the saved state would be lost): any failure is the start's error.
 pub async fn restore(
-    spec: &WarmSpec<'_>,
+    spec: &MachinePlan<'_>,
     snap: &UserSnapshot,
     id: &SandboxId,
     run_dir: &Path,
@@ -146,7 +147,7 @@ pub async fn restore(
 /// Takes user snapshot `name` of the running sandbox `sb` (see the module docs).
 pub async fn capture(
     home: &Home,
-    spec: &WarmSpec<'_>,
+    spec: &MachinePlan<'_>,
     sb: &Arc<Sandbox>,
     name: &str,
 ) -> Result<SnapshotInfo, CoreError> {
@@ -155,7 +156,6 @@ pub async fn capture(
     if root.join(name).exists() {
         return Err(CoreError::SnapshotExists(name.to_owned()));
     }
-    let _ops = sb.ops.lock().await;
     let _ = kiln_snapshot::cleanup_stale_tmp(&root);
     let builder = SnapshotBuilder::begin(&root, SnapshotName::new(name).map_err(snap_err)?)
         .map_err(|e| match e {
@@ -260,7 +260,7 @@ pub async fn capture(
 /// Writes `origin.json` and publishes the snapshot being built.
 async fn publish(
     builder: SnapshotBuilder,
-    spec: &WarmSpec<'_>,
+    spec: &MachinePlan<'_>,
     sb: &Arc<Sandbox>,
     name: &str,
     pause: std::time::Duration,

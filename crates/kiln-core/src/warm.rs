@@ -19,104 +19,20 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kiln_snapshot::{
-    CaptureInfo, CaptureKind, ManifestInput, SnapshotBuilder, SnapshotFingerprint, SnapshotName,
-    VerifyLevel,
+    CaptureInfo, CaptureKind, ManifestInput, SnapshotBuilder, SnapshotName, VerifyLevel,
 };
 use kiln_vmm::agent::{
     AgentClient, ClientConfig, Entropy, GuestIdentity, Hostname, MachineId, RestoreId, UnixNanos,
 };
-use kiln_vmm::qemu::QemuInfo;
-use kiln_vmm::{
-    Accel, AfterCapture, BackingFormat, CaptureMode, Vm, VmConfig, create_overlay_with,
-};
+use kiln_vmm::{AfterCapture, BackingFormat, CaptureMode, Vm, create_overlay_with};
 
 use crate::error::CoreError;
+use crate::machine::MachinePlan;
 
 /// How long a restored guest's agent may take to resync and apply its identity.
 const RESTORE_AGENT_DEADLINE: Duration = Duration::from_secs(30);
 /// Bytes of host entropy given to each restored guest.
 const ENTROPY_BYTES: usize = 64;
-
-/// What a warm snapshot is keyed by, and what a restore must match.
-pub struct WarmSpec<'a> {
-    /// QEMU in use.
-    pub qemu: &'a QemuInfo,
-    /// Accelerator in use.
-    pub accel: Accel,
-    /// The image.
-    pub image: &'a kiln_image::ImageManifest,
-    /// `$KILN_HOME`.
-    pub home: &'a Path,
-    /// vCPUs.
-    pub cpus: u32,
-    /// Guest memory.
-    pub memory_mib: u32,
-    /// How RAM is saved: `IgnoreShared` (RAM is the snapshot's `mem`, mapped copy-on-write),
-    /// or `FullRam` (RAM in the `state` stream, copied into every restore; for QEMUs without
-    /// `x-ignore-shared`, and for comparison in `kiln bench snapshot`).
-    pub mode: CaptureMode,
-}
-
-impl WarmSpec<'_> {
-    /// The snapshot's name.
-    pub fn name(&self) -> String {
-        let suffix = match self.mode {
-            CaptureMode::IgnoreShared => "",
-            CaptureMode::FullRam => "-fullram",
-        };
-        format!(
-            "warm-{}-{}c{}m{suffix}",
-            self.image.id, self.cpus, self.memory_mib
-        )
-    }
-
-    /// The VM configuration shared by the capture VM and every restore (paths aside).
-    pub fn vm_config(
-        &self,
-        run_dir: &Path,
-        disk: PathBuf,
-        memory_file: PathBuf,
-        shared: bool,
-    ) -> VmConfig {
-        VmConfig {
-            qemu: self.qemu.path.clone(),
-            accel: self.accel,
-            cpus: self.cpus,
-            memory_mib: self.memory_mib,
-            kernel: self.image.kernel_path(self.home),
-            initramfs: self.image.initramfs_path(self.home),
-            extra_cmdline: String::new(),
-            disk: Some(disk),
-            memory_file,
-            memory_shared: shared,
-            run_dir: run_dir.to_owned(),
-            incoming: None,
-        }
-    }
-
-    /// What must be equal between capture and restore.
-    pub fn fingerprint(&self, cfg: &VmConfig) -> SnapshotFingerprint {
-        SnapshotFingerprint {
-            qemu_version: self.qemu.version_line.clone(),
-            machine: kiln_vmm::cmdline::MACHINE.to_owned(),
-            device_fingerprint: kiln_vmm::device_fingerprint(cfg),
-            cpu_model: match self.accel {
-                Accel::Kvm => "host".to_owned(),
-                Accel::Tcg => "max".to_owned(),
-            },
-            accel: self.accel.to_string(),
-            cpus: self.cpus,
-            memory_mib: self.memory_mib,
-            // The image fingerprint covers the kernel package, the agent binary (the
-            // initramfs) and the recipe (the root file system); image files never change
-            // under one id.
-            kernel_digest: self.image.kernel_version.clone(),
-            initramfs_digest: self.image.fingerprint.clone(),
-            image_digest: self.image.fingerprint.clone(),
-            format_version: kiln_snapshot::FORMAT_VERSION,
-        }
-    }
-}
 
 /// The directory holding all snapshots.
 pub fn snapshots_dir(home: &Path) -> PathBuf {
@@ -126,7 +42,7 @@ pub fn snapshots_dir(home: &Path) -> PathBuf {
 /// Boots a capture VM in `run_dir`, waits for its agent, captures, and publishes the warm
 /// snapshot. Returns its directory.
 pub async fn capture(
-    spec: &WarmSpec<'_>,
+    spec: &MachinePlan<'_>,
     run_dir: &Path,
     boot_deadline: Duration,
 ) -> Result<PathBuf, CoreError> {
@@ -204,7 +120,7 @@ pub async fn capture(
 }
 
 /// Checks a snapshot against this host before use. A snapshot that fails is removed.
-pub async fn verify(spec: &WarmSpec<'_>, dir: &Path) -> Result<(), CoreError> {
+pub async fn verify(spec: &MachinePlan<'_>, dir: &Path) -> Result<(), CoreError> {
     // Paths do not enter the device fingerprint, so any run dir gives the same answer.
     let cfg = spec.vm_config(
         dir,
@@ -236,7 +152,7 @@ pub async fn verify(spec: &WarmSpec<'_>, dir: &Path) -> Result<(), CoreError> {
 
 /// Restores a VM from the snapshot in `dir` into `run_dir` and hands it a fresh identity.
 pub async fn restore(
-    spec: &WarmSpec<'_>,
+    spec: &MachinePlan<'_>,
     dir: &Path,
     run_dir: &Path,
     hostname: &str,

@@ -17,7 +17,9 @@ use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use kiln_api_types::{SandboxId, SandboxState};
+use kiln_api_types::{
+    SandboxId, SandboxInfo, SandboxSpec, SandboxState, SandboxStatus, StartSource,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Schema migrations; index + 1 is the `user_version` each one brings the database to.
@@ -41,6 +43,14 @@ const MIGRATIONS: &[&str] = &[
     // published ports (`host:guest` pairs separated by commas).
     "ALTER TABLE sandboxes ADD COLUMN snapshot TEXT;
      ALTER TABLE sandboxes ADD COLUMN publish TEXT NOT NULL DEFAULT '';",
+    // 4: the sandbox's whole spec (secret values removed) as JSON replaces the published
+    // ports column; a unique optional name; the lifetime's deadline; `booting` is `creating`.
+    "ALTER TABLE sandboxes ADD COLUMN spec TEXT NOT NULL DEFAULT '{}';
+     ALTER TABLE sandboxes DROP COLUMN publish;
+     ALTER TABLE sandboxes ADD COLUMN name TEXT;
+     CREATE UNIQUE INDEX sandboxes_name ON sandboxes (name) WHERE name IS NOT NULL;
+     ALTER TABLE sandboxes ADD COLUMN expires_unix INTEGER;
+     UPDATE sandboxes SET state = 'creating' WHERE state = 'booting';",
 ];
 
 /// Errors of the store.
@@ -84,40 +94,16 @@ pub enum StoreError {
     /// A row holds a value this binary cannot read.
     #[error("corrupt row in the state database: {0}")]
     Corrupt(String),
+    /// Another sandbox already has this name.
+    #[error("a sandbox named {0:?} exists already")]
+    NameTaken(String),
 }
 
-/// One sandbox as recorded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SandboxRow {
-    /// Identifier.
-    pub id: SandboxId,
-    /// Image name.
-    pub image: String,
-    /// Image content id.
-    pub image_id: String,
-    /// State.
-    pub state: SandboxState,
-    /// vCPUs.
-    pub cpus: u32,
-    /// Guest memory.
-    pub memory_mib: u32,
-    /// Accelerator (`kvm`/`tcg`).
-    pub accel: String,
-    /// Creation time (Unix seconds).
-    pub created_unix: u64,
-    /// Boot time once running.
-    pub boot_ms: Option<u64>,
-    /// `cold` or `snapshot`.
-    pub source: String,
-    /// The snapshot it was restored from.
-    pub snapshot: Option<String>,
-    /// Published ports, `host:guest` pairs separated by commas (empty: none).
-    pub publish: String,
-    /// Why it failed.
-    pub error: Option<String>,
-}
+/// Store rows are the API's [`SandboxInfo`]: its spec (secret values removed) as JSON, its
+/// status as columns. Nothing copies one into the other field by field.
+pub type SandboxRow = SandboxInfo;
 
-/// The state database.
+/// The one connection, behind a mutex.
 pub struct Store {
     conn: Mutex<Connection>,
 }
@@ -139,7 +125,7 @@ impl Store {
         Self::migrate(conn)
     }
 
-    /// An in-memory database (tests).
+    /// A private in-memory database (tests).
     pub fn open_in_memory() -> Result<Store, StoreError> {
         let conn = Connection::open_in_memory().map_err(|source| StoreError::Open {
             path: PathBuf::from(":memory:"),
@@ -183,33 +169,48 @@ impl Store {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records a new sandbox.
+    /// Records a new sandbox. Secret values in its spec are never written. A name another
+    /// sandbox holds is refused with [`StoreError::NameTaken`].
     pub fn sandbox_insert(&self, row: &SandboxRow) -> Result<(), StoreError> {
+        let spec = serde_json::to_string(&row.spec.redacted())
+            .map_err(|e| StoreError::Corrupt(format!("unserializable spec: {e}")))?;
+        let st = &row.status;
+        let name = row.spec.name.as_ref().map(|n| n.as_str());
         self.conn()
             .execute(
-                "INSERT INTO sandboxes (id, image, image_id, state, cpus, memory_mib, accel, created_unix, boot_ms, error, source, snapshot, publish)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                "INSERT INTO sandboxes (id, image, image_id, state, cpus, memory_mib, accel, created_unix, boot_ms, error, source, snapshot, spec, name, expires_unix)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
                 params![
                     row.id.as_str(),
-                    row.image,
-                    row.image_id,
-                    row.state.as_str(),
-                    row.cpus,
-                    row.memory_mib,
-                    row.accel,
-                    row.created_unix as i64,
-                    row.boot_ms.map(|v| v as i64),
-                    row.error,
-                    row.source,
-                    row.snapshot,
-                    row.publish,
+                    st.image.as_str(),
+                    st.image_id,
+                    st.state.as_str(),
+                    st.cpus,
+                    st.memory_mib,
+                    st.accel,
+                    st.created_unix as i64,
+                    st.boot_ms.map(|v| v as i64),
+                    st.error,
+                    st.source.as_str(),
+                    st.snapshot,
+                    spec,
+                    name,
+                    st.expires_unix.map(|v| v as i64),
                 ],
             )
-            .map_err(|source| StoreError::Query { what: "insert sandbox", source })?;
+            .map_err(|source| match source {
+                rusqlite::Error::SqliteFailure(e, _)
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation && name.is_some() =>
+                {
+                    StoreError::NameTaken(name.unwrap_or_default().to_owned())
+                }
+                source => StoreError::Query { what: "insert sandbox", source },
+            })?;
         Ok(())
     }
 
-    /// Sets a sandbox's state (and boot time / error where given). Returns false if no such row.
+    /// Sets a sandbox's state, and its boot time and error where given (`None` keeps them).
+    /// Returns whether the row exists.
     pub fn sandbox_set_state(
         &self,
         id: &SandboxId,
@@ -228,17 +229,17 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Records how a sandbox started (`cold` or `snapshot`, and which snapshot).
+    /// Records how a sandbox's VM started and from which snapshot.
     pub fn sandbox_set_source(
         &self,
         id: &SandboxId,
-        source: &str,
+        source: StartSource,
         snapshot: Option<&str>,
     ) -> Result<(), StoreError> {
         self.conn()
             .execute(
                 "UPDATE sandboxes SET source = ?2, snapshot = ?3 WHERE id = ?1",
-                params![id.as_str(), source, snapshot],
+                params![id.as_str(), source.as_str(), snapshot],
             )
             .map_err(|source| StoreError::Query {
                 what: "update sandbox source",
@@ -247,7 +248,26 @@ impl Store {
         Ok(())
     }
 
-    /// Removes a sandbox's row. Returns false if there was none.
+    /// Sets (or clears) the end of a sandbox's lifetime.
+    pub fn sandbox_set_expiry(
+        &self,
+        id: &SandboxId,
+        expires_unix: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE sandboxes SET expires_unix = ?2 WHERE id = ?1",
+                params![id.as_str(), expires_unix.map(|v| v as i64)],
+            )
+            .map_err(|source| StoreError::Query {
+                what: "update sandbox expiry",
+                source,
+            })?;
+        Ok(n == 1)
+    }
+
+    /// Removes a sandbox's row. Returns whether it existed.
     pub fn sandbox_delete(&self, id: &SandboxId) -> Result<bool, StoreError> {
         let n = self
             .conn()
@@ -297,9 +317,9 @@ impl Store {
     }
 }
 
-const SELECT: &str = "SELECT id, image, image_id, state, cpus, memory_mib, accel, created_unix, boot_ms, error, source, snapshot, publish FROM sandboxes";
+const SELECT: &str = "SELECT id, image, image_id, state, cpus, memory_mib, accel, created_unix, boot_ms, error, source, snapshot, spec, expires_unix FROM sandboxes";
 
-/// A row as SQLite returns it, before validation.
+/// A row as SQLite returns it, before its values are checked.
 struct RawRow {
     id: String,
     image: String,
@@ -313,7 +333,8 @@ struct RawRow {
     error: Option<String>,
     source: String,
     snapshot: Option<String>,
-    publish: String,
+    spec: String,
+    expires_unix: Option<i64>,
 }
 
 impl RawRow {
@@ -331,32 +352,38 @@ impl RawRow {
             error: r.get(9)?,
             source: r.get(10)?,
             snapshot: r.get(11)?,
-            publish: r.get(12)?,
+            spec: r.get(12)?,
+            expires_unix: r.get(13)?,
         })
     }
 
     fn into_row(self) -> Result<SandboxRow, StoreError> {
-        let id = SandboxId::from_str(&self.id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let state = SandboxState::from_str(&self.state).map_err(StoreError::Corrupt)?;
+        let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(e.to_string());
+        let id = SandboxId::from_str(&self.id).map_err(|e| corrupt(&e))?;
         let num = |v: i64, what: &str| {
             u32::try_from(v).map_err(|_| {
                 StoreError::Corrupt(format!("{what} {v} of sandbox {id} out of range"))
             })
         };
+        let spec: SandboxSpec = serde_json::from_str(&self.spec)
+            .map_err(|e| StoreError::Corrupt(format!("spec of sandbox {id}: {e}")))?;
         Ok(SandboxRow {
-            cpus: num(self.cpus, "cpus")?,
-            memory_mib: num(self.memory_mib, "memory_mib")?,
-            id: id.clone(),
-            image: self.image,
-            image_id: self.image_id,
-            state,
-            accel: self.accel,
-            created_unix: self.created_unix.max(0) as u64,
-            boot_ms: self.boot_ms.map(|v| v.max(0) as u64),
-            error: self.error,
-            source: self.source,
-            snapshot: self.snapshot,
-            publish: self.publish,
+            status: SandboxStatus {
+                state: SandboxState::from_str(&self.state).map_err(|e| corrupt(&e))?,
+                image: self.image.parse().map_err(|e| corrupt(&e))?,
+                image_id: self.image_id,
+                cpus: num(self.cpus, "cpus")?,
+                memory_mib: num(self.memory_mib, "memory_mib")?,
+                accel: self.accel,
+                created_unix: self.created_unix.max(0) as u64,
+                boot_ms: self.boot_ms.map(|v| v.max(0) as u64),
+                error: self.error,
+                source: StartSource::from_str(&self.source).map_err(|e| corrupt(&e))?,
+                snapshot: self.snapshot,
+                expires_unix: self.expires_unix.map(|v| v.max(0) as u64),
+            },
+            id,
+            spec,
         })
     }
 }
@@ -368,18 +395,21 @@ mod tests {
     fn row(created: u64) -> SandboxRow {
         SandboxRow {
             id: SandboxId::random(),
-            image: "python".into(),
-            image_id: "abc".into(),
-            state: SandboxState::Booting,
-            cpus: 1,
-            memory_mib: 256,
-            accel: "tcg".into(),
-            created_unix: created,
-            boot_ms: None,
-            error: None,
-            source: "cold".into(),
-            snapshot: None,
-            publish: String::new(),
+            spec: SandboxSpec::default(),
+            status: SandboxStatus {
+                state: SandboxState::Creating,
+                image: "python".parse().unwrap(),
+                image_id: "abc".into(),
+                cpus: 1,
+                memory_mib: 256,
+                accel: "tcg".into(),
+                created_unix: created,
+                boot_ms: None,
+                error: None,
+                source: StartSource::Cold,
+                snapshot: None,
+                expires_unix: None,
+            },
         }
     }
 
@@ -407,9 +437,9 @@ mod tests {
                 .unwrap()
         );
         let got = store.sandbox_get(&r.id).unwrap().unwrap();
-        assert_eq!(got.state, SandboxState::Failed);
-        assert_eq!(got.boot_ms, Some(1234));
-        assert_eq!(got.error.as_deref(), Some("qemu died"));
+        assert_eq!(got.status.state, SandboxState::Failed);
+        assert_eq!(got.status.boot_ms, Some(1234));
+        assert_eq!(got.status.error.as_deref(), Some("qemu died"));
         assert!(
             !store
                 .sandbox_set_state(&SandboxId::random(), SandboxState::Running, None, None)
@@ -465,8 +495,9 @@ mod tests {
             .sandbox_get(&"sb-0123456789ab".parse().unwrap())
             .unwrap()
             .unwrap();
-        assert_eq!(row.source, "cold");
-        assert_eq!(row.state, SandboxState::Running);
+        assert_eq!(row.status.source, StartSource::Cold);
+        assert_eq!(row.status.state, SandboxState::Running);
+        assert_eq!(row.spec, SandboxSpec::default());
     }
 
     #[test]
@@ -496,5 +527,101 @@ mod tests {
             store.sandbox_get(&r.id),
             Err(StoreError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn sandbox_insert_duplicate_name_is_name_taken() {
+        let store = Store::open_in_memory().unwrap();
+        let mut a = row(1);
+        a.spec.name = Some("web".parse().unwrap());
+        let mut b = row(2);
+        b.spec.name = Some("web".parse().unwrap());
+        store.sandbox_insert(&a).unwrap();
+        match store.sandbox_insert(&b) {
+            Err(StoreError::NameTaken(n)) => assert_eq!(n, "web"),
+            other => panic!("expected NameTaken, got {other:?}"),
+        }
+        // Unnamed sandboxes never collide.
+        store.sandbox_insert(&row(3)).unwrap();
+        store.sandbox_insert(&row(4)).unwrap();
+        assert!(store.sandbox_delete(&a.id).unwrap());
+        store.sandbox_insert(&b).unwrap();
+    }
+
+    #[test]
+    fn sandbox_insert_never_writes_secret_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        let mut r = row(1);
+        r.spec
+            .secrets
+            .0
+            .insert("TOKEN".into(), "s3cr3t-value".into());
+        r.spec.labels = kiln_api_types::Labels::from_labels(["team=ml".parse().unwrap()]).unwrap();
+        let store = Store::open(&path).unwrap();
+        store.sandbox_insert(&r).unwrap();
+        let got = store.sandbox_get(&r.id).unwrap().unwrap();
+        assert_eq!(
+            got.spec.secrets.0.get("TOKEN").map(String::as_str),
+            Some("")
+        );
+        assert_eq!(got.spec.labels, r.spec.labels);
+        drop(store);
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            assert!(!bytes.windows(12).any(|w| w == b"s3cr3t-value"));
+        }
+    }
+
+    #[test]
+    fn sandbox_set_expiry_round_trips() {
+        let store = Store::open_in_memory().unwrap();
+        let r = row(1);
+        store.sandbox_insert(&r).unwrap();
+        assert!(store.sandbox_set_expiry(&r.id, Some(99)).unwrap());
+        assert_eq!(
+            store
+                .sandbox_get(&r.id)
+                .unwrap()
+                .unwrap()
+                .status
+                .expires_unix,
+            Some(99)
+        );
+        assert!(store.sandbox_set_expiry(&r.id, None).unwrap());
+        assert_eq!(
+            store
+                .sandbox_get(&r.id)
+                .unwrap()
+                .unwrap()
+                .status
+                .expires_unix,
+            None
+        );
+    }
+
+    #[test]
+    fn open_v3_database_maps_booting_to_creating() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for m in &MIGRATIONS[..3] {
+                conn.execute_batch(m).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 3).unwrap();
+            conn.execute(
+                "INSERT INTO sandboxes (id, image, image_id, state, cpus, memory_mib, accel, created_unix, publish)
+                 VALUES ('sb-0123456789ab', 'base', 'x', 'booting', 1, 256, 'tcg', 1, '8080:80')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let row = store
+            .sandbox_get(&"sb-0123456789ab".parse().unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.status.state, SandboxState::Creating);
     }
 }

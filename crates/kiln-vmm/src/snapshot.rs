@@ -262,7 +262,12 @@ impl Vm {
         }
     }
 
-    /// `cont`: resumes a paused VM (e.g. after [`AfterCapture::Paused`]).
+    /// `stop`: pauses the VM's vCPUs in place (no CPU use; memory and devices kept).
+    pub async fn pause(&self) -> Result<(), VmmError> {
+        self.snapshot_step("stop", &Stop).await.map(|_| ())
+    }
+
+    /// `cont`: resumes a paused VM (e.g. after [`AfterCapture::Paused`] or [`Vm::pause`]).
     pub async fn resume(&self) -> Result<(), VmmError> {
         self.snapshot_step("cont", &Cont).await.map(|_| ())
     }

@@ -25,7 +25,7 @@ fn bad_input_gets_a_clear_error() {
             &["exec", "sb-000000000000", "--", "true"],
             "no sandbox sb-000000000000",
         ),
-        (&["rm", "not-an-id"], "invalid sandbox id"),
+        (&["rm", "not-an-id"], "no sandbox not-an-id"),
         (&["image", "rm", "nosuch"], "not built"),
     ];
     for (args, expect) in cases {

@@ -330,7 +330,7 @@ fn published_ports_tunnel_and_survive_snapshot_and_restore() {
         &k,
         &["--snapshot", "web", "--publish", &format!("{p2}:8000")],
     );
-    assert_eq!(b["publish"][0]["host"], p2);
+    assert_eq!(b["spec"]["publish"][0]["host"], p2);
     assert!(wait_http(p2).contains("served-by-kiln"));
     // Removing the sandbox closes its port.
     assert_success(&k.run(&["rm", b["id"].as_str().expect("id")]), "rm");
