@@ -233,6 +233,7 @@ pub async fn snapshot(
         clone_pss = Some(summary(&mut pss));
     }
     if let Some((_, c)) = &full {
+        crate::sandbox::remove_all(c).await?;
         crate::sandbox::stop_daemon(&c.health().await?).await?;
     }
     let (mut pause, mut snap_wall) = (Vec::new(), Vec::new());

@@ -156,8 +156,13 @@ pub enum DaemonCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Stop the daemon (its sandboxes are destroyed) and wait until it is gone.
-    Stop,
+    /// Stop the daemon and wait until it is gone. Its sandboxes keep running (the next
+    /// daemon re-attaches them) unless `--all` is given.
+    Stop {
+        /// Remove every sandbox first.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// `kiln daemon ...`.
@@ -166,7 +171,7 @@ pub async fn daemon(home: &Home, cmd: &DaemonCmd) -> anyhow::Result<i32> {
         eprintln!("kiln: no daemon is serving {}", home.root().display());
         return Ok(match cmd {
             DaemonCmd::Status { .. } => 1,
-            DaemonCmd::Stop => 0,
+            DaemonCmd::Stop { .. } => 0,
         });
     };
     let health = client.health().await?;
@@ -189,16 +194,43 @@ pub async fn daemon(home: &Home, cmd: &DaemonCmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        DaemonCmd::Stop => {
+        DaemonCmd::Stop { all } => {
+            let mut removed = 0;
+            if *all {
+                removed = remove_all(&client).await?;
+            }
             let pid = stop_daemon(&health).await?;
-            println!("stopped kilnd (pid {pid})");
+            if *all {
+                println!("stopped kilnd (pid {pid}) and removed {removed} sandboxes");
+            } else {
+                println!("stopped kilnd (pid {pid}); its sandboxes keep running");
+            }
             Ok(0)
         }
     }
 }
 
-/// Stops the daemon that answered `health` (SIGTERM, it stops its sandboxes) and waits until
-/// it is gone; returns its pid.
+/// Removes every sandbox of the daemon `client` talks to, concurrently; returns how many.
+pub async fn remove_all(client: &Client) -> anyhow::Result<usize> {
+    let list: kiln_api_types::SandboxList = client.get("/v1/sandboxes").await?;
+    let removals = list.sandboxes.iter().map(|s| async move {
+        client
+            .call_empty(Method::DELETE, &format!("/v1/sandboxes/{}", s.id))
+            .await
+    });
+    let results = futures_util::future::join_all(removals).await;
+    let failed: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| format!("{e:#}")))
+        .collect();
+    if !failed.is_empty() {
+        bail!("could not remove every sandbox: {}", failed.join("; "));
+    }
+    Ok(list.sandboxes.len())
+}
+
+/// Stops the daemon that answered `health` (SIGTERM: it lets go of its sandboxes, which keep
+/// running) and waits until it is gone; returns its pid.
 pub async fn stop_daemon(health: &kiln_api_types::Health) -> anyhow::Result<i32> {
     let pid = i32::try_from(health.pid)?;
     // SAFETY: kill(2) with a pid the daemon reported for itself and SIGTERM; no memory

@@ -553,8 +553,12 @@ pub struct JanitorReport {
     pub dirs_removed: u32,
     /// Bytes freed by removing them.
     pub bytes_freed: u64,
-    /// Sandboxes marked failed because their daemon died.
+    /// Sandboxes marked failed: their VM was gone, half-started, or could not be
+    /// re-attached.
     pub sandboxes_failed: u32,
+    /// Sandboxes a previous daemon left running, taken back by this one.
+    #[serde(default)]
+    pub sandboxes_reattached: u32,
 }
 
 /// `POST /v1/sandboxes/{id}/ping`: one agent round trip, timed inside the daemon.

@@ -186,6 +186,52 @@ pub async fn deliver_secrets(agent: &AgentClient, secrets: &Secrets) -> Result<(
     Ok(())
 }
 
+/// Reads secret `name` back from `/run/secrets` in the guest (a daemon that re-attaches keeps
+/// no secret values of its own). `None` when the guest has no such file. The guest is
+/// hostile: at most [`kiln_api_types::MAX_SECRET_BYTES`] are accepted.
+pub async fn read_secret(agent: &AgentClient, name: &str) -> Result<Option<String>, CoreError> {
+    kiln_api_types::validate_secret_name(name).map_err(CoreError::BadRequest)?;
+    let mut req = ExecRequest::new([
+        "/bin/cat".to_owned(),
+        "--".to_owned(),
+        format!("/run/secrets/{name}"),
+    ]);
+    req.timeout_ms = Some(HOUSEKEEPING_TIMEOUT.as_millis() as u64);
+    req.max_output_bytes = Some(kiln_api_types::MAX_SECRET_BYTES as u64 + 1);
+    let mut session = agent.exec(req).await.map_err(CoreError::Agent)?;
+    let mut value = Vec::new();
+    loop {
+        match session.next_event().await {
+            Some(ExecEvent::Stdout(b)) => {
+                if value.len() + b.len() > kiln_api_types::MAX_SECRET_BYTES {
+                    return Err(CoreError::GuestCommand(format!(
+                        "secret {name} read back from the guest is larger than {} bytes",
+                        kiln_api_types::MAX_SECRET_BYTES
+                    )));
+                }
+                value.extend_from_slice(&b);
+            }
+            Some(ExecEvent::Stderr(_)) => {}
+            Some(ExecEvent::Exit(s)) => {
+                if crate::sandbox::api_status(&s).shell_code() != 0 {
+                    return Ok(None);
+                }
+                return String::from_utf8(value).map(Some).map_err(|_| {
+                    CoreError::GuestCommand(format!("secret {name} in the guest is not UTF-8"))
+                });
+            }
+            None => {
+                return Err(match session.close_reason() {
+                    Some(e) => CoreError::Agent(e),
+                    None => CoreError::GuestCommand(
+                        "the guest agent ended a command without an exit status".to_owned(),
+                    ),
+                });
+            }
+        }
+    }
+}
+
 /// Overwrites every file under `/run/secrets` with zeros and removes the directory, so a
 /// memory snapshot taken next holds no secret value in the file's pages.
 pub async fn scrub_secrets(agent: &AgentClient) -> Result<(), CoreError> {

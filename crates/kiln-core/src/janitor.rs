@@ -1,14 +1,17 @@
-//! Startup janitor: finds and reclaims what a daemon that died left behind.
+//! Startup janitor: tells the sandboxes a previous daemon left running (to be re-attached)
+//! from what is really dead, and reclaims the dead.
 //!
-//! A daemon killed with SIGKILL leaves QEMU processes (unless PDEATHSIG already took them),
-//! runtime directories and store rows in `booting`/`running`. The next daemon, before it serves
-//! anything, kills each orphaned QEMU whose identity (pid *and* start time, from the pidfile in
-//! its runtime directory) still matches, removes every runtime directory, and marks the rows
-//! `failed`. It never kills a process it cannot prove is the one it started (pids recycle).
+//! QEMU outlives its daemon. So at start, before serving anything, the janitor keeps every
+//! `running` or `paused` sandbox whose QEMU still runs (pidfile identity: pid *and* start
+//! time) and whose VM config is on record: those are handed back for re-attaching. Everything
+//! else is reclaimed: a QEMU without such a row (a capture or conversion VM, a sandbox caught
+//! while `creating` or `stopping`) is killed, its runtime directory removed, and rows whose
+//! VM is gone are marked `failed`. It never kills a process it cannot prove is the one a
+//! daemon started (pids recycle).
 
 use std::path::Path;
 
-use kiln_api_types::{JanitorReport, SandboxState};
+use kiln_api_types::{JanitorReport, SandboxInfo, SandboxState};
 use kiln_store::Store;
 use tracing::{info, warn};
 
@@ -16,11 +19,38 @@ use crate::error::CoreError;
 use crate::paths::Home;
 
 /// Why a sandbox found at startup was failed.
-pub const ORPHAN_REASON: &str = "its daemon stopped; the sandbox was reclaimed at the next start";
+pub const ORPHAN_REASON: &str =
+    "its VM was gone (or half-started) when the daemon restarted; reclaimed at the next start";
 
-/// Reclaims orphans. Runs before the daemon serves requests, so nothing here races a live
-/// sandbox of this daemon.
-pub fn reclaim(home: &Home, store: &Store) -> Result<JanitorReport, CoreError> {
+/// What the janitor found.
+pub struct Reclaimed {
+    /// What was reclaimed.
+    pub report: JanitorReport,
+    /// Sandboxes whose VM still runs, to be re-attached.
+    pub live: Vec<SandboxInfo>,
+}
+
+/// Whether the VM of `row` still runs and can be adopted.
+fn adoptable(home: &Home, row: &SandboxInfo) -> bool {
+    if !matches!(
+        row.status.state,
+        SandboxState::Running | SandboxState::Paused
+    ) {
+        return false;
+    }
+    let run = home.sandbox_dir(&row.id);
+    if !run.join("vm.json").is_file() {
+        return false;
+    }
+    matches!(
+        kiln_vmm::procid::ProcessIdentity::read(&run.join("qemu.pid")),
+        Ok(Some(ident)) if ident.is_same_process_alive()
+    )
+}
+
+/// Reclaims orphans and returns the live sandboxes. Runs before the daemon serves requests,
+/// so nothing here races a sandbox of this daemon.
+pub fn reclaim(home: &Home, store: &Store) -> Result<Reclaimed, CoreError> {
     let mut report = JanitorReport::default();
     // Snapshot build directories of a dead daemon (crashed captures, interrupted removals).
     match kiln_snapshot::cleanup_stale_tmp(&home.root().join("snapshots")) {
@@ -33,6 +63,12 @@ pub fn reclaim(home: &Home, store: &Store) -> Result<JanitorReport, CoreError> {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "could not clean snapshot build directories"),
     }
+    let rows = store.sandbox_list()?;
+    let live: Vec<SandboxInfo> = rows
+        .iter()
+        .filter(|r| adoptable(home, r))
+        .cloned()
+        .collect();
     let run = home.run_dir();
     let entries = match std::fs::read_dir(&run) {
         Ok(e) => e.collect::<Vec<_>>(),
@@ -47,6 +83,12 @@ pub fn reclaim(home: &Home, store: &Store) -> Result<JanitorReport, CoreError> {
     };
     for entry in entries.into_iter().flatten() {
         let dir = entry.path();
+        if live
+            .iter()
+            .any(|r| entry.file_name().to_str() == Some(r.id.as_str()))
+        {
+            continue;
+        }
         let pidfile = dir.join("qemu.pid");
         match kiln_vmm::procid::ProcessIdentity::read(&pidfile) {
             Ok(Some(ident)) => {
@@ -69,19 +111,20 @@ pub fn reclaim(home: &Home, store: &Store) -> Result<JanitorReport, CoreError> {
             }
         }
     }
-    for row in store.sandbox_list()? {
-        if matches!(
+    for row in &rows {
+        let orphan = matches!(
             row.status.state,
             SandboxState::Creating
                 | SandboxState::Running
                 | SandboxState::Paused
                 | SandboxState::Stopping
-        ) {
+        ) && !live.iter().any(|l| l.id == row.id);
+        if orphan {
             store.sandbox_set_state(&row.id, SandboxState::Failed, None, Some(ORPHAN_REASON))?;
             report.sandboxes_failed += 1;
         }
     }
-    Ok(report)
+    Ok(Reclaimed { report, live })
 }
 
 /// Bytes allocated on disk below `path` (sparse files count what they use).
@@ -143,7 +186,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("console.log"), vec![b'x'; 10_000]).unwrap();
 
-        let report = reclaim(&home, &store).unwrap();
+        let Reclaimed {
+            report,
+            live: adopt,
+        } = reclaim(&home, &store).unwrap();
+        assert!(
+            adopt.is_empty(),
+            "a running row without a live QEMU is not adoptable"
+        );
         assert_eq!(report.dirs_removed, 1);
         assert!(report.bytes_freed >= 10_000, "freed {}", report.bytes_freed);
         assert_eq!(report.sandboxes_failed, 1);
@@ -153,6 +203,96 @@ mod tests {
         assert_eq!(row.status.state, SandboxState::Failed);
         assert_eq!(row.status.error.as_deref(), Some(ORPHAN_REASON));
         // A second run finds nothing more.
-        assert_eq!(reclaim(&home, &store).unwrap(), JanitorReport::default());
+        assert_eq!(
+            reclaim(&home, &store).unwrap().report,
+            JanitorReport::default()
+        );
+    }
+
+    fn row(id: &SandboxId, state: SandboxState) -> SandboxRow {
+        SandboxRow {
+            id: id.clone(),
+            spec: kiln_api_types::SandboxSpec::default(),
+            status: kiln_api_types::SandboxStatus {
+                state,
+                image: "base".parse().unwrap(),
+                image_id: "x".into(),
+                cpus: 1,
+                memory_mib: 256,
+                accel: "tcg".into(),
+                created_unix: 1,
+                boot_ms: None,
+                error: None,
+                source: kiln_api_types::StartSource::Cold,
+                snapshot: None,
+                expires_unix: None,
+            },
+        }
+    }
+
+    /// A live process standing in for a QEMU, recorded in `dir` like one.
+    fn fake_qemu(dir: &Path, with_config: bool) -> std::process::Child {
+        std::fs::create_dir_all(dir).unwrap();
+        let child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        kiln_vmm::procid::ProcessIdentity::of_pid(child.id())
+            .unwrap()
+            .write(&dir.join("qemu.pid"))
+            .unwrap();
+        if with_config {
+            std::fs::write(dir.join("vm.json"), "{}").unwrap();
+        }
+        child
+    }
+
+    #[test]
+    fn reclaim_keeps_live_vms_and_kills_the_rest() {
+        use std::os::unix::process::ExitStatusExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let home = Home::new(tmp.path().to_owned());
+        home.ensure().unwrap();
+        let store = Store::open_in_memory().unwrap();
+        // A running sandbox whose QEMU lives: kept, directory and process untouched.
+        let running = SandboxId::random();
+        store
+            .sandbox_insert(&row(&running, SandboxState::Running))
+            .unwrap();
+        let mut kept = fake_qemu(&home.sandbox_dir(&running), true);
+        // A sandbox caught while creating: its QEMU is killed, its row failed.
+        let creating = SandboxId::random();
+        store
+            .sandbox_insert(&row(&creating, SandboxState::Creating))
+            .unwrap();
+        let mut half = fake_qemu(&home.sandbox_dir(&creating), true);
+        // A capture VM's directory (no row): killed and removed.
+        let mut capture = fake_qemu(&home.run_dir().join("capture-sb-1"), false);
+
+        let Reclaimed { report, live } = reclaim(&home, &store).unwrap();
+        assert_eq!(
+            live.iter().map(|r| &r.id).collect::<Vec<_>>(),
+            vec![&running]
+        );
+        assert_eq!(report.processes_killed, 2);
+        assert_eq!(report.dirs_removed, 2);
+        assert_eq!(report.sandboxes_failed, 1);
+        assert!(home.sandbox_dir(&running).is_dir());
+        assert!(!home.sandbox_dir(&creating).exists());
+        assert!(!home.run_dir().join("capture-sb-1").exists());
+        assert_eq!(half.wait().unwrap().signal(), Some(9));
+        assert_eq!(capture.wait().unwrap().signal(), Some(9));
+        assert!(
+            kept.try_wait().unwrap().is_none(),
+            "the live VM was touched"
+        );
+        let st = store.sandbox_get(&creating).unwrap().unwrap().status;
+        assert_eq!(st.state, SandboxState::Failed);
+        assert_eq!(
+            store.sandbox_get(&running).unwrap().unwrap().status.state,
+            SandboxState::Running
+        );
+        kept.kill().unwrap();
+        kept.wait().unwrap();
     }
 }

@@ -21,6 +21,7 @@ mod machine;
 mod owner;
 pub mod paths;
 mod ports;
+mod reattach;
 pub mod sandbox;
 mod usersnap;
 mod warm;
@@ -58,7 +59,8 @@ pub struct Engine {
     events: broadcast::Sender<Event>,
     qemu: OnceCell<kiln_vmm::qemu::QemuInfo>,
     accel: OnceCell<kiln_vmm::accel::AccelVerdict>,
-    janitor: JanitorReport,
+    /// What the startup janitor reclaimed and re-attached.
+    janitor: Mutex<JanitorReport>,
     /// One lock per warm-snapshot key, so a snapshot is captured once.
     capture_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Whether the full-RAM snapshot mode was announced in the log.
@@ -75,7 +77,10 @@ impl Engine {
             source,
         })?;
         let store = Store::open(&home.database())?;
-        let janitor = janitor::reclaim(&home, &store)?;
+        let janitor::Reclaimed {
+            report: mut janitor,
+            live,
+        } = janitor::reclaim(&home, &store)?;
         if janitor != JanitorReport::default() {
             warn!(
                 processes_killed = janitor.processes_killed,
@@ -85,17 +90,28 @@ impl Engine {
                 "reclaimed what a previous daemon left behind"
             );
         }
-        Ok(Arc::new(Engine {
+        let engine = Arc::new(Engine {
             home,
             store,
             sandboxes: Mutex::new(HashMap::new()),
             events: broadcast::channel(EVENT_BACKLOG).0,
             qemu: OnceCell::new(),
             accel: OnceCell::new(),
-            janitor,
+            janitor: Mutex::new(janitor.clone()),
             capture_locks: Mutex::new(HashMap::new()),
             full_ram_announced: std::sync::atomic::AtomicBool::new(false),
-        }))
+        });
+        let count = live.len() as u32;
+        let reattached = reattach::all(&engine, live).await;
+        janitor.sandboxes_reattached = reattached;
+        janitor.sandboxes_failed += count - reattached;
+        *engine.janitor.lock().unwrap_or_else(|e| e.into_inner()) = janitor;
+        Ok(engine)
+    }
+
+    /// Takes a sandbox back under this engine (re-attach after a daemon restart).
+    pub(crate) fn adopt(&self, id: SandboxId, handle: owner::Handle, sb: Arc<Sandbox>) {
+        self.table().insert(id, (handle, sb));
     }
 
     /// The state directory.
@@ -105,7 +121,10 @@ impl Engine {
 
     /// What the startup janitor reclaimed.
     pub fn janitor_report(&self) -> JanitorReport {
-        self.janitor.clone()
+        self.janitor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn table(
@@ -304,6 +323,7 @@ impl Engine {
         let handle = owner::spawn(
             self,
             Arc::clone(&sb),
+            SandboxState::Running,
             row.status.expires_unix,
             spec.lifetime.idle_timeout_secs,
         );
@@ -718,18 +738,16 @@ impl Engine {
         Ok(())
     }
 
-    /// Stops every sandbox (daemon shutdown). Their rows are removed: they cannot outlive us.
+    /// Daemon shutdown: lets go of every sandbox, leaving its VM running for the next
+    /// daemon to re-attach (`kiln daemon stop --all` removes them first).
     pub async fn shutdown(&self) {
         let all: Vec<_> = self.table().drain().collect();
         for (id, (handle, sb)) in all {
-            if handle
-                .call(|r| owner::Op::Remove("daemon stopped".to_owned(), r))
-                .await
-                .is_none()
-            {
-                sb.shutdown().await;
-                self.remove_records(&id, "daemon stopped");
+            if handle.call(owner::Op::Detach).await.is_none() {
+                // The owner ended meanwhile (removed or failed): nothing to keep.
+                sb.detach();
             }
+            info!(sandbox_id = %id, "sandbox left running for the next daemon");
         }
     }
 }

@@ -58,6 +58,8 @@ pub(crate) enum Op {
     Ttl(u64, Reply<u64>),
     /// Stop and remove it.
     Remove(String, Reply<()>),
+    /// Let go of it, leaving its VM running for the next daemon (daemon shutdown).
+    Detach(Reply<()>),
 }
 
 /// The sending side of an owner's queue.
@@ -94,10 +96,11 @@ struct Owner {
     idle_timeout: Option<Duration>,
 }
 
-/// Starts the owner of running sandbox `sb`.
+/// Starts the owner of sandbox `sb`, which is running or (re-attached) paused.
 pub(crate) fn spawn(
     engine: &Arc<Engine>,
     sb: Arc<Sandbox>,
+    state: SandboxState,
     expires_unix: Option<u64>,
     idle_timeout_secs: Option<u64>,
 ) -> Handle {
@@ -105,7 +108,7 @@ pub(crate) fn spawn(
     let owner = Owner {
         engine: Arc::downgrade(engine),
         sb,
-        state: SandboxState::Running,
+        state,
         expires_unix,
         idle_timeout: idle_timeout_secs.map(Duration::from_secs),
     };
@@ -254,6 +257,11 @@ impl Owner {
                     self.expires_unix = Some(expires);
                 }
                 let _ = reply.send(r);
+            }
+            Op::Detach(reply) => {
+                self.sb.detach();
+                let _ = reply.send(Ok(()));
+                return Flow::Exit;
             }
             Op::Remove(reason, reply) => {
                 self.remove(&reason).await;

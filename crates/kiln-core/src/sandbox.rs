@@ -262,6 +262,20 @@ impl Sandbox {
         self.vm.shutdown(Duration::from_millis(500)).await;
     }
 
+    /// Lets go of the sandbox without stopping it (daemon shutdown that keeps sandboxes):
+    /// published ports close with this daemon, QEMU keeps running for the next one.
+    pub fn detach(&self) {
+        for task in self
+            .forwards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+        self.vm.release();
+    }
+
     /// QEMU's pid.
     pub fn pid(&self) -> u32 {
         self.vm.pid()

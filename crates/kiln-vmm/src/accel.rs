@@ -31,7 +31,7 @@ use tracing::{info, warn};
 
 use crate::cmdline::{BASE_CMDLINE, FAST_BOOT_CMDLINE, MACHINE};
 use crate::error::VmmError;
-use crate::process::supervise_settings;
+use crate::process::{Lifetime, supervise_settings};
 use crate::qemu::QemuInfo;
 
 /// Environment variable overriding the choice: `kvm`, `tcg` or `auto`.
@@ -397,7 +397,7 @@ pub async fn probe_kvm(
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
-    supervise_settings(&mut cmd);
+    supervise_settings(&mut cmd, Lifetime::DiesWithParent);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return ProbeOutcome::SpawnFailed(format!("{}: {e}", qemu.display())),

@@ -78,7 +78,7 @@ pub const MACHINE: &str =
 pub const TCG_TB_SIZE_MIB: u32 = 256;
 
 /// How a VM is started for an incoming migration (snapshot restore).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Incoming {
     /// `-incoming defer`: wait for QMP `migrate-incoming`.
     Defer,
@@ -87,7 +87,8 @@ pub enum Incoming {
 }
 
 /// Everything needed to start one VM. User input of the driver; the caller owns the paths.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Written to `<run_dir>/vm.json` when the VM starts, so a later daemon can adopt it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     /// QEMU binary.
     pub qemu: PathBuf,
@@ -116,7 +117,7 @@ pub struct VmConfig {
     pub incoming: Option<Incoming>,
 }
 
-/// The files of a runtime directory (see `docs/design-contract.md`).
+/// The files of a runtime directory (see `docs/architecture.md`, state directory).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunPaths {
     /// QMP socket (QEMU listens).
@@ -129,6 +130,8 @@ pub struct RunPaths {
     pub qemu_log: PathBuf,
     /// QEMU's pid and start time ([`crate::procid::ProcessIdentity`]).
     pub pidfile: PathBuf,
+    /// The [`VmConfig`] QEMU was started with (JSON), for [`crate::Vm::attach`].
+    pub config_file: PathBuf,
 }
 
 impl RunPaths {
@@ -140,6 +143,7 @@ impl RunPaths {
             console_log: run_dir.join("console.log"),
             qemu_log: run_dir.join("qemu.log"),
             pidfile: run_dir.join("qemu.pid"),
+            config_file: run_dir.join("vm.json"),
         }
     }
 }

@@ -4,10 +4,13 @@
 //! Invariants:
 //! - Only the supervisor task touches the `Child`, so a kill request can never signal a pid
 //!   that was already reaped and recycled (tokio's `start_kill` knows whether it reaped).
-//! - Children get `PR_SET_PDEATHSIG(SIGKILL)`. Linux delivers it when the *thread* that
-//!   forked the child exits, not the process: spawn from a long-lived runtime worker thread
-//!   (any `async fn` of this crate called from a task), never from `spawn_blocking`, whose
-//!   threads exit when idle and would take the child with them.
+//! - Short-lived helpers (the accelerator probe) get `PR_SET_PDEATHSIG(SIGKILL)` and die with
+//!   their parent. Linux delivers it when the *thread* that forked the child exits, not the
+//!   process: spawn from a long-lived runtime worker thread (any `async fn` of this crate
+//!   called from a task), never from `spawn_blocking`, whose threads exit when idle.
+//! - VMs ([`Lifetime::OutlivesParent`]) do not: a daemon that restarts finds them running
+//!   and adopts them ([`Supervised::adopt`], watched through a pidfd); one that does not
+//!   come back leaves them to the next daemon's janitor, which knows them by their pidfile.
 //! - Children run in their own process group, so a terminal's Ctrl-C reaches the daemon (which
 //!   shuts VMs down in order), not QEMU directly.
 
@@ -58,12 +61,28 @@ impl std::fmt::Display for VmExit {
     }
 }
 
-/// Makes the child die with this thread (SIGKILL), puts it in its own process group and
-/// kills it when its `Child` handle is dropped.
+/// Whether a child dies with the process that started it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lifetime {
+    /// SIGKILL when the spawning thread exits, and when its handle is dropped.
+    DiesWithParent,
+    /// Keeps running when the parent exits (the handle being dropped with the runtime does
+    /// not kill it either); only an explicit kill ends it.
+    OutlivesParent,
+}
+
+/// Puts the child in its own process group (a terminal's Ctrl-C reaches the daemon, not
+/// QEMU) and, for [`Lifetime::DiesWithParent`], makes it die with this thread (SIGKILL) and
+/// with its `Child` handle.
 #[allow(unsafe_code)]
-pub(crate) fn supervise_settings(cmd: &mut Command) {
+pub(crate) fn supervise_settings(cmd: &mut Command, lifetime: Lifetime) {
+    cmd.process_group(0);
+    if lifetime == Lifetime::OutlivesParent {
+        cmd.kill_on_drop(false);
+        return;
+    }
     let parent = rustix::process::getpid();
-    cmd.process_group(0).kill_on_drop(true);
+    cmd.kill_on_drop(true);
     // SAFETY: the closure runs in the forked child before exec. It calls only prctl and
     // getppid (async-signal-safe syscalls), allocates nothing and touches no locks.
     unsafe {
@@ -133,6 +152,53 @@ impl Supervised {
             tx.send_replace(Some(exit));
         });
         Supervised { exit, kill }
+    }
+
+    /// Watches a process this daemon did not start (a VM left running by a previous daemon):
+    /// its exit is seen through a pidfd (its status is not ours to read), and a kill goes to
+    /// exactly that process. Fails if `identity` no longer names a live process.
+    #[allow(unsafe_code)]
+    pub(crate) fn adopt(identity: crate::procid::ProcessIdentity) -> std::io::Result<Supervised> {
+        use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
+        let pid =
+            Pid::from_raw(identity.pid as i32).ok_or_else(|| std::io::Error::other("pid 0"))?;
+        // The pidfd is opened before the start time is checked: from then on it names that
+        // process even if the pid is recycled.
+        let fd = pidfd_open(pid, PidfdFlags::empty())?;
+        if crate::procid::ProcessIdentity::of_pid(identity.pid)?.start_time != identity.start_time {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("pid {} is another process now", identity.pid),
+            ));
+        }
+        // SAFETY: the pidfd is an `OwnedFd` moved into the `AsyncFd`, which owns it until the
+        // watcher task ends; nothing else closes or replaces that descriptor.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)?
+        };
+        let (tx, exit) = watch::channel(None);
+        let kill = Arc::new(Notify::new());
+        let kill_rx = Arc::clone(&kill);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    // A pidfd becomes readable when its process exits.
+                    r = fd.readable() => {
+                        if let Ok(mut guard) = r {
+                            guard.retain_ready();
+                        }
+                        break;
+                    }
+                    () = kill_rx.notified() => {
+                        let _ = pidfd_send_signal(fd.get_ref(), Signal::KILL);
+                    }
+                }
+            }
+            tx.send_replace(Some(VmExit::Unknown(
+                "it exited; its status went to the daemon that started it".to_owned(),
+            )));
+        });
+        Ok(Supervised { exit, kill })
     }
 
     /// Asks for SIGKILL (idempotent; a no-op once the child is gone).
@@ -206,5 +272,30 @@ mod tests {
         assert_eq!(VmExit::Signaled(6).to_string(), "killed by signal 6");
         assert!(VmExit::Exited(0).success());
         assert!(!VmExit::Signaled(9).success());
+    }
+
+    #[tokio::test]
+    async fn adopt_sees_exit_and_kills_only_that_process() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let ident = crate::procid::ProcessIdentity::of_pid(child.id()).expect("identity");
+        // A wrong start time is refused: the pid would name another process.
+        let stale = crate::procid::ProcessIdentity {
+            start_time: ident.start_time + 1,
+            ..ident
+        };
+        assert!(Supervised::adopt(stale).is_err());
+        let adopted = Supervised::adopt(ident).expect("adopt");
+        assert_eq!(adopted.try_exit(), None);
+        adopted.request_kill();
+        let exit = tokio::time::timeout(std::time::Duration::from_secs(10), adopted.wait())
+            .await
+            .expect("exit seen");
+        assert!(matches!(exit, VmExit::Unknown(_)), "{exit:?}");
+        let status = child.wait().expect("reap");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9));
     }
 }

@@ -6,17 +6,20 @@
 //!                   ▼
 //!             killed, reaped, error carrying qemu.log's tail
 //!
+//!  Vm::attach(run):     pidfile + vm.json ─▶ pidfd opened, start time checked ─▶ QMP connected
 //!  Vm::shutdown(grace): QMP quit ─▶ wait ≤ grace ─▶ SIGKILL ─▶ reaped
 //!  Vm::kill:            SIGKILL ─▶ reaped
 //!  drop(Vm):            SIGKILL (asynchronously, by the supervisor task)
+//!  Vm::release:         nothing: QEMU keeps running for the next daemon to attach
 //! ```
 //!
 //! Invariants:
-//! - A `Vm` never outlives its QEMU silently: dropping it kills QEMU; QEMU dying resolves every
-//!   [`Vm::wait_exit`] at once.
-//! - `<run>/qemu.pid` is written before `spawn` returns, with the start time, so a janitor can
-//!   tell this QEMU from a later process that reuses its pid.
-//! - Must be called from a tokio worker thread (see `process` on `PR_SET_PDEATHSIG`).
+//! - QEMU outlives the daemon that started it (no parent-death signal): a daemon that
+//!   restarts attaches to it; only [`Vm::kill`], [`Vm::shutdown`] or dropping an unreleased
+//!   `Vm` ends it. QEMU dying resolves every [`Vm::wait_exit`] at once.
+//! - `<run>/qemu.pid` (pid and start time) and `<run>/vm.json` (the config) are written before
+//!   `spawn` returns, so a later daemon can tell this QEMU from a process that reuses its pid
+//!   and knows what it runs.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -30,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::cmdline::{RunPaths, VmConfig, build_args};
 use crate::error::VmmError;
-use crate::process::{Supervised, VmExit, file_tail, pass_fd, supervise_settings};
+use crate::process::{Lifetime, Supervised, VmExit, file_tail, pass_fd, supervise_settings};
 use crate::procid::ProcessIdentity;
 
 /// How long QEMU may take to open its QMP socket and greet. QEMU is up in ~50 ms; the margin
@@ -58,11 +61,15 @@ pub struct Vm {
     child: Supervised,
     /// The config QEMU was started with (snapshot capture checks `memory_shared`).
     config: VmConfig,
+    /// Whether dropping this handle kills QEMU (cleared by [`Vm::release`]).
+    armed: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        self.child.request_kill();
+        if self.armed.load(std::sync::atomic::Ordering::Relaxed) {
+            self.child.request_kill();
+        }
     }
 }
 
@@ -90,7 +97,12 @@ impl Vm {
             path: cfg.run_dir.clone(),
             source,
         })?;
-        for stale in [&paths.qmp_socket, &paths.agent_socket, &paths.pidfile] {
+        for stale in [
+            &paths.qmp_socket,
+            &paths.agent_socket,
+            &paths.pidfile,
+            &paths.config_file,
+        ] {
             match std::fs::remove_file(stale) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -120,7 +132,7 @@ impl Vm {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
-        supervise_settings(&mut cmd);
+        supervise_settings(&mut cmd, Lifetime::OutlivesParent);
         if let Some((fd, target)) = pass {
             pass_fd(&mut cmd, fd, target);
         }
@@ -152,12 +164,21 @@ impl Vm {
                 });
             }
         };
-        if let Err(source) = identity.write(&paths.pidfile) {
+        let recorded = serde_json::to_vec_pretty(cfg)
+            .map_err(std::io::Error::other)
+            .and_then(|json| std::fs::write(&paths.config_file, json))
+            .map_err(|source| (paths.config_file.clone(), source))
+            .and_then(|()| {
+                identity
+                    .write(&paths.pidfile)
+                    .map_err(|source| (paths.pidfile.clone(), source))
+            });
+        if let Err((path, source)) = recorded {
             child.request_kill();
             child.wait().await;
             return Err(VmmError::Io {
                 what: "write",
-                path: paths.pidfile.clone(),
+                path,
                 source,
             });
         }
@@ -172,6 +193,7 @@ impl Vm {
                     qmp,
                     child,
                     config: cfg.clone(),
+                    armed: std::sync::atomic::AtomicBool::new(true),
                 })
             }
             Err(e) => {
@@ -180,6 +202,48 @@ impl Vm {
                 Err(e)
             }
         }
+    }
+
+    /// Adopts the QEMU a previous daemon started in `run_dir`: reads its pidfile and config,
+    /// checks that the pid still names that process (by start time, through a pidfd) and
+    /// connects to its QMP socket. Its exit is then seen like a spawned VM's (without the
+    /// status, which went to its parent).
+    pub async fn attach(run_dir: &Path) -> Result<Vm, VmmError> {
+        let paths = RunPaths::new(run_dir);
+        let io = |what: &'static str, path: &Path| {
+            let path = path.to_owned();
+            move |source| VmmError::Io { what, path, source }
+        };
+        let identity = ProcessIdentity::read(&paths.pidfile)
+            .map_err(|e| VmmError::InvalidConfig {
+                reason: e.to_string(),
+            })?
+            .ok_or_else(|| VmmError::InvalidConfig {
+                reason: format!("{} is missing", paths.pidfile.display()),
+            })?;
+        let json = std::fs::read(&paths.config_file).map_err(io("read", &paths.config_file))?;
+        let config: VmConfig =
+            serde_json::from_slice(&json).map_err(|e| VmmError::InvalidConfig {
+                reason: format!("{}: {e}", paths.config_file.display()),
+            })?;
+        let child = Supervised::adopt(identity).map_err(io("adopt the QEMU of", run_dir))?;
+        let qmp = connect_qmp(&paths, &child).await?;
+        debug!(pid = identity.pid, run_dir = %run_dir.display(), "QEMU adopted");
+        Ok(Vm {
+            identity,
+            paths,
+            qmp,
+            child,
+            config,
+            armed: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+
+    /// Lets go of QEMU without stopping it (daemon shutdown that keeps sandboxes running):
+    /// the next daemon [`Vm::attach`]es to it.
+    pub fn release(&self) {
+        self.armed
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The config this QEMU was started with.

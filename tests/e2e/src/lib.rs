@@ -148,7 +148,7 @@ impl Kiln {
 impl Drop for Kiln {
     fn drop(&mut self) {
         if self._own.is_some() {
-            let _ = self.run(&["daemon", "stop"]);
+            let _ = self.run(&["daemon", "stop", "--all"]);
         }
     }
 }
@@ -203,4 +203,40 @@ pub fn stdout(out: &Output) -> String {
 /// stderr as text.
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `GET /` on 127.0.0.1:`port` (HTTP/1.0); the whole response, or `None` if nothing answers.
+pub fn http_get(port: u16) -> Option<String> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    (!body.is_empty()).then_some(body)
+}
+
+/// Polls until the published port answers (the guest server starts asynchronously).
+pub fn wait_http(port: u16) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(b) = http_get(port) {
+            return b;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "port {port} never answered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{Kiln, assert_success, process_alive, signal, stderr};
+use kiln_e2e::{Kiln, assert_success, free_port, process_alive, signal, stderr, stdout, wait_http};
 
 #[test]
 #[ignore = "boots VMs: run by scripts/test"]
@@ -128,26 +128,98 @@ fn guest_panic_mid_exec_reports_console_tail() {
 
 #[test]
 #[ignore = "boots VMs: run by scripts/test"]
-fn daemon_sigkill_orphans_are_reclaimed_by_next_daemon() {
+fn daemon_sigkill_sandbox_keeps_running_and_is_reattached() {
     let k = Kiln::isolated();
-    let id = k.create("base");
+    let port = free_port();
+    let out = k.run(&[
+        "create",
+        "--image",
+        "python",
+        "--name",
+        "web",
+        "--secret",
+        "TOKEN=kept-across-restarts",
+        "--secret-env",
+        "--publish",
+        &format!("{port}:8000"),
+    ]);
+    assert_success(&out, "create");
+    let id = stdout(&out).trim().to_owned();
+    let out = k.run(&[
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "cd /root && echo served-by-kiln > index.html && echo state-1 > /root/state && python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &",
+    ]);
+    assert_success(&out, "start the server");
+    assert!(wait_http(port).contains("served-by-kiln"));
+    let paused = k.create("base");
+    assert_success(&k.run(&["pause", &paused]), "pause");
     let qemu = k.qemu_pid(&id);
     let daemon = k.daemon_pid().expect("daemon running");
+
     signal(daemon, libc::SIGKILL);
-    // The next CLI call starts a new daemon, whose janitor runs before it serves.
-    let state = k.state_of(&id);
-    assert_eq!(state.as_deref(), Some("failed"));
+    // QEMU does not die with its daemon, and the published port is gone with the daemon.
+    assert!(process_alive(qemu), "QEMU {qemu} died with its daemon");
+
+    // The next CLI call starts a new daemon, which re-attaches before it serves.
+    assert_eq!(k.state_of(&id).as_deref(), Some("running"));
+    assert_eq!(k.state_of(&paused).as_deref(), Some("paused"));
     let new_daemon = k.daemon_pid().expect("new daemon");
     assert_ne!(new_daemon, daemon);
-    assert!(!process_alive(qemu), "orphaned QEMU {qemu} still runs");
-    assert!(
-        !k.home().join("run").join(&id).exists(),
-        "orphaned runtime dir left behind"
-    );
+    assert_eq!(k.qemu_pid(&id), qemu, "the same QEMU serves the sandbox");
     let status = k.run(&["daemon", "status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
-    assert_eq!(v["janitor"]["dirs_removed"], 1, "{v}");
-    assert_eq!(v["janitor"]["sandboxes_failed"], 1, "{v}");
+    assert_eq!(v["janitor"]["sandboxes_reattached"], 2, "{v}");
+    assert_eq!(v["janitor"]["sandboxes_failed"], 0, "{v}");
+    assert_eq!(v["janitor"]["processes_killed"], 0, "{v}");
+    // Its files, its running server (through the published port, bound again), its name
+    // and its secrets (read back from the guest for --secret-env) are all still there.
+    let out = k.run(&[
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "cat /root/state; echo $TOKEN",
+    ]);
+    assert_success(&out, "exec after restart");
+    assert_eq!(stdout(&out), "state-1\nkept-across-restarts\n");
+    assert!(wait_http(port).contains("served-by-kiln"));
+    // The paused one is still paused (its guest ran only for the resync) and resumes.
+    let out = k.run(&["exec", &paused, "--", "true"]);
+    assert!(stderr(&out).contains("is paused"), "{}", stderr(&out));
+    assert_success(&k.run(&["resume", &paused]), "resume after restart");
+    assert_success(
+        &k.run(&["exec", &paused, "--", "true"]),
+        "exec after resume",
+    );
+
+    // A graceful stop keeps them too; `--all` removes them and their QEMUs.
+    assert_success(&k.run(&["daemon", "stop"]), "daemon stop");
+    assert!(
+        process_alive(qemu),
+        "QEMU {qemu} stopped with a plain daemon stop"
+    );
+    assert_eq!(k.state_of(&id).as_deref(), Some("running"));
+    let out = k.run(&["daemon", "stop", "--all"]);
+    assert_success(&out, "daemon stop --all");
+    assert!(
+        stdout(&out).contains("removed 2 sandboxes"),
+        "{}",
+        stdout(&out)
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while process_alive(qemu) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "QEMU {qemu} survived --all"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!k.home().join("run").join(&id).exists());
 }
 
 #[test]

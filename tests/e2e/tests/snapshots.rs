@@ -3,12 +3,10 @@
 //! reaches a snapshot file, ports keep working across snapshot and restore, and bad input
 //! is refused with a clear error.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{Kiln, assert_success, stderr, stdout};
+use kiln_e2e::{Kiln, assert_success, free_port, http_get, stderr, stdout, wait_http};
 
 fn create(k: &Kiln, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["create", "--json"];
@@ -254,36 +252,6 @@ fn disk_full_during_a_snapshot_leaves_no_snapshot_and_the_source_running() {
     assert!(snapshots(&k).iter().all(|s| s["name"] != "full"));
     assert_eq!(k.state_of(&a).as_deref(), Some("running"));
     assert_eq!(sh(&k, &a, "echo alive").trim(), "alive");
-}
-
-/// `GET /` over plain HTTP/1.0 to 127.0.0.1:port; `None` if nothing answers.
-fn http_get(port: u16) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    (!body.is_empty()).then_some(body)
-}
-
-/// Polls until the published port answers (the guest server starts asynchronously).
-fn wait_http(port: u16) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(b) = http_get(port) {
-            return b;
-        }
-        assert!(Instant::now() < deadline, "port {port} never answered");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 #[test]
