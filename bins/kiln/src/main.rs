@@ -88,6 +88,25 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Save a sandbox (memory and disk) and stop its VM; `kiln start` brings it back.
+    Stop {
+        /// Sandbox id, name or unambiguous id prefix.
+        id: String,
+        /// Print the sandbox as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring a stopped sandbox back as it was (secrets are given again: they are never saved).
+    Start {
+        /// Sandbox id, name or unambiguous id prefix.
+        id: String,
+        /// Deliver a secret as /run/secrets/NAME (repeatable); `NAME` alone generates one.
+        #[arg(long = "secret", value_name = "NAME[=VALUE]")]
+        secrets: Vec<String>,
+        /// Print the sandbox as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Set a sandbox's remaining lifetime (e.g. 30s, 5m, 2h) from now.
     Ttl {
         /// Sandbox id, name or unambiguous id prefix.
@@ -172,6 +191,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Resume { id, json } => ps::pause_resume(&client, id, false, *json).await,
         Cmd::Ttl { id, duration, json } => ps::ttl(&client, id, duration, *json).await,
         Cmd::Events { json } => ps::events(&client, *json).await,
+        Cmd::Stop { id, json } => ps::stop(&client, id, *json).await,
+        Cmd::Start { id, secrets, json } => ps::start(&client, id, secrets, *json).await,
         Cmd::Bench(BenchCmd::Boot(args)) => bench::run(&client, args).await,
         Cmd::Bench(BenchCmd::Snapshot(args)) => bench::snapshot(&client, &home, args).await,
         Cmd::Create(args) => sandbox::create(&client, args).await,

@@ -179,6 +179,40 @@ pub async fn pause_resume(
     print_info(&info, json)
 }
 
+/// `kiln stop ID`: saved, VM stopped.
+pub async fn stop(client: &Client, key: &str, json: bool) -> anyhow::Result<i32> {
+    let id = resolve(client, key).await?;
+    let info: SandboxInfo = client
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/stop"),
+            None::<&()>,
+        )
+        .await?;
+    print_info(&info, json)
+}
+
+/// `kiln start ID [--secret ...]`: back from its save.
+pub async fn start(
+    client: &Client,
+    key: &str,
+    secrets: &[String],
+    json: bool,
+) -> anyhow::Result<i32> {
+    let id = resolve(client, key).await?;
+    let req = kiln_api_types::SandboxStartRequest {
+        secrets: crate::run::parse_secrets(secrets)?,
+    };
+    let info: SandboxInfo = client
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/start"),
+            Some(&req),
+        )
+        .await?;
+    print_info(&info, json)
+}
+
 /// `kiln ttl ID DURATION`: the sandbox now lives DURATION from now.
 pub async fn ttl(client: &Client, key: &str, duration: &str, json: bool) -> anyhow::Result<i32> {
     let ttl_secs = kiln_api_types::parse_duration_secs(duration)?;

@@ -12,6 +12,8 @@
 //! POST   /v1/sandboxes/{id}/pause        SandboxInfo (vCPUs stopped in place)
 //! POST   /v1/sandboxes/{id}/resume       SandboxInfo
 //! POST   /v1/sandboxes/{id}/ttl          TtlRequest -> SandboxInfo (lifetime ends ttl_secs from now)
+//! POST   /v1/sandboxes/{id}/stop         SandboxInfo (memory and disk saved, QEMU stopped)
+//! POST   /v1/sandboxes/{id}/start        SandboxStartRequest -> SandboxInfo (restored from its save)
 //! GET    /v1/events                      text/event-stream of Event (lifecycle, exec start/end)
 //! GET    /v1/sandboxes/{id}/exec         WebSocket: ExecRequest, then streams (docs/protocol.md)
 //! GET    /v1/run                         WebSocket: RunRequest; fresh sandbox, one exec, teardown
@@ -38,8 +40,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use kiln_api_types::{
     ApiError, Health, ImageBuildEvent, ImageBuildRequest, ImageList, PingResponse, SandboxFilter,
-    SandboxId, SandboxList, SandboxSpec, SecretsUpdateRequest, SnapshotCreateRequest, SnapshotList,
-    SnapshotName, TtlRequest,
+    SandboxId, SandboxList, SandboxSpec, SandboxStartRequest, SecretsUpdateRequest,
+    SnapshotCreateRequest, SnapshotList, SnapshotName, TtlRequest,
 };
 use kiln_core::{CoreError, Engine};
 use serde::Serialize;
@@ -66,6 +68,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/sandboxes/{id}/pause", post(sandbox_pause))
         .route("/v1/sandboxes/{id}/resume", post(sandbox_resume))
         .route("/v1/sandboxes/{id}/ttl", post(sandbox_ttl))
+        .route("/v1/sandboxes/{id}/stop", post(sandbox_stop))
+        .route("/v1/sandboxes/{id}/start", post(sandbox_start))
         .route("/v1/events", get(events))
         .route("/v1/snapshots", get(snapshot_list))
         .route(
@@ -283,6 +287,24 @@ async fn sandbox_resume(
 ) -> Result<Response, HttpError> {
     let id = resolve(&engine, &id)?;
     Ok(json(engine.sandbox_resume(&id).await?))
+}
+
+async fn sandbox_stop(
+    State(engine): Shared,
+    Path(id): Path<String>,
+) -> Result<Response, HttpError> {
+    let id = resolve(&engine, &id)?;
+    Ok(json(engine.sandbox_stop(&id).await?))
+}
+
+async fn sandbox_start(
+    State(engine): Shared,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let id = resolve(&engine, &id)?;
+    let req: SandboxStartRequest = parse_body(&body)?;
+    Ok(json(engine.sandbox_start(&id, &req.secrets).await?))
 }
 
 async fn sandbox_ttl(

@@ -205,6 +205,16 @@ pub struct SecretsUpdateRequest {
     pub secrets: Secrets,
 }
 
+/// `POST /v1/sandboxes/{id}/start`: bring a stopped sandbox back. Secret values are never
+/// saved, so they are given again here (the image's on-restore hook then runs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxStartRequest {
+    /// Secrets delivered as `/run/secrets/<name>` after the restore.
+    #[serde(default)]
+    pub secrets: Secrets,
+}
+
 /// `POST /v1/sandboxes/{id}/ttl`: the sandbox's lifetime now ends this long from now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -13,7 +13,7 @@
 //!      │                  │  └────pause────▶  │
 //!      │                  ▼                   ▼
 //!      │               stopping ──saved──▶ stopped ──start──▶ creating
-//!      │                  │
+//!      │                  │  (save failed: back to running/paused; start failed: stopped)
 //!      └──error──▶ failed ◀── QEMU died / agent lost / expired while failing
 //!   any state ──rm──▶ removed (the row is gone; only the event says so)
 //! ```
@@ -275,7 +275,10 @@ impl SandboxState {
                 | (Paused, Stopping)
                 | (Stopping, Stopped)
                 | (Stopping, Failed)
+                | (Stopping, Running)
+                | (Stopping, Paused)
                 | (Stopped, Creating)
+                | (Creating, Stopped)
                 | (Running, Failed)
                 | (Paused, Failed)
         )

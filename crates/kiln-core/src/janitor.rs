@@ -22,6 +22,25 @@ use crate::paths::Home;
 pub const ORPHAN_REASON: &str =
     "its VM was gone (or half-started) when the daemon restarted; reclaimed at the next start";
 
+/// Why a sandbox whose start or stop a daemon restart cut short is stopped (its last
+/// complete save is kept).
+pub const INTERRUPTED_REASON: &str =
+    "a daemon restart interrupted its start or stop; its last save is kept";
+
+/// Whether `dir` holds a complete save (a published `gen-N` snapshot).
+fn has_save(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("gen-"))
+                && e.path().join(kiln_snapshot::MANIFEST_FILE).is_file()
+        })
+}
+
 /// What the janitor found.
 pub struct Reclaimed {
     /// What was reclaimed.
@@ -119,9 +138,41 @@ pub fn reclaim(home: &Home, store: &Store) -> Result<Reclaimed, CoreError> {
                 | SandboxState::Paused
                 | SandboxState::Stopping
         ) && !live.iter().any(|l| l.id == row.id);
-        if orphan {
+        if !orphan {
+            continue;
+        }
+        // A start or stop cut short with a complete save to fall back on: still stopped.
+        let saved = matches!(
+            row.status.state,
+            SandboxState::Creating | SandboxState::Stopping
+        ) && has_save(&home.saved_dir(&row.id));
+        if saved {
+            store.sandbox_set_state(
+                &row.id,
+                SandboxState::Stopped,
+                None,
+                Some(INTERRUPTED_REASON),
+            )?;
+        } else {
             store.sandbox_set_state(&row.id, SandboxState::Failed, None, Some(ORPHAN_REASON))?;
             report.sandboxes_failed += 1;
+        }
+    }
+    // Saves whose sandbox is gone (a removal cut short).
+    for entry in std::fs::read_dir(home.root().join("saved"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let known = rows
+            .iter()
+            .any(|r| entry.file_name().to_str() == Some(r.id.as_str()));
+        if !known {
+            let dir = entry.path();
+            report.bytes_freed += allocated_bytes(&dir);
+            if std::fs::remove_dir_all(&dir).is_ok() {
+                report.dirs_removed += 1;
+            }
         }
     }
     Ok(Reclaimed { report, live })

@@ -291,41 +291,65 @@ impl Engine {
                 return Err(e);
             }
         };
-        {
-            let mut extras = sb.extras();
-            extras.secrets = spec.secrets.clone();
-            extras.secret_env = spec.secret_env;
-            extras.hook = image.recipe.on_restore.clone();
-        }
-        let ready = async {
-            if !spec.secrets.is_empty() {
-                guest::deliver_secrets(sb.agent(), &spec.secrets).await?;
-            }
-            if let Some(hook) = &image.recipe.on_restore {
-                guest::run_hook(sb.agent(), hook).await?;
-            }
-            ports::serve(&sb, bound)
-        }
-        .await;
-        if let Err(e) = ready {
-            sb.shutdown().await;
-            self.remove_records(&id, "failed to start");
-            return Err(e);
-        }
         let source = if snapshot.is_some() {
             StartSource::Snapshot
         } else {
             StartSource::Cold
         };
+        let launch = Launch {
+            sb,
+            secrets: spec.secrets.clone(),
+            secret_env: spec.secret_env,
+            hook: image.recipe.on_restore.clone(),
+            bound,
+            expires_unix: row.status.expires_unix,
+            idle_timeout_secs: spec.lifetime.idle_timeout_secs,
+            source,
+            snapshot,
+        };
+        if let Err(e) = self.launch(launch).await {
+            self.remove_records(&id, "failed to start");
+            return Err(e);
+        }
+        self.sandbox_get(&id)
+    }
+
+    /// Puts a started VM into service: secrets delivered, the image's on-restore hook run,
+    /// published ports served, its owner task started, `running` recorded and published.
+    /// On error the VM is shut down (the caller decides what happens to the records).
+    async fn launch(self: &Arc<Self>, l: Launch) -> Result<(), CoreError> {
+        let sb = l.sb;
+        let id = sb.id().clone();
+        {
+            let mut extras = sb.extras();
+            extras.secrets = l.secrets.clone();
+            extras.secret_env = l.secret_env;
+            extras.hook = l.hook.clone();
+        }
+        let ready = async {
+            if !l.secrets.is_empty() {
+                guest::deliver_secrets(sb.agent(), &l.secrets).await?;
+            }
+            if let Some(hook) = &l.hook {
+                guest::run_hook(sb.agent(), hook).await?;
+            }
+            ports::serve(&sb, l.bound)?;
+            self.store
+                .sandbox_set_source(&id, l.source, l.snapshot.as_deref())?;
+            Ok::<_, CoreError>(())
+        }
+        .await;
+        if let Err(e) = ready {
+            sb.shutdown().await;
+            return Err(e);
+        }
         let boot_ms = sb.boot.as_millis() as u64;
-        self.store
-            .sandbox_set_source(&id, source, snapshot.as_deref())?;
         let handle = owner::spawn(
             self,
             Arc::clone(&sb),
             SandboxState::Running,
-            row.status.expires_unix,
-            spec.lifetime.idle_timeout_secs,
+            l.expires_unix,
+            l.idle_timeout_secs,
         );
         self.table().insert(id.clone(), (handle, Arc::clone(&sb)));
         self.store
@@ -337,8 +361,169 @@ impl Engine {
                 reason: None,
             },
         );
-        info!(sandbox_id = %id, boot_ms, pid = sb.pid(), source = source.as_str(), snapshot = snapshot.as_deref().unwrap_or("-"), "sandbox running");
-        self.sandbox_get(&id)
+        info!(sandbox_id = %id, boot_ms, pid = sb.pid(), source = l.source.as_str(), snapshot = l.snapshot.as_deref().unwrap_or("-"), "sandbox running");
+        Ok(())
+    }
+
+    /// Brings a stopped sandbox back from its save (`kiln start`): same id, name, labels,
+    /// disk and memory. Secret values were never saved: `secrets` are delivered anew, then
+    /// the image's on-restore hook runs. A start that fails leaves it stopped, its save kept.
+    pub async fn sandbox_start(
+        self: &Arc<Self>,
+        id: &SandboxId,
+        secrets: &kiln_api_types::Secrets,
+    ) -> Result<SandboxInfo, CoreError> {
+        secrets.validate().map_err(CoreError::BadRequest)?;
+        if !self
+            .store
+            .sandbox_transition(id, SandboxState::Stopped, SandboxState::Creating)?
+        {
+            let row = self.sandbox_get(id)?;
+            return Err(CoreError::WrongState {
+                id: id.clone(),
+                state: row.status.state,
+                wanted: SandboxState::Stopped,
+            });
+        }
+        self.publish(
+            id,
+            EventKind::State {
+                state: SandboxState::Creating,
+                reason: None,
+            },
+        );
+        match self.start_saved(id, secrets).await {
+            Ok(()) => self.sandbox_get(id),
+            Err(e) => {
+                let reason = format!("start failed, still stopped: {}", e.chain());
+                remove_dir(&self.home.sandbox_dir(id));
+                let _ =
+                    self.store
+                        .sandbox_set_state(id, SandboxState::Stopped, None, Some(&reason));
+                self.publish(
+                    id,
+                    EventKind::State {
+                        state: SandboxState::Stopped,
+                        reason: Some(reason),
+                    },
+                );
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_saved(
+        self: &Arc<Self>,
+        id: &SandboxId,
+        secrets: &kiln_api_types::Secrets,
+    ) -> Result<(), CoreError> {
+        let row = self.sandbox_get(id)?;
+        let root = self.home.saved_dir(id);
+        let generation = latest_save(&root).ok_or_else(|| {
+            CoreError::HostSetup(format!(
+                "sandbox {id} is stopped but its save in {} is missing",
+                root.display()
+            ))
+        })?;
+        let snap = usersnap::open_in(&self.home, &root, &generation)?;
+        let bound = ports::bind(&row.spec.publish)?;
+        let qemu = self.qemu().await?;
+        let accel = self
+            .accel(
+                &snap.image.kernel_path(self.home.root()),
+                &snap.image.initramfs_path(self.home.root()),
+            )
+            .await?
+            .accel;
+        let plan = MachinePlan {
+            qemu,
+            accel,
+            image: &snap.image,
+            home: self.home.root(),
+            machine: snap.machine,
+            mode: snap.mode,
+        };
+        let run_dir = self.home.sandbox_dir(id);
+        remove_dir(&run_dir);
+        std::fs::create_dir_all(&run_dir).map_err(|source| CoreError::Io {
+            what: "create",
+            path: run_dir.clone(),
+            source,
+        })?;
+        let sb = usersnap::restore(&plan, &snap, id, &run_dir).await?;
+        let expires_unix = row
+            .spec
+            .lifetime
+            .ttl_secs
+            .map(|t| unix_now().saturating_add(t));
+        self.store.sandbox_set_expiry(id, expires_unix)?;
+        self.launch(Launch {
+            sb,
+            secrets: secrets.clone(),
+            secret_env: row.spec.secret_env,
+            hook: snap.image.recipe.on_restore.clone(),
+            bound,
+            expires_unix,
+            idle_timeout_secs: row.spec.lifetime.idle_timeout_secs,
+            source: StartSource::Snapshot,
+            snapshot: None,
+        })
+        .await
+    }
+
+    /// Saves `sb` for `kiln stop` (called by its owner task, which then stops the VM):
+    /// memory and disk, secrets scrubbed first, as a new generation under its save
+    /// directory; older generations are removed once the VM is gone ([`Engine::prune_saves`]).
+    pub(crate) async fn save_for_stop(&self, sb: &Arc<Sandbox>) -> Result<(), CoreError> {
+        let id = sb.id();
+        let row = self.sandbox_get(id)?;
+        let image = kiln_image::get(self.home.root(), row.status.image.as_str())?
+            .filter(|i| i.id.to_string() == row.status.image_id)
+            .ok_or_else(|| {
+                CoreError::BadRequest(format!(
+                    "sandbox {id} runs image {} (id {}), which has been removed or rebuilt since; it cannot be saved",
+                    row.status.image, row.status.image_id
+                ))
+            })?;
+        let qemu = self.qemu().await?;
+        let plan = MachinePlan {
+            qemu,
+            accel: sb.vm().config().accel,
+            image: &image,
+            home: self.home.root(),
+            machine: MachineSpec {
+                cpus: row.status.cpus,
+                memory_mib: row.status.memory_mib,
+            },
+            mode: self.snapshot_mode(qemu),
+        };
+        let root = self.home.saved_dir(id);
+        std::fs::create_dir_all(&root).map_err(|source| CoreError::Io {
+            what: "create",
+            path: root.clone(),
+            source,
+        })?;
+        let next = latest_save(&root)
+            .and_then(|g| g.strip_prefix("gen-").and_then(|n| n.parse::<u64>().ok()))
+            .map_or(1, |n| n + 1);
+        usersnap::capture_into(&self.home, &root, &plan, sb, &format!("gen-{next}")).await?;
+        // The save depends on the image only (its disk layer was rebased).
+        self.store
+            .sandbox_set_source(id, StartSource::Snapshot, None)?;
+        Ok(())
+    }
+
+    /// Removes every save of `id` but the latest (its VM no longer uses them).
+    pub(crate) fn prune_saves(&self, id: &SandboxId) {
+        let root = self.home.saved_dir(id);
+        let Some(keep) = latest_save(&root) else {
+            return;
+        };
+        for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            if entry.file_name().to_str() != Some(keep.as_str()) {
+                remove_dir(&entry.path());
+            }
+        }
     }
 
     /// Boots a sandbox from scratch and runs the image's on-boot commands and readiness probe.
@@ -452,9 +637,10 @@ impl Engine {
         }
     }
 
-    /// Removes a sandbox's runtime directory and row, and publishes its removal.
+    /// Removes a sandbox's runtime directory, saves and row, and publishes its removal.
     pub(crate) fn remove_records(&self, id: &SandboxId, reason: &str) {
         remove_dir(&self.home.sandbox_dir(id));
+        remove_dir(&self.home.saved_dir(id));
         match self.store.sandbox_delete(id) {
             Ok(true) => {
                 self.publish(
@@ -596,6 +782,12 @@ impl Engine {
         }
         self.call(id, |r| owner::Op::Secrets(secrets.clone(), r))
             .await
+    }
+
+    /// Saves a running or paused sandbox (memory and disk) and stops its VM (`kiln stop`).
+    pub async fn sandbox_stop(&self, id: &SandboxId) -> Result<SandboxInfo, CoreError> {
+        self.call(id, owner::Op::Stop).await?;
+        self.sandbox_get(id)
     }
 
     /// Stops a running sandbox's vCPUs in place.
@@ -760,6 +952,33 @@ fn users_of(rows: &[SandboxInfo], name: &str) -> Vec<SandboxId> {
         })
         .map(|r| r.id.clone())
         .collect()
+}
+
+/// What [`Engine::launch`] puts into service.
+struct Launch {
+    sb: Arc<Sandbox>,
+    secrets: kiln_api_types::Secrets,
+    secret_env: bool,
+    hook: Option<kiln_image::GuestCommand>,
+    bound: Vec<ports::Bound>,
+    expires_unix: Option<u64>,
+    idle_timeout_secs: Option<u64>,
+    source: StartSource,
+    snapshot: Option<String>,
+}
+
+/// The newest save generation (`gen-N`) under `root`.
+fn latest_save(root: &Path) -> Option<String> {
+    std::fs::read_dir(root)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let n: u64 = name.strip_prefix("gen-")?.parse().ok()?;
+            Some((n, name))
+        })
+        .max()
+        .map(|(_, name)| name)
 }
 
 /// An event about sandbox `id`, stamped now.

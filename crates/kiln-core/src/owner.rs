@@ -60,6 +60,8 @@ pub(crate) enum Op {
     Remove(String, Reply<()>),
     /// Let go of it, leaving its VM running for the next daemon (daemon shutdown).
     Detach(Reply<()>),
+    /// Save it (memory and disk) and stop its VM.
+    Stop(Reply<()>),
 }
 
 /// The sending side of an owner's queue.
@@ -258,6 +260,21 @@ impl Owner {
                 }
                 let _ = reply.send(r);
             }
+            Op::Stop(reply) => {
+                let r = match self.state {
+                    SandboxState::Running | SandboxState::Paused => self.stop().await,
+                    state => Err(CoreError::WrongState {
+                        id: self.id().clone(),
+                        state,
+                        wanted: SandboxState::Running,
+                    }),
+                };
+                let stopped = r.is_ok();
+                let _ = reply.send(r);
+                if stopped {
+                    return Flow::Exit;
+                }
+            }
             Op::Detach(reply) => {
                 self.sb.detach();
                 let _ = reply.send(Ok(()));
@@ -302,6 +319,30 @@ impl Owner {
         // Time spent paused does not count as idle.
         self.sb.activity.touch();
         self.transition(SandboxState::Running, None);
+        Ok(())
+    }
+
+    /// Saves the sandbox and stops its VM. If the save fails, the sandbox goes on as it was.
+    async fn stop(&mut self) -> Result<(), CoreError> {
+        let Some(engine) = self.engine.upgrade() else {
+            return Err(CoreError::HostSetup("the daemon is stopping".into()));
+        };
+        let before = self.state;
+        self.transition(SandboxState::Stopping, None);
+        if let Err(e) = engine.save_for_stop(&self.sb).await {
+            // The save resumed the guest on every path.
+            self.transition(SandboxState::Running, None);
+            if before == SandboxState::Paused && self.sb.vm().pause().await.is_ok() {
+                self.transition(SandboxState::Paused, None);
+            }
+            return Err(e);
+        }
+        engine.forget(self.id(), &self.sb);
+        self.sb.shutdown().await;
+        crate::remove_dir(&engine.home.sandbox_dir(self.id()));
+        engine.prune_saves(self.id());
+        self.transition(SandboxState::Stopped, None);
+        info!(sandbox_id = %self.id(), "sandbox stopped and saved");
         Ok(())
     }
 

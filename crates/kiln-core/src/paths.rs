@@ -92,6 +92,12 @@ impl Home {
         self.run_dir().join(id.as_str())
     }
 
+    /// Where a stopped sandbox's saved state lives (`kiln stop`): outside `run/`, so it
+    /// survives daemon restarts, the janitor and host reboots.
+    pub fn saved_dir(&self, id: &SandboxId) -> PathBuf {
+        self.root.join("saved").join(id.as_str())
+    }
+
     /// Parent of all built images.
     pub fn images_dir(&self) -> PathBuf {
         self.root.join("images")

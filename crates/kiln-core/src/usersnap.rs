@@ -79,8 +79,12 @@ fn read_origin(dir: &Path) -> Option<Origin> {
 
 /// Finds user snapshot `name` and the image it needs.
 pub fn open(home: &Home, name: &kiln_api_types::SnapshotName) -> Result<UserSnapshot, CoreError> {
-    let name = name.as_str();
-    let dir = warm::snapshots_dir(home.root()).join(name);
+    open_in(home, &warm::snapshots_dir(home.root()), name.as_str())
+}
+
+/// Finds the snapshot `name` under `root` (user snapshots, or a stopped sandbox's saves).
+pub fn open_in(home: &Home, root: &Path, name: &str) -> Result<UserSnapshot, CoreError> {
+    let dir = root.join(name);
     if !dir.is_dir() {
         return Err(CoreError::SnapshotNotFound(name.to_owned()));
     }
@@ -151,8 +155,19 @@ pub async fn capture(
     sb: &Arc<Sandbox>,
     name: &str,
 ) -> Result<SnapshotInfo, CoreError> {
+    capture_into(home, &warm::snapshots_dir(home.root()), spec, sb, name).await
+}
+
+/// Takes snapshot `name` of `sb` under `root`: user snapshots, or the save of `kiln stop`.
+pub async fn capture_into(
+    home: &Home,
+    root: &Path,
+    spec: &MachinePlan<'_>,
+    sb: &Arc<Sandbox>,
+    name: &str,
+) -> Result<SnapshotInfo, CoreError> {
     let snap_err = CoreError::Snapshot;
-    let root = warm::snapshots_dir(home.root());
+    let root = root.to_owned();
     if root.join(name).exists() {
         return Err(CoreError::SnapshotExists(name.to_owned()));
     }

@@ -229,6 +229,27 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Moves a sandbox from state `from` to `to` atomically; `false` (nothing changed) when
+    /// it is not in `from` (another request got there first) or does not exist.
+    pub fn sandbox_transition(
+        &self,
+        id: &SandboxId,
+        from: SandboxState,
+        to: SandboxState,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE sandboxes SET state = ?3, error = NULL WHERE id = ?1 AND state = ?2",
+                params![id.as_str(), from.as_str(), to.as_str()],
+            )
+            .map_err(|source| StoreError::Query {
+                what: "transition sandbox state",
+                source,
+            })?;
+        Ok(n == 1)
+    }
+
     /// Records how a sandbox's VM started and from which snapshot.
     pub fn sandbox_set_source(
         &self,
@@ -571,6 +592,28 @@ mod tests {
             let bytes = std::fs::read(entry.unwrap().path()).unwrap();
             assert!(!bytes.windows(12).any(|w| w == b"s3cr3t-value"));
         }
+    }
+
+    #[test]
+    fn sandbox_transition_happens_once() {
+        let store = Store::open_in_memory().unwrap();
+        let mut r = row(1);
+        r.status.state = SandboxState::Stopped;
+        store.sandbox_insert(&r).unwrap();
+        assert!(
+            store
+                .sandbox_transition(&r.id, SandboxState::Stopped, SandboxState::Creating)
+                .unwrap()
+        );
+        assert!(
+            !store
+                .sandbox_transition(&r.id, SandboxState::Stopped, SandboxState::Creating)
+                .unwrap()
+        );
+        assert_eq!(
+            store.sandbox_get(&r.id).unwrap().unwrap().status.state,
+            SandboxState::Creating
+        );
     }
 
     #[test]

@@ -265,3 +265,79 @@ fn ttl_and_idle_timeout_remove_the_sandbox() {
     assert!(!k.home().join("run").join(&idle).exists());
     assert_success(&k.run(&["rm", &keep]), "rm");
 }
+
+#[test]
+#[ignore = "boots VMs: run by scripts/test"]
+fn stop_and_start_keep_disk_memory_and_processes() {
+    let k = Kiln::isolated();
+    let v = create(&k, &["--name", "keeper", "--secret", "S=first"]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    // State on disk, state in RAM only (/run is tmpfs) and a live process holding a value.
+    let out = k.run(&[
+        "exec",
+        "keeper",
+        "--",
+        "sh",
+        "-c",
+        "echo on-disk > /root/f; echo in-ram > /run/marker; \
+         (n=$(od -An -tu4 -N4 /dev/urandom | tr -d ' '); while :; do echo $n > /run/value; sleep 1; done) >/dev/null 2>&1 & \
+         echo $! > /run/loop.pid",
+    ]);
+    assert_success(&out, "prepare state");
+    let probe = "cat /root/f /run/marker; pid=$(cat /run/loop.pid); kill -0 $pid && echo alive $pid; cat /run/value";
+    let before = stdout(&k.run(&["exec", "keeper", "--", "sh", "-c", probe]));
+    assert!(before.contains("alive"), "{before}");
+
+    let out = k.run(&["stop", "keeper", "--json"]);
+    assert_success(&out, "stop");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stop json");
+    assert_eq!(v["state"], "stopped");
+    assert!(
+        !k.home().join("run").join(&id).exists(),
+        "QEMU's runtime dir kept"
+    );
+    let out = k.run(&["exec", "keeper", "--", "true"]);
+    assert!(
+        stderr(&out).contains("is stopped, not running"),
+        "{}",
+        stderr(&out)
+    );
+    let out = k.run(&["stop", "keeper"]);
+    assert!(stderr(&out).contains("is stopped"), "{}", stderr(&out));
+    // A new daemon (as after an upgrade or a host reboot) starts it just the same.
+    assert_success(&k.run(&["daemon", "stop"]), "daemon stop");
+    assert_eq!(k.state_of(&id).as_deref(), Some("stopped"));
+
+    let out = k.run(&["start", "keeper", "--secret", "S=second", "--json"]);
+    assert_success(&out, "start");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("start json");
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["id"], id.as_str(), "same sandbox");
+    let after = stdout(&k.run(&["exec", "keeper", "--", "sh", "-c", probe]));
+    assert_eq!(
+        after, before,
+        "disk, RAM and the running process came back as they were"
+    );
+    let out = k.run(&["exec", "keeper", "--", "cat", "/run/secrets/S"]);
+    assert_eq!(stdout(&out), "second");
+    let out = k.run(&["start", "keeper"]);
+    assert!(
+        stderr(&out).contains("is running, not stopped"),
+        "{}",
+        stderr(&out)
+    );
+    // A second stop/start cycle works on the restored sandbox too, and rm removes the save.
+    assert_success(&k.run(&["stop", "keeper"]), "second stop");
+    assert_success(&k.run(&["start", "keeper"]), "second start");
+    let again = stdout(&k.run(&["exec", "keeper", "--", "sh", "-c", probe]));
+    assert_eq!(again, before);
+    let saves: Vec<_> = std::fs::read_dir(k.home().join("saved").join(&id))
+        .expect("save dir")
+        .collect();
+    assert_eq!(saves.len(), 1, "older saves are pruned");
+    assert_success(&k.run(&["rm", "keeper"]), "rm");
+    assert!(
+        !k.home().join("saved").join(&id).exists(),
+        "save left after rm"
+    );
+}
