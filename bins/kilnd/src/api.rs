@@ -1,27 +1,19 @@
 //! The HTTP API: routes, request parsing and the one mapping from engine errors to HTTP.
 //!
-//! ```text
-//! GET    /v1/health                      Health
-//! GET    /v1/sandboxes                   SandboxList
-//! POST   /v1/sandboxes                   SandboxCreateRequest -> SandboxInfo (once the agent answers)
-//! GET    /v1/sandboxes/{id}              SandboxInfo
-//! DELETE /v1/sandboxes/{id}              204
-//! POST   /v1/sandboxes/{id}/ping         PingResponse
-//! POST   /v1/sandboxes/{id}/snapshot     SnapshotCreateRequest -> SnapshotInfo (201; sandbox keeps running)
-//! POST   /v1/sandboxes/{id}/secrets      SecretsUpdateRequest -> 204 (delivered, hook rerun)
-//! GET    /v1/sandboxes/{id}/exec         WebSocket: ExecRequest, then streams (docs/protocol.md)
-//! GET    /v1/run                         WebSocket: RunRequest; fresh sandbox, one exec, teardown
-//! GET    /v1/images                      ImageList
-//! POST   /v1/images/{name}/build         ImageBuildRequest -> NDJSON stream of ImageBuildEvent
-//! DELETE /v1/images/{name}               204
-//! GET    /v1/snapshots                   SnapshotList
-//! DELETE /v1/snapshots/{name}            204 (409 while a sandbox uses it)
-//! ```
+//! Routes are declared once. Each handler carries a `#[utoipa::path]` attribute whose path and
+//! operation id are the constants of [`kiln_api_types::routes`] (the table the client builds
+//! its requests from); `utoipa-axum`'s [`OpenApiRouter`] then turns the same list of handlers
+//! into both the axum router ([`router`]) and the OpenAPI 3.1 document ([`openapi`], served at
+//! `GET /v1/openapi.json` and committed as `docs/openapi.json`). Tests here fail when the
+//! route table and the document disagree, when the committed document is stale, and when the
+//! engine returns an error code that [`ErrorCode`] does not list.
 //!
-//! Every error body is an [`ApiError`] with a stable `code`; a malformed request is always a
-//! 4xx, never a 5xx.
+//! This module must hold no business logic: each handler parses, makes one engine call and
+//! shapes the answer. Every error body is an [`ApiError`] with a stable `code`; a malformed
+//! request is always a 4xx, never a 5xx. Authentication is not done here: the TCP listener
+//! wraps this router in [`crate::auth`].
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -29,43 +21,79 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use kiln_api_types::routes;
 use kiln_api_types::{
-    ApiError, Health, ImageBuildEvent, ImageBuildRequest, ImageList, PingResponse,
-    SandboxCreateRequest, SandboxId, SandboxList, SecretsUpdateRequest, SnapshotCreateRequest,
+    ApiError, DoctorReport, ErrorCode, ExecClientMessage, ExecRequest, ExecServerMessage, Health,
+    ImageBuildEvent, ImageBuildRequest, ImageList, PingResponse, RunRequest, SandboxCreateRequest,
+    SandboxId, SandboxInfo, SandboxList, SecretsUpdateRequest, SnapshotCreateRequest, SnapshotInfo,
     SnapshotList,
 };
 use kiln_core::{CoreError, Engine};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{RefOr, Response as OaResponse, ResponseBuilder};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 type Shared = State<Arc<Engine>>;
 
 /// Largest WebSocket message a client may send (stdin chunks, control messages).
 const MAX_WS_MESSAGE: usize = 1 << 20;
 
-/// The API's routes.
+/// The document's fixed parts; the paths come from the handlers.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "kiln",
+        version = "1",
+        description = "Local microVM sandboxes. `kilnd` serves this API on the unix socket `$KILN_HOME/kilnd.sock` (no token) and, if asked, on a TCP address where every request needs `Authorization: Bearer <token>` (the token is in `$KILN_HOME/token`). Every error body is an `ApiError` whose `code` is one of `ErrorCode`. The WebSocket routes exchange `ExecRequest`/`RunRequest`, `ExecClientMessage` and `ExecServerMessage` as described in docs/protocol.md.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0")
+    ),
+    servers((url = "http://localhost", description = "kilnd (unix socket or TCP listener)")),
+    tags(
+        (name = "daemon", description = "The daemon itself"),
+        (name = "sandboxes", description = "Sandboxes and commands in them"),
+        (name = "snapshots", description = "Warm and user snapshots"),
+        (name = "images", description = "Guest images"),
+    ),
+    components(schemas(
+        ApiError,
+        ErrorCode,
+        ExecRequest,
+        RunRequest,
+        ExecClientMessage,
+        ExecServerMessage,
+        ImageBuildEvent,
+    )),
+)]
+struct ApiDoc;
+
+/// Every route with its handler. Handlers that share a path go in one `routes!`.
+fn api_routes() -> OpenApiRouter<Arc<Engine>> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health_get))
+        .routes(routes!(openapi_get))
+        .routes(routes!(doctor_get))
+        .routes(routes!(sandbox_list, sandbox_create))
+        .routes(routes!(sandbox_get, sandbox_delete))
+        .routes(routes!(sandbox_ping))
+        .routes(routes!(sandbox_secrets_update))
+        .routes(routes!(sandbox_exec))
+        .routes(routes!(sandbox_run))
+        .routes(routes!(snapshot_create))
+        .routes(routes!(snapshot_list))
+        .routes(routes!(snapshot_delete))
+        .routes(routes!(image_list))
+        .routes(routes!(image_build))
+        .routes(routes!(image_delete))
+}
+
+/// The API's routes, without authentication (the unix socket's router).
 pub fn router(engine: Arc<Engine>) -> Router {
-    Router::new()
-        .route("/v1/health", get(health))
-        .route("/v1/sandboxes", get(sandbox_list).post(sandbox_create))
-        .route(
-            "/v1/sandboxes/{id}",
-            get(sandbox_get).delete(sandbox_delete),
-        )
-        .route("/v1/sandboxes/{id}/ping", post(sandbox_ping))
-        .route("/v1/sandboxes/{id}/exec", get(sandbox_exec))
-        .route("/v1/sandboxes/{id}/snapshot", post(snapshot_create))
-        .route("/v1/sandboxes/{id}/secrets", post(secrets_update))
-        .route("/v1/snapshots", get(snapshot_list))
-        .route(
-            "/v1/snapshots/{name}",
-            axum::routing::delete(snapshot_remove),
-        )
-        .route("/v1/run", get(run))
-        .route("/v1/images", get(image_list))
-        .route("/v1/images/{name}/build", post(image_build))
-        .route("/v1/images/{name}", axum::routing::delete(image_remove))
+    let (router, _) = api_routes().split_for_parts();
+    router
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
@@ -74,6 +102,73 @@ pub fn router(engine: Arc<Engine>) -> Router {
             )
         })
         .with_state(engine)
+}
+
+/// The OpenAPI 3.1 document of [`router`].
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let (_, mut doc) = api_routes().split_for_parts();
+    add_common_parts(&mut doc);
+    doc
+}
+
+/// The document as pretty JSON with a final newline, exactly as committed in
+/// `docs/openapi.json`.
+pub fn openapi_json() -> String {
+    static JSON: OnceLock<String> = OnceLock::new();
+    JSON.get_or_init(|| {
+        let mut s = openapi()
+            .to_pretty_json()
+            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+        s.push('\n');
+        s
+    })
+    .clone()
+}
+
+/// What every operation shares: the optional bearer token (TCP only) and its 401.
+fn add_common_parts(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::security::SecurityRequirement;
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.security_schemes.insert(
+        "bearer".to_owned(),
+        SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+    );
+    let unauthorized: OaResponse = ResponseBuilder::new()
+        .description("Unauthorized (`code` `unauthorized`): a request on the TCP listener without the right `Authorization: Bearer` token. Never on the unix socket.")
+        .content(
+            "application/json",
+            utoipa::openapi::ContentBuilder::new()
+                .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                    "ApiError",
+                ))))
+                .build(),
+        )
+        .build();
+    components
+        .responses
+        .insert("Unauthorized".to_owned(), RefOr::T(unauthorized));
+    // `{}` makes the token optional: the unix socket needs none.
+    doc.security = Some(vec![
+        SecurityRequirement::default(),
+        SecurityRequirement::new("bearer", Vec::<String>::new()),
+    ]);
+    for item in doc.paths.paths.values_mut() {
+        for op in [
+            &mut item.get,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.put,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            op.responses.responses.insert(
+                "401".to_owned(),
+                RefOr::Ref(utoipa::openapi::Ref::from_response_name("Unauthorized")),
+            );
+        }
+    }
 }
 
 /// An error response.
@@ -170,7 +265,20 @@ fn json<T: Serialize>(v: T) -> Response {
     axum::Json(v).into_response()
 }
 
-async fn health(State(engine): Shared) -> Response {
+const ID_PARAM: &str = "Sandbox id (`sb-` and 12 lowercase hex digits)";
+
+/// Daemon health
+///
+/// API version, kiln version, the daemon's pid and what its startup janitor reclaimed. The
+/// CLI polls this to know a daemon it started is up.
+#[utoipa::path(
+    get,
+    path = routes::HEALTH_GET.path,
+    operation_id = routes::HEALTH_GET.operation_id,
+    tag = "daemon",
+    responses((status = 200, description = "The daemon answers", body = Health)),
+)]
+async fn health_get(State(engine): Shared) -> Response {
     json(Health {
         api_version: kiln_api_types::API_VERSION,
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -179,22 +287,123 @@ async fn health(State(engine): Shared) -> Response {
     })
 }
 
+/// This document
+///
+/// The OpenAPI 3.1 document of this API, generated from the daemon's code (the same text
+/// as `docs/openapi.json`).
+#[utoipa::path(
+    get,
+    path = routes::OPENAPI_GET.path,
+    operation_id = routes::OPENAPI_GET.operation_id,
+    tag = "daemon",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object)),
+)]
+async fn openapi_get() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        openapi_json(),
+    )
+        .into_response()
+}
+
+/// Host check
+///
+/// What kiln will use on the daemon's host (QEMU, accelerator, agent binary, free space,
+/// host packages) and why; `problems` is empty when sandboxes can run.
+#[utoipa::path(
+    get,
+    path = routes::DOCTOR_GET.path,
+    operation_id = routes::DOCTOR_GET.operation_id,
+    tag = "daemon",
+    responses((status = 200, description = "The report (also when it lists problems)", body = DoctorReport)),
+)]
+async fn doctor_get(State(engine): Shared) -> Response {
+    json(kiln_core::doctor::run(engine.home()).await)
+}
+
+/// List sandboxes
+///
+/// All sandboxes, oldest first, in every state.
+#[utoipa::path(
+    get,
+    path = routes::SANDBOX_LIST.path,
+    operation_id = routes::SANDBOX_LIST.operation_id,
+    tag = "sandboxes",
+    responses(
+        (status = 200, description = "All sandboxes", body = SandboxList),
+        (status = 500, description = "The state database failed", body = ApiError),
+    ),
+)]
 async fn sandbox_list(State(engine): Shared) -> Result<Response, HttpError> {
     Ok(json(SandboxList {
         sandboxes: engine.sandbox_list()?,
     }))
 }
 
+/// Create a sandbox
+///
+/// Starts a sandbox from an image (built first if missing) or a user snapshot, and answers
+/// once the agent answered, secrets are in place and the image's on-restore hook passed. An
+/// empty body means all defaults.
+#[utoipa::path(
+    post,
+    path = routes::SANDBOX_CREATE.path,
+    operation_id = routes::SANDBOX_CREATE.operation_id,
+    tag = "sandboxes",
+    request_body(content = Option<SandboxCreateRequest>, description = "The sandbox to start; every field is optional", content_type = "application/json",
+        example = json!({"image": "python", "cpus": 1, "memory_mib": 256})),
+    responses(
+        (status = 201, description = "The sandbox runs", body = SandboxInfo),
+        (status = 400, description = "Malformed request or value out of range (`bad_request`)", body = ApiError,
+            example = json!({"code": "bad_request", "message": "cpus must be between 1 and 16, got 0"})),
+        (status = 404, description = "No such image or snapshot (`image_not_found`, `snapshot_not_found`)", body = ApiError),
+        (status = 409, description = "The snapshot is unusable or a host port is taken (`snapshot_unusable`, `port_unavailable`)", body = ApiError),
+        (status = 422, description = "The image's on-boot command, readiness probe or on-restore hook failed (`guest_command_failed`)", body = ApiError),
+        (status = 502, description = "The VM died or could not start (`sandbox_failed`, `agent_error`, `vmm_error`)", body = ApiError),
+        (status = 503, description = "The host lacks something kiln needs (`host_setup`)", body = ApiError),
+        (status = 500, description = "kiln's own state failed (`image_error`, `snapshot_error`, `store_error`, `io_error`)", body = ApiError),
+    ),
+)]
 async fn sandbox_create(State(engine): Shared, body: Bytes) -> Result<Response, HttpError> {
     let req: SandboxCreateRequest = parse_body(&body)?;
     let info = engine.sandbox_create(&req).await?;
     Ok((StatusCode::CREATED, axum::Json(info)).into_response())
 }
 
+/// Get a sandbox
+#[utoipa::path(
+    get,
+    path = routes::SANDBOX_GET.path,
+    operation_id = routes::SANDBOX_GET.operation_id,
+    tag = "sandboxes",
+    params(("id" = SandboxId, Path, description = ID_PARAM)),
+    responses(
+        (status = 200, description = "The sandbox", body = SandboxInfo),
+        (status = 400, description = "Malformed id (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError,
+            example = json!({"code": "sandbox_not_found", "message": "no sandbox sb-0123456789ab"})),
+    ),
+)]
 async fn sandbox_get(State(engine): Shared, Path(id): Path<String>) -> Result<Response, HttpError> {
     Ok(json(engine.sandbox_get(&parse_id(&id)?)?))
 }
 
+/// Delete a sandbox
+///
+/// Stops its VM (if any) and removes it with its disk layer.
+#[utoipa::path(
+    delete,
+    path = routes::SANDBOX_DELETE.path,
+    operation_id = routes::SANDBOX_DELETE.operation_id,
+    tag = "sandboxes",
+    params(("id" = SandboxId, Path, description = ID_PARAM)),
+    responses(
+        (status = 204, description = "Gone"),
+        (status = 400, description = "Malformed id (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+        (status = 500, description = "Removing its state failed", body = ApiError),
+    ),
+)]
 async fn sandbox_delete(
     State(engine): Shared,
     Path(id): Path<String>,
@@ -203,6 +412,23 @@ async fn sandbox_delete(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// Ping a sandbox's agent
+///
+/// One round trip to the guest agent, timed inside the daemon.
+#[utoipa::path(
+    post,
+    path = routes::SANDBOX_PING.path,
+    operation_id = routes::SANDBOX_PING.operation_id,
+    tag = "sandboxes",
+    params(("id" = SandboxId, Path, description = ID_PARAM)),
+    responses(
+        (status = 200, description = "The agent answered", body = PingResponse),
+        (status = 400, description = "Malformed id (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+        (status = 409, description = "The sandbox is not running (`sandbox_not_running`)", body = ApiError),
+        (status = 502, description = "The agent channel failed (`agent_error`, `sandbox_failed`)", body = ApiError),
+    ),
+)]
 async fn sandbox_ping(
     State(engine): Shared,
     Path(id): Path<String>,
@@ -213,6 +439,24 @@ async fn sandbox_ping(
     }))
 }
 
+/// Run a command in a sandbox (WebSocket)
+///
+/// Upgrades to a WebSocket. The client's first message is a text `ExecRequest`; the daemon
+/// answers `ExecServerMessage` `started`, then binary output frames (first byte 1 = stdout,
+/// 2 = stderr), and ends with `exit` or `error`. The client sends stdin as binary frames and
+/// `ExecClientMessage`s as text. See docs/protocol.md.
+#[utoipa::path(
+    get,
+    path = routes::SANDBOX_EXEC.path,
+    operation_id = routes::SANDBOX_EXEC.operation_id,
+    tag = "sandboxes",
+    params(("id" = SandboxId, Path, description = ID_PARAM)),
+    responses(
+        (status = 101, description = "Switching Protocols: the exec WebSocket (messages: ExecRequest, ExecClientMessage, ExecServerMessage)"),
+        (status = 400, description = "Malformed id or not a WebSocket upgrade (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+    ),
+)]
 async fn sandbox_exec(
     State(engine): Shared,
     Path(id): Path<String>,
@@ -226,6 +470,46 @@ async fn sandbox_exec(
         .on_upgrade(move |socket| crate::exec_ws::exec_in(engine, id, socket)))
 }
 
+/// Run a command in a fresh sandbox (WebSocket)
+///
+/// Upgrades to a WebSocket. The client's first message is a text `RunRequest` (the sandbox
+/// and the command); the rest is as for `sandbox_exec`, with `started` carrying `boot_ms`.
+/// The sandbox is destroyed once the command ends or the client goes away.
+#[utoipa::path(
+    get,
+    path = routes::SANDBOX_RUN.path,
+    operation_id = routes::SANDBOX_RUN.operation_id,
+    tag = "sandboxes",
+    responses(
+        (status = 101, description = "Switching Protocols: the exec WebSocket (messages: RunRequest, ExecClientMessage, ExecServerMessage)"),
+        (status = 400, description = "Not a WebSocket upgrade", body = ApiError),
+    ),
+)]
+async fn sandbox_run(State(engine): Shared, ws: WebSocketUpgrade) -> Response {
+    ws.max_message_size(MAX_WS_MESSAGE)
+        .on_upgrade(move |socket| crate::exec_ws::run(engine, socket))
+}
+
+/// Snapshot a sandbox
+///
+/// Captures a user snapshot of a running sandbox, which keeps running (paused for
+/// `pause_ms`).
+#[utoipa::path(
+    post,
+    path = routes::SNAPSHOT_CREATE.path,
+    operation_id = routes::SNAPSHOT_CREATE.operation_id,
+    tag = "snapshots",
+    params(("id" = SandboxId, Path, description = ID_PARAM)),
+    request_body(content = SnapshotCreateRequest, content_type = "application/json", example = json!({"name": "with-deps"})),
+    responses(
+        (status = 201, description = "The snapshot", body = SnapshotInfo),
+        (status = 400, description = "Malformed id, body or name (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+        (status = 409, description = "Name taken or sandbox not running (`snapshot_exists`, `sandbox_not_running`)", body = ApiError),
+        (status = 502, description = "The VM failed while capturing", body = ApiError),
+        (status = 500, description = "Writing the snapshot failed (`snapshot_error`, `io_error`)", body = ApiError),
+    ),
+)]
 async fn snapshot_create(
     State(engine): Shared,
     Path(id): Path<String>,
@@ -237,7 +521,26 @@ async fn snapshot_create(
     Ok((StatusCode::CREATED, axum::Json(info)).into_response())
 }
 
-async fn secrets_update(
+/// Update a sandbox's secrets
+///
+/// Delivers new secret values into the guest and reruns the image's on-restore hook.
+#[utoipa::path(
+    post,
+    path = routes::SANDBOX_SECRETS_UPDATE.path,
+    operation_id = routes::SANDBOX_SECRETS_UPDATE.operation_id,
+    tag = "sandboxes",
+    params(("id" = SandboxId, Path, description = ID_PARAM)),
+    request_body(content = SecretsUpdateRequest, content_type = "application/json", example = json!({"secrets": {"PGPASSWORD": "s3cret"}})),
+    responses(
+        (status = 204, description = "Delivered; the hook reran"),
+        (status = 400, description = "Malformed id or body, bad secret name (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+        (status = 409, description = "The sandbox is not running (`sandbox_not_running`)", body = ApiError),
+        (status = 422, description = "The on-restore hook failed (`guest_command_failed`)", body = ApiError),
+        (status = 502, description = "The agent channel failed", body = ApiError),
+    ),
+)]
+async fn sandbox_secrets_update(
     State(engine): Shared,
     Path(id): Path<String>,
     body: Bytes,
@@ -248,13 +551,41 @@ async fn secrets_update(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// List snapshots
+///
+/// Warm and user snapshots, with the running sandboxes restored from each.
+#[utoipa::path(
+    get,
+    path = routes::SNAPSHOT_LIST.path,
+    operation_id = routes::SNAPSHOT_LIST.operation_id,
+    tag = "snapshots",
+    responses(
+        (status = 200, description = "All snapshots", body = SnapshotList),
+        (status = 500, description = "The state database failed", body = ApiError),
+    ),
+)]
 async fn snapshot_list(State(engine): Shared) -> Result<Response, HttpError> {
     Ok(json(SnapshotList {
         snapshots: engine.snapshot_list()?,
     }))
 }
 
-async fn snapshot_remove(
+/// Delete a snapshot
+#[utoipa::path(
+    delete,
+    path = routes::SNAPSHOT_DELETE.path,
+    operation_id = routes::SNAPSHOT_DELETE.operation_id,
+    tag = "snapshots",
+    params(("name" = String, Path, description = "Snapshot name")),
+    responses(
+        (status = 204, description = "Gone"),
+        (status = 404, description = "No such snapshot (`snapshot_not_found`)", body = ApiError),
+        (status = 409, description = "A running sandbox was restored from it (`snapshot_in_use`)", body = ApiError,
+            example = json!({"code": "snapshot_in_use", "message": "snapshot \"with-deps\" is in use by running sandboxes sb-0123456789ab; remove them first"})),
+        (status = 500, description = "Removing it failed", body = ApiError),
+    ),
+)]
+async fn snapshot_delete(
     State(engine): Shared,
     Path(name): Path<String>,
 ) -> Result<Response, HttpError> {
@@ -262,18 +593,38 @@ async fn snapshot_remove(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn run(State(engine): Shared, ws: WebSocketUpgrade) -> Response {
-    ws.max_message_size(MAX_WS_MESSAGE)
-        .on_upgrade(move |socket| crate::exec_ws::run(engine, socket))
-}
-
+/// List images
+#[utoipa::path(
+    get,
+    path = routes::IMAGE_LIST.path,
+    operation_id = routes::IMAGE_LIST.operation_id,
+    tag = "images",
+    responses(
+        (status = 200, description = "All built images", body = ImageList),
+        (status = 500, description = "Reading the images failed", body = ApiError),
+    ),
+)]
 async fn image_list(State(engine): Shared) -> Result<Response, HttpError> {
     Ok(json(ImageList {
         images: engine.image_list()?,
     }))
 }
 
-async fn image_remove(
+/// Delete an image
+#[utoipa::path(
+    delete,
+    path = routes::IMAGE_DELETE.path,
+    operation_id = routes::IMAGE_DELETE.operation_id,
+    tag = "images",
+    params(("name" = String, Path, description = "Image name")),
+    responses(
+        (status = 204, description = "Gone"),
+        (status = 400, description = "Malformed name (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such image (`image_not_found`)", body = ApiError),
+        (status = 500, description = "Removing it failed", body = ApiError),
+    ),
+)]
+async fn image_delete(
     State(engine): Shared,
     Path(name): Path<String>,
 ) -> Result<Response, HttpError> {
@@ -281,7 +632,23 @@ async fn image_remove(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// Streams the build as newline-delimited JSON; the last line is `done` or `error`.
+/// Build an image
+///
+/// Builds (or finds up to date) the image of a recipe and streams the build as
+/// newline-delimited JSON: one `ImageBuildEvent` per line, the last one `done` or `error`.
+/// Errors after the stream started arrive as an `error` line, not as a status code.
+#[utoipa::path(
+    post,
+    path = routes::IMAGE_BUILD.path,
+    operation_id = routes::IMAGE_BUILD.operation_id,
+    tag = "images",
+    params(("name" = String, Path, description = "Image (recipe) name, e.g. `python`")),
+    request_body(content = Option<ImageBuildRequest>, description = "Build options; an empty body means defaults", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The build's events, one JSON document per line", content_type = "application/x-ndjson", body = ImageBuildEvent),
+        (status = 400, description = "Malformed name or body (`bad_request`)", body = ApiError),
+    ),
+)]
 async fn image_build(
     State(engine): Shared,
     Path(name): Path<String>,
@@ -329,6 +696,152 @@ fn ndjson<T: Serialize>(v: &T) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Operations of the generated document as (method, path, operation id).
+    fn documented_operations() -> Vec<(&'static str, String, String)> {
+        let doc = openapi();
+        let mut ops = Vec::new();
+        for (path, item) in &doc.paths.paths {
+            for (method, op) in [
+                ("GET", &item.get),
+                ("POST", &item.post),
+                ("DELETE", &item.delete),
+                ("PUT", &item.put),
+                ("PATCH", &item.patch),
+                ("HEAD", &item.head),
+                ("OPTIONS", &item.options),
+            ] {
+                if let Some(op) = op {
+                    ops.push((
+                        method,
+                        path.clone(),
+                        op.operation_id.clone().unwrap_or_default(),
+                    ));
+                }
+            }
+        }
+        ops
+    }
+
+    #[test]
+    fn route_table_and_openapi_document_agree() {
+        let ops = documented_operations();
+        for r in routes::ALL {
+            assert!(
+                ops.iter().any(|(m, p, id)| *m == r.method.as_str()
+                    && p == r.path
+                    && id == r.operation_id),
+                "route {} {} ({}) is in kiln_api_types::routes but not in the document: {ops:?}",
+                r.method.as_str(),
+                r.path,
+                r.operation_id
+            );
+        }
+        for (m, p, id) in &ops {
+            assert!(
+                routes::ALL
+                    .iter()
+                    .any(|r| r.method.as_str() == *m && r.path == p && r.operation_id == id),
+                "operation {m} {p} ({id}) is documented but not in kiln_api_types::routes"
+            );
+        }
+        assert_eq!(ops.len(), routes::ALL.len());
+    }
+
+    #[test]
+    fn openapi_document_committed_copy_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
+        let generated = openapi_json();
+        if std::env::var_os("KILN_BLESS").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "docs/openapi.json is stale: regenerate it with `cargo run -p kilnd -- --print-openapi > docs/openapi.json` (or `KILN_BLESS=1 cargo nextest run -p kilnd openapi_document`)"
+        );
+    }
+
+    #[test]
+    fn openapi_document_is_3_1_with_components_and_error_schema() {
+        let v: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+        assert!(v["openapi"].as_str().unwrap().starts_with("3.1"));
+        for name in [
+            "ApiError",
+            "ErrorCode",
+            "ExecRequest",
+            "RunRequest",
+            "ExecClientMessage",
+            "ExecServerMessage",
+            "ImageBuildEvent",
+            "SandboxCreateRequest",
+            "SandboxInfo",
+            "DoctorReport",
+        ] {
+            assert!(
+                v["components"]["schemas"][name].is_object(),
+                "schema {name} missing"
+            );
+        }
+        // Every 4xx/5xx response of every operation has the one error schema.
+        for (path, item) in v["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                for (status, resp) in op["responses"].as_object().unwrap() {
+                    if status.starts_with('4') || status.starts_with('5') {
+                        let schema_ref = resp["content"]["application/json"]["schema"]["$ref"]
+                            .as_str()
+                            .or(resp["$ref"].as_str())
+                            .unwrap_or_default();
+                        assert!(
+                            schema_ref.ends_with("/ApiError")
+                                || schema_ref.ends_with("/Unauthorized"),
+                            "{method} {path} {status} has no ApiError body: {resp}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The codes `CoreError::code()` returns, read from the engine's source: that match is
+    /// the one place the engine spells them, and it cannot be enumerated at run time.
+    fn core_error_codes() -> Vec<String> {
+        let src = include_str!("../../../crates/kiln-core/src/error.rs");
+        let body = src
+            .split("pub fn code(&self)")
+            .nth(1)
+            .and_then(|rest| rest.split("\n    }\n").next())
+            .expect("CoreError::code() in crates/kiln-core/src/error.rs");
+        body.split("=> \"")
+            .skip(1)
+            .filter_map(|s| s.split('"').next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn error_codes_of_engine_are_all_listed() {
+        let codes = core_error_codes();
+        assert!(codes.len() >= 19, "parsed only {codes:?}");
+        for code in &codes {
+            assert!(
+                code.parse::<ErrorCode>().is_ok(),
+                "CoreError::code() returns {code:?}, which kiln_api_types::ErrorCode does not list"
+            );
+        }
+        // The daemon's own codes.
+        for code in ["not_found", "internal", "unauthorized", "bad_request"] {
+            assert!(code.parse::<ErrorCode>().is_ok(), "{code}");
+        }
+        // And nothing listed is dead: each code is the engine's or the daemon's.
+        for c in ErrorCode::ALL {
+            assert!(
+                codes.iter().any(|k| k == c.as_str())
+                    || ["not_found", "internal", "unauthorized"].contains(&c.as_str()),
+                "ErrorCode {c} is produced by nobody"
+            );
+        }
+    }
 
     #[test]
     fn status_of_bad_request_is_4xx() {

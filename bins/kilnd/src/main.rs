@@ -12,10 +12,30 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use clap::Parser;
 use kiln_core::{Engine, Home};
 use tracing::info;
 
+/// kilnd: the kiln daemon. Serves kiln's HTTP API on `$KILN_HOME/kilnd.sock`; the `kiln` CLI
+/// starts it on demand.
+#[derive(Debug, Parser)]
+#[command(name = "kilnd", version, about)]
+struct Args {
+    /// Print the API's OpenAPI 3.1 document (the text of docs/openapi.json) and exit.
+    #[arg(long, exclusive = true)]
+    print_openapi: bool,
+    /// Examine the host as `GET /v1/doctor` would, print the report as JSON and exit (used by
+    /// `kiln doctor` when no daemon runs).
+    #[arg(long, exclusive = true)]
+    doctor: bool,
+}
+
 fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.print_openapi {
+        print!("{}", api::openapi_json());
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -31,6 +51,11 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
+    if args.doctor {
+        let report = runtime.block_on(kiln_core::doctor::run(&home));
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
     runtime.block_on(serve(home))
 }
 

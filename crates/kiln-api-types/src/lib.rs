@@ -17,6 +17,15 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+mod doctor;
+mod error_code;
+pub mod routes;
+mod schema;
+
+pub use doctor::DoctorReport;
+pub use error_code::ErrorCode;
 
 /// Version of this API; served by `GET /v1/health`.
 pub const API_VERSION: u32 = 1;
@@ -114,7 +123,7 @@ impl fmt::Display for SandboxId {
 ///      │                           │
 ///      └──QEMU died / no agent─────┴──▶ failed ──delete──▶ (removed)
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SandboxState {
     /// QEMU started, the agent has not answered yet.
@@ -150,7 +159,7 @@ impl FromStr for SandboxState {
 }
 
 /// `POST /v1/sandboxes`: start a sandbox from an image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxCreateRequest {
     /// Image name (a recipe name such as `python`); built first if missing.
@@ -187,7 +196,7 @@ pub const MAX_PUBLISHED_PORTS: usize = 32;
 
 /// `HOST_PORT:GUEST_PORT`: the daemon listens on `127.0.0.1:host` and tunnels each connection
 /// to the guest's `127.0.0.1:guest` through the agent channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortMapping {
     /// Host port (1..=65535).
@@ -240,7 +249,7 @@ pub fn validate_snapshot_name(name: &str) -> Result<(), String> {
 }
 
 /// `POST /v1/sandboxes/{id}/snapshot`: snapshot a running sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotCreateRequest {
     /// The new snapshot's name.
@@ -248,7 +257,7 @@ pub struct SnapshotCreateRequest {
 }
 
 /// What the API says about one snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotInfo {
     /// Name (`warm-…` for warm snapshots).
     pub name: String,
@@ -275,7 +284,7 @@ pub struct SnapshotInfo {
 }
 
 /// `GET /v1/snapshots`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotList {
     /// All snapshots, by name.
     pub snapshots: Vec<SnapshotInfo>,
@@ -283,7 +292,7 @@ pub struct SnapshotList {
 
 /// `POST /v1/sandboxes/{id}/secrets`: deliver (new values of) secrets and rerun the image's
 /// on-restore hook.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SecretsUpdateRequest {
     /// Names and new values.
@@ -296,7 +305,7 @@ pub const MAX_SECRETS: usize = 64;
 pub const MAX_SECRET_BYTES: usize = 64 * 1024;
 
 /// Secret values by name. Its `Debug` shows names only, so a logged request leaks nothing.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(transparent)]
 pub struct Secrets(pub BTreeMap<String, String>);
 
@@ -431,7 +440,7 @@ pub fn validate_image_name(name: &str) -> Result<(), String> {
 }
 
 /// What the API says about one sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SandboxInfo {
     /// Identifier.
     pub id: SandboxId,
@@ -464,14 +473,14 @@ pub struct SandboxInfo {
 }
 
 /// `GET /v1/sandboxes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SandboxList {
     /// All sandboxes, oldest first.
     pub sandboxes: Vec<SandboxInfo>,
 }
 
 /// One command to run in a sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// Program and arguments; the program is looked up in the guest's `PATH`.
@@ -546,7 +555,7 @@ impl ExecRequest {
 }
 
 /// First message of the `/v1/run` WebSocket: a fresh sandbox, one command, then teardown.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunRequest {
     /// The sandbox to start.
@@ -558,7 +567,7 @@ pub struct RunRequest {
 
 /// Text messages a client sends on an exec WebSocket after the first one.
 /// Binary messages from the client are stdin bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecClientMessage {
     /// No more stdin.
@@ -572,7 +581,7 @@ pub enum ExecClientMessage {
 
 /// Text messages the daemon sends on an exec WebSocket. Binary messages from the daemon are
 /// output: first byte [`STREAM_STDOUT`] or [`STREAM_STDERR`], then the bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecServerMessage {
     /// The sandbox is ready and the command was started.
@@ -589,7 +598,7 @@ pub enum ExecServerMessage {
 }
 
 /// How a command ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ExitStatus {
     /// Exit code, if it exited.
     pub code: Option<i32>,
@@ -617,9 +626,10 @@ impl ExitStatus {
 }
 
 /// Error body of every failed request: a stable machine-readable code and the message chain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ApiError {
-    /// Stable code, e.g. `not_found`, `bad_request`, `sandbox_failed`.
+    /// Stable code, e.g. `not_found`, `bad_request`, `sandbox_failed`; one of [`ErrorCode`].
+    #[schema(value_type = ErrorCode)]
     pub code: String,
     /// Human-readable message (the whole error chain).
     pub message: String,
@@ -632,7 +642,7 @@ impl fmt::Display for ApiError {
 }
 
 /// `POST /v1/images/{name}/build` body.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageBuildRequest {
     /// Rebuild even if the inputs are unchanged.
@@ -641,7 +651,7 @@ pub struct ImageBuildRequest {
 }
 
 /// What the API says about one built image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImageInfo {
     /// Content id (short fingerprint of all inputs).
     pub id: String,
@@ -660,7 +670,7 @@ pub struct ImageInfo {
 }
 
 /// Size of one file of an image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImageFileSize {
     /// File name inside the image directory.
     pub name: String,
@@ -671,14 +681,14 @@ pub struct ImageFileSize {
 }
 
 /// `GET /v1/images`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImageList {
     /// All built images.
     pub images: Vec<ImageInfo>,
 }
 
 /// One line of the newline-delimited JSON stream of `POST /v1/images/{name}/build`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ImageBuildEvent {
     /// A build stage started.
@@ -714,7 +724,7 @@ pub enum ImageBuildEvent {
 }
 
 /// `GET /v1/health`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     /// [`API_VERSION`].
     pub api_version: u32,
@@ -727,7 +737,7 @@ pub struct Health {
 }
 
 /// What the startup janitor found and reclaimed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct JanitorReport {
     /// Orphaned QEMU processes killed.
     pub processes_killed: u32,
@@ -740,7 +750,7 @@ pub struct JanitorReport {
 }
 
 /// `POST /v1/sandboxes/{id}/ping`: one agent round trip, timed inside the daemon.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PingResponse {
     /// Round trip host → agent → host in microseconds.
     pub rtt_us: u64,

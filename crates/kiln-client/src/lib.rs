@@ -1,0 +1,1 @@
+//! Client of kiln's HTTP API (filled in by the next commit).
