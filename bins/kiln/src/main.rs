@@ -1,12 +1,13 @@
 //! `kiln`, the command-line client of `kilnd`.
 //!
-//! One file per subcommand. Everything except `doctor` goes through the daemon's HTTP API
-//! (started on demand, see [`client`]); `doctor` examines the host in-process so it works even
-//! when the daemon cannot start. Errors are printed with their whole chain as one line
+//! One file per subcommand. Everything goes through the daemon's HTTP API with
+//! [`kiln_client`] (the daemon is started on demand); `doctor` asks a running daemon or, when
+//! none runs, a one-shot `kilnd --doctor`, so it works even when the daemon cannot start. The
+//! CLI does not link the engine: it knows kiln only through `kiln-api-types` and
+//! `kiln-client`. Errors are printed with their whole chain as one line
 //! `kiln: ...` and give exit code 1 (`kiln run` passes the command's own code through).
 
 mod bench;
-mod client;
 mod doctor;
 mod image;
 mod ps;
@@ -14,7 +15,7 @@ mod run;
 mod sandbox;
 
 use clap::{Parser, Subcommand};
-use kiln_core::Home;
+use kiln_client::{Client, ClientHome};
 
 /// kiln: local microVM sandboxes.
 #[derive(Debug, Parser)]
@@ -100,13 +101,13 @@ fn main() {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
-    let home = Home::from_env();
+    let home = ClientHome::from_env();
     match &cli.cmd {
         Cmd::Doctor { json } => return doctor::run(&home, *json).await,
         Cmd::Daemon(cmd) => return sandbox::daemon(&home, cmd).await,
         _ => {}
     }
-    let client = client::Client::connect(&home).await?;
+    let client = Client::connect(&home).await?;
     match &cli.cmd {
         Cmd::Run(args) => run::run(&client, args).await,
         Cmd::Image(cmd) => image::run(&client, cmd).await,

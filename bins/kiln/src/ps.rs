@@ -1,13 +1,11 @@
 //! `kiln ps` and `kiln rm`: list and destroy sandboxes.
 
-use hyper::Method;
 use kiln_api_types::{SandboxId, SandboxList};
-
-use crate::client::Client;
+use kiln_client::Client;
 
 /// `kiln ps`.
 pub async fn ps(client: &Client, json: bool) -> anyhow::Result<i32> {
-    let list: SandboxList = client.get("/v1/sandboxes").await?;
+    let list: SandboxList = client.sandbox_list().await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(0);
@@ -42,11 +40,10 @@ pub async fn rm(client: &Client, ids: &[String]) -> anyhow::Result<i32> {
     let mut code = 0;
     for raw in ids {
         let res = match raw.parse::<SandboxId>() {
-            Ok(id) => {
-                client
-                    .call_empty(Method::DELETE, &format!("/v1/sandboxes/{id}"))
-                    .await
-            }
+            Ok(id) => client
+                .sandbox_delete(&id)
+                .await
+                .map_err(anyhow::Error::from),
             Err(e) => Err(e.into()),
         };
         match res {
@@ -62,7 +59,10 @@ pub async fn rm(client: &Client, ids: &[String]) -> anyhow::Result<i32> {
 
 /// "5s ago"-style age of a Unix time.
 pub fn ago(unix: u64) -> String {
-    let now = kiln_core::unix_now();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let d = now.saturating_sub(unix);
     match d {
         0..60 => format!("{d}s ago"),

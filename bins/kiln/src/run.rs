@@ -15,11 +15,9 @@ use kiln_api_types::{
     ExecClientMessage, ExecRequest, ExecServerMessage, RunRequest, STREAM_STDERR, STREAM_STDOUT,
     SandboxCreateRequest, SandboxId,
 };
-use tokio::net::UnixStream;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::client::Client;
+use kiln_client::{Client, WsStream};
 
 /// Options of `kiln run`.
 #[derive(Debug, Args)]
@@ -178,7 +176,7 @@ pub async fn run(client: &Client, args: &RunArgs) -> anyhow::Result<i32> {
     if sandbox.snapshot.is_none() {
         crate::image::ensure_built(client, &sandbox.image).await?;
     }
-    let ws = client.websocket("/v1/run").await?;
+    let ws = client.sandbox_run().await?;
     let first = serde_json::to_string(&RunRequest { sandbox, exec })?;
     stream_exec(client, ws, first, !args.exec.no_stdin, true).await
 }
@@ -187,7 +185,7 @@ pub async fn run(client: &Client, args: &RunArgs) -> anyhow::Result<i32> {
 /// `destroy_on_interrupt`: on Ctrl-C also delete the sandbox (for `kiln run`).
 pub async fn stream_exec(
     client: &Client,
-    mut ws: WebSocketStream<UnixStream>,
+    mut ws: WsStream,
     first: String,
     forward_stdin: bool,
     destroy_on_interrupt: bool,
@@ -256,7 +254,7 @@ pub async fn stream_exec(
             _ = &mut interrupt => {
                 let _ = tx.close().await;
                 if destroy_on_interrupt && let Some(id) = &sandbox {
-                    let _ = client.call_empty(hyper::Method::DELETE, &format!("/v1/sandboxes/{id}")).await;
+                    let _ = client.sandbox_delete(id).await;
                 }
                 eprintln!("kiln: interrupted");
                 return Ok(130);

@@ -4,11 +4,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::{Args, Subcommand};
-use hyper::Method;
 use kiln_api_types::{SandboxCreateRequest, SandboxId, SandboxInfo};
-use kiln_core::Home;
-
-use crate::client::Client;
+use kiln_client::{Client, ClientHome};
 
 /// Options of `kiln create`.
 #[derive(Debug, Args)]
@@ -27,9 +24,7 @@ pub async fn create(client: &Client, a: &CreateArgs) -> anyhow::Result<i32> {
     if req.snapshot.is_none() {
         crate::image::ensure_built(client, &req.image).await?;
     }
-    let info: SandboxInfo = client
-        .call(Method::POST, "/v1/sandboxes", Some(&req))
-        .await?;
+    let info: SandboxInfo = client.sandbox_create(&req).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {
@@ -91,8 +86,7 @@ pub async fn clone_n(
     if req.snapshot.is_none() {
         crate::image::ensure_built(client, &req.image).await?;
     }
-    let starts =
-        (0..count).map(|_| client.call::<SandboxInfo>(Method::POST, "/v1/sandboxes", Some(req)));
+    let starts = (0..count).map(|_| client.sandbox_create(req));
     let results = futures_util::future::join_all(starts).await;
     let (ok, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
     let ids: Vec<SandboxId> = ok
@@ -102,11 +96,9 @@ pub async fn clone_n(
         .collect();
     if let Some(Err(e)) = failed.into_iter().next() {
         for id in &ids {
-            let _ = client
-                .call_empty(Method::DELETE, &format!("/v1/sandboxes/{id}"))
-                .await;
+            let _ = client.sandbox_delete(id).await;
         }
-        return Err(e.context(format!("starting {count} clones")));
+        return Err(anyhow::Error::from(e).context(format!("starting {count} clones")));
     }
     Ok(ids)
 }
@@ -126,10 +118,8 @@ pub async fn exec(client: &Client, a: &ExecArgs) -> anyhow::Result<i32> {
     let id: SandboxId = a.id.parse()?;
     let req = a.exec.request()?;
     // A wrong id is reported plainly before any WebSocket is opened.
-    let _: SandboxInfo = client.get(&format!("/v1/sandboxes/{id}")).await?;
-    let ws = client
-        .websocket(&format!("/v1/sandboxes/{id}/exec"))
-        .await?;
+    let _: SandboxInfo = client.sandbox_get(&id).await?;
+    let ws = client.sandbox_exec(&id).await?;
     crate::run::stream_exec(
         client,
         ws,
@@ -154,7 +144,7 @@ pub enum DaemonCmd {
 }
 
 /// `kiln daemon ...`.
-pub async fn daemon(home: &Home, cmd: &DaemonCmd) -> anyhow::Result<i32> {
+pub async fn daemon(home: &ClientHome, cmd: &DaemonCmd) -> anyhow::Result<i32> {
     let Some(client) = Client::existing(home).await else {
         eprintln!("kiln: no daemon is serving {}", home.root().display());
         return Ok(match cmd {
@@ -265,7 +255,7 @@ pub enum SnapshotCmd {
 pub async fn snapshot(client: &Client, a: &SnapshotArgs) -> anyhow::Result<i32> {
     match &a.cmd {
         Some(SnapshotCmd::Ls { json }) => {
-            let list: kiln_api_types::SnapshotList = client.get("/v1/snapshots").await?;
+            let list: kiln_api_types::SnapshotList = client.snapshot_list().await?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(0);
@@ -297,11 +287,8 @@ pub async fn snapshot(client: &Client, a: &SnapshotArgs) -> anyhow::Result<i32> 
         Some(SnapshotCmd::Rm { names }) => {
             let mut code = 0;
             for name in names {
-                if let Err(e) = client
-                    .call_empty(Method::DELETE, &format!("/v1/snapshots/{name}"))
-                    .await
-                {
-                    eprintln!("kiln: {e:#}");
+                if let Err(e) = client.snapshot_delete(name).await {
+                    eprintln!("kiln: {:#}", anyhow::Error::from(e));
                     code = 1;
                 }
             }
@@ -315,10 +302,9 @@ pub async fn snapshot(client: &Client, a: &SnapshotArgs) -> anyhow::Result<i32> 
             kiln_api_types::validate_snapshot_name(name).map_err(|m| anyhow::anyhow!(m))?;
             let started = Instant::now();
             let info: kiln_api_types::SnapshotInfo = client
-                .call(
-                    Method::POST,
-                    &format!("/v1/sandboxes/{id}/snapshot"),
-                    Some(&kiln_api_types::SnapshotCreateRequest { name: name.clone() }),
+                .snapshot_create(
+                    &id,
+                    &kiln_api_types::SnapshotCreateRequest { name: name.clone() },
                 )
                 .await?;
             if a.json {
@@ -356,11 +342,7 @@ pub async fn secret(client: &Client, cmd: &SecretCmd) -> anyhow::Result<i32> {
     let id: SandboxId = id.parse()?;
     let secrets = crate::run::parse_secrets(secrets)?;
     client
-        .call_no_content(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/secrets"),
-            &kiln_api_types::SecretsUpdateRequest { secrets },
-        )
+        .sandbox_secrets_update(&id, &kiln_api_types::SecretsUpdateRequest { secrets })
         .await?;
     Ok(0)
 }

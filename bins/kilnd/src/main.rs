@@ -118,3 +118,21 @@ async fn shutdown_signal() {
         _ = int.recv() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kiln_client::ClientHome;
+    use kiln_core::Home;
+
+    #[test]
+    fn client_home_paths_match_engine_home() {
+        let root = std::path::PathBuf::from("/k");
+        let (home, client) = (Home::new(root.clone()), ClientHome::new(root));
+        assert_eq!(client.socket(), home.socket());
+        assert_eq!(client.daemon_log(), home.daemon_log());
+        let id = kiln_api_types::SandboxId::random();
+        assert_eq!(client.sandbox_dir(&id), home.sandbox_dir(&id));
+        // Same environment, same default directory.
+        assert_eq!(ClientHome::from_env().root(), Home::from_env().root());
+    }
+}
