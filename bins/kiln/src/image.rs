@@ -83,9 +83,9 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
         ImageCmd::Warm { name, cpus, memory } => {
             // A start captures the snapshot if it is missing and proves it restores.
             let opts = crate::run::SandboxOpts {
-                image: name.clone(),
-                cpus: *cpus,
-                memory: *memory,
+                image: Some(name.clone()),
+                cpus: Some(*cpus),
+                memory: Some(*memory),
                 cold: false,
                 secrets: Vec::new(),
                 secret_env: false,

@@ -8,11 +8,13 @@
 //! `kiln: ...` and give exit code 1 (`kiln run` passes the command's own code through).
 
 mod bench;
+mod completion;
 mod doctor;
 mod image;
 mod ps;
 mod run;
 mod sandbox;
+mod token;
 
 use clap::{Parser, Subcommand};
 use kiln_client::{Client, ClientHome};
@@ -20,7 +22,7 @@ use kiln_client::{Client, ClientHome};
 /// kiln: local microVM sandboxes.
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about)]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -67,6 +69,17 @@ enum Cmd {
     /// Measure kiln.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Print the API token that `kilnd --listen` requires on TCP (created on first use).
+    Token {
+        /// Replace the token with a new random one (takes effect at once) and print it.
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Print a shell completion script.
+    Completion {
+        /// The shell.
+        shell: completion::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,8 +118,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match &cli.cmd {
         Cmd::Doctor { json } => return doctor::run(&home, *json).await,
         Cmd::Daemon(cmd) => return sandbox::daemon(&home, cmd).await,
+        Cmd::Token { rotate } => return token::run(&home, *rotate),
+        Cmd::Completion { shell } => {
+            completion::write(*shell, &mut std::io::stdout());
+            return Ok(0);
+        }
         _ => {}
     }
+    // A broken config.toml would also stop a daemon started here: say so now, not after the
+    // start deadline.
+    kiln_client::config::Config::load(&home.config())?;
     let client = Client::connect(&home).await?;
     match &cli.cmd {
         Cmd::Run(args) => run::run(&client, args).await,
@@ -120,6 +141,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Clone(args) => sandbox::clone(&client, args).await,
         Cmd::Snapshot(args) => sandbox::snapshot(&client, args).await,
         Cmd::Secret(cmd) => sandbox::secret(&client, cmd).await,
-        Cmd::Doctor { .. } | Cmd::Daemon(_) => unreachable!("handled above"),
+        Cmd::Doctor { .. } | Cmd::Daemon(_) | Cmd::Token { .. } | Cmd::Completion { .. } => {
+            unreachable!("handled above")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_passes_clap_debug_asserts() {
+        use clap::CommandFactory;
+        // Panics on duplicate ids, conflicting shorts and the like, for every subcommand.
+        Cli::command().debug_assert();
+        assert!(Cli::try_parse_from(["kiln", "completion", "zsh"]).is_ok());
+        assert!(Cli::try_parse_from(["kiln", "completion", "tcsh"]).is_err());
     }
 }

@@ -33,15 +33,17 @@ pub struct RunArgs {
 /// Options that describe a sandbox (`kiln run`, `kiln create`).
 #[derive(Debug, Args)]
 pub struct SandboxOpts {
-    /// Image to start (a recipe name).
-    #[arg(long, default_value = kiln_api_types::DEFAULT_IMAGE)]
-    pub image: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = kiln_api_types::DEFAULT_CPUS)]
-    pub cpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = kiln_api_types::DEFAULT_MEMORY_MIB)]
-    pub memory: u32,
+    /// Image to start (a recipe name) [default: $KILN_IMAGE, else `image` in config.toml,
+    /// else python].
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Number of vCPUs [default: $KILN_CPUS, else `cpus` in config.toml, else 1].
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Guest memory in MiB [default: $KILN_MEMORY_MIB, else `memory_mib` in config.toml,
+    /// else 256].
+    #[arg(long)]
+    pub memory: Option<u32>,
     /// Boot from scratch instead of restoring the image's warm snapshot.
     #[arg(long)]
     pub cold: bool,
@@ -64,10 +66,27 @@ pub struct SandboxOpts {
 impl SandboxOpts {
     /// The create request these options describe; errors name the bad option.
     pub fn request(&self) -> anyhow::Result<SandboxCreateRequest> {
+        use kiln_client::config::{self, Config};
+        let file = Config::load(&kiln_client::ClientHome::from_env().config())?;
         let req = SandboxCreateRequest {
-            image: self.image.clone(),
-            cpus: self.cpus,
-            memory_mib: self.memory,
+            image: config::pick(
+                self.image.clone(),
+                config::env("KILN_IMAGE", "an image name")?,
+                file.image,
+                kiln_api_types::DEFAULT_IMAGE.to_owned(),
+            ),
+            cpus: config::pick(
+                self.cpus,
+                config::env("KILN_CPUS", "a number of vCPUs")?,
+                file.cpus,
+                kiln_api_types::DEFAULT_CPUS,
+            ),
+            memory_mib: config::pick(
+                self.memory,
+                config::env("KILN_MEMORY_MIB", "a number of MiB")?,
+                file.memory_mib,
+                kiln_api_types::DEFAULT_MEMORY_MIB,
+            ),
             cold: self.cold,
             secrets: parse_secrets(&self.secrets)?,
             secret_env: self.secret_env,

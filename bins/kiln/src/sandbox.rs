@@ -40,6 +40,8 @@ pub const MAX_CLONES: u32 = 64;
 #[derive(Debug, Args)]
 pub struct CloneArgs {
     /// User snapshot to clone (see `kiln snapshot`); without it, the image's warm snapshot.
+    // Its own id: the flattened options have a `--snapshot` too, and clap needs unique ids.
+    #[arg(id = "snapshot_arg", value_name = "SNAPSHOT")]
     pub snapshot: Option<String>,
     /// The sandbox to clone: image, size and secrets (its warm snapshot is restored N times).
     #[command(flatten)]

@@ -14,6 +14,7 @@
 //! `GET /v1/health`, bounded by a deadline. A second client racing to start one is harmless:
 //! kilnd's lock lets only one serve.
 
+pub mod config;
 mod daemon;
 mod home;
 pub mod token;
