@@ -97,11 +97,53 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
-                "not_found",
+                ErrorCode::NotFound,
                 "no such API route".to_owned(),
             )
         })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(engine)
+}
+
+/// Largest plain-text error body [`json_errors`] reads to quote it.
+const MAX_REJECTION_TEXT: usize = 4096;
+
+/// Turns the error responses axum produces itself (body over the limit, wrong method, a
+/// missing WebSocket upgrade, ...) into [`ApiError`] bodies, so that every error of this API
+/// has the one documented shape. Handler errors are JSON already and pass unchanged.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, MAX_REJECTION_TEXT)
+        .await
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => ErrorCode::NotFound,
+        s if s.is_client_error() => ErrorCode::BadRequest,
+        _ => ErrorCode::Internal,
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        String::from_utf8_lossy(&text).trim().to_owned()
+    };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.remove(axum::http::header::CONTENT_TYPE);
+    let mut out = error(status, code, message).into_response();
+    for (name, value) in &parts.headers {
+        out.headers_mut().insert(name, value.clone());
+    }
+    out
 }
 
 /// The OpenAPI 3.1 document of [`router`].
@@ -147,6 +189,20 @@ fn add_common_parts(doc: &mut utoipa::openapi::OpenApi) {
     components
         .responses
         .insert("Unauthorized".to_owned(), RefOr::T(unauthorized));
+    let too_large: OaResponse = ResponseBuilder::new()
+        .description("Payload Too Large (`code` `bad_request`): the body is larger than the daemon's `max_body_bytes` (docs/config.md).")
+        .content(
+            "application/json",
+            utoipa::openapi::ContentBuilder::new()
+                .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                    "ApiError",
+                ))))
+                .build(),
+        )
+        .build();
+    components
+        .responses
+        .insert("PayloadTooLarge".to_owned(), RefOr::T(too_large));
     // `{}` makes the token optional: the unix socket needs none.
     doc.security = Some(vec![
         SecurityRequirement::default(),
@@ -167,6 +223,12 @@ fn add_common_parts(doc: &mut utoipa::openapi::OpenApi) {
                 "401".to_owned(),
                 RefOr::Ref(utoipa::openapi::Ref::from_response_name("Unauthorized")),
             );
+            if op.request_body.is_some() {
+                op.responses.responses.insert(
+                    "413".to_owned(),
+                    RefOr::Ref(utoipa::openapi::Ref::from_response_name("PayloadTooLarge")),
+                );
+            }
         }
     }
 }
@@ -181,11 +243,11 @@ impl IntoResponse for HttpError {
     }
 }
 
-fn error(status: StatusCode, code: &str, message: String) -> HttpError {
+fn error(status: StatusCode, code: ErrorCode, message: String) -> HttpError {
     HttpError(
         status,
         ApiError {
-            code: code.to_owned(),
+            code: code.as_str().to_owned(),
             message,
         },
     )
@@ -238,7 +300,7 @@ fn parse_body<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, HttpErro
     serde_json::from_slice(body).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
-            "bad_request",
+            ErrorCode::BadRequest,
             format!("invalid request body: {e}"),
         )
     })
@@ -249,7 +311,7 @@ fn parse_required<T: DeserializeOwned>(body: &Bytes) -> Result<T, HttpError> {
     serde_json::from_slice(body).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
-            "bad_request",
+            ErrorCode::BadRequest,
             format!("invalid request body: {e}"),
         )
     })
@@ -257,7 +319,11 @@ fn parse_required<T: DeserializeOwned>(body: &Bytes) -> Result<T, HttpError> {
 
 fn parse_id(raw: &str) -> Result<SandboxId, HttpError> {
     raw.parse().map_err(|e: kiln_api_types::InvalidId| {
-        error(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
+        error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            e.to_string(),
+        )
     })
 }
 
@@ -656,7 +722,7 @@ async fn image_build(
 ) -> Result<Response, HttpError> {
     let req: ImageBuildRequest = parse_body(&body)?;
     kiln_api_types::validate_image_name(&name)
-        .map_err(|m| error(StatusCode::BAD_REQUEST, "bad_request", m))?;
+        .map_err(|m| error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, m))?;
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<ImageBuildEvent>(256);
     let (line_tx, line_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
@@ -683,7 +749,13 @@ async fn image_build(
     Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(Body::from_stream(stream))
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+        .map_err(|e| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                e.to_string(),
+            )
+        })
 }
 
 fn ndjson<T: Serialize>(v: &T) -> Bytes {
@@ -788,13 +860,17 @@ mod tests {
             for (method, op) in item.as_object().unwrap() {
                 for (status, resp) in op["responses"].as_object().unwrap() {
                     if status.starts_with('4') || status.starts_with('5') {
-                        let schema_ref = resp["content"]["application/json"]["schema"]["$ref"]
-                            .as_str()
-                            .or(resp["$ref"].as_str())
-                            .unwrap_or_default();
-                        assert!(
-                            schema_ref.ends_with("/ApiError")
-                                || schema_ref.ends_with("/Unauthorized"),
+                        // A shared response is a $ref into components.responses.
+                        let resp = match resp["$ref"].as_str() {
+                            Some(r) => {
+                                let name = r.rsplit('/').next().unwrap();
+                                &v["components"]["responses"][name]
+                            }
+                            None => resp,
+                        };
+                        assert_eq!(
+                            resp["content"]["application/json"]["schema"]["$ref"],
+                            "#/components/schemas/ApiError",
                             "{method} {path} {status} has no ApiError body: {resp}"
                         );
                     }

@@ -122,6 +122,55 @@ mod tests {
         assert!(Client::tcp(d.tcp.to_string(), new).health().await.is_ok());
     }
 
+    /// Sends `head` (request line and headers, without the final blank line) and `body` on
+    /// the TCP listener with the right token; returns the status and the decoded error body.
+    async fn raw(d: &Daemon, head: &str, body: &[u8]) -> (u16, kiln_api_types::ApiError) {
+        let mut s = tokio::net::TcpStream::connect(d.tcp).await.unwrap();
+        let req = format!(
+            "{head}\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            token(d),
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        // The daemon may answer before reading a body it refuses; ignore a reset here.
+        let _ = s.write_all(body).await;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        let out = String::from_utf8_lossy(&out);
+        let status = out[9..12].parse().unwrap();
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let err = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {out}"));
+        (status, err)
+    }
+
+    #[tokio::test]
+    async fn axum_rejections_have_api_error_bodies() {
+        let d = start().await;
+        let big = vec![b' '; (1 << 20) + 1];
+        let (status, err) = raw(&d, "POST /v1/sandboxes HTTP/1.1", &big).await;
+        assert_eq!((status, err.code.as_str()), (413, "bad_request"));
+        let (status, err) = raw(&d, "PUT /v1/health HTTP/1.1", b"").await;
+        assert_eq!((status, err.code.as_str()), (405, "not_found"));
+        let (status, err) = raw(&d, "GET /v1/run HTTP/1.1", b"").await;
+        assert!((400..500).contains(&status), "{status}");
+        assert_eq!(err.code, "bad_request");
+        let (status, err) = raw(&d, "GET /v1/nope HTTP/1.1", b"").await;
+        assert_eq!((status, err.code.as_str()), (404, "not_found"));
+    }
+
+    #[tokio::test]
+    async fn tcp_websocket_without_right_token_is_refused() {
+        let d = start().await;
+        let wrong = Client::tcp(d.tcp.to_string(), "f".repeat(64));
+        let Err(err) = wrong.sandbox_run().await else {
+            panic!("the WebSocket opened without the right token");
+        };
+        assert!(
+            format!("{:?}", err).contains("401"),
+            "expected a 401 handshake failure, got {err:?}"
+        );
+    }
+
     #[tokio::test]
     async fn unix_socket_needs_no_token() {
         let d = start().await;
