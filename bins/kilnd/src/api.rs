@@ -167,6 +167,38 @@ pub fn openapi_json() -> String {
     .clone()
 }
 
+/// `x-kiln-websocket` of a WebSocket operation: its message schemas, machine-readable for SDK
+/// generators (OpenAPI has no vocabulary for WebSocket messages).
+fn websocket_extension(
+    operation_id: Option<&str>,
+) -> Option<utoipa::openapi::extensions::Extensions> {
+    let route = routes::ALL
+        .iter()
+        .find(|r| Some(r.operation_id) == operation_id)?;
+    if route.body != routes::Body::WebSocket {
+        return None;
+    }
+    let first = if *route == routes::SANDBOX_RUN {
+        "RunRequest"
+    } else {
+        "ExecRequest"
+    };
+    let schema = |name: &str| serde_json::json!({ "$ref": format!("#/components/schemas/{name}") });
+    let value = serde_json::json!({
+        "protocol": "docs/protocol.md",
+        "client_first_text": schema(first),
+        "client_text": schema("ExecClientMessage"),
+        "client_binary": "stdin bytes (when the first message set stdin)",
+        "server_text": schema("ExecServerMessage"),
+        "server_binary": "output: first byte 1 (stdout) or 2 (stderr), then the bytes",
+    });
+    Some(
+        utoipa::openapi::extensions::ExtensionsBuilder::new()
+            .add("x-kiln-websocket", value)
+            .build(),
+    )
+}
+
 /// What every operation shares: the optional bearer token (TCP only) and its 401.
 fn add_common_parts(doc: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::security::SecurityRequirement;
@@ -223,6 +255,11 @@ fn add_common_parts(doc: &mut utoipa::openapi::OpenApi) {
                 "401".to_owned(),
                 RefOr::Ref(utoipa::openapi::Ref::from_response_name("Unauthorized")),
             );
+            if let Some(ext) = websocket_extension(op.operation_id.as_deref()) {
+                op.extensions
+                    .get_or_insert_with(Default::default)
+                    .merge(ext);
+            }
             if op.request_body.is_some() {
                 op.responses.responses.insert(
                     "413".to_owned(),
