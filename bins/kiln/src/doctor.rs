@@ -13,7 +13,12 @@ use crate::image::human_bytes;
 /// Runs `kiln doctor`.
 pub async fn run(home: &ClientHome, json: bool) -> anyhow::Result<i32> {
     let r = match Client::existing(home).await {
-        Some(client) => client.doctor().await?,
+        Some(client) => match client.doctor().await {
+            Ok(r) => r,
+            // A daemon from before `GET /v1/doctor` existed: examine the host here instead.
+            Err(e) if e.api().is_some_and(|b| b.code == "not_found") => one_shot(home).await?,
+            Err(e) => return Err(e.into()),
+        },
         None => one_shot(home).await?,
     };
     if json {

@@ -423,3 +423,31 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_error_decodes_body_or_quotes_plain_text() {
+        let e = api_error(
+            StatusCode::NOT_FOUND,
+            br#"{"code":"sandbox_not_found","message":"no sandbox sb-0123456789ab"}"#,
+        );
+        assert_eq!(e.api().map(|b| b.code.as_str()), Some("sandbox_not_found"));
+        assert_eq!(e.to_string(), "no sandbox sb-0123456789ab");
+        let e = api_error(StatusCode::BAD_GATEWAY, b"upstream gone");
+        assert!(matches!(e, ClientError::Api { status: 502, .. }));
+        assert_eq!(e.api().map(|b| b.code.as_str()), Some("http"));
+        assert!(e.to_string().contains("upstream gone"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn connect_error_names_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("kilnd.sock");
+        let err = Client::unix(sock.clone()).health().await.unwrap_err();
+        assert!(matches!(err, ClientError::Connect { .. }));
+        assert!(err.to_string().contains(&sock.display().to_string()));
+    }
+}
