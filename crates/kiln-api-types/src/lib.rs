@@ -25,7 +25,8 @@ pub mod routes;
 mod schema;
 
 pub use doctor::DoctorReport;
-pub use error_code::ErrorCode;
+pub use error_code::{ErrorCode, UnknownErrorCode};
+pub use schema::SANDBOX_ID_PATTERN;
 
 /// Version of this API; served by `GET /v1/health`.
 pub const API_VERSION: u32 = 1;
