@@ -14,6 +14,7 @@ mod api;
 mod auth;
 mod exec_ws;
 mod listen;
+mod openapi;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -109,7 +110,7 @@ impl Settings {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.print_openapi {
-        print!("{}", api::openapi_json());
+        print!("{}", openapi::openapi_json());
         return Ok(());
     }
     tracing_subscriber::fmt()
