@@ -12,14 +12,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use futures_util::{SinkExt, StreamExt};
-use hyper::Method;
 use kiln_api_types::{
     ExecRequest, ExecServerMessage, ExitStatus, PingResponse, SandboxId, SandboxInfo, SandboxSpec,
 };
 use serde::Serialize;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::client::Client;
+use kiln_client::{Client, ClientHome};
 
 /// Options of `kiln bench boot`.
 #[derive(Debug, Args)]
@@ -139,7 +138,7 @@ pub struct SnapshotBench {
 /// Runs `kiln bench snapshot`: cold boots and warm restores side by side, interleaved.
 pub async fn snapshot(
     client: &Client,
-    home: &kiln_core::Home,
+    home: &ClientHome,
     a: &SnapshotBenchArgs,
 ) -> anyhow::Result<i32> {
     if a.runs == 0 {
@@ -153,7 +152,7 @@ pub async fn snapshot(
     let full = if a.no_full_ram {
         None
     } else {
-        let full_home = kiln_core::Home::new(home.root().join("bench-full-ram"));
+        let full_home = ClientHome::new(home.root().join("bench-full-ram"));
         std::fs::create_dir_all(full_home.root())?;
         let link = full_home.root().join("images");
         if std::fs::symlink_metadata(&link).is_err() {
@@ -223,9 +222,7 @@ pub async fn snapshot(
             .map(|k| k / 1024.0)
             .collect();
         for id in &ids {
-            client
-                .call_empty(Method::DELETE, &format!("/v1/sandboxes/{id}"))
-                .await?;
+            client.sandbox_delete(id).await?;
         }
         if pss.len() != ids.len() {
             bail!("could not read the PSS of every clone's QEMU");
@@ -239,9 +236,7 @@ pub async fn snapshot(
     let (mut pause, mut snap_wall) = (Vec::new(), Vec::new());
     if a.user_snapshots > 0 {
         let req = image_spec(&a.image, false)?;
-        let info: SandboxInfo = client
-            .call(Method::POST, "/v1/sandboxes", Some(&req))
-            .await?;
+        let info: SandboxInfo = client.sandbox_create(&req).await?;
         let taken = async {
             // Some RAM in use, as in a working sandbox: 64 MiB of page cache in tmpfs.
             let (s, _) = exec_collect(
@@ -260,27 +255,22 @@ pub async fn snapshot(
             for i in 0..a.user_snapshots {
                 let name = format!("bench-pause-{}-{i}", std::process::id());
                 let t = Instant::now();
-                let snap: kiln_api_types::SnapshotInfo = client
-                    .call(
-                        Method::POST,
-                        &format!("/v1/sandboxes/{}/snapshot", info.id),
-                        Some(&kiln_api_types::SnapshotCreateRequest {
+                let snap = client
+                    .snapshot_create(
+                        &info.id,
+                        &kiln_api_types::SnapshotCreateRequest {
                             name: name.parse()?,
-                        }),
+                        },
                     )
                     .await?;
                 snap_wall.push(ms(t.elapsed()));
                 pause.push(snap.pause_ms as f64);
-                client
-                    .call_empty(Method::DELETE, &format!("/v1/snapshots/{name}"))
-                    .await?;
+                client.snapshot_delete(&name).await?;
             }
             Ok(())
         }
         .await;
-        client
-            .call_empty(Method::DELETE, &format!("/v1/sandboxes/{}", info.id))
-            .await?;
+        client.sandbox_delete(&info.id).await?;
         taken?;
     }
     let (c, r) = (summary(&mut cold), summary(&mut restore));
@@ -355,14 +345,10 @@ async fn start_and_exec(
 ) -> anyhow::Result<(SandboxInfo, f64)> {
     let req = image_spec(image, cold)?;
     let t = Instant::now();
-    let info: SandboxInfo = client
-        .call(Method::POST, "/v1/sandboxes", Some(&req))
-        .await?;
+    let info: SandboxInfo = client.sandbox_create(&req).await?;
     let result = exec_collect(client, &info.id, vec!["true".into()]).await;
     let wall = ms(t.elapsed());
-    client
-        .call_empty(Method::DELETE, &format!("/v1/sandboxes/{}", info.id))
-        .await?;
+    client.sandbox_delete(&info.id).await?;
     let (status, _) = result?;
     if status.shell_code() != 0 {
         bail!("`true` exited {}", status.shell_code());
@@ -371,7 +357,7 @@ async fn start_and_exec(
 }
 
 /// PSS in KiB of a sandbox's QEMU (`/proc/PID/smaps_rollup`), via its pidfile.
-fn qemu_pss_kib(home: &kiln_core::Home, id: &SandboxId) -> Option<f64> {
+fn qemu_pss_kib(home: &ClientHome, id: &SandboxId) -> Option<f64> {
     let pidfile = std::fs::read_to_string(home.sandbox_dir(id).join("qemu.pid")).ok()?;
     let pid: u32 = pidfile.split_whitespace().next()?.parse().ok()?;
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
@@ -400,9 +386,7 @@ pub async fn run(client: &Client, a: &BenchArgs) -> anyhow::Result<i32> {
         // This benchmark measures cold boots; `kiln bench snapshot` measures restores.
         let req = image_spec(&a.image, true)?;
         let t = Instant::now();
-        let info: SandboxInfo = client
-            .call(Method::POST, "/v1/sandboxes", Some(&req))
-            .await?;
+        let info: SandboxInfo = client.sandbox_create(&req).await?;
         create.push(ms(t.elapsed()));
         boot.push(info.status.boot_ms.unwrap_or(0) as f64);
         accel = info.status.accel.clone();
@@ -416,9 +400,7 @@ pub async fn run(client: &Client, a: &BenchArgs) -> anyhow::Result<i32> {
             &mut tput,
         )
         .await;
-        client
-            .call_empty(Method::DELETE, &format!("/v1/sandboxes/{}", info.id))
-            .await?;
+        client.sandbox_delete(&info.id).await?;
         result?;
         if !a.json {
             eprintln!(
@@ -472,10 +454,9 @@ async fn measure_in(
     exec: &mut Vec<f64>,
     tput: &mut Vec<f64>,
 ) -> anyhow::Result<()> {
-    let path = format!("/v1/sandboxes/{id}/ping");
     for _ in 0..a.pings {
         let t = Instant::now();
-        let p: PingResponse = client.call(Method::POST, &path, None::<&()>).await?;
+        let p: PingResponse = client.sandbox_ping(id).await?;
         api_ping.push(ms(t.elapsed()));
         ping.push(p.rtt_us as f64 / 1000.0);
     }
@@ -519,9 +500,7 @@ pub async fn exec_collect(
     id: &SandboxId,
     argv: Vec<String>,
 ) -> anyhow::Result<(ExitStatus, u64)> {
-    let mut ws = client
-        .websocket(&format!("/v1/sandboxes/{id}/exec"))
-        .await?;
+    let mut ws = client.sandbox_exec(id).await?;
     ws.send(Message::Text(
         serde_json::to_string(&ExecRequest::new(argv))?.into(),
     ))

@@ -1,20 +1,53 @@
 //! `kiln doctor`: prints what kiln will use and why; exits non-zero when kiln cannot run.
-//! Runs in this process (no daemon needed), so it also works when the daemon cannot start.
+//!
+//! The running daemon examines its host (`GET /v1/doctor`); when none runs, a one-shot
+//! `kilnd --doctor` does the same without starting a daemon, so doctor also works when the
+//! daemon cannot start.
 
-use kiln_core::Home;
-use kiln_core::doctor::DoctorReport;
+use anyhow::{Context, bail};
+use kiln_api_types::DoctorReport;
+use kiln_client::{Client, ClientHome};
 
 use crate::image::human_bytes;
 
 /// Runs `kiln doctor`.
-pub async fn run(home: &Home, json: bool) -> anyhow::Result<i32> {
-    let r = kiln_core::doctor::run(home).await;
+pub async fn run(home: &ClientHome, json: bool) -> anyhow::Result<i32> {
+    let r = match Client::existing(home).await {
+        Some(client) => match client.doctor().await {
+            Ok(r) => r,
+            // A daemon from before `GET /v1/doctor` existed: examine the host here instead.
+            Err(e) if e.api().is_some_and(|b| b.code == "not_found") => one_shot(home).await?,
+            Err(e) => return Err(e.into()),
+        },
+        None => one_shot(home).await?,
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         print_report(&r);
     }
     Ok(if r.ok() { 0 } else { 1 })
+}
+
+/// `kilnd --doctor` for `home`, without a daemon.
+async fn one_shot(home: &ClientHome) -> anyhow::Result<DoctorReport> {
+    let kilnd = kiln_client::kilnd_path()?;
+    let out = tokio::process::Command::new(&kilnd)
+        .arg("--doctor")
+        .env("KILN_HOME", home.root())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("failed to run {} --doctor", kilnd.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} --doctor failed ({}): {}",
+            kilnd.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("malformed report from kilnd --doctor")
 }
 
 fn print_report(r: &DoctorReport) {

@@ -2,11 +2,10 @@
 
 use anyhow::bail;
 use clap::Subcommand;
-use hyper::Method;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_api_types::{ImageBuildEvent, ImageBuildRequest, ImageInfo, ImageList};
 
-use crate::client::Client;
+use kiln_client::Client;
 
 /// `kiln image ...`.
 #[derive(Debug, Subcommand)]
@@ -63,7 +62,7 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
             Ok(0)
         }
         ImageCmd::Ls { json } => {
-            let list: ImageList = client.get("/v1/images").await?;
+            let list: ImageList = client.image_list().await?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
@@ -110,12 +109,8 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
                 )
             })?;
             ensure_built(client, name).await?;
-            let info: kiln_api_types::SandboxInfo = client
-                .call(Method::POST, "/v1/sandboxes", Some(&req))
-                .await?;
-            client
-                .call_empty(Method::DELETE, &format!("/v1/sandboxes/{}", info.id))
-                .await?;
+            let info = client.sandbox_create(&req).await?;
+            client.sandbox_delete(&info.id).await?;
             if info.status.source != kiln_api_types::StartSource::Snapshot {
                 bail!(
                     "no warm snapshot for {name}: the sandbox cold-booted (see kilnd.log for why)"
@@ -138,9 +133,7 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
             Ok(0)
         }
         ImageCmd::Rm { name } => {
-            client
-                .call_empty(Method::DELETE, &format!("/v1/images/{name}"))
-                .await?;
+            client.image_delete(name).await?;
             println!("removed image {name}");
             Ok(0)
         }
@@ -149,7 +142,7 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
 
 /// Builds `name` if it does not exist yet (what `kiln run` does before starting a sandbox).
 pub async fn ensure_built(client: &Client, name: &str) -> anyhow::Result<()> {
-    let list: ImageList = client.get("/v1/images").await?;
+    let list: ImageList = client.image_list().await?;
     if list.images.iter().any(|i| i.name == name) {
         return Ok(());
     }
@@ -178,11 +171,10 @@ pub async fn build(
     let mut failure: Option<String> = None;
     let mut up_to_date = false;
     client
-        .stream_lines(
-            Method::POST,
-            &format!("/v1/images/{name}/build"),
+        .image_build(
+            name,
             &ImageBuildRequest { force },
-            |ev: ImageBuildEvent| {
+            |ev: ImageBuildEvent| -> anyhow::Result<()> {
                 if json {
                     println!("{}", serde_json::to_string(&ev)?);
                 }

@@ -1,25 +1,28 @@
 //! `kiln`, the command-line client of `kilnd`.
 //!
-//! One file per subcommand. Everything except `doctor` goes through the daemon's HTTP API
-//! (started on demand, see [`client`]); `doctor` examines the host in-process so it works even
-//! when the daemon cannot start. Errors are printed with their whole chain as one line
+//! One file per subcommand. Everything goes through the daemon's HTTP API with
+//! [`kiln_client`] (the daemon is started on demand); `doctor` asks a running daemon or, when
+//! none runs, a one-shot `kilnd --doctor`, so it works even when the daemon cannot start. The
+//! CLI does not link the engine: it knows kiln only through `kiln-api-types` and
+//! `kiln-client`. Errors are printed with their whole chain as one line
 //! `kiln: ...` and give exit code 1 (`kiln run` passes the command's own code through).
 
 mod bench;
-mod client;
+mod completion;
 mod doctor;
 mod image;
 mod ps;
 mod run;
 mod sandbox;
+mod token;
 
 use clap::{Parser, Subcommand};
-use kiln_core::Home;
+use kiln_client::{Client, ClientHome};
 
 /// kiln: local microVM sandboxes.
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about)]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -135,6 +138,17 @@ enum Cmd {
     /// Measure kiln.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Print the API token that `kilnd --listen` requires on TCP (created on first use).
+    Token {
+        /// Replace the token with a new random one (takes effect at once) and print it.
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Print a shell completion script.
+    Completion {
+        /// The shell.
+        shell: completion::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -169,13 +183,21 @@ fn main() {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
-    let home = Home::from_env();
+    let home = ClientHome::from_env();
     match &cli.cmd {
         Cmd::Doctor { json } => return doctor::run(&home, *json).await,
         Cmd::Daemon(cmd) => return sandbox::daemon(&home, cmd).await,
+        Cmd::Token { rotate } => return token::run(&home, *rotate),
+        Cmd::Completion { shell } => {
+            completion::write(*shell, &mut std::io::stdout());
+            return Ok(0);
+        }
         _ => {}
     }
-    let client = client::Client::connect(&home).await?;
+    // A broken config.toml would also stop a daemon started here: say so now, not after the
+    // start deadline.
+    kiln_client::config::Config::load(&home.config())?;
+    let client = Client::connect(&home).await?;
     match &cli.cmd {
         Cmd::Run(args) => run::run(&client, args).await,
         Cmd::Image(cmd) => image::run(&client, cmd).await,
@@ -200,6 +222,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Clone(args) => sandbox::clone(&client, args).await,
         Cmd::Snapshot(args) => sandbox::snapshot(&client, args).await,
         Cmd::Secret(cmd) => sandbox::secret(&client, cmd).await,
-        Cmd::Doctor { .. } | Cmd::Daemon(_) => unreachable!("handled above"),
+        Cmd::Doctor { .. } | Cmd::Daemon(_) | Cmd::Token { .. } | Cmd::Completion { .. } => {
+            unreachable!("handled above")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_passes_clap_debug_asserts() {
+        use clap::CommandFactory;
+        // Panics on duplicate ids, conflicting shorts and the like, for every subcommand.
+        Cli::command().debug_assert();
+        assert!(Cli::try_parse_from(["kiln", "completion", "zsh"]).is_ok());
+        assert!(Cli::try_parse_from(["kiln", "completion", "tcsh"]).is_err());
     }
 }

@@ -5,17 +5,12 @@
 //! daemon resolves it ([`resolve`]).
 
 use anyhow::bail;
-use hyper::Method;
 use kiln_api_types::{SandboxFilter, SandboxId, SandboxInfo, SandboxList};
-
-use crate::client::Client;
+use kiln_client::Client;
 
 /// The id of the sandbox `key` names (id, name or unambiguous id prefix), asked of the daemon.
 pub async fn resolve(client: &Client, key: &str) -> anyhow::Result<SandboxId> {
-    let info: SandboxInfo = client
-        .get(&format!("/v1/sandboxes/{}", path_key(key)?))
-        .await?;
-    Ok(info.id)
+    Ok(client.sandbox_find(path_key(key)?).await?.id)
 }
 
 /// `key` as one path segment: ids, names and prefixes only ever use these characters, so
@@ -32,25 +27,15 @@ fn path_key(key: &str) -> anyhow::Result<&str> {
     Ok(key)
 }
 
-/// `?k=v&...` for a list of `--filter` conditions (checked here, so a typo fails fast).
-fn filter_query(filters: &[String]) -> anyhow::Result<String> {
+/// The sandboxes passing `filters` (checked here first, so a typo fails fast).
+async fn list(client: &Client, filters: &[String]) -> anyhow::Result<Vec<SandboxInfo>> {
     let mut check = SandboxFilter::default();
-    let mut q = form_urlencoded::Serializer::new(String::new());
+    let mut query = Vec::with_capacity(filters.len());
     for f in filters {
         check.add(f).map_err(|e| anyhow::anyhow!("--filter: {e}"))?;
-        let (k, v) = f.split_once('=').unwrap_or((f, ""));
-        q.append_pair(k, v);
+        query.push(f.split_once('=').unwrap_or((f, "")));
     }
-    let q = q.finish();
-    Ok(if q.is_empty() { q } else { format!("?{q}") })
-}
-
-/// The sandboxes passing `filters`.
-async fn list(client: &Client, filters: &[String]) -> anyhow::Result<Vec<SandboxInfo>> {
-    let list: SandboxList = client
-        .get(&format!("/v1/sandboxes{}", filter_query(filters)?))
-        .await?;
-    Ok(list.sandboxes)
+    Ok(client.sandbox_list(&query).await?.sandboxes)
 }
 
 /// `kiln ps [--filter C]... [--json]`.
@@ -94,10 +79,7 @@ pub async fn ps(client: &Client, filters: &[String], json: bool) -> anyhow::Resu
 pub async fn inspect(client: &Client, keys: &[String]) -> anyhow::Result<i32> {
     let mut out = Vec::new();
     for key in keys {
-        let info: SandboxInfo = client
-            .get(&format!("/v1/sandboxes/{}", path_key(key)?))
-            .await?;
-        out.push(info);
+        out.push(client.sandbox_find(path_key(key)?).await?);
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(0)
@@ -135,9 +117,7 @@ pub async fn rm(
     for raw in &targets {
         let res = async {
             let id = resolve(client, raw).await?;
-            client
-                .call_empty(Method::DELETE, &format!("/v1/sandboxes/{id}"))
-                .await?;
+            client.sandbox_delete(&id).await?;
             Ok::<_, anyhow::Error>(id)
         }
         .await;
@@ -168,27 +148,18 @@ pub async fn pause_resume(
     json: bool,
 ) -> anyhow::Result<i32> {
     let id = resolve(client, key).await?;
-    let verb = if pause { "pause" } else { "resume" };
-    let info: SandboxInfo = client
-        .call::<SandboxInfo>(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/{verb}"),
-            None::<&()>,
-        )
-        .await?;
+    let info = if pause {
+        client.sandbox_pause(&id).await?
+    } else {
+        client.sandbox_resume(&id).await?
+    };
     print_info(&info, json)
 }
 
 /// `kiln stop ID`: saved, VM stopped.
 pub async fn stop(client: &Client, key: &str, json: bool) -> anyhow::Result<i32> {
     let id = resolve(client, key).await?;
-    let info: SandboxInfo = client
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/stop"),
-            None::<&()>,
-        )
-        .await?;
+    let info = client.sandbox_stop(&id).await?;
     print_info(&info, json)
 }
 
@@ -203,13 +174,7 @@ pub async fn start(
     let req = kiln_api_types::SandboxStartRequest {
         secrets: crate::run::parse_secrets(secrets)?,
     };
-    let info: SandboxInfo = client
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/start"),
-            Some(&req),
-        )
-        .await?;
+    let info = client.sandbox_start(&id, &req).await?;
     print_info(&info, json)
 }
 
@@ -217,12 +182,8 @@ pub async fn start(
 pub async fn ttl(client: &Client, key: &str, duration: &str, json: bool) -> anyhow::Result<i32> {
     let ttl_secs = kiln_api_types::parse_duration_secs(duration)?;
     let id = resolve(client, key).await?;
-    let info: SandboxInfo = client
-        .call(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/ttl"),
-            Some(&kiln_api_types::TtlRequest { ttl_secs }),
-        )
+    let info = client
+        .sandbox_ttl_set(&id, &kiln_api_types::TtlRequest { ttl_secs })
         .await?;
     print_info(&info, json)
 }
@@ -239,18 +200,17 @@ fn print_info(info: &SandboxInfo, json: bool) -> anyhow::Result<i32> {
 /// `kiln events [--json]`: follows the daemon's event stream until interrupted.
 pub async fn events(client: &Client, json: bool) -> anyhow::Result<i32> {
     client
-        .stream_text_lines("/v1/events", |line| {
-            if let Some(data) = line.strip_prefix("data: ") {
+        .event_stream(
+            |ev| -> Result<bool, serde_json::Error> {
                 if json {
-                    println!("{data}");
-                } else if let Ok(ev) = serde_json::from_str::<kiln_api_types::Event>(data) {
+                    println!("{}", serde_json::to_string(&ev)?);
+                } else {
                     println!("{}", describe_event(&ev));
-                } else if data.contains("missed") {
-                    eprintln!("kiln: events were missed (this client fell behind): {data}");
                 }
-            }
-            Ok(true)
-        })
+                Ok(true)
+            },
+            |missed| eprintln!("kiln: {missed} events were missed (this client fell behind)"),
+        )
         .await?;
     Ok(0)
 }
@@ -274,7 +234,8 @@ fn describe_event(ev: &kiln_api_types::Event) -> String {
 pub fn ago(unix: u64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let d = now.saturating_sub(unix);
     match d {
         0..60 => format!("{d}s ago"),
@@ -295,15 +256,5 @@ mod tests {
         for bad in ["", "a/b", "a?b=c", "..%2f", "a b", &"x".repeat(129)] {
             assert!(path_key(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn filter_query_encodes_and_checks() {
-        assert_eq!(filter_query(&[]).unwrap(), "");
-        assert_eq!(
-            filter_query(&["label=team=a b".into(), "status=running".into()]).unwrap(),
-            "?label=team%3Da+b&status=running"
-        );
-        assert!(filter_query(&["colour=red".into()]).is_err());
     }
 }

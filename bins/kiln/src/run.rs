@@ -15,11 +15,9 @@ use kiln_api_types::{
     ExecClientMessage, ExecRequest, ExecServerMessage, MachineSpec, RunRequest, STREAM_STDERR,
     STREAM_STDOUT, SandboxId, SandboxSource, SandboxSpec,
 };
-use tokio::net::UnixStream;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::client::Client;
+use kiln_client::{Client, WsStream};
 
 /// Options of `kiln run`.
 #[derive(Debug, Args)]
@@ -35,15 +33,17 @@ pub struct RunArgs {
 /// Options that describe a sandbox (`kiln run`, `kiln create`).
 #[derive(Debug, Args)]
 pub struct SandboxOpts {
-    /// Image to start (a recipe name).
-    #[arg(long, default_value = kiln_api_types::DEFAULT_IMAGE)]
-    pub image: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = kiln_api_types::DEFAULT_CPUS)]
-    pub cpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = kiln_api_types::DEFAULT_MEMORY_MIB)]
-    pub memory: u32,
+    /// Image to start (a recipe name) [default: $KILN_IMAGE, else `image` in config.toml,
+    /// else python].
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Number of vCPUs [default: $KILN_CPUS, else `cpus` in config.toml, else 1].
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Guest memory in MiB [default: $KILN_MEMORY_MIB, else `memory_mib` in config.toml,
+    /// else 256].
+    #[arg(long)]
+    pub memory: Option<u32>,
     /// Boot from scratch instead of restoring the image's warm snapshot.
     #[arg(long)]
     pub cold: bool,
@@ -76,25 +76,43 @@ pub struct SandboxOpts {
 }
 
 impl SandboxOpts {
-    /// The spec these options describe; errors name the bad option.
+    /// The spec these options describe; errors name the bad option. Image and machine size
+    /// come from the flags, else the environment, else `config.toml`, else the defaults.
     pub fn request(&self) -> anyhow::Result<SandboxSpec> {
+        use kiln_client::config::{self, Config};
         let source = match &self.snapshot {
             Some(name) => SandboxSource::Snapshot {
                 snapshot: name
                     .parse()
                     .map_err(|e| anyhow::anyhow!("--snapshot: {e}"))?,
             },
-            None => SandboxSource::Image {
-                image: self
-                    .image
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("--image: {e}"))?,
-                machine: MachineSpec {
-                    cpus: self.cpus,
-                    memory_mib: self.memory,
-                },
-                cold: self.cold,
-            },
+            None => {
+                let file = Config::load(&kiln_client::ClientHome::from_env().config())?;
+                let image = config::pick(
+                    self.image.clone(),
+                    config::env("KILN_IMAGE", "an image name")?,
+                    file.image,
+                    kiln_api_types::DEFAULT_IMAGE.to_owned(),
+                );
+                SandboxSource::Image {
+                    image: image.parse().map_err(|e| anyhow::anyhow!("--image: {e}"))?,
+                    machine: MachineSpec {
+                        cpus: config::pick(
+                            self.cpus,
+                            config::env("KILN_CPUS", "a number of vCPUs")?,
+                            file.cpus,
+                            kiln_api_types::DEFAULT_CPUS,
+                        ),
+                        memory_mib: config::pick(
+                            self.memory,
+                            config::env("KILN_MEMORY_MIB", "a number of MiB")?,
+                            file.memory_mib,
+                            kiln_api_types::DEFAULT_MEMORY_MIB,
+                        ),
+                    },
+                    cold: self.cold,
+                }
+            }
         };
         let duration = |flag: &str, v: &Option<String>| -> anyhow::Result<Option<u64>> {
             v.as_deref()
@@ -237,7 +255,7 @@ pub async fn run(client: &Client, args: &RunArgs) -> anyhow::Result<i32> {
     if let Some(image) = image_of(&sandbox) {
         crate::image::ensure_built(client, image).await?;
     }
-    let ws = client.websocket("/v1/run").await?;
+    let ws = client.sandbox_run().await?;
     let first = serde_json::to_string(&RunRequest { sandbox, exec })?;
     stream_exec(client, ws, first, !args.exec.no_stdin, true).await
 }
@@ -246,7 +264,7 @@ pub async fn run(client: &Client, args: &RunArgs) -> anyhow::Result<i32> {
 /// `destroy_on_interrupt`: on Ctrl-C also delete the sandbox (for `kiln run`).
 pub async fn stream_exec(
     client: &Client,
-    mut ws: WebSocketStream<UnixStream>,
+    mut ws: WsStream,
     first: String,
     forward_stdin: bool,
     destroy_on_interrupt: bool,
@@ -315,7 +333,7 @@ pub async fn stream_exec(
             _ = &mut interrupt => {
                 let _ = tx.close().await;
                 if destroy_on_interrupt && let Some(id) = &sandbox {
-                    let _ = client.call_empty(hyper::Method::DELETE, &format!("/v1/sandboxes/{id}")).await;
+                    let _ = client.sandbox_delete(id).await;
                 }
                 eprintln!("kiln: interrupted");
                 return Ok(130);

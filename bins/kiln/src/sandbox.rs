@@ -4,11 +4,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::{Args, Subcommand};
-use hyper::Method;
 use kiln_api_types::{SandboxInfo, SandboxSpec};
-use kiln_core::Home;
-
-use crate::client::Client;
+use kiln_client::{Client, ClientHome};
 
 /// Options of `kiln create`.
 #[derive(Debug, Args)]
@@ -27,9 +24,7 @@ pub async fn create(client: &Client, a: &CreateArgs) -> anyhow::Result<i32> {
     if let Some(image) = crate::run::image_of(&req) {
         crate::image::ensure_built(client, image).await?;
     }
-    let info: SandboxInfo = client
-        .call(Method::POST, "/v1/sandboxes", Some(&req))
-        .await?;
+    let info: SandboxInfo = client.sandbox_create(&req).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {
@@ -45,6 +40,8 @@ pub const MAX_CLONES: u32 = 64;
 #[derive(Debug, Args)]
 pub struct CloneArgs {
     /// User snapshot to clone (see `kiln snapshot`); without it, the image's warm snapshot.
+    // Its own id: the flattened options have a `--snapshot` too, and clap needs unique ids.
+    #[arg(id = "snapshot_arg", value_name = "SNAPSHOT")]
     pub snapshot: Option<String>,
     /// The sandbox to clone: image, size and secrets (its warm snapshot is restored N times).
     #[command(flatten)]
@@ -102,18 +99,15 @@ pub async fn clone_n(
     if let Some(image) = crate::run::image_of(req) {
         crate::image::ensure_built(client, image).await?;
     }
-    let starts =
-        (0..count).map(|_| client.call::<SandboxInfo>(Method::POST, "/v1/sandboxes", Some(req)));
+    let starts = (0..count).map(|_| client.sandbox_create(req));
     let results = futures_util::future::join_all(starts).await;
     let (ok, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
     let infos: Vec<SandboxInfo> = ok.into_iter().filter_map(|r| r.ok()).collect();
     if let Some(Err(e)) = failed.into_iter().next() {
         for id in infos.iter().map(|i| &i.id) {
-            let _ = client
-                .call_empty(Method::DELETE, &format!("/v1/sandboxes/{id}"))
-                .await;
+            let _ = client.sandbox_delete(id).await;
         }
-        return Err(e.context(format!("starting {count} clones")));
+        return Err(anyhow::Error::from(e).context(format!("starting {count} clones")));
     }
     Ok(infos)
 }
@@ -134,9 +128,7 @@ pub async fn exec(client: &Client, a: &ExecArgs) -> anyhow::Result<i32> {
     // A wrong id is reported plainly before any WebSocket is opened; the id it resolves to
     // is used from here on.
     let id = crate::ps::resolve(client, &a.id).await?;
-    let ws = client
-        .websocket(&format!("/v1/sandboxes/{id}/exec"))
-        .await?;
+    let ws = client.sandbox_exec(&id).await?;
     crate::run::stream_exec(
         client,
         ws,
@@ -166,7 +158,7 @@ pub enum DaemonCmd {
 }
 
 /// `kiln daemon ...`.
-pub async fn daemon(home: &Home, cmd: &DaemonCmd) -> anyhow::Result<i32> {
+pub async fn daemon(home: &ClientHome, cmd: &DaemonCmd) -> anyhow::Result<i32> {
     let Some(client) = Client::existing(home).await else {
         eprintln!("kiln: no daemon is serving {}", home.root().display());
         return Ok(match cmd {
@@ -212,12 +204,11 @@ pub async fn daemon(home: &Home, cmd: &DaemonCmd) -> anyhow::Result<i32> {
 
 /// Removes every sandbox of the daemon `client` talks to, concurrently; returns how many.
 pub async fn remove_all(client: &Client) -> anyhow::Result<usize> {
-    let list: kiln_api_types::SandboxList = client.get("/v1/sandboxes").await?;
-    let removals = list.sandboxes.iter().map(|s| async move {
-        client
-            .call_empty(Method::DELETE, &format!("/v1/sandboxes/{}", s.id))
-            .await
-    });
+    let list = client.sandbox_list(&[]).await?;
+    let removals = list
+        .sandboxes
+        .iter()
+        .map(|s| async move { client.sandbox_delete(&s.id).await });
     let results = futures_util::future::join_all(removals).await;
     let failed: Vec<String> = results
         .into_iter()
@@ -304,7 +295,7 @@ pub enum SnapshotCmd {
 pub async fn snapshot(client: &Client, a: &SnapshotArgs) -> anyhow::Result<i32> {
     match &a.cmd {
         Some(SnapshotCmd::Ls { json }) => {
-            let list: kiln_api_types::SnapshotList = client.get("/v1/snapshots").await?;
+            let list: kiln_api_types::SnapshotList = client.snapshot_list().await?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(0);
@@ -336,11 +327,8 @@ pub async fn snapshot(client: &Client, a: &SnapshotArgs) -> anyhow::Result<i32> 
         Some(SnapshotCmd::Rm { names }) => {
             let mut code = 0;
             for name in names {
-                if let Err(e) = client
-                    .call_empty(Method::DELETE, &format!("/v1/snapshots/{name}"))
-                    .await
-                {
-                    eprintln!("kiln: {e:#}");
+                if let Err(e) = client.snapshot_delete(name).await {
+                    eprintln!("kiln: {:#}", anyhow::Error::from(e));
                     code = 1;
                 }
             }
@@ -355,10 +343,9 @@ pub async fn snapshot(client: &Client, a: &SnapshotArgs) -> anyhow::Result<i32> 
                 kiln_api_types::SnapshotName::user(name).map_err(|e| anyhow::anyhow!("{e}"))?;
             let started = Instant::now();
             let info: kiln_api_types::SnapshotInfo = client
-                .call(
-                    Method::POST,
-                    &format!("/v1/sandboxes/{id}/snapshot"),
-                    Some(&kiln_api_types::SnapshotCreateRequest { name: name.clone() }),
+                .snapshot_create(
+                    &id,
+                    &kiln_api_types::SnapshotCreateRequest { name: name.clone() },
                 )
                 .await?;
             if a.json {
@@ -400,11 +387,7 @@ pub async fn secret(client: &Client, cmd: &SecretCmd) -> anyhow::Result<i32> {
     let secrets = crate::run::parse_secrets(secrets)?;
     let names: Vec<String> = secrets.0.keys().cloned().collect();
     client
-        .call_no_content(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/secrets"),
-            &kiln_api_types::SecretsUpdateRequest { secrets },
-        )
+        .sandbox_secrets_update(&id, &kiln_api_types::SecretsUpdateRequest { secrets })
         .await?;
     if *json {
         println!("{}", serde_json::json!({ "sandbox": id, "rotated": names }));

@@ -1,33 +1,18 @@
 //! The HTTP API: routes, request parsing and the one mapping from engine errors to HTTP.
 //!
-//! ```text
-//! GET    /v1/health                      Health
-//! GET    /v1/sandboxes                   ?label=K=V&status=S&name=N -> SandboxList
-//! POST   /v1/sandboxes                   SandboxSpec -> SandboxInfo (once the agent answers)
-//! GET    /v1/sandboxes/{id}              SandboxInfo
-//! DELETE /v1/sandboxes/{id}              204
-//! POST   /v1/sandboxes/{id}/ping         PingResponse
-//! POST   /v1/sandboxes/{id}/snapshot     SnapshotCreateRequest -> SnapshotInfo (201; sandbox keeps running)
-//! POST   /v1/sandboxes/{id}/secrets      SecretsUpdateRequest -> 204 (delivered, hook rerun)
-//! POST   /v1/sandboxes/{id}/pause        SandboxInfo (vCPUs stopped in place)
-//! POST   /v1/sandboxes/{id}/resume       SandboxInfo
-//! POST   /v1/sandboxes/{id}/ttl          TtlRequest -> SandboxInfo (lifetime ends ttl_secs from now)
-//! POST   /v1/sandboxes/{id}/stop         SandboxInfo (memory and disk saved, QEMU stopped)
-//! POST   /v1/sandboxes/{id}/start        SandboxStartRequest -> SandboxInfo (restored from its save)
-//! GET    /v1/events                      text/event-stream of Event (lifecycle, exec start/end)
-//! GET    /v1/sandboxes/{id}/exec         WebSocket: ExecRequest, then streams (docs/protocol.md)
-//! GET    /v1/run                         WebSocket: RunRequest; fresh sandbox, one exec, teardown
-//! GET    /v1/images                      ImageList
-//! POST   /v1/images/{name}/build         ImageBuildRequest -> NDJSON stream of ImageBuildEvent
-//! DELETE /v1/images/{name}               204
-//! GET    /v1/snapshots                   SnapshotList
-//! DELETE /v1/snapshots/{name}            204 (409 while a sandbox uses it)
-//! ```
+//! Routes are declared once. Each handler carries a `#[utoipa::path]` attribute whose path and
+//! operation id are the constants of [`kiln_api_types::routes`] (the table the client builds
+//! its requests from); `utoipa-axum`'s [`OpenApiRouter`] then turns the same list of handlers
+//! into both the axum router ([`router`]) and the OpenAPI 3.1 document
+//! ([`crate::openapi::openapi`], served at `GET /v1/openapi.json` and committed as
+//! `docs/openapi.json`). Tests in [`crate::openapi`] fail when the route table and the document
+//! disagree, when the committed document is stale, and when the engine returns an error code
+//! that [`ErrorCode`] does not list.
 //!
-//! `{id}` is a sandbox id, its name, or an unambiguous id prefix.
-//!
-//! Every error body is an [`ApiError`] with a stable `code`; a malformed request is always a
-//! 4xx, never a 5xx.
+//! This module must hold no business logic: each handler parses, makes one engine call and
+//! shapes the answer. Every error body is an [`ApiError`] with a stable `code`; a malformed
+//! request is always a 4xx, never a 5xx. Authentication is not done here: the TCP listener
+//! wraps this router in [`crate::auth`].
 
 use std::sync::Arc;
 
@@ -37,57 +22,105 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use kiln_api_types::routes;
 use kiln_api_types::{
-    ApiError, Health, ImageBuildEvent, ImageBuildRequest, ImageList, PingResponse, SandboxFilter,
-    SandboxId, SandboxList, SandboxSpec, SandboxStartRequest, SecretsUpdateRequest,
-    SnapshotCreateRequest, SnapshotList, SnapshotName, TtlRequest,
+    ApiError, DoctorReport, ErrorCode, Event, Health, ImageBuildEvent, ImageBuildRequest,
+    ImageList, ImageName, PingResponse, SandboxFilter, SandboxId, SandboxInfo, SandboxList,
+    SandboxSpec, SandboxStartRequest, SecretsUpdateRequest, SnapshotCreateRequest, SnapshotInfo,
+    SnapshotList, SnapshotName, TtlRequest,
 };
 use kiln_core::{CoreError, Engine};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 type Shared = State<Arc<Engine>>;
 
 /// Largest WebSocket message a client may send (stdin chunks, control messages).
 const MAX_WS_MESSAGE: usize = 1 << 20;
 
-/// The API's routes.
+/// Every route with its handler. Handlers that share a path go in one `routes!`.
+pub(crate) fn api_routes() -> OpenApiRouter<Arc<Engine>> {
+    OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
+        .routes(routes!(health_get))
+        .routes(routes!(openapi_get))
+        .routes(routes!(doctor_get))
+        .routes(routes!(sandbox_list, sandbox_create))
+        .routes(routes!(sandbox_get, sandbox_delete))
+        .routes(routes!(sandbox_ping))
+        .routes(routes!(sandbox_secrets_update))
+        .routes(routes!(sandbox_pause))
+        .routes(routes!(sandbox_resume))
+        .routes(routes!(sandbox_stop))
+        .routes(routes!(sandbox_start))
+        .routes(routes!(sandbox_ttl_set))
+        .routes(routes!(event_stream))
+        .routes(routes!(sandbox_exec))
+        .routes(routes!(sandbox_run))
+        .routes(routes!(snapshot_create))
+        .routes(routes!(snapshot_list))
+        .routes(routes!(snapshot_delete))
+        .routes(routes!(image_list))
+        .routes(routes!(image_build))
+        .routes(routes!(image_delete))
+}
+
+/// The API's routes, without authentication (the unix socket's router).
 pub fn router(engine: Arc<Engine>) -> Router {
-    Router::new()
-        .route("/v1/health", get(health))
-        .route("/v1/sandboxes", get(sandbox_list).post(sandbox_create))
-        .route(
-            "/v1/sandboxes/{id}",
-            get(sandbox_get).delete(sandbox_delete),
-        )
-        .route("/v1/sandboxes/{id}/ping", post(sandbox_ping))
-        .route("/v1/sandboxes/{id}/exec", get(sandbox_exec))
-        .route("/v1/sandboxes/{id}/snapshot", post(snapshot_create))
-        .route("/v1/sandboxes/{id}/secrets", post(secrets_update))
-        .route("/v1/sandboxes/{id}/pause", post(sandbox_pause))
-        .route("/v1/sandboxes/{id}/resume", post(sandbox_resume))
-        .route("/v1/sandboxes/{id}/ttl", post(sandbox_ttl))
-        .route("/v1/sandboxes/{id}/stop", post(sandbox_stop))
-        .route("/v1/sandboxes/{id}/start", post(sandbox_start))
-        .route("/v1/events", get(events))
-        .route("/v1/snapshots", get(snapshot_list))
-        .route(
-            "/v1/snapshots/{name}",
-            axum::routing::delete(snapshot_remove),
-        )
-        .route("/v1/run", get(run))
-        .route("/v1/images", get(image_list))
-        .route("/v1/images/{name}/build", post(image_build))
-        .route("/v1/images/{name}", axum::routing::delete(image_remove))
+    let (router, _) = api_routes().split_for_parts();
+    router
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
-                "not_found",
+                ErrorCode::NotFound,
                 "no such API route".to_owned(),
             )
         })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(engine)
+}
+
+/// Largest plain-text error body [`json_errors`] reads to quote it.
+const MAX_REJECTION_TEXT: usize = 4096;
+
+/// Turns the error responses axum produces itself (body over the limit, wrong method, a
+/// missing WebSocket upgrade, ...) into [`ApiError`] bodies, so that every error of this API
+/// has the one documented shape. Handler errors are JSON already and pass unchanged.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, MAX_REJECTION_TEXT)
+        .await
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => ErrorCode::NotFound,
+        s if s.is_client_error() => ErrorCode::BadRequest,
+        _ => ErrorCode::Internal,
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        String::from_utf8_lossy(&text).trim().to_owned()
+    };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.remove(axum::http::header::CONTENT_TYPE);
+    let mut out = error(status, code, message).into_response();
+    for (name, value) in &parts.headers {
+        out.headers_mut().insert(name, value.clone());
+    }
+    out
 }
 
 /// An error response.
@@ -100,11 +133,11 @@ impl IntoResponse for HttpError {
     }
 }
 
-fn error(status: StatusCode, code: &str, message: String) -> HttpError {
+fn error(status: StatusCode, code: ErrorCode, message: String) -> HttpError {
     HttpError(
         status,
         ApiError {
-            code: code.to_owned(),
+            code: code.as_str().to_owned(),
             message,
         },
     )
@@ -113,9 +146,10 @@ fn error(status: StatusCode, code: &str, message: String) -> HttpError {
 /// The one mapping from engine errors to HTTP statuses.
 pub fn status_of(e: &CoreError) -> StatusCode {
     match e {
-        CoreError::BadRequest(_) => StatusCode::BAD_REQUEST,
-        CoreError::Invalid(_) | CoreError::AmbiguousSandbox { .. } => StatusCode::BAD_REQUEST,
-        CoreError::NameTaken(_) => StatusCode::CONFLICT,
+        CoreError::BadRequest(_) | CoreError::Invalid(_) | CoreError::AmbiguousSandbox { .. } => {
+            StatusCode::BAD_REQUEST
+        }
+        CoreError::NameTaken(_) | CoreError::WrongState { .. } => StatusCode::CONFLICT,
         CoreError::SandboxNotFound(_)
         | CoreError::ImageNotFound { .. }
         | CoreError::SnapshotNotFound(_) => StatusCode::NOT_FOUND,
@@ -124,7 +158,6 @@ pub fn status_of(e: &CoreError) -> StatusCode {
         | CoreError::SnapshotInUse { .. }
         | CoreError::PortUnavailable { .. } => StatusCode::CONFLICT,
         CoreError::GuestCommand(_) => StatusCode::UNPROCESSABLE_ENTITY,
-        CoreError::WrongState { .. } => StatusCode::CONFLICT,
         CoreError::ExecRejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
         CoreError::SandboxFailed { .. } | CoreError::Agent(_) | CoreError::Vmm(_) => {
             StatusCode::BAD_GATEWAY
@@ -159,7 +192,7 @@ fn parse_body<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, HttpErro
     serde_json::from_slice(body).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
-            "bad_request",
+            ErrorCode::BadRequest,
             format!("invalid request body: {e}"),
         )
     })
@@ -170,7 +203,7 @@ fn parse_required<T: DeserializeOwned>(body: &Bytes) -> Result<T, HttpError> {
     serde_json::from_slice(body).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
-            "bad_request",
+            ErrorCode::BadRequest,
             format!("invalid request body: {e}"),
         )
     })
@@ -181,11 +214,38 @@ fn resolve(engine: &Engine, raw: &str) -> Result<SandboxId, HttpError> {
     Ok(engine.resolve(raw)?)
 }
 
+/// A name from a path segment, as its newtype (400 naming the rule otherwise).
+fn parse_name<T: std::str::FromStr<Err = kiln_api_types::InvalidInput>>(
+    raw: &str,
+) -> Result<T, HttpError> {
+    raw.parse().map_err(|e: kiln_api_types::InvalidInput| {
+        error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            e.to_string(),
+        )
+    })
+}
+
 fn json<T: Serialize>(v: T) -> Response {
     axum::Json(v).into_response()
 }
 
-async fn health(State(engine): Shared) -> Response {
+const ID_PARAM: &str =
+    "Sandbox id (`sb-` and 12 lowercase hex digits), its name, or an unambiguous id prefix";
+
+/// Daemon health
+///
+/// API version, kiln version, the daemon's pid and what its startup janitor reclaimed. The
+/// CLI polls this to know a daemon it started is up.
+#[utoipa::path(
+    get,
+    path = routes::HEALTH_GET.path,
+    operation_id = routes::HEALTH_GET.operation_id,
+    tag = "daemon",
+    responses((status = 200, description = "The daemon answers", body = Health)),
+)]
+async fn health_get(State(engine): Shared) -> Response {
     json(Health {
         api_version: kiln_api_types::API_VERSION,
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -194,32 +254,143 @@ async fn health(State(engine): Shared) -> Response {
     })
 }
 
-/// `?label=K=V&status=running&name=N`: every condition must hold.
+/// This document
+///
+/// The OpenAPI 3.1 document of this API, generated from the daemon's code (the same text
+/// as `docs/openapi.json`).
+#[utoipa::path(
+    get,
+    path = routes::OPENAPI_GET.path,
+    operation_id = routes::OPENAPI_GET.operation_id,
+    tag = "daemon",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object)),
+)]
+async fn openapi_get() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        crate::openapi::openapi_json(),
+    )
+        .into_response()
+}
+
+/// Host check
+///
+/// What kiln will use on the daemon's host (QEMU, accelerator, agent binary, free space,
+/// host packages) and why; `problems` is empty when sandboxes can run.
+#[utoipa::path(
+    get,
+    path = routes::DOCTOR_GET.path,
+    operation_id = routes::DOCTOR_GET.operation_id,
+    tag = "daemon",
+    responses((status = 200, description = "The report (also when it lists problems)", body = DoctorReport)),
+)]
+async fn doctor_get(State(engine): Shared) -> Response {
+    json(kiln_core::doctor::run(engine.home()).await)
+}
+
+/// List sandboxes
+///
+/// The sandboxes (oldest first, in every state) that pass every filter given: `label=K=V`
+/// (or `label=K`: any value), `status=STATE` (repeatable: any of them), `name=NAME`.
+#[utoipa::path(
+    get,
+    path = routes::SANDBOX_LIST.path,
+    operation_id = routes::SANDBOX_LIST.operation_id,
+    tag = "sandboxes",
+    params(
+        ("label" = Option<Vec<String>>, Query, description = "`KEY=VALUE` or `KEY`; repeatable, all must hold"),
+        ("status" = Option<Vec<kiln_api_types::SandboxState>>, Query, description = "Any of these states"),
+        ("name" = Option<String>, Query, description = "This name"),
+    ),
+    responses(
+        (status = 200, description = "The matching sandboxes", body = SandboxList),
+        (status = 400, description = "Unknown filter or malformed value (`bad_request`)", body = ApiError),
+        (status = 500, description = "The state database failed", body = ApiError),
+    ),
+)]
 async fn sandbox_list(
     State(engine): Shared,
     Query(query): Query<Vec<(String, String)>>,
 ) -> Result<Response, HttpError> {
     let mut filter = SandboxFilter::default();
     for (k, v) in &query {
-        filter
-            .add(&format!("{k}={v}"))
-            .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?;
+        filter.add(&format!("{k}={v}")).map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                e.to_string(),
+            )
+        })?;
     }
     Ok(json(SandboxList {
         sandboxes: engine.sandbox_list(&filter)?,
     }))
 }
 
+/// Create a sandbox
+///
+/// Starts a sandbox from an image (built first if missing) or a user snapshot, and answers
+/// once the agent answered, secrets are in place and the image's on-restore hook passed. An
+/// empty body means all defaults.
+#[utoipa::path(
+    post,
+    path = routes::SANDBOX_CREATE.path,
+    operation_id = routes::SANDBOX_CREATE.operation_id,
+    tag = "sandboxes",
+    request_body(content = Option<SandboxSpec>, description = "The sandbox to start; every field is optional", content_type = "application/json",
+        example = json!({"source": {"kind": "image", "image": "python", "machine": {"cpus": 1, "memory_mib": 256}}, "name": "web-1", "labels": {"team": "ml"}, "lifetime": {"ttl_secs": 3600}})),
+    responses(
+        (status = 201, description = "The sandbox runs", body = SandboxInfo),
+        (status = 400, description = "Malformed request or value out of range (`bad_request`)", body = ApiError,
+            example = json!({"code": "bad_request", "message": "cpus must be between 1 and 16, got 0"})),
+        (status = 404, description = "No such image or snapshot (`image_not_found`, `snapshot_not_found`)", body = ApiError),
+        (status = 409, description = "The snapshot is unusable, a host port or the name is taken (`snapshot_unusable`, `port_unavailable`, `name_taken`)", body = ApiError),
+        (status = 422, description = "The image's on-boot command, readiness probe or on-restore hook failed (`guest_command_failed`)", body = ApiError),
+        (status = 502, description = "The VM died or could not start (`sandbox_failed`, `agent_error`, `vmm_error`)", body = ApiError),
+        (status = 503, description = "The host lacks something kiln needs (`host_setup`)", body = ApiError),
+        (status = 500, description = "kiln's own state failed (`image_error`, `snapshot_error`, `store_error`, `io_error`)", body = ApiError),
+    ),
+)]
 async fn sandbox_create(State(engine): Shared, body: Bytes) -> Result<Response, HttpError> {
     let spec: SandboxSpec = parse_body(&body)?;
     let info = engine.sandbox_create(&spec).await?;
     Ok((StatusCode::CREATED, axum::Json(info)).into_response())
 }
 
+/// Get a sandbox
+#[utoipa::path(
+    get,
+    path = routes::SANDBOX_GET.path,
+    operation_id = routes::SANDBOX_GET.operation_id,
+    tag = "sandboxes",
+    params(("id" = String, Path, description = ID_PARAM)),
+    responses(
+        (status = 200, description = "The sandbox", body = SandboxInfo),
+        (status = 400, description = "Malformed or ambiguous id (`bad_request`, `ambiguous_sandbox`)", body = ApiError),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError,
+            example = json!({"code": "sandbox_not_found", "message": "no sandbox sb-0123456789ab"})),
+    ),
+)]
 async fn sandbox_get(State(engine): Shared, Path(id): Path<String>) -> Result<Response, HttpError> {
     Ok(json(engine.sandbox_get(&resolve(&engine, &id)?)?))
 }
 
+/// Delete a sandbox
+///
+/// Stops its VM (if any) and removes it with its disk layer.
+#[utoipa::path(
+    delete,
+    path = routes::SANDBOX_DELETE.path,
+    operation_id = routes::SANDBOX_DELETE.operation_id,
+    tag = "sandboxes",
+    params(("id" = String, Path, description = ID_PARAM)),
+    responses(
+        (status = 204, description = "Gone"),
+        (status = 400, description = "Malformed or ambiguous id (`bad_request`, `ambiguous_sandbox`)", body = ApiError),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+        (status = 500, description = "Removing its state failed", body = ApiError),
+    ),
+)]
 async fn sandbox_delete(
     State(engine): Shared,
     Path(id): Path<String>,
@@ -228,6 +399,23 @@ async fn sandbox_delete(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// Ping a sandbox's agent
+///
+/// One round trip to the guest agent, timed inside the daemon.
+#[utoipa::path(
+    post,
+    path = routes::SANDBOX_PING.path,
+    operation_id = routes::SANDBOX_PING.operation_id,
+    tag = "sandboxes",
+    params(("id" = String, Path, description = ID_PARAM)),
+    responses(
+        (status = 200, description = "The agent answered", body = PingResponse),
+        (status = 400, description = "Malformed or ambiguous id (`bad_request`, `ambiguous_sandbox`)", body = ApiError),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+        (status = 409, description = "The sandbox is not running (`sandbox_not_running`)", body = ApiError),
+        (status = 502, description = "The agent channel failed (`agent_error`, `sandbox_failed`)", body = ApiError),
+    ),
+)]
 async fn sandbox_ping(
     State(engine): Shared,
     Path(id): Path<String>,
@@ -238,6 +426,24 @@ async fn sandbox_ping(
     }))
 }
 
+/// Run a command in a sandbox (WebSocket)
+///
+/// Upgrades to a WebSocket. The client's first message is a text `ExecRequest`; the daemon
+/// answers `ExecServerMessage` `started`, then binary output frames (first byte 1 = stdout,
+/// 2 = stderr), and ends with `exit` or `error`. The client sends stdin as binary frames and
+/// `ExecClientMessage`s as text. See docs/protocol.md.
+#[utoipa::path(
+    get,
+    path = routes::SANDBOX_EXEC.path,
+    operation_id = routes::SANDBOX_EXEC.operation_id,
+    tag = "sandboxes",
+    params(("id" = String, Path, description = ID_PARAM)),
+    responses(
+        (status = 101, description = "Switching Protocols: the exec WebSocket (messages: ExecRequest, ExecClientMessage, ExecServerMessage)"),
+        (status = 400, description = "Malformed id or not a WebSocket upgrade (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+    ),
+)]
 async fn sandbox_exec(
     State(engine): Shared,
     Path(id): Path<String>,
@@ -251,6 +457,46 @@ async fn sandbox_exec(
         .on_upgrade(move |socket| crate::exec_ws::exec_in(engine, id, socket)))
 }
 
+/// Run a command in a fresh sandbox (WebSocket)
+///
+/// Upgrades to a WebSocket. The client's first message is a text `RunRequest` (the sandbox
+/// and the command); the rest is as for `sandbox_exec`, with `started` carrying `boot_ms`.
+/// The sandbox is destroyed once the command ends or the client goes away.
+#[utoipa::path(
+    get,
+    path = routes::SANDBOX_RUN.path,
+    operation_id = routes::SANDBOX_RUN.operation_id,
+    tag = "sandboxes",
+    responses(
+        (status = 101, description = "Switching Protocols: the exec WebSocket (messages: RunRequest, ExecClientMessage, ExecServerMessage)"),
+        (status = 400, description = "Not a WebSocket upgrade", body = ApiError),
+    ),
+)]
+async fn sandbox_run(State(engine): Shared, ws: WebSocketUpgrade) -> Response {
+    ws.max_message_size(MAX_WS_MESSAGE)
+        .on_upgrade(move |socket| crate::exec_ws::run(engine, socket))
+}
+
+/// Snapshot a sandbox
+///
+/// Captures a user snapshot of a running sandbox, which keeps running (paused for
+/// `pause_ms`).
+#[utoipa::path(
+    post,
+    path = routes::SNAPSHOT_CREATE.path,
+    operation_id = routes::SNAPSHOT_CREATE.operation_id,
+    tag = "snapshots",
+    params(("id" = String, Path, description = ID_PARAM)),
+    request_body(content = SnapshotCreateRequest, content_type = "application/json", example = json!({"name": "with-deps"})),
+    responses(
+        (status = 201, description = "The snapshot", body = SnapshotInfo),
+        (status = 400, description = "Malformed id, body or name (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+        (status = 409, description = "Name taken or sandbox not running (`snapshot_exists`, `sandbox_not_running`)", body = ApiError),
+        (status = 502, description = "The VM failed while capturing", body = ApiError),
+        (status = 500, description = "Writing the snapshot failed (`snapshot_error`, `io_error`)", body = ApiError),
+    ),
+)]
 async fn snapshot_create(
     State(engine): Shared,
     Path(id): Path<String>,
@@ -262,7 +508,26 @@ async fn snapshot_create(
     Ok((StatusCode::CREATED, axum::Json(info)).into_response())
 }
 
-async fn secrets_update(
+/// Update a sandbox's secrets
+///
+/// Delivers new secret values into the guest and reruns the image's on-restore hook.
+#[utoipa::path(
+    post,
+    path = routes::SANDBOX_SECRETS_UPDATE.path,
+    operation_id = routes::SANDBOX_SECRETS_UPDATE.operation_id,
+    tag = "sandboxes",
+    params(("id" = String, Path, description = ID_PARAM)),
+    request_body(content = SecretsUpdateRequest, content_type = "application/json", example = json!({"secrets": {"PGPASSWORD": "s3cret"}})),
+    responses(
+        (status = 204, description = "Delivered; the hook reran"),
+        (status = 400, description = "Malformed id or body, bad secret name (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+        (status = 409, description = "The sandbox is not running (`sandbox_not_running`)", body = ApiError),
+        (status = 422, description = "The on-restore hook failed (`guest_command_failed`)", body = ApiError),
+        (status = 502, description = "The agent channel failed", body = ApiError),
+    ),
+)]
+async fn sandbox_secrets_update(
     State(engine): Shared,
     Path(id): Path<String>,
     body: Bytes,
@@ -273,6 +538,23 @@ async fn secrets_update(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// Pause a sandbox
+///
+/// Stops its vCPUs in place (no CPU use; memory and devices kept). Commands, files and
+/// snapshots are refused with `sandbox_not_running` until it is resumed.
+#[utoipa::path(
+    post,
+    path = routes::SANDBOX_PAUSE.path,
+    operation_id = routes::SANDBOX_PAUSE.operation_id,
+    tag = "sandboxes",
+    params(("id" = String, Path, description = ID_PARAM)),
+    responses(
+        (status = 200, description = "Paused", body = SandboxInfo),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+        (status = 409, description = "Not running (`sandbox_not_running`)", body = ApiError),
+        (status = 502, description = "QEMU failed (`vmm_error`)", body = ApiError),
+    ),
+)]
 async fn sandbox_pause(
     State(engine): Shared,
     Path(id): Path<String>,
@@ -281,6 +563,20 @@ async fn sandbox_pause(
     Ok(json(engine.sandbox_pause(&id).await?))
 }
 
+/// Resume a sandbox
+#[utoipa::path(
+    post,
+    path = routes::SANDBOX_RESUME.path,
+    operation_id = routes::SANDBOX_RESUME.operation_id,
+    tag = "sandboxes",
+    params(("id" = String, Path, description = ID_PARAM)),
+    responses(
+        (status = 200, description = "Running again", body = SandboxInfo),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+        (status = 409, description = "Not paused (`sandbox_not_paused`)", body = ApiError),
+        (status = 502, description = "QEMU failed (`vmm_error`)", body = ApiError),
+    ),
+)]
 async fn sandbox_resume(
     State(engine): Shared,
     Path(id): Path<String>,
@@ -289,6 +585,25 @@ async fn sandbox_resume(
     Ok(json(engine.sandbox_resume(&id).await?))
 }
 
+/// Stop a sandbox, keeping its data
+///
+/// Saves its memory and disk (secret values are scrubbed first and never saved) and stops
+/// its VM. `sandbox_start` brings it back as it was, also after a daemon restart or a host
+/// reboot. If the save fails the sandbox goes on running.
+#[utoipa::path(
+    post,
+    path = routes::SANDBOX_STOP.path,
+    operation_id = routes::SANDBOX_STOP.operation_id,
+    tag = "sandboxes",
+    params(("id" = String, Path, description = ID_PARAM)),
+    responses(
+        (status = 200, description = "Stopped and saved", body = SandboxInfo),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+        (status = 409, description = "Neither running nor paused (`sandbox_not_running`)", body = ApiError),
+        (status = 502, description = "The VM failed while saving", body = ApiError),
+        (status = 500, description = "Writing the save failed (`snapshot_error`, `io_error`)", body = ApiError),
+    ),
+)]
 async fn sandbox_stop(
     State(engine): Shared,
     Path(id): Path<String>,
@@ -297,6 +612,26 @@ async fn sandbox_stop(
     Ok(json(engine.sandbox_stop(&id).await?))
 }
 
+/// Start a stopped sandbox
+///
+/// Restores it from its save under the same id, delivers the given secrets and reruns the
+/// image's on-restore hook. A start that fails leaves it stopped with its save.
+#[utoipa::path(
+    post,
+    path = routes::SANDBOX_START.path,
+    operation_id = routes::SANDBOX_START.operation_id,
+    tag = "sandboxes",
+    params(("id" = String, Path, description = ID_PARAM)),
+    request_body(content = Option<SandboxStartRequest>, description = "Secrets to deliver; an empty body means none", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Running again", body = SandboxInfo),
+        (status = 400, description = "Malformed body or secret (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+        (status = 409, description = "Not stopped, or a host port is taken (`sandbox_not_stopped`, `port_unavailable`, `snapshot_unusable`)", body = ApiError),
+        (status = 422, description = "The on-restore hook failed (`guest_command_failed`)", body = ApiError),
+        (status = 502, description = "The VM failed to restore", body = ApiError),
+    ),
+)]
 async fn sandbox_start(
     State(engine): Shared,
     Path(id): Path<String>,
@@ -307,7 +642,24 @@ async fn sandbox_start(
     Ok(json(engine.sandbox_start(&id, &req.secrets).await?))
 }
 
-async fn sandbox_ttl(
+/// Set a sandbox's remaining lifetime
+///
+/// The sandbox is removed `ttl_secs` from now (replacing any earlier deadline).
+#[utoipa::path(
+    post,
+    path = routes::SANDBOX_TTL_SET.path,
+    operation_id = routes::SANDBOX_TTL_SET.operation_id,
+    tag = "sandboxes",
+    params(("id" = String, Path, description = ID_PARAM)),
+    request_body(content = TtlRequest, content_type = "application/json", example = json!({"ttl_secs": 600})),
+    responses(
+        (status = 200, description = "The new deadline is `expires_unix`", body = SandboxInfo),
+        (status = 400, description = "Malformed body or out of range (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+        (status = 409, description = "Not running or paused (`sandbox_not_running`)", body = ApiError),
+    ),
+)]
+async fn sandbox_ttl_set(
     State(engine): Shared,
     Path(id): Path<String>,
     body: Bytes,
@@ -317,8 +669,20 @@ async fn sandbox_ttl(
     Ok(json(engine.sandbox_set_ttl(&id, req.ttl_secs).await?))
 }
 
-/// Server-sent events: one `data:` line of JSON ([`kiln_api_types::Event`]) per event.
-async fn events(State(engine): Shared) -> Response {
+/// Follow events
+///
+/// Server-sent events: one `data:` line with an `Event` (lifecycle transitions, each recorded
+/// before it is sent; exec start and end; removals) per event, as they happen. A client that
+/// falls behind by more than 1024 events gets an `event: lagged` entry saying how many it
+/// missed, then goes on with the newest.
+#[utoipa::path(
+    get,
+    path = routes::EVENT_STREAM.path,
+    operation_id = routes::EVENT_STREAM.operation_id,
+    tag = "daemon",
+    responses((status = 200, description = "The event stream", content_type = "text/event-stream", body = Event)),
+)]
+async fn event_stream(State(engine): Shared) -> Response {
     let rx = engine.events();
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         let bytes = match rx.recv().await {
@@ -328,7 +692,6 @@ async fn events(State(engine): Shared) -> Response {
                 line.extend(b"\n\n");
                 Bytes::from(line)
             }
-            // A slow client missed some: it is told, and goes on with the newest.
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                 Bytes::from(format!("event: lagged\ndata: {{\"missed\":{n}}}\n\n"))
             }
@@ -343,35 +706,80 @@ async fn events(State(engine): Shared) -> Response {
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
+/// List snapshots
+///
+/// Warm and user snapshots, with the running sandboxes restored from each.
+#[utoipa::path(
+    get,
+    path = routes::SNAPSHOT_LIST.path,
+    operation_id = routes::SNAPSHOT_LIST.operation_id,
+    tag = "snapshots",
+    responses(
+        (status = 200, description = "All snapshots", body = SnapshotList),
+        (status = 500, description = "The state database failed", body = ApiError),
+    ),
+)]
 async fn snapshot_list(State(engine): Shared) -> Result<Response, HttpError> {
     Ok(json(SnapshotList {
         snapshots: engine.snapshot_list()?,
     }))
 }
 
-async fn snapshot_remove(
+/// Delete a snapshot
+#[utoipa::path(
+    delete,
+    path = routes::SNAPSHOT_DELETE.path,
+    operation_id = routes::SNAPSHOT_DELETE.operation_id,
+    tag = "snapshots",
+    params(("name" = String, Path, description = "Snapshot name")),
+    responses(
+        (status = 204, description = "Gone"),
+        (status = 404, description = "No such snapshot (`snapshot_not_found`)", body = ApiError),
+        (status = 409, description = "A running sandbox was restored from it (`snapshot_in_use`)", body = ApiError,
+            example = json!({"code": "snapshot_in_use", "message": "snapshot \"with-deps\" is in use by running sandboxes sb-0123456789ab; remove them first"})),
+        (status = 500, description = "Removing it failed", body = ApiError),
+    ),
+)]
+async fn snapshot_delete(
     State(engine): Shared,
     Path(name): Path<String>,
 ) -> Result<Response, HttpError> {
-    let name: SnapshotName = name.parse().map_err(|e: kiln_api_types::InvalidInput| {
-        error(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
-    })?;
-    engine.snapshot_remove(&name)?;
+    engine.snapshot_remove(&parse_name::<SnapshotName>(&name)?)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn run(State(engine): Shared, ws: WebSocketUpgrade) -> Response {
-    ws.max_message_size(MAX_WS_MESSAGE)
-        .on_upgrade(move |socket| crate::exec_ws::run(engine, socket))
-}
-
+/// List images
+#[utoipa::path(
+    get,
+    path = routes::IMAGE_LIST.path,
+    operation_id = routes::IMAGE_LIST.operation_id,
+    tag = "images",
+    responses(
+        (status = 200, description = "All built images", body = ImageList),
+        (status = 500, description = "Reading the images failed", body = ApiError),
+    ),
+)]
 async fn image_list(State(engine): Shared) -> Result<Response, HttpError> {
     Ok(json(ImageList {
         images: engine.image_list()?,
     }))
 }
 
-async fn image_remove(
+/// Delete an image
+#[utoipa::path(
+    delete,
+    path = routes::IMAGE_DELETE.path,
+    operation_id = routes::IMAGE_DELETE.operation_id,
+    tag = "images",
+    params(("name" = String, Path, description = "Image name")),
+    responses(
+        (status = 204, description = "Gone"),
+        (status = 400, description = "Malformed name (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such image (`image_not_found`)", body = ApiError),
+        (status = 500, description = "Removing it failed", body = ApiError),
+    ),
+)]
+async fn image_delete(
     State(engine): Shared,
     Path(name): Path<String>,
 ) -> Result<Response, HttpError> {
@@ -379,17 +787,30 @@ async fn image_remove(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// Streams the build as newline-delimited JSON; the last line is `done` or `error`.
+/// Build an image
+///
+/// Builds (or finds up to date) the image of a recipe and streams the build as
+/// newline-delimited JSON: one `ImageBuildEvent` per line, the last one `done` or `error`.
+/// Errors after the stream started arrive as an `error` line, not as a status code.
+#[utoipa::path(
+    post,
+    path = routes::IMAGE_BUILD.path,
+    operation_id = routes::IMAGE_BUILD.operation_id,
+    tag = "images",
+    params(("name" = String, Path, description = "Image (recipe) name, e.g. `python`")),
+    request_body(content = Option<ImageBuildRequest>, description = "Build options; an empty body means defaults", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The build's events, one JSON document per line", content_type = "application/x-ndjson", body = ImageBuildEvent),
+        (status = 400, description = "Malformed name or body (`bad_request`)", body = ApiError),
+    ),
+)]
 async fn image_build(
     State(engine): Shared,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Response, HttpError> {
     let req: ImageBuildRequest = parse_body(&body)?;
-    let _: kiln_api_types::ImageName =
-        name.parse().map_err(|e: kiln_api_types::InvalidInput| {
-            error(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
-        })?;
+    parse_name::<ImageName>(&name)?;
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<ImageBuildEvent>(256);
     let (line_tx, line_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
@@ -416,7 +837,13 @@ async fn image_build(
     Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(Body::from_stream(stream))
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+        .map_err(|e| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                e.to_string(),
+            )
+        })
 }
 
 fn ndjson<T: Serialize>(v: &T) -> Bytes {
@@ -451,5 +878,12 @@ mod tests {
         assert_eq!(err.1.code, "bad_request");
         let ok: SandboxSpec = parse_body(&Bytes::from_static(b"  ")).unwrap();
         assert_eq!(ok, SandboxSpec::default());
+    }
+
+    #[test]
+    fn parse_name_rejects_path_tricks() {
+        assert!(parse_name::<SnapshotName>("..").is_err());
+        assert!(parse_name::<ImageName>("a/b").is_err());
+        assert!(parse_name::<SnapshotName>("warm-abc").is_ok());
     }
 }

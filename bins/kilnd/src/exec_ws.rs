@@ -14,8 +14,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use kiln_api_types::{
-    ApiError, ExecClientMessage, ExecRequest, ExecServerMessage, RunRequest, STREAM_STDERR,
-    STREAM_STDOUT, SandboxId,
+    ApiError, ErrorCode, ExecClientMessage, ExecRequest, ExecServerMessage, RunRequest,
+    STREAM_STDERR, STREAM_STDOUT, SandboxId,
 };
 use kiln_core::{CoreError, Engine, Exec, ExecOutput};
 use tokio::sync::{mpsc, watch};
@@ -85,7 +85,7 @@ pub async fn run(engine: Arc<Engine>, socket: WebSocket) {
         return send_error(
             &mut tx,
             ApiError {
-                code: "bad_request".into(),
+                code: ErrorCode::BadRequest.as_str().to_owned(),
                 message: m,
             },
         )
@@ -117,7 +117,7 @@ pub async fn run(engine: Arc<Engine>, socket: WebSocket) {
             return send_error(
                 &mut tx,
                 ApiError {
-                    code: "internal".into(),
+                    code: ErrorCode::Internal.as_str().to_owned(),
                     message: format!("boot task failed: {e}"),
                 },
             )
@@ -144,7 +144,7 @@ async fn first_message<T: serde::de::DeserializeOwned>(
     rx: &mut SplitStream<WebSocket>,
 ) -> Result<T, ApiError> {
     let bad = |message: String| ApiError {
-        code: "bad_request".into(),
+        code: ErrorCode::BadRequest.as_str().to_owned(),
         message,
     };
     loop {

@@ -1,21 +1,118 @@
-//! `kilnd`, kiln's daemon: owns the engine and serves the HTTP API on a unix socket.
+//! `kilnd`, kiln's daemon: owns the engine and serves the HTTP API on a unix socket and,
+//! if asked, on a TCP address.
 //!
-//! This binary wires things together and holds no business logic: it takes the
-//! single-instance lock, binds `$KILN_HOME/kilnd.sock` (mode 0600), starts the engine (whose
-//! janitor reclaims what a previous daemon left), serves [`api::router`], and on SIGTERM or
-//! SIGINT stops every sandbox before exiting.
+//! This binary wires things together and holds no business logic: it reads its settings
+//! (flags > environment > `$KILN_HOME/config.toml` > defaults, see `docs/config.md`), takes
+//! the single-instance lock, binds `$KILN_HOME/kilnd.sock` (mode 0600), starts the engine
+//! (whose janitor reclaims what a previous daemon left), serves [`api::router`] (on TCP behind
+//! [`auth::require_token`]), and on SIGTERM or SIGINT stops every sandbox before exiting.
+//!
+//! Invariant: a TCP listener on a non-loopback address is refused unless `--listen-public`
+//! (or `listen_public = true`) asks for it: whoever holds the token can run code here.
 
 mod api;
+mod auth;
 mod exec_ws;
+mod listen;
+mod openapi;
 
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use clap::Parser;
+use kiln_client::ClientHome;
+use kiln_client::config::{self, Config};
 use kiln_core::{Engine, Home};
 use tracing::info;
 
+/// Largest request body by default (64 secrets of 64 KiB fit).
+const DEFAULT_MAX_BODY_BYTES: u64 = 8 << 20;
+
+/// kilnd: the kiln daemon. Serves kiln's HTTP API on `$KILN_HOME/kilnd.sock`; the `kiln` CLI
+/// starts it on demand. Settings: flags > environment > $KILN_HOME/config.toml > defaults
+/// (docs/config.md).
+#[derive(Debug, Parser)]
+#[command(name = "kilnd", version, about)]
+struct Args {
+    /// Also serve the API on this TCP address (e.g. 127.0.0.1:7070); every request there
+    /// needs `Authorization: Bearer <token>` (`kiln token`). Env: KILN_LISTEN; config: listen.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// Allow --listen on an address that is not loopback. Env: KILN_LISTEN_PUBLIC; config:
+    /// listen_public.
+    #[arg(long)]
+    listen_public: bool,
+    /// Print the API's OpenAPI 3.1 document (the text of docs/openapi.json) and exit.
+    #[arg(long, exclusive = true)]
+    print_openapi: bool,
+    /// Examine the host as `GET /v1/doctor` would, print the report as JSON and exit (used by
+    /// `kiln doctor` when no daemon runs).
+    #[arg(long, exclusive = true)]
+    doctor: bool,
+}
+
+/// What the daemon serves, resolved from flags, environment, config file and defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// TCP listener, if any.
+    pub listen: Option<SocketAddr>,
+    /// Largest request body in bytes.
+    pub max_body_bytes: u64,
+}
+
+impl Settings {
+    /// Applies the precedence rule and the loopback check.
+    fn resolve(args: &Args, file: &Config) -> anyhow::Result<Settings> {
+        let file_listen = file
+            .listen
+            .as_deref()
+            .map(|a| {
+                a.parse::<SocketAddr>()
+                    .with_context(|| format!("config key listen: {a:?} is not an ADDRESS:PORT"))
+            })
+            .transpose()?;
+        let listen = args
+            .listen
+            .or(config::env(
+                "KILN_LISTEN",
+                "an ADDRESS:PORT such as 127.0.0.1:7070",
+            )?)
+            .or(file_listen);
+        let public = config::pick(
+            args.listen_public.then_some(true),
+            config::env_bool("KILN_LISTEN_PUBLIC")?,
+            file.listen_public,
+            false,
+        );
+        if let Some(addr) = listen
+            && !addr.ip().is_loopback()
+            && !public
+        {
+            bail!(
+                "refusing to listen on {addr}: it is not a loopback address, and anyone who can reach it with the token can run code on this host; pass --listen-public (or set listen_public = true in config.toml) if that is what you want"
+            );
+        }
+        let max_body_bytes = config::pick(
+            None,
+            config::env("KILN_MAX_BODY_BYTES", "a number of bytes")?,
+            file.max_body_bytes,
+            DEFAULT_MAX_BODY_BYTES,
+        );
+        Ok(Settings {
+            listen,
+            max_body_bytes,
+        })
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.print_openapi {
+        print!("{}", openapi::openapi_json());
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -31,10 +128,17 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
-    runtime.block_on(serve(home))
+    if args.doctor {
+        let report = runtime.block_on(kiln_core::doctor::run(&home));
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    let client_home = ClientHome::new(home.root().to_owned());
+    let settings = Settings::resolve(&args, &Config::load(&client_home.config())?)?;
+    runtime.block_on(serve(home, settings))
 }
 
-async fn serve(home: Home) -> anyhow::Result<()> {
+async fn serve(home: Home, settings: Settings) -> anyhow::Result<()> {
     home.ensure()
         .with_context(|| format!("failed to create {}", home.root().display()))?;
     let lock_path = home.daemon_lock();
@@ -47,6 +151,19 @@ async fn serve(home: Home) -> anyhow::Result<()> {
     if lock.try_lock().is_err() {
         bail!("another kilnd already serves {}", home.root().display());
     }
+
+    // Bind the TCP address before starting the engine, so a taken port fails fast.
+    let tcp = match settings.listen {
+        Some(addr) => {
+            let token_path = ClientHome::new(home.root().to_owned()).token();
+            kiln_client::token::read_or_create(&token_path)?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("failed to listen on {addr}"))?;
+            Some((listener, token_path))
+        }
+        None => None,
+    };
 
     let engine = Engine::start(home.clone())
         .await
@@ -66,11 +183,28 @@ async fn serve(home: Home) -> anyhow::Result<()> {
         .with_context(|| format!("failed to restrict {}", socket.display()))?;
     info!(path = %socket.display(), pid = std::process::id(), "kilnd serving");
 
-    let app = api::router(Arc::clone(&engine));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("API server failed")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stop_tx.send_replace(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let unix_app = listen::unix_app(Arc::clone(&engine), &settings);
+    let unix = axum::serve(listener, unix_app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    match tcp {
+        Some((tcp_listener, token_path)) => {
+            info!(addr = %tcp_listener.local_addr()?, "kilnd serving on TCP (bearer token required)");
+            let tcp_app = listen::tcp_app(Arc::clone(&engine), &settings, token_path);
+            let tcp =
+                axum::serve(tcp_listener, tcp_app).with_graceful_shutdown(stopped(stop_rx.clone()));
+            let (u, t) = tokio::join!(unix, tcp);
+            u.context("API server failed")?;
+            t.context("TCP API server failed")?;
+        }
+        None => unix.await.context("API server failed")?,
+    }
 
     info!("shutting down: stopping sandboxes");
     engine.shutdown().await;
@@ -91,5 +225,78 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Args {
+        Args::parse_from(std::iter::once("kilnd").chain(list.iter().copied()))
+    }
+
+    #[test]
+    fn args_definition_passes_clap_debug_asserts() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+        assert!(Args::try_parse_from(["kilnd", "--listen", "not-an-address"]).is_err());
+    }
+
+    #[test]
+    fn settings_non_loopback_listen_is_refused_without_public() {
+        let err = Settings::resolve(&args(&["--listen", "0.0.0.0:7070"]), &Config::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("--listen-public"), "{err}");
+        let file = Config {
+            listen: Some("0.0.0.0:7070".into()),
+            ..Default::default()
+        };
+        assert!(Settings::resolve(&args(&[]), &file).is_err());
+        let ok = Settings::resolve(
+            &args(&["--listen", "0.0.0.0:7070", "--listen-public"]),
+            &file,
+        )
+        .unwrap();
+        assert_eq!(ok.listen, Some("0.0.0.0:7070".parse().unwrap()));
+    }
+
+    #[test]
+    fn settings_flag_beats_config_file() {
+        let file = Config {
+            listen: Some("127.0.0.1:1111".into()),
+            max_body_bytes: Some(4096),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&args(&["--listen", "127.0.0.1:2222"]), &file).unwrap();
+        assert_eq!(s.listen, Some("127.0.0.1:2222".parse().unwrap()));
+        assert_eq!(s.max_body_bytes, 4096);
+        let s = Settings::resolve(&args(&[]), &file).unwrap();
+        assert_eq!(s.listen, Some("127.0.0.1:1111".parse().unwrap()));
+        let s = Settings::resolve(&args(&[]), &Config::default()).unwrap();
+        assert_eq!(s.listen, None);
+        assert_eq!(s.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    }
+
+    #[test]
+    fn settings_bad_config_listen_names_key() {
+        let file = Config {
+            listen: Some("localhost".into()),
+            ..Default::default()
+        };
+        let err = Settings::resolve(&args(&[]), &file).unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn client_home_paths_match_engine_home() {
+        let root = std::path::PathBuf::from("/k");
+        let (home, client) = (Home::new(root.clone()), ClientHome::new(root));
+        assert_eq!(client.socket(), home.socket());
+        assert_eq!(client.daemon_log(), home.daemon_log());
+        let id = kiln_api_types::SandboxId::random();
+        assert_eq!(client.sandbox_dir(&id), home.sandbox_dir(&id));
+        // Same environment, same default directory.
+        assert_eq!(ClientHome::from_env().root(), Home::from_env().root());
     }
 }

@@ -17,6 +17,16 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+mod doctor;
+mod error_code;
+pub mod routes;
+mod schema;
+
+pub use doctor::DoctorReport;
+pub use error_code::{ErrorCode, UnknownErrorCode};
+pub use schema::SANDBOX_ID_PATTERN;
 
 pub mod names;
 pub mod sandbox;
@@ -124,7 +134,7 @@ pub const MAX_PUBLISHED_PORTS: usize = 32;
 
 /// `HOST_PORT:GUEST_PORT`: the daemon listens on `127.0.0.1:host` and tunnels each connection
 /// to the guest's `127.0.0.1:guest` through the agent channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortMapping {
     /// Host port (1..=65535).
@@ -155,7 +165,7 @@ impl fmt::Display for PortMapping {
 }
 
 /// `POST /v1/sandboxes/{id}/snapshot`: snapshot a running sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotCreateRequest {
     /// The new snapshot's name (`warm-…` is reserved).
@@ -163,7 +173,7 @@ pub struct SnapshotCreateRequest {
 }
 
 /// What the API says about one snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotInfo {
     /// Name (`warm-…` for warm snapshots).
     pub name: String,
@@ -190,7 +200,7 @@ pub struct SnapshotInfo {
 }
 
 /// `GET /v1/snapshots`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotList {
     /// All snapshots, by name.
     pub snapshots: Vec<SnapshotInfo>,
@@ -198,7 +208,7 @@ pub struct SnapshotList {
 
 /// `POST /v1/sandboxes/{id}/secrets`: deliver (new values of) secrets and rerun the image's
 /// on-restore hook.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SecretsUpdateRequest {
     /// Names and new values.
@@ -207,7 +217,7 @@ pub struct SecretsUpdateRequest {
 
 /// `POST /v1/sandboxes/{id}/start`: bring a stopped sandbox back. Secret values are never
 /// saved, so they are given again here (the image's on-restore hook then runs).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxStartRequest {
     /// Secrets delivered as `/run/secrets/<name>` after the restore.
@@ -216,7 +226,7 @@ pub struct SandboxStartRequest {
 }
 
 /// `POST /v1/sandboxes/{id}/ttl`: the sandbox's lifetime now ends this long from now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TtlRequest {
     /// Seconds from now (1 s to 365 days).
@@ -229,7 +239,7 @@ pub const MAX_SECRETS: usize = 64;
 pub const MAX_SECRET_BYTES: usize = 64 * 1024;
 
 /// Secret values by name. Its `Debug` shows names only, so a logged request leaks nothing.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(transparent)]
 pub struct Secrets(pub BTreeMap<String, String>);
 
@@ -292,14 +302,14 @@ pub fn validate_secret_name(name: &str) -> Result<(), String> {
 }
 
 /// `GET /v1/sandboxes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SandboxList {
     /// All sandboxes, oldest first.
     pub sandboxes: Vec<SandboxInfo>,
 }
 
 /// One command to run in a sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// Program and arguments; the program is looked up in the guest's `PATH`.
@@ -374,7 +384,7 @@ impl ExecRequest {
 }
 
 /// First message of the `/v1/run` WebSocket: a fresh sandbox, one command, then teardown.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunRequest {
     /// The sandbox to start.
@@ -386,7 +396,7 @@ pub struct RunRequest {
 
 /// Text messages a client sends on an exec WebSocket after the first one.
 /// Binary messages from the client are stdin bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecClientMessage {
     /// No more stdin.
@@ -400,7 +410,7 @@ pub enum ExecClientMessage {
 
 /// Text messages the daemon sends on an exec WebSocket. Binary messages from the daemon are
 /// output: first byte [`STREAM_STDOUT`] or [`STREAM_STDERR`], then the bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecServerMessage {
     /// The sandbox is ready and the command was started.
@@ -417,7 +427,7 @@ pub enum ExecServerMessage {
 }
 
 /// How a command ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ExitStatus {
     /// Exit code, if it exited.
     pub code: Option<i32>,
@@ -445,9 +455,10 @@ impl ExitStatus {
 }
 
 /// Error body of every failed request: a stable machine-readable code and the message chain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ApiError {
-    /// Stable code, e.g. `not_found`, `bad_request`, `sandbox_failed`.
+    /// Stable code, e.g. `not_found`, `bad_request`, `sandbox_failed`; one of [`ErrorCode`].
+    #[schema(value_type = ErrorCode)]
     pub code: String,
     /// Human-readable message (the whole error chain).
     pub message: String,
@@ -460,7 +471,7 @@ impl fmt::Display for ApiError {
 }
 
 /// `POST /v1/images/{name}/build` body.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageBuildRequest {
     /// Rebuild even if the inputs are unchanged.
@@ -469,7 +480,7 @@ pub struct ImageBuildRequest {
 }
 
 /// What the API says about one built image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImageInfo {
     /// Content id (short fingerprint of all inputs).
     pub id: String,
@@ -488,7 +499,7 @@ pub struct ImageInfo {
 }
 
 /// Size of one file of an image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImageFileSize {
     /// File name inside the image directory.
     pub name: String,
@@ -499,14 +510,14 @@ pub struct ImageFileSize {
 }
 
 /// `GET /v1/images`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImageList {
     /// All built images.
     pub images: Vec<ImageInfo>,
 }
 
 /// One line of the newline-delimited JSON stream of `POST /v1/images/{name}/build`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ImageBuildEvent {
     /// A build stage started.
@@ -542,7 +553,7 @@ pub enum ImageBuildEvent {
 }
 
 /// `GET /v1/health`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     /// [`API_VERSION`].
     pub api_version: u32,
@@ -555,7 +566,7 @@ pub struct Health {
 }
 
 /// What the startup janitor found and reclaimed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct JanitorReport {
     /// Orphaned QEMU processes killed.
     pub processes_killed: u32,
@@ -572,7 +583,7 @@ pub struct JanitorReport {
 }
 
 /// `POST /v1/sandboxes/{id}/ping`: one agent round trip, timed inside the daemon.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PingResponse {
     /// Round trip host → agent → host in microseconds.
     pub rtt_us: u64,

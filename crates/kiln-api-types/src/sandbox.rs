@@ -22,6 +22,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::names::{ImageName, InvalidInput, Labels, SandboxName, SnapshotName, check_duration};
 use crate::{
@@ -30,7 +31,7 @@ use crate::{
 };
 
 /// The size of a sandbox's machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MachineSpec {
     /// Number of vCPUs.
@@ -81,7 +82,7 @@ impl MachineSpec {
 }
 
 /// What a sandbox starts from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SandboxSource {
     /// A built image: its warm snapshot is restored (captured first if missing), or the
@@ -116,7 +117,7 @@ impl Default for SandboxSource {
 }
 
 /// How long a sandbox lives.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Lifetime {
     /// Remove the sandbox this many seconds after it started (`kiln ttl` moves the deadline).
@@ -141,7 +142,7 @@ impl Lifetime {
 }
 
 /// `POST /v1/sandboxes`: everything a sandbox is started with, defined once.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxSpec {
     /// What it starts from (default: the `python` image, 1 vCPU, 256 MiB).
@@ -222,7 +223,7 @@ impl SandboxSpec {
 }
 
 /// Lifecycle state of a sandbox (see the module diagram).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SandboxState {
     /// QEMU is starting or restoring; the agent has not answered yet.
@@ -307,7 +308,7 @@ impl FromStr for SandboxState {
 }
 
 /// How a sandbox's current VM started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StartSource {
     /// Booted from scratch.
@@ -341,7 +342,7 @@ impl FromStr for StartSource {
 }
 
 /// What the engine records about a sandbox (as opposed to what was asked for).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SandboxStatus {
     /// Lifecycle state.
     pub state: SandboxState,
@@ -373,7 +374,7 @@ pub struct SandboxStatus {
 
 /// What the API says about one sandbox: its id, the spec it was created with (secret
 /// values removed) and its status (flattened into the same JSON object).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SandboxInfo {
     /// Identifier.
     pub id: SandboxId,
@@ -392,7 +393,7 @@ impl SandboxInfo {
 }
 
 /// One entry of the event stream (`GET /v1/events`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Event {
     /// When, in milliseconds since the Unix epoch.
     pub time_unix_ms: u64,
@@ -404,7 +405,7 @@ pub struct Event {
 }
 
 /// What an [`Event`] reports.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
     /// A lifecycle transition, recorded in the store before it is published.

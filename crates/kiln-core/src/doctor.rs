@@ -1,11 +1,11 @@
 //! `kiln doctor`: what kiln will use on this host and why, and whether it can run at all.
 //!
-//! Runs in the caller's process (it must work when the daemon cannot start) and changes
-//! nothing on the host except the cached accelerator verdict it may create by probing.
+//! Runs in the daemon (`GET /v1/doctor`) or, when no daemon runs, in a one-shot
+//! `kilnd --doctor` (it must work when the daemon cannot start), and changes nothing on the
+//! host except the cached accelerator verdict it may create by probing. The report's type is
+//! the API's ([`kiln_api_types::DoctorReport`]).
 
 use std::path::{Path, PathBuf};
-
-use serde::Serialize;
 
 use crate::paths::Home;
 
@@ -26,43 +26,8 @@ const HOST_TOOLS: &[(&str, &str, &str)] = &[
 /// Free space below which doctor warns (an image build needs about 1 GiB of scratch space).
 const LOW_SPACE_BYTES: u64 = 2 << 30;
 
-/// The doctor's findings.
-#[derive(Debug, Clone, Serialize)]
-pub struct DoctorReport {
-    /// QEMU binary, if found.
-    pub qemu_path: Option<PathBuf>,
-    /// QEMU version, if found.
-    pub qemu_version: Option<String>,
-    /// Why QEMU is unusable, if it is.
-    pub qemu_error: Option<String>,
-    /// Whether QEMU supports the `x-ignore-shared` migration capability (file-mapped snapshots).
-    pub x_ignore_shared: Option<bool>,
-    /// Accelerator kiln will use (`kvm`/`tcg`), if known.
-    pub accel: Option<String>,
-    /// Why that accelerator.
-    pub accel_reason: String,
-    /// The state directory.
-    pub state_dir: PathBuf,
-    /// Free bytes under it.
-    pub free_bytes: Option<u64>,
-    /// Host packages that are missing, with what each is for.
-    pub missing_packages: Vec<String>,
-    /// The guest agent binary, if found.
-    pub agent_binary: Option<PathBuf>,
-    /// Built images.
-    pub images: Vec<String>,
-    /// Problems that stop kiln from running.
-    pub problems: Vec<String>,
-    /// Things worth knowing that do not stop kiln.
-    pub warnings: Vec<String>,
-}
-
-impl DoctorReport {
-    /// Whether kiln can run sandboxes here.
-    pub fn ok(&self) -> bool {
-        self.problems.is_empty()
-    }
-}
+/// The doctor's findings; the type is the API's (`GET /v1/doctor` serves it).
+pub use kiln_api_types::DoctorReport;
 
 /// Examines the host.
 pub async fn run(home: &Home) -> DoctorReport {

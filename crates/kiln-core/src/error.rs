@@ -129,6 +129,7 @@ impl CoreError {
             CoreError::ImageNotFound { .. } => "image_not_found",
             CoreError::WrongState { wanted, .. } => match wanted {
                 kiln_api_types::SandboxState::Paused => "sandbox_not_paused",
+                kiln_api_types::SandboxState::Stopped => "sandbox_not_stopped",
                 _ => "sandbox_not_running",
             },
             CoreError::AmbiguousSandbox { .. } => "ambiguous_sandbox",

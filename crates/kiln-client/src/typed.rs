@@ -1,0 +1,204 @@
+//! One method per API operation, named like its operation id (`sandbox_create` for
+//! `POST /v1/sandboxes`). Each is a thin wrapper over [`Client::call`] and friends with the
+//! route constant of [`kiln_api_types::routes`]; no other logic belongs here.
+
+use kiln_api_types::routes;
+use kiln_api_types::{
+    DoctorReport, Event, Health, ImageBuildEvent, ImageBuildRequest, ImageList, PingResponse,
+    SandboxId, SandboxInfo, SandboxList, SandboxSpec, SandboxStartRequest, SecretsUpdateRequest,
+    SnapshotCreateRequest, SnapshotInfo, SnapshotList, TtlRequest,
+};
+
+use crate::{Client, Result, WsStream};
+
+/// No request body.
+const NONE: Option<&()> = None;
+
+impl Client {
+    /// `GET /v1/health`.
+    pub async fn health(&self) -> Result<Health> {
+        self.call(routes::HEALTH_GET, &[], NONE).await
+    }
+
+    /// `GET /v1/openapi.json`.
+    pub async fn openapi(&self) -> Result<serde_json::Value> {
+        self.call(routes::OPENAPI_GET, &[], NONE).await
+    }
+
+    /// `GET /v1/doctor`.
+    pub async fn doctor(&self) -> Result<DoctorReport> {
+        self.call(routes::DOCTOR_GET, &[], NONE).await
+    }
+
+    /// `GET /v1/sandboxes`, with filters (`("label", "K=V")`, `("status", "running")`,
+    /// `("name", "web")`).
+    pub async fn sandbox_list(&self, filters: &[(&str, &str)]) -> Result<SandboxList> {
+        self.call_with_query(routes::SANDBOX_LIST, &[], filters, NONE)
+            .await
+    }
+
+    /// `POST /v1/sandboxes`.
+    pub async fn sandbox_create(&self, spec: &SandboxSpec) -> Result<SandboxInfo> {
+        self.call(routes::SANDBOX_CREATE, &[], Some(spec)).await
+    }
+
+    /// `GET /v1/sandboxes/{id}`.
+    pub async fn sandbox_get(&self, id: &SandboxId) -> Result<SandboxInfo> {
+        self.sandbox_find(id.as_str()).await
+    }
+
+    /// `GET /v1/sandboxes/{id}` with an id, a name or an unambiguous id prefix.
+    pub async fn sandbox_find(&self, key: &str) -> Result<SandboxInfo> {
+        self.call(routes::SANDBOX_GET, &[key], NONE).await
+    }
+
+    /// `POST /v1/sandboxes/{id}/pause`.
+    pub async fn sandbox_pause(&self, id: &SandboxId) -> Result<SandboxInfo> {
+        self.call(routes::SANDBOX_PAUSE, &[id.as_str()], NONE).await
+    }
+
+    /// `POST /v1/sandboxes/{id}/resume`.
+    pub async fn sandbox_resume(&self, id: &SandboxId) -> Result<SandboxInfo> {
+        self.call(routes::SANDBOX_RESUME, &[id.as_str()], NONE)
+            .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/stop`.
+    pub async fn sandbox_stop(&self, id: &SandboxId) -> Result<SandboxInfo> {
+        self.call(routes::SANDBOX_STOP, &[id.as_str()], NONE).await
+    }
+
+    /// `POST /v1/sandboxes/{id}/start`.
+    pub async fn sandbox_start(
+        &self,
+        id: &SandboxId,
+        req: &SandboxStartRequest,
+    ) -> Result<SandboxInfo> {
+        self.call(routes::SANDBOX_START, &[id.as_str()], Some(req))
+            .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/ttl`.
+    pub async fn sandbox_ttl_set(&self, id: &SandboxId, req: &TtlRequest) -> Result<SandboxInfo> {
+        self.call(routes::SANDBOX_TTL_SET, &[id.as_str()], Some(req))
+            .await
+    }
+
+    /// `GET /v1/events`: `on_event` sees each event until it answers `false` or the daemon
+    /// ends the stream; `on_lagged` is told how many events this client missed when it fell
+    /// behind.
+    pub async fn event_stream<E>(
+        &self,
+        mut on_event: impl FnMut(Event) -> Result<bool, E>,
+        mut on_lagged: impl FnMut(u64),
+    ) -> Result<()>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut lagged = false;
+        self.stream_text_lines(
+            routes::EVENT_STREAM,
+            &[],
+            |line| -> std::result::Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+                if line == "event: lagged" {
+                    lagged = true;
+                    return Ok(true);
+                }
+                let Some(data) = line.strip_prefix("data: ") else {
+                    return Ok(true);
+                };
+                if std::mem::take(&mut lagged) {
+                    let missed = serde_json::from_str::<serde_json::Value>(data)
+                        .ok()
+                        .and_then(|v| v["missed"].as_u64())
+                        .unwrap_or(0);
+                    on_lagged(missed);
+                    return Ok(true);
+                }
+                match serde_json::from_str::<Event>(data) {
+                    Ok(ev) => on_event(ev).map_err(Into::into),
+                    Err(e) => Err(Box::new(e).into()),
+                }
+            },
+        )
+        .await
+    }
+
+    /// `DELETE /v1/sandboxes/{id}`.
+    pub async fn sandbox_delete(&self, id: &SandboxId) -> Result<()> {
+        self.call_no_content(routes::SANDBOX_DELETE, &[id.as_str()], NONE)
+            .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/ping`.
+    pub async fn sandbox_ping(&self, id: &SandboxId) -> Result<PingResponse> {
+        self.call(routes::SANDBOX_PING, &[id.as_str()], NONE).await
+    }
+
+    /// `POST /v1/sandboxes/{id}/secrets`.
+    pub async fn sandbox_secrets_update(
+        &self,
+        id: &SandboxId,
+        req: &SecretsUpdateRequest,
+    ) -> Result<()> {
+        self.call_no_content(routes::SANDBOX_SECRETS_UPDATE, &[id.as_str()], Some(req))
+            .await
+    }
+
+    /// `GET /v1/sandboxes/{id}/exec`: the exec WebSocket (send an `ExecRequest` first).
+    pub async fn sandbox_exec(&self, id: &SandboxId) -> Result<WsStream> {
+        self.websocket(routes::SANDBOX_EXEC, &[id.as_str()]).await
+    }
+
+    /// `GET /v1/run`: the run WebSocket (send a `RunRequest` first).
+    pub async fn sandbox_run(&self) -> Result<WsStream> {
+        self.websocket(routes::SANDBOX_RUN, &[]).await
+    }
+
+    /// `POST /v1/sandboxes/{id}/snapshot`.
+    pub async fn snapshot_create(
+        &self,
+        id: &SandboxId,
+        req: &SnapshotCreateRequest,
+    ) -> Result<SnapshotInfo> {
+        self.call(routes::SNAPSHOT_CREATE, &[id.as_str()], Some(req))
+            .await
+    }
+
+    /// `GET /v1/snapshots`.
+    pub async fn snapshot_list(&self) -> Result<SnapshotList> {
+        self.call(routes::SNAPSHOT_LIST, &[], NONE).await
+    }
+
+    /// `DELETE /v1/snapshots/{name}`.
+    pub async fn snapshot_delete(&self, name: &str) -> Result<()> {
+        self.call_no_content(routes::SNAPSHOT_DELETE, &[name], NONE)
+            .await
+    }
+
+    /// `GET /v1/images`.
+    pub async fn image_list(&self) -> Result<ImageList> {
+        self.call(routes::IMAGE_LIST, &[], NONE).await
+    }
+
+    /// `POST /v1/images/{name}/build`; `on_event` sees each event, the last one `done` or
+    /// `error`.
+    pub async fn image_build<E>(
+        &self,
+        name: &str,
+        req: &ImageBuildRequest,
+        on_event: impl FnMut(ImageBuildEvent) -> Result<(), E>,
+    ) -> Result<()>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.stream_lines(routes::IMAGE_BUILD, &[name], req, on_event)
+            .await
+    }
+
+    /// `DELETE /v1/images/{name}`.
+    pub async fn image_delete(&self, name: &str) -> Result<()> {
+        self.call_no_content(routes::IMAGE_DELETE, &[name], NONE)
+            .await
+    }
+}
