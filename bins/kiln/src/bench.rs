@@ -514,7 +514,7 @@ pub async fn exec_collect(
             Message::Text(t) => match serde_json::from_str::<ExecServerMessage>(t.as_str())? {
                 ExecServerMessage::Exit(s) => return Ok((s, stdout)),
                 ExecServerMessage::Error(e) => bail!("{}", e.message),
-                ExecServerMessage::Started { .. } => {}
+                ExecServerMessage::Started { .. } | ExecServerMessage::Dropped { .. } => {}
             },
             _ => {}
         }

@@ -10,6 +10,7 @@
 mod bench;
 mod completion;
 mod doctor;
+mod execs;
 mod image;
 mod ps;
 mod run;
@@ -120,6 +121,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print a sandbox's guest console (kernel and agent messages).
+    Logs {
+        /// Sandbox id, name or unambiguous id prefix.
+        id: String,
+        /// Keep following new output until the sandbox's VM goes away.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
     /// Follow the daemon's events (lifecycle transitions, exec start and end).
     Events {
         /// Print each event as a JSON line.
@@ -213,6 +222,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Resume { id, json } => ps::pause_resume(&client, id, false, *json).await,
         Cmd::Ttl { id, duration, json } => ps::ttl(&client, id, duration, *json).await,
         Cmd::Events { json } => ps::events(&client, *json).await,
+        Cmd::Logs { id, follow } => execs::logs(&client, id, *follow).await,
         Cmd::Stop { id, json } => ps::stop(&client, id, *json).await,
         Cmd::Start { id, secrets, json } => ps::start(&client, id, secrets, *json).await,
         Cmd::Bench(BenchCmd::Boot(args)) => bench::run(&client, args).await,

@@ -257,21 +257,35 @@ pub async fn run(client: &Client, args: &RunArgs) -> anyhow::Result<i32> {
     }
     let ws = client.sandbox_run().await?;
     let first = serde_json::to_string(&RunRequest { sandbox, exec })?;
-    stream_exec(client, ws, first, !args.exec.no_stdin, true).await
+    stream_exec(client, ws, Some(first), !args.exec.no_stdin, Stream::Run).await
 }
 
-/// Drives one exec WebSocket to its end; returns the exit code to use.
-/// `destroy_on_interrupt`: on Ctrl-C also delete the sandbox (for `kiln run`).
+/// Which command a stream belongs to, for what Ctrl-C does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// `kiln run`: Ctrl-C sends SIGINT to the command, a second SIGKILL, a third gives up
+    /// and removes the sandbox.
+    Run,
+    /// `kiln exec`: Ctrl-C sends SIGINT, a second SIGKILL, a third gives up.
+    Exec,
+    /// `kiln exec attach`: Ctrl-C detaches; the command keeps running.
+    Attach,
+}
+
+/// Drives one exec WebSocket to its end; returns the exit code to use. `first` is the
+/// request sent before anything else (none for an attach).
 pub async fn stream_exec(
     client: &Client,
     mut ws: WsStream,
-    first: String,
+    first: Option<String>,
     forward_stdin: bool,
-    destroy_on_interrupt: bool,
+    kind: Stream,
 ) -> anyhow::Result<i32> {
-    ws.send(Message::Text(first.into()))
-        .await
-        .context("sending the exec request")?;
+    if let Some(first) = first {
+        ws.send(Message::Text(first.into()))
+            .await
+            .context("sending the exec request")?;
+    }
     let (mut tx, mut rx) = ws.split();
     let mut stdin_rx = if forward_stdin {
         Some(spawn_stdin_reader())
@@ -281,8 +295,9 @@ pub async fn stream_exec(
     let mut sandbox: Option<SandboxId> = None;
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
-    let interrupt = tokio::signal::ctrl_c();
-    tokio::pin!(interrupt);
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the Ctrl-C handler")?;
+    let mut interrupts = 0u32;
     loop {
         tokio::select! {
             msg = rx.next() => {
@@ -314,6 +329,9 @@ pub async fn stream_exec(
                             return Ok(status.shell_code());
                         }
                         ExecServerMessage::Error(e) => bail!("{}", e.message),
+                        ExecServerMessage::Dropped { bytes } => {
+                            eprintln!("kiln: {bytes} bytes of earlier output were dropped (each stream keeps its last 1 MiB)");
+                        }
                     },
                     Message::Close(_) => bail!("kilnd closed the exec stream without an exit status"),
                     _ => {}
@@ -330,9 +348,29 @@ pub async fn stream_exec(
                 // The daemon may already have finished; its exit message will still arrive.
                 let _ = tx.send(msg).await;
             }
-            _ = &mut interrupt => {
+            _ = interrupt.recv() => {
+                interrupts += 1;
+                let signo = match (kind, interrupts) {
+                    (Stream::Attach, _) => None,
+                    (_, 1) => Some(2),
+                    (_, 2) => {
+                        eprintln!("kiln: killing the command");
+                        Some(9)
+                    }
+                    _ => None,
+                };
+                if let Some(signo) = signo {
+                    // The command decides what SIGINT means; its exit status still arrives.
+                    let msg = serde_json::to_string(&ExecClientMessage::Signal { signo })?;
+                    let _ = tx.send(Message::Text(msg.into())).await;
+                    continue;
+                }
                 let _ = tx.close().await;
-                if destroy_on_interrupt && let Some(id) = &sandbox {
+                if kind == Stream::Attach {
+                    eprintln!("kiln: detached; the command keeps running");
+                    return Ok(0);
+                }
+                if kind == Stream::Run && let Some(id) = &sandbox {
                     let _ = client.sandbox_delete(id).await;
                 }
                 eprintln!("kiln: interrupted");

@@ -112,29 +112,55 @@ pub async fn clone_n(
     Ok(infos)
 }
 
-/// Options of `kiln exec`.
+/// Options of `kiln exec`: `kiln exec [-d] ID -- CMD`, or one of its subcommands.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct ExecArgs {
     /// Sandbox id, name or unambiguous id prefix.
-    pub id: String,
+    #[arg(required = true)]
+    pub id: Option<String>,
+    /// Start the command detached: print its exec id and return at once; the command keeps
+    /// running (`kiln exec attach`, `kiln exec ls`, `kiln exec kill`).
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// With --detach: print the command as JSON instead of its id.
+    #[arg(long, requires = "detach")]
+    pub json: bool,
     /// The command to run.
     #[command(flatten)]
     pub exec: crate::run::ExecOpts,
+    /// Detached commands.
+    #[command(subcommand)]
+    pub sub: Option<crate::execs::ExecCmd>,
 }
 
 /// `kiln exec`.
 pub async fn exec(client: &Client, a: &ExecArgs) -> anyhow::Result<i32> {
-    let req = a.exec.request()?;
+    if let Some(sub) = &a.sub {
+        return crate::execs::run(client, sub).await;
+    }
+    let key = a.id.as_deref().unwrap_or_default();
+    let mut req = a.exec.request()?;
     // A wrong id is reported plainly before any WebSocket is opened; the id it resolves to
     // is used from here on.
-    let id = crate::ps::resolve(client, &a.id).await?;
+    let id = crate::ps::resolve(client, key).await?;
+    if a.detach {
+        req.stdin = false;
+        let info = client.exec_detach(&id, &req).await?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        } else {
+            println!("{}", info.id);
+        }
+        return Ok(0);
+    }
     let ws = client.sandbox_exec(&id).await?;
     crate::run::stream_exec(
         client,
         ws,
-        serde_json::to_string(&req)?,
+        Some(serde_json::to_string(&req)?),
         !a.exec.no_stdin,
-        false,
+        crate::run::Stream::Exec,
     )
     .await
 }

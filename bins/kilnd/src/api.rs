@@ -24,10 +24,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use kiln_api_types::routes;
 use kiln_api_types::{
-    ApiError, DoctorReport, ErrorCode, Event, Health, ImageBuildEvent, ImageBuildRequest,
-    ImageList, ImageName, PingResponse, SandboxFilter, SandboxId, SandboxInfo, SandboxList,
-    SandboxSpec, SandboxStartRequest, SecretsUpdateRequest, SnapshotCreateRequest, SnapshotInfo,
-    SnapshotList, SnapshotName, TtlRequest,
+    ApiError, DoctorReport, ErrorCode, Event, ExecId, ExecInfo, ExecKillRequest, ExecList,
+    ExecRequest, Health, ImageBuildEvent, ImageBuildRequest, ImageList, ImageName, PingResponse,
+    SandboxFilter, SandboxId, SandboxInfo, SandboxList, SandboxSpec, SandboxStartRequest,
+    SecretsUpdateRequest, SnapshotCreateRequest, SnapshotInfo, SnapshotList, SnapshotName,
+    TtlRequest,
 };
 use kiln_core::{CoreError, Engine};
 use serde::Serialize;
@@ -57,6 +58,11 @@ pub(crate) fn api_routes() -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(sandbox_start))
         .routes(routes!(sandbox_ttl_set))
         .routes(routes!(event_stream))
+        .routes(routes!(exec_detach, exec_list))
+        .routes(routes!(exec_get))
+        .routes(routes!(exec_kill))
+        .routes(routes!(exec_attach))
+        .routes(routes!(sandbox_logs))
         .routes(routes!(sandbox_exec))
         .routes(routes!(sandbox_run))
         .routes(routes!(snapshot_create))
@@ -151,6 +157,7 @@ pub fn status_of(e: &CoreError) -> StatusCode {
         }
         CoreError::NameTaken(_) | CoreError::WrongState { .. } => StatusCode::CONFLICT,
         CoreError::SandboxNotFound(_)
+        | CoreError::ExecNotFound(_)
         | CoreError::ImageNotFound { .. }
         | CoreError::SnapshotNotFound(_) => StatusCode::NOT_FOUND,
         CoreError::SnapshotExists(_)
@@ -704,6 +711,243 @@ async fn event_stream(State(engine): Shared) -> Response {
         .header("cache-control", "no-cache")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+const EXEC_ID_PARAM: &str = "Detached command id (`ex-` and 12 lowercase hex digits)";
+
+/// Start a detached command
+///
+/// Starts a command that keeps running with no client attached (its stdin is empty). Each
+/// output stream keeps its last 1 MiB for `exec_attach`; the exit status is kept after it
+/// ends. A sandbox holds at most 64 detached commands (ended ones make room first).
+#[utoipa::path(
+    post,
+    path = routes::EXEC_DETACH.path,
+    operation_id = routes::EXEC_DETACH.operation_id,
+    tag = "execs",
+    params(("id" = String, Path, description = ID_PARAM)),
+    request_body(content = ExecRequest, content_type = "application/json", example = json!({"argv": ["python3", "-m", "http.server"]})),
+    responses(
+        (status = 201, description = "Started", body = ExecInfo),
+        (status = 400, description = "Malformed request, stdin asked for, or too many detached commands (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+        (status = 409, description = "The sandbox is not running (`sandbox_not_running`)", body = ApiError),
+        (status = 422, description = "The guest refused the command (`exec_rejected`)", body = ApiError),
+        (status = 502, description = "The agent channel failed", body = ApiError),
+    ),
+)]
+async fn exec_detach(
+    State(engine): Shared,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let id = resolve(&engine, &id)?;
+    let req: ExecRequest = parse_required(&body)?;
+    let info = engine.exec_detach(&id, &req).await?;
+    Ok((StatusCode::CREATED, axum::Json(info)).into_response())
+}
+
+/// List a sandbox's detached commands
+#[utoipa::path(
+    get,
+    path = routes::EXEC_LIST.path,
+    operation_id = routes::EXEC_LIST.operation_id,
+    tag = "execs",
+    params(("id" = String, Path, description = ID_PARAM)),
+    responses(
+        (status = 200, description = "Its detached commands, oldest first", body = ExecList),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+    ),
+)]
+async fn exec_list(State(engine): Shared, Path(id): Path<String>) -> Result<Response, HttpError> {
+    let id = resolve(&engine, &id)?;
+    Ok(json(ExecList {
+        execs: engine.exec_list(&id)?,
+    }))
+}
+
+/// Get a detached command
+#[utoipa::path(
+    get,
+    path = routes::EXEC_GET.path,
+    operation_id = routes::EXEC_GET.operation_id,
+    tag = "execs",
+    params(("exec_id" = String, Path, description = EXEC_ID_PARAM)),
+    responses(
+        (status = 200, description = "The command", body = ExecInfo),
+        (status = 400, description = "Malformed id (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such command (`exec_not_found`)", body = ApiError),
+    ),
+)]
+async fn exec_get(
+    State(engine): Shared,
+    Path(exec_id): Path<String>,
+) -> Result<Response, HttpError> {
+    let exec_id: ExecId = parse_name(&exec_id)?;
+    Ok(json(engine.exec_get(&exec_id)?.info()))
+}
+
+/// Signal a detached command
+///
+/// Delivers a signal (default SIGTERM) to the command's process group.
+#[utoipa::path(
+    post,
+    path = routes::EXEC_KILL.path,
+    operation_id = routes::EXEC_KILL.operation_id,
+    tag = "execs",
+    params(("exec_id" = String, Path, description = EXEC_ID_PARAM)),
+    request_body(content = Option<ExecKillRequest>, content_type = "application/json", example = json!({"signal": 9})),
+    responses(
+        (status = 200, description = "Delivered", body = ExecInfo),
+        (status = 400, description = "Malformed id or signal, or the command has ended (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such command (`exec_not_found`)", body = ApiError),
+    ),
+)]
+async fn exec_kill(
+    State(engine): Shared,
+    Path(exec_id): Path<String>,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let exec_id: ExecId = parse_name(&exec_id)?;
+    let req: ExecKillRequest = parse_body(&body)?;
+    Ok(json(engine.exec_kill(&exec_id, req.signal).await?))
+}
+
+/// Attach to a detached command (WebSocket)
+///
+/// Upgrades to a WebSocket on which the daemon sends `started`, then what the command's
+/// buffer keeps (binary frames as for `sandbox_exec`; a `dropped` message when output was
+/// lost before this client read it), then follows the command to its `exit` (or `error` if
+/// its sandbox died). `ExecClientMessage` `signal` reaches the command; closing the socket
+/// leaves it running.
+#[utoipa::path(
+    get,
+    path = routes::EXEC_ATTACH.path,
+    operation_id = routes::EXEC_ATTACH.operation_id,
+    tag = "execs",
+    params(("exec_id" = String, Path, description = EXEC_ID_PARAM)),
+    responses(
+        (status = 101, description = "Switching Protocols: the attach WebSocket (messages: ExecClientMessage, ExecServerMessage)"),
+        (status = 400, description = "Malformed id or not a WebSocket upgrade (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such command (`exec_not_found`)", body = ApiError),
+    ),
+)]
+async fn exec_attach(
+    State(engine): Shared,
+    Path(exec_id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, HttpError> {
+    let exec_id: ExecId = parse_name(&exec_id)?;
+    let exec = engine.exec_get(&exec_id)?;
+    Ok(ws
+        .max_message_size(MAX_WS_MESSAGE)
+        .on_upgrade(move |socket| crate::exec_ws::attach(exec, socket)))
+}
+
+/// Query of [`sandbox_logs`].
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    /// Keep the response open and send what the console prints next, until the sandbox's
+    /// VM goes away.
+    #[serde(default)]
+    follow: bool,
+}
+
+/// How often a followed console is checked for new output.
+const LOG_FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// Bytes read from a console file at a time.
+const LOG_CHUNK: usize = 64 << 10;
+
+/// A sandbox's guest console
+///
+/// What the guest's serial console printed (kernel and agent messages), kept while the
+/// sandbox exists: earlier VMs of it (before a stop, or until it failed), then the current
+/// one. With `follow=true` the response stays open and carries new output as it comes.
+#[utoipa::path(
+    get,
+    path = routes::SANDBOX_LOGS.path,
+    operation_id = routes::SANDBOX_LOGS.operation_id,
+    tag = "sandboxes",
+    params(("id" = String, Path, description = ID_PARAM), LogsQuery),
+    responses(
+        (status = 200, description = "The console text", content_type = "text/plain", body = String),
+        (status = 400, description = "Malformed id or query (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+    ),
+)]
+async fn sandbox_logs(
+    State(engine): Shared,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, HttpError> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let id = resolve(&engine, &id)?;
+    let files = engine.console_files(&id)?;
+    let live = engine.home().sandbox_dir(&id).join("console.log");
+    let (line_tx, line_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; LOG_CHUNK];
+        let mut live_pos = 0u64;
+        for path in &files {
+            let Ok(mut f) = tokio::fs::File::open(path).await else {
+                continue;
+            };
+            loop {
+                match f.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if *path == live {
+                            live_pos += n as u64;
+                        }
+                        if line_tx
+                            .send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        // Following: the live console grows while the VM runs.
+        while q.follow && engine.console_live(&id) && !line_tx.is_closed() {
+            tokio::time::sleep(LOG_FOLLOW_POLL).await;
+            let Ok(mut f) = tokio::fs::File::open(&live).await else {
+                continue;
+            };
+            if f.seek(std::io::SeekFrom::Start(live_pos)).await.is_err() {
+                continue;
+            }
+            while let Ok(n) = f.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                live_pos += n as u64;
+                if line_tx
+                    .send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(line_rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Response::builder()
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Body::from_stream(stream))
+        .map_err(|e| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                e.to_string(),
+            )
+        })
 }
 
 /// List snapshots

@@ -140,6 +140,65 @@ pub async fn run(engine: Arc<Engine>, socket: WebSocket) {
     }
 }
 
+/// `/v1/execs/{exec_id}/attach`: replays what a detached command's buffer keeps, then
+/// follows it to its end. Signals from the client reach the command; the client leaving
+/// does not stop it.
+pub async fn attach(exec: Arc<kiln_core::DetachedExec>, socket: WebSocket) {
+    let (mut tx, rx) = socket.split();
+    let mut client = spawn_forwarder(rx);
+    let started = ExecServerMessage::Started {
+        sandbox: exec.sandbox().clone(),
+        boot_ms: None,
+    };
+    if send_json(&mut tx, &started).await.is_err() {
+        return;
+    }
+    let mut cursor = exec.attach();
+    loop {
+        tokio::select! {
+            item = cursor.next() => {
+                let (msg, last) = match item {
+                    Some(kiln_core::AttachItem::Output(tag, b)) => (tagged(tag, &b), false),
+                    Some(kiln_core::AttachItem::Gap(bytes)) => {
+                        let text = serde_json::to_string(&ExecServerMessage::Dropped { bytes }).unwrap_or_default();
+                        (Message::Text(text.into()), false)
+                    }
+                    Some(kiln_core::AttachItem::Exit(status)) => {
+                        let text = serde_json::to_string(&ExecServerMessage::Exit(status)).unwrap_or_default();
+                        (Message::Text(text.into()), true)
+                    }
+                    None => return,
+                    Some(kiln_core::AttachItem::Lost(reason)) => {
+                        let body = ApiError {
+                            code: ErrorCode::SandboxFailed.as_str().to_owned(),
+                            message: reason,
+                        };
+                        let text = serde_json::to_string(&ExecServerMessage::Error(body)).unwrap_or_default();
+                        (Message::Text(text.into()), true)
+                    }
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+                if last {
+                    let _ = tx.close().await;
+                    return;
+                }
+            }
+            msg = client.msgs.recv() => match msg {
+                Some(Message::Text(t)) => {
+                    if let Ok(ExecClientMessage::Signal { signo }) = serde_json::from_str(t.as_str()) {
+                        let _ = exec.signal(signo).await;
+                    }
+                }
+                Some(_) => {}
+                // The client left: the command goes on.
+                None => return,
+            },
+        }
+    }
+}
+
 async fn first_message<T: serde::de::DeserializeOwned>(
     rx: &mut SplitStream<WebSocket>,
 ) -> Result<T, ApiError> {

@@ -28,6 +28,8 @@ pub enum ErrorCode {
     ImageNotFound,
     /// 404: no such snapshot.
     SnapshotNotFound,
+    /// 404: no such detached command.
+    ExecNotFound,
     /// 400: an id prefix that several sandboxes share.
     AmbiguousSandbox,
     /// 409: the sandbox is not running (paused, stopped, failed, ...; the message says).
@@ -79,6 +81,7 @@ impl ErrorCode {
         ErrorCode::SandboxNotFound,
         ErrorCode::ImageNotFound,
         ErrorCode::SnapshotNotFound,
+        ErrorCode::ExecNotFound,
         ErrorCode::AmbiguousSandbox,
         ErrorCode::SandboxNotRunning,
         ErrorCode::SandboxNotPaused,
@@ -111,6 +114,7 @@ impl ErrorCode {
             ErrorCode::ImageNotFound => "image_not_found",
             ErrorCode::SnapshotNotFound => "snapshot_not_found",
             ErrorCode::AmbiguousSandbox => "ambiguous_sandbox",
+            ErrorCode::ExecNotFound => "exec_not_found",
             ErrorCode::SandboxNotRunning => "sandbox_not_running",
             ErrorCode::SandboxNotPaused => "sandbox_not_paused",
             ErrorCode::SandboxNotStopped => "sandbox_not_stopped",
@@ -187,6 +191,7 @@ mod tests {
             | ErrorCode::ImageNotFound
             | ErrorCode::SnapshotNotFound
             | ErrorCode::AmbiguousSandbox
+            | ErrorCode::ExecNotFound
             | ErrorCode::SandboxNotRunning
             | ErrorCode::SandboxNotPaused
             | ErrorCode::SandboxNotStopped
@@ -207,6 +212,6 @@ mod tests {
             | ErrorCode::IoError
             | ErrorCode::Internal => 1,
         };
-        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 26);
+        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 27);
     }
 }

@@ -28,8 +28,11 @@ pub use doctor::DoctorReport;
 pub use error_code::{ErrorCode, UnknownErrorCode};
 pub use schema::SANDBOX_ID_PATTERN;
 
+pub mod execs;
 pub mod names;
 pub mod sandbox;
+
+pub use execs::{ExecId, ExecInfo, ExecKillRequest, ExecList, ExecState, parse_signal};
 
 pub use names::{
     ImageName, InvalidInput, Label, LabelKey, Labels, SandboxName, SnapshotName,
@@ -422,6 +425,12 @@ pub enum ExecServerMessage {
     },
     /// The command ended; no more output follows.
     Exit(ExitStatus),
+    /// (Attach to a detached command.) This many output bytes were dropped from the
+    /// command's buffer before this client could read them.
+    Dropped {
+        /// Bytes dropped.
+        bytes: u64,
+    },
     /// The exec could not start or broke off; no more messages follow.
     Error(ApiError),
 }

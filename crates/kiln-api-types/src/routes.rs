@@ -50,6 +50,8 @@ pub enum Body {
     WebSocket,
     /// Server-sent events (`text/event-stream`), one JSON document per `data:` line.
     EventStream,
+    /// Plain text (`text/plain`), possibly streamed.
+    Text,
 }
 
 /// One endpoint.
@@ -170,6 +172,18 @@ routes! {
     SANDBOX_TTL_SET = Post "/v1/sandboxes/{id}/ttl" "sandbox_ttl_set" Json;
     /// `GET /v1/events` (server-sent events of `Event`).
     EVENT_STREAM = Get "/v1/events" "event_stream" EventStream;
+    /// `POST /v1/sandboxes/{id}/execs`: start a detached command.
+    EXEC_DETACH = Post "/v1/sandboxes/{id}/execs" "exec_detach" Json;
+    /// `GET /v1/sandboxes/{id}/execs`: the sandbox's detached commands.
+    EXEC_LIST = Get "/v1/sandboxes/{id}/execs" "exec_list" Json;
+    /// `GET /v1/execs/{exec_id}`.
+    EXEC_GET = Get "/v1/execs/{exec_id}" "exec_get" Json;
+    /// `POST /v1/execs/{exec_id}/kill`.
+    EXEC_KILL = Post "/v1/execs/{exec_id}/kill" "exec_kill" Json;
+    /// `GET /v1/execs/{exec_id}/attach` (WebSocket): replay, then follow.
+    EXEC_ATTACH = Get "/v1/execs/{exec_id}/attach" "exec_attach" WebSocket;
+    /// `GET /v1/sandboxes/{id}/logs`: the guest console (`?follow=true` to follow).
+    SANDBOX_LOGS = Get "/v1/sandboxes/{id}/logs" "sandbox_logs" Text;
     /// `GET /v1/sandboxes/{id}/exec` (WebSocket).
     SANDBOX_EXEC = Get "/v1/sandboxes/{id}/exec" "sandbox_exec" WebSocket;
     /// `GET /v1/run` (WebSocket): fresh sandbox, one exec, teardown.

@@ -377,6 +377,47 @@ impl Client {
         Ok(())
     }
 
+    /// `route` with `params` and `query`, answering a byte stream; `on_chunk` sees each
+    /// piece as it arrives, until the stream ends or `on_chunk` answers `false`.
+    pub async fn stream_bytes<E>(
+        &self,
+        route: Route,
+        params: &[&str],
+        query: &[(&str, &str)],
+        mut on_chunk: impl FnMut(&[u8]) -> Result<bool, E>,
+    ) -> Result<()>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut path = route.path_with(params).map_err(ClientError::Route)?;
+        if !query.is_empty() {
+            let mut q = form_urlencoded::Serializer::new(String::new());
+            for (k, v) in query {
+                q.append_pair(k, v);
+            }
+            path.push('?');
+            path.push_str(&q.finish());
+        }
+        let resp = self.send(route.method, &path, None).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(api_error(status, &read_body(resp).await?));
+        }
+        let mut body = resp.into_body();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|source| ClientError::Http {
+                what: "kilnd's stream broke off",
+                source,
+            })?;
+            if let Some(data) = frame.data_ref()
+                && !on_chunk(data).map_err(|e| ClientError::Callback(e.into()))?
+            {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
     /// `route` with `params`, answering a text stream (server-sent events); `on_line` sees
     /// each line without its newline, until the stream ends or `on_line` answers `false`.
     pub async fn stream_text_lines<E>(

@@ -4,9 +4,10 @@
 
 use kiln_api_types::routes;
 use kiln_api_types::{
-    DoctorReport, Event, Health, ImageBuildEvent, ImageBuildRequest, ImageList, PingResponse,
-    SandboxId, SandboxInfo, SandboxList, SandboxSpec, SandboxStartRequest, SecretsUpdateRequest,
-    SnapshotCreateRequest, SnapshotInfo, SnapshotList, TtlRequest,
+    DoctorReport, Event, ExecId, ExecInfo, ExecKillRequest, ExecList, ExecRequest, Health,
+    ImageBuildEvent, ImageBuildRequest, ImageList, PingResponse, SandboxId, SandboxInfo,
+    SandboxList, SandboxSpec, SandboxStartRequest, SecretsUpdateRequest, SnapshotCreateRequest,
+    SnapshotInfo, SnapshotList, TtlRequest,
 };
 
 use crate::{Client, Result, WsStream};
@@ -81,6 +82,49 @@ impl Client {
     /// `POST /v1/sandboxes/{id}/ttl`.
     pub async fn sandbox_ttl_set(&self, id: &SandboxId, req: &TtlRequest) -> Result<SandboxInfo> {
         self.call(routes::SANDBOX_TTL_SET, &[id.as_str()], Some(req))
+            .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/execs`: a detached command.
+    pub async fn exec_detach(&self, id: &SandboxId, req: &ExecRequest) -> Result<ExecInfo> {
+        self.call(routes::EXEC_DETACH, &[id.as_str()], Some(req))
+            .await
+    }
+
+    /// `GET /v1/sandboxes/{id}/execs`.
+    pub async fn exec_list(&self, id: &SandboxId) -> Result<ExecList> {
+        self.call(routes::EXEC_LIST, &[id.as_str()], NONE).await
+    }
+
+    /// `GET /v1/execs/{exec_id}`.
+    pub async fn exec_get(&self, id: &ExecId) -> Result<ExecInfo> {
+        self.call(routes::EXEC_GET, &[id.as_str()], NONE).await
+    }
+
+    /// `POST /v1/execs/{exec_id}/kill`.
+    pub async fn exec_kill(&self, id: &ExecId, req: &ExecKillRequest) -> Result<ExecInfo> {
+        self.call(routes::EXEC_KILL, &[id.as_str()], Some(req))
+            .await
+    }
+
+    /// `GET /v1/execs/{exec_id}/attach`: the attach WebSocket.
+    pub async fn exec_attach(&self, id: &ExecId) -> Result<WsStream> {
+        self.websocket(routes::EXEC_ATTACH, &[id.as_str()]).await
+    }
+
+    /// `GET /v1/sandboxes/{id}/logs`: `on_chunk` sees the console text as it arrives (until
+    /// it answers `false`); with `follow` the stream lasts as long as the sandbox's VM.
+    pub async fn sandbox_logs<E>(
+        &self,
+        id: &SandboxId,
+        follow: bool,
+        on_chunk: impl FnMut(&[u8]) -> Result<bool, E>,
+    ) -> Result<()>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let query: &[(&str, &str)] = if follow { &[("follow", "true")] } else { &[] };
+        self.stream_bytes(routes::SANDBOX_LOGS, &[id.as_str()], query, on_chunk)
             .await
     }
 

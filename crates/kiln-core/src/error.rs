@@ -22,6 +22,9 @@ pub enum CoreError {
         /// The ids it matches, comma separated.
         matches: String,
     },
+    /// No detached command with that id.
+    #[error("no detached command {0} (see `kiln exec ls SANDBOX`)")]
+    ExecNotFound(String),
     /// Another sandbox has that name.
     #[error("a sandbox named {0:?} exists already")]
     NameTaken(String),
@@ -133,6 +136,7 @@ impl CoreError {
                 _ => "sandbox_not_running",
             },
             CoreError::AmbiguousSandbox { .. } => "ambiguous_sandbox",
+            CoreError::ExecNotFound(_) => "exec_not_found",
             CoreError::NameTaken(_) => "name_taken",
             CoreError::Invalid(_) => "bad_request",
             CoreError::SandboxFailed { .. } => "sandbox_failed",

@@ -12,6 +12,7 @@
 //!   and the janitor removes any left by a daemon that died;
 //! - no lock is held across an `.await`.
 
+mod detached;
 pub mod doctor;
 pub mod error;
 mod guest;
@@ -45,6 +46,7 @@ use crate::machine::MachinePlan;
 const EVENT_BACKLOG: usize = 1024;
 use tracing::{info, warn};
 
+pub use detached::{AttachItem, DetachedExec};
 pub use error::CoreError;
 pub use paths::Home;
 pub use sandbox::{Exec, ExecOutput, Sandbox};
@@ -57,6 +59,8 @@ pub struct Engine {
     sandboxes: Mutex<HashMap<SandboxId, (owner::Handle, Arc<Sandbox>)>>,
     /// Lifecycle and exec events, for `GET /v1/events`.
     events: broadcast::Sender<Event>,
+    /// Detached commands of every sandbox, by id.
+    detached: Mutex<HashMap<kiln_api_types::ExecId, Arc<DetachedExec>>>,
     qemu: OnceCell<kiln_vmm::qemu::QemuInfo>,
     accel: OnceCell<kiln_vmm::accel::AccelVerdict>,
     /// What the startup janitor reclaimed and re-attached.
@@ -95,6 +99,7 @@ impl Engine {
             store,
             sandboxes: Mutex::new(HashMap::new()),
             events: broadcast::channel(EVENT_BACKLOG).0,
+            detached: Mutex::new(HashMap::new()),
             qemu: OnceCell::new(),
             accel: OnceCell::new(),
             janitor: Mutex::new(janitor.clone()),
@@ -637,8 +642,148 @@ impl Engine {
         }
     }
 
+    /// Starts a command that runs with no client attached; its output is kept (bounded)
+    /// for `exec_attach`.
+    pub async fn exec_detach(
+        &self,
+        id: &SandboxId,
+        req: &ExecRequest,
+    ) -> Result<kiln_api_types::ExecInfo, CoreError> {
+        if req.stdin {
+            return Err(CoreError::BadRequest(
+                "a detached command has no stdin (stdin must be false)".to_owned(),
+            ));
+        }
+        {
+            let mut all = self.detached.lock().unwrap_or_else(|e| e.into_inner());
+            let mut mine: Vec<_> = all
+                .values()
+                .filter(|d| d.sandbox() == id)
+                .cloned()
+                .collect();
+            mine.sort_by_key(|d| d.info().started_unix_ms);
+            // Ended commands make room first, oldest first.
+            let mut excess = (mine.len() + 1).saturating_sub(detached::MAX_PER_SANDBOX);
+            for d in mine.iter().filter(|d| d.ended()) {
+                if excess == 0 {
+                    break;
+                }
+                all.remove(d.id());
+                excess -= 1;
+            }
+            if excess > 0 {
+                return Err(CoreError::BadRequest(format!(
+                    "sandbox {id} already runs {} detached commands; kill some first",
+                    detached::MAX_PER_SANDBOX
+                )));
+            }
+        }
+        let exec = self.sandbox_exec(id, req).await?;
+        let d = DetachedExec::start(id.clone(), req.argv.clone(), exec);
+        let info = d.info();
+        self.detached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(d.id().clone(), d);
+        info!(sandbox_id = %id, exec_id = %info.id, "detached command started");
+        Ok(info)
+    }
+
+    /// The detached commands of sandbox `id`, oldest first.
+    pub fn exec_list(&self, id: &SandboxId) -> Result<Vec<kiln_api_types::ExecInfo>, CoreError> {
+        self.sandbox_get(id)?;
+        let mut out: Vec<_> = self
+            .detached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|d| d.sandbox() == id)
+            .map(|d| d.info())
+            .collect();
+        out.sort_by_key(|i| i.started_unix_ms);
+        Ok(out)
+    }
+
+    /// One detached command.
+    pub fn exec_get(&self, exec: &kiln_api_types::ExecId) -> Result<Arc<DetachedExec>, CoreError> {
+        self.detached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(exec)
+            .cloned()
+            .ok_or_else(|| CoreError::ExecNotFound(exec.to_string()))
+    }
+
+    /// Delivers `signo` to a detached command's process group.
+    pub async fn exec_kill(
+        &self,
+        exec: &kiln_api_types::ExecId,
+        signo: i32,
+    ) -> Result<kiln_api_types::ExecInfo, CoreError> {
+        if !(1..=64).contains(&signo) {
+            return Err(CoreError::BadRequest(format!(
+                "signal must be between 1 and 64, got {signo}"
+            )));
+        }
+        let d = self.exec_get(exec)?;
+        if !d.signal(signo).await {
+            return Err(CoreError::BadRequest(format!(
+                "detached command {exec} has already ended"
+            )));
+        }
+        Ok(d.info())
+    }
+
+    /// The guest console of sandbox `id` so far: what earlier VMs of it printed (kept when
+    /// they stopped or failed), then its current VM's console, if it has one.
+    pub fn console_files(&self, id: &SandboxId) -> Result<Vec<PathBuf>, CoreError> {
+        self.sandbox_get(id)?;
+        Ok([
+            self.home.console_archive(id),
+            self.home.sandbox_dir(id).join("console.log"),
+        ]
+        .into_iter()
+        .filter(|p| p.is_file())
+        .collect())
+    }
+
+    /// Whether sandbox `id` has a VM that may still print to its console.
+    pub fn console_live(&self, id: &SandboxId) -> bool {
+        self.table().contains_key(id)
+    }
+
+    /// Appends the console of sandbox `id`'s VM to its archive (before its runtime directory
+    /// goes), so `kiln logs` still shows it.
+    pub(crate) fn archive_console(&self, id: &SandboxId) {
+        let live = self.home.sandbox_dir(id).join("console.log");
+        let archive = self.home.console_archive(id);
+        let copied = (|| -> std::io::Result<u64> {
+            let mut src = match std::fs::File::open(&live) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+                Err(e) => return Err(e),
+            };
+            if let Some(parent) = archive.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let mut dst = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&archive)?;
+            std::io::copy(&mut src, &mut dst)
+        })();
+        if let Err(e) = copied {
+            warn!(sandbox_id = %id, error = %e, "could not keep the guest console");
+        }
+    }
+
     /// Removes a sandbox's runtime directory, saves and row, and publishes its removal.
     pub(crate) fn remove_records(&self, id: &SandboxId, reason: &str) {
+        let _ = std::fs::remove_file(self.home.console_archive(id));
+        self.detached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, d| d.sandbox() != id);
         remove_dir(&self.home.sandbox_dir(id));
         remove_dir(&self.home.saved_dir(id));
         match self.store.sandbox_delete(id) {
@@ -1004,6 +1149,14 @@ pub(crate) fn remove_dir(dir: &std::path::Path) {
 /// `KILN_NO_SNAPSHOT=1` (in the daemon's environment) turns warm snapshots off.
 fn snapshots_disabled() -> bool {
     std::env::var_os("KILN_NO_SNAPSHOT").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Seconds since the Unix epoch.

@@ -339,6 +339,7 @@ impl Owner {
         }
         engine.forget(self.id(), &self.sb);
         self.sb.shutdown().await;
+        engine.archive_console(self.id());
         crate::remove_dir(&engine.home.sandbox_dir(self.id()));
         engine.prune_saves(self.id());
         self.transition(SandboxState::Stopped, None);
@@ -372,6 +373,7 @@ impl Owner {
             engine.forget(self.id(), &self.sb);
             self.transition(SandboxState::Failed, Some(reason.clone()));
             self.sb.shutdown().await;
+            engine.archive_console(self.id());
             crate::remove_dir(&engine.home.sandbox_dir(self.id()));
         } else {
             self.sb.shutdown().await;

@@ -98,6 +98,14 @@ impl Home {
         self.root.join("saved").join(id.as_str())
     }
 
+    /// The guest console of a sandbox whose VM has gone (stopped or failed), kept while the
+    /// sandbox exists.
+    pub fn console_archive(&self, id: &SandboxId) -> PathBuf {
+        self.root
+            .join("logs")
+            .join(format!("{}.console.log", id.as_str()))
+    }
+
     /// Parent of all built images.
     pub fn images_dir(&self) -> PathBuf {
         self.root.join("images")
