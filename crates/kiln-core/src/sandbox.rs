@@ -18,8 +18,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kiln_agent_host::{AgentClient, AgentError, ClientConfig, ExecEvent, ExecSession};
 use kiln_api_types::{ExecRequest, ExitStatus, SandboxId};
-use kiln_vmm::agent::{AgentClient, AgentError, ClientConfig, ExecEvent, ExecSession};
 use kiln_vmm::{Accel, Vm, VmConfig};
 use tokio::sync::watch;
 
@@ -323,7 +323,7 @@ fn summarize_console(log: &str) -> String {
 }
 
 /// The agent's exit status as the API reports it.
-pub(crate) fn api_status(s: &kiln_vmm::agent::ExitStatus) -> ExitStatus {
+pub(crate) fn api_status(s: &kiln_agent_host::ExitStatus) -> ExitStatus {
     ExitStatus {
         code: s.code,
         signal: s.signal,
@@ -332,8 +332,8 @@ pub(crate) fn api_status(s: &kiln_vmm::agent::ExitStatus) -> ExitStatus {
     }
 }
 
-fn to_agent_exec(req: &ExecRequest) -> kiln_vmm::agent::ExecRequest {
-    kiln_vmm::agent::ExecRequest {
+fn to_agent_exec(req: &ExecRequest) -> kiln_agent_host::ExecRequest {
+    kiln_agent_host::ExecRequest {
         argv: req.argv.clone(),
         env: req.env.clone(),
         cwd: req.cwd.clone(),
@@ -344,7 +344,7 @@ fn to_agent_exec(req: &ExecRequest) -> kiln_vmm::agent::ExecRequest {
 }
 
 /// Writes a command's stdin; see [`Exec::stdin`].
-pub type StdinHandle = kiln_vmm::agent::StdinSender;
+pub type StdinHandle = kiln_agent_host::StdinSender;
 
 /// An event of a running command, as the engine reports it.
 #[derive(Debug)]

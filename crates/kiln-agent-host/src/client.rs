@@ -23,9 +23,9 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use super::error::{AgentError, ClosedReason};
-use super::exec::{ExecSession, ExecShared};
-use super::tunnel::{TcpTunnel, TunnelShared};
+use crate::error::{AgentError, ClosedReason};
+use crate::exec::{ExecSession, ExecShared};
+use crate::tunnel::{TcpTunnel, TunnelShared};
 
 /// After an acknowledgement of an older nonce, the guest is known to be alive: stop sending
 /// new SYNCs for this long (each would reset its session again) and wait for the latest ack.

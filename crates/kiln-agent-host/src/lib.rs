@@ -1,12 +1,13 @@
-//! Host side of the guest agent channel.
+//! Host side of the guest agent channel (crate `kiln-agent-host`).
 //!
 //! Owns: [`AgentClient`] (resync handshake, request/response correlation, one reader task and
 //! one writer task per connection, the post-restore identity handshake
 //! [`AgentClient::apply_identity`] / [`AgentClient::connect_restored`]), [`ExecSession`] (one
 //! running command: its output events, stdin and signals) and [`TcpTunnel`] (one TCP
 //! connection to a guest loopback port, from [`AgentClient::open_tcp`]). The wire format lives in `kiln-agent-proto` and is described
-//! in `docs/protocol.md`. Must not: know about sandboxes, QEMU or sockets; any
-//! `AsyncRead + AsyncWrite` stream works (production: the UnixStream of QEMU's chardev).
+//! in `docs/protocol.md`. Must not: know about sandboxes, QEMU or sockets (starting QEMU and
+//! naming its chardev socket is `kiln-vmm`'s job); any `AsyncRead + AsyncWrite` stream works
+//! (production: the UnixStream of QEMU's chardev).
 //!
 //! ```text
 //!  connect(stream) ── SYNC(n1) ── SYNC(n2) ... (every ~250 ms until the deadline)

@@ -41,8 +41,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc::OwnedPermit;
 use tokio::sync::mpsc::error::SendError;
 
-use super::client::ClientInner;
-use super::error::{AgentError, ClosedReason};
+use crate::client::ClientInner;
+use crate::error::{AgentError, ClosedReason};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -184,7 +184,7 @@ impl TunnelShared {
 type Reservation =
     Pin<Box<dyn Future<Output = Result<OwnedPermit<Bytes>, SendError<()>>> + Send + 'static>>;
 
-/// A TCP connection to `127.0.0.1:port` inside the guest, from [`super::AgentClient::open_tcp`].
+/// A TCP connection to `127.0.0.1:port` inside the guest, from [`crate::AgentClient::open_tcp`].
 ///
 /// - Reading returns the bytes the guest socket received, then `Ok(0)` once the guest's peer
 ///   shut down writing, or `ConnectionReset` if the guest socket failed, or

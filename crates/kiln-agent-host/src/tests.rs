@@ -15,7 +15,7 @@ use kiln_agent_proto::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-use super::{AgentClient, AgentError, ClientConfig, ClosedReason, ExecEvent};
+use crate::{AgentClient, AgentError, ClientConfig, ClosedReason, ExecEvent};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 

@@ -24,8 +24,8 @@ use kiln_agent_proto::{
 };
 use tokio::sync::Notify;
 
-use super::client::ClientInner;
-use super::error::{AgentError, ClosedReason};
+use crate::client::ClientInner;
+use crate::error::{AgentError, ClosedReason};
 
 /// Signal sent to the process group of an abandoned exec.
 const SIGKILL: i32 = 9;
