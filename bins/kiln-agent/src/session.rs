@@ -29,7 +29,6 @@
 //!   cleared when an identity is attempted and set only once every step succeeded; it
 //!   outlives sessions (a restored guest keeps it across host reconnects).
 
-use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,13 +44,13 @@ use kiln_agent_proto::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
-use tokio::task::{self, JoinSet};
 
 use crate::console::{error_chain, warn};
 use crate::exec::{self, ExecHandle};
 use crate::identity::{self, IdentitySink};
 use crate::outbound::{OutItem, Outbound, write_loop};
 use crate::reaper::Reaper;
+use crate::streams::{FeedError, OutputCredit, StreamHandle, StreamKind, StreamTable};
 use crate::sys;
 use crate::tunnel::{self, TunnelHandle};
 
@@ -130,11 +129,37 @@ pub struct Agent {
 /// One session: everything a SYNC creates and the next SYNC (or EOF) destroys.
 struct Session {
     out: Outbound,
-    execs: HashMap<StreamId, ExecHandle>,
-    tunnels: HashMap<StreamId, TunnelHandle>,
-    /// Exec and tunnel tasks, each yielding its stream when done.
-    tasks: JoinSet<StreamId>,
-    task_streams: HashMap<task::Id, StreamId>,
+    /// Every live exec and tunnel, and the tasks serving them.
+    streams: StreamTable<Handle>,
+}
+
+/// What a live stream of a session is.
+enum Handle {
+    Exec(ExecHandle),
+    Tunnel(TunnelHandle),
+}
+
+impl StreamHandle for Handle {
+    fn kind(&self) -> StreamKind {
+        match self {
+            Handle::Exec(_) => StreamKind::Exec,
+            Handle::Tunnel(_) => StreamKind::Tunnel,
+        }
+    }
+
+    fn credit(&self) -> Option<&OutputCredit> {
+        match self {
+            Handle::Exec(h) => Some(&h.credit),
+            Handle::Tunnel(t) => Some(&t.credit),
+        }
+    }
+
+    fn feed(&mut self, data: Bytes) -> Result<(), FeedError> {
+        match self {
+            Handle::Exec(h) => Ok(h.feed_stdin(data)?),
+            Handle::Tunnel(t) => t.feed(data),
+        }
+    }
 }
 
 enum Event {
@@ -320,10 +345,7 @@ impl Agent {
                 } else {
                     *session = Some(Session {
                         out,
-                        execs: HashMap::new(),
-                        tunnels: HashMap::new(),
-                        tasks: JoinSet::new(),
-                        task_streams: HashMap::new(),
+                        streams: StreamTable::new(),
                     });
                 }
                 return None;
@@ -334,14 +356,7 @@ impl Agent {
         match frame {
             Frame::Control(payload) => return self.on_control(s, &payload).await,
             Frame::Window { stream, increment } => {
-                let credit = match (s.execs.get(&stream), s.tunnels.get(&stream)) {
-                    (Some(h), _) => Some(&h.credit),
-                    (None, Some(t)) => Some(&t.credit),
-                    (None, None) => None,
-                };
-                if let Some(credit) = credit
-                    && let Err(e) = credit.grant(increment)
-                {
+                if let Err(e) = s.streams.grant(stream, increment) {
                     warn(format_args!("stream {stream}: {e}"));
                 }
             }
@@ -350,14 +365,8 @@ impl Agent {
                 channel: DataChannel::Stdin,
                 data,
             } => {
-                if let Some(h) = s.execs.get_mut(&stream) {
-                    if let Err(e) = h.feed_stdin(data) {
-                        warn(format_args!("stream {stream}: stdin dropped: {e}"));
-                    }
-                } else if let Some(t) = s.tunnels.get_mut(&stream)
-                    && let Err(e) = t.feed(data)
-                {
-                    warn(format_args!("stream {stream}: tunnel bytes dropped: {e}"));
+                if let Err(e) = s.streams.feed(stream, data) {
+                    warn(format_args!("stream {stream}: host bytes dropped: {e}"));
                 }
             }
             other => warn(format_args!(
@@ -416,17 +425,17 @@ impl Agent {
                 reply(s, id, result).await;
             }
             HostMessage::StdinClose { stream } => {
-                if let Some(h) = s.execs.get_mut(&stream) {
+                if let Some(Handle::Exec(h)) = s.streams.get_mut(stream) {
                     h.close_stdin();
                 }
             }
             HostMessage::TcpShutdown { stream } => {
-                if let Some(t) = s.tunnels.get_mut(&stream) {
+                if let Some(Handle::Tunnel(t)) = s.streams.get_mut(stream) {
                     t.shutdown_write();
                 }
             }
             HostMessage::TcpClose { stream } => {
-                if let Some(t) = s.tunnels.get_mut(&stream) {
+                if let Some(Handle::Tunnel(t)) = s.streams.get_mut(stream) {
                     t.close();
                 }
             }
@@ -442,13 +451,12 @@ impl Agent {
         output_window: u32,
         req: ExecRequest,
     ) -> Result<Response, ErrorBody> {
-        s.check_unused(stream)?;
-        if s.execs.len() >= self.config.max_execs {
-            return Err(ErrorBody {
-                code: ErrorCode::TooManyStreams,
-                message: format!("at most {} execs may run at once", self.config.max_execs),
-            });
-        }
+        s.streams.check_new(
+            stream,
+            StreamKind::Exec,
+            self.config.max_execs,
+            "execs may run",
+        )?;
         let restore_id = self.restore_id();
         let started = exec::start(
             &self.reaper,
@@ -462,13 +470,8 @@ impl Agent {
         if let Some(increment) = started.stdin_window {
             s.out.send(&Frame::Window { stream, increment }).await;
         }
-        let task = started.task;
-        let handle = s.tasks.spawn(async move {
-            task.await;
-            stream
-        });
-        s.task_streams.insert(handle.id(), stream);
-        s.execs.insert(stream, started.handle);
+        s.streams
+            .insert(stream, Handle::Exec(started.handle), started.task);
         Ok(Response::ExecStarted { pid: started.pid })
     }
 }
@@ -483,55 +486,34 @@ impl Agent {
         port: u16,
         window: u32,
     ) -> Result<(), ErrorBody> {
-        s.check_unused(stream)?;
-        if s.tunnels.len() >= self.config.max_tunnels {
-            return Err(ErrorBody {
-                code: ErrorCode::TooManyStreams,
-                message: format!(
-                    "at most {} tcp tunnels may be open at once",
-                    self.config.max_tunnels
-                ),
-            });
-        }
+        s.streams.check_new(
+            stream,
+            StreamKind::Tunnel,
+            self.config.max_tunnels,
+            "tcp tunnels may be open",
+        )?;
         let started = tunnel::start(&self.config, id, stream, port, window, s.out.clone())?;
-        let task = started.task;
-        let handle = s.tasks.spawn(async move {
-            task.await;
-            stream
-        });
-        s.task_streams.insert(handle.id(), stream);
-        s.tunnels.insert(stream, started.handle);
+        s.streams
+            .insert(stream, Handle::Tunnel(started.handle), started.task);
         Ok(())
     }
 }
 
 impl Session {
-    /// Fails with `stream_in_use` if a running exec or an open tunnel has `stream`.
-    fn check_unused(&self, stream: StreamId) -> Result<(), ErrorBody> {
-        if self.execs.contains_key(&stream) || self.tunnels.contains_key(&stream) {
-            return Err(ErrorBody {
-                code: ErrorCode::StreamInUse,
-                message: format!("stream {stream} is already in use"),
-            });
-        }
-        Ok(())
-    }
-
     /// Retires the exec or tunnel whose task finished. A task that panicked (`!clean`) did
     /// not report its end: report it here so the host never waits forever.
     async fn on_task_finished(&mut self, stream: StreamId, clean: bool) {
-        let exec = self.execs.remove(&stream);
-        let tunnel = self.tunnels.remove(&stream);
+        let handle = self.streams.remove(stream);
         if clean {
             return;
         }
-        if exec.is_some() {
+        if let Some(Handle::Exec(_)) = handle {
             let msg = GuestMessage::Exit {
                 stream,
                 status: Default::default(),
             };
             self.out.message(&msg).await;
-        } else if let Some(t) = tunnel {
+        } else if let Some(Handle::Tunnel(t)) = handle {
             let msg = if t.answered.load(std::sync::atomic::Ordering::SeqCst) {
                 GuestMessage::TcpClosed {
                     stream,
@@ -569,7 +551,7 @@ fn signal_exec(s: &Session, stream: StreamId, signo: i32) -> Result<Response, Er
             message: format!("signal {signo} is not in 1..=64"),
         });
     }
-    let Some(handle) = s.execs.get(&stream) else {
+    let Some(Handle::Exec(handle)) = s.streams.get(stream) else {
         return Err(ErrorBody {
             code: ErrorCode::NoSuchStream,
             message: format!("no running exec on stream {stream}"),
@@ -589,24 +571,11 @@ fn signal_exec(s: &Session, stream: StreamId, signo: i32) -> Result<Response, Er
     }
 }
 
-/// The next exec task to finish: its stream and whether it ended cleanly (not panicked).
+/// The next stream task to finish: its stream and whether it ended cleanly (not panicked).
 /// Pending forever while there is no session or no task.
 async fn next_finished(session: &mut Option<Session>) -> (StreamId, bool) {
-    loop {
-        let Some(s) = session.as_mut().filter(|s| !s.tasks.is_empty()) else {
-            return std::future::pending().await;
-        };
-        match s.tasks.join_next_with_id().await {
-            Some(Ok((id, stream))) => {
-                s.task_streams.remove(&id);
-                return (stream, true);
-            }
-            Some(Err(e)) => {
-                if let Some(stream) = s.task_streams.remove(&e.id()) {
-                    return (stream, false);
-                }
-            }
-            None => {}
-        }
+    match session.as_mut() {
+        Some(s) => s.streams.next_finished().await,
+        None => std::future::pending().await,
     }
 }

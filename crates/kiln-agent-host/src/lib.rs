@@ -36,10 +36,14 @@
 //! - Once the channel dies, every waiter (requests, `next_event`, stdin writes, tunnel reads
 //!   and writes, `closed()`) resolves promptly.
 //! - Stream ids are never reused within a connection (execs and tunnels share the space).
+//! - Id allocation, credit bookkeeping, receive inboxes, close messages and wake-all on
+//!   channel death are written once, in the stream registry (`registry.rs`); each kind of
+//!   stream only says what its frames and messages mean.
 
 mod client;
 mod error;
 mod exec;
+mod registry;
 mod tunnel;
 
 #[cfg(test)]
