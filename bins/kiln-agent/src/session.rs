@@ -37,16 +37,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, Decoder, ErrorBody, ErrorCode, ExecRequest, FEATURE_IDENTITY_V1,
-    FEATURE_TCP_V1, Frame, GuestIdentity, GuestMessage, HostMessage, HuntTarget, Request,
-    RequestId, Response, RestoreId, SUPPORTED_VERSIONS, StreamId, SyncAckFrame, choose_version,
-    loose_request_id,
+    AgentInfo, DataChannel, Decoder, ErrorBody, ErrorCode, ExecRequest, FEATURE_FILES_V1,
+    FEATURE_IDENTITY_V1, FEATURE_TCP_V1, Frame, GuestIdentity, GuestMessage, HostMessage,
+    HuntTarget, Request, RequestId, Response, RestoreId, SUPPORTED_VERSIONS, StreamId,
+    SyncAckFrame, choose_version, loose_request_id,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use crate::console::{error_chain, warn};
 use crate::exec::{self, ExecHandle};
+use crate::files::{self, FileHandle};
 use crate::identity::{self, IdentitySink};
 use crate::outbound::{OutItem, Outbound, write_loop};
 use crate::reaper::Reaper;
@@ -78,6 +80,10 @@ pub struct AgentConfig {
     pub tunnel_window: u32,
     /// How long a tunnel's connect may take before it fails with `connect_failed`.
     pub tunnel_connect_timeout: Duration,
+    /// Most concurrent file transfers (reads and writes) per session.
+    pub max_file_transfers: usize,
+    /// Credit the agent grants per file write for the host's bytes, in bytes.
+    pub file_window: u32,
 }
 
 impl Default for AgentConfig {
@@ -91,6 +97,8 @@ impl Default for AgentConfig {
             max_tunnels: 256,
             tunnel_window: 256 << 10,
             tunnel_connect_timeout: Duration::from_secs(10),
+            max_file_transfers: 64,
+            file_window: 256 << 10,
         }
     }
 }
@@ -129,14 +137,17 @@ pub struct Agent {
 /// One session: everything a SYNC creates and the next SYNC (or EOF) destroys.
 struct Session {
     out: Outbound,
-    /// Every live exec and tunnel, and the tasks serving them.
+    /// Every live exec, tunnel and file transfer, and the tasks serving them.
     streams: StreamTable<Handle>,
+    /// One-shot file operations running on blocking threads; each answers its request.
+    ops: JoinSet<()>,
 }
 
 /// What a live stream of a session is.
 enum Handle {
     Exec(ExecHandle),
     Tunnel(TunnelHandle),
+    File(FileHandle),
 }
 
 impl StreamHandle for Handle {
@@ -144,6 +155,7 @@ impl StreamHandle for Handle {
         match self {
             Handle::Exec(_) => StreamKind::Exec,
             Handle::Tunnel(_) => StreamKind::Tunnel,
+            Handle::File(_) => StreamKind::File,
         }
     }
 
@@ -151,6 +163,7 @@ impl StreamHandle for Handle {
         match self {
             Handle::Exec(h) => Some(&h.credit),
             Handle::Tunnel(t) => Some(&t.credit),
+            Handle::File(f) => f.credit(),
         }
     }
 
@@ -158,6 +171,7 @@ impl StreamHandle for Handle {
         match self {
             Handle::Exec(h) => Ok(h.feed_stdin(data)?),
             Handle::Tunnel(t) => t.feed(data),
+            Handle::File(f) => f.feed(data),
         }
     }
 }
@@ -185,7 +199,11 @@ impl Agent {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
             kernel_release: sys::kernel_release(),
-            features: vec!["exec".to_owned(), FEATURE_TCP_V1.to_owned()],
+            features: vec![
+                "exec".to_owned(),
+                FEATURE_TCP_V1.to_owned(),
+                FEATURE_FILES_V1.to_owned(),
+            ],
         };
         Agent {
             config,
@@ -346,6 +364,7 @@ impl Agent {
                     *session = Some(Session {
                         out,
                         streams: StreamTable::new(),
+                        ops: JoinSet::new(),
                     });
                 }
                 return None;
@@ -404,6 +423,97 @@ impl Agent {
                         Ok(()) => return None,
                         Err(e) => Err(e),
                     },
+                    Request::FileWrite {
+                        stream,
+                        path,
+                        mode,
+                        tar,
+                    } => {
+                        let started = s
+                            .streams
+                            .check_new(
+                                stream,
+                                StreamKind::File,
+                                self.config.max_file_transfers,
+                                "file transfers may run",
+                            )
+                            .and_then(|()| {
+                                files::start_write(
+                                    id,
+                                    stream,
+                                    &path,
+                                    mode,
+                                    tar,
+                                    self.config.file_window,
+                                    s.out.clone(),
+                                )
+                            });
+                        match started {
+                            // The transfer's task answers.
+                            Ok(started) => {
+                                s.streams.insert(
+                                    stream,
+                                    Handle::File(started.handle),
+                                    started.task,
+                                );
+                                return None;
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Request::FileRead {
+                        stream,
+                        path,
+                        tar,
+                        window,
+                    } => {
+                        let started = s
+                            .streams
+                            .check_new(
+                                stream,
+                                StreamKind::File,
+                                self.config.max_file_transfers,
+                                "file transfers may run",
+                            )
+                            .and_then(|()| {
+                                files::start_read(id, stream, &path, tar, window, s.out.clone())
+                            });
+                        match started {
+                            Ok(started) => {
+                                s.streams.insert(
+                                    stream,
+                                    Handle::File(started.handle),
+                                    started.task,
+                                );
+                                return None;
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Request::FileStat { path } => {
+                        s.spawn_op(id, move || files::stat(&path));
+                        return None;
+                    }
+                    Request::FileList { path, after } => {
+                        s.spawn_op(id, move || files::list(&path, after.as_ref()));
+                        return None;
+                    }
+                    Request::FileMkdir {
+                        path,
+                        parents,
+                        mode,
+                    } => {
+                        s.spawn_op(id, move || files::mkdir(&path, parents, mode));
+                        return None;
+                    }
+                    Request::FileRemove { path, recursive } => {
+                        s.spawn_op(id, move || files::remove(&path, recursive));
+                        return None;
+                    }
+                    Request::FileRename { from, to } => {
+                        s.spawn_op(id, move || files::rename(&from, &to));
+                        return None;
+                    }
                     Request::Ping => Ok(Response::Pong),
                     Request::Exec {
                         stream,
@@ -437,6 +547,16 @@ impl Agent {
             HostMessage::TcpClose { stream } => {
                 if let Some(Handle::Tunnel(t)) = s.streams.get_mut(stream) {
                     t.close();
+                }
+            }
+            HostMessage::FileEnd { stream } => {
+                if let Some(Handle::File(f)) = s.streams.get_mut(stream) {
+                    f.end();
+                }
+            }
+            HostMessage::FileAbort { stream } => {
+                if let Some(Handle::File(f)) = s.streams.get_mut(stream) {
+                    f.abort();
                 }
             }
             HostMessage::Unknown => {}
@@ -500,6 +620,33 @@ impl Agent {
 }
 
 impl Session {
+    /// Runs a one-shot file operation on a blocking thread; its task answers request `id`.
+    fn spawn_op<F>(&mut self, id: RequestId, op: F)
+    where
+        F: FnOnce() -> Result<Response, ErrorBody> + Send + 'static,
+    {
+        // Forget the operations that already answered (their results are unit).
+        while self.ops.try_join_next().is_some() {}
+        let out = self.out.clone();
+        self.ops.spawn(async move {
+            let result = match tokio::task::spawn_blocking(op).await {
+                Ok(result) => result,
+                Err(_) => Err(ErrorBody {
+                    code: ErrorCode::Internal,
+                    message: "the file operation failed inside the agent".to_owned(),
+                }),
+            };
+            let msg = match result {
+                Ok(response) => GuestMessage::Response { id, response },
+                Err(error) => GuestMessage::Error {
+                    id: Some(id),
+                    error,
+                },
+            };
+            out.message(&msg).await;
+        });
+    }
+
     /// Retires the exec or tunnel whose task finished. A task that panicked (`!clean`) did
     /// not report its end: report it here so the host never waits forever.
     async fn on_task_finished(&mut self, stream: StreamId, clean: bool) {
@@ -511,6 +658,26 @@ impl Session {
             let msg = GuestMessage::Exit {
                 stream,
                 status: Default::default(),
+            };
+            self.out.message(&msg).await;
+        } else if let Some(Handle::File(f)) = handle {
+            let msg = if f.answered.load(std::sync::atomic::Ordering::SeqCst) {
+                GuestMessage::FileDone {
+                    stream,
+                    bytes: 0,
+                    error: Some(ErrorBody {
+                        code: ErrorCode::Internal,
+                        message: "the file transfer failed inside the agent".to_owned(),
+                    }),
+                }
+            } else {
+                GuestMessage::Error {
+                    id: Some(f.request),
+                    error: ErrorBody {
+                        code: ErrorCode::Internal,
+                        message: "the file transfer failed inside the agent".to_owned(),
+                    },
+                }
             };
             self.out.message(&msg).await;
         } else if let Some(Handle::Tunnel(t)) = handle {

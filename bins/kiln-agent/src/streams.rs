@@ -148,6 +148,8 @@ pub(crate) enum StreamKind {
     Exec,
     /// A TCP tunnel.
     Tunnel,
+    /// A file transfer (read or write).
+    File,
 }
 
 /// Why host bytes for a stream were not accepted.
@@ -159,6 +161,9 @@ pub(crate) enum FeedError {
     /// The host already ended this direction of the stream (`tcp_shutdown`, ...).
     #[error("bytes after the host ended the stream")]
     AfterEnd,
+    /// This stream takes no bytes from the host (a file read).
+    #[error("the stream takes no data from the host")]
+    NoInput,
 }
 
 /// What the session keeps per live stream.

@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, Decoder, ErrorBody, ExecRequest, Frame, GuestIdentity, GuestMessage,
-    HostMessage, HuntTarget, IdentityAck, Request, RequestId, Response, SUPPORTED_VERSIONS,
-    StreamId, SyncFrame,
+    AgentInfo, DataChannel, Decoder, EntryName, ErrorBody, ExecRequest, FileList, FileStat, Frame,
+    GuestIdentity, GuestMessage, GuestPath, HostMessage, HuntTarget, IdentityAck, Request,
+    RequestId, Response, SUPPORTED_VERSIONS, StreamId, SyncFrame,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::error::{AgentError, ClosedReason};
 use crate::exec::{ExecSession, ExecShared};
+use crate::files::{FileReadRequest, FileReader, FileWriteRequest, FileWriter, TransferShared};
 use crate::registry::{StreamEndpoint, StreamRegistry};
 use crate::tunnel::{TcpTunnel, TunnelShared};
 
@@ -54,6 +55,9 @@ pub struct ClientConfig {
     /// Credit per TCP tunnel for the bytes its guest socket receives (ahead of the reader).
     /// Bounds host memory per tunnel.
     pub tunnel_window: u32,
+    /// Credit per file read (bytes the guest may send ahead of the reader). Bounds host
+    /// memory per read.
+    pub file_window: u32,
 }
 
 impl Default for ClientConfig {
@@ -64,6 +68,7 @@ impl Default for ClientConfig {
             output_window: 256 << 10,
             write_queue_frames: 64,
             tunnel_window: 256 << 10,
+            file_window: 256 << 10,
         }
     }
 }
@@ -81,6 +86,7 @@ pub(crate) struct ClientInner {
     tx: mpsc::Sender<Bytes>,
     output_window: u32,
     tunnel_window: u32,
+    file_window: u32,
     tasks: [AbortHandle; 2],
 }
 
@@ -116,6 +122,7 @@ struct State {
 pub(crate) enum Endpoint {
     Exec(Arc<ExecShared>),
     Tunnel(Arc<TunnelShared>),
+    File(Arc<TransferShared>),
 }
 
 impl Endpoint {
@@ -123,6 +130,7 @@ impl Endpoint {
         match self {
             Endpoint::Exec(e) => e.as_ref(),
             Endpoint::Tunnel(t) => t.as_ref(),
+            Endpoint::File(f) => f.as_ref(),
         }
     }
 }
@@ -292,6 +300,19 @@ impl Shared {
                     _ => tracing::debug!(%stream, "tcp_closed for an unknown stream"),
                 }
             }
+            GuestMessage::FileDone {
+                stream,
+                bytes,
+                error,
+            } => {
+                // The transfer stays registered until its handle drops, so bytes after
+                // file_done are caught as a violation.
+                let transfer = lock(&self.state).streams.get(stream);
+                match transfer {
+                    Some(Endpoint::File(transfer)) => transfer.on_done(bytes, error),
+                    _ => tracing::debug!(%stream, "file_done for an unknown stream"),
+                }
+            }
             GuestMessage::Unknown => tracing::debug!("ignoring an unknown guest message"),
         }
     }
@@ -439,6 +460,7 @@ impl AgentClient {
             tx,
             output_window: config.output_window.max(1),
             tunnel_window: config.tunnel_window.max(1),
+            file_window: config.file_window.max(1),
             tasks: [reader.abort_handle(), writer.abort_handle()],
         };
         Ok((
@@ -530,6 +552,157 @@ impl AgentClient {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Starts writing a guest file (or, with `tar`, unpacking an archive into a guest
+    /// directory); see [`FileWriter`]. Fails with [`AgentError::Remote`] and a typed code
+    /// (`not_found` for a missing parent directory, `is_a_directory`, `already_exists` for a
+    /// non-empty tar target, `permission_denied`, ...) before any byte is sent, and with
+    /// `unsupported` if the agent predates `files-v1`.
+    pub async fn file_write(&self, req: FileWriteRequest) -> Result<FileWriter, AgentError> {
+        const OP: &str = "file_write";
+        let path = req.path.clone();
+        let shared = self.register_transfer(&path, false, 1)?;
+        // Registered before the request is sent (the guest grants credit before it answers);
+        // a cancelled call or a failed answer drops the writer, which aborts the write.
+        let writer = FileWriter::new(Arc::clone(&self.inner), Arc::clone(&shared));
+        let request = Request::FileWrite {
+            stream: writer.stream(),
+            path: req.path,
+            mode: req.mode,
+            tar: req.tar,
+        };
+        match self.inner.request(request).await {
+            Ok(Response::FileWriteReady) => Ok(writer),
+            Ok(_) => Err(AgentError::UnexpectedResponse { op: OP }),
+            Err(e) => {
+                if matches!(e, AgentError::Remote { .. }) {
+                    // The guest created nothing: no file_abort needed.
+                    shared.mark_never_opened();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts reading a guest file (or, with `tar`, a directory packed as a tar archive);
+    /// see [`FileReader`]. Fails with [`AgentError::Remote`] and a typed code (`not_found`,
+    /// `is_a_directory` without `tar`, `not_a_directory` with it, `permission_denied`, ...)
+    /// before any byte is sent.
+    pub async fn file_read(&self, req: FileReadRequest) -> Result<FileReader, AgentError> {
+        const OP: &str = "file_read";
+        let window = self.inner.file_window;
+        let shared = self.register_transfer(&req.path, true, window)?;
+        // Registered before the request is sent; a cancelled call drops the reader, which
+        // aborts whatever the guest may have started.
+        let mut reader = FileReader::new(Arc::clone(&self.inner), Arc::clone(&shared));
+        let request = Request::FileRead {
+            stream: reader.stream(),
+            path: req.path,
+            tar: req.tar,
+            window,
+        };
+        match self.inner.request(request).await {
+            Ok(Response::FileReadStarted { size }) => {
+                reader.set_size(size);
+                Ok(reader)
+            }
+            Ok(_) => Err(AgentError::UnexpectedResponse { op: OP }),
+            Err(e) => {
+                if matches!(e, AgentError::Remote { .. }) {
+                    shared.mark_never_opened();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn register_transfer(
+        &self,
+        path: &GuestPath,
+        reading: bool,
+        window: u32,
+    ) -> Result<Arc<TransferShared>, AgentError> {
+        let mut st = lock(&self.inner.shared.state);
+        if st.closed.is_some() {
+            drop(st);
+            return Err(self.inner.shared.closed_error());
+        }
+        st.streams.register(|stream| {
+            let shared = Arc::new(TransferShared::new(stream, path.clone(), reading, window));
+            (Arc::clone(&shared), Endpoint::File(shared))
+        })
+    }
+
+    /// Metadata of a guest path (a final symlink is described, not followed; its target is
+    /// in `symlink_target`). Fails with [`AgentError::Remote`] `not_found` and the like.
+    pub async fn file_stat(&self, path: &GuestPath) -> Result<FileStat, AgentError> {
+        let request = Request::FileStat { path: path.clone() };
+        match self.inner.request(request).await? {
+            Response::FileStat(stat) => Ok(stat),
+            _ => Err(AgentError::UnexpectedResponse { op: "file_stat" }),
+        }
+    }
+
+    /// One page (at most [`kiln_agent_proto::MAX_LIST_ENTRIES`] entries, names in byte
+    /// order) of the guest directory `path`, starting after `after`; pass the page's
+    /// [`FileList::next_after`] to get the next one. Entry names are validated (1..=255
+    /// bytes, no NUL or `/`) when the answer is parsed.
+    pub async fn file_list(
+        &self,
+        path: &GuestPath,
+        after: Option<&EntryName>,
+    ) -> Result<FileList, AgentError> {
+        let request = Request::FileList {
+            path: path.clone(),
+            after: after.cloned(),
+        };
+        match self.inner.request(request).await? {
+            Response::FileList(list) => Ok(list),
+            _ => Err(AgentError::UnexpectedResponse { op: "file_list" }),
+        }
+    }
+
+    /// Creates a guest directory (`parents`: with missing parents, and no error if it
+    /// exists). Mode defaults to 0o755.
+    pub async fn file_mkdir(
+        &self,
+        path: &GuestPath,
+        parents: bool,
+        mode: Option<u32>,
+    ) -> Result<(), AgentError> {
+        let request = Request::FileMkdir {
+            path: path.clone(),
+            parents,
+            mode,
+        };
+        self.file_ok(request, "file_mkdir").await
+    }
+
+    /// Removes a guest file, symlink or empty directory; with `recursive`, a whole tree.
+    /// A non-empty directory without `recursive` fails with `not_empty`.
+    pub async fn file_remove(&self, path: &GuestPath, recursive: bool) -> Result<(), AgentError> {
+        let request = Request::FileRemove {
+            path: path.clone(),
+            recursive,
+        };
+        self.file_ok(request, "file_remove").await
+    }
+
+    /// Renames a guest path (`rename(2)`: an existing file at `to` is replaced).
+    pub async fn file_rename(&self, from: &GuestPath, to: &GuestPath) -> Result<(), AgentError> {
+        let request = Request::FileRename {
+            from: from.clone(),
+            to: to.clone(),
+        };
+        self.file_ok(request, "file_rename").await
+    }
+
+    async fn file_ok(&self, request: Request, op: &'static str) -> Result<(), AgentError> {
+        match self.inner.request(request).await? {
+            Response::FileOk => Ok(()),
+            _ => Err(AgentError::UnexpectedResponse { op }),
         }
     }
 

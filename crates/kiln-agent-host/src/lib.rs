@@ -43,6 +43,7 @@
 mod client;
 mod error;
 mod exec;
+mod files;
 mod registry;
 mod tunnel;
 
@@ -52,8 +53,11 @@ mod tests;
 pub use client::{AgentClient, ClientConfig};
 pub use error::{AgentError, ClosedReason};
 pub use exec::{ExecEvent, ExecOutput, ExecSession, StdinSender};
+pub use files::{FileReadRequest, FileReader, FileWriteRequest, FileWriter};
 pub use kiln_agent_proto::{
-    AgentInfo, Entropy, ErrorCode, ExecRequest, ExitStatus, FEATURE_IDENTITY_V1, FEATURE_TCP_V1,
-    GuestIdentity, Hostname, IdentityAck, IdentityError, MachineId, RestoreId, StreamId, UnixNanos,
+    AgentInfo, Entropy, EntryName, ErrorCode, ExecRequest, ExitStatus, FEATURE_FILES_V1,
+    FEATURE_IDENTITY_V1, FEATURE_TCP_V1, FileEntry, FileKind, FileList, FileStat, GuestIdentity,
+    GuestPath, Hostname, IdentityAck, IdentityError, LinkTarget, MAX_LIST_ENTRIES, MAX_NAME_BYTES,
+    MAX_PATH_BYTES, MachineId, PathError, RestoreId, StreamId, UnixNanos,
 };
 pub use tunnel::TcpTunnel;
