@@ -11,8 +11,8 @@ use std::path::Path;
 use bytes::Bytes;
 use kiln_agent_proto::{
     AgentInfo, DataChannel, EntryName, ErrorBody, ErrorCode, ExecRequest, ExitStatus, FileEntry,
-    FileKind, FileList, FileStat, Frame, GuestMessage, GuestPath, HostMessage, LinkTarget,
-    Request, RequestId, Response, StreamId, SyncAckFrame, SyncFrame,
+    FileKind, FileList, FileStat, Frame, GuestMessage, GuestPath, HostMessage, LinkTarget, Request,
+    RequestId, Response, StreamId, SyncAckFrame, SyncFrame,
 };
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -319,7 +319,12 @@ fn guest_messages(stream: StreamId) -> Result<Vec<GuestMessage>, Box<dyn std::er
         },
         // File operations (feature files-v1).
         response(13, Response::FileWriteReady),
-        response(14, Response::FileReadStarted { size: Some(1 << 26) }),
+        response(
+            14,
+            Response::FileReadStarted {
+                size: Some(1 << 26),
+            },
+        ),
         response(15, Response::FileStat(stat)),
         response(16, Response::FileList(list)),
         response(17, Response::FileOk),
