@@ -439,6 +439,34 @@ fn check_inside(path: &Path, what: &str) -> Result<(), ErrorBody> {
     }
 }
 
+/// Fails if a directory on the way to `path` inside `root` is a symlink (an earlier entry
+/// could point it anywhere): the entry would land outside the target.
+fn check_no_symlink_ancestor(root: &Path, path: &Path) -> Result<(), ErrorBody> {
+    let mut at = root.to_path_buf();
+    let parents = path.parent().map(Path::components).into_iter().flatten();
+    for component in parents {
+        let Component::Normal(part) = component else {
+            continue;
+        };
+        at.push(part);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(error(
+                    ErrorCode::InvalidPath,
+                    format!(
+                        "tar entry {} goes through a symlink and escapes the target directory",
+                        path.display()
+                    ),
+                ));
+            }
+            Ok(_) => {}
+            // Not there yet: unpacking creates it as a directory.
+            Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
 impl WriteTarget {
     /// Writes (or unpacks) everything the task hands over, then commits; any failure or an
     /// abort leaves nothing at the target (the temp is removed on drop).
@@ -484,6 +512,7 @@ impl WriteTarget {
             {
                 check_inside(&link, "hard link target")?;
             }
+            check_no_symlink_ancestor(&self.temp.path, &path)?;
             if !entry.unpack_in(&self.temp.path).map_err(bad)? {
                 return Err(error(
                     ErrorCode::InvalidPath,

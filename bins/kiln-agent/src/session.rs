@@ -1,5 +1,5 @@
-//! The agent's protocol loop: one connection, any number of sessions, many execs and TCP
-//! tunnels.
+//! The agent's protocol loop: one connection, any number of sessions, many execs, TCP
+//! tunnels and file transfers.
 //!
 //! Owns: [`Agent`] (configuration, reaper, what it reports about itself, the identity sink
 //! and the current restore id) and [`Agent::serve`], which runs the
@@ -20,7 +20,10 @@
 //!   are aborted and their process groups SIGKILLed, its TCP tunnels' sockets are closed,
 //!   their queued frames are discarded by epoch, and the SYNC_ACK is the first frame of the
 //!   new session.
-//! - A stream id names at most one running exec or open tunnel of a session at a time.
+//! - A stream id names at most one running exec, open tunnel or file transfer of a session at
+//!   a time (the stream table, `streams.rs`).
+//! - File operations never block the loop: transfers run in their own task with a blocking
+//!   thread, one-shot operations (stat, list, ...) on a blocking thread whose task answers.
 //! - A framing error never ends the connection: the decoder hunts for the next SYNC.
 //! - Every request is answered exactly once (`response` or `error` with its id); a
 //!   `tcp_connect` is answered by its tunnel's task once the connect has finished.

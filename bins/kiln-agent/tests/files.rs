@@ -353,6 +353,34 @@ async fn file_tar_entry_escaping_the_target_is_refused_and_leaves_nothing() {
         assert!(names(work.path()).is_empty(), "nothing left behind");
     }
     assert!(!Path::new("/tmp/evil-kiln-abs").exists());
+
+    // A symlink entry pointing outside, then an entry through it.
+    let outside = tempfile::tempdir().expect("tempdir");
+    let mut b = tar::Builder::new(Vec::new());
+    let mut link = tar::Header::new_gnu();
+    link.set_entry_type(tar::EntryType::Symlink);
+    link.set_size(0);
+    link.set_mode(0o777);
+    b.append_link(&mut link, "l", outside.path())
+        .expect("symlink entry");
+    let mut file = tar::Header::new_gnu();
+    file.set_size(3);
+    file.set_mode(0o644);
+    b.append_data(&mut file, "l/evil", &b"bad"[..])
+        .expect("entry through the symlink");
+    let archive = b.into_inner().expect("finish");
+    let mut req = FileWriteRequest::new(gpath(&dst));
+    req.tar = true;
+    let mut writer = guarded("file_write", client.file_write(req))
+        .await
+        .expect("tar write starts");
+    let _ = guarded("write", writer.write_all(&archive)).await;
+    let err = guarded("finish", writer.finish())
+        .await
+        .expect_err("entry through a symlink refused");
+    assert_eq!(remote_code(&err), Some(ErrorCode::InvalidPath), "{err}");
+    assert!(names(outside.path()).is_empty(), "nothing written outside");
+    assert!(names(work.path()).is_empty(), "nothing left behind");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,7 +27,7 @@
 //!          0x11 STDOUT    guest→host  stream≠0  payload = raw bytes (1..=64 KiB)
 //!          0x12 STDERR    guest→host  stream≠0  payload = raw bytes (1..=64 KiB)
 //!                         (a TCP tunnel's stream uses STDIN toward and STDOUT from the guest
-//!                         socket; never STDERR)
+//!                         socket, a file write STDIN, a file read STDOUT; never STDERR)
 //!  flags   reserved, must be 0 in version 1
 //!
 //!  SYNC body:      "KILN-SYN" | nonce u64 LE | n u8 (1..=16) | n × version u16 LE

@@ -9,6 +9,8 @@
 //!  {"type":"stdin_close","stream":S}                  {"type":"exit","stream":S,"status":{..}}
 //!  {"type":"tcp_shutdown","stream":S}                 {"type":"tcp_eof","stream":S}
 //!  {"type":"tcp_close","stream":S}                    {"type":"tcp_closed","stream":S,"error":..}
+//!  {"type":"file_end","stream":S}                     {"type":"file_done","stream":S,"bytes":N,"error":..}
+//!  {"type":"file_abort","stream":S}
 //! ```
 //!
 //! Every request gets exactly one `response` or `error` with its id. Exec output is not JSON:
@@ -22,9 +24,11 @@
 //! answered with [`ErrorCode::Unsupported`], unknown events are ignored. New fields must be
 //! `#[serde(default)]`. Additions slot in as new `Request` variants; a host uses them only if
 //! the SYNC_ACK version or [`crate::AgentInfo::features`] says the guest has them. Added so
-//! far: `apply_identity` (feature `identity-v1`, see [`crate::identity`]) and `tcp_connect`
-//! with its events (feature [`FEATURE_TCP_V1`]). Planned: `secret_put`, `file_put`/`file_get`
-//! (bytes on a stream like exec output).
+//! far: `apply_identity` (feature `identity-v1`, see [`crate::identity`]), `tcp_connect`
+//! with its events (feature [`FEATURE_TCP_V1`]) and the file operations (feature
+//! [`crate::FEATURE_FILES_V1`], values in [`crate::files`]): a `file_write` carries its bytes
+//! in STDIN frames and ends with `file_end`, a `file_read` in STDOUT frames; `file_done` is
+//! a transfer's last message. Planned: `secret_put`.
 
 use std::collections::BTreeMap;
 use std::fmt;
