@@ -488,3 +488,28 @@ async fn file_rename_mkdir_and_stat_behave_like_the_syscalls() {
         .expect_err("a directory is not a file target");
     assert_eq!(remote_code(&err), Some(ErrorCode::IsADirectory), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_read_dropped_early_frees_the_guest_transfer() {
+    // More early drops than the guest's 64-transfer cap: if an abort did not end the guest's
+    // transfer (stuck waiting for credit), a later read would fail with too_many_streams.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![5u8; 1 << 20]).expect("write");
+    let client = connect().await;
+    for i in 0..AgentConfig::default().max_file_transfers + 6 {
+        let mut reader = guarded(
+            "file_read",
+            client.file_read(FileReadRequest::new(gpath(&big))),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("read {i} refused: {e}"));
+        let mut buf = [0u8; 4096];
+        let n = guarded("read", reader.read(&mut buf)).await.expect("bytes");
+        assert!(n > 0);
+        drop(reader);
+    }
+    // The connection is still healthy and the file untouched.
+    let stat = client.file_stat(&gpath(&big)).await.expect("stat");
+    assert_eq!(stat.size, 1 << 20);
+}

@@ -338,7 +338,6 @@ impl FileWriter {
     /// could not complete the file, in which case nothing appeared at the target.
     pub async fn finish(mut self) -> Result<u64, AgentError> {
         const OP: &str = "file_write";
-        self.finished = true;
         let end = HostMessage::FileEnd {
             stream: self.shared.stream,
         }
@@ -346,8 +345,11 @@ impl FileWriter {
         .map_err(AgentError::Encode)?;
         // A guest that already failed answered file_done: report that, not the end.
         if lock(&self.shared.state).done.is_none() {
+            // If this future is dropped before file_end is queued, Drop still aborts.
             self.client.send_frame(&end).await?;
         }
+        // From here the guest completes the file whether or not anyone awaits the result.
+        self.finished = true;
         let shared = Arc::clone(&self.shared);
         std::future::poll_fn(|cx| {
             let mut st = lock(&shared.state);
