@@ -518,8 +518,7 @@ impl AsyncRead for FileReader {
                 st.read_waker = Some(cx.waker().clone());
                 return Poll::Pending;
             }
-            let (n, grant) = st.inbox.read(buf.initialize_unfilled());
-            buf.advance(n);
+            let (_, grant) = st.inbox.read(buf);
             grant
         };
         if let Some(increment) = grant {

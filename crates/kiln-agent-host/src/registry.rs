@@ -33,6 +33,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use bytes::{Buf, Bytes, BytesMut};
 use kiln_agent_proto::{DataChannel, FlowError, Frame, HostMessage, RecvWindow, StreamId};
+use tokio::io::ReadBuf;
 
 use crate::error::{AgentError, ClosedReason};
 
@@ -197,11 +198,11 @@ impl Inbox {
         Some((channel, bytes, grant))
     }
 
-    /// Copies up to `buf.len()` queued bytes (across segments) into `buf`; returns how many
-    /// and the grant their consumption earns.
-    pub(crate) fn read(&mut self, buf: &mut [u8]) -> (usize, Option<u32>) {
-        let n = buf.len().min(self.data.len());
-        buf[..n].copy_from_slice(&self.data[..n]);
+    /// Copies as many queued bytes (across segments) as fit into `buf`; returns how many and
+    /// the grant their consumption earns.
+    pub(crate) fn read(&mut self, buf: &mut ReadBuf<'_>) -> (usize, Option<u32>) {
+        let n = buf.remaining().min(self.data.len());
+        buf.put_slice(&self.data[..n]);
         self.data.advance(n);
         let mut left = n;
         while left > 0 {
@@ -293,9 +294,11 @@ mod tests {
         let mut inbox = Inbox::new(8);
         inbox.push(DataChannel::Stdout, b"abc").expect("in window");
         inbox.push(DataChannel::Stderr, b"de").expect("in window");
-        let mut buf = [0u8; 4];
+        let mut storage = [0u8; 4];
+        let mut buf = ReadBuf::new(&mut storage);
         let (n, grant) = inbox.read(&mut buf);
-        assert_eq!(&buf[..n], b"abcd");
+        assert_eq!(n, 4);
+        assert_eq!(buf.filled(), b"abcd");
         assert_eq!(grant, Some(4));
         let (channel, rest, _) = inbox.pop_segment().expect("one byte left");
         assert_eq!((channel, &rest[..]), (DataChannel::Stderr, &b"e"[..]));
