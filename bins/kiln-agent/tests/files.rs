@@ -17,6 +17,9 @@ use tokio::sync::mpsc;
 
 use kiln_agent::{Agent, AgentConfig, ReapMode, Reaper};
 
+mod support;
+use support::start_proxy;
+
 const HANDSHAKE: Duration = Duration::from_secs(10);
 /// Like a unix socket's buffer.
 const PIPE: usize = 64 << 10;
@@ -42,6 +45,10 @@ async fn connect() -> AgentClient {
     let conns = start_agent();
     let (host, guest) = tokio::io::duplex(PIPE);
     conns.send(guest).expect("agent task alive");
+    connect_over(host).await
+}
+
+async fn connect_over(host: DuplexStream) -> AgentClient {
     let config = ClientConfig {
         handshake_deadline: HANDSHAKE,
         ..ClientConfig::default()
@@ -512,4 +519,55 @@ async fn file_read_dropped_early_frees_the_guest_transfer() {
     // The connection is still healthy and the file untouched.
     let stat = client.file_stat(&gpath(&big)).await.expect("stat");
     assert_eq!(stat.size, 1 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_write_cut_off_by_a_resync_leaves_no_file_and_no_temp() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("cut.txt");
+    let conns = start_agent();
+    let (agent_side, proxy_side) = tokio::io::duplex(PIPE);
+    conns.send(agent_side).expect("agent alive");
+    let proxy = start_proxy(proxy_side);
+
+    let (host1, proxy1) = tokio::io::duplex(PIPE);
+    proxy.send(proxy1).expect("proxy alive");
+    let first = connect_over(host1).await;
+    let mut writer = guarded(
+        "file_write",
+        first.file_write(FileWriteRequest::new(gpath(&target))),
+    )
+    .await
+    .expect("write starts");
+    guarded("write", writer.write_all(&[1u8; 50_000]))
+        .await
+        .expect("bytes go out");
+    // A round trip after the bytes: they have all reached the agent, so the switch below
+    // does not cut a frame in half (the proxy would hand the rest of it to the new host's
+    // SYNCs, which the agent would read as payload).
+    first
+        .file_stat(&gpath(dir.path()))
+        .await
+        .expect("round trip");
+    assert_eq!(names(dir.path()).len(), 1, "the temp file exists");
+    // A new host takes over without the agent seeing EOF; the first client is cut off, so no
+    // file_abort is sent: dropping the session alone must remove the temp file.
+    let (host2, proxy2) = tokio::io::duplex(PIPE);
+    proxy.send(proxy2).expect("proxy alive");
+    let second = connect_over(host2).await;
+    guarded("temp removed after the resync", async {
+        loop {
+            let list = second
+                .file_list(&gpath(dir.path()), None)
+                .await
+                .expect("list works");
+            if list.entries().is_empty() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(!target.exists());
+    drop(writer);
 }
