@@ -10,16 +10,17 @@ use std::path::Path;
 
 use bytes::Bytes;
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, ErrorBody, ErrorCode, ExecRequest, ExitStatus, Frame, GuestMessage,
-    HostMessage, Request, RequestId, Response, StreamId, SyncAckFrame, SyncFrame,
+    AgentInfo, DataChannel, EntryName, ErrorBody, ErrorCode, ExecRequest, ExitStatus, FileEntry,
+    FileKind, FileList, FileStat, Frame, GuestMessage, GuestPath, HostMessage, LinkTarget, Request,
+    RequestId, Response, StreamId, SyncAckFrame, SyncFrame,
 };
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let stream = StreamId::new(3).ok_or("stream 3 is non-zero")?;
 
-    let host = host_messages(stream);
-    let guest = guest_messages(stream);
+    let host = host_messages(stream)?;
+    let guest = guest_messages(stream)?;
     let sync = Frame::Sync(SyncFrame {
         nonce: 0x0123_4567_89ab_cdef,
         versions: vec![1],
@@ -98,6 +99,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tcp-closed-defaults",
         br#"{"type":"tcp_closed","stream":3}"#,
     )?;
+    // files-v1: defaults, and hostile values a guest may send (each must fail to parse).
+    write(
+        &dir,
+        "file-write-defaults",
+        br#"{"type":"request","id":7,"request":{"op":"file_write","stream":3,"path":"/a"}}"#,
+    )?;
+    write(
+        &dir,
+        "file-list-bad-names",
+        br#"{"type":"response","id":8,"response":{"op":"file_list","entries":[{"name":"a/b","stat":{"kind":"file","size":4294967296,"mode":420,"mtime_unix_ns":0,"uid":0,"gid":0}},{"name":"x\u0000","stat":{"kind":"dir","size":0,"mode":493,"mtime_unix_ns":-1,"uid":0,"gid":0}}]}}"#,
+    )?;
+    write(
+        &dir,
+        "file-stat-relative-path",
+        br#"{"type":"request","id":9,"request":{"op":"file_stat","path":"etc/passwd"}}"#,
+    )?;
+    write(
+        &dir,
+        "file-done-huge-claim",
+        br#"{"type":"file_done","stream":3,"bytes":18446744073709551615}"#,
+    )?;
     write(
         &dir,
         "exec-defaults",
@@ -133,12 +155,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn host_messages(stream: StreamId) -> Vec<HostMessage> {
+fn host_messages(stream: StreamId) -> Result<Vec<HostMessage>, Box<dyn std::error::Error>> {
     let request = |id, request| HostMessage::Request {
         id: RequestId(id),
         request,
     };
-    vec![
+    let path = GuestPath::new("/root/data.bin")?;
+    Ok(vec![
         request(7, Request::Ping),
         request(
             8,
@@ -169,15 +192,86 @@ fn host_messages(stream: StreamId) -> Vec<HostMessage> {
         ),
         HostMessage::TcpShutdown { stream },
         HostMessage::TcpClose { stream },
-    ]
+        // File operations (feature files-v1).
+        request(
+            13,
+            Request::FileWrite {
+                stream,
+                path: path.clone(),
+                mode: Some(0o644),
+                tar: false,
+            },
+        ),
+        request(
+            14,
+            Request::FileRead {
+                stream,
+                path: GuestPath::new("/root")?,
+                tar: true,
+                window: 262_144,
+            },
+        ),
+        request(15, Request::FileStat { path: path.clone() }),
+        request(
+            16,
+            Request::FileList {
+                path: GuestPath::new("/etc")?,
+                after: Some(EntryName::new("hosts")?),
+            },
+        ),
+        request(
+            17,
+            Request::FileMkdir {
+                path: GuestPath::new("/a/b/c")?,
+                parents: true,
+                mode: Some(0o700),
+            },
+        ),
+        request(
+            18,
+            Request::FileRemove {
+                path: path.clone(),
+                recursive: true,
+            },
+        ),
+        request(
+            19,
+            Request::FileRename {
+                from: path.clone(),
+                to: GuestPath::new("/root/renamed.bin")?,
+            },
+        ),
+        HostMessage::FileEnd { stream },
+        HostMessage::FileAbort { stream },
+    ])
 }
 
-fn guest_messages(stream: StreamId) -> Vec<GuestMessage> {
+fn guest_messages(stream: StreamId) -> Result<Vec<GuestMessage>, Box<dyn std::error::Error>> {
     let response = |id, response| GuestMessage::Response {
         id: RequestId(id),
         response,
     };
-    vec![
+    let stat = FileStat {
+        kind: FileKind::Symlink,
+        size: 11,
+        mode: 0o777,
+        mtime_unix_ns: 1_767_225_600_000_000_000,
+        uid: 0,
+        gid: 0,
+        symlink_target: Some(LinkTarget::new("../lib/x.so")?),
+    };
+    let list = FileList::new(
+        vec![FileEntry {
+            name: EntryName::new("hosts")?,
+            stat: FileStat {
+                kind: FileKind::File,
+                symlink_target: None,
+                ..stat.clone()
+            },
+        }],
+        Some(EntryName::new("hosts")?),
+    )?;
+    Ok(vec![
         response(7, Response::Pong),
         response(8, Response::ExecStarted { pid: Some(231) }),
         response(9, Response::Signaled),
@@ -223,7 +317,31 @@ fn guest_messages(stream: StreamId) -> Vec<GuestMessage> {
             stream,
             error: None,
         },
-    ]
+        // File operations (feature files-v1).
+        response(13, Response::FileWriteReady),
+        response(
+            14,
+            Response::FileReadStarted {
+                size: Some(1 << 26),
+            },
+        ),
+        response(15, Response::FileStat(stat)),
+        response(16, Response::FileList(list)),
+        response(17, Response::FileOk),
+        GuestMessage::FileDone {
+            stream,
+            bytes: 1 << 26,
+            error: None,
+        },
+        GuestMessage::FileDone {
+            stream,
+            bytes: 0,
+            error: Some(ErrorBody {
+                code: ErrorCode::NotFound,
+                message: "cannot read /x: no such file or directory".into(),
+            }),
+        },
+    ])
 }
 
 fn payload(frame: &Frame) -> Result<Vec<u8>, Box<dyn std::error::Error>> {

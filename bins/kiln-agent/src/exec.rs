@@ -33,11 +33,11 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use kiln_agent_proto::{
     DataChannel, ErrorBody, ErrorCode, ExecRequest, ExitStatus, FlowError, Frame, GuestMessage,
-    MAX_DATA_PAYLOAD, MAX_WINDOW, RecvWindow, RestoreId, SendCredit, StreamId,
+    MAX_DATA_PAYLOAD, MAX_WINDOW, RestoreId, StreamId,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::console::warn;
@@ -45,6 +45,7 @@ use crate::identity::RESTORE_ID_ENV;
 use crate::outbound::Outbound;
 use crate::reaper::Reaper;
 use crate::session::AgentConfig;
+use crate::streams::{InboundRx, InboundTx, OutputCredit, inbound};
 use crate::sys::{self, ChildExit};
 
 /// Kernel buffer of a command's stdout and stderr pipes (the default is 64 KiB): measured
@@ -64,71 +65,13 @@ pub const BASE_ENV: &[(&str, &str)] = &[
 
 type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
-/// Output credit granted by the host for one exec (shared by its stdout and stderr pumps) or
-/// one TCP tunnel.
-pub(crate) struct OutputCredit {
-    credit: Mutex<SendCredit>,
-    notify: Notify,
-}
-
-impl OutputCredit {
-    pub(crate) fn new(initial: u32) -> OutputCredit {
-        OutputCredit {
-            credit: Mutex::new(SendCredit::new(initial)),
-            notify: Notify::new(),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, SendCredit> {
-        self.credit.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Adds a WINDOW grant from the host.
-    pub(crate) fn grant(&self, increment: u32) -> Result<(), FlowError> {
-        self.lock().grant(increment)?;
-        self.notify.notify_one();
-        Ok(())
-    }
-
-    /// Waits for credit and takes 1..=`max` bytes of it.
-    pub(crate) async fn acquire(&self, max: usize) -> usize {
-        loop {
-            {
-                let mut credit = self.lock();
-                let n = credit.take(max);
-                if n > 0 {
-                    if credit.available() > 0 {
-                        // Let the other pump see what is left.
-                        self.notify.notify_one();
-                    }
-                    return n;
-                }
-            }
-            self.notify.notified().await;
-        }
-    }
-
-    /// Returns credit taken with [`OutputCredit::acquire`] but not used.
-    pub(crate) fn give_back(&self, n: usize) {
-        if n > 0 {
-            self.lock().give_back(n);
-            self.notify.notify_one();
-        }
-    }
-}
-
 /// The session's view of a running exec.
 pub(crate) struct ExecHandle {
     /// Process group to signal; `None` if nothing was spawned (exit 126/127 reported).
     pub(crate) pgid: Option<i32>,
     /// Output credit, fed by the host's WINDOW frames.
     pub(crate) credit: Arc<OutputCredit>,
-    stdin: Option<StdinFeed>,
-}
-
-struct StdinFeed {
-    tx: mpsc::UnboundedSender<Bytes>,
-    window: Arc<Mutex<RecvWindow>>,
+    stdin: Option<InboundTx<Bytes>>,
 }
 
 impl ExecHandle {
@@ -139,10 +82,8 @@ impl ExecHandle {
         let Some(feed) = &self.stdin else {
             return Ok(());
         };
-        lock(&feed.window).on_data(data.len())?;
         // The pump may be gone (exec finishing); the bytes are then moot.
-        let _ = feed.tx.send(data);
-        Ok(())
+        feed.send_data(data.len(), data)
     }
 
     /// Closes stdin once the bytes already received have been written.
@@ -302,16 +243,8 @@ pub(crate) fn start(
     };
 
     let (stdin, stdin_rx, stdin_window) = if req.stdin {
-        let window = Arc::new(Mutex::new(RecvWindow::new(config.stdin_window)));
-        let (tx, rx) = mpsc::unbounded_channel();
-        (
-            Some(StdinFeed {
-                tx,
-                window: Arc::clone(&window),
-            }),
-            Some((rx, window)),
-            Some(config.stdin_window.max(1)),
-        )
+        let (tx, rx) = inbound(config.stdin_window);
+        (Some(tx), Some(rx), Some(config.stdin_window.max(1)))
     } else {
         (None, None, None)
     };
@@ -470,7 +403,7 @@ struct Process {
     stdout: pipe::Receiver,
     stderr: pipe::Receiver,
     stdin_pipe: Option<pipe::Sender>,
-    stdin_rx: Option<(mpsc::UnboundedReceiver<Bytes>, Arc<Mutex<RecvWindow>>)>,
+    stdin_rx: Option<InboundRx<Bytes>>,
     timeout: Option<Duration>,
     budget: Option<u64>,
     linger: Duration,
@@ -653,11 +586,11 @@ async fn pump_output(
 
 async fn pump_stdin(
     mut pipe: Option<pipe::Sender>,
-    feed: Option<(mpsc::UnboundedReceiver<Bytes>, Arc<Mutex<RecvWindow>>)>,
+    feed: Option<InboundRx<Bytes>>,
     out: &Outbound,
     stream: StreamId,
 ) {
-    let Some((mut rx, window)) = feed else {
+    let Some(mut rx) = feed else {
         return;
     };
     while let Some(data) = rx.recv().await {
@@ -670,7 +603,7 @@ async fn pump_stdin(
             // The process closed its stdin: keep granting credit so the host never stalls.
             pipe = None;
         }
-        let grant = lock(&window).on_consumed(data.len());
+        let grant = rx.consumed(data.len());
         if let Some(increment) = grant
             && !out.send(&Frame::Window { stream, increment }).await
         {

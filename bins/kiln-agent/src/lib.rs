@@ -1,7 +1,10 @@
 //! kiln's guest agent: the initramfs `/init` and the server side of the agent channel.
 //!
 //! Owns: PID 1 boot duties ([`init`]), child reaping ([`reaper`]), the protocol loop and
-//! session state ([`session`]), exec handling, TCP tunnels to guest loopback ports, applying
+//! session state ([`session`]), the per-session stream registry every kind of stream shares
+//! (`streams`: ids, caps, credit, host-byte queues, stream tasks), exec handling, TCP tunnels
+//! to guest loopback ports, file transfers and file operations (`files`, feature
+//! `files-v1`), applying
 //! a restored guest's new identity ([`identity`]), the virtio-serial port ([`port`]) and the
 //! only `unsafe` code of the agent ([`sys`]). The binary (`main.rs`) only wires these
 //! together, so tests can run the real session and exec logic in-process over
@@ -17,12 +20,14 @@
 
 pub mod console;
 mod exec;
+mod files;
 pub mod identity;
 pub mod init;
 mod outbound;
 pub mod port;
 pub mod reaper;
 pub mod session;
+mod streams;
 pub mod sys;
 mod tunnel;
 

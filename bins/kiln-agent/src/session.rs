@@ -1,5 +1,5 @@
-//! The agent's protocol loop: one connection, any number of sessions, many execs and TCP
-//! tunnels.
+//! The agent's protocol loop: one connection, any number of sessions, many execs, TCP
+//! tunnels and file transfers.
 //!
 //! Owns: [`Agent`] (configuration, reaper, what it reports about itself, the identity sink
 //! and the current restore id) and [`Agent::serve`], which runs the
@@ -20,7 +20,10 @@
 //!   are aborted and their process groups SIGKILLed, its TCP tunnels' sockets are closed,
 //!   their queued frames are discarded by epoch, and the SYNC_ACK is the first frame of the
 //!   new session.
-//! - A stream id names at most one running exec or open tunnel of a session at a time.
+//! - A stream id names at most one running exec, open tunnel or file transfer of a session at
+//!   a time (the stream table, `streams.rs`).
+//! - File operations never block the loop: transfers run in their own task with a blocking
+//!   thread, one-shot operations (stat, list, ...) on a blocking thread whose task answers.
 //! - A framing error never ends the connection: the decoder hunts for the next SYNC.
 //! - Every request is answered exactly once (`response` or `error` with its id); a
 //!   `tcp_connect` is answered by its tunnel's task once the connect has finished.
@@ -29,7 +32,6 @@
 //!   cleared when an identity is attempted and set only once every step succeeded; it
 //!   outlives sessions (a restored guest keeps it across host reconnects).
 
-use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,20 +40,22 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, Decoder, ErrorBody, ErrorCode, ExecRequest, FEATURE_IDENTITY_V1,
-    FEATURE_TCP_V1, Frame, GuestIdentity, GuestMessage, HostMessage, HuntTarget, Request,
-    RequestId, Response, RestoreId, SUPPORTED_VERSIONS, StreamId, SyncAckFrame, choose_version,
-    loose_request_id,
+    AgentInfo, DataChannel, Decoder, ErrorBody, ErrorCode, ExecRequest, FEATURE_FILES_V1,
+    FEATURE_IDENTITY_V1, FEATURE_TCP_V1, Frame, GuestIdentity, GuestMessage, HostMessage,
+    HuntTarget, Request, RequestId, Response, RestoreId, SUPPORTED_VERSIONS, StreamId,
+    SyncAckFrame, choose_version, loose_request_id,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
-use tokio::task::{self, JoinSet};
+use tokio::task::JoinSet;
 
 use crate::console::{error_chain, warn};
 use crate::exec::{self, ExecHandle};
+use crate::files::{self, FileHandle};
 use crate::identity::{self, IdentitySink};
 use crate::outbound::{OutItem, Outbound, write_loop};
 use crate::reaper::Reaper;
+use crate::streams::{FeedError, OutputCredit, StreamHandle, StreamKind, StreamTable};
 use crate::sys;
 use crate::tunnel::{self, TunnelHandle};
 
@@ -79,6 +83,10 @@ pub struct AgentConfig {
     pub tunnel_window: u32,
     /// How long a tunnel's connect may take before it fails with `connect_failed`.
     pub tunnel_connect_timeout: Duration,
+    /// Most concurrent file transfers (reads and writes) per session.
+    pub max_file_transfers: usize,
+    /// Credit the agent grants per file write for the host's bytes, in bytes.
+    pub file_window: u32,
 }
 
 impl Default for AgentConfig {
@@ -92,6 +100,8 @@ impl Default for AgentConfig {
             max_tunnels: 256,
             tunnel_window: 256 << 10,
             tunnel_connect_timeout: Duration::from_secs(10),
+            max_file_transfers: 64,
+            file_window: 256 << 10,
         }
     }
 }
@@ -130,11 +140,43 @@ pub struct Agent {
 /// One session: everything a SYNC creates and the next SYNC (or EOF) destroys.
 struct Session {
     out: Outbound,
-    execs: HashMap<StreamId, ExecHandle>,
-    tunnels: HashMap<StreamId, TunnelHandle>,
-    /// Exec and tunnel tasks, each yielding its stream when done.
-    tasks: JoinSet<StreamId>,
-    task_streams: HashMap<task::Id, StreamId>,
+    /// Every live exec, tunnel and file transfer, and the tasks serving them.
+    streams: StreamTable<Handle>,
+    /// One-shot file operations running on blocking threads; each answers its request.
+    ops: JoinSet<()>,
+}
+
+/// What a live stream of a session is.
+enum Handle {
+    Exec(ExecHandle),
+    Tunnel(TunnelHandle),
+    File(FileHandle),
+}
+
+impl StreamHandle for Handle {
+    fn kind(&self) -> StreamKind {
+        match self {
+            Handle::Exec(_) => StreamKind::Exec,
+            Handle::Tunnel(_) => StreamKind::Tunnel,
+            Handle::File(_) => StreamKind::File,
+        }
+    }
+
+    fn credit(&self) -> Option<&OutputCredit> {
+        match self {
+            Handle::Exec(h) => Some(&h.credit),
+            Handle::Tunnel(t) => Some(&t.credit),
+            Handle::File(f) => f.credit(),
+        }
+    }
+
+    fn feed(&mut self, data: Bytes) -> Result<(), FeedError> {
+        match self {
+            Handle::Exec(h) => Ok(h.feed_stdin(data)?),
+            Handle::Tunnel(t) => t.feed(data),
+            Handle::File(f) => f.feed(data),
+        }
+    }
 }
 
 enum Event {
@@ -160,7 +202,11 @@ impl Agent {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
             kernel_release: sys::kernel_release(),
-            features: vec!["exec".to_owned(), FEATURE_TCP_V1.to_owned()],
+            features: vec![
+                "exec".to_owned(),
+                FEATURE_TCP_V1.to_owned(),
+                FEATURE_FILES_V1.to_owned(),
+            ],
         };
         Agent {
             config,
@@ -320,10 +366,8 @@ impl Agent {
                 } else {
                     *session = Some(Session {
                         out,
-                        execs: HashMap::new(),
-                        tunnels: HashMap::new(),
-                        tasks: JoinSet::new(),
-                        task_streams: HashMap::new(),
+                        streams: StreamTable::new(),
+                        ops: JoinSet::new(),
                     });
                 }
                 return None;
@@ -334,14 +378,7 @@ impl Agent {
         match frame {
             Frame::Control(payload) => return self.on_control(s, &payload).await,
             Frame::Window { stream, increment } => {
-                let credit = match (s.execs.get(&stream), s.tunnels.get(&stream)) {
-                    (Some(h), _) => Some(&h.credit),
-                    (None, Some(t)) => Some(&t.credit),
-                    (None, None) => None,
-                };
-                if let Some(credit) = credit
-                    && let Err(e) = credit.grant(increment)
-                {
+                if let Err(e) = s.streams.grant(stream, increment) {
                     warn(format_args!("stream {stream}: {e}"));
                 }
             }
@@ -350,14 +387,8 @@ impl Agent {
                 channel: DataChannel::Stdin,
                 data,
             } => {
-                if let Some(h) = s.execs.get_mut(&stream) {
-                    if let Err(e) = h.feed_stdin(data) {
-                        warn(format_args!("stream {stream}: stdin dropped: {e}"));
-                    }
-                } else if let Some(t) = s.tunnels.get_mut(&stream)
-                    && let Err(e) = t.feed(data)
-                {
-                    warn(format_args!("stream {stream}: tunnel bytes dropped: {e}"));
+                if let Err(e) = s.streams.feed(stream, data) {
+                    warn(format_args!("stream {stream}: host bytes dropped: {e}"));
                 }
             }
             other => warn(format_args!(
@@ -395,6 +426,97 @@ impl Agent {
                         Ok(()) => return None,
                         Err(e) => Err(e),
                     },
+                    Request::FileWrite {
+                        stream,
+                        path,
+                        mode,
+                        tar,
+                    } => {
+                        let started = s
+                            .streams
+                            .check_new(
+                                stream,
+                                StreamKind::File,
+                                self.config.max_file_transfers,
+                                "file transfers may run",
+                            )
+                            .and_then(|()| {
+                                files::start_write(
+                                    id,
+                                    stream,
+                                    &path,
+                                    mode,
+                                    tar,
+                                    self.config.file_window,
+                                    s.out.clone(),
+                                )
+                            });
+                        match started {
+                            // The transfer's task answers.
+                            Ok(started) => {
+                                s.streams.insert(
+                                    stream,
+                                    Handle::File(started.handle),
+                                    started.task,
+                                );
+                                return None;
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Request::FileRead {
+                        stream,
+                        path,
+                        tar,
+                        window,
+                    } => {
+                        let started = s
+                            .streams
+                            .check_new(
+                                stream,
+                                StreamKind::File,
+                                self.config.max_file_transfers,
+                                "file transfers may run",
+                            )
+                            .and_then(|()| {
+                                files::start_read(id, stream, &path, tar, window, s.out.clone())
+                            });
+                        match started {
+                            Ok(started) => {
+                                s.streams.insert(
+                                    stream,
+                                    Handle::File(started.handle),
+                                    started.task,
+                                );
+                                return None;
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Request::FileStat { path } => {
+                        s.spawn_op(id, move || files::stat(&path));
+                        return None;
+                    }
+                    Request::FileList { path, after } => {
+                        s.spawn_op(id, move || files::list(&path, after.as_ref()));
+                        return None;
+                    }
+                    Request::FileMkdir {
+                        path,
+                        parents,
+                        mode,
+                    } => {
+                        s.spawn_op(id, move || files::mkdir(&path, parents, mode));
+                        return None;
+                    }
+                    Request::FileRemove { path, recursive } => {
+                        s.spawn_op(id, move || files::remove(&path, recursive));
+                        return None;
+                    }
+                    Request::FileRename { from, to } => {
+                        s.spawn_op(id, move || files::rename(&from, &to));
+                        return None;
+                    }
                     Request::Ping => Ok(Response::Pong),
                     Request::Exec {
                         stream,
@@ -416,18 +538,28 @@ impl Agent {
                 reply(s, id, result).await;
             }
             HostMessage::StdinClose { stream } => {
-                if let Some(h) = s.execs.get_mut(&stream) {
+                if let Some(Handle::Exec(h)) = s.streams.get_mut(stream) {
                     h.close_stdin();
                 }
             }
             HostMessage::TcpShutdown { stream } => {
-                if let Some(t) = s.tunnels.get_mut(&stream) {
+                if let Some(Handle::Tunnel(t)) = s.streams.get_mut(stream) {
                     t.shutdown_write();
                 }
             }
             HostMessage::TcpClose { stream } => {
-                if let Some(t) = s.tunnels.get_mut(&stream) {
+                if let Some(Handle::Tunnel(t)) = s.streams.get_mut(stream) {
                     t.close();
+                }
+            }
+            HostMessage::FileEnd { stream } => {
+                if let Some(Handle::File(f)) = s.streams.get_mut(stream) {
+                    f.end();
+                }
+            }
+            HostMessage::FileAbort { stream } => {
+                if let Some(Handle::File(f)) = s.streams.get_mut(stream) {
+                    f.abort();
                 }
             }
             HostMessage::Unknown => {}
@@ -442,13 +574,12 @@ impl Agent {
         output_window: u32,
         req: ExecRequest,
     ) -> Result<Response, ErrorBody> {
-        s.check_unused(stream)?;
-        if s.execs.len() >= self.config.max_execs {
-            return Err(ErrorBody {
-                code: ErrorCode::TooManyStreams,
-                message: format!("at most {} execs may run at once", self.config.max_execs),
-            });
-        }
+        s.streams.check_new(
+            stream,
+            StreamKind::Exec,
+            self.config.max_execs,
+            "execs may run",
+        )?;
         let restore_id = self.restore_id();
         let started = exec::start(
             &self.reaper,
@@ -462,13 +593,8 @@ impl Agent {
         if let Some(increment) = started.stdin_window {
             s.out.send(&Frame::Window { stream, increment }).await;
         }
-        let task = started.task;
-        let handle = s.tasks.spawn(async move {
-            task.await;
-            stream
-        });
-        s.task_streams.insert(handle.id(), stream);
-        s.execs.insert(stream, started.handle);
+        s.streams
+            .insert(stream, Handle::Exec(started.handle), started.task);
         Ok(Response::ExecStarted { pid: started.pid })
     }
 }
@@ -483,55 +609,81 @@ impl Agent {
         port: u16,
         window: u32,
     ) -> Result<(), ErrorBody> {
-        s.check_unused(stream)?;
-        if s.tunnels.len() >= self.config.max_tunnels {
-            return Err(ErrorBody {
-                code: ErrorCode::TooManyStreams,
-                message: format!(
-                    "at most {} tcp tunnels may be open at once",
-                    self.config.max_tunnels
-                ),
-            });
-        }
+        s.streams.check_new(
+            stream,
+            StreamKind::Tunnel,
+            self.config.max_tunnels,
+            "tcp tunnels may be open",
+        )?;
         let started = tunnel::start(&self.config, id, stream, port, window, s.out.clone())?;
-        let task = started.task;
-        let handle = s.tasks.spawn(async move {
-            task.await;
-            stream
-        });
-        s.task_streams.insert(handle.id(), stream);
-        s.tunnels.insert(stream, started.handle);
+        s.streams
+            .insert(stream, Handle::Tunnel(started.handle), started.task);
         Ok(())
     }
 }
 
 impl Session {
-    /// Fails with `stream_in_use` if a running exec or an open tunnel has `stream`.
-    fn check_unused(&self, stream: StreamId) -> Result<(), ErrorBody> {
-        if self.execs.contains_key(&stream) || self.tunnels.contains_key(&stream) {
-            return Err(ErrorBody {
-                code: ErrorCode::StreamInUse,
-                message: format!("stream {stream} is already in use"),
-            });
-        }
-        Ok(())
+    /// Runs a one-shot file operation on a blocking thread; its task answers request `id`.
+    fn spawn_op<F>(&mut self, id: RequestId, op: F)
+    where
+        F: FnOnce() -> Result<Response, ErrorBody> + Send + 'static,
+    {
+        // Forget the operations that already answered (their results are unit).
+        while self.ops.try_join_next().is_some() {}
+        let out = self.out.clone();
+        self.ops.spawn(async move {
+            let result = match tokio::task::spawn_blocking(op).await {
+                Ok(result) => result,
+                Err(_) => Err(ErrorBody {
+                    code: ErrorCode::Internal,
+                    message: "the file operation failed inside the agent".to_owned(),
+                }),
+            };
+            let msg = match result {
+                Ok(response) => GuestMessage::Response { id, response },
+                Err(error) => GuestMessage::Error {
+                    id: Some(id),
+                    error,
+                },
+            };
+            out.message(&msg).await;
+        });
     }
 
     /// Retires the exec or tunnel whose task finished. A task that panicked (`!clean`) did
     /// not report its end: report it here so the host never waits forever.
     async fn on_task_finished(&mut self, stream: StreamId, clean: bool) {
-        let exec = self.execs.remove(&stream);
-        let tunnel = self.tunnels.remove(&stream);
+        let handle = self.streams.remove(stream);
         if clean {
             return;
         }
-        if exec.is_some() {
+        if let Some(Handle::Exec(_)) = handle {
             let msg = GuestMessage::Exit {
                 stream,
                 status: Default::default(),
             };
             self.out.message(&msg).await;
-        } else if let Some(t) = tunnel {
+        } else if let Some(Handle::File(f)) = handle {
+            let msg = if f.answered.load(std::sync::atomic::Ordering::SeqCst) {
+                GuestMessage::FileDone {
+                    stream,
+                    bytes: 0,
+                    error: Some(ErrorBody {
+                        code: ErrorCode::Internal,
+                        message: "the file transfer failed inside the agent".to_owned(),
+                    }),
+                }
+            } else {
+                GuestMessage::Error {
+                    id: Some(f.request),
+                    error: ErrorBody {
+                        code: ErrorCode::Internal,
+                        message: "the file transfer failed inside the agent".to_owned(),
+                    },
+                }
+            };
+            self.out.message(&msg).await;
+        } else if let Some(Handle::Tunnel(t)) = handle {
             let msg = if t.answered.load(std::sync::atomic::Ordering::SeqCst) {
                 GuestMessage::TcpClosed {
                     stream,
@@ -569,7 +721,7 @@ fn signal_exec(s: &Session, stream: StreamId, signo: i32) -> Result<Response, Er
             message: format!("signal {signo} is not in 1..=64"),
         });
     }
-    let Some(handle) = s.execs.get(&stream) else {
+    let Some(Handle::Exec(handle)) = s.streams.get(stream) else {
         return Err(ErrorBody {
             code: ErrorCode::NoSuchStream,
             message: format!("no running exec on stream {stream}"),
@@ -589,24 +741,11 @@ fn signal_exec(s: &Session, stream: StreamId, signo: i32) -> Result<Response, Er
     }
 }
 
-/// The next exec task to finish: its stream and whether it ended cleanly (not panicked).
+/// The next stream task to finish: its stream and whether it ended cleanly (not panicked).
 /// Pending forever while there is no session or no task.
 async fn next_finished(session: &mut Option<Session>) -> (StreamId, bool) {
-    loop {
-        let Some(s) = session.as_mut().filter(|s| !s.tasks.is_empty()) else {
-            return std::future::pending().await;
-        };
-        match s.tasks.join_next_with_id().await {
-            Some(Ok((id, stream))) => {
-                s.task_streams.remove(&id);
-                return (stream, true);
-            }
-            Some(Err(e)) => {
-                if let Some(stream) = s.task_streams.remove(&e.id()) {
-                    return (stream, false);
-                }
-            }
-            None => {}
-        }
+    match session.as_mut() {
+        Some(s) => s.streams.next_finished().await,
+        None => std::future::pending().await,
     }
 }

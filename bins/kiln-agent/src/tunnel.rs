@@ -33,29 +33,26 @@ use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kiln_agent_proto::{
-    DataChannel, ErrorBody, ErrorCode, FlowError, Frame, GuestMessage, MAX_DATA_PAYLOAD,
-    MAX_WINDOW, RecvWindow, RequestId, Response, StreamId,
+    DataChannel, ErrorBody, ErrorCode, Frame, GuestMessage, MAX_DATA_PAYLOAD, MAX_WINDOW,
+    RequestId, Response, StreamId,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
-use crate::exec::{OutputCredit, os_message};
+use crate::exec::os_message;
 use crate::outbound::Outbound;
 use crate::session::AgentConfig;
+use crate::streams::{FeedError, InboundRx, InboundTx, OutputCredit, inbound};
 
 type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// What the session hands to a tunnel's socket writer, in stream order.
 enum ToSocket {
@@ -63,17 +60,6 @@ enum ToSocket {
     Data(Bytes),
     /// `tcp_shutdown`: `shutdown(SHUT_WR)` once the bytes before it are written.
     Shutdown,
-}
-
-/// Why STDIN bytes for a tunnel were not accepted.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum FeedError {
-    /// The host sent more than the credit it was granted.
-    #[error(transparent)]
-    Overrun(#[from] FlowError),
-    /// The host already shut the tunnel down for writing.
-    #[error("bytes after tcp_shutdown")]
-    AfterShutdown,
 }
 
 /// The session's view of an open (or connecting) tunnel.
@@ -85,8 +71,7 @@ pub(crate) struct TunnelHandle {
     /// Set by the task just before it answers the request.
     pub(crate) answered: Arc<AtomicBool>,
     /// `None` once the host shut the tunnel down for writing.
-    feed: Option<mpsc::UnboundedSender<ToSocket>>,
-    window: Arc<Mutex<RecvWindow>>,
+    feed: Option<InboundTx<ToSocket>>,
     /// Fired (or dropped) to close the tunnel at once.
     close: Option<oneshot::Sender<()>>,
 }
@@ -95,19 +80,17 @@ impl TunnelHandle {
     /// Hands STDIN bytes to the tunnel's socket writer.
     pub(crate) fn feed(&mut self, data: Bytes) -> Result<(), FeedError> {
         let Some(feed) = &self.feed else {
-            return Err(FeedError::AfterShutdown);
+            return Err(FeedError::AfterEnd);
         };
-        lock(&self.window).on_data(data.len())?;
         // The task may be finishing (socket closed); the bytes are then moot.
-        let _ = feed.send(ToSocket::Data(data));
-        Ok(())
+        Ok(feed.send_data(data.len(), ToSocket::Data(data))?)
     }
 
     /// `tcp_shutdown`: after the bytes already received, shut the socket down for writing.
     /// Idempotent.
     pub(crate) fn shutdown_write(&mut self) {
         if let Some(feed) = self.feed.take() {
-            let _ = feed.send(ToSocket::Shutdown);
+            feed.send_marker(ToSocket::Shutdown);
         }
     }
 
@@ -152,9 +135,8 @@ pub(crate) fn start(
     }
     let credit = Arc::new(OutputCredit::new(window));
     let recv_window = config.tunnel_window.clamp(1, MAX_WINDOW as u32);
-    let recv = Arc::new(Mutex::new(RecvWindow::new(recv_window)));
     let answered = Arc::new(AtomicBool::new(false));
-    let (feed_tx, feed_rx) = mpsc::unbounded_channel();
+    let (feed_tx, feed_rx) = inbound(recv_window);
     let (close_tx, close_rx) = oneshot::channel();
     let tunnel = Tunnel {
         stream,
@@ -163,7 +145,6 @@ pub(crate) fn start(
         answered: Arc::clone(&answered),
         out,
         credit: Arc::clone(&credit),
-        recv: Arc::clone(&recv),
         recv_window,
         feed: feed_rx,
         close: close_rx,
@@ -175,7 +156,6 @@ pub(crate) fn start(
             request,
             answered,
             feed: Some(feed_tx),
-            window: recv,
             close: Some(close_tx),
         },
         task: Box::pin(tunnel.run()),
@@ -190,9 +170,8 @@ struct Tunnel {
     answered: Arc<AtomicBool>,
     out: Outbound,
     credit: Arc<OutputCredit>,
-    recv: Arc<Mutex<RecvWindow>>,
     recv_window: u32,
-    feed: mpsc::UnboundedReceiver<ToSocket>,
+    feed: InboundRx<ToSocket>,
     close: oneshot::Receiver<()>,
     connect_timeout: Duration,
 }
@@ -284,7 +263,7 @@ impl Tunnel {
     async fn pump(&mut self, socket: &mut TcpStream) -> End {
         let (mut rd, mut wr) = socket.split();
         let to_host = pump_to_host(&mut rd, self.stream, &self.out, &self.credit);
-        let to_socket = pump_to_socket(&mut wr, &mut self.feed, &self.recv, self.stream, &self.out);
+        let to_socket = pump_to_socket(&mut wr, &mut self.feed, self.stream, &self.out);
         tokio::pin!(to_host, to_socket);
         let mut read_done = false;
         let mut write_done = false;
@@ -368,8 +347,7 @@ async fn pump_to_host(
 /// `tcp_shutdown`.
 async fn pump_to_socket(
     wr: &mut WriteHalf<'_>,
-    feed: &mut mpsc::UnboundedReceiver<ToSocket>,
-    window: &Mutex<RecvWindow>,
+    feed: &mut InboundRx<ToSocket>,
     stream: StreamId,
     out: &Outbound,
 ) -> Result<(), PumpError> {
@@ -377,7 +355,7 @@ async fn pump_to_socket(
         match item {
             ToSocket::Data(data) => {
                 wr.write_all(&data).await.map_err(PumpError::Io)?;
-                let grant = lock(window).on_consumed(data.len());
+                let grant = feed.consumed(data.len());
                 if let Some(increment) = grant
                     && !out.send(&Frame::Window { stream, increment }).await
                 {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use kiln_agent::port::VirtioPort;
 use kiln_agent::{Agent, AgentConfig, ReapMode, Reaper, ServeEnd};
-use kiln_vmm::agent::{
+use kiln_agent_host::{
     AgentClient, AgentError, ClientConfig, ErrorCode, ExecEvent, ExecOutput, ExecRequest,
 };
 use sha2::{Digest, Sha256};

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kiln_agent::identity::{IdentityCall, IdentityStep, RESTORE_ID_ENV};
 use kiln_agent::{Agent, AgentConfig, FakeIdentity, IdentitySink, ReapMode, Reaper};
-use kiln_vmm::agent::{
+use kiln_agent_host::{
     AgentClient, AgentError, ClientConfig, Entropy, ErrorCode, ExecRequest, FEATURE_IDENTITY_V1,
     GuestIdentity, Hostname, MachineId, RestoreId, UnixNanos,
 };

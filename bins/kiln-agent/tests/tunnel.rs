@@ -1,11 +1,11 @@
 //! TCP tunnels end to end: the real agent (session + tunnel tasks) and the real host client
-//! (`kiln_vmm::agent::TcpTunnel`) over `tokio::io::duplex`, with the tunnelled servers on
+//! (`kiln_agent_host::TcpTunnel`) over `tokio::io::duplex`, with the tunnelled servers on
 //! this host's loopback. No VM, no root.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kiln_vmm::agent::{
+use kiln_agent_host::{
     AgentClient, AgentError, ClientConfig, ErrorCode, ExecRequest, FEATURE_TCP_V1, TcpTunnel,
 };
 use sha2::{Digest, Sha256};

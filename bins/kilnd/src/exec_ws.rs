@@ -64,7 +64,7 @@ pub async fn exec_in(engine: Arc<Engine>, id: SandboxId, socket: WebSocket) {
                 sandbox: id,
                 boot_ms: None,
             };
-            pump(exec, started, tx, client).await;
+            pump(exec, started, tx, client, false).await;
         }
         Err(e) => send_error(&mut tx, crate::api::api_error(&e)).await,
     }
@@ -125,18 +125,28 @@ pub async fn run(engine: Arc<Engine>, socket: WebSocket) {
         }
     };
     let id = info.id.clone();
-    match engine.sandbox_exec(&id, &req.exec).await {
+    // The exit status is held back until the sandbox is gone: a client that has seen it
+    // never finds its run sandbox still listed.
+    let last = match engine.sandbox_exec(&id, &req.exec).await {
         Ok(exec) => {
             let started = ExecServerMessage::Started {
                 sandbox: id.clone(),
                 boot_ms: info.status.boot_ms,
             };
-            pump(exec, started, tx, client).await;
+            pump(exec, started, tx, client, true).await
         }
-        Err(e) => send_error(&mut tx, crate::api::api_error(&e)).await,
-    }
+        Err(e) => {
+            let text = serde_json::to_string(&ExecServerMessage::Error(crate::api::api_error(&e)))
+                .unwrap_or_default();
+            Some((tx, Message::Text(text.into())))
+        }
+    };
     if let Err(e) = engine.sandbox_delete(&id).await {
         warn!(sandbox_id = %id, error = %e.chain(), "could not remove run sandbox");
+    }
+    if let Some((mut tx, msg)) = last {
+        let _ = tx.send(msg).await;
+        let _ = tx.close().await;
     }
 }
 
@@ -249,15 +259,19 @@ enum Control {
     Signal(i32),
 }
 
+/// Streams `exec` to the client until it ends. With `hold_last`, the final message (exit
+/// status or error) is not sent but returned with the socket, for the caller to send once it
+/// has cleaned up.
 async fn pump(
     mut exec: Exec,
     started: ExecServerMessage,
     mut tx: SplitSink<WebSocket, Message>,
     client: ClientSide,
-) {
+    hold_last: bool,
+) -> Option<(SplitSink<WebSocket, Message>, Message)> {
     if send_json(&mut tx, &started).await.is_err() {
         let _ = exec.signal(SIGKILL).await;
-        return;
+        return None;
     }
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Control>(8);
     let reader = tokio::spawn(read_client(client.msgs, exec.stdin(), ctl_tx));
@@ -276,6 +290,10 @@ async fn pump(
                         (Message::Text(text.into()), true)
                     }
                 };
+                if last && hold_last {
+                    reader.abort();
+                    return Some((tx, msg));
+                }
                 if tx.send(msg).await.is_err() {
                     // The client is gone: the command must not run on unobserved.
                     let _ = exec.signal(SIGKILL).await;
@@ -301,6 +319,7 @@ async fn pump(
         }
     }
     reader.abort();
+    None
 }
 
 fn error_body(e: &CoreError) -> ApiError {

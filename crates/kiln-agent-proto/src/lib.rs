@@ -2,7 +2,8 @@
 //!
 //! Owns: the frame layout, the incremental [`Decoder`], the resync handshake
 //! ([`SyncFrame`]/[`SyncAckFrame`]), the typed control messages ([`HostMessage`],
-//! [`GuestMessage`]), the validated identity a restored guest is given ([`identity`]) and the
+//! [`GuestMessage`]), the validated identity a restored guest is given ([`identity`]), the
+//! validated values of the file operations ([`files`]) and the
 //! pure flow-control bookkeeping ([`RecvWindow`], [`SendCredit`]).
 //! Must not do: any I/O, any async, any allocation sized by a peer-supplied number before that
 //! number has been checked against a cap.
@@ -26,7 +27,7 @@
 //!          0x11 STDOUT    guest→host  stream≠0  payload = raw bytes (1..=64 KiB)
 //!          0x12 STDERR    guest→host  stream≠0  payload = raw bytes (1..=64 KiB)
 //!                         (a TCP tunnel's stream uses STDIN toward and STDOUT from the guest
-//!                         socket; never STDERR)
+//!                         socket, a file write STDIN, a file read STDOUT; never STDERR)
 //!  flags   reserved, must be 0 in version 1
 //!
 //!  SYNC body:      "KILN-SYN" | nonce u64 LE | n u8 (1..=16) | n × version u16 LE
@@ -46,6 +47,7 @@
 
 pub mod decoder;
 pub mod error;
+pub mod files;
 pub mod flow;
 pub mod frame;
 pub mod fuzz;
@@ -55,6 +57,10 @@ pub mod message;
 
 pub use decoder::{Decoder, HuntTarget};
 pub use error::ProtoError;
+pub use files::{
+    EntryName, FEATURE_FILES_V1, FileEntry, FileKind, FileList, FileStat, GuestPath, LinkTarget,
+    MAX_LIST_ENTRIES, MAX_NAME_BYTES, MAX_PATH_BYTES, PathError, TooManyEntries, check_entry_name,
+};
 pub use flow::{FlowError, RecvWindow, SendCredit};
 pub use frame::{DataChannel, Frame, FrameKind, StreamId};
 pub use fuzz::fuzz_decode;

@@ -9,6 +9,8 @@
 //!  {"type":"stdin_close","stream":S}                  {"type":"exit","stream":S,"status":{..}}
 //!  {"type":"tcp_shutdown","stream":S}                 {"type":"tcp_eof","stream":S}
 //!  {"type":"tcp_close","stream":S}                    {"type":"tcp_closed","stream":S,"error":..}
+//!  {"type":"file_end","stream":S}                     {"type":"file_done","stream":S,"bytes":N,"error":..}
+//!  {"type":"file_abort","stream":S}
 //! ```
 //!
 //! Every request gets exactly one `response` or `error` with its id. Exec output is not JSON:
@@ -22,9 +24,11 @@
 //! answered with [`ErrorCode::Unsupported`], unknown events are ignored. New fields must be
 //! `#[serde(default)]`. Additions slot in as new `Request` variants; a host uses them only if
 //! the SYNC_ACK version or [`crate::AgentInfo::features`] says the guest has them. Added so
-//! far: `apply_identity` (feature `identity-v1`, see [`crate::identity`]) and `tcp_connect`
-//! with its events (feature [`FEATURE_TCP_V1`]). Planned: `secret_put`, `file_put`/`file_get`
-//! (bytes on a stream like exec output).
+//! far: `apply_identity` (feature `identity-v1`, see [`crate::identity`]), `tcp_connect`
+//! with its events (feature [`FEATURE_TCP_V1`]) and the file operations (feature
+//! [`crate::FEATURE_FILES_V1`], values in [`crate::files`]): a `file_write` carries its bytes
+//! in STDIN frames and ends with `file_end`, a `file_read` in STDOUT frames; `file_done` is
+//! a transfer's last message. Planned: `secret_put`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -34,6 +38,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ProtoError;
+use crate::files::{EntryName, FileList, FileStat, GuestPath};
 use crate::frame::{Frame, StreamId};
 use crate::identity::{GuestIdentity, IdentityAck};
 
@@ -118,6 +123,19 @@ pub enum HostMessage {
         /// The tunnel's stream.
         stream: StreamId,
     },
+    /// Every byte of a `file_write` has been sent: the guest finishes the file (fsync,
+    /// rename over the target) and answers [`GuestMessage::FileDone`] (feature `files-v1`).
+    FileEnd {
+        /// The transfer's stream.
+        stream: StreamId,
+    },
+    /// The host gives up on a file transfer: a write's temporary file is removed (nothing
+    /// appears at the target), a read stops; the guest answers [`GuestMessage::FileDone`]
+    /// with [`ErrorCode::Aborted`] (feature `files-v1`).
+    FileAbort {
+        /// The transfer's stream.
+        stream: StreamId,
+    },
     /// A message type this build does not know (sent by a newer host); ignored.
     #[serde(other)]
     Unknown,
@@ -167,6 +185,79 @@ pub enum Request {
         /// Initial credit for the bytes the guest sends from its socket on `stream`.
         window: u32,
     },
+    /// Write a file (or, with `tar`, unpack a directory) at `path` from the bytes of STDIN
+    /// frames on `stream` (feature `files-v1`); answered with [`Response::FileWriteReady`]
+    /// once the temporary file exists and the initial credit has been granted. The bytes end
+    /// with [`HostMessage::FileEnd`]; the result is [`GuestMessage::FileDone`].
+    FileWrite {
+        /// Stream for the file's bytes (allocated by the host, unused in this session).
+        stream: StreamId,
+        /// Where the file (or directory) appears, atomically, once complete.
+        path: GuestPath,
+        /// Permission bits of the file (default 0o644; ignored with `tar`, whose entries
+        /// carry their own).
+        #[serde(default)]
+        mode: Option<u32>,
+        /// The bytes are a tar archive to unpack into the directory `path`.
+        #[serde(default)]
+        tar: bool,
+    },
+    /// Read a file (or, with `tar`, pack a directory) at `path` as STDOUT frames on `stream`
+    /// (feature `files-v1`); answered with [`Response::FileReadStarted`], then the bytes, then
+    /// [`GuestMessage::FileDone`].
+    FileRead {
+        /// Stream for the file's bytes (allocated by the host, unused in this session).
+        stream: StreamId,
+        /// What to read.
+        path: GuestPath,
+        /// Pack the directory `path` as a tar archive.
+        #[serde(default)]
+        tar: bool,
+        /// Initial credit for the bytes the guest sends on `stream`.
+        window: u32,
+    },
+    /// Metadata of `path`, not following a final symlink (feature `files-v1`); answered with
+    /// [`Response::FileStat`].
+    FileStat {
+        /// What to describe.
+        path: GuestPath,
+    },
+    /// One page of the directory `path`, names in byte order (feature `files-v1`); answered
+    /// with [`Response::FileList`].
+    FileList {
+        /// The directory.
+        path: GuestPath,
+        /// Start after this name (the previous page's `next_after`).
+        #[serde(default)]
+        after: Option<EntryName>,
+    },
+    /// Create the directory `path` (feature `files-v1`); answered with [`Response::FileOk`].
+    FileMkdir {
+        /// The directory to create.
+        path: GuestPath,
+        /// Create missing parents too, and succeed if `path` already is a directory.
+        #[serde(default)]
+        parents: bool,
+        /// Permission bits (default 0o755).
+        #[serde(default)]
+        mode: Option<u32>,
+    },
+    /// Remove `path` (feature `files-v1`); answered with [`Response::FileOk`].
+    FileRemove {
+        /// What to remove (a symlink is removed, not followed).
+        path: GuestPath,
+        /// Remove a directory with everything in it; without it only an empty directory is.
+        #[serde(default)]
+        recursive: bool,
+    },
+    /// Rename `from` to `to` (`rename(2)`: replaces a file at `to`) (feature `files-v1`);
+    /// answered with [`Response::FileOk`].
+    FileRename {
+        /// The current path.
+        from: GuestPath,
+        /// The new path.
+        to: GuestPath,
+    },
     /// An operation this build does not know; answered with [`ErrorCode::Unsupported`].
     #[serde(other)]
     Unknown,
@@ -182,6 +273,13 @@ impl Request {
             Request::Shutdown => "shutdown",
             Request::ApplyIdentity { .. } => "apply_identity",
             Request::TcpConnect { .. } => "tcp_connect",
+            Request::FileWrite { .. } => "file_write",
+            Request::FileRead { .. } => "file_read",
+            Request::FileStat { .. } => "file_stat",
+            Request::FileList { .. } => "file_list",
+            Request::FileMkdir { .. } => "file_mkdir",
+            Request::FileRemove { .. } => "file_remove",
+            Request::FileRename { .. } => "file_rename",
             Request::Unknown => "unknown",
         }
     }
@@ -228,6 +326,18 @@ pub enum GuestMessage {
         #[serde(default)]
         error: Option<String>,
     },
+    /// A file transfer ended; the stream's last message (feature `files-v1`). For a read it
+    /// follows the last STDOUT frame; `bytes` is how many bytes the stream carried, so a
+    /// receiver that counted fewer knows the transfer was cut short.
+    FileDone {
+        /// The transfer's stream.
+        stream: StreamId,
+        /// Bytes carried on the stream (written to the file, or sent to the host).
+        bytes: u64,
+        /// Why the transfer failed, if it did (a write then left nothing at its target).
+        #[serde(default)]
+        error: Option<ErrorBody>,
+    },
     /// A message type this build does not know (sent by a newer guest); ignored.
     #[serde(other)]
     Unknown,
@@ -254,6 +364,23 @@ pub enum Response {
     /// Answer to [`Request::TcpConnect`]: the guest socket is connected and the initial
     /// credit for the host's bytes has been granted with a WINDOW frame.
     TcpConnected,
+    /// Answer to [`Request::FileWrite`]: the temporary file exists and the initial credit for
+    /// the host's bytes has been granted with a WINDOW frame.
+    FileWriteReady,
+    /// Answer to [`Request::FileRead`]: the source is open; its bytes follow on the stream.
+    FileReadStarted {
+        /// Size of a regular file when it was opened (`None` for a tar stream). A claim only:
+        /// the stream's length is what `file_done.bytes` says.
+        #[serde(default)]
+        size: Option<u64>,
+    },
+    /// Answer to [`Request::FileStat`].
+    FileStat(FileStat),
+    /// Answer to [`Request::FileList`].
+    FileList(FileList),
+    /// Answer to [`Request::FileMkdir`], [`Request::FileRemove`] and [`Request::FileRename`]:
+    /// done.
+    FileOk,
     /// An answer this build does not know.
     #[serde(other)]
     Unknown,
@@ -292,6 +419,28 @@ pub enum ErrorCode {
     IdentityFailed,
     /// `tcp_connect` could not connect (refused, timed out, ...); the message says why.
     ConnectFailed,
+    /// A file operation's path (or a parent of it) does not exist (`files-v1`).
+    NotFound,
+    /// A file operation was refused by the guest's permissions or a read-only filesystem
+    /// (`files-v1`).
+    PermissionDenied,
+    /// A file operation needed a non-directory but found a directory (`files-v1`).
+    IsADirectory,
+    /// A file operation needed a directory but found something else (`files-v1`).
+    NotADirectory,
+    /// The target of a file operation already exists (`files-v1`).
+    AlreadyExists,
+    /// A path or a tar entry is not acceptable (relative, too long, escaping the target
+    /// directory, ...) (`files-v1`).
+    InvalidPath,
+    /// The guest filesystem is full (`files-v1`).
+    NoSpace,
+    /// A directory to remove without `recursive` is not empty (`files-v1`).
+    NotEmpty,
+    /// Any other I/O failure of a file operation; the message says what (`files-v1`).
+    Io,
+    /// The host aborted the file transfer (`files-v1`).
+    Aborted,
     /// A code this build does not know.
     #[serde(other)]
     Unknown,
@@ -311,6 +460,16 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::IdentityFailed => "identity_failed",
             ErrorCode::ConnectFailed => "connect_failed",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::IsADirectory => "is_a_directory",
+            ErrorCode::NotADirectory => "not_a_directory",
+            ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::InvalidPath => "invalid_path",
+            ErrorCode::NoSpace => "no_space",
+            ErrorCode::NotEmpty => "not_empty",
+            ErrorCode::Io => "io",
+            ErrorCode::Aborted => "aborted",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -727,6 +886,197 @@ mod tests {
     }
 
     #[test]
+    fn file_messages_json_is_stable() {
+        let stream = StreamId::new(6).expect("non-zero");
+        let path = |p: &str| GuestPath::new(p).expect("valid path");
+        let stat = FileStat {
+            kind: crate::FileKind::Symlink,
+            size: 4,
+            mode: 0o777,
+            mtime_unix_ns: 1_767_225_600_000_000_000,
+            uid: 0,
+            gid: 0,
+            symlink_target: Some(crate::LinkTarget::new("/etc").expect("valid")),
+        };
+        let entry = crate::FileEntry {
+            name: EntryName::new("a.txt").expect("valid"),
+            stat: FileStat {
+                kind: crate::FileKind::File,
+                symlink_target: None,
+                ..stat.clone()
+            },
+        };
+        let list = FileList::new(vec![entry], Some(EntryName::new("a.txt").expect("valid")))
+            .expect("small list");
+        let host: [(&str, HostMessage); 9] = [
+            (
+                r#"{"type":"request","id":1,"request":{"op":"file_write","stream":6,"path":"/root/a","mode":420,"tar":false}}"#,
+                HostMessage::Request {
+                    id: RequestId(1),
+                    request: Request::FileWrite {
+                        stream,
+                        path: path("/root/a"),
+                        mode: Some(0o644),
+                        tar: false,
+                    },
+                },
+            ),
+            (
+                r#"{"type":"request","id":2,"request":{"op":"file_read","stream":6,"path":"/root","tar":true,"window":262144}}"#,
+                HostMessage::Request {
+                    id: RequestId(2),
+                    request: Request::FileRead {
+                        stream,
+                        path: path("/root"),
+                        tar: true,
+                        window: 262_144,
+                    },
+                },
+            ),
+            (
+                r#"{"type":"request","id":3,"request":{"op":"file_stat","path":"/etc"}}"#,
+                HostMessage::Request {
+                    id: RequestId(3),
+                    request: Request::FileStat { path: path("/etc") },
+                },
+            ),
+            (
+                r#"{"type":"request","id":4,"request":{"op":"file_list","path":"/etc","after":"hosts"}}"#,
+                HostMessage::Request {
+                    id: RequestId(4),
+                    request: Request::FileList {
+                        path: path("/etc"),
+                        after: Some(EntryName::new("hosts").expect("valid")),
+                    },
+                },
+            ),
+            (
+                r#"{"type":"request","id":5,"request":{"op":"file_mkdir","path":"/a/b","parents":true,"mode":null}}"#,
+                HostMessage::Request {
+                    id: RequestId(5),
+                    request: Request::FileMkdir {
+                        path: path("/a/b"),
+                        parents: true,
+                        mode: None,
+                    },
+                },
+            ),
+            (
+                r#"{"type":"request","id":6,"request":{"op":"file_remove","path":"/a","recursive":false}}"#,
+                HostMessage::Request {
+                    id: RequestId(6),
+                    request: Request::FileRemove {
+                        path: path("/a"),
+                        recursive: false,
+                    },
+                },
+            ),
+            (
+                r#"{"type":"request","id":7,"request":{"op":"file_rename","from":"/a","to":"/b"}}"#,
+                HostMessage::Request {
+                    id: RequestId(7),
+                    request: Request::FileRename {
+                        from: path("/a"),
+                        to: path("/b"),
+                    },
+                },
+            ),
+            (
+                r#"{"type":"file_end","stream":6}"#,
+                HostMessage::FileEnd { stream },
+            ),
+            (
+                r#"{"type":"file_abort","stream":6}"#,
+                HostMessage::FileAbort { stream },
+            ),
+        ];
+        for (json, msg) in host {
+            assert_eq!(serde_json::to_string(&msg).expect("serialises"), json);
+            assert_eq!(HostMessage::from_payload(json.as_bytes()).ok(), Some(msg));
+        }
+        let guest: [(&str, GuestMessage); 7] = [
+            (
+                r#"{"type":"response","id":1,"response":{"op":"file_write_ready"}}"#,
+                GuestMessage::Response {
+                    id: RequestId(1),
+                    response: Response::FileWriteReady,
+                },
+            ),
+            (
+                r#"{"type":"response","id":2,"response":{"op":"file_read_started","size":null}}"#,
+                GuestMessage::Response {
+                    id: RequestId(2),
+                    response: Response::FileReadStarted { size: None },
+                },
+            ),
+            (
+                r#"{"type":"response","id":3,"response":{"op":"file_stat","kind":"symlink","size":4,"mode":511,"mtime_unix_ns":1767225600000000000,"uid":0,"gid":0,"symlink_target":"/etc"}}"#,
+                GuestMessage::Response {
+                    id: RequestId(3),
+                    response: Response::FileStat(stat),
+                },
+            ),
+            (
+                r#"{"type":"response","id":4,"response":{"op":"file_list","entries":[{"name":"a.txt","stat":{"kind":"file","size":4,"mode":511,"mtime_unix_ns":1767225600000000000,"uid":0,"gid":0,"symlink_target":null}}],"next_after":"a.txt"}}"#,
+                GuestMessage::Response {
+                    id: RequestId(4),
+                    response: Response::FileList(list),
+                },
+            ),
+            (
+                r#"{"type":"response","id":5,"response":{"op":"file_ok"}}"#,
+                GuestMessage::Response {
+                    id: RequestId(5),
+                    response: Response::FileOk,
+                },
+            ),
+            (
+                r#"{"type":"file_done","stream":6,"bytes":67108864,"error":null}"#,
+                GuestMessage::FileDone {
+                    stream,
+                    bytes: 64 << 20,
+                    error: None,
+                },
+            ),
+            (
+                r#"{"type":"file_done","stream":6,"bytes":0,"error":{"code":"not_found","message":"/x does not exist"}}"#,
+                GuestMessage::FileDone {
+                    stream,
+                    bytes: 0,
+                    error: Some(ErrorBody {
+                        code: ErrorCode::NotFound,
+                        message: "/x does not exist".into(),
+                    }),
+                },
+            ),
+        ];
+        for (json, msg) in guest {
+            assert_eq!(serde_json::to_string(&msg).expect("serialises"), json);
+            assert_eq!(GuestMessage::from_payload(json.as_bytes()).ok(), Some(msg));
+        }
+    }
+
+    #[test]
+    fn file_requests_with_hostile_paths_fail_to_parse_but_keep_id() {
+        let long = format!("/{}", "a".repeat(crate::MAX_PATH_BYTES));
+        for bad in [
+            r#"{"type":"request","id":9,"request":{"op":"file_stat","path":"relative"}}"#
+                .to_owned(),
+            r#"{"type":"request","id":9,"request":{"op":"file_stat","path":"/a\u0000b"}}"#
+                .to_owned(),
+            format!(
+                r#"{{"type":"request","id":9,"request":{{"op":"file_stat","path":"{long}"}}}}"#
+            ),
+            r#"{"type":"request","id":9,"request":{"op":"file_list","path":"/","after":"../x"}}"#
+                .to_owned(),
+            r#"{"type":"request","id":9,"request":{"op":"file_rename","from":"/a"}}"#.to_owned(),
+        ] {
+            assert!(HostMessage::from_payload(bad.as_bytes()).is_err(), "{bad}");
+            assert_eq!(loose_request_id(bad.as_bytes()), Some(RequestId(9)));
+        }
+    }
+
+    #[test]
     fn error_code_display_matches_wire_name() {
         for code in [
             ErrorCode::BadRequest,
@@ -739,6 +1089,16 @@ mod tests {
             ErrorCode::Internal,
             ErrorCode::IdentityFailed,
             ErrorCode::ConnectFailed,
+            ErrorCode::NotFound,
+            ErrorCode::PermissionDenied,
+            ErrorCode::IsADirectory,
+            ErrorCode::NotADirectory,
+            ErrorCode::AlreadyExists,
+            ErrorCode::InvalidPath,
+            ErrorCode::NoSpace,
+            ErrorCode::NotEmpty,
+            ErrorCode::Io,
+            ErrorCode::Aborted,
         ] {
             let json = serde_json::to_string(&code).expect("serialises");
             assert_eq!(json, format!("\"{code}\""));

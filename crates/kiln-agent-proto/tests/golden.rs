@@ -293,3 +293,82 @@ fn golden_tunnel_data_frames() {
         "9f6b 11 00 09000000 02000000 4f4b",
     );
 }
+
+#[test]
+fn golden_control_file_messages() {
+    let path = |p: &str| kiln_agent_proto::GuestPath::new(p).expect("valid path");
+    let cases: [(Frame, &[u8]); 5] = [
+        (
+            HostMessage::Request {
+                id: RequestId(20),
+                request: Request::FileWrite {
+                    stream: stream(11),
+                    path: path("/root/a.txt"),
+                    mode: Some(0o600),
+                    tar: false,
+                },
+            }
+            .to_frame()
+            .expect("encodes"),
+            br#"{"type":"request","id":20,"request":{"op":"file_write","stream":11,"path":"/root/a.txt","mode":384,"tar":false}}"#,
+        ),
+        (
+            HostMessage::FileEnd { stream: stream(11) }
+                .to_frame()
+                .expect("encodes"),
+            br#"{"type":"file_end","stream":11}"#,
+        ),
+        (
+            HostMessage::FileAbort { stream: stream(11) }
+                .to_frame()
+                .expect("encodes"),
+            br#"{"type":"file_abort","stream":11}"#,
+        ),
+        (
+            GuestMessage::Response {
+                id: RequestId(21),
+                response: Response::FileReadStarted { size: Some(5) },
+            }
+            .to_frame()
+            .expect("encodes"),
+            br#"{"type":"response","id":21,"response":{"op":"file_read_started","size":5}}"#,
+        ),
+        (
+            GuestMessage::FileDone {
+                stream: stream(11),
+                bytes: 5,
+                error: Some(ErrorBody {
+                    code: ErrorCode::NoSpace,
+                    message: "no space left on device".into(),
+                }),
+            }
+            .to_frame()
+            .expect("encodes"),
+            br#"{"type":"file_done","stream":11,"bytes":5,"error":{"code":"no_space","message":"no space left on device"}}"#,
+        ),
+    ];
+    for (frame, json) in cases {
+        assert_golden(frame, &control_hex(json));
+    }
+}
+
+#[test]
+fn golden_file_data_frames() {
+    // A write's bytes travel in STDIN frames, a read's in STDOUT frames, like exec's.
+    assert_golden(
+        Frame::Data {
+            stream: stream(11),
+            channel: DataChannel::Stdin,
+            data: Bytes::from_static(b"file"),
+        },
+        "9f6b 10 00 0b000000 04000000 66696c65",
+    );
+    assert_golden(
+        Frame::Data {
+            stream: stream(11),
+            channel: DataChannel::Stdout,
+            data: Bytes::from_static(b"file"),
+        },
+        "9f6b 11 00 0b000000 04000000 66696c65",
+    );
+}

@@ -244,3 +244,115 @@ fn max_data_frame_round_trips() {
     d.feed(&frame.to_bytes().expect("max size is allowed"));
     assert_eq!(d.next_frame().expect("valid").as_ref(), Some(&frame));
 }
+
+/// A file message a host or guest can send, from arbitrary (valid) values.
+fn file_messages() -> impl Strategy<Value = (HostMessage, GuestMessage)> {
+    (
+        any::<u64>(),
+        stream_id(),
+        "/[a-z0-9/._-]{0,60}",
+        "[a-z0-9._-]{1,40}",
+        (any::<u64>(), any::<u32>(), any::<i64>(), any::<bool>()),
+        0u8..9,
+        0u8..5,
+    )
+        .prop_filter("entry names are not . or ..", |(_, _, _, name, _, _, _)| {
+            name != "." && name != ".."
+        })
+        .prop_map(
+            |(id, stream, path, name, (n, window, mtime, flag), host_pick, guest_pick)| {
+                let id = RequestId(id);
+                let path =
+                    kiln_agent_proto::GuestPath::new(path).expect("strategy makes valid paths");
+                let name =
+                    kiln_agent_proto::EntryName::new(name).expect("strategy makes valid names");
+                let request = match host_pick {
+                    0 => Request::FileWrite {
+                        stream,
+                        path: path.clone(),
+                        mode: flag.then_some(window & 0o7777),
+                        tar: flag,
+                    },
+                    1 => Request::FileRead {
+                        stream,
+                        path: path.clone(),
+                        tar: flag,
+                        window,
+                    },
+                    2 => Request::FileStat { path: path.clone() },
+                    3 => Request::FileList {
+                        path: path.clone(),
+                        after: flag.then(|| name.clone()),
+                    },
+                    4 => Request::FileMkdir {
+                        path: path.clone(),
+                        parents: flag,
+                        mode: None,
+                    },
+                    5 => Request::FileRemove {
+                        path: path.clone(),
+                        recursive: flag,
+                    },
+                    _ => Request::FileRename {
+                        from: path.clone(),
+                        to: path.clone(),
+                    },
+                };
+                let host = match host_pick {
+                    7 => HostMessage::FileEnd { stream },
+                    8 => HostMessage::FileAbort { stream },
+                    _ => HostMessage::Request { id, request },
+                };
+                let stat = kiln_agent_proto::FileStat {
+                    kind: kiln_agent_proto::FileKind::File,
+                    size: n,
+                    mode: window & 0o7777,
+                    mtime_unix_ns: mtime,
+                    uid: window,
+                    gid: window,
+                    symlink_target: None,
+                };
+                let response = match guest_pick {
+                    0 => Response::FileWriteReady,
+                    1 => Response::FileReadStarted {
+                        size: flag.then_some(n),
+                    },
+                    2 => Response::FileStat(stat.clone()),
+                    _ => Response::FileList(
+                        kiln_agent_proto::FileList::new(
+                            vec![kiln_agent_proto::FileEntry {
+                                name: name.clone(),
+                                stat,
+                            }],
+                            flag.then_some(name),
+                        )
+                        .expect("one entry"),
+                    ),
+                };
+                let guest = match guest_pick {
+                    4 => GuestMessage::FileDone {
+                        stream,
+                        bytes: n,
+                        error: flag.then(|| ErrorBody {
+                            code: ErrorCode::NotFound,
+                            message: path.to_string(),
+                        }),
+                    },
+                    _ => GuestMessage::Response { id, response },
+                };
+                (host, guest)
+            },
+        )
+}
+
+proptest! {
+    #[test]
+    fn file_messages_round_trip((host, guest) in file_messages()) {
+        let frame = host.to_frame().expect("encodes");
+        let Frame::Control(payload) = &frame else { panic!("control frame") };
+        prop_assert_eq!(HostMessage::from_payload(payload).expect("parses"), host);
+        let frame = guest.to_frame().expect("encodes");
+        let Frame::Control(payload) = &frame else { panic!("control frame") };
+        prop_assert_eq!(GuestMessage::from_payload(payload).expect("parses"), guest);
+    }
+}

@@ -69,7 +69,7 @@ pub enum CoreError {
     Vmm(#[source] kiln_vmm::VmmError),
     /// Talking to the guest agent failed.
     #[error("guest agent channel failed")]
-    Agent(#[source] kiln_vmm::agent::AgentError),
+    Agent(#[source] kiln_agent_host::AgentError),
     /// A snapshot could not be captured, verified or used.
     #[error("snapshot unusable")]
     Snapshot(#[source] kiln_snapshot::SnapshotError),

@@ -14,9 +14,9 @@
 
 use std::time::{Duration, Instant};
 
+use kiln_agent_host::{AgentClient, ExecEvent, ExecRequest};
 use kiln_api_types::Secrets;
 use kiln_image::{GuestCommand, ProbeCheck, ReadinessProbe};
-use kiln_vmm::agent::{AgentClient, ExecEvent, ExecRequest};
 
 use crate::error::CoreError;
 
@@ -147,7 +147,7 @@ pub async fn wait_ready(agent: &AgentClient, probe: &ReadinessProbe) -> Result<(
                 Ok(_tunnel) => return Ok(()),
                 // Refused (nothing listens yet) is the usual "not ready"; anything else
                 // (a dead channel) ends the wait at once.
-                Err(kiln_vmm::agent::AgentError::Remote { message, .. }) => {
+                Err(kiln_agent_host::AgentError::Remote { message, .. }) => {
                     format!("connecting to guest port {port}: {message}")
                 }
                 Err(e) => return Err(CoreError::Agent(e)),
@@ -284,7 +284,7 @@ mod tests {
 
     use super::*;
     use kiln_agent::{Agent, AgentConfig, ReapMode, Reaper};
-    use kiln_vmm::agent::ClientConfig;
+    use kiln_agent_host::ClientConfig;
 
     async fn agent() -> AgentClient {
         let reaper = Reaper::start(ReapMode::RegisteredOnly).expect("sigchld listener");

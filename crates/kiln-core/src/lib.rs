@@ -1167,24 +1167,70 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Where the static guest agent binary is: `$KILN_AGENT`, else `kiln-agent` beside the
-/// running executable.
+/// File name of the static guest agent that `scripts/build` installs beside `kiln`/`kilnd`.
+/// Deliberately not `kiln-agent`: that name is cargo's own output for the agent package, and
+/// a plain `cargo build --release --workspace` would overwrite it with a dynamic binary.
+pub const AGENT_BINARY_NAME: &str = "kiln-agent-static";
+
+/// Where the static guest agent binary is: `$KILN_AGENT`, else [`AGENT_BINARY_NAME`] beside
+/// the running executable. Either way the file must be a static x86-64 executable (it runs
+/// as `/init` in a guest without a dynamic loader); otherwise the error says how to fix it.
 pub fn agent_binary() -> Result<PathBuf, CoreError> {
-    if let Some(p) = std::env::var_os("KILN_AGENT").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(p));
+    let path = match std::env::var_os("KILN_AGENT").filter(|v| !v.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let exe = std::env::current_exe().map_err(|source| CoreError::Io {
+                what: "locate",
+                path: PathBuf::from("/proc/self/exe"),
+                source,
+            })?;
+            exe.with_file_name(AGENT_BINARY_NAME)
+        }
+    };
+    check_agent_binary(&path)?;
+    Ok(path)
+}
+
+/// The checks of [`agent_binary`] on a given path.
+fn check_agent_binary(path: &std::path::Path) -> Result<(), CoreError> {
+    const FIX: &str = "run scripts/build, which installs the static agent as \
+                       target/release/kiln-agent-static, or point KILN_AGENT at a static build";
+    if !path.exists() {
+        return Err(CoreError::HostSetup(format!(
+            "the guest agent binary was not found at {} ({FIX})",
+            path.display()
+        )));
     }
-    let exe = std::env::current_exe().map_err(|source| CoreError::Io {
-        what: "locate",
-        path: PathBuf::from("/proc/self/exe"),
-        source,
-    })?;
-    let candidate = exe.with_file_name("kiln-agent");
-    if candidate.exists() {
-        Ok(candidate)
-    } else {
-        Err(CoreError::HostSetup(format!(
-            "the guest agent binary was not found at {} (build it with scripts/build, or set KILN_AGENT)",
-            candidate.display()
-        )))
+    kiln_image::check_static_exec(path).map_err(|e| {
+        CoreError::HostSetup(format!(
+            "{} cannot be the guest agent: {} ({FIX})",
+            path.display(),
+            kiln_image::error_chain(&e)
+        ))
+    })
+}
+
+#[cfg(test)]
+mod agent_binary_tests {
+    use super::*;
+
+    #[test]
+    fn check_agent_binary_dynamic_executable_names_the_fix() {
+        // Debian's /bin/true is dynamically linked, like a plain `cargo build` of the agent.
+        let err = check_agent_binary(std::path::Path::new("/bin/true"))
+            .expect_err("a dynamic binary is refused");
+        let text = err.to_string();
+        assert!(text.contains("dynamically linked"), "{text}");
+        assert!(text.contains("scripts/build"), "{text}");
+    }
+
+    #[test]
+    fn check_agent_binary_missing_file_names_the_fix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = check_agent_binary(&dir.path().join(AGENT_BINARY_NAME))
+            .expect_err("a missing binary is refused");
+        let text = err.to_string();
+        assert!(text.contains("not found"), "{text}");
+        assert!(text.contains("kiln-agent-static"), "{text}");
     }
 }

@@ -19,9 +19,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kiln_agent_host::{AgentClient, ClientConfig};
 use kiln_api_types::{SandboxInfo, SandboxState};
 use kiln_vmm::Vm;
-use kiln_vmm::agent::{AgentClient, ClientConfig};
 use tracing::{info, warn};
 
 use crate::error::CoreError;

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use kiln_agent_host::{AgentClient, AgentError, ClientConfig, ExecEvent, ExecSession};
 use kiln_api_types::{ExecRequest, ExitStatus, SandboxId};
-use kiln_vmm::agent::{AgentClient, AgentError, ClientConfig, ExecEvent, ExecSession};
 use kiln_vmm::{Accel, Vm};
 use tokio::sync::watch;
 
@@ -370,7 +370,7 @@ fn summarize_console(log: &str) -> String {
 }
 
 /// The agent's exit status as the API reports it.
-pub(crate) fn api_status(s: &kiln_vmm::agent::ExitStatus) -> ExitStatus {
+pub(crate) fn api_status(s: &kiln_agent_host::ExitStatus) -> ExitStatus {
     ExitStatus {
         code: s.code,
         signal: s.signal,
@@ -379,8 +379,8 @@ pub(crate) fn api_status(s: &kiln_vmm::agent::ExitStatus) -> ExitStatus {
     }
 }
 
-fn to_agent_exec(req: &ExecRequest) -> kiln_vmm::agent::ExecRequest {
-    kiln_vmm::agent::ExecRequest {
+fn to_agent_exec(req: &ExecRequest) -> kiln_agent_host::ExecRequest {
+    kiln_agent_host::ExecRequest {
         argv: req.argv.clone(),
         env: req.env.clone(),
         cwd: req.cwd.clone(),
@@ -391,7 +391,7 @@ fn to_agent_exec(req: &ExecRequest) -> kiln_vmm::agent::ExecRequest {
 }
 
 /// Writes a command's stdin; see [`Exec::stdin`].
-pub type StdinHandle = kiln_vmm::agent::StdinSender;
+pub type StdinHandle = kiln_agent_host::StdinSender;
 
 /// An event of a running command, as the engine reports it.
 #[derive(Debug)]

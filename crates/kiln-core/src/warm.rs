@@ -18,11 +18,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kiln_agent_host::{
+    AgentClient, ClientConfig, Entropy, GuestIdentity, Hostname, MachineId, RestoreId, UnixNanos,
+};
 use kiln_snapshot::{
     CaptureInfo, CaptureKind, ManifestInput, SnapshotBuilder, SnapshotName, VerifyLevel,
-};
-use kiln_vmm::agent::{
-    AgentClient, ClientConfig, Entropy, GuestIdentity, Hostname, MachineId, RestoreId, UnixNanos,
 };
 use kiln_vmm::{AfterCapture, BackingFormat, CaptureMode, Vm, create_overlay_with};
 
@@ -92,7 +92,7 @@ pub async fn capture(
         crate::guest::prepare(&agent, &spec.image.recipe).await?;
         // Run one command before capturing, so the exec path (the agent's spawn code, the
         // guest's fork/exec, /bin/true's pages) is resident in the snapshot's memory.
-        let warm_up = agent.exec(kiln_vmm::agent::ExecRequest::new(["true"])).await.map_err(CoreError::Agent)?;
+        let warm_up = agent.exec(kiln_agent_host::ExecRequest::new(["true"])).await.map_err(CoreError::Agent)?;
         warm_up.collect().await.map_err(CoreError::Agent)?;
         // The agent is idle: the restored guest resumes waiting for its next host.
         drop(agent);
@@ -156,7 +156,7 @@ pub async fn restore(
     dir: &Path,
     run_dir: &Path,
     hostname: &str,
-) -> Result<(Vm, AgentClient, kiln_vmm::agent::IdentityAck), CoreError> {
+) -> Result<(Vm, AgentClient, kiln_agent_host::IdentityAck), CoreError> {
     let disk = run_dir.join("disk.qcow2");
     create_overlay_with(
         &dir.join(kiln_snapshot::DISK_FILE),
@@ -187,7 +187,7 @@ pub async fn restore(
             let resync = t.elapsed();
             // Nothing else is sent before the identity is acknowledged.
             let ack = agent.apply_identity(&identity).await?;
-            Ok::<_, kiln_vmm::agent::AgentError>((agent, ack, resync, t.elapsed() - resync))
+            Ok::<_, kiln_agent_host::AgentError>((agent, ack, resync, t.elapsed() - resync))
         };
         tokio::select! {
             r = handshake => r.map_err(CoreError::Agent),
@@ -214,7 +214,7 @@ pub async fn restore(
 
 /// A new identity: random restore id, machine id and entropy, the host's clock, `hostname`.
 fn fresh_identity(hostname: &str) -> Result<GuestIdentity, CoreError> {
-    let bad = |e: kiln_vmm::agent::IdentityError| {
+    let bad = |e: kiln_agent_host::IdentityError| {
         CoreError::HostSetup(format!("cannot build an identity: {e}"))
     };
     let mut entropy = vec![0u8; ENTROPY_BYTES];

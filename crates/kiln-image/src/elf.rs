@@ -90,7 +90,9 @@ pub(crate) fn static_exec_problem(b: &[u8]) -> Option<String> {
 }
 
 /// Checks that `path` is a static x86-64 ELF executable (static-pie included).
-pub(crate) fn check_static_exec(path: &Path) -> Result<(), ImageError> {
+/// Fails with [`ImageError::BadAgent`] unless `path` is a static x86-64 executable (no
+/// `PT_INTERP`), i.e. something the kernel can run as `/init` of an initramfs.
+pub fn check_static_exec(path: &Path) -> Result<(), ImageError> {
     let bytes = std::fs::read(path).ctx("read agent binary", path)?;
     match static_exec_problem(&bytes) {
         None => Ok(()),

@@ -43,6 +43,7 @@ use serde::Serialize;
 
 pub use build::{MIRROR_ENV, build, get, list, remove};
 pub use cpio::{Archive as CpioArchive, EntryKind as CpioEntryKind};
+pub use elf::check_static_exec;
 pub use error::ImageError;
 pub use fingerprint::{
     FingerprintInputs, IMAGE_FORMAT_VERSION, fingerprint, sha256_file, short_id,

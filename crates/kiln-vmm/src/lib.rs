@@ -1,5 +1,4 @@
-//! QEMU driver: command line, process lifecycle, accelerator probe, and the host side of the
-//! guest-agent channel.
+//! QEMU driver: command line, process lifecycle, accelerator probe, overlays and snapshots.
 //!
 //! Owns:
 //! - [`qemu`]: finding `qemu-system-x86_64`, its version and capabilities;
@@ -10,10 +9,11 @@
 //! - [`accel`]: KVM-or-TCG, probed by booting the real guest kernel;
 //! - [`create_overlay`]: qcow2 overlays over the read-only rootfs;
 //! - [`snapshot`]: warm snapshots: [`Vm::capture`] (device state via migration) and
-//!   [`Vm::restore`] (clones mapping the captured RAM file copy-on-write);
-//! - [`agent`]: the host side of the agent channel.
+//!   [`Vm::restore`] (clones mapping the captured RAM file copy-on-write).
 //!
-//! Must not: know about sandboxes, images or the database. Everything here is driven by
+//! Must not: know about sandboxes, images or the database, nor speak the guest agent's
+//! protocol (that is `kiln-agent-host`; this crate only names the agent's chardev socket and
+//! virtio-serial port). Everything here is driven by
 //! paths and configs the caller provides.
 //!
 //! Runtime requirement: QEMU processes get `PR_SET_PDEATHSIG(SIGKILL)`, which fires when the
@@ -21,7 +21,6 @@
 //! (plain `async` tasks), never from `spawn_blocking`.
 
 pub mod accel;
-pub mod agent;
 pub mod cmdline;
 mod error;
 mod overlay;

@@ -311,7 +311,7 @@ async fn vm_snapshot_restore_recipe_resumes_guest() {
 //   KILN_TEST_IMAGE_DIR=/tmp/kh/images/base (the default) cargo test -p kiln-vmm \
 //       --test real_qemu snapshot_ -- --ignored --test-threads=1 --nocapture
 
-use kiln_vmm::agent::AgentClient;
+use kiln_agent_host::AgentClient;
 use kiln_vmm::{AfterCapture, BackingFormat, CaptureMode, create_overlay_with};
 
 fn image_dir() -> PathBuf {
@@ -361,7 +361,7 @@ async fn agent_ping(vm: &Vm) -> AgentClient {
 /// Runs `sh -c script` in the guest; returns stdout.
 async fn guest_sh(agent: &AgentClient, script: &str) -> String {
     let out = agent
-        .exec(kiln_vmm::agent::ExecRequest::new(["/bin/sh", "-c", script]))
+        .exec(kiln_agent_host::ExecRequest::new(["/bin/sh", "-c", script]))
         .await
         .expect("exec")
         .collect()
@@ -563,8 +563,8 @@ async fn snapshot_restore_corrupt_state_is_error_and_kills_qemu() {
 }
 
 /// A fresh identity for clone `i`: distinct ids and names, host entropy, the host's clock.
-fn identity_for(i: u8) -> kiln_vmm::agent::GuestIdentity {
-    use kiln_vmm::agent::{Entropy, GuestIdentity, Hostname, MachineId, RestoreId, UnixNanos};
+fn identity_for(i: u8) -> kiln_agent_host::GuestIdentity {
+    use kiln_agent_host::{Entropy, GuestIdentity, Hostname, MachineId, RestoreId, UnixNanos};
     let mut entropy = vec![0u8; 64];
     std::io::Read::read_exact(
         &mut std::fs::File::open("/dev/urandom").expect("urandom"),
@@ -621,18 +621,18 @@ async fn snapshot_clones_get_fresh_identity_from_real_agent() {
         let stream = tokio::net::UnixStream::connect(vm.agent_socket())
             .await
             .expect("agent socket");
-        let config = kiln_vmm::agent::ClientConfig {
+        let config = kiln_agent_host::ClientConfig {
             handshake_deadline: BOOT_LIMIT,
             ..Default::default()
         };
         let (agent, info, ack) =
-            kiln_vmm::agent::AgentClient::connect_restored(stream, config, &identity)
+            kiln_agent_host::AgentClient::connect_restored(stream, config, &identity)
                 .await
                 .unwrap_or_else(|e| panic!("identity: {e:?}; console:\n{}", vm.console_tail(4096)));
         assert!(
             info.features
                 .iter()
-                .any(|f| f == kiln_vmm::agent::FEATURE_IDENTITY_V1)
+                .any(|f| f == kiln_agent_host::FEATURE_IDENTITY_V1)
         );
         assert_eq!(ack.restore_id, identity.restore_id);
         assert!(

@@ -12,8 +12,8 @@ use kiln_agent_proto::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::super::{AgentClient, AgentError, ClientConfig, ClosedReason, TcpTunnel};
 use super::{DEADLINE, FakeGuest};
+use crate::{AgentClient, AgentError, ClientConfig, ClosedReason, TcpTunnel};
 
 fn config(tunnel_window: u32) -> ClientConfig {
     ClientConfig {

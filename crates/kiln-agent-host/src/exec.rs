@@ -14,18 +14,18 @@
 //!   and credited back immediately (so the guest never stalls on it), and its process group is
 //!   sent SIGKILL.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kiln_agent_proto::{
-    DataChannel, ExitStatus, Frame, HostMessage, MAX_DATA_PAYLOAD, RecvWindow, Request, Response,
-    SendCredit, StreamId,
+    DataChannel, ExitStatus, Frame, HostMessage, MAX_DATA_PAYLOAD, Request, Response, SendCredit,
+    StreamId,
 };
 use tokio::sync::Notify;
 
-use super::client::ClientInner;
-use super::error::{AgentError, ClosedReason};
+use crate::client::ClientInner;
+use crate::error::{AgentError, ClosedReason};
+use crate::registry::{self, StreamEndpoint};
 
 /// Signal sent to the process group of an abandoned exec.
 const SIGKILL: i32 = 9;
@@ -57,11 +57,8 @@ pub struct ExecOutput {
 }
 
 struct Inbox {
-    /// Payload bytes of all queued output segments, in order.
-    data: BytesMut,
-    /// (channel, length) of each queued output segment.
-    segments: VecDeque<(DataChannel, usize)>,
-    window: RecvWindow,
+    /// Queued output, bounded by the output window.
+    output: registry::Inbox,
     exit: Option<ExitStatus>,
     exit_delivered: bool,
     closed: Option<ClosedReason>,
@@ -96,9 +93,7 @@ impl ExecShared {
             stream,
             stdin_enabled,
             inbox: Mutex::new(Inbox {
-                data: BytesMut::new(),
-                segments: VecDeque::new(),
-                window: RecvWindow::new(output_window),
+                output: registry::Inbox::new(output_window),
                 exit: None,
                 exit_delivered: false,
                 closed: None,
@@ -120,57 +115,11 @@ impl ExecShared {
         }
     }
 
-    /// Queues output from the guest. Returns a grant to send at once if the session is
-    /// detached; fails if the guest overran its credit.
-    pub(crate) fn on_output(
-        &self,
-        channel: DataChannel,
-        data: &[u8],
-    ) -> Result<Option<u32>, ClosedReason> {
-        let mut inbox = lock(&self.inbox);
-        inbox
-            .window
-            .on_data(data.len())
-            .map_err(|e| self.violation(e))?;
-        if inbox.detached {
-            inbox.window.on_consumed(data.len());
-            return Ok(inbox.window.flush());
-        }
-        inbox.data.extend_from_slice(data);
-        match inbox.segments.back_mut() {
-            Some((last, len)) if *last == channel => *len += data.len(),
-            _ => inbox.segments.push_back((channel, data.len())),
-        }
-        drop(inbox);
-        self.inbox_notify.notify_one();
-        Ok(None)
-    }
-
-    /// Adds stdin credit granted by the guest.
-    pub(crate) fn on_stdin_grant(&self, increment: u32) -> Result<(), ClosedReason> {
-        lock(&self.stdin)
-            .credit
-            .grant(increment)
-            .map_err(|e| self.violation(e))?;
-        self.stdin_notify.notify_waiters();
-        Ok(())
-    }
-
     /// The guest reported the exit (after all output).
     pub(crate) fn on_exit(&self, status: ExitStatus) {
         lock(&self.inbox).exit = Some(status);
         self.inbox_notify.notify_one();
         lock(&self.stdin).ended.get_or_insert(StdinEnd::Exited);
-        self.stdin_notify.notify_waiters();
-    }
-
-    /// The channel died.
-    pub(crate) fn on_channel_closed(&self, reason: &ClosedReason) {
-        lock(&self.inbox).closed = Some(reason.clone());
-        self.inbox_notify.notify_one();
-        lock(&self.stdin)
-            .ended
-            .get_or_insert(StdinEnd::Closed(reason.clone()));
         self.stdin_notify.notify_waiters();
     }
 
@@ -193,6 +142,46 @@ impl ExecShared {
             }
             notified.await;
         }
+    }
+}
+
+impl StreamEndpoint for ExecShared {
+    /// Queues output from the guest. Returns a grant to send at once if the session is
+    /// detached; fails if the guest overran its credit.
+    fn on_data(&self, channel: DataChannel, data: &[u8]) -> Result<Option<u32>, ClosedReason> {
+        let mut inbox = lock(&self.inbox);
+        if inbox.detached {
+            return inbox
+                .output
+                .accept_discarded(data.len())
+                .map_err(|e| self.violation(e));
+        }
+        inbox
+            .output
+            .push(channel, data)
+            .map_err(|e| self.violation(e))?;
+        drop(inbox);
+        self.inbox_notify.notify_one();
+        Ok(None)
+    }
+
+    /// Adds stdin credit granted by the guest.
+    fn on_grant(&self, increment: u32) -> Result<(), ClosedReason> {
+        lock(&self.stdin)
+            .credit
+            .grant(increment)
+            .map_err(|e| self.violation(e))?;
+        self.stdin_notify.notify_waiters();
+        Ok(())
+    }
+
+    fn on_channel_closed(&self, reason: &ClosedReason) {
+        lock(&self.inbox).closed = Some(reason.clone());
+        self.inbox_notify.notify_one();
+        lock(&self.stdin)
+            .ended
+            .get_or_insert(StdinEnd::Closed(reason.clone()));
+        self.stdin_notify.notify_waiters();
     }
 }
 
@@ -238,9 +227,7 @@ impl ExecSession {
         loop {
             let grant = {
                 let mut inbox = lock(&self.exec.inbox);
-                if let Some((channel, len)) = inbox.segments.pop_front() {
-                    let bytes = inbox.data.split_to(len).freeze();
-                    let grant = inbox.window.on_consumed(len);
+                if let Some((channel, bytes, grant)) = inbox.output.pop_segment() {
                     let event = match channel {
                         DataChannel::Stderr => ExecEvent::Stderr(bytes),
                         _ => ExecEvent::Stdout(bytes),
@@ -322,11 +309,7 @@ impl Drop for ExecSession {
                 return;
             }
             inbox.detached = true;
-            let buffered = inbox.data.len();
-            inbox.data.clear();
-            inbox.segments.clear();
-            inbox.window.on_consumed(buffered);
-            inbox.window.flush()
+            inbox.output.discard()
         };
         if let Some(increment) = grant {
             self.client.shared.queue_grant(self.exec.stream, increment);
@@ -334,7 +317,7 @@ impl Drop for ExecSession {
         if !self.started {
             // Never started (rejected, or the exec() call was cancelled): forget it. If the
             // guest did start it after all, the kill below still reaches it.
-            self.client.shared.forget_exec(self.exec.stream);
+            self.client.shared.forget_stream(self.exec.stream);
         }
         self.client.try_send_request(Request::Signal {
             stream: self.exec.stream,

@@ -33,16 +33,15 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker, ready};
 
-use bytes::{Buf, Bytes, BytesMut};
-use kiln_agent_proto::{
-    DataChannel, Frame, HostMessage, MAX_DATA_PAYLOAD, RecvWindow, SendCredit, StreamId,
-};
+use bytes::Bytes;
+use kiln_agent_proto::{DataChannel, Frame, HostMessage, MAX_DATA_PAYLOAD, SendCredit, StreamId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc::OwnedPermit;
 use tokio::sync::mpsc::error::SendError;
 
-use super::client::ClientInner;
-use super::error::{AgentError, ClosedReason};
+use crate::client::ClientInner;
+use crate::error::{AgentError, ClosedReason};
+use crate::registry::{Inbox, StreamEndpoint};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -58,9 +57,8 @@ enum GuestEnd {
 }
 
 struct State {
-    /// Guest bytes not yet read by the caller.
-    inbox: BytesMut,
-    window: RecvWindow,
+    /// Guest bytes not yet read by the caller, bounded by the tunnel's window.
+    inbox: Inbox,
     /// The guest socket reached EOF (`tcp_eof`): reads return 0 once the inbox is empty.
     eof: bool,
     /// Credit for bytes toward the guest.
@@ -97,8 +95,7 @@ impl TunnelShared {
             stream,
             port,
             state: Mutex::new(State {
-                inbox: BytesMut::new(),
-                window: RecvWindow::new(window),
+                inbox: Inbox::new(window),
                 eof: false,
                 // The guest grants the initial credit with a WINDOW frame before it answers.
                 credit: SendCredit::new(0),
@@ -114,33 +111,6 @@ impl TunnelShared {
         ClosedReason::Violation {
             what: format!("tunnel stream {}: {what}", self.stream),
         }
-    }
-
-    /// Queues bytes from the guest socket; fails if the guest overran its credit or sent
-    /// bytes after `tcp_eof`.
-    pub(crate) fn on_data(&self, data: &[u8]) -> Result<(), ClosedReason> {
-        let mut st = lock(&self.state);
-        if st.eof {
-            return Err(self.violation("bytes after tcp_eof"));
-        }
-        st.window
-            .on_data(data.len())
-            .map_err(|e| self.violation(e))?;
-        st.inbox.extend_from_slice(data);
-        if let Some(w) = st.read_waker.take() {
-            w.wake();
-        }
-        Ok(())
-    }
-
-    /// Adds credit granted by the guest for bytes toward its socket.
-    pub(crate) fn on_grant(&self, increment: u32) -> Result<(), ClosedReason> {
-        let mut st = lock(&self.state);
-        st.credit.grant(increment).map_err(|e| self.violation(e))?;
-        if let Some(w) = st.write_waker.take() {
-            w.wake();
-        }
-        Ok(())
     }
 
     /// `tcp_eof`: the guest socket will send no more bytes.
@@ -162,13 +132,6 @@ impl TunnelShared {
         st.wake_all();
     }
 
-    /// The channel died.
-    pub(crate) fn on_channel_closed(&self, reason: &ClosedReason) {
-        let mut st = lock(&self.state);
-        st.channel_closed = Some(reason.clone());
-        st.wake_all();
-    }
-
     /// Whether the guest side is already gone (no `tcp_close` needed).
     fn is_finished(&self) -> bool {
         let st = lock(&self.state);
@@ -181,10 +144,49 @@ impl TunnelShared {
     }
 }
 
+impl StreamEndpoint for TunnelShared {
+    /// Queues bytes from the guest socket; fails if the guest overran its credit, sent bytes
+    /// after `tcp_eof`, or used STDERR (a tunnel has no such channel).
+    fn on_data(&self, channel: DataChannel, data: &[u8]) -> Result<Option<u32>, ClosedReason> {
+        if channel == DataChannel::Stderr {
+            return Err(ClosedReason::Violation {
+                what: format!("sent a STDERR frame on tunnel stream {}", self.stream),
+            });
+        }
+        let mut st = lock(&self.state);
+        if st.eof {
+            return Err(self.violation("bytes after tcp_eof"));
+        }
+        st.inbox
+            .push(channel, data)
+            .map_err(|e| self.violation(e))?;
+        if let Some(w) = st.read_waker.take() {
+            w.wake();
+        }
+        Ok(None)
+    }
+
+    /// Adds credit granted by the guest for bytes toward its socket.
+    fn on_grant(&self, increment: u32) -> Result<(), ClosedReason> {
+        let mut st = lock(&self.state);
+        st.credit.grant(increment).map_err(|e| self.violation(e))?;
+        if let Some(w) = st.write_waker.take() {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    fn on_channel_closed(&self, reason: &ClosedReason) {
+        let mut st = lock(&self.state);
+        st.channel_closed = Some(reason.clone());
+        st.wake_all();
+    }
+}
+
 type Reservation =
     Pin<Box<dyn Future<Output = Result<OwnedPermit<Bytes>, SendError<()>>> + Send + 'static>>;
 
-/// A TCP connection to `127.0.0.1:port` inside the guest, from [`super::AgentClient::open_tcp`].
+/// A TCP connection to `127.0.0.1:port` inside the guest, from [`crate::AgentClient::open_tcp`].
 ///
 /// - Reading returns the bytes the guest socket received, then `Ok(0)` once the guest's peer
 ///   shut down writing, or `ConnectionReset` if the guest socket failed, or
@@ -321,10 +323,8 @@ impl AsyncRead for TcpTunnel {
                 st.read_waker = Some(cx.waker().clone());
                 return Poll::Pending;
             }
-            let n = buf.remaining().min(st.inbox.len());
-            buf.put_slice(&st.inbox[..n]);
-            st.inbox.advance(n);
-            st.window.on_consumed(n)
+            let (_, grant) = st.inbox.read(buf);
+            grant
         };
         if let Some(increment) = grant {
             this.client
@@ -416,9 +416,11 @@ impl AsyncWrite for TcpTunnel {
 impl Drop for TcpTunnel {
     fn drop(&mut self) {
         let stream = self.tunnel.stream;
-        self.client.shared.forget_tunnel(stream);
+        self.client.shared.forget_stream(stream);
         if !self.tunnel.is_finished() {
-            self.client.shared.queue_tunnel_close(stream);
+            self.client
+                .shared
+                .queue_stream_close(stream, HostMessage::TcpClose { stream });
         }
     }
 }

@@ -1,11 +1,14 @@
 //! The connection: handshake, reader and writer tasks, request correlation.
 //!
 //! Owns: [`AgentClient`] and the shared connection state the reader, the writer, the exec
-//! sessions and the TCP tunnels use. Lock discipline: one std `Mutex` for connection state and
+//! sessions and the TCP tunnels use. Streams of every kind live in one
+//! [`crate::registry::StreamRegistry`] (ids, dispatch, grants, closes, channel death); this
+//! module only routes the stream-specific control messages (`exit`, `tcp_eof`, ...) to their
+//! endpoint. Lock discipline: one std `Mutex` for connection state and
 //! one per exec inbox or tunnel; never held across `.await`; when both are needed the state
 //! lock is released first.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,18 +17,20 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, Decoder, ErrorBody, ExecRequest, Frame, GuestIdentity, GuestMessage,
-    HostMessage, HuntTarget, IdentityAck, Request, RequestId, Response, SUPPORTED_VERSIONS,
-    StreamId, SyncFrame,
+    AgentInfo, DataChannel, Decoder, EntryName, ErrorBody, ExecRequest, FileList, FileStat, Frame,
+    GuestIdentity, GuestMessage, GuestPath, HostMessage, HuntTarget, IdentityAck, Request,
+    RequestId, Response, SUPPORTED_VERSIONS, StreamId, SyncFrame,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use super::error::{AgentError, ClosedReason};
-use super::exec::{ExecSession, ExecShared};
-use super::tunnel::{TcpTunnel, TunnelShared};
+use crate::error::{AgentError, ClosedReason};
+use crate::exec::{ExecSession, ExecShared};
+use crate::files::{FileReadRequest, FileReader, FileWriteRequest, FileWriter, TransferShared};
+use crate::registry::{StreamEndpoint, StreamRegistry};
+use crate::tunnel::{TcpTunnel, TunnelShared};
 
 /// After an acknowledgement of an older nonce, the guest is known to be alive: stop sending
 /// new SYNCs for this long (each would reset its session again) and wait for the latest ack.
@@ -50,6 +55,9 @@ pub struct ClientConfig {
     /// Credit per TCP tunnel for the bytes its guest socket receives (ahead of the reader).
     /// Bounds host memory per tunnel.
     pub tunnel_window: u32,
+    /// Credit per file read (bytes the guest may send ahead of the reader). Bounds host
+    /// memory per read.
+    pub file_window: u32,
 }
 
 impl Default for ClientConfig {
@@ -60,6 +68,7 @@ impl Default for ClientConfig {
             output_window: 256 << 10,
             write_queue_frames: 64,
             tunnel_window: 256 << 10,
+            file_window: 256 << 10,
         }
     }
 }
@@ -77,6 +86,7 @@ pub(crate) struct ClientInner {
     tx: mpsc::Sender<Bytes>,
     output_window: u32,
     tunnel_window: u32,
+    file_window: u32,
     tasks: [AbortHandle; 2],
 }
 
@@ -102,13 +112,27 @@ pub(crate) struct Shared {
 struct State {
     closed: Option<ClosedReason>,
     next_request: u64,
-    next_stream: Option<StreamId>,
     pending: HashMap<RequestId, oneshot::Sender<Reply>>,
-    execs: HashMap<StreamId, Arc<ExecShared>>,
-    tunnels: HashMap<StreamId, Arc<TunnelShared>>,
-    grants: BTreeMap<StreamId, u64>,
-    /// Tunnels whose `tcp_close` the writer still has to send.
-    closes: BTreeSet<StreamId>,
+    /// Every exec and tunnel, their pending grants and close messages.
+    streams: StreamRegistry<Endpoint>,
+}
+
+/// What a stream id names.
+#[derive(Clone)]
+pub(crate) enum Endpoint {
+    Exec(Arc<ExecShared>),
+    Tunnel(Arc<TunnelShared>),
+    File(Arc<TransferShared>),
+}
+
+impl Endpoint {
+    fn as_dyn(&self) -> &dyn StreamEndpoint {
+        match self {
+            Endpoint::Exec(e) => e.as_ref(),
+            Endpoint::Tunnel(t) => t.as_ref(),
+            Endpoint::File(f) => f.as_ref(),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -121,12 +145,8 @@ impl Shared {
             state: Mutex::new(State {
                 closed: None,
                 next_request: 1,
-                next_stream: Some(StreamId::FIRST),
                 pending: HashMap::new(),
-                execs: HashMap::new(),
-                tunnels: HashMap::new(),
-                grants: BTreeMap::new(),
-                closes: BTreeSet::new(),
+                streams: StreamRegistry::new(),
             }),
             writer_wake: Notify::new(),
             closed_tx: watch::Sender::new(false),
@@ -148,27 +168,19 @@ impl Shared {
 
     /// Marks the channel dead (first reason wins) and wakes every waiter.
     fn close(&self, reason: ClosedReason) {
-        let (pending, execs, tunnels) = {
+        let (pending, streams) = {
             let mut st = lock(&self.state);
             if st.closed.is_some() {
                 return;
             }
             tracing::debug!(reason = %reason, "agent channel closed");
             st.closed = Some(reason.clone());
-            st.closes.clear();
-            (
-                std::mem::take(&mut st.pending),
-                std::mem::take(&mut st.execs),
-                std::mem::take(&mut st.tunnels),
-            )
+            (std::mem::take(&mut st.pending), st.streams.close_all())
         };
         // Dropping the senders fails the waiting requests with the stored reason.
         drop(pending);
-        for exec in execs.values() {
-            exec.on_channel_closed(&reason);
-        }
-        for tunnel in tunnels.values() {
-            tunnel.on_channel_closed(&reason);
+        for endpoint in &streams {
+            endpoint.as_dyn().on_channel_closed(&reason);
         }
         self.closed_tx.send_replace(true);
         self.writer_wake.notify_one();
@@ -181,48 +193,36 @@ impl Shared {
             if st.closed.is_some() {
                 return;
             }
-            *st.grants.entry(stream).or_insert(0) += u64::from(increment);
+            st.streams.queue_grant(stream, increment);
         }
         self.writer_wake.notify_one();
     }
 
-    pub(crate) fn forget_exec(&self, stream: StreamId) {
-        lock(&self.state).execs.remove(&stream);
+    /// Forgets a stream whose handle is gone; later frames for it are ignored.
+    pub(crate) fn forget_stream(&self, stream: StreamId) {
+        lock(&self.state).streams.forget(stream);
     }
 
-    pub(crate) fn forget_tunnel(&self, stream: StreamId) {
-        lock(&self.state).tunnels.remove(&stream);
-    }
-
-    /// Queues a `tcp_close` for the writer (at most one per stream; never blocks). The writer
-    /// sends it only after every frame queued before it, so it cannot overtake the tunnel's
-    /// own `tcp_connect`.
-    pub(crate) fn queue_tunnel_close(&self, stream: StreamId) {
+    /// Queues the message that ends `stream` from the host's side (`tcp_close`, ...) for the
+    /// writer (at most one per stream; never blocks). The writer sends it only after every
+    /// frame queued before it, so it cannot overtake the request that opened the stream.
+    pub(crate) fn queue_stream_close(&self, stream: StreamId, message: HostMessage) {
         {
             let mut st = lock(&self.state);
             if st.closed.is_some() {
                 return;
             }
-            st.closes.insert(stream);
+            st.streams.queue_close(stream, message);
         }
         self.writer_wake.notify_one();
     }
 
-    fn take_closes(&self) -> BTreeSet<StreamId> {
-        std::mem::take(&mut lock(&self.state).closes)
+    fn take_closes(&self) -> BTreeMap<StreamId, HostMessage> {
+        lock(&self.state).streams.take_closes()
     }
 
     fn take_grants(&self) -> Vec<Frame> {
-        let grants = std::mem::take(&mut lock(&self.state).grants);
-        let mut frames = Vec::with_capacity(grants.len());
-        for (stream, mut total) in grants {
-            while total > 0 {
-                let increment = u32::try_from(total).unwrap_or(u32::MAX);
-                total -= u64::from(increment);
-                frames.push(Frame::Window { stream, increment });
-            }
-        }
-        frames
+        lock(&self.state).streams.take_grants()
     }
 
     /// Handles one frame from the guest. An error is a protocol violation: the channel dies.
@@ -239,28 +239,18 @@ impl Shared {
                 data,
             } => {
                 match self.target(stream) {
-                    Some(Target::Exec(exec)) => {
-                        if let Some(grant) = exec.on_output(channel, &data)? {
+                    Some(endpoint) => {
+                        if let Some(grant) = endpoint.as_dyn().on_data(channel, &data)? {
                             self.queue_grant(stream, grant);
                         }
-                    }
-                    Some(Target::Tunnel(tunnel)) => {
-                        if channel == DataChannel::Stderr {
-                            return Err(ClosedReason::Violation {
-                                what: format!("sent a STDERR frame on tunnel stream {stream}"),
-                            });
-                        }
-                        tunnel.on_data(&data)?;
                     }
                     None => tracing::debug!(%stream, "dropping output for an unknown stream"),
                 }
                 Ok(())
             }
             Frame::Window { stream, increment } => {
-                match self.target(stream) {
-                    Some(Target::Exec(exec)) => exec.on_stdin_grant(increment)?,
-                    Some(Target::Tunnel(tunnel)) => tunnel.on_grant(increment)?,
-                    None => {}
+                if let Some(endpoint) = self.target(stream) {
+                    endpoint.as_dyn().on_grant(increment)?;
                 }
                 Ok(())
             }
@@ -286,39 +276,50 @@ impl Shared {
                 tracing::warn!(code = %error.code, message = %error.message, "guest agent reported an error for an unparseable request");
             }
             GuestMessage::Exit { stream, status } => {
-                let exec = lock(&self.state).execs.remove(&stream);
+                let exec = lock(&self.state)
+                    .streams
+                    .remove_if(stream, |e| matches!(e, Endpoint::Exec(_)));
                 match exec {
-                    Some(exec) => exec.on_exit(status),
-                    None => tracing::debug!(%stream, "exit for an unknown stream"),
+                    Some(Endpoint::Exec(exec)) => exec.on_exit(status),
+                    _ => tracing::debug!(%stream, "exit for an unknown stream"),
                 }
             }
             GuestMessage::TcpEof { stream } => {
-                let tunnel = lock(&self.state).tunnels.get(&stream).cloned();
+                let tunnel = lock(&self.state).streams.get(stream);
                 match tunnel {
-                    Some(tunnel) => tunnel.on_eof(),
-                    None => tracing::debug!(%stream, "tcp_eof for an unknown stream"),
+                    Some(Endpoint::Tunnel(tunnel)) => tunnel.on_eof(),
+                    _ => tracing::debug!(%stream, "tcp_eof for an unknown stream"),
                 }
             }
             GuestMessage::TcpClosed { stream, error } => {
-                let tunnel = lock(&self.state).tunnels.remove(&stream);
+                let tunnel = lock(&self.state)
+                    .streams
+                    .remove_if(stream, |e| matches!(e, Endpoint::Tunnel(_)));
                 match tunnel {
-                    Some(tunnel) => tunnel.on_closed(error),
-                    None => tracing::debug!(%stream, "tcp_closed for an unknown stream"),
+                    Some(Endpoint::Tunnel(tunnel)) => tunnel.on_closed(error),
+                    _ => tracing::debug!(%stream, "tcp_closed for an unknown stream"),
+                }
+            }
+            GuestMessage::FileDone {
+                stream,
+                bytes,
+                error,
+            } => {
+                // The transfer stays registered until its handle drops, so bytes after
+                // file_done are caught as a violation.
+                let transfer = lock(&self.state).streams.get(stream);
+                match transfer {
+                    Some(Endpoint::File(transfer)) => transfer.on_done(bytes, error),
+                    _ => tracing::debug!(%stream, "file_done for an unknown stream"),
                 }
             }
             GuestMessage::Unknown => tracing::debug!("ignoring an unknown guest message"),
         }
     }
 
-    /// The exec or tunnel a data or WINDOW frame is for.
-    fn target(&self, stream: StreamId) -> Option<Target> {
-        let st = lock(&self.state);
-        if let Some(exec) = st.execs.get(&stream) {
-            return Some(Target::Exec(Arc::clone(exec)));
-        }
-        st.tunnels
-            .get(&stream)
-            .map(|t| Target::Tunnel(Arc::clone(t)))
+    /// The stream a data or WINDOW frame is for.
+    fn target(&self, stream: StreamId) -> Option<Endpoint> {
+        lock(&self.state).streams.get(stream)
     }
 
     fn complete(&self, id: RequestId, reply: Reply) {
@@ -329,12 +330,6 @@ impl Shared {
             None => tracing::debug!(%id, "answer for an unknown request"),
         }
     }
-}
-
-/// What a stream id names.
-enum Target {
-    Exec(Arc<ExecShared>),
-    Tunnel(Arc<TunnelShared>),
 }
 
 /// Removes a pending request when its caller stops waiting (completion or cancellation).
@@ -465,6 +460,7 @@ impl AgentClient {
             tx,
             output_window: config.output_window.max(1),
             tunnel_window: config.tunnel_window.max(1),
+            file_window: config.file_window.max(1),
             tasks: [reader.abort_handle(), writer.abort_handle()],
         };
         Ok((
@@ -494,11 +490,10 @@ impl AgentClient {
                 drop(st);
                 return Err(self.inner.shared.closed_error());
             }
-            let stream = st.next_stream.ok_or(AgentError::StreamsExhausted)?;
-            st.next_stream = stream.next();
-            let exec = Arc::new(ExecShared::new(stream, window, req.stdin));
-            st.execs.insert(stream, Arc::clone(&exec));
-            exec
+            st.streams.register(|stream| {
+                let exec = Arc::new(ExecShared::new(stream, window, req.stdin));
+                (Arc::clone(&exec), Endpoint::Exec(exec))
+            })?
         };
         // Registered before the request is sent, so early output is never dropped; if this
         // future is cancelled, the session's Drop cleans up.
@@ -533,11 +528,10 @@ impl AgentClient {
                 drop(st);
                 return Err(self.inner.shared.closed_error());
             }
-            let stream = st.next_stream.ok_or(AgentError::StreamsExhausted)?;
-            st.next_stream = stream.next();
-            let tunnel = Arc::new(TunnelShared::new(stream, port, window));
-            st.tunnels.insert(stream, Arc::clone(&tunnel));
-            tunnel
+            st.streams.register(|stream| {
+                let tunnel = Arc::new(TunnelShared::new(stream, port, window));
+                (Arc::clone(&tunnel), Endpoint::Tunnel(tunnel))
+            })?
         };
         // Registered before the request is sent (the guest grants credit before it answers).
         // If this future is cancelled, or the answer is not a success, dropping the tunnel
@@ -558,6 +552,157 @@ impl AgentClient {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Starts writing a guest file (or, with `tar`, unpacking an archive into a guest
+    /// directory); see [`FileWriter`]. Fails with [`AgentError::Remote`] and a typed code
+    /// (`not_found` for a missing parent directory, `is_a_directory`, `already_exists` for a
+    /// non-empty tar target, `permission_denied`, ...) before any byte is sent, and with
+    /// `unsupported` if the agent predates `files-v1`.
+    pub async fn file_write(&self, req: FileWriteRequest) -> Result<FileWriter, AgentError> {
+        const OP: &str = "file_write";
+        let path = req.path.clone();
+        let shared = self.register_transfer(&path, false, 1)?;
+        // Registered before the request is sent (the guest grants credit before it answers);
+        // a cancelled call or a failed answer drops the writer, which aborts the write.
+        let writer = FileWriter::new(Arc::clone(&self.inner), Arc::clone(&shared));
+        let request = Request::FileWrite {
+            stream: writer.stream(),
+            path: req.path,
+            mode: req.mode,
+            tar: req.tar,
+        };
+        match self.inner.request(request).await {
+            Ok(Response::FileWriteReady) => Ok(writer),
+            Ok(_) => Err(AgentError::UnexpectedResponse { op: OP }),
+            Err(e) => {
+                if matches!(e, AgentError::Remote { .. }) {
+                    // The guest created nothing: no file_abort needed.
+                    shared.mark_never_opened();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts reading a guest file (or, with `tar`, a directory packed as a tar archive);
+    /// see [`FileReader`]. Fails with [`AgentError::Remote`] and a typed code (`not_found`,
+    /// `is_a_directory` without `tar`, `not_a_directory` with it, `permission_denied`, ...)
+    /// before any byte is sent.
+    pub async fn file_read(&self, req: FileReadRequest) -> Result<FileReader, AgentError> {
+        const OP: &str = "file_read";
+        let window = self.inner.file_window;
+        let shared = self.register_transfer(&req.path, true, window)?;
+        // Registered before the request is sent; a cancelled call drops the reader, which
+        // aborts whatever the guest may have started.
+        let mut reader = FileReader::new(Arc::clone(&self.inner), Arc::clone(&shared));
+        let request = Request::FileRead {
+            stream: reader.stream(),
+            path: req.path,
+            tar: req.tar,
+            window,
+        };
+        match self.inner.request(request).await {
+            Ok(Response::FileReadStarted { size }) => {
+                reader.set_size(size);
+                Ok(reader)
+            }
+            Ok(_) => Err(AgentError::UnexpectedResponse { op: OP }),
+            Err(e) => {
+                if matches!(e, AgentError::Remote { .. }) {
+                    shared.mark_never_opened();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn register_transfer(
+        &self,
+        path: &GuestPath,
+        reading: bool,
+        window: u32,
+    ) -> Result<Arc<TransferShared>, AgentError> {
+        let mut st = lock(&self.inner.shared.state);
+        if st.closed.is_some() {
+            drop(st);
+            return Err(self.inner.shared.closed_error());
+        }
+        st.streams.register(|stream| {
+            let shared = Arc::new(TransferShared::new(stream, path.clone(), reading, window));
+            (Arc::clone(&shared), Endpoint::File(shared))
+        })
+    }
+
+    /// Metadata of a guest path (a final symlink is described, not followed; its target is
+    /// in `symlink_target`). Fails with [`AgentError::Remote`] `not_found` and the like.
+    pub async fn file_stat(&self, path: &GuestPath) -> Result<FileStat, AgentError> {
+        let request = Request::FileStat { path: path.clone() };
+        match self.inner.request(request).await? {
+            Response::FileStat(stat) => Ok(stat),
+            _ => Err(AgentError::UnexpectedResponse { op: "file_stat" }),
+        }
+    }
+
+    /// One page (at most [`kiln_agent_proto::MAX_LIST_ENTRIES`] entries, names in byte
+    /// order) of the guest directory `path`, starting after `after`; pass the page's
+    /// [`FileList::next_after`] to get the next one. Entry names are validated (1..=255
+    /// bytes, no NUL or `/`) when the answer is parsed.
+    pub async fn file_list(
+        &self,
+        path: &GuestPath,
+        after: Option<&EntryName>,
+    ) -> Result<FileList, AgentError> {
+        let request = Request::FileList {
+            path: path.clone(),
+            after: after.cloned(),
+        };
+        match self.inner.request(request).await? {
+            Response::FileList(list) => Ok(list),
+            _ => Err(AgentError::UnexpectedResponse { op: "file_list" }),
+        }
+    }
+
+    /// Creates a guest directory (`parents`: with missing parents, and no error if it
+    /// exists). Mode defaults to 0o755.
+    pub async fn file_mkdir(
+        &self,
+        path: &GuestPath,
+        parents: bool,
+        mode: Option<u32>,
+    ) -> Result<(), AgentError> {
+        let request = Request::FileMkdir {
+            path: path.clone(),
+            parents,
+            mode,
+        };
+        self.file_ok(request, "file_mkdir").await
+    }
+
+    /// Removes a guest file, symlink or empty directory; with `recursive`, a whole tree.
+    /// A non-empty directory without `recursive` fails with `not_empty`.
+    pub async fn file_remove(&self, path: &GuestPath, recursive: bool) -> Result<(), AgentError> {
+        let request = Request::FileRemove {
+            path: path.clone(),
+            recursive,
+        };
+        self.file_ok(request, "file_remove").await
+    }
+
+    /// Renames a guest path (`rename(2)`: an existing file at `to` is replaced).
+    pub async fn file_rename(&self, from: &GuestPath, to: &GuestPath) -> Result<(), AgentError> {
+        let request = Request::FileRename {
+            from: from.clone(),
+            to: to.clone(),
+        };
+        self.file_ok(request, "file_rename").await
+    }
+
+    async fn file_ok(&self, request: Request, op: &'static str) -> Result<(), AgentError> {
+        match self.inner.request(request).await? {
+            Response::FileOk => Ok(()),
+            _ => Err(AgentError::UnexpectedResponse { op }),
         }
     }
 
@@ -778,7 +923,7 @@ async fn writer_task<W: AsyncWrite + Unpin>(
     let mut closed = shared.closed_tx.subscribe();
     // tcp_close messages taken from `shared` but not written yet, and how many queued frames
     // were written since the last were taken.
-    let mut closes: BTreeSet<StreamId> = BTreeSet::new();
+    let mut closes: BTreeMap<StreamId, HostMessage> = BTreeMap::new();
     let mut written_since_closes = 0usize;
     let result: io::Result<()> = async {
         loop {
@@ -795,16 +940,15 @@ async fn writer_task<W: AsyncWrite + Unpin>(
                 closes.extend(taken);
                 written_since_closes = 0;
             }
-            // A close must follow every frame queued before it (its tunnel's tcp_connect may
-            // still be queued): once the queue was empty, or a whole queue's worth of frames
+            // A close must follow every frame queued before it (the request that opened its
+            // stream may still be queued): once the queue was empty, or a whole queue's worth of frames
             // has been written since, that holds.
             let mut wrote_closes = false;
             if !closes.is_empty() && (rx.is_empty() || written_since_closes >= rx.max_capacity()) {
-                for stream in std::mem::take(&mut closes) {
-                    let close = HostMessage::TcpClose { stream };
+                for close in std::mem::take(&mut closes).into_values() {
                     match close.to_frame().and_then(|f| f.to_bytes()) {
                         Ok(bytes) => wr.write_all(&bytes).await?,
-                        Err(e) => tracing::error!(error = %e, "unencodable tcp_close"),
+                        Err(e) => tracing::error!(error = %e, "unencodable close message"),
                     }
                 }
                 wrote_closes = true;

@@ -1,8 +1,10 @@
 //! Host-client tests against a scripted fake guest (frames written by hand), for behaviour the
 //! real agent never exhibits: stale acknowledgements, hostile credit overruns, sudden death,
-//! identity acknowledgements that do not match the request. TCP tunnels: [`tunnel`].
+//! identity acknowledgements that do not match the request. TCP tunnels: [`tunnel`]; file
+//! transfers and listings: [`files`].
 //! The real agent end to end is tested in `bins/kiln-agent/tests/`.
 
+mod files;
 mod tunnel;
 
 use std::time::Duration;
@@ -15,7 +17,7 @@ use kiln_agent_proto::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-use super::{AgentClient, AgentError, ClientConfig, ClosedReason, ExecEvent};
+use crate::{AgentClient, AgentError, ClientConfig, ClosedReason, ExecEvent};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
