@@ -9,6 +9,7 @@
 
 mod bench;
 mod completion;
+mod cp;
 mod doctor;
 mod execs;
 mod image;
@@ -121,6 +122,25 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Copy files or directories between the host and a sandbox (`docker cp` syntax:
+    /// `ID:/path` on one side, `-` for a tar archive on stdin or stdout).
+    Cp {
+        /// Source: a host path, `ID:/path`, or `-` (a tar archive on stdin).
+        src: String,
+        /// Destination: a host path, `ID:/path`, or `-` (a tar archive to stdout).
+        dst: String,
+        /// Print what was written into the sandbox as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a directory (or describe a file) in a sandbox: `kiln ls ID:/path`.
+    Ls {
+        /// `ID:/path`.
+        target: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a sandbox's guest console (kernel and agent messages).
     Logs {
         /// Sandbox id, name or unambiguous id prefix.
@@ -223,6 +243,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Ttl { id, duration, json } => ps::ttl(&client, id, duration, *json).await,
         Cmd::Events { json } => ps::events(&client, *json).await,
         Cmd::Logs { id, follow } => execs::logs(&client, id, *follow).await,
+        Cmd::Cp { src, dst, json } => cp::cp(&client, src, dst, *json).await,
+        Cmd::Ls { target, json } => cp::ls(&client, target, *json).await,
         Cmd::Stop { id, json } => ps::stop(&client, id, *json).await,
         Cmd::Start { id, secrets, json } => ps::start(&client, id, secrets, *json).await,
         Cmd::Bench(BenchCmd::Boot(args)) => bench::run(&client, args).await,

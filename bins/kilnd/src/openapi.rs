@@ -36,6 +36,7 @@ use utoipa::openapi::{RefOr, Response as OaResponse, ResponseBuilder};
         (name = "snapshots", description = "Warm and user snapshots"),
         (name = "images", description = "Guest images"),
         (name = "execs", description = "Detached commands: started once, attached to any number of times"),
+        (name = "files", description = "Files in a sandbox: transfers in and out, listings and small operations"),
     ),
     components(schemas(
         ApiError,
@@ -292,17 +293,32 @@ mod tests {
     /// The codes `CoreError::code()` returns, read from the engine's source: that match is
     /// the one place the engine spells them, and it cannot be enumerated at run time.
     fn core_error_codes() -> Vec<String> {
-        let src = include_str!("../../../crates/kiln-core/src/error.rs");
-        let body = src
-            .split("pub fn code(&self)")
-            .nth(1)
-            .and_then(|rest| rest.split("\n    }\n").next())
-            .expect("CoreError::code() in crates/kiln-core/src/error.rs");
-        body.split("=> \"")
-            .skip(1)
-            .filter_map(|s| s.split('"').next())
-            .map(str::to_owned)
-            .collect()
+        // CoreError::code(), and FileErrorKind::code() which it delegates file errors to.
+        let sources = [
+            (
+                include_str!("../../../crates/kiln-core/src/error.rs"),
+                "pub fn code(&self)",
+            ),
+            (
+                include_str!("../../../crates/kiln-core/src/files.rs"),
+                "pub fn code(self)",
+            ),
+        ];
+        let mut codes = Vec::new();
+        for (src, marker) in sources {
+            let body = src
+                .split(marker)
+                .nth(1)
+                .and_then(|rest| rest.split("\n    }\n").next())
+                .expect("a code() function in kiln-core");
+            codes.extend(
+                body.split("=> \"")
+                    .skip(1)
+                    .filter_map(|s| s.split('"').next())
+                    .map(str::to_owned),
+            );
+        }
+        codes
     }
 
     #[test]

@@ -30,6 +30,22 @@ pub enum ErrorCode {
     SnapshotNotFound,
     /// 404: no such detached command.
     ExecNotFound,
+    /// 404: a file operation's path (or a parent) does not exist in the guest.
+    FileNotFound,
+    /// 409: the path exists, is (not) a directory, or is not empty.
+    FileConflict,
+    /// 400: a guest path or archive entry is not acceptable.
+    InvalidPath,
+    /// 403: the guest's permissions or a read-only file system refused it.
+    PermissionDenied,
+    /// 507: the guest's disk is full.
+    GuestDiskFull,
+    /// 429: too many file transfers at once in this sandbox.
+    TooManyTransfers,
+    /// 501: the sandbox's guest agent has no file operations (rebuild the image).
+    FilesUnsupported,
+    /// 500: another failure of a file operation in the guest.
+    FileIoError,
     /// 400: an id prefix that several sandboxes share.
     AmbiguousSandbox,
     /// 409: the sandbox is not running (paused, stopped, failed, ...; the message says).
@@ -82,6 +98,14 @@ impl ErrorCode {
         ErrorCode::ImageNotFound,
         ErrorCode::SnapshotNotFound,
         ErrorCode::ExecNotFound,
+        ErrorCode::FileNotFound,
+        ErrorCode::FileConflict,
+        ErrorCode::InvalidPath,
+        ErrorCode::PermissionDenied,
+        ErrorCode::GuestDiskFull,
+        ErrorCode::TooManyTransfers,
+        ErrorCode::FilesUnsupported,
+        ErrorCode::FileIoError,
         ErrorCode::AmbiguousSandbox,
         ErrorCode::SandboxNotRunning,
         ErrorCode::SandboxNotPaused,
@@ -115,6 +139,14 @@ impl ErrorCode {
             ErrorCode::SnapshotNotFound => "snapshot_not_found",
             ErrorCode::AmbiguousSandbox => "ambiguous_sandbox",
             ErrorCode::ExecNotFound => "exec_not_found",
+            ErrorCode::FileNotFound => "file_not_found",
+            ErrorCode::FileConflict => "file_conflict",
+            ErrorCode::InvalidPath => "invalid_path",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::GuestDiskFull => "guest_disk_full",
+            ErrorCode::TooManyTransfers => "too_many_transfers",
+            ErrorCode::FilesUnsupported => "files_unsupported",
+            ErrorCode::FileIoError => "file_io_error",
             ErrorCode::SandboxNotRunning => "sandbox_not_running",
             ErrorCode::SandboxNotPaused => "sandbox_not_paused",
             ErrorCode::SandboxNotStopped => "sandbox_not_stopped",
@@ -192,6 +224,14 @@ mod tests {
             | ErrorCode::SnapshotNotFound
             | ErrorCode::AmbiguousSandbox
             | ErrorCode::ExecNotFound
+            | ErrorCode::FileNotFound
+            | ErrorCode::FileConflict
+            | ErrorCode::InvalidPath
+            | ErrorCode::PermissionDenied
+            | ErrorCode::GuestDiskFull
+            | ErrorCode::TooManyTransfers
+            | ErrorCode::FilesUnsupported
+            | ErrorCode::FileIoError
             | ErrorCode::SandboxNotRunning
             | ErrorCode::SandboxNotPaused
             | ErrorCode::SandboxNotStopped
@@ -212,6 +252,6 @@ mod tests {
             | ErrorCode::IoError
             | ErrorCode::Internal => 1,
         };
-        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 27);
+        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 35);
     }
 }

@@ -29,10 +29,15 @@ pub use error_code::{ErrorCode, UnknownErrorCode};
 pub use schema::SANDBOX_ID_PATTERN;
 
 pub mod execs;
+pub mod files;
 pub mod names;
 pub mod sandbox;
 
 pub use execs::{ExecId, ExecInfo, ExecKillRequest, ExecList, ExecState, parse_signal};
+pub use files::{
+    FileInfo, FileKind, FileList, FileListQuery, FileMkdirRequest, FilePathQuery, FileReadQuery,
+    FileRemoveQuery, FileRenameRequest, FileWriteQuery, parse_mode,
+};
 
 pub use names::{
     ImageName, InvalidInput, Label, LabelKey, Labels, SandboxName, SnapshotName,

@@ -24,6 +24,8 @@ pub enum Method {
     Post,
     /// `DELETE`.
     Delete,
+    /// `PUT`.
+    Put,
 }
 
 impl Method {
@@ -33,6 +35,7 @@ impl Method {
             Method::Get => "GET",
             Method::Post => "POST",
             Method::Delete => "DELETE",
+            Method::Put => "PUT",
         }
     }
 }
@@ -52,6 +55,8 @@ pub enum Body {
     EventStream,
     /// Plain text (`text/plain`), possibly streamed.
     Text,
+    /// Raw bytes (`application/octet-stream` or `application/x-tar`), streamed.
+    Bytes,
 }
 
 /// One endpoint.
@@ -184,6 +189,20 @@ routes! {
     EXEC_ATTACH = Get "/v1/execs/{exec_id}/attach" "exec_attach" WebSocket;
     /// `GET /v1/sandboxes/{id}/logs`: the guest console (`?follow=true` to follow).
     SANDBOX_LOGS = Get "/v1/sandboxes/{id}/logs" "sandbox_logs" Text;
+    /// `PUT /v1/sandboxes/{id}/files?path=…`: raw body (a tar archive with `tar=true`).
+    FILE_WRITE = Put "/v1/sandboxes/{id}/files" "file_write" Json;
+    /// `GET /v1/sandboxes/{id}/files?path=…`: raw bytes (a tar archive with `tar=true`).
+    FILE_READ = Get "/v1/sandboxes/{id}/files" "file_read" Bytes;
+    /// `DELETE /v1/sandboxes/{id}/files?path=…&recursive=…`.
+    FILE_REMOVE = Delete "/v1/sandboxes/{id}/files" "file_remove" Empty;
+    /// `GET /v1/sandboxes/{id}/files/list?path=…&after=…`.
+    FILE_LIST = Get "/v1/sandboxes/{id}/files/list" "file_list" Json;
+    /// `GET /v1/sandboxes/{id}/files/stat?path=…`.
+    FILE_STAT = Get "/v1/sandboxes/{id}/files/stat" "file_stat" Json;
+    /// `POST /v1/sandboxes/{id}/files/mkdir`.
+    FILE_MKDIR = Post "/v1/sandboxes/{id}/files/mkdir" "file_mkdir" Json;
+    /// `POST /v1/sandboxes/{id}/files/rename`.
+    FILE_RENAME = Post "/v1/sandboxes/{id}/files/rename" "file_rename" Json;
     /// `GET /v1/sandboxes/{id}/exec` (WebSocket).
     SANDBOX_EXEC = Get "/v1/sandboxes/{id}/exec" "sandbox_exec" WebSocket;
     /// `GET /v1/run` (WebSocket): fresh sandbox, one exec, teardown.

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use kiln_api_types::ApiError;
@@ -251,6 +251,19 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<hyper::body::Incoming>> {
+        let body = Full::new(Bytes::from(body.unwrap_or_default()))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        self.send_body(method, path, "application/json", body).await
+    }
+
+    async fn send_body(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: UnsyncBoxBody<Bytes, std::io::Error>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>> {
         let stream = self.endpoint.open().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -263,13 +276,11 @@ impl Client {
             .method(method.as_str())
             .uri(path)
             .header("host", self.endpoint.host())
-            .header("content-type", "application/json");
+            .header("content-type", content_type);
         if let Some(token) = self.endpoint.token() {
             req = req.header("authorization", format!("Bearer {token}"));
         }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(ClientError::Build)?;
+        let req = req.body(body).map_err(ClientError::Build)?;
         sender
             .send_request(req)
             .await
@@ -277,6 +288,41 @@ impl Client {
                 what: "request to kilnd failed",
                 source,
             })
+    }
+
+    /// `route` with `params` and `query`, its body streamed from `reader` (64 KiB at a time:
+    /// memory stays bounded whatever the size), answering one JSON document.
+    pub async fn upload<T: DeserializeOwned>(
+        &self,
+        route: Route,
+        params: &[&str],
+        query: &[(&str, &str)],
+        content_type: &str,
+        reader: impl AsyncRead + Send + Unpin + 'static,
+    ) -> Result<T> {
+        use tokio::io::AsyncReadExt;
+        let path = with_query(route.path_with(params).map_err(ClientError::Route)?, query);
+        let chunks = futures_util::stream::unfold(reader, |mut r| async move {
+            let mut buf = vec![0u8; UPLOAD_CHUNK];
+            match r.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(hyper::body::Frame::data(Bytes::from(buf))), r))
+                }
+                Err(e) => Some((Err(e), r)),
+            }
+        });
+        let body = http_body_util::StreamBody::new(chunks).boxed_unsync();
+        let resp = self
+            .send_body(route.method, &path, content_type, body)
+            .await?;
+        let status = resp.status();
+        let bytes = read_body(resp).await?;
+        if !status.is_success() {
+            return Err(api_error(status, &bytes));
+        }
+        serde_json::from_slice(&bytes).map_err(ClientError::Decode)
     }
 
     /// `route` with `params`, answering one JSON document (or an API error).
@@ -297,15 +343,7 @@ impl Client {
         query: &[(&str, &str)],
         body: Option<&impl Serialize>,
     ) -> Result<T> {
-        let mut path = route.path_with(params).map_err(ClientError::Route)?;
-        if !query.is_empty() {
-            let mut q = form_urlencoded::Serializer::new(String::new());
-            for (k, v) in query {
-                q.append_pair(k, v);
-            }
-            path.push('?');
-            path.push_str(&q.finish());
-        }
+        let path = with_query(route.path_with(params).map_err(ClientError::Route)?, query);
         let body = body
             .map(serde_json::to_vec)
             .transpose()
@@ -332,6 +370,22 @@ impl Client {
             .transpose()
             .map_err(ClientError::Encode)?;
         let resp = self.send(route.method, &path, body).await?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        Err(api_error(status, &read_body(resp).await?))
+    }
+
+    /// `route` at `path` (already filled) with `query`, answering no body (204).
+    pub(crate) async fn call_no_content_path(
+        &self,
+        route: Route,
+        path: String,
+        query: &[(&str, &str)],
+    ) -> Result<()> {
+        let path = with_query(path, query);
+        let resp = self.send(route.method, &path, None).await?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
@@ -389,15 +443,7 @@ impl Client {
     where
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let mut path = route.path_with(params).map_err(ClientError::Route)?;
-        if !query.is_empty() {
-            let mut q = form_urlencoded::Serializer::new(String::new());
-            for (k, v) in query {
-                q.append_pair(k, v);
-            }
-            path.push('?');
-            path.push_str(&q.finish());
-        }
+        let path = with_query(route.path_with(params).map_err(ClientError::Route)?, query);
         let resp = self.send(route.method, &path, None).await?;
         let status = resp.status();
         if !status.is_success() {
@@ -416,6 +462,28 @@ impl Client {
             }
         }
         Ok(())
+    }
+
+    /// `route` with `params` and `query`, answering a byte stream, as an [`AsyncRead`]; a
+    /// stream the daemon broke off is an error, never a short clean end.
+    pub async fn download(
+        &self,
+        route: Route,
+        params: &[&str],
+        query: &[(&str, &str)],
+    ) -> Result<ByteStream> {
+        use futures_util::TryStreamExt;
+        let path = with_query(route.path_with(params).map_err(ClientError::Route)?, query);
+        let resp = self.send(route.method, &path, None).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(api_error(status, &read_body(resp).await?));
+        }
+        let stream = resp
+            .into_body()
+            .into_data_stream()
+            .map_err(std::io::Error::other);
+        Ok(Box::pin(tokio_util::io::StreamReader::new(stream)))
     }
 
     /// `route` with `params`, answering a text stream (server-sent events); `on_line` sees
@@ -478,6 +546,25 @@ impl Client {
             .map_err(ws_err)?;
         Ok(ws)
     }
+}
+
+/// A response body being read ([`Client::download`]).
+pub type ByteStream = std::pin::Pin<Box<dyn AsyncRead + Send>>;
+
+/// Bytes of an upload read and sent at a time.
+const UPLOAD_CHUNK: usize = 64 << 10;
+
+/// `path` with `query` appended, form-encoded.
+fn with_query(mut path: String, query: &[(&str, &str)]) -> String {
+    if !query.is_empty() {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in query {
+            q.append_pair(k, v);
+        }
+        path.push('?');
+        path.push_str(&q.finish());
+    }
+    path
 }
 
 /// The whole body of an answer.

@@ -4,10 +4,10 @@
 
 use kiln_api_types::routes;
 use kiln_api_types::{
-    DoctorReport, Event, ExecId, ExecInfo, ExecKillRequest, ExecList, ExecRequest, Health,
-    ImageBuildEvent, ImageBuildRequest, ImageList, PingResponse, SandboxId, SandboxInfo,
-    SandboxList, SandboxSpec, SandboxStartRequest, SecretsUpdateRequest, SnapshotCreateRequest,
-    SnapshotInfo, SnapshotList, TtlRequest,
+    DoctorReport, Event, ExecId, ExecInfo, ExecKillRequest, ExecList, ExecRequest, FileInfo,
+    FileList, FileMkdirRequest, FileRenameRequest, Health, ImageBuildEvent, ImageBuildRequest,
+    ImageList, PingResponse, SandboxId, SandboxInfo, SandboxList, SandboxSpec, SandboxStartRequest,
+    SecretsUpdateRequest, SnapshotCreateRequest, SnapshotInfo, SnapshotList, TtlRequest,
 };
 
 use crate::{Client, Result, WsStream};
@@ -125,6 +125,101 @@ impl Client {
     {
         let query: &[(&str, &str)] = if follow { &[("follow", "true")] } else { &[] };
         self.stream_bytes(routes::SANDBOX_LOGS, &[id.as_str()], query, on_chunk)
+            .await
+    }
+
+    /// `PUT /v1/sandboxes/{id}/files`: writes `reader`'s bytes to `path` (a tar archive
+    /// unpacked into the directory `path` with `tar`).
+    pub async fn file_write(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        mode: Option<u32>,
+        tar: bool,
+        reader: impl tokio::io::AsyncRead + Send + Unpin + 'static,
+    ) -> Result<FileInfo> {
+        let mode = mode.map(|m| format!("{m:o}"));
+        let mut query = vec![("path", path)];
+        if let Some(m) = &mode {
+            query.push(("mode", m));
+        }
+        if tar {
+            query.push(("tar", "true"));
+        }
+        let content_type = if tar {
+            "application/x-tar"
+        } else {
+            "application/octet-stream"
+        };
+        self.upload(
+            routes::FILE_WRITE,
+            &[id.as_str()],
+            &query,
+            content_type,
+            reader,
+        )
+        .await
+    }
+
+    /// `GET /v1/sandboxes/{id}/files`: the bytes of `path` (a tar archive of the directory
+    /// with `tar`).
+    pub async fn file_read(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        tar: bool,
+    ) -> Result<crate::ByteStream> {
+        let mut query = vec![("path", path)];
+        if tar {
+            query.push(("tar", "true"));
+        }
+        self.download(routes::FILE_READ, &[id.as_str()], &query)
+            .await
+    }
+
+    /// `GET /v1/sandboxes/{id}/files/stat`.
+    pub async fn file_stat(&self, id: &SandboxId, path: &str) -> Result<FileInfo> {
+        self.call_with_query(routes::FILE_STAT, &[id.as_str()], &[("path", path)], NONE)
+            .await
+    }
+
+    /// `GET /v1/sandboxes/{id}/files/list`: one page.
+    pub async fn file_list(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        after: Option<&str>,
+    ) -> Result<FileList> {
+        let mut query = vec![("path", path)];
+        if let Some(a) = after {
+            query.push(("after", a));
+        }
+        self.call_with_query(routes::FILE_LIST, &[id.as_str()], &query, NONE)
+            .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/files/mkdir`.
+    pub async fn file_mkdir(&self, id: &SandboxId, req: &FileMkdirRequest) -> Result<FileInfo> {
+        self.call(routes::FILE_MKDIR, &[id.as_str()], Some(req))
+            .await
+    }
+
+    /// `DELETE /v1/sandboxes/{id}/files`.
+    pub async fn file_remove(&self, id: &SandboxId, path: &str, recursive: bool) -> Result<()> {
+        let mut query = vec![("path", path)];
+        if recursive {
+            query.push(("recursive", "true"));
+        }
+        let path = routes::FILE_REMOVE
+            .path_with(&[id.as_str()])
+            .map_err(crate::ClientError::Route)?;
+        self.call_no_content_path(routes::FILE_REMOVE, path, &query)
+            .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/files/rename`.
+    pub async fn file_rename(&self, id: &SandboxId, req: &FileRenameRequest) -> Result<FileInfo> {
+        self.call(routes::FILE_RENAME, &[id.as_str()], Some(req))
             .await
     }
 

@@ -22,6 +22,16 @@ pub enum CoreError {
         /// The ids it matches, comma separated.
         matches: String,
     },
+    /// A file operation in a sandbox failed in the guest; `kind` says how.
+    #[error("{path}: {message}")]
+    File {
+        /// The guest path.
+        path: String,
+        /// Its class (status and code).
+        kind: crate::files::FileErrorKind,
+        /// The guest's explanation.
+        message: String,
+    },
     /// No detached command with that id.
     #[error("no detached command {0} (see `kiln exec ls SANDBOX`)")]
     ExecNotFound(String),
@@ -137,6 +147,7 @@ impl CoreError {
             },
             CoreError::AmbiguousSandbox { .. } => "ambiguous_sandbox",
             CoreError::ExecNotFound(_) => "exec_not_found",
+            CoreError::File { kind, .. } => kind.code(),
             CoreError::NameTaken(_) => "name_taken",
             CoreError::Invalid(_) => "bad_request",
             CoreError::SandboxFailed { .. } => "sandbox_failed",

@@ -15,6 +15,7 @@
 mod detached;
 pub mod doctor;
 pub mod error;
+pub mod files;
 mod guest;
 mod images;
 mod janitor;
@@ -689,6 +690,133 @@ impl Engine {
         Ok(info)
     }
 
+    async fn file_op(
+        &self,
+        id: &SandboxId,
+        op: files::FileOp,
+    ) -> Result<(files::FileAnswer, sandbox::BusyGuard), CoreError> {
+        self.call(id, |r| owner::Op::File(op, r)).await
+    }
+
+    /// Opens a write of `path` in sandbox `id` (a tar archive unpacked into the directory
+    /// `path` with `tar`); see [`files::Upload`].
+    pub async fn file_upload(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        mode: Option<u32>,
+        tar: bool,
+    ) -> Result<files::Upload, CoreError> {
+        let gp = files::guest_path(path)?;
+        let req = kiln_agent_host::FileWriteRequest {
+            path: gp,
+            mode,
+            tar,
+        };
+        match self.file_op(id, files::FileOp::Write(req)).await? {
+            (files::FileAnswer::Writer(writer), busy) => Ok(files::Upload {
+                sandbox: id.clone(),
+                path: path.to_owned(),
+                writer,
+                _busy: busy,
+            }),
+            _ => Err(unexpected_answer()),
+        }
+    }
+
+    /// Opens a read of `path` in sandbox `id` (a tar archive of the directory with `tar`).
+    pub async fn file_download(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        tar: bool,
+    ) -> Result<files::Download, CoreError> {
+        let req = kiln_agent_host::FileReadRequest {
+            path: files::guest_path(path)?,
+            tar,
+        };
+        match self.file_op(id, files::FileOp::Read(req)).await? {
+            (files::FileAnswer::Reader(reader), busy) => Ok(files::Download {
+                reader,
+                _busy: busy,
+            }),
+            _ => Err(unexpected_answer()),
+        }
+    }
+
+    /// Metadata of `path` (a symlink is described, not followed).
+    pub async fn file_stat(
+        &self,
+        id: &SandboxId,
+        path: &str,
+    ) -> Result<kiln_api_types::FileInfo, CoreError> {
+        let gp = files::guest_path(path)?;
+        match self.file_op(id, files::FileOp::Stat(gp)).await? {
+            (files::FileAnswer::Stat(s), _) => Ok(files::info(path, &s)),
+            _ => Err(unexpected_answer()),
+        }
+    }
+
+    /// One page of the listing of directory `path`, after the name `after`.
+    pub async fn file_list(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        after: Option<&str>,
+    ) -> Result<kiln_api_types::FileList, CoreError> {
+        let gp = files::guest_path(path)?;
+        let after = after.map(files::entry_name).transpose()?;
+        match self.file_op(id, files::FileOp::List(gp, after)).await? {
+            (files::FileAnswer::List(l), _) => Ok(files::list(path, &l)),
+            _ => Err(unexpected_answer()),
+        }
+    }
+
+    /// Creates directory `path` (with its parents, `mkdir -p`, when `parents`).
+    pub async fn file_mkdir(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        parents: bool,
+        mode: Option<u32>,
+    ) -> Result<kiln_api_types::FileInfo, CoreError> {
+        if mode.is_some_and(|m| m > 0o7777) {
+            return Err(CoreError::BadRequest(format!(
+                "mode {:o} has bits beyond 0o7777",
+                mode.unwrap_or_default()
+            )));
+        }
+        let gp = files::guest_path(path)?;
+        self.file_op(id, files::FileOp::Mkdir(gp, parents, mode))
+            .await?;
+        self.file_stat(id, path).await
+    }
+
+    /// Removes `path` (a non-empty directory only with `recursive`).
+    pub async fn file_remove(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        recursive: bool,
+    ) -> Result<(), CoreError> {
+        let gp = files::guest_path(path)?;
+        self.file_op(id, files::FileOp::Remove(gp, recursive))
+            .await
+            .map(|_| ())
+    }
+
+    /// Renames `from` to `to` within the guest.
+    pub async fn file_rename(
+        &self,
+        id: &SandboxId,
+        from: &str,
+        to: &str,
+    ) -> Result<kiln_api_types::FileInfo, CoreError> {
+        let (f, t) = (files::guest_path(from)?, files::guest_path(to)?);
+        self.file_op(id, files::FileOp::Rename(f, t)).await?;
+        self.file_stat(id, to).await
+    }
+
     /// The detached commands of sandbox `id`, oldest first.
     pub fn exec_list(&self, id: &SandboxId) -> Result<Vec<kiln_api_types::ExecInfo>, CoreError> {
         self.sandbox_get(id)?;
@@ -1097,6 +1225,10 @@ fn users_of(rows: &[SandboxInfo], name: &str) -> Vec<SandboxId> {
         })
         .map(|r| r.id.clone())
         .collect()
+}
+
+fn unexpected_answer() -> CoreError {
+    CoreError::HostSetup("the sandbox's owner answered a file operation with the wrong kind".into())
 }
 
 /// What [`Engine::launch`] puts into service.

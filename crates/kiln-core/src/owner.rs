@@ -58,6 +58,11 @@ pub(crate) enum Op {
     Ttl(u64, Reply<u64>),
     /// Stop and remove it.
     Remove(String, Reply<()>),
+    /// A file operation (transfers are only opened here).
+    File(
+        crate::files::FileOp,
+        Reply<(crate::files::FileAnswer, crate::sandbox::BusyGuard)>,
+    ),
     /// Let go of it, leaving its VM running for the next daemon (daemon shutdown).
     Detach(Reply<()>),
     /// Save it (memory and disk) and stop its VM.
@@ -258,6 +263,18 @@ impl Owner {
                 if r.is_ok() {
                     self.expires_unix = Some(expires);
                 }
+                let _ = reply.send(r);
+            }
+            Op::File(op, reply) => {
+                let r = match self.need(SandboxState::Running) {
+                    Ok(()) => {
+                        let busy = self.sb.activity.busy();
+                        crate::files::run(self.sb.agent(), op)
+                            .await
+                            .map(|answer| (answer, busy))
+                    }
+                    Err(e) => Err(e),
+                };
                 let _ = reply.send(r);
             }
             Op::Stop(reply) => {
