@@ -1,4 +1,4 @@
-//! PID 1 duties: the boot contract of docs/design-contract.md.
+//! PID 1 duties: the boot contract of docs/architecture.md, "Boot contract".
 //!
 //! Owns: everything the agent does as the initramfs `/init` before it serves the channel.
 //!

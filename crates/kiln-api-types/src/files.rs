@@ -43,7 +43,7 @@ pub struct FileInfo {
     pub uid: u32,
     /// Group's gid in the guest.
     pub gid: u32,
-    /// Where a symlink points.
+    /// Where a symlink points (given by `file_stat`; listings leave it out).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symlink_target: Option<String>,
 }

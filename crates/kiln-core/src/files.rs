@@ -89,12 +89,26 @@ pub fn entry_name(raw: &str) -> Result<EntryName, CoreError> {
 /// What the engine reports for a failed file operation on `path`.
 pub(crate) fn file_error(path: &str, e: AgentError) -> CoreError {
     match e {
-        AgentError::Remote { code, message, .. } => CoreError::File {
-            path: path.to_owned(),
-            kind: FileErrorKind::of(code),
-            message,
-        },
+        AgentError::Remote { code, message, .. } => {
+            let kind = FileErrorKind::of(code);
+            CoreError::File {
+                path: path.to_owned(),
+                kind,
+                message: explain(kind, message),
+            }
+        }
         other => CoreError::Agent(other),
+    }
+}
+
+/// The guest's message, or for an agent without file operations, what to do about it.
+fn explain(kind: FileErrorKind, message: String) -> String {
+    if kind == FileErrorKind::Unsupported {
+        format!(
+            "the guest agent of this sandbox's image has no file operations ({message}); rebuild the image with `kiln image build NAME` and start a new sandbox"
+        )
+    } else {
+        message
     }
 }
 
@@ -104,11 +118,14 @@ pub fn transfer_error(path: &str, e: std::io::Error) -> CoreError {
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<AgentError>());
     match agent {
-        Some(AgentError::Remote { code, message, .. }) => CoreError::File {
-            path: path.to_owned(),
-            kind: FileErrorKind::of(*code),
-            message: message.clone(),
-        },
+        Some(AgentError::Remote { code, message, .. }) => {
+            let kind = FileErrorKind::of(*code);
+            CoreError::File {
+                path: path.to_owned(),
+                kind,
+                message: explain(kind, message.clone()),
+            }
+        }
         _ => CoreError::Io {
             what: "transfer",
             path: path.into(),

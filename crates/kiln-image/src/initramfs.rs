@@ -1,4 +1,4 @@
-//! The initramfs of the boot contract (see docs/design-contract.md):
+//! The initramfs of the boot contract (see docs/architecture.md, "Boot contract"):
 //!
 //! ```text
 //! /init                      the static kiln agent (PID 1), 0755

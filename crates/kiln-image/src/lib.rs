@@ -1,7 +1,7 @@
 //! Guest image builder: recipes -> kernel + initramfs + rootfs.
 //!
 //! Owns `$KILN_HOME/images/` and `$KILN_HOME/cache/{kernel,debs}/` (layout and boot contract in
-//! docs/design-contract.md). One function per stage, one module per concern:
+//! docs/architecture.md, "Boot contract"). One function per stage, one module per concern:
 //!
 //! | module        | owns                                                                |
 //! |---------------|---------------------------------------------------------------------|

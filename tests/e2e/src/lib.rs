@@ -240,3 +240,46 @@ pub fn free_port() -> u16 {
         .expect("addr")
         .port()
 }
+
+/// One raw HTTP/1.0 request to the daemon of `home` over its unix socket: (status, body).
+/// For checking what the API answers to input the CLI would refuse before sending.
+pub fn api_request(home: &Path, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(home.join("kilnd.sock"))
+        .expect("connect to kilnd.sock");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .expect("timeout");
+    let head = format!(
+        "{method} {path} HTTP/1.0\r\nHost: kilnd\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("send head");
+    s.write_all(body).expect("send body");
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).expect("read response");
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Resident and peak memory of a process, in KiB (`VmRSS`, `VmHWM`).
+pub fn rss_kib(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
