@@ -545,7 +545,7 @@ pub fn summary(v: &mut [f64]) -> Summary {
 }
 
 /// A spec starting `image` (cold or from its warm snapshot) with default size.
-fn image_spec(image: &str, cold: bool) -> anyhow::Result<SandboxSpec> {
+pub fn image_spec(image: &str, cold: bool) -> anyhow::Result<SandboxSpec> {
     Ok(SandboxSpec {
         source: kiln_api_types::SandboxSource::Image {
             image: image.parse()?,

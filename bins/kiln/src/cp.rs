@@ -62,6 +62,14 @@ fn guest_basename(path: &str) -> &str {
         .unwrap_or_default()
 }
 
+/// The directory part of a guest path (`/a/b` → `/a`, `/a` → `/`).
+fn guest_parent(path: &str) -> &str {
+    match path.trim_end_matches('/').rsplit_once('/') {
+        Some(("", _)) | None => "/",
+        Some((dir, _)) => dir,
+    }
+}
+
 fn join_guest(dir: &str, name: &str) -> String {
     format!("{}/{name}", dir.trim_end_matches('/'))
 }
@@ -81,6 +89,8 @@ pub async fn cp(client: &Client, src: &str, dst: &str, json: bool) -> anyhow::Re
         }
         (End::Stdio, End::Sandbox(key, path)) => {
             let id = crate::ps::resolve(client, &key).await?;
+            // Errors the daemon would give before reading the body come first, plainly.
+            preflight(client, &id, &path).await?;
             let stdin = tokio::io::stdin();
             Some(client.file_write(&id, &path, None, true, stdin).await?)
         }
@@ -120,9 +130,17 @@ async fn copy_in(
         .map(str::to_owned)
         .with_context(|| format!("{}: no file name to copy", local.display()))?;
     // docker cp: into an existing directory, the source keeps its name.
-    let target = match client.file_stat(id, dst).await {
-        Ok(st) if st.kind == FileKind::Dir => join_guest(dst, &name),
-        _ => dst.to_owned(),
+    let target = match preflight(client, id, dst).await? {
+        Some(st) if st.kind == FileKind::Dir => join_guest(dst, &name),
+        Some(_) => dst.to_owned(),
+        None => {
+            // A new path: its directory must exist (said plainly, before any byte is sent).
+            let parent = guest_parent(dst);
+            if preflight(client, id, parent).await?.is_none() {
+                bail!("{parent}: no such directory in sandbox {id}");
+            }
+            dst.to_owned()
+        }
     };
     if meta.is_dir() {
         let (reader, writer) = tokio::io::duplex(PIPE_BYTES);
@@ -151,6 +169,23 @@ async fn copy_in(
                 .file_write(id, &target, Some(mode), false, file)
                 .await?,
         ))
+    }
+}
+
+/// What is at `path` in the sandbox (`None`: nothing yet). Asked before an upload so that
+/// what the daemon would refuse at once (a paused sandbox, a bad path) is reported as such,
+/// not as a connection closed under a body still being sent.
+async fn preflight(
+    client: &Client,
+    id: &SandboxId,
+    path: &str,
+) -> anyhow::Result<Option<FileInfo>> {
+    match client.file_stat(id, path).await {
+        Ok(st) => Ok(Some(st)),
+        Err(kiln_client::ClientError::Api { body, .. }) if body.code == "file_not_found" => {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -311,6 +346,9 @@ mod tests {
     fn guest_names_and_modes() {
         assert_eq!(guest_basename("/a/b/"), "b");
         assert_eq!(join_guest("/a/", "f"), "/a/f");
+        assert_eq!(guest_parent("/a/b"), "/a");
+        assert_eq!(guest_parent("/a"), "/");
+        assert_eq!(guest_parent("/a/b/"), "/a");
         assert_eq!(mode_string(FileKind::Dir, 0o755), "drwxr-xr-x");
         assert_eq!(mode_string(FileKind::File, 0o640), "-rw-r-----");
     }

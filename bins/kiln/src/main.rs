@@ -8,6 +8,7 @@
 //! `kiln: ...` and give exit code 1 (`kiln run` passes the command's own code through).
 
 mod bench;
+mod bench_platform;
 mod completion;
 mod cp;
 mod doctor;
@@ -186,6 +187,10 @@ enum BenchCmd {
     Boot(bench::BenchArgs),
     /// Cold boot versus warm-snapshot restore, to the first exec result.
     Snapshot(bench::SnapshotBenchArgs),
+    /// File upload and download MiB/s beside the stdout stream rate.
+    Files(bench_platform::FilesBenchArgs),
+    /// Re-attaching sandboxes after a daemon restart; `kiln stop` and `kiln start`.
+    Lifecycle(bench_platform::LifecycleBenchArgs),
 }
 
 fn main() {
@@ -249,6 +254,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Start { id, secrets, json } => ps::start(&client, id, secrets, *json).await,
         Cmd::Bench(BenchCmd::Boot(args)) => bench::run(&client, args).await,
         Cmd::Bench(BenchCmd::Snapshot(args)) => bench::snapshot(&client, &home, args).await,
+        Cmd::Bench(BenchCmd::Files(args)) => bench_platform::files(&client, args).await,
+        Cmd::Bench(BenchCmd::Lifecycle(args)) => {
+            bench_platform::lifecycle(&client, &home, args).await
+        }
         Cmd::Create(args) => sandbox::create(&client, args).await,
         Cmd::Exec(args) => sandbox::exec(&client, args).await,
         Cmd::Clone(args) => sandbox::clone(&client, args).await,

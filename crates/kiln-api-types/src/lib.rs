@@ -594,6 +594,9 @@ pub struct JanitorReport {
     /// Sandboxes a previous daemon left running, taken back by this one.
     #[serde(default)]
     pub sandboxes_reattached: u32,
+    /// Wall time of re-attaching them all (concurrently), in milliseconds.
+    #[serde(default)]
+    pub reattach_ms: u64,
 }
 
 /// `POST /v1/sandboxes/{id}/ping`: one agent round trip, timed inside the daemon.

@@ -108,7 +108,9 @@ impl Engine {
             full_ram_announced: std::sync::atomic::AtomicBool::new(false),
         });
         let count = live.len() as u32;
+        let started = std::time::Instant::now();
         let reattached = reattach::all(&engine, live).await;
+        janitor.reattach_ms = started.elapsed().as_millis() as u64;
         janitor.sandboxes_reattached = reattached;
         janitor.sandboxes_failed += count - reattached;
         *engine.janitor.lock().unwrap_or_else(|e| e.into_inner()) = janitor;
