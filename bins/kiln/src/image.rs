@@ -47,6 +47,9 @@ pub enum ImageCmd {
     Rm {
         /// Image name.
         name: String,
+        /// Print `{"removed": NAME}`.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -132,8 +135,12 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        ImageCmd::Rm { name } => {
+        ImageCmd::Rm { name, json } => {
             client.image_delete(name).await?;
+            if *json {
+                println!("{}", serde_json::json!({ "removed": name }));
+                return Ok(0);
+            }
             println!("removed image {name}");
             Ok(0)
         }

@@ -173,6 +173,9 @@ enum Cmd {
         /// Replace the token with a new random one (takes effect at once) and print it.
         #[arg(long)]
         rotate: bool,
+        /// Print `{"token": ..., "path": ...}`.
+        #[arg(long)]
+        json: bool,
     },
     /// Print a shell completion script.
     Completion {
@@ -221,7 +224,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match &cli.cmd {
         Cmd::Doctor { json } => return doctor::run(&home, *json).await,
         Cmd::Daemon(cmd) => return sandbox::daemon(&home, cmd).await,
-        Cmd::Token { rotate } => return token::run(&home, *rotate),
+        Cmd::Token { rotate, json } => return token::run(&home, *rotate, *json),
         Cmd::Completion { shell } => {
             completion::write(*shell, &mut std::io::stdout());
             return Ok(0);

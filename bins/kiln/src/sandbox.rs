@@ -26,7 +26,24 @@ pub async fn create(client: &Client, a: &CreateArgs) -> anyhow::Result<i32> {
     }
     let info: SandboxInfo = client.sandbox_create(&req).await?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
+        // Generated secret values are nowhere else to be had: they are part of the answer.
+        let mut out = serde_json::to_value(&info)?;
+        let generated: serde_json::Map<String, serde_json::Value> = a
+            .sandbox
+            .secrets
+            .iter()
+            .filter(|arg| !arg.contains('='))
+            .filter_map(|name| {
+                req.secrets
+                    .0
+                    .get(name)
+                    .map(|v| (name.clone(), serde_json::Value::String(v.clone())))
+            })
+            .collect();
+        if !generated.is_empty() {
+            out["generated_secrets"] = serde_json::Value::Object(generated);
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("{}", info.id);
     }
@@ -180,6 +197,9 @@ pub enum DaemonCmd {
         /// Remove every sandbox first.
         #[arg(long)]
         all: bool,
+        /// Print `{"pid": ..., "removed": ...}`.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -212,13 +232,15 @@ pub async fn daemon(home: &ClientHome, cmd: &DaemonCmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        DaemonCmd::Stop { all } => {
+        DaemonCmd::Stop { all, json } => {
             let mut removed = 0;
             if *all {
                 removed = remove_all(&client).await?;
             }
             let pid = stop_daemon(&health).await?;
-            if *all {
+            if *json {
+                println!("{}", serde_json::json!({ "pid": pid, "removed": removed }));
+            } else if *all {
                 println!("stopped kilnd (pid {pid}) and removed {removed} sandboxes");
             } else {
                 println!("stopped kilnd (pid {pid}); its sandboxes keep running");
@@ -314,6 +336,9 @@ pub enum SnapshotCmd {
         /// Snapshot names.
         #[arg(required = true)]
         names: Vec<String>,
+        /// Print the removed names as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -350,13 +375,20 @@ pub async fn snapshot(client: &Client, a: &SnapshotArgs) -> anyhow::Result<i32> 
             }
             Ok(0)
         }
-        Some(SnapshotCmd::Rm { names }) => {
+        Some(SnapshotCmd::Rm { names, json }) => {
             let mut code = 0;
+            let mut removed = Vec::new();
             for name in names {
-                if let Err(e) = client.snapshot_delete(name).await {
-                    eprintln!("kiln: {:#}", anyhow::Error::from(e));
-                    code = 1;
+                match client.snapshot_delete(name).await {
+                    Ok(()) => removed.push(name.clone()),
+                    Err(e) => {
+                        eprintln!("kiln: {:#}", anyhow::Error::from(e));
+                        code = 1;
+                    }
                 }
+            }
+            if *json {
+                println!("{}", serde_json::json!({ "removed": removed }));
             }
             Ok(code)
         }

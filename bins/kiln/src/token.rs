@@ -5,7 +5,7 @@
 use kiln_client::ClientHome;
 
 /// Runs `kiln token`.
-pub fn run(home: &ClientHome, rotate: bool) -> anyhow::Result<i32> {
+pub fn run(home: &ClientHome, rotate: bool, json: bool) -> anyhow::Result<i32> {
     home.ensure()?;
     let path = home.token();
     let token = if rotate {
@@ -13,6 +13,13 @@ pub fn run(home: &ClientHome, rotate: bool) -> anyhow::Result<i32> {
     } else {
         kiln_client::token::read_or_create(&path)?
     };
-    println!("{token}");
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "token": token.to_string(), "path": path })
+        );
+    } else {
+        println!("{token}");
+    }
     Ok(0)
 }

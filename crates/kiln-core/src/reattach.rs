@@ -86,6 +86,7 @@ async fn one(engine: &Arc<Engine>, row: SandboxInfo) -> Result<(), CoreError> {
         let config = ClientConfig {
             handshake_deadline: RESYNC_DEADLINE,
             output_window: OUTPUT_WINDOW,
+            file_window: OUTPUT_WINDOW,
             ..Default::default()
         };
         let (agent, _info) = AgentClient::connect_with(stream, config)

@@ -103,6 +103,7 @@ impl Sandbox {
             let config = ClientConfig {
                 handshake_deadline: deadline,
                 output_window: OUTPUT_WINDOW,
+                file_window: OUTPUT_WINDOW,
                 ..Default::default()
             };
             AgentClient::connect_with(stream, config)

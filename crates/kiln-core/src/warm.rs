@@ -179,6 +179,7 @@ pub async fn restore(
         let config = ClientConfig {
             handshake_deadline: RESTORE_AGENT_DEADLINE,
             output_window: crate::sandbox::OUTPUT_WINDOW,
+            file_window: crate::sandbox::OUTPUT_WINDOW,
             ..Default::default()
         };
         let handshake = async {

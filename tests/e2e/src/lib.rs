@@ -59,6 +59,11 @@ impl Kiln {
         }
     }
 
+    /// The `kiln` binary under test (`kilnd` is beside it).
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
     /// The state directory.
     pub fn home(&self) -> &Path {
         &self.home

@@ -302,3 +302,75 @@ fn qemu_missing_or_too_old_is_named() {
         );
     }
 }
+
+/// One raw HTTP/1.0 GET over TCP: (status, body).
+fn tcp_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: kilnd\r\n{auth}\r\n").expect("send");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, resp)
+}
+
+#[test]
+#[ignore = "boots VMs: run by scripts/test"]
+fn tcp_listener_needs_the_token_and_refuses_public_addresses() {
+    let k = Kiln::isolated();
+    let kilnd = k.bin().with_file_name("kilnd");
+    // A non-loopback address is refused unless asked for explicitly.
+    let out = std::process::Command::new(&kilnd)
+        .args(["--listen", "0.0.0.0:1"])
+        .env("KILN_HOME", k.home())
+        .output()
+        .expect("run kilnd");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--listen-public"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = free_port();
+    let mut daemon = std::process::Command::new(&kilnd)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("KILN_HOME", k.home())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn kilnd");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "kilnd never listened on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (st, body) = tcp_get(port, "/v1/sandboxes", None);
+    assert_eq!(st, 401, "{body}");
+    assert!(body.contains(r#""code":"unauthorized""#), "{body}");
+    let (st, _) = tcp_get(port, "/v1/sandboxes", Some("0000"));
+    assert_eq!(st, 401);
+    let out = k.run(&["token"]);
+    assert_success(&out, "kiln token");
+    let token = stdout(&out).trim().to_owned();
+    let (st, body) = tcp_get(port, "/v1/sandboxes", Some(&token));
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains(r#""sandboxes":[]"#), "{body}");
+    // A rotation takes effect at once.
+    let out = k.run(&["token", "--rotate"]);
+    assert_success(&out, "kiln token --rotate");
+    let (st, _) = tcp_get(port, "/v1/sandboxes", Some(&token));
+    assert_eq!(st, 401, "the old token still works after a rotation");
+    let (st, _) = tcp_get(port, "/v1/health", Some(stdout(&out).trim()));
+    assert_eq!(st, 200);
+    // The unix socket needs no token.
+    assert_success(&k.run(&["ps"]), "ps over the unix socket");
+    let _ = k.run(&["daemon", "stop", "--all"]);
+    let _ = daemon.wait();
+}
