@@ -51,6 +51,8 @@ type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// Chunks queued between a transfer's task and its blocking thread.
 const THREAD_QUEUE: usize = 4;
+/// Write buffer of a plain file write.
+const WRITE_BUFFER: usize = 1 << 20;
 /// Default permission bits of a written file and of a created directory.
 const DEFAULT_FILE_MODE: u32 = 0o644;
 const DEFAULT_DIR_MODE: u32 = 0o755;
@@ -406,6 +408,26 @@ struct QueueReader {
     ended: bool,
 }
 
+impl QueueReader {
+    /// Writes every chunk to `w` as it comes, until the end of the transfer.
+    fn drain_into(&mut self, w: &mut impl Write) -> io::Result<()> {
+        loop {
+            if !self.current.is_empty() {
+                w.write_all(&self.current)?;
+                self.current.clear();
+            }
+            if self.ended {
+                return Ok(());
+            }
+            match self.rx.blocking_recv() {
+                Some(ToWriter::Data(data)) => self.current = data,
+                Some(ToWriter::End) => self.ended = true,
+                None => return Err(aborted_io()),
+            }
+        }
+    }
+}
+
 impl Read for QueueReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.current.is_empty() {
@@ -480,8 +502,14 @@ impl WriteTarget {
         if self.tar {
             self.unpack(&mut reader)?;
         } else if let Some(mut file) = self.file.take() {
-            io::copy(&mut reader, &mut file)
+            // Whole chunks into a 1 MiB buffer: under TCG every syscall is dear, and
+            // `io::copy`'s 8 KiB steps cost 0.2x of the upload rate (`kiln bench files`).
+            let mut out = io::BufWriter::with_capacity(WRITE_BUFFER, &mut file);
+            reader
+                .drain_into(&mut out)
+                .and_then(|()| out.flush())
                 .map_err(|e| fs_error(&e, format!("cannot write {shown}")))?;
+            drop(out);
             file.set_permissions(fs::Permissions::from_mode(self.mode))
                 .and_then(|()| file.sync_all())
                 .map_err(|e| fs_error(&e, format!("cannot write {shown}")))?;
