@@ -387,6 +387,7 @@ fn to_agent_exec(req: &ExecRequest) -> kiln_agent_host::ExecRequest {
         stdin: req.stdin,
         timeout_ms: req.timeout_ms,
         max_output_bytes: req.max_output_bytes,
+        tty: None,
     }
 }
 
