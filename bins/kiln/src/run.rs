@@ -317,18 +317,20 @@ pub async fn stream_exec(
     kind: Stream,
 ) -> anyhow::Result<i32> {
     let forward_stdin = io.forward_stdin;
-    if let Some(first) = first {
-        ws.send(Message::Text(first.into()))
-            .await
-            .context("sending the exec request")?;
-    }
     // Raw mode only while keys are forwarded: without stdin, Ctrl-C stays kiln's own
-    // (SIGINT, then SIGKILL, as without a tty). Dropped on every return below.
+    // (SIGINT, then SIGKILL, as without a tty). Entered before the request goes out, so
+    // nothing the command prints or reads ever meets the cooked terminal; dropped on every
+    // return below.
     let _raw = if io.tty && forward_stdin {
         Some(crate::term::RawMode::enter()?)
     } else {
         None
     };
+    if let Some(first) = first {
+        ws.send(Message::Text(first.into()))
+            .await
+            .context("sending the exec request")?;
+    }
     let mut resized = io
         .tty
         .then(|| {

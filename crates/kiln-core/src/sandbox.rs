@@ -238,6 +238,8 @@ impl Sandbox {
         let session = self.agent.exec(agent_req).await.map_err(|e| match e {
             // The guest refused this command (bad working directory, ...): the caller's fault.
             AgentError::Remote { message, .. } => CoreError::ExecRejected(message),
+            // An image whose agent predates a feature the request needs (a tty).
+            e @ AgentError::MissingFeature { .. } => CoreError::ExecRejected(e.to_string()),
             other => CoreError::Agent(other),
         })?;
         Ok(Exec {

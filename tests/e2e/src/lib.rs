@@ -64,6 +64,12 @@ impl Kiln {
         &self.home
     }
 
+    /// The `kiln` binary under test (for wrappers such as `script` that run it themselves;
+    /// give them `KILN_HOME` = [`Kiln::home`]).
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
     /// A `kiln` command with this home.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
