@@ -348,3 +348,22 @@ async fn hostile_tty_values_are_refused_and_the_session_lives_on() {
         GuestMessage::Response { .. }
     ));
 }
+
+#[tokio::test]
+async fn tty_exec_output_cap_and_timeout_still_apply() {
+    let client = connect().await;
+    let mut req = tty_sh("yes", 24, 80);
+    req.max_output_bytes = Some(1000);
+    let mut session = client.exec(req).await.expect("exec starts");
+    let mut screen = Screen { seen: Vec::new() };
+    let status = screen.finish(&mut session).await;
+    assert!(status.output_truncated);
+    assert_eq!(screen.seen.len(), 1000);
+
+    let mut req = tty_sh("exec sleep 100", 24, 80);
+    req.timeout_ms = Some(200);
+    let mut session = client.exec(req).await.expect("exec starts");
+    let status = screen.finish(&mut session).await;
+    assert!(status.timed_out);
+    assert_eq!(status.signal, Some(9));
+}

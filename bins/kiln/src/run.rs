@@ -321,7 +321,7 @@ pub async fn stream_exec(
     // (SIGINT, then SIGKILL, as without a tty). Entered before the request goes out, so
     // nothing the command prints or reads ever meets the cooked terminal; dropped on every
     // return below.
-    let _raw = if io.tty && forward_stdin {
+    let mut raw = if io.tty && forward_stdin {
         Some(crate::term::RawMode::enter()?)
     } else {
         None
@@ -339,7 +339,7 @@ pub async fn stream_exec(
         })
         .transpose()?;
     // Signals that would otherwise end kiln without restoring the terminal.
-    let mut ended = if _raw.is_some() {
+    let mut ended = if raw.is_some() {
         use tokio::signal::unix::{SignalKind, signal};
         Some((
             signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
@@ -383,6 +383,8 @@ pub async fn stream_exec(
                     {
                         ExecServerMessage::Started { sandbox: id, .. } => sandbox = Some(id),
                         ExecServerMessage::Exit(status) => {
+                            // Cooked again before kiln's own words, so they end their lines.
+                            drop(raw.take());
                             if status.timed_out {
                                 eprintln!("kiln: command timed out and was killed");
                             } else if status.output_truncated {
@@ -449,6 +451,7 @@ pub async fn stream_exec(
                     continue;
                 }
                 let _ = tx.close().await;
+                drop(raw.take());
                 if kind == Stream::Attach {
                     eprintln!("kiln: detached; the command keeps running");
                     return Ok(0);
