@@ -796,7 +796,8 @@ async fn pump_stdin(
         if let Some(p) = pipe.as_mut()
             && let Err(e) = p.write_all(&data).await
         {
-            if e.kind() != io::ErrorKind::BrokenPipe {
+            // EPIPE: the process closed its stdin; EIO: a pty whose last reader is gone.
+            if e.kind() != io::ErrorKind::BrokenPipe && e.raw_os_error() != Some(libc::EIO) {
                 warn(format_args!("stream {stream}: stdin write failed: {e}"));
             }
             // The process closed its stdin: keep granting credit so the host never stalls.
