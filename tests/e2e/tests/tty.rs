@@ -2,7 +2,7 @@
 //! (util-linux `script`), the way a user's terminal drives it. The guest sees a `/dev/pts`
 //! terminal of the host terminal's size, follows a resize of the host terminal, and gets
 //! Ctrl-C (the byte 0x03 typed into the host terminal, forwarded in raw mode) as SIGINT;
-//! the command's exit code comes back as kiln's.
+//! the command's exit code comes back as kiln's; `kiln shell` is a bash login shell.
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -67,29 +67,7 @@ fn exec_it_gets_a_pty_that_resizes_and_takes_ctrl_c() {
         sh_quote(&sb),
         sh_quote(guest),
     );
-    let mut script = Command::new("script")
-        .args(["-q", "-e", "-c", &host, "/dev/null"])
-        .env("KILN_HOME", k.home())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn script (util-linux)");
-    let mut keyboard = script.stdin.take().expect("piped stdin");
-    let mut out = script.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = out.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                return;
-            }
-        }
-    });
-    let mut screen = Screen {
-        rx,
-        seen: String::new(),
-    };
+    let (mut script, mut keyboard, mut screen) = on_host_pty(&k, &host);
 
     let host_tty = screen.wait_for("HOST_TTY=");
     let host_tty = host_tty
@@ -113,10 +91,48 @@ fn exec_it_gets_a_pty_that_resizes_and_takes_ctrl_c() {
     keyboard.write_all(b"\x03").expect("type Ctrl-C");
     keyboard.flush().expect("flush");
     screen.wait_for("GOT-INT");
+    let status = wait_exit(&mut script, &screen);
+    drop(keyboard);
+    assert!(!screen.seen.contains("NOT-REACHED"), "{}", screen.seen);
+    // script -e returns its child's code: kiln's, which is the command's.
+    assert_eq!(status.code(), Some(5), "{}", screen.seen);
+}
+
+/// Runs `host` (a shell command line) on a fresh host pty under `script`; returns the
+/// process, its keyboard and its screen.
+fn on_host_pty(k: &Kiln, host: &str) -> (std::process::Child, std::process::ChildStdin, Screen) {
+    let mut script = Command::new("script")
+        .args(["-q", "-e", "-c", host, "/dev/null"])
+        .env("KILN_HOME", k.home())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn script (util-linux)");
+    let keyboard = script.stdin.take().expect("piped stdin");
+    let mut out = script.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    let screen = Screen {
+        rx,
+        seen: String::new(),
+    };
+    (script, keyboard, screen)
+}
+
+/// Waits (bounded) for `script` to exit.
+fn wait_exit(script: &mut std::process::Child, screen: &Screen) -> std::process::ExitStatus {
     let deadline = Instant::now() + WAIT;
-    let status = loop {
+    loop {
         if let Some(status) = script.try_wait().expect("wait for script") {
-            break status;
+            return status;
         }
         assert!(
             Instant::now() < deadline,
@@ -124,11 +140,32 @@ fn exec_it_gets_a_pty_that_resizes_and_takes_ctrl_c() {
             screen.seen
         );
         std::thread::sleep(Duration::from_millis(50));
-    };
+    }
+}
+
+#[test]
+#[ignore = "boots VMs: run by scripts/test"]
+fn shell_is_a_bash_login_shell_whose_exit_code_is_kilns() {
+    let k = Kiln::isolated();
+    let sb = k.create("base");
+    let host = format!(
+        "stty rows 30 cols 90; exec {} shell {}",
+        sh_quote(&k.bin().to_string_lossy()),
+        sh_quote(&sb),
+    );
+    let (mut script, mut keyboard, mut screen) = on_host_pty(&k, &host);
+    // bash's prompt for root ends in "# ".
+    screen.wait_for("# ");
+    // Enter is a carriage return on a terminal in raw mode; the guest's terminal maps it.
+    keyboard
+        .write_all(b"echo \"SHELL=$0 LOGIN=$(shopt -q login_shell && echo yes)\"; exit 3\r")
+        .expect("type");
+    keyboard.flush().expect("flush");
+    let line = screen.wait_for("SHELL=bash");
+    assert!(line.contains("SHELL=bash LOGIN=yes"), "{line:?}");
+    let status = wait_exit(&mut script, &screen);
     drop(keyboard);
-    assert!(!screen.seen.contains("NOT-REACHED"), "{}", screen.seen);
-    // script -e returns its child's code: kiln's, which is the command's.
-    assert_eq!(status.code(), Some(5), "{}", screen.seen);
+    assert_eq!(status.code(), Some(3), "{}", screen.seen);
 }
 
 #[test]
