@@ -12,7 +12,7 @@ use bytes::Bytes;
 use kiln_agent_proto::{
     AgentInfo, DataChannel, EntryName, ErrorBody, ErrorCode, ExecRequest, ExitStatus, FileEntry,
     FileKind, FileList, FileStat, Frame, GuestMessage, GuestPath, HostMessage, LinkTarget, Request,
-    RequestId, Response, StreamId, SyncAckFrame, SyncFrame,
+    RequestId, Response, StreamId, SyncAckFrame, SyncFrame, TermName, TtyRequest, TtySize,
 };
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -175,6 +175,7 @@ fn host_messages(stream: StreamId) -> Result<Vec<HostMessage>, Box<dyn std::erro
                     stdin: true,
                     timeout_ms: Some(5000),
                     max_output_bytes: Some(1 << 20),
+                    tty: None,
                 },
             },
         ),
@@ -192,6 +193,29 @@ fn host_messages(stream: StreamId) -> Result<Vec<HostMessage>, Box<dyn std::erro
         ),
         HostMessage::TcpShutdown { stream },
         HostMessage::TcpClose { stream },
+        // Terminal execs (feature pty-v1).
+        request(
+            30,
+            Request::Exec {
+                stream,
+                output_window: 262_144,
+                exec: ExecRequest {
+                    stdin: true,
+                    tty: Some(TtyRequest {
+                        size: TtySize::new(24, 80)?,
+                        term: Some(TermName::new("xterm-256color")?),
+                    }),
+                    ..ExecRequest::new(["bash", "-l"])
+                },
+            },
+        ),
+        request(
+            31,
+            Request::ExecResize {
+                stream,
+                size: TtySize::new(1000, 1)?,
+            },
+        ),
         // File operations (feature files-v1).
         request(
             13,
@@ -301,6 +325,8 @@ fn guest_messages(stream: StreamId) -> Result<Vec<GuestMessage>, Box<dyn std::er
         },
         // TCP tunnels (feature tcp-v1).
         response(12, Response::TcpConnected),
+        // Terminal execs (feature pty-v1).
+        response(31, Response::Resized),
         GuestMessage::Error {
             id: Some(RequestId(12)),
             error: ErrorBody {

@@ -9,6 +9,12 @@
 //!                 ├─ pump stdin ──┘  STDIN frames ─▶ pipe, WINDOW back as consumed
 //!                 └─ supervisor: exit status (reaper) │ timeout │ cap hit ─▶ SIGKILL group
 //!  Exit is sent once the status is known AND both output pumps are done.
+//!
+//!  tty exec (pty-v1): one pty instead of three pipes
+//!  spawn ─▶ task ─┬─ pump master ──  read ≤ min(credit, 64 KiB) ─▶ STDOUT frame
+//!                 ├─ pump stdin ───  STDIN frames ─▶ master (0x03 becomes SIGINT in the
+//!                 │                  line discipline), WINDOW back as consumed
+//!                 └─ supervisor (as above); exec_resize ─▶ TIOCSWINSZ on the master
 //! ```
 //!
 //! Invariants:
@@ -19,9 +25,14 @@
 //! - After the leader exits, a pump keeps reading while data keeps coming; it gives up on a
 //!   pipe that stays silent for `drain_linger` (a background process still holds it).
 //! - If the task is dropped (session reset) before completing, the process group is killed.
+//! - A tty exec's child leads a new session whose controlling terminal is the pty slave (its
+//!   fds 0, 1 and 2); the agent keeps no slave descriptor once the child is spawned, so the
+//!   master reads EOF/EIO when the last process holding the slave is gone. Its stdin close
+//!   only stops forwarding (closing the master would hang the terminal up).
 
+use std::fs::File;
 use std::future::Future;
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -32,10 +43,11 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kiln_agent_proto::{
-    DataChannel, ErrorBody, ErrorCode, ExecRequest, ExitStatus, FlowError, Frame, GuestMessage,
-    MAX_DATA_PAYLOAD, MAX_WINDOW, RestoreId, StreamId,
+    DEFAULT_TERM, DataChannel, ErrorBody, ErrorCode, ExecRequest, ExitStatus, FlowError, Frame,
+    GuestMessage, MAX_DATA_PAYLOAD, MAX_WINDOW, RestoreId, StreamId, TtySize,
 };
 use tokio::io::AsyncWriteExt;
+use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
@@ -72,6 +84,8 @@ pub(crate) struct ExecHandle {
     /// Output credit, fed by the host's WINDOW frames.
     pub(crate) credit: Arc<OutputCredit>,
     stdin: Option<InboundTx<Bytes>>,
+    /// The pty master of a tty exec (for resizes).
+    pty: Option<Arc<AsyncFd<File>>>,
 }
 
 impl ExecHandle {
@@ -89,6 +103,23 @@ impl ExecHandle {
     /// Closes stdin once the bytes already received have been written.
     pub(crate) fn close_stdin(&mut self) {
         self.stdin = None;
+    }
+
+    /// Gives a tty exec's terminal a new size (the kernel sends `SIGWINCH`). A `bad_request`
+    /// error for an exec without a terminal.
+    pub(crate) fn resize(&self, stream: StreamId, size: TtySize) -> Result<(), ErrorBody> {
+        let Some(master) = &self.pty else {
+            return Err(bad_request(format!("exec on stream {stream} has no tty")));
+        };
+        sys::set_winsize(master.get_ref().as_raw_fd(), size.rows(), size.cols()).map_err(|e| {
+            ErrorBody {
+                code: ErrorCode::Internal,
+                message: format!(
+                    "failed to resize the tty of stream {stream}: {}",
+                    os_message(&e)
+                ),
+            }
+        })
     }
 }
 
@@ -193,19 +224,51 @@ pub(crate) fn start(
     if let Some(id) = restore_id {
         cmd.env(RESTORE_ID_ENV, id.as_str());
     }
-    cmd.envs(&req.env)
-        .current_dir(&cwd)
-        .stdin(if req.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    sys::set_new_session(&mut cmd);
+    let pty = match &req.tty {
+        Some(tty) => {
+            cmd.env(
+                "TERM",
+                tty.term.as_ref().map_or(DEFAULT_TERM, |t| t.as_str()),
+            );
+            let spawn_failed = |what: &str, e: io::Error| ErrorBody {
+                code: ErrorCode::SpawnFailed,
+                message: format!("failed to {what}: {}", os_message(&e)),
+            };
+            let pty = sys::open_pty(tty.size.rows(), tty.size.cols())
+                .map_err(|e| spawn_failed("open a pty", e))?;
+            let slave = |fd: &OwnedFd| {
+                fd.try_clone()
+                    .map(Stdio::from)
+                    .map_err(|e| spawn_failed("duplicate the pty slave", e))
+            };
+            cmd.stdin(slave(&pty.slave)?)
+                .stdout(slave(&pty.slave)?)
+                .stderr(Stdio::from(pty.slave));
+            sys::set_new_session_with_ctty(&mut cmd);
+            let master = sys::async_file(pty.master)
+                .map_err(|e| spawn_failed("register the pty master", e))?;
+            Some(Arc::new(master))
+        }
+        None => {
+            cmd.stdin(if req.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+            sys::set_new_session(&mut cmd);
+            None
+        }
+    };
+    cmd.envs(&req.env).current_dir(&cwd);
 
     let credit = Arc::new(OutputCredit::new(output_window));
-    let (mut child, exit_rx) = match reaper.spawn(&mut cmd) {
+    let spawned = reaper.spawn(&mut cmd);
+    // The command holds the parent's copies of the pty slave: close them now, so the master
+    // sees the end of the terminal when the child side is gone.
+    drop(cmd);
+    let (mut child, exit_rx) = match spawned {
         Ok(spawned) => spawned,
         Err(e) => return not_executed(&req.argv[0], &e, stream, credit, out),
     };
@@ -215,6 +278,9 @@ pub(crate) fn start(
     let guard = GroupGuard { pgid, armed: true };
 
     let pipes = (|| -> io::Result<_> {
+        if let Some(master) = &pty {
+            return Ok(ProcIo::Pty(Arc::clone(master)));
+        }
         let stdout = child.stdout.take().map(OwnedFd::from);
         let stderr = child.stderr.take().map(OwnedFd::from);
         let stdin = child.stdin.take().map(OwnedFd::from);
@@ -225,13 +291,13 @@ pub(crate) fn start(
             // Best effort: the default 64 KiB pipe still works, only slower.
             let _ = sys::set_pipe_size(fd.as_raw_fd(), OUTPUT_PIPE_BYTES);
         }
-        Ok((
-            pipe::Receiver::from_owned_fd(stdout)?,
-            pipe::Receiver::from_owned_fd(stderr)?,
-            stdin.map(pipe::Sender::from_owned_fd).transpose()?,
-        ))
+        Ok(ProcIo::Pipes {
+            stdout: pipe::Receiver::from_owned_fd(stdout)?,
+            stderr: pipe::Receiver::from_owned_fd(stderr)?,
+            stdin: stdin.map(pipe::Sender::from_owned_fd).transpose()?,
+        })
     })();
-    let (stdout, stderr, stdin_pipe) = match pipes {
+    let io = match pipes {
         Ok(p) => p,
         Err(e) => {
             // `guard` kills the process group as it drops; the reaper collects the leader.
@@ -255,9 +321,7 @@ pub(crate) fn start(
         credit: Arc::clone(&credit),
         guard,
         exit_rx,
-        stdout,
-        stderr,
-        stdin_pipe,
+        io,
         stdin_rx,
         timeout: req.timeout_ms.map(Duration::from_millis),
         budget: req.max_output_bytes,
@@ -268,6 +332,7 @@ pub(crate) fn start(
             pgid: Some(pgid),
             credit,
             stdin,
+            pty,
         },
         pid: Some(pid),
         stdin_window,
@@ -329,6 +394,7 @@ fn not_executed(
             pgid: None,
             credit,
             stdin: None,
+            pty: None,
         },
         pid: None,
         stdin_window: None,
@@ -400,13 +466,49 @@ struct Process {
     credit: Arc<OutputCredit>,
     guard: GroupGuard,
     exit_rx: oneshot::Receiver<ChildExit>,
-    stdout: pipe::Receiver,
-    stderr: pipe::Receiver,
-    stdin_pipe: Option<pipe::Sender>,
+    io: ProcIo,
     stdin_rx: Option<InboundRx<Bytes>>,
     timeout: Option<Duration>,
     budget: Option<u64>,
     linger: Duration,
+}
+
+/// Where a command's bytes go and come from.
+enum ProcIo {
+    /// stdout and stderr pipes, and a stdin pipe if stdin was asked for.
+    Pipes {
+        stdout: pipe::Receiver,
+        stderr: pipe::Receiver,
+        stdin: Option<pipe::Sender>,
+    },
+    /// A tty exec's pty master: all output, and stdin if it was asked for.
+    Pty(Arc<AsyncFd<File>>),
+}
+
+/// Where the stdin pump writes.
+enum StdinSink<'a> {
+    Pipe(pipe::Sender),
+    Pty(&'a AsyncFd<File>),
+}
+
+impl StdinSink<'_> {
+    async fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
+        match self {
+            StdinSink::Pipe(p) => p.write_all(data).await,
+            StdinSink::Pty(master) => {
+                while !data.is_empty() {
+                    let mut guard = master.writable().await?;
+                    match guard.try_io(|fd| fd.get_ref().write(data)) {
+                        Ok(Ok(n)) => data = &data[n..],
+                        Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Ok(Err(e)) => return Err(e),
+                        Err(_would_block) => {}
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// What one output pump needs.
@@ -426,9 +528,7 @@ impl Process {
             credit,
             mut guard,
             mut exit_rx,
-            stdout,
-            stderr,
-            stdin_pipe,
+            io,
             stdin_rx,
             timeout,
             budget,
@@ -443,14 +543,30 @@ impl Process {
             budget: &budget,
             linger,
         };
+        let (pipes, pipe_stdin, pty) = match io {
+            ProcIo::Pipes {
+                stdout,
+                stderr,
+                stdin,
+            } => (Some((stdout, stderr)), stdin, None),
+            ProcIo::Pty(master) => (None, None, Some(master)),
+        };
+        let stdin_sink = match (&pty, pipe_stdin) {
+            (Some(master), _) => Some(StdinSink::Pty(master)),
+            (None, pipe) => pipe.map(StdinSink::Pipe),
+        };
         let pumps = async {
-            tokio::join!(
-                pump_output(stdout, DataChannel::Stdout, &ctx, exited_rx.clone()),
-                pump_output(stderr, DataChannel::Stderr, &ctx, exited_rx.clone()),
-            );
+            if let Some((stdout, stderr)) = &pipes {
+                tokio::join!(
+                    pump_output(stdout, DataChannel::Stdout, &ctx, exited_rx.clone()),
+                    pump_output(stderr, DataChannel::Stderr, &ctx, exited_rx.clone()),
+                );
+            } else if let Some(master) = &pty {
+                pump_pty(master, &ctx, exited_rx.clone()).await;
+            }
         };
         tokio::pin!(pumps);
-        let stdin = pump_stdin(stdin_pipe, stdin_rx, &out, stream);
+        let stdin = pump_stdin(stdin_sink, stdin_rx, &out, stream);
         tokio::pin!(stdin);
         // A timeout too large to represent is no timeout (and must not panic PID 1).
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
@@ -526,13 +642,13 @@ async fn readable_or_linger(
 /// Forwards one output pipe. Credit is taken only once the pipe is readable, so a silent pipe
 /// (usually stderr) never sits on credit its sibling needs.
 async fn pump_output(
-    pipe: pipe::Receiver,
+    pipe: &pipe::Receiver,
     channel: DataChannel,
     ctx: &PumpCtx<'_>,
     mut exited: watch::Receiver<bool>,
 ) {
     loop {
-        if !readable_or_linger(&pipe, &mut exited, ctx.linger).await {
+        if !readable_or_linger(pipe, &mut exited, ctx.linger).await {
             // Abandoned after the leader exited, or the pipe broke.
             return;
         }
@@ -584,8 +700,91 @@ async fn pump_output(
     }
 }
 
+/// Waits until the pty master has something to read (or its end); like
+/// [`readable_or_linger`] once the leader has exited.
+async fn pty_readable_or_linger<'a>(
+    master: &'a AsyncFd<File>,
+    exited: &mut watch::Receiver<bool>,
+    linger: Duration,
+) -> Option<tokio::io::unix::AsyncFdReadyGuard<'a, File>> {
+    loop {
+        if *exited.borrow() {
+            return tokio::time::timeout(linger, master.readable())
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
+        tokio::select! {
+            r = master.readable() => return r.ok(),
+            changed = exited.changed() => {
+                if changed.is_err() {
+                    return tokio::time::timeout(linger, master.readable())
+                        .await
+                        .ok()
+                        .and_then(Result::ok);
+                }
+            }
+        }
+    }
+}
+
+/// Forwards a tty exec's output (everything the pty shows) as STDOUT frames, within the
+/// host's credit and the output budget. A read of `EIO` is the pty's end: every process
+/// holding the slave is gone.
+async fn pump_pty(master: &AsyncFd<File>, ctx: &PumpCtx<'_>, mut exited: watch::Receiver<bool>) {
+    loop {
+        let Some(mut guard) = pty_readable_or_linger(master, &mut exited, ctx.linger).await else {
+            return;
+        };
+        let discarding = ctx.budget.truncated();
+        let want = if discarding {
+            MAX_DATA_PAYLOAD
+        } else {
+            ctx.credit.acquire(MAX_DATA_PAYLOAD).await
+        };
+        let refund = |n: usize| {
+            if !discarding {
+                ctx.credit.give_back(n);
+            }
+        };
+        let mut chunk = vec![0u8; want];
+        let n = match guard.try_io(|fd| fd.get_ref().read(&mut chunk)) {
+            Ok(Ok(n)) if n > 0 => n,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {
+                refund(want);
+                continue;
+            }
+            Err(_would_block) => {
+                refund(want);
+                continue;
+            }
+            // EOF, or EIO once the slave side is closed.
+            Ok(_) => {
+                refund(want);
+                return;
+            }
+        };
+        if discarding {
+            continue;
+        }
+        let allowed = ctx.budget.take(n);
+        refund(want - allowed);
+        if allowed > 0 {
+            chunk.truncate(allowed);
+            let frame = Frame::Data {
+                stream: ctx.stream,
+                channel: DataChannel::Stdout,
+                data: Bytes::from(chunk),
+            };
+            if !ctx.out.send(&frame).await {
+                return;
+            }
+        }
+    }
+}
+
 async fn pump_stdin(
-    mut pipe: Option<pipe::Sender>,
+    mut pipe: Option<StdinSink<'_>>,
     feed: Option<InboundRx<Bytes>>,
     out: &Outbound,
     stream: StreamId,
@@ -597,7 +796,8 @@ async fn pump_stdin(
         if let Some(p) = pipe.as_mut()
             && let Err(e) = p.write_all(&data).await
         {
-            if e.kind() != io::ErrorKind::BrokenPipe {
+            // EPIPE: the process closed its stdin; EIO: a pty whose last reader is gone.
+            if e.kind() != io::ErrorKind::BrokenPipe && e.raw_os_error() != Some(libc::EIO) {
                 warn(format_args!("stream {stream}: stdin write failed: {e}"));
             }
             // The process closed its stdin: keep granting credit so the host never stalls.

@@ -41,8 +41,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use kiln_agent_proto::{
     AgentInfo, DataChannel, Decoder, ErrorBody, ErrorCode, ExecRequest, FEATURE_FILES_V1,
-    FEATURE_IDENTITY_V1, FEATURE_TCP_V1, Frame, GuestIdentity, GuestMessage, HostMessage,
-    HuntTarget, Request, RequestId, Response, RestoreId, SUPPORTED_VERSIONS, StreamId,
+    FEATURE_IDENTITY_V1, FEATURE_PTY_V1, FEATURE_TCP_V1, Frame, GuestIdentity, GuestMessage,
+    HostMessage, HuntTarget, Request, RequestId, Response, RestoreId, SUPPORTED_VERSIONS, StreamId,
     SyncAckFrame, choose_version, loose_request_id,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -208,6 +208,7 @@ impl Agent {
                 "exec".to_owned(),
                 FEATURE_TCP_V1.to_owned(),
                 FEATURE_FILES_V1.to_owned(),
+                FEATURE_PTY_V1.to_owned(),
             ],
         };
         Agent {
@@ -526,6 +527,13 @@ impl Agent {
                         exec,
                     } => self.start_exec(s, stream, output_window, exec).await,
                     Request::Signal { stream, signo } => signal_exec(s, stream, signo),
+                    Request::ExecResize { stream, size } => match s.streams.get(stream) {
+                        Some(Handle::Exec(h)) => h.resize(stream, size).map(|()| Response::Resized),
+                        _ => Err(ErrorBody {
+                            code: ErrorCode::NoSuchStream,
+                            message: format!("no running exec on stream {stream}"),
+                        }),
+                    },
                     Request::ApplyIdentity { identity } => self.apply_identity(&identity),
                     Request::Shutdown => {
                         reply(s, id, Ok(Response::ShuttingDown)).await;

@@ -167,6 +167,85 @@ pub fn set_new_session(cmd: &mut Command) {
     }
 }
 
+/// A pseudo-terminal pair: the master the agent drives and the slave a command gets.
+#[derive(Debug)]
+pub struct Pty {
+    /// The master side (close-on-exec, non-blocking).
+    pub master: File,
+    /// The slave side (close-on-exec; `Command` dups it onto 0, 1 and 2 of the child).
+    pub slave: OwnedFd,
+}
+
+/// Opens a pseudo-terminal of `rows` × `cols`: `posix_openpt`, `unlockpt` and
+/// `ioctl(TIOCGPTPEER)` (Linux ≥ 4.13), which opens the slave from the master itself, so no
+/// `/dev/pts` path is looked up and both descriptors are close-on-exec from birth (no other
+/// exec spawned meanwhile can inherit them).
+pub fn open_pty(rows: u16, cols: u16) -> io::Result<Pty> {
+    // SAFETY: posix_openpt takes flags and returns a new descriptor or -1.
+    let raw = check(unsafe {
+        libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NONBLOCK)
+    })?;
+    // SAFETY: `raw` is a fresh descriptor nothing else owns.
+    let master = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: unlockpt takes the master descriptor, open for the call.
+    check(unsafe { libc::unlockpt(master.as_raw_fd()) })?;
+    set_winsize(master.as_raw_fd(), rows, cols)?;
+    // SAFETY: TIOCGPTPEER takes open(2) flags as its argument and returns a new descriptor.
+    let raw = check(unsafe {
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: `raw` is a fresh descriptor nothing else owns.
+    let slave = unsafe { OwnedFd::from_raw_fd(raw) };
+    Ok(Pty {
+        master: File::from(master),
+        slave,
+    })
+}
+
+/// Registers a non-blocking file (a pty master) with the current tokio reactor.
+pub fn async_file(file: File) -> io::Result<tokio::io::unix::AsyncFd<File>> {
+    // SAFETY: `File` owns its descriptor: it stays open and refers to the same open file
+    // description until the `AsyncFd` (which takes ownership) is dropped.
+    Ok(unsafe { tokio::io::unix::AsyncFd::register(file) }?)
+}
+
+/// `ioctl(TIOCSWINSZ)`: sets a terminal's size. On a pty master the kernel then sends
+/// `SIGWINCH` to the slave's foreground process group (if the size changed).
+pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: `ws` is a valid winsize the kernel only reads during the call; a descriptor
+    // that is no terminal yields ENOTTY.
+    check(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) }).map(drop)
+}
+
+/// Like [`set_new_session`], and then makes the child's stdin (the pty slave the caller put
+/// on fd 0) its controlling terminal with `ioctl(TIOCSCTTY)`, so the line discipline's
+/// Ctrl-C, `SIGWINCH` and job control reach its process groups.
+pub fn set_new_session_with_ctty(cmd: &mut Command) {
+    // SAFETY: the closure runs between fork and exec (after the stdio dups) and calls only
+    // setsid(2) and ioctl(2), both async-signal-safe, touching no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// The kernel release (`uname -r`).
 pub fn kernel_release() -> Option<String> {
     // SAFETY: utsname is plain old data; all-zero is a valid value.
@@ -413,6 +492,26 @@ mod tests {
         // Never reaches clock_settime: the host's clock is not touched.
         let err = set_clock_realtime(1, 1_000_000_000).expect_err("invalid");
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn open_pty_slave_is_a_terminal_of_the_asked_size() {
+        let pty = open_pty(33, 77).expect("ptys available");
+        let mut ws = libc::winsize {
+            ws_row: 0,
+            ws_col: 0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: `ws` is a valid, writable winsize; the slave is open.
+        let ret = unsafe { libc::ioctl(pty.slave.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+        assert_eq!(ret, 0);
+        assert_eq!((ws.ws_row, ws.ws_col), (33, 77));
+        set_winsize(pty.master.as_raw_fd(), 40, 100).expect("resizes");
+        // SAFETY: as above.
+        let ret = unsafe { libc::ioctl(pty.slave.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+        assert_eq!(ret, 0);
+        assert_eq!((ws.ws_row, ws.ws_col), (40, 100));
     }
 
     #[test]

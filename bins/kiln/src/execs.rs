@@ -46,7 +46,11 @@ pub async fn run(client: &Client, cmd: &ExecCmd) -> anyhow::Result<i32> {
             // A wrong id is reported plainly before the WebSocket opens.
             client.exec_get(&id).await?;
             let ws = client.exec_attach(&id).await?;
-            crate::run::stream_exec(client, ws, None, false, crate::run::Stream::Attach).await
+            let io = crate::run::StreamIo {
+                forward_stdin: false,
+                tty: false,
+            };
+            crate::run::stream_exec(client, ws, None, io, crate::run::Stream::Attach).await
         }
         ExecCmd::Ls { id, json } => {
             let id = crate::ps::resolve(client, id).await?;

@@ -17,6 +17,8 @@ mod image;
 mod ps;
 mod run;
 mod sandbox;
+mod shell;
+mod term;
 mod token;
 
 use clap::{Parser, Subcommand};
@@ -48,6 +50,9 @@ enum Cmd {
     Secret(sandbox::SecretCmd),
     /// Run a command in a running sandbox (same streaming and exit code rules as `run`).
     Exec(sandbox::ExecArgs),
+    /// An interactive login shell in a running sandbox (`exec -it ID -- bash -l`, or `sh -l`
+    /// if the guest has no bash).
+    Shell(shell::ShellArgs),
     /// List sandboxes.
     Ps {
         /// Only sandboxes matching `label=K[=V]`, `status=STATE` or `name=NAME` (repeatable;
@@ -263,6 +268,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Create(args) => sandbox::create(&client, args).await,
         Cmd::Exec(args) => sandbox::exec(&client, args).await,
+        Cmd::Shell(args) => shell::run(&client, args).await,
         Cmd::Clone(args) => sandbox::clone(&client, args).await,
         Cmd::Snapshot(args) => sandbox::snapshot(&client, args).await,
         Cmd::Secret(cmd) => sandbox::secret(&client, cmd).await,

@@ -4,6 +4,11 @@
 //! stderr go to kiln's stdout and stderr as they arrive; kiln's stdin is forwarded until EOF.
 //! Exit code: the command's, 128+N if signal N ended it, 124 on `--timeout`. Ctrl-C destroys
 //! the sandbox before kiln exits (130).
+//!
+//! With `-t` the command runs on a terminal in the guest: kiln's terminal goes into raw mode
+//! (restored on every way out, see `term.rs`), every key — Ctrl-C included, as the byte 0x03
+//! — goes to the guest, where the terminal's line discipline decides (SIGINT for the
+//! foreground process group), and a window resize (SIGWINCH) is sent as a `resize` message.
 
 use std::io::{Read, Write};
 
@@ -12,8 +17,8 @@ use bytes::Bytes;
 use clap::Args;
 use futures_util::{SinkExt, StreamExt};
 use kiln_api_types::{
-    ExecClientMessage, ExecRequest, ExecServerMessage, MachineSpec, RunRequest, STREAM_STDERR,
-    STREAM_STDOUT, SandboxId, SandboxSource, SandboxSpec,
+    ExecClientMessage, ExecRequest, ExecServerMessage, ExecTty, MachineSpec, RunRequest,
+    STREAM_STDERR, STREAM_STDOUT, SandboxId, SandboxSource, SandboxSpec,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -219,6 +224,14 @@ pub struct ExecOpts {
     /// Do not forward stdin (the command reads /dev/null).
     #[arg(long)]
     pub no_stdin: bool,
+    /// Keep stdin open and forward it. This is already the default (use --no-stdin to turn
+    /// it off); the flag exists so docker's `-it` works as typed.
+    #[arg(short = 'i', long, conflicts_with = "no_stdin")]
+    pub interactive: bool,
+    /// Run the command on a terminal in the guest (kiln's stdin must be a terminal; it is
+    /// put in raw mode, so Ctrl-C and other keys go to the command).
+    #[arg(short = 't', long)]
+    pub tty: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -243,6 +256,14 @@ impl ExecOpts {
             req.timeout_ms = Some((t * 1000.0).ceil() as u64);
         }
         req.max_output_bytes = self.max_output;
+        if self.tty {
+            let (rows, cols) = crate::term::stdin_size()?;
+            req.tty = Some(ExecTty {
+                rows,
+                cols,
+                term: crate::term::term_name(),
+            });
+        }
         req.validate().map_err(anyhow::Error::msg)?;
         Ok(req)
     }
@@ -257,7 +278,11 @@ pub async fn run(client: &Client, args: &RunArgs) -> anyhow::Result<i32> {
     }
     let ws = client.sandbox_run().await?;
     let first = serde_json::to_string(&RunRequest { sandbox, exec })?;
-    stream_exec(client, ws, Some(first), !args.exec.no_stdin, Stream::Run).await
+    let io = StreamIo {
+        forward_stdin: !args.exec.no_stdin,
+        tty: args.exec.tty,
+    };
+    stream_exec(client, ws, Some(first), io, Stream::Run).await
 }
 
 /// Which command a stream belongs to, for what Ctrl-C does.
@@ -272,20 +297,57 @@ pub enum Stream {
     Attach,
 }
 
+/// How kiln's own stdin and terminal take part in a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamIo {
+    /// Forward kiln's stdin to the command.
+    pub forward_stdin: bool,
+    /// The command runs on a terminal (the request has `tty`): raw mode while stdin is
+    /// forwarded, window resizes sent along.
+    pub tty: bool,
+}
+
 /// Drives one exec WebSocket to its end; returns the exit code to use. `first` is the
 /// request sent before anything else (none for an attach).
 pub async fn stream_exec(
     client: &Client,
     mut ws: WsStream,
     first: Option<String>,
-    forward_stdin: bool,
+    io: StreamIo,
     kind: Stream,
 ) -> anyhow::Result<i32> {
+    let forward_stdin = io.forward_stdin;
+    // Raw mode only while keys are forwarded: without stdin, Ctrl-C stays kiln's own
+    // (SIGINT, then SIGKILL, as without a tty). Entered before the request goes out, so
+    // nothing the command prints or reads ever meets the cooked terminal; dropped on every
+    // return below.
+    let mut raw = if io.tty && forward_stdin {
+        Some(crate::term::RawMode::enter()?)
+    } else {
+        None
+    };
     if let Some(first) = first {
         ws.send(Message::Text(first.into()))
             .await
             .context("sending the exec request")?;
     }
+    let mut resized = io
+        .tty
+        .then(|| {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+                .context("installing the window-size handler")
+        })
+        .transpose()?;
+    // Signals that would otherwise end kiln without restoring the terminal.
+    let mut ended = if raw.is_some() {
+        use tokio::signal::unix::{SignalKind, signal};
+        Some((
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        ))
+    } else {
+        None
+    };
     let (mut tx, mut rx) = ws.split();
     let mut stdin_rx = if forward_stdin {
         Some(spawn_stdin_reader())
@@ -321,6 +383,8 @@ pub async fn stream_exec(
                     {
                         ExecServerMessage::Started { sandbox: id, .. } => sandbox = Some(id),
                         ExecServerMessage::Exit(status) => {
+                            // Cooked again before kiln's own words, so they end their lines.
+                            drop(raw.take());
                             if status.timed_out {
                                 eprintln!("kiln: command timed out and was killed");
                             } else if status.output_truncated {
@@ -348,6 +412,27 @@ pub async fn stream_exec(
                 // The daemon may already have finished; its exit message will still arrive.
                 let _ = tx.send(msg).await;
             }
+            _ = async { resized.as_mut().expect("guarded by if").recv().await }, if resized.is_some() => {
+                if let Ok((rows, cols)) = crate::term::stdin_size() {
+                    let msg = serde_json::to_string(&ExecClientMessage::Resize { rows, cols })?;
+                    let _ = tx.send(Message::Text(msg.into())).await;
+                }
+            }
+            signo = async {
+                let (term, hup) = ended.as_mut().expect("guarded by if");
+                tokio::select! {
+                    _ = term.recv() => 15,
+                    _ = hup.recv() => 1,
+                }
+            }, if ended.is_some() => {
+                // Closing the socket kills the command (and, for `run`, its sandbox); the
+                // guard restores the terminal as this returns.
+                let _ = tx.close().await;
+                if kind == Stream::Run && let Some(id) = &sandbox {
+                    let _ = client.sandbox_delete(id).await;
+                }
+                return Ok(128 + signo);
+            }
             _ = interrupt.recv() => {
                 interrupts += 1;
                 let signo = match (kind, interrupts) {
@@ -366,6 +451,7 @@ pub async fn stream_exec(
                     continue;
                 }
                 let _ = tx.close().await;
+                drop(raw.take());
                 if kind == Stream::Attach {
                     eprintln!("kiln: detached; the command keeps running");
                     return Ok(0);
@@ -446,6 +532,27 @@ mod tests {
         assert_eq!(r.cwd.as_deref(), Some("/tmp"));
         assert_eq!(r.timeout_ms, Some(1500));
         assert!(r.stdin);
+    }
+
+    #[test]
+    fn exec_opts_it_parses_like_docker() {
+        let a = parse(&["-it", "--", "bash"]);
+        assert!(a.exec.interactive && a.exec.tty);
+        assert!(
+            T::try_parse_from(["kiln", "-i", "--no-stdin", "--", "true"]).is_err(),
+            "-i and --no-stdin contradict each other"
+        );
+    }
+
+    #[test]
+    fn exec_tty_without_a_terminal_names_the_problem() {
+        use std::io::IsTerminal;
+        if std::io::stdin().is_terminal() {
+            // Run by hand from a terminal: the request would (rightly) succeed.
+            return;
+        }
+        let err = parse(&["-t", "--", "bash"]).exec.request().unwrap_err();
+        assert!(err.to_string().contains("stdin is not one"), "{err}");
     }
 
     #[test]

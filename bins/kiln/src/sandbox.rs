@@ -157,6 +157,11 @@ pub async fn exec(client: &Client, a: &ExecArgs) -> anyhow::Result<i32> {
         return crate::execs::run(client, sub).await;
     }
     let key = a.id.as_deref().unwrap_or_default();
+    if a.detach && a.exec.tty {
+        anyhow::bail!(
+            "-t/--tty and -d/--detach do not go together: a detached command has no terminal"
+        );
+    }
     let mut req = a.exec.request()?;
     // A wrong id is reported plainly before any WebSocket is opened; the id it resolves to
     // is used from here on.
@@ -172,11 +177,15 @@ pub async fn exec(client: &Client, a: &ExecArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let ws = client.sandbox_exec(&id).await?;
+    let io = crate::run::StreamIo {
+        forward_stdin: !a.exec.no_stdin,
+        tty: a.exec.tty,
+    };
     crate::run::stream_exec(
         client,
         ws,
         Some(serde_json::to_string(&req)?),
-        !a.exec.no_stdin,
+        io,
         crate::run::Stream::Exec,
     )
     .await

@@ -1,5 +1,5 @@
 //! The exec WebSocket: streams a command's output to the client and the client's stdin and
-//! signals to the command.
+//! signals and terminal resizes to the command.
 //!
 //! Three flows run at once so that none can stall another: the main loop pumps output to the
 //! client (and applies signals), a reader task takes client messages, and stdin bytes go to the
@@ -257,6 +257,7 @@ fn tagged(tag: u8, data: &Bytes) -> Message {
 /// What the reader task tells the main loop.
 enum Control {
     Signal(i32),
+    Resize { rows: u16, cols: u16 },
 }
 
 /// Streams `exec` to the client until it ends. With `hold_last`, the final message (exit
@@ -310,6 +311,13 @@ async fn pump(
                         debug!(error = %e.chain(), "signal not delivered");
                     }
                 }
+                // A refused resize (no tty, out of range, the command just ended) leaves the
+                // command running: terminals resize racing with an exit all the time.
+                Some(Control::Resize { rows, cols }) => {
+                    if let Err(e) = exec.resize(rows, cols).await {
+                        debug!(error = %e.chain(), rows, cols, "resize refused");
+                    }
+                }
                 None => {
                     // The reader ended: the client closed its side.
                     let _ = exec.signal(SIGKILL).await;
@@ -346,6 +354,11 @@ async fn read_client(
                 }
                 Ok(ExecClientMessage::Signal { signo }) => {
                     if ctl.send(Control::Signal(signo)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(ExecClientMessage::Resize { rows, cols }) => {
+                    if ctl.send(Control::Resize { rows, cols }).await.is_err() {
                         return;
                     }
                 }

@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, Decoder, EntryName, ErrorBody, ExecRequest, FileList, FileStat, Frame,
-    GuestIdentity, GuestMessage, GuestPath, HostMessage, HuntTarget, IdentityAck, Request,
-    RequestId, Response, SUPPORTED_VERSIONS, StreamId, SyncFrame,
+    AgentInfo, DataChannel, Decoder, EntryName, ErrorBody, ExecRequest, FEATURE_PTY_V1, FileList,
+    FileStat, Frame, GuestIdentity, GuestMessage, GuestPath, HostMessage, HuntTarget, IdentityAck,
+    Request, RequestId, Response, SUPPORTED_VERSIONS, StreamId, SyncFrame,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -87,6 +87,8 @@ pub(crate) struct ClientInner {
     output_window: u32,
     tunnel_window: u32,
     file_window: u32,
+    /// What the agent said it supports in its SYNC_ACK.
+    features: Vec<String>,
     tasks: [AbortHandle; 2],
 }
 
@@ -461,6 +463,7 @@ impl AgentClient {
             output_window: config.output_window.max(1),
             tunnel_window: config.tunnel_window.max(1),
             file_window: config.file_window.max(1),
+            features: info.features.clone(),
             tasks: [reader.abort_handle(), writer.abort_handle()],
         };
         Ok((
@@ -469,6 +472,11 @@ impl AgentClient {
             },
             info,
         ))
+    }
+
+    /// Whether the agent advertised `feature` in its SYNC_ACK.
+    pub fn has_feature(&self, feature: &str) -> bool {
+        self.inner.features.iter().any(|f| f == feature)
     }
 
     /// One request/response round trip; returns how long it took.
@@ -481,8 +489,16 @@ impl AgentClient {
     }
 
     /// Starts a command. Its output, stdin and exit go through the returned session; dropping
-    /// the session before the exit kills the command's process group.
+    /// the session before the exit kills the command's process group. A request with a `tty`
+    /// fails with [`AgentError::MissingFeature`] before anything is sent if the agent does not
+    /// advertise [`FEATURE_PTY_V1`] (it would ignore the field and run without a terminal).
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecSession, AgentError> {
+        if req.tty.is_some() && !self.has_feature(FEATURE_PTY_V1) {
+            return Err(AgentError::MissingFeature {
+                what: "a terminal (tty)",
+                feature: FEATURE_PTY_V1,
+            });
+        }
         let window = self.inner.output_window();
         let exec = {
             let mut st = lock(&self.inner.shared.state);

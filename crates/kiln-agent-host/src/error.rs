@@ -98,6 +98,19 @@ pub enum AgentError {
     /// The exec was started without `stdin: true`.
     #[error("stdin was not requested for this command")]
     NoStdin,
+    /// The guest agent predates a feature the request needs.
+    #[error(
+        "the guest agent does not support {what} (no {feature} feature); rebuild the image with a newer agent"
+    )]
+    MissingFeature {
+        /// What was asked for.
+        what: &'static str,
+        /// The feature string the agent does not advertise.
+        feature: &'static str,
+    },
+    /// A terminal size out of range.
+    #[error("invalid terminal size")]
+    BadTtySize(#[source] kiln_agent_proto::TtyError),
     /// All 2^32 - 1 stream ids of this session are used up.
     #[error("stream ids of this agent session are exhausted")]
     StreamsExhausted,

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use bytes::Bytes;
 use kiln_agent_proto::{
     DataChannel, ExitStatus, Frame, HostMessage, MAX_DATA_PAYLOAD, Request, Response, SendCredit,
-    StreamId,
+    StreamId, TtySize,
 };
 use tokio::sync::Notify;
 
@@ -278,6 +278,21 @@ impl ExecSession {
         match self.client.request(request).await? {
             Response::Signaled => Ok(()),
             _ => Err(AgentError::UnexpectedResponse { op: "signal" }),
+        }
+    }
+
+    /// Gives a tty exec's terminal a new size; the guest kernel sends `SIGWINCH` to its
+    /// foreground process group. Fails with [`AgentError::Remote`] `bad_request` for an exec
+    /// without a tty and `no_such_stream` once it has exited.
+    pub async fn resize(&self, rows: u16, cols: u16) -> Result<(), AgentError> {
+        let size = TtySize::new(rows.into(), cols.into()).map_err(AgentError::BadTtySize)?;
+        let request = Request::ExecResize {
+            stream: self.exec.stream,
+            size,
+        };
+        match self.client.request(request).await? {
+            Response::Resized => Ok(()),
+            _ => Err(AgentError::UnexpectedResponse { op: "exec_resize" }),
         }
     }
 

@@ -534,3 +534,32 @@ async fn connect_restored_identity_is_the_first_request() {
     });
     pong.expect("pong");
 }
+
+#[tokio::test]
+async fn exec_with_tty_on_agent_without_pty_v1_fails_before_sending() {
+    // The fake guest advertises no features (an agent that would ignore `tty`).
+    let (client, mut guest) = connected(1024).await;
+    let req = ExecRequest {
+        tty: Some(kiln_agent_proto::TtyRequest {
+            size: kiln_agent_proto::TtySize::new(24, 80).expect("valid"),
+            term: None,
+        }),
+        ..ExecRequest::new(["sh"])
+    };
+    match client.exec(req).await {
+        Err(e @ AgentError::MissingFeature { feature, .. }) => {
+            assert_eq!(feature, "pty-v1");
+            assert!(e.to_string().contains("tty"), "{e}");
+        }
+        other => panic!("expected a missing feature, got {:?}", other.err()),
+    }
+    // Nothing reached the guest: the next request it sees is this ping.
+    let ping = async { client.ping().await };
+    let answer = async {
+        let (id, req) = guest.request().await;
+        assert_eq!(req, Request::Ping);
+        guest.respond(id, Response::Pong).await;
+    };
+    let (pinged, ()) = tokio::join!(ping, answer);
+    pinged.expect("pong");
+}

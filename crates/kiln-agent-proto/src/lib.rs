@@ -3,7 +3,7 @@
 //! Owns: the frame layout, the incremental [`Decoder`], the resync handshake
 //! ([`SyncFrame`]/[`SyncAckFrame`]), the typed control messages ([`HostMessage`],
 //! [`GuestMessage`]), the validated identity a restored guest is given ([`identity`]), the
-//! validated values of the file operations ([`files`]) and the
+//! validated values of the file operations ([`files`]) and of terminal execs ([`tty`]), and the
 //! pure flow-control bookkeeping ([`RecvWindow`], [`SendCredit`]).
 //! Must not do: any I/O, any async, any allocation sized by a peer-supplied number before that
 //! number has been checked against a cap.
@@ -54,6 +54,7 @@ pub mod fuzz;
 pub mod handshake;
 pub mod identity;
 pub mod message;
+pub mod tty;
 
 pub use decoder::{Decoder, HuntTarget};
 pub use error::ProtoError;
@@ -72,6 +73,10 @@ pub use identity::{
 pub use message::{
     ErrorBody, ErrorCode, ExecRequest, ExitStatus, FEATURE_TCP_V1, GuestMessage, HostMessage,
     Request, RequestId, Response, loose_request_id,
+};
+pub use tty::{
+    DEFAULT_TERM, FEATURE_PTY_V1, MAX_TERM_BYTES, MAX_TTY_DIM, TermName, TtyError, TtyRequest,
+    TtySize,
 };
 
 /// The two magic bytes that open every frame.

@@ -28,7 +28,8 @@
 //! with its events (feature [`FEATURE_TCP_V1`]) and the file operations (feature
 //! [`crate::FEATURE_FILES_V1`], values in [`crate::files`]): a `file_write` carries its bytes
 //! in STDIN frames and ends with `file_end`, a `file_read` in STDOUT frames; `file_done` is
-//! a transfer's last message. Planned: `secret_put`.
+//! a transfer's last message; an exec's optional `tty` and `exec_resize` (feature
+//! [`crate::FEATURE_PTY_V1`], values in [`crate::tty`]). Planned: `secret_put`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -41,6 +42,7 @@ use crate::error::ProtoError;
 use crate::files::{EntryName, FileList, FileStat, GuestPath};
 use crate::frame::{Frame, StreamId};
 use crate::identity::{GuestIdentity, IdentityAck};
+use crate::tty::{TtyRequest, TtySize};
 
 /// Feature string in [`crate::AgentInfo::features`] of an agent that serves `tcp_connect`,
 /// `tcp_shutdown`, `tcp_close` and sends `tcp_eof` / `tcp_closed`.
@@ -78,6 +80,12 @@ pub struct ExecRequest {
     /// this many bytes are forwarded.
     #[serde(default)]
     pub max_output_bytes: Option<u64>,
+    /// Run on a pseudo-terminal (feature [`crate::FEATURE_PTY_V1`]): stdin, stdout and
+    /// stderr are its slave, all output arrives as STDOUT, and the size can change with
+    /// [`Request::ExecResize`]. Left out of the JSON when `None`, so a plain exec's bytes
+    /// are what they were before the feature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtyRequest>,
 }
 
 impl ExecRequest {
@@ -166,6 +174,16 @@ pub enum Request {
     },
     /// Sync filesystems and power the guest off; answered with [`Response::ShuttingDown`].
     Shutdown,
+    /// Change the terminal size of a tty exec (feature `pty-v1`); answered with
+    /// [`Response::Resized`], [`ErrorCode::NoSuchStream`] if no exec runs on `stream`, or
+    /// [`ErrorCode::BadRequest`] if that exec has no terminal.
+    ExecResize {
+        /// The exec's stream.
+        stream: StreamId,
+        /// The new size.
+        #[serde(flatten)]
+        size: TtySize,
+    },
     /// Give a restored guest a new identity (feature `identity-v1`); answered with
     /// [`Response::IdentityApplied`] or [`ErrorCode::IdentityFailed`]. Sent right after the
     /// handshake of a restored VM, before any other request.
@@ -271,6 +289,7 @@ impl Request {
             Request::Exec { .. } => "exec",
             Request::Signal { .. } => "signal",
             Request::Shutdown => "shutdown",
+            Request::ExecResize { .. } => "exec_resize",
             Request::ApplyIdentity { .. } => "apply_identity",
             Request::TcpConnect { .. } => "tcp_connect",
             Request::FileWrite { .. } => "file_write",
@@ -359,6 +378,8 @@ pub enum Response {
     Signaled,
     /// Answer to [`Request::Shutdown`]: the guest is powering off.
     ShuttingDown,
+    /// Answer to [`Request::ExecResize`]: the terminal has its new size.
+    Resized,
     /// Answer to [`Request::ApplyIdentity`]: every step ran; what exactly happened.
     IdentityApplied(IdentityAck),
     /// Answer to [`Request::TcpConnect`]: the guest socket is connected and the initial
@@ -578,6 +599,7 @@ mod tests {
                     stdin: true,
                     timeout_ms: Some(1000),
                     max_output_bytes: None,
+                    tty: None,
                 },
             },
         };
@@ -1074,6 +1096,78 @@ mod tests {
             assert!(HostMessage::from_payload(bad.as_bytes()).is_err(), "{bad}");
             assert_eq!(loose_request_id(bad.as_bytes()), Some(RequestId(9)));
         }
+    }
+
+    #[test]
+    fn pty_messages_json_is_stable() {
+        use crate::tty::{TermName, TtyRequest, TtySize};
+        let stream = StreamId::new(3).expect("non-zero");
+        let exec = HostMessage::Request {
+            id: RequestId(1),
+            request: Request::Exec {
+                stream,
+                output_window: 65536,
+                exec: ExecRequest {
+                    stdin: true,
+                    tty: Some(TtyRequest {
+                        size: TtySize::new(24, 80).expect("valid"),
+                        term: Some(TermName::new("xterm").expect("valid")),
+                    }),
+                    ..ExecRequest::new(["sh"])
+                },
+            },
+        };
+        let host: [(&str, HostMessage); 2] = [
+            (
+                r#"{"type":"request","id":1,"request":{"op":"exec","stream":3,"output_window":65536,"exec":{"argv":["sh"],"env":{},"cwd":null,"stdin":true,"timeout_ms":null,"max_output_bytes":null,"tty":{"rows":24,"cols":80,"term":"xterm"}}}}"#,
+                exec,
+            ),
+            (
+                r#"{"type":"request","id":2,"request":{"op":"exec_resize","stream":3,"rows":40,"cols":100}}"#,
+                HostMessage::Request {
+                    id: RequestId(2),
+                    request: Request::ExecResize {
+                        stream,
+                        size: TtySize::new(40, 100).expect("valid"),
+                    },
+                },
+            ),
+        ];
+        for (json, msg) in host {
+            assert_eq!(serde_json::to_string(&msg).expect("serialises"), json);
+            assert_eq!(HostMessage::from_payload(json.as_bytes()).ok(), Some(msg));
+        }
+        let resized = GuestMessage::Response {
+            id: RequestId(2),
+            response: Response::Resized,
+        };
+        let json = r#"{"type":"response","id":2,"response":{"op":"resized"}}"#;
+        assert_eq!(serde_json::to_string(&resized).expect("serialises"), json);
+        assert_eq!(
+            GuestMessage::from_payload(json.as_bytes()).ok(),
+            Some(resized)
+        );
+    }
+
+    #[test]
+    fn pty_hostile_values_fail_to_parse_but_keep_id() {
+        for bad in [
+            r#"{"type":"request","id":9,"request":{"op":"exec_resize","stream":1,"rows":0,"cols":80}}"#,
+            r#"{"type":"request","id":9,"request":{"op":"exec_resize","stream":1,"rows":100000,"cols":80}}"#,
+            r#"{"type":"request","id":9,"request":{"op":"exec_resize","stream":1,"rows":24}}"#,
+            r#"{"type":"request","id":9,"request":{"op":"exec_resize","stream":0,"rows":24,"cols":80}}"#,
+            r#"{"type":"request","id":9,"request":{"op":"exec","stream":1,"output_window":1,"exec":{"argv":["sh"],"tty":{"rows":1001,"cols":80}}}}"#,
+            r#"{"type":"request","id":9,"request":{"op":"exec","stream":1,"output_window":1,"exec":{"argv":["sh"],"tty":{"rows":24,"cols":80,"term":"x\u001b[2J"}}}}"#,
+        ] {
+            assert!(HostMessage::from_payload(bad.as_bytes()).is_err(), "{bad}");
+            assert_eq!(loose_request_id(bad.as_bytes()), Some(RequestId(9)));
+        }
+    }
+
+    #[test]
+    fn exec_without_tty_serialises_as_before_pty() {
+        let json = serde_json::to_string(&ExecRequest::new(["ls"])).expect("serialises");
+        assert!(!json.contains("tty"), "{json}");
     }
 
     #[test]

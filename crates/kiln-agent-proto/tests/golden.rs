@@ -372,3 +372,44 @@ fn golden_file_data_frames() {
         "9f6b 11 00 0b000000 04000000 66696c65",
     );
 }
+
+#[test]
+fn golden_control_pty_frames() {
+    use kiln_agent_proto::{ExecRequest, TermName, TtyRequest, TtySize};
+    let exec = HostMessage::Request {
+        id: RequestId(20),
+        request: Request::Exec {
+            stream: stream(4),
+            output_window: 65_536,
+            exec: ExecRequest {
+                stdin: true,
+                tty: Some(TtyRequest {
+                    size: TtySize::new(24, 80).expect("valid"),
+                    term: Some(TermName::new("xterm").expect("valid")),
+                }),
+                ..ExecRequest::new(["sh"])
+            },
+        },
+    };
+    let json: &[u8] = br#"{"type":"request","id":20,"request":{"op":"exec","stream":4,"output_window":65536,"exec":{"argv":["sh"],"env":{},"cwd":null,"stdin":true,"timeout_ms":null,"max_output_bytes":null,"tty":{"rows":24,"cols":80,"term":"xterm"}}}}"#;
+    assert_golden(exec.to_frame().expect("encodes"), &control_hex(json));
+    let resize = HostMessage::Request {
+        id: RequestId(21),
+        request: Request::ExecResize {
+            stream: stream(4),
+            size: TtySize::new(40, 100).expect("valid"),
+        },
+    };
+    let json: &[u8] =
+        br#"{"type":"request","id":21,"request":{"op":"exec_resize","stream":4,"rows":40,"cols":100}}"#;
+    let hex = control_hex(json);
+    // CONTROL, stream 0, 89 (0x59) payload bytes.
+    assert!(hex.starts_with("9f6b 03 00 00000000 59000000"), "{hex}");
+    assert_golden(resize.to_frame().expect("encodes"), &hex);
+    let resized = GuestMessage::Response {
+        id: RequestId(21),
+        response: Response::Resized,
+    };
+    let json: &[u8] = br#"{"type":"response","id":21,"response":{"op":"resized"}}"#;
+    assert_golden(resized.to_frame().expect("encodes"), &control_hex(json));
+}

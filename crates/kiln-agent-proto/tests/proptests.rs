@@ -356,3 +356,45 @@ proptest! {
         prop_assert_eq!(GuestMessage::from_payload(payload).expect("parses"), guest);
     }
 }
+
+proptest! {
+    #[test]
+    fn pty_messages_round_trip(
+        rows in 1u32..=1000,
+        cols in 1u32..=1000,
+        term in proptest::option::of("[A-Za-z0-9._+-]{1,64}"),
+        stream in 1u32..,
+        id in any::<u64>(),
+    ) {
+        use kiln_agent_proto::{ExecRequest, TermName, TtyRequest, TtySize};
+        let stream = StreamId::new(stream).expect("non-zero");
+        let size = TtySize::new(rows, cols).expect("in range");
+        let tty = TtyRequest {
+            size,
+            term: term.map(|t| TermName::new(t).expect("plain name")),
+        };
+        for msg in [
+            HostMessage::Request {
+                id: RequestId(id),
+                request: Request::Exec {
+                    stream,
+                    output_window: 1,
+                    exec: ExecRequest { tty: Some(tty.clone()), ..ExecRequest::new(["sh"]) },
+                },
+            },
+            HostMessage::Request { id: RequestId(id), request: Request::ExecResize { stream, size } },
+        ] {
+            let frame = msg.to_frame().expect("encodes");
+            let Frame::Control(payload) = &frame else { panic!("control frame") };
+            prop_assert_eq!(HostMessage::from_payload(payload).expect("parses"), msg);
+        }
+    }
+
+    #[test]
+    fn tty_size_out_of_range_never_parses(rows in 1001u32.., cols in 0u32..=1000) {
+        let json = format!(r#"{{"type":"request","id":1,"request":{{"op":"exec_resize","stream":1,"rows":{rows},"cols":{cols}}}}}"#);
+        prop_assert!(HostMessage::from_payload(json.as_bytes()).is_err());
+        let json = format!(r#"{{"type":"request","id":1,"request":{{"op":"exec_resize","stream":1,"rows":{cols},"cols":{rows}}}}}"#);
+        prop_assert!(HostMessage::from_payload(json.as_bytes()).is_err());
+    }
+}

@@ -337,6 +337,11 @@ pub struct ExecRequest {
     /// Kill the command once it has written this many bytes to stdout and stderr together.
     #[serde(default)]
     pub max_output_bytes: Option<u64>,
+    /// Run the command on a terminal (a pseudo-terminal in the guest): its stdin, stdout
+    /// and stderr are the terminal, all output arrives as stdout, Ctrl-C is the byte `0x03`
+    /// sent as stdin, and `resize` messages change the size. Left out when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<ExecTty>,
 }
 
 impl ExecRequest {
@@ -349,6 +354,7 @@ impl ExecRequest {
             stdin: false,
             timeout_ms: None,
             max_output_bytes: None,
+            tty: None,
         }
     }
 
@@ -387,6 +393,58 @@ impl ExecRequest {
         if self.timeout_ms == Some(0) {
             return Err("timeout must be greater than zero".to_owned());
         }
+        if let Some(tty) = &self.tty {
+            tty.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// Largest number of rows or columns of an exec's terminal.
+pub const MAX_TTY_DIM: u16 = 1000;
+
+/// Longest `term` of an exec's terminal, in bytes.
+pub const MAX_TERM_BYTES: usize = 64;
+
+/// Checks a terminal size: rows and columns in `1..=MAX_TTY_DIM`.
+pub fn validate_tty_size(rows: u16, cols: u16) -> Result<(), String> {
+    if (1..=MAX_TTY_DIM).contains(&rows) && (1..=MAX_TTY_DIM).contains(&cols) {
+        Ok(())
+    } else {
+        Err(format!(
+            "terminal size {rows}x{cols} is out of range: rows and columns must be 1..={MAX_TTY_DIM}"
+        ))
+    }
+}
+
+/// The terminal of an exec ([`ExecRequest::tty`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecTty {
+    /// Initial rows (1..=1000).
+    #[schema(minimum = 1, maximum = 1000)]
+    pub rows: u16,
+    /// Initial columns (1..=1000).
+    #[schema(minimum = 1, maximum = 1000)]
+    pub cols: u16,
+    /// `TERM` for the command (default `xterm-256color`): 1..=64 characters of
+    /// `[A-Za-z0-9._+-]`.
+    #[serde(default)]
+    pub term: Option<String>,
+}
+
+impl ExecTty {
+    /// Checks the size and the terminal type; the error names what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_tty_size(self.rows, self.cols)?;
+        if let Some(term) = &self.term {
+            let plain = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-');
+            if term.is_empty() || term.len() > MAX_TERM_BYTES || !term.bytes().all(plain) {
+                return Err(format!(
+                    "invalid terminal type {term:?}: use 1..={MAX_TERM_BYTES} characters of [A-Za-z0-9._+-]"
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -413,6 +471,15 @@ pub enum ExecClientMessage {
     Signal {
         /// Signal number (e.g. 15 for SIGTERM).
         signo: i32,
+    },
+    /// Change the size of the command's terminal (an exec with `tty`). A resize the
+    /// command cannot take (no tty, out of range, it just ended) is ignored: the command
+    /// runs on.
+    Resize {
+        /// Rows (1..=1000).
+        rows: u16,
+        /// Columns (1..=1000).
+        cols: u16,
     },
 }
 
@@ -608,6 +675,37 @@ pub struct PingResponse {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn exec_request_tty_is_validated_and_omitted_when_absent() {
+        let mut req = ExecRequest::new(vec!["bash".into()]);
+        assert!(!serde_json::to_string(&req).unwrap().contains("tty"));
+        for (rows, cols, term, ok) in [
+            (24, 80, None, true),
+            (1000, 1, Some("xterm-256color"), true),
+            (0, 80, None, false),
+            (24, 1001, None, false),
+            (24, 80, Some(""), false),
+            (24, 80, Some("xterm\u{1b}"), false),
+        ] {
+            req.tty = Some(ExecTty {
+                rows,
+                cols,
+                term: term.map(str::to_owned),
+            });
+            assert_eq!(req.validate().is_ok(), ok, "{rows}x{cols} {term:?}");
+        }
+        let parsed: ExecRequest =
+            serde_json::from_str(r#"{"argv":["sh"],"tty":{"rows":24,"cols":80}}"#).unwrap();
+        assert_eq!(parsed.tty.map(|t| (t.rows, t.cols)), Some((24, 80)));
+        // Bigger than u16: refused when parsed.
+        assert!(
+            serde_json::from_str::<ExecRequest>(
+                r#"{"argv":["sh"],"tty":{"rows":70000,"cols":80}}"#
+            )
+            .is_err()
+        );
+    }
+
     use super::*;
 
     #[test]
@@ -691,6 +789,14 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&m).unwrap(),
             r#"{"type":"exit","code":0,"signal":null,"timed_out":false,"output_truncated":false}"#
+        );
+        let m = ExecClientMessage::Resize {
+            rows: 40,
+            cols: 100,
+        };
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"type":"resize","rows":40,"cols":100}"#
         );
         let m = ExecClientMessage::Signal { signo: 15 };
         assert_eq!(

@@ -657,6 +657,11 @@ impl Engine {
                 "a detached command has no stdin (stdin must be false)".to_owned(),
             ));
         }
+        if req.tty.is_some() {
+            return Err(CoreError::BadRequest(
+                "a detached command has no terminal (tty must be absent)".to_owned(),
+            ));
+        }
         {
             let mut all = self.detached.lock().unwrap_or_else(|e| e.into_inner());
             let mut mine: Vec<_> = all

@@ -227,7 +227,7 @@ impl Sandbox {
                 reason,
             });
         }
-        let mut agent_req = to_agent_exec(req);
+        let mut agent_req = to_agent_exec(req)?;
         {
             let extras = self.extras();
             if extras.secret_env {
@@ -239,6 +239,8 @@ impl Sandbox {
         let session = self.agent.exec(agent_req).await.map_err(|e| match e {
             // The guest refused this command (bad working directory, ...): the caller's fault.
             AgentError::Remote { message, .. } => CoreError::ExecRejected(message),
+            // An image whose agent predates a feature the request needs (a tty).
+            e @ AgentError::MissingFeature { .. } => CoreError::ExecRejected(e.to_string()),
             other => CoreError::Agent(other),
         })?;
         Ok(Exec {
@@ -380,15 +382,31 @@ pub(crate) fn api_status(s: &kiln_agent_host::ExitStatus) -> ExitStatus {
     }
 }
 
-fn to_agent_exec(req: &ExecRequest) -> kiln_agent_host::ExecRequest {
-    kiln_agent_host::ExecRequest {
+fn to_agent_exec(req: &ExecRequest) -> Result<kiln_agent_host::ExecRequest, CoreError> {
+    let tty = req
+        .tty
+        .as_ref()
+        .map(|t| {
+            let size = kiln_agent_host::TtySize::new(t.rows.into(), t.cols.into())
+                .map_err(|e| CoreError::BadRequest(e.to_string()))?;
+            let term = t
+                .term
+                .clone()
+                .map(kiln_agent_host::TermName::new)
+                .transpose()
+                .map_err(|e| CoreError::BadRequest(e.to_string()))?;
+            Ok::<_, CoreError>(kiln_agent_host::TtyRequest { size, term })
+        })
+        .transpose()?;
+    Ok(kiln_agent_host::ExecRequest {
         argv: req.argv.clone(),
         env: req.env.clone(),
         cwd: req.cwd.clone(),
         stdin: req.stdin,
         timeout_ms: req.timeout_ms,
         max_output_bytes: req.max_output_bytes,
-    }
+        tty,
+    })
 }
 
 /// Writes a command's stdin; see [`Exec::stdin`].
@@ -475,6 +493,16 @@ impl Exec {
     /// Delivers a signal to the command's process group.
     pub async fn signal(&self, signo: i32) -> Result<(), CoreError> {
         self.session.signal(signo).await.map_err(CoreError::Agent)
+    }
+
+    /// Changes the size of the command's terminal (an exec started with `tty`). Refused
+    /// with [`CoreError::BadRequest`] for a size out of range or a command without a tty.
+    pub async fn resize(&self, rows: u16, cols: u16) -> Result<(), CoreError> {
+        kiln_api_types::validate_tty_size(rows, cols).map_err(CoreError::BadRequest)?;
+        self.session.resize(rows, cols).await.map_err(|e| match e {
+            AgentError::Remote { message, .. } => CoreError::BadRequest(message),
+            other => CoreError::Agent(other),
+        })
     }
 }
 

@@ -59,14 +59,15 @@ impl Kiln {
         }
     }
 
-    /// The `kiln` binary under test (`kilnd` is beside it).
-    pub fn bin(&self) -> &Path {
-        &self.bin
-    }
-
     /// The state directory.
     pub fn home(&self) -> &Path {
         &self.home
+    }
+
+    /// The `kiln` binary under test (`kilnd` is beside it; for wrappers such as `script`
+    /// that run it themselves, give them `KILN_HOME` = [`Kiln::home`]).
+    pub fn bin(&self) -> &Path {
+        &self.bin
     }
 
     /// A `kiln` command with this home.
