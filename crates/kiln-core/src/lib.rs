@@ -1373,3 +1373,76 @@ mod agent_binary_tests {
         assert!(text.contains("kiln-agent-static"), "{text}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, name: Option<&str>) -> SandboxInfo {
+        SandboxInfo {
+            id: id.parse().unwrap(),
+            spec: SandboxSpec {
+                name: name.map(|n| n.parse().unwrap()),
+                ..SandboxSpec::default()
+            },
+            status: SandboxStatus {
+                state: SandboxState::Stopped,
+                image: "base".parse().unwrap(),
+                image_id: "x".into(),
+                cpus: 1,
+                memory_mib: 256,
+                accel: "tcg".into(),
+                created_unix: 1,
+                boot_ms: None,
+                source: StartSource::Cold,
+                snapshot: None,
+                expires_unix: None,
+                error: None,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn resolve_takes_ids_names_and_unambiguous_prefixes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let engine = Engine::start(Home::new(tmp.path().to_owned()))
+            .await
+            .unwrap();
+        engine
+            .store
+            .sandbox_insert(&row("sb-aaaaaaaaaaa1", Some("web")))
+            .unwrap();
+        engine
+            .store
+            .sandbox_insert(&row("sb-aaaaaaaaaaa2", None))
+            .unwrap();
+        engine
+            .store
+            .sandbox_insert(&row("sb-bbbbbbbbbbbb", None))
+            .unwrap();
+        let id = |s: &str| s.parse::<SandboxId>().unwrap();
+        assert_eq!(
+            engine.resolve("sb-aaaaaaaaaaa2").unwrap(),
+            id("sb-aaaaaaaaaaa2")
+        );
+        assert_eq!(engine.resolve("web").unwrap(), id("sb-aaaaaaaaaaa1"));
+        assert_eq!(engine.resolve("bbb").unwrap(), id("sb-bbbbbbbbbbbb"));
+        assert_eq!(engine.resolve("sb-b").unwrap(), id("sb-bbbbbbbbbbbb"));
+        match engine.resolve("aaaa") {
+            Err(CoreError::AmbiguousSandbox { matches, .. }) => {
+                assert!(matches.contains("sb-aaaaaaaaaaa1") && matches.contains("sb-aaaaaaaaaaa2"));
+            }
+            other => panic!("expected ambiguity, got {other:?}"),
+        }
+        for missing in ["sb-cccccccccccc", "ccc", "sb-", "", "nope"] {
+            assert!(
+                matches!(engine.resolve(missing), Err(CoreError::SandboxNotFound(_))),
+                "{missing:?}"
+            );
+        }
+        assert!(matches!(
+            engine.resolve("a\nb"),
+            Err(CoreError::SandboxNotFound(_))
+        ));
+    }
+}

@@ -341,3 +341,140 @@ fn stop_and_start_keep_disk_memory_and_processes() {
         "save left after rm"
     );
 }
+
+#[test]
+#[ignore = "boots VMs: run by scripts/test"]
+fn lifecycle_routes_answer_bad_input_with_documented_4xx() {
+    let k = Kiln::isolated();
+    let v = create(&k, &["--name", "target"]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let long = "n".repeat(65);
+    let cases: Vec<(&str, String, &[u8], u16, &str)> = vec![
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/ttl"),
+            br#"{"ttl_secs":"soon"}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/ttl"),
+            br#"{"ttl_secs":0}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/start"),
+            b"",
+            409,
+            "sandbox_not_stopped",
+        ),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/resume"),
+            b"",
+            409,
+            "sandbox_not_paused",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes/sb-000000000000/pause".to_owned(),
+            b"",
+            404,
+            "sandbox_not_found",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes/no-such-name/stop".to_owned(),
+            b"",
+            404,
+            "sandbox_not_found",
+        ),
+        (
+            "GET",
+            "/v1/sandboxes?status=sleeping".to_owned(),
+            b"",
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/sandboxes?colour=red".to_owned(),
+            b"",
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/execs/nonsense".to_owned(),
+            b"",
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/v1/execs/ex-000000000000".to_owned(),
+            b"",
+            404,
+            "exec_not_found",
+        ),
+        (
+            "POST",
+            format!("/v1/sandboxes/{id}/execs"),
+            br#"{"argv":["true"],"stdin":true}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".to_owned(),
+            format!(r#"{{"name":"{long}"}}"#).leak().as_bytes(),
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".to_owned(),
+            br#"{"name":"target"}"#,
+            409,
+            "name_taken",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".to_owned(),
+            br#"{"labels":{"Bad Key":"x"}}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".to_owned(),
+            br#"{"source":{"kind":"image","image":"base","machine":{"cpus":"two"}}}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".to_owned(),
+            br#"{"lifetime":{"ttl_secs":99999999999}}"#,
+            400,
+            "bad_request",
+        ),
+    ];
+    for (method, path, body, want, code) in cases {
+        let (st, resp) = kiln_e2e::api_request(k.home(), method, &path, body);
+        assert_eq!(st, want, "{method} {path}: {resp}");
+        assert!(
+            resp.contains(&format!("\"code\":\"{code}\"")),
+            "{method} {path}: {resp}"
+        );
+    }
+    // Nothing was started by the refused creates.
+    assert_eq!(ids_of(&k.ps()), vec![id.clone()]);
+    // `sb-` alone is no prefix of anything.
+    let (st, _) = kiln_e2e::api_request(k.home(), "GET", "/v1/sandboxes/sb-", b"");
+    assert_eq!(st, 404);
+    assert_success(&k.run(&["rm", "target"]), "rm");
+}
