@@ -469,29 +469,33 @@ async fn measure_in(
         }
     }
     if a.stream_mib > 0 {
-        let bytes = a.stream_mib << 20;
-        let t = Instant::now();
-        let (status, got) = exec_collect(
-            client,
-            id,
-            vec![
-                "head".into(),
-                "-c".into(),
-                bytes.to_string(),
-                "/dev/zero".into(),
-            ],
-        )
-        .await?;
-        let secs = t.elapsed().as_secs_f64();
-        if status.shell_code() != 0 || got != bytes {
-            bail!(
-                "stream of {bytes} bytes ended with {} after {got} bytes",
-                status.shell_code()
-            );
-        }
-        tput.push(got as f64 / (1024.0 * 1024.0) / secs);
+        tput.push(stdout_rate(client, id, a.stream_mib << 20).await?);
     }
     Ok(())
+}
+
+/// Streams `bytes` zero bytes from a guest command's stdout to this client; MiB/s.
+pub async fn stdout_rate(client: &Client, id: &SandboxId, bytes: u64) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let (status, got) = exec_collect(
+        client,
+        id,
+        vec![
+            "head".into(),
+            "-c".into(),
+            bytes.to_string(),
+            "/dev/zero".into(),
+        ],
+    )
+    .await?;
+    let secs = t.elapsed().as_secs_f64();
+    if status.shell_code() != 0 || got != bytes {
+        bail!(
+            "stream of {bytes} bytes ended with {} after {got} bytes",
+            status.shell_code()
+        );
+    }
+    Ok(got as f64 / (1024.0 * 1024.0) / secs)
 }
 
 /// Runs a command in a sandbox, counting (not keeping) its stdout bytes.

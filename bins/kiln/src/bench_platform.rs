@@ -15,7 +15,7 @@ use kiln_api_types::SandboxId;
 use kiln_client::{Client, ClientHome};
 use serde::Serialize;
 
-use crate::bench::{Summary, exec_collect, summary};
+use crate::bench::{Summary, exec_collect, stdout_rate, summary};
 
 /// Options of `kiln bench files`.
 #[derive(Debug, Args)]
@@ -94,22 +94,7 @@ async fn files_in(
     let (mut stdout, mut up, mut down) = (Vec::new(), Vec::new(), Vec::new());
     let mib_s = |secs: f64| (bytes as f64 / (1024.0 * 1024.0)) / secs;
     for run in 0..a.runs {
-        let t = Instant::now();
-        let (status, got) = exec_collect(
-            client,
-            id,
-            vec![
-                "head".into(),
-                "-c".into(),
-                bytes.to_string(),
-                "/dev/zero".into(),
-            ],
-        )
-        .await?;
-        if status.shell_code() != 0 || got != bytes {
-            bail!("stdout stream ended after {got} of {bytes} bytes");
-        }
-        stdout.push(mib_s(t.elapsed().as_secs_f64()));
+        stdout.push(stdout_rate(client, id, bytes).await?);
 
         let t = Instant::now();
         let reader = std::io::Cursor::new(SharedBytes(std::sync::Arc::clone(&data)));

@@ -19,13 +19,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_agent_host::{AgentClient, ClientConfig};
 use kiln_api_types::{SandboxInfo, SandboxState};
 use kiln_vmm::Vm;
 use tracing::{info, warn};
 
 use crate::error::CoreError;
-use crate::sandbox::{OUTPUT_WINDOW, Sandbox};
+use crate::sandbox::Sandbox;
 use crate::{Engine, guest, owner, ports, remove_dir};
 
 /// How long a running guest's agent may take to answer the resync.
@@ -76,22 +75,7 @@ async fn one(engine: &Arc<Engine>, row: SandboxInfo) -> Result<(), CoreError> {
             // A paused guest cannot answer the resync: it runs for the handshake only.
             vm.resume().await?;
         }
-        let stream = tokio::net::UnixStream::connect(vm.agent_socket())
-            .await
-            .map_err(|source| CoreError::Io {
-                what: "connect to the agent socket",
-                path: vm.agent_socket().to_owned(),
-                source,
-            })?;
-        let config = ClientConfig {
-            handshake_deadline: RESYNC_DEADLINE,
-            output_window: OUTPUT_WINDOW,
-            file_window: OUTPUT_WINDOW,
-            ..Default::default()
-        };
-        let (agent, _info) = AgentClient::connect_with(stream, config)
-            .await
-            .map_err(CoreError::Agent)?;
+        let (agent, _info) = crate::sandbox::connect_agent(&vm, RESYNC_DEADLINE).await?;
         // The daemon keeps no secret values: the guest's copies are read back, for
         // re-delivery after a user snapshot and as exec environment.
         let mut secrets = kiln_api_types::Secrets::default();

@@ -41,6 +41,30 @@ const CONSOLE_TAIL_LINES: usize = 12;
 /// After the agent channel dies, how long to wait for QEMU's exit to explain it.
 const DEATH_EXPLAIN_WAIT: Duration = Duration::from_millis(500);
 
+/// Connects to `vm`'s agent socket and runs the resync handshake (waiting up to `deadline`
+/// for the agent), with the sandbox channel's windows.
+pub(crate) async fn connect_agent(
+    vm: &Vm,
+    deadline: Duration,
+) -> Result<(AgentClient, kiln_agent_host::AgentInfo), CoreError> {
+    let stream = tokio::net::UnixStream::connect(vm.agent_socket())
+        .await
+        .map_err(|source| CoreError::Io {
+            what: "connect to the agent socket",
+            path: vm.agent_socket().to_owned(),
+            source,
+        })?;
+    let config = ClientConfig {
+        handshake_deadline: deadline,
+        output_window: OUTPUT_WINDOW,
+        file_window: OUTPUT_WINDOW,
+        ..Default::default()
+    };
+    AgentClient::connect_with(stream, config)
+        .await
+        .map_err(CoreError::Agent)
+}
+
 /// How long a cold boot may take until the agent answers.
 pub(crate) fn boot_deadline(accel: Accel) -> Duration {
     match accel {
@@ -92,26 +116,8 @@ impl Sandbox {
         let started = Instant::now();
         let vm = Vm::spawn(&config).await?;
         let deadline = boot_deadline(plan.accel);
-        let connect = async {
-            let stream = tokio::net::UnixStream::connect(vm.agent_socket())
-                .await
-                .map_err(|source| CoreError::Io {
-                    what: "connect to the agent socket",
-                    path: vm.agent_socket().to_owned(),
-                    source,
-                })?;
-            let config = ClientConfig {
-                handshake_deadline: deadline,
-                output_window: OUTPUT_WINDOW,
-                file_window: OUTPUT_WINDOW,
-                ..Default::default()
-            };
-            AgentClient::connect_with(stream, config)
-                .await
-                .map_err(CoreError::Agent)
-        };
         let result = tokio::select! {
-            r = connect => r,
+            r = connect_agent(&vm, deadline) => r,
             status = vm.wait_exit() => Err(CoreError::SandboxFailed {
                 id: id.clone(),
                 reason: format!("QEMU exited during boot ({status}){}", console_suffix(&vm)),
