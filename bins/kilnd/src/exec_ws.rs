@@ -307,8 +307,9 @@ async fn pump(
             }
             ctl = ctl_rx.recv() => match ctl {
                 Some(Control::Signal(signo)) => {
-                    if let Err(e) = exec.signal(signo).await {
-                        debug!(error = %e.chain(), "signal not delivered");
+                    match exec.signal(signo).await {
+                        Ok(()) => debug!(signo, "signal delivered"),
+                        Err(e) => debug!(signo, error = %e.chain(), "signal not delivered"),
                     }
                 }
                 // A refused resize (no tty, out of range, the command just ended) leaves the
@@ -353,6 +354,7 @@ async fn read_client(
                     }
                 }
                 Ok(ExecClientMessage::Signal { signo }) => {
+                    debug!(signo, "signal from the client");
                     if ctl.send(Control::Signal(signo)).await.is_err() {
                         return;
                     }

@@ -234,7 +234,11 @@ fn run_interrupted_tears_the_sandbox_down() {
             "--",
             "sh",
             "-c",
-            "echo ready; sleep 600",
+            // The command decides what SIGINT means; this one exits 130 at once. (A bare
+            // `echo ready; sleep 600` can lose a SIGINT that lands while dash is between
+            // fork and exec of `sleep`: dash catches SIGINT under `-c` and only re-raises it
+            // when its child died of it. Under TCG that window is wide.)
+            "trap 'exit 130' INT; echo ready; while :; do sleep 1; done",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
