@@ -163,6 +163,7 @@ pub fn status_of(e: &CoreError) -> StatusCode {
         CoreError::NameTaken(_) | CoreError::WrongState { .. } => StatusCode::CONFLICT,
         CoreError::SandboxNotFound(_)
         | CoreError::ExecNotFound(_)
+        | CoreError::RecipeNotFound { .. }
         | CoreError::ImageNotFound { .. }
         | CoreError::SnapshotNotFound(_) => StatusCode::NOT_FOUND,
         CoreError::SnapshotExists(_)
@@ -214,17 +215,20 @@ fn parse_body<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, HttpErro
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::BadRequest,
-            format!("invalid request body: {e}"),
-        )
-    })
+    parse_required(body)
 }
 
-/// Parses a JSON body that has required fields.
+/// Parses a JSON body that has required fields. Only a JSON object is a request body: serde
+/// would also read a struct from an array of its fields in order (`["base",2,512,true]`),
+/// which no client means.
 fn parse_required<T: DeserializeOwned>(body: &Bytes) -> Result<T, HttpError> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            "invalid request body: expected a JSON object".to_owned(),
+        ));
+    }
     serde_json::from_slice(body).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
@@ -1322,6 +1326,7 @@ async fn image_delete(
     responses(
         (status = 200, description = "The build's events, one JSON document per line", content_type = "application/x-ndjson", body = ImageBuildEvent),
         (status = 400, description = "Malformed name or body (`bad_request`)", body = ApiError),
+        (status = 404, description = "No recipe of that name (`recipe_not_found`)", body = ApiError),
     ),
 )]
 async fn image_build(
@@ -1331,6 +1336,8 @@ async fn image_build(
 ) -> Result<Response, HttpError> {
     let req: ImageBuildRequest = parse_body(&body)?;
     parse_name::<ImageName>(&name)?;
+    // Known before the stream starts: an unknown recipe is a 404, not a 200 with an error.
+    engine.image_recipe_check(&name)?;
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<ImageBuildEvent>(256);
     let (line_tx, line_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
@@ -1387,6 +1394,23 @@ mod tests {
             status_of(&CoreError::SandboxNotFound("sb-0".into())),
             StatusCode::NOT_FOUND
         );
+    }
+
+    #[test]
+    fn parse_body_takes_only_objects() {
+        for body in [
+            &b"[\"base\",2,512,true]"[..],
+            b"[true]",
+            b"5",
+            b"\"x\"",
+            b"null",
+        ] {
+            let err =
+                parse_body::<SandboxSpec>(&Bytes::copy_from_slice(body)).expect_err("refused");
+            assert_eq!(err.0, StatusCode::BAD_REQUEST);
+            assert!(err.1.message.contains("JSON object"), "{}", err.1.message);
+        }
+        assert!(parse_required::<TtlRequest>(&Bytes::from_static(b" {\"ttl_secs\":5}")).is_ok());
     }
 
     #[test]

@@ -219,6 +219,10 @@ async fn first_message<T: serde::de::DeserializeOwned>(
     loop {
         match rx.next().await {
             Some(Ok(Message::Text(t))) => {
+                // An object only: serde would also read a struct from an array of its fields.
+                if !t.as_str().trim_start().starts_with('{') {
+                    return Err(bad("invalid exec request: expected a JSON object".into()));
+                }
                 return serde_json::from_str(t.as_str())
                     .map_err(|e| bad(format!("invalid exec request: {e}")));
             }

@@ -83,6 +83,48 @@ mod tests {
         }
     }
 
+    /// One raw HTTP/1.1 request to the unix socket: the whole answer.
+    async fn raw_unix(d: &Daemon, request: &str) -> String {
+        let mut s = tokio::net::UnixStream::connect(d.home.socket())
+            .await
+            .unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn image_build_unknown_recipe_is_404_before_any_stream() {
+        let d = start().await;
+        let c = Client::unix(d.home.socket());
+        let err = c
+            .image_build(
+                "nosuch",
+                &kiln_api_types::ImageBuildRequest::default(),
+                |_| Ok::<(), std::io::Error>(()),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(status_and_code(err), (404, "recipe_not_found".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn array_bodies_are_refused_not_read_as_fields() {
+        let d = start().await;
+        let body = r#"["base",2,512,true]"#;
+        let out = raw_unix(
+            &d,
+            &format!(
+                "POST /v1/sandboxes HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        assert!(out.contains("expected a JSON object"), "{out}");
+    }
+
     #[tokio::test]
     async fn tcp_without_token_is_401_unauthorized() {
         let d = start().await;

@@ -30,6 +30,8 @@ pub enum ErrorCode {
     SnapshotNotFound,
     /// 404: no such detached command.
     ExecNotFound,
+    /// 404: no recipe of that name to build an image from.
+    RecipeNotFound,
     /// 404: a file operation's path (or a parent) does not exist in the guest.
     FileNotFound,
     /// 409: the path exists, is (not) a directory, or is not empty.
@@ -98,6 +100,7 @@ impl ErrorCode {
         ErrorCode::ImageNotFound,
         ErrorCode::SnapshotNotFound,
         ErrorCode::ExecNotFound,
+        ErrorCode::RecipeNotFound,
         ErrorCode::FileNotFound,
         ErrorCode::FileConflict,
         ErrorCode::InvalidPath,
@@ -139,6 +142,7 @@ impl ErrorCode {
             ErrorCode::SnapshotNotFound => "snapshot_not_found",
             ErrorCode::AmbiguousSandbox => "ambiguous_sandbox",
             ErrorCode::ExecNotFound => "exec_not_found",
+            ErrorCode::RecipeNotFound => "recipe_not_found",
             ErrorCode::FileNotFound => "file_not_found",
             ErrorCode::FileConflict => "file_conflict",
             ErrorCode::InvalidPath => "invalid_path",
@@ -224,6 +228,7 @@ mod tests {
             | ErrorCode::SnapshotNotFound
             | ErrorCode::AmbiguousSandbox
             | ErrorCode::ExecNotFound
+            | ErrorCode::RecipeNotFound
             | ErrorCode::FileNotFound
             | ErrorCode::FileConflict
             | ErrorCode::InvalidPath
@@ -252,6 +257,6 @@ mod tests {
             | ErrorCode::IoError
             | ErrorCode::Internal => 1,
         };
-        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 35);
+        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 36);
     }
 }

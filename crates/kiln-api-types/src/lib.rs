@@ -379,8 +379,13 @@ impl ExecRequest {
             ));
         }
         for (k, v) in &self.env {
-            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(format!("invalid environment variable name {k:?}"));
+            }
+            if v.contains('\0') {
+                return Err(format!(
+                    "the value of environment variable {k} contains a NUL byte"
+                ));
             }
         }
         if let Some(cwd) = &self.cwd
@@ -745,6 +750,10 @@ mod tests {
         let mut r = ExecRequest::new(vec!["true".into()]);
         r.env.insert("A=B".into(), "x".into());
         assert!(r.validate().is_err());
+        let mut r = ExecRequest::new(vec!["true".into()]);
+        r.env.insert("A".into(), "x\0y".into());
+        let e = r.validate().unwrap_err();
+        assert!(e.contains("value of environment variable A"), "{e}");
         let mut r = ExecRequest::new(vec!["true".into()]);
         r.timeout_ms = Some(0);
         assert!(r.validate().is_err());

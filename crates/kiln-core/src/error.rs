@@ -32,6 +32,14 @@ pub enum CoreError {
         /// The guest's explanation.
         message: String,
     },
+    /// No recipe of that name to build.
+    #[error("unknown recipe {name:?}; known recipes: {known}")]
+    RecipeNotFound {
+        /// What was asked for.
+        name: String,
+        /// The recipes there are.
+        known: String,
+    },
     /// No detached command with that id.
     #[error("no detached command {0} (see `kiln exec ls SANDBOX`)")]
     ExecNotFound(String),
@@ -147,6 +155,7 @@ impl CoreError {
             },
             CoreError::AmbiguousSandbox { .. } => "ambiguous_sandbox",
             CoreError::ExecNotFound(_) => "exec_not_found",
+            CoreError::RecipeNotFound { .. } => "recipe_not_found",
             CoreError::File { kind, .. } => kind.code(),
             CoreError::NameTaken(_) => "name_taken",
             CoreError::Invalid(_) => "bad_request",

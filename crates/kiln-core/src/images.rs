@@ -10,6 +10,15 @@ use tokio::sync::mpsc;
 use crate::error::CoreError;
 use crate::paths::Home;
 
+/// The built-in recipe `name`.
+pub fn recipe(name: &str) -> Result<kiln_image::Recipe, CoreError> {
+    let _: kiln_api_types::ImageName = name.parse()?;
+    kiln_image::builtin(name).ok_or_else(|| CoreError::RecipeNotFound {
+        name: name.to_owned(),
+        known: kiln_image::builtin_names().join(", "),
+    })
+}
+
 /// Builds the image `name` from the built-in recipe of the same name.
 pub async fn build(
     home: &Home,
@@ -17,13 +26,7 @@ pub async fn build(
     force: bool,
     events: mpsc::Sender<ImageBuildEvent>,
 ) -> Result<(ImageInfo, bool), CoreError> {
-    let _: kiln_api_types::ImageName = name.parse()?;
-    let recipe = kiln_image::builtin(name).ok_or_else(|| {
-        CoreError::BadRequest(format!(
-            "unknown recipe {name:?}; known recipes: {}",
-            kiln_image::builtin_names().join(", ")
-        ))
-    })?;
+    let recipe = recipe(name)?;
     let cfg = kiln_image::BuildConfig {
         home: home.root().to_owned(),
         agent_binary: crate::agent_binary()?,

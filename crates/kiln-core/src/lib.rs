@@ -1190,6 +1190,11 @@ impl Engine {
         images::build(&self.home, name, force, events).await
     }
 
+    /// Checks that image `name` has a recipe to build it from (before a build streams).
+    pub fn image_recipe_check(&self, name: &str) -> Result<(), CoreError> {
+        images::recipe(name).map(drop)
+    }
+
     /// All built images.
     pub fn image_list(&self) -> Result<Vec<ImageInfo>, CoreError> {
         Ok(kiln_image::list(self.home.root())?
