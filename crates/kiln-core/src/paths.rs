@@ -39,13 +39,19 @@ impl Home {
         Home { root }
     }
 
-    /// Creates the top-level directories (mode 0700 for the root).
+    /// Creates the top-level directories, the root with mode 0700; a root that exists with
+    /// looser permissions (guest RAM and disk layers live below it) is tightened to 0700.
     pub fn ensure(&self) -> std::io::Result<()> {
-        use std::os::unix::fs::DirBuilderExt;
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.root)?;
+        let mode = std::fs::metadata(&self.root)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))?;
+            tracing::warn!(path = %self.root.display(), mode = format!("{:o}", mode & 0o7777), "state directory was readable by others; tightened to 0700");
+        }
         for dir in [self.run_dir(), self.images_dir(), self.root.join("cache")] {
             std::fs::create_dir_all(dir)?;
         }
@@ -115,6 +121,18 @@ impl Home {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ensure_tightens_a_loose_existing_root() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("home");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Home::new(root.clone()).ensure().unwrap();
+        let mode = std::fs::metadata(&root).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
 
     #[test]
     fn sandbox_dir_is_under_run_dir() {

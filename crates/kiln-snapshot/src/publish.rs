@@ -214,7 +214,7 @@ pub fn cleanup_stale_tmp(root: &Path) -> Result<Vec<PathBuf>, SnapshotError> {
         let Some(pid) = tmp_dir_pid(name) else {
             continue;
         };
-        if pid == me || Path::new("/proc").join(pid.to_string()).exists() {
+        if pid == me || process_running(pid) {
             continue;
         }
         let path = entry.path();
@@ -228,6 +228,20 @@ pub fn cleanup_stale_tmp(root: &Path) -> Result<Vec<PathBuf>, SnapshotError> {
         }
     }
     Ok(removed)
+}
+
+/// Whether `pid` names a process that still runs: a zombie (a daemon that died and was not
+/// reaped yet, as right after a `kill -9` and a quick restart) keeps its `/proc` entry but
+/// owns nothing any more.
+fn process_running(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state is the first field after the command name, which ends at the last `)`.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_ascii_whitespace().next());
+    !matches!(state, Some("Z" | "X" | "x") | None)
 }
 
 /// The pid of a `.tmp-<name>-<pid>` directory name.

@@ -568,6 +568,32 @@ fn builder_dropped_or_failing_leaves_nothing_visible() {
 }
 
 #[test]
+fn cleanup_stale_tmp_treats_a_zombie_owner_as_dead() {
+    let root = tempfile::tempdir().expect("tempdir");
+    // A child that exited and is not reaped yet: its /proc entry stays, as a zombie's.
+    let mut child = std::process::Command::new("true").spawn().expect("spawn");
+    let stat = format!("/proc/{}/stat", child.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&stat)
+        .expect("zombie's stat")
+        .contains(") Z ")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "child never became a zombie"
+        );
+        std::thread::yield_now();
+    }
+    let tmp = root.path().join(format!(".tmp-warm-x-{}", child.id()));
+    std::fs::create_dir(&tmp).expect("mkdir");
+    assert_eq!(
+        cleanup_stale_tmp(root.path()).expect("cleanup"),
+        std::slice::from_ref(&tmp)
+    );
+    child.wait().expect("reap");
+}
+
+#[test]
 fn cleanup_stale_tmp_removes_dead_pids_only() {
     let root = tempfile::tempdir().expect("tempdir");
     let dead = root.path().join(".tmp-a-b-999999999");

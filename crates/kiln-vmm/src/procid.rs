@@ -97,9 +97,17 @@ impl ProcessIdentity {
         Ok(Some(ProcessIdentity { pid, start_time }))
     }
 
-    /// True when a process with this pid exists *and* started at the recorded time.
+    /// True when a process with this pid exists, started at the recorded time, and has not
+    /// exited (a zombie keeps its `/proc` entry until it is reaped, but runs nothing).
     pub fn is_same_process_alive(&self) -> bool {
-        ProcessIdentity::of_pid(self.pid).is_ok_and(|now| now.start_time == self.start_time)
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
+            return false;
+        };
+        let zombie = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_ascii_whitespace().next())
+            .is_none_or(|state| matches!(state, "Z" | "X" | "x"));
+        !zombie && parse_stat_start_time(&stat) == Some(self.start_time)
     }
 
     /// Sends SIGKILL if (and only if) the process is still the recorded one. Returns true when
@@ -206,5 +214,28 @@ mod tests {
             ProcessIdentity::read(&path),
             Err(ProcIdError::Malformed { .. })
         ));
+    }
+
+    #[test]
+    fn is_same_process_alive_is_false_for_a_zombie() {
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let ident = ProcessIdentity::of_pid(child.id()).expect("identity");
+        let stat = format!("/proc/{}/stat", child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string(&stat)
+            .expect("zombie's stat")
+            .contains(") Z ")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "child never became a zombie"
+            );
+            std::thread::yield_now();
+        }
+        assert!(!ident.is_same_process_alive(), "a zombie counted as alive");
+        assert!(!ident.kill_if_same(), "a zombie counted as killed");
+        child.wait().expect("reap");
+        let me = ProcessIdentity::of_pid(std::process::id()).expect("self");
+        assert!(me.is_same_process_alive());
     }
 }
