@@ -365,6 +365,10 @@ pub async fn snapshot(client: &Client, a: &SnapshotArgs) -> anyhow::Result<i32> 
                 "NAME", "KIND", "IMAGE", "CPUS", "MEMORY", "SIZE", "PAUSE"
             );
             for s in &list.snapshots {
+                if let Some(reason) = &s.unusable {
+                    println!("{:<40} {:<5} unusable: {reason}", s.name, s.kind);
+                    continue;
+                }
                 let used: Vec<String> = s.used_by.iter().map(|i| i.to_string()).collect();
                 println!(
                     "{:<40} {:<5} {:<8} {:>4} {:>5}M {:>8}M {:>4}ms  {}",

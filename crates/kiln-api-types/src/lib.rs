@@ -205,6 +205,9 @@ pub struct SnapshotInfo {
     pub created_unix: u64,
     /// Running sandboxes restored from it.
     pub used_by: Vec<SandboxId>,
+    /// Why it cannot be used (its manifest is unreadable); it can still be removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unusable: Option<String>,
 }
 
 /// `GET /v1/snapshots`.

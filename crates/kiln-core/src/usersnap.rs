@@ -93,9 +93,19 @@ pub fn open_in(home: &Home, root: &Path, name: &str) -> Result<UserSnapshot, Cor
         reason,
     };
     let manifest = read_manifest(&dir).map_err(unusable)?;
-    let origin = read_origin(&dir)
-        .ok_or_else(|| unusable("its origin.json is missing or malformed".to_owned()))?;
-    let image = kiln_image::get(home.root(), &origin.image)?
+    let origin = read_origin(&dir).ok_or_else(|| {
+        unusable(format!(
+            "{}/{ORIGIN_FILE} is missing or malformed",
+            dir.display()
+        ))
+    })?;
+    // A name that is no image name (a corrupt or edited origin.json) is this snapshot's
+    // fault, not an image error.
+    let image_name: kiln_api_types::ImageName = origin
+        .image
+        .parse()
+        .map_err(|e| unusable(format!("{}/{ORIGIN_FILE}: {e}", dir.display())))?;
+    let image = kiln_image::get(home.root(), image_name.as_str())?
         .filter(|i| i.id.to_string() == manifest.image_id)
         .ok_or_else(|| {
             unusable(format!(
@@ -324,7 +334,11 @@ async fn publish(
 /// What `kiln snapshot ls` shows for the snapshot in `dir` (`used_by` left empty), or `None`
 /// for a directory that is not a readable snapshot.
 pub fn describe(dir: &Path, name: &str) -> Option<SnapshotInfo> {
-    let manifest = read_manifest(dir).ok()?;
+    let manifest = match read_manifest(dir) {
+        Ok(m) => m,
+        // Still listed (its name is taken and it can be removed), with why it cannot be used.
+        Err(reason) => return Some(unusable_info(dir, name, reason)),
+    };
     let origin = read_origin(dir);
     let size_bytes = kiln_snapshot::DATA_FILES
         .iter()
@@ -351,7 +365,31 @@ pub fn describe(dir: &Path, name: &str) -> Option<SnapshotInfo> {
         origin: origin.map(|o| o.sandbox),
         created_unix: manifest.created_unix,
         used_by: Vec::new(),
+        unusable: None,
     })
+}
+
+/// What is listed for a snapshot whose manifest cannot be read.
+fn unusable_info(dir: &Path, name: &str, reason: String) -> SnapshotInfo {
+    SnapshotInfo {
+        name: name.to_owned(),
+        kind: if name.starts_with("warm-") {
+            "warm"
+        } else {
+            "user"
+        }
+        .to_owned(),
+        image: None,
+        image_id: String::new(),
+        cpus: 0,
+        memory_mib: 0,
+        size_bytes: 0,
+        pause_ms: 0,
+        origin: None,
+        created_unix: 0,
+        used_by: Vec::new(),
+        unusable: Some(format!("{}: {reason}", dir.display())),
+    }
 }
 
 /// Every published snapshot under `home`, by name.

@@ -346,3 +346,51 @@ fn full_ram_mode_restores_warm_and_user_snapshots() {
         "mode not announced"
     );
 }
+
+#[test]
+#[ignore = "boots VMs: run by scripts/test"]
+fn corrupt_snapshot_metadata_is_unusable_visible_and_removable() {
+    let k = Kiln::isolated();
+    let src = k.create("base");
+    for name in ["bad-origin", "bad-manifest"] {
+        assert_success(&k.run(&["snapshot", &src, "--name", name]), "snapshot");
+    }
+    assert_success(&k.run(&["rm", &src]), "rm");
+    let dir = k.home().join("snapshots");
+    // An origin.json naming no valid image: refused as unusable, naming the file (not a 500).
+    std::fs::write(
+        dir.join("bad-origin/origin.json"),
+        r#"{"image":"../etc","sandbox":"sb-000000000000"}"#,
+    )
+    .expect("write origin");
+    let out = k.run(&["create", "--snapshot", "bad-origin"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot be used") && stderr(&out).contains("origin.json"),
+        "{}",
+        stderr(&out)
+    );
+    // A manifest that cannot be read: still listed, with the reason, and removable.
+    std::fs::write(dir.join("bad-manifest/manifest.json"), b"{ not json").expect("write");
+    let out = k.run(&["snapshot", "ls", "--json"]);
+    assert_success(&out, "snapshot ls");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ls json");
+    let bad = v["snapshots"]
+        .as_array()
+        .expect("snapshots")
+        .iter()
+        .find(|s| s["name"] == "bad-manifest")
+        .expect("the corrupt snapshot is listed");
+    assert!(
+        bad["unusable"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("manifest"),
+        "{bad}"
+    );
+    assert_success(
+        &k.run(&["snapshot", "rm", "bad-manifest", "bad-origin"]),
+        "rm both",
+    );
+    assert!(!dir.join("bad-manifest").exists() && !dir.join("bad-origin").exists());
+}
