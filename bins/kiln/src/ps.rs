@@ -201,6 +201,7 @@ fn print_info(info: &SandboxInfo, json: bool) -> anyhow::Result<i32> {
 pub async fn events(client: &Client, json: bool) -> anyhow::Result<i32> {
     client
         .event_stream(
+            || eprintln!("kiln: following events"),
             |ev| -> Result<bool, serde_json::Error> {
                 if json {
                     println!("{}", serde_json::to_string(&ev)?);

@@ -700,8 +700,9 @@ async fn sandbox_ttl_set(
 
 /// Follow events
 ///
-/// Server-sent events: one `data:` line with an `Event` (lifecycle transitions, each recorded
-/// before it is sent; exec start and end; removals) per event, as they happen. A client that
+/// Server-sent events: first the comment `: subscribed` (from then on nothing is missed), then
+/// one `data:` line with an `Event` (lifecycle transitions, each recorded before it is sent;
+/// exec start and end; removals) per event, as they happen. A client that
 /// falls behind by more than 1024 events gets an `event: lagged` entry saying how many it
 /// missed, then goes on with the newest.
 #[utoipa::path(
@@ -713,7 +714,12 @@ async fn sandbox_ttl_set(
 )]
 async fn event_stream(State(engine): Shared) -> Response {
     let rx = engine.events();
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+    // A comment first: a client that sees it knows it is subscribed (nothing after it is
+    // missed).
+    let hello = futures_util::stream::once(async {
+        Ok::<_, std::io::Error>(Bytes::from_static(b": subscribed\n\n"))
+    });
+    let events = futures_util::stream::unfold(rx, |mut rx| async move {
         let bytes = match rx.recv().await {
             Ok(ev) => {
                 let mut line = b"data: ".to_vec();
@@ -728,6 +734,7 @@ async fn event_stream(State(engine): Shared) -> Response {
         };
         Some((Ok::<_, std::io::Error>(bytes), rx))
     });
+    let stream = futures_util::StreamExt::chain(hello, events);
     Response::builder()
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")

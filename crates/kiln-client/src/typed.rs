@@ -223,11 +223,13 @@ impl Client {
             .await
     }
 
-    /// `GET /v1/events`: `on_event` sees each event until it answers `false` or the daemon
-    /// ends the stream; `on_lagged` is told how many events this client missed when it fell
-    /// behind.
+    /// `GET /v1/events`: `on_subscribed` is called once the daemon has subscribed this client
+    /// (no later event is missed), `on_event` sees each event until it answers `false` or the
+    /// daemon ends the stream; `on_lagged` is told how many events this client missed when it
+    /// fell behind.
     pub async fn event_stream<E>(
         &self,
+        mut on_subscribed: impl FnMut(),
         mut on_event: impl FnMut(Event) -> Result<bool, E>,
         mut on_lagged: impl FnMut(u64),
     ) -> Result<()>
@@ -241,6 +243,10 @@ impl Client {
             |line| -> std::result::Result<bool, Box<dyn std::error::Error + Send + Sync>> {
                 if line == "event: lagged" {
                     lagged = true;
+                    return Ok(true);
+                }
+                if line == ": subscribed" {
+                    on_subscribed();
                     return Ok(true);
                 }
                 let Some(data) = line.strip_prefix("data: ") else {

@@ -142,13 +142,15 @@ fn pause_resume_and_events_report_every_transition() {
     let mut events = k
         .cmd(&["events", "--json"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn kiln events");
-    // `kiln events` starts the daemon if needed; wait until it is listening.
-    wait_until(Duration::from_secs(30), "the daemon", || {
-        k.daemon_pid().is_some()
-    });
+    // `kiln events` starts the daemon if needed and says when it is subscribed: from then
+    // on no event is missed.
+    let mut err = BufReader::new(events.stderr.take().expect("piped"));
+    let mut said = String::new();
+    err.read_line(&mut said).expect("read kiln events' stderr");
+    assert_eq!(said.trim(), "kiln: following events");
     let lines = BufReader::new(events.stdout.take().expect("piped"));
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
@@ -237,7 +239,7 @@ fn ttl_and_idle_timeout_remove_the_sandbox() {
     let out = k.run(&["exec", &idle, "--", "sleep", "6"]);
     assert_success(&out, "exec longer than the idle timeout");
     let ttl = create(&k, &["--ttl", "4s"]);
-    let keep = create(&k, &["--ttl", "3s"]);
+    let keep = create(&k, &["--ttl", "10s"]);
     let (ttl, keep) = (
         ttl["id"].as_str().unwrap().to_owned(),
         keep["id"].as_str().unwrap().to_owned(),
