@@ -28,7 +28,6 @@
 //!   `file_done` sends `file_abort` through the close list (never blocks, never lost).
 
 use std::fmt;
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -36,16 +35,14 @@ use std::task::{Context, Poll, Waker, ready};
 
 use bytes::Bytes;
 use kiln_agent_proto::{
-    DataChannel, ErrorBody, ErrorCode, Frame, GuestPath, HostMessage, MAX_DATA_PAYLOAD, SendCredit,
+    DataChannel, ErrorBody, ErrorCode, GuestPath, HostMessage, MAX_DATA_PAYLOAD, SendCredit,
     StreamId,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::mpsc::OwnedPermit;
-use tokio::sync::mpsc::error::SendError;
 
 use crate::client::ClientInner;
 use crate::error::{AgentError, ClosedReason};
-use crate::registry::{Inbox, StreamEndpoint};
+use crate::registry::{FrameSlot, Inbox, StreamEndpoint, closed_io_error, send_data};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -218,13 +215,6 @@ impl StreamEndpoint for TransferShared {
     }
 }
 
-fn closed_io_error(reason: &ClosedReason) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::ConnectionAborted,
-        AgentError::ChannelClosed(reason.clone()),
-    )
-}
-
 /// The `io::ErrorKind` closest to a guest error code (the [`AgentError::Remote`] inside the
 /// `io::Error` keeps the exact code).
 fn io_kind(code: ErrorCode) -> io::ErrorKind {
@@ -253,9 +243,6 @@ fn remote_io_error(op: &'static str, error: &ErrorBody) -> io::Error {
     )
 }
 
-type Reservation =
-    Pin<Box<dyn Future<Output = Result<OwnedPermit<Bytes>, SendError<()>>> + Send + 'static>>;
-
 /// A guest file being written, from [`crate::AgentClient::file_write`].
 ///
 /// Write the bytes with [`AsyncWrite`] (each write waits for the guest's credit), then call
@@ -266,7 +253,7 @@ type Reservation =
 pub struct FileWriter {
     client: Arc<ClientInner>,
     shared: Arc<TransferShared>,
-    reservation: Option<Reservation>,
+    reservation: FrameSlot,
     finished: bool,
 }
 
@@ -291,7 +278,7 @@ impl FileWriter {
         FileWriter {
             client,
             shared,
-            reservation: None,
+            reservation: FrameSlot::default(),
             finished: false,
         }
     }
@@ -316,21 +303,6 @@ impl FileWriter {
             )),
             None => None,
         }
-    }
-
-    fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<OwnedPermit<Bytes>>> {
-        let reservation = self
-            .reservation
-            .get_or_insert_with(|| Box::pin(self.client.frame_sender().reserve_owned()));
-        let result = ready!(reservation.as_mut().poll(cx));
-        self.reservation = None;
-        Poll::Ready(result.map_err(|_| {
-            let reason = match self.client.shared.closed_error() {
-                AgentError::ChannelClosed(reason) => reason,
-                _ => ClosedReason::Eof,
-            };
-            closed_io_error(&reason)
-        }))
     }
 
     /// Ends the write: the guest syncs the file and renames it over the target. Returns the
@@ -394,7 +366,7 @@ impl AsyncWrite for FileWriter {
             }
         }
         // Credit only grows while we wait for a slot: only this writer takes it.
-        let permit = ready!(this.poll_slot(cx))?;
+        let permit = ready!(this.reservation.poll_reserve(&this.client, cx))?;
         let chunk = {
             let mut st = lock(&this.shared.state);
             if let Some(e) = Self::write_error(&st) {
@@ -403,19 +375,7 @@ impl AsyncWrite for FileWriter {
             let n = st.credit.take(data.len().min(MAX_DATA_PAYLOAD));
             Bytes::copy_from_slice(&data[..n])
         };
-        let n = chunk.len();
-        let frame = Frame::Data {
-            stream: this.shared.stream,
-            channel: DataChannel::Stdin,
-            data: chunk,
-        };
-        match frame.to_bytes() {
-            Ok(bytes) => {
-                permit.send(bytes);
-                Poll::Ready(Ok(n))
-            }
-            Err(e) => Poll::Ready(Err(io::Error::other(AgentError::Encode(e)))),
-        }
+        Poll::Ready(send_data(permit, this.shared.stream, chunk))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -30,11 +30,18 @@
 //! - After [`StreamRegistry::close_all`] nothing can be registered, granted or closed.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use kiln_agent_proto::{DataChannel, FlowError, Frame, HostMessage, RecvWindow, StreamId};
 use tokio::io::ReadBuf;
+use tokio::sync::mpsc::OwnedPermit;
+use tokio::sync::mpsc::error::SendError;
 
+use crate::client::ClientInner;
 use crate::error::{AgentError, ClosedReason};
 
 /// What the reader task needs from a stream of any kind.
@@ -304,4 +311,62 @@ mod tests {
         assert_eq!((channel, &rest[..]), (DataChannel::Stderr, &b"e"[..]));
         assert!(inbox.pop_segment().is_none());
     }
+}
+
+type Reservation =
+    Pin<Box<dyn Future<Output = Result<OwnedPermit<Bytes>, SendError<()>>> + Send + 'static>>;
+
+/// A slot in the connection's bounded frame queue for a poll-based writer (the `AsyncWrite`
+/// of a tunnel or of a file write): reserved across polls, then filled with one frame.
+#[derive(Default)]
+pub(crate) struct FrameSlot(Option<Reservation>);
+
+impl FrameSlot {
+    /// Waits for a slot; an error once the channel is closed.
+    pub(crate) fn poll_reserve(
+        &mut self,
+        client: &ClientInner,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<OwnedPermit<Bytes>>> {
+        let reservation = self
+            .0
+            .get_or_insert_with(|| Box::pin(client.frame_sender().reserve_owned()));
+        let result = ready!(reservation.as_mut().poll(cx));
+        self.0 = None;
+        Poll::Ready(result.map_err(|_| {
+            let reason = match client.shared.closed_error() {
+                AgentError::ChannelClosed(reason) => reason,
+                _ => ClosedReason::Eof,
+            };
+            closed_io_error(&reason)
+        }))
+    }
+}
+
+/// Sends `chunk` toward the guest as a STDIN data frame of `stream`, in a reserved slot;
+/// answers its length.
+pub(crate) fn send_data(
+    permit: OwnedPermit<Bytes>,
+    stream: StreamId,
+    chunk: Bytes,
+) -> io::Result<usize> {
+    let n = chunk.len();
+    let frame = Frame::Data {
+        stream,
+        channel: DataChannel::Stdin,
+        data: chunk,
+    };
+    let bytes = frame
+        .to_bytes()
+        .map_err(|e| io::Error::other(AgentError::Encode(e)))?;
+    permit.send(bytes);
+    Ok(n)
+}
+
+/// The `io::Error` of a writer or reader whose channel closed.
+pub(crate) fn closed_io_error(reason: &ClosedReason) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        AgentError::ChannelClosed(reason.clone()),
+    )
 }

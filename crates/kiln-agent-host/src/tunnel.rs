@@ -27,21 +27,18 @@
 //! - After a guest error or the channel's death every pending read and write resolves.
 
 use std::fmt;
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::Bytes;
-use kiln_agent_proto::{DataChannel, Frame, HostMessage, MAX_DATA_PAYLOAD, SendCredit, StreamId};
+use kiln_agent_proto::{DataChannel, HostMessage, MAX_DATA_PAYLOAD, SendCredit, StreamId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::mpsc::OwnedPermit;
-use tokio::sync::mpsc::error::SendError;
 
 use crate::client::ClientInner;
 use crate::error::{AgentError, ClosedReason};
-use crate::registry::{Inbox, StreamEndpoint};
+use crate::registry::{FrameSlot, Inbox, StreamEndpoint, closed_io_error, send_data};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -183,9 +180,6 @@ impl StreamEndpoint for TunnelShared {
     }
 }
 
-type Reservation =
-    Pin<Box<dyn Future<Output = Result<OwnedPermit<Bytes>, SendError<()>>> + Send + 'static>>;
-
 /// A TCP connection to `127.0.0.1:port` inside the guest, from [`crate::AgentClient::open_tcp`].
 ///
 /// - Reading returns the bytes the guest socket received, then `Ok(0)` once the guest's peer
@@ -203,7 +197,7 @@ pub struct TcpTunnel {
     client: Arc<ClientInner>,
     tunnel: Arc<TunnelShared>,
     /// A slot in the frame queue being waited for (by a write or the shutdown).
-    reservation: Option<Reservation>,
+    reservation: FrameSlot,
     shutdown_sent: bool,
 }
 
@@ -223,19 +217,12 @@ impl fmt::Debug for TcpTunnel {
     }
 }
 
-fn closed_io_error(reason: &ClosedReason) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::ConnectionAborted,
-        AgentError::ChannelClosed(reason.clone()),
-    )
-}
-
 impl TcpTunnel {
     pub(crate) fn new(client: Arc<ClientInner>, tunnel: Arc<TunnelShared>) -> TcpTunnel {
         TcpTunnel {
             client,
             tunnel,
-            reservation: None,
+            reservation: FrameSlot::default(),
             shutdown_sent: false,
         }
     }
@@ -277,22 +264,6 @@ impl TcpTunnel {
             )),
             None => None,
         }
-    }
-
-    /// Waits for a slot in the connection's frame queue.
-    fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<OwnedPermit<Bytes>>> {
-        let reservation = self
-            .reservation
-            .get_or_insert_with(|| Box::pin(self.client.frame_sender().reserve_owned()));
-        let result = ready!(reservation.as_mut().poll(cx));
-        self.reservation = None;
-        Poll::Ready(result.map_err(|_| {
-            let reason = match self.client.shared.closed_error() {
-                AgentError::ChannelClosed(reason) => reason,
-                _ => ClosedReason::Eof,
-            };
-            closed_io_error(&reason)
-        }))
     }
 }
 
@@ -356,7 +327,7 @@ impl AsyncWrite for TcpTunnel {
             }
         }
         // Credit only grows while we wait: only this writer takes it.
-        let permit = ready!(this.poll_slot(cx))?;
+        let permit = ready!(this.reservation.poll_reserve(&this.client, cx))?;
         let chunk = {
             let mut st = lock(&this.tunnel.state);
             if let Some(e) = this.write_error(&st) {
@@ -365,19 +336,7 @@ impl AsyncWrite for TcpTunnel {
             let n = st.credit.take(data.len().min(MAX_DATA_PAYLOAD));
             Bytes::copy_from_slice(&data[..n])
         };
-        let n = chunk.len();
-        let frame = Frame::Data {
-            stream: this.tunnel.stream,
-            channel: DataChannel::Stdin,
-            data: chunk,
-        };
-        match frame.to_bytes() {
-            Ok(bytes) => {
-                permit.send(bytes);
-                Poll::Ready(Ok(n))
-            }
-            Err(e) => Poll::Ready(Err(io::Error::other(AgentError::Encode(e)))),
-        }
+        Poll::Ready(send_data(permit, this.tunnel.stream, chunk))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -400,7 +359,7 @@ impl AsyncWrite for TcpTunnel {
                 return Poll::Ready(Ok(()));
             }
         }
-        let permit = ready!(this.poll_slot(cx))?;
+        let permit = ready!(this.reservation.poll_reserve(&this.client, cx))?;
         let frame = HostMessage::TcpShutdown {
             stream: this.tunnel.stream,
         }
