@@ -644,24 +644,7 @@ mod tests {
 
     #[test]
     fn info_flattens_status() {
-        let info = SandboxInfo {
-            id: SandboxId::random(),
-            spec: SandboxSpec::default(),
-            status: SandboxStatus {
-                state: SandboxState::Running,
-                image: "python".parse().unwrap(),
-                image_id: "x".into(),
-                cpus: 1,
-                memory_mib: 256,
-                accel: "tcg".into(),
-                created_unix: 1,
-                boot_ms: Some(5),
-                source: StartSource::Snapshot,
-                snapshot: None,
-                expires_unix: None,
-                error: None,
-            },
-        };
+        let info = sample_info();
         let v = serde_json::to_value(&info).unwrap();
         assert_eq!(v["state"], "running");
         assert_eq!(v["source"], "snapshot");

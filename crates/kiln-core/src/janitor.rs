@@ -212,26 +212,7 @@ mod tests {
             (&live, SandboxState::Running),
             (&dead, SandboxState::Failed),
         ] {
-            store
-                .sandbox_insert(&SandboxRow {
-                    id: id.clone(),
-                    spec: kiln_api_types::SandboxSpec::default(),
-                    status: kiln_api_types::SandboxStatus {
-                        state,
-                        image: "base".parse().unwrap(),
-                        image_id: "x".into(),
-                        cpus: 1,
-                        memory_mib: 256,
-                        accel: "tcg".into(),
-                        created_unix: 1,
-                        boot_ms: None,
-                        error: None,
-                        source: kiln_api_types::StartSource::Cold,
-                        snapshot: None,
-                        expires_unix: None,
-                    },
-                })
-                .unwrap();
+            store.sandbox_insert(&row(id, state)).unwrap();
         }
         let dir = home.sandbox_dir(&live);
         std::fs::create_dir_all(&dir).unwrap();

@@ -484,27 +484,6 @@ impl Engine {
     /// directory; older generations are removed once the VM is gone ([`Engine::prune_saves`]).
     pub(crate) async fn save_for_stop(&self, sb: &Arc<Sandbox>) -> Result<(), CoreError> {
         let id = sb.id();
-        let row = self.sandbox_get(id)?;
-        let image = kiln_image::get(self.home.root(), row.status.image.as_str())?
-            .filter(|i| i.id.to_string() == row.status.image_id)
-            .ok_or_else(|| {
-                CoreError::BadRequest(format!(
-                    "sandbox {id} runs image {} (id {}), which has been removed or rebuilt since; it cannot be saved",
-                    row.status.image, row.status.image_id
-                ))
-            })?;
-        let qemu = self.qemu().await?;
-        let plan = MachinePlan {
-            qemu,
-            accel: sb.vm().config().accel,
-            image: &image,
-            home: self.home.root(),
-            machine: MachineSpec {
-                cpus: row.status.cpus,
-                memory_mib: row.status.memory_mib,
-            },
-            mode: self.snapshot_mode(qemu),
-        };
         let root = self.home.saved_dir(id);
         std::fs::create_dir_all(&root).map_err(|source| CoreError::Io {
             what: "create",
@@ -514,7 +493,8 @@ impl Engine {
         let next = latest_save(&root)
             .and_then(|g| g.strip_prefix("gen-").and_then(|n| n.parse::<u64>().ok()))
             .map_or(1, |n| n + 1);
-        usersnap::capture_into(&self.home, &root, &plan, sb, &format!("gen-{next}")).await?;
+        self.capture_running(sb, &root, &format!("gen-{next}"), "saved")
+            .await?;
         // The save depends on the image only (its disk layer was rebased).
         self.store
             .sandbox_set_source(id, StartSource::Snapshot, None)?;
@@ -1110,13 +1090,28 @@ impl Engine {
         sb: &Arc<Sandbox>,
         name: &SnapshotName,
     ) -> Result<kiln_api_types::SnapshotInfo, CoreError> {
+        let root = warm::snapshots_dir(self.home.root());
+        self.capture_running(sb, &root, name.as_str(), "snapshotted")
+            .await
+    }
+
+    /// Captures running `sb` as snapshot `name` under `root` (a user snapshot, or a save of
+    /// `kiln stop`), with the machine it runs; `what` completes "it cannot be …" in the error
+    /// when its image has been removed or rebuilt since it started.
+    async fn capture_running(
+        &self,
+        sb: &Arc<Sandbox>,
+        root: &Path,
+        name: &str,
+        what: &str,
+    ) -> Result<kiln_api_types::SnapshotInfo, CoreError> {
         let id = sb.id();
         let row = self.sandbox_get(id)?;
         let image = kiln_image::get(self.home.root(), row.status.image.as_str())?
             .filter(|i| i.id.to_string() == row.status.image_id)
             .ok_or_else(|| {
                 CoreError::BadRequest(format!(
-                    "sandbox {id} runs image {} (id {}), which has been removed or rebuilt since; it cannot be snapshotted",
+                    "sandbox {id} runs image {} (id {}), which has been removed or rebuilt since; it cannot be {what}",
                     row.status.image, row.status.image_id
                 ))
             })?;
@@ -1132,7 +1127,7 @@ impl Engine {
             },
             mode: self.snapshot_mode(qemu),
         };
-        usersnap::capture(&self.home, &plan, sb, name.as_str()).await
+        usersnap::capture_into(&self.home, root, &plan, sb, name).await
     }
 
     /// All snapshots (warm and user) with the running sandboxes that use them.

@@ -158,17 +158,8 @@ pub async fn restore(
     Ok(Sandbox::assemble(id.clone(), vm, agent, started.elapsed()))
 }
 
-/// Takes user snapshot `name` of the running sandbox `sb` (see the module docs).
-pub async fn capture(
-    home: &Home,
-    spec: &MachinePlan<'_>,
-    sb: &Arc<Sandbox>,
-    name: &str,
-) -> Result<SnapshotInfo, CoreError> {
-    capture_into(home, &warm::snapshots_dir(home.root()), spec, sb, name).await
-}
-
-/// Takes snapshot `name` of `sb` under `root`: user snapshots, or the save of `kiln stop`.
+/// Takes snapshot `name` of the running sandbox `sb` under `root` (see the module docs): user
+/// snapshots, or the saves of `kiln stop`.
 pub async fn capture_into(
     home: &Home,
     root: &Path,
