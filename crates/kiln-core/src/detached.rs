@@ -1,4 +1,4 @@
-//! Detached commands (`kiln exec -d`): commands that run with no client attached, whose
+//! Detached commands (`kiln exec -d`; the `Engine::exec_*` methods live here): commands that run with no client attached, whose
 //! output the daemon keeps (bounded) so that any number of clients can attach later, replay
 //! what is kept and follow what comes.
 //!
@@ -21,10 +21,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 use kiln_api_types::{
-    ExecId, ExecInfo, ExecState, ExitStatus, STREAM_STDERR, STREAM_STDOUT, SandboxId,
+    ExecId, ExecInfo, ExecRequest, ExecState, ExitStatus, STREAM_STDERR, STREAM_STDOUT, SandboxId,
 };
 use tokio::sync::{Notify, mpsc};
+use tracing::info;
 
+use crate::error::CoreError;
 use crate::sandbox::{Exec, ExecOutput};
 
 /// Output bytes kept per stream of one detached command.
@@ -281,6 +283,105 @@ impl Attach {
             }
             changed.await;
         }
+    }
+}
+
+impl crate::Engine {
+    /// Starts a command that runs with no client attached; its output is kept (bounded)
+    /// for `exec_attach`.
+    pub async fn exec_detach(
+        &self,
+        id: &SandboxId,
+        req: &ExecRequest,
+    ) -> Result<kiln_api_types::ExecInfo, CoreError> {
+        if req.stdin {
+            return Err(CoreError::BadRequest(
+                "a detached command has no stdin (stdin must be false)".to_owned(),
+            ));
+        }
+        if req.tty.is_some() {
+            return Err(CoreError::BadRequest(
+                "a detached command has no terminal (tty must be absent)".to_owned(),
+            ));
+        }
+        {
+            let mut all = self.detached.lock().unwrap_or_else(|e| e.into_inner());
+            let mut mine: Vec<_> = all
+                .values()
+                .filter(|d| d.sandbox() == id)
+                .cloned()
+                .collect();
+            mine.sort_by_key(|d| d.info().started_unix_ms);
+            // Ended commands make room first, oldest first.
+            let mut excess = (mine.len() + 1).saturating_sub(MAX_PER_SANDBOX);
+            for d in mine.iter().filter(|d| d.ended()) {
+                if excess == 0 {
+                    break;
+                }
+                all.remove(d.id());
+                excess -= 1;
+            }
+            if excess > 0 {
+                return Err(CoreError::BadRequest(format!(
+                    "sandbox {id} already runs {} detached commands; kill some first",
+                    MAX_PER_SANDBOX
+                )));
+            }
+        }
+        let exec = self.sandbox_exec(id, req).await?;
+        let d = DetachedExec::start(id.clone(), req.argv.clone(), exec);
+        let info = d.info();
+        self.detached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(d.id().clone(), d);
+        info!(sandbox_id = %id, exec_id = %info.id, "detached command started");
+        Ok(info)
+    }
+
+    /// The detached commands of sandbox `id`, oldest first.
+    pub fn exec_list(&self, id: &SandboxId) -> Result<Vec<kiln_api_types::ExecInfo>, CoreError> {
+        self.sandbox_get(id)?;
+        let mut out: Vec<_> = self
+            .detached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|d| d.sandbox() == id)
+            .map(|d| d.info())
+            .collect();
+        out.sort_by_key(|i| i.started_unix_ms);
+        Ok(out)
+    }
+
+    /// One detached command.
+    pub fn exec_get(&self, exec: &kiln_api_types::ExecId) -> Result<Arc<DetachedExec>, CoreError> {
+        self.detached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(exec)
+            .cloned()
+            .ok_or_else(|| CoreError::ExecNotFound(exec.to_string()))
+    }
+
+    /// Delivers `signo` to a detached command's process group.
+    pub async fn exec_kill(
+        &self,
+        exec: &kiln_api_types::ExecId,
+        signo: i32,
+    ) -> Result<kiln_api_types::ExecInfo, CoreError> {
+        if !(1..=64).contains(&signo) {
+            return Err(CoreError::BadRequest(format!(
+                "signal must be between 1 and 64, got {signo}"
+            )));
+        }
+        let d = self.exec_get(exec)?;
+        if !d.signal(signo).await {
+            return Err(CoreError::BadRequest(format!(
+                "detached command {exec} has already ended"
+            )));
+        }
+        Ok(d.info())
     }
 }
 

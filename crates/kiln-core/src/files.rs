@@ -1,4 +1,4 @@
-//! Files in a running sandbox: transfers in and out (plain files or tar archives of
+//! Files in a running sandbox (the `Engine::file_*` methods live here): transfers in and out (plain files or tar archives of
 //! directories) and the small operations (stat, list, mkdir, remove, rename), on top of the
 //! agent's `files-v1` operations.
 //!
@@ -290,4 +290,137 @@ impl AsyncRead for Download {
     ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.reader).poll_read(cx, buf)
     }
+}
+
+impl crate::Engine {
+    async fn file_op(
+        &self,
+        id: &SandboxId,
+        op: FileOp,
+    ) -> Result<(FileAnswer, BusyGuard), CoreError> {
+        self.call(id, |r| crate::owner::Op::File(op, r)).await
+    }
+
+    /// Opens a write of `path` in sandbox `id` (a tar archive unpacked into the directory
+    /// `path` with `tar`); see [`Upload`].
+    pub async fn file_upload(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        mode: Option<u32>,
+        tar: bool,
+    ) -> Result<Upload, CoreError> {
+        let gp = guest_path(path)?;
+        let req = kiln_agent_host::FileWriteRequest {
+            path: gp,
+            mode,
+            tar,
+        };
+        match self.file_op(id, FileOp::Write(req)).await? {
+            (FileAnswer::Writer(writer), busy) => Ok(Upload {
+                sandbox: id.clone(),
+                path: path.to_owned(),
+                writer,
+                _busy: busy,
+            }),
+            _ => Err(unexpected_answer()),
+        }
+    }
+
+    /// Opens a read of `path` in sandbox `id` (a tar archive of the directory with `tar`).
+    pub async fn file_download(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        tar: bool,
+    ) -> Result<Download, CoreError> {
+        let req = kiln_agent_host::FileReadRequest {
+            path: guest_path(path)?,
+            tar,
+        };
+        match self.file_op(id, FileOp::Read(req)).await? {
+            (FileAnswer::Reader(reader), busy) => Ok(Download {
+                reader,
+                _busy: busy,
+            }),
+            _ => Err(unexpected_answer()),
+        }
+    }
+
+    /// Metadata of `path` (a symlink is described, not followed).
+    pub async fn file_stat(
+        &self,
+        id: &SandboxId,
+        path: &str,
+    ) -> Result<kiln_api_types::FileInfo, CoreError> {
+        let gp = guest_path(path)?;
+        match self.file_op(id, FileOp::Stat(gp)).await? {
+            (FileAnswer::Stat(s), _) => Ok(info(path, &s)),
+            _ => Err(unexpected_answer()),
+        }
+    }
+
+    /// One page of the listing of directory `path`, after the name `after`.
+    pub async fn file_list(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        after: Option<&str>,
+    ) -> Result<kiln_api_types::FileList, CoreError> {
+        let gp = guest_path(path)?;
+        let after = after.map(entry_name).transpose()?;
+        match self.file_op(id, FileOp::List(gp, after)).await? {
+            (FileAnswer::List(l), _) => Ok(list(path, &l)),
+            _ => Err(unexpected_answer()),
+        }
+    }
+
+    /// Creates directory `path` (with its parents, `mkdir -p`, when `parents`).
+    pub async fn file_mkdir(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        parents: bool,
+        mode: Option<u32>,
+    ) -> Result<kiln_api_types::FileInfo, CoreError> {
+        if mode.is_some_and(|m| m > 0o7777) {
+            return Err(CoreError::BadRequest(format!(
+                "mode {:o} has bits beyond 0o7777",
+                mode.unwrap_or_default()
+            )));
+        }
+        let gp = guest_path(path)?;
+        self.file_op(id, FileOp::Mkdir(gp, parents, mode)).await?;
+        self.file_stat(id, path).await
+    }
+
+    /// Removes `path` (a non-empty directory only with `recursive`).
+    pub async fn file_remove(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        recursive: bool,
+    ) -> Result<(), CoreError> {
+        let gp = guest_path(path)?;
+        self.file_op(id, FileOp::Remove(gp, recursive))
+            .await
+            .map(|_| ())
+    }
+
+    /// Renames `from` to `to` within the guest.
+    pub async fn file_rename(
+        &self,
+        id: &SandboxId,
+        from: &str,
+        to: &str,
+    ) -> Result<kiln_api_types::FileInfo, CoreError> {
+        let (f, t) = (guest_path(from)?, guest_path(to)?);
+        self.file_op(id, FileOp::Rename(f, t)).await?;
+        self.file_stat(id, to).await
+    }
+}
+
+/// A file operation answered with another operation's kind: a bug, reported, not a panic.
+fn unexpected_answer() -> CoreError {
+    CoreError::HostSetup("the sandbox's owner answered a file operation with the wrong kind".into())
 }
