@@ -86,6 +86,18 @@ pub enum ErrorCode {
     StoreError,
     /// 500: a file system operation on kiln's state failed.
     IoError,
+    /// 405: the route exists, but not with this method.
+    MethodNotAllowed,
+    /// 408: the request's headers or body did not arrive in time.
+    RequestTimeout,
+    /// 413: the request body is larger than the route accepts.
+    PayloadTooLarge,
+    /// 414: the request's path and query are longer than the daemon accepts.
+    UriTooLong,
+    /// 503: the sandbox's guest agent stopped answering (it may recover, or fail after a grace period).
+    SandboxUnresponsive,
+    /// 507: the host file system holding kiln's state has too little free space; the message names the path and the bytes needed.
+    NoSpace,
     /// 500: the daemon failed in a way no other code describes.
     Internal,
 }
@@ -128,6 +140,12 @@ impl ErrorCode {
         ErrorCode::SnapshotError,
         ErrorCode::StoreError,
         ErrorCode::IoError,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::RequestTimeout,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UriTooLong,
+        ErrorCode::SandboxUnresponsive,
+        ErrorCode::NoSpace,
         ErrorCode::Internal,
     ];
 
@@ -169,6 +187,12 @@ impl ErrorCode {
             ErrorCode::SnapshotError => "snapshot_error",
             ErrorCode::StoreError => "store_error",
             ErrorCode::IoError => "io_error",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UriTooLong => "uri_too_long",
+            ErrorCode::SandboxUnresponsive => "sandbox_unresponsive",
+            ErrorCode::NoSpace => "no_space",
             ErrorCode::Internal => "internal",
         }
     }
@@ -255,8 +279,14 @@ mod tests {
             | ErrorCode::SnapshotError
             | ErrorCode::StoreError
             | ErrorCode::IoError
+            | ErrorCode::MethodNotAllowed
+            | ErrorCode::RequestTimeout
+            | ErrorCode::PayloadTooLarge
+            | ErrorCode::UriTooLong
+            | ErrorCode::SandboxUnresponsive
+            | ErrorCode::NoSpace
             | ErrorCode::Internal => 1,
         };
-        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 36);
+        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 42);
     }
 }
