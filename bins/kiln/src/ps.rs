@@ -227,6 +227,7 @@ fn describe_event(ev: &kiln_api_types::Event) -> String {
         EventKind::Removed { reason } => format!("removed ({reason})"),
         EventKind::ExecStarted { argv } => format!("exec {}", argv.join(" ")),
         EventKind::ExecEnded { status } => format!("exec ended (exit {})", status.shell_code()),
+        EventKind::Warning { message } => format!("warning: {message}"),
     };
     format!("{} {} {what}", ev.time_unix_ms, ev.sandbox)
 }

@@ -381,7 +381,16 @@ pub async fn stream_exec(
                     Message::Text(t) => match serde_json::from_str::<ExecServerMessage>(t.as_str())
                         .context("malformed message from kilnd")?
                     {
-                        ExecServerMessage::Started { sandbox: id, .. } => sandbox = Some(id),
+                        ExecServerMessage::Started {
+                            sandbox: id,
+                            warnings,
+                            ..
+                        } => {
+                            for w in &warnings {
+                                eprintln!("kiln: warning: {w}");
+                            }
+                            sandbox = Some(id);
+                        }
                         ExecServerMessage::Exit(status) => {
                             // Cooked again before kiln's own words, so they end their lines.
                             drop(raw.take());

@@ -25,6 +25,9 @@ pub async fn create(client: &Client, a: &CreateArgs) -> anyhow::Result<i32> {
         crate::image::ensure_built(client, image).await?;
     }
     let info: SandboxInfo = client.sandbox_create(&req).await?;
+    for w in &info.status.warnings {
+        eprintln!("kiln: warning: {w}");
+    }
     if a.json {
         // Generated secret values are nowhere else to be had: they are part of the answer.
         let mut out = serde_json::to_value(&info)?;
@@ -120,6 +123,12 @@ pub async fn clone_n(
     let results = futures_util::future::join_all(starts).await;
     let (ok, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
     let infos: Vec<SandboxInfo> = ok.into_iter().filter_map(|r| r.ok()).collect();
+    // One clone's warning is every clone's (they started from the same snapshot).
+    if let Some(w) = infos.iter().find(|i| !i.status.warnings.is_empty()) {
+        for w in &w.status.warnings {
+            eprintln!("kiln: warning: {w}");
+        }
+    }
     if let Some(Err(e)) = failed.into_iter().next() {
         for id in infos.iter().map(|i| &i.id) {
             let _ = client.sandbox_delete(id).await;

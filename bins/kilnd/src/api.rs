@@ -175,7 +175,8 @@ pub fn status_of(e: &CoreError) -> StatusCode {
         CoreError::SandboxFailed { .. } | CoreError::Agent(_) | CoreError::Vmm(_) => {
             StatusCode::BAD_GATEWAY
         }
-        CoreError::HostSetup(_) => StatusCode::SERVICE_UNAVAILABLE,
+        CoreError::HostSetup(_) | CoreError::Unresponsive { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        CoreError::NoSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
         CoreError::File { kind, .. } => {
             use kiln_core::files::FileErrorKind as K;
             match kind {

@@ -63,6 +63,7 @@ pub async fn exec_in(engine: Arc<Engine>, id: SandboxId, socket: WebSocket) {
             let started = ExecServerMessage::Started {
                 sandbox: id,
                 boot_ms: None,
+                warnings: Vec::new(),
             };
             pump(exec, started, tx, client, false).await;
         }
@@ -132,6 +133,7 @@ pub async fn run(engine: Arc<Engine>, socket: WebSocket) {
             let started = ExecServerMessage::Started {
                 sandbox: id.clone(),
                 boot_ms: info.status.boot_ms,
+                warnings: info.status.warnings.clone(),
             };
             pump(exec, started, tx, client, true).await
         }
@@ -159,6 +161,7 @@ pub async fn attach(exec: Arc<kiln_core::DetachedExec>, socket: WebSocket) {
     let started = ExecServerMessage::Started {
         sandbox: exec.sandbox().clone(),
         boot_ms: None,
+        warnings: Vec::new(),
     };
     if send_json(&mut tx, &started).await.is_err() {
         return;

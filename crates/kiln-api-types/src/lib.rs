@@ -502,6 +502,10 @@ pub enum ExecServerMessage {
         sandbox: SandboxId,
         /// QEMU start → agent ready, when this exec started a sandbox.
         boot_ms: Option<u64>,
+        /// What the user should know about how the sandbox started (e.g. why it
+        /// cold-booted); see `SandboxStatus::warnings`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        warnings: Vec<String>,
     },
     /// The command ended; no more output follows.
     Exit(ExitStatus),

@@ -230,8 +230,14 @@ pub enum SandboxState {
     Creating,
     /// The agent answered; execs, files and tunnels are accepted.
     Running,
-    /// The guest's vCPUs are stopped in place (`kiln pause`); no CPU use.
+    /// The guest's vCPUs are stopped in place: by `kiln pause`, or by QEMU when the host file
+    /// system under the sandbox's disk ran out of space (then `error` says so, and it resumes
+    /// by itself once space is back). No CPU use.
     Paused,
+    /// The guest agent stopped answering (a stopped QEMU, a guest starved by a fork bomb, ...):
+    /// operations are refused with `sandbox_unresponsive`. It returns to `running` when the
+    /// agent answers again, and becomes `failed` after a grace period.
+    Unresponsive,
     /// Being saved and shut down (`kiln stop`).
     Stopping,
     /// Saved to disk, no QEMU running (`kiln start` brings it back).
@@ -242,10 +248,11 @@ pub enum SandboxState {
 
 impl SandboxState {
     /// Every state, in lifecycle order.
-    pub const ALL: [SandboxState; 6] = [
+    pub const ALL: [SandboxState; 7] = [
         SandboxState::Creating,
         SandboxState::Running,
         SandboxState::Paused,
+        SandboxState::Unresponsive,
         SandboxState::Stopping,
         SandboxState::Stopped,
         SandboxState::Failed,
@@ -257,6 +264,7 @@ impl SandboxState {
             SandboxState::Creating => "creating",
             SandboxState::Running => "running",
             SandboxState::Paused => "paused",
+            SandboxState::Unresponsive => "unresponsive",
             SandboxState::Stopping => "stopping",
             SandboxState::Stopped => "stopped",
             SandboxState::Failed => "failed",
@@ -282,6 +290,9 @@ impl SandboxState {
                 | (Creating, Stopped)
                 | (Running, Failed)
                 | (Paused, Failed)
+                | (Running, Unresponsive)
+                | (Unresponsive, Running)
+                | (Unresponsive, Failed)
         )
     }
 }
@@ -301,7 +312,7 @@ impl FromStr for SandboxState {
             .find(|st| st.as_str() == s)
             .ok_or_else(|| {
                 InvalidInput::Rule(format!(
-                    "unknown sandbox state {s:?} (one of creating, running, paused, stopping, stopped, failed)"
+                    "unknown sandbox state {s:?} (one of creating, running, paused, unresponsive, stopping, stopped, failed)"
                 ))
             })
     }
@@ -368,8 +379,14 @@ pub struct SandboxStatus {
     /// When its lifetime ends (seconds since the Unix epoch), if it has one.
     #[serde(default)]
     pub expires_unix: Option<u64>,
-    /// Why the sandbox failed.
+    /// What went wrong: why it `failed`, why it is `unresponsive`, or why kiln (not the user)
+    /// `paused` it (no space left on the host).
     pub error: Option<String>,
+    /// What the user should know about how this request went although it succeeded (e.g.
+    /// why it cold-booted instead of restoring its image's warm snapshot). Only in the answer
+    /// to the request that started it; not kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// What the API says about one sandbox: its id, the spec it was created with (secret
@@ -430,6 +447,12 @@ pub enum EventKind {
     ExecEnded {
         /// Its exit status.
         status: crate::ExitStatus,
+    },
+    /// Something the user should know although nothing failed (e.g. a warm snapshot was
+    /// unusable, so the sandbox cold-booted).
+    Warning {
+        /// What happened and why.
+        message: String,
     },
 }
 
@@ -583,6 +606,11 @@ mod tests {
         assert!(!Stopped.can_become(Running));
         assert!(!Failed.can_become(Running));
         assert!(!Creating.can_become(Paused));
+        assert!(Running.can_become(Unresponsive));
+        assert!(Unresponsive.can_become(Running));
+        assert!(Unresponsive.can_become(Failed));
+        assert!(!Unresponsive.can_become(Paused));
+        assert!(!Unresponsive.can_become(Stopping));
         for s in SandboxState::ALL {
             assert_eq!(s.as_str().parse::<SandboxState>().unwrap(), s);
         }
@@ -638,6 +666,7 @@ mod tests {
                 snapshot: None,
                 expires_unix: None,
                 error: None,
+                warnings: Vec::new(),
             },
         }
     }

@@ -117,7 +117,7 @@ pub async fn run(home: &Home) -> DoctorReport {
     }
 
     let probe_dir = existing_ancestor(home.root());
-    match free_bytes(&probe_dir) {
+    match crate::space::free_bytes(&probe_dir) {
         Ok(free) => {
             r.free_bytes = Some(free);
             if free < LOW_SPACE_BYTES {
@@ -157,24 +157,6 @@ pub fn find_in_path(cmd: &str) -> Option<PathBuf> {
         })
 }
 
-/// Free bytes available to unprivileged users on the file system holding `p`.
-fn free_bytes(p: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is a valid NUL-terminated string and `st` points to writable memory of the
-    // right size; statvfs writes the struct fully on success and we read it only then.
-    #[allow(unsafe_code)]
-    let st = unsafe {
-        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        st.assume_init()
-    };
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,8 +169,8 @@ mod tests {
 
     #[test]
     fn free_bytes_of_root_is_nonzero() {
-        assert!(free_bytes(Path::new("/")).unwrap() > 0);
-        assert!(free_bytes(Path::new("/no/such/dir")).is_err());
+        assert!(crate::space::free_bytes(Path::new("/")).unwrap() > 0);
+        assert!(crate::space::free_bytes(Path::new("/no/such/dir")).is_err());
     }
 
     #[test]

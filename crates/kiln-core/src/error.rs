@@ -128,6 +128,26 @@ pub enum CoreError {
         /// Why (e.g. "address already in use").
         reason: String,
     },
+    /// The guest agent stopped answering; the sandbox is `unresponsive` (it may recover).
+    #[error("sandbox {id} is unresponsive: {reason}")]
+    Unresponsive {
+        /// Sandbox.
+        id: SandboxId,
+        /// What did not answer, and for how long.
+        reason: String,
+    },
+    /// The host file system holding kiln's state has too little free space.
+    #[error("no space {what}: {}", crate::space::describe(path, *available, *needed))]
+    NoSpace {
+        /// What could not be done, e.g. "to capture a warm snapshot".
+        what: String,
+        /// The directory on the full file system.
+        path: std::path::PathBuf,
+        /// Bytes free there (for an unprivileged writer).
+        available: u64,
+        /// Bytes the operation needs, when known.
+        needed: Option<u64>,
+    },
     /// A file system operation on kiln's state failed.
     #[error("failed to {what} {path}")]
     Io {
@@ -174,6 +194,8 @@ impl CoreError {
             CoreError::SnapshotUnusable { .. } => "snapshot_unusable",
             CoreError::SnapshotInUse { .. } => "snapshot_in_use",
             CoreError::PortUnavailable { .. } => "port_unavailable",
+            CoreError::Unresponsive { .. } => "sandbox_unresponsive",
+            CoreError::NoSpace { .. } => "no_space",
         }
     }
 

@@ -23,7 +23,7 @@ use crate::error::CoreError;
 /// How much of a failed command's stdout and stderr an error quotes.
 const OUTPUT_QUOTE_BYTES: usize = 4096;
 /// Deadline of the small housekeeping commands (secret delivery and scrubbing).
-const HOUSEKEEPING_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const HOUSEKEEPING_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The end of one guest command.
 #[derive(Debug)]

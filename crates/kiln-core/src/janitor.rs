@@ -53,7 +53,7 @@ pub struct Reclaimed {
 fn adoptable(home: &Home, row: &SandboxInfo) -> bool {
     if !matches!(
         row.status.state,
-        SandboxState::Running | SandboxState::Paused
+        SandboxState::Running | SandboxState::Paused | SandboxState::Unresponsive
     ) {
         return false;
     }
@@ -136,6 +136,7 @@ pub fn reclaim(home: &Home, store: &Store) -> Result<Reclaimed, CoreError> {
             SandboxState::Creating
                 | SandboxState::Running
                 | SandboxState::Paused
+                | SandboxState::Unresponsive
                 | SandboxState::Stopping
         ) && !live.iter().any(|l| l.id == row.id);
         if !orphan {
@@ -255,6 +256,7 @@ mod tests {
                 created_unix: 1,
                 boot_ms: None,
                 error: None,
+                warnings: Vec::new(),
                 source: kiln_api_types::StartSource::Cold,
                 snapshot: None,
                 expires_unix: None,

@@ -25,6 +25,7 @@ pub mod paths;
 mod ports;
 mod reattach;
 pub mod sandbox;
+mod space;
 mod usersnap;
 mod warm;
 
@@ -212,6 +213,8 @@ impl Engine {
             ),
         };
         let cold = matches!(spec.source, SandboxSource::Image { cold: true, .. });
+        // Room for its disk overlay to start with.
+        space::ensure("to start a sandbox", &self.home.run_dir(), 0)?;
         // Published ports are bound first: a port in use fails before anything starts.
         let bound = ports::bind(&spec.publish)?;
         let qemu_info = self.qemu().await?;
@@ -248,6 +251,7 @@ impl Engine {
                 snapshot: user_snap.as_ref().map(|u| u.name.clone()),
                 expires_unix: spec.lifetime.ttl_secs.map(|t| created_unix + t),
                 error: None,
+                warnings: Vec::new(),
             },
         };
         if let Err(e) = self.store.sandbox_insert(&row) {
@@ -272,6 +276,7 @@ impl Engine {
                 None => self.snapshot_mode(qemu_info),
             },
         };
+        let mut warnings = Vec::new();
         let started = match &user_snap {
             Some(u) => usersnap::restore(&plan, u, &id, &run_dir)
                 .await
@@ -280,7 +285,21 @@ impl Engine {
                 let restored = if cold || snapshots_disabled() {
                     None
                 } else {
-                    self.warm_start(&plan, &id, &run_dir).await
+                    match self.warm_start(&plan, &id, &run_dir).await {
+                        Ok(sb) => Some(sb),
+                        Err(why) => {
+                            // Said once to the caller and as an event, not only in the log.
+                            let message = format!("cold boot instead of a warm restore: {why}");
+                            self.publish(
+                                &id,
+                                EventKind::Warning {
+                                    message: message.clone(),
+                                },
+                            );
+                            warnings.push(message);
+                            None
+                        }
+                    }
                 };
                 match restored {
                     Some(sb) => Ok((sb, Some(plan.name()))),
@@ -319,7 +338,9 @@ impl Engine {
             self.remove_records(&id, "failed to start");
             return Err(e);
         }
-        self.sandbox_get(&id)
+        let mut info = self.sandbox_get(&id)?;
+        info.status.warnings = warnings;
+        Ok(info)
     }
 
     /// Puts a started VM into service: secrets delivered, the image's on-restore hook run,
@@ -382,6 +403,7 @@ impl Engine {
         secrets: &kiln_api_types::Secrets,
     ) -> Result<SandboxInfo, CoreError> {
         secrets.validate().map_err(CoreError::BadRequest)?;
+        space::ensure(&format!("to start sandbox {id}"), &self.home.run_dir(), 0)?;
         if !self
             .store
             .sandbox_transition(id, SandboxState::Stopped, SandboxState::Creating)?
@@ -521,7 +543,9 @@ impl Engine {
         id: &SandboxId,
         run_dir: &Path,
     ) -> Result<Arc<Sandbox>, CoreError> {
-        let sb = Sandbox::boot(plan, id, run_dir).await?;
+        let sb = Sandbox::boot(plan, id, run_dir)
+            .await
+            .map_err(|e| space::explain(e, &format!("to start sandbox {id}"), run_dir))?;
         if let Err(e) = guest::prepare(sb.agent(), &plan.image.recipe).await {
             sb.shutdown().await;
             return Err(e);
@@ -530,13 +554,13 @@ impl Engine {
     }
 
     /// Restores a sandbox from the image's warm snapshot, capturing that snapshot first if
-    /// there is none. `None` (after one warning with the reason) means: cold-boot instead.
+    /// there is none. `Err(why)` (after one warning in the log) means: cold-boot instead.
     async fn warm_start(
         &self,
         spec: &MachinePlan<'_>,
         id: &SandboxId,
         run_dir: &Path,
-    ) -> Option<Arc<Sandbox>> {
+    ) -> Result<Arc<Sandbox>, String> {
         let name = spec.name();
         let dir = warm::snapshots_dir(spec.home).join(&name);
         {
@@ -551,27 +575,49 @@ impl Engine {
             let _guard = lock.lock().await;
             if dir.exists() {
                 if let Err(e) = warm::verify(spec, &dir).await {
+                    let why = format!(
+                        "warm snapshot {name} is unusable and was removed ({}); the next start captures a new one",
+                        e.chain()
+                    );
                     warn!(snapshot = %name, reason = %e.chain(), "warm snapshot unusable and removed; cold boot (the next start captures a new one)");
-                    return None;
+                    return Err(why);
                 }
             } else {
                 let cap_dir = self.home.run_dir().join(format!("capture-{}", id.as_str()));
-                let captured = match std::fs::create_dir_all(&cap_dir) {
-                    Ok(()) => {
-                        warm::capture(spec, &cap_dir, sandbox::boot_deadline(spec.accel)).await
-                    }
-                    Err(source) => Err(CoreError::Io {
+                // The capture VM's memory lives in a file: its whole size must fit.
+                let need = u64::from(spec.machine.memory_mib) << 20;
+                let captured = match space::ensure(
+                    &format!("to capture warm snapshot {name}"),
+                    &self.home.run_dir(),
+                    need,
+                )
+                .and_then(|()| {
+                    std::fs::create_dir_all(&cap_dir).map_err(|source| CoreError::Io {
                         what: "create",
                         path: cap_dir.clone(),
                         source,
-                    }),
+                    })
+                }) {
+                    Ok(()) => warm::capture(spec, &cap_dir, sandbox::boot_deadline(spec.accel))
+                        .await
+                        .map_err(|e| {
+                            space::explain(
+                                e,
+                                &format!("to capture warm snapshot {name}"),
+                                &self.home.run_dir(),
+                            )
+                        }),
+                    Err(e) => Err(e),
                 };
                 remove_dir(&cap_dir);
                 match captured {
                     Ok(_) => info!(snapshot = %name, "warm snapshot captured"),
                     Err(e) => {
                         warn!(snapshot = %name, reason = %e.chain(), "warm snapshot capture failed; cold boot");
-                        return None;
+                        return Err(format!(
+                            "capturing warm snapshot {name} failed: {}",
+                            e.chain()
+                        ));
                     }
                 }
             }
@@ -579,7 +625,7 @@ impl Engine {
         let started = std::time::Instant::now();
         match warm::restore(spec, &dir, run_dir, id.as_str()).await {
             Ok((vm, agent, _ack)) => {
-                Some(Sandbox::assemble(id.clone(), vm, agent, started.elapsed()))
+                Ok(Sandbox::assemble(id.clone(), vm, agent, started.elapsed()))
             }
             Err(e) => {
                 warn!(sandbox_id = %id, snapshot = %name, reason = %e.chain(), "restore failed; snapshot removed, cold boot");
@@ -589,7 +635,10 @@ impl Engine {
                 // The cold boot starts from an empty runtime directory.
                 remove_dir(run_dir);
                 let _ = std::fs::create_dir_all(run_dir);
-                None
+                Err(format!(
+                    "restoring warm snapshot {name} failed and it was removed ({}); the next start captures a new one",
+                    e.chain()
+                ))
             }
         }
     }
@@ -606,10 +655,12 @@ impl Engine {
 
     /// Records a state transition in the store, then publishes it.
     pub(crate) fn record_state(&self, id: &SandboxId, to: SandboxState, reason: Option<String>) {
-        let error = if to == SandboxState::Failed {
-            reason.as_deref()
-        } else {
-            None
+        // The reason is the sandbox's `error` while it is in a state kiln put it in.
+        let error = match to {
+            SandboxState::Failed | SandboxState::Unresponsive | SandboxState::Paused => {
+                reason.as_deref()
+            }
+            _ => None,
         };
         if let Err(e) = self.store.sandbox_set_state(id, to, None, error) {
             warn!(sandbox_id = %id, error = %error::error_chain(&e), "could not record state");
@@ -903,7 +954,14 @@ impl Engine {
             },
             mode: self.snapshot_mode(qemu),
         };
-        usersnap::capture_into(&self.home, root, &plan, sb, name).await
+        let what = format!("for sandbox {id} to be {what}");
+        let disk = std::fs::metadata(sb.vm().config().run_dir.join("disk.qcow2"))
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            .unwrap_or(0);
+        space::ensure(&what, root, (u64::from(row.status.memory_mib) << 20) + disk)?;
+        usersnap::capture_into(&self.home, root, &plan, sb, name)
+            .await
+            .map_err(|e| space::explain(e, &what, root))
     }
 
     /// All snapshots (warm and user) with the running sandboxes that use them.
@@ -1170,6 +1228,7 @@ mod tests {
                 snapshot: None,
                 expires_unix: None,
                 error: None,
+                warnings: Vec::new(),
             },
         }
     }

@@ -16,26 +16,67 @@
 //!   any ──VM died──▶ Failed (recorded, `failed` event, dir removed) ── task ends
 //! ```
 //!
+//! Health: while running, the owner pings the agent every [`HEARTBEAT_INTERVAL`]; a ping (or
+//! an op's round trip) that gets no answer within its deadline makes the sandbox
+//! `unresponsive` — ops that need the guest are refused at once with `sandbox_unresponsive`
+//! instead of waiting — and it is `running` again as soon as a ping is answered, or `failed`
+//! (QEMU killed) after the grace period ([`unresponsive_grace`]). QEMU stopping the guest
+//! because the host file system under its disk is full (a `BLOCK_IO_ERROR` event) makes it
+//! `paused` with the reason; the owner resumes it by itself once [`space::RESUME_FREE`] bytes
+//! are free again (or on `kiln resume`).
+//!
+//! ```text
+//!   Running ──no answer──▶ Unresponsive ──answer──▶ Running
+//!                               └──grace passed──▶ Failed
+//!   Running ──BLOCK_IO_ERROR (ENOSPC)──▶ Paused (no space) ──space back / resume──▶ Running
+//! ```
+//!
 //! Invariants: every transition is recorded in the store before its event is published; an
 //! op that needs a running guest is refused with the current state (never queued behind a
-//! pause); the task ends only after the sandbox is removed or recorded failed, and then its
-//! queue's senders see the channel closed.
+//! pause); every wait of the owner on the guest or QEMU has a deadline, so the queue keeps
+//! moving whatever the guest does; the task ends only after the sandbox is removed or
+//! recorded failed, and then its queue's senders see the channel closed.
 
+use std::future::Future;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use kiln_api_types::{
     EventKind, ExecRequest, SandboxId, SandboxState, Secrets, SnapshotInfo, SnapshotName,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::error::CoreError;
 use crate::sandbox::{Exec, Sandbox};
-use crate::{Engine, guest, unix_now};
+use crate::{Engine, guest, space, unix_now};
 
 /// How many operations may wait in one sandbox's queue.
 const QUEUE_DEPTH: usize = 64;
+/// How often a running sandbox's agent is pinged (an unresponsive one: every second).
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+/// How long the agent may take to answer a ping, or to start a command, open a file
+/// transfer or take new secrets, before the sandbox counts as unresponsive. Generous: a
+/// guest under TCG on a loaded host answers in milliseconds, but not always.
+pub(crate) const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
+/// How long QEMU may take to pause or resume the vCPUs.
+const QMP_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a user snapshot or a `kiln stop` save may take.
+const SAVE_DEADLINE: Duration = Duration::from_secs(600);
+/// Default of [`unresponsive_grace`].
+const UNRESPONSIVE_GRACE: Duration = Duration::from_secs(60);
+/// How often a sandbox paused for lack of space looks for free space.
+const SPACE_POLL: Duration = Duration::from_secs(2);
+
+/// How long a sandbox may stay unresponsive before it is failed: `KILN_UNRESPONSIVE_GRACE_SECS`
+/// in the daemon's environment, else 60 s.
+fn unresponsive_grace() -> Duration {
+    std::env::var("KILN_UNRESPONSIVE_GRACE_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(UNRESPONSIVE_GRACE, Duration::from_secs)
+}
 
 /// The answer to an [`Op`].
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
@@ -98,9 +139,25 @@ struct Owner {
     engine: Weak<Engine>,
     sb: Arc<Sandbox>,
     state: SandboxState,
+    /// Why kiln (not a user) put it in its state, if it did.
+    cause: Option<Cause>,
     /// End of the lifetime, seconds since the Unix epoch.
     expires_unix: Option<u64>,
     idle_timeout: Option<Duration>,
+    /// When the agent is pinged next.
+    next_beat: Instant,
+    grace: Duration,
+}
+
+/// Why the owner, not a user, changed the sandbox's state.
+#[derive(Debug, Clone)]
+enum Cause {
+    /// The agent stopped answering at `since`.
+    Unresponsive { since: Instant, reason: String },
+    /// QEMU stopped the guest: the host file system under its disk is full.
+    NoSpace,
+    /// QEMU stopped the guest after another I/O error on its disk.
+    DiskError(String),
 }
 
 /// Starts the owner of sandbox `sb`, which is running or (re-attached) paused.
@@ -116,8 +173,11 @@ pub(crate) fn spawn(
         engine: Arc::downgrade(engine),
         sb,
         state,
+        cause: None,
         expires_unix,
         idle_timeout: idle_timeout_secs.map(Duration::from_secs),
+        next_beat: Instant::now() + HEARTBEAT_INTERVAL,
+        grace: unresponsive_grace(),
     };
     tokio::spawn(owner.run(rx));
     Handle { tx }
@@ -129,8 +189,19 @@ impl Owner {
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        let mut qmp_events = Some(self.sb.vm().qmp().events());
+        if self.state == SandboxState::Paused {
+            // A sandbox re-attached paused may have been stopped by QEMU for lack of space.
+            self.check_io_status().await;
+        }
         loop {
             let (wait, why) = self.next_deadline();
+            let beating = matches!(
+                self.state,
+                SandboxState::Running | SandboxState::Unresponsive
+            );
+            let awaiting_space =
+                self.state == SandboxState::Paused && matches!(self.cause, Some(Cause::NoSpace));
             tokio::select! {
                 op = rx.recv() => {
                     let Some(op) = op else {
@@ -144,6 +215,15 @@ impl Owner {
                 reason = self.sb.watch_failure() => {
                     self.fail(reason).await;
                     return;
+                }
+                _ = tokio::time::sleep_until(self.next_beat), if beating => {
+                    if let Flow::Exit = self.heartbeat().await {
+                        return;
+                    }
+                }
+                ev = recv_event(&mut qmp_events) => self.qmp_event(ev, &mut qmp_events).await,
+                _ = tokio::time::sleep(SPACE_POLL), if awaiting_space => {
+                    self.resume_if_space().await;
                 }
                 _ = tokio::time::sleep(wait), if why.is_some() => {
                     let why = why.unwrap_or("expired");
@@ -184,11 +264,198 @@ impl Owner {
         if self.state == wanted {
             Ok(())
         } else {
-            Err(CoreError::WrongState {
+            Err(self.refusal(wanted))
+        }
+    }
+
+    /// Why an op that needs state `wanted` is refused now.
+    fn refusal(&self, wanted: SandboxState) -> CoreError {
+        match &self.cause {
+            Some(Cause::Unresponsive { since, reason }) => CoreError::Unresponsive {
+                id: self.id().clone(),
+                reason: format!("{reason} ({} s ago)", since.elapsed().as_secs()),
+            },
+            Some(Cause::NoSpace) if wanted == SandboxState::Running => self.no_space_error(),
+            _ => CoreError::WrongState {
                 id: self.id().clone(),
                 state: self.state,
                 wanted,
-            })
+            },
+        }
+    }
+
+    /// The error of an op on a sandbox QEMU paused for lack of space.
+    fn no_space_error(&self) -> CoreError {
+        let dir = self.sb.vm().config().run_dir.clone();
+        CoreError::NoSpace {
+            what: format!(
+                "for sandbox {}: QEMU paused it when its disk could not grow (it resumes by itself once space is freed, or with `kiln resume`)",
+                self.id()
+            ),
+            available: space::available(&dir).unwrap_or(0),
+            needed: Some(space::RESUME_FREE),
+            path: dir,
+        }
+    }
+
+    /// Runs `fut`, an op's round trip to the agent; past `deadline` the sandbox is marked
+    /// unresponsive and the op fails with that.
+    async fn answer<T>(
+        &mut self,
+        what: &str,
+        deadline: Duration,
+        fut: impl Future<Output = Result<T, CoreError>>,
+    ) -> Result<T, CoreError> {
+        match tokio::time::timeout(deadline, fut).await {
+            Ok(r) => r,
+            Err(_) => {
+                let reason = format!(
+                    "the guest agent did not answer {what} within {} s",
+                    deadline.as_secs()
+                );
+                self.unresponsive(reason.clone());
+                Err(CoreError::Unresponsive {
+                    id: self.id().clone(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Marks the sandbox unresponsive (once: the first reason and time are kept).
+    fn unresponsive(&mut self, reason: String) {
+        if self.state != SandboxState::Running {
+            return;
+        }
+        warn!(sandbox_id = %self.id(), %reason, "sandbox unresponsive");
+        self.cause = Some(Cause::Unresponsive {
+            since: Instant::now(),
+            reason: reason.clone(),
+        });
+        self.transition(SandboxState::Unresponsive, Some(reason));
+        self.next_beat = Instant::now() + Duration::from_secs(1);
+    }
+
+    /// One ping: an answer makes an unresponsive sandbox running again; none within
+    /// [`ANSWER_DEADLINE`] makes a running one unresponsive, and one unresponsive for longer
+    /// than the grace period failed.
+    async fn heartbeat(&mut self) -> Flow {
+        let answered = matches!(
+            tokio::time::timeout(ANSWER_DEADLINE, self.sb.agent().ping()).await,
+            Ok(Ok(_))
+        );
+        if answered {
+            if let Some(Cause::Unresponsive { since, .. }) = self.cause.take() {
+                info!(sandbox_id = %self.id(), after_s = since.elapsed().as_secs(), "sandbox answers again");
+                self.transition(
+                    SandboxState::Running,
+                    Some(format!(
+                        "the guest agent answers again after {} s",
+                        since.elapsed().as_secs()
+                    )),
+                );
+            }
+            self.next_beat = Instant::now() + HEARTBEAT_INTERVAL;
+            return Flow::Continue;
+        }
+        if self.state == SandboxState::Running {
+            self.unresponsive(format!(
+                "the guest agent did not answer a ping within {} s",
+                ANSWER_DEADLINE.as_secs()
+            ));
+        }
+        if let Some(Cause::Unresponsive { since, reason }) = &self.cause
+            && since.elapsed() >= self.grace
+        {
+            let reason = format!(
+                "unresponsive for {} s, the grace period ({reason})",
+                since.elapsed().as_secs()
+            );
+            self.fail(reason).await;
+            return Flow::Exit;
+        }
+        self.next_beat = Instant::now() + Duration::from_secs(1);
+        Flow::Continue
+    }
+
+    /// Handles one QEMU event: a disk write that failed and made QEMU stop the guest.
+    async fn qmp_event(
+        &mut self,
+        ev: Option<kiln_vmm::qmp::QmpEvent>,
+        events: &mut Option<broadcast::Receiver<kiln_vmm::qmp::QmpEvent>>,
+    ) {
+        let Some(ev) = ev else {
+            // QMP is gone: the VM's death is reported by `watch_failure`.
+            *events = None;
+            return;
+        };
+        if ev.event != "BLOCK_IO_ERROR" {
+            return;
+        }
+        let stopped = ev.data.get("action").and_then(|a| a.as_str()) == Some("stop");
+        if !stopped {
+            return;
+        }
+        let nospace = ev
+            .data
+            .get("nospace")
+            .and_then(|n| n.as_bool())
+            .unwrap_or(false);
+        let detail = ev
+            .data
+            .get("reason")
+            .and_then(|r| r.as_str())
+            .unwrap_or("I/O error")
+            .to_owned();
+        self.paused_by_qemu(if nospace {
+            Cause::NoSpace
+        } else {
+            Cause::DiskError(detail)
+        });
+    }
+
+    /// Records that QEMU stopped the guest (idempotent: QEMU repeats the event).
+    fn paused_by_qemu(&mut self, cause: Cause) {
+        if !matches!(
+            self.state,
+            SandboxState::Running | SandboxState::Unresponsive
+        ) {
+            return;
+        }
+        let dir = self.sb.vm().config().run_dir.clone();
+        let reason = match &cause {
+            Cause::NoSpace => format!(
+                "paused by QEMU: no space left for its disk ({}); it resumes once space is freed",
+                space::describe(&dir, space::available(&dir).unwrap_or(0), None)
+            ),
+            Cause::DiskError(e) => format!("paused by QEMU: its disk failed ({e})"),
+            Cause::Unresponsive { .. } => return,
+        };
+        warn!(sandbox_id = %self.id(), %reason, "sandbox paused by QEMU");
+        // An unresponsive guest whose disk stopped: the disk is the better explanation.
+        if self.state == SandboxState::Unresponsive {
+            self.transition(SandboxState::Running, None);
+        }
+        self.cause = Some(cause);
+        self.transition(SandboxState::Paused, Some(reason));
+    }
+
+    /// A re-attached paused sandbox: was it QEMU that paused it, for lack of space?
+    async fn check_io_status(&mut self) {
+        let status = tokio::time::timeout(QMP_DEADLINE, self.sb.vm().run_state()).await;
+        if let Ok(Ok(kiln_vmm::qmp::commands::RunState::IoError)) = status {
+            self.cause = Some(Cause::NoSpace);
+        }
+    }
+
+    /// Resumes a sandbox QEMU paused for lack of space, once there is room again.
+    async fn resume_if_space(&mut self) {
+        let dir = &self.sb.vm().config().run_dir;
+        if space::available(dir).is_some_and(|free| free >= space::RESUME_FREE) {
+            info!(sandbox_id = %self.id(), "space is back: resuming the sandbox");
+            if let Err(e) = self.resume().await {
+                warn!(sandbox_id = %self.id(), error = %e.chain(), "could not resume after space came back");
+            }
         }
     }
 
@@ -196,7 +463,11 @@ impl Owner {
         match op {
             Op::Exec(req, reply) => {
                 let r = match self.need(SandboxState::Running) {
-                    Ok(()) => self.sb.exec(&req).await,
+                    Ok(()) => {
+                        let sb = Arc::clone(&self.sb);
+                        self.answer("a command's start", ANSWER_DEADLINE, sb.exec(&req))
+                            .await
+                    }
                     Err(e) => Err(e),
                 };
                 let r = match (r, self.engine.upgrade()) {
@@ -216,7 +487,10 @@ impl Owner {
             }
             Op::Ping(reply) => {
                 let r = match self.need(SandboxState::Running) {
-                    Ok(()) => self.sb.ping().await,
+                    Ok(()) => {
+                        let sb = Arc::clone(&self.sb);
+                        self.answer("a ping", ANSWER_DEADLINE, sb.ping()).await
+                    }
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(r);
@@ -225,13 +499,29 @@ impl Owner {
                 let r = match (self.need(SandboxState::Running), self.engine.upgrade()) {
                     (Err(e), _) => Err(e),
                     (Ok(()), None) => Err(CoreError::HostSetup("the daemon is stopping".into())),
-                    (Ok(()), Some(engine)) => engine.snapshot_of(&self.sb, &name).await,
+                    (Ok(()), Some(engine)) => {
+                        let sb = Arc::clone(&self.sb);
+                        self.answer(
+                            "while a snapshot was saved",
+                            SAVE_DEADLINE,
+                            engine.snapshot_of(&sb, &name),
+                        )
+                        .await
+                    }
                 };
                 let _ = reply.send(r);
             }
             Op::Secrets(secrets, reply) => {
                 let r = match self.need(SandboxState::Running) {
-                    Ok(()) => self.rotate_secrets(&secrets).await,
+                    Ok(()) => {
+                        let sb = Arc::clone(&self.sb);
+                        let hook_ms = sb.extras().hook.as_ref().map_or(0, |h| h.timeout_ms);
+                        let deadline = ANSWER_DEADLINE
+                            + guest::HOUSEKEEPING_TIMEOUT
+                            + Duration::from_millis(hook_ms);
+                        self.answer("new secrets", deadline, rotate_secrets(&sb, &secrets))
+                            .await
+                    }
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(r);
@@ -269,9 +559,14 @@ impl Owner {
                 let r = match self.need(SandboxState::Running) {
                     Ok(()) => {
                         let busy = self.sb.activity.busy();
-                        crate::files::run(self.sb.agent(), op)
-                            .await
-                            .map(|answer| (answer, busy))
+                        let sb = Arc::clone(&self.sb);
+                        self.answer(
+                            "a file operation",
+                            ANSWER_DEADLINE,
+                            crate::files::run(sb.agent(), op),
+                        )
+                        .await
+                        .map(|answer| (answer, busy))
                     }
                     Err(e) => Err(e),
                 };
@@ -280,11 +575,7 @@ impl Owner {
             Op::Stop(reply) => {
                 let r = match self.state {
                     SandboxState::Running | SandboxState::Paused => self.stop().await,
-                    state => Err(CoreError::WrongState {
-                        id: self.id().clone(),
-                        state,
-                        wanted: SandboxState::Running,
-                    }),
+                    _ => Err(self.refusal(SandboxState::Running)),
                 };
                 let stopped = r.is_ok();
                 let _ = reply.send(r);
@@ -306,33 +597,23 @@ impl Owner {
         Flow::Continue
     }
 
-    async fn rotate_secrets(&self, secrets: &Secrets) -> Result<(), CoreError> {
-        let mut merged = self.sb.extras().secrets.clone();
-        merged
-            .0
-            .extend(secrets.0.iter().map(|(k, v)| (k.clone(), v.clone())));
-        merged.validate().map_err(CoreError::BadRequest)?;
-        guest::deliver_secrets(self.sb.agent(), secrets).await?;
-        let hook = {
-            let mut extras = self.sb.extras();
-            extras.secrets = merged;
-            extras.hook.clone()
-        };
-        if let Some(hook) = hook {
-            guest::run_hook(self.sb.agent(), &hook).await?;
-        }
-        info!(sandbox_id = %self.id(), count = secrets.0.len(), "secrets rotated");
-        Ok(())
-    }
-
     async fn pause(&mut self) -> Result<(), CoreError> {
-        self.sb.vm().pause().await?;
+        let sb = Arc::clone(&self.sb);
+        self.answer("QEMU pausing", QMP_DEADLINE, async {
+            sb.vm().pause().await.map_err(CoreError::from)
+        })
+        .await?;
         self.transition(SandboxState::Paused, None);
         Ok(())
     }
 
     async fn resume(&mut self) -> Result<(), CoreError> {
-        self.sb.vm().resume().await?;
+        let sb = Arc::clone(&self.sb);
+        self.answer("QEMU resuming", QMP_DEADLINE, async {
+            sb.vm().resume().await.map_err(CoreError::from)
+        })
+        .await?;
+        self.cause = None;
         // Time spent paused does not count as idle.
         self.sb.activity.touch();
         self.transition(SandboxState::Running, None);
@@ -346,7 +627,15 @@ impl Owner {
         };
         let before = self.state;
         self.transition(SandboxState::Stopping, None);
-        if let Err(e) = engine.save_for_stop(&self.sb).await {
+        let sb = Arc::clone(&self.sb);
+        let saved = self
+            .answer(
+                "while it was saved",
+                SAVE_DEADLINE,
+                engine.save_for_stop(&sb),
+            )
+            .await;
+        if let Err(e) = saved {
             // The save resumed the guest on every path.
             self.transition(SandboxState::Running, None);
             if before == SandboxState::Paused && self.sb.vm().pause().await.is_ok() {
@@ -398,5 +687,42 @@ impl Owner {
         // Only now are waiting execs woken: a client that sees the error and lists
         // sandboxes sees `failed`.
         self.sb.mark_failed(reason);
+    }
+}
+
+/// Delivers (new values of) secrets and reruns the on-restore hook.
+async fn rotate_secrets(sb: &Sandbox, secrets: &Secrets) -> Result<(), CoreError> {
+    let mut merged = sb.extras().secrets.clone();
+    merged
+        .0
+        .extend(secrets.0.iter().map(|(k, v)| (k.clone(), v.clone())));
+    merged.validate().map_err(CoreError::BadRequest)?;
+    guest::deliver_secrets(sb.agent(), secrets).await?;
+    let hook = {
+        let mut extras = sb.extras();
+        extras.secrets = merged;
+        extras.hook.clone()
+    };
+    if let Some(hook) = hook {
+        guest::run_hook(sb.agent(), &hook).await?;
+    }
+    info!(sandbox_id = %sb.id(), count = secrets.0.len(), "secrets rotated");
+    Ok(())
+}
+
+/// The next QEMU event, or `None` once QMP is gone; pending forever without a receiver.
+async fn recv_event(
+    events: &mut Option<broadcast::Receiver<kiln_vmm::qmp::QmpEvent>>,
+) -> Option<kiln_vmm::qmp::QmpEvent> {
+    let Some(rx) = events else {
+        return std::future::pending().await;
+    };
+    loop {
+        match rx.recv().await {
+            Ok(ev) => return Some(ev),
+            // Missed events: the ones that matter repeat (QEMU re-reports a stuck disk).
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
     }
 }

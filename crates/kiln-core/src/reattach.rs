@@ -119,14 +119,23 @@ async fn one(engine: &Arc<Engine>, row: SandboxInfo) -> Result<(), CoreError> {
         Ok(()) => {}
         Err(e) => warn!(sandbox_id = %id, error = %e.chain(), "published ports not restored"),
     }
+    let state = match row.status.state {
+        // It answered the resync: it is responsive again.
+        SandboxState::Unresponsive => {
+            let reason = "the guest agent answers again after a daemon restart".to_owned();
+            engine.record_state(&id, SandboxState::Running, Some(reason));
+            SandboxState::Running
+        }
+        state => state,
+    };
     let handle = owner::spawn(
         engine,
         Arc::clone(&sb),
-        row.status.state,
+        state,
         row.status.expires_unix,
         row.spec.lifetime.idle_timeout_secs,
     );
     engine.adopt(id.clone(), handle, sb);
-    info!(sandbox_id = %id, state = %row.status.state, "sandbox re-attached");
+    info!(sandbox_id = %id, %state, "sandbox re-attached");
     Ok(())
 }

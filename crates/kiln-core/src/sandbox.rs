@@ -40,6 +40,9 @@ const CONSOLE_SCAN_BYTES: usize = 64 * 1024;
 const CONSOLE_TAIL_LINES: usize = 12;
 /// After the agent channel dies, how long to wait for QEMU's exit to explain it.
 const DEATH_EXPLAIN_WAIT: Duration = Duration::from_millis(500);
+/// How long after a command's own timeout the host waits for the guest to report its end:
+/// the agent enforces the timeout, the host makes sure a guest that cannot still answers.
+const EXEC_TIMEOUT_GRACE: Duration = Duration::from_secs(5);
 
 /// Connects to `vm`'s agent socket and runs the resync handshake (waiting up to `deadline`
 /// for the agent), with the sandbox channel's windows.
@@ -255,6 +258,9 @@ impl Sandbox {
             failed: self.failed.clone(),
             _busy: self.activity.busy(),
             events: None,
+            deadline: req.timeout_ms.map(|ms| {
+                tokio::time::Instant::now() + Duration::from_millis(ms) + EXEC_TIMEOUT_GRACE
+            }),
         })
     }
 
@@ -438,6 +444,8 @@ pub struct Exec {
     _busy: BusyGuard,
     /// Where its end is reported as an `exec_ended` event.
     events: Option<tokio::sync::broadcast::Sender<kiln_api_types::Event>>,
+    /// For a command with a timeout: when the host gives up waiting for its end.
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl Exec {
@@ -452,9 +460,24 @@ impl Exec {
     /// The next output or the exit. An error means the sandbox died under the command; its
     /// message carries the reason and the console tail.
     pub async fn next(&mut self) -> Result<ExecOutput, CoreError> {
+        let overdue = async {
+            match self.deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let event = tokio::select! {
             ev = self.session.next_event() => ev,
             _ = self.failed.wait_for(|f| f.is_some()) => None,
+            _ = overdue => {
+                return Err(CoreError::Unresponsive {
+                    id: self.sandbox.id.clone(),
+                    reason: format!(
+                        "the command's timeout passed {} s ago and the guest has not reported its end",
+                        EXEC_TIMEOUT_GRACE.as_secs()
+                    ),
+                });
+            }
         };
         match event {
             Some(ExecEvent::Stdout(b)) => Ok(ExecOutput::Stdout(b)),

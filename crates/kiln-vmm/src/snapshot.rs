@@ -267,6 +267,14 @@ impl Vm {
         self.snapshot_step("stop", &Stop).await.map(|_| ())
     }
 
+    /// `query-status`: the VM's run state (`io-error` when QEMU stopped the guest after a
+    /// failed disk write, e.g. on a full host file system).
+    pub async fn run_state(&self) -> Result<RunState, VmmError> {
+        self.snapshot_step("query-status", &QueryStatus)
+            .await
+            .map(|s| s.status)
+    }
+
     /// `cont`: resumes a paused VM (e.g. after [`AfterCapture::Paused`] or [`Vm::pause`]).
     pub async fn resume(&self) -> Result<(), VmmError> {
         self.snapshot_step("cont", &Cont).await.map(|_| ())
