@@ -133,7 +133,24 @@ pub async fn run(home: &Home) -> DoctorReport {
             probe_dir.display()
         )),
     }
+    if let Some(w) = loose_home(home.root()) {
+        r.warnings.push(w);
+    }
     r
+}
+
+/// A warning when others than its owner may enter or read the state directory: it holds
+/// guest memory and disks (secrets included) and the daemon's token. The daemon tightens it
+/// to 0700 when it starts; this catches a home it could not tighten, or one loosened since.
+fn loose_home(home: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(home).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "the state directory {} has mode {mode:04o}: others may read guest memory, disks and secrets in it (chmod 700 it; the daemon does when it starts)",
+            home.display()
+        )
+    })
 }
 
 /// The first existing directory at or above `p` (the state dir may not exist yet).
@@ -160,6 +177,17 @@ pub fn find_in_path(cmd: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loose_home_is_warned_about_and_a_private_one_is_not() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let w = loose_home(dir.path()).expect("0755 is loose");
+        assert!(w.contains("mode 0755"), "{w}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(loose_home(dir.path()), None);
+    }
 
     #[test]
     fn find_in_path_finds_sh_and_not_nonsense() {

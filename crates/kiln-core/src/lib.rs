@@ -662,7 +662,17 @@ impl Engine {
             }
             _ => None,
         };
-        if let Err(e) = self.store.sandbox_set_state(id, to, None, error) {
+        let recorded = self
+            .store
+            .sandbox_set_state(id, to, None, error)
+            .and_then(|_| match (to, error) {
+                // Back in a state a user asked for: what went wrong before is over.
+                (SandboxState::Running | SandboxState::Paused, None) => {
+                    self.store.sandbox_set_error(id, None)
+                }
+                _ => Ok(true),
+            });
+        if let Err(e) = recorded {
             warn!(sandbox_id = %id, error = %error::error_chain(&e), "could not record state");
         }
         self.publish(id, EventKind::State { state: to, reason });

@@ -453,6 +453,9 @@ impl Owner {
         let dir = &self.sb.vm().config().run_dir;
         if space::available(dir).is_some_and(|free| free >= space::RESUME_FREE) {
             info!(sandbox_id = %self.id(), "space is back: resuming the sandbox");
+            if let Some(engine) = self.engine.upgrade() {
+                engine.store.replenish_reserve();
+            }
             if let Err(e) = self.resume().await {
                 warn!(sandbox_id = %self.id(), error = %e.chain(), "could not resume after space came back");
             }

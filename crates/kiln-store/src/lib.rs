@@ -10,7 +10,12 @@
 //! - migrations run in one transaction each; a database newer than this binary is refused
 //!   rather than misread;
 //! - the API is blocking (rusqlite): async callers wrap calls in `spawn_blocking` or keep them
-//!   short; one [`Store`] holds one connection behind a mutex.
+//!   short; one [`Store`] holds one connection behind a mutex;
+//! - state changes are recorded even on a full file system: beside the database lies a
+//!   reserve file ([`RESERVE_BYTES`] of real blocks); a state or error update that fails with
+//!   SQLite's "disk full" frees the reserve and is retried once, and
+//!   [`Store::replenish_reserve`] puts it back once there is room again. (A sandbox that QEMU
+//!   paused because the disk is full must be *recorded* as paused.)
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -106,7 +111,12 @@ pub type SandboxRow = SandboxInfo;
 /// The one connection, behind a mutex.
 pub struct Store {
     conn: Mutex<Connection>,
+    /// The reserve file, for a database on disk.
+    reserve: Option<PathBuf>,
 }
+
+/// Size of the reserve file kept beside the database.
+pub const RESERVE_BYTES: u64 = 4 << 20;
 
 impl Store {
     /// Opens (creating if needed) and migrates the database at `path`.
@@ -122,7 +132,59 @@ impl Store {
             .map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(open_err)?;
-        Self::migrate(conn)
+        let mut store = Self::migrate(conn)?;
+        let mut reserve = path.as_os_str().to_owned();
+        reserve.push(".reserve");
+        store.reserve = Some(PathBuf::from(reserve));
+        store.replenish_reserve();
+        Ok(store)
+    }
+
+    /// Makes sure the reserve file exists with real blocks (best effort: on a full file
+    /// system it stays missing until the next call).
+    pub fn replenish_reserve(&self) {
+        use std::io::Write;
+        let Some(path) = &self.reserve else {
+            return;
+        };
+        if std::fs::metadata(path).is_ok_and(|m| m.len() == RESERVE_BYTES) {
+            return;
+        }
+        let tmp = path.with_extension("reserve.tmp");
+        let written = std::fs::File::create(&tmp).and_then(|mut f| {
+            // Zeros written, not a sparse length: the point is blocks that are really held.
+            let chunk = vec![0u8; 1 << 20];
+            for _ in 0..RESERVE_BYTES / chunk.len() as u64 {
+                f.write_all(&chunk)?;
+            }
+            f.sync_all()
+        });
+        match written.and_then(|()| std::fs::rename(&tmp, path)) {
+            Ok(()) => {}
+            Err(_) => {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+    }
+
+    /// Runs a small write; if SQLite finds the disk full, frees the reserve and retries once.
+    fn write_reserved<T>(
+        &self,
+        what: &'static str,
+        f: impl Fn(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn();
+        match f(&conn) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DiskFull && self.reserve.is_some() =>
+            {
+                if let Some(path) = &self.reserve {
+                    let _ = std::fs::remove_file(path);
+                }
+                f(&conn).map_err(|source| StoreError::Query { what, source })
+            }
+            r => r.map_err(|source| StoreError::Query { what, source }),
+        }
     }
 
     /// A private in-memory database (tests).
@@ -160,6 +222,7 @@ impl Store {
         }
         Ok(Store {
             conn: Mutex::new(conn),
+            reserve: None,
         })
     }
 
@@ -218,14 +281,24 @@ impl Store {
         boot_ms: Option<u64>,
         error: Option<&str>,
     ) -> Result<bool, StoreError> {
-        let n = self
-            .conn()
-            .execute(
+        let n = self.write_reserved("update sandbox state", |conn| {
+            conn.execute(
                 "UPDATE sandboxes SET state = ?2, boot_ms = COALESCE(?3, boot_ms), error = COALESCE(?4, error)
                  WHERE id = ?1",
                 params![id.as_str(), state.as_str(), boot_ms.map(|v| v as i64), error],
             )
-            .map_err(|source| StoreError::Query { what: "update sandbox state", source })?;
+        })?;
+        Ok(n == 1)
+    }
+
+    /// Sets (or, with `None`, clears) a sandbox's error. Returns whether the row exists.
+    pub fn sandbox_set_error(&self, id: &SandboxId, error: Option<&str>) -> Result<bool, StoreError> {
+        let n = self.write_reserved("update sandbox error", |conn| {
+            conn.execute(
+                "UPDATE sandboxes SET error = ?2 WHERE id = ?1",
+                params![id.as_str(), error],
+            )
+        })?;
         Ok(n == 1)
     }
 
@@ -535,6 +608,20 @@ mod tests {
             Err(StoreError::TooNew { found: 99, .. }) => {}
             other => panic!("expected TooNew, got {:?}", other.map(|_| ())),
         }
+    }
+
+    #[test]
+    fn reserve_file_is_kept_beside_the_database_and_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kiln.db")).unwrap();
+        let reserve = dir.path().join("kiln.db.reserve");
+        assert_eq!(std::fs::metadata(&reserve).unwrap().len(), RESERVE_BYTES);
+        // Its blocks are real, not a sparse length.
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(&reserve).unwrap().blocks() * 512 >= RESERVE_BYTES);
+        std::fs::remove_file(&reserve).unwrap();
+        store.replenish_reserve();
+        assert_eq!(std::fs::metadata(&reserve).unwrap().len(), RESERVE_BYTES);
     }
 
     #[test]

@@ -17,6 +17,8 @@ use std::process::{Command, Output, Stdio};
 pub struct Kiln {
     bin: PathBuf,
     home: PathBuf,
+    /// A file system mounted at `home` by [`Kiln::on_tmpfs`], unmounted on drop.
+    mounted: bool,
     _own: Option<tempfile::TempDir>,
 }
 
@@ -40,6 +42,7 @@ impl Kiln {
         Kiln {
             bin: kiln_bin(),
             home: shared_home(),
+            mounted: false,
             _own: None,
         }
     }
@@ -55,6 +58,32 @@ impl Kiln {
         Kiln {
             bin: kiln_bin(),
             home: dir.path().to_owned(),
+            mounted: false,
+            _own: Some(dir),
+        }
+    }
+
+    /// Like [`Kiln::isolated`], on a tmpfs of `size_mib` MiB of its own (needs root): for
+    /// filling the file system under a running sandbox. Unmounted when dropped.
+    pub fn on_tmpfs(size_mib: u32) -> Kiln {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-e2e-small-")
+            .tempdir()
+            .expect("create temp home");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size_mib}m,mode=0700"))
+            .arg("tmpfs")
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert_success(&out, "mount a tmpfs home");
+        std::os::unix::fs::symlink(shared_home().join("images"), dir.path().join("images"))
+            .expect("link shared images");
+        Kiln {
+            bin: kiln_bin(),
+            home: dir.path().to_owned(),
+            mounted: true,
             _own: Some(dir),
         }
     }
@@ -156,6 +185,57 @@ impl Drop for Kiln {
         if self._own.is_some() {
             let _ = self.run(&["daemon", "stop", "--all"]);
         }
+        if self.mounted {
+            let _ = Command::new("umount").arg("--lazy").arg(&self.home).status();
+        }
+    }
+}
+
+/// Bytes free on the file system holding `path`.
+pub fn free_bytes(path: &Path) -> u64 {
+    let out = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()
+        .expect("run df");
+    assert_success(&out, "df");
+    stdout(&out)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df avail")
+}
+
+/// Polls `cond` every 200 ms until it holds; panics naming `what` after `secs` seconds
+/// (a guard against a hang, not a speed check).
+pub fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {secs} s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Waits for `child` to end, killing it and panicking after `secs` seconds: for commands
+/// that must not hang.
+pub fn wait_bounded(mut child: std::process::Child, what: &str, secs: u64) -> Output {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return child.wait_with_output().expect("collect output");
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("collect output");
+            panic!(
+                "{what} still running after {secs} s (killed)\nstderr:\n{}",
+                stderr(&out)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 

@@ -1,0 +1,182 @@
+//! A guest that stops answering and a host disk that fills up: nothing hangs, and every state
+//! is told truthfully (issue 8, findings 1-3).
+
+use std::process::Stdio;
+
+use kiln_e2e::{
+    Kiln, assert_success, free_bytes, signal, stderr, stdout, wait_bounded, wait_until,
+};
+
+/// The `error` field of a sandbox in `kiln ps --json`.
+fn error_of(k: &Kiln, id: &str) -> String {
+    k.ps()["sandboxes"]
+        .as_array()
+        .expect("sandboxes")
+        .iter()
+        .find(|s| s["id"] == id)
+        .and_then(|s| s["error"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn spawn(k: &Kiln, args: &[&str]) -> std::process::Child {
+    k.cmd(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kiln")
+}
+
+/// A stopped QEMU: a command with a timeout returns (host-enforced), the sandbox is reported
+/// `unresponsive` and refuses commands at once; it recovers when QEMU continues, and is
+/// `failed` (QEMU gone) once it stays unresponsive past the grace period.
+#[test]
+#[ignore = "boots VMs; run by scripts/test"]
+fn stopped_guest_is_unresponsive_recovers_and_fails_after_grace() {
+    let k = Kiln::isolated();
+    // The daemon starts with the first command and keeps its environment.
+    let out = k
+        .cmd(&["create", "--image", "base", "--cold"])
+        .env("KILN_UNRESPONSIVE_GRACE_SECS", "15")
+        .output()
+        .expect("kiln create");
+    assert_success(&out, "kiln create");
+    let id = stdout(&out).trim().to_owned();
+    let qemu = k.qemu_pid(&id);
+
+    signal(qemu, libc::SIGSTOP);
+    // Waits on the guest: the host gives up after the timeout plus its grace.
+    let out = wait_bounded(
+        spawn(&k, &["exec", "--timeout", "3", &id, "--", "echo", "hi"]),
+        "exec --timeout 3 in a stopped guest",
+        90,
+    );
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("unresponsive"),
+        "exec error should say unresponsive: {}",
+        stderr(&out)
+    );
+    wait_until("ps says unresponsive", 90, || {
+        k.state_of(&id).as_deref() == Some("unresponsive")
+    });
+    assert!(
+        error_of(&k, &id).contains("did not answer"),
+        "{}",
+        error_of(&k, &id)
+    );
+    // Refused at once, not queued behind the stopped guest.
+    let out = wait_bounded(
+        spawn(&k, &["exec", &id, "--", "true"]),
+        "exec in an unresponsive sandbox",
+        30,
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("unresponsive"), "{}", stderr(&out));
+
+    signal(qemu, libc::SIGCONT);
+    wait_until("running again after SIGCONT", 60, || {
+        k.state_of(&id).as_deref() == Some("running")
+    });
+    let out = k.run(&["exec", &id, "--", "echo", "back"]);
+    assert_success(&out, "exec after recovery");
+    assert_eq!(stdout(&out), "back\n");
+    assert_eq!(error_of(&k, &id), "", "a recovered sandbox carries no error");
+
+    signal(qemu, libc::SIGSTOP);
+    wait_until("failed after the grace period", 120, || {
+        k.state_of(&id).as_deref() == Some("failed")
+    });
+    assert!(
+        error_of(&k, &id).contains("grace period"),
+        "{}",
+        error_of(&k, &id)
+    );
+    wait_until("QEMU of the failed sandbox gone", 30, || {
+        !kiln_e2e::process_alive(qemu)
+    });
+}
+
+/// The file system under a sandbox's disk fills up: QEMU stops the guest, kiln reports it
+/// `paused` for lack of space (and callers get `no_space`), resumes it by itself once space is
+/// back, and the guest's write completes. With the file system full, starting a sandbox or
+/// snapshotting one fails with `no_space` naming the path.
+#[test]
+#[ignore = "boots VMs and mounts a tmpfs; run by scripts/test"]
+fn full_host_disk_pauses_then_resumes_and_is_named() {
+    // A cold boot's RAM file takes real tmpfs pages as the guest touches them: room for it.
+    let k = Kiln::on_tmpfs(640);
+    let id = {
+        let out = k.run(&["create", "--image", "base", "--cold"]);
+        assert_success(&out, "kiln create");
+        stdout(&out).trim().to_owned()
+    };
+    // Leave 16 MiB: less than the guest is about to write.
+    let ballast = k.home().join("ballast");
+    let free = free_bytes(k.home());
+    let size = free.saturating_sub(16 << 20);
+    let out = std::process::Command::new("fallocate")
+        .args(["-l", &size.to_string()])
+        .arg(&ballast)
+        .output()
+        .expect("fallocate");
+    assert_success(&out, "fallocate ballast");
+
+    let writer = spawn(
+        &k,
+        &[
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "dd if=/dev/urandom of=/var/tmp/fill bs=1M count=48 conv=fsync 2>/dev/null && sha256sum /var/tmp/fill",
+        ],
+    );
+    wait_until("paused for lack of space", 180, || {
+        k.state_of(&id).as_deref() == Some("paused")
+    });
+    let err = error_of(&k, &id);
+    assert!(err.contains("no space"), "{err}");
+    let out = wait_bounded(
+        spawn(&k, &["exec", &id, "--", "true"]),
+        "exec in a sandbox paused for space",
+        30,
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no space"), "{}", stderr(&out));
+
+    // Nothing new starts on the full file system, and the error says why.
+    let out = k.run(&["create", "--image", "base", "--cold"]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let msg = stderr(&out);
+    assert!(msg.contains("no space"), "{msg}");
+    assert!(msg.contains(&k.home().display().to_string()), "{msg}");
+
+    std::fs::remove_file(&ballast).expect("remove ballast");
+    wait_until("running again once space is back", 60, || {
+        k.state_of(&id).as_deref() == Some("running")
+    });
+    let out = wait_bounded(writer, "the guest's write", 180);
+    assert_success(&out, "the guest's write after the resume");
+    let sum = stdout(&out);
+    let check = k.run(&["exec", &id, "--", "sha256sum", "/var/tmp/fill"]);
+    assert_success(&check, "sha256sum");
+    assert_eq!(stdout(&check), sum, "the acknowledged write is intact");
+
+    // A user snapshot needs the guest's memory in free space: refused up front, named.
+    let out = std::process::Command::new("fallocate")
+        .args(["-l", &free_bytes(k.home()).saturating_sub(8 << 20).to_string()])
+        .arg(&ballast)
+        .output()
+        .expect("fallocate");
+    assert_success(&out, "fallocate ballast");
+    let out = k.run(&["snapshot", &id, "--name", "full"]);
+    assert!(!out.status.success());
+    let msg = stderr(&out);
+    assert!(msg.contains("no space"), "{msg}");
+    assert!(msg.contains("needed"), "{msg}");
+    std::fs::remove_file(&ballast).expect("remove ballast");
+    let out = k.run(&["exec", &id, "--", "echo", "still"]);
+    assert_success(&out, "exec after a refused snapshot");
+}
