@@ -11,6 +11,8 @@
 //! (or `listen_public = true`) asks for it: whoever holds the token can run code here.
 
 mod api;
+#[cfg(test)]
+mod api_fuzz;
 mod auth;
 mod exec_ws;
 mod listen;
