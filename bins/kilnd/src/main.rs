@@ -327,6 +327,54 @@ mod tests {
     }
 
     #[test]
+    fn settings_edge_limits_come_from_the_file_and_zero_is_refused() {
+        let s = Settings::resolve(&args(&[]), &Config::default()).unwrap();
+        assert_eq!(s.max_connections, DEFAULT_MAX_CONNECTIONS as usize);
+        assert_eq!(
+            s.header_timeout,
+            Duration::from_secs(DEFAULT_HEADER_TIMEOUT_SECS)
+        );
+        assert_eq!(
+            s.body_timeout,
+            Duration::from_secs(DEFAULT_BODY_TIMEOUT_SECS)
+        );
+        let file = Config {
+            max_connections: Some(7),
+            request_header_timeout_secs: Some(3),
+            request_body_timeout_secs: Some(4),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&args(&[]), &file).unwrap();
+        assert_eq!(
+            (s.max_connections, s.header_timeout, s.body_timeout),
+            (7, Duration::from_secs(3), Duration::from_secs(4))
+        );
+        for file in [
+            Config {
+                max_connections: Some(0),
+                ..Default::default()
+            },
+            Config {
+                request_header_timeout_secs: Some(0),
+                ..Default::default()
+            },
+            Config {
+                request_body_timeout_secs: Some(0),
+                ..Default::default()
+            },
+        ] {
+            let err = Settings::resolve(&args(&[]), &file).unwrap_err();
+            assert!(err.to_string().contains("at least 1"), "{err}");
+        }
+        let parsed = Config::parse(
+            "max_connections = 9\nrequest_header_timeout_secs = 2\nrequest_body_timeout_secs = 5\n",
+            std::path::Path::new("config.toml"),
+        )
+        .unwrap();
+        assert_eq!(parsed.max_connections, Some(9));
+    }
+
+    #[test]
     fn settings_bad_config_listen_names_key() {
         let file = Config {
             listen: Some("localhost".into()),
