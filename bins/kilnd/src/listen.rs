@@ -528,6 +528,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn stalled_chunked_body_is_408_too() {
+        let d = start_with(Settings {
+            body_timeout: Duration::from_secs(1),
+            ..test_settings()
+        })
+        .await;
+        let mut s = tokio::net::UnixStream::connect(d.home.socket())
+            .await
+            .unwrap();
+        s.write_all(b"POST /v1/sandboxes HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{\"nam\r\n")
+            .await
+            .unwrap();
+        let out = read_until_closed(&mut s).await;
+        assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+        assert!(out.contains("request_timeout"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn event_stream_outlives_the_header_and_body_timeouts() {
+        let d = start_with(Settings {
+            header_timeout: Duration::from_secs(1),
+            body_timeout: Duration::from_secs(1),
+            ..test_settings()
+        })
+        .await;
+        let mut s = tokio::net::UnixStream::connect(d.home.socket())
+            .await
+            .unwrap();
+        s.write_all(b"GET /v1/events HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        tokio::time::timeout(HANG, async {
+            while !String::from_utf8_lossy(&seen).contains(": subscribed") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+                seen.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .expect("the stream opens");
+        // Well past both deadlines, the healthy stream is still open (a read waits, it does
+        // not see the end).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let read = tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await;
+        assert!(read.is_err(), "the event stream ended: {read:?}");
+    }
+
+    #[tokio::test]
     async fn slow_but_moving_request_body_is_served() {
         let d = start_with(Settings {
             body_timeout: Duration::from_secs(2),
