@@ -14,7 +14,9 @@
 //!   upload that keeps moving, a slow guest, WebSockets (no body after the upgrade) and
 //!   response streams are never cut;
 //! - a path and query longer than [`MAX_URI_BYTES`] is 414 `uri_too_long`;
-//! - a body over `max_body_bytes` is 413 (in the extractors, see [`crate::api::json_errors`]).
+//! - a body over `max_body_bytes` is 413 (in the extractors, see [`crate::api::json_errors`]);
+//! - a stopping daemon waits at most [`SHUTDOWN_DRAIN`] for requests in flight, so an open
+//!   event stream or followed log cannot keep it from stopping.
 //!
 //! Hyper answers some malformed requests itself before any of this runs (a request line it
 //! cannot parse: 400; a URI over 64 KiB: 414; a head over its buffer: 431); those answers have
@@ -151,9 +153,18 @@ fn stall_guard(body: Body, timeout: Duration, stalled: Arc<AtomicBool>) -> Body 
     Body::from_stream(stream)
 }
 
+/// How long a stopping daemon waits for connections to finish their requests in flight; a
+/// stream that never ends (events, `logs?follow=true`) must not keep the daemon from
+/// stopping.
+const SHUTDOWN_DRAIN: Duration = if cfg!(test) {
+    Duration::from_secs(2)
+} else {
+    Duration::from_secs(10)
+};
+
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting, lets each
 /// connection finish its request in flight (hyper's graceful shutdown) and returns once all
-/// are closed.
+/// are closed, or after [`SHUTDOWN_DRAIN`] with those still open left to be dropped.
 pub async fn serve<L>(
     mut listener: L,
     app: Router,
@@ -228,7 +239,15 @@ pub async fn serve<L>(
     stop_tx.send_replace(true);
     drop(done_rx);
     drop(listener);
-    done_tx.closed().await;
+    if tokio::time::timeout(SHUTDOWN_DRAIN, done_tx.closed())
+        .await
+        .is_err()
+    {
+        warn!(
+            open = done_tx.receiver_count(),
+            "connections still open after {SHUTDOWN_DRAIN:?}; stopping without them"
+        );
+    }
 }
 
 #[cfg(test)]
@@ -575,6 +594,42 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let read = tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await;
         assert!(read.is_err(), "the event stream ended: {read:?}");
+    }
+
+    #[tokio::test]
+    async fn shutdown_is_not_held_up_by_an_open_event_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::start(Home::new(dir.path().to_owned()))
+            .await
+            .unwrap();
+        let socket = dir.path().join("t.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let settings = test_settings();
+        let app = unix_app(engine, &settings);
+        let served = tokio::spawn(async move {
+            serve(listener, app, &settings, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        });
+        let mut s = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        s.write_all(b"GET /v1/events HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(HANG, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(HANG, served)
+            .await
+            .expect("serve returned although a stream was open")
+            .unwrap();
+        // New connections are refused once it returned.
+        assert!(tokio::net::UnixStream::connect(&socket).await.is_err());
     }
 
     #[tokio::test]
