@@ -1,6 +1,6 @@
 //! A seeded property-based fuzz of every route of the OpenAPI document, against the real
-//! edge ([`crate::listen::serve`] on a unix socket) and router, with a test engine on a temp
-//! home.
+//! edge ([`crate::listen::serve`] on the unix socket and, for a quarter of the requests, on
+//! the TCP listener with its bearer token) and router, with a test engine on a temp home.
 //!
 //! Each round picks an operation of the document and builds one request from it: valid or
 //! mutated JSON bodies generated from the operation's request schema (non-object JSON, wrong
@@ -531,15 +531,31 @@ fn request_for(rng: &mut StdRng, doc: &Value, op: &Op) -> Req {
     }
 }
 
+/// Where a request goes: the unix socket (no token) or the TCP listener (bearer token).
+enum Door {
+    Unix(std::path::PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Stream for T {}
+
 /// The answer's status, headers (lower-case names) and body (for errors; empty for a 2xx,
 /// a 101 or a HEAD, whose bodies may never end).
-async fn send(
-    socket: &std::path::Path,
-    req: &Req,
-) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String> {
-    let mut s = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+async fn send(door: &Door, req: &Req) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String> {
+    let s: Box<dyn Stream> = match door {
+        Door::Unix(path) => Box::new(
+            tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(|e| format!("connect: {e}"))?,
+        ),
+        Door::Tcp(addr) => Box::new(
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?,
+        ),
+    };
+    let mut s = s;
     // The daemon may answer (and close) before reading all of a body it refuses.
     let _ = s.write_all(&req.bytes()).await;
     let mut buf = Vec::new();
@@ -702,6 +718,17 @@ async fn api_fuzz_every_route_no_5xx_and_answers_on_schema() {
     tokio::spawn(
         async move { crate::listen::serve(listener, app, &s, std::future::pending()).await },
     );
+    // The TCP listener too, behind its bearer token.
+    let token_path = kiln_client::ClientHome::new(dir.path().to_owned()).token();
+    let token = kiln_client::token::read_or_create(&token_path).expect("token");
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let tcp_addr = tcp.local_addr().expect("address");
+    let app = crate::listen::tcp_app(Arc::clone(&engine), &settings, token_path);
+    let s = settings.clone();
+    tokio::spawn(async move { crate::listen::serve(tcp, app, &s, std::future::pending()).await });
+    let (unix_door, tcp_door) = (Door::Unix(socket), Door::Tcp(tcp_addr));
 
     let mut rng = StdRng::seed_from_u64(seed);
     let (mut bad_inputs, mut five_xx, mut off_schema) = (0u64, 0u64, 0u64);
@@ -709,9 +736,18 @@ async fn api_fuzz_every_route_no_5xx_and_answers_on_schema() {
     let mut seen = std::collections::BTreeMap::<u16, u64>::new();
     for round in 0..rounds {
         let op = ops.choose(&mut rng).expect("operations");
-        let req = request_for(&mut rng, &doc, op);
+        let mut req = request_for(&mut rng, &doc, op);
         bad_inputs += u64::from(req.bad);
-        let answer = tokio::time::timeout(ANSWER_DEADLINE, send(&socket, &req)).await;
+        // A quarter go to the TCP listener: with the token, unless the request carries a
+        // wrong one (then only 401 is right).
+        let over_tcp = rng.random_bool(0.25);
+        let wrong_token = over_tcp && req.headers.iter().any(|(k, _)| k == "authorization");
+        if over_tcp && !wrong_token {
+            req.headers
+                .push(("authorization".to_owned(), format!("Bearer {token}")));
+        }
+        let door = if over_tcp { &tcp_door } else { &unix_door };
+        let answer = tokio::time::timeout(ANSWER_DEADLINE, send(door, &req)).await;
         let (status, _headers, body) = match answer {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => {
@@ -726,7 +762,11 @@ async fn api_fuzz_every_route_no_5xx_and_answers_on_schema() {
             }
         };
         *seen.entry(status).or_default() += 1;
-        let (statuses, reached) = allowed(&ops, &req);
+        let (statuses, reached) = if wrong_token {
+            ([401].into(), "(wrong token)".to_owned())
+        } else {
+            allowed(&ops, &req)
+        };
         let mut problem = None;
         if status >= 500 {
             five_xx += 1;
@@ -737,6 +777,9 @@ async fn api_fuzz_every_route_no_5xx_and_answers_on_schema() {
             match serde_json::from_slice::<kiln_api_types::ApiError>(&body) {
                 Ok(e) if e.code.parse::<kiln_api_types::ErrorCode>().is_err() => {
                     problem = Some(format!("code {:?} is not an ErrorCode", e.code));
+                }
+                Ok(e) if status == 401 && e.code != "unauthorized" => {
+                    problem = Some(format!("401 with code {:?}", e.code));
                 }
                 Ok(e) if status == 404 && reached == "(no route)" && e.code != "not_found" => {
                     problem = Some(format!("unrouted 404 with code {:?}", e.code));
