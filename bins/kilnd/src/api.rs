@@ -99,7 +99,7 @@ const MAX_REJECTION_TEXT: usize = 4096;
 /// Turns the error responses axum produces itself (body over the limit, wrong method, a
 /// missing WebSocket upgrade, ...) into [`ApiError`] bodies, so that every error of this API
 /// has the one documented shape. Handler errors are JSON already and pass unchanged.
-async fn json_errors(resp: Response) -> Response {
+pub(crate) async fn json_errors(resp: Response) -> Response {
     let status = resp.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return resp;
@@ -116,7 +116,11 @@ async fn json_errors(resp: Response) -> Response {
         .await
         .unwrap_or_default();
     let code = match status {
-        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => ErrorCode::NotFound,
+        StatusCode::NOT_FOUND => ErrorCode::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::REQUEST_TIMEOUT => ErrorCode::RequestTimeout,
+        StatusCode::URI_TOO_LONG => ErrorCode::UriTooLong,
         s if s.is_client_error() => ErrorCode::BadRequest,
         _ => ErrorCode::Internal,
     };
@@ -144,7 +148,8 @@ impl IntoResponse for HttpError {
     }
 }
 
-fn error(status: StatusCode, code: ErrorCode, message: String) -> HttpError {
+/// An error answer with an [`ApiError`] body.
+pub(crate) fn error(status: StatusCode, code: ErrorCode, message: String) -> HttpError {
     HttpError(
         status,
         ApiError {
@@ -876,6 +881,7 @@ async fn exec_attach(
 
 /// Query of [`sandbox_logs`].
 #[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct LogsQuery {
     /// Keep the response open and send what the console prints next, until the sandbox's

@@ -11,6 +11,8 @@
 //! (or `listen_public = true`) asks for it: whoever holds the token can run code here.
 
 mod api;
+#[cfg(test)]
+mod api_fuzz;
 mod auth;
 mod exec_ws;
 mod listen;
@@ -19,6 +21,7 @@ mod openapi;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -29,6 +32,12 @@ use tracing::info;
 
 /// Largest request body by default (64 secrets of 64 KiB fit).
 const DEFAULT_MAX_BODY_BYTES: u64 = 8 << 20;
+/// Connections served at once per listener by default; more wait to be accepted.
+const DEFAULT_MAX_CONNECTIONS: u32 = 512;
+/// Time a client has to send a request head by default (also an idle keep-alive's limit).
+const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 30;
+/// Time a request body may send nothing while the daemon waits for it, by default.
+const DEFAULT_BODY_TIMEOUT_SECS: u64 = 60;
 
 /// kilnd: the kiln daemon. Serves kiln's HTTP API on `$KILN_HOME/kilnd.sock`; the `kiln` CLI
 /// starts it on demand. Settings: flags > environment > $KILN_HOME/config.toml > defaults
@@ -60,6 +69,12 @@ pub struct Settings {
     pub listen: Option<SocketAddr>,
     /// Largest request body in bytes.
     pub max_body_bytes: u64,
+    /// Connections served at once per listener (at least 1).
+    pub max_connections: usize,
+    /// Time a client has to send a request's head.
+    pub header_timeout: Duration,
+    /// Time a request body may send nothing while a handler waits for it.
+    pub body_timeout: Duration,
 }
 
 impl Settings {
@@ -100,9 +115,45 @@ impl Settings {
             file.max_body_bytes,
             DEFAULT_MAX_BODY_BYTES,
         );
+        let max_connections = config::pick(
+            None,
+            config::env("KILN_MAX_CONNECTIONS", "a number of connections")?,
+            file.max_connections,
+            DEFAULT_MAX_CONNECTIONS,
+        );
+        if max_connections == 0 {
+            bail!("max_connections must be at least 1");
+        }
+        let secs = |name: &'static str, v: u64| {
+            if v == 0 {
+                bail!("{name} must be at least 1 second");
+            }
+            Ok(Duration::from_secs(v))
+        };
+        let header_timeout = secs(
+            "request_header_timeout_secs",
+            config::pick(
+                None,
+                config::env("KILN_REQUEST_HEADER_TIMEOUT_SECS", "a number of seconds")?,
+                file.request_header_timeout_secs,
+                DEFAULT_HEADER_TIMEOUT_SECS,
+            ),
+        )?;
+        let body_timeout = secs(
+            "request_body_timeout_secs",
+            config::pick(
+                None,
+                config::env("KILN_REQUEST_BODY_TIMEOUT_SECS", "a number of seconds")?,
+                file.request_body_timeout_secs,
+                DEFAULT_BODY_TIMEOUT_SECS,
+            ),
+        )?;
         Ok(Settings {
             listen,
             max_body_bytes,
+            max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+            header_timeout,
+            body_timeout,
         })
     }
 }
@@ -192,18 +243,15 @@ async fn serve(home: Home, settings: Settings) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let unix_app = listen::unix_app(Arc::clone(&engine), &settings);
-    let unix = axum::serve(listener, unix_app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let unix = listen::serve(listener, unix_app, &settings, stopped(stop_rx.clone()));
     match tcp {
         Some((tcp_listener, token_path)) => {
             info!(addr = %tcp_listener.local_addr()?, "kilnd serving on TCP (bearer token required)");
             let tcp_app = listen::tcp_app(Arc::clone(&engine), &settings, token_path);
-            let tcp =
-                axum::serve(tcp_listener, tcp_app).with_graceful_shutdown(stopped(stop_rx.clone()));
-            let (u, t) = tokio::join!(unix, tcp);
-            u.context("API server failed")?;
-            t.context("TCP API server failed")?;
+            let tcp = listen::serve(tcp_listener, tcp_app, &settings, stopped(stop_rx.clone()));
+            tokio::join!(unix, tcp);
         }
-        None => unix.await.context("API server failed")?,
+        None => unix.await,
     }
 
     info!("shutting down: stopping sandboxes");
@@ -276,6 +324,54 @@ mod tests {
         let s = Settings::resolve(&args(&[]), &Config::default()).unwrap();
         assert_eq!(s.listen, None);
         assert_eq!(s.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    }
+
+    #[test]
+    fn settings_edge_limits_come_from_the_file_and_zero_is_refused() {
+        let s = Settings::resolve(&args(&[]), &Config::default()).unwrap();
+        assert_eq!(s.max_connections, DEFAULT_MAX_CONNECTIONS as usize);
+        assert_eq!(
+            s.header_timeout,
+            Duration::from_secs(DEFAULT_HEADER_TIMEOUT_SECS)
+        );
+        assert_eq!(
+            s.body_timeout,
+            Duration::from_secs(DEFAULT_BODY_TIMEOUT_SECS)
+        );
+        let file = Config {
+            max_connections: Some(7),
+            request_header_timeout_secs: Some(3),
+            request_body_timeout_secs: Some(4),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&args(&[]), &file).unwrap();
+        assert_eq!(
+            (s.max_connections, s.header_timeout, s.body_timeout),
+            (7, Duration::from_secs(3), Duration::from_secs(4))
+        );
+        for file in [
+            Config {
+                max_connections: Some(0),
+                ..Default::default()
+            },
+            Config {
+                request_header_timeout_secs: Some(0),
+                ..Default::default()
+            },
+            Config {
+                request_body_timeout_secs: Some(0),
+                ..Default::default()
+            },
+        ] {
+            let err = Settings::resolve(&args(&[]), &file).unwrap_err();
+            assert!(err.to_string().contains("at least 1"), "{err}");
+        }
+        let parsed = Config::parse(
+            "max_connections = 9\nrequest_header_timeout_secs = 2\nrequest_body_timeout_secs = 5\n",
+            std::path::Path::new("config.toml"),
+        )
+        .unwrap();
+        assert_eq!(parsed.max_connections, Some(9));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The OpenAPI 3.1 document: its fixed parts ([`ApiDoc`]), what every operation shares (the
-//! optional bearer token and its 401, the 413 of a body over the limit, `x-kiln-websocket`),
+//! optional bearer token and its 401, the edge's 400/408/413/414, `x-kiln-websocket`),
 //! and the tests that keep the document honest.
 //!
 //! The paths themselves are not written here: they come from the handlers' `#[utoipa::path]`
@@ -26,7 +26,7 @@ use utoipa::openapi::{RefOr, Response as OaResponse, ResponseBuilder};
     info(
         title = "kiln",
         version = "1",
-        description = "Local microVM sandboxes. `kilnd` serves this API on the unix socket `$KILN_HOME/kilnd.sock` (no token) and, if asked, on a TCP address where every request needs `Authorization: Bearer <token>` (the token is in `$KILN_HOME/token`). Every error body is an `ApiError` whose `code` is one of `ErrorCode`. The WebSocket routes exchange `ExecRequest`/`RunRequest`, `ExecClientMessage` and `ExecServerMessage` as described in docs/protocol.md.",
+        description = "Local microVM sandboxes. `kilnd` serves this API on the unix socket `$KILN_HOME/kilnd.sock` (no token) and, if asked, on a TCP address where every request needs `Authorization: Bearer <token>` (the token is in `$KILN_HOME/token`). Every error body is an `ApiError` whose `code` is one of `ErrorCode`; a method a path does not serve is 405 `method_not_allowed`. The WebSocket routes exchange `ExecRequest`/`RunRequest`, `ExecClientMessage` and `ExecServerMessage` as described in docs/protocol.md.",
         license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
     servers((url = "http://localhost", description = "kilnd (unix socket or TCP listener)")),
@@ -103,7 +103,24 @@ fn websocket_extension(
     )
 }
 
-/// What every operation shares: the optional bearer token (TCP only) and its 401.
+/// An error response whose body is an `ApiError`.
+fn api_error_response(description: &str) -> OaResponse {
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            utoipa::openapi::ContentBuilder::new()
+                .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                    "ApiError",
+                ))))
+                .build(),
+        )
+        .build()
+}
+
+/// What every operation shares: the optional bearer token (TCP only) and its 401, and the
+/// answers of the API's edge (`crate::listen`, `crate::api::json_errors`): 414 for any
+/// operation, 400 for one with parameters, 408 and 413 for one with a body.
 fn add_common_parts(doc: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::security::SecurityRequirement;
     let components = doc.components.get_or_insert_with(Default::default);
@@ -111,34 +128,45 @@ fn add_common_parts(doc: &mut utoipa::openapi::OpenApi) {
         "bearer".to_owned(),
         SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
     );
-    let unauthorized: OaResponse = ResponseBuilder::new()
-        .description("Unauthorized (`code` `unauthorized`): a request on the TCP listener without the right `Authorization: Bearer` token. Never on the unix socket.")
-        .content(
-            "application/json",
-            utoipa::openapi::ContentBuilder::new()
-                .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
-                    "ApiError",
-                ))))
-                .build(),
-        )
-        .build();
-    components
-        .responses
-        .insert("Unauthorized".to_owned(), RefOr::T(unauthorized));
-    let too_large: OaResponse = ResponseBuilder::new()
-        .description("Payload Too Large (`code` `bad_request`): the body is larger than the daemon's `max_body_bytes` (docs/config.md).")
-        .content(
-            "application/json",
-            utoipa::openapi::ContentBuilder::new()
-                .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
-                    "ApiError",
-                ))))
-                .build(),
-        )
-        .build();
-    components
-        .responses
-        .insert("PayloadTooLarge".to_owned(), RefOr::T(too_large));
+    let shared = [
+        (
+            "400",
+            "BadRequest",
+            "Bad Request (`code` `bad_request`): a malformed request, e.g. a path parameter that is not percent-encoded UTF-8 or an unknown query parameter.",
+        ),
+        (
+            "401",
+            "Unauthorized",
+            "Unauthorized (`code` `unauthorized`): a request on the TCP listener without the right `Authorization: Bearer` token. Never on the unix socket.",
+        ),
+        (
+            "408",
+            "RequestTimeout",
+            "Request Timeout (`code` `request_timeout`): the request body sent nothing for the daemon's `request_body_timeout_secs` (docs/config.md); the connection is closed.",
+        ),
+        (
+            "413",
+            "PayloadTooLarge",
+            "Payload Too Large (`code` `payload_too_large`): the body is larger than the daemon's `max_body_bytes` (docs/config.md).",
+        ),
+        (
+            "414",
+            "UriTooLong",
+            "URI Too Long (`code` `uri_too_long`): the path and query are longer than 8 KiB.",
+        ),
+    ];
+    for (_, name, description) in shared {
+        components
+            .responses
+            .insert(name.to_owned(), RefOr::T(api_error_response(description)));
+    }
+    let shared_ref = |status: &str| {
+        let (_, name, _) = shared
+            .iter()
+            .find(|(s, _, _)| *s == status)
+            .expect("a shared response of this status");
+        RefOr::Ref(utoipa::openapi::Ref::from_response_name(*name))
+    };
     // `{}` makes the token optional: the unix socket needs none.
     doc.security = Some(vec![
         SecurityRequirement::default(),
@@ -155,20 +183,23 @@ fn add_common_parts(doc: &mut utoipa::openapi::OpenApi) {
         .into_iter()
         .flatten()
         {
-            op.responses.responses.insert(
-                "401".to_owned(),
-                RefOr::Ref(utoipa::openapi::Ref::from_response_name("Unauthorized")),
-            );
+            let responses = &mut op.responses.responses;
+            responses.insert("401".to_owned(), shared_ref("401"));
+            responses.insert("414".to_owned(), shared_ref("414"));
             if let Some(ext) = websocket_extension(op.operation_id.as_deref()) {
                 op.extensions
                     .get_or_insert_with(Default::default)
                     .merge(ext);
             }
+            let has_params = op.parameters.as_ref().is_some_and(|p| !p.is_empty());
+            if has_params || op.request_body.is_some() {
+                responses
+                    .entry("400".to_owned())
+                    .or_insert_with(|| shared_ref("400"));
+            }
             if op.request_body.is_some() {
-                op.responses.responses.insert(
-                    "413".to_owned(),
-                    RefOr::Ref(utoipa::openapi::Ref::from_response_name("PayloadTooLarge")),
-                );
+                responses.insert("408".to_owned(), shared_ref("408"));
+                responses.insert("413".to_owned(), shared_ref("413"));
             }
         }
     }
@@ -321,6 +352,17 @@ mod tests {
         codes
     }
 
+    /// The codes only the daemon's edge produces (`api.rs`, `auth.rs`, `listen.rs`).
+    const DAEMON_CODES: &[&str] = &[
+        "not_found",
+        "internal",
+        "unauthorized",
+        "method_not_allowed",
+        "request_timeout",
+        "payload_too_large",
+        "uri_too_long",
+    ];
+
     #[test]
     fn error_codes_of_engine_are_all_listed() {
         let codes = core_error_codes();
@@ -332,23 +374,14 @@ mod tests {
             );
         }
         // The daemon's own codes.
-        for code in ["not_found", "internal", "unauthorized", "bad_request"] {
+        for code in DAEMON_CODES.iter().chain(&["bad_request"]) {
             assert!(code.parse::<ErrorCode>().is_ok(), "{code}");
         }
         // And nothing listed is dead: each code is the engine's or the daemon's.
         for c in ErrorCode::ALL {
             assert!(
                 codes.iter().any(|k| k == c.as_str())
-                    || [
-                        "not_found",
-                        "internal",
-                        "unauthorized",
-                        "method_not_allowed",
-                        "request_timeout",
-                        "payload_too_large",
-                        "uri_too_long",
-                    ]
-                    .contains(&c.as_str()),
+                    || DAEMON_CODES.contains(&c.as_str()),
                 "ErrorCode {c} is produced by nobody"
             );
         }

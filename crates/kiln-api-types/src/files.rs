@@ -62,6 +62,7 @@ pub struct FileList {
 
 /// `?path=…` of the file routes that name one path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct FilePathQuery {
     /// Absolute path in the guest.
@@ -70,6 +71,7 @@ pub struct FilePathQuery {
 
 /// `?path=…&mode=…&tar=…` of `PUT /v1/sandboxes/{id}/files`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct FileWriteQuery {
     /// Where the file appears once complete (atomically: written beside it, then renamed);
@@ -86,6 +88,7 @@ pub struct FileWriteQuery {
 
 /// `?path=…&tar=…` of `GET /v1/sandboxes/{id}/files`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct FileReadQuery {
     /// The file (with `tar`, the directory) to read.
@@ -97,6 +100,7 @@ pub struct FileReadQuery {
 
 /// `?path=…&after=…` of `GET /v1/sandboxes/{id}/files/list`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct FileListQuery {
     /// The directory.
@@ -108,6 +112,7 @@ pub struct FileListQuery {
 
 /// `?path=…&recursive=…` of `DELETE /v1/sandboxes/{id}/files`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct FileRemoveQuery {
     /// What to remove.

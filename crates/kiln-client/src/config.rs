@@ -28,6 +28,14 @@ pub struct Config {
     pub listen_public: Option<bool>,
     /// Largest HTTP request body `kilnd` accepts, in bytes (`$KILN_MAX_BODY_BYTES`).
     pub max_body_bytes: Option<u64>,
+    /// Connections `kilnd` serves at once per listener (`$KILN_MAX_CONNECTIONS`).
+    pub max_connections: Option<u32>,
+    /// Seconds a client has to send a request's head to `kilnd`
+    /// (`$KILN_REQUEST_HEADER_TIMEOUT_SECS`).
+    pub request_header_timeout_secs: Option<u64>,
+    /// Seconds a request body may send nothing while `kilnd` waits for it
+    /// (`$KILN_REQUEST_BODY_TIMEOUT_SECS`).
+    pub request_body_timeout_secs: Option<u64>,
 }
 
 /// Errors loading the config file.
