@@ -380,8 +380,7 @@ mod tests {
         // And nothing listed is dead: each code is the engine's or the daemon's.
         for c in ErrorCode::ALL {
             assert!(
-                codes.iter().any(|k| k == c.as_str())
-                    || DAEMON_CODES.contains(&c.as_str()),
+                codes.iter().any(|k| k == c.as_str()) || DAEMON_CODES.contains(&c.as_str()),
                 "ErrorCode {c} is produced by nobody"
             );
         }

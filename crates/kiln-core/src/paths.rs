@@ -39,20 +39,21 @@ impl Home {
         Home { root }
     }
 
-    /// Creates the top-level directories, the root with mode 0700; a root that exists with
-    /// looser permissions (guest RAM and disk layers live below it) is tightened to 0700.
+    /// Creates the top-level directories. The root and the directories that hold guest RAM,
+    /// disk layers and consoles (`run`, `snapshots`, `saved`, `logs`) get mode 0700, and any
+    /// of them that exists with looser permissions is tightened to 0700: kiln's files are the
+    /// owner's alone whatever the home was like before.
     pub fn ensure(&self) -> std::io::Result<()> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.root)?;
-        let mode = std::fs::metadata(&self.root)?.permissions().mode();
-        if mode & 0o077 != 0 {
-            std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))?;
-            tracing::warn!(path = %self.root.display(), mode = format!("{:o}", mode & 0o7777), "state directory was readable by others; tightened to 0700");
+        for dir in [
+            self.root.clone(),
+            self.run_dir(),
+            self.root.join("snapshots"),
+            self.root.join("saved"),
+            self.root.join("logs"),
+        ] {
+            private_dir(&dir)?;
         }
-        for dir in [self.run_dir(), self.images_dir(), self.root.join("cache")] {
+        for dir in [self.images_dir(), self.root.join("cache")] {
             std::fs::create_dir_all(dir)?;
         }
         Ok(())
@@ -118,6 +119,21 @@ impl Home {
     }
 }
 
+/// Creates `dir` with mode 0700, or tightens it to 0700 if it exists with a looser mode.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        tracing::warn!(path = %dir.display(), mode = format!("{:o}", mode & 0o7777), "directory was readable by others; tightened to 0700");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,9 +145,17 @@ mod tests {
         let root = tmp.path().join("home");
         std::fs::create_dir(&root).unwrap();
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir(root.join("run")).unwrap();
+        std::fs::set_permissions(root.join("run"), std::fs::Permissions::from_mode(0o755)).unwrap();
         Home::new(root.clone()).ensure().unwrap();
-        let mode = std::fs::metadata(&root).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o700);
+        for dir in ["", "run", "snapshots", "saved", "logs"] {
+            let mode = std::fs::metadata(root.join(dir))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
+            assert_eq!(mode, 0o700, "{dir:?}");
+        }
     }
 
     #[test]

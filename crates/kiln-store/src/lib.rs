@@ -292,7 +292,11 @@ impl Store {
     }
 
     /// Sets (or, with `None`, clears) a sandbox's error. Returns whether the row exists.
-    pub fn sandbox_set_error(&self, id: &SandboxId, error: Option<&str>) -> Result<bool, StoreError> {
+    pub fn sandbox_set_error(
+        &self,
+        id: &SandboxId,
+        error: Option<&str>,
+    ) -> Result<bool, StoreError> {
         let n = self.write_reserved("update sandbox error", |conn| {
             conn.execute(
                 "UPDATE sandboxes SET error = ?2 WHERE id = ?1",

@@ -186,7 +186,10 @@ impl Drop for Kiln {
             let _ = self.run(&["daemon", "stop", "--all"]);
         }
         if self.mounted {
-            let _ = Command::new("umount").arg("--lazy").arg(&self.home).status();
+            let _ = Command::new("umount")
+                .arg("--lazy")
+                .arg(&self.home)
+                .status();
         }
     }
 }

@@ -81,7 +81,11 @@ fn stopped_guest_is_unresponsive_recovers_and_fails_after_grace() {
     let out = k.run(&["exec", &id, "--", "echo", "back"]);
     assert_success(&out, "exec after recovery");
     assert_eq!(stdout(&out), "back\n");
-    assert_eq!(error_of(&k, &id), "", "a recovered sandbox carries no error");
+    assert_eq!(
+        error_of(&k, &id),
+        "",
+        "a recovered sandbox carries no error"
+    );
 
     signal(qemu, libc::SIGSTOP);
     wait_until("failed after the grace period", 120, || {
@@ -166,7 +170,10 @@ fn full_host_disk_pauses_then_resumes_and_is_named() {
 
     // A user snapshot needs the guest's memory in free space: refused up front, named.
     let out = std::process::Command::new("fallocate")
-        .args(["-l", &free_bytes(k.home()).saturating_sub(8 << 20).to_string()])
+        .args([
+            "-l",
+            &free_bytes(k.home()).saturating_sub(8 << 20).to_string(),
+        ])
         .arg(&ballast)
         .output()
         .expect("fallocate");
