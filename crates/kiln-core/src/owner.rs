@@ -340,10 +340,16 @@ impl Owner {
     /// [`ANSWER_DEADLINE`] makes a running one unresponsive, and one unresponsive for longer
     /// than the grace period failed.
     async fn heartbeat(&mut self) -> Flow {
-        let answered = matches!(
-            tokio::time::timeout(ANSWER_DEADLINE, self.sb.agent().ping()).await,
-            Ok(Ok(_))
-        );
+        let answered = match tokio::time::timeout(ANSWER_DEADLINE, self.sb.agent().ping()).await {
+            Ok(Ok(_)) => true,
+            // The channel failed: that is the VM's death or a protocol violation, which
+            // `watch_failure` reports; it is not silence.
+            Ok(Err(_)) => {
+                self.next_beat = Instant::now() + HEARTBEAT_INTERVAL;
+                return Flow::Continue;
+            }
+            Err(_) => false,
+        };
         if answered {
             if let Some(Cause::Unresponsive { since, .. }) = self.cause.take() {
                 info!(sandbox_id = %self.id(), after_s = since.elapsed().as_secs(), "sandbox answers again");
