@@ -155,8 +155,22 @@ impl Drop for Kiln {
     fn drop(&mut self) {
         if self._own.is_some() {
             let _ = self.run(&["daemon", "stop", "--all"]);
+            // Published snapshot (and image) files are immutable; the temporary home can only
+            // be removed once their flags are cleared. Symlinks (the shared `images`) are not
+            // followed.
+            if let Err(e) = kiln_snapshot::unseal_tree(&self.home) {
+                eprintln!("cannot unseal {}: {e}", self.home.display());
+            }
         }
     }
+}
+
+/// Lifts the seal of a published file (immutable flag, read-only mode) so that a test can
+/// damage it on purpose, as a writer below kiln could.
+pub fn unseal(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    kiln_snapshot::unseal_file(path).expect("clear the immutable flag");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod u+w");
 }
 
 /// Whether a process exists (and is not a zombie).
