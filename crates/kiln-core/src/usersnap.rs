@@ -153,6 +153,7 @@ pub async fn restore(
         name: snap.name.clone(),
         reason: crate::error::error_chain(&e),
     })?;
+    warm::reseal(&snap.dir);
     let started = Instant::now();
     let (vm, agent, _ack) = warm::restore(spec, &snap.dir, run_dir, id.as_str()).await?;
     Ok(Sandbox::assemble(id.clone(), vm, agent, started.elapsed()))

@@ -143,6 +143,7 @@ pub async fn verify(spec: &MachinePlan<'_>, dir: &Path) -> Result<(), CoreError>
     match res {
         Ok(report) => {
             tracing::debug!(snapshot = %dir.display(), hashed = ?report.hashed, "snapshot verified");
+            reseal(dir);
             Ok(())
         }
         Err(e) => {
@@ -154,6 +155,15 @@ pub async fn verify(spec: &MachinePlan<'_>, dir: &Path) -> Result<(), CoreError>
             }
             Err(snapshot_err(e))
         }
+    }
+}
+
+/// Seals again any file of a verified snapshot that lost its seal (a daemon killed while a
+/// restore had lifted the flag of `mem`); files of restores starting now are left alone.
+pub(crate) fn reseal(dir: &Path) {
+    if let Err(e) = kiln_snapshot::reseal_dir(dir) {
+        tracing::warn!(snapshot = %dir.display(), error = %crate::error::error_chain(&e),
+            "could not seal the snapshot's files again");
     }
 }
 

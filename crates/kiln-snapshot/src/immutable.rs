@@ -190,6 +190,26 @@ pub fn remove_tree(path: &Path) -> Result<(), SnapshotError> {
     }
 }
 
+/// Seals again every regular file directly in a published snapshot directory that lost its
+/// seal, except files with an open [`WritableWindow`] (a restore is starting on them). A
+/// daemon killed inside a window leaves that file unsealed; the next verified use of the
+/// snapshot calls this. A no-op (no ctime change) for files that are still sealed.
+pub fn reseal_dir(dir: &Path) -> Result<Protection, SnapshotError> {
+    let map = windows();
+    let mut protection = Protection::Immutable;
+    for entry in std::fs::read_dir(dir).map_err(|e| SnapshotError::io("read", dir, e))? {
+        let entry = entry.map_err(|e| SnapshotError::io("read", dir, e))?;
+        let path = entry.path();
+        if !entry.file_type().is_ok_and(|t| t.is_file()) || map.contains_key(&path) {
+            continue;
+        }
+        if seal_file(&path)? == Protection::ModeOnly {
+            protection = Protection::ModeOnly;
+        }
+    }
+    Ok(protection)
+}
+
 /// Open windows: per file, how many holders and whether the flag must be set again.
 struct Window {
     holders: usize,
@@ -361,6 +381,27 @@ mod tests {
         // A descriptor opened in the window cannot write once the flag is back.
         assert!(f.write_all(b"x").is_err());
         assert_eq!(std::fs::read(&path).expect("read"), b"ram");
+        remove_tree(dir.path()).expect("remove");
+    }
+
+    #[test]
+    fn reseal_dir_seals_what_lost_its_seal_but_not_an_open_window() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        if !flag_works(dir.path()) {
+            return;
+        }
+        let (mem, state) = (dir.path().join("mem"), dir.path().join("state"));
+        for p in [&mem, &state] {
+            std::fs::write(p, b"x").expect("write");
+            seal_file(p).expect("seal");
+        }
+        let window = WritableWindow::open(&mem).expect("open");
+        unseal_file(&state).expect("as a crash inside a window would leave it");
+        reseal_dir(dir.path()).expect("reseal");
+        assert!(is_immutable(&state), "resealed");
+        assert!(!is_immutable(&mem), "a starting restore keeps its window");
+        drop(window);
+        assert!(is_immutable(&mem));
         remove_tree(dir.path()).expect("remove");
     }
 

@@ -41,8 +41,8 @@ mod verify;
 
 pub use error::{FieldDiff, SnapshotError};
 pub use immutable::{
-    Protection, WritableWindow, is_immutable, remove_tree, seal_dir_files, seal_file, unseal_file,
-    unseal_tree,
+    Protection, WritableWindow, is_immutable, remove_tree, reseal_dir, seal_dir_files, seal_file,
+    unseal_file, unseal_tree,
 };
 pub use manifest::{
     CaptureInfo, CaptureKind, FileEntry, SnapshotFingerprint, SnapshotManifest, SnapshotName,
