@@ -215,8 +215,10 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Gives `k` its own copy of the shared `base` image (hard links where possible, so no
-/// 2 GiB copy) whose manifest records `digest` as its rootfs digest; returns the manifest.
+/// Gives `k` its own copy of the shared `base` image whose manifest records `digest` as its
+/// rootfs digest; returns the manifest. The files are copied (`cp --sparse=always` keeps
+/// the 2 GiB rootfs's holes), not linked: the test seals them, which must not reach the
+/// shared image through a shared inode.
 fn own_base_image(k: &Kiln, shared_images: &Path, digest: &str) -> PathBuf {
     let images = k.home().join("images");
     std::fs::remove_file(&images).expect("unlink the shared images link");
@@ -224,16 +226,13 @@ fn own_base_image(k: &Kiln, shared_images: &Path, digest: &str) -> PathBuf {
     std::fs::create_dir_all(&dst).expect("mkdir");
     let src = shared_images.join("base");
     for f in ["vmlinuz", "initramfs.cpio", "rootfs.ext4"] {
-        // A sealed (immutable) file cannot be hard-linked: copy it then, keeping holes.
-        if std::fs::hard_link(src.join(f), dst.join(f)).is_err() {
-            let out = std::process::Command::new("cp")
-                .arg("--sparse=always")
-                .arg(src.join(f))
-                .arg(dst.join(f))
-                .output()
-                .expect("spawn cp");
-            assert!(out.status.success(), "cp {f}: {out:?}");
-        }
+        let out = std::process::Command::new("cp")
+            .arg("--sparse=always")
+            .arg(src.join(f))
+            .arg(dst.join(f))
+            .output()
+            .expect("spawn cp");
+        assert!(out.status.success(), "cp {f}: {out:?}");
     }
     let manifest = dst.join("manifest.json");
     set_rootfs_digest(&manifest, &src.join("manifest.json"), digest);
@@ -279,7 +278,7 @@ fn recorded_disk(dir: &Path) -> String {
 fn same_id_rebuild_recaptures_warm_and_refuses_user_snapshot() {
     let k = Kiln::isolated();
     let shared_images = std::fs::read_link(k.home().join("images")).expect("shared images");
-    let (d1, d2, d3) = ("1".repeat(64), "2".repeat(64), "3".repeat(64));
+    let (d1, d2) = ("1".repeat(64), "2".repeat(64));
     let manifest = own_base_image(&k, &shared_images, &d1);
 
     let (first, source) = create(&k, &["--image", "base"]);
@@ -348,6 +347,19 @@ fn same_id_rebuild_recaptures_warm_and_refuses_user_snapshot() {
     set_rootfs_digest(&manifest, &manifest, &d1);
     let (fourth, source) = create(&k, &["--snapshot", "before-rebuild"]);
     assert_eq!(source, "snapshot");
-    set_rootfs_digest(&manifest, &manifest, &d3);
     assert_success(&k.run(&["rm", &second, &third, &fourth]), "kiln rm");
+
+    // An image published (sealed) by this kiln is still removed by `kiln image rm`, as the
+    // previous image is by a rebuild: both go through the same unsealing removal.
+    let image = manifest.parent().expect("image dir").to_owned();
+    let flag = flag_supported(k.home());
+    for f in ["rootfs.ext4", "initramfs.cpio", "manifest.json"] {
+        kiln_snapshot::seal_file(&image.join(f)).expect("seal like a publish");
+        assert_eq!(kiln_snapshot::is_immutable(&image.join(f)), flag);
+    }
+    if flag {
+        assert!(std::fs::remove_file(image.join("rootfs.ext4")).is_err());
+    }
+    assert_success(&k.run(&["image", "rm", "base"]), "kiln image rm");
+    assert!(!image.exists(), "the sealed image is still there");
 }
