@@ -758,3 +758,36 @@ fn cleanup_stale_tmp_removes_sealed_files_of_a_crashed_publish() {
     assert_eq!(removed, std::slice::from_ref(&dead));
     assert!(!dead.exists());
 }
+
+#[test]
+fn writable_window_keeps_the_seal_unless_the_file_was_written_inside_it() {
+    let root = scratch();
+    let dir = publish_settled(root.path(), "s");
+    let mem = dir.join(MEM_FILE);
+    if !crate::is_immutable(&mem) {
+        return; // No flag here (not root, or no inode flags): no window to open.
+    }
+    // Only the flag moved (ctime): no data file is hashed again.
+    drop(WritableWindow::open(&mem).expect("open"));
+    assert!(crate::is_immutable(&mem));
+    let r = verify_cached(&dir).expect("verifies");
+    assert!(r.hashed.is_empty(), "hashed {:?}", r.hashed);
+    // A write inside the window (it moves mtime) is caught by the next verify.
+    let window = WritableWindow::open(&mem).expect("open");
+    {
+        use std::os::unix::fs::{FileExt, PermissionsExt};
+        std::fs::set_permissions(&mem, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&mem)
+            .expect("writable inside the window");
+        // publish_settled waited past the clock tick since the file was last written, so
+        // this write's mtime differs from the sealed one.
+        f.write_all_at(b"!", 10).expect("write");
+    }
+    drop(window);
+    match verify_cached(&dir) {
+        Err(SnapshotError::DigestMismatch { path, .. }) => assert_eq!(path, mem),
+        other => panic!("expected DigestMismatch, got {other:?}"),
+    }
+}
