@@ -7,7 +7,9 @@
 //!
 //! Most tests share that home (and so one daemon). Tests that kill or restart the daemon get
 //! an isolated home of their own ([`Kiln::isolated`]) whose `images` directory links to the
-//! shared one, and whose daemon is stopped when the test ends.
+//! shared one, and whose daemon is stopped when the test ends. Published snapshot and image
+//! files are immutable (issue 8): an isolated home clears their flags before it is removed,
+//! and tests that damage such a file on purpose call [`unseal`] first.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
