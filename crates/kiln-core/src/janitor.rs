@@ -171,7 +171,8 @@ pub fn reclaim(home: &Home, store: &Store) -> Result<Reclaimed, CoreError> {
         if !known {
             let dir = entry.path();
             report.bytes_freed += allocated_bytes(&dir);
-            if std::fs::remove_dir_all(&dir).is_ok() {
+            // Saves are published snapshots: their files are sealed (remove_tree unseals).
+            if kiln_snapshot::remove_tree(&dir).is_ok() {
                 report.dirs_removed += 1;
             }
         }

@@ -1117,11 +1117,11 @@ pub(crate) fn event(id: &SandboxId, kind: EventKind) -> Event {
     }
 }
 
+/// Removes a directory kiln owns (runtime directory, saves, a snapshot taken out of sight),
+/// clearing the immutable flags of published snapshot files first.
 pub(crate) fn remove_dir(dir: &std::path::Path) {
-    if let Err(e) = std::fs::remove_dir_all(dir)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        warn!(path = %dir.display(), error = %e, "could not remove runtime directory");
+    if let Err(e) = kiln_snapshot::remove_tree(dir) {
+        warn!(path = %dir.display(), error = %error::error_chain(&e), "could not remove directory");
     }
 }
 

@@ -84,12 +84,98 @@ impl MachinePlan<'_> {
             cpus: self.machine.cpus,
             memory_mib: self.machine.memory_mib,
             // The image fingerprint covers the kernel package, the agent binary (the
-            // initramfs) and the recipe (the root file system); image files never change
-            // under one id.
+            // initramfs) and the recipe (the root file system)...
             kernel_digest: self.image.kernel_version.clone(),
             initramfs_digest: self.image.fingerprint.clone(),
             image_digest: self.image.fingerprint.clone(),
+            // ...except under `kiln image build --force`, which keeps the id and writes
+            // another root file system: the disk's own digest tells them apart. Empty for
+            // images built before it was recorded (it then matches only snapshots that
+            // record none either).
+            disk_digest: self.image.rootfs_sha256.clone().unwrap_or_default(),
             format_version: kiln_snapshot::FORMAT_VERSION,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_snapshot::SnapshotError;
+    use kiln_vmm::qemu::QemuVersion;
+
+    fn qemu() -> QemuInfo {
+        QemuInfo {
+            path: "/usr/bin/qemu-system-x86_64".into(),
+            version: QemuVersion {
+                major: 7,
+                minor: 2,
+                micro: 22,
+            },
+            version_line: "QEMU emulator version 7.2.22".into(),
+            x_ignore_shared: true,
+        }
+    }
+
+    fn image(rootfs_sha256: Option<String>) -> kiln_image::ImageManifest {
+        let recipe = kiln_image::builtin("base").expect("base recipe");
+        let inputs = kiln_image::FingerprintInputs::new(&recipe, "6.1", "00", "m", "s");
+        let fingerprint = inputs.fingerprint();
+        kiln_image::ImageManifest {
+            schema: kiln_image::MANIFEST_SCHEMA,
+            id: kiln_image::ImageId(kiln_image::short_id(&fingerprint)),
+            name: "base".into(),
+            recipe,
+            fingerprint,
+            inputs,
+            kernel_version: "6.1".into(),
+            kernel_release: "6.1.0-cloud-amd64".into(),
+            created_unix: 0,
+            files: Vec::new(),
+            rootfs_sha256,
+        }
+    }
+
+    fn fingerprint_of(image: &kiln_image::ImageManifest) -> SnapshotFingerprint {
+        let qemu = qemu();
+        let plan = MachinePlan {
+            qemu: &qemu,
+            accel: Accel::Tcg,
+            image,
+            home: Path::new("/home/kiln"),
+            machine: MachineSpec {
+                cpus: 1,
+                memory_mib: 256,
+            },
+            mode: CaptureMode::IgnoreShared,
+        };
+        let cfg = plan.vm_config(Path::new("/r"), "/r/disk".into(), "/r/mem".into(), false);
+        plan.fingerprint(&cfg)
+    }
+
+    #[test]
+    fn fingerprint_same_id_rebuilt_disk_differs_only_in_disk_digest() {
+        let before = image(Some("a".repeat(64)));
+        let rebuilt = image(Some("b".repeat(64)));
+        assert_eq!(before.id, rebuilt.id, "a --force rebuild keeps the id");
+        let diffs = fingerprint_of(&before).diff(&fingerprint_of(&rebuilt));
+        assert_eq!(diffs.len(), 1, "{diffs:?}");
+        assert_eq!(diffs[0].field, "disk_digest");
+        // What a restore reports (warm: the cold-boot reason; user: snapshot_unusable).
+        let e = SnapshotError::FingerprintMismatch { diffs };
+        assert!(
+            e.to_string()
+                .starts_with("snapshot is incompatible: root disk (disk_digest): snapshot aaaa"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn fingerprint_image_without_digest_records_none_and_matches_only_none() {
+        let legacy = fingerprint_of(&image(None));
+        assert_eq!(legacy.disk_digest, "");
+        assert!(legacy.diff(&fingerprint_of(&image(None))).is_empty());
+        let rebuilt = fingerprint_of(&image(Some("c".repeat(64))));
+        assert_eq!(legacy.diff(&rebuilt).len(), 1);
     }
 }

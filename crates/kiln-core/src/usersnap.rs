@@ -16,7 +16,9 @@
 //! under the snapshot's name before it is complete (build directory + rename; a crash leaves
 //! only a build directory that the next capture or daemon start removes); a user snapshot
 //! is never removed automatically — one that fails verification is reported, not deleted;
-//! no secret value is in the guest while its memory is saved.
+//! no secret value is in the guest while its memory is saved; once published its files are
+//! sealed (read-only, immutable flag) like a warm snapshot's, a taken name is refused rather
+//! than overwritten, and a restore checks the disk digest of the image it resumes over.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -153,6 +155,7 @@ pub async fn restore(
         name: snap.name.clone(),
         reason: crate::error::error_chain(&e),
     })?;
+    warm::reseal(&snap.dir);
     let started = Instant::now();
     let (vm, agent, _ack) = warm::restore(spec, &snap.dir, run_dir, id.as_str()).await?;
     Ok(Sandbox::assemble(id.clone(), vm, agent, started.elapsed()))

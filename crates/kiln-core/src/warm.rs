@@ -10,7 +10,9 @@
 //!            ─ migrate-incoming state ─ cont ─ agent resync + fresh identity ─▶ Running
 //! ```
 //!
-//! Invariants: a snapshot directory is visible only once complete (atomic publish); a snapshot
+//! Invariants: a snapshot directory is visible only once complete (atomic publish) and its
+//! files are sealed from then on (read-only, immutable flag: `kiln_snapshot::seal_file`;
+//! only a starting QEMU's read-write open of `mem` lifts it, see [`restore`]); a snapshot
 //! that fails verification is removed, so the next start captures a fresh one; any failure
 //! here is reported to the caller, which cold-boots instead — never a half-working sandbox.
 //! Clones never write the template: their RAM mapping is private and their disk is an overlay.
@@ -141,12 +143,27 @@ pub async fn verify(spec: &MachinePlan<'_>, dir: &Path) -> Result<(), CoreError>
     match res {
         Ok(report) => {
             tracing::debug!(snapshot = %dir.display(), hashed = ?report.hashed, "snapshot verified");
+            reseal(dir);
             Ok(())
         }
         Err(e) => {
-            let _ = std::fs::remove_dir_all(dir);
+            // Its files are sealed: remove_tree clears the flags first. Running clones keep
+            // their open descriptors of the unlinked files.
+            if let Err(rm) = kiln_snapshot::remove_tree(dir) {
+                tracing::warn!(snapshot = %dir.display(), error = %crate::error::error_chain(&rm),
+                    "could not remove an unusable warm snapshot");
+            }
             Err(snapshot_err(e))
         }
+    }
+}
+
+/// Seals again any file of a verified snapshot that lost its seal (a daemon killed while a
+/// restore had lifted the flag of `mem`); files of restores starting now are left alone.
+pub(crate) fn reseal(dir: &Path) {
+    if let Err(e) = kiln_snapshot::reseal_dir(dir) {
+        tracing::warn!(snapshot = %dir.display(), error = %crate::error::error_chain(&e),
+            "could not seal the snapshot's files again");
     }
 }
 
@@ -170,7 +187,19 @@ pub async fn restore(
         CaptureMode::FullRam => run_dir.join("mem"),
     };
     let cfg = spec.vm_config(run_dir, disk, mem, false);
-    let (vm, report) = Vm::restore(&cfg, &dir.join(kiln_snapshot::STATE_FILE), spec.mode).await?;
+    // QEMU before 8.2 opens a memory backend's file read-write even for a private mapping,
+    // which the published (immutable) `mem` refuses: the flag is lifted until this QEMU has
+    // its mapping, i.e. until the incoming migration ran (counted per file, so concurrent
+    // clones share one window).
+    let window = match spec.mode {
+        CaptureMode::IgnoreShared => {
+            Some(kiln_snapshot::WritableWindow::open(&cfg.memory_file).map_err(snapshot_err)?)
+        }
+        CaptureMode::FullRam => None,
+    };
+    let restored = Vm::restore(&cfg, &dir.join(kiln_snapshot::STATE_FILE), spec.mode).await;
+    drop(window);
+    let (vm, report) = restored?;
     let identity = fresh_identity(hostname)?;
     let result = async {
         let stream = tokio::net::UnixStream::connect(vm.agent_socket())

@@ -10,7 +10,8 @@
 //! 3 initramfs  modules closure + agent -> initramfs.cpio
 //! 4 rootfs     mmdebstrap + trim + identity files
 //! 5 pack       mkfs.ext4 -d -> sparse rootfs.ext4
-//! 6 publish    manifest.json, atomic swap into images/<name>/
+//! 6 publish    rootfs sha256, manifest.json, files sealed (read-only, immutable flag),
+//!              atomic swap into images/<name>/
 //! ```
 //!
 //! Invariants: all work happens in `images/.tmp-<name>-<pid>/` under an exclusive lock on the
@@ -138,6 +139,14 @@ pub fn build(
             on_event(BuildEvent::Log(line.to_owned()))
         })?;
         publish::safe_remove(&tree)?;
+        // The exact disk, recorded once: every snapshot taken over it records it too, and a
+        // rebuild under the same id records another.
+        let hashed_at = std::time::Instant::now();
+        let rootfs_sha256 = crate::fingerprint::sha256_sparse(&tmp.join(ROOTFS_FILE))?;
+        on_event(BuildEvent::Log(format!(
+            "rootfs sha256 {rootfs_sha256} ({} ms)",
+            hashed_at.elapsed().as_millis()
+        )));
 
         // 6. Publish.
         stage(on_event, 6, "publish");
@@ -158,8 +167,10 @@ pub fn build(
                 .iter()
                 .map(|name| ImageFile::measure(tmp, name))
                 .collect::<Result<_, _>>()?,
+            rootfs_sha256: Some(rootfs_sha256),
         };
         manifest.write(&tmp.join(MANIFEST_FILE))?;
+        publish::seal_image(tmp)?;
         Ok(manifest)
     })?;
     on_event(BuildEvent::Log(format!(

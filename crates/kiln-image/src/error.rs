@@ -166,6 +166,24 @@ pub enum ImageError {
         /// The first mount point found below it.
         mount_point: PathBuf,
     },
+    /// A finished image's files could not be made read-only / immutable.
+    #[error("cannot seal image file {path}")]
+    Seal {
+        /// The file.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: kiln_snapshot::SnapshotError,
+    },
+    /// An image directory could not be removed (its files could not be unsealed, or unlinked).
+    #[error("cannot remove {path}")]
+    Unseal {
+        /// The directory.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: kiln_snapshot::SnapshotError,
+    },
 }
 
 impl ImageError {

@@ -157,6 +157,62 @@ pub fn short_id(fingerprint: &str) -> String {
     fingerprint.chars().take(ID_LEN).collect()
 }
 
+/// Hex sha256 of a sparse file's contents (equal to `sha256sum`), reading only its data:
+/// holes (found with `SEEK_DATA`/`SEEK_HOLE`) are hashed as the zeros they read as, without
+/// reading them. The root file system is a 2 GiB sparse file with ~130 MB of data; reading
+/// its holes cost ~4 s of system time on the dev machine, hashing zeros from memory does not.
+pub fn sha256_sparse(path: &std::path::Path) -> Result<String, crate::ImageError> {
+    use std::os::unix::fs::FileExt;
+
+    use crate::error::IoContext;
+    use rustix::fs::SeekFrom;
+    const CHUNK: usize = 1 << 20;
+    let file = std::fs::File::open(path).ctx("open", path)?;
+    let size = file.metadata().ctx("stat", path)?.len();
+    let zeros = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; CHUNK];
+    let mut hasher = Sha256::new();
+    let feed_zeros = |hasher: &mut Sha256, mut n: u64| {
+        while n > 0 {
+            let k = n.min(CHUNK as u64) as usize;
+            hasher.update(&zeros[..k]);
+            n -= k as u64;
+        }
+    };
+    let mut pos = 0u64;
+    while pos < size {
+        let data = match rustix::fs::seek(&file, SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            // No data after `pos`: the rest is a hole.
+            Err(rustix::io::Errno::NXIO) => size,
+            // No SEEK_DATA here: read everything from `pos`.
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => pos,
+            Err(e) => return Err(std::io::Error::from(e)).ctx("seek", path),
+        };
+        feed_zeros(&mut hasher, data.min(size) - pos);
+        pos = data.min(size);
+        if pos >= size {
+            break;
+        }
+        let hole = match rustix::fs::seek(&file, SeekFrom::Hole(pos)) {
+            Ok(h) => h.min(size),
+            Err(_) => size,
+        };
+        while pos < hole {
+            let want = (hole - pos).min(CHUNK as u64) as usize;
+            let n = file.read_at(&mut buf[..want], pos).ctx("read", path)?;
+            if n == 0 {
+                // Shrunk while hashing: what is missing reads as nothing, and the digest
+                // differs from the whole file's, as it must.
+                return Ok(hex::encode(hasher.finalize()));
+            }
+            hasher.update(&buf[..n]);
+            pos += n as u64;
+        }
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
 /// Hex sha256 of a file's contents, streamed.
 pub fn sha256_file(path: &std::path::Path) -> Result<String, crate::ImageError> {
     use crate::error::IoContext;
@@ -179,6 +235,53 @@ mod tests {
             "http://deb.debian.org/debian",
             "http://deb.debian.org/debian-security",
         )
+    }
+
+    #[test]
+    fn sha256_sparse_equals_the_plain_digest_of_a_file_with_holes() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("rootfs.ext4");
+        let f = std::fs::File::create(&path).expect("create");
+        f.set_len(16 << 20).expect("set_len");
+        f.write_all_at(b"superblock", 1024).expect("write");
+        f.write_all_at(&[0xa5; 5000], 9 << 20).expect("write");
+        f.write_all_at(b"tail", (16 << 20) - 4).expect("write");
+        let plain = sha256_file(&path).expect("plain");
+        assert_eq!(sha256_sparse(&path).expect("sparse"), plain);
+        // One flipped byte anywhere, in data or in a hole, changes it.
+        f.write_all_at(b"x", 5 << 20).expect("write into a hole");
+        assert_ne!(sha256_sparse(&path).expect("sparse"), plain);
+        assert_eq!(
+            sha256_sparse(&path).expect("sparse"),
+            sha256_file(&path).expect("plain")
+        );
+        // Empty and fully sparse files.
+        let empty = dir.path().join("empty");
+        std::fs::File::create(&empty).expect("create");
+        assert_eq!(
+            sha256_sparse(&empty).expect("sparse"),
+            sha256_file(&empty).expect("plain")
+        );
+        let hole = dir.path().join("hole");
+        std::fs::File::create(&hole)
+            .and_then(|f| f.set_len(3 << 20))
+            .expect("create");
+        assert_eq!(
+            sha256_sparse(&hole).expect("sparse"),
+            sha256_file(&hole).expect("plain")
+        );
+    }
+
+    /// Measures [`sha256_sparse`] on a real root file system:
+    /// `KILN_ROOTFS=…/images/base/rootfs.ext4 cargo test --release -p kiln-image -- --ignored --nocapture sha256_sparse_rootfs`.
+    #[test]
+    #[ignore = "needs a built image; a measurement, not a check"]
+    fn sha256_sparse_rootfs_throughput() {
+        let path = std::env::var_os("KILN_ROOTFS").expect("KILN_ROOTFS");
+        let t = std::time::Instant::now();
+        let digest = sha256_sparse(std::path::Path::new(&path)).expect("hash");
+        println!("sha256_sparse {digest} in {:?}", t.elapsed());
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! | `rootfs`      | mirrors, mmdebstrap, trimming, `mkfs.ext4 -d`                        |
 //! | `fingerprint` | canonical encoding and sha256 of the build inputs                   |
 //! | `manifest`    | `manifest.json` and the file layout of one image                    |
-//! | `publish`     | temp dirs, atomic swap, per-name locks, mount-safe removal          |
+//! | `publish`     | temp dirs, atomic swap, per-name locks, mount-safe removal, sealing |
 //! | `build`       | the stages in order, `list`/`get`/`remove`                          |
 //!
 //! What it must not do: boot VMs (kiln-vmm does), know about sandboxes, or run anything async.
@@ -46,7 +46,7 @@ pub use cpio::{Archive as CpioArchive, EntryKind as CpioEntryKind};
 pub use elf::check_static_exec;
 pub use error::ImageError;
 pub use fingerprint::{
-    FingerprintInputs, IMAGE_FORMAT_VERSION, fingerprint, sha256_file, short_id,
+    FingerprintInputs, IMAGE_FORMAT_VERSION, fingerprint, sha256_file, sha256_sparse, short_id,
 };
 pub use kernel::{KERNEL_METAPACKAGE, Kernel, KernelPackage, ensure_kernel, resolve_kernel};
 pub use manifest::{

@@ -3,7 +3,9 @@
 //! Owns the file names inside an image directory and the manifest schema. Invariants: a
 //! manifest is written last, inside the temporary build directory, so an image directory with
 //! a manifest is complete; the `schema` field is checked on read and an unknown version is an
-//! error rather than a guess.
+//! error rather than a guess. A published image's files are sealed (`publish::seal_image`):
+//! never written again, so the recorded `rootfs_sha256` stays true for as long as the
+//! directory exists.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -107,6 +109,13 @@ pub struct ImageManifest {
     pub created_unix: u64,
     /// The image's files (kernel, initramfs, rootfs) with their sizes.
     pub files: Vec<ImageFile>,
+    /// Hex sha256 of `rootfs.ext4` as built ([`crate::sha256_sparse`]): the exact disk every
+    /// overlay and snapshot of this image is backed by. A rebuild under the same id
+    /// (`--force`) records another one, so snapshots taken over the previous disk are refused.
+    /// `None` for images built before kiln recorded it (schema 1 still): their snapshots
+    /// record an empty digest and keep working until the image is rebuilt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_sha256: Option<String>,
 }
 
 impl ImageManifest {
@@ -206,6 +215,7 @@ pub(crate) mod tests {
                     allocated_bytes: 4096,
                 })
                 .to_vec(),
+            rootfs_sha256: Some("e".repeat(64)),
         }
     }
 
@@ -216,6 +226,18 @@ pub(crate) mod tests {
         let m = sample("base");
         m.write(&path).expect("write");
         assert_eq!(ImageManifest::read(&path).expect("read"), m);
+    }
+
+    #[test]
+    fn manifest_without_rootfs_digest_still_reads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(MANIFEST_FILE);
+        let mut v = serde_json::to_value(sample("base")).expect("to json");
+        v.as_object_mut().expect("object").remove("rootfs_sha256");
+        std::fs::write(&path, v.to_string()).expect("write");
+        let m = ImageManifest::read(&path).expect("a manifest from before the digest reads");
+        assert_eq!(m.rootfs_sha256, None);
+        assert_eq!(m.schema, MANIFEST_SCHEMA);
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //! - publishing over an existing directory swaps the two with `renameat2(RENAME_EXCHANGE)`, so
 //!   the destination path always names a complete image;
 //! - `.tmp-*` directories whose pid is dead are debris of a crashed builder and are removed;
+//! - published files are sealed (`seal_image`: read-only, immutable flag where possible) and
+//!   every removal ([`safe_remove`]) clears the flags first, so a sealed image never becomes
+//!   undeletable, whatever was interrupted;
 //! - nothing is ever deleted recursively while a filesystem is mounted below it (a killed
 //!   mmdebstrap can leave `/dev` bind-mounted inside its target; recursing into that would
 //!   delete the host's device nodes).
@@ -85,11 +88,38 @@ pub(crate) fn safe_remove(path: &Path) -> Result<(), ImageError> {
             mount_point,
         });
     }
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ImageError::io("remove", path, e)),
+    // Published files are immutable: clear the flags first (also of an image whose removal
+    // a crash cut short), or nothing below could be unlinked.
+    kiln_snapshot::remove_tree(path).map_err(|source| ImageError::Unseal {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Seals a finished image directory before it is published: `rootfs.ext4` (the backing file
+/// of every overlay), `initramfs.cpio` and `manifest.json` lose their write bits and get the
+/// immutable flag where possible; `vmlinuz` only loses its write bits, as it is a hard link
+/// of the kernel cache's file (an immutable inode could not be linked again by the next
+/// build, nor the cache cleaned).
+pub(crate) fn seal_image(dir: &Path) -> Result<(), ImageError> {
+    use crate::manifest::{INITRAMFS_FILE, KERNEL_FILE, MANIFEST_FILE, ROOTFS_FILE};
+    use std::os::unix::fs::PermissionsExt;
+    let seal_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ImageError::Seal { path, source }
+    };
+    for name in [ROOTFS_FILE, INITRAMFS_FILE, MANIFEST_FILE] {
+        let path = dir.join(name);
+        kiln_snapshot::seal_file(&path).map_err(seal_err(&path))?;
     }
+    let kernel = dir.join(KERNEL_FILE);
+    let mode = std::fs::metadata(&kernel)
+        .ctx("stat", &kernel)?
+        .permissions()
+        .mode()
+        & 0o7777;
+    std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(mode & !0o222))
+        .ctx("make read-only", &kernel)
 }
 
 /// Removes `.tmp-*` directories in `dir` whose builder process is gone. Best effort: failures
@@ -330,6 +360,48 @@ mod tests {
         assert!(!dead.exists());
         assert!(live.exists());
         assert!(other.exists());
+    }
+
+    #[test]
+    fn build_atomically_replaces_and_removes_a_sealed_image() {
+        use crate::manifest::{INITRAMFS_FILE, KERNEL_FILE, MANIFEST_FILE, ROOTFS_FILE};
+        let home = tempfile::tempdir().expect("tempdir");
+        let dest = home.path().join("img");
+        let write_image = |dir: &Path, content: &str| {
+            for f in [KERNEL_FILE, INITRAMFS_FILE, ROOTFS_FILE, MANIFEST_FILE] {
+                std::fs::write(dir.join(f), content)
+                    .map_err(|e| ImageError::io("write", dir, e))?;
+            }
+            seal_image(dir)
+        };
+        build_atomically(&dest, "img", |tmp| write_image(tmp, "old")).expect("first build");
+        let rootfs = dest.join(ROOTFS_FILE);
+        let sealed = kiln_snapshot::is_immutable(&rootfs);
+        if sealed || !rustix::process::geteuid().is_root() {
+            assert!(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&rootfs)
+                    .is_err(),
+                "a published rootfs cannot be opened for writing"
+            );
+        }
+        // A rebuild (same name) swaps in the new image and removes the sealed old one.
+        build_atomically(&dest, "img", |tmp| write_image(tmp, "new")).expect("rebuild");
+        assert_eq!(std::fs::read_to_string(&rootfs).expect("read"), "new");
+        let left: Vec<_> = std::fs::read_dir(home.path())
+            .expect("readdir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, ["img"], "the sealed previous image is gone");
+        // A crash after the swap left an old image in a stale build directory: cleaned.
+        let stale = home.path().join(".tmp-img-99999999");
+        std::fs::create_dir(&stale).expect("mkdir");
+        write_image(&stale, "stale").expect("sealed stale image");
+        clean_stale_tmp(home.path());
+        assert!(!stale.exists());
+        safe_remove(&dest).expect("remove the sealed image");
+        assert!(!dest.exists());
     }
 
     #[test]

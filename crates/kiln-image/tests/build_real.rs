@@ -69,6 +69,22 @@ fn build_and_rebuild(recipe_name: &str) {
         kiln_image::get(&home, recipe_name).expect("get"),
         Some(m.clone())
     );
+    // The exact disk is recorded, and the published files are sealed.
+    assert_eq!(
+        m.rootfs_sha256.as_deref(),
+        Some(
+            kiln_image::sha256_sparse(&m.rootfs_path(&home))
+                .expect("hash")
+                .as_str()
+        )
+    );
+    assert!(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.rootfs_path(&home))
+            .is_err(),
+        "a published rootfs cannot be opened for writing"
+    );
 
     let start = Instant::now();
     let again = kiln_image::build(&cfg, &recipe, &mut |_| {}).expect("rebuild");
@@ -83,6 +99,11 @@ fn build_and_rebuild(recipe_name: &str) {
         .filter(|n| n.starts_with(".tmp-"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    if std::env::var_os("KILN_TEST_HOME").is_none() {
+        // Removal unseals first (and leaves the temp home removable).
+        kiln_image::remove(&home, recipe_name).expect("remove the sealed image");
+        assert_eq!(kiln_image::get(&home, recipe_name).expect("get"), None);
+    }
 }
 
 #[test]

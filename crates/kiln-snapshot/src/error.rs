@@ -28,6 +28,7 @@ impl FieldDiff {
             "kernel_digest" => "kernel",
             "initramfs_digest" => "initramfs",
             "image_digest" => "image",
+            "disk_digest" => "root disk",
             "format_version" => "snapshot format version",
             other => other,
         }

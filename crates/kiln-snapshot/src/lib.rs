@@ -8,7 +8,7 @@
 //! # Layout
 //! ```text
 //! <snapshots>/
-//!   <name>/                   published, complete, never modified afterwards
+//!   <name>/                   published, complete, sealed (read-only, immutable flag)
 //!     manifest.json           SnapshotManifest (pretty JSON)
 //!     manifest.sha256         "<hex sha256 of manifest.json>  manifest.json\n" (sha256sum -c)
 //!     mem                     guest RAM (the template clones map copy-on-write)
@@ -27,15 +27,23 @@
 //! - [`VerifyLevel::FullCached`] re-hashes a data file only if it changed since this process
 //!   last hashed it (its device, inode, size, mtime or ctime differ); the manifest checksum,
 //!   fingerprint and sizes are checked every time.
+//! - Published files are never written again: read-only modes and, where the file system and
+//!   the process allow it, the immutable inode flag, set before they are hashed
+//!   (`immutable.rs`). Removals go through [`remove_tree`], which clears the flag first.
 //! - The format is versioned ([`FORMAT_VERSION`]); readers refuse versions they do not know.
 
 mod error;
+mod immutable;
 mod manifest;
 mod publish;
 mod seal;
 mod verify;
 
 pub use error::{FieldDiff, SnapshotError};
+pub use immutable::{
+    Protection, WritableWindow, is_immutable, remove_tree, reseal_dir, seal_dir_files, seal_file,
+    unseal_file, unseal_tree,
+};
 pub use manifest::{
     CaptureInfo, CaptureKind, FileEntry, SnapshotFingerprint, SnapshotManifest, SnapshotName,
 };

@@ -110,6 +110,13 @@ pub struct SnapshotFingerprint {
     pub initramfs_digest: String,
     /// Digest identifying the rootfs/image the disk layer is backed by.
     pub image_digest: String,
+    /// sha256 of the exact root file system the disk layer was captured over (the image
+    /// manifest's `rootfs_sha256`): a rebuild under the same image id (`kiln image build
+    /// --force`) writes another disk, and a snapshot must not resume over it. Empty when the
+    /// image records no digest (built before kiln recorded one) and in manifests written
+    /// before the field existed; empty matches only empty.
+    #[serde(default)]
+    pub disk_digest: String,
     /// The snapshot format version ([`FORMAT_VERSION`]).
     pub format_version: u32,
 }
@@ -160,6 +167,18 @@ impl SnapshotFingerprint {
             "image_digest",
             self.image_digest.clone(),
             host.image_digest.clone(),
+        );
+        let shown = |d: &str| {
+            if d.is_empty() {
+                "(none recorded)".to_owned()
+            } else {
+                d.to_owned()
+            }
+        };
+        cmp(
+            "disk_digest",
+            shown(&self.disk_digest),
+            shown(&host.disk_digest),
         );
         cmp(
             "format_version",
@@ -287,6 +306,7 @@ pub(crate) mod tests {
             kernel_digest: "k".repeat(64),
             initramfs_digest: "i".repeat(64),
             image_digest: "r".repeat(64),
+            disk_digest: "s".repeat(64),
             format_version: FORMAT_VERSION,
         }
     }
@@ -324,6 +344,43 @@ pub(crate) mod tests {
             diffs[1].to_string(),
             "vCPU count (cpus): snapshot 1, host 2"
         );
+    }
+
+    #[test]
+    fn fingerprint_diff_other_disk_is_named_and_missing_digest_shown() {
+        let snap = fingerprint();
+        let rebuilt = SnapshotFingerprint {
+            disk_digest: "t".repeat(64),
+            ..fingerprint()
+        };
+        let diffs = snap.diff(&rebuilt);
+        assert_eq!(diffs.len(), 1);
+        assert_eq!(diffs[0].field, "disk_digest");
+        assert!(
+            diffs[0]
+                .to_string()
+                .starts_with("root disk (disk_digest): snapshot sss"),
+            "{}",
+            diffs[0]
+        );
+        // A manifest written before the field existed reads as empty, which matches only a
+        // host image that records no digest either.
+        let mut v = serde_json::to_value(&snap).expect("json");
+        v.as_object_mut().expect("object").remove("disk_digest");
+        let legacy: SnapshotFingerprint = serde_json::from_value(v).expect("legacy parses");
+        assert_eq!(legacy.disk_digest, "");
+        assert_eq!(
+            legacy.diff(&snap)[0].to_string(),
+            format!(
+                "root disk (disk_digest): snapshot (none recorded), host {}",
+                "s".repeat(64)
+            )
+        );
+        let legacy_host = SnapshotFingerprint {
+            disk_digest: String::new(),
+            ..fingerprint()
+        };
+        assert!(legacy.diff(&legacy_host).is_empty());
     }
 
     #[test]

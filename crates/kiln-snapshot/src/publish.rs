@@ -10,7 +10,9 @@
 //! ```
 //!
 //! A crash leaves at most a `.tmp-<name>-<pid>` directory, which [`cleanup_stale_tmp`] removes
-//! once that pid is gone. Readers never look at `.tmp-*`.
+//! once that pid is gone. Readers never look at `.tmp-*`. Every file is sealed
+//! (`immutable.rs`: read-only, immutable flag) before it is hashed, so what the manifest
+//! vouches for is what stays on disk; every removal here clears the flags first.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -18,6 +20,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
 
 use crate::error::SnapshotError;
+use crate::immutable;
 use crate::manifest::{
     CaptureInfo, FileEntry, SnapshotFingerprint, SnapshotManifest, SnapshotName,
 };
@@ -59,11 +62,7 @@ impl SnapshotBuilder {
         let tmp = root.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
         // Left over by an earlier builder of this process (a crash cannot leave one: the pid
         // would be different), e.g. a builder leaked with mem::forget.
-        match std::fs::remove_dir_all(&tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(SnapshotError::io("remove", &tmp, e)),
-        }
+        immutable::remove_tree(&tmp)?;
         std::fs::create_dir(&tmp).map_err(|e| SnapshotError::io("create", &tmp, e))?;
         Ok(SnapshotBuilder {
             root: root.to_owned(),
@@ -101,13 +100,27 @@ impl SnapshotBuilder {
     ) -> Result<(PathBuf, SnapshotManifest), SnapshotError> {
         let mut files = Vec::with_capacity(DATA_FILES.len());
         let mut stamps = Vec::with_capacity(DATA_FILES.len());
+        // Sealed before they are stamped and hashed: sealing moves ctime, and from then on
+        // nothing can write them, so the hash is of what stays on disk. All first, so that by
+        // the time each stamp is recorded it is older than a clock tick (see `seal.rs`).
+        let mut opened = Vec::with_capacity(DATA_FILES.len());
         for name in DATA_FILES {
             let path = self.tmp.join(name);
-            stamps.push(FileStamp::of(&path)?);
-            let sha256 = sha256_file(&path)?;
-            let f = std::fs::File::open(&path).map_err(|e| SnapshotError::io("open", &path, e))?;
+            let f = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(SnapshotError::MissingFile { path });
+                }
+                Err(e) => return Err(SnapshotError::io("open", &path, e)),
+            };
             f.sync_all()
                 .map_err(|e| SnapshotError::io("fsync", &path, e))?;
+            immutable::seal_file(&path)?;
+            opened.push((name, path, f));
+        }
+        for (name, path, f) in opened {
+            stamps.push(FileStamp::of(&path)?);
+            let sha256 = sha256_file(&path)?;
             let size = f
                 .metadata()
                 .map_err(|e| SnapshotError::io("read", &path, e))?
@@ -134,6 +147,8 @@ impl SnapshotBuilder {
         let (body, sum) = manifest.encode();
         write_synced(&self.tmp.join(MANIFEST_FILE), &body)?;
         write_synced(&self.tmp.join(MANIFEST_SHA256_FILE), sum.as_bytes())?;
+        // Every file of the directory, the caller's extras (origin.json) included.
+        let protection = immutable::seal_dir_files(&self.tmp)?;
         sync_dir(&self.tmp)?;
         let dest = self.destination();
         rename_noreplace(&self.tmp, &dest)?;
@@ -143,16 +158,16 @@ impl SnapshotBuilder {
         for (entry, stamp) in manifest.files.iter().zip(&stamps) {
             seal::record(&dest.join(&entry.name), &entry.sha256, stamp);
         }
-        info!(snapshot = %self.name, dir = %dest.display(), "snapshot published");
+        info!(snapshot = %self.name, dir = %dest.display(), ?protection, "snapshot published");
         Ok((dest, manifest))
     }
 }
 
 impl Drop for SnapshotBuilder {
     fn drop(&mut self) {
+        // The files may be sealed already (publish failed after sealing them).
         if !self.published
-            && let Err(e) = std::fs::remove_dir_all(&self.tmp)
-            && e.kind() != std::io::ErrorKind::NotFound
+            && let Err(e) = immutable::remove_tree(&self.tmp)
         {
             warn!(dir = %self.tmp.display(), error = %e, "failed to remove snapshot build directory");
         }
@@ -218,14 +233,11 @@ pub fn cleanup_stale_tmp(root: &Path) -> Result<Vec<PathBuf>, SnapshotError> {
             continue;
         }
         let path = entry.path();
-        match std::fs::remove_dir_all(&path) {
-            Ok(()) => {
-                info!(dir = %path.display(), pid, "removed stale snapshot build directory");
-                removed.push(path);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(SnapshotError::io("remove", path, e)),
-        }
+        // A crash between sealing and the rename leaves sealed files here: remove_tree
+        // clears their flags first.
+        immutable::remove_tree(&path)?;
+        info!(dir = %path.display(), pid, "removed stale snapshot build directory");
+        removed.push(path);
     }
     Ok(removed)
 }

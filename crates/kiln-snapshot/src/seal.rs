@@ -146,6 +146,26 @@ pub(crate) fn record(path: &Path, sha256: &str, before: &FileStamp) {
     }
 }
 
+/// Moves the seal of `path` from stamp `before` to `after` when only the ctime differs: the
+/// caller changed nothing but the inode's flags (`immutable.rs`), which moves ctime. Same
+/// inode, size and mtime: no `write` happened in between (every write moves mtime); a write
+/// whose mtime was put back with `utimensat` inside that window is not seen here, only by a
+/// [`crate::VerifyLevel::Full`] verify.
+pub(crate) fn carry_over(path: &Path, before: &FileStamp, after: &FileStamp) {
+    let mut map = seals();
+    let same_content = before.dev == after.dev
+        && before.ino == after.ino
+        && before.size == after.size
+        && before.mtime_ns == after.mtime_ns;
+    match map.get_mut(path) {
+        Some(seal) if seal.stamp == *before && same_content => seal.stamp = *after,
+        Some(_) => {
+            map.remove(path);
+        }
+        None => {}
+    }
+}
+
 /// Forgets every seal of files in `dir`.
 pub(crate) fn forget_dir(dir: &Path) {
     seals().retain(|path, _| path.parent() != Some(dir));

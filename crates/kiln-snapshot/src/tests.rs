@@ -6,6 +6,33 @@ use crate::manifest::checksum_line;
 use crate::manifest::tests::fingerprint;
 use crate::*;
 
+/// A temporary directory whose sealed files are unsealed before it is removed.
+struct Scratch(tempfile::TempDir);
+
+impl Scratch {
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        remove_tree(self.0.path()).expect("remove test directory");
+    }
+}
+
+fn scratch() -> Scratch {
+    Scratch(tempfile::tempdir().expect("tempdir"))
+}
+
+/// Lifts the seal of a published file, as a writer below kiln (or a root user clearing the
+/// flag by hand) could: the corruption tests simulate what the seal otherwise refuses.
+fn unseal(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    unseal_file(path).expect("unseal");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
 fn input() -> ManifestInput {
     ManifestInput {
         image_id: "1589762fc101".into(),
@@ -39,6 +66,8 @@ fn rewrite_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
         serde_json::from_slice(&std::fs::read(&p).expect("read")).expect("json");
     edit(&mut v);
     let body = serde_json::to_vec_pretty(&v).expect("encode");
+    unseal(&p);
+    unseal(&dir.join(MANIFEST_SHA256_FILE));
     std::fs::write(&p, &body).expect("write");
     std::fs::write(dir.join(MANIFEST_SHA256_FILE), checksum_line(&body)).expect("write sum");
 }
@@ -46,12 +75,13 @@ fn rewrite_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 fn flip_byte(path: &Path, at: usize) {
     let mut b = std::fs::read(path).expect("read");
     b[at] ^= 0x01;
+    unseal(path);
     std::fs::write(path, b).expect("write");
 }
 
 #[test]
 fn publish_then_verify_full_returns_manifest_and_leaves_no_tmp() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let dir = publish(root.path(), "warm");
     assert_eq!(dir, root.path().join("warm"));
     let m = verify_full(&dir).expect("verifies");
@@ -72,7 +102,7 @@ fn publish_then_verify_full_returns_manifest_and_leaves_no_tmp() {
 
 #[test]
 fn verify_missing_dir_is_missing_dir() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     assert!(matches!(
         verify_full(&root.path().join("nope")),
         Err(SnapshotError::MissingDir { .. })
@@ -81,9 +111,10 @@ fn verify_missing_dir_is_missing_dir() {
 
 #[test]
 fn verify_missing_manifest_or_data_file_is_missing_file() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     for victim in [MANIFEST_FILE, MANIFEST_SHA256_FILE, STATE_FILE, MEM_FILE] {
         let dir = publish(root.path(), &format!("s-{}", victim.replace('.', "_")));
+        unseal(&dir.join(victim));
         std::fs::remove_file(dir.join(victim)).expect("remove");
         match verify(&dir, &fingerprint(), VerifyLevel::Sizes) {
             Err(SnapshotError::MissingFile { path }) => assert_eq!(path, dir.join(victim)),
@@ -94,10 +125,12 @@ fn verify_missing_manifest_or_data_file_is_missing_file() {
 
 #[test]
 fn verify_edited_manifest_is_checksum_mismatch() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let dir = publish(root.path(), "s");
     let p = dir.join(MANIFEST_FILE);
     let text = std::fs::read_to_string(&p).expect("read");
+    unseal(&p);
+    unseal(&dir.join(MANIFEST_SHA256_FILE));
     std::fs::write(&p, text.replace("\"cpus\": 1", "\"cpus\": 2")).expect("write");
     assert!(matches!(
         verify_full(&dir),
@@ -112,8 +145,10 @@ fn verify_edited_manifest_is_checksum_mismatch() {
 
 #[test]
 fn verify_bad_json_with_matching_checksum_is_parse_error() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let dir = publish(root.path(), "s");
+    unseal(&dir.join(MANIFEST_FILE));
+    unseal(&dir.join(MANIFEST_SHA256_FILE));
     let body = b"{\"magic\": \"kiln-snapshot\", \"format_version\": 1, ";
     std::fs::write(dir.join(MANIFEST_FILE), body).expect("write");
     std::fs::write(dir.join(MANIFEST_SHA256_FILE), checksum_line(body)).expect("sum");
@@ -133,7 +168,7 @@ fn verify_bad_json_with_matching_checksum_is_parse_error() {
 
 #[test]
 fn verify_wrong_magic_and_future_version_are_named() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let dir = publish(root.path(), "s");
     rewrite_manifest(&dir, |v| v["magic"] = "qemu-savevm".into());
     match verify_full(&dir) {
@@ -156,7 +191,7 @@ fn verify_wrong_magic_and_future_version_are_named() {
 
 #[test]
 fn verify_unknown_or_duplicate_file_entry_is_invalid() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let dir = publish(root.path(), "s");
     rewrite_manifest(&dir, |v| v["files"][1]["name"] = "../../etc/passwd".into());
     assert!(matches!(
@@ -172,9 +207,10 @@ fn verify_unknown_or_duplicate_file_entry_is_invalid() {
 
 #[test]
 fn verify_truncated_file_is_size_mismatch_at_both_levels() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let dir = publish(root.path(), "s");
     let mem = dir.join(MEM_FILE);
+    unseal(&mem);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&mem)
@@ -197,7 +233,7 @@ fn verify_truncated_file_is_size_mismatch_at_both_levels() {
 
 #[test]
 fn verify_flipped_byte_is_digest_mismatch_only_at_full() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let dir = publish(root.path(), "s");
     for victim in [MEM_FILE, STATE_FILE, DISK_FILE] {
         flip_byte(&dir.join(victim), 3);
@@ -213,7 +249,7 @@ fn verify_flipped_byte_is_digest_mismatch_only_at_full() {
 
 #[test]
 fn verify_each_fingerprint_field_change_names_that_field() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let dir = publish(root.path(), "s");
     let base = fingerprint();
     let cases: Vec<(&str, SnapshotFingerprint)> = vec![
@@ -288,6 +324,13 @@ fn verify_each_fingerprint_field_change_names_that_field() {
             },
         ),
         (
+            "disk_digest",
+            SnapshotFingerprint {
+                disk_digest: "t".repeat(64),
+                ..base.clone()
+            },
+        ),
+        (
             "format_version",
             SnapshotFingerprint {
                 format_version: 9,
@@ -295,7 +338,7 @@ fn verify_each_fingerprint_field_change_names_that_field() {
             },
         ),
     ];
-    assert_eq!(cases.len(), 11, "every field of SnapshotFingerprint");
+    assert_eq!(cases.len(), 12, "every field of SnapshotFingerprint");
     for (field, host) in cases {
         match verify(&dir, &host, VerifyLevel::Sizes) {
             Err(e @ SnapshotError::FingerprintMismatch { .. }) => {
@@ -346,6 +389,10 @@ fn publish_settled(root: &Path, name: &str) -> PathBuf {
     std::fs::write(b.file(MEM_FILE), vec![7u8; 64 << 10]).expect("mem");
     std::fs::write(b.file(STATE_FILE), b"QEVM state").expect("state");
     std::fs::write(b.file(DISK_FILE), b"QFI disk").expect("disk");
+    // Publish seals them first (which moves ctime); sealing here lets them settle after it.
+    for f in DATA_FILES {
+        seal_file(&b.file(f)).expect("seal");
+    }
     settle(b.dir());
     b.publish(input()).expect("publish").0
 }
@@ -357,6 +404,7 @@ fn verify_cached(dir: &Path) -> Result<VerifyReport, SnapshotError> {
 /// Flips the byte in the middle of `path` in place, then puts its mtime back.
 fn flip_middle_keeping_mtime(path: &Path) {
     use std::os::unix::fs::FileExt;
+    unseal(path);
     let before = std::fs::metadata(path).expect("stat");
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -380,7 +428,7 @@ fn flip_middle_keeping_mtime(path: &Path) {
 
 #[test]
 fn publish_seals_settled_files_so_full_cached_hashes_nothing() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let dir = publish_settled(root.path(), "s");
     assert_eq!(crate::seal::sealed_count(&dir), 3);
     let r = verify_cached(&dir).expect("verifies");
@@ -395,7 +443,7 @@ fn publish_seals_settled_files_so_full_cached_hashes_nothing() {
 
 #[test]
 fn full_cached_unsealed_snapshot_hashes_once_then_hits_the_seal() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let dir = publish(root.path(), "s");
     settle(&dir);
     // As after a daemon restart: nothing sealed.
@@ -407,7 +455,7 @@ fn full_cached_unsealed_snapshot_hashes_once_then_hits_the_seal() {
 
 #[test]
 fn full_cached_sealed_file_rewritten_with_mtime_restored_is_digest_mismatch() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let dir = publish_settled(root.path(), "s");
     for victim in DATA_FILES {
         flip_middle_keeping_mtime(&dir.join(victim));
@@ -436,8 +484,9 @@ fn full_cached_sealed_file_rewritten_with_mtime_restored_is_digest_mismatch() {
 
 #[test]
 fn full_cached_sealed_file_truncated_is_size_mismatch() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let dir = publish_settled(root.path(), "s");
+    unseal(&dir.join(STATE_FILE));
     std::fs::OpenOptions::new()
         .write(true)
         .open(dir.join(STATE_FILE))
@@ -455,11 +504,12 @@ fn full_cached_sealed_file_truncated_is_size_mismatch() {
 
 #[test]
 fn full_cached_sealed_file_replaced_by_another_inode_is_hashed_again() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let dir = publish_settled(root.path(), "s");
     let mem = dir.join(MEM_FILE);
     let tmp = dir.join("mem.new");
     // Same content, new inode: hashed again (and fine).
+    unseal(&mem);
     std::fs::copy(&mem, &tmp).expect("copy");
     std::fs::rename(&tmp, &mem).expect("replace");
     assert_eq!(
@@ -471,6 +521,7 @@ fn full_cached_sealed_file_replaced_by_another_inode_is_hashed_again() {
     let mut bytes = std::fs::read(&mem).expect("read");
     bytes[100] ^= 0x80;
     std::fs::write(&tmp, &bytes).expect("write");
+    unseal(&mem);
     std::fs::File::options()
         .write(true)
         .open(&tmp)
@@ -485,7 +536,7 @@ fn full_cached_sealed_file_replaced_by_another_inode_is_hashed_again() {
 
 #[test]
 fn full_cached_sealed_snapshot_still_reports_fingerprint_mismatch() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let dir = publish_settled(root.path(), "s");
     let host = SnapshotFingerprint {
         qemu_version: "9.9.9".into(),
@@ -501,7 +552,7 @@ fn full_cached_sealed_snapshot_still_reports_fingerprint_mismatch() {
 
 #[test]
 fn full_cached_seal_is_bound_to_the_manifest_digest() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let dir = publish_settled(root.path(), "s");
     // The manifest (with a valid checksum) now claims other content for an untouched file.
     let claimed = "ab".repeat(32);
@@ -518,7 +569,7 @@ fn full_cached_seal_is_bound_to_the_manifest_digest() {
 
 #[test]
 fn publish_never_replaces_an_existing_snapshot() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let dir = publish(root.path(), "s");
     let name = || SnapshotName::new("s").expect("name");
     assert!(matches!(
@@ -526,7 +577,7 @@ fn publish_never_replaces_an_existing_snapshot() {
         Err(SnapshotError::AlreadyExists { .. })
     ));
     // A competitor publishes between begin and publish: the rename refuses.
-    let other = tempfile::tempdir().expect("tempdir");
+    let other = scratch();
     let b = SnapshotBuilder::begin(other.path(), name()).expect("begin");
     for f in DATA_FILES {
         std::fs::write(b.file(f), f).expect("write");
@@ -544,7 +595,7 @@ fn publish_never_replaces_an_existing_snapshot() {
 
 #[test]
 fn builder_dropped_or_failing_leaves_nothing_visible() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let b =
         SnapshotBuilder::begin(root.path(), SnapshotName::new("s").expect("name")).expect("begin");
     let tmp = b.dir().to_owned();
@@ -569,7 +620,7 @@ fn builder_dropped_or_failing_leaves_nothing_visible() {
 
 #[test]
 fn cleanup_stale_tmp_treats_a_zombie_owner_as_dead() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     // A child that exited and is not reaped yet: its /proc entry stays, as a zombie's.
     let mut child = std::process::Command::new("true").spawn().expect("spawn");
     let stat = format!("/proc/{}/stat", child.id());
@@ -595,7 +646,7 @@ fn cleanup_stale_tmp_treats_a_zombie_owner_as_dead() {
 
 #[test]
 fn cleanup_stale_tmp_removes_dead_pids_only() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = scratch();
     let dead = root.path().join(".tmp-a-b-999999999");
     let mine = root.path().join(format!(".tmp-c-{}", std::process::id()));
     let init = root.path().join(".tmp-d-1");
@@ -625,7 +676,7 @@ fn cleanup_stale_tmp_removes_dead_pids_only() {
 #[test]
 #[ignore = "benchmark: writes and hashes 256 MiB"]
 fn sha256_throughput_256mib() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch();
     let p = dir.path().join("mem");
     let chunk: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
@@ -646,5 +697,97 @@ fn sha256_throughput_256mib() {
             256.0 / took.as_secs_f64(),
             &digest[..12]
         );
+    }
+}
+
+#[test]
+fn publish_seals_every_file_read_only_and_immutable_where_supported() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = scratch();
+    let b =
+        SnapshotBuilder::begin(root.path(), SnapshotName::new("s").expect("name")).expect("begin");
+    for f in DATA_FILES {
+        std::fs::write(b.file(f), f).expect("write");
+        std::fs::set_permissions(b.file(f), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    std::fs::write(b.dir().join("origin.json"), "{}").expect("extra file");
+    let (dir, _) = b.publish(input()).expect("publish");
+    let flag = crate::is_immutable(&dir.join(MEM_FILE));
+    for f in DATA_FILES
+        .iter()
+        .chain(&[MANIFEST_FILE, MANIFEST_SHA256_FILE, "origin.json"])
+    {
+        let path = dir.join(f);
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode & 0o222, 0, "{f} has no write bit ({mode:o})");
+        assert_eq!(crate::is_immutable(&path), flag, "{f}: all sealed alike");
+    }
+    assert_eq!(
+        std::fs::metadata(dir.join(MEM_FILE))
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o400,
+        "owner-only stays owner-only"
+    );
+    // As root (CAP_LINUX_IMMUTABLE) on a file system with the flag, even root cannot write;
+    // otherwise the mode refuses anyone but root.
+    let is_root = rustix::process::geteuid().is_root();
+    if flag || !is_root {
+        let err = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(MEM_FILE))
+            .expect_err("a published mem cannot be opened for writing");
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    }
+    assert!(verify_full(&dir).is_ok());
+    remove_tree(&dir).expect("removal clears the flags first");
+    assert!(!dir.exists());
+}
+
+#[test]
+fn cleanup_stale_tmp_removes_sealed_files_of_a_crashed_publish() {
+    let root = scratch();
+    // A publish that died after sealing, before its rename.
+    let dead = root.path().join(".tmp-s-99999999");
+    std::fs::create_dir(&dead).expect("mkdir");
+    std::fs::write(dead.join(MEM_FILE), b"x").expect("write");
+    seal_file(&dead.join(MEM_FILE)).expect("seal");
+    let removed = cleanup_stale_tmp(root.path()).expect("cleanup");
+    assert_eq!(removed, std::slice::from_ref(&dead));
+    assert!(!dead.exists());
+}
+
+#[test]
+fn writable_window_keeps_the_seal_unless_the_file_was_written_inside_it() {
+    let root = scratch();
+    let dir = publish_settled(root.path(), "s");
+    let mem = dir.join(MEM_FILE);
+    if !crate::is_immutable(&mem) {
+        return; // No flag here (not root, or no inode flags): no window to open.
+    }
+    // Only the flag moved (ctime): no data file is hashed again.
+    drop(WritableWindow::open(&mem).expect("open"));
+    assert!(crate::is_immutable(&mem));
+    let r = verify_cached(&dir).expect("verifies");
+    assert!(r.hashed.is_empty(), "hashed {:?}", r.hashed);
+    // A write inside the window (it moves mtime) is caught by the next verify.
+    let window = WritableWindow::open(&mem).expect("open");
+    {
+        use std::os::unix::fs::{FileExt, PermissionsExt};
+        std::fs::set_permissions(&mem, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&mem)
+            .expect("writable inside the window");
+        // publish_settled waited past the clock tick since the file was last written, so
+        // this write's mtime differs from the sealed one.
+        f.write_all_at(b"!", 10).expect("write");
+    }
+    drop(window);
+    match verify_cached(&dir) {
+        Err(SnapshotError::DigestMismatch { path, .. }) => assert_eq!(path, mem),
+        other => panic!("expected DigestMismatch, got {other:?}"),
     }
 }

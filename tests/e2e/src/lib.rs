@@ -7,7 +7,9 @@
 //!
 //! Most tests share that home (and so one daemon). Tests that kill or restart the daemon get
 //! an isolated home of their own ([`Kiln::isolated`]) whose `images` directory links to the
-//! shared one, and whose daemon is stopped when the test ends.
+//! shared one, and whose daemon is stopped when the test ends. Published snapshot and image
+//! files are immutable (issue 8): an isolated home clears their flags before it is removed,
+//! and tests that damage such a file on purpose call [`unseal`] first.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -184,6 +186,12 @@ impl Drop for Kiln {
     fn drop(&mut self) {
         if self._own.is_some() {
             let _ = self.run(&["daemon", "stop", "--all"]);
+            // Published snapshot (and image) files are immutable; the temporary home can only
+            // be removed once their flags are cleared. Symlinks (the shared `images`) are not
+            // followed.
+            if let Err(e) = kiln_snapshot::unseal_tree(&self.home) {
+                eprintln!("cannot unseal {}: {e}", self.home.display());
+            }
         }
         if self.mounted {
             let _ = Command::new("umount")
@@ -240,6 +248,14 @@ pub fn wait_bounded(mut child: std::process::Child, what: &str, secs: u64) -> Ou
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// Lifts the seal of a published file (immutable flag, read-only mode) so that a test can
+/// damage it on purpose, as a writer below kiln could.
+pub fn unseal(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    kiln_snapshot::unseal_file(path).expect("clear the immutable flag");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod u+w");
 }
 
 /// Whether a process exists (and is not a zombie).

@@ -10,7 +10,7 @@
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use kiln_e2e::{Kiln, assert_success, sha256_hex, stdout};
+use kiln_e2e::{Kiln, assert_success, sha256_hex, stdout, unseal};
 
 /// `kiln create --image base --json` → (id, source).
 fn create(k: &Kiln) -> (String, String) {
@@ -37,6 +37,7 @@ fn warm_dir(k: &Kiln) -> PathBuf {
 
 /// Flips one bit of the byte in the middle of `path`, in place (size unchanged).
 fn flip_middle_byte(path: &Path) {
+    unseal(path);
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -69,6 +70,8 @@ fn rewrite_fingerprint(dir: &Path, field: &str, other: impl Fn(&str) -> String) 
     let text = text.replace(&from, &to);
     let edited: serde_json::Value = serde_json::from_str(&text).expect("edited json");
     assert_eq!(edited["fingerprint"][field], new.as_str());
+    unseal(&path);
+    unseal(&dir.join("manifest.sha256"));
     std::fs::write(&path, &text).expect("write manifest");
     std::fs::write(
         dir.join("manifest.sha256"),
@@ -195,8 +198,11 @@ fn restore_failing_midway_cold_boots_with_warning_then_recaptures() {
     for b in bytes.iter_mut().skip(64) {
         *b = !*b;
     }
+    unseal(&state);
     std::fs::write(&state, &bytes).expect("write state");
     let manifest = dir.join("manifest.json");
+    unseal(&manifest);
+    unseal(&dir.join("manifest.sha256"));
     let text = std::fs::read_to_string(&manifest).expect("read manifest");
     assert_eq!(text.matches(&old_sum).count(), 1, "{text}");
     let text = text.replace(&old_sum, &sha256_hex(&bytes));

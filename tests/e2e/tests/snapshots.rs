@@ -358,6 +358,7 @@ fn corrupt_snapshot_metadata_is_unusable_visible_and_removable() {
     assert_success(&k.run(&["rm", &src]), "rm");
     let dir = k.home().join("snapshots");
     // An origin.json naming no valid image: refused as unusable, naming the file (not a 500).
+    kiln_e2e::unseal(&dir.join("bad-origin/origin.json"));
     std::fs::write(
         dir.join("bad-origin/origin.json"),
         r#"{"image":"../etc","sandbox":"sb-000000000000"}"#,
@@ -371,6 +372,7 @@ fn corrupt_snapshot_metadata_is_unusable_visible_and_removable() {
         stderr(&out)
     );
     // A manifest that cannot be read: still listed, with the reason, and removable.
+    kiln_e2e::unseal(&dir.join("bad-manifest/manifest.json"));
     std::fs::write(dir.join("bad-manifest/manifest.json"), b"{ not json").expect("write");
     let out = k.run(&["snapshot", "ls", "--json"]);
     assert_success(&out, "snapshot ls");

@@ -97,6 +97,7 @@ fn corrupt_snapshot_falls_back_to_cold_boot_then_recaptures() {
     // Truncate the device state: detected before use.
     let state = dir.join("state");
     let len = std::fs::metadata(&state).expect("state").len();
+    kiln_e2e::unseal(&state);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&state)
