@@ -4,7 +4,7 @@
 //! Owns: [`ConsoleStream`] (reads both in order and follows the live one across rotations)
 //! and the archive `logs/<id>.console.log` (what stopped or failed VMs of the sandbox
 //! printed). Both are capped logs ([`kiln_vmm::console::CappedLog`]: the file and its `.1`,
-//! each at most [`CONSOLE_LOG_CAP`]), so a sandbox's console never takes more than four times
+//! each at most [`console_log_cap`], 2 MiB by default), so a sandbox's console never takes more than four times
 //! that on disk, however much its guest prints and however often it is stopped and started.
 //!
 //! Invariants: the archive only grows by whole VM consoles, appended oldest first before the
@@ -15,7 +15,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use kiln_api_types::SandboxId;
-use kiln_vmm::console::{CONSOLE_LOG_CAP, CappedLog, LogFollower, log_files};
+use kiln_vmm::console::{CappedLog, LogFollower, console_log_cap, log_files};
 use tracing::warn;
 
 use crate::{CoreError, Engine};
@@ -103,7 +103,7 @@ fn append_log(src: &Path, dst: &Path) -> io::Result<()> {
     if let Some(parent) = dst.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let mut log = CappedLog::open(dst, CONSOLE_LOG_CAP)?;
+    let mut log = CappedLog::open(dst, console_log_cap())?;
     for file in sources {
         log.append_from(file)?;
     }
@@ -140,7 +140,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let live = dir.path().join("console.log");
         let archive = dir.path().join("archive.log");
-        let chunk = vec![b'z'; (CONSOLE_LOG_CAP / 2) as usize];
+        let cap = console_log_cap();
+        let chunk = vec![b'z'; (cap / 2) as usize];
         std::fs::write(&live, &chunk).expect("write");
         for _ in 0..9 {
             append_log(&live, &archive).expect("append");
@@ -149,8 +150,8 @@ mod tests {
             .iter()
             .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
             .sum();
-        assert!(total <= 2 * CONSOLE_LOG_CAP, "{total}");
-        assert!(total > CONSOLE_LOG_CAP, "{total}");
+        assert!(total <= 2 * cap, "{total}");
+        assert!(total > cap, "{total}");
     }
 
     #[test]

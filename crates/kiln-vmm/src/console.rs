@@ -56,6 +56,26 @@ use tokio::task::JoinHandle;
 /// Default cap of each console file (the live one and the rotated one).
 pub const CONSOLE_LOG_CAP: u64 = 2 << 20;
 
+/// Environment variable overriding [`CONSOLE_LOG_CAP`] (bytes, at least [`MIN_CAP`]): end-to-end
+/// tests flood a console past a small cap in seconds instead of minutes.
+pub const CAP_ENV: &str = "KILN_CONSOLE_LOG_CAP";
+
+/// The smallest cap [`CAP_ENV`] may set.
+pub const MIN_CAP: u64 = 4096;
+
+/// The cap of each console file in effect: [`CAP_ENV`] if set and valid, else
+/// [`CONSOLE_LOG_CAP`]. Read once per process.
+pub fn console_log_cap() -> u64 {
+    static CAP: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| {
+        std::env::var(CAP_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&v| v >= MIN_CAP)
+            .unwrap_or(CONSOLE_LOG_CAP)
+    })
+}
+
 /// Bytes read from the console socket per read.
 const READ_CHUNK: usize = 64 << 10;
 

@@ -37,7 +37,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::cmdline::{RunPaths, VmConfig, build_args};
-use crate::console::{CONSOLE_LOG_CAP, ConsoleReader, log_tail};
+use crate::console::{ConsoleReader, console_log_cap, log_tail};
 use crate::error::VmmError;
 use crate::process::{Lifetime, Supervised, VmExit, file_tail, pass_fd, supervise_settings};
 use crate::procid::ProcessIdentity;
@@ -381,7 +381,7 @@ fn validate(cfg: &VmConfig) -> Result<(), VmmError> {
 
 /// Binds the console socket of `paths` and starts copying it into the capped console log.
 fn start_console(paths: &RunPaths) -> Result<ConsoleReader, VmmError> {
-    ConsoleReader::start(&paths.console_socket, &paths.console_log, CONSOLE_LOG_CAP).map_err(
+    ConsoleReader::start(&paths.console_socket, &paths.console_log, console_log_cap()).map_err(
         |source| VmmError::Io {
             what: "listen on",
             path: paths.console_socket.clone(),
