@@ -81,6 +81,12 @@ const READ_CHUNK: usize = 64 << 10;
 
 /// A read shorter than this is followed by a short pause, so that a guest printing byte by
 /// byte (QEMU sends each UART byte on its own) costs a few reads per second, not one per byte.
+///
+/// Measured (TCG, 2 shared cores, a guest running `yes > /dev/ttyS0` for 30 s): with the
+/// pause, the guest gets ~9.7 KB/s through, the daemon spends 2.2% of a core and QEMU 4.4%;
+/// without it, ~68 KB/s, the daemon 23% and QEMU 36%. A unix socket holds only a few hundred
+/// one-byte writes, so the pause is what paces a flooding guest: about the speed of the
+/// 115200-baud UART it emulates.
 const SMALL_READ: usize = 4 << 10;
 
 /// The pause after a small read. The socket buffers what arrives meanwhile.
