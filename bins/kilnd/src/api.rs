@@ -899,7 +899,9 @@ const LOG_CHUNK: usize = 64 << 10;
 ///
 /// What the guest's serial console printed (kernel and agent messages), kept while the
 /// sandbox exists: earlier VMs of it (before a stop, or until it failed), then the current
-/// one. With `follow=true` the response stays open and carries new output as it comes.
+/// one. Each part is capped (the newest 2 to 4 MiB are kept), so a guest that floods its
+/// console loses its oldest output, never the host's disk. With `follow=true` the response
+/// stays open and carries new output as it comes.
 #[utoipa::path(
     get,
     path = routes::SANDBOX_LOGS.path,
@@ -917,56 +919,41 @@ async fn sandbox_logs(
     Path(id): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, HttpError> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let id = resolve(&engine, &id)?;
-    let files = engine.console_files(&id)?;
-    let live = engine.home().sandbox_dir(&id).join("console.log");
+    let console = engine.console_stream(&id)?;
     let (line_tx, line_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::spawn(async move {
-        let mut buf = vec![0u8; LOG_CHUNK];
-        let mut live_pos = 0u64;
-        for path in &files {
-            let Ok(mut f) = tokio::fs::File::open(path).await else {
-                continue;
-            };
+        let mut console = Some(console);
+        let mut first = true;
+        // Everything kept, then (following) what the console prints next, across rotations
+        // of its capped log, until the sandbox's VM goes away.
+        while first || (q.follow && engine.console_live(&id) && !line_tx.is_closed()) {
+            if !first {
+                tokio::time::sleep(LOG_FOLLOW_POLL).await;
+            }
+            first = false;
             loop {
-                match f.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if *path == live {
-                            live_pos += n as u64;
-                        }
-                        if line_tx
-                            .send(Ok(Bytes::copy_from_slice(&buf[..n])))
-                            .await
-                            .is_err()
-                        {
+                let Some(mut c) = console.take() else { return };
+                // File reads stay off the async workers.
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; LOG_CHUNK];
+                    let r = c.read(&mut buf).map(|n| {
+                        buf.truncate(n);
+                        buf
+                    });
+                    (c, r)
+                })
+                .await;
+                let Ok((c, r)) = read else { return };
+                console = Some(c);
+                match r {
+                    Ok(chunk) if chunk.is_empty() => break,
+                    Ok(chunk) => {
+                        if line_tx.send(Ok(Bytes::from(chunk))).await.is_err() {
                             return;
                         }
                     }
-                }
-            }
-        }
-        // Following: the live console grows while the VM runs.
-        while q.follow && engine.console_live(&id) && !line_tx.is_closed() {
-            tokio::time::sleep(LOG_FOLLOW_POLL).await;
-            let Ok(mut f) = tokio::fs::File::open(&live).await else {
-                continue;
-            };
-            if f.seek(std::io::SeekFrom::Start(live_pos)).await.is_err() {
-                continue;
-            }
-            while let Ok(n) = f.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                live_pos += n as u64;
-                if line_tx
-                    .send(Ok(Bytes::copy_from_slice(&buf[..n])))
-                    .await
-                    .is_err()
-                {
-                    return;
+                    Err(_) => break,
                 }
             }
         }

@@ -29,6 +29,8 @@ use tokio::time::Instant;
 use crate::error::{AgentError, ClosedReason};
 use crate::exec::{ExecSession, ExecShared};
 use crate::files::{FileReadRequest, FileReader, FileWriteRequest, FileWriter, TransferShared};
+use crate::rate_limited;
+use crate::ratelimit::LogLimiter;
 use crate::registry::{StreamEndpoint, StreamRegistry};
 use crate::tunnel::{TcpTunnel, TunnelShared};
 
@@ -109,6 +111,8 @@ pub(crate) struct Shared {
     writer_wake: Notify,
     /// `true` once the channel is dead.
     closed_tx: watch::Sender<bool>,
+    /// Every log line the guest can trigger goes through it.
+    log_limiter: LogLimiter,
 }
 
 struct State {
@@ -152,6 +156,7 @@ impl Shared {
             }),
             writer_wake: Notify::new(),
             closed_tx: watch::Sender::new(false),
+            log_limiter: LogLimiter::default(),
         }
     }
 
@@ -246,19 +251,31 @@ impl Shared {
                             self.queue_grant(stream, grant);
                         }
                     }
-                    None => tracing::debug!(%stream, "dropping output for an unknown stream"),
+                    None => {
+                        self.check_issued(stream, "output")?;
+                        rate_limited!(
+                            self.log_limiter,
+                            "output_unknown_stream",
+                            debug!(%stream, "dropping output for an unknown stream")
+                        );
+                    }
                 }
                 Ok(())
             }
             Frame::Window { stream, increment } => {
-                if let Some(endpoint) = self.target(stream) {
-                    endpoint.as_dyn().on_grant(increment)?;
+                match self.target(stream) {
+                    Some(endpoint) => endpoint.as_dyn().on_grant(increment)?,
+                    None => self.check_issued(stream, "a window grant")?,
                 }
                 Ok(())
             }
             Frame::SyncAck(_) => {
                 // A late answer to one of our older SYNCs; the session is already up.
-                tracing::debug!("ignoring a late sync acknowledgement");
+                rate_limited!(
+                    self.log_limiter,
+                    "late_sync_ack",
+                    debug!("ignoring a late sync acknowledgement")
+                );
                 Ok(())
             }
             other => Err(ClosedReason::Violation {
@@ -275,7 +292,11 @@ impl Shared {
                 error,
             } => self.complete(id, Err(error)),
             GuestMessage::Error { id: None, error } => {
-                tracing::warn!(code = %error.code, message = %error.message, "guest agent reported an error for an unparseable request");
+                rate_limited!(
+                    self.log_limiter,
+                    "unparseable_request",
+                    warn!(code = %error.code, message = %error.message, "guest agent reported an error for an unparseable request")
+                );
             }
             GuestMessage::Exit { stream, status } => {
                 let exec = lock(&self.state)
@@ -283,14 +304,22 @@ impl Shared {
                     .remove_if(stream, |e| matches!(e, Endpoint::Exec(_)));
                 match exec {
                     Some(Endpoint::Exec(exec)) => exec.on_exit(status),
-                    _ => tracing::debug!(%stream, "exit for an unknown stream"),
+                    _ => rate_limited!(
+                        self.log_limiter,
+                        "exit_unknown_stream",
+                        debug!(%stream, "exit for an unknown stream")
+                    ),
                 }
             }
             GuestMessage::TcpEof { stream } => {
                 let tunnel = lock(&self.state).streams.get(stream);
                 match tunnel {
                     Some(Endpoint::Tunnel(tunnel)) => tunnel.on_eof(),
-                    _ => tracing::debug!(%stream, "tcp_eof for an unknown stream"),
+                    _ => rate_limited!(
+                        self.log_limiter,
+                        "tcp_eof_unknown_stream",
+                        debug!(%stream, "tcp_eof for an unknown stream")
+                    ),
                 }
             }
             GuestMessage::TcpClosed { stream, error } => {
@@ -299,7 +328,11 @@ impl Shared {
                     .remove_if(stream, |e| matches!(e, Endpoint::Tunnel(_)));
                 match tunnel {
                     Some(Endpoint::Tunnel(tunnel)) => tunnel.on_closed(error),
-                    _ => tracing::debug!(%stream, "tcp_closed for an unknown stream"),
+                    _ => rate_limited!(
+                        self.log_limiter,
+                        "tcp_closed_unknown_stream",
+                        debug!(%stream, "tcp_closed for an unknown stream")
+                    ),
                 }
             }
             GuestMessage::FileDone {
@@ -312,10 +345,31 @@ impl Shared {
                 let transfer = lock(&self.state).streams.get(stream);
                 match transfer {
                     Some(Endpoint::File(transfer)) => transfer.on_done(bytes, error),
-                    _ => tracing::debug!(%stream, "file_done for an unknown stream"),
+                    _ => rate_limited!(
+                        self.log_limiter,
+                        "file_done_unknown_stream",
+                        debug!(%stream, "file_done for an unknown stream")
+                    ),
                 }
             }
-            GuestMessage::Unknown => tracing::debug!("ignoring an unknown guest message"),
+            GuestMessage::Unknown => rate_limited!(
+                self.log_limiter,
+                "unknown_message",
+                debug!("ignoring an unknown guest message")
+            ),
+        }
+    }
+
+    /// A frame for a stream without an endpoint is fine when the host opened that stream
+    /// and let go of it since (frames in flight); for a stream the host never opened it is a
+    /// protocol violation.
+    fn check_issued(&self, stream: StreamId, what: &str) -> Result<(), ClosedReason> {
+        if lock(&self.state).streams.was_issued(stream) {
+            Ok(())
+        } else {
+            Err(ClosedReason::Violation {
+                what: format!("sent {what} on stream {stream}, which the host never opened"),
+            })
         }
     }
 
@@ -329,7 +383,11 @@ impl Shared {
         match waiter {
             // The requester may have given up; that is fine.
             Some(tx) => drop(tx.send(reply)),
-            None => tracing::debug!(%id, "answer for an unknown request"),
+            None => rate_limited!(
+                self.log_limiter,
+                "answer_unknown_request",
+                debug!(%id, "answer for an unknown request")
+            ),
         }
     }
 }
@@ -813,6 +871,12 @@ impl AgentClient {
         let _ = rx.wait_for(|closed| *closed).await;
     }
 
+    /// The limiter of the log lines this guest can trigger (one per connection, so per
+    /// sandbox): the engine's own guest-triggered lines use it too.
+    pub fn log_limiter(&self) -> &LogLimiter {
+        &self.inner.shared.log_limiter
+    }
+
     /// Why the channel died, if it has.
     pub fn close_reason(&self) -> Option<ClosedReason> {
         lock(&self.inner.shared.state).closed.clone()
@@ -910,13 +974,21 @@ async fn reader_task<R: AsyncRead + Unpin>(mut rd: R, mut decoder: Decoder, shar
             match decoder.next_frame() {
                 Ok(Some(frame)) => {
                     if let Err(reason) = shared.dispatch(frame) {
-                        tracing::warn!(reason = %reason, "closing the agent channel");
+                        rate_limited!(
+                            shared.log_limiter,
+                            "protocol_violation",
+                            warn!(reason = %reason, "closing the agent channel")
+                        );
                         break 'conn reason;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    tracing::warn!(error = %e, "malformed frame from the guest agent");
+                    rate_limited!(
+                        shared.log_limiter,
+                        "malformed_frame",
+                        warn!(error = %e, "malformed frame from the guest agent")
+                    );
                     break 'conn ClosedReason::Decode(e);
                 }
             }

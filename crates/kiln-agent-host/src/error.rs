@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use kiln_agent_proto::{ErrorCode, ProtoError, RestoreId};
 
-/// Why the agent channel is dead.
+/// Why the agent channel is dead. A guest that broke the protocol is named as such
+/// ([`ClosedReason::is_violation`]), with what it did, so a sandbox's failure reason says
+/// more than "channel closed".
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClosedReason {
     /// The guest side (QEMU's chardev) closed the stream.
@@ -21,15 +23,27 @@ pub enum ClosedReason {
     /// Writing to the stream failed.
     #[error("write failed")]
     Write(#[source] Arc<io::Error>),
-    /// The guest sent bytes that are not a valid frame.
-    #[error("malformed frame from the guest")]
+    /// The guest sent bytes that are not a valid frame or message (garbage, an oversized or
+    /// malformed header, a control message that does not parse).
+    #[error("guest protocol violation")]
     Decode(#[source] ProtoError),
-    /// The guest sent a valid frame that breaks the protocol (credit overrun, bad message).
-    #[error("guest broke the protocol: {what}")]
+    /// The guest sent a valid frame that breaks the protocol (credit overrun, a stream it does
+    /// not own, a frame kind it may not send).
+    #[error("guest protocol violation: {what}")]
     Violation {
         /// What it did.
         what: String,
     },
+}
+
+impl ClosedReason {
+    /// Whether the guest broke the protocol (rather than the stream ending or failing).
+    pub fn is_violation(&self) -> bool {
+        matches!(
+            self,
+            ClosedReason::Decode(_) | ClosedReason::Violation { .. }
+        )
+    }
 }
 
 /// Everything that can go wrong talking to the guest agent.

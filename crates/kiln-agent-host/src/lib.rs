@@ -8,7 +8,9 @@
 //! [`FileReader`] (a guest file, or a directory as tar, streamed in or out, from
 //! [`AgentClient::file_write`] / [`AgentClient::file_read`]) and the one-shot file operations
 //! ([`AgentClient::file_stat`], [`AgentClient::file_list`], [`AgentClient::file_mkdir`],
-//! [`AgentClient::file_remove`], [`AgentClient::file_rename`]; feature `files-v1`). The wire format lives in `kiln-agent-proto` and is described
+//! [`AgentClient::file_remove`], [`AgentClient::file_rename`]; feature `files-v1`), and the
+//! rate limiter every log line a guest can trigger goes through ([`ratelimit`],
+//! [`rate_limited!`]; one per connection). The wire format lives in `kiln-agent-proto` and is described
 //! in `docs/protocol.md`. Must not: know about sandboxes, QEMU or sockets (starting QEMU and
 //! naming its chardev socket is `kiln-vmm`'s job); any `AsyncRead + AsyncWrite` stream works
 //! (production: the UnixStream of QEMU's chardev).
@@ -40,6 +42,9 @@
 //!   whatever the file size.
 //! - Every queue is bounded: the frame queue by count, inboxes by the window, pending requests
 //!   by the callers awaiting them, WINDOW grants and `tcp_close`s by one entry per stream.
+//! - A channel closed because the guest broke the protocol says so: its [`ClosedReason`] is a
+//!   violation naming what the guest sent (a bad header with its length, garbage, a malformed
+//!   message, a stream the host never opened), and every waiter's error carries it.
 //! - Once the channel dies, every waiter (requests, `next_event`, stdin writes, tunnel reads
 //!   and writes, `closed()`) resolves promptly.
 //! - Stream ids are never reused within a connection (execs and tunnels share the space).
@@ -51,6 +56,7 @@ mod client;
 mod error;
 mod exec;
 mod files;
+pub mod ratelimit;
 mod registry;
 mod tunnel;
 
@@ -68,4 +74,5 @@ pub use kiln_agent_proto::{
     MAX_LIST_ENTRIES, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_TTY_DIM, MachineId, PathError, RestoreId,
     StreamId, TermName, TtyError, TtyRequest, TtySize, UnixNanos,
 };
+pub use ratelimit::LogLimiter;
 pub use tunnel::TcpTunnel;

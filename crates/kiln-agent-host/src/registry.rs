@@ -89,6 +89,12 @@ impl<E: Clone> StreamRegistry<E> {
         Ok(handle)
     }
 
+    /// Whether `stream` was ever allocated by [`StreamRegistry::register`] (ids are issued
+    /// in increasing order and never reused).
+    pub(crate) fn was_issued(&self, stream: StreamId) -> bool {
+        stream >= StreamId::FIRST && self.next.is_none_or(|next| stream < next)
+    }
+
     /// The endpoint registered for `stream`.
     pub(crate) fn get(&self, stream: StreamId) -> Option<E> {
         self.streams.get(&stream).cloned()

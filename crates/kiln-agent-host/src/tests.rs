@@ -6,6 +6,7 @@
 
 mod files;
 mod tunnel;
+mod violations;
 
 use std::time::Duration;
 

@@ -12,6 +12,7 @@
 //!   and the janitor removes any left by a daemon that died;
 //! - no lock is held across an `.await`.
 
+pub mod console;
 mod detached;
 pub mod doctor;
 pub mod error;
@@ -686,52 +687,9 @@ impl Engine {
         }
     }
 
-    /// The guest console of sandbox `id` so far: what earlier VMs of it printed (kept when
-    /// they stopped or failed), then its current VM's console, if it has one.
-    pub fn console_files(&self, id: &SandboxId) -> Result<Vec<PathBuf>, CoreError> {
-        self.sandbox_get(id)?;
-        Ok([
-            self.home.console_archive(id),
-            self.home.sandbox_dir(id).join("console.log"),
-        ]
-        .into_iter()
-        .filter(|p| p.is_file())
-        .collect())
-    }
-
-    /// Whether sandbox `id` has a VM that may still print to its console.
-    pub fn console_live(&self, id: &SandboxId) -> bool {
-        self.table().contains_key(id)
-    }
-
-    /// Appends the console of sandbox `id`'s VM to its archive (before its runtime directory
-    /// goes), so `kiln logs` still shows it.
-    pub(crate) fn archive_console(&self, id: &SandboxId) {
-        let live = self.home.sandbox_dir(id).join("console.log");
-        let archive = self.home.console_archive(id);
-        let copied = (|| -> std::io::Result<u64> {
-            let mut src = match std::fs::File::open(&live) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-                Err(e) => return Err(e),
-            };
-            if let Some(parent) = archive.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let mut dst = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&archive)?;
-            std::io::copy(&mut src, &mut dst)
-        })();
-        if let Err(e) = copied {
-            warn!(sandbox_id = %id, error = %e, "could not keep the guest console");
-        }
-    }
-
     /// Removes a sandbox's runtime directory, saves and row, and publishes its removal.
     pub(crate) fn remove_records(&self, id: &SandboxId, reason: &str) {
-        let _ = std::fs::remove_file(self.home.console_archive(id));
+        self.remove_console_archive(id);
         self.detached
             .lock()
             .unwrap_or_else(|e| e.into_inner())

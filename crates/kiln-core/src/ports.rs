@@ -84,18 +84,29 @@ async fn accept_loop(listener: TcpListener, mapping: PortMapping, sb: Weak<Sandb
             let mut tunnel = match sandbox.agent().open_tcp(mapping.guest).await {
                 Ok(t) => t,
                 Err(e) => {
-                    warn!(sandbox_id = %sandbox.id(), port = %mapping, %peer, error = %crate::error::error_chain(&e), "cannot open a tunnel to the guest port");
+                    // The guest decides whether its port accepts: rate-limited.
+                    kiln_agent_host::rate_limited!(
+                        sandbox.agent().log_limiter(),
+                        "port_tunnel_refused",
+                        warn!(sandbox_id = %sandbox.id(), port = %mapping, %peer, error = %crate::error::error_chain(&e), "cannot open a tunnel to the guest port")
+                    );
                     return;
                 }
             };
             // An open tunnel keeps the sandbox from going idle.
             let _busy = sandbox.activity.busy();
+            let agent = sandbox.agent().clone();
+            let limiter = agent.log_limiter();
             drop(sandbox);
             match tokio::io::copy_bidirectional(&mut conn, &mut tunnel).await {
                 Ok((up, down)) => {
                     debug!(port = %mapping, %peer, up, down, "tunnel closed");
                 }
-                Err(e) => debug!(port = %mapping, %peer, error = %e, "tunnel ended"),
+                Err(e) => kiln_agent_host::rate_limited!(
+                    limiter,
+                    "port_tunnel_error",
+                    debug!(port = %mapping, %peer, error = %e, "tunnel ended")
+                ),
             }
         });
     }

@@ -201,12 +201,16 @@ impl Sandbox {
     pub async fn watch_failure(&self) -> String {
         let reason = tokio::select! {
             status = self.vm.wait_exit() => format!("QEMU exited ({status})"),
-            _ = self.agent.closed() => {
+            _ = self.agent.closed() => match self.agent.close_reason() {
+                // The guest broke the protocol: say what it did.
+                Some(why) if why.is_violation() => {
+                    format!("the guest agent channel closed: {}", crate::error::error_chain(&why))
+                }
                 // The channel usually dies because QEMU did: give its exit a moment to explain.
-                match tokio::time::timeout(DEATH_EXPLAIN_WAIT, self.vm.wait_exit()).await {
+                _ => match tokio::time::timeout(DEATH_EXPLAIN_WAIT, self.vm.wait_exit()).await {
                     Ok(status) => format!("QEMU exited ({status})"),
                     Err(_) => "the guest agent channel closed".to_owned(),
-                }
+                },
             }
         };
         format!("{reason}{}", console_suffix(&self.vm))

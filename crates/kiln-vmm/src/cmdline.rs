@@ -124,7 +124,9 @@ pub struct RunPaths {
     pub qmp_socket: PathBuf,
     /// Agent virtio-serial socket (QEMU listens).
     pub agent_socket: PathBuf,
-    /// Guest serial console output.
+    /// The console socket: the daemon listens, QEMU connects ([`crate::console`]).
+    pub console_socket: PathBuf,
+    /// Guest serial console output, capped (with its rotated `console.log.1`).
     pub console_log: PathBuf,
     /// QEMU's stdout and stderr.
     pub qemu_log: PathBuf,
@@ -140,6 +142,7 @@ impl RunPaths {
         RunPaths {
             qmp_socket: run_dir.join("qmp.sock"),
             agent_socket: run_dir.join("agent.sock"),
+            console_socket: run_dir.join("console.sock"),
             console_log: run_dir.join("console.log"),
             qemu_log: run_dir.join("qemu.log"),
             pidfile: run_dir.join("qemu.pid"),
@@ -202,9 +205,12 @@ pub fn build_args(cfg: &VmConfig) -> Vec<OsString> {
     a.push("-initrd").push(cfg.initramfs.as_os_str());
     a.push("-append").push(kernel_cmdline(cfg));
 
+    // QEMU is the client of the daemon's listener and reconnects every second (a restarted
+    // daemon binds it again); see `console.rs` for why.
     a.push("-chardev").push(opt([
-        "file,id=console,path=".as_ref(),
-        escape(paths.console_log.as_os_str()).as_os_str(),
+        "socket,id=console,path=".as_ref(),
+        escape(paths.console_socket.as_os_str()).as_os_str(),
+        ",reconnect=1".as_ref(),
     ]));
     a.push("-serial").push("chardev:console");
     a.push("-chardev").push(opt([
@@ -253,6 +259,11 @@ pub fn build_args(cfg: &VmConfig) -> Vec<OsString> {
 /// Version tag mixed into [`device_fingerprint`]; bump when its inputs change meaning.
 const FINGERPRINT_VERSION: &str = "kiln-device-fingerprint-v1";
 
+/// The console chardev as the fingerprint spells it. The chardev's backend is not device
+/// state (it is not migrated), so the fingerprint keeps the spelling of the time the console
+/// was a file: snapshots taken before the console became a socket remain usable.
+const FINGERPRINT_CONSOLE_CHARDEV: &str = "file,id=console,path=/run/console.log";
+
 /// A digest (hex sha256) of everything in `cfg`'s argument vector that a restored VM must
 /// share with the captured one for QEMU to accept the device state: machine type and options,
 /// accelerator, CPU model, vCPUs, memory size and backend, the device list and their
@@ -291,7 +302,11 @@ pub fn device_fingerprint(cfg: &VmConfig) -> String {
             continue;
         }
         h.update([0u8]);
-        h.update(arg.as_bytes());
+        if arg.as_bytes().starts_with(b"socket,id=console,") {
+            h.update(FINGERPRINT_CONSOLE_CHARDEV.as_bytes());
+        } else {
+            h.update(arg.as_bytes());
+        }
     }
     hex::encode(h.finalize())
 }
@@ -383,7 +398,9 @@ mod tests {
         assert_eq!(values(&args, "-kernel"), ["/img/vmlinuz"]);
         assert_eq!(values(&args, "-initrd"), ["/img/initramfs.cpio"]);
         let chardevs = values(&args, "-chardev");
-        assert!(chardevs.contains(&"file,id=console,path=/run/kiln/sb1/console.log"));
+        assert!(
+            chardevs.contains(&"socket,id=console,path=/run/kiln/sb1/console.sock,reconnect=1")
+        );
         assert!(chardevs.contains(&"socket,id=qmp,path=/run/kiln/sb1/qmp.sock,server=on,wait=off"));
         assert!(
             chardevs.contains(&"socket,id=agent,path=/run/kiln/sb1/agent.sock,server=on,wait=off")
@@ -444,8 +461,22 @@ mod tests {
         };
         let args = strings(&build_args(&cfg));
         assert!(values(&args, "-object")[0].contains("mem-path=/tmp/a,,b/mem,share=on"));
-        assert!(values(&args, "-chardev").contains(&"file,id=console,path=/tmp/a,,b/console.log"));
+        assert!(
+            values(&args, "-chardev")
+                .contains(&"socket,id=console,path=/tmp/a,,b/console.sock,reconnect=1")
+        );
     }
+
+    /// Snapshots record this digest: a change of it makes every existing snapshot unusable,
+    /// so it changes only on purpose (the console's move from a file to a socket did not
+    /// change it).
+    #[test]
+    fn device_fingerprint_is_pinned() {
+        assert_eq!(device_fingerprint(&config()), PINNED_FINGERPRINT);
+    }
+
+    const PINNED_FINGERPRINT: &str =
+        "6d6590d6c4f57784c0e0429536f7848316df546576e9720a313a4fff262589a1";
 
     #[test]
     fn device_fingerprint_ignores_paths_but_not_devices() {

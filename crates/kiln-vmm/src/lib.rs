@@ -5,6 +5,7 @@
 //! - [`cmdline`]: [`VmConfig`] → argument vector (machine type and kernel command line,
 //!   with the measurements behind them);
 //! - [`Vm`]: one QEMU process (spawn, pidfile, QMP, exit notification, shutdown);
+//! - [`console`]: the guest's serial console, read from a socket into a capped log;
 //! - [`procid`]: pid + start-time identities for the daemon's startup janitor;
 //! - [`accel`]: KVM-or-TCG, probed by booting the real guest kernel;
 //! - [`create_overlay`]: qcow2 overlays over the read-only rootfs;
@@ -22,6 +23,7 @@
 
 pub mod accel;
 pub mod cmdline;
+pub mod console;
 mod error;
 mod overlay;
 mod process;

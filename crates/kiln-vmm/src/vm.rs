@@ -6,7 +6,8 @@
 //!                   ▼
 //!             killed, reaped, error carrying qemu.log's tail
 //!
-//!  Vm::attach(run):     pidfile + vm.json ─▶ pidfd opened, start time checked ─▶ QMP connected
+//!  Vm::attach(run):     pidfile + vm.json ─▶ pidfd opened, start time checked ─▶ console
+//!                       socket bound again (QEMU reconnects within 1 s) ─▶ QMP connected
 //!  Vm::shutdown(grace): QMP quit ─▶ wait ≤ grace ─▶ SIGKILL ─▶ reaped
 //!  Vm::kill:            SIGKILL ─▶ reaped
 //!  drop(Vm):            SIGKILL (asynchronously, by the supervisor task)
@@ -17,6 +18,10 @@
 //! - QEMU outlives the daemon that started it (no parent-death signal): a daemon that
 //!   restarts attaches to it; only [`Vm::kill`], [`Vm::shutdown`] or dropping an unreleased
 //!   `Vm` ends it. QEMU dying resolves every [`Vm::wait_exit`] at once.
+//! - Every `Vm` reads its console: `<run>/console.sock` is bound before QEMU starts (or, when
+//!   attaching, before QEMU's next reconnect) and copied into the capped `console.log`
+//!   ([`crate::console`]); [`Vm::wait_exit`] returns once that copy has everything QEMU
+//!   printed (bounded wait), so a console tail read after an exit is complete.
 //! - `<run>/qemu.pid` (pid and start time) and `<run>/vm.json` (the config) are written before
 //!   `spawn` returns, so a later daemon can tell this QEMU from a process that reuses its pid
 //!   and knows what it runs.
@@ -32,6 +37,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::cmdline::{RunPaths, VmConfig, build_args};
+use crate::console::{ConsoleReader, console_log_cap, log_tail};
 use crate::error::VmmError;
 use crate::process::{Lifetime, Supervised, VmExit, file_tail, pass_fd, supervise_settings};
 use crate::procid::ProcessIdentity;
@@ -52,6 +58,9 @@ const EXIT_AFTER_RESET: Duration = Duration::from_secs(2);
 /// Retry interval while waiting for the QMP socket to appear.
 const CONNECT_RETRY: Duration = Duration::from_millis(5);
 
+/// How long an exit waits for the console reader to drain what QEMU wrote before exiting.
+const CONSOLE_DRAIN: Duration = Duration::from_secs(2);
+
 /// A running QEMU.
 #[derive(Debug)]
 pub struct Vm {
@@ -59,6 +68,8 @@ pub struct Vm {
     paths: RunPaths,
     qmp: QmpClient,
     child: Supervised,
+    /// Copies the console socket into the capped log; stops when this handle drops.
+    console: ConsoleReader,
     /// The config QEMU was started with (snapshot capture checks `memory_shared`).
     config: VmConfig,
     /// Whether dropping this handle kills QEMU (cleared by [`Vm::release`]).
@@ -98,6 +109,7 @@ impl Vm {
             source,
         })?;
         for stale in [
+            &paths.console_socket,
             &paths.qmp_socket,
             &paths.agent_socket,
             &paths.pidfile,
@@ -126,6 +138,8 @@ impl Vm {
             source,
         })?;
 
+        // Listening before QEMU starts: not a byte of its console is lost.
+        let console = start_console(&paths)?;
         let args = build_args(cfg);
         let mut cmd = Command::new(&cfg.qemu);
         cmd.args(&args)
@@ -192,6 +206,7 @@ impl Vm {
                     paths,
                     qmp,
                     child,
+                    console,
                     config: cfg.clone(),
                     armed: std::sync::atomic::AtomicBool::new(true),
                 })
@@ -227,6 +242,8 @@ impl Vm {
                 reason: format!("{}: {e}", paths.config_file.display()),
             })?;
         let child = Supervised::adopt(identity).map_err(io("adopt the QEMU of", run_dir))?;
+        // QEMU's console chardev retries its connection every second: it finds this one.
+        let console = start_console(&paths)?;
         let qmp = connect_qmp(&paths, &child).await?;
         debug!(pid = identity.pid, run_dir = %run_dir.display(), "QEMU adopted");
         Ok(Vm {
@@ -234,6 +251,7 @@ impl Vm {
             paths,
             qmp,
             child,
+            console,
             config,
             armed: std::sync::atomic::AtomicBool::new(true),
         })
@@ -276,14 +294,15 @@ impl Vm {
         &self.paths.agent_socket
     }
 
-    /// The guest's serial console log.
+    /// The guest's serial console log (the live file; `console.log.1` holds the output
+    /// before it, see [`crate::console::log_files`]).
     pub fn console_log(&self) -> &Path {
         &self.paths.console_log
     }
 
     /// The last lines of the guest console, at most `max_bytes` (for error messages).
     pub fn console_tail(&self, max_bytes: usize) -> String {
-        file_tail(&self.paths.console_log, max_bytes)
+        log_tail(&self.paths.console_log, max_bytes)
     }
 
     /// The last lines of QEMU's own output (stderr/stdout), at most `max_bytes`.
@@ -297,9 +316,11 @@ impl Vm {
     }
 
     /// Resolves when QEMU exits (any number of concurrent waiters; promptly, since one task
-    /// sits in `waitpid`).
+    /// sits in `waitpid`) and its last console output is in the log.
     pub async fn wait_exit(&self) -> VmExit {
-        self.child.wait().await
+        let exit = self.child.wait().await;
+        self.console.settled(CONSOLE_DRAIN).await;
+        exit
     }
 
     /// SIGKILLs QEMU and waits until it is reaped. Idempotent.
@@ -343,7 +364,11 @@ fn validate(cfg: &VmConfig) -> Result<(), VmmError> {
         ));
     }
     let paths = RunPaths::new(&cfg.run_dir);
-    for sock in [&paths.qmp_socket, &paths.agent_socket] {
+    for sock in [
+        &paths.qmp_socket,
+        &paths.agent_socket,
+        &paths.console_socket,
+    ] {
         if sock.as_os_str().len() > MAX_SOCKET_PATH {
             return invalid(format!(
                 "socket path {} is longer than {MAX_SOCKET_PATH} bytes (use a shorter KILN_HOME)",
@@ -352,6 +377,17 @@ fn validate(cfg: &VmConfig) -> Result<(), VmmError> {
         }
     }
     Ok(())
+}
+
+/// Binds the console socket of `paths` and starts copying it into the capped console log.
+fn start_console(paths: &RunPaths) -> Result<ConsoleReader, VmmError> {
+    ConsoleReader::start(&paths.console_socket, &paths.console_log, console_log_cap()).map_err(
+        |source| VmmError::Io {
+            what: "listen on",
+            path: paths.console_socket.clone(),
+            source,
+        },
+    )
 }
 
 /// Connects to QMP, retrying until the socket answers, QEMU exits, or the deadline passes.
