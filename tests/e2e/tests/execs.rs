@@ -187,9 +187,13 @@ fn logs_show_and_follow_the_guest_console() {
         assert_success(&out, "write to the console");
     };
     write("console-line-1");
-    let out = k.run(&["logs", &sb]);
-    assert_success(&out, "logs");
-    assert!(stdout(&out).contains("console-line-1"), "{}", stdout(&out));
+    // The console reaches the log asynchronously (the guest's UART, QEMU, the daemon's
+    // reader): the line is there within a deadline, not at the exec's end.
+    kiln_e2e::wait_until("console-line-1 in kiln logs", 30, || {
+        let out = k.run(&["logs", &sb]);
+        assert_success(&out, "logs");
+        stdout(&out).contains("console-line-1")
+    });
 
     let mut follow = k
         .cmd(&["logs", "-f", &sb])
