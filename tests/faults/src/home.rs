@@ -187,13 +187,14 @@ impl FaultHome {
     }
 
     /// Stops every process of this home: `kiln daemon stop --all`, then SIGKILL for any
-    /// `kilnd` or QEMU still naming it. Returns what had to be killed (a leak if non-empty).
+    /// `kilnd`, QEMU or helper still naming it. Returns what had to be killed (a leak if non-empty).
     pub fn stop_everything(&self) -> Vec<String> {
         let _ = self.run_bounded(&["daemon", "stop", "--all"], COMMAND_DEADLINE);
         let mut killed = Vec::new();
         for p in procs::daemons_of(&self.home)
             .into_iter()
             .chain(procs::qemus_of(&self.home))
+            .chain(procs::helpers_of(&self.home))
         {
             if procs::kill9(p.pid) {
                 killed.push(format!("pid {} {}", p.pid, p.argv.join(" ")));
@@ -211,6 +212,16 @@ impl FaultHome {
 
 impl Drop for FaultHome {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The CLI quotes only the log's tail; a daemon's panic message is further up.
+            let log = std::fs::read_to_string(self.home.join("kilnd.log")).unwrap_or_default();
+            for (i, line) in log.lines().enumerate() {
+                if line.contains("panicked") {
+                    let tail: Vec<&str> = log.lines().skip(i).take(4).collect();
+                    eprintln!("faults: kilnd.log line {}:\n{}", i + 1, tail.join("\n"));
+                }
+            }
+        }
         self.stop_everything();
         let keep = std::thread::panicking()
             && std::env::var_os("KILN_FAULTS_KEEP").is_some_and(|v| v == "1");

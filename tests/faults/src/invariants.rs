@@ -3,7 +3,8 @@
 //! [`check_serving`] runs once a daemon serves again after a fault (its janitor has run, and
 //! no operation is in flight): exactly one `kilnd` of the home and it is the one that
 //! answers; every QEMU naming the home runs a sandbox the store lists as `running` or
-//! `paused`, and every such sandbox has exactly one QEMU and its `run/` directory; `run/`
+//! `paused`, and every such sandbox has exactly one QEMU and its `run/` directory; no other
+//! process (an image build's helpers) works in the home; `run/`
 //! holds nothing else; no row is left in a transitional state (`creating`, `stopping`); no
 //! snapshot build directory (`snapshots/.tmp-*`) and no save (`saved/<id>`) without a row.
 //! [`check_stopped`] runs after `kiln daemon stop --all`: no process of the home at all, no
@@ -53,6 +54,13 @@ pub fn check_serving(home: &FaultHome) -> Vec<String> {
                 q.argv.join(" ")
             )),
         }
+    }
+    for h in procs::helpers_of(home.path()) {
+        bad.push(format!(
+            "pid {} still works in the home: {}",
+            h.pid,
+            h.argv.join(" ")
+        ));
     }
     let run_dirs = home.entries("run");
     for r in &rows {
@@ -106,6 +114,13 @@ pub fn check_stopped(home: &FaultHome) -> Vec<String> {
             "QEMU pid {} still runs after daemon stop --all: {}",
             q.pid,
             q.argv.join(" ")
+        ));
+    }
+    for h in procs::helpers_of(home.path()) {
+        bad.push(format!(
+            "pid {} still works in the home after a stop: {}",
+            h.pid,
+            h.argv.join(" ")
         ));
     }
     for d in home.entries("run") {

@@ -82,6 +82,24 @@ pub fn qemus_of(home: &Path) -> Vec<Proc> {
         .collect()
 }
 
+/// Every live process other than QEMU whose command line names a path under `home`: helpers
+/// of the engine (an image build's `mmdebstrap`, `mkfs`, `qemu-img`) that must not outlive
+/// the daemon that started them. The caller's own process is never listed.
+pub fn helpers_of(home: &Path) -> Vec<Proc> {
+    let prefix = format!("{}/", home.display());
+    let me = std::process::id() as i32;
+    pids()
+        .into_iter()
+        .filter(|pid| *pid != me)
+        .filter_map(|pid| {
+            let argv = argv(pid)?;
+            let names = argv.iter().skip(1).any(|a| a.contains(&prefix));
+            (names && !is_qemu_of(&argv, home) && kiln_e2e::process_alive(pid))
+                .then_some(Proc { pid, argv })
+        })
+        .collect()
+}
+
 /// The live (non-zombie) `kilnd` processes serving `home`.
 pub fn daemons_of(home: &Path) -> Vec<Proc> {
     pids()

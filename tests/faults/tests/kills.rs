@@ -40,19 +40,42 @@ const POINTS: &[Point] = &[
     Point::Start,
 ];
 
-impl Point {
-    /// The longest delay drawn for this point: about twice what the operation takes on an
-    /// idle 2-core machine under TCG, so most kills land inside it and some after it.
-    fn max_delay_ms(self) -> u64 {
-        match self {
-            Point::CreateCold => 4_000,
-            Point::CreateWarm => 400,
-            Point::Clone => 800,
-            Point::Capture => 6_000,
-            Point::UserSnapshot => 2_500,
-            Point::Stop => 2_500,
-            Point::Start => 500,
+/// How long each operation takes here and now, measured once per test by running it
+/// unfaulted: delays are drawn from `0..=5/4` of it, so most kills land inside the operation
+/// (and some just after it) whatever the machine's load.
+struct Durations(Vec<(Point, Duration)>);
+
+impl Durations {
+    fn measure(fx: &mut Fixture) -> Durations {
+        let mut all = Vec::new();
+        for &point in POINTS {
+            let prepared = prepare(fx, point);
+            let args: Vec<&str> = prepared.args.iter().map(String::as_str).collect();
+            let t = Instant::now();
+            fx.home.run_ok(&args);
+            all.push((point, t.elapsed()));
+            fx.clean();
         }
+        println!(
+            "  operation times: {}",
+            all.iter()
+                .map(|(p, d)| format!("{p:?} {} ms", d.as_millis()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Durations(all)
+    }
+
+    /// The delay `permille`/1000 of the way through `point`'s measured duration. The seed
+    /// fixes the fraction, not the milliseconds, so it names the same moment of the
+    /// operation on a loaded machine as on an idle one.
+    fn delay(&self, point: Point, permille: u64) -> Duration {
+        let d = self
+            .0
+            .iter()
+            .find(|(p, _)| *p == point)
+            .map_or(Duration::from_secs(1), |(_, d)| *d);
+        d * permille as u32 / 1000
     }
 }
 
@@ -247,15 +270,24 @@ fn prepare(fx: &mut Fixture, point: Point) -> Prepared {
     }
 }
 
-/// Injects one kill; returns whether it landed while the operation ran.
-fn inject(fx: &mut Fixture, rng: &mut Rng, point: Point, target: Target, tally: &mut Tally) {
+/// Injects one kill at a seeded delay into the operation of `point` and checks everything
+/// afterwards, counting into `tally`.
+fn inject(
+    fx: &mut Fixture,
+    rng: &mut Rng,
+    durations: &Durations,
+    point: Point,
+    target: Target,
+    tally: &mut Tally,
+) {
     let prepared = prepare(fx, point);
-    let delay = Duration::from_millis(rng.below(point.max_delay_ms() + 1));
+    let permille = rng.below(1251);
+    let delay = durations.delay(point, permille);
     let daemon = fx.home.start_daemon();
     let keeper_qemu = fx.keeper_qemu();
     let args: Vec<&str> = prepared.args.iter().map(String::as_str).collect();
     println!(
-        "  {point:?}: kill {target:?} after {} ms of `kiln {}`",
+        "  {point:?}: kill {target:?} at {permille}‰ = {} ms of `kiln {}`",
         delay.as_millis(),
         args.join(" ")
     );
@@ -488,13 +520,15 @@ fn check_keep_snapshot(fx: &Fixture, tally: &mut Tally) {
 fn kill_suite(test: &str, target: Target) {
     let seeds = seeds();
     let mut tally = Tally::new("faults");
+    let mut durations = None;
     for &seed in &seeds {
         let mut fx = Fixture::new(test, seed);
+        let durations = durations.get_or_insert_with(|| Durations::measure(&mut fx));
         for round in 0..rounds() {
             announce(test, seed, round);
             let mut rng = round_rng(test, seed, round);
             for &point in POINTS {
-                inject(&mut fx, &mut rng, point, target, &mut tally);
+                inject(&mut fx, &mut rng, durations, point, target, &mut tally);
             }
             check_keep_snapshot(&fx, &mut tally);
         }
