@@ -32,6 +32,8 @@ pub struct Tally {
     pub injected: u32,
     /// Of which landed while the faulted operation was still running.
     pub mid_op: u32,
+    /// Corruptions that left every byte a restore uses intact (either answer is right).
+    pub harmless: u32,
     /// Invariant violations (leaked processes, directories, sockets; store disagreeing).
     pub leaks: Vec<String>,
     /// Acknowledged data not found after the fault.
@@ -60,8 +62,9 @@ impl Tally {
     pub fn line(&self) -> String {
         if self.what == "corruptions" {
             format!(
-                "corruptions: {} injected, {} restored, {} 5xx, {} hangs, {} wrong answers, {} leaks",
+                "corruptions: {} injected ({} harmless), {} restored, {} 5xx, {} hangs, {} wrong answers, {} leaks",
                 self.injected,
+                self.harmless,
                 self.restored.len(),
                 self.server_errors.len(),
                 self.hangs.len(),

@@ -1,14 +1,16 @@
-//! Byte flips and truncations at seeded offsets of every file of a warm snapshot and of a
-//! user snapshot (`mem`, `state`, `disk.qcow2`, `manifest.json`, `manifest.sha256`,
-//! `origin.json`). A corrupt snapshot must never be restored: a create over a corrupt warm
-//! snapshot cold-boots (201, `source: cold`) and the snapshot is removed; a create from a
-//! corrupt user snapshot is refused with 409 `snapshot_unusable` and the snapshot stays listed.
+//! Byte flips and truncations at seeded offsets of every file of a warm snapshot, of a user
+//! snapshot and of a stopped sandbox's save (`mem`, `state`, `disk.qcow2`, `manifest.json`,
+//! `manifest.sha256`, `origin.json`). A corrupt snapshot must never be restored: a create over
+//! a corrupt warm snapshot cold-boots (201, `source: cold`) and the snapshot is removed; a
+//! create from a corrupt user snapshot is refused with 409 `snapshot_unusable` and the
+//! snapshot stays listed; a start from a corrupt save is refused with 409 `snapshot_unusable`
+//! and the sandbox stays `stopped`.
 //! Never a 5xx, never a hang, nothing leaked (the invariants are checked after each one).
 //!
 //! One home serves every corruption: after each, the damaged file is put back from a pristine
 //! copy (a removed warm snapshot is copied back whole and renamed into place), and at the end
-//! both snapshots must restore again, with the user snapshot's file, which proves that each
-//! refusal was the corruption's doing.
+//! of each round all three must restore again (the user snapshot and the save with their
+//! file), which proves that each refusal was the corruption's doing.
 
 use std::path::{Path, PathBuf};
 
@@ -38,19 +40,36 @@ fn files_of(dir: &Path) -> Vec<String> {
     names
 }
 
-/// Whether a damaged `manifest.sha256` still says the same thing: the same tokens, with the
-/// checksum's hex digits in another case (`a` ^ 0x20 = `A`) or its final newline cut or
-/// turned into other white space. The data files are then intact and either answer is right.
-fn says_the_same(file: &str, before: &[u8], after: &[u8]) -> bool {
-    let norm = |b: &[u8]| {
-        let text = String::from_utf8_lossy(b).into_owned();
-        let mut tokens: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
-        if let Some(sum) = tokens.first_mut() {
-            *sum = sum.to_ascii_lowercase();
+/// Whether a damage leaves the data a restore uses unchanged, so that refusing and restoring
+/// are both right:
+/// - `manifest.sha256` with the same tokens: the checksum's hex digits in another case
+///   (`a` ^ 0x20 = `A`), or its final newline cut or turned into other white space;
+/// - `origin.json` still valid JSON naming the same image: it is informational and not
+///   hashed (the image is checked against the manifest's checksummed image id), so a damaged
+///   `sandbox` field changes only what `snapshot ls` shows as the origin.
+fn harmless(file: &str, before: &[u8], after: &[u8]) -> bool {
+    match file {
+        "manifest.sha256" => {
+            let norm = |b: &[u8]| {
+                let text = String::from_utf8_lossy(b).into_owned();
+                let mut tokens: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
+                if let Some(sum) = tokens.first_mut() {
+                    *sum = sum.to_ascii_lowercase();
+                }
+                tokens
+            };
+            norm(before) == norm(after)
         }
-        tokens
-    };
-    file == "manifest.sha256" && norm(before) == norm(after)
+        "origin.json" => {
+            let image = |b: &[u8]| {
+                serde_json::from_slice::<serde_json::Value>(b)
+                    .ok()
+                    .and_then(|v| v["image"].as_str().map(str::to_owned))
+            };
+            image(after).is_some() && image(before) == image(after)
+        }
+        _ => false,
+    }
 }
 
 /// The bytes of a file of at most 64 KiB (the metadata files), else nothing.
@@ -72,6 +91,9 @@ struct Fixture {
     warm: String,
     pristine: PathBuf,
     payload_sha: String,
+    /// The stopped sandbox whose save is corrupted, and its save's generation directory.
+    stopped: String,
+    save: PathBuf,
 }
 
 impl Fixture {
@@ -91,7 +113,7 @@ impl Fixture {
             &format!("{src}:/root/acked"),
         ]);
         home.run_ok(&["snapshot", &src, "--name", "u"]);
-        home.run_ok(&["rm", &src]);
+        home.run_ok(&["stop", &src]);
         let warm = home
             .entries("snapshots")
             .into_iter()
@@ -105,12 +127,32 @@ impl Fixture {
             )
             .expect("pristine copy");
         }
-        Fixture {
+        let mut fx = Fixture {
             home,
             warm,
             pristine,
             payload_sha: kiln_e2e::sha256_hex(&bytes),
-        }
+            stopped: src,
+            save: PathBuf::new(),
+        };
+        fx.keep_save();
+        fx
+    }
+
+    /// Finds the stopped sandbox's save and keeps a pristine copy of it.
+    fn keep_save(&mut self) {
+        let root = self.home.path().join("saved").join(&self.stopped);
+        let gens: Vec<String> = self
+            .home
+            .entries(&format!("saved/{}", self.stopped))
+            .into_iter()
+            .filter(|g| g.starts_with("gen-"))
+            .collect();
+        assert_eq!(gens.len(), 1, "one save generation: {gens:?}");
+        self.save = root.join(&gens[0]);
+        let copy = self.pristine.join("save");
+        remove_tree(&copy).expect("clear the old pristine save");
+        copy_dir(&self.save, &copy).expect("pristine save");
     }
 
     fn snapshot_dir(&self, name: &str) -> PathBuf {
@@ -142,8 +184,16 @@ fn corrupt_warm(fx: &Fixture, rng: &mut Rng, file: &str, tally: &mut Tally) {
     let what = format!("warm {file} ({damage})");
     let before = small_file(&path);
     damage.apply(&path).expect("damage");
-    let benign = says_the_same(file, &before, &small_file(&path));
-    println!("  {what}{}", if benign { ": says the same" } else { "" });
+    let benign = harmless(file, &before, &small_file(&path));
+    tally.harmless += u32::from(benign);
+    println!(
+        "  {what}{}",
+        if benign {
+            ": harmless, either answer is right"
+        } else {
+            ""
+        }
+    );
     tally.injected += 1;
     let (status, body) = create(&fx.home, r#"{"source":{"kind":"image","image":"base"}}"#);
     match status {
@@ -175,8 +225,16 @@ fn corrupt_user(fx: &Fixture, rng: &mut Rng, file: &str, tally: &mut Tally) {
     let what = format!("user {file} ({damage})");
     let before = small_file(&path);
     damage.apply(&path).expect("damage");
-    let benign = says_the_same(file, &before, &small_file(&path));
-    println!("  {what}{}", if benign { ": says the same" } else { "" });
+    let benign = harmless(file, &before, &small_file(&path));
+    tally.harmless += u32::from(benign);
+    println!(
+        "  {what}{}",
+        if benign {
+            ": harmless, either answer is right"
+        } else {
+            ""
+        }
+    );
     tally.injected += 1;
     let (status, body) = create(&fx.home, r#"{"source":{"kind":"snapshot","snapshot":"u"}}"#);
     match status {
@@ -216,8 +274,69 @@ fn corrupt_user(fx: &Fixture, rng: &mut Rng, file: &str, tally: &mut Tally) {
         .expect("repair");
 }
 
+/// One corruption of one file of a stopped sandbox's save; its start must be refused and
+/// leave it stopped.
+fn corrupt_saved(fx: &mut Fixture, rng: &mut Rng, file: &str, tally: &mut Tally) {
+    let path = fx.save.join(file);
+    let size = std::fs::metadata(&path).expect("stat").len();
+    let damage = Damage::draw(rng, size);
+    let what = format!("save {file} ({damage})");
+    let before = small_file(&path);
+    damage.apply(&path).expect("damage");
+    let benign = harmless(file, &before, &small_file(&path));
+    tally.harmless += u32::from(benign);
+    println!(
+        "  {what}{}",
+        if benign {
+            ": harmless, either answer is right"
+        } else {
+            ""
+        }
+    );
+    tally.injected += 1;
+    let (status, text) = kiln_e2e::api_request(
+        fx.home.path(),
+        "POST",
+        &format!("/v1/sandboxes/{}/start", fx.stopped),
+        b"{}",
+    );
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let started = status == 200;
+    match status {
+        0 => tally.hangs.push(format!("{what}: start got no answer")),
+        500.. => tally.server_errors.push(format!("{what}: {status} {text}")),
+        200 if benign => {}
+        200 => tally.restored.push(what.clone()),
+        409 if body["code"] == "snapshot_unusable" => {}
+        _ => tally
+            .broken
+            .push(format!("{what}: start answered {status} {text}")),
+    }
+    let state = fx
+        .home
+        .ps()
+        .into_iter()
+        .find(|s| s.id == fx.stopped)
+        .map(|s| s.state);
+    if !started && state.as_deref() != Some("stopped") {
+        tally
+            .broken
+            .push(format!("{what}: the sandbox is {state:?}, not stopped"));
+    }
+    check_invariants(fx, &what, tally);
+    if started {
+        // It ran from the damaged save: stop it again, which writes a fresh save.
+        fx.home.run_ok(&["stop", &fx.stopped]);
+        fx.keep_save();
+    } else {
+        damage
+            .repair(&path, &fx.pristine.join("save").join(file))
+            .expect("repair");
+    }
+}
+
 /// Both snapshots restore again once repaired, the user one with its file.
-fn check_repaired(fx: &Fixture, tally: &mut Tally) {
+fn check_repaired(fx: &mut Fixture, tally: &mut Tally) {
     let (status, body) = create(&fx.home, r#"{"source":{"kind":"image","image":"base"}}"#);
     if status != 201 || body["source"] != "snapshot" {
         tally.broken.push(format!(
@@ -250,9 +369,10 @@ fn snapshot_corruptions_are_never_restored_never_5xx_never_hang() {
     let seeds = seeds();
     let mut tally = Tally::new("corruptions");
     for &seed in &seeds {
-        let fx = Fixture::new(test, seed);
+        let mut fx = Fixture::new(test, seed);
         let warm_files = files_of(&fx.snapshot_dir(&fx.warm));
         let user_files = files_of(&fx.snapshot_dir("u"));
+        let save_files = files_of(&fx.save);
         assert!(
             warm_files.len() >= 5 && user_files.contains(&"origin.json".to_owned()),
             "{warm_files:?} {user_files:?}"
@@ -266,7 +386,10 @@ fn snapshot_corruptions_are_never_restored_never_5xx_never_hang() {
             for f in &user_files {
                 corrupt_user(&fx, &mut rng, f, &mut tally);
             }
-            check_repaired(&fx, &mut tally);
+            for f in &save_files {
+                corrupt_saved(&mut fx, &mut rng, f, &mut tally);
+            }
+            check_repaired(&mut fx, &mut tally);
         }
         let _ = fx.home.run(&["daemon", "stop", "--all"]);
         for v in invariants::check_stopped(&fx.home) {
@@ -277,23 +400,27 @@ fn snapshot_corruptions_are_never_restored_never_5xx_never_hang() {
 }
 
 #[test]
-fn says_the_same_only_for_case_and_trailing_space_of_the_checksum_file() {
+fn harmless_only_for_checksum_case_and_origin_metadata() {
     let f = b"ab12  manifest.json\n";
-    assert!(says_the_same(
-        "manifest.sha256",
-        f,
-        b"Ab12  manifest.json\n"
+    assert!(harmless("manifest.sha256", f, b"Ab12  manifest.json\n"));
+    assert!(harmless("manifest.sha256", f, b"ab12  manifest.json"));
+    assert!(!harmless("manifest.sha256", f, b"ab13  manifest.json\n"));
+    assert!(!harmless("manifest.sha256", f, b"ab12  manifest.jsoN\n"));
+    assert!(!harmless("manifest.json", f, b"Ab12  manifest.json\n"));
+    let o = br#"{"image":"base","sandbox":"sb-1"}"#;
+    assert!(harmless(
+        "origin.json",
+        o,
+        br#"{"image":"base","sandbox":"sb-3"}"#
     ));
-    assert!(says_the_same("manifest.sha256", f, b"ab12  manifest.json"));
-    assert!(!says_the_same(
-        "manifest.sha256",
-        f,
-        b"ab13  manifest.json\n"
+    assert!(!harmless(
+        "origin.json",
+        o,
+        br#"{"image":"bASe","sandbox":"sb-1"}"#
     ));
-    assert!(!says_the_same(
-        "manifest.sha256",
-        f,
-        b"ab12  manifest.jsoN\n"
+    assert!(!harmless(
+        "origin.json",
+        o,
+        br#"{"image":"base","sandbox":"sb-1""#
     ));
-    assert!(!says_the_same("manifest.json", f, b"Ab12  manifest.json\n"));
 }
