@@ -176,6 +176,53 @@ impl FaultHome {
             .expect("a daemon serves after kiln ps") as i32
     }
 
+    /// Starts a daemon again after a fault, as [`FaultHome::start_daemon`], but reports a
+    /// start that fails (the CLI waits 20 s for the socket) instead of panicking: the error
+    /// says whether a daemon served later (within a minute: a slow start) or not at all, and
+    /// quotes `kilnd.log`'s panics and tail. `Ok` holds the pid.
+    pub fn restart_daemon(&self) -> Result<i32, String> {
+        let out = match self.run_bounded(&["ps", "--json"], COMMAND_DEADLINE) {
+            Ok(out) => out,
+            Err(h) => return Err(format!("kiln ps hung after a restart: {}", h.stderr)),
+        };
+        let pid = || {
+            self.daemon_status()
+                .and_then(|s| s["pid"].as_i64())
+                .map(|p| p as i32)
+        };
+        if out.status.success() {
+            return pid().ok_or_else(|| "kiln ps answered but no daemon serves".to_owned());
+        }
+        let first = kiln_e2e::stderr(&out);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let later = loop {
+            if let Some(p) = pid() {
+                break Some(p);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        let log = std::fs::read_to_string(self.home.join("kilnd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let panics: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.contains("panicked") || l.contains("ERROR"))
+            .collect();
+        let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+        Err(format!(
+            "the daemon did not start after a fault ({}): {}\nkilnd.log panics/errors:\n{}\nkilnd.log tail:\n{tail}",
+            match later {
+                Some(p) => format!("pid {p} served later"),
+                None => "none served within another minute".to_owned(),
+            },
+            first.lines().next().unwrap_or_default(),
+            panics.join("\n")
+        ))
+    }
+
     /// The names of `dir`'s entries (empty if it does not exist).
     pub fn entries(&self, dir: &str) -> Vec<String> {
         std::fs::read_dir(self.home.join(dir))

@@ -67,7 +67,10 @@ fn image_build_interrupted_by_kill9_keeps_the_previous_image_and_leaks_nothing()
             if let Err(h) = wait_bounded(child, &args, COMMAND_DEADLINE) {
                 tally.hangs.push(format!("build client hung: {}", h.stderr));
             }
-            home.start_daemon();
+            if let Err(e) = home.restart_daemon() {
+                tally.hangs.push(e);
+                home.start_daemon();
+            }
             // The killed daemon's helpers get a moment to notice; then none may be left.
             let deadline = Instant::now() + Duration::from_secs(30);
             let violations = loop {

@@ -365,7 +365,10 @@ fn inject(
             .iter()
             .map(|q| q.pid)
             .collect();
-        fx.home.start_daemon();
+        if let Err(e) = fx.home.restart_daemon() {
+            tally.hangs.push(format!("{point:?}: {e}"));
+            fx.home.start_daemon();
+        }
         let after: Vec<i32> = procs::qemus_of(fx.home.path())
             .iter()
             .map(|q| q.pid)
