@@ -4,8 +4,8 @@
 //! `images` links to the shared e2e home's (so no image is built), or holds images of its own
 //! ([`FaultHome::own_images`], for the image-build faults: a build must never write into the
 //! shared images). When it is dropped, its daemon is stopped with its sandboxes, any QEMU or
-//! `kilnd` still naming it is SIGKILLed (only those: see [`crate::procs`]), the immutable
-//! flags of its files are cleared and it is removed. `KILN_FAULTS_KEEP=1` keeps the directory
+//! `kilnd` still naming it is SIGKILLed (only those: see [`crate::procs`]), mounts left below
+//! it are detached, the immutable flags of its files are cleared and it is removed. `KILN_FAULTS_KEEP=1` keeps the directory
 //! of a failed test for inspection (its processes are still stopped).
 //!
 //! Every command runs with a deadline ([`FaultHome::run_bounded`]): a fault must never hang a
@@ -270,6 +270,10 @@ impl Drop for FaultHome {
             }
         }
         self.stop_everything();
+        // A leaked mount (counted by the invariants) would keep the home from going.
+        for m in procs::detach_mounts_under(&self.home) {
+            eprintln!("faults: detached leaked mount {m}");
+        }
         let keep = std::thread::panicking()
             && std::env::var_os("KILN_FAULTS_KEEP").is_some_and(|v| v == "1");
         if keep {

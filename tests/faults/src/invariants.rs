@@ -4,11 +4,11 @@
 //! no operation is in flight): exactly one `kilnd` of the home and it is the one that
 //! answers; every QEMU naming the home runs a sandbox the store lists as `running` or
 //! `paused`, and every such sandbox has exactly one QEMU and its `run/` directory; no other
-//! process (an image build's helpers) works in the home; `run/`
+//! process (an image build's helpers) works in the home and nothing is mounted below it; `run/`
 //! holds nothing else; no row is left in a transitional state (`creating`, `stopping`); no
 //! snapshot build directory (`snapshots/.tmp-*`) and no save (`saved/<id>`) without a row.
-//! [`check_stopped`] runs after `kiln daemon stop --all`: no process of the home at all, no
-//! runtime directory, and the API socket accepts nothing.
+//! [`check_stopped`] runs after `kiln daemon stop --all`: no process or mount of the home at
+//! all, no runtime directory, and the API socket accepts nothing.
 //!
 //! Each returns the violations found, as sentences naming the leaked thing; an empty list
 //! means the invariants hold. Callers count them (the tallies' "leaks") and fail at the end.
@@ -61,6 +61,9 @@ pub fn check_serving(home: &FaultHome) -> Vec<String> {
             h.pid,
             h.argv.join(" ")
         ));
+    }
+    for m in procs::mounts_under(home.path()) {
+        bad.push(format!("{m} is still mounted"));
     }
     let run_dirs = home.entries("run");
     for r in &rows {
@@ -122,6 +125,9 @@ pub fn check_stopped(home: &FaultHome) -> Vec<String> {
             h.pid,
             h.argv.join(" ")
         ));
+    }
+    for m in procs::mounts_under(home.path()) {
+        bad.push(format!("{m} is still mounted after a stop"));
     }
     for d in home.entries("run") {
         bad.push(format!("run/{d} left after daemon stop --all"));

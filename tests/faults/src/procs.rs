@@ -6,6 +6,8 @@
 //! (`<home>/`), so homes that share a name prefix never match each other. Nothing here signals
 //! a process it did not find this way: other homes' daemons and VMs run on the same machine.
 //! Zombies are skipped: they hold no resources and the kernel has already released them.
+//! Mounts below a home (an image build's `proc`, `sys`, `dev/pts` in its root filesystem)
+//! are found in `/proc/self/mountinfo` the same way.
 
 use std::path::Path;
 
@@ -119,6 +121,44 @@ pub fn daemons_of(home: &Path) -> Vec<Proc> {
         .collect()
 }
 
+/// Mount points at or below `home`, from `/proc/self/mountinfo` (field 5). The homes the
+/// suite makes have no characters that mountinfo escapes, so paths compare as written.
+pub fn mounts_under(home: &Path) -> Vec<String> {
+    mounts_in(
+        &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+        home,
+    )
+}
+
+fn mounts_in(mountinfo: &str, home: &Path) -> Vec<String> {
+    let prefix = format!("{}/", home.display());
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Detaches (`umount2(MNT_DETACH)`) every mount at or below `home`, deepest first, so that
+/// a leaked mount cannot keep the home from being removed; the mount points detached.
+pub fn detach_mounts_under(home: &Path) -> Vec<String> {
+    let mut mounts = mounts_under(home);
+    mounts.sort_by(|a, b| b.cmp(a));
+    mounts
+        .into_iter()
+        .filter(|m| {
+            let Ok(c) = std::ffi::CString::new(m.as_bytes()) else {
+                return false;
+            };
+            // SAFETY: umount2 reads the NUL-terminated path, which lives across the call.
+            #[allow(unsafe_code)]
+            let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            rc == 0
+        })
+        .collect()
+}
+
 /// SIGKILLs `pid` if it still runs; whether a signal was delivered.
 pub fn kill9(pid: i32) -> bool {
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
@@ -152,6 +192,23 @@ mod tests {
         assert_eq!(
             Proc { pid: 1, argv: q }.sandbox_id().as_deref(),
             Some("sb-1")
+        );
+    }
+
+    #[test]
+    fn mounts_in_lists_mount_points_below_the_home_only() {
+        let info = "\
+42 27 0:39 / /tmp/h/images/.tmp-base-7/rootfs.d/dev/pts rw - devpts none rw
+44 27 0:22 / /tmp/h/images/.tmp-base-7/rootfs.d/sys ro - sysfs sys rw
+45 27 0:40 / /tmp/h2/x ro - proc proc ro
+46 27 0:41 / /tmp/h rw - tmpfs tmpfs rw
+";
+        assert_eq!(
+            mounts_in(info, Path::new("/tmp/h")),
+            [
+                "/tmp/h/images/.tmp-base-7/rootfs.d/dev/pts",
+                "/tmp/h/images/.tmp-base-7/rootfs.d/sys"
+            ]
         );
     }
 
