@@ -44,9 +44,11 @@ fn image_build_interrupted_by_kill9_keeps_the_previous_image_and_leaks_nothing()
             let mut rng = round_rng(test, seed, round);
             let before = image_id(&home).expect("the image built before the fault");
             let daemon = home.start_daemon();
-            let delay = Duration::from_millis(rng.below(build.as_millis() as u64 * 5 / 4 + 1));
+            // A fraction of the first build's time, as for the other kill points.
+            let permille = rng.below(1251);
+            let delay = build * permille as u32 / 1000;
             println!(
-                "  kill Daemon after {} ms of `kiln image build base --force`",
+                "  kill Daemon at {permille}‰ = {} ms of `kiln image build base --force`",
                 delay.as_millis()
             );
             let args = ["image", "build", "base", "--force"];
