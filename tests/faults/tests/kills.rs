@@ -1,10 +1,10 @@
 //! SIGKILL of the daemon and of QEMU at seeded points of every long operation: create (cold
 //! and warm), clone, warm capture, user snapshot, stop and start (image builds: `builds.rs`,
 //! run by hand only). After each kill the daemon is started again at once (its janitor runs
-//! before it serves), the invariants are checked (`kiln_faults::invariants`), the acknowledged data is
-//! checked (a file copied into a keeper sandbox before any fault, a user snapshot of it, and
-//! whatever the faulted operation acknowledged before the kill), and a plain `kiln run` must
-//! still work.
+//! before it serves), the invariants are checked (`kiln_faults::invariants`), the
+//! acknowledged data is checked (a file copied into a keeper sandbox before any fault, a user
+//! snapshot of it, and whatever the faulted operation acknowledged before the kill), and a
+//! plain `kiln run` must still work.
 //!
 //! The keeper is a cold-booted sandbox (so no warm snapshot is pinned by it and the capture
 //! point can remove the warm snapshot) whose QEMU is never a kill target. Each test has its
