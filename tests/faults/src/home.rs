@@ -5,8 +5,9 @@
 //! ([`FaultHome::own_images`], for the image-build faults: a build must never write into the
 //! shared images). When it is dropped, its daemon is stopped with its sandboxes, any QEMU or
 //! `kilnd` still naming it is SIGKILLed (only those: see [`crate::procs`]), mounts left below
-//! it are detached, the immutable flags of its files are cleared and it is removed. `KILN_FAULTS_KEEP=1` keeps the directory
-//! of a failed test for inspection (its processes are still stopped).
+//! it are detached, the immutable flags of its files are cleared and it is removed.
+//! `KILN_FAULTS_KEEP=1` keeps the directory of a failed test for inspection (its processes
+//! are still stopped).
 //!
 //! Every command runs with a deadline ([`FaultHome::run_bounded`]): a fault must never hang a
 //! client, and a hang is reported as one, not as a stuck test.
@@ -234,7 +235,8 @@ impl FaultHome {
     }
 
     /// Stops every process of this home: `kiln daemon stop --all`, then SIGKILL for any
-    /// `kilnd`, QEMU or helper still naming it. Returns what had to be killed (a leak if non-empty).
+    /// `kilnd`, QEMU or helper still naming it. Returns what had to be killed (a leak if
+    /// non-empty).
     pub fn stop_everything(&self) -> Vec<String> {
         let _ = self.run_bounded(&["daemon", "stop", "--all"], COMMAND_DEADLINE);
         let mut killed = Vec::new();
