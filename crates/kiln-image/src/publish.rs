@@ -32,9 +32,18 @@ pub(crate) fn tmp_pid(name: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
-/// Whether process `pid` exists (in our pid namespace).
+/// Whether process `pid` still runs (in our pid namespace). A zombie (a daemon killed and not
+/// reaped yet, as right after a `kill -9` and a quick restart) keeps its `/proc` entry but
+/// owns nothing any more, so its build directory is stale.
 fn pid_alive(pid: u32) -> bool {
-    Path::new("/proc").join(pid.to_string()).exists()
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state is the first field after the command name, which ends at the last `)`.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_ascii_whitespace().next());
+    !matches!(state, Some("Z" | "X" | "x") | None)
 }
 
 /// Mount points at or below `path` (absolute), from `/proc/self/mountinfo`.
@@ -402,6 +411,30 @@ mod tests {
         assert!(!stale.exists());
         safe_remove(&dest).expect("remove the sealed image");
         assert!(!dest.exists());
+    }
+
+    #[test]
+    fn clean_stale_tmp_treats_a_zombie_owner_as_dead() {
+        let home = tempfile::tempdir().expect("tempdir");
+        // A child that exited and is not reaped yet: its /proc entry stays, as a zombie's.
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let stat = format!("/proc/{}/stat", child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string(&stat)
+            .expect("zombie's stat")
+            .contains(") Z ")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "child never became a zombie"
+            );
+            std::thread::yield_now();
+        }
+        let tmp = home.path().join(format!(".tmp-base-{}", child.id()));
+        std::fs::create_dir(&tmp).expect("mkdir");
+        clean_stale_tmp(home.path());
+        assert!(!tmp.exists(), "a zombie's build directory was kept");
+        child.wait().expect("reap");
     }
 
     #[test]

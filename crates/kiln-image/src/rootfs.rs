@@ -206,8 +206,14 @@ pub fn bootstrap(
 /// The mmdebstrap invocation for `recipe`: options, then each customize hook as one
 /// `--customize-hook=` argument in recipe order (mmdebstrap runs them in that order, after
 /// the packages are installed, with `$1` = the root directory), then suite, target, sources.
+///
+/// mmdebstrap runs in a mount namespace of its own (`unshare --mount --propagation
+/// private`, which execs it): the `proc`, `sys`, `dev/pts` and `dev/shm` it mounts in the
+/// target vanish with it however it ends. Run in the daemon's namespace, a build killed with
+/// its daemon left them mounted on the host, and the build directory could never be removed.
 fn mmdebstrap_command(recipe: &Recipe, mirror: &Mirror, target: &Path) -> Command {
-    let mut c = Command::new("mmdebstrap");
+    let mut c = Command::new("unshare");
+    c.args(["--mount", "--propagation", "private", "--", "mmdebstrap"]);
     c.args(["--mode=root", "--variant=essential", "--format=directory"]);
     if !recipe.packages.is_empty() {
         c.arg(format!("--include={}", recipe.packages.join(",")));
@@ -480,6 +486,22 @@ mod tests {
         assert_eq!(args[hooks[1]], "--customize-hook=rm \"$1/y\"");
         let suite = args.iter().position(|a| a == "bookworm").expect("suite");
         assert!(hooks[0] < hooks[1] && hooks[1] < suite, "{args:?}");
+    }
+
+    #[test]
+    fn mmdebstrap_command_runs_in_a_private_mount_namespace() {
+        let recipe = crate::recipe::builtin("base").expect("base");
+        let c = mmdebstrap_command(&recipe, &Mirror::from_uri(DEFAULT_MIRROR), Path::new("/t"));
+        assert_eq!(c.get_program(), "unshare");
+        let args: Vec<String> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args[..5],
+            ["--mount", "--propagation", "private", "--", "mmdebstrap"],
+            "{args:?}"
+        );
     }
 
     #[test]
