@@ -1,5 +1,6 @@
-//! A guest that stops answering and a host disk that fills up: nothing hangs, and every state
-//! is told truthfully (issue 8, findings 1-3).
+//! Guests that stop answering or turn hostile, and a host disk that fills up under a running
+//! sandbox: nothing hangs, nothing leaks, and every state is told truthfully (issue 8,
+//! findings 1-3, and the suite's stopped, hostile and filled-disk cases).
 
 use std::process::Stdio;
 
@@ -31,7 +32,7 @@ fn spawn(k: &Kiln, args: &[&str]) -> std::process::Child {
 /// `unresponsive` and refuses commands at once; it recovers when QEMU continues, and is
 /// `failed` (QEMU gone) once it stays unresponsive past the grace period.
 #[test]
-#[ignore = "boots VMs; run by scripts/test"]
+#[ignore = "boots VMs; run by scripts/test and scripts/faults"]
 fn stopped_guest_is_unresponsive_recovers_and_fails_after_grace() {
     let k = Kiln::isolated();
     // The daemon starts with the first command and keeps its environment.
@@ -106,7 +107,7 @@ fn stopped_guest_is_unresponsive_recovers_and_fails_after_grace() {
 /// back, and the guest's write completes. With the file system full, starting a sandbox or
 /// snapshotting one fails with `no_space` naming the path.
 #[test]
-#[ignore = "boots VMs and mounts a tmpfs; run by scripts/test"]
+#[ignore = "boots VMs and mounts a tmpfs; run by scripts/test and scripts/faults"]
 fn full_host_disk_pauses_then_resumes_and_is_named() {
     // A cold boot's RAM file takes real tmpfs pages as the guest touches them: room for it.
     let k = Kiln::on_tmpfs(640);
@@ -186,4 +187,93 @@ fn full_host_disk_pauses_then_resumes_and_is_named() {
     std::fs::remove_file(&ballast).expect("remove ballast");
     let out = k.run(&["exec", &id, "--", "echo", "still"]);
     assert_success(&out, "exec after a refused snapshot");
+}
+
+/// A hostile guest: it cannot take the agent's port (busy, also through `/proc/1/fd`), and a
+/// memory fill and a fork bomb inside it never hang a caller: a command with a timeout
+/// returns, the sandbox's state is one kiln can explain, and removing it leaves no QEMU.
+#[test]
+#[ignore = "boots VMs; run by scripts/test and scripts/faults"]
+fn hostile_guest_cannot_steal_the_port_or_hang_its_callers() {
+    let k = Kiln::isolated();
+    let out = k.run(&["create", "--image", "base", "--cold"]);
+    assert_success(&out, "kiln create");
+    let id = stdout(&out).trim().to_owned();
+    let qemu = k.qemu_pid(&id);
+
+    for steal in [
+        "exec 3<>/dev/vport0p1",
+        "for f in /proc/1/fd/*; do [ \"$(readlink $f)\" = /dev/vport0p1 ] && head -c 4096 /dev/urandom > $f; done; exit 1",
+    ] {
+        let out = k.run(&["exec", &id, "--", "sh", "-c", steal]);
+        assert!(!out.status.success(), "{steal}: {}", stdout(&out));
+        assert!(
+            stderr(&out).contains("busy"),
+            "{steal}: the port must be busy: {}",
+            stderr(&out)
+        );
+    }
+    let out = k.run(&["exec", &id, "--", "echo", "alive"]);
+    assert_success(&out, "exec after the attempts on the port");
+    assert_eq!(stdout(&out), "alive\n");
+
+    // All of the guest's memory asked for: the guest's OOM killer ends it, not the sandbox.
+    let out = wait_bounded(
+        spawn(
+            &k,
+            &[
+                "exec",
+                "--timeout",
+                "30",
+                &id,
+                "--",
+                "sh",
+                "-c",
+                "head -c 2000000000 /dev/zero | tail > /dev/null",
+            ],
+        ),
+        "a memory fill with a timeout",
+        120,
+    );
+    assert!(!out.status.success(), "the fill cannot succeed in 256 MiB");
+    let out = k.run(&["exec", &id, "--", "echo", "after-fill"]);
+    assert_success(&out, "exec after the memory fill");
+
+    let bomb = spawn(
+        &k,
+        &[
+            "exec",
+            "--timeout",
+            "20",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "f(){ f|f& }; f",
+        ],
+    );
+    let out = wait_bounded(
+        spawn(&k, &["exec", "--timeout", "3", &id, "--", "echo", "hi"]),
+        "exec --timeout 3 beside a fork bomb",
+        90,
+    );
+    let err = stderr(&out);
+    assert!(
+        (out.status.success() && stdout(&out) == "hi\n")
+            || err.contains("unresponsive")
+            || err.contains("resource temporarily unavailable")
+            || err.contains("timed out"),
+        "a truthful answer beside a fork bomb: {}\n{err}",
+        stdout(&out)
+    );
+    let _ = wait_bounded(bomb, "the fork bomb's exec", 120);
+    let state = k.state_of(&id).unwrap_or_default();
+    assert!(
+        ["running", "unresponsive", "failed"].contains(&state.as_str()),
+        "state after a fork bomb: {state}"
+    );
+    assert_success(&k.run(&["rm", &id]), "rm the bombed sandbox");
+    wait_until("QEMU of the removed sandbox gone", 30, || {
+        !kiln_e2e::process_alive(qemu)
+    });
 }
