@@ -207,13 +207,23 @@ pub fn bootstrap(
 /// `--customize-hook=` argument in recipe order (mmdebstrap runs them in that order, after
 /// the packages are installed, with `$1` = the root directory), then suite, target, sources.
 ///
-/// mmdebstrap runs in a mount namespace of its own (`unshare --mount --propagation
-/// private`, which execs it): the `proc`, `sys`, `dev/pts` and `dev/shm` it mounts in the
-/// target vanish with it however it ends. Run in the daemon's namespace, a build killed with
-/// its daemon left them mounted on the host, and the build directory could never be removed.
+/// mmdebstrap runs in mount and PID namespaces of its own, and dies with the daemon:
+/// - `unshare --mount --propagation private`: the `proc`, `sys`, `dev/pts` and `dev/shm` it
+///   mounts in the target vanish with it however it ends (run in the daemon's namespace, a
+///   build killed with its daemon left them mounted on the host, and the build directory
+///   could never be removed);
+/// - `--pid --fork --kill-child=KILL`: mmdebstrap is the init of a PID namespace, so when it
+///   dies the kernel kills every process of the build (apt, dpkg, maintainer scripts), and
+///   it is killed when `unshare` dies;
+/// - `setpriv --pdeathsig KILL` (which execs `unshare`): `unshare` is killed when the thread
+///   that spawned it ends, i.e. when the daemon dies (the spawning thread blocks in `wait`
+///   until the build ends, so it never ends first). A daemon killed mid-build leaves no
+///   helper working in the home.
 fn mmdebstrap_command(recipe: &Recipe, mirror: &Mirror, target: &Path) -> Command {
-    let mut c = Command::new("unshare");
-    c.args(["--mount", "--propagation", "private", "--", "mmdebstrap"]);
+    let mut c = Command::new("setpriv");
+    c.args(["--pdeathsig", "KILL", "--", "unshare"]);
+    c.args(["--mount", "--propagation", "private"]);
+    c.args(["--pid", "--fork", "--kill-child=KILL", "--", "mmdebstrap"]);
     c.args(["--mode=root", "--variant=essential", "--format=directory"]);
     if !recipe.packages.is_empty() {
         c.arg(format!("--include={}", recipe.packages.join(",")));
@@ -489,17 +499,31 @@ mod tests {
     }
 
     #[test]
-    fn mmdebstrap_command_runs_in_a_private_mount_namespace() {
+    fn mmdebstrap_command_runs_in_private_namespaces_and_dies_with_the_daemon() {
         let recipe = crate::recipe::builtin("base").expect("base");
         let c = mmdebstrap_command(&recipe, &Mirror::from_uri(DEFAULT_MIRROR), Path::new("/t"));
-        assert_eq!(c.get_program(), "unshare");
+        assert_eq!(c.get_program(), "setpriv");
         let args: Vec<String> = c
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
         assert_eq!(
-            args[..5],
-            ["--mount", "--propagation", "private", "--", "mmdebstrap"],
+            args[..13],
+            [
+                "--pdeathsig",
+                "KILL",
+                "--",
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--pid",
+                "--fork",
+                "--kill-child=KILL",
+                "--",
+                "mmdebstrap",
+                "--mode=root"
+            ],
             "{args:?}"
         );
     }
