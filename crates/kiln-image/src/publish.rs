@@ -32,20 +32,6 @@ pub(crate) fn tmp_pid(name: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
-/// Whether process `pid` still runs (in our pid namespace). A zombie (a daemon killed and not
-/// reaped yet, as right after a `kill -9` and a quick restart) keeps its `/proc` entry but
-/// owns nothing any more, so its build directory is stale.
-fn pid_alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state is the first field after the command name, which ends at the last `)`.
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_ascii_whitespace().next());
-    !matches!(state, Some("Z" | "X" | "x") | None)
-}
-
 /// Mount points at or below `path` (absolute), from `/proc/self/mountinfo`.
 fn mounts_below(path: &Path) -> Vec<PathBuf> {
     let Ok(path) = path.canonicalize() else {
@@ -142,7 +128,7 @@ pub(crate) fn clean_stale_tmp(dir: &Path) {
         let Some(pid) = tmp_pid(&name.to_string_lossy()) else {
             continue;
         };
-        if pid_alive(pid) {
+        if kiln_snapshot::process_running(pid) {
             continue;
         }
         let path = entry.path();

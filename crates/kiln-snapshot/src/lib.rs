@@ -47,7 +47,7 @@ pub use immutable::{
 pub use manifest::{
     CaptureInfo, CaptureKind, FileEntry, SnapshotFingerprint, SnapshotManifest, SnapshotName,
 };
-pub use publish::{ManifestInput, SnapshotBuilder, cleanup_stale_tmp};
+pub use publish::{ManifestInput, SnapshotBuilder, cleanup_stale_tmp, process_running};
 pub use verify::{VerifyLevel, VerifyReport, sha256_file, verify, verify_with_report};
 
 /// `magic` of every manifest.

@@ -245,7 +245,7 @@ pub fn cleanup_stale_tmp(root: &Path) -> Result<Vec<PathBuf>, SnapshotError> {
 /// Whether `pid` names a process that still runs: a zombie (a daemon that died and was not
 /// reaped yet, as right after a `kill -9` and a quick restart) keeps its `/proc` entry but
 /// owns nothing any more.
-fn process_running(pid: u32) -> bool {
+pub fn process_running(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
