@@ -144,6 +144,31 @@ impl Kiln {
             .to_owned()
     }
 
+    /// `kiln create --json ARGS` → (id, source: `cold` or `snapshot`).
+    pub fn create_json(&self, args: &[&str]) -> (String, String) {
+        let mut all = vec!["create", "--json"];
+        all.extend_from_slice(args);
+        let out = self.run(&all);
+        assert_success(&out, "kiln create");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("create json");
+        (
+            v["id"].as_str().expect("id").to_owned(),
+            v["source"].as_str().expect("source").to_owned(),
+        )
+    }
+
+    /// The home's one warm snapshot directory.
+    pub fn warm_dir(&self) -> PathBuf {
+        let dirs: Vec<PathBuf> = std::fs::read_dir(self.home.join("snapshots"))
+            .expect("snapshots dir")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("warm-"))
+            .map(|e| e.path())
+            .collect();
+        assert_eq!(dirs.len(), 1, "{dirs:?}");
+        dirs.into_iter().next().expect("one warm snapshot")
+    }
+
     /// `kiln ps --json` as JSON.
     pub fn ps(&self) -> serde_json::Value {
         let out = self.run(&["ps", "--json"]);

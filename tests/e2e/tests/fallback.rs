@@ -8,32 +8,9 @@
 //! Each test has its own home (and daemon): 2 captures, 2 restores and 1 cold boot.
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use kiln_e2e::{Kiln, assert_success, sha256_hex, stdout, unseal};
-
-/// `kiln create --image base --json` → (id, source).
-fn create(k: &Kiln) -> (String, String) {
-    let out = k.run(&["create", "--image", "base", "--json"]);
-    assert_success(&out, "kiln create");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("create json");
-    (
-        v["id"].as_str().expect("id").to_owned(),
-        v["source"].as_str().expect("source").to_owned(),
-    )
-}
-
-/// The home's one warm snapshot directory.
-fn warm_dir(k: &Kiln) -> PathBuf {
-    let dirs: Vec<PathBuf> = std::fs::read_dir(k.home().join("snapshots"))
-        .expect("snapshots dir")
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("warm-"))
-        .map(|e| e.path())
-        .collect();
-    assert_eq!(dirs.len(), 1, "{dirs:?}");
-    dirs.into_iter().next().expect("one warm snapshot")
-}
 
 /// Flips one bit of the byte in the middle of `path`, in place (size unchanged).
 fn flip_middle_byte(path: &Path) {
@@ -94,14 +71,14 @@ fn snapshot_warnings(k: &Kiln) -> Vec<String> {
 /// contains every string of `reason`, recapture.
 fn falls_back_to_cold_then_recaptures(corrupt: impl FnOnce(&Path), reason: &[&str]) {
     let k = Kiln::isolated();
-    let (first, source) = create(&k);
+    let (first, source) = k.create_json(&["--image", "base"]);
     assert_eq!(
         source, "snapshot",
         "the first start captures, then restores"
     );
     // Nothing maps the snapshot's files while they are damaged.
     assert_success(&k.run(&["rm", &first]), "kiln rm");
-    let dir = warm_dir(&k);
+    let dir = k.warm_dir();
     assert!(
         snapshot_warnings(&k).is_empty(),
         "{:?}",
@@ -109,7 +86,7 @@ fn falls_back_to_cold_then_recaptures(corrupt: impl FnOnce(&Path), reason: &[&st
     );
     corrupt(&dir);
 
-    let (second, source) = create(&k);
+    let (second, source) = k.create_json(&["--image", "base"]);
     assert_eq!(source, "cold", "a damaged snapshot must not be restored");
     let out = k.run(&["exec", &second, "--", "echo", "ok"]);
     assert_success(&out, "exec in the cold-booted sandbox");
@@ -126,9 +103,9 @@ fn falls_back_to_cold_then_recaptures(corrupt: impl FnOnce(&Path), reason: &[&st
     }
     assert!(!dir.exists(), "the refused snapshot was not removed");
 
-    let (third, source) = create(&k);
+    let (third, source) = k.create_json(&["--image", "base"]);
     assert_eq!(source, "snapshot", "the next start recaptures and restores");
-    assert_eq!(warm_dir(&k), dir);
+    assert_eq!(k.warm_dir(), dir);
     assert_eq!(
         snapshot_warnings(&k).len(),
         1,
@@ -188,9 +165,9 @@ fn restore_failing_midway_cold_boots_with_warning_then_recaptures() {
     // A state stream that passes every check (its checksum re-recorded) but that QEMU cannot
     // load: the restore itself fails, after verification.
     let k = Kiln::isolated();
-    let (first, _) = create(&k);
+    let (first, _) = k.create_json(&["--image", "base"]);
     assert_success(&k.run(&["rm", &first]), "kiln rm");
-    let dir = warm_dir(&k);
+    let dir = k.warm_dir();
     let state = dir.join("state");
     let mut bytes = std::fs::read(&state).expect("read state");
     let old_sum = sha256_hex(&bytes);
@@ -213,7 +190,7 @@ fn restore_failing_midway_cold_boots_with_warning_then_recaptures() {
     )
     .expect("write manifest.sha256");
 
-    let (second, source) = create(&k);
+    let (second, source) = k.create_json(&["--image", "base"]);
     assert_eq!(
         source, "cold",
         "a restore that fails must fall back to a cold boot"
@@ -227,7 +204,7 @@ fn restore_failing_midway_cold_boots_with_warning_then_recaptures() {
         !dir.exists(),
         "the snapshot that failed to restore was not removed"
     );
-    let (third, source) = create(&k);
+    let (third, source) = k.create_json(&["--image", "base"]);
     assert_eq!(source, "snapshot", "the next start recaptures and restores");
     assert_success(&k.run(&["rm", &second, &third]), "kiln rm");
 }

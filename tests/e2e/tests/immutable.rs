@@ -18,31 +18,6 @@ use std::path::{Path, PathBuf};
 
 use kiln_e2e::{Kiln, assert_success, sha256_hex, stderr, stdout};
 
-/// `kiln create --json ARGS` → (id, source).
-fn create(k: &Kiln, args: &[&str]) -> (String, String) {
-    let mut all = vec!["create", "--json"];
-    all.extend_from_slice(args);
-    let out = k.run(&all);
-    assert_success(&out, "kiln create");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("create json");
-    (
-        v["id"].as_str().expect("id").to_owned(),
-        v["source"].as_str().expect("source").to_owned(),
-    )
-}
-
-/// The home's one warm snapshot directory.
-fn warm_dir(k: &Kiln) -> PathBuf {
-    let dirs: Vec<PathBuf> = std::fs::read_dir(k.home().join("snapshots"))
-        .expect("snapshots dir")
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("warm-"))
-        .map(|e| e.path())
-        .collect();
-    assert_eq!(dirs.len(), 1, "{dirs:?}");
-    dirs.into_iter().next().expect("one warm snapshot")
-}
-
 /// sha256 of 4 MiB in the middle of `path` and of its first 4 MiB (hashing all 256 MiB in a
 /// debug build would take seconds and prove no more about an in-place write).
 fn sample(path: &Path) -> String {
@@ -107,12 +82,12 @@ fn assert_all_writes_refused(path: &Path) {
 #[ignore = "boots VMs: run by scripts/test"]
 fn published_snapshot_refuses_writes_while_clones_run_and_rm_still_removes_it() {
     let k = Kiln::isolated();
-    let (first, source) = create(&k, &["--image", "base"]);
+    let (first, source) = k.create_json(&["--image", "base"]);
     assert_eq!(
         source, "snapshot",
         "the first start captures, then restores"
     );
-    let dir = warm_dir(&k);
+    let dir = k.warm_dir();
     let flag = flag_supported(k.home());
     if is_root() {
         for f in [
@@ -155,7 +130,7 @@ fn published_snapshot_refuses_writes_while_clones_run_and_rm_still_removes_it() 
         kiln_e2e::unseal(&mem);
         assert!(!kiln_snapshot::is_immutable(&mem));
     }
-    let (second, source) = create(&k, &["--image", "base"]);
+    let (second, source) = k.create_json(&["--image", "base"]);
     assert_eq!(source, "snapshot", "restoring from a sealed snapshot works");
     let out = k.run(&["exec", &second, "--", "echo", "ok"]);
     assert_success(&out, "exec in the second clone");
@@ -281,12 +256,12 @@ fn same_id_rebuild_recaptures_warm_and_refuses_user_snapshot() {
     let (d1, d2) = ("1".repeat(64), "2".repeat(64));
     let manifest = own_base_image(&k, &shared_images, &d1);
 
-    let (first, source) = create(&k, &["--image", "base"]);
+    let (first, source) = k.create_json(&["--image", "base"]);
     assert_eq!(
         source, "snapshot",
         "the first start captures, then restores"
     );
-    let dir = warm_dir(&k);
+    let dir = k.warm_dir();
     assert_eq!(
         recorded_disk(&dir),
         d1,
@@ -305,7 +280,7 @@ fn same_id_rebuild_recaptures_warm_and_refuses_user_snapshot() {
 
     // "Rebuild": same image id, another disk.
     set_rootfs_digest(&manifest, &manifest, &d2);
-    let (second, source) = create(&k, &["--image", "base"]);
+    let (second, source) = k.create_json(&["--image", "base"]);
     assert_eq!(
         source, "cold",
         "a warm snapshot over another disk must not be restored"
@@ -321,12 +296,12 @@ fn same_id_rebuild_recaptures_warm_and_refuses_user_snapshot() {
     );
     let out = k.run(&["exec", &second, "--", "echo", "ok"]);
     assert_success(&out, "exec in the cold-booted sandbox");
-    let (third, source) = create(&k, &["--image", "base"]);
+    let (third, source) = k.create_json(&["--image", "base"]);
     assert_eq!(
         source, "snapshot",
         "the next start recaptures over the new disk"
     );
-    assert_eq!(recorded_disk(&warm_dir(&k)), d2);
+    assert_eq!(recorded_disk(&k.warm_dir()), d2);
 
     // The user snapshot taken over the old disk is refused, naming the disk, not resumed.
     let out = k.run(&["create", "--snapshot", "before-rebuild"]);
@@ -345,7 +320,7 @@ fn same_id_rebuild_recaptures_warm_and_refuses_user_snapshot() {
 
     // Back on the disk it was taken over, it restores (the check is the digest, nothing else).
     set_rootfs_digest(&manifest, &manifest, &d1);
-    let (fourth, source) = create(&k, &["--snapshot", "before-rebuild"]);
+    let (fourth, source) = k.create_json(&["--snapshot", "before-rebuild"]);
     assert_eq!(source, "snapshot");
     assert_success(&k.run(&["rm", &second, &third, &fourth]), "kiln rm");
 
