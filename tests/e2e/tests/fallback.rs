@@ -10,7 +10,7 @@
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use kiln_e2e::{Kiln, assert_success, sha256_hex, stdout, unseal};
+use kiln_e2e::{Kiln, assert_success, sha256_hex, stderr, stdout, unseal};
 
 /// Flips one bit of the byte in the middle of `path`, in place (size unchanged).
 fn flip_middle_byte(path: &Path) {
@@ -86,8 +86,26 @@ fn falls_back_to_cold_then_recaptures(corrupt: impl FnOnce(&Path), reason: &[&st
     );
     corrupt(&dir);
 
-    let (second, source) = k.create_json(&["--image", "base"]);
+    let out = k.run(&["create", "--image", "base", "--json"]);
+    assert_success(&out, "kiln create");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("create json");
+    let (second, source) = (
+        v["id"].as_str().expect("id").to_owned(),
+        v["source"].as_str().expect("source").to_owned(),
+    );
     assert_eq!(source, "cold", "a damaged snapshot must not be restored");
+    // The user is told why the start was slow, once, not only the daemon's log.
+    let said = stderr(&out);
+    assert_eq!(
+        said.matches("kiln: warning: cold boot instead of a warm restore").count(),
+        1,
+        "{said}"
+    );
+    let told = v["warnings"][0].as_str().unwrap_or_default();
+    for r in reason {
+        assert!(said.contains(r), "{r:?} not on stderr: {said}");
+        assert!(told.contains(r), "{r:?} not in the answer's warnings: {told}");
+    }
     let out = k.run(&["exec", &second, "--", "echo", "ok"]);
     assert_success(&out, "exec in the cold-booted sandbox");
     assert_eq!(stdout(&out), "ok\n");
