@@ -97,14 +97,18 @@ fn falls_back_to_cold_then_recaptures(corrupt: impl FnOnce(&Path), reason: &[&st
     // The user is told why the start was slow, once, not only the daemon's log.
     let said = stderr(&out);
     assert_eq!(
-        said.matches("kiln: warning: cold boot instead of a warm restore").count(),
+        said.matches("kiln: warning: cold boot instead of a warm restore")
+            .count(),
         1,
         "{said}"
     );
     let told = v["warnings"][0].as_str().unwrap_or_default();
     for r in reason {
         assert!(said.contains(r), "{r:?} not on stderr: {said}");
-        assert!(told.contains(r), "{r:?} not in the answer's warnings: {told}");
+        assert!(
+            told.contains(r),
+            "{r:?} not in the answer's warnings: {told}"
+        );
     }
     let out = k.run(&["exec", &second, "--", "echo", "ok"]);
     assert_success(&out, "exec in the cold-booted sandbox");
