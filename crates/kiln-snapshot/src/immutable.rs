@@ -214,7 +214,6 @@ pub fn reseal_dir(dir: &Path) -> Result<Protection, SnapshotError> {
 struct Window {
     holders: usize,
     reseal: bool,
-    before: Option<FileStamp>,
 }
 
 static WINDOWS: Mutex<BTreeMap<PathBuf, Window>> = Mutex::new(BTreeMap::new());
@@ -242,15 +241,13 @@ impl WritableWindow {
             let before = FileStamp::of(path).ok();
             if reseal {
                 unseal_file(path)?;
+                // Only the flag changed (ctime moved): the verification cache keeps its seal,
+                // so verifies during the window (concurrent clones) do not hash `mem` again.
+                if let (Some(before), Ok(after)) = (before, FileStamp::of(path)) {
+                    seal::carry_over(path, &before, &after);
+                }
             }
-            map.insert(
-                path.to_owned(),
-                Window {
-                    holders: 1,
-                    reseal,
-                    before,
-                },
-            );
+            map.insert(path.to_owned(), Window { holders: 1, reseal });
         }
         Ok(WritableWindow {
             path: path.to_owned(),
@@ -274,10 +271,13 @@ impl Drop for WritableWindow {
         if !w.reseal {
             return;
         }
+        // The stamp just before sealing again: a write inside the window moved its mtime
+        // away from the stamp the cache holds, and then the seal is forgotten.
+        let open = FileStamp::of(&self.path).ok();
         match seal_file(&self.path) {
             Ok(_) => {
-                if let (Some(before), Ok(after)) = (w.before, FileStamp::of(&self.path)) {
-                    seal::carry_over(&self.path, &before, &after);
+                if let (Some(open), Ok(after)) = (open, FileStamp::of(&self.path)) {
+                    seal::carry_over(&self.path, &open, &after);
                 }
             }
             Err(e) => warn!(path = %self.path.display(), error = %error_chain(&e),

@@ -772,6 +772,13 @@ fn writable_window_keeps_the_seal_unless_the_file_was_written_inside_it() {
     assert!(crate::is_immutable(&mem));
     let r = verify_cached(&dir).expect("verifies");
     assert!(r.hashed.is_empty(), "hashed {:?}", r.hashed);
+    // Nor while a window is open (the next clone verifies while this one's QEMU starts).
+    let open = WritableWindow::open(&mem).expect("open");
+    let r = verify_cached(&dir).expect("verifies inside a window");
+    assert!(r.hashed.is_empty(), "hashed inside a window {:?}", r.hashed);
+    drop(open);
+    let r = verify_cached(&dir).expect("verifies after it");
+    assert!(r.hashed.is_empty(), "hashed after a window {:?}", r.hashed);
     // A write inside the window (it moves mtime) is caught by the next verify.
     let window = WritableWindow::open(&mem).expect("open");
     {
