@@ -174,6 +174,7 @@ pub fn status_of(e: &CoreError) -> StatusCode {
         CoreError::SnapshotExists(_)
         | CoreError::SnapshotUnusable { .. }
         | CoreError::SnapshotInUse { .. }
+        | CoreError::ImageInUse { .. }
         | CoreError::PortUnavailable { .. } => StatusCode::CONFLICT,
         CoreError::GuestCommand(_) => StatusCode::UNPROCESSABLE_ENTITY,
         CoreError::ExecRejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -1291,6 +1292,9 @@ async fn image_list(State(engine): Shared) -> Result<Response, HttpError> {
 }
 
 /// Delete an image
+///
+/// Removes the image and its warm snapshots. Refused (409 `image_in_use`, naming them) while
+/// a sandbox (also a stopped one) or a user snapshot uses it.
 #[utoipa::path(
     delete,
     path = routes::IMAGE_DELETE.path,
@@ -1301,6 +1305,7 @@ async fn image_list(State(engine): Shared) -> Result<Response, HttpError> {
         (status = 204, description = "Gone"),
         (status = 400, description = "Malformed name (`bad_request`)", body = ApiError),
         (status = 404, description = "No such image (`image_not_found`)", body = ApiError),
+        (status = 409, description = "Sandboxes or user snapshots use it (`image_in_use`)", body = ApiError),
         (status = 500, description = "Removing it failed", body = ApiError),
     ),
 )]

@@ -62,6 +62,8 @@ pub enum ErrorCode {
     SnapshotExists,
     /// 409: the snapshot is in use by running sandboxes.
     SnapshotInUse,
+    /// 409: the image is in use by sandboxes or user snapshots (`kiln image rm`).
+    ImageInUse,
     /// 409: the snapshot is corrupt, incompatible or its image is gone.
     SnapshotUnusable,
     /// 409: a host port to publish cannot be bound; nothing was started.
@@ -128,6 +130,7 @@ impl ErrorCode {
         ErrorCode::NameTaken,
         ErrorCode::SnapshotExists,
         ErrorCode::SnapshotInUse,
+        ErrorCode::ImageInUse,
         ErrorCode::SnapshotUnusable,
         ErrorCode::PortUnavailable,
         ErrorCode::ExecRejected,
@@ -175,6 +178,7 @@ impl ErrorCode {
             ErrorCode::NameTaken => "name_taken",
             ErrorCode::SnapshotExists => "snapshot_exists",
             ErrorCode::SnapshotInUse => "snapshot_in_use",
+            ErrorCode::ImageInUse => "image_in_use",
             ErrorCode::SnapshotUnusable => "snapshot_unusable",
             ErrorCode::PortUnavailable => "port_unavailable",
             ErrorCode::ExecRejected => "exec_rejected",
@@ -267,6 +271,7 @@ mod tests {
             | ErrorCode::NameTaken
             | ErrorCode::SnapshotExists
             | ErrorCode::SnapshotInUse
+            | ErrorCode::ImageInUse
             | ErrorCode::SnapshotUnusable
             | ErrorCode::PortUnavailable
             | ErrorCode::ExecRejected
@@ -287,6 +292,6 @@ mod tests {
             | ErrorCode::NoSpace
             | ErrorCode::Internal => 1,
         };
-        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 42);
+        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 43);
     }
 }

@@ -120,6 +120,14 @@ pub enum CoreError {
         /// Sandbox ids, comma separated.
         users: String,
     },
+    /// The image is used by sandboxes or user snapshots and cannot be removed.
+    #[error("image {name:?} is in use by {users}; remove them first")]
+    ImageInUse {
+        /// Image name.
+        name: String,
+        /// What uses it: sandbox ids and user snapshot names.
+        users: String,
+    },
     /// A host port to publish cannot be bound.
     #[error("cannot publish host port {port}: {reason}")]
     PortUnavailable {
@@ -193,6 +201,7 @@ impl CoreError {
             CoreError::SnapshotExists(_) => "snapshot_exists",
             CoreError::SnapshotUnusable { .. } => "snapshot_unusable",
             CoreError::SnapshotInUse { .. } => "snapshot_in_use",
+            CoreError::ImageInUse { .. } => "image_in_use",
             CoreError::PortUnavailable { .. } => "port_unavailable",
             CoreError::Unresponsive { .. } => "sandbox_unresponsive",
             CoreError::NoSpace { .. } => "no_space",

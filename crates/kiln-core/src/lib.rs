@@ -1003,10 +1003,54 @@ impl Engine {
     /// Removes a built image.
     pub fn image_remove(&self, name: &str) -> Result<(), CoreError> {
         let _: kiln_api_types::ImageName = name.parse()?;
-        if kiln_image::get(self.home.root(), name)?.is_none() {
+        let Some(image) = kiln_image::get(self.home.root(), name)? else {
             return Err(CoreError::ImageNotFound {
                 name: name.to_owned(),
             });
+        };
+        let id = image.id.to_string();
+        // Sandboxes (also stopped ones: `kiln start` needs the image) and user snapshots
+        // that run on it keep it.
+        let mut users: Vec<String> = self
+            .store
+            .sandbox_list()?
+            .iter()
+            .filter(|r| r.status.image_id == id && r.status.state != SandboxState::Failed)
+            .map(|r| format!("sandbox {}", r.id))
+            .collect();
+        users.extend(
+            usersnap::list(&self.home)
+                .into_iter()
+                .filter(|s| s.kind == "user" && s.image_id == id)
+                .map(|s| format!("snapshot {}", s.name)),
+        );
+        if !users.is_empty() {
+            return Err(CoreError::ImageInUse {
+                name: name.to_owned(),
+                users: users.join(", "),
+            });
+        }
+        // Its warm snapshots (each about the size of guest RAM) go with it: nothing else
+        // can restore them.
+        let root = warm::snapshots_dir(self.home.root());
+        let prefix = format!("warm-{id}-");
+        for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let file_name = entry.file_name();
+            let Some(snap) = file_name.to_str().filter(|n| n.starts_with(&prefix)) else {
+                continue;
+            };
+            let gone = root.join(format!(".tmp-rm-{snap}-{}", std::process::id()));
+            match std::fs::rename(entry.path(), &gone) {
+                Ok(()) => remove_dir(&gone),
+                Err(e) => {
+                    warn!(snapshot = snap, error = %e, "could not remove a warm snapshot of a removed image")
+                }
+            }
+            info!(
+                snapshot = snap,
+                image = name,
+                "warm snapshot removed with its image"
+            );
         }
         kiln_image::remove(self.home.root(), name)?;
         Ok(())

@@ -335,6 +335,29 @@ fn same_id_rebuild_recaptures_warm_and_refuses_user_snapshot() {
     if flag {
         assert!(std::fs::remove_file(image.join("rootfs.ext4")).is_err());
     }
+    // Refused while something uses it, naming what: a user snapshot, a sandbox.
+    let out = k.run(&["image", "rm", "base"]);
+    assert!(!out.status.success(), "removed under a user snapshot");
+    assert!(
+        stderr(&out).contains("snapshot before-rebuild"),
+        "{}",
+        stderr(&out)
+    );
+    assert_success(
+        &k.run(&["snapshot", "rm", "before-rebuild"]),
+        "kiln snapshot rm",
+    );
+    // The first start cold-boots (the warm snapshot was taken over the other digest and is
+    // dropped), the second captures a new one: the image has a warm snapshot to take along.
+    let (user, _) = k.create_json(&["--image", "base"]);
+    let (user2, source) = k.create_json(&["--image", "base"]);
+    assert_eq!(source, "snapshot");
+    let out = k.run(&["image", "rm", "base"]);
+    assert!(!out.status.success(), "removed under a sandbox");
+    assert!(stderr(&out).contains(&user), "{}", stderr(&out));
+    assert_success(&k.run(&["rm", &user, &user2]), "kiln rm");
+    let warm = k.warm_dir();
     assert_success(&k.run(&["image", "rm", "base"]), "kiln image rm");
     assert!(!image.exists(), "the sealed image is still there");
+    assert!(!warm.exists(), "its warm snapshot outlived the image");
 }
