@@ -292,6 +292,7 @@ impl SandboxState {
                 | (Paused, Failed)
                 | (Running, Unresponsive)
                 | (Unresponsive, Running)
+                | (Unresponsive, Paused)
                 | (Unresponsive, Failed)
         )
     }
@@ -609,7 +610,8 @@ mod tests {
         assert!(Running.can_become(Unresponsive));
         assert!(Unresponsive.can_become(Running));
         assert!(Unresponsive.can_become(Failed));
-        assert!(!Unresponsive.can_become(Paused));
+        assert!(Unresponsive.can_become(Paused));
+        assert!(!Paused.can_become(Unresponsive));
         assert!(!Unresponsive.can_become(Stopping));
         for s in SandboxState::ALL {
             assert_eq!(s.as_str().parse::<SandboxState>().unwrap(), s);

@@ -585,31 +585,7 @@ impl Engine {
                 }
             } else {
                 let cap_dir = self.home.run_dir().join(format!("capture-{}", id.as_str()));
-                // The capture VM's memory lives in a file: its whole size must fit.
-                let need = u64::from(spec.machine.memory_mib) << 20;
-                let captured = match space::ensure(
-                    &format!("to capture warm snapshot {name}"),
-                    &self.home.run_dir(),
-                    need,
-                )
-                .and_then(|()| {
-                    std::fs::create_dir_all(&cap_dir).map_err(|source| CoreError::Io {
-                        what: "create",
-                        path: cap_dir.clone(),
-                        source,
-                    })
-                }) {
-                    Ok(()) => warm::capture(spec, &cap_dir, sandbox::boot_deadline(spec.accel))
-                        .await
-                        .map_err(|e| {
-                            space::explain(
-                                e,
-                                &format!("to capture warm snapshot {name}"),
-                                &self.home.run_dir(),
-                            )
-                        }),
-                    Err(e) => Err(e),
-                };
+                let captured = self.capture_warm(spec, &name, &cap_dir).await;
                 remove_dir(&cap_dir);
                 match captured {
                     Ok(_) => info!(snapshot = %name, "warm snapshot captured"),
@@ -642,6 +618,28 @@ impl Engine {
                 ))
             }
         }
+    }
+
+    /// Captures warm snapshot `name` with a capture VM in `cap_dir`, checking first that the
+    /// VM's memory file fits; a failure on a full file system is reported as `no_space`.
+    async fn capture_warm(
+        &self,
+        spec: &MachinePlan<'_>,
+        name: &str,
+        cap_dir: &Path,
+    ) -> Result<(), CoreError> {
+        let what = format!("to capture warm snapshot {name}");
+        let run = self.home.run_dir();
+        space::ensure(&what, &run, u64::from(spec.machine.memory_mib) << 20)?;
+        std::fs::create_dir_all(cap_dir).map_err(|source| CoreError::Io {
+            what: "create",
+            path: cap_dir.to_owned(),
+            source,
+        })?;
+        warm::capture(spec, cap_dir, sandbox::boot_deadline(spec.accel))
+            .await
+            .map(|_| ())
+            .map_err(|e| space::explain(e, &what, &run))
     }
 
     /// The events channel (lifecycle transitions, exec start and end).
@@ -964,15 +962,7 @@ impl Engine {
                 users: users.join(", "),
             });
         }
-        // Out of sight first (one rename), then deleted: never a half-removed snapshot.
-        let gone = warm::snapshots_dir(self.home.root())
-            .join(format!(".tmp-rm-{name}-{}", std::process::id()));
-        std::fs::rename(&dir, &gone).map_err(|source| CoreError::Io {
-            what: "remove",
-            path: dir.clone(),
-            source,
-        })?;
-        remove_dir(&gone);
+        discard_snapshot(&dir)?;
         info!(snapshot = name, "snapshot removed");
         Ok(())
     }
@@ -1039,18 +1029,18 @@ impl Engine {
             let Some(snap) = file_name.to_str().filter(|n| n.starts_with(&prefix)) else {
                 continue;
             };
-            let gone = root.join(format!(".tmp-rm-{snap}-{}", std::process::id()));
-            match std::fs::rename(entry.path(), &gone) {
-                Ok(()) => remove_dir(&gone),
+            match discard_snapshot(&entry.path()) {
+                Ok(()) => {
+                    info!(
+                        snapshot = snap,
+                        image = name,
+                        "warm snapshot removed with its image"
+                    )
+                }
                 Err(e) => {
-                    warn!(snapshot = snap, error = %e, "could not remove a warm snapshot of a removed image")
+                    warn!(snapshot = snap, error = %e.chain(), "could not remove a warm snapshot of a removed image")
                 }
             }
-            info!(
-                snapshot = snap,
-                image = name,
-                "warm snapshot removed with its image"
-            );
         }
         kiln_image::remove(self.home.root(), name)?;
         Ok(())
@@ -1121,6 +1111,20 @@ pub(crate) fn event(id: &SandboxId, kind: EventKind) -> Event {
 
 /// Removes a directory kiln owns (runtime directory, saves, a snapshot taken out of sight),
 /// clearing the immutable flags of published snapshot files first.
+/// Removes a published snapshot directory: out of sight first (one rename to a `.tmp-rm-`
+/// name the janitor also cleans), then deleted, so there is never a half-removed snapshot.
+fn discard_snapshot(dir: &Path) -> Result<(), CoreError> {
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let gone = dir.with_file_name(format!(".tmp-rm-{name}-{}", std::process::id()));
+    std::fs::rename(dir, &gone).map_err(|source| CoreError::Io {
+        what: "remove",
+        path: dir.to_owned(),
+        source,
+    })?;
+    remove_dir(&gone);
+    Ok(())
+}
+
 pub(crate) fn remove_dir(dir: &std::path::Path) {
     if let Err(e) = kiln_snapshot::remove_tree(dir) {
         warn!(path = %dir.display(), error = %error::error_chain(&e), "could not remove directory");

@@ -438,10 +438,7 @@ impl Owner {
             Cause::Unresponsive { .. } => return,
         };
         warn!(sandbox_id = %self.id(), %reason, "sandbox paused by QEMU");
-        // An unresponsive guest whose disk stopped: the disk is the better explanation.
-        if self.state == SandboxState::Unresponsive {
-            self.transition(SandboxState::Running, None);
-        }
+        // Also from `unresponsive`: a guest whose disk stopped is explained by the disk.
         self.cause = Some(cause);
         self.transition(SandboxState::Paused, Some(reason));
     }
