@@ -100,6 +100,7 @@ pub fn reclaim(home: &Home, store: &Store) -> Result<Reclaimed, CoreError> {
             });
         }
     };
+    let mut killed = Vec::new();
     for entry in entries.into_iter().flatten() {
         let dir = entry.path();
         if live
@@ -114,6 +115,7 @@ pub fn reclaim(home: &Home, store: &Store) -> Result<Reclaimed, CoreError> {
                 if ident.kill_if_same() {
                     info!(pid = ident.pid, dir = %dir.display(), "killed orphaned QEMU");
                     report.processes_killed += 1;
+                    killed.push(ident);
                 }
             }
             Ok(None) => {}
@@ -128,6 +130,17 @@ pub fn reclaim(home: &Home, store: &Store) -> Result<Reclaimed, CoreError> {
             Err(e) => {
                 warn!(path = %dir.display(), error = %e, "could not remove orphaned runtime directory")
             }
+        }
+    }
+    // A QEMU whose daemon died after spawning it but before writing its pidfile has no
+    // pidfile to be found by: its command line names its run directory.
+    for (ident, dir) in kiln_vmm::procid::qemus_below(&run) {
+        let adopted = live
+            .iter()
+            .any(|r| dir.file_name().and_then(|n| n.to_str()) == Some(r.id.as_str()));
+        if !adopted && !killed.contains(&ident) && ident.kill_if_same() {
+            info!(pid = ident.pid, dir = %dir.display(), "killed orphaned QEMU without a pidfile");
+            report.processes_killed += 1;
         }
     }
     for row in &rows {

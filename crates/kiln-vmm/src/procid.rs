@@ -136,9 +136,98 @@ pub fn parse_stat_start_time(stat: &str) -> Option<u64> {
     after_comm.split_ascii_whitespace().nth(19)?.parse().ok()
 }
 
+/// The QEMU processes (argv[0] named `qemu-system-*`) whose command line names a path below
+/// `dir`, with the first such directory below `dir` each one names: how a janitor finds a QEMU
+/// whose pidfile was never written (its daemon died between spawning it and recording it).
+pub fn qemus_below(dir: &Path) -> Vec<(ProcessIdentity, std::path::PathBuf)> {
+    let prefix = format!("{}/", dir.display());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let mut args = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned());
+        let is_qemu = args.next().is_some_and(|a0| {
+            Path::new(&a0)
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("qemu-system"))
+        });
+        if !is_qemu {
+            continue;
+        }
+        let named = args.find_map(|a| {
+            let at = a.find(&prefix)?;
+            let rest = &a[at + prefix.len()..];
+            let first = rest.split(['/', ',']).next().filter(|f| !f.is_empty())?;
+            Some(dir.join(first))
+        });
+        if let (Some(run), Ok(ident)) = (named, ProcessIdentity::of_pid(pid)) {
+            out.push((ident, run));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qemus_below_finds_a_qemu_by_the_run_directory_its_arguments_name() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let run = tmp.path().join("run");
+        // A stand-in QEMU: a shell under a qemu-system name, and a plain shell beside it, each
+        // with the run directory in its arguments.
+        let fake = tmp.path().join("qemu-system-x86_64");
+        std::fs::copy("/bin/sh", &fake).expect("copy sh");
+        let chardev = format!("socket,id=qmp,path={}/sb-1/qmp.sock", run.display());
+        let mut qemu = std::process::Command::new(&fake)
+            .args(["-c", "sleep 30; :", "sh", &chardev])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let mut other = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30; :", "sh", &chardev])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn");
+        // Right after fork the children still show this test's command line: poll until
+        // both have exec'd (the plain shell's cmdline names the run dir too, once it runs).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let exec_done = |pid: u32| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(chardev.len()).any(|w| w == chardev.as_bytes()))
+        };
+        while !(exec_done(qemu.id()) && exec_done(other.id())) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "children never exec'd"
+            );
+            std::thread::yield_now();
+        }
+        let found = qemus_below(&run);
+        let _ = qemu.kill();
+        let _ = other.kill();
+        let _ = qemu.wait();
+        let _ = other.wait();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0.pid, qemu.id());
+        assert_eq!(found[0].1, run.join("sb-1"));
+    }
 
     #[test]
     fn parse_stat_start_time_comm_with_spaces_and_parens() {
