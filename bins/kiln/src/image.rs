@@ -1,24 +1,37 @@
-//! `kiln image build|ls|rm`: guest images, built by the daemon with progress shown here.
+//! `kiln image build|ls|warm|rm`: guest images, built by the daemon (from built-in recipes or
+//! recipe files) with progress shown here: a status line on a terminal, `==> ` marked lines
+//! otherwise, or JSON events.
 
 use anyhow::bail;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_api_types::{ImageBuildEvent, ImageBuildRequest, ImageInfo, ImageList};
+use kiln_api_types::{
+    ImageBuildEvent, ImageBuildRecipeRequest, ImageBuildRequest, ImageInfo, ImageList,
+};
 
 use kiln_client::Client;
 
 /// `kiln image ...`.
 #[derive(Debug, Subcommand)]
 pub enum ImageCmd {
-    /// Build an image from a built-in recipe (`base`, `python`, `postgres`); a no-op when nothing
-    /// changed.
+    /// Build an image from a recipe: a built-in name (`base`, `python`, `postgres`), an
+    /// image built before from a recipe file, or a recipe file (`PATH.toml`); a no-op when
+    /// nothing changed.
     Build {
-        /// Recipe name.
+        /// Recipe name or recipe file.
         recipe: String,
+        /// Image name for a recipe file (default: the file's `name`).
+        #[arg(long)]
+        name: Option<String>,
         /// Rebuild even if the inputs are unchanged.
         #[arg(long)]
         force: bool,
-        /// Print events as JSON lines instead of a progress bar.
+        /// How to show progress: `tty` (a status line; the default on a terminal), `plain`
+        /// (one line per event, with `==> ` markers for stages and steps), `json` (one
+        /// event per line on stdout).
+        #[arg(long, value_enum)]
+        progress: Option<Progress>,
+        /// Same as `--progress json`.
         #[arg(long)]
         json: bool,
     },
@@ -58,10 +71,22 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
     match cmd {
         ImageCmd::Build {
             recipe,
+            name,
             force,
+            progress,
             json,
         } => {
-            build(client, recipe, *force, *json).await?;
+            let progress = match (json, progress) {
+                (true, _) => Progress::Json,
+                (false, Some(p)) => *p,
+                (false, None) => Progress::auto(),
+            };
+            let target = Target::parse(recipe, name.as_deref())?;
+            let (image, up_to_date) =
+                build(client, &target, *force, false, progress, false).await?;
+            if progress != Progress::Json {
+                report(&image, up_to_date);
+            }
             Ok(0)
         }
         ImageCmd::Ls { json } => {
@@ -147,101 +172,267 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
     }
 }
 
-/// Builds `name` if it does not exist yet (what `kiln run` does before starting a sandbox).
-pub async fn ensure_built(client: &Client, name: &str) -> anyhow::Result<()> {
-    let list: ImageList = client.image_list().await?;
-    if list.images.iter().any(|i| i.name == name) {
-        return Ok(());
-    }
-    eprintln!("kiln: image {name} is not built yet; building it first");
-    build(client, name, false, false).await.map(|_| ())
+/// How build progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Progress {
+    /// A status line that redraws (stage, last line, elapsed).
+    Tty,
+    /// One line per event; stages and steps as `==> ` lines.
+    Plain,
+    /// One JSON event per line on stdout.
+    Json,
 }
 
-/// Builds an image, showing progress on stderr; prints the size report.
-pub async fn build(
-    client: &Client,
-    name: &str,
-    force: bool,
-    json: bool,
-) -> anyhow::Result<ImageInfo> {
-    let bar = if json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new_spinner()
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix} {wide_msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    let mut result: Option<ImageInfo> = None;
-    let mut failure: Option<String> = None;
-    let mut up_to_date = false;
-    client
-        .image_build(
-            name,
-            &ImageBuildRequest { force },
-            |ev: ImageBuildEvent| -> anyhow::Result<()> {
-                if json {
-                    println!("{}", serde_json::to_string(&ev)?);
-                }
-                match ev {
-                    ImageBuildEvent::Stage { index, total, name } => {
-                        bar.set_prefix(format!("[{index}/{total}] {name}"));
-                        bar.set_message("");
-                        if !json {
-                            bar.println(format!("[{index}/{total}] {name}"));
-                        }
-                    }
-                    ImageBuildEvent::Log { line } => bar.set_message(line),
-                    ImageBuildEvent::Progress { done, total } => {
-                        bar.set_message(format!("{done}/{total}"))
-                    }
-                    ImageBuildEvent::Done {
-                        up_to_date: u,
-                        image,
-                    } => {
-                        up_to_date = u;
-                        result = Some(image);
-                    }
-                    ImageBuildEvent::Error(e) => failure = Some(e.message),
-                }
-                Ok(())
-            },
-        )
-        .await?;
-    bar.finish_and_clear();
-    if let Some(msg) = failure {
-        bail!("{msg}");
-    }
-    let Some(image) = result else {
-        bail!("kilnd ended the build stream without a result")
-    };
-    if !json {
-        if up_to_date {
-            eprintln!(
-                "image {} is up to date ({}): inputs unchanged, nothing rebuilt",
-                image.name, image.id
-            );
+impl Progress {
+    /// `tty` when stderr is a terminal, else `plain`.
+    pub fn auto() -> Progress {
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            Progress::Tty
         } else {
-            eprintln!("built image {} ({})", image.name, image.id);
+            Progress::Plain
         }
-        for f in &image.files {
-            eprintln!(
-                "  {:<16} {:>10} ({} on disk)",
-                f.name,
-                human_bytes(f.apparent_bytes),
-                human_bytes(f.allocated_bytes)
-            );
+    }
+}
+
+/// What to build: an image by name or a recipe file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A built-in recipe or an image built before.
+    Name(String),
+    /// A recipe file (absolute) and an optional name for it.
+    File(std::path::PathBuf, Option<String>),
+}
+
+impl Target {
+    /// A recipe file when `arg` ends in `.toml` or holds a `/`, else a name.
+    pub fn parse(arg: &str, name: Option<&str>) -> anyhow::Result<Target> {
+        if arg.ends_with(".toml") || arg.contains('/') {
+            let path = std::fs::canonicalize(arg)
+                .map_err(|e| anyhow::anyhow!("recipe file {arg}: {e}"))?;
+            return Ok(Target::File(path, name.map(str::to_owned)));
         }
+        if name.is_some() {
+            bail!("--name is for recipe files; {arg} is an image name");
+        }
+        Ok(Target::Name(arg.to_owned()))
+    }
+}
+
+/// Makes sure the image `image` (a name or a recipe file) is built and up to date, building
+/// it first (with progress on stderr) when it is missing or stale; what `kiln run` and
+/// `kiln create` do before they start a sandbox. The kernel package is not re-resolved
+/// here (`kiln image build` does that).
+pub async fn ensure_built(client: &Client, image: &str) -> anyhow::Result<ImageInfo> {
+    let target = Target::parse(image, None)?;
+    let (info, _) = build(client, &target, false, true, Progress::auto(), true).await?;
+    Ok(info)
+}
+
+/// Prints what a build produced (stderr).
+fn report(image: &ImageInfo, up_to_date: bool) {
+    if up_to_date {
         eprintln!(
-            "  {:<16} {:>10} on disk, kernel {}",
-            "total",
-            human_bytes(image.size_bytes),
-            image.kernel_version
+            "image {} is up to date ({}): inputs unchanged, nothing rebuilt",
+            image.name, image.id
+        );
+    } else {
+        eprintln!("built image {} ({})", image.name, image.id);
+    }
+    for f in &image.files {
+        eprintln!(
+            "  {:<16} {:>10} ({} on disk)",
+            f.name,
+            human_bytes(f.apparent_bytes),
+            human_bytes(f.allocated_bytes)
         );
     }
-    Ok(image)
+    eprintln!(
+        "  {:<16} {:>10} on disk, kernel {}",
+        "total",
+        human_bytes(image.size_bytes),
+        image.kernel_version
+    );
+}
+
+/// Shows build events as `progress` says. With `quiet`, nothing is shown until the build
+/// does real work (an up-to-date check prints nothing).
+struct Renderer {
+    progress: Progress,
+    bar: ProgressBar,
+    quiet: bool,
+    held: Vec<String>,
+}
+
+impl Renderer {
+    fn new(progress: Progress, quiet: bool) -> Renderer {
+        let bar = if progress == Progress::Tty {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix} {wide_msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        Renderer {
+            progress,
+            bar,
+            quiet,
+            held: Vec::new(),
+        }
+    }
+
+    /// A line of plain output (or, on a terminal, a line above the status line).
+    fn line(&mut self, text: String) {
+        if self.quiet {
+            self.held.push(text);
+            return;
+        }
+        match self.progress {
+            Progress::Tty => self.bar.println(text),
+            Progress::Plain => eprintln!("{text}"),
+            Progress::Json => {}
+        }
+    }
+
+    /// Ends quiet mode: the build does work; what was held is shown.
+    fn wake(&mut self) {
+        if self.quiet {
+            self.quiet = false;
+            for text in std::mem::take(&mut self.held) {
+                self.line(text);
+            }
+        }
+    }
+
+    fn event(&mut self, ev: &ImageBuildEvent) -> anyhow::Result<()> {
+        if self.progress == Progress::Json {
+            println!("{}", serde_json::to_string(ev)?);
+            return Ok(());
+        }
+        match ev {
+            ImageBuildEvent::Stage { index, total, name } => {
+                if *index >= 2 {
+                    self.wake();
+                }
+                self.bar.set_prefix(format!("[{index}/{total}] {name}"));
+                self.bar.set_message("");
+                self.line(format!("==> [{index}/{total}] {name}"));
+            }
+            ImageBuildEvent::StageDone {
+                index,
+                name,
+                elapsed_ms,
+            } => self.line(format!(
+                "==> [{index}] {name}: done in {:.1} s",
+                *elapsed_ms as f64 / 1000.0
+            )),
+            ImageBuildEvent::Log { line } => {
+                if line.starts_with("rebuilding ") {
+                    self.wake();
+                }
+                if self.progress == Progress::Tty {
+                    self.bar.set_message(line.clone());
+                    // Build-step output is the user's own: keep all of it on screen.
+                    if self.bar.prefix().contains("steps")
+                        || self.bar.prefix().contains("self-test")
+                    {
+                        self.line(format!("    {line}"));
+                    }
+                } else {
+                    self.line(format!("    {line}"));
+                }
+            }
+            ImageBuildEvent::Progress { done, total } => {
+                self.bar.set_message(format!("{done}/{total}"))
+            }
+            ImageBuildEvent::Step { index, total, what } => {
+                self.line(format!("==> step {index}/{total}: {what}"))
+            }
+            ImageBuildEvent::StepDone {
+                index,
+                exit_code,
+                elapsed_ms,
+            } => self.line(format!(
+                "==> step {index}: exit {exit_code} in {:.1} s",
+                *elapsed_ms as f64 / 1000.0
+            )),
+            ImageBuildEvent::Compacted {
+                apparent_bytes,
+                before_bytes,
+                after_bytes,
+            } => self.line(format!(
+                "==> compacted: {} -> {} on disk ({} apparent)",
+                human_bytes(*before_bytes),
+                human_bytes(*after_bytes),
+                human_bytes(*apparent_bytes)
+            )),
+            ImageBuildEvent::Done { .. } | ImageBuildEvent::Error(_) => {}
+        }
+        Ok(())
+    }
+}
+
+/// Builds `target`, showing progress; returns the image and whether it was up to date.
+pub async fn build(
+    client: &Client,
+    target: &Target,
+    force: bool,
+    keep_kernel: bool,
+    progress: Progress,
+    quiet_when_up_to_date: bool,
+) -> anyhow::Result<(ImageInfo, bool)> {
+    let mut r = Renderer::new(progress, quiet_when_up_to_date);
+    let mut result: Option<(ImageInfo, bool)> = None;
+    let mut failure: Option<String> = None;
+    let mut on_event = |ev: ImageBuildEvent| -> anyhow::Result<()> {
+        r.event(&ev)?;
+        match ev {
+            ImageBuildEvent::Done { up_to_date, image } => result = Some((*image, up_to_date)),
+            ImageBuildEvent::Error(e) => failure = Some(e.message),
+            _ => {}
+        }
+        Ok(())
+    };
+    match target {
+        Target::Name(name) => {
+            client
+                .image_build(
+                    name,
+                    &ImageBuildRequest { force, keep_kernel },
+                    &mut on_event,
+                )
+                .await?
+        }
+        Target::File(path, name) => {
+            client
+                .image_build_recipe(
+                    &ImageBuildRecipeRequest {
+                        recipe_path: path.display().to_string(),
+                        name: name.clone(),
+                        force,
+                        keep_kernel,
+                    },
+                    &mut on_event,
+                )
+                .await?
+        }
+    }
+    r.bar.finish_and_clear();
+    if let Some(msg) = failure {
+        // What the build printed (held while it looked like a no-op) explains the failure.
+        r.wake();
+        bail!("{msg}");
+    }
+    let Some((image, up_to_date)) = result else {
+        bail!("kilnd ended the build stream without a result")
+    };
+    if quiet_when_up_to_date && !up_to_date && progress != Progress::Json {
+        eprintln!("kiln: image {} ({}) is ready", image.name, image.id);
+    }
+    Ok((image, up_to_date))
 }
 
 /// `1.5 MiB`-style sizes.

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use clap::Args;
 use futures_util::{SinkExt, StreamExt};
 use kiln_api_types::{
-    ExecClientMessage, ExecRequest, ExecServerMessage, ExecTty, MachineSpec, RunRequest,
+    ExecClientMessage, ExecRequest, ExecServerMessage, ExecTty, ImageInfo, MachineSpec, RunRequest,
     STREAM_STDERR, STREAM_STDOUT, SandboxId, SandboxSource, SandboxSpec,
 };
 use tokio_tungstenite::tungstenite::Message;
@@ -38,8 +38,8 @@ pub struct RunArgs {
 /// Options that describe a sandbox (`kiln run`, `kiln create`).
 #[derive(Debug, Args)]
 pub struct SandboxOpts {
-    /// Image to start (a recipe name) [default: $KILN_IMAGE, else `image` in config.toml,
-    /// else python].
+    /// Image to start: a name, or a recipe file (`PATH.toml`, built first under its name)
+    /// [default: $KILN_IMAGE, else `image` in config.toml, else python].
     #[arg(long)]
     pub image: Option<String>,
     /// Number of vCPUs [default: $KILN_CPUS, else `cpus` in config.toml, else 1].
@@ -81,44 +81,79 @@ pub struct SandboxOpts {
 }
 
 impl SandboxOpts {
-    /// The spec these options describe; errors name the bad option. Image and machine size
-    /// come from the flags, else the environment, else `config.toml`, else the defaults.
-    pub fn request(&self) -> anyhow::Result<SandboxSpec> {
+    /// The image these options start from (flag, else `$KILN_IMAGE`, else `image` in
+    /// config.toml, else python): a name or a recipe file; `None` with `--snapshot`.
+    pub fn image(&self) -> anyhow::Result<Option<String>> {
         use kiln_client::config::{self, Config};
-        let source = match &self.snapshot {
-            Some(name) => SandboxSource::Snapshot {
+        if self.snapshot.is_some() {
+            return Ok(None);
+        }
+        let file = Config::load(&kiln_client::ClientHome::from_env().config())?;
+        Ok(Some(config::pick(
+            self.image.clone(),
+            config::env("KILN_IMAGE", "an image name")?,
+            file.image,
+            kiln_api_types::DEFAULT_IMAGE.to_owned(),
+        )))
+    }
+
+    /// Builds the image if it is missing or stale (a recipe file is built under its name)
+    /// and returns it; `None` with `--snapshot`.
+    pub async fn ensure_image(&self, client: &Client) -> anyhow::Result<Option<ImageInfo>> {
+        match self.image()? {
+            Some(image) => Ok(Some(crate::image::ensure_built(client, &image).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The spec these options describe for `image` (from [`SandboxOpts::ensure_image`]);
+    /// errors name the bad option. The machine size comes from the flags, else the
+    /// environment, else `config.toml`, else the image's recipe, else the defaults.
+    pub fn request(&self, image: Option<&ImageInfo>) -> anyhow::Result<SandboxSpec> {
+        let source = self.source(image)?;
+        self.request_from(source)
+    }
+
+    /// Where the sandbox starts from: the snapshot, else `image`.
+    fn source(&self, image: Option<&ImageInfo>) -> anyhow::Result<SandboxSource> {
+        use kiln_client::config::{self, Config};
+        Ok(match (&self.snapshot, image) {
+            (Some(name), _) => SandboxSource::Snapshot {
                 snapshot: name
                     .parse()
                     .map_err(|e| anyhow::anyhow!("--snapshot: {e}"))?,
             },
-            None => {
+            (None, None) => bail!("no image to start from"),
+            (None, Some(info)) => {
                 let file = Config::load(&kiln_client::ClientHome::from_env().config())?;
-                let image = config::pick(
-                    self.image.clone(),
-                    config::env("KILN_IMAGE", "an image name")?,
-                    file.image,
-                    kiln_api_types::DEFAULT_IMAGE.to_owned(),
-                );
                 SandboxSource::Image {
-                    image: image.parse().map_err(|e| anyhow::anyhow!("--image: {e}"))?,
+                    image: info
+                        .name
+                        .parse()
+                        .map_err(|e| anyhow::anyhow!("--image: {e}"))?,
                     machine: MachineSpec {
                         cpus: config::pick(
                             self.cpus,
                             config::env("KILN_CPUS", "a number of vCPUs")?,
                             file.cpus,
-                            kiln_api_types::DEFAULT_CPUS,
+                            info.cpus.unwrap_or(kiln_api_types::DEFAULT_CPUS),
                         ),
                         memory_mib: config::pick(
                             self.memory,
                             config::env("KILN_MEMORY_MIB", "a number of MiB")?,
                             file.memory_mib,
-                            kiln_api_types::DEFAULT_MEMORY_MIB,
+                            info.memory_mib
+                                .unwrap_or(kiln_api_types::DEFAULT_MEMORY_MIB),
                         ),
                     },
                     cold: self.cold,
                 }
             }
-        };
+        })
+    }
+
+    /// The spec of these options with `source` (the rest: secrets, ports, lifetime, ...).
+    pub fn request_from(&self, source: SandboxSource) -> anyhow::Result<SandboxSpec> {
         let duration = |flag: &str, v: &Option<String>| -> anyhow::Result<Option<u64>> {
             v.as_deref()
                 .map(|d| {
@@ -164,14 +199,6 @@ impl SandboxOpts {
             )
         })?;
         Ok(spec)
-    }
-}
-
-/// The image a spec starts from, when it starts from one (to build it first if missing).
-pub fn image_of(spec: &SandboxSpec) -> Option<&str> {
-    match &spec.source {
-        SandboxSource::Image { image, .. } => Some(image.as_str()),
-        SandboxSource::Snapshot { .. } => None,
     }
 }
 
@@ -232,14 +259,25 @@ pub struct ExecOpts {
     /// put in raw mode, so Ctrl-C and other keys go to the command).
     #[arg(short = 't', long)]
     pub tty: bool,
-    /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// The command and its arguments (`kiln run`: default, the image's command).
+    #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
 }
 
 impl ExecOpts {
     /// The exec request these options describe; errors name the bad option.
     pub fn request(&self) -> anyhow::Result<ExecRequest> {
+        if self.command.is_empty() {
+            bail!("no command given: put it after `--`, e.g. `-- ls -l`");
+        }
+        let req = self.unchecked()?;
+        req.validate().map_err(anyhow::Error::msg)?;
+        Ok(req)
+    }
+
+    /// Like [`ExecOpts::request`], with the command still to be validated (it may be empty
+    /// until the image's default command fills it in).
+    fn unchecked(&self) -> anyhow::Result<ExecRequest> {
         let mut req = ExecRequest::new(self.command.clone());
         for kv in &self.env {
             let Some((k, v)) = kv.split_once('=') else {
@@ -264,18 +302,33 @@ impl ExecOpts {
                 term: crate::term::term_name(),
             });
         }
-        req.validate().map_err(anyhow::Error::msg)?;
         Ok(req)
     }
 }
 
 /// Runs `kiln run`; returns the process exit code.
 pub async fn run(client: &Client, args: &RunArgs) -> anyhow::Result<i32> {
-    let exec = args.exec.request()?;
-    let sandbox = args.sandbox.request()?;
-    if let Some(image) = image_of(&sandbox) {
-        crate::image::ensure_built(client, image).await?;
+    let mut exec = args.exec.unchecked()?;
+    let image = args.sandbox.ensure_image(client).await?;
+    let sandbox = args.sandbox.request(image.as_ref())?;
+    if let Some(info) = &image {
+        // The image's default command (OCI Entrypoint + Cmd); a command given replaces Cmd.
+        let argv: Vec<String> = info
+            .entrypoint
+            .iter()
+            .chain(if exec.argv.is_empty() {
+                &info.cmd
+            } else {
+                &exec.argv
+            })
+            .cloned()
+            .collect();
+        exec.argv = argv;
     }
+    if exec.argv.is_empty() {
+        bail!("no command given, and the image has no default command (cmd/entrypoint)");
+    }
+    exec.validate().map_err(anyhow::Error::msg)?;
     let ws = client.sandbox_run().await?;
     let first = serde_json::to_string(&RunRequest { sandbox, exec })?;
     let io = StreamIo {
@@ -520,6 +573,62 @@ mod tests {
             .run
     }
 
+    /// An image as `kiln image ls` reports it.
+    fn image() -> ImageInfo {
+        ImageInfo {
+            id: "0123456789ab".into(),
+            name: "python".into(),
+            recipe: "python".into(),
+            size_bytes: 1,
+            created_unix: 0,
+            kernel_version: "6.1".into(),
+            files: Vec::new(),
+            from: "debian:bookworm".into(),
+            recipe_path: None,
+            entrypoint: Vec::new(),
+            cmd: Vec::new(),
+            cpus: None,
+            memory_mib: None,
+        }
+    }
+
+    #[test]
+    fn sandbox_request_machine_size_flag_else_image_else_default() {
+        let a = parse(&["--", "true"]);
+        let mut sized = image();
+        sized.cpus = Some(2);
+        sized.memory_mib = Some(512);
+        let SandboxSource::Image {
+            machine,
+            image: name,
+            ..
+        } = a.sandbox.request(Some(&sized)).unwrap().source
+        else {
+            panic!("an image source")
+        };
+        assert_eq!(name.as_str(), "python");
+        if std::env::var_os("KILN_CPUS").is_none() && std::env::var_os("KILN_MEMORY_MIB").is_none()
+        {
+            assert_eq!((machine.cpus, machine.memory_mib), (2, 512));
+        }
+        let a = parse(&["--cpus", "3", "--memory", "300", "--", "true"]);
+        let SandboxSource::Image { machine, .. } = a.sandbox.request(Some(&sized)).unwrap().source
+        else {
+            panic!("an image source")
+        };
+        assert_eq!((machine.cpus, machine.memory_mib), (3, 300));
+        // A command is optional for `kiln run` (the image's default), required for exec.
+        let a = parse(&[]);
+        assert!(a.exec.command.is_empty());
+        assert!(
+            a.exec
+                .request()
+                .unwrap_err()
+                .to_string()
+                .contains("no command")
+        );
+    }
+
     #[test]
     fn exec_request_carries_env_workdir_timeout() {
         let a = parse(&[
@@ -579,7 +688,7 @@ mod tests {
         let a = parse(&["--memory", "1", "--", "true"]);
         assert!(
             a.sandbox
-                .request()
+                .request(Some(&image()))
                 .unwrap_err()
                 .to_string()
                 .contains("--memory")
@@ -587,7 +696,7 @@ mod tests {
         let a = parse(&["--secret", "../etc/passwd=x", "--", "true"]);
         assert!(
             a.sandbox
-                .request()
+                .request(Some(&image()))
                 .unwrap_err()
                 .to_string()
                 .contains("--secret")
@@ -595,20 +704,20 @@ mod tests {
         let a = parse(&["--secret", "A=1", "--secret", "A=2", "--", "true"]);
         assert!(
             a.sandbox
-                .request()
+                .request(Some(&image()))
                 .unwrap_err()
                 .to_string()
                 .contains("twice")
         );
         let a = parse(&["--secret", "TOKEN", "--secret", "K=v=w", "--", "true"]);
-        let s = a.sandbox.request().unwrap().secrets;
+        let s = a.sandbox.request(Some(&image())).unwrap().secrets;
         assert_eq!(s.0["K"], "v=w");
         assert_eq!(s.0["TOKEN"].len(), 64);
         assert!(s.0["TOKEN"].bytes().all(|b| b.is_ascii_hexdigit()));
         let a = parse(&["--cpus", "999", "--", "true"]);
         assert!(
             a.sandbox
-                .request()
+                .request(Some(&image()))
                 .unwrap_err()
                 .to_string()
                 .contains("--cpus")

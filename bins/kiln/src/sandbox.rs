@@ -20,10 +20,8 @@ pub struct CreateArgs {
 
 /// `kiln create`.
 pub async fn create(client: &Client, a: &CreateArgs) -> anyhow::Result<i32> {
-    let req = a.sandbox.request()?;
-    if let Some(image) = crate::run::image_of(&req) {
-        crate::image::ensure_built(client, image).await?;
-    }
+    let image = a.sandbox.ensure_image(client).await?;
+    let req = a.sandbox.request(image.as_ref())?;
     let info: SandboxInfo = client.sandbox_create(&req).await?;
     for w in &info.status.warnings {
         eprintln!("kiln: warning: {w}");
@@ -83,15 +81,21 @@ pub async fn clone(client: &Client, a: &CloneArgs) -> anyhow::Result<i32> {
             a.count
         );
     }
-    let mut req = a.sandbox.request()?;
-    if let Some(name) = &a.snapshot {
-        if a.sandbox.snapshot.is_some() {
-            bail!("give the snapshot either as the argument or with --snapshot, not both");
+    let req = match &a.snapshot {
+        Some(name) => {
+            if a.sandbox.snapshot.is_some() {
+                bail!("give the snapshot either as the argument or with --snapshot, not both");
+            }
+            a.sandbox
+                .request_from(kiln_api_types::SandboxSource::Snapshot {
+                    snapshot: name.parse().map_err(|e| anyhow::anyhow!("{e}"))?,
+                })?
         }
-        req.source = kiln_api_types::SandboxSource::Snapshot {
-            snapshot: name.parse().map_err(|e| anyhow::anyhow!("{e}"))?,
-        };
-    }
+        None => {
+            let image = a.sandbox.ensure_image(client).await?;
+            a.sandbox.request(image.as_ref())?
+        }
+    };
     if a.count > 1 && !req.publish.is_empty() {
         bail!("--publish cannot be used with --count above 1: clones cannot share a host port");
     }
@@ -116,9 +120,6 @@ pub async fn clone_n(
     req: &SandboxSpec,
     count: u32,
 ) -> anyhow::Result<Vec<SandboxInfo>> {
-    if let Some(image) = crate::run::image_of(req) {
-        crate::image::ensure_built(client, image).await?;
-    }
     let starts = (0..count).map(|_| client.sandbox_create(req));
     let results = futures_util::future::join_all(starts).await;
     let (ok, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());

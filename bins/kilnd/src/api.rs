@@ -25,11 +25,12 @@ use axum::response::{IntoResponse, Response};
 use kiln_api_types::routes;
 use kiln_api_types::{
     ApiError, DoctorReport, ErrorCode, Event, ExecId, ExecInfo, ExecKillRequest, ExecList,
-    ExecRequest, Health, ImageBuildEvent, ImageBuildRequest, ImageList, ImageName, PingResponse,
-    SandboxFilter, SandboxId, SandboxInfo, SandboxList, SandboxSpec, SandboxStartRequest,
-    SecretsUpdateRequest, SnapshotCreateRequest, SnapshotInfo, SnapshotList, SnapshotName,
-    TtlRequest,
+    ExecRequest, Health, ImageBuildEvent, ImageBuildRecipeRequest, ImageBuildRequest, ImageList,
+    ImageName, PingResponse, SandboxFilter, SandboxId, SandboxInfo, SandboxList, SandboxSpec,
+    SandboxStartRequest, SecretsUpdateRequest, SnapshotCreateRequest, SnapshotInfo, SnapshotList,
+    SnapshotName, TtlRequest,
 };
+use kiln_core::images::RecipeSource;
 use kiln_core::{CoreError, Engine};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -75,6 +76,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(snapshot_delete))
         .routes(routes!(image_list))
         .routes(routes!(image_build))
+        .routes(routes!(image_build_recipe))
         .routes(routes!(image_delete))
 }
 
@@ -196,6 +198,9 @@ pub fn status_of(e: &CoreError) -> StatusCode {
                 K::Io => StatusCode::INTERNAL_SERVER_ERROR,
             }
         }
+        CoreError::Image(_) if e.code() == "bad_recipe" => StatusCode::BAD_REQUEST,
+        CoreError::Image(_) if e.code() == "build_failed" => StatusCode::UNPROCESSABLE_ENTITY,
+        CoreError::Image(_) if e.code() == "image_not_found" => StatusCode::NOT_FOUND,
         CoreError::Image(_)
         | CoreError::Snapshot(_)
         | CoreError::Store(_)
@@ -1342,12 +1347,61 @@ async fn image_build(
 ) -> Result<Response, HttpError> {
     let req: ImageBuildRequest = parse_body(&body)?;
     parse_name::<ImageName>(&name)?;
-    // Known before the stream starts: an unknown recipe is a 404, not a 200 with an error.
-    engine.image_recipe_check(&name)?;
+    stream_build(
+        engine,
+        RecipeSource::Named(name),
+        req.force,
+        req.keep_kernel,
+    )
+}
+
+/// Build an image from a recipe file
+///
+/// Builds (or finds up to date) the image of a recipe file on the daemon's host and streams
+/// the build like `image_build`. The image extended by the recipe (`from = "IMAGE"`) is
+/// checked first and rebuilt if stale.
+#[utoipa::path(
+    post,
+    path = routes::IMAGE_BUILD_RECIPE.path,
+    operation_id = routes::IMAGE_BUILD_RECIPE.operation_id,
+    tag = "images",
+    request_body(content = ImageBuildRecipeRequest, description = "The recipe file and build options", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The build's events, one JSON document per line", content_type = "application/x-ndjson", body = ImageBuildEvent),
+        (status = 400, description = "Malformed body (`bad_request`), or a recipe file that cannot be read or used (`bad_recipe`: file, line, key, what was expected)", body = ApiError),
+        (status = 404, description = "The image it extends does not exist and has no recipe (`recipe_not_found`)", body = ApiError),
+    ),
+)]
+async fn image_build_recipe(State(engine): Shared, body: Bytes) -> Result<Response, HttpError> {
+    let req: ImageBuildRecipeRequest = parse_body(&body)?;
+    if let Some(name) = &req.name {
+        parse_name::<ImageName>(name)?;
+    }
+    stream_build(
+        engine,
+        RecipeSource::File {
+            path: req.recipe_path.into(),
+            name: req.name,
+        },
+        req.force,
+        req.keep_kernel,
+    )
+}
+
+/// Streams a build as NDJSON; what cannot be built is an error status before the stream.
+fn stream_build(
+    engine: Arc<Engine>,
+    src: RecipeSource,
+    force: bool,
+    keep_kernel: bool,
+) -> Result<Response, HttpError> {
+    // Known before the stream starts: an unknown recipe is a 404, a bad one a 400, not a 200
+    // with an error.
+    engine.image_recipe_check(&src)?;
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<ImageBuildEvent>(256);
     let (line_tx, line_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
-        let build = engine.image_build(&name, req.force, ev_tx);
+        let build = engine.image_build(src, force, keep_kernel, ev_tx);
         tokio::pin!(build);
         let last = loop {
             tokio::select! {
@@ -1359,7 +1413,10 @@ async fn image_build(
             let _ = line_tx.send(Ok(ndjson(&ev))).await;
         }
         let last = match last {
-            Ok((image, up_to_date)) => ImageBuildEvent::Done { up_to_date, image },
+            Ok((image, up_to_date)) => ImageBuildEvent::Done {
+                up_to_date,
+                image: Box::new(image),
+            },
             Err(e) => ImageBuildEvent::Error(api_error(&e)),
         };
         let _ = line_tx.send(Ok(ndjson(&last))).await;

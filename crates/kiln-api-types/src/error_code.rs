@@ -64,6 +64,12 @@ pub enum ErrorCode {
     SnapshotInUse,
     /// 409: the image is in use by sandboxes or user snapshots (`kiln image rm`).
     ImageInUse,
+    /// 400: a recipe file that cannot be used (file, line, column, key and what was expected
+    /// are in the message).
+    BadRecipe,
+    /// 422: a build step, a file copy or the self-test of an image build failed (the step,
+    /// its exit code and its output's end are in the message); nothing was published.
+    BuildFailed,
     /// 409: the snapshot is corrupt, incompatible or its image is gone.
     SnapshotUnusable,
     /// 409: a host port to publish cannot be bound; nothing was started.
@@ -131,6 +137,8 @@ impl ErrorCode {
         ErrorCode::SnapshotExists,
         ErrorCode::SnapshotInUse,
         ErrorCode::ImageInUse,
+        ErrorCode::BadRecipe,
+        ErrorCode::BuildFailed,
         ErrorCode::SnapshotUnusable,
         ErrorCode::PortUnavailable,
         ErrorCode::ExecRejected,
@@ -179,6 +187,8 @@ impl ErrorCode {
             ErrorCode::SnapshotExists => "snapshot_exists",
             ErrorCode::SnapshotInUse => "snapshot_in_use",
             ErrorCode::ImageInUse => "image_in_use",
+            ErrorCode::BadRecipe => "bad_recipe",
+            ErrorCode::BuildFailed => "build_failed",
             ErrorCode::SnapshotUnusable => "snapshot_unusable",
             ErrorCode::PortUnavailable => "port_unavailable",
             ErrorCode::ExecRejected => "exec_rejected",
@@ -272,6 +282,8 @@ mod tests {
             | ErrorCode::SnapshotExists
             | ErrorCode::SnapshotInUse
             | ErrorCode::ImageInUse
+            | ErrorCode::BadRecipe
+            | ErrorCode::BuildFailed
             | ErrorCode::SnapshotUnusable
             | ErrorCode::PortUnavailable
             | ErrorCode::ExecRejected
@@ -292,6 +304,6 @@ mod tests {
             | ErrorCode::NoSpace
             | ErrorCode::Internal => 1,
         };
-        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 43);
+        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 45);
     }
 }

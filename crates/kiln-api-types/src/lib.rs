@@ -570,6 +570,28 @@ pub struct ImageBuildRequest {
     /// Rebuild even if the inputs are unchanged.
     #[serde(default)]
     pub force: bool,
+    /// Keep the existing image's kernel version instead of resolving the newest with
+    /// apt-cache: a quick staleness check (what `kiln run` does before it starts a sandbox).
+    #[serde(default)]
+    pub keep_kernel: bool,
+}
+
+/// `POST /v1/images/build` body: build an image from a recipe file on the daemon's host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageBuildRecipeRequest {
+    /// Absolute path of the recipe file (TOML); `[[files]]` sources are read relative to
+    /// its directory, by the daemon.
+    pub recipe_path: String,
+    /// Image name, instead of the file's `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Rebuild even if the inputs are unchanged.
+    #[serde(default)]
+    pub force: bool,
+    /// See [`ImageBuildRequest::keep_kernel`].
+    #[serde(default)]
+    pub keep_kernel: bool,
 }
 
 /// What the API says about one built image.
@@ -589,6 +611,26 @@ pub struct ImageInfo {
     pub kernel_version: String,
     /// Size of each file: (name, apparent bytes, allocated bytes).
     pub files: Vec<ImageFileSize>,
+    /// What its root file system started from: `debian:SUITE`, the image it extends, or the
+    /// import source.
+    #[serde(default)]
+    pub from: String,
+    /// The recipe file it was built from, when not a built-in recipe or an import.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe_path: Option<String>,
+    /// Prepended to the default command (OCI `Entrypoint`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    /// The default command (OCI `Cmd`): `kiln run --image NAME` with no command runs
+    /// `entrypoint` + `cmd`; a command given replaces `cmd`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+    /// vCPUs of its sandboxes when the request names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Memory (MiB) of its sandboxes when the request names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
 }
 
 /// Size of one file of an image.
@@ -622,10 +664,46 @@ pub enum ImageBuildEvent {
         /// What the stage does.
         name: String,
     },
-    /// A line of tool output.
+    /// The current stage ended successfully.
+    StageDone {
+        /// 1-based index.
+        index: u32,
+        /// What the stage did.
+        name: String,
+        /// How long it took (ms).
+        elapsed_ms: u64,
+    },
+    /// A line of tool or build-step output.
     Log {
         /// The line.
         line: String,
+    },
+    /// A step in the build guest began (file copies and `run` steps, counted together).
+    Step {
+        /// 1-based index.
+        index: u32,
+        /// Number of steps.
+        total: u32,
+        /// What it does, e.g. ``run `make install` ``.
+        what: String,
+    },
+    /// The step ended (a non-zero `exit_code` fails the build right after).
+    StepDone {
+        /// 1-based index.
+        index: u32,
+        /// Its exit code.
+        exit_code: i32,
+        /// How long it took (ms).
+        elapsed_ms: u64,
+    },
+    /// The root file system was compacted (free blocks punched into holes).
+    Compacted {
+        /// Apparent size of the root file system.
+        apparent_bytes: u64,
+        /// Bytes on disk before.
+        before_bytes: u64,
+        /// Bytes on disk after.
+        after_bytes: u64,
     },
     /// Progress within a stage.
     Progress {
@@ -639,7 +717,7 @@ pub enum ImageBuildEvent {
         /// Whether the inputs were unchanged and nothing was built.
         up_to_date: bool,
         /// The image.
-        image: ImageInfo,
+        image: Box<ImageInfo>,
     },
     /// The build failed; the previous image, if any, is untouched.
     Error(ApiError),

@@ -217,6 +217,8 @@ routes! {
     IMAGE_LIST = Get "/v1/images" "image_list" Json;
     /// `POST /v1/images/{name}/build` (NDJSON stream of `ImageBuildEvent`).
     IMAGE_BUILD = Post "/v1/images/{name}/build" "image_build" NdJson;
+    /// `POST /v1/builds` (NDJSON stream of `ImageBuildEvent`): build from a recipe file.
+    IMAGE_BUILD_RECIPE = Post "/v1/builds" "image_build_recipe" NdJson;
     /// `DELETE /v1/images/{name}`.
     IMAGE_DELETE = Delete "/v1/images/{name}" "image_delete" Empty;
 }

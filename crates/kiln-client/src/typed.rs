@@ -5,9 +5,10 @@
 use kiln_api_types::routes;
 use kiln_api_types::{
     DoctorReport, Event, ExecId, ExecInfo, ExecKillRequest, ExecList, ExecRequest, FileInfo,
-    FileList, FileMkdirRequest, FileRenameRequest, Health, ImageBuildEvent, ImageBuildRequest,
-    ImageList, PingResponse, SandboxId, SandboxInfo, SandboxList, SandboxSpec, SandboxStartRequest,
-    SecretsUpdateRequest, SnapshotCreateRequest, SnapshotInfo, SnapshotList, TtlRequest,
+    FileList, FileMkdirRequest, FileRenameRequest, Health, ImageBuildEvent,
+    ImageBuildRecipeRequest, ImageBuildRequest, ImageList, PingResponse, SandboxId, SandboxInfo,
+    SandboxList, SandboxSpec, SandboxStartRequest, SecretsUpdateRequest, SnapshotCreateRequest,
+    SnapshotInfo, SnapshotList, TtlRequest,
 };
 
 use crate::{Client, Result, WsStream};
@@ -338,6 +339,19 @@ impl Client {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         self.stream_lines(routes::IMAGE_BUILD, &[name], req, on_event)
+            .await
+    }
+
+    /// `POST /v1/builds`: builds a recipe file; events as [`Client::image_build`].
+    pub async fn image_build_recipe<E>(
+        &self,
+        req: &ImageBuildRecipeRequest,
+        on_event: impl FnMut(ImageBuildEvent) -> Result<(), E>,
+    ) -> Result<()>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.stream_lines(routes::IMAGE_BUILD_RECIPE, &[], req, on_event)
             .await
     }
 

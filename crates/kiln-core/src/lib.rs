@@ -12,13 +12,14 @@
 //!   and the janitor removes any left by a daemon that died;
 //! - no lock is held across an `.await`.
 
+mod build_guest;
 pub mod console;
 mod detached;
 pub mod doctor;
 pub mod error;
 pub mod files;
 mod guest;
-mod images;
+pub mod images;
 mod janitor;
 mod machine;
 mod owner;
@@ -329,6 +330,7 @@ impl Engine {
             secrets: spec.secrets.clone(),
             secret_env: spec.secret_env,
             hook: image.recipe.on_restore.clone(),
+            defaults: sandbox::ExecDefaults::of(&image.recipe),
             bound,
             expires_unix: row.status.expires_unix,
             idle_timeout_secs: spec.lifetime.idle_timeout_secs,
@@ -355,6 +357,7 @@ impl Engine {
             extras.secrets = l.secrets.clone();
             extras.secret_env = l.secret_env;
             extras.hook = l.hook.clone();
+            extras.defaults = l.defaults.clone();
         }
         let ready = async {
             if !l.secrets.is_empty() {
@@ -493,6 +496,7 @@ impl Engine {
             secrets: secrets.clone(),
             secret_env: row.spec.secret_env,
             hook: snap.image.recipe.on_restore.clone(),
+            defaults: sandbox::ExecDefaults::of(&snap.image.recipe),
             bound,
             expires_unix,
             idle_timeout_secs: row.spec.lifetime.idle_timeout_secs,
@@ -967,19 +971,20 @@ impl Engine {
         Ok(())
     }
 
-    /// Builds (or confirms up to date) the image `name`, sending progress to `events`.
+    /// Builds (or confirms up to date) the image of `src`, sending progress to `events`.
     pub async fn image_build(
-        &self,
-        name: &str,
+        self: &Arc<Self>,
+        src: images::RecipeSource,
         force: bool,
+        keep_kernel: bool,
         events: mpsc::Sender<ImageBuildEvent>,
     ) -> Result<(ImageInfo, bool), CoreError> {
-        images::build(&self.home, name, force, events).await
+        images::build(self, src, force, keep_kernel, events).await
     }
 
-    /// Checks that image `name` has a recipe to build it from (before a build streams).
-    pub fn image_recipe_check(&self, name: &str) -> Result<(), CoreError> {
-        images::recipe(name).map(drop)
+    /// Checks that `src` names something to build (before a build streams).
+    pub fn image_recipe_check(&self, src: &images::RecipeSource) -> Result<(), CoreError> {
+        images::check(self.home.root(), src)
     }
 
     /// All built images.
@@ -1076,6 +1081,7 @@ struct Launch {
     secrets: kiln_api_types::Secrets,
     secret_env: bool,
     hook: Option<kiln_image::GuestCommand>,
+    defaults: sandbox::ExecDefaults,
     bound: Vec<ports::Bound>,
     expires_unix: Option<u64>,
     idle_timeout_secs: Option<u64>,

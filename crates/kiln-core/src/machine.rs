@@ -119,7 +119,7 @@ mod tests {
 
     fn image(rootfs_sha256: Option<String>) -> kiln_image::ImageManifest {
         let recipe = kiln_image::builtin("base").expect("base recipe");
-        let inputs = kiln_image::FingerprintInputs::new(&recipe, "6.1", "00", "m", "s");
+        let inputs = kiln_image::FingerprintInputs::new(&recipe, "", "6.1", "00", "m", "s");
         let fingerprint = inputs.fingerprint();
         kiln_image::ImageManifest {
             schema: kiln_image::MANIFEST_SCHEMA,
@@ -133,6 +133,7 @@ mod tests {
             created_unix: 0,
             files: Vec::new(),
             rootfs_sha256,
+            recipe_path: None,
         }
     }
 

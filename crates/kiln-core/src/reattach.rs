@@ -107,11 +107,15 @@ async fn one(engine: &Arc<Engine>, row: SandboxInfo) -> Result<(), CoreError> {
         let mut extras = sb.extras();
         extras.secrets = secrets;
         extras.secret_env = row.spec.secret_env;
-        extras.hook = kiln_image::get(engine.home.root(), row.status.image.as_str())
+        let image = kiln_image::get(engine.home.root(), row.status.image.as_str())
             .ok()
             .flatten()
-            .filter(|i| i.id.to_string() == row.status.image_id)
-            .and_then(|i| i.recipe.on_restore.clone());
+            .filter(|i| i.id.to_string() == row.status.image_id);
+        extras.hook = image.as_ref().and_then(|i| i.recipe.on_restore.clone());
+        extras.defaults = image
+            .as_ref()
+            .map(|i| crate::sandbox::ExecDefaults::of(&i.recipe))
+            .unwrap_or_default();
     }
     // The previous daemon's listeners closed with it: bind the ports again. A port taken
     // meanwhile is reported; the sandbox itself is kept.

@@ -85,6 +85,41 @@ pub struct SandboxExtras {
     pub secret_env: bool,
     /// The image's on-restore hook, rerun when secrets are rotated.
     pub hook: Option<kiln_image::GuestCommand>,
+    /// The image's environment, working directory and user for commands that name none.
+    pub defaults: ExecDefaults,
+}
+
+/// What an image's recipe sets for every command run in its sandboxes (`env`, `workdir`,
+/// `user`); a request's own values win.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecDefaults {
+    /// Environment variables added where the request does not set them.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Working directory of commands that name none.
+    pub workdir: Option<String>,
+    /// User of commands that name none.
+    pub user: Option<String>,
+}
+
+impl ExecDefaults {
+    /// The defaults `recipe` sets.
+    pub fn of(recipe: &kiln_image::Recipe) -> ExecDefaults {
+        ExecDefaults {
+            env: recipe.env.clone(),
+            workdir: recipe.workdir.clone(),
+            user: recipe.user.clone(),
+        }
+    }
+
+    /// Fills in what `req` leaves open.
+    pub fn apply(&self, req: &mut kiln_agent_host::ExecRequest) {
+        for (k, v) in &self.env {
+            req.env.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        if req.cwd.is_none() {
+            req.cwd = self.workdir.clone();
+        }
+    }
 }
 
 /// A running sandbox.
@@ -243,6 +278,7 @@ impl Sandbox {
         let mut agent_req = to_agent_exec(req)?;
         {
             let extras = self.extras();
+            extras.defaults.apply(&mut agent_req);
             if extras.secret_env {
                 for (k, v) in &extras.secrets.0 {
                     agent_req.env.entry(k.clone()).or_insert_with(|| v.clone());

@@ -1,80 +1,282 @@
 //! Orchestration: recipe -> `images/<name>/{vmlinuz, initramfs.cpio, rootfs.ext4,
 //! manifest.json}`, plus listing and removal.
 //!
-//! Stages (each reported as a [`BuildEvent::Stage`]):
+//! Stages (each reported as a [`BuildEvent::Stage`] and ended by a [`BuildEvent::StageDone`]):
 //!
 //! ```text
-//! 1 resolve    agent checked static + hashed, mirror chosen, kernel resolved (apt-cache),
+//! 1 resolve    agent checked static + hashed, parent image read (from = IMAGE), mirror
+//!              chosen, kernel resolved (apt-cache; or the existing image's with keep_kernel),
 //!              fingerprint computed; unchanged inputs and a complete image -> UpToDate
 //! 2 kernel     download + extract into cache/kernel/<version>/ (once per version)
 //! 3 initramfs  modules closure + agent -> initramfs.cpio
-//! 4 rootfs     mmdebstrap + trim + identity files
-//! 5 pack       mkfs.ext4 -d -> sparse rootfs.ext4
-//! 6 publish    rootfs sha256, manifest.json, files sealed (read-only, immutable flag),
+//! 4 rootfs     Debian: mmdebstrap + trim + identity files + mkfs.ext4 -d (sparse);
+//!              from an image: a sparse copy of its rootfs.ext4 (grown to disk_mib)
+//! 5 steps      files and `run` steps in a build guest ([`BuildGuest::apply`])
+//! 6 compact    e2fsck -E discard: free blocks become holes; sizes before and after
+//! 7 self-test  a fresh guest: agent, on_boot, readiness, `test` ([`BuildGuest::self_test`])
+//! 8 publish    rootfs sha256, manifest.json, files sealed (read-only, immutable flag),
 //!              atomic swap into images/<name>/
 //! ```
 //!
 //! Invariants: all work happens in `images/.tmp-<name>-<pid>/` under an exclusive lock on the
-//! name; any error removes that directory and leaves the previous image as it was; readers
-//! ([`list`], [`get`]) never take the lock, they rely on the atomic swap.
+//! name; any error (a failing step, a failing self-test) removes that directory and leaves
+//! the previous image as it was; readers ([`list`], [`get`]) never take the lock, they rely on
+//! the atomic swap. Booting guests is the caller's ([`BuildGuest`]): this crate boots nothing.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::process::Command;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{ImageError, IoContext};
 use crate::fingerprint::{FingerprintInputs, sha256_file, short_id};
 use crate::manifest::{
-    INITRAMFS_FILE, ImageFile, ImageId, ImageManifest, KERNEL_FILE, MANIFEST_FILE, MANIFEST_SCHEMA,
-    ROOTFS_FILE, images_dir,
+    FileSize, INITRAMFS_FILE, ImageFile, ImageId, ImageManifest, KERNEL_FILE, MANIFEST_FILE,
+    MANIFEST_SCHEMA, ROOTFS_FILE, images_dir,
 };
 use crate::publish::{self, TMP_PREFIX};
-use crate::recipe::{Recipe, validate_name};
+use crate::recipe::{Base, Recipe, validate_name};
 use crate::rootfs::{self, Mirror};
-use crate::{BuildConfig, BuildEvent, BuildOutcome, initramfs, kernel, modules};
+use crate::{BuildConfig, BuildEvent, BuildOutcome, cmd, initramfs, kernel, modules};
 
-/// Number of stages a full build reports.
-const STAGES: u32 = 6;
+/// Number of stages a build reports.
+const STAGES: u32 = 8;
 
 /// Environment variable overriding the Debian mirror when [`BuildConfig::mirror`] is `None`.
 pub const MIRROR_ENV: &str = "KILN_DEBIAN_MIRROR";
 
+/// The files of an image being built, for booting it.
+#[derive(Debug, Clone, Copy)]
+pub struct BootFiles<'a> {
+    /// Kernel.
+    pub kernel: &'a Path,
+    /// Initramfs (the agent is `/init`).
+    pub initramfs: &'a Path,
+    /// The raw ext4 root file system (written to by [`BuildGuest::apply`] only).
+    pub rootfs: &'a Path,
+    /// A scratch directory beside them, removed with the build.
+    pub scratch: &'a Path,
+}
+
+/// The guest side of a build, implemented by the engine (which boots VMs).
+pub trait BuildGuest {
+    /// Boots `boot` with its root file system writable, copies `recipe.files` into it and runs
+    /// `recipe.run` in order, streaming output as [`BuildEvent::Log`]s; powers the guest off
+    /// cleanly. The first failing step fails it ([`ImageError::GuestStep`]).
+    fn apply(
+        &mut self,
+        boot: &BootFiles<'_>,
+        recipe: &Recipe,
+        on_event: &mut dyn FnMut(BuildEvent),
+    ) -> Result<(), ImageError>;
+
+    /// Boots `boot` over a throw-away layer (the root file system is not changed): the agent
+    /// answers, `on_boot` runs, the readiness probe passes, `test` exits 0.
+    fn self_test(
+        &mut self,
+        boot: &BootFiles<'_>,
+        recipe: &Recipe,
+        on_event: &mut dyn FnMut(BuildEvent),
+    ) -> Result<(), ImageError>;
+}
+
+/// Resolves `recipe` against its parent image (`from = IMAGE`): takes over what the parent
+/// defines and the recipe does not ([`Recipe::inherit`]). Returns the parent's manifest.
+pub fn resolve_parent(
+    home: &Path,
+    recipe: &mut Recipe,
+) -> Result<Option<ImageManifest>, ImageError> {
+    let Base::Image { name } = &recipe.from else {
+        return Ok(None);
+    };
+    let parent =
+        get(home, name)?.ok_or_else(|| ImageError::ImageNotFound { name: name.clone() })?;
+    recipe.inherit(&parent.recipe);
+    Ok(Some(parent))
+}
+
+/// The fingerprint inputs of building `recipe` (already resolved against `parent`) with the
+/// given kernel version and agent digest.
+fn inputs_for(
+    recipe: &Recipe,
+    parent: Option<&ImageManifest>,
+    kernel_version: &str,
+    agent_sha256: &str,
+    mirror: &Mirror,
+) -> FingerprintInputs {
+    match parent {
+        // An extended image's bytes come from its parent, not from a mirror.
+        Some(p) => {
+            FingerprintInputs::new(recipe, &p.fingerprint, kernel_version, agent_sha256, "", "")
+        }
+        None => FingerprintInputs::new(
+            recipe,
+            "",
+            kernel_version,
+            agent_sha256,
+            &mirror.uri,
+            &mirror.security_uri,
+        ),
+    }
+}
+
+/// Whether the image of `recipe` is up to date without building anything: the fingerprint
+/// with the existing image's kernel version (the kernel package is resolved only by a build).
+/// `Ok(None)` means up to date; `Ok(Some(why))` names what changed; a missing image is
+/// `Some("not built yet")`.
+pub fn staleness(cfg: &BuildConfig, recipe: &Recipe) -> Result<Option<String>, ImageError> {
+    let mut recipe = recipe.clone();
+    let Some(existing) = get(&cfg.home, &recipe.name)? else {
+        return Ok(Some("not built yet".to_owned()));
+    };
+    let parent = resolve_parent(&cfg.home, &mut recipe)?;
+    let agent_sha256 = sha256_file(&cfg.agent_binary)?;
+    let env_mirror = std::env::var(MIRROR_ENV).ok();
+    let mirror = Mirror::resolve(cfg.mirror.as_deref().or(env_mirror.as_deref()));
+    let now = inputs_for(
+        &recipe,
+        parent.as_ref(),
+        &existing.kernel_version,
+        &agent_sha256,
+        &mirror,
+    );
+    if now.fingerprint() == existing.fingerprint && files_present(&existing, &cfg.home) {
+        return Ok(None);
+    }
+    Ok(Some(describe_change(&existing.inputs, &now)))
+}
+
+/// What differs between the inputs an image was built from and today's, in words.
+pub fn describe_change(old: &FingerprintInputs, new: &FingerprintInputs) -> String {
+    let mut what = Vec::new();
+    if old.format_version != new.format_version {
+        what.push("kiln's image format".to_owned());
+    }
+    if old.suite != new.suite || old.packages != new.packages {
+        what.push("its packages".to_owned());
+    }
+    if old.guest_commands != new.guest_commands {
+        what.push("its guest commands (on_boot, readiness, on_restore)".to_owned());
+    }
+    if old.config != new.config {
+        let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or_default();
+        let (o, n) = (parse(&old.config), parse(&new.config));
+        let keys = [
+            "from",
+            "files",
+            "run",
+            "env",
+            "workdir",
+            "user",
+            "entrypoint",
+            "cmd",
+            "test",
+            "cpus",
+            "memory_mib",
+            "disk_mib",
+        ];
+        // A key an empty config lacks reads as its default.
+        let norm = |v: Option<&serde_json::Value>| match v {
+            None => serde_json::Value::Null,
+            Some(v) if v == &serde_json::json!([]) || v == &serde_json::json!({}) => {
+                serde_json::Value::Null
+            }
+            Some(v) if v == &serde_json::json!({"kind": "debian"}) => serde_json::Value::Null,
+            Some(v) => v.clone(),
+        };
+        let changed: Vec<&str> = keys
+            .into_iter()
+            .filter(|k| norm(o.get(k)) != norm(n.get(k)))
+            .collect();
+        what.push(if changed.is_empty() {
+            "its recipe".to_owned()
+        } else {
+            format!("its recipe's {}", changed.join(", "))
+        });
+    }
+    if old.parent_fingerprint != new.parent_fingerprint {
+        what.push("the image it extends (rebuilt since)".to_owned());
+    }
+    if old.agent_sha256 != new.agent_sha256 {
+        what.push("the guest agent".to_owned());
+    }
+    if old.kernel_version != new.kernel_version {
+        what.push(format!(
+            "the kernel ({} -> {})",
+            old.kernel_version, new.kernel_version
+        ));
+    }
+    if old.mirror != new.mirror || old.security_mirror != new.security_mirror {
+        what.push("the Debian mirror".to_owned());
+    }
+    if what.is_empty() {
+        "its files are incomplete".to_owned()
+    } else {
+        format!("changed: {}", what.join("; "))
+    }
+}
+
 /// Builds `recipe` into `$KILN_HOME/images/<recipe.name>/`, or reports that the image there is
-/// already up to date. Blocking; reports progress through `on_event` on the calling thread.
+/// already up to date. Blocking; reports progress through `on_event` on the calling thread;
+/// `guest` runs the steps that need a guest.
 pub fn build(
     cfg: &BuildConfig,
     recipe: &Recipe,
+    guest: &mut dyn BuildGuest,
     on_event: &mut dyn FnMut(BuildEvent),
 ) -> Result<BuildOutcome, ImageError> {
     validate_name(&recipe.name)?;
-    let stage = |on_event: &mut dyn FnMut(BuildEvent), index: u32, name: &str| {
-        tracing::info!(image = %recipe.name, stage = name, "image build stage");
+    let mut recipe = recipe.clone();
+    let image_name = recipe.name.clone();
+    let mut current: Option<(u32, String, Instant)> = None;
+    let mut stage = |on_event: &mut dyn FnMut(BuildEvent), index: u32, name: &str| {
+        if let Some((i, n, t)) = current.take() {
+            on_event(BuildEvent::StageDone {
+                index: i,
+                name: n,
+                elapsed_ms: t.elapsed().as_millis() as u64,
+            });
+        }
+        tracing::info!(image = %image_name, stage = name, "image build stage");
         on_event(BuildEvent::Stage {
             index,
             total: STAGES,
             name: name.to_owned(),
         });
+        current = Some((index, name.to_owned(), Instant::now()));
     };
 
     // 1. Inputs.
     stage(on_event, 1, "resolve");
     crate::elf::check_static_exec(&cfg.agent_binary)?;
     let agent_sha256 = sha256_file(&cfg.agent_binary)?;
+    let parent = resolve_parent(&cfg.home, &mut recipe)?;
     let env_mirror = std::env::var(MIRROR_ENV).ok();
     let mirror = Mirror::resolve(cfg.mirror.as_deref().or(env_mirror.as_deref()));
-    let kpkg = kernel::resolve_kernel()?;
-    let inputs = FingerprintInputs::new(
-        recipe,
+    let existing_now = get(&cfg.home, &recipe.name)?;
+    let kpkg = match (&parent, &existing_now) {
+        // An extended image boots its parent's kernel (its modules are in the initramfs).
+        (Some(p), _) => kernel::KernelPackage::of_image(&p.kernel_version, &p.kernel_release),
+        (None, Some(e)) if cfg.keep_kernel => {
+            kernel::KernelPackage::of_image(&e.kernel_version, &e.kernel_release)
+        }
+        _ => kernel::resolve_kernel()?,
+    };
+    let inputs = inputs_for(
+        &recipe,
+        parent.as_ref(),
         &kpkg.version,
         &agent_sha256,
-        &mirror.uri,
-        &mirror.security_uri,
+        &mirror,
     );
     let fingerprint = inputs.fingerprint();
     on_event(BuildEvent::Log(format!(
-        "kernel {} {}, mirror {}, fingerprint {}",
+        "kernel {} {}, {}, fingerprint {}",
         kpkg.package,
         kpkg.version,
-        mirror.uri,
+        match &parent {
+            Some(p) => format!("extending image {} ({})", p.name, p.id),
+            None => format!("mirror {}", mirror.uri),
+        },
         short_id(&fingerprint)
     )));
 
@@ -87,16 +289,26 @@ pub fn build(
         )));
     })?;
     publish::clean_stale_tmp(&images);
-    if let Some(existing) = get(&cfg.home, &recipe.name)?
+    let existing = get(&cfg.home, &recipe.name)?;
+    if let Some(existing) = &existing
         && !cfg.force
         && existing.fingerprint == fingerprint
-        && files_present(&existing, &cfg.home)
+        && files_present(existing, &cfg.home)
     {
         on_event(BuildEvent::Log(format!(
             "image {} ({}) is up to date",
             existing.name, existing.id
         )));
-        return Ok(BuildOutcome::UpToDate(existing));
+        return Ok(BuildOutcome::UpToDate(existing.clone()));
+    }
+    if let Some(existing) = &existing
+        && existing.fingerprint != fingerprint
+    {
+        on_event(BuildEvent::Log(format!(
+            "rebuilding {}: {}",
+            existing.name,
+            describe_change(&existing.inputs, &inputs)
+        )));
     }
     if !rustix::process::geteuid().is_root() {
         return Err(ImageError::NotRoot);
@@ -125,59 +337,176 @@ pub fn build(
         on_event(BuildEvent::Log(format!("modules: {}", names.join(" "))));
         initramfs::write(&cfg.agent_binary, mods, &tmp.join(INITRAMFS_FILE))?;
 
-        // 4. Root filesystem tree.
+        // 4. Root file system.
         stage(on_event, 4, "rootfs");
-        let tree = tmp.join("rootfs.d");
-        let mut log = |line: &str| on_event(BuildEvent::Log(line.to_owned()));
-        rootfs::bootstrap(recipe, &mirror, &tree, &mut log)?;
-        rootfs::finish(&tree)?;
+        let rootfs_path = tmp.join(ROOTFS_FILE);
+        match &parent {
+            None => {
+                let tree = tmp.join("rootfs.d");
+                let mut log = |line: &str| on_event(BuildEvent::Log(line.to_owned()));
+                rootfs::bootstrap(&recipe, &mirror, &tree, &mut log)?;
+                rootfs::finish(&tree)?;
+                let uuid = rootfs::uuid_from_fingerprint(&fingerprint);
+                rootfs::pack_ext4(&tree, &rootfs_path, &uuid, recipe.disk_mib, &mut |line| {
+                    on_event(BuildEvent::Log(line.to_owned()))
+                })?;
+                publish::safe_remove(&tree)?;
+            }
+            Some(p) => {
+                copy_sparse(&p.rootfs_path(&cfg.home), &rootfs_path)?;
+                if let Some(mib) = recipe.disk_mib {
+                    grow_ext4(&rootfs_path, u64::from(mib) << 20, &mut |line| {
+                        on_event(BuildEvent::Log(line.to_owned()))
+                    })?;
+                }
+            }
+        }
+        let scratch = tmp.join("scratch");
+        std::fs::create_dir_all(&scratch).ctx("create directory", &scratch)?;
+        let boot = BootFiles {
+            kernel: &tmp.join(KERNEL_FILE),
+            initramfs: &tmp.join(INITRAMFS_FILE),
+            rootfs: &rootfs_path,
+            scratch: &scratch,
+        };
 
-        // 5. Pack.
-        stage(on_event, 5, "pack");
-        let uuid = rootfs::uuid_from_fingerprint(&fingerprint);
-        rootfs::pack_ext4(&tree, &tmp.join(ROOTFS_FILE), &uuid, &mut |line| {
+        // 5. Files and build steps, in a guest.
+        stage(on_event, 5, "steps");
+        if recipe.has_guest_steps() {
+            guest.apply(&boot, &recipe, on_event)?;
+        } else {
+            on_event(BuildEvent::Log("no files or build steps".to_owned()));
+        }
+
+        // 6. Compaction: blocks freed by the steps (or never used) become holes.
+        stage(on_event, 6, "compact");
+        let before = FileSize::of(&rootfs_path)?;
+        compact(&rootfs_path, &mut |line| {
             on_event(BuildEvent::Log(line.to_owned()))
         })?;
-        publish::safe_remove(&tree)?;
+        let after = FileSize::of(&rootfs_path)?;
+        on_event(BuildEvent::Compacted {
+            apparent_bytes: after.apparent_bytes,
+            before_bytes: before.allocated_bytes,
+            after_bytes: after.allocated_bytes,
+        });
+
+        // 7. Self-test: a fresh guest of the finished files.
+        stage(on_event, 7, "self-test");
+        guest.self_test(&boot, &recipe, on_event)?;
+        publish::safe_remove(&scratch)?;
+
+        // 8. Publish.
+        stage(on_event, 8, "publish");
         // The exact disk, recorded once: every snapshot taken over it records it too, and a
         // rebuild under the same id records another.
-        let hashed_at = std::time::Instant::now();
-        let rootfs_sha256 = crate::fingerprint::sha256_sparse(&tmp.join(ROOTFS_FILE))?;
+        let hashed_at = Instant::now();
+        let rootfs_sha256 = crate::fingerprint::sha256_sparse(&rootfs_path)?;
         on_event(BuildEvent::Log(format!(
             "rootfs sha256 {rootfs_sha256} ({} ms)",
             hashed_at.elapsed().as_millis()
         )));
-
-        // 6. Publish.
-        stage(on_event, 6, "publish");
         let manifest = ImageManifest {
             schema: MANIFEST_SCHEMA,
             id: ImageId(short_id(&fingerprint)),
             name: recipe.name.clone(),
             recipe: recipe.clone(),
             fingerprint: fingerprint.clone(),
-            inputs,
+            inputs: inputs.clone(),
             kernel_version: kernel.version.clone(),
             kernel_release: kernel.release.clone(),
-            created_unix: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created_unix: unix_now(),
             files: [KERNEL_FILE, INITRAMFS_FILE, ROOTFS_FILE]
                 .iter()
                 .map(|name| ImageFile::measure(tmp, name))
                 .collect::<Result<_, _>>()?,
             rootfs_sha256: Some(rootfs_sha256),
+            recipe_path: cfg.recipe_path.clone(),
         };
         manifest.write(&tmp.join(MANIFEST_FILE))?;
         publish::seal_image(tmp)?;
         Ok(manifest)
     })?;
+    if let Some((index, name, t)) = current.take() {
+        on_event(BuildEvent::StageDone {
+            index,
+            name,
+            elapsed_ms: t.elapsed().as_millis() as u64,
+        });
+    }
     on_event(BuildEvent::Log(format!(
         "built image {} ({})",
         manifest.name, manifest.id
     )));
     Ok(BuildOutcome::Built(manifest))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Copies `from` to `to` keeping holes (and sharing extents where the file system can).
+pub fn copy_sparse(from: &Path, to: &Path) -> Result<(), ImageError> {
+    let mut c = Command::new("cp");
+    c.args(["--sparse=always", "--reflink=auto", "--"])
+        .arg(from)
+        .arg(to);
+    cmd::run_capture(&mut c).map(drop)?;
+    // The parent's file is sealed read-only; the copy is ours to write.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o644)).ctx("chmod", to)
+}
+
+/// Grows the ext4 file system in `path` to `size` bytes (never shrinks: a smaller size than
+/// the parent's is an error naming both).
+fn grow_ext4(path: &Path, size: u64, on_line: &mut dyn FnMut(&str)) -> Result<(), ImageError> {
+    let current = std::fs::metadata(path).ctx("stat", path)?.len();
+    if size < current {
+        return Err(ImageError::BadRecipe {
+            file: "recipe".to_owned(),
+            line: 0,
+            column: 0,
+            field: "disk_mib".to_owned(),
+            message: format!(
+                "{} MiB is smaller than the extended image's disk ({} MiB); disks only grow",
+                size >> 20,
+                current >> 20
+            ),
+        });
+    }
+    if size == current {
+        return Ok(());
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .ctx("open", path)?;
+    file.set_len(size).ctx("resize", path)?;
+    drop(file);
+    let mut fsck = Command::new("e2fsck");
+    fsck.args(["-f", "-p"]).arg(path);
+    cmd::run_streaming(fsck, on_line)?;
+    let mut resize = Command::new("resize2fs");
+    resize.arg(path);
+    cmd::run_streaming(resize, on_line)
+}
+
+/// Checks the file system in `path` and turns its free blocks into holes (`e2fsck -E
+/// discard` punches them in a regular file), so blocks that build steps wrote and freed take
+/// no space.
+pub fn compact(path: &Path, on_line: &mut dyn FnMut(&str)) -> Result<(), ImageError> {
+    let mut c = Command::new("e2fsck");
+    c.args(["-f", "-y", "-E", "discard"]).arg(path);
+    // e2fsck exits 1 when it fixed something (e.g. a guest powered off with an orphan
+    // inode): still a consistent file system.
+    match cmd::run_streaming(c, on_line) {
+        Ok(()) => Ok(()),
+        Err(ImageError::CommandFailed { status, .. }) if status.ends_with(": 1") => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether all files of an image are present.
@@ -271,6 +600,113 @@ mod tests {
     use super::*;
     use crate::manifest::tests::sample;
 
+    /// A build that must not reach a guest.
+    struct NoGuest;
+
+    impl BuildGuest for NoGuest {
+        fn apply(
+            &mut self,
+            _: &BootFiles<'_>,
+            _: &Recipe,
+            _: &mut dyn FnMut(BuildEvent),
+        ) -> Result<(), ImageError> {
+            panic!("no guest expected")
+        }
+
+        fn self_test(
+            &mut self,
+            _: &BootFiles<'_>,
+            _: &Recipe,
+            _: &mut dyn FnMut(BuildEvent),
+        ) -> Result<(), ImageError> {
+            panic!("no guest expected")
+        }
+    }
+
+    #[test]
+    fn describe_change_names_what_changed() {
+        let m = sample("base");
+        let mut new = m.inputs.clone();
+        assert_eq!(describe_change(&m.inputs, &new), "its files are incomplete");
+        new.config = serde_json::json!({"env": {"A": "1"}}).to_string();
+        new.parent_fingerprint = "ff".into();
+        new.agent_sha256 = "11".into();
+        let why = describe_change(&m.inputs, &new);
+        assert!(why.contains("recipe's env"), "{why}");
+        assert!(why.contains("the image it extends"), "{why}");
+        assert!(why.contains("guest agent"), "{why}");
+        assert!(!why.contains("packages"), "{why}");
+    }
+
+    #[test]
+    fn resolve_parent_missing_image_is_named() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let mut r = Recipe::debian("child", "");
+        r.from = Base::Image {
+            name: "nothere".into(),
+        };
+        let err = resolve_parent(home.path(), &mut r).expect_err("no parent");
+        assert!(err.to_string().contains("nothere"), "{err}");
+        let mut plain = Recipe::debian("x", "bookworm");
+        assert!(
+            resolve_parent(home.path(), &mut plain)
+                .expect("debian")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn compact_punches_freed_blocks_and_grow_keeps_content() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = dir.path().join("t");
+        std::fs::create_dir(&tree).expect("mkdir");
+        std::fs::write(tree.join("keep"), "kept").expect("write");
+        let img = dir.path().join("fs.ext4");
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(256 << 20))
+            .expect("create");
+        let run = |args: &[&str]| {
+            let out = Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .expect("run");
+            assert!(out.status.success(), "{args:?}: {out:?}");
+            out
+        };
+        let img_s = img.to_str().expect("utf-8");
+        let tree_s = tree.to_str().expect("utf-8");
+        run(&[
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-O",
+            "^has_journal",
+            "-d",
+            tree_s,
+            img_s,
+        ]);
+        // 32 MiB of data written and deleted: allocated blocks that compaction frees.
+        let blob = dir.path().join("blob");
+        std::fs::write(&blob, vec![7u8; 32 << 20]).expect("write");
+        let write = format!("write {} blob", blob.display());
+        run(&["debugfs", "-w", "-R", &write, img_s]);
+        run(&["debugfs", "-w", "-R", "rm blob", img_s]);
+        let before = FileSize::of(&img).expect("size").allocated_bytes;
+        compact(&img, &mut |_| {}).expect("compact");
+        let after = FileSize::of(&img).expect("size").allocated_bytes;
+        assert!(before >= 32 << 20, "{before}");
+        assert!(
+            after + (30 << 20) < before,
+            "before {before}, after {after}"
+        );
+        grow_ext4(&img, 512 << 20, &mut |_| {}).expect("grow");
+        assert_eq!(std::fs::metadata(&img).expect("stat").len(), 512 << 20);
+        let cat = run(&["debugfs", "-R", "cat /keep", img_s]);
+        assert_eq!(String::from_utf8_lossy(&cat.stdout), "kept");
+        let err = grow_ext4(&img, 128 << 20, &mut |_| {}).expect_err("shrink");
+        assert!(err.to_string().contains("disks only grow"), "{err}");
+    }
+
     fn install(home: &Path, m: &ImageManifest) {
         let dir = m.dir(home);
         std::fs::create_dir_all(&dir).expect("mkdir");
@@ -323,10 +759,13 @@ mod tests {
             agent_binary: "/bin/true".into(),
             mirror: None,
             force: false,
+            keep_kernel: false,
+            recipe_path: None,
         };
         let recipe = crate::recipe::builtin("base").expect("base");
         let mut events = Vec::new();
-        let err = build(&cfg, &recipe, &mut |e| events.push(e)).expect_err("dynamic agent");
+        let err =
+            build(&cfg, &recipe, &mut NoGuest, &mut |e| events.push(e)).expect_err("dynamic agent");
         assert!(matches!(err, ImageError::BadAgent { .. }), "{err:?}");
         assert!(!cfg.home.exists());
         assert!(matches!(events[0], BuildEvent::Stage { index: 1, .. }));

@@ -21,6 +21,32 @@ pub enum ImageError {
         known: String,
     },
 
+    /// A recipe file that cannot be used: where (file, line, column), which field, and what
+    /// was expected.
+    #[error("{file}:{line}:{column}: {field}: {message}")]
+    BadRecipe {
+        /// The recipe file (or `builtin:NAME`).
+        file: String,
+        /// 1-based line (0 when the problem is not tied to one place).
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// The key at fault (e.g. `files[1].mode`), or `recipe` for the file as a whole.
+        field: String,
+        /// What is wrong and what was expected.
+        message: String,
+    },
+
+    /// A step of the build that runs in a guest (a `run` command, a file copy, the self-test)
+    /// failed.
+    #[error("{step} failed: {detail}")]
+    GuestStep {
+        /// Which step, e.g. "run step 2/3 `make install`".
+        step: String,
+        /// Exit status and the tail of its output, or why it could not run.
+        detail: String,
+    },
+
     /// An image or recipe name that cannot be used as a directory name.
     #[error("invalid image name {name:?}: {reason}")]
     InvalidName {

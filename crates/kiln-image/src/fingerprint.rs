@@ -23,6 +23,8 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+#[cfg(test)]
+use crate::recipe::GuestCommand;
 use crate::recipe::Recipe;
 
 /// Version of what this crate produces; part of every fingerprint.
@@ -49,6 +51,15 @@ pub struct FingerprintInputs {
     /// shape the warm snapshot, so a change must give a new image id. Empty when it has none.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub guest_commands: String,
+    /// Everything else of the recipe as canonical JSON: its base, copied files (by sha256),
+    /// build steps, run configuration (env, workdir, user, entrypoint, cmd), self-test and
+    /// sizes. Empty when it has none of them.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub config: String,
+    /// Fingerprint of the image this one extends (`from = "IMAGE"`): a rebuilt parent makes
+    /// its children stale. Empty for Debian-based and imported images.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub parent_fingerprint: String,
     /// Debian version of the kernel package.
     pub kernel_version: String,
     /// Hex sha256 of the agent binary.
@@ -57,6 +68,43 @@ pub struct FingerprintInputs {
     pub mirror: String,
     /// Debian security mirror URI.
     pub security_mirror: String,
+}
+
+/// The canonical JSON of what a recipe sets beyond name, suite, packages and guest commands,
+/// or "" when it sets nothing more (built-in recipes before files and steps existed).
+fn config(recipe: &Recipe) -> String {
+    let r = recipe;
+    let empty = r.from.is_debian()
+        && r.files.is_empty()
+        && r.run.is_empty()
+        && r.env.is_empty()
+        && r.workdir.is_none()
+        && r.user.is_none()
+        && r.entrypoint.is_empty()
+        && r.cmd.is_empty()
+        && r.test.is_none()
+        && r.cpus.is_none()
+        && r.memory_mib.is_none()
+        && r.disk_mib.is_none();
+    if empty {
+        return String::new();
+    }
+    // serde_json's maps are sorted (no preserve_order): the text is canonical.
+    serde_json::json!({
+        "from": r.from,
+        "files": r.files,
+        "run": r.run,
+        "env": r.env,
+        "workdir": r.workdir,
+        "user": r.user,
+        "entrypoint": r.entrypoint,
+        "cmd": r.cmd,
+        "test": r.test,
+        "cpus": r.cpus,
+        "memory_mib": r.memory_mib,
+        "disk_mib": r.disk_mib,
+    })
+    .to_string()
 }
 
 /// The canonical JSON of a recipe's guest commands, or "" when it has none.
@@ -77,6 +125,7 @@ impl FingerprintInputs {
     /// Collects the inputs of building `recipe` with the given kernel, agent and mirrors.
     pub fn new(
         recipe: &Recipe,
+        parent_fingerprint: &str,
         kernel_version: &str,
         agent_sha256: &str,
         mirror: &str,
@@ -90,8 +139,10 @@ impl FingerprintInputs {
             recipe: recipe.name.clone(),
             suite: recipe.suite.clone(),
             packages,
-            customize: recipe.customize.clone(),
+            customize: Vec::new(),
             guest_commands: guest_commands(recipe),
+            config: config(recipe),
+            parent_fingerprint: parent_fingerprint.to_owned(),
             kernel_version: kernel_version.to_owned(),
             agent_sha256: agent_sha256.to_owned(),
             mirror: mirror.to_owned(),
@@ -133,6 +184,16 @@ impl FingerprintInputs {
         }
         if !self.guest_commands.is_empty() {
             field(&mut out, "guest_commands", self.guest_commands.as_bytes());
+        }
+        if !self.config.is_empty() {
+            field(&mut out, "config", self.config.as_bytes());
+        }
+        if !self.parent_fingerprint.is_empty() {
+            field(
+                &mut out,
+                "parent_fingerprint",
+                self.parent_fingerprint.as_bytes(),
+            );
         }
         field(&mut out, "kernel_version", self.kernel_version.as_bytes());
         field(&mut out, "agent_sha256", self.agent_sha256.as_bytes());
@@ -227,9 +288,12 @@ mod tests {
     use super::*;
 
     fn inputs() -> FingerprintInputs {
-        let recipe = crate::recipe::builtin("base").expect("base");
+        // A bare recipe: its fingerprint keeps the encoding the golden value pins.
+        let mut recipe = Recipe::debian("base", "bookworm");
+        recipe.packages = vec!["procps".into(), "less".into()];
         FingerprintInputs::new(
             &recipe,
+            "",
             "6.1.192-2",
             &"ab".repeat(32),
             "http://deb.debian.org/debian",
@@ -332,6 +396,8 @@ mod tests {
                 "add customize",
                 Box::new(|i| i.customize.push("true".into())),
             ),
+            ("config", Box::new(|i| i.config = "{}".into())),
+            ("parent", Box::new(|i| i.parent_fingerprint = "ab".into())),
             (
                 "guest commands",
                 Box::new(|i| i.guest_commands = "{\"on_boot\":[]}".into()),
@@ -372,19 +438,73 @@ mod tests {
     }
 
     #[test]
-    fn fingerprint_recipe_customize_changed_changes_it() {
-        let recipe = |customize: &[&str]| {
+    fn fingerprint_covers_files_steps_config_and_parent() {
+        let fp = |edit: &dyn Fn(&mut Recipe)| {
             let mut r = crate::recipe::builtin("base").expect("base");
-            r.customize = customize.iter().map(|c| (*c).to_owned()).collect();
-            FingerprintInputs::new(&r, "6.1.192-2", "00", "http://m", "http://s").fingerprint()
+            edit(&mut r);
+            FingerprintInputs::new(&r, "", "6.1.192-2", "00", "http://m", "http://s").fingerprint()
         };
-        let none = recipe(&[]);
-        let one = recipe(&["echo a > \"$1/etc/a\""]);
-        assert_ne!(none, one);
-        assert_ne!(one, recipe(&["echo b > \"$1/etc/a\""]));
-        // Hooks run in order, so their order counts (unlike packages').
-        assert_ne!(recipe(&["a", "b"]), recipe(&["b", "a"]));
-        assert_ne!(recipe(&["ab"]), recipe(&["a", "b"]));
+        let plain = fp(&|_| {});
+        let file = |sha: &str| crate::recipe::RecipeFile {
+            dst: "/etc/a".into(),
+            mode: 0o644,
+            owner: None,
+            sha256: sha.into(),
+            source: None,
+        };
+        type Edit = Box<dyn Fn(&mut Recipe)>;
+        let edits: Vec<(&str, Edit)> = vec![
+            ("file", Box::new(move |r| r.files.push(file("aa")))),
+            (
+                "env",
+                Box::new(|r| {
+                    r.env.insert("A".into(), "1".into());
+                }),
+            ),
+            ("workdir", Box::new(|r| r.workdir = Some("/srv".into()))),
+            ("user", Box::new(|r| r.user = Some("app".into()))),
+            ("cmd", Box::new(|r| r.cmd = vec!["x".into()])),
+            ("entrypoint", Box::new(|r| r.entrypoint = vec!["x".into()])),
+            ("test", Box::new(|r| r.test = None)),
+            ("disk", Box::new(|r| r.disk_mib = Some(4096))),
+            ("memory", Box::new(|r| r.memory_mib = Some(512))),
+            (
+                "run",
+                Box::new(|r| {
+                    r.run.push(GuestCommand {
+                        argv: vec!["true".into()],
+                        timeout_ms: 1,
+                    })
+                }),
+            ),
+            (
+                "from",
+                Box::new(|r| {
+                    r.from = crate::recipe::Base::Image {
+                        name: "python".into(),
+                    }
+                }),
+            ),
+        ];
+        for (what, edit) in &edits {
+            assert_ne!(
+                fp(edit.as_ref()),
+                plain,
+                "changing {what} kept the fingerprint"
+            );
+        }
+        // A changed file content (its sha256) changes it.
+        assert_ne!(
+            fp(&|r| r.files.push(file("aa"))),
+            fp(&|r| r.files.push(file("bb")))
+        );
+        // So does the parent's fingerprint.
+        let r = crate::recipe::builtin("base").expect("base");
+        let with_parent = |p: &str| {
+            FingerprintInputs::new(&r, p, "6.1.192-2", "00", "http://m", "http://s").fingerprint()
+        };
+        assert_ne!(with_parent("p1"), with_parent("p2"));
+        assert_eq!(with_parent(""), plain);
     }
 
     #[test]
@@ -413,7 +533,7 @@ mod tests {
     fn fingerprint_covers_the_recipes_guest_commands() {
         let pg = crate::recipe::builtin("postgres").expect("postgres");
         let base = crate::recipe::builtin("base").expect("base");
-        let inputs = |r: &Recipe| FingerprintInputs::new(r, "6.1", "ab", "m", "s");
+        let inputs = |r: &Recipe| FingerprintInputs::new(r, "", "6.1", "ab", "m", "s");
         assert!(inputs(&base).guest_commands.is_empty());
         let mut changed = pg.clone();
         changed.on_restore.as_mut().expect("hook").timeout_ms += 1;

@@ -32,6 +32,18 @@ pub struct KernelPackage {
     pub release: String,
 }
 
+impl KernelPackage {
+    /// The package an image was built with (its manifest's kernel version and release):
+    /// builds that keep an image's kernel do not ask apt-cache.
+    pub fn of_image(version: &str, release: &str) -> KernelPackage {
+        KernelPackage {
+            package: format!("linux-image-{release}"),
+            version: version.to_owned(),
+            release: release.to_owned(),
+        }
+    }
+}
+
 /// An extracted kernel in the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kernel {

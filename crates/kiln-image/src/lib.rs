@@ -5,7 +5,7 @@
 //!
 //! | module        | owns                                                                |
 //! |---------------|---------------------------------------------------------------------|
-//! | `recipe`      | built-in recipes, name validation                                   |
+//! | `recipe`      | the recipe model, recipe files (TOML), built-in recipes, names      |
 //! | `kernel`      | resolving (apt-cache), downloading and extracting the cloud kernel  |
 //! | `modules`     | modules.dep, the virtio closure in load order, decompression        |
 //! | `elf`         | static-executable check of the agent, `.modinfo` of modules          |
@@ -41,7 +41,10 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-pub use build::{MIRROR_ENV, build, get, list, remove};
+pub use build::{
+    BootFiles, BuildGuest, MIRROR_ENV, build, compact, copy_sparse, describe_change, get, list,
+    remove, resolve_parent, staleness,
+};
 pub use cpio::{Archive as CpioArchive, EntryKind as CpioEntryKind};
 pub use elf::check_static_exec;
 pub use error::ImageError;
@@ -54,9 +57,10 @@ pub use manifest::{
     MANIFEST_SCHEMA, ROOTFS_FILE, images_dir,
 };
 pub use modules::GUEST_MODULES;
+pub use recipe::file::load as load_recipe;
 pub use recipe::{
-    DEFAULT_SUITE, GuestCommand, ProbeCheck, ReadinessProbe, Recipe, RestoreHook, builtin,
-    builtin_names, lookup, validate_name,
+    Base, DEFAULT_SUITE, FileSource, GuestCommand, ProbeCheck, ReadinessProbe, Recipe, RecipeFile,
+    RestoreHook, builtin, builtin_names, lookup, validate_name,
 };
 pub use rootfs::{DEFAULT_MIRROR, MIN_ROOTFS_BYTES, Mirror};
 
@@ -73,6 +77,12 @@ pub struct BuildConfig {
     /// Rebuild even if the image is up to date (e.g. to pick up new package versions, which
     /// are not part of the fingerprint).
     pub force: bool,
+    /// Keep the kernel version of the existing image instead of asking apt-cache for the
+    /// newest (what `kiln run` does when it checks that an image is up to date: ~1 s faster,
+    /// and a new kernel package is picked up by an explicit `kiln image build`).
+    pub keep_kernel: bool,
+    /// The recipe file being built, recorded in the manifest.
+    pub recipe_path: Option<PathBuf>,
 }
 
 /// Progress of a build, delivered in order on the building thread.
@@ -88,8 +98,46 @@ pub enum BuildEvent {
         /// Short stage name: resolve, kernel, initramfs, rootfs, pack, publish.
         name: String,
     },
-    /// One line of output (ours or a tool's, e.g. mmdebstrap's).
+    /// The current stage ended successfully after `elapsed_ms`.
+    StageDone {
+        /// 1-based stage number.
+        index: u32,
+        /// Its name.
+        name: String,
+        /// How long it took.
+        elapsed_ms: u64,
+    },
+    /// One line of output (ours or a tool's, e.g. mmdebstrap's, or a build step's).
     Log(String),
+    /// A build step in the build guest began (`index` of `total`, counting file copies and
+    /// `run` steps).
+    Step {
+        /// 1-based step number.
+        index: u32,
+        /// Number of steps.
+        total: u32,
+        /// What it does, e.g. "run `make install`" or "copy /etc/app.conf".
+        what: String,
+    },
+    /// The step ended.
+    StepDone {
+        /// 1-based step number.
+        index: u32,
+        /// Exit code (0 for a copy).
+        exit_code: i32,
+        /// How long it took.
+        elapsed_ms: u64,
+    },
+    /// The root file system was compacted: on-disk bytes before and after (apparent size
+    /// unchanged).
+    Compacted {
+        /// Apparent size of `rootfs.ext4`.
+        apparent_bytes: u64,
+        /// Bytes allocated before compaction.
+        before_bytes: u64,
+        /// Bytes allocated after.
+        after_bytes: u64,
+    },
     /// Progress within the current stage, where the stage knows its total.
     Progress {
         /// Units done.

@@ -116,6 +116,10 @@ pub struct ImageManifest {
     /// record an empty digest and keep working until the image is rebuilt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs_sha256: Option<String>,
+    /// The recipe file it was built from (absolute), so that `kiln run` can tell when the
+    /// file changed and rebuild; `None` for built-in recipes and imports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe_path: Option<std::path::PathBuf>,
 }
 
 impl ImageManifest {
@@ -196,7 +200,7 @@ pub(crate) mod tests {
 
     pub(crate) fn sample(name: &str) -> ImageManifest {
         let recipe = crate::recipe::builtin("base").expect("base");
-        let inputs = FingerprintInputs::new(&recipe, "6.1.192-2", "00", "http://m", "http://s");
+        let inputs = FingerprintInputs::new(&recipe, "", "6.1.192-2", "00", "http://m", "http://s");
         let fingerprint = inputs.fingerprint();
         ImageManifest {
             schema: MANIFEST_SCHEMA,
@@ -216,6 +220,7 @@ pub(crate) mod tests {
                 })
                 .to_vec(),
             rootfs_sha256: Some("e".repeat(64)),
+            recipe_path: None,
         }
     }
 

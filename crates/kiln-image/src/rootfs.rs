@@ -1,7 +1,7 @@
 //! The root filesystem: mmdebstrap a trimmed Debian tree, tidy it, pack it into a sparse ext4.
 //!
 //! Owns: choosing the Debian mirrors (explicit override, else the host's apt sources, else
-//! deb.debian.org), the mmdebstrap invocation (with the recipe's customize hooks) and its dpkg
+//! deb.debian.org), the mmdebstrap invocation and its dpkg
 //! path-excludes (which also stay in the guest's `/etc/dpkg/dpkg.cfg.d/`, so later installs
 //! stay trimmed), post-install cleanup (apt lists and caches, logs), guest identity files, and
 //! `mkfs.ext4 -d`.
@@ -203,9 +203,9 @@ pub fn bootstrap(
     cmd::run_streaming(mmdebstrap_command(recipe, mirror, target), on_line)
 }
 
-/// The mmdebstrap invocation for `recipe`: options, then each customize hook as one
-/// `--customize-hook=` argument in recipe order (mmdebstrap runs them in that order, after
-/// the packages are installed, with `$1` = the root directory), then suite, target, sources.
+/// The mmdebstrap invocation for `recipe`: options and packages, then suite, target,
+/// sources. (A recipe's own steps run later, in a build guest: nothing of a recipe runs as
+/// root on the host.)
 ///
 /// mmdebstrap runs in mount and PID namespaces of its own, and dies with the daemon:
 /// - `unshare --mount --propagation private`: the `proc`, `sys`, `dev/pts` and `dev/shm` it
@@ -230,9 +230,6 @@ fn mmdebstrap_command(recipe: &Recipe, mirror: &Mirror, target: &Path) -> Comman
     }
     for filter in DPKG_FILTERS {
         c.arg(format!("--dpkgopt={filter}"));
-    }
-    for hook in &recipe.customize {
-        c.arg(format!("--customize-hook={hook}"));
     }
     c.arg(&recipe.suite).arg(target);
     c.args(mirror.source_lines(&recipe.suite));
@@ -370,9 +367,32 @@ pub fn pack_ext4(
     root: &Path,
     out: &Path,
     uuid: &str,
+    disk_mib: Option<u32>,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<u64, ImageError> {
-    let size = rootfs_size(tree_bytes(root)?);
+    let content = tree_bytes(root)?;
+    let size = match disk_mib {
+        None => rootfs_size(content),
+        Some(mib) => {
+            let size = u64::from(mib) << 20;
+            // ext4's own metadata (inode tables, bitmaps) needs room beside the content.
+            let need = content + content / 8 + (64 << 20);
+            if size < need {
+                return Err(ImageError::BadRecipe {
+                    file: "recipe".to_owned(),
+                    line: 0,
+                    column: 0,
+                    field: "disk_mib".to_owned(),
+                    message: format!(
+                        "{mib} MiB is too small for the root file system's {} MiB of content (at least {} MiB)",
+                        content >> 20,
+                        need.div_ceil(1 << 20)
+                    ),
+                });
+            }
+            size
+        }
+    };
     let file = std::fs::File::create_new(out).ctx("create", out)?;
     file.set_len(size).ctx("resize", out)?;
     drop(file);
@@ -477,25 +497,21 @@ mod tests {
     }
 
     #[test]
-    fn mmdebstrap_command_customize_hooks_in_order_before_suite() {
-        let mut recipe = crate::recipe::builtin("base").expect("base");
-        recipe.customize = vec!["echo 'a b' > \"$1/x\"".into(), "rm \"$1/y\"".into()];
+    fn mmdebstrap_command_packages_then_suite_target_sources() {
+        let recipe = crate::recipe::builtin("python").expect("python");
         let c = mmdebstrap_command(&recipe, &Mirror::from_uri(DEFAULT_MIRROR), Path::new("/t"));
         let args: Vec<String> = c
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        let hooks: Vec<usize> = args
+        let include = args
             .iter()
-            .enumerate()
-            .filter(|(_, a)| a.starts_with("--customize-hook="))
-            .map(|(i, _)| i)
-            .collect();
-        assert_eq!(hooks.len(), 2, "{args:?}");
-        assert_eq!(args[hooks[0]], "--customize-hook=echo 'a b' > \"$1/x\"");
-        assert_eq!(args[hooks[1]], "--customize-hook=rm \"$1/y\"");
+            .position(|a| a.starts_with("--include=") && a.contains("python3"))
+            .expect("packages");
         let suite = args.iter().position(|a| a == "bookworm").expect("suite");
-        assert!(hooks[0] < hooks[1] && hooks[1] < suite, "{args:?}");
+        assert!(include < suite, "{args:?}");
+        assert_eq!(args[suite + 1], "/t");
+        assert!(args[suite + 2].starts_with("deb http://deb.debian.org/debian bookworm main"));
     }
 
     #[test]
