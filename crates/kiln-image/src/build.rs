@@ -86,6 +86,9 @@ pub fn build(
             recipe.name
         )));
     })?;
+    // Held until the image is published: it reads the kernel it extracts into the cache
+    // before any image names that kernel, so `kiln prune` must leave the caches alone.
+    let _caches = publish::lock_caches_shared(&cfg.home)?;
     publish::clean_stale_tmp(&images);
     if let Some(existing) = get(&cfg.home, &recipe.name)?
         && !cfg.force
