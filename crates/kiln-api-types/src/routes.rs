@@ -219,6 +219,10 @@ routes! {
     IMAGE_BUILD = Post "/v1/images/{name}/build" "image_build" NdJson;
     /// `DELETE /v1/images/{name}`.
     IMAGE_DELETE = Delete "/v1/images/{name}" "image_delete" Empty;
+    /// `GET /v1/system/df`: what kiln's state takes on disk, and what could be reclaimed.
+    SYSTEM_DF = Get "/v1/system/df" "system_df" Json;
+    /// `POST /v1/system/prune`: remove what nothing uses (`{"dry_run": true}` to only list it).
+    SYSTEM_PRUNE = Post "/v1/system/prune" "system_prune" Json;
 }
 
 #[cfg(test)]
