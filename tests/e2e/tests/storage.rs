@@ -1,7 +1,8 @@
 //! `kiln df` and `kiln prune` against a real home: the sizes `df` reports are what `du`
 //! measures, item by item; a dry run removes nothing; a prune removes exactly what nothing
 //! uses, reports the bytes `du` measured before, and leaves the warm snapshot a running
-//! sandbox was restored from, and the shared images directory the home links to, alone.
+//! sandbox was restored from (also once its image was rebuilt), and the shared images
+//! directory the home links to, alone.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -304,5 +305,62 @@ fn df_matches_du_and_prune_removes_exactly_the_unused() {
         removed.len(),
         report["reclaimed_disk_bytes"]
     );
+
+    // The image rebuilt under the same id (what a rebuild changes: the recorded root disk
+    // digest, here in the home's own copy of the manifest): the warm snapshot is stale, but
+    // the running sandbox was restored from it, so it is held, and goes once the sandbox
+    // does.
+    std::fs::remove_file(home.join("images")).expect("unlink the shared images");
+    let mut manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(shared_images.join("base/manifest.json")).expect("read manifest"),
+    )
+    .expect("manifest json");
+    manifest["rootfs_sha256"] = "0".repeat(64).into();
+    std::fs::create_dir_all(home.join("images/base")).expect("mkdir");
+    std::fs::write(
+        home.join("images/base/manifest.json"),
+        serde_json::to_vec(&manifest).expect("encode"),
+    )
+    .expect("write manifest");
+    let (_, items) = df(&k);
+    assert!(
+        !item_of(&items, &warm_rel).4,
+        "a snapshot in use is reclaimable"
+    );
+    let (removed, kept, report) = prune(&k, false);
+    assert!(removed.is_empty(), "{report:#}");
+    assert_eq!(kept, std::slice::from_ref(&warm_rel), "{report:#}");
+    let why = report["kept"][0]["why"].as_str().expect("why");
+    assert!(
+        why.contains(&id),
+        "the reason does not name the sandbox: {why}"
+    );
+    assert!(warm.is_dir(), "the warm snapshot in use was removed");
+    let measured = (
+        du(&home, std::slice::from_ref(&warm_rel), true)[0],
+        du(&home, std::slice::from_ref(&warm_rel), false)[0],
+    );
     assert_success(&k.run(&["rm", &id]), "kiln rm");
+    let (removed, _, report) = prune(&k, false);
+    assert_eq!(
+        removed,
+        [(warm_rel.clone(), measured.0, measured.1)],
+        "{report:#}"
+    );
+    assert!(
+        !warm.exists(),
+        "the stale snapshot was reported removed but is there"
+    );
+    assert_eq!(
+        listing(&shared_images),
+        images_before,
+        "the shared images changed"
+    );
+}
+
+fn item_of<'a>(items: &'a [Item], path: &str) -> &'a Item {
+    items
+        .iter()
+        .find(|i| i.0 == path)
+        .unwrap_or_else(|| panic!("no item {path}"))
 }
