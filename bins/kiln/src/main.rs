@@ -18,6 +18,7 @@ mod ps;
 mod run;
 mod sandbox;
 mod shell;
+mod storage;
 mod term;
 mod token;
 
@@ -161,6 +162,27 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// What kiln's state takes on disk (apparent and allocated bytes per category), and what
+    /// `kiln prune` would reclaim.
+    Df {
+        /// Every item, with why it is kept (by default only the reclaimable ones).
+        #[arg(long, short = 'v')]
+        verbose: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove what nothing uses: warm snapshots of removed or rebuilt images, unused build
+    /// caches, dead builds' directories, saves and consoles of removed sandboxes. Exits 1 if
+    /// something could not be removed.
+    Prune {
+        /// List what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Report what kiln will use on this host and why.
     Doctor {
         /// Print JSON.
@@ -272,6 +294,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Clone(args) => sandbox::clone(&client, args).await,
         Cmd::Snapshot(args) => sandbox::snapshot(&client, args).await,
         Cmd::Secret(cmd) => sandbox::secret(&client, cmd).await,
+        Cmd::Df { verbose, json } => storage::df(&client, *json, *verbose).await,
+        Cmd::Prune { dry_run, json } => storage::prune(&client, *dry_run, *json).await,
         Cmd::Doctor { .. } | Cmd::Daemon(_) | Cmd::Token { .. } | Cmd::Completion { .. } => {
             unreachable!("handled above")
         }

@@ -24,11 +24,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use kiln_api_types::routes;
 use kiln_api_types::{
-    ApiError, DoctorReport, ErrorCode, Event, ExecId, ExecInfo, ExecKillRequest, ExecList,
-    ExecRequest, Health, ImageBuildEvent, ImageBuildRecipeRequest, ImageBuildRequest, ImageList,
-    ImageName, PingResponse, SandboxFilter, SandboxId, SandboxInfo, SandboxList, SandboxSpec,
-    SandboxStartRequest, SecretsUpdateRequest, SnapshotCreateRequest, SnapshotInfo, SnapshotList,
-    SnapshotName, TtlRequest,
+    ApiError, DiskUsage, DoctorReport, ErrorCode, Event, ExecId, ExecInfo, ExecKillRequest,
+    ExecList, ExecRequest, Health, ImageBuildEvent, ImageBuildRecipeRequest, ImageBuildRequest,
+    ImageList, ImageName, PingResponse, PruneReport, PruneRequest, SandboxFilter, SandboxId,
+    SandboxInfo, SandboxList, SandboxSpec, SandboxStartRequest, SecretsUpdateRequest,
+    SnapshotCreateRequest, SnapshotInfo, SnapshotList, SnapshotName, TtlRequest,
 };
 use kiln_core::images::RecipeSource;
 use kiln_core::{CoreError, Engine};
@@ -78,6 +78,8 @@ pub(crate) fn api_routes() -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(image_build))
         .routes(routes!(image_build_recipe))
         .routes(routes!(image_delete))
+        .routes(routes!(system_df))
+        .routes(routes!(system_prune))
 }
 
 /// The API's routes, without authentication (the unix socket's router).
@@ -1320,6 +1322,53 @@ async fn image_delete(
 ) -> Result<Response, HttpError> {
     engine.image_remove(&name)?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Disk usage
+///
+/// What kiln's state directory takes on disk, by category (images, warm and user
+/// snapshots, sandboxes, stopped sandboxes' saves, build caches, logs, other): apparent
+/// bytes and bytes on disk as `du` counts them (each inode once, in the first category
+/// that reaches it), item by item with what `system_prune` would remove and why the rest is
+/// kept.
+#[utoipa::path(
+    get,
+    path = routes::SYSTEM_DF.path,
+    operation_id = routes::SYSTEM_DF.operation_id,
+    tag = "system",
+    responses(
+        (status = 200, description = "The state directory, category by category", body = DiskUsage),
+        (status = 500, description = "The state database or the image manifests could not be read", body = ApiError),
+    ),
+)]
+async fn system_df(State(engine): Shared) -> Result<Response, HttpError> {
+    Ok(json(engine.storage_df().await?))
+}
+
+/// Reclaim space
+///
+/// Removes what nothing uses: warm snapshots whose image is gone or was rebuilt, cached
+/// kernels no image uses and downloaded packages (not while a build runs), build
+/// directories of dead builds, and the saves and consoles of removed sandboxes. Never what a
+/// sandbox, a start or a build in progress uses. `reclaimed` lists only what was removed,
+/// with its size measured before; `kept` what a live user holds; `failed` what could not be
+/// removed, with the error. With `dry_run`, nothing is removed and `reclaimed` is what would
+/// be.
+#[utoipa::path(
+    post,
+    path = routes::SYSTEM_PRUNE.path,
+    operation_id = routes::SYSTEM_PRUNE.operation_id,
+    tag = "system",
+    request_body(content = PruneRequest, content_type = "application/json", example = json!({"dry_run": true})),
+    responses(
+        (status = 200, description = "What was (or would be) removed, kept and not removed", body = PruneReport),
+        (status = 400, description = "Malformed body (`bad_request`)", body = ApiError),
+        (status = 500, description = "The state database or the image manifests could not be read", body = ApiError),
+    ),
+)]
+async fn system_prune(State(engine): Shared, body: Bytes) -> Result<Response, HttpError> {
+    let req: PruneRequest = parse_required(&body)?;
+    Ok(json(engine.storage_prune(req.dry_run).await?))
 }
 
 /// Build an image

@@ -35,6 +35,7 @@ use utoipa::openapi::{RefOr, Response as OaResponse, ResponseBuilder};
         (name = "sandboxes", description = "Sandboxes and commands in them"),
         (name = "snapshots", description = "Warm and user snapshots"),
         (name = "images", description = "Guest images"),
+        (name = "system", description = "The state directory: what it takes on disk, and reclaiming what nothing uses"),
         (name = "execs", description = "Detached commands: started once, attached to any number of times"),
         (name = "files", description = "Files in a sandbox: transfers in and out, listings and small operations"),
     ),

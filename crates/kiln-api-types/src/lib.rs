@@ -23,10 +23,14 @@ mod doctor;
 mod error_code;
 pub mod routes;
 mod schema;
+mod storage;
 
 pub use doctor::DoctorReport;
 pub use error_code::{ErrorCode, UnknownErrorCode};
 pub use schema::SANDBOX_ID_PATTERN;
+pub use storage::{
+    DiskUsage, PruneItem, PruneReport, PruneRequest, UsageCategory, UsageItem, UsageKind,
+};
 
 pub mod execs;
 pub mod files;

@@ -221,6 +221,10 @@ routes! {
     IMAGE_BUILD_RECIPE = Post "/v1/builds" "image_build_recipe" NdJson;
     /// `DELETE /v1/images/{name}`.
     IMAGE_DELETE = Delete "/v1/images/{name}" "image_delete" Empty;
+    /// `GET /v1/system/df`: what kiln's state takes on disk, and what could be reclaimed.
+    SYSTEM_DF = Get "/v1/system/df" "system_df" Json;
+    /// `POST /v1/system/prune`: remove what nothing uses (`{"dry_run": true}` to only list it).
+    SYSTEM_PRUNE = Post "/v1/system/prune" "system_prune" Json;
 }
 
 #[cfg(test)]

@@ -4,11 +4,11 @@
 
 use kiln_api_types::routes;
 use kiln_api_types::{
-    DoctorReport, Event, ExecId, ExecInfo, ExecKillRequest, ExecList, ExecRequest, FileInfo,
-    FileList, FileMkdirRequest, FileRenameRequest, Health, ImageBuildEvent,
-    ImageBuildRecipeRequest, ImageBuildRequest, ImageList, PingResponse, SandboxId, SandboxInfo,
-    SandboxList, SandboxSpec, SandboxStartRequest, SecretsUpdateRequest, SnapshotCreateRequest,
-    SnapshotInfo, SnapshotList, TtlRequest,
+    DiskUsage, DoctorReport, Event, ExecId, ExecInfo, ExecKillRequest, ExecList, ExecRequest,
+    FileInfo, FileList, FileMkdirRequest, FileRenameRequest, Health, ImageBuildEvent,
+    ImageBuildRecipeRequest, ImageBuildRequest, ImageList, PingResponse, PruneReport, PruneRequest,
+    SandboxId, SandboxInfo, SandboxList, SandboxSpec, SandboxStartRequest, SecretsUpdateRequest,
+    SnapshotCreateRequest, SnapshotInfo, SnapshotList, TtlRequest,
 };
 
 use crate::{Client, Result, WsStream};
@@ -358,6 +358,17 @@ impl Client {
     /// `DELETE /v1/images/{name}`.
     pub async fn image_delete(&self, name: &str) -> Result<()> {
         self.call_no_content(routes::IMAGE_DELETE, &[name], NONE)
+            .await
+    }
+
+    /// `GET /v1/system/df`.
+    pub async fn system_df(&self) -> Result<DiskUsage> {
+        self.call(routes::SYSTEM_DF, &[], NONE).await
+    }
+
+    /// `POST /v1/system/prune`.
+    pub async fn system_prune(&self, dry_run: bool) -> Result<PruneReport> {
+        self.call(routes::SYSTEM_PRUNE, &[], Some(&PruneRequest { dry_run }))
             .await
     }
 }

@@ -28,6 +28,7 @@ mod ports;
 mod reattach;
 pub mod sandbox;
 mod space;
+mod storage;
 mod usersnap;
 mod warm;
 
@@ -1051,6 +1052,103 @@ impl Engine {
         Ok(())
     }
 
+    /// What kiln's state takes on disk, by category, and what `storage_prune` would remove
+    /// (`kiln df`).
+    pub async fn storage_df(self: &Arc<Self>) -> Result<kiln_api_types::DiskUsage, CoreError> {
+        let engine = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let (survey, _caches) = engine.storage_survey()?;
+            Ok(survey.usage())
+        })
+        .await
+        .map_err(|e| CoreError::HostSetup(format!("disk usage task panicked: {e}")))?
+    }
+
+    /// Removes what nothing uses: warm snapshots of images that are gone, unused build
+    /// caches, dead builds' directories, saves and consoles of removed sandboxes (`kiln
+    /// prune`); with `dry_run`, only says what would go.
+    pub async fn storage_prune(
+        self: &Arc<Self>,
+        dry_run: bool,
+    ) -> Result<kiln_api_types::PruneReport, CoreError> {
+        let engine = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            // The caches' lock is held until every removal is done.
+            let (survey, _caches) = engine.storage_survey()?;
+            let report = storage::prune(&survey, dry_run, &mut |e| engine.prune_one(e));
+            info!(
+                dry_run,
+                removed = report.reclaimed.len(),
+                kept = report.kept.len(),
+                failed = report.failed.len(),
+                disk_bytes = report.reclaimed_disk_bytes,
+                "prune"
+            );
+            Ok(report)
+        })
+        .await
+        .map_err(|e| CoreError::HostSetup(format!("prune task panicked: {e}")))?
+    }
+
+    /// Surveys the home with the engine's facts. The caches' lock is returned held when no
+    /// build holds it (`None`: a build runs, and the caches are left alone).
+    fn storage_survey(
+        &self,
+    ) -> Result<(storage::Survey, Option<kiln_image::CacheLock>), CoreError> {
+        let caches = kiln_image::try_lock_caches(self.home.root())?;
+        let rows = self.store.sandbox_list()?;
+        let images = kiln_image::list(self.home.root())?;
+        let facts = storage::Facts {
+            rows: &rows,
+            images: &images,
+            build_running: caches.is_none(),
+            me: std::process::id(),
+        };
+        Ok((storage::survey(&self.home, &facts), caches))
+    }
+
+    /// Removes one reclaimable item. A warm snapshot is first taken from the starts: its
+    /// capture lock (held by a start that captures or verifies it), then the rows are read
+    /// again (a sandbox that began restoring it since the survey keeps it).
+    fn prune_one(&self, entry: &storage::Entry) -> storage::Outcome {
+        let _start = if entry.kind == kiln_api_types::UsageKind::WarmSnapshots {
+            let lock = Arc::clone(
+                self.capture_locks
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(entry.name.clone())
+                    .or_default(),
+            );
+            let Ok(guard) = lock.try_lock_owned() else {
+                return storage::Outcome::Held(
+                    "a sandbox start is capturing or verifying it".into(),
+                );
+            };
+            let rows = match self.store.sandbox_list() {
+                Ok(rows) => rows,
+                Err(e) => return storage::Outcome::Failed(error::error_chain(&e)),
+            };
+            let users = users_of(&rows, &entry.name);
+            if !users.is_empty() {
+                let users: Vec<String> = users.iter().map(|id| id.to_string()).collect();
+                return storage::Outcome::Held(format!("in use by sandbox {}", users.join(", ")));
+            }
+            Some(guard)
+        } else {
+            None
+        };
+        match storage::remove_entry(self.home.root(), entry) {
+            Ok(()) => {
+                info!(path = %entry.rel.display(), disk_bytes = entry.size.disk, "pruned");
+                storage::Outcome::Removed
+            }
+            Err(e) => {
+                warn!(path = %entry.rel.display(), error = %e, "could not prune");
+                storage::Outcome::Failed(e)
+            }
+        }
+    }
+
     /// Daemon shutdown: lets go of every sandbox, leaving its VM running for the next
     /// daemon to re-attach (`kiln daemon stop --all` removes them first).
     pub async fn shutdown(&self) {
@@ -1115,11 +1213,17 @@ pub(crate) fn event(id: &SandboxId, kind: EventKind) -> Event {
     }
 }
 
-/// Removes a directory kiln owns (runtime directory, saves, a snapshot taken out of sight),
-/// clearing the immutable flags of published snapshot files first.
 /// Removes a published snapshot directory: out of sight first (one rename to a `.tmp-rm-`
 /// name the janitor also cleans), then deleted, so there is never a half-removed snapshot.
 fn discard_snapshot(dir: &Path) -> Result<(), CoreError> {
+    let gone = out_of_sight(dir)?;
+    remove_dir(&gone);
+    Ok(())
+}
+
+/// Renames snapshot directory `dir` to a `.tmp-rm-<name>-<pid>` name beside it (which no
+/// reader looks at and the janitor cleans) and returns the new path.
+pub(crate) fn out_of_sight(dir: &Path) -> Result<PathBuf, CoreError> {
     let name = dir.file_name().unwrap_or_default().to_string_lossy();
     let gone = dir.with_file_name(format!(".tmp-rm-{name}-{}", std::process::id()));
     std::fs::rename(dir, &gone).map_err(|source| CoreError::Io {
@@ -1127,10 +1231,11 @@ fn discard_snapshot(dir: &Path) -> Result<(), CoreError> {
         path: dir.to_owned(),
         source,
     })?;
-    remove_dir(&gone);
-    Ok(())
+    Ok(gone)
 }
 
+/// Removes a directory kiln owns (runtime directory, saves, a snapshot taken out of sight),
+/// clearing the immutable flags of published snapshot files first.
 pub(crate) fn remove_dir(dir: &std::path::Path) {
     if let Err(e) = kiln_snapshot::remove_tree(dir) {
         warn!(path = %dir.display(), error = %error::error_chain(&e), "could not remove directory");

@@ -288,6 +288,9 @@ pub fn build(
             recipe.name
         )));
     })?;
+    // Held until the image is published: it reads the kernel it extracts into the cache
+    // before any image names that kernel, so `kiln prune` must leave the caches alone.
+    let _caches = publish::lock_caches_shared(&cfg.home)?;
     publish::clean_stale_tmp(&images);
     let existing = get(&cfg.home, &recipe.name)?;
     if let Some(existing) = &existing

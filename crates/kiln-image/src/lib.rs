@@ -14,7 +14,7 @@
 //! | `rootfs`      | mirrors, mmdebstrap, trimming, `mkfs.ext4 -d`                        |
 //! | `fingerprint` | canonical encoding and sha256 of the build inputs                   |
 //! | `manifest`    | `manifest.json` and the file layout of one image                    |
-//! | `publish`     | temp dirs, atomic swap, per-name locks, mount-safe removal, sealing |
+//! | `publish`     | temp dirs, atomic swap, per-name and cache locks, mount-safe removal, sealing |
 //! | `build`       | the stages in order, `list`/`get`/`remove`                          |
 //!
 //! What it must not do: boot VMs (kiln-vmm does), know about sandboxes, or run anything async.
@@ -57,6 +57,7 @@ pub use manifest::{
     MANIFEST_SCHEMA, ROOTFS_FILE, images_dir,
 };
 pub use modules::GUEST_MODULES;
+pub use publish::{CACHE_LOCK_FILE, CacheLock, safe_remove, tmp_pid, try_lock_caches};
 pub use recipe::file::load as load_recipe;
 pub use recipe::{
     Base, DEFAULT_SUITE, FileSource, GuestCommand, ProbeCheck, ReadinessProbe, Recipe, RecipeFile,

@@ -1,4 +1,4 @@
-//! Temporary build directories, atomic publication, per-name locks and safe removal.
+//! Temporary build directories, atomic publication, per-name and cache locks and safe removal.
 //!
 //! Owns the naming scheme `.tmp-<label>-<pid>` used in `images/`, `cache/kernel/` and
 //! `cache/debs/`, and the rules that keep readers from ever seeing a partial result:
@@ -10,6 +10,9 @@
 //! - publishing over an existing directory swaps the two with `renameat2(RENAME_EXCHANGE)`, so
 //!   the destination path always names a complete image;
 //! - `.tmp-*` directories whose pid is dead are debris of a crashed builder and are removed;
+//! - a build holds `cache/.lock` shared from before it extracts a kernel until it published
+//!   the image that names it; `kiln prune` removes cached kernels and packages only while it
+//!   holds that lock exclusive ([`try_lock_caches`]);
 //! - published files are sealed (`seal_image`: read-only, immutable flag where possible) and
 //!   every removal ([`safe_remove`]) clears the flags first, so a sealed image never becomes
 //!   undeletable, whatever was interrupted;
@@ -25,8 +28,9 @@ use crate::error::{ImageError, IoContext};
 /// Prefix of in-progress directories.
 pub(crate) const TMP_PREFIX: &str = ".tmp-";
 
-/// The pid encoded in a `.tmp-<label>-<pid>` name.
-pub(crate) fn tmp_pid(name: &str) -> Option<u32> {
+/// The pid encoded in a `.tmp-<label>-<pid>` name: the builder that owns the directory
+/// (`kiln_snapshot::process_running` says whether it still runs).
+pub fn tmp_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix(TMP_PREFIX)?;
     let (_, pid) = rest.rsplit_once('-')?;
     pid.parse().ok()
@@ -71,9 +75,9 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Removes `path` recursively, refusing if anything is mounted at or below it.
-/// A missing path is not an error.
-pub(crate) fn safe_remove(path: &Path) -> Result<(), ImageError> {
+/// Removes `path` recursively, refusing if anything is mounted at or below it, after
+/// clearing the immutable flags below it. A missing path is not an error.
+pub fn safe_remove(path: &Path) -> Result<(), ImageError> {
     if std::fs::symlink_metadata(path).is_err() {
         return Ok(());
     }
@@ -140,6 +144,53 @@ pub(crate) fn clean_stale_tmp(dir: &Path) {
                 "cannot remove stale build directory"
             ),
         }
+    }
+}
+
+/// The lock file below `cache/`: builds hold it shared for their whole run (they read the
+/// kernel they extracted before any image names it), `kiln prune` exclusive while it removes
+/// cached kernels and packages.
+pub const CACHE_LOCK_FILE: &str = ".lock";
+
+/// A lock on the build caches (shared or exclusive), held until dropped.
+#[derive(Debug)]
+pub struct CacheLock {
+    _file: File,
+}
+
+fn open_cache_lock(home: &Path) -> Result<File, ImageError> {
+    let dir = home.join("cache");
+    std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
+    let path = dir.join(CACHE_LOCK_FILE);
+    File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| ImageError::Lock { path, source })
+}
+
+/// Takes the caches' lock shared (a build), waiting while a prune holds it.
+pub(crate) fn lock_caches_shared(home: &Path) -> Result<CacheLock, ImageError> {
+    let file = open_cache_lock(home)?;
+    file.lock_shared().map_err(|source| ImageError::Lock {
+        path: home.join("cache").join(CACHE_LOCK_FILE),
+        source,
+    })?;
+    Ok(CacheLock { _file: file })
+}
+
+/// Takes the caches' lock exclusive without waiting: `None` while a build holds it (then
+/// nothing in the caches may be removed).
+pub fn try_lock_caches(home: &Path) -> Result<Option<CacheLock>, ImageError> {
+    let file = open_cache_lock(home)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(CacheLock { _file: file })),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(source)) => Err(ImageError::Lock {
+            path: home.join("cache").join(CACHE_LOCK_FILE),
+            source,
+        }),
     }
 }
 
@@ -421,6 +472,18 @@ mod tests {
         clean_stale_tmp(home.path());
         assert!(!tmp.exists(), "a zombie's build directory was kept");
         child.wait().expect("reap");
+    }
+
+    #[test]
+    fn try_lock_caches_fails_while_a_build_holds_it_shared() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let build = lock_caches_shared(home.path()).expect("shared");
+        let second = lock_caches_shared(home.path()).expect("builds share it");
+        assert!(try_lock_caches(home.path()).expect("try").is_none());
+        drop((build, second));
+        let prune = try_lock_caches(home.path()).expect("try");
+        assert!(prune.is_some(), "free once the builds are done");
+        assert!(try_lock_caches(home.path()).expect("try").is_none());
     }
 
     #[test]
