@@ -422,6 +422,7 @@ fn to_agent_exec(req: &ExecRequest) -> Result<kiln_agent_host::ExecRequest, Core
         timeout_ms: req.timeout_ms,
         max_output_bytes: req.max_output_bytes,
         tty,
+        user: None,
     })
 }
 
