@@ -201,25 +201,25 @@ pub(crate) fn resolve(spec: &ExecUser, etc: &Path) -> Result<ResolvedUser, UserE
         }
     };
 
-    let entry = match spec.user() {
+    let (entry, uid) = match spec.user() {
         UserRef::Name(name) => {
             let found = passwd
                 .as_deref()
                 .and_then(|text| passwd_entries(text).find(|e| e.name == name));
             match found {
-                Some(e) => Some(e),
+                Some(e) => {
+                    let uid = e.uid;
+                    (Some(e), uid)
+                }
                 None => return Err(unknown("user", name, &passwd_path, passwd.is_some())),
             }
         }
-        UserRef::Id(uid) => passwd
-            .as_deref()
-            .and_then(|text| passwd_entries(text).find(|e| e.uid == uid)),
-    };
-    let uid = match (spec.user(), &entry) {
-        (_, Some(e)) => e.uid,
-        (UserRef::Id(uid), None) => uid,
-        // Unreachable: a name without an entry returned above.
-        (UserRef::Name(_), None) => 0,
+        UserRef::Id(uid) => (
+            passwd
+                .as_deref()
+                .and_then(|text| passwd_entries(text).find(|e| e.uid == uid)),
+            uid,
+        ),
     };
 
     // The group file is only needed for a group name or a named user's memberships.

@@ -64,25 +64,16 @@ impl fmt::Display for UserRef<'_> {
 #[serde(try_from = "String", into = "String")]
 pub struct ExecUser(String);
 
-fn check_part(part: &str, what: &'static str) -> Result<(), UserError> {
+/// Checks one part of a spec; `empty` says which part an empty one is.
+fn check_part(part: &str, empty: &'static str) -> Result<(), UserError> {
     if part.is_empty() {
-        return Err(UserError {
-            reason: if what == "user" {
-                "the user part is empty"
-            } else {
-                "the group part is empty"
-            },
-        });
+        return Err(UserError { reason: empty });
     }
-    if part.bytes().all(|b| b.is_ascii_digit()) {
-        match part.parse::<u32>() {
-            Ok(id) if id != u32::MAX => {}
-            _ => {
-                return Err(UserError {
-                    reason: "a numeric id must be in 0..=4294967294",
-                });
-            }
-        }
+    let numeric = part.bytes().all(|b| b.is_ascii_digit());
+    if numeric && !part.parse::<u32>().is_ok_and(|id| id != u32::MAX) {
+        return Err(UserError {
+            reason: "a numeric id must be in 0..=4294967294",
+        });
     }
     Ok(())
 }
@@ -117,14 +108,14 @@ impl ExecUser {
         }
         let mut parts = spec.splitn(2, ':');
         let user = parts.next().unwrap_or_default();
-        check_part(user, "user")?;
+        check_part(user, "the user part is empty")?;
         if let Some(group) = parts.next() {
             if group.contains(':') {
                 return Err(UserError {
                     reason: "it has more than one ':'",
                 });
             }
-            check_part(group, "group")?;
+            check_part(group, "the group part is empty")?;
         }
         Ok(ExecUser(spec))
     }
