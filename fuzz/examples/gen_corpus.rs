@@ -10,7 +10,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, EntryName, ErrorBody, ErrorCode, ExecRequest, ExitStatus, FileEntry,
+    AgentInfo, DataChannel, EntryName, ErrorBody, ErrorCode, ExecRequest, ExecUser, ExitStatus, FileEntry,
     FileKind, FileList, FileStat, Frame, GuestMessage, GuestPath, HostMessage, LinkTarget, Request,
     RequestId, Response, StreamId, SyncAckFrame, SyncFrame, TermName, TtyRequest, TtySize,
 };
@@ -176,6 +176,7 @@ fn host_messages(stream: StreamId) -> Result<Vec<HostMessage>, Box<dyn std::erro
                     timeout_ms: Some(5000),
                     max_output_bytes: Some(1 << 20),
                     tty: None,
+                    user: None,
                 },
             },
         ),
@@ -214,6 +215,18 @@ fn host_messages(stream: StreamId) -> Result<Vec<HostMessage>, Box<dyn std::erro
             Request::ExecResize {
                 stream,
                 size: TtySize::new(1000, 1)?,
+            },
+        ),
+        // Execs as a user (feature user-v1).
+        request(
+            32,
+            Request::Exec {
+                stream,
+                output_window: 262_144,
+                exec: ExecRequest {
+                    user: Some(ExecUser::new("nobody:65534")?),
+                    ..ExecRequest::new(["id"])
+                },
             },
         ),
         // File operations (feature files-v1).
@@ -327,6 +340,14 @@ fn guest_messages(stream: StreamId) -> Result<Vec<GuestMessage>, Box<dyn std::er
         response(12, Response::TcpConnected),
         // Terminal execs (feature pty-v1).
         response(31, Response::Resized),
+        // Execs as a user (feature user-v1).
+        GuestMessage::Error {
+            id: Some(RequestId(32)),
+            error: ErrorBody {
+                code: ErrorCode::BadUser,
+                message: "unknown user app: no /etc/passwd".into(),
+            },
+        },
         GuestMessage::Error {
             id: Some(RequestId(12)),
             error: ErrorBody {

@@ -25,6 +25,11 @@
 //! - After the leader exits, a pump keeps reading while data keeps coming; it gives up on a
 //!   pipe that stays silent for `drain_linger` (a background process still holds it).
 //! - If the task is dropped (session reset) before completing, the process group is killed.
+//! - An exec with a `user` (feature `user-v1`) is resolved against the guest's account files
+//!   before anything is spawned (an unknown name is answered `bad_user`); the child enters
+//!   its working directory and session as root, then calls setgroups, setgid and setuid
+//!   just before exec. `HOME` (and `USER`/`LOGNAME` for a known name) follow the user
+//!   unless the request's `env` sets them; a tty exec's pty slave is given to the user.
 //! - A tty exec's child leads a new session whose controlling terminal is the pty slave (its
 //!   fds 0, 1 and 2); the agent keeps no slave descriptor once the child is spawned, so the
 //!   master reads EOF/EIO when the last process holding the slave is gone. Its stdin close
@@ -34,7 +39,7 @@ use std::fs::File;
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,8 +48,8 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kiln_agent_proto::{
-    DEFAULT_TERM, DataChannel, ErrorBody, ErrorCode, ExecRequest, ExitStatus, FlowError, Frame,
-    GuestMessage, MAX_DATA_PAYLOAD, MAX_WINDOW, RestoreId, StreamId, TtySize,
+    DEFAULT_TERM, DataChannel, ErrorBody, ErrorCode, ExecRequest, ExecUser, ExitStatus, FlowError,
+    Frame, GuestMessage, MAX_DATA_PAYLOAD, MAX_WINDOW, RestoreId, StreamId, TtySize,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::io::unix::AsyncFd;
@@ -59,6 +64,7 @@ use crate::reaper::Reaper;
 use crate::session::AgentConfig;
 use crate::streams::{InboundRx, InboundTx, OutputCredit, inbound};
 use crate::sys::{self, ChildExit};
+use crate::user::{self, ResolvedUser};
 
 /// Kernel buffer of a command's stdout and stderr pipes (the default is 64 KiB): measured
 /// under TCG, a 1 MiB pipe moves about 25% more bytes per second.
@@ -189,6 +195,23 @@ fn check_cwd(cwd: &PathBuf) -> Result<(), ErrorBody> {
     }
 }
 
+/// Resolves the exec's user. An agent that is not root can only run commands as itself.
+fn resolve_user(spec: &ExecUser, etc: &Path) -> Result<ResolvedUser, ErrorBody> {
+    let bad = |message: String| ErrorBody {
+        code: ErrorCode::BadUser,
+        message,
+    };
+    let user = user::resolve(spec, etc).map_err(|e| bad(e.to_string()))?;
+    let (euid, egid) = sys::effective_ids();
+    if euid != 0 && (user.uid != euid || user.gid != egid) {
+        return Err(bad(format!(
+            "cannot run as {spec} (uid {}, gid {}): the agent runs as uid {euid}, not root",
+            user.uid, user.gid
+        )));
+    }
+    Ok(user)
+}
+
 /// `strerror`-like text without std's " (os error N)" suffix, lowercased like a shell's.
 pub(crate) fn os_message(e: &io::Error) -> String {
     let text = e.to_string();
@@ -215,11 +238,23 @@ pub(crate) fn start(
         .as_ref()
         .map_or_else(|| config.default_cwd.clone(), PathBuf::from);
     check_cwd(&cwd)?;
+    let user = req
+        .user
+        .as_ref()
+        .map(|spec| resolve_user(spec, &config.etc_dir))
+        .transpose()?;
 
     let mut cmd = Command::new(&req.argv[0]);
     cmd.args(&req.argv[1..]).env_clear();
     for (k, v) in BASE_ENV {
         cmd.env(k, v);
+    }
+    if let Some(user) = &user {
+        // Like login(1); the request's `env` (applied last) wins.
+        cmd.env("HOME", &user.home);
+        if let Some(name) = &user.name {
+            cmd.env("USER", name).env("LOGNAME", name);
+        }
     }
     if let Some(id) = restore_id {
         cmd.env(RESTORE_ID_ENV, id.as_str());
@@ -236,6 +271,11 @@ pub(crate) fn start(
             };
             let pty = sys::open_pty(tty.size.rows(), tty.size.cols())
                 .map_err(|e| spawn_failed("open a pty", e))?;
+            if let Some(user) = &user {
+                // The terminal belongs to whoever runs on it, as after login(1).
+                sys::fchown(&pty.slave, user.uid, user.gid)
+                    .map_err(|e| spawn_failed("give the pty to the user", e))?;
+            }
             let slave = |fd: &OwnedFd| {
                 fd.try_clone()
                     .map(Stdio::from)
@@ -262,6 +302,14 @@ pub(crate) fn start(
         }
     };
     cmd.envs(&req.env).current_dir(&cwd);
+    // An agent that is not root got here only for its own ids (see `resolve_user`): nothing
+    // to switch, and setgroups would fail.
+    if let Some(user) = user
+        && sys::effective_ids().0 == 0
+    {
+        // After the session setup registered above: setsid and TIOCSCTTY run as root.
+        sys::set_user(&mut cmd, user.uid, user.gid, user.groups);
+    }
 
     let credit = Arc::new(OutputCredit::new(output_window));
     let spawned = reaper.spawn(&mut cmd);

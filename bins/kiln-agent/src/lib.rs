@@ -4,7 +4,8 @@
 //! session state ([`session`]), the per-session stream registry every kind of stream shares
 //! (`streams`: ids, caps, credit, host-byte queues, stream tasks), exec handling, TCP tunnels
 //! to guest loopback ports, file transfers and file operations (`files`, feature
-//! `files-v1`), applying
+//! `files-v1`), resolving an exec's user against the guest's account files (`user`, feature
+//! `user-v1`), applying
 //! a restored guest's new identity ([`identity`]), the virtio-serial port ([`port`]) and the
 //! only `unsafe` code of the agent ([`sys`]). The binary (`main.rs`) only wires these
 //! together, so tests can run the real session and exec logic in-process over
@@ -30,6 +31,7 @@ pub mod session;
 mod streams;
 pub mod sys;
 mod tunnel;
+mod user;
 
 pub use exec::BASE_ENV;
 pub use identity::{FakeIdentity, IdentitySink, SystemIdentity};

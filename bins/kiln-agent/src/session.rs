@@ -41,9 +41,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use kiln_agent_proto::{
     AgentInfo, DataChannel, Decoder, ErrorBody, ErrorCode, ExecRequest, FEATURE_FILES_V1,
-    FEATURE_IDENTITY_V1, FEATURE_PTY_V1, FEATURE_TCP_V1, Frame, GuestIdentity, GuestMessage,
-    HostMessage, HuntTarget, Request, RequestId, Response, RestoreId, SUPPORTED_VERSIONS, StreamId,
-    SyncAckFrame, choose_version, loose_request_id,
+    FEATURE_IDENTITY_V1, FEATURE_PTY_V1, FEATURE_TCP_V1, FEATURE_USER_V1, Frame, GuestIdentity,
+    GuestMessage, HostMessage, HuntTarget, Request, RequestId, Response, RestoreId,
+    SUPPORTED_VERSIONS, StreamId, SyncAckFrame, choose_version, loose_request_id,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
@@ -76,6 +76,8 @@ pub struct AgentConfig {
     pub out_queue_frames: usize,
     /// Working directory of execs that name none.
     pub default_cwd: PathBuf,
+    /// Where an exec's `user` is looked up (`passwd` and `group` in it): `/etc` in a guest.
+    pub etc_dir: PathBuf,
     /// Most concurrent TCP tunnels per session (counted apart from execs).
     pub max_tunnels: usize,
     /// Credit the agent grants per TCP tunnel for the host's bytes (bounds the guest memory a
@@ -99,6 +101,7 @@ impl Default for AgentConfig {
             drain_linger: Duration::from_millis(250),
             out_queue_frames: 64,
             default_cwd: PathBuf::from("/root"),
+            etc_dir: PathBuf::from("/etc"),
             max_tunnels: 256,
             tunnel_window: 256 << 10,
             tunnel_connect_timeout: Duration::from_secs(10),
@@ -209,6 +212,7 @@ impl Agent {
                 FEATURE_TCP_V1.to_owned(),
                 FEATURE_FILES_V1.to_owned(),
                 FEATURE_PTY_V1.to_owned(),
+                FEATURE_USER_V1.to_owned(),
             ],
         };
         Agent {

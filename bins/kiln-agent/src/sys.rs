@@ -246,6 +246,40 @@ pub fn set_new_session_with_ctty(cmd: &mut Command) {
     }
 }
 
+/// Makes the child drop the agent's privileges before exec: `setgroups(groups)`,
+/// `setgid(gid)`, `setuid(uid)`, in that order (each later call would lose the right to
+/// make the earlier ones). Registered after [`set_new_session`] or
+/// [`set_new_session_with_ctty`], it runs after them, and after `Command`'s own `chdir`, so a
+/// working directory only root can enter (`/root`) is still entered, as runc does.
+pub fn set_user(cmd: &mut Command, uid: u32, gid: u32, groups: Vec<u32>) {
+    // SAFETY: the closure runs between fork and exec and calls only setgroups(2), setgid(2)
+    // and setuid(2), all async-signal-safe; `groups` was allocated before the fork and is
+    // only read (its pointer and length stay valid for the call), nothing is allocated.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                || libc::setgid(gid) < 0
+                || libc::setuid(uid) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The agent's effective user and group ids.
+pub fn effective_ids() -> (u32, u32) {
+    // SAFETY: geteuid(2) and getegid(2) take no arguments and cannot fail.
+    unsafe { (libc::geteuid(), libc::getegid()) }
+}
+
+/// `fchown(2)`: gives an open file (a pty slave) to `uid`:`gid`.
+pub fn fchown(fd: &OwnedFd, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: fchown takes an open descriptor (borrowed for the call) and two integers.
+    check(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map(drop)
+}
+
 /// The kernel release (`uname -r`).
 pub fn kernel_release() -> Option<String> {
     // SAFETY: utsname is plain old data; all-zero is a valid value.

@@ -242,6 +242,10 @@ pub struct ExecOpts {
     /// Working directory in the guest.
     #[arg(long)]
     pub workdir: Option<String>,
+    /// Run the command as this guest user: NAME, UID, NAME:GROUP or UID:GID (like docker's
+    /// --user; default root).
+    #[arg(short = 'u', long, value_name = "USER")]
+    pub user: Option<String>,
     /// Kill the command after this many seconds (exit code 124).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
@@ -286,6 +290,7 @@ impl ExecOpts {
             req.env.insert(k.to_owned(), v.to_owned());
         }
         req.cwd = self.workdir.clone();
+        req.user = self.user.clone();
         req.stdin = !self.no_stdin;
         if let Some(t) = self.timeout {
             if !(t > 0.0 && t.is_finite() && t < 1e9) {
@@ -650,6 +655,21 @@ mod tests {
         assert_eq!(r.cwd.as_deref(), Some("/tmp"));
         assert_eq!(r.timeout_ms, Some(1500));
         assert!(r.stdin);
+    }
+
+    #[test]
+    fn exec_request_carries_user() {
+        for flag in ["--user", "-u"] {
+            let a = parse(&[flag, "nobody:nogroup", "--", "id"]);
+            let r = a.exec.request().unwrap();
+            assert_eq!(r.user.as_deref(), Some("nobody:nogroup"));
+        }
+        assert_eq!(parse(&["--", "id"]).exec.request().unwrap().user, None);
+        let err = parse(&["--user", "a:b:c", "--", "id"])
+            .exec
+            .request()
+            .unwrap_err();
+        assert!(err.to_string().contains("invalid user"), "{err}");
     }
 
     #[test]

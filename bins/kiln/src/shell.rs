@@ -24,6 +24,9 @@ pub struct ShellArgs {
     /// Working directory in the guest.
     #[arg(long)]
     pub workdir: Option<String>,
+    /// Run the shell as this guest user: NAME, UID, NAME:GROUP or UID:GID (default root).
+    #[arg(short = 'u', long, value_name = "USER")]
+    pub user: Option<String>,
     /// Environment variable for the shell (repeatable).
     #[arg(long = "env", value_name = "K=V")]
     pub env: Vec<String>,
@@ -39,6 +42,7 @@ pub fn request(a: &ShellArgs, rows: u16, cols: u16) -> anyhow::Result<ExecReques
         req.env.insert(k.to_owned(), v.to_owned());
     }
     req.cwd = a.workdir.clone();
+    req.user = a.user.clone();
     req.stdin = true;
     req.tty = Some(ExecTty {
         rows,
@@ -78,6 +82,7 @@ mod tests {
         let a = ShellArgs {
             id: "x".into(),
             workdir: Some("/tmp".into()),
+            user: Some("nobody".into()),
             env: vec!["A=1".into()],
         };
         let req = request(&a, 40, 100).expect("valid");
@@ -88,6 +93,7 @@ mod tests {
         assert!(req.argv[2].contains("exec bash -l"));
         assert!(req.argv[2].contains("exec sh -l"));
         assert_eq!(req.cwd.as_deref(), Some("/tmp"));
+        assert_eq!(req.user.as_deref(), Some("nobody"));
         let bad = ShellArgs {
             env: vec!["NOEQ".into()],
             ..a

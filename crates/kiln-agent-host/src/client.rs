@@ -17,9 +17,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, Decoder, EntryName, ErrorBody, ExecRequest, FEATURE_PTY_V1, FileList,
-    FileStat, Frame, GuestIdentity, GuestMessage, GuestPath, HostMessage, HuntTarget, IdentityAck,
-    Request, RequestId, Response, SUPPORTED_VERSIONS, StreamId, SyncFrame,
+    AgentInfo, DataChannel, Decoder, EntryName, ErrorBody, ExecRequest, FEATURE_PTY_V1,
+    FEATURE_USER_V1, FileList, FileStat, Frame, GuestIdentity, GuestMessage, GuestPath,
+    HostMessage, HuntTarget, IdentityAck, Request, RequestId, Response, SUPPORTED_VERSIONS,
+    StreamId, SyncFrame,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -549,12 +550,19 @@ impl AgentClient {
     /// Starts a command. Its output, stdin and exit go through the returned session; dropping
     /// the session before the exit kills the command's process group. A request with a `tty`
     /// fails with [`AgentError::MissingFeature`] before anything is sent if the agent does not
-    /// advertise [`FEATURE_PTY_V1`] (it would ignore the field and run without a terminal).
+    /// advertise [`FEATURE_PTY_V1`] (it would ignore the field and run without a terminal);
+    /// likewise a request with a `user` without [`FEATURE_USER_V1`] (it would run as root).
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecSession, AgentError> {
         if req.tty.is_some() && !self.has_feature(FEATURE_PTY_V1) {
             return Err(AgentError::MissingFeature {
                 what: "a terminal (tty)",
                 feature: FEATURE_PTY_V1,
+            });
+        }
+        if req.user.is_some() && !self.has_feature(FEATURE_USER_V1) {
+            return Err(AgentError::MissingFeature {
+                what: "running a command as another user",
+                feature: FEATURE_USER_V1,
             });
         }
         let window = self.inner.output_window();

@@ -68,11 +68,12 @@ pub use error::{AgentError, ClosedReason};
 pub use exec::{ExecEvent, ExecOutput, ExecSession, StdinSender};
 pub use files::{FileReadRequest, FileReader, FileWriteRequest, FileWriter};
 pub use kiln_agent_proto::{
-    AgentInfo, DEFAULT_TERM, Entropy, EntryName, ErrorCode, ExecRequest, ExitStatus,
-    FEATURE_FILES_V1, FEATURE_IDENTITY_V1, FEATURE_PTY_V1, FEATURE_TCP_V1, FileEntry, FileKind,
-    FileList, FileStat, GuestIdentity, GuestPath, Hostname, IdentityAck, IdentityError, LinkTarget,
-    MAX_LIST_ENTRIES, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_TTY_DIM, MachineId, PathError, RestoreId,
-    StreamId, TermName, TtyError, TtyRequest, TtySize, UnixNanos,
+    AgentInfo, DEFAULT_TERM, Entropy, EntryName, ErrorCode, ExecRequest, ExecUser, ExitStatus,
+    FEATURE_FILES_V1, FEATURE_IDENTITY_V1, FEATURE_PTY_V1, FEATURE_TCP_V1, FEATURE_USER_V1,
+    FileEntry, FileKind, FileList, FileStat, GuestIdentity, GuestPath, Hostname, IdentityAck,
+    IdentityError, LinkTarget, MAX_LIST_ENTRIES, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_TTY_DIM,
+    MachineId, PathError, RestoreId, StreamId, TermName, TtyError, TtyRequest, TtySize, UnixNanos,
+    UserError,
 };
 pub use ratelimit::LogLimiter;
 pub use tunnel::TcpTunnel;

@@ -564,3 +564,30 @@ async fn exec_with_tty_on_agent_without_pty_v1_fails_before_sending() {
     let (pinged, ()) = tokio::join!(ping, answer);
     pinged.expect("pong");
 }
+
+#[tokio::test]
+async fn exec_with_user_on_agent_without_user_v1_fails_before_sending() {
+    // The fake guest advertises no features (an agent that would ignore `user` and run the
+    // command as root).
+    let (client, mut guest) = connected(1024).await;
+    let req = ExecRequest {
+        user: Some(kiln_agent_proto::ExecUser::new("nobody").expect("valid")),
+        ..ExecRequest::new(["id"])
+    };
+    match client.exec(req).await {
+        Err(e @ AgentError::MissingFeature { feature, .. }) => {
+            assert_eq!(feature, "user-v1");
+            assert!(e.to_string().contains("another user"), "{e}");
+        }
+        other => panic!("expected a missing feature, got {:?}", other.err()),
+    }
+    // Nothing reached the guest: the next request it sees is this ping.
+    let ping = async { client.ping().await };
+    let answer = async {
+        let (id, req) = guest.request().await;
+        assert_eq!(req, Request::Ping);
+        guest.respond(id, Response::Pong).await;
+    };
+    let (pinged, ()) = tokio::join!(ping, answer);
+    pinged.expect("pong");
+}

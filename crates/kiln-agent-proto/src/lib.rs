@@ -3,7 +3,8 @@
 //! Owns: the frame layout, the incremental [`Decoder`], the resync handshake
 //! ([`SyncFrame`]/[`SyncAckFrame`]), the typed control messages ([`HostMessage`],
 //! [`GuestMessage`]), the validated identity a restored guest is given ([`identity`]), the
-//! validated values of the file operations ([`files`]) and of terminal execs ([`tty`]), and the
+//! validated values of the file operations ([`files`]), of terminal execs ([`tty`]) and of the
+//! user an exec runs as ([`user`]), and the
 //! pure flow-control bookkeeping ([`RecvWindow`], [`SendCredit`]).
 //! Must not do: any I/O, any async, any allocation sized by a peer-supplied number before that
 //! number has been checked against a cap.
@@ -55,6 +56,7 @@ pub mod handshake;
 pub mod identity;
 pub mod message;
 pub mod tty;
+pub mod user;
 
 pub use decoder::{Decoder, HuntTarget};
 pub use error::ProtoError;
@@ -78,6 +80,7 @@ pub use tty::{
     DEFAULT_TERM, FEATURE_PTY_V1, MAX_TERM_BYTES, MAX_TTY_DIM, TermName, TtyError, TtyRequest,
     TtySize,
 };
+pub use user::{ExecUser, FEATURE_USER_V1, MAX_USER_BYTES, UserError, UserRef};
 
 /// The two magic bytes that open every frame.
 pub const FRAME_MAGIC: [u8; 2] = [0x9F, 0x6B];

@@ -43,6 +43,7 @@ use crate::files::{EntryName, FileList, FileStat, GuestPath};
 use crate::frame::{Frame, StreamId};
 use crate::identity::{GuestIdentity, IdentityAck};
 use crate::tty::{TtyRequest, TtySize};
+use crate::user::ExecUser;
 
 /// Feature string in [`crate::AgentInfo::features`] of an agent that serves `tcp_connect`,
 /// `tcp_shutdown`, `tcp_close` and sends `tcp_eof` / `tcp_closed`.
@@ -86,6 +87,12 @@ pub struct ExecRequest {
     /// are what they were before the feature.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<TtyRequest>,
+    /// Run as this user (feature [`crate::FEATURE_USER_V1`]): `name`, `uid`, `name:group`,
+    /// `uid:gid`, ... resolved against the guest's `/etc/passwd` and `/etc/group`. `None`
+    /// runs as the agent's own user (root). Left out of the JSON when `None`, so an exec
+    /// without it has the bytes it had before the feature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<ExecUser>,
 }
 
 impl ExecRequest {
@@ -432,6 +439,9 @@ pub enum ErrorCode {
     TooManyStreams,
     /// The working directory does not exist or is not a directory.
     BadCwd,
+    /// The exec's `user` (or its group) is not known in the guest, or the guest's
+    /// `/etc/passwd` or `/etc/group` cannot be read (`user-v1`).
+    BadUser,
     /// The agent could not start the process for a reason of its own (pipes, fork, ...).
     SpawnFailed,
     /// An unexpected failure inside the agent.
@@ -477,6 +487,7 @@ impl ErrorCode {
             ErrorCode::StreamInUse => "stream_in_use",
             ErrorCode::TooManyStreams => "too_many_streams",
             ErrorCode::BadCwd => "bad_cwd",
+            ErrorCode::BadUser => "bad_user",
             ErrorCode::SpawnFailed => "spawn_failed",
             ErrorCode::Internal => "internal",
             ErrorCode::IdentityFailed => "identity_failed",
@@ -600,6 +611,7 @@ mod tests {
                     timeout_ms: Some(1000),
                     max_output_bytes: None,
                     tty: None,
+                    user: None,
                 },
             },
         };
@@ -1165,6 +1177,53 @@ mod tests {
     }
 
     #[test]
+    fn exec_with_user_json_is_stable_and_validated() {
+        let msg = HostMessage::Request {
+            id: RequestId(3),
+            request: Request::Exec {
+                stream: StreamId::FIRST,
+                output_window: 65536,
+                exec: ExecRequest {
+                    user: Some(ExecUser::new("nobody:65534").expect("valid")),
+                    ..ExecRequest::new(["id"])
+                },
+            },
+        };
+        let json = serde_json::to_string(&msg).expect("serialises");
+        assert_eq!(
+            json,
+            r#"{"type":"request","id":3,"request":{"op":"exec","stream":1,"output_window":65536,"exec":{"argv":["id"],"env":{},"cwd":null,"stdin":false,"timeout_ms":null,"max_output_bytes":null,"user":"nobody:65534"}}}"#
+        );
+        assert_eq!(HostMessage::from_payload(json.as_bytes()).ok(), Some(msg));
+        // A message of a host without `user-v1` still parses, with no user.
+        let old = r#"{"type":"request","id":4,"request":{"op":"exec","stream":1,"output_window":1,"exec":{"argv":["id"]}}}"#;
+        match HostMessage::from_payload(old.as_bytes()) {
+            Ok(HostMessage::Request {
+                request: Request::Exec { exec, .. },
+                ..
+            }) => assert_eq!(exec.user, None),
+            other => panic!("expected an exec, got {other:?}"),
+        }
+        // A malformed user fails the whole message, whose id can still be answered.
+        for bad in [
+            r#"{"type":"request","id":9,"request":{"op":"exec","stream":1,"output_window":1,"exec":{"argv":["id"],"user":"a:b:c"}}}"#,
+            r#"{"type":"request","id":9,"request":{"op":"exec","stream":1,"output_window":1,"exec":{"argv":["id"],"user":"root\n"}}}"#,
+            r#"{"type":"request","id":9,"request":{"op":"exec","stream":1,"output_window":1,"exec":{"argv":["id"],"user":""}}}"#,
+            r#"{"type":"request","id":9,"request":{"op":"exec","stream":1,"output_window":1,"exec":{"argv":["id"],"user":"4294967295"}}}"#,
+            r#"{"type":"request","id":9,"request":{"op":"exec","stream":1,"output_window":1,"exec":{"argv":["id"],"user":0}}}"#,
+        ] {
+            assert!(HostMessage::from_payload(bad.as_bytes()).is_err(), "{bad}");
+            assert_eq!(loose_request_id(bad.as_bytes()), Some(RequestId(9)));
+        }
+    }
+
+    #[test]
+    fn exec_without_user_serialises_as_before_user_v1() {
+        let json = serde_json::to_string(&ExecRequest::new(["ls"])).expect("serialises");
+        assert!(!json.contains("user"), "{json}");
+    }
+
+    #[test]
     fn exec_without_tty_serialises_as_before_pty() {
         let json = serde_json::to_string(&ExecRequest::new(["ls"])).expect("serialises");
         assert!(!json.contains("tty"), "{json}");
@@ -1179,6 +1238,7 @@ mod tests {
             ErrorCode::StreamInUse,
             ErrorCode::TooManyStreams,
             ErrorCode::BadCwd,
+            ErrorCode::BadUser,
             ErrorCode::SpawnFailed,
             ErrorCode::Internal,
             ErrorCode::IdentityFailed,

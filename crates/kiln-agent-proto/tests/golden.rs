@@ -413,3 +413,30 @@ fn golden_control_pty_frames() {
     let json: &[u8] = br#"{"type":"response","id":21,"response":{"op":"resized"}}"#;
     assert_golden(resized.to_frame().expect("encodes"), &control_hex(json));
 }
+
+#[test]
+fn golden_control_exec_with_user() {
+    use kiln_agent_proto::{ExecRequest, ExecUser};
+    let exec = HostMessage::Request {
+        id: RequestId(22),
+        request: Request::Exec {
+            stream: stream(5),
+            output_window: 65_536,
+            exec: ExecRequest {
+                user: Some(ExecUser::new("nobody:nogroup").expect("valid")),
+                ..ExecRequest::new(["id"])
+            },
+        },
+    };
+    let json: &[u8] = br#"{"type":"request","id":22,"request":{"op":"exec","stream":5,"output_window":65536,"exec":{"argv":["id"],"env":{},"cwd":null,"stdin":false,"timeout_ms":null,"max_output_bytes":null,"user":"nobody:nogroup"}}}"#;
+    assert_golden(exec.to_frame().expect("encodes"), &control_hex(json));
+    let refused = GuestMessage::Error {
+        id: Some(RequestId(22)),
+        error: kiln_agent_proto::ErrorBody {
+            code: kiln_agent_proto::ErrorCode::BadUser,
+            message: "unknown user app: no /etc/passwd".into(),
+        },
+    };
+    let json: &[u8] = br#"{"type":"error","id":22,"error":{"code":"bad_user","message":"unknown user app: no /etc/passwd"}}"#;
+    assert_golden(refused.to_frame().expect("encodes"), &control_hex(json));
+}

@@ -391,6 +391,31 @@ proptest! {
     }
 
     #[test]
+    fn exec_user_round_trips(
+        user in "[a-z_][a-z0-9_.-]{0,31}|[0-9]{1,9}",
+        group in proptest::option::of("[a-z_][a-z0-9_.-]{0,31}|[0-9]{1,9}"),
+        id in any::<u64>(),
+    ) {
+        use kiln_agent_proto::{ExecRequest, ExecUser};
+        let spec = match &group {
+            Some(g) => format!("{user}:{g}"),
+            None => user.clone(),
+        };
+        let user = ExecUser::new(spec).expect("valid form");
+        let msg = HostMessage::Request {
+            id: RequestId(id),
+            request: Request::Exec {
+                stream: StreamId::FIRST,
+                output_window: 1,
+                exec: ExecRequest { user: Some(user), ..ExecRequest::new(["id"]) },
+            },
+        };
+        let frame = msg.to_frame().expect("encodes");
+        let Frame::Control(payload) = &frame else { panic!("control frame") };
+        prop_assert_eq!(HostMessage::from_payload(payload).expect("parses"), msg);
+    }
+
+    #[test]
     fn tty_size_out_of_range_never_parses(rows in 1001u32.., cols in 0u32..=1000) {
         let json = format!(r#"{{"type":"request","id":1,"request":{{"op":"exec_resize","stream":1,"rows":{rows},"cols":{cols}}}}}"#);
         prop_assert!(HostMessage::from_payload(json.as_bytes()).is_err());

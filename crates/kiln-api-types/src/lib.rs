@@ -349,6 +349,52 @@ pub struct ExecRequest {
     /// sent as stdin, and `resize` messages change the size. Left out when `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<ExecTty>,
+    /// Run the command as this user instead of root, in Docker's and OCI's `User` forms:
+    /// `name`, `uid`, `name:group`, `uid:gid`, `name:gid` or `uid:group` (at most
+    /// 256 bytes, no control characters). Names are looked up in the guest's `/etc/passwd`
+    /// and `/etc/group`; a numeric uid needs no entry (gid 0 then, unless given). A named
+    /// user gets its supplementary groups, and `HOME`, `USER` and `LOGNAME` follow the user
+    /// unless `env` sets them. An unknown name fails the request (`exec_rejected`). Left out
+    /// when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// Longest [`ExecRequest::user`], in bytes.
+pub const MAX_USER_BYTES: usize = 256;
+
+/// Checks the form of an exec's user (`name`, `uid`, `name:group`, `uid:gid`, ...); the
+/// guest looks the names up.
+pub fn validate_exec_user(user: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "invalid user {user:?}: {why} (use NAME, UID, NAME:GROUP or UID:GID)"
+        ))
+    };
+    if user.is_empty() {
+        return bad("it is empty");
+    }
+    if user.len() > MAX_USER_BYTES {
+        return bad("it is longer than 256 bytes");
+    }
+    if user.chars().any(char::is_control) {
+        return bad("it contains a control character");
+    }
+    let parts: Vec<&str> = user.split(':').collect();
+    if parts.len() > 2 {
+        return bad("it has more than one ':'");
+    }
+    for part in parts {
+        if part.is_empty() {
+            return bad("a part is empty");
+        }
+        if part.bytes().all(|b| b.is_ascii_digit())
+            && !part.parse::<u32>().is_ok_and(|id| id != u32::MAX)
+        {
+            return bad("a numeric id must be in 0..=4294967294");
+        }
+    }
+    Ok(())
 }
 
 impl ExecRequest {
@@ -362,6 +408,7 @@ impl ExecRequest {
             timeout_ms: None,
             max_output_bytes: None,
             tty: None,
+            user: None,
         }
     }
 
@@ -401,6 +448,9 @@ impl ExecRequest {
             return Err(format!(
                 "working directory must be an absolute path, got {cwd:?}"
             ));
+        }
+        if let Some(user) = &self.user {
+            validate_exec_user(user)?;
         }
         if self.timeout_ms == Some(0) {
             return Err("timeout must be greater than zero".to_owned());
@@ -847,6 +897,49 @@ mod tests {
         r.timeout_ms = Some(0);
         assert!(r.validate().is_err());
         assert!(ExecRequest::new(vec!["true".into()]).validate().is_ok());
+    }
+
+    #[test]
+    fn exec_request_user_forms_are_checked() {
+        for good in [
+            "nobody",
+            "65534",
+            "nobody:nogroup",
+            "1234:1234",
+            "app:0",
+            "0:wheel",
+        ] {
+            let mut r = ExecRequest::new(vec!["id".into()]);
+            r.user = Some(good.into());
+            assert!(r.validate().is_ok(), "{good:?} refused");
+        }
+        let long = "u".repeat(MAX_USER_BYTES + 1);
+        for bad in [
+            "",
+            ":",
+            "a:",
+            ":0",
+            "a:b:c",
+            "a\0b",
+            "a\nb",
+            "4294967295",
+            "1:99999999999",
+            long.as_str(),
+        ] {
+            let mut r = ExecRequest::new(vec!["id".into()]);
+            r.user = Some(bad.into());
+            let e = r.validate().expect_err(bad);
+            assert!(e.contains("invalid user"), "{e}");
+        }
+    }
+
+    #[test]
+    fn exec_request_without_user_leaves_it_out_of_the_json() {
+        let json = serde_json::to_string(&ExecRequest::new(vec!["id".into()])).expect("json");
+        assert!(!json.contains("user"), "{json}");
+        let r: ExecRequest =
+            serde_json::from_str(r#"{"argv":["id"],"user":"nobody"}"#).expect("parses");
+        assert_eq!(r.user.as_deref(), Some("nobody"));
     }
 
     #[test]

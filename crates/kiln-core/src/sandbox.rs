@@ -450,6 +450,12 @@ fn to_agent_exec(req: &ExecRequest) -> Result<kiln_agent_host::ExecRequest, Core
             Ok::<_, CoreError>(kiln_agent_host::TtyRequest { size, term })
         })
         .transpose()?;
+    let user = req
+        .user
+        .clone()
+        .map(kiln_agent_host::ExecUser::new)
+        .transpose()
+        .map_err(|e| CoreError::BadRequest(e.to_string()))?;
     Ok(kiln_agent_host::ExecRequest {
         argv: req.argv.clone(),
         env: req.env.clone(),
@@ -458,6 +464,7 @@ fn to_agent_exec(req: &ExecRequest) -> Result<kiln_agent_host::ExecRequest, Core
         timeout_ms: req.timeout_ms,
         max_output_bytes: req.max_output_bytes,
         tty,
+        user,
     })
 }
 
@@ -597,6 +604,23 @@ mod tests {
         assert!(s.ends_with("frame 39"), "{s}");
         assert!(!s.contains("frame 27\n"), "{s}");
         assert_eq!(s.lines().count(), 1 + CONSOLE_TAIL_LINES);
+    }
+
+    #[test]
+    fn to_agent_exec_carries_user_and_refuses_a_malformed_one() {
+        let mut req = ExecRequest::new(vec!["id".into()]);
+        assert_eq!(to_agent_exec(&req).expect("valid").user, None);
+        req.user = Some("nobody:65534".into());
+        let agent = to_agent_exec(&req).expect("valid");
+        assert_eq!(
+            agent.user.as_ref().map(|u| u.as_str()),
+            Some("nobody:65534")
+        );
+        req.user = Some("a:b:c".into());
+        assert!(matches!(
+            to_agent_exec(&req),
+            Err(CoreError::BadRequest(m)) if m.contains("invalid user")
+        ));
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! Commands against real VMs beyond one-shot execs: detached commands that outlive their
 //! client (attach with replay, list, kill), Ctrl-C delivered as SIGINT (a second one as
-//! SIGKILL), and the guest console (`kiln logs`, `-f`).
+//! SIGKILL), commands run as a guest user (`--user`), and the guest console (`kiln logs`,
+//! `-f`).
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{Kiln, assert_success, signal, stderr, stdout};
+use kiln_e2e::{Kiln, api_request, assert_success, signal, stderr, stdout};
 
 /// Reads lines from `r` until one equals `want` (or the stream ends: a failure).
 fn read_until(r: &mut impl BufRead, want: &str) -> Vec<String> {
@@ -211,4 +212,72 @@ fn logs_show_and_follow_the_guest_console() {
     assert!(status.success(), "{status:?}");
     let out = k.run(&["logs", &sb]);
     assert!(stderr(&out).contains("no sandbox"), "{}", stderr(&out));
+}
+
+#[test]
+#[ignore = "boots VMs: run by scripts/test"]
+fn exec_user_runs_the_command_as_that_guest_user() {
+    let k = Kiln::shared();
+    let sb = k.create("base");
+    let exec_as =
+        |user: &str, script: &str| k.run(&["exec", "--user", user, &sb, "--", "sh", "-c", script]);
+
+    // Debian's nobody is 65534:65534 (nogroup), with HOME /nonexistent.
+    let out = exec_as("nobody", r#"id -u; id -g; echo "$HOME $USER""#);
+    assert_success(&out, "exec --user nobody");
+    assert_eq!(stdout(&out), "65534\n65534\n/nonexistent nobody\n");
+
+    // A numeric user and group need no passwd entry.
+    let out = exec_as("1234:1234", r#"id -u; id -g; echo "$HOME""#);
+    assert_success(&out, "exec --user 1234:1234");
+    assert_eq!(stdout(&out), "1234\n1234\n/\n");
+
+    // What the command creates belongs to it.
+    let out = exec_as("nobody", "echo x > /tmp/made-by-nobody");
+    assert_success(&out, "exec --user nobody: create a file");
+    let out = k.run(&[
+        "exec",
+        &sb,
+        "--",
+        "stat",
+        "-c",
+        "%u:%g",
+        "/tmp/made-by-nobody",
+    ]);
+    assert_success(&out, "stat as root");
+    assert_eq!(stdout(&out), "65534:65534\n");
+    // And what root keeps to itself stays closed to it.
+    let out = exec_as("nobody", "cat /etc/shadow");
+    assert!(!out.status.success(), "nobody read /etc/shadow");
+
+    // An unknown name is a clear error and a failure, from the CLI and from the API.
+    let out = exec_as("kiln-no-such-user", "true");
+    assert!(!out.status.success(), "an unknown user succeeded");
+    assert!(
+        stderr(&out).contains("unknown user kiln-no-such-user: not in /etc/passwd"),
+        "{}",
+        stderr(&out)
+    );
+    let path = format!("/v1/sandboxes/{sb}/execs");
+    let (status, body) = api_request(
+        k.home(),
+        "POST",
+        &path,
+        br#"{"argv":["true"],"user":"kiln-no-such-user"}"#,
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body.contains("exec_rejected") && body.contains("unknown user"),
+        "{body}"
+    );
+    let (status, body) = api_request(
+        k.home(),
+        "POST",
+        &path,
+        br#"{"argv":["true"],"user":"a:b:c"}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid user"), "{body}");
+
+    assert_success(&k.run(&["rm", &sb]), "rm");
 }
