@@ -263,6 +263,14 @@ async fn run_steps(
 ) -> Result<(), ImageError> {
     let total = (recipe.files.len() + recipe.run.len()) as u32;
     let mut index = 0u32;
+    if let Some(dir) = &recipe.workdir {
+        // Like Docker's WORKDIR: the steps run there, so it exists from the start.
+        let path = crate::files::guest_path(dir).map_err(|e| core_error("workdir", e))?;
+        agent
+            .file_mkdir(&path, true, Some(0o755))
+            .await
+            .map_err(|e| core_error("workdir", crate::files::file_error(dir, e)))?;
+    }
     for file in &recipe.files {
         index += 1;
         let what = format!("copy {}", file.dst);
@@ -332,9 +340,10 @@ async fn stream(
     on_event: &mut dyn FnMut(BuildEvent),
 ) -> Result<(i32, String), CoreError> {
     let mut req = ExecRequest::new(cmd.argv.iter().cloned());
-    req.env = recipe.env.clone();
-    req.cwd = recipe.workdir.clone();
     req.timeout_ms = Some(cmd.timeout_ms.max(1));
+    // Build steps and the self-test run as the image's commands will: its environment,
+    // working directory and user.
+    crate::sandbox::ExecDefaults::of(recipe).apply(&mut req)?;
     let mut session = agent.exec(req).await.map_err(CoreError::Agent)?;
     let mut tail: Vec<u8> = Vec::new();
     let mut pending: Vec<u8> = Vec::new();

@@ -112,13 +112,22 @@ impl ExecDefaults {
     }
 
     /// Fills in what `req` leaves open.
-    pub fn apply(&self, req: &mut kiln_agent_host::ExecRequest) {
+    pub fn apply(&self, req: &mut kiln_agent_host::ExecRequest) -> Result<(), CoreError> {
         for (k, v) in &self.env {
             req.env.entry(k.clone()).or_insert_with(|| v.clone());
         }
         if req.cwd.is_none() {
             req.cwd = self.workdir.clone();
         }
+        if req.user.is_none()
+            && let Some(user) = &self.user
+        {
+            req.user =
+                Some(kiln_agent_host::ExecUser::new(user.clone()).map_err(|e| {
+                    CoreError::ExecRejected(format!("the image's user {user:?}: {e}"))
+                })?);
+        }
+        Ok(())
     }
 }
 
@@ -278,7 +287,7 @@ impl Sandbox {
         let mut agent_req = to_agent_exec(req)?;
         {
             let extras = self.extras();
-            extras.defaults.apply(&mut agent_req);
+            extras.defaults.apply(&mut agent_req)?;
             if extras.secret_env {
                 for (k, v) in &extras.secrets.0 {
                     agent_req.env.entry(k.clone()).or_insert_with(|| v.clone());
