@@ -8,6 +8,7 @@
 //! `kiln: ...` and give exit code 1 (`kiln run` passes the command's own code through).
 
 mod bench;
+mod bench_images;
 mod bench_platform;
 mod completion;
 mod cp;
@@ -221,6 +222,8 @@ enum BenchCmd {
     Files(bench_platform::FilesBenchArgs),
     /// Re-attaching sandboxes after a daemon restart; `kiln stop` and `kiln start`.
     Lifecycle(bench_platform::LifecycleBenchArgs),
+    /// Image rebuilds (per stage, compaction sizes) and up-to-date checks.
+    Images(bench_images::ImagesBenchArgs),
 }
 
 fn main() {
@@ -285,6 +288,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Bench(BenchCmd::Boot(args)) => bench::run(&client, args).await,
         Cmd::Bench(BenchCmd::Snapshot(args)) => bench::snapshot(&client, &home, args).await,
         Cmd::Bench(BenchCmd::Files(args)) => bench_platform::files(&client, args).await,
+        Cmd::Bench(BenchCmd::Images(args)) => bench_images::run(&client, args).await,
         Cmd::Bench(BenchCmd::Lifecycle(args)) => {
             bench_platform::lifecycle(&client, &home, args).await
         }
