@@ -149,6 +149,14 @@ owner = "nobody"
     assert_success(&out, "stat");
     assert_eq!(stdout(&out), "640 nobody\n");
 
+    // Started from the image's warm snapshot, like every image's sandboxes.
+    let (id, source) = k.create_json(&["--image", app]);
+    assert_eq!(source, "snapshot");
+    let out = k.run(&["exec", &id, "--", "sh", "-c", "echo $GREETING; pwd"]);
+    assert_success(&out, "exec in the recipe's sandbox");
+    assert_eq!(stdout(&out), "from-env\n/srv/app\n");
+    assert_success(&k.run(&["rm", &id]), "kiln rm");
+
     // 3. Unchanged: a no-op, said so.
     let out = k.run(&["image", "build", app_path]);
     assert_success(&out, "rebuild");
