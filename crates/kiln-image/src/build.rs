@@ -94,6 +94,100 @@ pub fn resolve_parent(
     Ok(Some(parent))
 }
 
+/// How deep `from = IMAGE` chains may go.
+const MAX_CHAIN: usize = 8;
+
+/// The recipe an image was built from, read again (its file, or the built-in recipe): what a
+/// child that adds packages re-applies.
+fn source_recipe(m: &ImageManifest) -> Result<Recipe, ImageError> {
+    if let Some(path) = &m.recipe_path
+        && path.is_file()
+    {
+        return crate::recipe::file::load(path, Some(&m.name));
+    }
+    if m.recipe.from.is_debian()
+        && let Some(r) = crate::recipe::builtin(&m.name)
+    {
+        return Ok(r);
+    }
+    Err(no_source_recipe(m))
+}
+
+/// Why packages cannot be added on top of `m`.
+fn no_source_recipe(m: &ImageManifest) -> ImageError {
+    ImageError::BadRecipe {
+        file: "recipe".to_owned(),
+        line: 0,
+        column: 0,
+        field: "packages".to_owned(),
+        message: format!(
+            "packages cannot be added on top of image {}: it was {} and kiln has no recipe to bootstrap it again with more packages",
+            m.name,
+            match &m.recipe.from {
+                Base::Import { source } => format!("imported from {source}"),
+                _ => "built from a recipe file that is gone".to_owned(),
+            }
+        ),
+    }
+}
+
+/// A recipe that extends a Debian-based image *and* adds packages cannot install them on the
+/// parent's disk (mmdebstrap builds trees; build guests have no network). It is built as one
+/// Debian bootstrap instead: the root ancestor's suite, every ancestor's packages and its
+/// own, then every ancestor's files and steps (root first) and its own, in the build guest.
+/// Returns that plan (the recipe's own run configuration kept), or `None` when it adds none.
+pub fn flatten(
+    home: &Path,
+    recipe: &Recipe,
+    parent: Option<&ImageManifest>,
+) -> Result<Option<Recipe>, ImageError> {
+    let Some(mut m) = parent.cloned() else {
+        return Ok(None);
+    };
+    if recipe.packages.is_empty() {
+        return Ok(None);
+    }
+    let mut chain = Vec::new();
+    loop {
+        let src = source_recipe(&m)?;
+        let next = match &src.from {
+            Base::Image { name } => Some(name.clone()),
+            Base::Debian => None,
+            // (A recipe file never says `Import`: only an imported manifest does, and
+            // `source_recipe` refused that already.)
+            Base::Import { .. } => return Err(no_source_recipe(&m)),
+        };
+        chain.push(src);
+        let Some(name) = next else { break };
+        if chain.len() >= MAX_CHAIN {
+            return Err(ImageError::BadRecipe {
+                file: "recipe".to_owned(),
+                line: 0,
+                column: 0,
+                field: "from".to_owned(),
+                message: format!("the chain of extended images is deeper than {MAX_CHAIN}"),
+            });
+        }
+        m = get(home, &name)?.ok_or(ImageError::ImageNotFound { name })?;
+    }
+    let root = chain.last().expect("at least the parent");
+    let mut flat = recipe.clone();
+    flat.suite = root.suite.clone();
+    flat.packages = Vec::new();
+    flat.files = Vec::new();
+    flat.run = Vec::new();
+    for src in chain.iter().rev().chain(std::iter::once(recipe)) {
+        for p in &src.packages {
+            if !flat.packages.contains(p) {
+                flat.packages.push(p.clone());
+            }
+        }
+        flat.files.extend(src.files.iter().cloned());
+        flat.run.extend(src.run.iter().cloned());
+    }
+    Ok(Some(flat))
+}
+
 /// The fingerprint inputs of building `recipe` (already resolved against `parent`) with the
 /// given kernel version and agent digest.
 fn inputs_for(
@@ -250,6 +344,7 @@ pub fn build(
     crate::elf::check_static_exec(&cfg.agent_binary)?;
     let agent_sha256 = sha256_file(&cfg.agent_binary)?;
     let parent = resolve_parent(&cfg.home, &mut recipe)?;
+    let flat = flatten(&cfg.home, &recipe, parent.as_ref())?;
     let env_mirror = std::env::var(MIRROR_ENV).ok();
     let mirror = Mirror::resolve(cfg.mirror.as_deref().or(env_mirror.as_deref()));
     let existing_now = get(&cfg.home, &recipe.name)?;
@@ -343,11 +438,24 @@ pub fn build(
         // 4. Root file system.
         stage(on_event, 4, "rootfs");
         let rootfs_path = tmp.join(ROOTFS_FILE);
-        match &parent {
-            None => {
+        // What the root file system and the build guest are made from: the recipe, or its
+        // flattened plan when it adds packages to an extended image.
+        let plan = flat.as_ref().unwrap_or(&recipe);
+        if flat.is_some() {
+            on_event(BuildEvent::Log(format!(
+                "{} adds packages to an extended image: bootstrapping {} with {} packages and re-applying {} files and {} steps",
+                recipe.name,
+                plan.suite,
+                plan.packages.len(),
+                plan.files.len(),
+                plan.run.len()
+            )));
+        }
+        match (&parent, &flat) {
+            (None, _) | (Some(_), Some(_)) => {
                 let tree = tmp.join("rootfs.d");
                 let mut log = |line: &str| on_event(BuildEvent::Log(line.to_owned()));
-                rootfs::bootstrap(&recipe, &mirror, &tree, &mut log)?;
+                rootfs::bootstrap(plan, &mirror, &tree, &mut log)?;
                 rootfs::finish(&tree)?;
                 let uuid = rootfs::uuid_from_fingerprint(&fingerprint);
                 rootfs::pack_ext4(&tree, &rootfs_path, &uuid, recipe.disk_mib, &mut |line| {
@@ -355,7 +463,7 @@ pub fn build(
                 })?;
                 publish::safe_remove(&tree)?;
             }
-            Some(p) => {
+            (Some(p), None) => {
                 copy_sparse(&p.rootfs_path(&cfg.home), &rootfs_path)?;
                 if let Some(mib) = recipe.disk_mib {
                     grow_ext4(&rootfs_path, u64::from(mib) << 20, &mut |line| {
@@ -375,8 +483,8 @@ pub fn build(
 
         // 5. Files and build steps, in a guest.
         stage(on_event, 5, "steps");
-        if recipe.has_guest_steps() {
-            guest.apply(&boot, &recipe, on_event)?;
+        if plan.has_guest_steps() {
+            guest.apply(&boot, plan, on_event)?;
         } else {
             on_event(BuildEvent::Log("no files or build steps".to_owned()));
         }
@@ -624,6 +732,70 @@ mod tests {
         ) -> Result<(), ImageError> {
             panic!("no guest expected")
         }
+    }
+
+    #[test]
+    fn flatten_reapplies_every_ancestor_on_one_bootstrap() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let h = home.path();
+        install(h, &sample("base"));
+        let mid_toml = h.join("mid.toml");
+        std::fs::write(
+            &mid_toml,
+            "name = \"mid\"\nfrom = \"base\"\npackages = [\"jq\"]\nrun = [\"echo mid\"]\n\
+             [[files]]\ncontent = \"m\"\ndst = \"/mid\"\n",
+        )
+        .expect("write");
+        let mut mid = sample("mid");
+        mid.recipe = crate::recipe::file::load(&mid_toml, None).expect("mid recipe");
+        // A manifest records the recipe resolved against its parent.
+        mid.recipe
+            .inherit(&crate::recipe::builtin("base").expect("base"));
+        mid.recipe_path = Some(mid_toml.clone());
+        install(h, &mid);
+
+        let mut child = Recipe::debian("child", "");
+        child.from = Base::Image { name: "mid".into() };
+        child.packages = vec!["git".into(), "jq".into()];
+        child.run.push(crate::recipe::GuestCommand {
+            argv: vec!["echo".into(), "child".into()],
+            timeout_ms: 1,
+        });
+        let parent = resolve_parent(h, &mut child).expect("parent");
+        let flat = flatten(h, &child, parent.as_ref())
+            .expect("flatten")
+            .expect("a plan: the child adds packages");
+        assert_eq!(flat.suite, "bookworm");
+        let base = crate::recipe::builtin("base").expect("base");
+        let mut want = base.packages.clone();
+        want.extend(["jq".to_owned(), "git".to_owned()]);
+        assert_eq!(flat.packages, want);
+        assert_eq!(flat.files.len(), 1);
+        assert_eq!(flat.files[0].dst, "/mid");
+        let runs: Vec<String> = flat.run.iter().map(|c| c.argv.join(" ")).collect();
+        assert_eq!(runs, ["/bin/sh -c echo mid", "echo child"]);
+        // The child's own run configuration stays (inherited from the chain).
+        assert_eq!(flat.test, base.test);
+
+        // Without packages nothing is flattened; on top of an import it is refused.
+        let mut plain = Recipe::debian("plain", "");
+        plain.from = Base::Image { name: "mid".into() };
+        let p = resolve_parent(h, &mut plain).expect("parent");
+        assert!(flatten(h, &plain, p.as_ref()).expect("ok").is_none());
+        let mut imported = sample("imp");
+        imported.recipe.from = Base::Import {
+            source: "oci-archive:/x.tar".into(),
+        };
+        install(h, &imported);
+        let mut on_import = Recipe::debian("c2", "");
+        on_import.from = Base::Image { name: "imp".into() };
+        on_import.packages = vec!["git".into()];
+        let p = resolve_parent(h, &mut on_import).expect("parent");
+        let err = flatten(h, &on_import, p.as_ref()).expect_err("import");
+        assert!(
+            err.to_string().contains("imported from oci-archive:/x.tar"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -75,7 +75,8 @@ owner = "nobody"
     write(
         &d.join("tool.toml"),
         &format!(
-            "name = \"{tool}\"\nfrom = \"{app}\"\ncmd = [\"/bin/sh\", \"-c\", \"cat /srv/app/greeting.txt; cat /tool.txt\"]\n\
+            "name = \"{tool}\"\nfrom = \"{app}\"\npackages = [\"jq\"]\n\
+             cmd = [\"/bin/sh\", \"-c\", \"cat /srv/app/greeting.txt; cat /tool.txt; jq -n 6*7\"]\n\
              [[files]]\ncontent = \"tool file\\n\"\ndst = \"/tool.txt\"\n"
         ),
     );
@@ -162,16 +163,33 @@ owner = "nobody"
     assert_success(&out, "rebuild");
     assert!(stderr(&out).contains("is up to date"), "{}", stderr(&out));
 
-    // 4. The child, run straight from its file (built first, parent checked first).
+    // 4. The child, run straight from its file (built first, parent checked first). It adds
+    // a Debian package to an extended image: one bootstrap with every package, the parent's
+    // files and steps re-applied, then its own.
     let out = k.run(&["run", "--image", tool_path]);
     assert_success(&out, "kiln run --image tool.toml");
-    assert_eq!(stdout(&out), "hello v1\ntool file\n", "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "hello v1\ntool file\n42\n",
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("adds packages to an extended image"),
+        "{}",
+        stderr(&out)
+    );
 
     // 5. A changed file of the parent: running the child rebuilds both, saying why.
     write(&d.join("greeting.txt"), "hello v2\n");
     let out = k.run(&["run", "--image", tool]);
     assert_success(&out, "kiln run --image tool after a change");
-    assert_eq!(stdout(&out), "hello v2\ntool file\n", "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "hello v2\ntool file\n42\n",
+        "{}",
+        stderr(&out)
+    );
     let log = stderr(&out);
     assert!(
         log.contains(&format!("rebuilding {app}: changed: its recipe's files")),

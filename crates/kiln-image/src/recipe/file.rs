@@ -274,20 +274,6 @@ pub fn parse(file: &str, text: &str, dir: &Path, name: Option<&str>) -> Result<R
             ));
         }
     }
-    if !raw.packages.is_empty()
-        && let Base::Image { name: parent } = &recipe.from
-    {
-        return Err(src.at(
-            &raw.packages[0],
-            "packages",
-            format!(
-                "packages are installed by mmdebstrap, so they need `from = \"debian:SUITE\"`; \
-                 this recipe extends image {parent} (list the parent's packages and yours \
-                 with from = \"debian:…\", or copy .deb files with [[files]] and install them \
-                 with dpkg in `run`)"
-            ),
-        ));
-    }
     recipe.packages = raw.packages.iter().map(|p| p.get_ref().clone()).collect();
 
     for (i, f) in raw.files.iter().enumerate() {
@@ -813,9 +799,9 @@ owner = "app"
         let (line, field, _) = parse_err("name = \"a\"\nworkdir = \"srv\"\n");
         assert_eq!((line, field.as_str()), (2, "workdir"));
 
-        let (line, field, msg) = parse_err("name = \"a\"\nfrom = \"base\"\npackages = [\"git\"]\n");
-        assert_eq!((line, field.as_str()), (3, "packages"));
-        assert!(msg.contains("debian:SUITE"), "{msg}");
+        // Packages on top of an image are allowed (the build bootstraps again).
+        let r = parse_ok("name = \"a\"\nfrom = \"base\"\npackages = [\"git\"]\n");
+        assert_eq!(r.packages, ["git"]);
 
         let (_, field, _) = parse_err("from = \"base\"\n");
         assert_eq!(field, "name");
