@@ -95,15 +95,15 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!(
-                    "{:<18} {:<10} {:<10} {:>10}  CREATED",
-                    "ID", "NAME", "RECIPE", "SIZE"
+                    "{:<14} {:<16} {:<18} {:>10}  CREATED",
+                    "ID", "NAME", "FROM", "SIZE"
                 );
                 for i in &list.images {
                     println!(
-                        "{:<18} {:<10} {:<10} {:>10}  {}",
+                        "{:<14} {:<16} {:<18} {:>10}  {}",
                         i.id,
                         i.name,
-                        i.recipe,
+                        i.from,
                         human_bytes(i.size_bytes),
                         crate::ps::ago(i.created_unix)
                     );
