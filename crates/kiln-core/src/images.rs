@@ -73,7 +73,7 @@ fn find(home: &std::path::Path, src: &RecipeSource) -> Result<Found, CoreError> 
             match existing {
                 Some(m) => {
                     let why = match &m.recipe.from {
-                        kiln_image::Base::Import { source } => {
+                        kiln_image::Base::Import { source, .. } => {
                             format!("imported from {source}: nothing to rebuild")
                         }
                         _ => "no recipe to rebuild it from: kept as built".to_owned(),
@@ -241,7 +241,7 @@ pub fn info(m: &kiln_image::ImageManifest) -> ImageInfo {
         from: match &r.from {
             kiln_image::Base::Debian => format!("debian:{}", r.suite),
             kiln_image::Base::Image { name } => name.clone(),
-            kiln_image::Base::Import { source } => source.clone(),
+            kiln_image::Base::Import { source, .. } => source.clone(),
         },
         recipe_path: m.recipe_path.as_ref().map(|p| p.display().to_string()),
         entrypoint: r.entrypoint.clone(),
