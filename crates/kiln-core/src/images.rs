@@ -3,6 +3,8 @@
 //! stale, runs the (blocking) builder on a blocking thread with build guests from
 //! [`crate::build_guest`], and forwards its progress as [`ImageBuildEvent`]s.
 //!
+//! Imports (`kiln image import`) run the same way through [`kiln_image::import`].
+//!
 //! A client that disconnects does not cancel a build (the builder publishes atomically, so a
 //! finished build is simply there for the next request); its events are dropped.
 
@@ -180,6 +182,48 @@ async fn build_chain(
     })
 }
 
+/// Checks an import before its stream starts (unknown scheme, missing file, a disk image of
+/// another format or with a backing file, no name): the request's fault, so `bad_request`.
+pub fn check_import(source: &str, name: Option<&str>) -> Result<String, CoreError> {
+    kiln_image::check_import(source, name).map_err(|e| match e {
+        kiln_image::ImageError::BadImport { .. } | kiln_image::ImageError::InvalidName { .. } => {
+            CoreError::BadRequest(kiln_image::error_chain(&e))
+        }
+        other => CoreError::Image(other),
+    })
+}
+
+/// Imports `source` as image `name` (see [`kiln_image::import`]), forwarding events.
+pub async fn import(
+    engine: &Arc<Engine>,
+    source: String,
+    name: Option<String>,
+    events: mpsc::Sender<ImageBuildEvent>,
+) -> Result<ImageInfo, CoreError> {
+    let cfg = kiln_image::BuildConfig {
+        home: engine.home.root().to_owned(),
+        agent_binary: crate::agent_binary()?,
+        mirror: None,
+        force: true,
+        keep_kernel: false,
+        recipe_path: None,
+    };
+    let mut guest = crate::build_guest::EngineBuildGuest {
+        rt: tokio::runtime::Handle::current(),
+        engine: Arc::clone(engine),
+        run_dir: engine.home.run_dir(),
+    };
+    let manifest = tokio::task::spawn_blocking(move || {
+        kiln_image::import(&cfg, &source, name.as_deref(), &mut guest, &mut |ev| {
+            // A slow or vanished client must not stall the import: drop what does not fit.
+            let _ = events.try_send(event(ev));
+        })
+    })
+    .await
+    .map_err(|e| CoreError::HostSetup(format!("image import task panicked: {e}")))??;
+    Ok(info(&manifest))
+}
+
 /// The API's form of a builder event.
 fn event(ev: kiln_image::BuildEvent) -> ImageBuildEvent {
     use kiln_image::BuildEvent as B;
@@ -248,5 +292,13 @@ pub fn info(m: &kiln_image::ImageManifest) -> ImageInfo {
         cmd: r.cmd.clone(),
         cpus: r.cpus,
         memory_mib: r.memory_mib,
+        origin: m.origin.as_ref().map(|o| kiln_api_types::ImageOrigin {
+            source: o.source.clone(),
+            digest: o.digest.clone(),
+            os_release: o.os_release.clone(),
+            filesystem: o.filesystem.clone(),
+            partition: o.partition.clone(),
+            size_bytes: o.size_bytes,
+        }),
     }
 }
