@@ -305,6 +305,34 @@ fn imports_of_oci_docker_and_disk_images_boot_with_their_config() {
         stderr(&out)
     );
 
+    // A disk whose root partition holds no file system: the import fails naming it, and
+    // publishes nothing (no image, no build directory left).
+    let empty = d.join("empty.raw");
+    std::fs::File::create(&empty)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("create");
+    sh(
+        "sfdisk (empty)",
+        Command::new("sh").arg("-c").arg(format!(
+            "printf 'label: gpt\\nstart=2048, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709\\n' | sfdisk -q {}",
+            empty.display()
+        )),
+    );
+    let out = k.run(&[
+        "image",
+        "import",
+        &format!("raw:{}", empty.display()),
+        "--name",
+        "e2e-imp-empty",
+    ]);
+    assert!(!out.status.success(), "an empty disk imported");
+    assert!(
+        stderr(&out).contains("only ext2/3/4 root file systems can be booted"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!k.home().join("images/e2e-imp-empty").exists());
+
     // 3. A recipe extending the imported image: a file and a step, in the busybox guest.
     std::fs::write(
         d.join("ext.toml"),
