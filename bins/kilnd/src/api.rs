@@ -1549,6 +1549,35 @@ mod tests {
     }
 
     #[test]
+    fn image_import_bad_sources_are_400_before_the_stream() {
+        for (source, name, why) in [
+            ("docker://alpine", None, "unknown scheme"),
+            (
+                "oci-archive:/nonexistent/kiln/app.tar",
+                None,
+                "/nonexistent/kiln/app.tar",
+            ),
+            ("oci-archive:relative.tar", None, "must be absolute"),
+            ("qcow2:/nonexistent/disk.qcow2", None, "--name"),
+            (
+                "raw:/nonexistent/disk.img",
+                Some("disk"),
+                "/nonexistent/disk.img",
+            ),
+            (
+                "oci-archive:/nonexistent/app.tar",
+                Some("../x"),
+                "invalid image name",
+            ),
+        ] {
+            let err = kiln_core::images::check_import(source, name).expect_err(source);
+            assert_eq!(status_of(&err), StatusCode::BAD_REQUEST, "{source}: {err}");
+            assert_eq!(err.code(), "bad_request", "{source}");
+            assert!(err.chain().contains(why), "{source}: {}", err.chain());
+        }
+    }
+
+    #[test]
     fn parse_body_takes_only_objects() {
         for body in [
             &b"[\"base\",2,512,true]"[..],
