@@ -69,19 +69,22 @@ fn find(home: &std::path::Path, src: &RecipeSource) -> Result<Found, CoreError> 
                     format!("its recipe file {} is gone: kept as built", path.display()),
                 ));
             }
+            // An import keeps its name even when a built-in recipe has it too: rebuilding
+            // it from that recipe would silently replace the imported image.
+            if let Some(m) = &existing
+                && let kiln_image::Base::Import { source, .. } = &m.recipe.from
+            {
+                let why = format!("imported from {source}: nothing to rebuild");
+                return Ok(Found::Kept(Box::new(m.clone()), why));
+            }
             if let Some(recipe) = kiln_image::builtin(name) {
                 return Ok(Found::Recipe(recipe, None));
             }
             match existing {
-                Some(m) => {
-                    let why = match &m.recipe.from {
-                        kiln_image::Base::Import { source, .. } => {
-                            format!("imported from {source}: nothing to rebuild")
-                        }
-                        _ => "no recipe to rebuild it from: kept as built".to_owned(),
-                    };
-                    Ok(Found::Kept(Box::new(m), why))
-                }
+                Some(m) => Ok(Found::Kept(
+                    Box::new(m),
+                    "no recipe to rebuild it from: kept as built".to_owned(),
+                )),
                 None => Err(CoreError::RecipeNotFound {
                     name: name.clone(),
                     known: kiln_image::builtin_names().join(", "),
@@ -300,5 +303,55 @@ pub fn info(m: &kiln_image::ImageManifest) -> ImageInfo {
             partition: o.partition.clone(),
             size_bytes: o.size_bytes,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn find_import_named_like_a_builtin_is_kept() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let mut recipe = kiln_image::Recipe::debian("base", "");
+        recipe.from = kiln_image::Base::Import {
+            source: "oci-archive:/x/base.tar".into(),
+            digest: "sha256:00".into(),
+        };
+        let m = kiln_image::ImageManifest {
+            schema: kiln_image::MANIFEST_SCHEMA,
+            id: kiln_image::ImageId("0123456789ab".into()),
+            name: "base".into(),
+            inputs: kiln_image::FingerprintInputs::new(&recipe, "", "k", "a", "", ""),
+            recipe,
+            fingerprint: "f".into(),
+            kernel_version: "k".into(),
+            kernel_release: "r".into(),
+            created_unix: 1,
+            files: Vec::new(),
+            rootfs_sha256: None,
+            recipe_path: None,
+            origin: None,
+        };
+        let dir = m.dir(home.path());
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        m.write(&dir.join(kiln_image::MANIFEST_FILE))
+            .expect("write");
+        match find(home.path(), &RecipeSource::Named("base".into())).expect("find") {
+            Found::Kept(kept, why) => {
+                assert_eq!(kept.name, "base");
+                assert!(
+                    why.contains("imported from oci-archive:/x/base.tar"),
+                    "{why}"
+                );
+            }
+            Found::Recipe(..) => panic!("the import would be rebuilt from the built-in recipe"),
+        }
+        // Without the import, the name is the built-in recipe again.
+        std::fs::remove_dir_all(&dir).expect("rm");
+        assert!(matches!(
+            find(home.path(), &RecipeSource::Named("base".into())).expect("find"),
+            Found::Recipe(..)
+        ));
     }
 }
