@@ -175,6 +175,17 @@ fn validate(req: &ExecRequest, output_window: u32) -> Result<(), ErrorBody> {
     Ok(())
 }
 
+/// The working directory of a request that names none: the configured one (root's home),
+/// or `/` where the image has no such directory (imported images need not have a `/root`;
+/// `/` is what Docker uses).
+fn default_cwd(config: &AgentConfig) -> PathBuf {
+    if config.default_cwd.is_dir() {
+        config.default_cwd.clone()
+    } else {
+        PathBuf::from("/")
+    }
+}
+
 fn check_cwd(cwd: &PathBuf) -> Result<(), ErrorBody> {
     let bad = |message: String| ErrorBody {
         code: ErrorCode::BadCwd,
@@ -236,7 +247,7 @@ pub(crate) fn start(
     let cwd = req
         .cwd
         .as_ref()
-        .map_or_else(|| config.default_cwd.clone(), PathBuf::from);
+        .map_or_else(|| default_cwd(config), PathBuf::from);
     check_cwd(&cwd)?;
     let user = req
         .user
@@ -864,6 +875,18 @@ async fn pump_stdin(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_cwd_missing_home_falls_back_to_root_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = AgentConfig {
+            default_cwd: dir.path().to_owned(),
+            ..AgentConfig::default()
+        };
+        assert_eq!(default_cwd(&config), dir.path());
+        config.default_cwd = dir.path().join("no-such-home");
+        assert_eq!(default_cwd(&config), Path::new("/"));
+    }
 
     #[test]
     fn validate_rejects_bad_requests() {

@@ -1,12 +1,13 @@
-//! `kiln image build|ls|warm|rm`: guest images, built by the daemon (from built-in recipes or
-//! recipe files) with progress shown here: a status line on a terminal, `==> ` marked lines
-//! otherwise, or JSON events.
+//! `kiln image build|import|ls|warm|rm`: guest images, built by the daemon (from built-in
+//! recipes or recipe files) or imported (container images, disk images), with progress shown
+//! here: a status line on a terminal, `==> ` marked lines otherwise, or JSON events.
 
 use anyhow::bail;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_api_types::{
-    ImageBuildEvent, ImageBuildRecipeRequest, ImageBuildRequest, ImageInfo, ImageList,
+    ImageBuildEvent, ImageBuildRecipeRequest, ImageBuildRequest, ImageImportRequest, ImageInfo,
+    ImageList,
 };
 
 use kiln_client::Client;
@@ -29,6 +30,23 @@ pub enum ImageCmd {
         /// How to show progress: `tty` (a status line; the default on a terminal), `plain`
         /// (one line per event, with `==> ` markers for stages and steps), `json` (one
         /// event per line on stdout).
+        #[arg(long, value_enum)]
+        progress: Option<Progress>,
+        /// Same as `--progress json`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import a container image (`oci-archive:PATH`, `docker-archive:PATH` as `docker save`
+    /// writes, `oci:DIR[:TAG]`) or a disk image (`qcow2:PATH`, `raw:PATH`, e.g. a Debian
+    /// or Ubuntu cloud image) as an image booted by kiln's kernel and agent.
+    Import {
+        /// `SCHEME:PATH`.
+        source: String,
+        /// Image name (default for container images: the file name without extension;
+        /// required for disk images).
+        #[arg(long)]
+        name: Option<String>,
+        /// How to show progress (see `kiln image build --progress`).
         #[arg(long, value_enum)]
         progress: Option<Progress>,
         /// Same as `--progress json`.
@@ -86,6 +104,24 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
                 build(client, &target, *force, false, progress, false).await?;
             if progress != Progress::Json {
                 report(&image, up_to_date);
+            }
+            Ok(0)
+        }
+        ImageCmd::Import {
+            source,
+            name,
+            progress,
+            json,
+        } => {
+            let progress = match (json, progress) {
+                (true, _) => Progress::Json,
+                (false, Some(p)) => *p,
+                (false, None) => Progress::auto(),
+            };
+            let target = Target::Import(absolute_source(source)?, name.clone());
+            let (image, _) = build(client, &target, false, false, progress, false).await?;
+            if progress != Progress::Json {
+                report(&image, false);
             }
             Ok(0)
         }
@@ -201,6 +237,23 @@ pub enum Target {
     Name(String),
     /// A recipe file (absolute) and an optional name for it.
     File(std::path::PathBuf, Option<String>),
+    /// An import source (`SCHEME:/absolute/path`) and an optional name.
+    Import(String, Option<String>),
+}
+
+/// `SCHEME:PATH` with a relative path made absolute (the daemon resolves nothing against its
+/// own working directory).
+fn absolute_source(source: &str) -> anyhow::Result<String> {
+    let Some((scheme, path)) = source.split_once(':') else {
+        bail!(
+            "import source {source:?}: expected SCHEME:PATH (oci-archive:, docker-archive:, oci:, qcow2:, raw:)"
+        );
+    };
+    if path.starts_with('/') || path.is_empty() {
+        return Ok(source.to_owned());
+    }
+    let cwd = std::env::current_dir()?;
+    Ok(format!("{scheme}:{}/{path}", cwd.display()))
 }
 
 impl Target {
@@ -235,6 +288,22 @@ fn report(image: &ImageInfo, up_to_date: bool) {
             "image {} is up to date ({}): inputs unchanged, nothing rebuilt",
             image.name, image.id
         );
+    } else if let Some(o) = &image.origin {
+        eprintln!(
+            "imported image {} ({}) from {}",
+            image.name, image.id, o.source
+        );
+        eprintln!(
+            "  {}, {} file system of {}{}",
+            o.os_release.as_deref().unwrap_or("no /etc/os-release"),
+            o.filesystem,
+            human_bytes(o.size_bytes),
+            o.partition
+                .as_deref()
+                .map(|p| format!(", partition {p}"))
+                .unwrap_or_default()
+        );
+        eprintln!("  digest {}", o.digest);
     } else {
         eprintln!("built image {} ({})", image.name, image.id);
     }
@@ -419,6 +488,17 @@ pub async fn build(
                 )
                 .await?
         }
+        Target::Import(source, name) => {
+            client
+                .image_import(
+                    &ImageImportRequest {
+                        source: source.clone(),
+                        name: name.clone(),
+                    },
+                    &mut on_event,
+                )
+                .await?
+        }
     }
     r.bar.finish_and_clear();
     if let Some(msg) = failure {
@@ -454,6 +534,21 @@ pub fn human_bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absolute_source_resolves_relative_paths_only() {
+        assert_eq!(
+            absolute_source("oci-archive:/a/b.tar").expect("abs"),
+            "oci-archive:/a/b.tar"
+        );
+        let cwd = std::env::current_dir().expect("cwd");
+        assert_eq!(
+            absolute_source("oci:lay:v1").expect("rel"),
+            format!("oci:{}/lay:v1", cwd.display())
+        );
+        let err = absolute_source("app.tar").expect_err("no scheme");
+        assert!(err.to_string().contains("SCHEME:PATH"), "{err}");
+    }
 
     #[test]
     fn human_bytes_picks_unit() {

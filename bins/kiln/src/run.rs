@@ -594,6 +594,7 @@ mod tests {
             cmd: Vec::new(),
             cpus: None,
             memory_mib: None,
+            origin: None,
         }
     }
 

@@ -26,9 +26,10 @@ use kiln_api_types::routes;
 use kiln_api_types::{
     ApiError, DiskUsage, DoctorReport, ErrorCode, Event, ExecId, ExecInfo, ExecKillRequest,
     ExecList, ExecRequest, Health, ImageBuildEvent, ImageBuildRecipeRequest, ImageBuildRequest,
-    ImageList, ImageName, PingResponse, PruneReport, PruneRequest, SandboxFilter, SandboxId,
-    SandboxInfo, SandboxList, SandboxSpec, SandboxStartRequest, SecretsUpdateRequest,
-    SnapshotCreateRequest, SnapshotInfo, SnapshotList, SnapshotName, TtlRequest,
+    ImageImportRequest, ImageInfo, ImageList, ImageName, PingResponse, PruneReport, PruneRequest,
+    SandboxFilter, SandboxId, SandboxInfo, SandboxList, SandboxSpec, SandboxStartRequest,
+    SecretsUpdateRequest, SnapshotCreateRequest, SnapshotInfo, SnapshotList, SnapshotName,
+    TtlRequest,
 };
 use kiln_core::images::RecipeSource;
 use kiln_core::{CoreError, Engine};
@@ -77,6 +78,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(image_list))
         .routes(routes!(image_build))
         .routes(routes!(image_build_recipe))
+        .routes(routes!(image_import))
         .routes(routes!(image_delete))
         .routes(routes!(system_df))
         .routes(routes!(system_prune))
@@ -1447,10 +1449,22 @@ fn stream_build(
     // Known before the stream starts: an unknown recipe is a 404, a bad one a 400, not a 200
     // with an error.
     engine.image_recipe_check(&src)?;
+    Ok(stream_events(move |ev_tx| async move {
+        engine.image_build(src, force, keep_kernel, ev_tx).await
+    }))
+}
+
+/// Streams the events a builder (`work`, given the event channel) sends as NDJSON, ending
+/// with `done` (the image, and whether it was up to date) or `error`.
+fn stream_events<F, Fut>(work: F) -> Response
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<ImageBuildEvent>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(ImageInfo, bool), CoreError>> + Send,
+{
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<ImageBuildEvent>(256);
     let (line_tx, line_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
-        let build = engine.image_build(src, force, keep_kernel, ev_tx);
+        let build = work(ev_tx);
         tokio::pin!(build);
         let last = loop {
             tokio::select! {
@@ -1473,16 +1487,42 @@ fn stream_build(
     let stream = futures_util::stream::unfold(line_rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
-    Response::builder()
-        .header("content-type", "application/x-ndjson")
-        .body(Body::from_stream(stream))
-        .map_err(|e| {
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorCode::Internal,
-                e.to_string(),
-            )
-        })
+    let mut response = Response::new(Body::from_stream(stream));
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
+/// Import an image
+///
+/// Imports a container image (`oci-archive:PATH`, `docker-archive:PATH`, `oci:DIR[:TAG]`)
+/// or a disk image (`qcow2:PATH`, `raw:PATH`) on the daemon's host as an image booted by
+/// kiln's kernel and agent, and streams the import like `image_build`. A container image's
+/// `Env`, `WorkingDir`, `User`, `Entrypoint` and `Cmd` become the image's; a disk image's
+/// root partition (ext2/3/4) becomes its root file system. The source is never modified.
+#[utoipa::path(
+    post,
+    path = routes::IMAGE_IMPORT.path,
+    operation_id = routes::IMAGE_IMPORT.operation_id,
+    tag = "images",
+    request_body(content = ImageImportRequest, description = "The source and the image name", content_type = "application/json", example = json!({"source": "oci-archive:/srv/app.tar", "name": "app"})),
+    responses(
+        (status = 200, description = "The import's events, one JSON document per line, the last one `done` or `error`", content_type = "application/x-ndjson", body = ImageBuildEvent),
+        (status = 400, description = "Malformed body, unknown scheme, relative or missing path, a disk image that is not of the named format or has a backing file, no name for a disk image, an invalid name (`bad_request`)", body = ApiError),
+        (status = 500, description = "The import's checks could not run (`image_error`)", body = ApiError),
+    ),
+)]
+async fn image_import(State(engine): Shared, body: Bytes) -> Result<Response, HttpError> {
+    let req: ImageImportRequest = parse_required(&body)?;
+    let name = engine
+        .image_import_check(&req.source, req.name.as_deref())
+        .await?;
+    Ok(stream_events(move |ev_tx| async move {
+        let image = engine.image_import(req.source, Some(name), ev_tx).await?;
+        Ok((image, false))
+    }))
 }
 
 fn ndjson<T: Serialize>(v: &T) -> Bytes {
@@ -1506,6 +1546,35 @@ mod tests {
             status_of(&CoreError::SandboxNotFound("sb-0".into())),
             StatusCode::NOT_FOUND
         );
+    }
+
+    #[test]
+    fn image_import_bad_sources_are_400_before_the_stream() {
+        for (source, name, why) in [
+            ("docker://alpine", None, "unknown scheme"),
+            (
+                "oci-archive:/nonexistent/kiln/app.tar",
+                None,
+                "/nonexistent/kiln/app.tar",
+            ),
+            ("oci-archive:relative.tar", None, "must be absolute"),
+            ("qcow2:/nonexistent/disk.qcow2", None, "--name"),
+            (
+                "raw:/nonexistent/disk.img",
+                Some("disk"),
+                "/nonexistent/disk.img",
+            ),
+            (
+                "oci-archive:/nonexistent/app.tar",
+                Some("../x"),
+                "invalid image name",
+            ),
+        ] {
+            let err = kiln_core::images::check_import(source, name).expect_err(source);
+            assert_eq!(status_of(&err), StatusCode::BAD_REQUEST, "{source}: {err}");
+            assert_eq!(err.code(), "bad_request", "{source}");
+            assert!(err.chain().contains(why), "{source}: {}", err.chain());
+        }
     }
 
     #[test]

@@ -648,6 +648,38 @@ pub struct ImageBuildRecipeRequest {
     pub keep_kernel: bool,
 }
 
+/// `POST /v1/imports` body: import a container image or a disk image on the daemon's host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageImportRequest {
+    /// `oci-archive:PATH`, `docker-archive:PATH`, `oci:DIR[:TAG]`, `qcow2:PATH` or
+    /// `raw:PATH`, with an absolute path on the daemon's host.
+    pub source: String,
+    /// Image name; for container images the default is the file (or directory) name
+    /// without its extension; disk images need one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// Where an imported image came from and what was found in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ImageOrigin {
+    /// The source as given to the import.
+    pub source: String,
+    /// `sha256:…` of the OCI image manifest, or of the disk image file.
+    pub digest: String,
+    /// `PRETTY_NAME` of the image's `/etc/os-release`, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os_release: Option<String>,
+    /// The root file system's type as found (OCI images are packed as `ext4`).
+    pub filesystem: String,
+    /// The partition it came from (disk images with a partition table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    /// Size of the root file system as found, in bytes.
+    pub size_bytes: u64,
+}
+
 /// What the API says about one built image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImageInfo {
@@ -685,6 +717,9 @@ pub struct ImageInfo {
     /// Memory (MiB) of its sandboxes when the request names none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<u32>,
+    /// For an imported image: where it came from and what was found in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<ImageOrigin>,
 }
 
 /// Size of one file of an image.

@@ -219,6 +219,9 @@ routes! {
     IMAGE_BUILD = Post "/v1/images/{name}/build" "image_build" NdJson;
     /// `POST /v1/builds` (NDJSON stream of `ImageBuildEvent`): build from a recipe file.
     IMAGE_BUILD_RECIPE = Post "/v1/builds" "image_build_recipe" NdJson;
+    /// `POST /v1/imports` (NDJSON stream of `ImageBuildEvent`): import a container image or
+    /// a disk image.
+    IMAGE_IMPORT = Post "/v1/imports" "image_import" NdJson;
     /// `DELETE /v1/images/{name}`.
     IMAGE_DELETE = Delete "/v1/images/{name}" "image_delete" Empty;
     /// `GET /v1/system/df`: what kiln's state takes on disk, and what could be reclaimed.

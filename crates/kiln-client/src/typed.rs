@@ -6,9 +6,10 @@ use kiln_api_types::routes;
 use kiln_api_types::{
     DiskUsage, DoctorReport, Event, ExecId, ExecInfo, ExecKillRequest, ExecList, ExecRequest,
     FileInfo, FileList, FileMkdirRequest, FileRenameRequest, Health, ImageBuildEvent,
-    ImageBuildRecipeRequest, ImageBuildRequest, ImageList, PingResponse, PruneReport, PruneRequest,
-    SandboxId, SandboxInfo, SandboxList, SandboxSpec, SandboxStartRequest, SecretsUpdateRequest,
-    SnapshotCreateRequest, SnapshotInfo, SnapshotList, TtlRequest,
+    ImageBuildRecipeRequest, ImageBuildRequest, ImageImportRequest, ImageList, PingResponse,
+    PruneReport, PruneRequest, SandboxId, SandboxInfo, SandboxList, SandboxSpec,
+    SandboxStartRequest, SecretsUpdateRequest, SnapshotCreateRequest, SnapshotInfo, SnapshotList,
+    TtlRequest,
 };
 
 use crate::{Client, Result, WsStream};
@@ -352,6 +353,20 @@ impl Client {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         self.stream_lines(routes::IMAGE_BUILD_RECIPE, &[], req, on_event)
+            .await
+    }
+
+    /// `POST /v1/imports`: imports a container image or a disk image; events as
+    /// [`Client::image_build`].
+    pub async fn image_import<E>(
+        &self,
+        req: &ImageImportRequest,
+        on_event: impl FnMut(ImageBuildEvent) -> Result<(), E>,
+    ) -> Result<()>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.stream_lines(routes::IMAGE_IMPORT, &[], req, on_event)
             .await
     }
 

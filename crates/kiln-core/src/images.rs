@@ -3,6 +3,8 @@
 //! stale, runs the (blocking) builder on a blocking thread with build guests from
 //! [`crate::build_guest`], and forwards its progress as [`ImageBuildEvent`]s.
 //!
+//! Imports (`kiln image import`) run the same way through [`kiln_image::import`].
+//!
 //! A client that disconnects does not cancel a build (the builder publishes atomically, so a
 //! finished build is simply there for the next request); its events are dropped.
 
@@ -67,19 +69,22 @@ fn find(home: &std::path::Path, src: &RecipeSource) -> Result<Found, CoreError> 
                     format!("its recipe file {} is gone: kept as built", path.display()),
                 ));
             }
+            // An import keeps its name even when a built-in recipe has it too: rebuilding
+            // it from that recipe would silently replace the imported image.
+            if let Some(m) = &existing
+                && let kiln_image::Base::Import { source, .. } = &m.recipe.from
+            {
+                let why = format!("imported from {source}: nothing to rebuild");
+                return Ok(Found::Kept(Box::new(m.clone()), why));
+            }
             if let Some(recipe) = kiln_image::builtin(name) {
                 return Ok(Found::Recipe(recipe, None));
             }
             match existing {
-                Some(m) => {
-                    let why = match &m.recipe.from {
-                        kiln_image::Base::Import { source } => {
-                            format!("imported from {source}: nothing to rebuild")
-                        }
-                        _ => "no recipe to rebuild it from: kept as built".to_owned(),
-                    };
-                    Ok(Found::Kept(Box::new(m), why))
-                }
+                Some(m) => Ok(Found::Kept(
+                    Box::new(m),
+                    "no recipe to rebuild it from: kept as built".to_owned(),
+                )),
                 None => Err(CoreError::RecipeNotFound {
                     name: name.clone(),
                     known: kiln_image::builtin_names().join(", "),
@@ -180,6 +185,48 @@ async fn build_chain(
     })
 }
 
+/// Checks an import before its stream starts (unknown scheme, missing file, a disk image of
+/// another format or with a backing file, no name): the request's fault, so `bad_request`.
+pub fn check_import(source: &str, name: Option<&str>) -> Result<String, CoreError> {
+    kiln_image::check_import(source, name).map_err(|e| match e {
+        kiln_image::ImageError::BadImport { .. } | kiln_image::ImageError::InvalidName { .. } => {
+            CoreError::BadRequest(kiln_image::error_chain(&e))
+        }
+        other => CoreError::Image(other),
+    })
+}
+
+/// Imports `source` as image `name` (see [`kiln_image::import`]), forwarding events.
+pub async fn import(
+    engine: &Arc<Engine>,
+    source: String,
+    name: Option<String>,
+    events: mpsc::Sender<ImageBuildEvent>,
+) -> Result<ImageInfo, CoreError> {
+    let cfg = kiln_image::BuildConfig {
+        home: engine.home.root().to_owned(),
+        agent_binary: crate::agent_binary()?,
+        mirror: None,
+        force: true,
+        keep_kernel: false,
+        recipe_path: None,
+    };
+    let mut guest = crate::build_guest::EngineBuildGuest {
+        rt: tokio::runtime::Handle::current(),
+        engine: Arc::clone(engine),
+        run_dir: engine.home.run_dir(),
+    };
+    let manifest = tokio::task::spawn_blocking(move || {
+        kiln_image::import(&cfg, &source, name.as_deref(), &mut guest, &mut |ev| {
+            // A slow or vanished client must not stall the import: drop what does not fit.
+            let _ = events.try_send(event(ev));
+        })
+    })
+    .await
+    .map_err(|e| CoreError::HostSetup(format!("image import task panicked: {e}")))??;
+    Ok(info(&manifest))
+}
+
 /// The API's form of a builder event.
 fn event(ev: kiln_image::BuildEvent) -> ImageBuildEvent {
     use kiln_image::BuildEvent as B;
@@ -241,12 +288,70 @@ pub fn info(m: &kiln_image::ImageManifest) -> ImageInfo {
         from: match &r.from {
             kiln_image::Base::Debian => format!("debian:{}", r.suite),
             kiln_image::Base::Image { name } => name.clone(),
-            kiln_image::Base::Import { source } => source.clone(),
+            kiln_image::Base::Import { source, .. } => source.clone(),
         },
         recipe_path: m.recipe_path.as_ref().map(|p| p.display().to_string()),
         entrypoint: r.entrypoint.clone(),
         cmd: r.cmd.clone(),
         cpus: r.cpus,
         memory_mib: r.memory_mib,
+        origin: m.origin.as_ref().map(|o| kiln_api_types::ImageOrigin {
+            source: o.source.clone(),
+            digest: o.digest.clone(),
+            os_release: o.os_release.clone(),
+            filesystem: o.filesystem.clone(),
+            partition: o.partition.clone(),
+            size_bytes: o.size_bytes,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn find_import_named_like_a_builtin_is_kept() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let mut recipe = kiln_image::Recipe::debian("base", "");
+        recipe.from = kiln_image::Base::Import {
+            source: "oci-archive:/x/base.tar".into(),
+            digest: "sha256:00".into(),
+        };
+        let m = kiln_image::ImageManifest {
+            schema: kiln_image::MANIFEST_SCHEMA,
+            id: kiln_image::ImageId("0123456789ab".into()),
+            name: "base".into(),
+            inputs: kiln_image::FingerprintInputs::new(&recipe, "", "k", "a", "", ""),
+            recipe,
+            fingerprint: "f".into(),
+            kernel_version: "k".into(),
+            kernel_release: "r".into(),
+            created_unix: 1,
+            files: Vec::new(),
+            rootfs_sha256: None,
+            recipe_path: None,
+            origin: None,
+        };
+        let dir = m.dir(home.path());
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        m.write(&dir.join(kiln_image::MANIFEST_FILE))
+            .expect("write");
+        match find(home.path(), &RecipeSource::Named("base".into())).expect("find") {
+            Found::Kept(kept, why) => {
+                assert_eq!(kept.name, "base");
+                assert!(
+                    why.contains("imported from oci-archive:/x/base.tar"),
+                    "{why}"
+                );
+            }
+            Found::Recipe(..) => panic!("the import would be rebuilt from the built-in recipe"),
+        }
+        // Without the import, the name is the built-in recipe again.
+        std::fs::remove_dir_all(&dir).expect("rm");
+        assert!(matches!(
+            find(home.path(), &RecipeSource::Named("base".into())).expect("find"),
+            Found::Recipe(..)
+        ));
     }
 }

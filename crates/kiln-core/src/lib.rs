@@ -988,6 +988,29 @@ impl Engine {
         images::check(self.home.root(), src)
     }
 
+    /// Checks an import source and name before an import streams (on a blocking thread:
+    /// a disk image is inspected with `qemu-img info`); returns the image name.
+    pub async fn image_import_check(
+        &self,
+        source: &str,
+        name: Option<&str>,
+    ) -> Result<String, CoreError> {
+        let (source, name) = (source.to_owned(), name.map(str::to_owned));
+        tokio::task::spawn_blocking(move || images::check_import(&source, name.as_deref()))
+            .await
+            .map_err(|e| CoreError::HostSetup(format!("import check task panicked: {e}")))?
+    }
+
+    /// Imports a container image or a disk image (see [`images::import`]).
+    pub async fn image_import(
+        self: &Arc<Self>,
+        source: String,
+        name: Option<String>,
+        events: mpsc::Sender<ImageBuildEvent>,
+    ) -> Result<ImageInfo, CoreError> {
+        images::import(self, source, name, events).await
+    }
+
     /// All built images.
     pub fn image_list(&self) -> Result<Vec<ImageInfo>, CoreError> {
         Ok(kiln_image::list(self.home.root())?

@@ -134,6 +134,7 @@ mod tests {
             files: Vec::new(),
             rootfs_sha256,
             recipe_path: None,
+            origin: None,
         }
     }
 

@@ -23,7 +23,7 @@
 //! the previous image as it was; readers ([`list`], [`get`]) never take the lock, they rely on
 //! the atomic swap. Booting guests is the caller's ([`BuildGuest`]): this crate boots nothing.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -124,7 +124,7 @@ fn no_source_recipe(m: &ImageManifest) -> ImageError {
             "packages cannot be added on top of image {}: it was {} and kiln has no recipe to bootstrap it again with more packages",
             m.name,
             match &m.recipe.from {
-                Base::Import { source } => format!("imported from {source}"),
+                Base::Import { source, .. } => format!("imported from {source}"),
                 _ => "built from a recipe file that is gone".to_owned(),
             }
         ),
@@ -320,29 +320,11 @@ pub fn build(
 ) -> Result<BuildOutcome, ImageError> {
     validate_name(&recipe.name)?;
     let mut recipe = recipe.clone();
-    let image_name = recipe.name.clone();
-    let mut current: Option<(u32, String, Instant)> = None;
-    let mut stage = |on_event: &mut dyn FnMut(BuildEvent), index: u32, name: &str| {
-        if let Some((i, n, t)) = current.take() {
-            on_event(BuildEvent::StageDone {
-                index: i,
-                name: n,
-                elapsed_ms: t.elapsed().as_millis() as u64,
-            });
-        }
-        tracing::info!(image = %image_name, stage = name, "image build stage");
-        on_event(BuildEvent::Stage {
-            index,
-            total: STAGES,
-            name: name.to_owned(),
-        });
-        current = Some((index, name.to_owned(), Instant::now()));
-    };
+    let mut stages = Stages::new(&recipe.name, STAGES);
 
     // 1. Inputs.
-    stage(on_event, 1, "resolve");
-    crate::elf::check_static_exec(&cfg.agent_binary)?;
-    let agent_sha256 = sha256_file(&cfg.agent_binary)?;
+    stages.begin(on_event, 1, "resolve");
+    let agent_sha256 = check_agent(cfg)?;
     let parent = resolve_parent(&cfg.home, &mut recipe)?;
     let flat = flatten(&cfg.home, &recipe, parent.as_ref())?;
     let env_mirror = std::env::var(MIRROR_ENV).ok();
@@ -375,18 +357,7 @@ pub fn build(
         short_id(&fingerprint)
     )));
 
-    let images = images_dir(&cfg.home);
-    std::fs::create_dir_all(&images).ctx("create directory", &images)?;
-    let _lock = publish::lock_name(&images, &recipe.name, &mut || {
-        on_event(BuildEvent::Log(format!(
-            "waiting for another build of {} to finish",
-            recipe.name
-        )));
-    })?;
-    // Held until the image is published: it reads the kernel it extracts into the cache
-    // before any image names that kernel, so `kiln prune` must leave the caches alone.
-    let _caches = publish::lock_caches_shared(&cfg.home)?;
-    publish::clean_stale_tmp(&images);
+    let (images, _lock, _caches) = lock_for_build(&cfg.home, &recipe.name, on_event)?;
     let existing = get(&cfg.home, &recipe.name)?;
     if let Some(existing) = &existing
         && !cfg.force
@@ -413,30 +384,18 @@ pub fn build(
     }
 
     // 2. Kernel.
-    stage(on_event, 2, "kernel");
+    stages.begin(on_event, 2, "kernel");
     let kernel = kernel::ensure_package(&cfg.home, &kpkg, &mut |line| {
         on_event(BuildEvent::Log(line.to_owned()));
     })?;
 
     let dest = images.join(&recipe.name);
     let manifest = publish::build_atomically(&dest, &recipe.name, |tmp| {
-        link_or_copy(&kernel.vmlinuz, &tmp.join(KERNEL_FILE))?;
-
-        // 3. Initramfs.
-        stage(on_event, 3, "initramfs");
-        let mods = modules::initramfs_modules(
-            &kernel.modules_dir,
-            &kernel.release,
-            &mut |done, total| {
-                on_event(BuildEvent::Progress { done, total });
-            },
-        )?;
-        let names: Vec<&str> = mods.iter().map(|m| m.file_name.as_str()).collect();
-        on_event(BuildEvent::Log(format!("modules: {}", names.join(" "))));
-        initramfs::write(&cfg.agent_binary, mods, &tmp.join(INITRAMFS_FILE))?;
+        stages.begin(on_event, 3, "initramfs");
+        boot_files(&kernel, &cfg.agent_binary, tmp, on_event)?;
 
         // 4. Root file system.
-        stage(on_event, 4, "rootfs");
+        stages.begin(on_event, 4, "rootfs");
         let rootfs_path = tmp.join(ROOTFS_FILE);
         // What the root file system and the build guest are made from: the recipe, or its
         // flattened plan when it adds packages to an extended image.
@@ -472,51 +431,17 @@ pub fn build(
                 }
             }
         }
-        let scratch = tmp.join("scratch");
-        std::fs::create_dir_all(&scratch).ctx("create directory", &scratch)?;
-        let boot = BootFiles {
-            kernel: &tmp.join(KERNEL_FILE),
-            initramfs: &tmp.join(INITRAMFS_FILE),
-            rootfs: &rootfs_path,
-            scratch: &scratch,
-        };
+        let dir = BuildDir::create(tmp)?;
 
         // 5. Files and build steps, in a guest.
-        stage(on_event, 5, "steps");
+        stages.begin(on_event, 5, "steps");
         if plan.has_guest_steps() {
-            guest.apply(&boot, plan, on_event)?;
+            guest.apply(&dir.boot(), plan, on_event)?;
         } else {
             on_event(BuildEvent::Log("no files or build steps".to_owned()));
         }
 
-        // 6. Compaction: blocks freed by the steps (or never used) become holes.
-        stage(on_event, 6, "compact");
-        let before = FileSize::of(&rootfs_path)?;
-        compact(&rootfs_path, &mut |line| {
-            on_event(BuildEvent::Log(line.to_owned()))
-        })?;
-        let after = FileSize::of(&rootfs_path)?;
-        on_event(BuildEvent::Compacted {
-            apparent_bytes: after.apparent_bytes,
-            before_bytes: before.allocated_bytes,
-            after_bytes: after.allocated_bytes,
-        });
-
-        // 7. Self-test: a fresh guest of the finished files.
-        stage(on_event, 7, "self-test");
-        guest.self_test(&boot, &recipe, on_event)?;
-        publish::safe_remove(&scratch)?;
-
-        // 8. Publish.
-        stage(on_event, 8, "publish");
-        // The exact disk, recorded once: every snapshot taken over it records it too, and a
-        // rebuild under the same id records another.
-        let hashed_at = Instant::now();
-        let rootfs_sha256 = crate::fingerprint::sha256_sparse(&rootfs_path)?;
-        on_event(BuildEvent::Log(format!(
-            "rootfs sha256 {rootfs_sha256} ({} ms)",
-            hashed_at.elapsed().as_millis()
-        )));
+        // 6-8. Compaction, self-test, publish.
         let manifest = ImageManifest {
             schema: MANIFEST_SCHEMA,
             id: ImageId(short_id(&fingerprint)),
@@ -526,30 +451,207 @@ pub fn build(
             inputs: inputs.clone(),
             kernel_version: kernel.version.clone(),
             kernel_release: kernel.release.clone(),
-            created_unix: unix_now(),
-            files: [KERNEL_FILE, INITRAMFS_FILE, ROOTFS_FILE]
-                .iter()
-                .map(|name| ImageFile::measure(tmp, name))
-                .collect::<Result<_, _>>()?,
-            rootfs_sha256: Some(rootfs_sha256),
+            created_unix: 0,
+            files: Vec::new(),
+            rootfs_sha256: None,
             recipe_path: cfg.recipe_path.clone(),
+            origin: None,
         };
-        manifest.write(&tmp.join(MANIFEST_FILE))?;
-        publish::seal_image(tmp)?;
-        Ok(manifest)
+        finish_stages(&dir, guest, &mut stages, 6, manifest, on_event)
     })?;
-    if let Some((index, name, t)) = current.take() {
-        on_event(BuildEvent::StageDone {
-            index,
-            name,
-            elapsed_ms: t.elapsed().as_millis() as u64,
-        });
-    }
+    stages.finish(on_event);
     on_event(BuildEvent::Log(format!(
         "built image {} ({})",
         manifest.name, manifest.id
     )));
     Ok(BuildOutcome::Built(manifest))
+}
+
+/// The files of an image inside its build directory, and a scratch directory beside them.
+pub(crate) struct BuildDir {
+    tmp: PathBuf,
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    rootfs: PathBuf,
+    scratch: PathBuf,
+}
+
+impl BuildDir {
+    /// The files in the build directory `tmp`; creates its scratch directory.
+    pub(crate) fn create(tmp: &Path) -> Result<BuildDir, ImageError> {
+        let scratch = tmp.join("scratch");
+        std::fs::create_dir_all(&scratch).ctx("create directory", &scratch)?;
+        Ok(BuildDir {
+            tmp: tmp.to_owned(),
+            kernel: tmp.join(KERNEL_FILE),
+            initramfs: tmp.join(INITRAMFS_FILE),
+            rootfs: tmp.join(ROOTFS_FILE),
+            scratch,
+        })
+    }
+
+    /// The files for booting a guest.
+    pub(crate) fn boot(&self) -> BootFiles<'_> {
+        BootFiles {
+            kernel: &self.kernel,
+            initramfs: &self.initramfs,
+            rootfs: &self.rootfs,
+            scratch: &self.scratch,
+        }
+    }
+}
+
+/// The last three stages of every image (numbered from `first`): compaction (blocks freed by
+/// build steps, or never used, become holes), the self-test (a fresh guest of the finished
+/// files: [`BuildGuest::self_test`] with `manifest.recipe`) and publish
+/// ([`seal_with_manifest`]). Returns the sealed manifest; the caller renames the directory
+/// into place.
+pub(crate) fn finish_stages(
+    dir: &BuildDir,
+    guest: &mut dyn BuildGuest,
+    stages: &mut Stages,
+    first: u32,
+    manifest: ImageManifest,
+    on_event: &mut dyn FnMut(BuildEvent),
+) -> Result<ImageManifest, ImageError> {
+    stages.begin(on_event, first, "compact");
+    compact_reporting(&dir.rootfs, on_event)?;
+    stages.begin(on_event, first + 1, "self-test");
+    guest.self_test(&dir.boot(), &manifest.recipe, on_event)?;
+    publish::safe_remove(&dir.scratch)?;
+    stages.begin(on_event, first + 2, "publish");
+    seal_with_manifest(&dir.tmp, manifest, on_event)
+}
+
+/// Reports a pipeline's stages: each [`BuildEvent::Stage`] ends the previous one with a
+/// [`BuildEvent::StageDone`] (builds and imports share it).
+pub(crate) struct Stages {
+    image: String,
+    total: u32,
+    current: Option<(u32, String, Instant)>,
+}
+
+impl Stages {
+    /// A pipeline of `total` stages for image `image`.
+    pub(crate) fn new(image: &str, total: u32) -> Stages {
+        Stages {
+            image: image.to_owned(),
+            total,
+            current: None,
+        }
+    }
+
+    /// Ends the current stage (if any) and begins stage `index` called `name`.
+    pub(crate) fn begin(&mut self, on_event: &mut dyn FnMut(BuildEvent), index: u32, name: &str) {
+        self.finish(on_event);
+        tracing::info!(image = %self.image, stage = name, "image build stage");
+        on_event(BuildEvent::Stage {
+            index,
+            total: self.total,
+            name: name.to_owned(),
+        });
+        self.current = Some((index, name.to_owned(), Instant::now()));
+    }
+
+    /// Ends the current stage, if any.
+    pub(crate) fn finish(&mut self, on_event: &mut dyn FnMut(BuildEvent)) {
+        if let Some((index, name, t)) = self.current.take() {
+            on_event(BuildEvent::StageDone {
+                index,
+                name,
+                elapsed_ms: t.elapsed().as_millis() as u64,
+            });
+        }
+    }
+}
+
+/// Checks that the agent is a static executable; returns its sha256 (a fingerprint input).
+pub(crate) fn check_agent(cfg: &BuildConfig) -> Result<String, ImageError> {
+    crate::elf::check_static_exec(&cfg.agent_binary)?;
+    sha256_file(&cfg.agent_binary)
+}
+
+/// Takes the exclusive lock on `name` (saying so when another build holds it) and the shared
+/// lock on the caches, and removes stale `.tmp-*` directories. Returns the images directory
+/// and both locks, held until the image is published: the build reads the kernel it extracts
+/// into the cache before any image names that kernel, so `kiln prune` must leave the caches
+/// alone meanwhile.
+pub(crate) fn lock_for_build(
+    home: &Path,
+    name: &str,
+    on_event: &mut dyn FnMut(BuildEvent),
+) -> Result<(PathBuf, publish::NameLock, publish::CacheLock), ImageError> {
+    let images = images_dir(home);
+    std::fs::create_dir_all(&images).ctx("create directory", &images)?;
+    let lock = publish::lock_name(&images, name, &mut || {
+        on_event(BuildEvent::Log(format!(
+            "waiting for another build of {name} to finish"
+        )));
+    })?;
+    let caches = publish::lock_caches_shared(home)?;
+    publish::clean_stale_tmp(&images);
+    Ok((images, lock, caches))
+}
+
+/// Puts the kernel and a fresh initramfs (its modules closure and the agent as `/init`) into
+/// the build directory `tmp`.
+pub(crate) fn boot_files(
+    kernel: &kernel::Kernel,
+    agent_binary: &Path,
+    tmp: &Path,
+    on_event: &mut dyn FnMut(BuildEvent),
+) -> Result<(), ImageError> {
+    link_or_copy(&kernel.vmlinuz, &tmp.join(KERNEL_FILE))?;
+    let mods =
+        modules::initramfs_modules(&kernel.modules_dir, &kernel.release, &mut |done, total| {
+            on_event(BuildEvent::Progress { done, total });
+        })?;
+    let names: Vec<&str> = mods.iter().map(|m| m.file_name.as_str()).collect();
+    on_event(BuildEvent::Log(format!("modules: {}", names.join(" "))));
+    initramfs::write(agent_binary, mods, &tmp.join(INITRAMFS_FILE)).map(drop)
+}
+
+/// [`compact`]s `rootfs` and reports the sizes before and after as [`BuildEvent::Compacted`].
+pub(crate) fn compact_reporting(
+    rootfs: &Path,
+    on_event: &mut dyn FnMut(BuildEvent),
+) -> Result<(), ImageError> {
+    let before = FileSize::of(rootfs)?;
+    compact(rootfs, &mut |line| {
+        on_event(BuildEvent::Log(line.to_owned()))
+    })?;
+    let after = FileSize::of(rootfs)?;
+    on_event(BuildEvent::Compacted {
+        apparent_bytes: after.apparent_bytes,
+        before_bytes: before.allocated_bytes,
+        after_bytes: after.allocated_bytes,
+    });
+    Ok(())
+}
+
+/// The publish stage inside the build directory `tmp`: records the exact disk's sha256 (every
+/// snapshot taken over it records it too, and a rebuild under the same id records another),
+/// the creation time and the files' sizes in `manifest`, writes it and seals the files.
+pub(crate) fn seal_with_manifest(
+    tmp: &Path,
+    mut manifest: ImageManifest,
+    on_event: &mut dyn FnMut(BuildEvent),
+) -> Result<ImageManifest, ImageError> {
+    let hashed_at = Instant::now();
+    let rootfs_sha256 = crate::fingerprint::sha256_sparse(&tmp.join(ROOTFS_FILE))?;
+    on_event(BuildEvent::Log(format!(
+        "rootfs sha256 {rootfs_sha256} ({} ms)",
+        hashed_at.elapsed().as_millis()
+    )));
+    manifest.rootfs_sha256 = Some(rootfs_sha256);
+    manifest.created_unix = unix_now();
+    manifest.files = [KERNEL_FILE, INITRAMFS_FILE, ROOTFS_FILE]
+        .iter()
+        .map(|name| ImageFile::measure(tmp, name))
+        .collect::<Result<_, _>>()?;
+    manifest.write(&tmp.join(MANIFEST_FILE))?;
+    publish::seal_image(tmp)?;
+    Ok(manifest)
 }
 
 fn unix_now() -> u64 {
@@ -785,6 +887,7 @@ mod tests {
         let mut imported = sample("imp");
         imported.recipe.from = Base::Import {
             source: "oci-archive:/x.tar".into(),
+            digest: String::new(),
         };
         install(h, &imported);
         let mut on_import = Recipe::debian("c2", "");

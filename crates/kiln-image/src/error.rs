@@ -47,6 +47,16 @@ pub enum ImageError {
         detail: String,
     },
 
+    /// An import source that cannot be imported: an unknown scheme, a missing file, a disk
+    /// image without an ext2/3/4 root file system, ...
+    #[error("cannot import {input}: {reason}")]
+    BadImport {
+        /// The source as given.
+        input: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// An image or recipe name that cannot be used as a directory name.
     #[error("invalid image name {name:?}: {reason}")]
     InvalidName {

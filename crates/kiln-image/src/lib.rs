@@ -16,12 +16,13 @@
 //! | `manifest`    | `manifest.json` and the file layout of one image                    |
 //! | `publish`     | temp dirs, atomic swap, per-name and cache locks, mount-safe removal, sealing |
 //! | `build`       | the stages in order, `list`/`get`/`remove`                          |
+//! | `import`      | `kiln image import`: OCI images and disk images -> an image         |
 //!
 //! What it must not do: boot VMs (kiln-vmm does), know about sandboxes, or run anything async.
 //! Everything here is blocking; the daemon calls it from `spawn_blocking`.
 //!
 //! Host tools used: apt-cache, apt-get, dpkg-deb, mmdebstrap, mkfs.ext4 (and xz/zstd only for
-//! compressed modules). `scripts/setup-host` installs them.
+//! compressed modules); for imports skopeo, umoci, qemu-img, sfdisk, blkid, debugfs, dd. `scripts/setup-host` installs them.
 
 mod build;
 mod cmd;
@@ -29,6 +30,7 @@ mod cpio;
 mod elf;
 mod error;
 mod fingerprint;
+mod import;
 mod initramfs;
 mod kernel;
 mod manifest;
@@ -50,6 +52,9 @@ pub use elf::check_static_exec;
 pub use error::ImageError;
 pub use fingerprint::{
     FingerprintInputs, IMAGE_FORMAT_VERSION, fingerprint, sha256_file, sha256_sparse, short_id,
+};
+pub use import::{
+    ImportOrigin, ImportSource, OciRuntimeConfig, check_import, import, parse_os_release,
 };
 pub use kernel::{KERNEL_METAPACKAGE, Kernel, KernelPackage, ensure_kernel, resolve_kernel};
 pub use manifest::{

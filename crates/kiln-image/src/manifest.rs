@@ -120,6 +120,10 @@ pub struct ImageManifest {
     /// file changed and rebuild; `None` for built-in recipes and imports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipe_path: Option<std::path::PathBuf>,
+    /// Where an imported image came from and what was found in it (`kiln image import`);
+    /// `None` for built images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<crate::import::ImportOrigin>,
 }
 
 impl ImageManifest {
@@ -221,6 +225,7 @@ pub(crate) mod tests {
                 .to_vec(),
             rootfs_sha256: Some("e".repeat(64)),
             recipe_path: None,
+            origin: None,
         }
     }
 

@@ -42,6 +42,7 @@ fn image(name: &str, id: &str, kernel: &str) -> ImageManifest {
         files: Vec::new(),
         rootfs_sha256: None,
         recipe_path: None,
+        origin: None,
     }
 }
 

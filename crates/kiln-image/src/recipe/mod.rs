@@ -77,6 +77,10 @@ pub enum Base {
     Import {
         /// The source as given, e.g. `oci-archive:/path/app.tar`.
         source: String,
+        /// Content digest of the source (`sha256:…` of the OCI manifest, or of the disk
+        /// image file): part of the fingerprint. Empty in manifests written before it existed.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        digest: String,
     },
 }
 
