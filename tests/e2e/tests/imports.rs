@@ -290,6 +290,13 @@ fn imports_of_oci_docker_and_disk_images_boot_with_their_config() {
         before,
         "the user's qcow2 changed"
     );
+    // Imported images start from their warm snapshots like every image (the runs above
+    // captured them).
+    for name in [oci, disk] {
+        let (id, source) = k.create_json(&["--image", name]);
+        assert_eq!(source, "snapshot", "{name}");
+        assert_success(&k.run(&["rm", &id]), "kiln rm");
+    }
     // Not a qcow2: refused before anything streams, naming the format.
     let out = k.run(&[
         "image",
