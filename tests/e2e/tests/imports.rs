@@ -119,12 +119,13 @@ fn imports_of_oci_docker_and_disk_images_boot_with_their_config() {
     let k = Kiln::shared();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let (oci, layout_img, docker, disk, ext) = (
+    let (oci, layout_img, docker, disk, ext, noshell) = (
         "e2e-imp-oci",
         "e2e-imp-layout",
         "e2e-imp-docker",
         "e2e-imp-disk",
         "e2e-imp-ext",
+        "e2e-imp-noshell",
     );
 
     // 1. A container image: oci-archive, the layout itself, a docker-archive.
@@ -202,6 +203,54 @@ fn imports_of_oci_docker_and_disk_images_boot_with_their_config() {
         assert_success(&out, &format!("kiln run --image {name}"));
         assert_eq!(stdout(&out).trim(), "hello-from-env in /srv", "{name}");
     }
+
+    // An image without a shell: one static binary, no /bin/sh, no libc; the agent needs
+    // nothing from the image.
+    let bare = d.join("bare");
+    let bare_image = format!("{}:v1", bare.display());
+    let bare_bundle = d.join("bare-bundle");
+    let bb = bare_bundle.to_str().expect("utf-8");
+    tool(
+        "umoci init",
+        &["umoci", "init", "--layout", bare.to_str().expect("utf-8")],
+    );
+    tool("umoci new", &["umoci", "new", "--image", &bare_image]);
+    tool(
+        "umoci unpack",
+        &["umoci", "unpack", "--image", &bare_image, bb],
+    );
+    std::fs::create_dir_all(bare_bundle.join("rootfs/bin")).expect("mkdir");
+    std::fs::copy(BUSYBOX, bare_bundle.join("rootfs/bin/busybox")).expect("copy");
+    std::fs::write(bare_bundle.join("rootfs/hello"), "no shell here\n").expect("write");
+    tool(
+        "umoci repack",
+        &["umoci", "repack", "--image", &bare_image, bb],
+    );
+    tool(
+        "umoci config",
+        &[
+            "umoci",
+            "config",
+            "--image",
+            &bare_image,
+            "--config.entrypoint",
+            "/bin/busybox",
+            "--config.cmd",
+            "cat",
+            "--config.cmd",
+            "/hello",
+        ],
+    );
+    import(&k, &format!("oci:{bare_image}"), noshell);
+    let out = k.run(&["run", "--image", noshell]);
+    assert_success(&out, "kiln run on an image without a shell");
+    assert_eq!(stdout(&out), "no shell here\n");
+    let out = k.run(&["run", "--image", noshell, "--", "test", "-e", "/bin/sh"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the image has a /bin/sh: {out:?}"
+    );
 
     // 2. A partitioned qcow2: GPT, BIOS boot partition, then the root partition.
     let tree = d.join("disk-tree");
@@ -363,7 +412,7 @@ fn imports_of_oci_docker_and_disk_images_boot_with_their_config() {
     assert_success(&out, "kiln run --image (extended import)");
     assert_eq!(stdout(&out), "added-file\nstep-ran\nhello-from-env\n");
 
-    for name in [ext, oci, layout_img, docker, disk] {
+    for name in [ext, oci, layout_img, docker, disk, noshell] {
         let out = k.run(&["image", "rm", name]);
         assert_success(&out, &format!("kiln image rm {name}"));
     }
