@@ -65,6 +65,33 @@ impl Kiln {
         }
     }
 
+    /// A fresh home with its own copies of the shared images `names` (sparse copies, not a
+    /// link): for tests that measure or watch the images directory, which other tests build
+    /// into while they run. Its daemon is stopped on drop.
+    pub fn isolated_with_images(names: &[&str]) -> Kiln {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-e2e-")
+            .tempdir()
+            .expect("create temp home");
+        let images = dir.path().join("images");
+        std::fs::create_dir(&images).expect("mkdir images");
+        for name in names {
+            let out = Command::new("cp")
+                .args(["-a", "--sparse=always"])
+                .arg(shared_home().join("images").join(name))
+                .arg(&images)
+                .output()
+                .expect("run cp");
+            assert_success(&out, "copy an image");
+        }
+        Kiln {
+            bin: kiln_bin(),
+            home: dir.path().to_owned(),
+            mounted: false,
+            _own: Some(dir),
+        }
+    }
+
     /// Like [`Kiln::isolated`], on a tmpfs of `size_mib` MiB of its own (needs root): for
     /// filling the file system under a running sandbox. Unmounted when dropped.
     pub fn on_tmpfs(size_mib: u32) -> Kiln {

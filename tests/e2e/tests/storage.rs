@@ -1,8 +1,8 @@
 //! `kiln df` and `kiln prune` against a real home: the sizes `df` reports are what `du`
 //! measures, item by item; a dry run removes nothing; a prune removes exactly what nothing
 //! uses, reports the bytes `du` measured before, and leaves the warm snapshot a running
-//! sandbox was restored from (also once its image was rebuilt), and the shared images
-//! directory the home links to, alone.
+//! sandbox was restored from (also once its image was rebuilt), and the images, alone. The
+//! home has its own copy of `base` (other tests build into the shared images meanwhile).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -105,7 +105,7 @@ fn prune(k: &Kiln, dry_run: bool) -> (Vec<(String, u64, u64)>, Vec<String>, serd
     (reclaimed, kept, v)
 }
 
-/// Names (and sizes) of everything in the shared images directory, to prove it untouched.
+/// Names (and sizes) of everything in the images directory, to prove it untouched.
 fn listing(dir: &Path) -> Vec<(String, u64)> {
     let mut out: Vec<(String, u64)> = std::fs::read_dir(dir)
         .expect("read images")
@@ -127,7 +127,8 @@ fn write(path: &Path, len: usize) {
 #[test]
 #[ignore = "boots VMs: run by scripts/test"]
 fn df_matches_du_and_prune_removes_exactly_the_unused() {
-    let k = Kiln::isolated();
+    // Its own copy of `base`: the shared images directory changes while other tests build.
+    let k = Kiln::isolated_with_images(&["base"]);
     let home = k.home().to_owned();
     // One sandbox: the warm snapshot is captured, then restored for it.
     let (id, source) = k.create_json(&["--image", "base"]);
@@ -163,8 +164,8 @@ fn df_matches_du_and_prune_removes_exactly_the_unused() {
         "logs/sb-0000000000ff.console.log".to_owned(),
     ];
     planted.sort();
-    let shared_images = std::fs::canonicalize(home.join("images")).expect("images");
-    let images_before = listing(&shared_images);
+    let own_images = home.join("images");
+    let images_before = listing(&own_images);
 
     // df, bracketed by two du passes: where nothing changed between them, df must equal du
     // exactly (each item, both measures).
@@ -257,7 +258,7 @@ fn df_matches_du_and_prune_removes_exactly_the_unused() {
     for (path, apparent, disk) in &removed {
         assert!(
             !path.starts_with("images/") || path.starts_with("images/.tmp-"),
-            "prune removed {path} from the shared images"
+            "prune removed {path} from the images"
         );
         assert!(
             !home.join(path).exists(),
@@ -280,11 +281,7 @@ fn df_matches_du_and_prune_removes_exactly_the_unused() {
     assert_eq!(removed_paths, planted, "{report:#}");
     assert!(!kept.contains(&warm_rel) || warm.is_dir());
     assert!(warm.is_dir(), "the warm snapshot in use was removed");
-    assert_eq!(
-        listing(&shared_images),
-        images_before,
-        "the shared images changed"
-    );
+    assert_eq!(listing(&own_images), images_before, "the images changed");
 
     // The sandbox is unharmed, and nothing is left to reclaim.
     assert_success(&k.run(&["resume", &id]), "kiln resume");
@@ -310,13 +307,12 @@ fn df_matches_du_and_prune_removes_exactly_the_unused() {
     // digest, here in the home's own copy of the manifest): the warm snapshot is stale, but
     // the running sandbox was restored from it, so it is held, and goes once the sandbox
     // does.
-    std::fs::remove_file(home.join("images")).expect("unlink the shared images");
-    let mut manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(shared_images.join("base/manifest.json")).expect("read manifest"),
-    )
-    .expect("manifest json");
+    let manifest_path = own_images.join("base/manifest.json");
+    kiln_e2e::unseal(&manifest_path);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).expect("read manifest"))
+            .expect("manifest json");
     manifest["rootfs_sha256"] = "0".repeat(64).into();
-    std::fs::create_dir_all(home.join("images/base")).expect("mkdir");
     std::fs::write(
         home.join("images/base/manifest.json"),
         serde_json::to_vec(&manifest).expect("encode"),
@@ -351,11 +347,7 @@ fn df_matches_du_and_prune_removes_exactly_the_unused() {
         !warm.exists(),
         "the stale snapshot was reported removed but is there"
     );
-    assert_eq!(
-        listing(&shared_images),
-        images_before,
-        "the shared images changed"
-    );
+    assert_eq!(listing(&own_images), images_before, "the images changed");
 }
 
 fn item_of<'a>(items: &'a [Item], path: &str) -> &'a Item {
