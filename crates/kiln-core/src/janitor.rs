@@ -82,6 +82,9 @@ pub fn reclaim(home: &Home, store: &Store) -> Result<Reclaimed, CoreError> {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "could not clean snapshot build directories"),
     }
+    // Image build directories of a dead daemon (a build killed with it; its build guest's
+    // QEMU is found below `run/` like any other).
+    kiln_image::clean_stale_tmp(&home.images_dir());
     let rows = store.sandbox_list()?;
     let live: Vec<SandboxInfo> = rows
         .iter()
@@ -232,6 +235,14 @@ mod tests {
         let dir = home.sandbox_dir(&live);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("console.log"), vec![b'x'; 10_000]).unwrap();
+        // An image build directory of a dead builder (no process has this pid).
+        let dead_build = home.images_dir().join(format!(".tmp-app-{}", u32::MAX - 7));
+        std::fs::create_dir_all(dead_build.join("scratch")).unwrap();
+        // One of a live builder (this process).
+        let live_build = home
+            .images_dir()
+            .join(format!(".tmp-app-{}", std::process::id()));
+        std::fs::create_dir_all(&live_build).unwrap();
 
         let Reclaimed {
             report,
@@ -243,6 +254,8 @@ mod tests {
         );
         assert_eq!(report.dirs_removed, 1);
         assert!(report.bytes_freed >= 10_000, "freed {}", report.bytes_freed);
+        assert!(!dead_build.exists(), "a dead build's directory was kept");
+        assert!(live_build.exists(), "a live build's directory was removed");
         assert_eq!(report.sandboxes_failed, 1);
         assert_eq!(report.processes_killed, 0);
         assert!(!dir.exists());

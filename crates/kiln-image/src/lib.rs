@@ -62,7 +62,9 @@ pub use manifest::{
     MANIFEST_SCHEMA, ROOTFS_FILE, images_dir,
 };
 pub use modules::GUEST_MODULES;
-pub use publish::{CACHE_LOCK_FILE, CacheLock, safe_remove, tmp_pid, try_lock_caches};
+pub use publish::{
+    CACHE_LOCK_FILE, CacheLock, clean_stale_tmp, safe_remove, tmp_pid, try_lock_caches,
+};
 pub use recipe::file::load as load_recipe;
 pub use recipe::{
     Base, DEFAULT_SUITE, FileSource, GuestCommand, ProbeCheck, ReadinessProbe, Recipe, RecipeFile,

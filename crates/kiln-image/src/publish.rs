@@ -122,8 +122,9 @@ pub(crate) fn seal_image(dir: &Path) -> Result<(), ImageError> {
 }
 
 /// Removes `.tmp-*` directories in `dir` whose builder process is gone. Best effort: failures
-/// are logged, never fatal (a stale directory only wastes space).
-pub(crate) fn clean_stale_tmp(dir: &Path) {
+/// are logged, never fatal (a stale directory only wastes space). Every build runs it, and so
+/// does the daemon's startup janitor (a build killed with its daemon leaves one).
+pub fn clean_stale_tmp(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
