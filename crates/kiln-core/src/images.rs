@@ -180,7 +180,11 @@ async fn build_chain(
     .await
     .map_err(|e| CoreError::HostSetup(format!("image build task panicked: {e}")))??;
     Ok(match outcome {
-        kiln_image::BuildOutcome::Built(m) => (info(&m), false),
+        kiln_image::BuildOutcome::Built(m) => {
+            // The image it replaced leaves warm snapshots nothing can restore.
+            engine.discard_stale_warm().await;
+            (info(&m), false)
+        }
         kiln_image::BuildOutcome::UpToDate(m) => (info(&m), true),
     })
 }
@@ -224,6 +228,7 @@ pub async fn import(
     })
     .await
     .map_err(|e| CoreError::HostSetup(format!("image import task panicked: {e}")))??;
+    engine.discard_stale_warm().await;
     Ok(info(&manifest))
 }
 

@@ -1113,6 +1113,32 @@ impl Engine {
         .map_err(|e| CoreError::HostSetup(format!("prune task panicked: {e}")))?
     }
 
+    /// After a build or import replaced an image: the warm snapshots nothing can restore any
+    /// more (of an image id that is gone, or of a same-id rebuild's old disk) and no sandbox
+    /// uses are removed now, instead of waiting for `kiln prune` (each is about the size of
+    /// guest RAM). Best effort: what cannot go is left to `kiln prune`, which says why.
+    pub(crate) async fn discard_stale_warm(self: &Arc<Self>) {
+        let engine = Arc::clone(self);
+        let done = tokio::task::spawn_blocking(move || {
+            let (mut survey, _caches) = engine.storage_survey()?;
+            survey
+                .entries
+                .retain(|e| e.kind == kiln_api_types::UsageKind::WarmSnapshots);
+            Ok::<_, CoreError>(storage::prune(&survey, false, &mut |e| engine.prune_one(e)))
+        })
+        .await;
+        match done {
+            Ok(Ok(report)) if !report.reclaimed.is_empty() => info!(
+                removed = report.reclaimed.len(),
+                disk_bytes = report.reclaimed_disk_bytes,
+                "stale warm snapshots removed after an image build"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %e.chain(), "could not look for stale warm snapshots"),
+            Err(e) => warn!(error = %e, "stale warm snapshot removal panicked"),
+        }
+    }
+
     /// Surveys the home with the engine's facts. The caches' lock is returned held when no
     /// build holds it (`None`: a build runs, and the caches are left alone).
     fn storage_survey(

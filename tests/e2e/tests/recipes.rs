@@ -180,6 +180,26 @@ owner = "nobody"
         stderr(&out)
     );
 
+    // The parent's warm snapshot (captured by the runs above), by its image id.
+    let warm_of = |name: &str| -> Vec<String> {
+        let out = k.run(&["image", "ls", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+        let id = v["images"]
+            .as_array()
+            .expect("images")
+            .iter()
+            .find(|i| i["name"] == name)
+            .map(|i| i["id"].as_str().expect("id").to_owned())
+            .expect("image listed");
+        std::fs::read_dir(k.home().join("snapshots"))
+            .expect("snapshots dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&format!("warm-{id}-")))
+            .collect()
+    };
+    let app_warm = warm_of(app);
+    assert!(!app_warm.is_empty(), "no warm snapshot of {app}");
+
     // 5. A changed file of the parent: running the child rebuilds both, saying why.
     write(&d.join("greeting.txt"), "hello v2\n");
     let out = k.run(&["run", "--image", tool]);
@@ -200,6 +220,13 @@ owner = "nobody"
             && log.contains("the image it extends"),
         "{log}"
     );
+    // The rebuild took the replaced image's warm snapshots along (nothing can restore them).
+    for gone in &app_warm {
+        assert!(
+            !k.home().join("snapshots").join(gone).exists(),
+            "{gone} outlived the image it was taken of"
+        );
+    }
 
     // 6. Bad recipes: file, line, column, key and what was expected.
     let bad = d.join("bad.toml");
