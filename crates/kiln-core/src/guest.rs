@@ -62,7 +62,41 @@ pub async fn run(
     stdin: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<GuestRun, CoreError> {
+    run_in(agent, argv, stdin, timeout, &ImageEnv::default()).await
+}
+
+/// The image's environment and working directory, for its guest commands (`on_boot`, the
+/// readiness probe, `on_restore`). They run as root (they start and configure services),
+/// not as the image's `user`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageEnv {
+    /// The recipe's `env`.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// The recipe's `workdir`.
+    pub workdir: Option<String>,
+}
+
+impl ImageEnv {
+    /// What `recipe` sets.
+    pub fn of(recipe: &kiln_image::Recipe) -> ImageEnv {
+        ImageEnv {
+            env: recipe.env.clone(),
+            workdir: recipe.workdir.clone(),
+        }
+    }
+}
+
+/// [`run`] with the image's environment and working directory.
+async fn run_in(
+    agent: &AgentClient,
+    argv: &[String],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+    image: &ImageEnv,
+) -> Result<GuestRun, CoreError> {
     let mut req = ExecRequest::new(argv.iter().cloned());
+    req.env = image.env.clone();
+    req.cwd = image.workdir.clone();
     req.stdin = stdin.is_some();
     req.timeout_ms = Some(timeout.as_millis().max(1) as u64);
     let mut session = agent.exec(req).await.map_err(CoreError::Agent)?;
@@ -100,9 +134,14 @@ pub async fn run(
 }
 
 /// Runs `cmd` and fails with `what` and the command's output unless it exits 0.
-async fn run_checked(agent: &AgentClient, cmd: &GuestCommand, what: &str) -> Result<(), CoreError> {
+async fn run_checked(
+    agent: &AgentClient,
+    cmd: &GuestCommand,
+    what: &str,
+    image: &ImageEnv,
+) -> Result<(), CoreError> {
     let timeout = Duration::from_millis(cmd.timeout_ms.max(1));
-    let r = run(agent, &cmd.argv, None, timeout).await?;
+    let r = run_in(agent, &cmd.argv, None, timeout, image).await?;
     if r.code == 0 {
         Ok(())
     } else {
@@ -115,18 +154,23 @@ async fn run_checked(agent: &AgentClient, cmd: &GuestCommand, what: &str) -> Res
 
 /// After a cold boot: the image's `on_boot` commands in order, then its readiness probe.
 pub async fn prepare(agent: &AgentClient, recipe: &kiln_image::Recipe) -> Result<(), CoreError> {
+    let image = ImageEnv::of(recipe);
     for cmd in &recipe.on_boot {
-        run_checked(agent, cmd, "the image's on-boot command").await?;
+        run_checked(agent, cmd, "the image's on-boot command", &image).await?;
     }
     if let Some(probe) = &recipe.readiness_probe {
-        wait_ready(agent, probe).await?;
+        wait_ready(agent, probe, &image).await?;
     }
     Ok(())
 }
 
 /// Retries the probe until it passes or its deadline passes; the error quotes the last
 /// attempt.
-pub async fn wait_ready(agent: &AgentClient, probe: &ReadinessProbe) -> Result<(), CoreError> {
+pub async fn wait_ready(
+    agent: &AgentClient,
+    probe: &ReadinessProbe,
+    image: &ImageEnv,
+) -> Result<(), CoreError> {
     let started = Instant::now();
     let deadline = Duration::from_millis(probe.deadline_ms);
     let interval = Duration::from_millis(probe.interval_ms.max(10));
@@ -136,7 +180,7 @@ pub async fn wait_ready(agent: &AgentClient, probe: &ReadinessProbe) -> Result<(
         let last = match &probe.check {
             ProbeCheck::Command(cmd) => {
                 let timeout = Duration::from_millis(cmd.timeout_ms.max(1));
-                let r = run(agent, &cmd.argv, None, timeout).await?;
+                let r = run_in(agent, &cmd.argv, None, timeout, image).await?;
                 if r.code == 0 {
                     return Ok(());
                 }
@@ -274,8 +318,12 @@ pub async fn purge_channel(agent: &AgentClient) -> Result<(), CoreError> {
 }
 
 /// Runs the image's on-restore hook; its failure (or timeout) is an error quoting its output.
-pub async fn run_hook(agent: &AgentClient, hook: &GuestCommand) -> Result<(), CoreError> {
-    run_checked(agent, hook, "the image's on-restore hook").await
+pub async fn run_hook(
+    agent: &AgentClient,
+    hook: &GuestCommand,
+    image: &ImageEnv,
+) -> Result<(), CoreError> {
+    run_checked(agent, hook, "the image's on-restore hook", image).await
 }
 
 #[cfg(test)]
@@ -311,12 +359,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn guest_commands_get_the_images_env_and_workdir() {
+        let a = agent().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let workdir = dir.path().to_str().expect("utf-8").to_owned();
+        let mut recipe = kiln_image::Recipe::debian("x", "bookworm");
+        recipe.env.insert("KILN_T".into(), "from-recipe".into());
+        recipe.workdir = Some(workdir.clone());
+        let check = format!("test \"$KILN_T\" = from-recipe && test \"$(pwd)\" = '{workdir}'");
+        recipe.on_boot.push(cmd(&check, 10_000));
+        recipe.readiness_probe = Some(ReadinessProbe {
+            check: ProbeCheck::Command(cmd(&check, 10_000)),
+            interval_ms: 10,
+            deadline_ms: 10_000,
+        });
+        prepare(&a, &recipe)
+            .await
+            .expect("on_boot and the probe see env and workdir");
+        run_hook(&a, &cmd(&check, 10_000), &ImageEnv::of(&recipe))
+            .await
+            .expect("the hook sees them");
+        // Without them the same check fails: the test can tell.
+        let err = run_hook(&a, &cmd(&check, 10_000), &ImageEnv::default())
+            .await
+            .expect_err("no env");
+        assert!(err.to_string().contains("on-restore hook"), "{err}");
+    }
+
+    #[tokio::test]
     async fn hook_that_hangs_is_killed_at_its_deadline_with_a_clear_error() {
         let a = agent().await;
         let t = Instant::now();
-        let err = run_hook(&a, &cmd("echo started; sleep 30", 300))
-            .await
-            .expect_err("a hanging hook fails");
+        let err = run_hook(
+            &a,
+            &cmd("echo started; sleep 30", 300),
+            &ImageEnv::default(),
+        )
+        .await
+        .expect_err("a hanging hook fails");
         let msg = err.to_string();
         assert!(
             msg.contains("on-restore hook") && msg.contains("did not finish within 300 ms"),
@@ -332,13 +412,17 @@ mod tests {
     #[tokio::test]
     async fn failing_hook_reports_status_and_output() {
         let a = agent().await;
-        let msg = run_hook(&a, &cmd("echo 'role does not exist' >&2; exit 3", 10_000))
-            .await
-            .expect_err("exit 3 fails")
-            .to_string();
+        let msg = run_hook(
+            &a,
+            &cmd("echo 'role does not exist' >&2; exit 3", 10_000),
+            &ImageEnv::default(),
+        )
+        .await
+        .expect_err("exit 3 fails")
+        .to_string();
         assert!(msg.contains("exited with status 3"), "{msg}");
         assert!(msg.contains("role does not exist"), "{msg}");
-        run_hook(&a, &cmd("true", 10_000))
+        run_hook(&a, &cmd("true", 10_000), &ImageEnv::default())
             .await
             .expect("exit 0 passes");
     }
@@ -360,7 +444,9 @@ mod tests {
             interval_ms: 10,
             deadline_ms: 30_000,
         };
-        wait_ready(&a, &probe).await.expect("ready");
+        wait_ready(&a, &probe, &ImageEnv::default())
+            .await
+            .expect("ready");
         let attempts = std::fs::read_to_string(&counter)
             .expect("counter")
             .lines()
@@ -376,7 +462,7 @@ mod tests {
             interval_ms: 20,
             deadline_ms: 300,
         };
-        let msg = wait_ready(&a, &probe)
+        let msg = wait_ready(&a, &probe, &ImageEnv::default())
             .await
             .expect_err("never ready")
             .to_string();
@@ -394,11 +480,11 @@ mod tests {
             interval_ms: 20,
             deadline_ms: 300,
         };
-        wait_ready(&a, &probe(port))
+        wait_ready(&a, &probe(port), &ImageEnv::default())
             .await
             .expect("listening port is ready");
         drop(listener);
-        let msg = wait_ready(&a, &probe(port))
+        let msg = wait_ready(&a, &probe(port), &ImageEnv::default())
             .await
             .expect_err("closed port is not ready")
             .to_string();

@@ -365,7 +365,7 @@ impl Engine {
                 guest::deliver_secrets(sb.agent(), &l.secrets).await?;
             }
             if let Some(hook) = &l.hook {
-                guest::run_hook(sb.agent(), hook).await?;
+                guest::run_hook(sb.agent(), hook, &l.defaults.image_env()).await?;
             }
             ports::serve(&sb, l.bound)?;
             self.store

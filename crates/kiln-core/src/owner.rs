@@ -704,13 +704,13 @@ async fn rotate_secrets(sb: &Sandbox, secrets: &Secrets) -> Result<(), CoreError
         .extend(secrets.0.iter().map(|(k, v)| (k.clone(), v.clone())));
     merged.validate().map_err(CoreError::BadRequest)?;
     guest::deliver_secrets(sb.agent(), secrets).await?;
-    let hook = {
+    let (hook, image) = {
         let mut extras = sb.extras();
         extras.secrets = merged;
-        extras.hook.clone()
+        (extras.hook.clone(), extras.defaults.image_env())
     };
     if let Some(hook) = hook {
-        guest::run_hook(sb.agent(), &hook).await?;
+        guest::run_hook(sb.agent(), &hook, &image).await?;
     }
     info!(sandbox_id = %sb.id(), count = secrets.0.len(), "secrets rotated");
     Ok(())

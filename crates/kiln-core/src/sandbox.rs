@@ -111,6 +111,14 @@ impl ExecDefaults {
         }
     }
 
+    /// The environment and working directory the image's guest commands run with.
+    pub(crate) fn image_env(&self) -> crate::guest::ImageEnv {
+        crate::guest::ImageEnv {
+            env: self.env.clone(),
+            workdir: self.workdir.clone(),
+        }
+    }
+
     /// Fills in what `req` leaves open.
     pub fn apply(&self, req: &mut kiln_agent_host::ExecRequest) -> Result<(), CoreError> {
         for (k, v) in &self.env {

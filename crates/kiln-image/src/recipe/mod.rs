@@ -209,9 +209,10 @@ impl Recipe {
         }
     }
 
-    /// Whether building needs a build guest (files to copy or steps to run).
+    /// Whether building needs a build guest (files to copy, steps to run, or a working
+    /// directory to create, as Docker's `WORKDIR` does).
     pub fn has_guest_steps(&self) -> bool {
-        !self.files.is_empty() || !self.run.is_empty()
+        !self.files.is_empty() || !self.run.is_empty() || self.workdir.is_some()
     }
 
     /// The default command of a sandbox of this image with `args` given by the user:
