@@ -94,11 +94,7 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
             progress,
             json,
         } => {
-            let progress = match (json, progress) {
-                (true, _) => Progress::Json,
-                (false, Some(p)) => *p,
-                (false, None) => Progress::auto(),
-            };
+            let progress = Progress::chosen(*json, *progress);
             let target = Target::parse(recipe, name.as_deref())?;
             let (image, up_to_date) =
                 build(client, &target, *force, false, progress, false).await?;
@@ -113,11 +109,7 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
             progress,
             json,
         } => {
-            let progress = match (json, progress) {
-                (true, _) => Progress::Json,
-                (false, Some(p)) => *p,
-                (false, None) => Progress::auto(),
-            };
+            let progress = Progress::chosen(*json, *progress);
             let target = Target::Import(absolute_source(source)?, name.clone());
             let (image, _) = build(client, &target, false, false, progress, false).await?;
             if progress != Progress::Json {
@@ -220,6 +212,16 @@ pub enum Progress {
 }
 
 impl Progress {
+    /// What `--json` and `--progress` ask for: JSON with `--json`, else the flag, else
+    /// [`Progress::auto`].
+    fn chosen(json: bool, progress: Option<Progress>) -> Progress {
+        match (json, progress) {
+            (true, _) => Progress::Json,
+            (false, Some(p)) => p,
+            (false, None) => Progress::auto(),
+        }
+    }
+
     /// `tty` when stderr is a terminal, else `plain`.
     pub fn auto() -> Progress {
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
