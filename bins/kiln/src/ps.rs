@@ -228,6 +228,12 @@ fn describe_event(ev: &kiln_api_types::Event) -> String {
         EventKind::ExecStarted { argv } => format!("exec {}", argv.join(" ")),
         EventKind::ExecEnded { status } => format!("exec ended (exit {})", status.shell_code()),
         EventKind::Warning { message } => format!("warning: {message}"),
+        EventKind::NetworkRefused { refusal } => format!(
+            "network refused {} {} ({})",
+            refusal.protocol,
+            refusal.destination,
+            refusal.reason.describe()
+        ),
     };
     format!("{} {} {what}", ev.time_unix_ms, ev.sandbox)
 }

@@ -78,6 +78,15 @@ pub struct SandboxOpts {
     /// Remove the sandbox after this long without exec, file or tunnel activity.
     #[arg(long, value_name = "DURATION")]
     pub idle_timeout: Option<String>,
+    /// Network: `none` (default, no network device), `nat` (outbound internet, never the
+    /// host, its loopback, private or link-local ranges), `allow=RULE[,RULE...]` (only what
+    /// the rules name: `example.org`, `*.example.org`, `10.1.2.0/24:5432`), or `bridge`
+    /// (a tap on kiln's bridge; needs root).
+    #[arg(long, value_name = "MODE", default_value = "none")]
+    pub network: String,
+    /// With `--network bridge`: sandboxes sharing a group reach each other by name.
+    #[arg(long, value_name = "GROUP")]
+    pub network_group: Option<String>,
 }
 
 impl SandboxOpts {
@@ -152,6 +161,23 @@ impl SandboxOpts {
         })
     }
 
+    /// The network of `--network` and `--network-group`.
+    pub fn network(&self) -> anyhow::Result<kiln_api_types::NetworkSpec> {
+        let spec: kiln_api_types::NetworkSpec = self
+            .network
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--network: {e}"))?;
+        let group = self
+            .network_group
+            .as_deref()
+            .map(|g| {
+                g.parse()
+                    .map_err(|e| anyhow::anyhow!("--network-group: {e}"))
+            })
+            .transpose()?;
+        spec.with_group(group).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
     /// The spec of these options with `source` (the rest: secrets, ports, lifetime, ...).
     pub fn request_from(&self, source: SandboxSource) -> anyhow::Result<SandboxSpec> {
         let duration = |flag: &str, v: &Option<String>| -> anyhow::Result<Option<u64>> {
@@ -190,6 +216,7 @@ impl SandboxOpts {
                         .map_err(|m: String| anyhow::anyhow!("--publish: {m}"))
                 })
                 .collect::<anyhow::Result<_>>()?,
+            network: self.network()?,
         };
         spec.validate().map_err(|e| {
             anyhow::anyhow!(

@@ -40,6 +40,7 @@ pub use storage::{
 pub mod execs;
 pub mod files;
 pub mod names;
+pub mod network;
 pub mod sandbox;
 
 pub use execs::{ExecId, ExecInfo, ExecKillRequest, ExecList, ExecState, parse_signal};
@@ -51,6 +52,10 @@ pub use files::{
 pub use names::{
     ImageName, InvalidInput, Label, LabelKey, Labels, SandboxName, SnapshotName,
     parse_duration_secs,
+};
+pub use network::{
+    NetRule, NetRules, NetStats, NetworkGroup, NetworkSpec, NetworkStatus, NetworkUpdate, Refusal,
+    RefusalReason,
 };
 pub use sandbox::{
     Event, EventKind, Lifetime, MachineSpec, SandboxFilter, SandboxInfo, SandboxSource,

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::names::{ImageName, InvalidInput, Labels, SandboxName, SnapshotName, check_duration};
+use crate::network::{NetworkSpec, NetworkStatus, Refusal};
 use crate::{
     DEFAULT_CPUS, DEFAULT_IMAGE, DEFAULT_MEMORY_MIB, MAX_CPUS, MAX_MEMORY_MIB, MAX_PUBLISHED_PORTS,
     MIN_CPUS, MIN_MEMORY_MIB, PortMapping, SandboxId, Secrets,
@@ -169,6 +170,13 @@ pub struct SandboxSpec {
     /// Host ports on 127.0.0.1 tunnelled to guest ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<PortMapping>,
+    /// Its network (default: none, no network device).
+    #[serde(default, skip_serializing_if = "is_none_network")]
+    pub network: NetworkSpec,
+}
+
+fn is_none_network(n: &NetworkSpec) -> bool {
+    *n == NetworkSpec::None
 }
 
 impl SandboxSpec {
@@ -190,6 +198,7 @@ impl SandboxSpec {
             machine.validate()?;
         }
         self.lifetime.validate()?;
+        self.network.validate()?;
         if self.publish.len() > MAX_PUBLISHED_PORTS {
             return Err(InvalidInput::TooMany {
                 what: "published ports",
@@ -388,6 +397,9 @@ pub struct SandboxStatus {
     /// to the request that started it; not kept.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Its network while it runs (absent for network `none` and when not running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkStatus>,
 }
 
 /// What the API says about one sandbox: its id, the spec it was created with (secret
@@ -438,6 +450,12 @@ pub enum EventKind {
     Removed {
         /// Why (`removed`, `ttl expired`, `idle timeout`).
         reason: String,
+    },
+    /// The network filter refused a connection or a DNS question (rate-limited: at most a
+    /// few per second per sandbox; `kiln inspect` keeps the newest 64).
+    NetworkRefused {
+        /// What was refused and why.
+        refusal: Refusal,
     },
     /// A command started.
     ExecStarted {

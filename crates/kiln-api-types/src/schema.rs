@@ -61,6 +61,20 @@ macro_rules! named_string_schema {
 }
 
 named_string_schema!(
+    crate::network::NetworkGroup,
+    "NetworkGroup",
+    "^[a-z0-9][a-z0-9_-]{0,31}$",
+    "A bridge network group: sandboxes sharing one reach each other.",
+    "web"
+);
+named_string_schema!(
+    crate::network::NetRule,
+    "NetRule",
+    "^[^,]+$",
+    "An egress rule: a domain (`example.org`, `*.example.org`) or an IPv4 network (`10.1.2.0/24`, `10.1.2.3`), each with an optional `:PORT`.",
+    "*.example.org:443"
+);
+named_string_schema!(
     ImageName,
     "ImageName",
     "^[a-z0-9][a-z0-9_-]{0,63}$",

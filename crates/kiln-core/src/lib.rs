@@ -255,6 +255,7 @@ impl Engine {
                 expires_unix: spec.lifetime.ttl_secs.map(|t| created_unix + t),
                 error: None,
                 warnings: Vec::new(),
+                network: None,
             },
         };
         if let Err(e) = self.store.sandbox_insert(&row) {

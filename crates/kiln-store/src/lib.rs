@@ -477,6 +477,7 @@ impl RawRow {
                 boot_ms: self.boot_ms.map(|v| v.max(0) as u64),
                 error: self.error,
                 warnings: Vec::new(),
+                network: None,
                 source: StartSource::from_str(&self.source).map_err(|e| corrupt(&e))?,
                 snapshot: self.snapshot,
                 expires_unix: self.expires_unix.map(|v| v.max(0) as u64),
