@@ -1,0 +1,64 @@
+//! Sandbox networks. A guest with a network has one virtio-net device; what is behind it
+//! depends on the mode (`kiln_api_types::NetworkSpec`):
+//!
+//! ```text
+//!  allow / nat:  guest ─ virtio-net ─ QEMU -netdev stream (unix socket, QEMU listens)
+//!                  ─▶ kiln relay (relay.rs: every guest frame through filter.rs; DNS answered
+//!                     by dns.rs) ─▶ socketpair ─▶ passt --no-map-gw (host sockets)
+//!  bridge:       guest ─ virtio-net ─ QEMU -netdev tap ─ tap ─ kiln bridge ─ nftables
+//!                  (bridge/: links, address pool, rules in kiln's own table, DNS server)
+//! ```
+//!
+//! Must not: know about sandboxes' lifecycles or the store (the engine calls in with
+//! addresses and policies), or start QEMU.
+
+pub mod addr;
+pub mod bridge;
+pub mod dns;
+pub mod filter;
+pub mod inspect;
+pub mod passt;
+pub mod relay;
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+/// A MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// A random unicast, locally administered address (`x2:..`, `x6:..`, `xa:..`, `xe:..`).
+    pub fn random() -> Mac {
+        let mut b: [u8; 6] = rand::random();
+        b[0] = (b[0] & 0xfc) | 0x02;
+        Mac(b)
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+/// What the guest's interface is configured with (by the agent, after boot and after every
+/// restore): fresh per sandbox and per restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestNet {
+    /// The interface's MAC.
+    pub mac: Mac,
+    /// The guest's address.
+    pub address: Ipv4Addr,
+    /// Its subnet's prefix length.
+    pub prefix_len: u8,
+    /// Default gateway; also the DNS server the guest is given.
+    pub gateway: Ipv4Addr,
+    /// MTU of the link.
+    pub mtu: u16,
+}
