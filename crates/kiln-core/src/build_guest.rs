@@ -142,6 +142,7 @@ impl EngineBuildGuest {
             memory_shared: false,
             run_dir: run_dir.clone(),
             incoming: None,
+            nic: None,
         };
         let vm = match Vm::spawn(&config).await {
             Ok(vm) => vm,

@@ -274,6 +274,7 @@ mod tests {
             id: id.clone(),
             spec: kiln_api_types::SandboxSpec::default(),
             status: kiln_api_types::SandboxStatus {
+                network: None,
                 state,
                 image: "base".parse().unwrap(),
                 image_id: "x".into(),

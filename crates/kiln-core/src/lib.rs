@@ -279,6 +279,7 @@ impl Engine {
                 Some(u) => u.mode,
                 None => self.snapshot_mode(qemu_info),
             },
+            nic: None,
         };
         let mut warnings = Vec::new();
         let started = match &user_snap {
@@ -478,6 +479,7 @@ impl Engine {
             home: self.home.root(),
             machine: snap.machine,
             mode: snap.mode,
+            nic: None,
         };
         let run_dir = self.home.sandbox_dir(id);
         remove_dir(&run_dir);
@@ -925,6 +927,7 @@ impl Engine {
                 memory_mib: row.status.memory_mib,
             },
             mode: self.snapshot_mode(qemu),
+            nic: sb.vm().config().nic.clone(),
         };
         let what = format!("for sandbox {id} to be {what}");
         let disk = std::fs::metadata(sb.vm().config().run_dir.join("disk.qcow2"))
@@ -1393,6 +1396,7 @@ mod tests {
                 ..SandboxSpec::default()
             },
             status: SandboxStatus {
+                network: None,
                 state: SandboxState::Stopped,
                 image: "base".parse().unwrap(),
                 image_id: "x".into(),

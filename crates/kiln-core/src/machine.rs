@@ -30,6 +30,10 @@ pub struct MachinePlan<'a> {
     /// or `FullRam` (RAM in the `state` stream, copied into every restore; for QEMUs without
     /// `x-ignore-shared`, and for comparison in `kiln bench snapshot`).
     pub mode: CaptureMode,
+    /// The network device, if the sandbox has a network. Its backend is this VM's (a
+    /// capture gets an unconnected stream); warm snapshots with and without one are kept
+    /// apart by [`MachinePlan::name`].
+    pub nic: Option<kiln_vmm::Nic>,
 }
 
 impl MachinePlan<'_> {
@@ -39,8 +43,9 @@ impl MachinePlan<'_> {
             CaptureMode::IgnoreShared => "",
             CaptureMode::FullRam => "-fullram",
         };
+        let net = if self.nic.is_some() { "-net" } else { "" };
         format!(
-            "warm-{}-{}c{}m{suffix}",
+            "warm-{}-{}c{}m{net}{suffix}",
             self.image.id, self.machine.cpus, self.machine.memory_mib
         )
     }
@@ -67,6 +72,19 @@ impl MachinePlan<'_> {
             memory_shared: shared,
             run_dir: run_dir.to_owned(),
             incoming: None,
+            nic: self.nic.clone(),
+        }
+    }
+
+    /// The same plan with the network device's backend replaced by an unconnected stream:
+    /// what a warm capture runs with (the device state is the same for every backend).
+    pub fn for_capture(&self) -> MachinePlan<'_> {
+        MachinePlan {
+            nic: self.nic.as_ref().map(|n| kiln_vmm::Nic {
+                mac: n.mac.clone(),
+                backend: kiln_vmm::NicBackend::Stream,
+            }),
+            ..*self
         }
     }
 
@@ -141,6 +159,7 @@ mod tests {
     fn fingerprint_of(image: &kiln_image::ImageManifest) -> SnapshotFingerprint {
         let qemu = qemu();
         let plan = MachinePlan {
+            nic: None,
             qemu: &qemu,
             accel: Accel::Tcg,
             image,

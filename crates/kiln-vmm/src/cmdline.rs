@@ -115,6 +115,35 @@ pub struct VmConfig {
     pub run_dir: PathBuf,
     /// Start waiting for an incoming migration instead of booting.
     pub incoming: Option<Incoming>,
+    /// The network device, if the VM has one (`None`: no NIC at all).
+    #[serde(default)]
+    pub nic: Option<Nic>,
+}
+
+/// A VM's one network device: `virtio-net-pci` with `mac`, and what its frames go to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Nic {
+    /// MAC address (`aa:bb:cc:dd:ee:ff`). A restored guest keeps the captured one until the
+    /// agent sets a fresh one; only the frames' backend must be the restoring VM's.
+    pub mac: String,
+    /// Where the frames go.
+    pub backend: NicBackend,
+}
+
+/// The backend of a [`Nic`]. Not device state: a snapshot captured with one is restored with
+/// the other ([`device_fingerprint`] leaves it out).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum NicBackend {
+    /// `-netdev stream`: QEMU listens on [`RunPaths::net_socket`]; each frame is preceded by
+    /// its length (4 bytes, big-endian). kiln's relay connects (and reconnects after a daemon
+    /// restart). Nobody connected: frames go nowhere.
+    Stream,
+    /// `-netdev tap` on an existing (persistent) tap device.
+    Tap {
+        /// The tap's interface name.
+        ifname: String,
+    },
 }
 
 /// The files of a runtime directory (see `docs/architecture.md`, state directory).
@@ -134,6 +163,8 @@ pub struct RunPaths {
     pub pidfile: PathBuf,
     /// The [`VmConfig`] QEMU was started with (JSON), for [`crate::Vm::attach`].
     pub config_file: PathBuf,
+    /// The network device's frames with [`NicBackend::Stream`] (QEMU listens).
+    pub net_socket: PathBuf,
 }
 
 impl RunPaths {
@@ -147,6 +178,7 @@ impl RunPaths {
             qemu_log: run_dir.join("qemu.log"),
             pidfile: run_dir.join("qemu.pid"),
             config_file: run_dir.join("vm.json"),
+            net_socket: run_dir.join("net.sock"),
         }
     }
 }
@@ -242,6 +274,23 @@ pub fn build_args(cfg: &VmConfig) -> Vec<OsString> {
         );
         a.push("-device").push("virtio-blk-pci,drive=disk0");
     }
+    if let Some(nic) = &cfg.nic {
+        match &nic.backend {
+            NicBackend::Stream => a.push("-netdev").push(opt([
+                "stream,id=net0,server=on,addr.type=unix,addr.path=".as_ref(),
+                escape(paths.net_socket.as_os_str()).as_os_str(),
+            ])),
+            NicBackend::Tap { ifname } => a.push("-netdev").push(opt([
+                "tap,id=net0,script=no,downscript=no,vhost=off,ifname=".as_ref(),
+                escape(OsStr::new(ifname)).as_os_str(),
+            ])),
+        };
+        // No option ROM: kiln boots the kernel directly, never from the network.
+        a.push("-device").push(format!(
+            "virtio-net-pci,netdev=net0,romfile=,mac={}",
+            nic.mac
+        ));
+    }
     // `-S` with `-incoming`: a loaded VM stays paused until the host says `cont`, even when
     // the stream came from a running (live-migrated) VM.
     match &cfg.incoming {
@@ -269,7 +318,9 @@ const FINGERPRINT_CONSOLE_CHARDEV: &str = "file,id=console,path=/run/console.log
 /// accelerator, CPU model, vCPUs, memory size and backend, the device list and their
 /// options, disk presence and format, the agent port. Left out because they legitimately
 /// differ between a capture and its clones: every host path (run directory, sockets, logs,
-/// memory file, disk file), `share=on/off`, `-incoming`, the VM name. Left out because they
+/// memory file, disk file), `share=on/off`, `-incoming`, the VM name, the network device's
+/// MAC and backend (the MAC is migrated device state, and the agent sets a fresh one after
+/// every restore; the backend is host plumbing). Left out because they
 /// do not affect device state: the kernel command line, and the kernel/initramfs *paths*
 /// (digesting their *content* is the caller's job, as for the rootfs).
 pub fn device_fingerprint(cfg: &VmConfig) -> String {
@@ -284,6 +335,10 @@ pub fn device_fingerprint(cfg: &VmConfig) -> String {
         memory_shared: true,
         run_dir: PathBuf::from("/run"),
         incoming: None,
+        nic: cfg.nic.as_ref().map(|_| Nic {
+            mac: "02:00:00:00:00:00".to_owned(),
+            backend: NicBackend::Stream,
+        }),
         ..cfg.clone()
     };
     let mut h = Sha256::new();
@@ -359,7 +414,15 @@ mod tests {
             memory_shared: true,
             run_dir: "/run/kiln/sb1".into(),
             incoming: None,
+            nic: None,
         }
+    }
+
+    fn nic(mac: &str, backend: NicBackend) -> Option<Nic> {
+        Some(Nic {
+            mac: mac.into(),
+            backend,
+        })
     }
 
     fn strings(args: &[OsString]) -> Vec<String> {
@@ -531,5 +594,60 @@ mod tests {
         assert!(cmd.contains("cryptomgr.notests"));
         let args = strings(&build_args(&config()));
         assert_eq!(values(&args, "-append"), [kernel_cmdline(&config())]);
+    }
+
+    #[test]
+    fn nic_backends_and_mac_reach_the_command_line() {
+        let args = strings(&build_args(&config()));
+        assert!(
+            values(&args, "-netdev").is_empty(),
+            "no NIC without one: {args:?}"
+        );
+        let stream = strings(&build_args(&VmConfig {
+            nic: nic("02:11:22:33:44:55", NicBackend::Stream),
+            ..config()
+        }));
+        assert_eq!(
+            values(&stream, "-netdev"),
+            ["stream,id=net0,server=on,addr.type=unix,addr.path=/run/kiln/sb1/net.sock"]
+        );
+        assert!(
+            values(&stream, "-device")
+                .contains(&"virtio-net-pci,netdev=net0,romfile=,mac=02:11:22:33:44:55"),
+            "{stream:?}"
+        );
+        let tap = strings(&build_args(&VmConfig {
+            nic: nic(
+                "02:11:22:33:44:55",
+                NicBackend::Tap {
+                    ifname: "kt-0123456789ab".into(),
+                },
+            ),
+            ..config()
+        }));
+        assert_eq!(
+            values(&tap, "-netdev"),
+            ["tap,id=net0,script=no,downscript=no,vhost=off,ifname=kt-0123456789ab"]
+        );
+    }
+
+    #[test]
+    fn fingerprint_sees_a_nic_but_not_its_mac_or_backend() {
+        let none = device_fingerprint(&config());
+        let stream = device_fingerprint(&VmConfig {
+            nic: nic("02:00:00:00:00:01", NicBackend::Stream),
+            ..config()
+        });
+        let tap = device_fingerprint(&VmConfig {
+            nic: nic(
+                "02:00:00:00:00:02",
+                NicBackend::Tap {
+                    ifname: "kt-x".into(),
+                },
+            ),
+            ..config()
+        });
+        assert_ne!(none, stream, "a NIC is device state");
+        assert_eq!(stream, tap, "MAC and backend are not");
     }
 }

@@ -33,7 +33,7 @@ pub mod snapshot;
 mod vm;
 
 pub use accel::{Accel, AccelVerdict};
-pub use cmdline::{Incoming, RunPaths, VmConfig, device_fingerprint};
+pub use cmdline::{Incoming, Nic, NicBackend, RunPaths, VmConfig, device_fingerprint};
 pub use error::VmmError;
 pub use overlay::{BackingFormat, create_overlay, create_overlay_with, rebase_overlay};
 pub use process::VmExit;

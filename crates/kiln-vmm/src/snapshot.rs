@@ -737,6 +737,7 @@ mod tests {
             memory_shared: false,
             run_dir: dir.join("run"),
             incoming: None,
+            nic: None,
         }
     }
 
@@ -791,6 +792,7 @@ mod tests {
             memory_shared: false,
             run_dir: dir.path().to_owned(),
             incoming: None,
+            nic: None,
         };
         assert!(matches!(check_memory_file(&cfg), Err(VmmError::Io { .. })));
         let f = std::fs::File::create(&mem).expect("create");

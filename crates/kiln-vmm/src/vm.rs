@@ -368,6 +368,7 @@ fn validate(cfg: &VmConfig) -> Result<(), VmmError> {
         &paths.qmp_socket,
         &paths.agent_socket,
         &paths.console_socket,
+        &paths.net_socket,
     ] {
         if sock.as_os_str().len() > MAX_SOCKET_PATH {
             return invalid(format!(
@@ -466,6 +467,7 @@ mod tests {
             memory_shared: true,
             run_dir: run_dir.to_owned(),
             incoming: None,
+            nic: None,
         }
     }
 

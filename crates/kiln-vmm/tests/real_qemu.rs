@@ -24,6 +24,7 @@ fn env_path(name: &str) -> PathBuf {
 
 fn config(run_dir: &Path, extra: &str) -> VmConfig {
     VmConfig {
+        nic: None,
         qemu: kiln_vmm::qemu::find_binary().expect("qemu installed"),
         accel: Accel::Tcg,
         cpus: 1,
@@ -330,6 +331,7 @@ async fn image_config(run_dir: &Path, base: &Path, format: BackingFormat) -> VmC
         .await
         .expect("overlay");
     VmConfig {
+        nic: None,
         qemu: kiln_vmm::qemu::find_binary().expect("qemu installed"),
         accel: Accel::Tcg,
         cpus: 1,

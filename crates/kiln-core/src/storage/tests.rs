@@ -9,6 +9,7 @@ fn row(id: &SandboxId, state: SandboxState, snapshot: Option<&str>, image_id: &s
         id: id.clone(),
         spec: SandboxSpec::default(),
         status: SandboxStatus {
+            network: None,
             state,
             image: "base".parse().unwrap(),
             image_id: image_id.into(),
