@@ -497,6 +497,7 @@ mod tests {
             id: SandboxId::random(),
             spec: SandboxSpec::default(),
             status: SandboxStatus {
+                network: None,
                 state: SandboxState::Creating,
                 image: "python".parse().unwrap(),
                 image_id: "abc".into(),
