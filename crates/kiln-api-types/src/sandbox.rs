@@ -674,6 +674,7 @@ mod tests {
             id: SandboxId::random(),
             spec: SandboxSpec::default(),
             status: SandboxStatus {
+                network: None,
                 state: SandboxState::Running,
                 image: "python".parse().unwrap(),
                 image_id: "x".into(),
