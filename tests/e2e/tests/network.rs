@@ -217,7 +217,6 @@ fn allow_mode_reaches_named_hosts_only_and_network_set_switches_policy() {
             resolve("www.allowed.test"),
             http("allowed.test", None),
             https("www.allowed.test", None, None),
-            echo("allowed.test", ECHO_PORT, "kiln-echo"),
         ],
     );
     for x in &r[..2] {
@@ -233,7 +232,6 @@ fn allow_mode_reaches_named_hosts_only_and_network_set_switches_policy() {
         body(expect_ok(&r[3], "https www.allowed.test"))
             .contains("server=tls host=www.allowed.test")
     );
-    assert_eq!(expect_ok(&r[4], "echo")["echoed"], "kiln-echo");
 
     // Forbidden: other names (NXDOMAIN), the allowed address with another name in the TLS
     // SNI or HTTP Host (other.test is in the certificate: only kiln can stop it), the
@@ -282,7 +280,7 @@ fn allow_mode_reaches_named_hosts_only_and_network_set_switches_policy() {
         "bytes: {before:?} → {after:?}"
     );
     assert!(
-        after.2 >= before.2 + 3,
+        after.2 >= before.2 + 2,
         "connections: {before:?} → {after:?}"
     );
     assert!(after.3 >= before.3 + 8, "refused: {before:?} → {after:?}");
