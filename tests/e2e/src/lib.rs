@@ -11,6 +11,8 @@
 //! files are immutable (issue 8): an isolated home clears their flags before it is removed,
 //! and tests that damage such a file on purpose call [`unseal`] first.
 
+pub mod testnet;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -21,6 +23,8 @@ pub struct Kiln {
     home: PathBuf,
     /// A file system mounted at `home` by [`Kiln::on_tmpfs`], unmounted on drop.
     mounted: bool,
+    /// Extra environment of every `kiln` command (and so of the daemon it starts).
+    env: Vec<(String, String)>,
     _own: Option<tempfile::TempDir>,
 }
 
@@ -45,6 +49,7 @@ impl Kiln {
             bin: kiln_bin(),
             home: shared_home(),
             mounted: false,
+            env: Vec::new(),
             _own: None,
         }
     }
@@ -61,6 +66,7 @@ impl Kiln {
             bin: kiln_bin(),
             home: dir.path().to_owned(),
             mounted: false,
+            env: Vec::new(),
             _own: Some(dir),
         }
     }
@@ -88,6 +94,7 @@ impl Kiln {
             bin: kiln_bin(),
             home: dir.path().to_owned(),
             mounted: false,
+            env: Vec::new(),
             _own: Some(dir),
         }
     }
@@ -113,8 +120,17 @@ impl Kiln {
             bin: kiln_bin(),
             home: dir.path().to_owned(),
             mounted: true,
+            env: Vec::new(),
             _own: Some(dir),
         }
+    }
+
+    /// Adds `key=value` to the environment of every `kiln` command of this home, and so of
+    /// the daemon the first one starts: for daemon settings such as `KILN_NET_DNS`. Only
+    /// meaningful on a home whose daemon is not running yet (an isolated one).
+    pub fn with_env(mut self, key: &str, value: &str) -> Kiln {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
     }
 
     /// The state directory.
@@ -133,6 +149,7 @@ impl Kiln {
         let mut c = Command::new(&self.bin);
         c.args(args)
             .env("KILN_HOME", &self.home)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         c
     }
