@@ -985,6 +985,21 @@ impl Filter {
         Ok(())
     }
 
+    /// Forgets every flow, resetting open TCP connections towards the guest (passt was
+    /// restarted and lost their host sockets).
+    pub fn reset_all(&mut self, out: &mut Output) {
+        let keys: Vec<Key> = self.flows.keys().copied().collect();
+        for key in keys {
+            let open = self.flows.get(&key).is_some_and(|f| !f.closed());
+            if key.proto == Proto::Tcp && open {
+                self.reset_both(key, None, out);
+            }
+        }
+        // The RSTs meant for passt would reach a fresh passt that never saw these flows.
+        out.to_passt.clear();
+        self.flows.clear();
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn tcp_frame(
         &self,
