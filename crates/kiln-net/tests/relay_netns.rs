@@ -10,6 +10,8 @@
 //! Needs root (namespaces, taps): without it the test fails with a message saying so.
 
 #![allow(unsafe_code)]
+// Tests may unwrap (house style); helpers here are not `#[test]` functions.
+#![allow(clippy::unwrap_used)]
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -348,7 +350,7 @@ async fn relay_netns_inner() {
         let mut buf = vec![0u8; 65536 + 14];
         loop {
             let mut guard = tap_r.readable().await.unwrap();
-            match guard.try_io(|f| (&*f.get_ref()).read(&mut buf)) {
+            match guard.try_io(|f| f.get_ref().read(&mut buf)) {
                 Ok(Ok(n)) => {
                     let mut b = (n as u32).to_be_bytes().to_vec();
                     b.extend_from_slice(&buf[..n]);
@@ -373,7 +375,7 @@ async fn relay_netns_inner() {
             cr.read_exact(&mut frame[..n]).await.unwrap();
             loop {
                 let mut guard = tap_w.writable().await.unwrap();
-                match guard.try_io(|f| (&*f.get_ref()).write(&frame[..n])) {
+                match guard.try_io(|f| f.get_ref().write(&frame[..n])) {
                     Ok(_) => break,
                     Err(_) => continue,
                 }
