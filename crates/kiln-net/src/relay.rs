@@ -18,6 +18,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -171,6 +172,8 @@ enum Ctl {
 
 struct Shared {
     filter: Mutex<Filter>,
+    /// The running passt's pid (0 while none).
+    passt_pid: AtomicU32,
 }
 
 impl Shared {
@@ -216,6 +219,7 @@ impl Relay {
         let p = passt::spawn(&cfg.passt, &cfg.guest)?;
         let shared = Arc::new(SharedDebug(Shared {
             filter: Mutex::new(filter),
+            passt_pid: AtomicU32::new(p.child.id().unwrap_or(0)),
         }));
         let (ctl_tx, ctl_rx) = mpsc::channel(8);
         let span = tracing::info_span!("kiln-net-relay", guest = %cfg.guest.address);
@@ -253,6 +257,11 @@ impl RelayHandle {
     /// once: later calls return `None`.
     pub fn refusals(&mut self) -> Option<mpsc::Receiver<Refusal>> {
         self.refusals.take()
+    }
+
+    /// The pid of the running passt, if any.
+    pub fn passt_pid(&self) -> Option<u32> {
+        Some(self.shared.0.passt_pid.load(Ordering::Relaxed)).filter(|p| *p != 0)
     }
 
     /// Whether the relay task still runs.
@@ -330,11 +339,13 @@ async fn run(
                 Ok(None) | Err(_) => {
                     // passt closed its end: it is exiting. Let the wait branch restart it.
                     let status = child.wait().await;
+                    shared.0.passt_pid.store(0, Ordering::Relaxed);
                     tracing::warn!(?status, "passt exited; restarting");
                     let wait = PASST_RESTART_EVERY.saturating_sub(last_passt_start.elapsed());
                     tokio::time::sleep(wait).await;
                     let p = passt::spawn(&cfg.passt, &cfg.guest)?;
                     child = p.child;
+                    shared.0.passt_pid.store(child.id().unwrap_or(0), Ordering::Relaxed);
                     last_passt_start = Instant::now();
                     let (r, w) = p.stream.into_split();
                     pr = FrameReader::new(r, "passt");
@@ -394,5 +405,96 @@ mod tests {
         let (a, b) = tokio::io::duplex(64);
         drop(a);
         assert!(FrameReader::new(b, "qemu").next().await.unwrap().is_none());
+    }
+
+    use std::net::Ipv4Addr;
+
+    use tokio::net::UnixListener;
+
+    use crate::Mac;
+
+    fn config(sock: PathBuf) -> RelayConfig {
+        RelayConfig {
+            qemu_socket: sock,
+            guest: GuestNet {
+                mac: Mac([2, 0, 0, 0, 0, 1]),
+                address: Ipv4Addr::new(10, 0, 2, 15),
+                prefix_len: 24,
+                gateway: Ipv4Addr::new(10, 0, 2, 2),
+                mtu: passt::DEFAULT_MTU,
+            },
+            spec: NetworkSpec::Nat,
+            upstream_dns: vec![],
+            passt: PathBuf::from("passt"),
+        }
+    }
+
+    fn alive(pid: u32) -> bool {
+        // A killed child may linger as a zombie until reaped: count that as gone.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.split(") ").nth(1).unwrap_or("").starts_with('Z'))
+            .unwrap_or(false)
+    }
+
+    async fn poll_until(what: &str, mut f: impl FnMut() -> bool) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < until, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn relay_reconnects_when_qemu_side_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("net.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        let h = Relay::start(config(sock)).await.unwrap();
+        let (first, _) = l.accept().await.unwrap();
+        drop(first);
+        let second = tokio::time::timeout(Duration::from_secs(10), l.accept()).await;
+        assert!(second.is_ok(), "the relay connected again");
+        assert!(h.is_running());
+        h.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn relay_bad_frame_length_ends_with_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("net.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        let h = Relay::start(config(sock)).await.unwrap();
+        let (mut c, _) = l.accept().await.unwrap();
+        c.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        poll_until("the relay to stop", || !h.is_running()).await;
+        let e = h.shutdown().await.unwrap_err();
+        assert!(
+            matches!(e, RelayError::BadFrame { from: "qemu", .. }),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn relay_restarts_passt_and_drop_kills_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("net.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        let h = Relay::start(config(sock)).await.unwrap();
+        let _c = l.accept().await.unwrap();
+        let first = h.passt_pid().expect("passt runs");
+        assert!(alive(first));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(first as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        poll_until("a new passt", || h.passt_pid().is_some_and(|p| p != first)).await;
+        let second = h.passt_pid().unwrap();
+        assert!(alive(second));
+        drop(h);
+        poll_until("passt to end after the handle is dropped", || {
+            !alive(second)
+        })
+        .await;
     }
 }
