@@ -220,7 +220,10 @@ impl Flow {
     fn expired(&self, proto: Proto, now: Instant) -> bool {
         let idle = now.saturating_duration_since(self.last);
         match (proto, &self.tcp) {
-            (Proto::Tcp, Some(t)) if t.server_next.is_none() => idle >= TCP_EMBRYONIC_IDLE,
+            // Not yet established, or still inspecting (holding bytes): short-lived.
+            (Proto::Tcp, Some(t)) if t.server_next.is_none() || t.hold.is_some() => {
+                idle >= TCP_EMBRYONIC_IDLE
+            }
             (Proto::Tcp, _) => idle >= TCP_IDLE,
             (Proto::Udp, _) => idle >= UDP_IDLE,
             (Proto::Icmp, _) => idle >= ICMP_IDLE,

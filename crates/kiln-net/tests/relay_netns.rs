@@ -180,7 +180,28 @@ elif mode == "dns":
     s.settimeout(10)
     s.sendto(q, ("10.0.2.2", 53))
     r = s.recv(512)
-    print("DNS rcode", r[3] & 15, "id", hex(struct.unpack(">H", r[:2])[0]))
+    an = struct.unpack(">H", r[6:8])[0]
+    ip = ".".join(str(b) for b in r[-4:]) if an else "-"
+    print("DNS rcode", r[3] & 15, "id", hex(struct.unpack(">H", r[:2])[0]), "answer", ip)
+elif mode == "http":
+    s = socket.create_connection((host, port), timeout=20)
+    s.sendall(("GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % sys.argv[4]).encode())
+    try:
+        d = s.recv(100)
+        print("HTTP", d.split(b"\r\n")[0].decode() if d else "eof")
+    except ConnectionResetError:
+        print("RESET")
+elif mode == "tls":
+    import ssl
+    ctx = ssl.create_default_context()
+    s = socket.create_connection((host, port), timeout=20)
+    try:
+        ctx.wrap_socket(s, server_hostname=sys.argv[4])
+        print("HANDSHAKE")
+    except ConnectionResetError:
+        print("RESET")
+    except Exception as e:
+        print("OTHER", type(e).__name__, e)
 elif mode == "hold":
     s = socket.create_connection((host, port), timeout=20)
     s.sendall(b"hello kiln\n")
@@ -204,6 +225,8 @@ print("LISTENING", flush=True)
 def serve(c):
     total = 0
     first = c.recv(65536)
+    if first.startswith(b"GET "):
+        c.sendall(b"HTTP/1.0 200 OK\r\n\r\nok"); c.close(); return
     if first.startswith(b"hello") or first.startswith(b"again"):
         while first:
             c.sendall(first)
@@ -320,6 +343,25 @@ async fn relay_netns_inner() {
         in_ns(&g.0, &cmd);
     }
 
+    // An upstream DNS server on the "host": every A question is 198.18.1.1.
+    let dns_sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let dns_addr = dns_sock.local_addr().unwrap();
+    let dns_task = tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        loop {
+            let Ok((n, from)) = dns_sock.recv_from(&mut buf).await else {
+                return;
+            };
+            let q = &buf[..n];
+            let mut r = q.to_vec();
+            r[2] = 0x81;
+            r[3] = 0x80;
+            r[6..8].copy_from_slice(&1u16.to_be_bytes());
+            r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 1, 44, 0, 4, 198, 18, 1, 1]);
+            let _ = dns_sock.send_to(&r, from).await;
+        }
+    });
+
     // QEMU's side: a listening unix socket bridged to the tap.
     let sock = dir.path().join("net.sock");
     let listener = UnixListener::bind(&sock).unwrap();
@@ -333,7 +375,7 @@ async fn relay_netns_inner() {
             mtu: 65520,
         },
         spec: "allow=198.18.1.1:8080".parse().unwrap(),
-        upstream_dns: vec![],
+        upstream_dns: vec![dns_addr],
         passt: PathBuf::from("passt"),
     })
     .await
@@ -485,7 +527,37 @@ async fn relay_netns_inner() {
     assert_eq!(rest.trim(), "AFTER reset", "{rest}");
     assert!(t.elapsed() < Duration::from_secs(5));
 
+    // Allowed by name: kiln's DNS answers, then the HTTP Host / TLS SNI decide.
+    relay
+        .set_policy("allow=test.kiln:8080".parse().unwrap())
+        .await
+        .unwrap();
+    let out = run(&["refused", SERVER, "8080"]).await;
+    assert!(out.starts_with("REFUSED"), "not resolved yet: {out}");
+    let out = run(&["dns", "test.kiln", "0"]).await;
+    assert!(
+        out.contains("DNS rcode 0 id 0x4242 answer 198.18.1.1"),
+        "{out}"
+    );
+    let out = run(&["http", SERVER, "8080", "test.kiln"]).await;
+    assert_eq!(out.trim(), "HTTP HTTP/1.0 200 OK");
+    let out = run(&["http", SERVER, "8080", "evil.kiln"]).await;
+    assert_eq!(out.trim(), "RESET");
+    let out = run(&["tls", SERVER, "8080", "evil.kiln"]).await;
+    assert_eq!(out.trim(), "RESET");
+    let (_, log) = relay.stats();
+    let mismatches: Vec<_> = log
+        .iter()
+        .filter(|r| r.reason == RefusalReason::NameMismatch)
+        .map(|r| r.name.clone())
+        .collect();
+    assert_eq!(
+        mismatches,
+        [Some("evil.kiln".to_string()), Some("evil.kiln".to_string())]
+    );
+
     relay.shutdown().await.unwrap();
+    dns_task.abort();
     up.abort();
     down.abort();
     drop(g);
