@@ -293,7 +293,44 @@ impl Drop for RelayHandle {
 
 type DnsDone = (DnsRequest, Result<dns::Resolved, dns::DnsError>);
 
-/// The relay task.
+/// Frames queued towards one socket. Each frame is written with its length in one `write`,
+/// so it reaches the socket as one piece whenever it fits in one socket buffer chunk: passt's
+/// reader (0.0~git20230309) drops a length header that arrives split from its frame.
+pub const WRITE_QUEUE: usize = 512;
+/// Least free room in a write queue before the relay reads more frames for it (one guest
+/// frame can release up to this many held frames).
+const QUEUE_HEADROOM: usize = 64;
+
+/// Starts a task writing the frames sent on the returned channel to `w`; it ends when the
+/// channel closes or a write fails (the reader of that socket then sees the end).
+fn spawn_writer<W: AsyncWrite + Unpin + Send + 'static>(
+    mut w: W,
+    to: &'static str,
+) -> mpsc::Sender<Vec<u8>> {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
+    tokio::spawn(async move {
+        while let Some(f) = rx.recv().await {
+            if let Err(e) = write_frames(&mut w, std::slice::from_ref(&f)).await {
+                tracing::debug!(to, error = %e, "relay write failed");
+                return;
+            }
+        }
+    });
+    tx
+}
+
+/// Queues frames without waiting; the callers keep [`QUEUE_HEADROOM`] free, so a full queue
+/// (a stuck peer) only drops frames, like a full NIC ring.
+fn queue(tx: &mpsc::Sender<Vec<u8>>, frames: Vec<Vec<u8>>) {
+    for f in frames {
+        if tx.try_send(f).is_err() {
+            tracing::debug!("relay queue full or closed; frame dropped");
+        }
+    }
+}
+
+/// The relay task. Reading never waits for a write: both directions keep flowing when one
+/// peer is slow (passt drops frames it cannot send, so a stalled reader would cost it ACKs).
 async fn run(
     cfg: RelayConfig,
     shared: Arc<SharedDebug>,
@@ -303,18 +340,23 @@ async fn run(
 ) -> Result<(), RelayError> {
     let resolver = Arc::new(Resolver::new(cfg.upstream_dns.clone()));
     let (dns_tx, mut dns_rx) = mpsc::channel::<DnsDone>(64);
-    let (qr, mut qw) = qemu.into_split();
+    let (qr, qw) = qemu.into_split();
     let mut qr = FrameReader::new(qr, "qemu");
+    let mut to_guest = spawn_writer(qw, "qemu");
     let passt::Passt { mut child, stream } = p;
-    let (pr, mut pw) = stream.into_split();
+    let (pr, pw) = stream.into_split();
     let mut pr = FrameReader::new(pr, "passt");
+    let mut to_passt = spawn_writer(pw, "passt");
     let mut last_passt_start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     let filter = || shared.0.filter();
     loop {
         let mut out = Output::default();
+        let passt_room = to_passt.capacity() >= QUEUE_HEADROOM;
+        let guest_room = to_guest.capacity() >= QUEUE_HEADROOM;
+        let (passt_q, guest_q) = (to_passt.clone(), to_guest.clone());
         tokio::select! {
-            frame = qr.next() => match frame? {
+            frame = qr.next(), if passt_room => match frame? {
                 Some(frame) => {
                     let now = Now::read();
                     let mut f = filter();
@@ -326,18 +368,19 @@ async fn run(
                     let s = connect_qemu(&cfg.qemu_socket, RECONNECT_DEADLINE).await?;
                     let (r, w) = s.into_split();
                     qr = FrameReader::new(r, "qemu");
-                    qw = w;
+                    to_guest = spawn_writer(w, "qemu");
                     continue;
                 }
             },
-            frame = pr.next() => match frame {
+            frame = pr.next(), if guest_room => match frame {
                 Ok(Some(frame)) => {
                     if filter().from_passt(&frame, Now::read()) {
                         out.to_guest.push(frame);
                     }
                 }
                 Ok(None) | Err(_) => {
-                    // passt closed its end: it is exiting. Let the wait branch restart it.
+                    // passt closed its end (or corrupted the stream): restart it.
+                    let _ = child.start_kill();
                     let status = child.wait().await;
                     shared.0.passt_pid.store(0, Ordering::Relaxed);
                     tracing::warn!(?status, "passt exited; restarting");
@@ -349,10 +392,13 @@ async fn run(
                     last_passt_start = Instant::now();
                     let (r, w) = p.stream.into_split();
                     pr = FrameReader::new(r, "passt");
-                    pw = w;
+                    to_passt = spawn_writer(w, "passt");
                     filter().reset_all(&mut out);
                 }
             },
+            // Wake up when a full queue drains.
+            _ = passt_q.reserve(), if !passt_room => {}
+            _ = guest_q.reserve(), if !guest_room => {}
             done = dns_rx.recv() => {
                 if let Some((req, result)) = done {
                     filter().dns_done(req, result, Now::read(), &mut out);
@@ -375,8 +421,8 @@ async fn run(
                 let _ = tx.send((req, r)).await;
             });
         }
-        write_frames(&mut pw, &out.to_passt).await?;
-        write_frames(&mut qw, &out.to_guest).await?;
+        queue(&to_passt, out.to_passt);
+        queue(&to_guest, out.to_guest);
     }
 }
 

@@ -327,6 +327,13 @@ async fn relay_netns_inner() {
         .unwrap();
     assert_eq!(&line, b"LISTENING\n");
 
+    // The link MTU (KILN_NET_TEST_MTU overrides it, to measure).
+    let mtu: u16 = std::env::var("KILN_NET_TEST_MTU")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(kiln_net::passt::DEFAULT_MTU);
+    let mtu_s = mtu.to_string();
+
     // The guest: a tap opened here, then moved into its namespace (the fd stays attached).
     let mac = Mac::random();
     let tap = open_tap("kt-tap0");
@@ -335,7 +342,7 @@ async fn relay_netns_inner() {
     for cmd in [
         vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
         vec!["ip", "link", "set", "kt-tap0", "address", &mac.to_string()],
-        vec!["ip", "link", "set", "kt-tap0", "mtu", "65520"],
+        vec!["ip", "link", "set", "kt-tap0", "mtu", &mtu_s],
         vec!["ip", "addr", "add", "10.0.2.15/24", "dev", "kt-tap0"],
         vec!["ip", "link", "set", "kt-tap0", "up"],
         vec!["ip", "route", "add", "default", "via", "10.0.2.2"],
@@ -372,7 +379,7 @@ async fn relay_netns_inner() {
             address: GUEST_IP,
             prefix_len: 24,
             gateway: GATEWAY,
-            mtu: 65520,
+            mtu,
         },
         spec: "allow=198.18.1.1:8080".parse().unwrap(),
         upstream_dns: vec![dns_addr],
@@ -485,7 +492,7 @@ async fn relay_netns_inner() {
     assert_eq!(parts[1], n.to_string(), "the server got every byte: {out}");
     let secs: f64 = parts[3].parse().unwrap();
     println!(
-        "THROUGHPUT guest->server {:.1} MiB/s ({} MiB in {secs:.2} s)",
+        "THROUGHPUT guest->server {:.1} MiB/s ({} MiB in {secs:.2} s, MTU {mtu})",
         (n >> 20) as f64 / secs,
         n >> 20
     );
