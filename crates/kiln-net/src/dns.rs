@@ -187,6 +187,12 @@ pub struct Resolved {
     pub ttl: u32,
 }
 
+/// The host's resolvers: the `nameserver` lines of `/etc/resolv.conf` (the default upstream
+/// servers; queries to them come from the host, never from the guest).
+pub fn system_upstreams() -> Vec<SocketAddr> {
+    upstreams_from_resolv_conf(Path::new("/etc/resolv.conf"))
+}
+
 /// The `nameserver` lines of a resolv.conf (port 53); empty when unreadable.
 pub fn upstreams_from_resolv_conf(path: &Path) -> Vec<SocketAddr> {
     std::fs::read_to_string(path)

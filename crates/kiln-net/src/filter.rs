@@ -42,6 +42,9 @@ use crate::inspect::{self, Inspection, MAX_INSPECT_BYTES};
 pub const MAX_FLOWS: usize = 4096;
 /// Most TCP flows being inspected (payload held) at once.
 pub const MAX_INSPECTING: usize = 128;
+/// Most segments held per inspected flow (tiny segments must not multiply the frames the
+/// relay releases at once); reaching it decides on what is held.
+pub const MAX_HELD_FRAMES: usize = 32;
 /// Most DNS questions being resolved at once.
 pub const MAX_DNS_PENDING: usize = 64;
 /// Most addresses remembered with the names kiln's DNS answered for them.
@@ -812,7 +815,10 @@ impl Filter {
         } else {
             return; // retransmission of held bytes
         }
-        let verdict = if tcp.fin() || hold.bytes.len() >= MAX_INSPECT_BYTES {
+        let verdict = if tcp.fin()
+            || hold.bytes.len() >= MAX_INSPECT_BYTES
+            || hold.frames.len() >= MAX_HELD_FRAMES
+        {
             inspect::inspect_final(&hold.bytes)
         } else {
             inspect::inspect(&hold.bytes)

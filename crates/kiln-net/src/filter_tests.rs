@@ -472,6 +472,29 @@ fn filter_sni_split_across_segments_and_retransmission_deduplicated() {
 }
 
 #[test]
+fn filter_tiny_segments_are_bounded_then_decided() {
+    let (mut f, t0) = named_flow("allow=example.org", 443);
+    let hello = client_hello(Some("example.org"));
+    let mut out = Output::default();
+    for i in 0..MAX_HELD_FRAMES {
+        f.from_guest(
+            &data(PUBLIC, 443, 40000, 1001 + i as u32, 5001, &hello[i..i + 1]),
+            at(t0, 2),
+            &mut out,
+        );
+    }
+    // 32 one-byte segments of a TLS start without an SNI yet: refused, not held forever.
+    assert!(
+        out.to_passt.len() == 1 && out.to_guest.len() == 1,
+        "{out:?}"
+    );
+    assert_eq!(
+        f.refusals().pop().unwrap().reason,
+        RefusalReason::NameMismatch
+    );
+}
+
+#[test]
 fn filter_http_host_decides() {
     let (mut f, t0) = named_flow("allow=example.org:80", 80);
     let req = b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n";
