@@ -965,12 +965,14 @@ impl Filter {
             let port = (key.proto != Proto::Icmp).then_some(key.dport);
             let keep = match self.verdict(key.proto, key.dst, port, now.mono) {
                 Verdict::Allow => true,
-                // Allowed by name: an inspected flow keeps its name's verdict.
+                // The address is still allowed by a name: a flow whose SNI/Host was checked
+                // keeps that name's verdict; one still being inspected or carrying neither
+                // TLS nor HTTP stays.
                 Verdict::Inspect => self.flows.get(&key).is_some_and(|f| {
                     f.tcp.as_ref().is_some_and(|t| t.hold.is_some())
                         || f.name
                             .as_deref()
-                            .is_some_and(|n| self.policy.name_admits(n, port))
+                            .is_none_or(|n| self.policy.name_admits(n, port))
                 }),
                 Verdict::Refuse(..) => false,
             };

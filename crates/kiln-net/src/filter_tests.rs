@@ -530,6 +530,43 @@ fn filter_other_protocol_on_named_address_passes() {
 }
 
 #[test]
+fn filter_set_policy_keeps_name_allowed_flows_by_their_name() {
+    // An SSH flow (no name to check) and an HTTP flow checked for example.org.
+    let (mut f, t0) = named_flow("allow=example.org", 22);
+    let mut out = Output::default();
+    f.from_guest(
+        &data(PUBLIC, 22, 40000, 1001, 5001, b"SSH-2.0-x\r\n"),
+        at(t0, 2),
+        &mut out,
+    );
+    f.from_guest(&syn(PUBLIC, 80, 40001, 1000), at(t0, 2), &mut out);
+    f.from_passt(&synack(PUBLIC, 80, 40001, 5000, 1001), at(t0, 2));
+    let req = b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n";
+    f.from_guest(
+        &data(PUBLIC, 80, 40001, 1001, 5001, req),
+        at(t0, 2),
+        &mut out,
+    );
+    assert_eq!(f.flow_count(), 2);
+    // Still allowed (another name added): both stay.
+    let mut out = Output::default();
+    f.set_policy(
+        &"allow=example.org,other.org".parse().unwrap(),
+        at(t0, 3),
+        &mut out,
+    )
+    .unwrap();
+    assert!(out.to_guest.is_empty(), "{out:?}");
+    assert_eq!(f.flow_count(), 2);
+    // example.org no longer allowed: both reset.
+    let mut out = Output::default();
+    f.set_policy(&"allow=other.org".parse().unwrap(), at(t0, 3), &mut out)
+        .unwrap();
+    assert_eq!(out.to_guest.len(), 2, "both reset");
+    assert_eq!(f.flow_count(), 0);
+}
+
+#[test]
 fn filter_name_ttl_is_clamped_and_expires() {
     let mut f = filter("allow=example.org");
     let t0 = Instant::now();

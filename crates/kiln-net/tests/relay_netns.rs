@@ -271,11 +271,11 @@ async fn guest_py(ns: String, script: PathBuf, args: Vec<String>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by relay_netns_allowed_tcp_connects_refused_fails_fast inside a fresh namespace"]
 async fn relay_netns_inner() {
-    assert_eq!(
-        std::env::var(INNER_ENV).as_deref(),
-        Ok("1"),
-        "run only by the outer test"
-    );
+    if std::env::var(INNER_ENV).as_deref() != Ok("1") {
+        // Run with --include-ignored outside its namespace: the outer test is the real one.
+        eprintln!("relay_netns_inner runs only inside the outer test's namespace");
+        return;
+    }
     let (_, guest_name, srv_name) = names();
     let dir = tempfile::tempdir().unwrap();
     let client = dir.path().join("client.py");
