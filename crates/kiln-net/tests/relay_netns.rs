@@ -171,6 +171,16 @@ elif mode == "refused":
         print("REFUSED %.3f" % (time.monotonic() - t))
     except Exception as e:
         print("OTHER", type(e).__name__, e, "%.3f" % (time.monotonic() - t))
+elif mode == "udp":
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(10)
+    s.connect((host, port))
+    s.send(b"ping")
+    try:
+        s.recv(100)
+        print("UDP answered")
+    except OSError as e:
+        print("UDP errno", e.errno, "%.3f" % (time.monotonic() - t))
 elif mode == "dns":
     q = struct.pack(">HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
     for l in host.split("."):
@@ -465,13 +475,21 @@ async fn relay_netns_inner() {
             .starts_with("REFUSED")
     );
 
+    // Refused UDP: ICMP administratively prohibited, reported at once (EHOSTUNREACH).
+    let out = run(&["udp", SERVER, "9999"]).await;
+    let rest = out
+        .strip_prefix("UDP errno 113 ")
+        .unwrap_or_else(|| panic!("expected EHOSTUNREACH, got {out}"));
+    let secs: f64 = rest.trim().parse().unwrap();
+    assert!(secs < 2.0, "UDP refusal took {secs} s");
+
     // DNS for a forbidden name: NXDOMAIN (rcode 3) from kiln at once.
     let out = run(&["dns", "forbidden.example", "0"]).await;
     assert!(out.contains("DNS rcode 3 id 0x4242"), "{out}");
 
     let (stats, log) = relay.stats();
     assert!(stats.connections >= 1, "{stats:?}");
-    assert!(stats.refused >= 4, "{stats:?}");
+    assert!(stats.refused >= 5, "{stats:?}");
     assert!(
         log.iter()
             .any(|r| r.destination == "198.18.1.1:8081" && r.reason == RefusalReason::NotAllowed),
