@@ -20,14 +20,13 @@
 //! IP fragments are dropped (the link MTU is large, and ports of later fragments cannot be
 //! checked).
 
+mod frames;
+
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use etherparse::{
-    Icmpv4Type, IpNumber, Ipv4Slice, PacketBuilder, TcpSlice, UdpSlice,
-    icmpv4::DestUnreachableHeader,
-};
+use etherparse::{IpNumber, Ipv4Slice, TcpSlice, UdpSlice};
 use kiln_api_types::network::{
     MAX_REFUSALS_KEPT, NetRule, NetStats, NetworkSpec, Refusal, RefusalReason,
 };
@@ -421,7 +420,7 @@ impl Filter {
             }
             other => {
                 // A connection attempt in another protocol: fail fast.
-                let f = self.icmp_prohibited(dst_mac, ip_packet);
+                let f = frames::icmp_prohibited(&self.guest, dst_mac, ip_packet);
                 self.emit_to_guest(out, f);
                 self.refuse(
                     now,
@@ -485,7 +484,7 @@ impl Filter {
                 }
             }
         };
-        let f = self.dns_frame(gw_mac, guest_port, &reply);
+        let f = frames::dns_reply(&self.guest, gw_mac, guest_port, &reply);
         self.emit_to_guest(out, f);
     }
 
@@ -541,7 +540,7 @@ impl Filter {
                 dns::answer(q, &kept, res.ttl)
             }
         };
-        let f = self.dns_frame(req.gw_mac, req.guest_port, &reply);
+        let f = frames::dns_reply(&self.guest, req.gw_mac, req.guest_port, &reply);
         self.emit_to_guest(out, f);
     }
 
@@ -677,7 +676,7 @@ impl Filter {
             _ => None,
         };
         if let Some((r, name)) = reason {
-            let f = self.icmp_prohibited(gw_mac, ip_packet);
+            let f = frames::icmp_prohibited(&self.guest, gw_mac, ip_packet);
             self.emit_to_guest(out, f);
             return self.refuse(now, key.proto.name(), dest, name, r);
         }
@@ -736,7 +735,7 @@ impl Filter {
             }
             if let Some((r, name, _)) = refusal {
                 let ack = seq.wrapping_add(1).wrapping_add(len);
-                let f = self.tcp_frame(
+                let f = frames::rst(
                     gw_mac,
                     self.guest.mac.0,
                     dst,
@@ -885,7 +884,7 @@ impl Filter {
         };
         let gw_mac = flow.gw_mac;
         let guest = self.guest.clone();
-        let to_guest = self.tcp_frame(
+        let to_guest = frames::rst(
             gw_mac,
             guest.mac.0,
             key.dst,
@@ -895,7 +894,7 @@ impl Filter {
             t.server_next.unwrap_or(0),
             Some(guest_acked.unwrap_or(t.guest_next)),
         );
-        let to_passt = self.tcp_frame(
+        let to_passt = frames::rst(
             guest.mac.0,
             gw_mac,
             guest.address,
@@ -1010,59 +1009,7 @@ impl Filter {
         out.to_passt.clear();
         self.flows.clear();
     }
-
-    #[allow(clippy::too_many_arguments)]
-    fn tcp_frame(
-        &self,
-        src_mac: [u8; 6],
-        dst_mac: [u8; 6],
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
-        sport: u16,
-        dport: u16,
-        seq: u32,
-        ack: Option<u32>,
-    ) -> Vec<u8> {
-        let b = PacketBuilder::ethernet2(src_mac, dst_mac)
-            .ipv4(src.octets(), dst.octets(), 64)
-            .tcp(sport, dport, seq, 0)
-            .rst();
-        let b = match ack {
-            Some(a) => b.ack(a),
-            None => b,
-        };
-        let mut v = Vec::with_capacity(b.size(0));
-        b.write(&mut v, &[])
-            .expect("a header-only frame always serializes");
-        v
-    }
-
-    /// ICMP destination unreachable, administratively prohibited (code 13), from the gateway.
-    fn icmp_prohibited(&self, gw_mac: [u8; 6], ip_packet: &[u8]) -> Vec<u8> {
-        let ihl = usize::from(ip_packet.first().map_or(5, |b| b & 0x0f)) * 4;
-        let quote = &ip_packet[..ip_packet.len().min(ihl + 8)];
-        let b = PacketBuilder::ethernet2(gw_mac, self.guest.mac.0)
-            .ipv4(self.guest.gateway.octets(), self.guest.address.octets(), 64)
-            .icmpv4(Icmpv4Type::DestinationUnreachable(
-                DestUnreachableHeader::FilterProhibited,
-            ));
-        let mut v = Vec::with_capacity(b.size(quote.len()));
-        b.write(&mut v, quote)
-            .expect("a small ICMP frame always serializes");
-        v
-    }
-
-    fn dns_frame(&self, gw_mac: [u8; 6], guest_port: u16, payload: &[u8]) -> Vec<u8> {
-        let b = PacketBuilder::ethernet2(gw_mac, self.guest.mac.0)
-            .ipv4(self.guest.gateway.octets(), self.guest.address.octets(), 64)
-            .udp(53, guest_port);
-        let mut v = Vec::with_capacity(b.size(payload.len()));
-        b.write(&mut v, payload)
-            .expect("a DNS reply frame always serializes");
-        v
-    }
 }
 
 #[cfg(test)]
-#[path = "filter_tests.rs"]
 mod tests;
