@@ -9,6 +9,16 @@
 //!                  (bridge/: links, address pool, rules in kiln's own table, DNS server)
 //! ```
 //!
+//! The engine's entry points for `allow` and `nat`: [`relay::Relay::start`] with a
+//! [`relay::RelayConfig`] (QEMU's socket, the [`GuestNet`], the policy, upstream DNS servers
+//! from [`dns::system_upstreams`], the passt binary), then [`relay::RelayHandle`]'s
+//! `set_policy`, `stats`, `refusals` and `shutdown` (or drop it).
+//!
+//! MTU: user-mode guests default to [`passt::DEFAULT_MTU`] (65520). Measured through the real
+//! relay and passt (`tests/relay_netns.rs`, release build, guest stack in a namespace, one TCP
+//! stream guest → server, 256 MiB): MTU 1500 ≈ 240 MiB/s, 4000 ≈ 500, 9000 ≈ 620,
+//! 16000 ≈ 730, 65520 ≈ 940 MiB/s.
+//!
 //! Must not: know about sandboxes' lifecycles or the store (the engine calls in with
 //! addresses and policies), or start QEMU.
 
