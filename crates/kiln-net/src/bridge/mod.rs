@@ -28,6 +28,9 @@ pub mod link;
 pub mod nft;
 pub mod pool;
 
+#[cfg(test)]
+mod netns_tests;
+
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 

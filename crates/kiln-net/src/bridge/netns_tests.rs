@@ -1,0 +1,478 @@
+//! Root-only integration tests of the bridge mode, entirely inside network namespaces the test
+//! makes (`ip netns add`) and deletes on drop, also on panic: the host's links, routes and
+//! nftables tables are never touched.
+//!
+//! Topology (names are unique per run):
+//!
+//! ```text
+//!   <u>-a  eth0 10.214.0.2 ─veth─ kt-0000000000a1 ┐
+//!   <u>-b  eth0 10.214.0.3 ─veth─ kt-0000000000b1 ┼─ kiln0 10.214.0.1   <u>-h ("the host")
+//!   <u>-c  eth0 10.214.0.4 ─veth─ kt-0000000000c1 ┘   lan0 192.168.77.1/24, 169.254.169.254/16
+//!                                                       ─veth─ <u>-l: eth0 192.168.77.2 ("LAN")
+//!                                                     up0 198.51.100.1/30 ─veth─ <u>-o
+//!                                          <u>-o: eth0 198.51.100.2/30, lo 203.0.113.5 ("internet")
+//! ```
+//!
+//! The guests are veth ports in place of taps: a tap passes frames only while a process (QEMU)
+//! holds its fd, and the rules key on the port's name, MAC and IP only, which a veth has too.
+//! One real tap is also created, listed and reclaimed. Negative probes are TCP connects with a
+//! one-second timeout (the rules drop, so nothing answers); positive probes read a line the
+//! listener sends, and listeners say `ready` after `listen()`, so no sleep stands in for a
+//! handshake.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::process::{Child, Command, Stdio};
+
+use kiln_api_types::SandboxId;
+
+use super::pool::{Subnet, lowest_free};
+use super::{BridgeConfig, BridgeError, BridgeHost, BridgePort, tap_name};
+use crate::Mac;
+
+struct Lab {
+    prefix: String,
+    namespaces: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Deleting a namespace deletes its links (and so the veth peers elsewhere) and its
+        // nftables tables.
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn require_root() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .unwrap_or(0);
+    assert!(
+        caps & (1 << 12) != 0,
+        "the bridge netns tests need root (CAP_NET_ADMIN), `ip`, `nft` and python3; run them as \
+         root"
+    );
+}
+
+impl Lab {
+    fn new() -> Lab {
+        require_root();
+        let prefix = format!("kbt{:06x}", rand::random::<u32>() & 0xff_ffff);
+        Lab {
+            prefix,
+            namespaces: Vec::new(),
+            children: Vec::new(),
+        }
+    }
+
+    fn ns(&mut self, role: &str) -> String {
+        let name = format!("{}-{role}", self.prefix);
+        sh(None, &["ip", "netns", "add", &name]);
+        self.namespaces.push(name.clone());
+        sh(Some(&name), &["ip", "link", "set", "lo", "up"]);
+        name
+    }
+
+    /// Starts a TCP listener in `ns` on `ip:port` that sends each client the address it saw;
+    /// returns once it listens.
+    fn listen(&mut self, ns: &str, ip: &str, port: u16) {
+        let code = format!(
+            "import socket\n\
+             s = socket.socket()\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('{ip}', {port}))\n\
+             s.listen(16)\n\
+             print('ready', flush=True)\n\
+             while True:\n\
+             \x20   c, a = s.accept()\n\
+             \x20   c.sendall((a[0] + '\\n').encode())\n\
+             \x20   c.close()\n"
+        );
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "python3", "-c", &code])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn a listener");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("read the listener's ready line");
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "listener {ns} {ip}:{port} did not start"
+        );
+        self.children.push(child);
+    }
+}
+
+/// Runs a command (in `ns`), panics with its stderr when it fails.
+fn sh(ns: Option<&str>, args: &[&str]) -> String {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]);
+            c.args(args);
+            c
+        }
+        None => {
+            let mut c = Command::new(args[0]);
+            c.args(&args[1..]);
+            c
+        }
+    };
+    let out = cmd.output().expect("run a command");
+    assert!(
+        out.status.success(),
+        "{ns:?} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Starts a TCP connect from `ns` (optionally from source address `src`) to `dst:port`.
+fn connect(ns: &str, dst: &str, port: u16, src: Option<&str>) -> Child {
+    let source = src.map_or("None".to_owned(), |s| format!("('{s}', 0)"));
+    let code = format!(
+        "import socket\n\
+         s = socket.create_connection(('{dst}', {port}), timeout=1.0, source_address={source})\n\
+         s.settimeout(2.0)\n\
+         print(s.recv(100).decode().strip())\n"
+    );
+    Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &code])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn a probe")
+}
+
+/// What the listener saw as the client's address, or `None` if the connection failed.
+fn outcome(child: Child) -> Option<String> {
+    let out = child.wait_with_output().expect("wait for a probe");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+struct Guest {
+    ns: String,
+    port: BridgePort,
+}
+
+fn add_guest(
+    lab: &mut Lab,
+    host_ns: &str,
+    cfg: &BridgeConfig,
+    n: u8,
+    group: Option<&str>,
+    used: &mut HashSet<Ipv4Addr>,
+) -> Guest {
+    let ns = lab.ns(&format!("g{n}"));
+    let id: SandboxId = format!("sb-0000000000{n:x}1").parse().expect("valid id");
+    let ip = lowest_free(cfg.subnet, used).expect("a free address");
+    used.insert(ip);
+    let mac = Mac([0x02, 0x6b, 0, 0, 0, n]);
+    let tap = tap_name(&id);
+    sh(
+        Some(host_ns),
+        &[
+            "ip", "link", "add", &tap, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ],
+    );
+    sh(
+        Some(host_ns),
+        &["ip", "link", "set", &tap, "master", &cfg.name],
+    );
+    sh(Some(host_ns), &["ip", "link", "set", &tap, "up"]);
+    let cidr = format!("{ip}/{}", cfg.subnet.prefix());
+    sh(
+        Some(&ns),
+        &["ip", "link", "set", "eth0", "address", &mac.to_string()],
+    );
+    sh(Some(&ns), &["ip", "addr", "add", &cidr, "dev", "eth0"]);
+    sh(Some(&ns), &["ip", "link", "set", "eth0", "up"]);
+    sh(
+        Some(&ns),
+        &[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &cfg.gateway().to_string(),
+        ],
+    );
+    Guest {
+        ns,
+        port: BridgePort {
+            sandbox_id: id,
+            mac,
+            ip,
+            group: group.map(|g| g.parse().expect("valid group")),
+        },
+    }
+}
+
+#[test]
+fn bridge_netns_rules_confine_guests_and_reclaim_cleans_up() {
+    let mut lab = Lab::new();
+    let h = lab.ns("h");
+    let o = lab.ns("o");
+    let cfg = BridgeConfig::default();
+    let host = BridgeHost::in_netns(cfg.clone(), &h).expect("valid config");
+
+    // "The host": a LAN, a link-local address, an uplink to "the internet".
+    let l = lab.ns("l");
+    sh(
+        Some(&h),
+        &[
+            "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", &l,
+        ],
+    );
+    sh(
+        Some(&l),
+        &["ip", "addr", "add", "192.168.77.2/24", "dev", "eth0"],
+    );
+    sh(Some(&l), &["ip", "link", "set", "eth0", "up"]);
+    sh(
+        Some(&h),
+        &["ip", "addr", "add", "192.168.77.1/24", "dev", "lan0"],
+    );
+    sh(
+        Some(&h),
+        &["ip", "addr", "add", "169.254.169.254/16", "dev", "lan0"],
+    );
+    sh(Some(&h), &["ip", "link", "set", "lan0", "up"]);
+    sh(
+        Some(&h),
+        &[
+            "ip", "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &o,
+        ],
+    );
+    sh(
+        Some(&h),
+        &["ip", "addr", "add", "198.51.100.1/30", "dev", "up0"],
+    );
+    sh(Some(&h), &["ip", "link", "set", "up0", "up"]);
+    sh(
+        Some(&o),
+        &["ip", "addr", "add", "198.51.100.2/30", "dev", "eth0"],
+    );
+    sh(Some(&o), &["ip", "link", "set", "eth0", "up"]);
+    sh(
+        Some(&o),
+        &["ip", "addr", "add", "203.0.113.5/32", "dev", "lo"],
+    );
+    sh(
+        Some(&h),
+        &[
+            "ip",
+            "route",
+            "add",
+            "203.0.113.0/24",
+            "via",
+            "198.51.100.2",
+        ],
+    );
+
+    host.ensure_bridge().expect("bridge up");
+    host.ensure_bridge().expect("ensure_bridge is idempotent");
+    assert_eq!(
+        sh(Some(&h), &["sysctl", "-n", "net.ipv4.ip_forward"]).trim(),
+        "1"
+    );
+    // A second bridge on the same subnet collides with the first one's route.
+    let clash = BridgeHost::in_netns(
+        BridgeConfig {
+            name: "kiln1".into(),
+            ..cfg.clone()
+        },
+        &h,
+    )
+    .expect("valid config");
+    let e = clash.ensure_bridge().unwrap_err();
+    assert!(matches!(e, BridgeError::SubnetCollision { .. }), "{e}");
+
+    let mut used = HashSet::new();
+    let a = add_guest(&mut lab, &h, &cfg, 0xa, Some("db"), &mut used);
+    let b = add_guest(&mut lab, &h, &cfg, 0xb, Some("db"), &mut used);
+    let c = add_guest(&mut lab, &h, &cfg, 0xc, Some("web"), &mut used);
+    // Two sandboxes in the ruleset, the third added as elements.
+    host.apply_rules(&[a.port.clone(), b.port.clone()])
+        .expect("apply the ruleset");
+    host.add_port(&c.port, &[a.port.clone(), b.port.clone()])
+        .expect("add a sandbox");
+    let closed = sh(Some(&h), &["nft", "list", "set", "inet", "kiln", "closed4"]);
+    assert!(
+        closed.contains("198.51.100.0/30"),
+        "connected subnet closed: {closed}"
+    );
+
+    let gw = cfg.gateway().to_string();
+    for g in [&a, &b, &c] {
+        lab.listen(&g.ns, "0.0.0.0", 7000);
+    }
+    lab.listen(&h, &gw, 53);
+    lab.listen(&h, "0.0.0.0", 8080);
+    lab.listen(&o, "0.0.0.0", 80);
+    lab.listen(&l, "0.0.0.0", 8080);
+
+    let (aip, bip, cip) = (
+        a.port.ip.to_string(),
+        b.port.ip.to_string(),
+        c.port.ip.to_string(),
+    );
+    // Spoofed source: a second address on a's interface, inside the subnet.
+    sh(
+        Some(&a.ns),
+        &["ip", "addr", "add", "10.214.0.200/16", "dev", "eth0"],
+    );
+    let probes = vec![
+        (
+            "a -> b (same group)",
+            connect(&a.ns, &bip, 7000, None),
+            Some(aip.clone()),
+        ),
+        (
+            "b -> a (same group)",
+            connect(&b.ns, &aip, 7000, None),
+            Some(bip.clone()),
+        ),
+        (
+            "c -> b (other group)",
+            connect(&c.ns, &bip, 7000, None),
+            None,
+        ),
+        (
+            "a -> c (other group)",
+            connect(&a.ns, &cip, 7000, None),
+            None,
+        ),
+        (
+            "a -> b from a spoofed source",
+            connect(&a.ns, &bip, 7000, Some("10.214.0.200")),
+            None,
+        ),
+        (
+            "a -> gateway:53",
+            connect(&a.ns, &gw, 53, None),
+            Some(aip.clone()),
+        ),
+        ("a -> gateway:8080", connect(&a.ns, &gw, 8080, None), None),
+        (
+            "a -> host uplink address",
+            connect(&a.ns, "198.51.100.1", 8080, None),
+            None,
+        ),
+        (
+            "a -> host LAN address",
+            connect(&a.ns, "192.168.77.1", 8080, None),
+            None,
+        ),
+        (
+            "a -> a LAN host",
+            connect(&a.ns, "192.168.77.2", 8080, None),
+            None,
+        ),
+        (
+            "a -> link-local",
+            connect(&a.ns, "169.254.169.254", 8080, None),
+            None,
+        ),
+        (
+            "a -> host's connected subnet",
+            connect(&a.ns, "198.51.100.2", 80, None),
+            None,
+        ),
+        (
+            "a -> host loopback",
+            connect(&a.ns, "127.0.0.1", 8080, None),
+            None,
+        ),
+        // Masqueraded: the outside sees the host's uplink address.
+        (
+            "a -> internet",
+            connect(&a.ns, "203.0.113.5", 80, None),
+            Some("198.51.100.1".to_owned()),
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, child, want) in probes {
+        let got = outcome(child);
+        if got != want {
+            wrong.push(format!("{what}: got {got:?}, want {want:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // Other-group guests routing to each other through the gateway (both ways, so that a
+    // handshake could complete) are stopped before the host routes them.
+    sh(
+        Some(&a.ns),
+        &["ip", "route", "add", &format!("{cip}/32"), "via", &gw],
+    );
+    sh(
+        Some(&c.ns),
+        &["ip", "route", "add", &format!("{aip}/32"), "via", &gw],
+    );
+    assert_eq!(
+        outcome(connect(&a.ns, &cip, 7000, None)),
+        None,
+        "a -> c routed through the host"
+    );
+
+    // Reclaim: c is dead; a stray real tap (a crashed sandbox) goes too.
+    let stray: SandboxId = "sb-0000000000d1".parse().expect("valid id");
+    host.create_tap(&tap_name(&stray)).expect("create a tap");
+    host.create_tap(&tap_name(&stray))
+        .expect("create_tap re-uses a leftover tap");
+    let taps = host.list_taps().expect("list taps");
+    assert!(taps.contains(&tap_name(&stray)), "{taps:?}");
+    assert_eq!(taps.len(), 4, "{taps:?}");
+    let live: HashSet<SandboxId> = [a.port.sandbox_id.clone(), b.port.sandbox_id.clone()]
+        .into_iter()
+        .collect();
+    let report = host.reclaim(&live).expect("reclaim");
+    let mut removed = report.taps.clone();
+    removed.sort();
+    assert_eq!(removed, vec![c.port.tap(), tap_name(&stray)]);
+    assert_eq!(report.rule_taps, vec![c.port.tap()]);
+    assert_eq!(report.elements, 1, "c's lease only (c has no peers)");
+    assert_eq!(
+        host.list_taps().expect("list taps"),
+        vec![a.port.tap(), b.port.tap()]
+    );
+    let left = host.elements().expect("elements");
+    assert_eq!(left.taps(), vec![a.port.tap(), b.port.tap()]);
+    assert!(host.reclaim(&live).expect("reclaim again").is_empty());
+    // Live sandboxes still talk after the reclaim.
+    assert_eq!(outcome(connect(&a.ns, &bip, 7000, None)), Some(aip.clone()));
+
+    // remove_port takes a sandbox's elements; then a and b no longer reach each other.
+    host.remove_port(&b.port.sandbox_id).expect("remove b");
+    assert_eq!(
+        host.elements().expect("elements").taps(),
+        vec![a.port.tap()]
+    );
+    assert_eq!(outcome(connect(&a.ns, &bip, 7000, None)), None);
+
+    host.delete_tap(&tap_name(&stray))
+        .expect("deleting a missing tap is fine");
+    host.remove_all().expect("remove kiln's tables");
+    let tables = sh(Some(&h), &["nft", "list", "tables"]);
+    assert!(!tables.contains("kiln"), "{tables}");
+    host.remove_all().expect("remove_all is idempotent");
+    let _ = Subnet::containing(Ipv4Addr::UNSPECIFIED, 0);
+}
