@@ -84,6 +84,36 @@ impl Lab {
         name
     }
 
+    /// Starts a UDP responder in `ns` on `ip:port` that answers each datagram with the address
+    /// it saw; returns once it is bound.
+    fn listen_udp(&mut self, ns: &str, ip: &str, port: u16) {
+        let code = format!(
+            "import socket\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.bind(('{ip}', {port}))\n\
+             print('ready', flush=True)\n\
+             while True:\n\
+             \x20   d, a = s.recvfrom(512)\n\
+             \x20   s.sendto((a[0] + '\\n').encode(), a)\n"
+        );
+        self.spawn_ready(ns, &code, &format!("udp {ip}:{port}"));
+    }
+
+    fn spawn_ready(&mut self, ns: &str, code: &str, what: &str) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "python3", "-c", code])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn a listener");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("read the listener's ready line");
+        assert_eq!(line.trim(), "ready", "listener {ns} {what} did not start");
+        self.children.push(child);
+    }
+
     /// Starts a TCP listener in `ns` on `ip:port` that sends each client the address it saw;
     /// returns once it listens.
     fn listen(&mut self, ns: &str, ip: &str, port: u16) {
@@ -99,23 +129,26 @@ impl Lab {
              \x20   c.sendall((a[0] + '\\n').encode())\n\
              \x20   c.close()\n"
         );
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, "python3", "-c", &code])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn a listener");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped"))
-            .read_line(&mut line)
-            .expect("read the listener's ready line");
-        assert_eq!(
-            line.trim(),
-            "ready",
-            "listener {ns} {ip}:{port} did not start"
-        );
-        self.children.push(child);
+        self.spawn_ready(ns, &code, &format!("tcp {ip}:{port}"));
     }
+}
+
+/// Starts a UDP question from `ns` to `dst:port`; succeeds with the responder's line.
+fn ask_udp(ns: &str, dst: &str, port: u16) -> Child {
+    let code = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(1.0)\n\
+         s.connect(('{dst}', {port}))\n\
+         s.send(b'q')\n\
+         print(s.recv(100).decode().strip())\n"
+    );
+    Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &code])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn a probe")
 }
 
 /// Runs a command (in `ns`), panics with its stderr when it fails.
@@ -226,10 +259,45 @@ fn add_guest(
     }
 }
 
+/// With `br_netfilter` calling the inet hooks for bridged frames (the kernel's default once
+/// the module is loaded, as on hosts running Docker).
 #[test]
-fn bridge_netns_rules_confine_guests_and_reclaim_cleans_up() {
+fn bridge_netns_with_br_netfilter_rules_confine_guests_and_reclaim_cleans_up() {
+    scenario(true);
+}
+
+/// Without `br_netfilter` (bridged frames see only the bridge family's hooks).
+#[test]
+fn bridge_netns_without_br_netfilter_rules_confine_guests_and_reclaim_cleans_up() {
+    scenario(false);
+}
+
+fn scenario(br_netfilter: bool) {
     let mut lab = Lab::new();
     let h = lab.ns("h");
+    // Per network namespace since Linux 5.3; absent when br_netfilter is not loaded.
+    let knob = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+    let have_knob = sh(
+        Some(&h),
+        &["sh", "-c", &format!("test -e {knob} && echo yes || true")],
+    );
+    if have_knob.trim() == "yes" {
+        let v = if br_netfilter { "1" } else { "0" };
+        sh(
+            Some(&h),
+            &[
+                "sysctl",
+                "-q",
+                "-w",
+                &format!("net.bridge.bridge-nf-call-iptables={v}"),
+            ],
+        );
+    } else {
+        assert!(
+            !br_netfilter,
+            "br_netfilter is not loaded: run `modprobe br_netfilter`"
+        );
+    }
     let o = lab.ns("o");
     let cfg = BridgeConfig::default();
     let host = BridgeHost::in_netns(cfg.clone(), &h).expect("valid config");
@@ -326,6 +394,8 @@ fn bridge_netns_rules_confine_guests_and_reclaim_cleans_up() {
         lab.listen(&g.ns, "0.0.0.0", 7000);
     }
     lab.listen(&h, &gw, 53);
+    lab.listen_udp(&h, &gw, 53);
+    lab.listen_udp(&h, "0.0.0.0", 5353);
     lab.listen(&h, "0.0.0.0", 8080);
     lab.listen(&o, "0.0.0.0", 80);
     lab.listen(&l, "0.0.0.0", 8080);
@@ -341,6 +411,12 @@ fn bridge_netns_rules_confine_guests_and_reclaim_cleans_up() {
         &["ip", "addr", "add", "10.214.0.200/16", "dev", "eth0"],
     );
     let probes = vec![
+        (
+            "a -> gateway:53/udp",
+            ask_udp(&a.ns, &gw, 53),
+            Some(aip.clone()),
+        ),
+        ("a -> gateway:5353/udp", ask_udp(&a.ns, &gw, 5353), None),
         (
             "a -> b (same group)",
             connect(&a.ns, &bip, 7000, None),
