@@ -18,6 +18,18 @@
 //! interfaces, routes, other nftables tables), know the store (the engine passes leases in),
 //! start QEMU, or decide which sandboxes are alive (the engine says).
 //!
+//! How the engine drives it (each step is idempotent, and every leftover of a crash is
+//! keyed by the sandbox id, so the janitor finds it):
+//!
+//! ```text
+//!  daemon start  doctor() → BridgeHost::new(cfg) → ensure_bridge() → apply_rules(live ports)
+//!                → reclaim(live ids) → store.leases_release_except(live ids)
+//!                → tokio::spawn(dns::serve(dns::bind(gateway), DnsConfig::default(), names))
+//!  create        store.lease_acquire("bridge", subnet, id, mac) → create_tap(tap_name(id))
+//!                → add_port(port, other ports) → QEMU -netdev tap,ifname=kt-…,script=no,downscript=no
+//!  rm            remove_port(id) → delete_tap(tap_name(id)) → store.lease_release(id)
+//! ```
+//!
 //! Invariants: every link kiln creates is named `kt-<12 hex>` (a tap, from the sandbox id) or
 //! is the configured bridge; per-sandbox firewall state is only set elements keyed by the
 //! tap's name, so adding or removing a sandbox never rewrites the ruleset and the janitor can

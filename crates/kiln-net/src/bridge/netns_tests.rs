@@ -552,3 +552,57 @@ fn scenario(br_netfilter: bool) {
     host.remove_all().expect("remove_all is idempotent");
     let _ = Subnet::containing(Ipv4Addr::UNSPECIFIED, 0);
 }
+
+/// What a `kill -9` of the daemon during `clone --count 8` leaves: eight taps on the bridge
+/// and their elements, no live sandbox. The janitor's reclaim removes all of it.
+#[test]
+fn bridge_netns_reclaim_after_crash_removes_all_dead_sandboxes() {
+    let mut lab = Lab::new();
+    let h = lab.ns("h");
+    let cfg = BridgeConfig {
+        name: "kiln7".into(),
+        subnet: "10.77.0.0/24".parse().expect("valid subnet"),
+    };
+    let host = BridgeHost::in_netns(cfg.clone(), &h).expect("valid config");
+    host.ensure_bridge().expect("bridge up");
+    host.apply_rules(&[]).expect("rules");
+    let mut used = HashSet::new();
+    let mut ports: Vec<BridgePort> = Vec::new();
+    for n in 0..8u8 {
+        let ip = lowest_free(cfg.subnet, &used).expect("free address");
+        used.insert(ip);
+        let port = BridgePort {
+            sandbox_id: SandboxId::random(),
+            mac: Mac::random(),
+            ip,
+            group: (n % 2 == 0).then(|| "even".parse().expect("valid group")),
+        };
+        host.create_tap(&port.tap()).expect("create a tap");
+        host.add_port(&port, &ports).expect("add a sandbox");
+        ports.push(port);
+    }
+    assert_eq!(host.list_taps().expect("taps").len(), 8);
+    let e = host.elements().expect("elements");
+    assert_eq!(e.src4.len(), 8);
+    assert_eq!(
+        e.peers.len(),
+        4 * 3,
+        "4 sandboxes in one group: 12 ordered pairs"
+    );
+    let master = sh(Some(&h), &["ip", "-o", "link", "show", "master", "kiln7"]);
+    assert_eq!(master.lines().count(), 8, "{master}");
+
+    // The daemon restarts: the bridge and rules are ensured again, nothing is live.
+    host.ensure_bridge().expect("bridge up again");
+    let report = host.reclaim(&HashSet::new()).expect("reclaim");
+    assert_eq!(report.taps.len(), 8);
+    assert_eq!(report.elements, 8 + 12);
+    assert!(host.list_taps().expect("taps").is_empty());
+    assert!(host.elements().expect("elements").is_empty());
+    // The rules themselves stay (a new sandbox is element adds only).
+    let rules = sh(Some(&h), &["nft", "list", "table", "inet", "kiln"]);
+    assert!(rules.contains("masquerade"), "{rules}");
+    host.remove_all().expect("remove tables");
+    host.delete_bridge().expect("delete the bridge");
+    assert!(!sh(Some(&h), &["ip", "-o", "link"]).contains("kiln7"));
+}
