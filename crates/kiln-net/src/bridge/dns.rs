@@ -9,6 +9,10 @@
 //! NXDOMAIN here and never forwarded, so a guest cannot learn other groups' names or leak
 //! lookups for them upstream.
 //!
+//! TCP (RFC 7766 framing: a two-byte length before each message) is served too, for guests
+//! retrying a truncated answer: [`serve_tcp`] relays to the upstreams over TCP, one question
+//! per connection, each step under the timeout.
+//!
 //! Bounds: questions longer than [`MAX_QUERY`] bytes are dropped, answers from upstream longer
 //! than [`MAX_ANSWER`] bytes become SERVFAIL, at most [`DnsConfig::max_inflight`] forwarded
 //! questions at once (more are dropped: the guest's resolver retries). Wire format: RFC 1035,
@@ -23,7 +27,8 @@ use std::time::Duration;
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
 /// Longest question accepted from a guest.
@@ -171,6 +176,95 @@ async fn forward(query: &[u8], cfg: &DnsConfig) -> Option<Vec<u8>> {
         }
     }
     servfail(query)
+}
+
+/// Largest answer relayed over TCP (the framing's limit).
+const MAX_TCP_ANSWER: usize = u16::MAX as usize;
+
+async fn read_framed<S: AsyncReadExt + Unpin>(s: &mut S, max: usize) -> io::Result<Vec<u8>> {
+    let len = usize::from(s.read_u16().await?);
+    if len > max || len < 12 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("dns message of {len} bytes"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    s.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_framed<S: AsyncWriteExt + Unpin>(s: &mut S, msg: &[u8]) -> io::Result<()> {
+    let len = u16::try_from(msg.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "dns message too long"))?;
+    let mut framed = Vec::with_capacity(msg.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(msg);
+    s.write_all(&framed).await
+}
+
+/// Asks the upstreams in turn over TCP.
+async fn forward_tcp(query: &[u8], cfg: &DnsConfig) -> Option<Vec<u8>> {
+    for upstream in &cfg.upstreams {
+        let attempt = async {
+            let mut s = TcpStream::connect(upstream).await?;
+            write_framed(&mut s, query).await?;
+            read_framed(&mut s, MAX_TCP_ANSWER).await
+        };
+        if let Ok(Ok(answer)) = tokio::time::timeout(cfg.timeout, attempt).await
+            && answer.get(..2) == query.get(..2)
+        {
+            return Some(answer);
+        }
+    }
+    servfail(query)
+}
+
+/// One guest's TCP connection: one question, one answer.
+async fn tcp_client(mut s: TcpStream, querier: Ipv4Addr, cfg: &DnsConfig, names: &dyn GroupNames) {
+    let Ok(Ok(query)) = tokio::time::timeout(cfg.timeout, read_framed(&mut s, MAX_QUERY)).await
+    else {
+        return;
+    };
+    let answer = match handle_query(&query, querier, names) {
+        Action::Drop => return,
+        Action::Reply(a) => Some(a),
+        Action::Forward => forward_tcp(&query, cfg).await,
+    };
+    if let Some(a) = answer {
+        let _ = tokio::time::timeout(cfg.timeout, write_framed(&mut s, &a)).await;
+    }
+}
+
+/// Serves guests over TCP on `listener` until it fails (run it as a task; abort to stop).
+/// Connections count against [`DnsConfig::max_inflight`] too.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    cfg: DnsConfig,
+    names: Arc<dyn GroupNames>,
+) -> io::Result<()> {
+    let cfg = Arc::new(cfg);
+    let inflight = Arc::new(Semaphore::new(cfg.max_inflight.max(1)));
+    loop {
+        let (stream, from) = listener.accept().await?;
+        let SocketAddr::V4(from4) = from else {
+            continue;
+        };
+        let Ok(permit) = inflight.clone().try_acquire_owned() else {
+            tracing::debug!(%from, "dns: too many connections, closed");
+            continue;
+        };
+        let (cfg, names) = (cfg.clone(), names.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            tcp_client(stream, *from4.ip(), &cfg, names.as_ref()).await;
+        });
+    }
+}
+
+/// Binds the TCP listener: `gateway:53`.
+pub async fn bind_tcp(gateway: Ipv4Addr) -> io::Result<TcpListener> {
+    TcpListener::bind((gateway, 53)).await
 }
 
 /// Binds the server's socket: UDP `gateway:53` (the bridge must carry the address).
@@ -347,6 +441,55 @@ mod tests {
             .expect("an answer")
             .unwrap();
         Message::from_vec(&buf[..n]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn serve_tcp_answers_groups_and_forwards_over_tcp() {
+        // A fake TCP upstream answering with 192.0.2.81.
+        let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = up.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = up.accept().await {
+                let q = Message::from_vec(&read_framed(&mut s, 4096).await.unwrap()).unwrap();
+                let mut m = Message::error_msg(q.id(), OpCode::Query, ResponseCode::NoError);
+                m.add_queries(q.queries().iter().cloned());
+                m.add_answer(Record::from_rdata(
+                    q.queries()[0].name().clone(),
+                    60,
+                    RData::A(A(Ipv4Addr::new(192, 0, 2, 81))),
+                ));
+                write_framed(&mut s, &m.to_vec().unwrap()).await.unwrap();
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cfg = DnsConfig {
+            upstreams: vec![up_addr],
+            timeout: Duration::from_secs(5),
+            max_inflight: 4,
+        };
+        let server = tokio::spawn(serve_tcp(listener, cfg, Arc::new(groups())));
+        let ask_tcp = |q: Vec<u8>| async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            write_framed(&mut s, &q).await.unwrap();
+            Message::from_vec(&read_framed(&mut s, 65535).await.unwrap()).unwrap()
+        };
+        let m = ask_tcp(query("db", RecordType::A)).await;
+        assert_eq!(a_records(&m), vec![Ipv4Addr::new(10, 214, 0, 2)]);
+        let m = ask_tcp(query("other", RecordType::A)).await;
+        assert_eq!(m.response_code(), ResponseCode::NXDomain);
+        let m = ask_tcp(query("example.org", RecordType::A)).await;
+        assert_eq!(a_records(&m), vec![Ipv4Addr::new(192, 0, 2, 81)]);
+        // A length below a DNS header closes the connection without an answer.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&[0, 3, 1, 2, 3]).await.unwrap();
+        let mut rest = Vec::new();
+        // (Closed with the bytes unread: a reset is as good as an end.)
+        match s.read_to_end(&mut rest).await {
+            Ok(_) => assert!(rest.is_empty(), "{rest:?}"),
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset),
+        }
+        server.abort();
     }
 
     #[tokio::test]

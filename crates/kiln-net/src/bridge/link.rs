@@ -289,7 +289,9 @@ impl BridgeHost {
         ))
     }
 
-    /// Adds one sandbox's elements (its lease; pairs with `others` of its group).
+    /// Adds one sandbox's elements (its lease; pairs with `others` of its group). `others` must
+    /// be every sandbox on the bridge: the engine serializes bridge changes (one lock), or
+    /// two sandboxes of one group created at once would not see each other.
     pub fn add_port(&self, port: &BridgePort, others: &[BridgePort]) -> Result<(), BridgeError> {
         self.nft_apply(&nft::render_add(&Elements::of_new_port(port, others)))
     }
