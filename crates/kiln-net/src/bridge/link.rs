@@ -289,6 +289,13 @@ impl BridgeHost {
         ))
     }
 
+    /// Re-reads the host's addresses and replaces the closed destinations with them (call it
+    /// when the host's addresses change; one atomic transaction, sandboxes untouched).
+    pub fn refresh_closed(&self) -> Result<(), BridgeError> {
+        let host = self.host_networks()?;
+        self.nft_apply(&nft::render_closed_refresh(&host))
+    }
+
     /// Adds one sandbox's elements (its lease; pairs with `others` of its group). `others` must
     /// be every sandbox on the bridge: the engine serializes bridge changes (one lock), or
     /// two sandboxes of one group created at once would not see each other.

@@ -389,6 +389,15 @@ fn scenario(br_netfilter: bool) {
         "connected subnet closed: {closed}"
     );
 
+    // An address the host gains later is closed by a refresh.
+    sh(
+        Some(&h),
+        &["ip", "addr", "add", "192.0.2.9/24", "dev", "up0"],
+    );
+    host.refresh_closed().expect("refresh the closed set");
+    let closed = sh(Some(&h), &["nft", "list", "set", "inet", "kiln", "closed4"]);
+    assert!(closed.contains("192.0.2.0/24"), "refreshed: {closed}");
+    assert!(closed.contains("198.51.100.0/30"), "kept: {closed}");
     let gw = cfg.gateway().to_string();
     for g in [&a, &b, &c] {
         lab.listen(&g.ns, "0.0.0.0", 7000);

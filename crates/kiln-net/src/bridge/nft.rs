@@ -145,9 +145,7 @@ pub fn render_ruleset(cfg: &BridgeConfig, host_nets: &[Subnet], elements: &Eleme
     let br = &cfg.name;
     let sub = cfg.subnet;
     let gw = cfg.gateway();
-    let mut closed: Vec<String> = CLOSED_RANGES.iter().map(|s| (*s).to_owned()).collect();
-    closed.extend(host_nets.iter().map(Subnet::to_string));
-    let closed = closed.join(", ");
+    let closed = closed_list(host_nets);
     let tap = format!("{TAP_PREFIX}*");
     let mut s = String::new();
     s.push_str(&render_remove_all());
@@ -217,6 +215,21 @@ table inet {TABLE} {{
         peers = elements_line(&elements.peers_list()),
     );
     s
+}
+
+fn closed_list(host_nets: &[Subnet]) -> String {
+    let mut closed: Vec<String> = CLOSED_RANGES.iter().map(|s| (*s).to_owned()).collect();
+    closed.extend(host_nets.iter().map(Subnet::to_string));
+    closed.join(", ")
+}
+
+/// Replaces the closed destinations with the fixed ranges and `host_nets` (the host's
+/// addresses changed: DHCP, a VPN came up), atomically.
+pub fn render_closed_refresh(host_nets: &[Subnet]) -> String {
+    format!(
+        "flush set inet {TABLE} closed4\nadd element inet {TABLE} closed4 {{ {} }}\n",
+        closed_list(host_nets)
+    )
 }
 
 fn elements_line(list: &str) -> String {
@@ -373,6 +386,16 @@ mod tests {
         // Every base chain lets the host's own traffic be.
         assert_eq!(r.matches("policy accept;").count(), 6, "{r}");
         assert!(!r.contains("policy drop"));
+    }
+
+    #[test]
+    fn render_closed_refresh_flushes_then_adds_in_one_script() {
+        let r = render_closed_refresh(&["192.0.2.0/24".parse().unwrap()]);
+        let lines: Vec<&str> = r.lines().collect();
+        assert_eq!(lines.len(), 2, "{r}");
+        assert_eq!(lines[0], "flush set inet kiln closed4");
+        assert!(lines[1].starts_with("add element inet kiln closed4 { 0.0.0.0/8, 10.0.0.0/8"));
+        assert!(lines[1].ends_with("240.0.0.0/4, 192.0.2.0/24 }"), "{r}");
     }
 
     #[test]
