@@ -100,18 +100,53 @@ impl Lab {
     }
 
     fn spawn_ready(&mut self, ns: &str, code: &str, what: &str) {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, "python3", "-c", code])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, "python3", "-c", code]);
+        self.spawn_until_ready(cmd, &format!("listener {ns} {what}"));
+    }
+
+    /// Spawns `cmd` and returns once it printed a line ending in `ready` (other lines before
+    /// it, such as the test harness's, are skipped).
+    fn spawn_until_ready(&mut self, mut cmd: Command, what: &str) {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn a listener");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped"))
-            .read_line(&mut line)
-            .expect("read the listener's ready line");
-        assert_eq!(line.trim(), "ready", "listener {ns} {what} did not start");
+        let mut out = BufReader::new(child.stdout.take().expect("piped"));
+        let mut seen = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = out.read_line(&mut line).expect("read the ready line");
+            // The test harness prints `test NAME ... ` without a newline before the helper's
+            // own `ready`.
+            if line.trim_end().ends_with("ready") {
+                break;
+            }
+            seen.push(line);
+            assert!(n > 0 && seen.len() < 50, "{what} did not start: {seen:?}");
+        }
         self.children.push(child);
+    }
+
+    /// Runs kiln's DNS server (this test binary's `dns_server_helper`) in `ns` on `gateway`,
+    /// knowing `sandboxes` as `ip:name:group`; returns once it is bound.
+    fn dns_server(&mut self, ns: &str, gateway: &str, sandboxes: &[String]) {
+        let exe = std::env::current_exe().expect("the test binary");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .arg(exe)
+            .args([
+                "--exact",
+                "bridge::netns_tests::dns_server_helper",
+                "--ignored",
+            ])
+            .args(["--nocapture", "--test-threads", "1"])
+            .env(
+                "KILN_BRIDGE_DNS_HELPER",
+                format!("{gateway} {}", sandboxes.join(" ")),
+            );
+        self.spawn_until_ready(cmd, &format!("dns server in {ns}"));
     }
 
     /// Starts a TCP listener in `ns` on `ip:port` that sends each client the address it saw;
@@ -142,6 +177,30 @@ fn ask_udp(ns: &str, dst: &str, port: u16) -> Child {
          s.connect(('{dst}', {port}))\n\
          s.send(b'q')\n\
          print(s.recv(100).decode().strip())\n"
+    );
+    Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &code])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn a probe")
+}
+
+/// Starts a DNS question (type A) from `ns` to `server:53`; succeeds with
+/// `rcode=N ADDRESS` (or `none` without an answer).
+fn ask_dns(ns: &str, server: &str, name: &str) -> Child {
+    let code = format!(
+        "import socket, struct\n\
+         qname = b''.join(bytes([len(l)]) + l.encode() for l in '{name}'.split('.')) + b'\\0'\n\
+         q = struct.pack('>HHHHHH', 0x1234, 0x0100, 1, 0, 0, 0) + qname + struct.pack('>HH', 1, 1)\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(1.0)\n\
+         s.connect(('{server}', 53))\n\
+         s.send(q)\n\
+         r = s.recv(512)\n\
+         assert r[:2] == b'\\x12\\x34'\n\
+         an = struct.unpack('>H', r[6:8])[0]\n\
+         print('rcode=%d %s' % (r[3] & 15, '.'.join(str(b) for b in r[-4:]) if an else 'none'))\n"
     );
     Command::new("ip")
         .args(["netns", "exec", ns, "python3", "-c", &code])
@@ -403,7 +462,14 @@ fn scenario(br_netfilter: bool) {
         lab.listen(&g.ns, "0.0.0.0", 7000);
     }
     lab.listen(&h, &gw, 53);
-    lab.listen_udp(&h, &gw, 53);
+    let known: Vec<String> = [(&a, "a"), (&b, "b"), (&c, "c")]
+        .iter()
+        .map(|(g, name)| {
+            let group = g.port.group.as_ref().map_or("", |g| g.as_str());
+            format!("{}:{name}:{group}", g.port.ip)
+        })
+        .collect();
+    lab.dns_server(&h, &gw, &known);
     lab.listen_udp(&h, "0.0.0.0", 5353);
     lab.listen(&h, "0.0.0.0", 8080);
     lab.listen(&o, "0.0.0.0", 80);
@@ -421,9 +487,14 @@ fn scenario(br_netfilter: bool) {
     );
     let probes = vec![
         (
-            "a -> gateway:53/udp",
-            ask_udp(&a.ns, &gw, 53),
-            Some(aip.clone()),
+            "a asks kiln's DNS for b (same group)",
+            ask_dns(&a.ns, &gw, "b"),
+            Some(format!("rcode=0 {bip}")),
+        ),
+        (
+            "c asks kiln's DNS for b (other group)",
+            ask_dns(&c.ns, &gw, "b"),
+            Some("rcode=3 none".to_owned()),
         ),
         ("a -> gateway:5353/udp", ask_udp(&a.ns, &gw, 5353), None),
         (
@@ -614,4 +685,56 @@ fn bridge_netns_reclaim_after_crash_removes_all_dead_sandboxes() {
     host.remove_all().expect("remove tables");
     host.delete_bridge().expect("delete the bridge");
     assert!(!sh(Some(&h), &["ip", "-o", "link"]).contains("kiln7"));
+}
+
+/// Not a test on its own: [`Lab::dns_server`] runs it inside a namespace (through
+/// `ip netns exec`) to serve kiln's DNS on the gateway there.
+#[test]
+#[ignore = "helper of the netns tests: needs KILN_BRIDGE_DNS_HELPER"]
+fn dns_server_helper() {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use super::dns::{self, DnsConfig, GroupNames};
+
+    let Ok(spec) = std::env::var("KILN_BRIDGE_DNS_HELPER") else {
+        return;
+    };
+    let mut words = spec.split_whitespace();
+    let gateway: Ipv4Addr = words.next().expect("gateway").parse().expect("gateway");
+    // ip -> (name, group)
+    let known: HashMap<Ipv4Addr, (String, String)> = words
+        .map(|w| {
+            let mut p = w.split(':');
+            let ip = p.next().expect("ip").parse().expect("ip");
+            let name = p.next().expect("name").to_owned();
+            let group = p.next().unwrap_or("").to_owned();
+            (ip, (name, group))
+        })
+        .collect();
+    struct Known(HashMap<Ipv4Addr, (String, String)>);
+    impl GroupNames for Known {
+        fn lookup(&self, querier: Ipv4Addr, name: &str) -> Option<Ipv4Addr> {
+            let (_, group) = self.0.get(&querier)?;
+            self.0
+                .iter()
+                .find(|(_, (n, g))| n == name && g == group && !g.is_empty())
+                .map(|(ip, _)| *ip)
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async move {
+        let socket = dns::bind(gateway).await.expect("bind gateway:53");
+        println!("ready");
+        let cfg = DnsConfig {
+            upstreams: Vec::new(),
+            ..DnsConfig::default()
+        };
+        dns::serve(socket, cfg, Arc::new(Known(known)))
+            .await
+            .expect("serve");
+    });
 }
