@@ -68,7 +68,8 @@ fn require_root() {
 impl Lab {
     fn new() -> Lab {
         require_root();
-        let prefix = format!("kbt{:06x}", rand::random::<u32>() & 0xff_ffff);
+        sweep_stale_namespaces();
+        let prefix = format!("kbt{}x{:04x}", std::process::id(), rand::random::<u16>());
         Lab {
             prefix,
             namespaces: Vec::new(),
@@ -208,6 +209,27 @@ fn ask_dns(ns: &str, server: &str, name: &str) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn a probe")
+}
+
+/// Deletes the namespaces of earlier runs whose test process is gone without its `Drop` (killed
+/// by a timeout): names are `kbt<pid>x<rand>-<role>`.
+fn sweep_stale_namespaces() {
+    let list = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        let pid = name
+            .strip_prefix("kbt")
+            .and_then(|rest| rest.split_once('x'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
 }
 
 /// Runs a command (in `ns`), panics with its stderr when it fails.
