@@ -269,7 +269,17 @@ impl BridgeHost {
         let addr = format!("{}/{}", self.cfg.gateway(), self.cfg.subnet.prefix());
         self.run("ip", &["addr", "replace", &addr, "dev", name])?;
         self.run("ip", &["link", "set", name, "up"])?;
-        self.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])?;
+        match &self.netns {
+            // On the host: no tool needed.
+            None => std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|source| {
+                BridgeError::Spawn {
+                    cmd: "write 1 to /proc/sys/net/ipv4/ip_forward".into(),
+                    source,
+                }
+            })?,
+            // In a namespace, its own /proc/sys/net is seen from inside it.
+            Some(_) => drop(self.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])?),
+        }
         Ok(())
     }
 
