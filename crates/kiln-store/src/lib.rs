@@ -27,6 +27,9 @@ use kiln_api_types::{
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
+mod leases;
+pub use leases::{LeaseSubnet, NetLease};
+
 /// Schema migrations; index + 1 is the `user_version` each one brings the database to.
 const MIGRATIONS: &[&str] = &[
     // 1: sandboxes.
@@ -56,6 +59,16 @@ const MIGRATIONS: &[&str] = &[
      CREATE UNIQUE INDEX sandboxes_name ON sandboxes (name) WHERE name IS NOT NULL;
      ALTER TABLE sandboxes ADD COLUMN expires_unix INTEGER;
      UPDATE sandboxes SET state = 'creating' WHERE state = 'booting';",
+    // 5: network address leases (bridge pool, user-mode pool): one address per sandbox per
+    // pool, an address held by at most one sandbox.
+    "CREATE TABLE net_leases (
+        ip            TEXT PRIMARY KEY NOT NULL,
+        pool          TEXT NOT NULL,
+        sandbox_id    TEXT NOT NULL,
+        mac           TEXT NOT NULL,
+        created_unix  INTEGER NOT NULL
+    ) STRICT;
+     CREATE UNIQUE INDEX net_leases_sandbox ON net_leases (pool, sandbox_id);",
 ];
 
 /// Errors of the store.
@@ -102,6 +115,19 @@ pub enum StoreError {
     /// Another sandbox already has this name.
     #[error("a sandbox named {0:?} exists already")]
     NameTaken(String),
+    /// Every address of a lease pool is taken.
+    #[error("address pool {pool:?} ({subnet}) is exhausted: all {capacity} addresses are leased")]
+    PoolExhausted {
+        /// The pool.
+        pool: String,
+        /// Its subnet, `a.b.c.d/len`.
+        subnet: String,
+        /// How many addresses it has for sandboxes.
+        capacity: u64,
+    },
+    /// A lease subnet that has no room for sandboxes (prefix longer than /30).
+    #[error("subnet {0} has no addresses for sandboxes (it needs a prefix of /30 or shorter)")]
+    SubnetTooSmall(String),
 }
 
 /// Store rows are the API's [`SandboxInfo`]: its spec (secret values removed) as JSON, its
@@ -508,6 +534,7 @@ mod tests {
                 boot_ms: None,
                 error: None,
                 warnings: Vec::new(),
+                network: None,
                 source: StartSource::Cold,
                 snapshot: None,
                 expires_unix: None,
