@@ -534,7 +534,6 @@ mod tests {
                 boot_ms: None,
                 error: None,
                 warnings: Vec::new(),
-                network: None,
                 source: StartSource::Cold,
                 snapshot: None,
                 expires_unix: None,
