@@ -11,6 +11,7 @@
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
+use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
@@ -295,33 +296,217 @@ pub fn kernel_release() -> Option<String> {
 
 /// Sets `IFF_UP` on a network interface (used for `lo`).
 pub fn interface_up(name: &str) -> io::Result<()> {
-    // SAFETY: socket takes plain integers; the result is checked before use.
-    let raw =
-        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: `raw` is a fresh socket fd that nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: ifreq is plain old data; all-zero is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    let bytes = name.as_bytes();
-    if bytes.len() >= ifr.ifr_name.len() || bytes.contains(&0) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "bad interface name",
-        ));
+    let sock = NetSocket::open()?;
+    let flags = sock.flags(name)?;
+    sock.set_flags(name, flags | libc::IFF_UP | libc::IFF_RUNNING)
+}
+
+/// The names of every network interface of the calling thread's network namespace
+/// (`if_nameindex(3)`, which asks the kernel over rtnetlink, so it sees the namespace of the
+/// calling thread, unlike `/sys/class/net`, which shows the namespace of whoever mounted
+/// sysfs).
+pub fn interface_names() -> io::Result<Vec<String>> {
+    // SAFETY: if_nameindex takes no arguments and returns a heap array or null.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(io::Error::last_os_error());
     }
-    for (dst, src) in ifr.ifr_name.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: `ifr` is a valid ifreq with a NUL-terminated name; SIOCGIFFLAGS fills its
-    // flags member.
-    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) })?;
-    // SAFETY: SIOCGIFFLAGS initialised the flags member of the union just above.
+    let mut names = Vec::new();
+    let mut at = list;
+    // SAFETY: the array ends with an entry whose index is 0 and name null; every entry before
+    // it has a NUL-terminated name. `at` never passes that terminator, and the array stays
+    // allocated until if_freenameindex below.
     unsafe {
-        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        while (*at).if_index != 0 && !(*at).if_name.is_null() {
+            names.push(CStr::from_ptr((*at).if_name).to_string_lossy().into_owned());
+            at = at.add(1);
+        }
+        libc::if_freenameindex(list);
     }
-    // SAFETY: `ifr` is a valid ifreq; SIOCSIFFLAGS only reads it.
-    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) })?;
-    Ok(())
+    Ok(names)
+}
+
+/// The kernel's `struct rtentry` (`<net/route.h>`; glibc's libc crate bindings lack it),
+/// for `SIOCADDRT` / `SIOCDELRT`.
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: libc::sockaddr,
+    rt_gateway: libc::sockaddr,
+    rt_genmask: libc::sockaddr,
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_tos: libc::c_uchar,
+    rt_class: libc::c_uchar,
+    rt_pad4: [libc::c_short; 3],
+    rt_metric: libc::c_short,
+    rt_dev: *mut libc::c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+/// A `sockaddr` holding an `AF_INET` address (port 0).
+fn sockaddr_v4(addr: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16-byte plain-old-data structs; the kernel
+    // reads a sockaddr of family AF_INET as a sockaddr_in.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// An `AF_INET` datagram socket for the interface and routing ioctls. Every ioctl acts on the
+/// network namespace the socket was created in: that of the thread that called
+/// [`NetSocket::open`].
+#[derive(Debug)]
+pub struct NetSocket(OwnedFd);
+
+impl NetSocket {
+    /// Opens the socket (close-on-exec).
+    pub fn open() -> io::Result<NetSocket> {
+        // SAFETY: socket takes plain integers; the result is checked before use.
+        let raw = check(unsafe {
+            libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
+        })?;
+        // SAFETY: `raw` is a fresh socket fd that nothing else owns.
+        Ok(NetSocket(unsafe { OwnedFd::from_raw_fd(raw) }))
+    }
+
+    /// An `ifreq` naming `name`, everything else zero.
+    fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.len() >= ifr.ifr_name.len() || bytes.contains(&0) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "bad interface name",
+            ));
+        }
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(bytes) {
+            *dst = *src as libc::c_char;
+        }
+        Ok(ifr)
+    }
+
+    /// `ioctl(request)` that only reads `ifr`.
+    fn set(&self, request: libc::c_ulong, ifr: &libc::ifreq) -> io::Result<()> {
+        // SAFETY: `ifr` is a valid ifreq with a NUL-terminated name and the member `request`
+        // reads initialised by the caller; the set-requests only read it.
+        check(unsafe { libc::ioctl(self.0.as_raw_fd(), request as _, ifr as *const libc::ifreq) })
+            .map(drop)
+    }
+
+    /// `ioctl(request)` that fills `ifr`.
+    fn get(&self, request: libc::c_ulong, ifr: &mut libc::ifreq) -> io::Result<()> {
+        // SAFETY: `ifr` is a valid, writable ifreq with a NUL-terminated name; the
+        // get-requests write one member of its union.
+        check(unsafe { libc::ioctl(self.0.as_raw_fd(), request as _, ifr as *mut libc::ifreq) })
+            .map(drop)
+    }
+
+    /// `SIOCGIFFLAGS`.
+    pub fn flags(&self, name: &str) -> io::Result<libc::c_int> {
+        let mut ifr = Self::ifreq(name)?;
+        self.get(libc::SIOCGIFFLAGS, &mut ifr)?;
+        // SAFETY: SIOCGIFFLAGS initialised the flags member of the union just above.
+        Ok(libc::c_int::from(unsafe { ifr.ifr_ifru.ifru_flags }) & 0xffff)
+    }
+
+    /// `SIOCSIFFLAGS`.
+    pub fn set_flags(&self, name: &str, flags: libc::c_int) -> io::Result<()> {
+        let mut ifr = Self::ifreq(name)?;
+        ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
+        self.set(libc::SIOCSIFFLAGS, &ifr)
+    }
+
+    /// The hardware type (`ARPHRD_*`) and address of an interface (`SIOCGIFHWADDR`).
+    pub fn hwaddr(&self, name: &str) -> io::Result<(u16, [u8; 6])> {
+        let mut ifr = Self::ifreq(name)?;
+        self.get(libc::SIOCGIFHWADDR, &mut ifr)?;
+        // SAFETY: SIOCGIFHWADDR initialised the hwaddr member of the union just above.
+        let sa = unsafe { ifr.ifr_ifru.ifru_hwaddr };
+        let mut mac = [0u8; 6];
+        for (dst, src) in mac.iter_mut().zip(sa.sa_data.iter()) {
+            *dst = *src as u8;
+        }
+        Ok((sa.sa_family, mac))
+    }
+
+    /// `SIOCSIFHWADDR` with an Ethernet address.
+    pub fn set_hwaddr(&self, name: &str, mac: [u8; 6]) -> io::Result<()> {
+        let mut ifr = Self::ifreq(name)?;
+        // SAFETY: sockaddr is plain old data; all-zero is a valid value.
+        let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+        sa.sa_family = libc::ARPHRD_ETHER;
+        for (dst, src) in sa.sa_data.iter_mut().zip(mac) {
+            *dst = src as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_hwaddr = sa;
+        self.set(libc::SIOCSIFHWADDR, &ifr)
+    }
+
+    /// `SIOCSIFMTU`.
+    pub fn set_mtu(&self, name: &str, mtu: u16) -> io::Result<()> {
+        let mut ifr = Self::ifreq(name)?;
+        ifr.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
+        self.set(libc::SIOCSIFMTU, &ifr)
+    }
+
+    /// `SIOCSIFADDR`: sets the interface's primary IPv4 address, replacing the previous one
+    /// (with a classful netmask until [`NetSocket::set_netmask`]).
+    pub fn set_address(&self, name: &str, addr: Ipv4Addr) -> io::Result<()> {
+        let mut ifr = Self::ifreq(name)?;
+        ifr.ifr_ifru.ifru_addr = sockaddr_v4(addr);
+        self.set(libc::SIOCSIFADDR, &ifr)
+    }
+
+    /// `SIOCSIFNETMASK` (the broadcast address follows the new mask).
+    pub fn set_netmask(&self, name: &str, mask: Ipv4Addr) -> io::Result<()> {
+        let mut ifr = Self::ifreq(name)?;
+        ifr.ifr_ifru.ifru_netmask = sockaddr_v4(mask);
+        self.set(libc::SIOCSIFNETMASK, &ifr)
+    }
+
+    /// `SIOCDELRT` of one IPv4 default route (any device). `Ok(false)`: there was none.
+    pub fn delete_default_route(&self) -> io::Result<bool> {
+        // SAFETY: RtEntry is plain old data (a null rt_dev means "any device").
+        let mut rt: RtEntry = unsafe { std::mem::zeroed() };
+        rt.rt_dst = sockaddr_v4(Ipv4Addr::UNSPECIFIED);
+        rt.rt_genmask = sockaddr_v4(Ipv4Addr::UNSPECIFIED);
+        rt.rt_flags = libc::RTF_UP;
+        // SAFETY: `rt` is a valid rtentry for the whole call; SIOCDELRT only reads it.
+        let ret = unsafe { libc::ioctl(self.0.as_raw_fd(), libc::SIOCDELRT as _, &rt) };
+        match check(ret) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `SIOCADDRT` of the IPv4 default route via `gateway` on interface `name`.
+    pub fn add_default_route(&self, name: &str, gateway: Ipv4Addr) -> io::Result<()> {
+        let dev = cstring(name)?;
+        // SAFETY: RtEntry is plain old data; all-zero is a valid value.
+        let mut rt: RtEntry = unsafe { std::mem::zeroed() };
+        rt.rt_dst = sockaddr_v4(Ipv4Addr::UNSPECIFIED);
+        rt.rt_genmask = sockaddr_v4(Ipv4Addr::UNSPECIFIED);
+        rt.rt_gateway = sockaddr_v4(gateway);
+        rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        // The kernel copies the name in (strncpy_from_user) and never writes through it.
+        rt.rt_dev = dev.as_ptr().cast_mut();
+        // SAFETY: `rt` is a valid rtentry and `dev` a NUL-terminated string, both alive for
+        // the whole call; SIOCADDRT only reads them.
+        let ret = unsafe { libc::ioctl(self.0.as_raw_fd(), libc::SIOCADDRT as _, &rt) };
+        check(ret).map(drop)
+    }
 }
 
 /// Points fds 0, 1 and 2 at `file` (used by init to talk to /dev/console). If `file` itself
