@@ -57,7 +57,11 @@ pub const RESOLV_CONF_PATH: &str = "/etc/resolv.conf";
 const IPV6_CONF_DIR: &str = "/proc/sys/net/ipv6/conf";
 /// The calling thread's network namespace.
 const THREAD_NETNS: &str = "/proc/thread-self/ns/net";
-/// The network namespace of PID 1 (the host's, when the agent is not the guest's init).
+/// The network namespace of this process's main thread (`/proc/self` is the thread group
+/// leader): the host's, when the agent runs in tests or by hand.
+const MAIN_THREAD_NETNS: &str = "/proc/self/ns/net";
+/// The network namespace of PID 1 (the host's, when the agent is not the guest's init); not
+/// always readable (containers, hardened `/proc`), so only checked when it is.
 const INIT_NETNS: &str = "/proc/1/ns/net";
 /// Most default routes removed before the new one is added (a loop bound, far above what any
 /// guest has).
@@ -126,16 +130,21 @@ impl SystemNetwork {
         })
     }
 
-    /// For tests: configures the network namespace of the calling thread (which must not be
-    /// PID 1's, i.e. the host's) and writes the resolver file at `resolv_conf`. Every later
-    /// configuration must run on a thread of this same namespace, or it fails before touching
-    /// anything.
+    /// For tests: configures the network namespace of the calling thread (which must be
+    /// neither that of this process's main thread nor, where readable, PID 1's: both are the
+    /// host's) and writes the resolver file at `resolv_conf`. Every later configuration must
+    /// run on a thread of this same namespace, or it fails before touching anything.
     pub fn in_private_netns(resolv_conf: impl Into<PathBuf>) -> io::Result<SystemNetwork> {
         let here = netns_inode(THREAD_NETNS)?;
-        if here == netns_inode(INIT_NETNS)? {
+        let host = [
+            Some(netns_inode(MAIN_THREAD_NETNS)?),
+            netns_inode(INIT_NETNS).ok(),
+        ];
+        if host.contains(&Some(here)) {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
-                "refusing to configure the network namespace of pid 1 (the host's)",
+                "refusing to configure the host's network namespace (that of the process's \
+                 main thread or of pid 1): call this on a thread that unshared its own",
             ));
         }
         Ok(SystemNetwork {
@@ -345,8 +354,8 @@ mod tests {
 
     #[test]
     fn in_private_netns_refuses_the_host_namespace() {
-        // A unit-test thread is in the host's namespace (PID 1's): refused, either as PID 1's
-        // namespace or because /proc/1 is not ours to inspect.
-        assert!(SystemNetwork::in_private_netns("/nonexistent/resolv.conf").is_err());
+        // A unit-test thread is in the host's namespace (its main thread's).
+        let err = SystemNetwork::in_private_netns("/nonexistent/resolv.conf").expect_err("host");
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
     }
 }
