@@ -12,15 +12,18 @@
 //!               link-local address or router solicitation once the link is up)
 //!  4 mac        SIOCSIFHWADDR (while down: not every driver changes a live address)
 //!  5 mtu        SIOCSIFMTU
-//!  6 address    SIOCSIFADDR (replaces the interface's primary address) + SIOCSIFNETMASK
+//!  6 address    every IPv4 address removed (rtnetlink RTM_GETADDR dump + RTM_DELADDR), then
+//!               SIOCSIFADDR + SIOCSIFNETMASK
 //!  7 link up    SIOCSIFFLAGS with IFF_UP (the kernel adds the subnet route)
 //!  8 route      SIOCDELRT every IPv4 default route, then SIOCADDRT default via the gateway
 //!  9 resolver   resolv.conf: temp file + rename (a symlink there is replaced by a file)
 //! ```
 //!
-//! Why ioctls rather than rtnetlink: they are a handful of fixed-size structs in `sys`, need
-//! no dependency in the static guest binary, and cover every step; the guest may have no `ip`
-//! binary, so nothing is shelled out. Why interfaces are found with `if_nameindex` and
+//! Why ioctls (and two rtnetlink messages) rather than a netlink crate: they are a handful of
+//! fixed-size structs in `sys` and need no dependency in the static guest binary; the guest
+//! may have no `ip` binary, so nothing is shelled out. rtnetlink is used only where no ioctl
+//! exists: removing IPv4 addresses other than the primary one (`SIOCSIFADDR` replaces only
+//! that), e.g. one a guest command added before a snapshot that is now being cloned. Why interfaces are found with `if_nameindex` and
 //! `SIOCGIFHWADDR` rather than `/sys/class/net`: sysfs shows the network namespace of whoever
 //! mounted it, the ioctls and rtnetlink that of the calling thread, so the same code is
 //! correct in the guest and testable in a private namespace on a developer's host.
@@ -37,9 +40,8 @@
 //! may be left down). Success is reported only when all nine succeeded. The request runs
 //! synchronously on the agent's only thread (no exec observes a half-applied configuration;
 //! and the thread's namespace is the one configured). A second configuration replaces the
-//! first: the link-down flush, the primary address replaced, every default route replaced,
-//! resolv.conf rewritten. Addresses some guest command added besides the primary one with
-//! rtnetlink are not removed.
+//! first: the link-down flush, every IPv4 address removed before the new one is set, every
+//! default route replaced, resolv.conf rewritten.
 
 use std::fs;
 use std::io;
@@ -293,8 +295,9 @@ pub(crate) fn apply(net: &SystemNetwork, config: &NetworkConfig) -> Result<Netwo
         &mut done,
         sock.set_mtu(name, config.mtu()),
     )?;
-    let addr = sock
-        .set_address(name, config.address())
+    let addr = sys::interface_index(name)
+        .and_then(sys::flush_ipv4_addresses)
+        .and_then(|_| sock.set_address(name, config.address()))
         .and_then(|()| sock.set_netmask(name, config.netmask()));
     step(NetworkStep::SetAddress, &mut done, addr)?;
     let up = sock

@@ -509,6 +509,246 @@ impl NetSocket {
     }
 }
 
+/// The index of interface `name` (`if_nametoindex(3)`).
+pub fn interface_index(name: &str) -> io::Result<u32> {
+    let name = cstring(name)?;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call; 0 means failure.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(index)
+}
+
+/// rtnetlink message types and flags (`<linux/rtnetlink.h>`, `<linux/netlink.h>`).
+const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
+const RTM_GETADDR: u16 = 22;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+/// `struct nlmsghdr` and `struct ifaddrmsg` sizes.
+const NLMSG_HDR_LEN: usize = 16;
+const IFADDRMSG_LEN: usize = 8;
+/// Receive buffer for one batch of rtnetlink messages.
+const NETLINK_RECV_BUF: usize = 32 << 10;
+
+/// One IPv4 address of an interface, as rtnetlink reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ipv4IfAddr {
+    prefix_len: u8,
+    local: Option<[u8; 4]>,
+    address: Option<[u8; 4]>,
+}
+
+fn read_u16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn read_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+const fn nl_align(len: usize) -> usize {
+    (len + 3) & !3
+}
+
+/// An `ifaddrmsg` request: header, `ifaddrmsg`, and 4-byte IPv4 attributes.
+fn addr_request(
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    prefix_len: u8,
+    index: u32,
+    attrs: &[(u16, [u8; 4])],
+) -> Vec<u8> {
+    let len = NLMSG_HDR_LEN + IFADDRMSG_LEN + attrs.len() * 8;
+    let mut m = Vec::with_capacity(len);
+    m.extend_from_slice(&(len as u32).to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[libc::AF_INET as u8, prefix_len, 0, 0]);
+    m.extend_from_slice(&index.to_ne_bytes());
+    for (kind, value) in attrs {
+        m.extend_from_slice(&8u16.to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(value);
+    }
+    m
+}
+
+/// What one received batch of rtnetlink messages said.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct NetlinkBatch {
+    /// Addresses of the wanted interface (`RTM_NEWADDR`).
+    addrs: Vec<Ipv4IfAddr>,
+    /// `NLMSG_DONE` or an `NLMSG_ERROR` (ack) was seen: the request is answered.
+    finished: bool,
+    /// The error of an `NLMSG_ERROR` (0 = ack).
+    errno: i32,
+}
+
+/// Parses a batch of rtnetlink messages, keeping the IPv4 addresses of interface `index`.
+/// Malformed lengths end the parse (the kernel never sends them).
+fn parse_netlink(b: &[u8], index: u32) -> NetlinkBatch {
+    let mut out = NetlinkBatch::default();
+    let mut at = 0;
+    while let (Some(len), Some(kind)) = (read_u32(b, at), read_u16(b, at + 4)) {
+        let len = len as usize;
+        if len < NLMSG_HDR_LEN || at + len > b.len() {
+            break;
+        }
+        let msg = &b[at..at + len];
+        match kind {
+            NLMSG_DONE => out.finished = true,
+            NLMSG_ERROR => {
+                out.finished = true;
+                out.errno = read_u32(msg, NLMSG_HDR_LEN).map_or(0, |e| (e as i32).wrapping_neg());
+            }
+            RTM_NEWADDR if msg.len() >= NLMSG_HDR_LEN + IFADDRMSG_LEN => {
+                let family = msg[NLMSG_HDR_LEN];
+                let ifa_index = read_u32(msg, NLMSG_HDR_LEN + 4).unwrap_or(0);
+                if family == libc::AF_INET as u8 && ifa_index == index {
+                    let mut addr = Ipv4IfAddr {
+                        prefix_len: msg[NLMSG_HDR_LEN + 1],
+                        local: None,
+                        address: None,
+                    };
+                    let mut a = NLMSG_HDR_LEN + IFADDRMSG_LEN;
+                    while let (Some(alen), Some(akind)) = (read_u16(msg, a), read_u16(msg, a + 2)) {
+                        let alen = usize::from(alen);
+                        if alen < 4 || a + alen > msg.len() {
+                            break;
+                        }
+                        let value: Option<[u8; 4]> = msg[a + 4..a + alen].try_into().ok();
+                        match akind {
+                            IFA_LOCAL => addr.local = value,
+                            IFA_ADDRESS => addr.address = value,
+                            _ => {}
+                        }
+                        a += nl_align(alen);
+                    }
+                    out.addrs.push(addr);
+                }
+            }
+            _ => {}
+        }
+        at += nl_align(len);
+    }
+    out
+}
+
+/// A `NETLINK_ROUTE` socket of the calling thread's network namespace.
+struct RtNetlink(OwnedFd);
+
+impl RtNetlink {
+    fn open() -> io::Result<RtNetlink> {
+        // SAFETY: socket takes plain integers; the result is checked before use.
+        let raw = check(unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        })?;
+        // SAFETY: `raw` is a fresh socket fd that nothing else owns.
+        Ok(RtNetlink(unsafe { OwnedFd::from_raw_fd(raw) }))
+    }
+
+    /// Sends `msg` to the kernel (an unconnected netlink socket's default peer).
+    fn send(&self, msg: &[u8]) -> io::Result<()> {
+        // SAFETY: the pointer and length describe `msg`, alive for the call; send only reads.
+        let n = unsafe { libc::send(self.0.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Receives one batch of messages into `buf`; returns its length.
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: the pointer and length describe `buf`, writable and alive for the call.
+            let n =
+                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Receives until the request is answered, collecting the addresses of `index`.
+    fn answer(&self, index: u32, buf: &mut [u8]) -> io::Result<Vec<Ipv4IfAddr>> {
+        let mut addrs = Vec::new();
+        loop {
+            let n = self.recv(buf)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "rtnetlink socket closed",
+                ));
+            }
+            let batch = parse_netlink(&buf[..n], index);
+            addrs.extend(batch.addrs);
+            if batch.finished {
+                if batch.errno != 0 {
+                    return Err(io::Error::from_raw_os_error(batch.errno));
+                }
+                return Ok(addrs);
+            }
+        }
+    }
+}
+
+/// Removes every IPv4 address of interface `index` (rtnetlink: an `RTM_GETADDR` dump, then
+/// one `RTM_DELADDR` per address). Returns how many were removed. An address already gone
+/// (a primary's secondaries go with it) is not an error.
+pub fn flush_ipv4_addresses(index: u32) -> io::Result<usize> {
+    let nl = RtNetlink::open()?;
+    let mut buf = vec![0u8; NETLINK_RECV_BUF];
+    nl.send(&addr_request(
+        RTM_GETADDR,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        1,
+        0,
+        0,
+        &[],
+    ))?;
+    let addrs = nl.answer(index, &mut buf)?;
+    let mut removed = 0;
+    for (seq, addr) in (2u32..).zip(&addrs) {
+        let attrs: Vec<(u16, [u8; 4])> = [(IFA_LOCAL, addr.local), (IFA_ADDRESS, addr.address)]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+        let msg = addr_request(
+            RTM_DELADDR,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            addr.prefix_len,
+            index,
+            &attrs,
+        );
+        nl.send(&msg)?;
+        match nl.answer(index, &mut buf) {
+            Ok(_) => removed += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
 /// Points fds 0, 1 and 2 at `file` (used by init to talk to /dev/console). If `file` itself
 /// landed on one of them (they were closed), it stays open as that descriptor.
 pub fn dup_to_stdio(file: File) -> io::Result<()> {
@@ -669,6 +909,61 @@ impl EdgeWatch {
 impl AsRawFd for EdgeWatch {
     fn as_raw_fd(&self) -> RawFd {
         self.epfd.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod netlink_tests {
+    use super::*;
+
+    #[test]
+    fn parse_netlink_keeps_ipv4_addresses_of_the_interface_and_sees_done() {
+        let mut batch = addr_request(
+            RTM_NEWADDR,
+            0,
+            1,
+            24,
+            7,
+            &[(IFA_ADDRESS, [10, 0, 0, 2]), (IFA_LOCAL, [10, 0, 0, 2])],
+        );
+        batch.extend(addr_request(
+            RTM_NEWADDR,
+            0,
+            1,
+            8,
+            9,
+            &[(IFA_LOCAL, [10, 9, 9, 9])],
+        ));
+        batch.extend(addr_request(NLMSG_DONE, 0, 1, 0, 0, &[]));
+        let parsed = parse_netlink(&batch, 7);
+        assert!(parsed.finished);
+        assert_eq!(parsed.errno, 0);
+        assert_eq!(
+            parsed.addrs,
+            [Ipv4IfAddr {
+                prefix_len: 24,
+                local: Some([10, 0, 0, 2]),
+                address: Some([10, 0, 0, 2]),
+            }]
+        );
+    }
+
+    #[test]
+    fn parse_netlink_reports_the_error_of_an_ack_and_stops_at_bad_lengths() {
+        let mut err = Vec::new();
+        err.extend_from_slice(&36u32.to_ne_bytes());
+        err.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        err.extend_from_slice(&[0; 10]);
+        err.extend_from_slice(&(-libc::EADDRNOTAVAIL).to_ne_bytes());
+        err.extend_from_slice(&[0; 16]);
+        let parsed = parse_netlink(&err, 1);
+        assert!(parsed.finished);
+        assert_eq!(parsed.errno, libc::EADDRNOTAVAIL);
+        // A length beyond the buffer: nothing parsed, no panic.
+        let mut bad = addr_request(RTM_NEWADDR, 0, 1, 24, 1, &[(IFA_LOCAL, [1, 2, 3, 4])]);
+        bad[0] = 200;
+        assert_eq!(parse_netlink(&bad, 1), NetlinkBatch::default());
+        assert_eq!(parse_netlink(&[1, 2, 3], 1), NetlinkBatch::default());
     }
 }
 

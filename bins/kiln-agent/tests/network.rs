@@ -212,9 +212,19 @@ fn default_routes() -> Vec<String> {
         .collect()
 }
 
+/// Addresses someone else put on the NIC before the agent configures it: a primary and a
+/// secondary of one subnet, and another subnet.
+const STRAY_ADDRESSES: &[&[&str]] = &[
+    &["addr", "add", "10.1.1.1/24", "dev", "kiln0"],
+    &["addr", "add", "10.1.1.2/24", "dev", "kiln0"],
+    &["addr", "add", "172.20.0.5/16", "dev", "kiln0"],
+];
+
 #[test]
 fn configure_network_applies_everything_and_a_second_config_replaces_the_first() {
-    in_netns(&[TAP], || async {
+    let mut setup = vec![TAP];
+    setup.extend_from_slice(STRAY_ADDRESSES);
+    in_netns(&setup, || async {
         let dir = scratch("applies");
         let resolv = dir.join("resolv.conf");
         // Like many images: resolv.conf is a symlink (to systemd-resolved's stub file).
@@ -247,7 +257,11 @@ fn configure_network_applies_everything_and_a_second_config_replaces_the_first()
         assert_eq!(mac, "52:54:00:aa:bb:01");
         assert_eq!(mtu, 9000);
         assert!(up, "link is up");
-        assert_eq!(addrs, ["inet 10.77.0.2/24"], "one address, no ipv6");
+        assert_eq!(
+            addrs,
+            ["inet 10.77.0.2/24"],
+            "one address, no stray one, no ipv6"
+        );
         assert_eq!(default_routes(), ["10.77.0.1 kiln0"]);
         if ack.ipv6_disabled {
             let v6 = std::fs::read_to_string("/proc/sys/net/ipv6/conf/kiln0/disable_ipv6")
@@ -269,6 +283,9 @@ fn configure_network_applies_everything_and_a_second_config_replaces_the_first()
             "the symlink's target is untouched"
         );
 
+        // A guest command adds an address of its own (then the sandbox is snapshotted and
+        // cloned): the clone's configuration must not keep it.
+        ip(&["addr", "add", "10.77.0.99/24", "dev", "kiln0"]);
         // A clone gets its own configuration: nothing of the first may survive.
         let second = config(
             "02:00:00:00:00:2a",
