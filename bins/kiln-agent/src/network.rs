@@ -1,7 +1,7 @@
 //! Configuring the guest's network (`configure_network`, feature `net-v1`).
 //!
 //! Owns: [`SystemNetwork`] (where the effects land: the network namespace and the
-//! `resolv.conf` path) and [`apply`], which runs the steps in their fixed order:
+//! `resolv.conf` path) and `apply`, which runs the steps in their fixed order:
 //!
 //! ```text
 //!  1 find       the one interface that is Ethernet (ARPHRD_ETHER) and not loopback;
