@@ -11,7 +11,8 @@ use std::path::Path;
 use bytes::Bytes;
 use kiln_agent_proto::{
     AgentInfo, DataChannel, EntryName, ErrorBody, ErrorCode, ExecRequest, ExecUser, ExitStatus, FileEntry,
-    FileKind, FileList, FileStat, Frame, GuestMessage, GuestPath, HostMessage, LinkTarget, Request,
+    FileKind, FileList, FileStat, Frame, GuestMessage, GuestPath, HostMessage, InterfaceName,
+    LinkTarget, MacAddr, NetworkAck, NetworkConfig, Request,
     RequestId, Response, StreamId, SyncAckFrame, SyncFrame, TermName, TtyRequest, TtySize,
 };
 
@@ -280,6 +281,33 @@ fn host_messages(stream: StreamId) -> Result<Vec<HostMessage>, Box<dyn std::erro
         ),
         HostMessage::FileEnd { stream },
         HostMessage::FileAbort { stream },
+        // Network configuration (feature net-v1).
+        request(
+            40,
+            Request::ConfigureNetwork {
+                network: NetworkConfig::new(
+                    MacAddr::parse("52:54:00:12:34:56")?,
+                    "10.0.2.15".parse()?,
+                    24,
+                    "10.0.2.2".parse()?,
+                    1500,
+                    vec!["10.0.2.3".parse()?, "1.1.1.1".parse()?],
+                )?,
+            },
+        ),
+        request(
+            41,
+            Request::ConfigureNetwork {
+                network: NetworkConfig::new(
+                    MacAddr::parse("02:00:00:00:00:01")?,
+                    "172.16.0.2".parse()?,
+                    30,
+                    "172.16.0.1".parse()?,
+                    65520,
+                    vec![],
+                )?,
+            },
+        ),
     ])
 }
 
@@ -387,6 +415,29 @@ fn guest_messages(stream: StreamId) -> Result<Vec<GuestMessage>, Box<dyn std::er
                 code: ErrorCode::NotFound,
                 message: "cannot read /x: no such file or directory".into(),
             }),
+        },
+        // Network configuration (feature net-v1).
+        response(
+            40,
+            Response::NetworkConfigured(NetworkAck {
+                interface: InterfaceName::new("eth0")?,
+                mac: MacAddr::parse("52:54:00:12:34:56")?,
+                address: "10.0.2.15".parse()?,
+                prefix_len: 24,
+                gateway: "10.0.2.2".parse()?,
+                mtu: 1500,
+                ipv6_disabled: true,
+                nameservers: 2,
+            }),
+        ),
+        GuestMessage::Error {
+            id: Some(RequestId(41)),
+            error: ErrorBody {
+                code: ErrorCode::NetworkFailed,
+                message: "failed to find the interface: no ethernet interface \
+                          (already done: nothing)"
+                    .into(),
+            },
         },
     ])
 }

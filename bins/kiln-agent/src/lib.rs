@@ -6,7 +6,8 @@
 //! to guest loopback ports, file transfers and file operations (`files`, feature
 //! `files-v1`), resolving an exec's user against the guest's account files (`user`, feature
 //! `user-v1`), applying
-//! a restored guest's new identity ([`identity`]), the virtio-serial port ([`port`]) and the
+//! a restored guest's new identity ([`identity`]), configuring the guest's network interface,
+//! routes and resolver ([`network`], feature `net-v1`), the virtio-serial port ([`port`]) and the
 //! only `unsafe` code of the agent ([`sys`]). The binary (`main.rs`) only wires these
 //! together, so tests can run the real session and exec logic in-process over
 //! `tokio::io::duplex`.
@@ -24,6 +25,7 @@ mod exec;
 mod files;
 pub mod identity;
 pub mod init;
+pub mod network;
 mod outbound;
 pub mod port;
 pub mod reaper;
@@ -35,5 +37,6 @@ mod user;
 
 pub use exec::BASE_ENV;
 pub use identity::{FakeIdentity, IdentitySink, SystemIdentity};
+pub use network::SystemNetwork;
 pub use reaper::{ReapMode, Reaper};
 pub use session::{Agent, AgentConfig, ServeEnd, ServeError};

@@ -5,8 +5,8 @@
 //! boot errors power the guest off when PID 1; nothing here ever returns to the kernel.
 //!
 //! Only as PID 1 does the agent get the real identity sink (`apply_identity` after a snapshot
-//! restore changes the guest's clock, RNG, hostname and machine id); otherwise it answers
-//! that request `unsupported`.
+//! restore changes the guest's clock, RNG, hostname and machine id) and the real network
+//! (`configure_network`); otherwise it answers those requests `unsupported`.
 //!
 //! Not PID 1: skips boot duties, serves the port named on the kernel command line (or the
 //! device path in `KILN_AGENT_PORT`) and exits on shutdown.
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use kiln_agent::console::{error_chain, say, warn};
 use kiln_agent::init::{self, BootError, Cmdline};
 use kiln_agent::port::{VirtioPort, find_port};
-use kiln_agent::{Agent, AgentConfig, ReapMode, Reaper, ServeEnd, SystemIdentity};
+use kiln_agent::{Agent, AgentConfig, ReapMode, Reaper, ServeEnd, SystemIdentity, SystemNetwork};
 
 /// How long to wait for the agent's virtio-serial port to appear.
 const PORT_WAIT: Duration = Duration::from_secs(30);
@@ -102,6 +102,10 @@ async fn serve_forever(cmdline: &Cmdline, is_init: bool) -> Result<(), BootError
     // Only the guest's init may change the clock, hostname, RNG and machine id.
     if is_init && let Some(system) = SystemIdentity::for_pid1() {
         agent = agent.with_identity_sink(Arc::new(system));
+    }
+    // Only the guest's init configures the guest's network (and only when asked).
+    if is_init && let Some(network) = SystemNetwork::for_pid1() {
+        agent = agent.with_network(Arc::new(network));
     }
     say(format_args!("ready"));
     let mut quick_eofs = 0u32;

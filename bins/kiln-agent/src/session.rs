@@ -1,8 +1,8 @@
 //! The agent's protocol loop: one connection, any number of sessions, many execs, TCP
 //! tunnels and file transfers.
 //!
-//! Owns: [`Agent`] (configuration, reaper, what it reports about itself, the identity sink
-//! and the current restore id) and [`Agent::serve`], which runs the
+//! Owns: [`Agent`] (configuration, reaper, what it reports about itself, the identity sink,
+//! the network it may configure and the current restore id) and [`Agent::serve`], which runs the
 //! protocol over any byte stream until the host goes away or asks for shutdown. Usable as a
 //! library: tests drive it over `tokio::io::duplex`, the binary over the virtio-serial port.
 //!
@@ -31,6 +31,9 @@
 //!   session is processed while an identity is half applied. The restore id execs see is
 //!   cleared when an identity is attempted and set only once every step succeeded; it
 //!   outlives sessions (a restored guest keeps it across host reconnects).
+//! - `configure_network` runs synchronously inside the request handler too, on the agent's
+//!   thread: no exec observes a half-configured network, and the network namespace acted on
+//!   is the agent thread's (which the in-process tests rely on).
 
 use std::io;
 use std::path::PathBuf;
@@ -41,9 +44,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use kiln_agent_proto::{
     AgentInfo, DataChannel, Decoder, ErrorBody, ErrorCode, ExecRequest, FEATURE_FILES_V1,
-    FEATURE_IDENTITY_V1, FEATURE_PTY_V1, FEATURE_TCP_V1, FEATURE_USER_V1, Frame, GuestIdentity,
-    GuestMessage, HostMessage, HuntTarget, Request, RequestId, Response, RestoreId,
-    SUPPORTED_VERSIONS, StreamId, SyncAckFrame, choose_version, loose_request_id,
+    FEATURE_IDENTITY_V1, FEATURE_NET_V1, FEATURE_PTY_V1, FEATURE_TCP_V1, FEATURE_USER_V1, Frame,
+    GuestIdentity, GuestMessage, HostMessage, HuntTarget, NetworkConfig, Request, RequestId,
+    Response, RestoreId, SUPPORTED_VERSIONS, StreamId, SyncAckFrame, choose_version,
+    loose_request_id,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::mpsc;
@@ -53,6 +57,7 @@ use crate::console::{error_chain, warn};
 use crate::exec::{self, ExecHandle};
 use crate::files::{self, FileHandle};
 use crate::identity::{self, IdentitySink};
+use crate::network::{self, SystemNetwork};
 use crate::outbound::{OutItem, Outbound, write_loop};
 use crate::reaper::Reaper;
 use crate::streams::{FeedError, OutputCredit, StreamHandle, StreamKind, StreamTable};
@@ -138,6 +143,8 @@ pub struct Agent {
     reaper: Reaper,
     info: AgentInfo,
     identity: Option<Arc<dyn IdentitySink>>,
+    /// Where `configure_network` takes effect, if the agent may configure a network.
+    network: Option<Arc<SystemNetwork>>,
     /// The restore id of the last identity applied in full; exported to execs.
     restore_id: Mutex<Option<RestoreId>>,
 }
@@ -220,6 +227,7 @@ impl Agent {
             reaper,
             info,
             identity: None,
+            network: None,
             restore_id: Mutex::new(None),
         }
     }
@@ -233,6 +241,30 @@ impl Agent {
             self.info.features.push(FEATURE_IDENTITY_V1.to_owned());
         }
         self
+    }
+
+    /// Lets the agent answer `configure_network` in `network` and advertises
+    /// [`FEATURE_NET_V1`]. Without it the request is answered `unsupported`. The binary
+    /// installs [`SystemNetwork::for_pid1`] only as the guest's PID 1; it announces the
+    /// feature whether or not the guest has a network device (a request then fails naming
+    /// the missing interface), and never configures the device on its own.
+    pub fn with_network(mut self, network: Arc<SystemNetwork>) -> Agent {
+        self.network = Some(network);
+        if !self.info.features.iter().any(|f| f == FEATURE_NET_V1) {
+            self.info.features.push(FEATURE_NET_V1.to_owned());
+        }
+        self
+    }
+
+    fn configure_network(&self, config: &NetworkConfig) -> Result<Response, ErrorBody> {
+        let Some(net) = &self.network else {
+            return Err(ErrorBody {
+                code: ErrorCode::Unsupported,
+                message: "this agent does not configure networks (it is not the guest's init)"
+                    .to_owned(),
+            });
+        };
+        network::apply(net, config).map(Response::NetworkConfigured)
     }
 
     /// The restore id of the last identity applied in full, if any.
@@ -539,6 +571,7 @@ impl Agent {
                         }),
                     },
                     Request::ApplyIdentity { identity } => self.apply_identity(&identity),
+                    Request::ConfigureNetwork { network } => self.configure_network(&network),
                     Request::Shutdown => {
                         reply(s, id, Ok(Response::ShuttingDown)).await;
                         s.out.flush().await;

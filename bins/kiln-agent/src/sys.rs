@@ -11,6 +11,7 @@
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
+use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
@@ -295,33 +296,457 @@ pub fn kernel_release() -> Option<String> {
 
 /// Sets `IFF_UP` on a network interface (used for `lo`).
 pub fn interface_up(name: &str) -> io::Result<()> {
-    // SAFETY: socket takes plain integers; the result is checked before use.
-    let raw =
-        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: `raw` is a fresh socket fd that nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: ifreq is plain old data; all-zero is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    let bytes = name.as_bytes();
-    if bytes.len() >= ifr.ifr_name.len() || bytes.contains(&0) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "bad interface name",
-        ));
+    let sock = NetSocket::open()?;
+    let flags = sock.flags(name)?;
+    sock.set_flags(name, flags | libc::IFF_UP | libc::IFF_RUNNING)
+}
+
+/// The names of every network interface of the calling thread's network namespace
+/// (`if_nameindex(3)`, which asks the kernel over rtnetlink, so it sees the namespace of the
+/// calling thread, unlike `/sys/class/net`, which shows the namespace of whoever mounted
+/// sysfs).
+pub fn interface_names() -> io::Result<Vec<String>> {
+    // SAFETY: if_nameindex takes no arguments and returns a heap array or null.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(io::Error::last_os_error());
     }
-    for (dst, src) in ifr.ifr_name.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: `ifr` is a valid ifreq with a NUL-terminated name; SIOCGIFFLAGS fills its
-    // flags member.
-    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) })?;
-    // SAFETY: SIOCGIFFLAGS initialised the flags member of the union just above.
+    let mut names = Vec::new();
+    let mut at = list;
+    // SAFETY: the array ends with an entry whose index is 0 and name null; every entry before
+    // it has a NUL-terminated name. `at` never passes that terminator, and the array stays
+    // allocated until if_freenameindex below.
     unsafe {
-        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        while (*at).if_index != 0 && !(*at).if_name.is_null() {
+            names.push(CStr::from_ptr((*at).if_name).to_string_lossy().into_owned());
+            at = at.add(1);
+        }
+        libc::if_freenameindex(list);
     }
-    // SAFETY: `ifr` is a valid ifreq; SIOCSIFFLAGS only reads it.
-    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) })?;
-    Ok(())
+    Ok(names)
+}
+
+/// The kernel's `struct rtentry` (`<net/route.h>`; glibc's libc crate bindings lack it),
+/// for `SIOCADDRT` / `SIOCDELRT`.
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: libc::sockaddr,
+    rt_gateway: libc::sockaddr,
+    rt_genmask: libc::sockaddr,
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_tos: libc::c_uchar,
+    rt_class: libc::c_uchar,
+    rt_pad4: [libc::c_short; 3],
+    rt_metric: libc::c_short,
+    rt_dev: *mut libc::c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+/// A `sockaddr` holding an `AF_INET` address (port 0).
+fn sockaddr_v4(addr: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16-byte plain-old-data structs; the kernel
+    // reads a sockaddr of family AF_INET as a sockaddr_in.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// An `AF_INET` datagram socket for the interface and routing ioctls. Every ioctl acts on the
+/// network namespace the socket was created in: that of the thread that called
+/// [`NetSocket::open`].
+#[derive(Debug)]
+pub struct NetSocket(OwnedFd);
+
+impl NetSocket {
+    /// Opens the socket (close-on-exec).
+    pub fn open() -> io::Result<NetSocket> {
+        // SAFETY: socket takes plain integers; the result is checked before use.
+        let raw = check(unsafe {
+            libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
+        })?;
+        // SAFETY: `raw` is a fresh socket fd that nothing else owns.
+        Ok(NetSocket(unsafe { OwnedFd::from_raw_fd(raw) }))
+    }
+
+    /// An `ifreq` naming `name`, everything else zero.
+    fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.len() >= ifr.ifr_name.len() || bytes.contains(&0) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "bad interface name",
+            ));
+        }
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(bytes) {
+            *dst = *src as libc::c_char;
+        }
+        Ok(ifr)
+    }
+
+    /// `ioctl(request)` that only reads `ifr`.
+    fn set(&self, request: libc::c_ulong, ifr: &libc::ifreq) -> io::Result<()> {
+        // SAFETY: `ifr` is a valid ifreq with a NUL-terminated name and the member `request`
+        // reads initialised by the caller; the set-requests only read it.
+        check(unsafe { libc::ioctl(self.0.as_raw_fd(), request as _, ifr as *const libc::ifreq) })
+            .map(drop)
+    }
+
+    /// `ioctl(request)` that fills `ifr`.
+    fn get(&self, request: libc::c_ulong, ifr: &mut libc::ifreq) -> io::Result<()> {
+        // SAFETY: `ifr` is a valid, writable ifreq with a NUL-terminated name; the
+        // get-requests write one member of its union.
+        check(unsafe { libc::ioctl(self.0.as_raw_fd(), request as _, ifr as *mut libc::ifreq) })
+            .map(drop)
+    }
+
+    /// `SIOCGIFFLAGS`.
+    pub fn flags(&self, name: &str) -> io::Result<libc::c_int> {
+        let mut ifr = Self::ifreq(name)?;
+        self.get(libc::SIOCGIFFLAGS, &mut ifr)?;
+        // SAFETY: SIOCGIFFLAGS initialised the flags member of the union just above.
+        Ok(libc::c_int::from(unsafe { ifr.ifr_ifru.ifru_flags }) & 0xffff)
+    }
+
+    /// `SIOCSIFFLAGS`.
+    pub fn set_flags(&self, name: &str, flags: libc::c_int) -> io::Result<()> {
+        let mut ifr = Self::ifreq(name)?;
+        ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
+        self.set(libc::SIOCSIFFLAGS, &ifr)
+    }
+
+    /// The hardware type (`ARPHRD_*`) and address of an interface (`SIOCGIFHWADDR`).
+    pub fn hwaddr(&self, name: &str) -> io::Result<(u16, [u8; 6])> {
+        let mut ifr = Self::ifreq(name)?;
+        self.get(libc::SIOCGIFHWADDR, &mut ifr)?;
+        // SAFETY: SIOCGIFHWADDR initialised the hwaddr member of the union just above.
+        let sa = unsafe { ifr.ifr_ifru.ifru_hwaddr };
+        let mut mac = [0u8; 6];
+        for (dst, src) in mac.iter_mut().zip(sa.sa_data.iter()) {
+            *dst = *src as u8;
+        }
+        Ok((sa.sa_family, mac))
+    }
+
+    /// `SIOCSIFHWADDR` with an Ethernet address.
+    pub fn set_hwaddr(&self, name: &str, mac: [u8; 6]) -> io::Result<()> {
+        let mut ifr = Self::ifreq(name)?;
+        // SAFETY: sockaddr is plain old data; all-zero is a valid value.
+        let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+        sa.sa_family = libc::ARPHRD_ETHER;
+        for (dst, src) in sa.sa_data.iter_mut().zip(mac) {
+            *dst = src as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_hwaddr = sa;
+        self.set(libc::SIOCSIFHWADDR, &ifr)
+    }
+
+    /// `SIOCSIFMTU`.
+    pub fn set_mtu(&self, name: &str, mtu: u16) -> io::Result<()> {
+        let mut ifr = Self::ifreq(name)?;
+        ifr.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
+        self.set(libc::SIOCSIFMTU, &ifr)
+    }
+
+    /// `SIOCSIFADDR`: sets the interface's primary IPv4 address, replacing the previous one
+    /// (with a classful netmask until [`NetSocket::set_netmask`]).
+    pub fn set_address(&self, name: &str, addr: Ipv4Addr) -> io::Result<()> {
+        let mut ifr = Self::ifreq(name)?;
+        ifr.ifr_ifru.ifru_addr = sockaddr_v4(addr);
+        self.set(libc::SIOCSIFADDR, &ifr)
+    }
+
+    /// `SIOCSIFNETMASK` (the broadcast address follows the new mask).
+    pub fn set_netmask(&self, name: &str, mask: Ipv4Addr) -> io::Result<()> {
+        let mut ifr = Self::ifreq(name)?;
+        ifr.ifr_ifru.ifru_netmask = sockaddr_v4(mask);
+        self.set(libc::SIOCSIFNETMASK, &ifr)
+    }
+
+    /// `SIOCDELRT` of one IPv4 default route (any device). `Ok(false)`: there was none.
+    pub fn delete_default_route(&self) -> io::Result<bool> {
+        // SAFETY: RtEntry is plain old data (a null rt_dev means "any device").
+        let mut rt: RtEntry = unsafe { std::mem::zeroed() };
+        rt.rt_dst = sockaddr_v4(Ipv4Addr::UNSPECIFIED);
+        rt.rt_genmask = sockaddr_v4(Ipv4Addr::UNSPECIFIED);
+        rt.rt_flags = libc::RTF_UP;
+        // SAFETY: `rt` is a valid rtentry for the whole call; SIOCDELRT only reads it.
+        let ret = unsafe { libc::ioctl(self.0.as_raw_fd(), libc::SIOCDELRT as _, &rt) };
+        match check(ret) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `SIOCADDRT` of the IPv4 default route via `gateway` on interface `name`.
+    pub fn add_default_route(&self, name: &str, gateway: Ipv4Addr) -> io::Result<()> {
+        let dev = cstring(name)?;
+        // SAFETY: RtEntry is plain old data; all-zero is a valid value.
+        let mut rt: RtEntry = unsafe { std::mem::zeroed() };
+        rt.rt_dst = sockaddr_v4(Ipv4Addr::UNSPECIFIED);
+        rt.rt_genmask = sockaddr_v4(Ipv4Addr::UNSPECIFIED);
+        rt.rt_gateway = sockaddr_v4(gateway);
+        rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        // The kernel copies the name in (strncpy_from_user) and never writes through it.
+        rt.rt_dev = dev.as_ptr().cast_mut();
+        // SAFETY: `rt` is a valid rtentry and `dev` a NUL-terminated string, both alive for
+        // the whole call; SIOCADDRT only reads them.
+        let ret = unsafe { libc::ioctl(self.0.as_raw_fd(), libc::SIOCADDRT as _, &rt) };
+        check(ret).map(drop)
+    }
+}
+
+/// The index of interface `name` (`if_nametoindex(3)`).
+pub fn interface_index(name: &str) -> io::Result<u32> {
+    let name = cstring(name)?;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call; 0 means failure.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(index)
+}
+
+/// rtnetlink message types and flags (`<linux/rtnetlink.h>`, `<linux/netlink.h>`).
+const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
+const RTM_GETADDR: u16 = 22;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+/// `struct nlmsghdr` and `struct ifaddrmsg` sizes.
+const NLMSG_HDR_LEN: usize = 16;
+const IFADDRMSG_LEN: usize = 8;
+/// Receive buffer for one batch of rtnetlink messages.
+const NETLINK_RECV_BUF: usize = 32 << 10;
+
+/// One IPv4 address of an interface, as rtnetlink reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ipv4IfAddr {
+    prefix_len: u8,
+    local: Option<[u8; 4]>,
+    address: Option<[u8; 4]>,
+}
+
+fn read_u16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn read_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+const fn nl_align(len: usize) -> usize {
+    (len + 3) & !3
+}
+
+/// An `ifaddrmsg` request: header, `ifaddrmsg`, and 4-byte IPv4 attributes.
+fn addr_request(
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    prefix_len: u8,
+    index: u32,
+    attrs: &[(u16, [u8; 4])],
+) -> Vec<u8> {
+    let len = NLMSG_HDR_LEN + IFADDRMSG_LEN + attrs.len() * 8;
+    let mut m = Vec::with_capacity(len);
+    m.extend_from_slice(&(len as u32).to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[libc::AF_INET as u8, prefix_len, 0, 0]);
+    m.extend_from_slice(&index.to_ne_bytes());
+    for (kind, value) in attrs {
+        m.extend_from_slice(&8u16.to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(value);
+    }
+    m
+}
+
+/// What one received batch of rtnetlink messages said.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct NetlinkBatch {
+    /// Addresses of the wanted interface (`RTM_NEWADDR`).
+    addrs: Vec<Ipv4IfAddr>,
+    /// `NLMSG_DONE` or an `NLMSG_ERROR` (ack) was seen: the request is answered.
+    finished: bool,
+    /// The error of an `NLMSG_ERROR` (0 = ack).
+    errno: i32,
+}
+
+/// Parses a batch of rtnetlink messages, keeping the IPv4 addresses of interface `index`.
+/// Malformed lengths end the parse (the kernel never sends them).
+fn parse_netlink(b: &[u8], index: u32) -> NetlinkBatch {
+    let mut out = NetlinkBatch::default();
+    let mut at = 0;
+    while let (Some(len), Some(kind)) = (read_u32(b, at), read_u16(b, at + 4)) {
+        let len = len as usize;
+        if len < NLMSG_HDR_LEN || at + len > b.len() {
+            break;
+        }
+        let msg = &b[at..at + len];
+        match kind {
+            NLMSG_DONE => out.finished = true,
+            NLMSG_ERROR => {
+                out.finished = true;
+                out.errno = read_u32(msg, NLMSG_HDR_LEN).map_or(0, |e| (e as i32).wrapping_neg());
+            }
+            RTM_NEWADDR if msg.len() >= NLMSG_HDR_LEN + IFADDRMSG_LEN => {
+                let family = msg[NLMSG_HDR_LEN];
+                let ifa_index = read_u32(msg, NLMSG_HDR_LEN + 4).unwrap_or(0);
+                if family == libc::AF_INET as u8 && ifa_index == index {
+                    let mut addr = Ipv4IfAddr {
+                        prefix_len: msg[NLMSG_HDR_LEN + 1],
+                        local: None,
+                        address: None,
+                    };
+                    let mut a = NLMSG_HDR_LEN + IFADDRMSG_LEN;
+                    while let (Some(alen), Some(akind)) = (read_u16(msg, a), read_u16(msg, a + 2)) {
+                        let alen = usize::from(alen);
+                        if alen < 4 || a + alen > msg.len() {
+                            break;
+                        }
+                        let value: Option<[u8; 4]> = msg[a + 4..a + alen].try_into().ok();
+                        match akind {
+                            IFA_LOCAL => addr.local = value,
+                            IFA_ADDRESS => addr.address = value,
+                            _ => {}
+                        }
+                        a += nl_align(alen);
+                    }
+                    out.addrs.push(addr);
+                }
+            }
+            _ => {}
+        }
+        at += nl_align(len);
+    }
+    out
+}
+
+/// A `NETLINK_ROUTE` socket of the calling thread's network namespace.
+struct RtNetlink(OwnedFd);
+
+impl RtNetlink {
+    fn open() -> io::Result<RtNetlink> {
+        // SAFETY: socket takes plain integers; the result is checked before use.
+        let raw = check(unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        })?;
+        // SAFETY: `raw` is a fresh socket fd that nothing else owns.
+        Ok(RtNetlink(unsafe { OwnedFd::from_raw_fd(raw) }))
+    }
+
+    /// Sends `msg` to the kernel (an unconnected netlink socket's default peer).
+    fn send(&self, msg: &[u8]) -> io::Result<()> {
+        // SAFETY: the pointer and length describe `msg`, alive for the call; send only reads.
+        let n = unsafe { libc::send(self.0.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Receives one batch of messages into `buf`; returns its length.
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: the pointer and length describe `buf`, writable and alive for the call.
+            let n =
+                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Receives until the request is answered, collecting the addresses of `index`.
+    fn answer(&self, index: u32, buf: &mut [u8]) -> io::Result<Vec<Ipv4IfAddr>> {
+        let mut addrs = Vec::new();
+        loop {
+            let n = self.recv(buf)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "rtnetlink socket closed",
+                ));
+            }
+            let batch = parse_netlink(&buf[..n], index);
+            addrs.extend(batch.addrs);
+            if batch.finished {
+                if batch.errno != 0 {
+                    return Err(io::Error::from_raw_os_error(batch.errno));
+                }
+                return Ok(addrs);
+            }
+        }
+    }
+}
+
+/// Removes every IPv4 address of interface `index` (rtnetlink: an `RTM_GETADDR` dump, then
+/// one `RTM_DELADDR` per address). Returns how many were removed. An address already gone
+/// (a primary's secondaries go with it) is not an error.
+pub fn flush_ipv4_addresses(index: u32) -> io::Result<usize> {
+    let nl = RtNetlink::open()?;
+    let mut buf = vec![0u8; NETLINK_RECV_BUF];
+    nl.send(&addr_request(
+        RTM_GETADDR,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        1,
+        0,
+        0,
+        &[],
+    ))?;
+    let addrs = nl.answer(index, &mut buf)?;
+    let mut removed = 0;
+    for (seq, addr) in (2u32..).zip(&addrs) {
+        let attrs: Vec<(u16, [u8; 4])> = [(IFA_LOCAL, addr.local), (IFA_ADDRESS, addr.address)]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+        let msg = addr_request(
+            RTM_DELADDR,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            addr.prefix_len,
+            index,
+            &attrs,
+        );
+        nl.send(&msg)?;
+        match nl.answer(index, &mut buf) {
+            Ok(_) => removed += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
 }
 
 /// Points fds 0, 1 and 2 at `file` (used by init to talk to /dev/console). If `file` itself
@@ -484,6 +909,61 @@ impl EdgeWatch {
 impl AsRawFd for EdgeWatch {
     fn as_raw_fd(&self) -> RawFd {
         self.epfd.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod netlink_tests {
+    use super::*;
+
+    #[test]
+    fn parse_netlink_keeps_ipv4_addresses_of_the_interface_and_sees_done() {
+        let mut batch = addr_request(
+            RTM_NEWADDR,
+            0,
+            1,
+            24,
+            7,
+            &[(IFA_ADDRESS, [10, 0, 0, 2]), (IFA_LOCAL, [10, 0, 0, 2])],
+        );
+        batch.extend(addr_request(
+            RTM_NEWADDR,
+            0,
+            1,
+            8,
+            9,
+            &[(IFA_LOCAL, [10, 9, 9, 9])],
+        ));
+        batch.extend(addr_request(NLMSG_DONE, 0, 1, 0, 0, &[]));
+        let parsed = parse_netlink(&batch, 7);
+        assert!(parsed.finished);
+        assert_eq!(parsed.errno, 0);
+        assert_eq!(
+            parsed.addrs,
+            [Ipv4IfAddr {
+                prefix_len: 24,
+                local: Some([10, 0, 0, 2]),
+                address: Some([10, 0, 0, 2]),
+            }]
+        );
+    }
+
+    #[test]
+    fn parse_netlink_reports_the_error_of_an_ack_and_stops_at_bad_lengths() {
+        let mut err = Vec::new();
+        err.extend_from_slice(&36u32.to_ne_bytes());
+        err.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        err.extend_from_slice(&[0; 10]);
+        err.extend_from_slice(&(-libc::EADDRNOTAVAIL).to_ne_bytes());
+        err.extend_from_slice(&[0; 16]);
+        let parsed = parse_netlink(&err, 1);
+        assert!(parsed.finished);
+        assert_eq!(parsed.errno, libc::EADDRNOTAVAIL);
+        // A length beyond the buffer: nothing parsed, no panic.
+        let mut bad = addr_request(RTM_NEWADDR, 0, 1, 24, 1, &[(IFA_LOCAL, [1, 2, 3, 4])]);
+        bad[0] = 200;
+        assert_eq!(parse_netlink(&bad, 1), NetlinkBatch::default());
+        assert_eq!(parse_netlink(&[1, 2, 3], 1), NetlinkBatch::default());
     }
 }
 

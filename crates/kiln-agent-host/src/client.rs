@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, Decoder, EntryName, ErrorBody, ExecRequest, FEATURE_PTY_V1,
-    FEATURE_USER_V1, FileList, FileStat, Frame, GuestIdentity, GuestMessage, GuestPath,
-    HostMessage, HuntTarget, IdentityAck, Request, RequestId, Response, SUPPORTED_VERSIONS,
-    StreamId, SyncFrame,
+    AgentInfo, DataChannel, Decoder, EntryName, ErrorBody, ExecRequest, FEATURE_NET_V1,
+    FEATURE_PTY_V1, FEATURE_USER_V1, FileList, FileStat, Frame, GuestIdentity, GuestMessage,
+    GuestPath, HostMessage, HuntTarget, IdentityAck, NetworkAck, NetworkConfig, Request, RequestId,
+    Response, SUPPORTED_VERSIONS, StreamId, SyncFrame,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -841,6 +841,63 @@ impl AgentClient {
             restore_id = %ack.restore_id,
             clock_step_ns = ack.clock_step_ns,
             "guest identity applied"
+        );
+        Ok(ack)
+    }
+
+    /// Gives the guest its network configuration (feature `net-v1`): after a cold boot and
+    /// after every restore or clone (after [`AgentClient::apply_identity`]), before anything
+    /// that needs the network. A second call replaces the first configuration entirely.
+    ///
+    /// Fails with [`AgentError::MissingFeature`] before anything is sent if the agent does
+    /// not advertise `net-v1`; with [`AgentError::Remote`] and
+    /// [`kiln_agent_proto::ErrorCode::NetworkFailed`] (the message names the failed step and
+    /// the steps already done) when a step fails in the guest, including when the guest has
+    /// no network device or more than one; with [`AgentError::NetworkAckMismatch`] when the
+    /// acknowledgement does not report exactly what was sent.
+    pub async fn configure_network(
+        &self,
+        network: &NetworkConfig,
+    ) -> Result<NetworkAck, AgentError> {
+        const OP: &str = "configure_network";
+        if !self.has_feature(FEATURE_NET_V1) {
+            return Err(AgentError::MissingFeature {
+                what: "network configuration",
+                feature: FEATURE_NET_V1,
+            });
+        }
+        let request = Request::ConfigureNetwork {
+            network: network.clone(),
+        };
+        let ack = match self.inner.request(request).await? {
+            Response::NetworkConfigured(ack) => ack,
+            _ => return Err(AgentError::UnexpectedResponse { op: OP }),
+        };
+        let mismatch = [
+            (ack.mac == network.mac(), "mac"),
+            (ack.address == network.address(), "address"),
+            (ack.prefix_len == network.prefix_len(), "prefix_len"),
+            (ack.gateway == network.gateway(), "gateway"),
+            (ack.mtu == network.mtu(), "mtu"),
+            (
+                usize::from(ack.nameservers) == network.nameservers().len(),
+                "nameservers",
+            ),
+        ]
+        .into_iter()
+        .find_map(|(ok, field)| (!ok).then_some(field));
+        if let Some(field) = mismatch {
+            return Err(AgentError::NetworkAckMismatch { field });
+        }
+        tracing::debug!(
+            interface = %ack.interface,
+            mac = %ack.mac,
+            address = %ack.address,
+            prefix_len = ack.prefix_len,
+            gateway = %ack.gateway,
+            mtu = ack.mtu,
+            ipv6_disabled = ack.ipv6_disabled,
+            "guest network configured"
         );
         Ok(ack)
     }

@@ -106,6 +106,12 @@ pub enum AgentError {
         /// The unconfirmed step.
         step: &'static str,
     },
+    /// The agent acknowledged a network configuration that differs from the one sent.
+    #[error("guest agent acknowledged a network configuration with a different {field}")]
+    NetworkAckMismatch {
+        /// The first field that differs.
+        field: &'static str,
+    },
     /// The exec has already exited; it takes no more stdin.
     #[error("the command has already exited")]
     ExecFinished,

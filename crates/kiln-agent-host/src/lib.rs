@@ -2,7 +2,8 @@
 //!
 //! Owns: [`AgentClient`] (resync handshake, request/response correlation, one reader task and
 //! one writer task per connection, the post-restore identity handshake
-//! [`AgentClient::apply_identity`] / [`AgentClient::connect_restored`]), [`ExecSession`] (one
+//! [`AgentClient::apply_identity`] / [`AgentClient::connect_restored`], the guest's network
+//! configuration [`AgentClient::configure_network`], feature `net-v1`), [`ExecSession`] (one
 //! running command: its output events, stdin and signals), [`TcpTunnel`] (one TCP
 //! connection to a guest loopback port, from [`AgentClient::open_tcp`]), [`FileWriter`] /
 //! [`FileReader`] (a guest file, or a directory as tar, streamed in or out, from
@@ -69,11 +70,11 @@ pub use exec::{ExecEvent, ExecOutput, ExecSession, StdinSender};
 pub use files::{FileReadRequest, FileReader, FileWriteRequest, FileWriter};
 pub use kiln_agent_proto::{
     AgentInfo, DEFAULT_TERM, Entropy, EntryName, ErrorCode, ExecRequest, ExecUser, ExitStatus,
-    FEATURE_FILES_V1, FEATURE_IDENTITY_V1, FEATURE_PTY_V1, FEATURE_TCP_V1, FEATURE_USER_V1,
-    FileEntry, FileKind, FileList, FileStat, GuestIdentity, GuestPath, Hostname, IdentityAck,
-    IdentityError, LinkTarget, MAX_LIST_ENTRIES, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_TTY_DIM,
-    MachineId, PathError, RestoreId, StreamId, TermName, TtyError, TtyRequest, TtySize, UnixNanos,
-    UserError,
+    FEATURE_FILES_V1, FEATURE_IDENTITY_V1, FEATURE_NET_V1, FEATURE_PTY_V1, FEATURE_TCP_V1,
+    FEATURE_USER_V1, FileEntry, FileKind, FileList, FileStat, GuestIdentity, GuestPath, Hostname,
+    IdentityAck, IdentityError, InterfaceName, LinkTarget, MAX_LIST_ENTRIES, MAX_NAME_BYTES,
+    MAX_PATH_BYTES, MAX_TTY_DIM, MacAddr, MachineId, NetworkAck, NetworkConfig, NetworkError,
+    PathError, RestoreId, StreamId, TermName, TtyError, TtyRequest, TtySize, UnixNanos, UserError,
 };
 pub use ratelimit::LogLimiter;
 pub use tunnel::TcpTunnel;

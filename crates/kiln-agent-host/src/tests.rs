@@ -1,6 +1,6 @@
 //! Host-client tests against a scripted fake guest (frames written by hand), for behaviour the
 //! real agent never exhibits: stale acknowledgements, hostile credit overruns, sudden death,
-//! identity acknowledgements that do not match the request. TCP tunnels: [`tunnel`]; file
+//! identity and network acknowledgements that do not match the request. TCP tunnels: [`tunnel`]; file
 //! transfers and listings: [`files`].
 //! The real agent end to end is tested in `bins/kiln-agent/tests/`.
 
@@ -590,4 +590,115 @@ async fn exec_with_user_on_agent_without_user_v1_fails_before_sending() {
     };
     let (pinged, ()) = tokio::join!(ping, answer);
     pinged.expect("pong");
+}
+
+/// A client handshaken with a fake guest that advertises `net-v1`.
+async fn connected_with_net() -> (AgentClient, FakeGuest) {
+    let (host, guest) = tokio::io::duplex(1 << 20);
+    let mut guest = FakeGuest::new(guest);
+    let connect = AgentClient::connect_with(host, config(64));
+    let accept = async {
+        let nonce = guest.sync_nonce().await;
+        let mut info = info();
+        info.features
+            .push(kiln_agent_proto::FEATURE_NET_V1.to_owned());
+        guest
+            .send(Frame::SyncAck(SyncAckFrame {
+                nonce,
+                version: 1,
+                info,
+            }))
+            .await;
+    };
+    let (client, ()) = tokio::join!(connect, accept);
+    let (client, _) = client.expect("handshake");
+    (client, guest)
+}
+
+fn network() -> kiln_agent_proto::NetworkConfig {
+    kiln_agent_proto::NetworkConfig::new(
+        kiln_agent_proto::MacAddr::parse("52:54:00:00:00:09").expect("valid"),
+        "10.9.0.2".parse().expect("ip"),
+        24,
+        "10.9.0.1".parse().expect("ip"),
+        1500,
+        vec!["10.9.0.1".parse().expect("ip")],
+    )
+    .expect("valid")
+}
+
+fn network_ack(net: &kiln_agent_proto::NetworkConfig) -> kiln_agent_proto::NetworkAck {
+    kiln_agent_proto::NetworkAck {
+        interface: kiln_agent_proto::InterfaceName::new("eth0").expect("valid"),
+        mac: net.mac(),
+        address: net.address(),
+        prefix_len: net.prefix_len(),
+        gateway: net.gateway(),
+        mtu: net.mtu(),
+        ipv6_disabled: true,
+        nameservers: 1,
+    }
+}
+
+#[tokio::test]
+async fn configure_network_matching_ack_is_returned() {
+    let (client, mut guest) = connected_with_net().await;
+    let net = network();
+    let answer = async {
+        let (id, req) = guest.request().await;
+        match req {
+            Request::ConfigureNetwork { network } => assert_eq!(network, net),
+            other => panic!("expected configure_network, got {other:?}"),
+        }
+        guest
+            .respond(id, Response::NetworkConfigured(network_ack(&net)))
+            .await;
+    };
+    let (ack, ()) = tokio::join!(client.configure_network(&net), answer);
+    assert_eq!(ack.expect("configured"), network_ack(&net));
+}
+
+#[tokio::test]
+async fn configure_network_ack_for_another_config_is_rejected() {
+    let (client, mut guest) = connected_with_net().await;
+    let net = network();
+    let answer = async {
+        let (id, _) = guest.request().await;
+        let mut ack = network_ack(&net);
+        ack.gateway = "10.9.0.254".parse().expect("ip");
+        guest.respond(id, Response::NetworkConfigured(ack)).await;
+    };
+    let (result, ()) = tokio::join!(client.configure_network(&net), answer);
+    match result {
+        Err(AgentError::NetworkAckMismatch { field }) => assert_eq!(field, "gateway"),
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn configure_network_without_the_feature_sends_nothing() {
+    // The default fake guest advertises no features.
+    let (client, mut guest) = connected(64).await;
+    let err = client
+        .configure_network(&network())
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(
+            err,
+            AgentError::MissingFeature {
+                feature: "net-v1",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // Nothing reached the guest: the next request it sees is a ping.
+    let ping = async {
+        let (id, req) = guest.request().await;
+        assert_eq!(req, Request::Ping);
+        guest.respond(id, Response::Pong).await;
+    };
+    let (pong, ()) = tokio::join!(client.ping(), ping);
+    pong.expect("pong");
 }

@@ -55,6 +55,7 @@ pub mod fuzz;
 pub mod handshake;
 pub mod identity;
 pub mod message;
+pub mod network;
 pub mod tty;
 pub mod user;
 
@@ -75,6 +76,10 @@ pub use identity::{
 pub use message::{
     ErrorBody, ErrorCode, ExecRequest, ExitStatus, FEATURE_TCP_V1, GuestMessage, HostMessage,
     Request, RequestId, Response, loose_request_id,
+};
+pub use network::{
+    FEATURE_NET_V1, InterfaceName, MAX_MTU, MAX_NAMESERVERS, MAX_PREFIX_LEN, MIN_MTU,
+    MIN_PREFIX_LEN, MacAddr, NetworkAck, NetworkConfig, NetworkError,
 };
 pub use tty::{
     DEFAULT_TERM, FEATURE_PTY_V1, MAX_TERM_BYTES, MAX_TTY_DIM, TermName, TtyError, TtyRequest,

@@ -29,7 +29,8 @@
 //! [`crate::FEATURE_FILES_V1`], values in [`crate::files`]): a `file_write` carries its bytes
 //! in STDIN frames and ends with `file_end`, a `file_read` in STDOUT frames; `file_done` is
 //! a transfer's last message; an exec's optional `tty` and `exec_resize` (feature
-//! [`crate::FEATURE_PTY_V1`], values in [`crate::tty`]). Planned: `secret_put`.
+//! [`crate::FEATURE_PTY_V1`], values in [`crate::tty`]); `configure_network` (feature
+//! [`crate::FEATURE_NET_V1`], values in [`crate::network`]). Planned: `secret_put`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -42,6 +43,7 @@ use crate::error::ProtoError;
 use crate::files::{EntryName, FileList, FileStat, GuestPath};
 use crate::frame::{Frame, StreamId};
 use crate::identity::{GuestIdentity, IdentityAck};
+use crate::network::{NetworkAck, NetworkConfig};
 use crate::tty::{TtyRequest, TtySize};
 use crate::user::ExecUser;
 
@@ -198,6 +200,14 @@ pub enum Request {
         /// The new identity.
         identity: GuestIdentity,
     },
+    /// Configure the guest's network interface, routes and resolver (feature `net-v1`);
+    /// answered with [`Response::NetworkConfigured`] or [`ErrorCode::NetworkFailed`]. Sent
+    /// after a cold boot and after every restore or clone (after `apply_identity`); a
+    /// second one replaces the first entirely.
+    ConfigureNetwork {
+        /// The whole configuration.
+        network: NetworkConfig,
+    },
     /// Open a TCP connection, inside the guest, to `127.0.0.1:port` (feature `tcp-v1`);
     /// answered with [`Response::TcpConnected`] once connected or [`ErrorCode::ConnectFailed`].
     /// Then bytes flow in STDIN (toward the guest socket) and STDOUT (from it) frames on
@@ -298,6 +308,7 @@ impl Request {
             Request::Shutdown => "shutdown",
             Request::ExecResize { .. } => "exec_resize",
             Request::ApplyIdentity { .. } => "apply_identity",
+            Request::ConfigureNetwork { .. } => "configure_network",
             Request::TcpConnect { .. } => "tcp_connect",
             Request::FileWrite { .. } => "file_write",
             Request::FileRead { .. } => "file_read",
@@ -389,6 +400,9 @@ pub enum Response {
     Resized,
     /// Answer to [`Request::ApplyIdentity`]: every step ran; what exactly happened.
     IdentityApplied(IdentityAck),
+    /// Answer to [`Request::ConfigureNetwork`]: every step ran; the interface and what it
+    /// now has.
+    NetworkConfigured(NetworkAck),
     /// Answer to [`Request::TcpConnect`]: the guest socket is connected and the initial
     /// credit for the host's bytes has been granted with a WINDOW frame.
     TcpConnected,
@@ -448,6 +462,9 @@ pub enum ErrorCode {
     Internal,
     /// A step of `apply_identity` failed; the message names it and the steps already applied.
     IdentityFailed,
+    /// A step of `configure_network` failed (or there is no single network interface to
+    /// configure); the message names the step and the steps already done (`net-v1`).
+    NetworkFailed,
     /// `tcp_connect` could not connect (refused, timed out, ...); the message says why.
     ConnectFailed,
     /// A file operation's path (or a parent of it) does not exist (`files-v1`).
@@ -491,6 +508,7 @@ impl ErrorCode {
             ErrorCode::SpawnFailed => "spawn_failed",
             ErrorCode::Internal => "internal",
             ErrorCode::IdentityFailed => "identity_failed",
+            ErrorCode::NetworkFailed => "network_failed",
             ErrorCode::ConnectFailed => "connect_failed",
             ErrorCode::NotFound => "not_found",
             ErrorCode::PermissionDenied => "permission_denied",
@@ -796,6 +814,52 @@ mod tests {
         }
         let old: OldMessage = serde_json::from_str(IDENTITY_JSON).expect("parses");
         assert_eq!(old.request, OldRequest::Unknown);
+    }
+
+    const NETWORK_JSON: &str = concat!(
+        r#"{"type":"request","id":8,"request":{"op":"configure_network","network":{"#,
+        r#""mac":"52:54:00:00:00:01","address":"10.0.0.2","prefix_len":24,"#,
+        r#""gateway":"10.0.0.1","mtu":1500,"nameservers":["10.0.0.1"]}}}"#
+    );
+
+    #[test]
+    fn configure_network_hostile_values_fail_to_parse_but_keep_id() {
+        let cases = [
+            (r#""52:54:00:00:00:01""#, r#""53:54:00:00:00:01""#),
+            (r#""52:54:00:00:00:01""#, r#""52:54:00:00:00""#),
+            (r#""52:54:00:00:00:01""#, r#""00:00:00:00:00:00""#),
+            (r#""prefix_len":24"#, r#""prefix_len":0"#),
+            (r#""prefix_len":24"#, r#""prefix_len":31"#),
+            (r#""prefix_len":24"#, r#""prefix_len":300"#),
+            (r#""gateway":"10.0.0.1""#, r#""gateway":"10.0.1.1""#),
+            (r#""gateway":"10.0.0.1""#, r#""gateway":"10.0.0.2""#),
+            (r#""mtu":1500"#, r#""mtu":575"#),
+            (r#""mtu":1500"#, r#""mtu":70000"#),
+            (r#""mtu":1500"#, r#""mtu":-1"#),
+            (
+                r#"["10.0.0.1"]"#,
+                r#"["1.1.1.1","1.1.1.1","1.1.1.1","1.1.1.1"]"#,
+            ),
+            (r#"["10.0.0.1"]"#, r#"["10.0.0"]"#),
+            (r#""address":"10.0.0.2""#, r#""address":"10.0.0.255""#),
+            (r#""address":"10.0.0.2""#, r#""address":"224.0.0.2""#),
+        ];
+        for (from, to) in cases {
+            assert!(NETWORK_JSON.contains(from), "{from}");
+            let hostile = NETWORK_JSON.replacen(from, to, 1);
+            let parsed = HostMessage::from_payload(hostile.as_bytes());
+            assert!(parsed.is_err(), "accepted {from} -> {to}: {parsed:?}");
+            assert_eq!(loose_request_id(hostile.as_bytes()), Some(RequestId(8)));
+        }
+        let missing = NETWORK_JSON.replacen(r#""mtu":1500,"#, "", 1);
+        assert!(HostMessage::from_payload(missing.as_bytes()).is_err());
+        assert!(matches!(
+            HostMessage::from_payload(NETWORK_JSON.as_bytes()),
+            Ok(HostMessage::Request {
+                request: Request::ConfigureNetwork { .. },
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -1242,6 +1306,7 @@ mod tests {
             ErrorCode::SpawnFailed,
             ErrorCode::Internal,
             ErrorCode::IdentityFailed,
+            ErrorCode::NetworkFailed,
             ErrorCode::ConnectFailed,
             ErrorCode::NotFound,
             ErrorCode::PermissionDenied,

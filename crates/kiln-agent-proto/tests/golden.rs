@@ -440,3 +440,83 @@ fn golden_control_exec_with_user() {
     let json: &[u8] = br#"{"type":"error","id":22,"error":{"code":"bad_user","message":"unknown user app: no /etc/passwd"}}"#;
     assert_golden(refused.to_frame().expect("encodes"), &control_hex(json));
 }
+
+fn network_config() -> kiln_agent_proto::NetworkConfig {
+    kiln_agent_proto::NetworkConfig::new(
+        kiln_agent_proto::MacAddr::parse("52:54:00:ab:cd:ef").expect("valid"),
+        "10.77.0.2".parse().expect("ip"),
+        24,
+        "10.77.0.1".parse().expect("ip"),
+        1500,
+        vec![
+            "10.77.0.1".parse().expect("ip"),
+            "9.9.9.9".parse().expect("ip"),
+        ],
+    )
+    .expect("valid")
+}
+
+#[test]
+fn golden_control_configure_network_frame() {
+    let frame = HostMessage::Request {
+        id: RequestId(5),
+        request: Request::ConfigureNetwork {
+            network: network_config(),
+        },
+    }
+    .to_frame()
+    .expect("encodes");
+    let json = concat!(
+        r#"{"type":"request","id":5,"request":{"op":"configure_network","network":{"#,
+        r#""mac":"52:54:00:ab:cd:ef","address":"10.77.0.2","prefix_len":24,"#,
+        r#""gateway":"10.77.0.1","mtu":1500,"nameservers":["10.77.0.1","9.9.9.9"]}}}"#
+    );
+    assert_golden(frame, &control_hex(json.as_bytes()));
+}
+
+#[test]
+fn golden_control_network_configured_frame() {
+    let frame = GuestMessage::Response {
+        id: RequestId(5),
+        response: Response::NetworkConfigured(kiln_agent_proto::NetworkAck {
+            interface: kiln_agent_proto::InterfaceName::new("eth0").expect("valid"),
+            mac: kiln_agent_proto::MacAddr::parse("52:54:00:ab:cd:ef").expect("valid"),
+            address: "10.77.0.2".parse().expect("ip"),
+            prefix_len: 24,
+            gateway: "10.77.0.1".parse().expect("ip"),
+            mtu: 1500,
+            ipv6_disabled: true,
+            nameservers: 2,
+        }),
+    }
+    .to_frame()
+    .expect("encodes");
+    let json = concat!(
+        r#"{"type":"response","id":5,"response":{"op":"network_configured","#,
+        r#""interface":"eth0","mac":"52:54:00:ab:cd:ef","address":"10.77.0.2","#,
+        r#""prefix_len":24,"gateway":"10.77.0.1","mtu":1500,"ipv6_disabled":true,"#,
+        r#""nameservers":2}}"#
+    );
+    assert_golden(frame, &control_hex(json.as_bytes()));
+}
+
+#[test]
+fn golden_control_network_failed_frame() {
+    let frame = GuestMessage::Error {
+        id: Some(RequestId(5)),
+        error: ErrorBody {
+            code: ErrorCode::NetworkFailed,
+            message: "failed to set the mtu of eth0: invalid argument (already done: find the \
+                      interface, take the link down, disable ipv6, set the mac)"
+                .to_owned(),
+        },
+    }
+    .to_frame()
+    .expect("encodes");
+    let json = concat!(
+        r#"{"type":"error","id":5,"error":{"code":"network_failed","message":"#,
+        r#""failed to set the mtu of eth0: invalid argument (already done: find the "#,
+        r#"interface, take the link down, disable ipv6, set the mac)"}}"#
+    );
+    assert_golden(frame, &control_hex(json.as_bytes()));
+}

@@ -1,14 +1,17 @@
-//! Property tests: frame round trips under arbitrary chunking, identity and TCP tunnel message
-//! round trips, hunting through garbage, and arbitrary bytes through the fuzz entry point.
+//! Property tests: frame round trips under arbitrary chunking, identity, network and TCP tunnel
+//! message round trips, hunting through garbage, and arbitrary bytes through the fuzz entry point.
 
 use bytes::Bytes;
 use kiln_agent_proto::identity::{MAX_WALL_CLOCK_NS, MIN_WALL_CLOCK_NS};
+use std::net::Ipv4Addr;
+
 use kiln_agent_proto::{
     AgentInfo, DataChannel, Decoder, Entropy, ErrorBody, ErrorCode, Frame, GuestIdentity,
     GuestMessage, HostMessage, Hostname, HuntTarget, IdentityAck, MAX_DATA_PAYLOAD, MachineId,
     Request, RequestId, Response, RestoreId, StreamId, SyncAckFrame, SyncFrame, UnixNanos,
     fuzz_decode,
 };
+use kiln_agent_proto::{InterfaceName, MacAddr, NetworkAck, NetworkConfig};
 use proptest::prelude::*;
 
 fn stream_id() -> impl Strategy<Value = StreamId> {
@@ -75,6 +78,48 @@ fn identity() -> impl Strategy<Value = GuestIdentity> {
         })
 }
 
+fn unicast_mac() -> impl Strategy<Value = MacAddr> {
+    any::<[u8; 6]>()
+        .prop_map(|mut o| {
+            o[0] &= 0xfe;
+            o
+        })
+        .prop_filter("not all zero", |o| o.iter().any(|b| *b != 0))
+        .prop_map(|o| MacAddr::new(o).expect("unicast, not zero"))
+}
+
+/// Valid configurations: a /prefix subnet under 10.0.0.0/8 (or wider), address and gateway
+/// two distinct hosts of it.
+fn network_config() -> impl Strategy<Value = NetworkConfig> {
+    (
+        unicast_mac(),
+        1u8..=30,
+        any::<u32>(),
+        any::<u32>(),
+        any::<u32>(),
+        576u32..=65520,
+        prop::collection::vec((1u8..=223, any::<[u8; 3]>()), 0..=3),
+    )
+        .prop_filter_map(
+            "address and gateway must differ",
+            |(mac, prefix, net, a, g, mtu, ns)| {
+                let mask = u32::MAX << (32 - u32::from(prefix));
+                let hosts = !mask - 1; // excluding network and broadcast
+                let base = (0x0a00_0000 | (net & 0x00ff_ffff)) & mask;
+                // Prefixes shorter than 8 need a base that is not loopback/multicast/zero.
+                let base = if prefix < 8 { 0x0a00_0000 & mask } else { base };
+                let address = Ipv4Addr::from(base + 1 + a % hosts);
+                let gateway = Ipv4Addr::from(base + 1 + g % hosts);
+                let nameservers = ns
+                    .into_iter()
+                    .filter(|(first, _)| *first != 127)
+                    .map(|(first, [b, c, d])| Ipv4Addr::new(first, b, c, d))
+                    .collect();
+                NetworkConfig::new(mac, address, prefix, gateway, mtu, nameservers).ok()
+            },
+        )
+}
+
 /// Every tunnel message a host or guest can send.
 fn tcp_messages() -> impl Strategy<Value = (HostMessage, GuestMessage)> {
     (
@@ -134,6 +179,39 @@ proptest! {
         let frame = guest.to_frame().expect("encodes");
         let Frame::Control(payload) = &frame else { panic!("control frame") };
         prop_assert_eq!(GuestMessage::from_payload(payload).expect("parses"), guest);
+    }
+
+    #[test]
+    fn network_messages_round_trip(
+        network in network_config(),
+        id in any::<u64>(),
+        interface in "[a-z][a-z0-9]{0,14}",
+        ipv6_disabled in any::<bool>(),
+    ) {
+        let request = HostMessage::Request {
+            id: RequestId(id),
+            request: Request::ConfigureNetwork { network: network.clone() },
+        };
+        let frame = request.to_frame().expect("encodes");
+        let Frame::Control(payload) = &frame else { panic!("control frame") };
+        prop_assert_eq!(HostMessage::from_payload(payload).expect("parses"), request);
+
+        let ack = GuestMessage::Response {
+            id: RequestId(id),
+            response: Response::NetworkConfigured(NetworkAck {
+                interface: InterfaceName::new(interface).expect("valid name"),
+                mac: network.mac(),
+                address: network.address(),
+                prefix_len: network.prefix_len(),
+                gateway: network.gateway(),
+                mtu: network.mtu(),
+                ipv6_disabled,
+                nameservers: network.nameservers().len() as u8,
+            }),
+        };
+        let frame = ack.to_frame().expect("encodes");
+        let Frame::Control(payload) = &frame else { panic!("control frame") };
+        prop_assert_eq!(GuestMessage::from_payload(payload).expect("parses"), ack);
     }
 
     #[test]

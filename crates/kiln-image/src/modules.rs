@@ -19,13 +19,18 @@ use crate::error::{ImageError, IoContext};
 
 /// Modules the guest loads (in this order, each after its dependencies) before it mounts its
 /// root: PCI transport, block device for the root disk, console for the agent channel, RNG so
-/// the guest does not starve for entropy, MMIO transport for the `microvm` machine type.
+/// the guest does not starve for entropy, MMIO transport for the `microvm` machine type, and
+/// the network device (with `net_failover` and `failover`, its dependencies in Debian's cloud
+/// kernel). `virtio_net` is loaded at every boot, NIC or not: the driver only binds when a
+/// `virtio-net` device exists, and the interface stays down until the host sends
+/// `configure_network` (feature `net-v1`), so a warm snapshot never carries a configured NIC.
 pub const GUEST_MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_blk",
     "virtio_console",
     "virtio_rng",
     "virtio_mmio",
+    "virtio_net",
 ];
 
 /// The parsed `modules.dep` of one kernel: module name -> (relative path, dependency names).
@@ -263,6 +268,9 @@ kernel/drivers/virtio/virtio.ko:
 kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
 kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
 kernel/drivers/virtio/virtio_mmio.ko.xz: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+kernel/net/core/failover.ko:
+kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
+kernel/drivers/net/virtio_net.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko kernel/drivers/net/net_failover.ko
 kernel/fs/unrelated.ko:
 ";
 
@@ -287,7 +295,10 @@ kernel/fs/unrelated.ko:
                 "virtio_blk",
                 "virtio_console",
                 "virtio_rng",
-                "virtio_mmio"
+                "virtio_mmio",
+                "failover",
+                "net_failover",
+                "virtio_net"
             ]
             .map(String::from)
         );
