@@ -100,6 +100,12 @@ fn print_report(r: &DoctorReport) {
     } else {
         println!("host packages:   missing {}", r.missing_packages.join("; "));
     }
+    for m in &r.network_modes {
+        match &m.missing {
+            None => println!("network {:<8} available", format!("{}:", m.mode)),
+            Some(why) => println!("network {:<8} unavailable: {why}", format!("{}:", m.mode)),
+        }
+    }
     for w in &r.warnings {
         println!("warning: {w}");
     }

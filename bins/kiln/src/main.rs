@@ -15,6 +15,7 @@ mod cp;
 mod doctor;
 mod execs;
 mod image;
+mod network;
 mod ps;
 mod run;
 mod sandbox;
@@ -50,6 +51,9 @@ enum Cmd {
     /// Manage a running sandbox's secrets.
     #[command(subcommand)]
     Secret(sandbox::SecretCmd),
+    /// A running sandbox's network policy (`kiln network set ID RULES`).
+    #[command(subcommand)]
+    Network(network::NetworkCmd),
     /// Run a command in a running sandbox (same streaming and exit code rules as `run`).
     Exec(sandbox::ExecArgs),
     /// An interactive login shell in a running sandbox (`exec -it ID -- bash -l`, or `sh -l`
@@ -279,6 +283,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Pause { id, json } => ps::pause_resume(&client, id, true, *json).await,
         Cmd::Resume { id, json } => ps::pause_resume(&client, id, false, *json).await,
         Cmd::Ttl { id, duration, json } => ps::ttl(&client, id, duration, *json).await,
+        Cmd::Network(cmd) => network::run(&client, cmd).await,
         Cmd::Events { json } => ps::events(&client, *json).await,
         Cmd::Logs { id, follow } => execs::logs(&client, id, *follow).await,
         Cmd::Cp { src, dst, json } => cp::cp(&client, src, dst, *json).await,

@@ -25,9 +25,10 @@ use axum::response::{IntoResponse, Response};
 use kiln_api_types::routes;
 use kiln_api_types::{
     ApiError, DiskUsage, DoctorReport, ErrorCode, Event, ExecId, ExecInfo, ExecKillRequest,
-    ExecList, ExecRequest, Health, PingResponse, PruneReport, PruneRequest, SandboxFilter,
-    SandboxId, SandboxInfo, SandboxList, SandboxSpec, SandboxStartRequest, SecretsUpdateRequest,
-    SnapshotCreateRequest, SnapshotInfo, SnapshotList, SnapshotName, TtlRequest,
+    ExecList, ExecRequest, Health, NetworkUpdate, PingResponse, PruneReport, PruneRequest,
+    SandboxFilter, SandboxId, SandboxInfo, SandboxList, SandboxSpec, SandboxStartRequest,
+    SecretsUpdateRequest, SnapshotCreateRequest, SnapshotInfo, SnapshotList, SnapshotName,
+    TtlRequest,
 };
 use kiln_core::{CoreError, Engine};
 use serde::Serialize;
@@ -58,6 +59,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(sandbox_stop))
         .routes(routes!(sandbox_start))
         .routes(routes!(sandbox_ttl_set))
+        .routes(routes!(sandbox_network_set))
         .routes(routes!(event_stream))
         .routes(routes!(exec_detach, exec_list))
         .routes(routes!(exec_get))
@@ -186,7 +188,9 @@ pub fn status_of(e: &CoreError) -> StatusCode {
         CoreError::SandboxFailed { .. } | CoreError::Agent(_) | CoreError::Vmm(_) => {
             StatusCode::BAD_GATEWAY
         }
-        CoreError::HostSetup(_) | CoreError::Unresponsive { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        CoreError::HostSetup(_)
+        | CoreError::Unresponsive { .. }
+        | CoreError::NetworkUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         CoreError::NoSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
         CoreError::File { kind, .. } => {
             use kiln_core::files::FileErrorKind as K;
@@ -711,6 +715,34 @@ async fn sandbox_ttl_set(
     let id = resolve(&engine, &id)?;
     let req: TtlRequest = parse_required(&body)?;
     Ok(json(engine.sandbox_set_ttl(&id, req.ttl_secs).await?))
+}
+
+/// Change a sandbox's network policy
+///
+/// Between `allow` (new rules) and `nat`, while it runs; connections the new policy forbids
+/// are reset at once. `none` and `bridge` are chosen at create and do not change.
+#[utoipa::path(
+    post,
+    path = routes::SANDBOX_NETWORK_SET.path,
+    operation_id = routes::SANDBOX_NETWORK_SET.operation_id,
+    tag = "sandboxes",
+    params(("id" = String, Path, description = ID_PARAM)),
+    request_body(content = NetworkUpdate, content_type = "application/json", example = json!({"network": {"mode": "allow", "rules": ["pypi.org", "*.pythonhosted.org:443"]}})),
+    responses(
+        (status = 200, description = "The policy is in force; `network` shows it", body = SandboxInfo),
+        (status = 400, description = "Malformed body, a bad rule, or a change between modes that cannot change at run time (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
+        (status = 409, description = "Not running or paused (`sandbox_not_running`)", body = ApiError),
+    ),
+)]
+async fn sandbox_network_set(
+    State(engine): Shared,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let id = resolve(&engine, &id)?;
+    let req: NetworkUpdate = parse_required(&body)?;
+    Ok(json(engine.sandbox_network_set(&id, &req.network).await?))
 }
 
 /// Follow events

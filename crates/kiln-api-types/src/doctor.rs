@@ -36,10 +36,25 @@ pub struct DoctorReport {
     pub agent_binary: Option<PathBuf>,
     /// Built images.
     pub images: Vec<String>,
+    /// Which network modes sandboxes can have here, and why not.
+    #[serde(default)]
+    pub network_modes: Vec<NetworkModeSupport>,
     /// Problems that stop kiln from running.
     pub problems: Vec<String>,
     /// Things worth knowing that do not stop kiln.
     pub warnings: Vec<String>,
+}
+
+/// Whether this host supports one network mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkModeSupport {
+    /// `none`, `allow`, `nat` or `bridge`.
+    pub mode: String,
+    /// Whether sandboxes can use it here.
+    pub available: bool,
+    /// What is missing (and how to get it), when not available.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing: Option<String>,
 }
 
 impl DoctorReport {

@@ -86,6 +86,8 @@ pub enum ErrorCode {
     VmmError,
     /// 503: the host lacks something kiln needs (e.g. the agent binary).
     HostSetup,
+    /// 503: this host cannot give a sandbox the network mode asked for (no passt, not root).
+    NetworkUnavailable,
     /// 500: building or reading an image failed.
     ImageError,
     /// 500: capturing, verifying or using a snapshot failed.
@@ -147,6 +149,7 @@ impl ErrorCode {
         ErrorCode::AgentError,
         ErrorCode::VmmError,
         ErrorCode::HostSetup,
+        ErrorCode::NetworkUnavailable,
         ErrorCode::ImageError,
         ErrorCode::SnapshotError,
         ErrorCode::StoreError,
@@ -197,6 +200,7 @@ impl ErrorCode {
             ErrorCode::AgentError => "agent_error",
             ErrorCode::VmmError => "vmm_error",
             ErrorCode::HostSetup => "host_setup",
+            ErrorCode::NetworkUnavailable => "network_unavailable",
             ErrorCode::ImageError => "image_error",
             ErrorCode::SnapshotError => "snapshot_error",
             ErrorCode::StoreError => "store_error",
@@ -292,6 +296,7 @@ mod tests {
             | ErrorCode::AgentError
             | ErrorCode::VmmError
             | ErrorCode::HostSetup
+            | ErrorCode::NetworkUnavailable
             | ErrorCode::ImageError
             | ErrorCode::SnapshotError
             | ErrorCode::StoreError
@@ -304,6 +309,6 @@ mod tests {
             | ErrorCode::NoSpace
             | ErrorCode::Internal => 1,
         };
-        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 45);
+        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 46);
     }
 }

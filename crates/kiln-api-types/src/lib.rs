@@ -26,7 +26,7 @@ pub mod routes;
 mod schema;
 mod storage;
 
-pub use doctor::DoctorReport;
+pub use doctor::{DoctorReport, NetworkModeSupport};
 pub use error_code::{ErrorCode, UnknownErrorCode};
 pub use images::{
     ImageBuildEvent, ImageBuildRecipeRequest, ImageBuildRequest, ImageFileSize, ImageImportRequest,
@@ -658,6 +658,12 @@ pub struct JanitorReport {
     /// Wall time of re-attaching them all (concurrently), in milliseconds.
     #[serde(default)]
     pub reattach_ms: u64,
+    /// Network address leases of gone sandboxes released.
+    #[serde(default)]
+    pub leases_released: u32,
+    /// Taps of gone bridge sandboxes removed (with their rule elements).
+    #[serde(default)]
+    pub taps_removed: u32,
 }
 
 /// `POST /v1/sandboxes/{id}/ping`: one agent round trip, timed inside the daemon.

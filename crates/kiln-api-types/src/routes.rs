@@ -175,6 +175,8 @@ routes! {
     SANDBOX_START = Post "/v1/sandboxes/{id}/start" "sandbox_start" Json;
     /// `POST /v1/sandboxes/{id}/ttl`: a new remaining lifetime.
     SANDBOX_TTL_SET = Post "/v1/sandboxes/{id}/ttl" "sandbox_ttl_set" Json;
+    /// `POST /v1/sandboxes/{id}/network`: a new network policy (`allow` ↔ `nat`).
+    SANDBOX_NETWORK_SET = Post "/v1/sandboxes/{id}/network" "sandbox_network_set" Json;
     /// `GET /v1/events` (server-sent events of `Event`).
     EVENT_STREAM = Get "/v1/events" "event_stream" EventStream;
     /// `POST /v1/sandboxes/{id}/execs`: start a detached command.

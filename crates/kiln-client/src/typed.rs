@@ -6,8 +6,8 @@ use kiln_api_types::routes;
 use kiln_api_types::{
     DiskUsage, DoctorReport, Event, ExecId, ExecInfo, ExecKillRequest, ExecList, ExecRequest,
     FileInfo, FileList, FileMkdirRequest, FileRenameRequest, Health, ImageBuildEvent,
-    ImageBuildRecipeRequest, ImageBuildRequest, ImageImportRequest, ImageList, PingResponse,
-    PruneReport, PruneRequest, SandboxId, SandboxInfo, SandboxList, SandboxSpec,
+    ImageBuildRecipeRequest, ImageBuildRequest, ImageImportRequest, ImageList, NetworkUpdate,
+    PingResponse, PruneReport, PruneRequest, SandboxId, SandboxInfo, SandboxList, SandboxSpec,
     SandboxStartRequest, SecretsUpdateRequest, SnapshotCreateRequest, SnapshotInfo, SnapshotList,
     TtlRequest,
 };
@@ -84,6 +84,16 @@ impl Client {
     /// `POST /v1/sandboxes/{id}/ttl`.
     pub async fn sandbox_ttl_set(&self, id: &SandboxId, req: &TtlRequest) -> Result<SandboxInfo> {
         self.call(routes::SANDBOX_TTL_SET, &[id.as_str()], Some(req))
+            .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/network`: a new network policy.
+    pub async fn sandbox_network_set(
+        &self,
+        id: &SandboxId,
+        req: &NetworkUpdate,
+    ) -> Result<SandboxInfo> {
+        self.call(routes::SANDBOX_NETWORK_SET, &[id.as_str()], Some(req))
             .await
     }
 

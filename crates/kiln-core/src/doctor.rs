@@ -43,6 +43,7 @@ pub async fn run(home: &Home) -> DoctorReport {
         missing_packages: Vec::new(),
         agent_binary: None,
         images: Vec::new(),
+        network_modes: crate::network::doctor(),
         problems: Vec::new(),
         warnings: Vec::new(),
     };

@@ -156,6 +156,14 @@ pub enum CoreError {
         /// Bytes the operation needs, when known.
         needed: Option<u64>,
     },
+    /// This host cannot give a sandbox the network mode asked for (no passt, not root, ...).
+    #[error("network {mode} is not available on this host: {reason}")]
+    NetworkUnavailable {
+        /// The mode asked for.
+        mode: &'static str,
+        /// What is missing, and how to get it.
+        reason: String,
+    },
     /// A file system operation on kiln's state failed.
     #[error("failed to {what} {path}")]
     Io {
@@ -190,6 +198,7 @@ impl CoreError {
             CoreError::SandboxFailed { .. } => "sandbox_failed",
             CoreError::ExecRejected(_) => "exec_rejected",
             CoreError::HostSetup(_) => "host_setup",
+            CoreError::NetworkUnavailable { .. } => "network_unavailable",
             CoreError::Image(kiln_image::ImageError::BadRecipe { .. }) => "bad_recipe",
             CoreError::Image(kiln_image::ImageError::GuestStep { .. }) => "build_failed",
             CoreError::Image(kiln_image::ImageError::ImageNotFound { .. }) => "image_not_found",

@@ -193,6 +193,23 @@ pub fn reclaim(home: &Home, store: &Store) -> Result<Reclaimed, CoreError> {
             }
         }
     }
+    // Network state of sandboxes that are gone or failed: leases, taps, rule elements.
+    let keep: std::collections::HashSet<_> = store
+        .sandbox_list()?
+        .into_iter()
+        .filter(|r| crate::bridge::keeps_network(r.status.state))
+        .map(|r| r.id)
+        .collect();
+    match crate::bridge::reclaim(store, &keep) {
+        Ok((leases, taps)) => {
+            report.leases_released = leases as u32;
+            report.taps_removed = taps as u32;
+            if leases + taps > 0 {
+                info!(leases, taps, "released the network state of gone sandboxes");
+            }
+        }
+        Err(e) => warn!(error = %e.chain(), "network state of gone sandboxes not reclaimed"),
+    }
     Ok(Reclaimed { report, live })
 }
 

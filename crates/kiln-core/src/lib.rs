@@ -12,6 +12,7 @@
 //!   and the janitor removes any left by a daemon that died;
 //! - no lock is held across an `.await`.
 
+mod bridge;
 mod build_guest;
 pub mod console;
 mod detached;
@@ -22,6 +23,7 @@ mod guest;
 pub mod images;
 mod janitor;
 mod machine;
+pub mod network;
 mod owner;
 pub mod paths;
 mod ports;
@@ -74,6 +76,10 @@ pub struct Engine {
     capture_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Whether the full-RAM snapshot mode was announced in the log.
     full_ram_announced: std::sync::atomic::AtomicBool,
+    /// Network settings (resolvers, passt).
+    pub(crate) net: network::NetSettings,
+    /// The bridge mode's host side, once a bridge sandbox started.
+    pub(crate) bridge: bridge::BridgeState,
 }
 
 impl Engine {
@@ -86,6 +92,7 @@ impl Engine {
             source,
         })?;
         let store = Store::open(&home.database())?;
+        let net = network::NetSettings::from_env()?;
         let janitor::Reclaimed {
             report: mut janitor,
             live,
@@ -110,6 +117,8 @@ impl Engine {
             janitor: Mutex::new(janitor.clone()),
             capture_locks: Mutex::new(HashMap::new()),
             full_ram_announced: std::sync::atomic::AtomicBool::new(false),
+            net,
+            bridge: bridge::BridgeState::default(),
         });
         let count = live.len() as u32;
         let started = std::time::Instant::now();
@@ -269,6 +278,16 @@ impl Engine {
                 reason: None,
             },
         );
+        let net = match self
+            .plan_network(&id, &spec.network, user_snap.as_ref().map(|u| u.nic))
+            .await
+        {
+            Ok(net) => net,
+            Err(e) => {
+                self.remove_records(&id, "failed to start");
+                return Err(e);
+            }
+        };
         let plan = MachinePlan {
             qemu: qemu_info,
             accel,
@@ -279,7 +298,7 @@ impl Engine {
                 Some(u) => u.mode,
                 None => self.snapshot_mode(qemu_info),
             },
-            nic: None,
+            nic: nic_of(net.as_ref(), user_snap.as_ref().is_some_and(|u| u.nic)),
         };
         let mut warnings = Vec::new();
         let started = match &user_snap {
@@ -339,6 +358,7 @@ impl Engine {
             idle_timeout_secs: spec.lifetime.idle_timeout_secs,
             source,
             snapshot,
+            net,
         };
         if let Err(e) = self.launch(launch).await {
             self.remove_records(&id, "failed to start");
@@ -363,6 +383,9 @@ impl Engine {
             extras.defaults = l.defaults.clone();
         }
         let ready = async {
+            if let Some(net) = l.net {
+                network::attach(self, &sb, net, true).await?;
+            }
             if !l.secrets.is_empty() {
                 guest::deliver_secrets(sb.agent(), &l.secrets).await?;
             }
@@ -472,6 +495,9 @@ impl Engine {
             )
             .await?
             .accel;
+        let net = self
+            .plan_network(id, &row.spec.network, Some(snap.nic))
+            .await?;
         let plan = MachinePlan {
             qemu,
             accel,
@@ -479,7 +505,7 @@ impl Engine {
             home: self.home.root(),
             machine: snap.machine,
             mode: snap.mode,
-            nic: None,
+            nic: nic_of(net.as_ref(), snap.nic),
         };
         let run_dir = self.home.sandbox_dir(id);
         remove_dir(&run_dir);
@@ -506,8 +532,28 @@ impl Engine {
             idle_timeout_secs: row.spec.lifetime.idle_timeout_secs,
             source: StartSource::Snapshot,
             snapshot: None,
+            net,
         })
         .await
+    }
+
+    /// Plans sandbox `id`'s network for a start (fresh lease and MAC); `snapshot_nic` says
+    /// whether the snapshot it restores had a network device, if it restores one that must.
+    async fn plan_network(
+        &self,
+        id: &SandboxId,
+        spec: &kiln_api_types::NetworkSpec,
+        snapshot_nic: Option<bool>,
+    ) -> Result<Option<network::Planned>, CoreError> {
+        if snapshot_nic == Some(false) && spec.has_nic() {
+            return Err(CoreError::BadRequest(format!(
+                "the snapshot was taken of a sandbox without a network device, so it starts \
+                 only with network none (asked: {})",
+                spec.mode()
+            )));
+        }
+        network::release(self, id);
+        network::plan(self, id, spec).await
     }
 
     /// Saves `sb` for `kiln stop` (called by its owner task, which then stops the VM):
@@ -644,10 +690,14 @@ impl Engine {
             path: cap_dir.to_owned(),
             source,
         })?;
-        warm::capture(spec, cap_dir, sandbox::boot_deadline(spec.accel))
-            .await
-            .map(|_| ())
-            .map_err(|e| space::explain(e, &what, &run))
+        warm::capture(
+            &spec.for_capture(),
+            cap_dir,
+            sandbox::boot_deadline(spec.accel),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| space::explain(e, &what, &run))
     }
 
     /// The events channel (lifecycle transitions, exec start and end).
@@ -696,6 +746,7 @@ impl Engine {
     /// Removes a sandbox's runtime directory, saves and row, and publishes its removal.
     pub(crate) fn remove_records(&self, id: &SandboxId, reason: &str) {
         self.remove_console_archive(id);
+        network::release(self, id);
         self.detached
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -767,6 +818,7 @@ impl Engine {
             .sandbox_list()?
             .into_iter()
             .filter(|r| filter.matches(r))
+            .map(|r| self.with_live(r))
             .collect())
     }
 
@@ -774,7 +826,29 @@ impl Engine {
     pub fn sandbox_get(&self, id: &SandboxId) -> Result<SandboxInfo, CoreError> {
         self.store
             .sandbox_get(id)?
+            .map(|row| self.with_live(row))
             .ok_or_else(|| CoreError::SandboxNotFound(id.to_string()))
+    }
+
+    /// `info` with what only the running sandbox knows (its network).
+    fn with_live(&self, mut info: SandboxInfo) -> SandboxInfo {
+        if let Some((_, sb)) = self.table().get(&info.id) {
+            info.status.network = sb.with_network(|live| live.status());
+        }
+        info
+    }
+
+    /// Changes a running sandbox's network policy (`kiln network set`): between `allow` and
+    /// `nat`; connections the new policy forbids are reset at once.
+    pub async fn sandbox_network_set(
+        &self,
+        id: &SandboxId,
+        spec: &kiln_api_types::NetworkSpec,
+    ) -> Result<SandboxInfo, CoreError> {
+        spec.validate()?;
+        let spec = spec.clone();
+        self.call(id, |tx| owner::Op::Network(spec, tx)).await?;
+        self.sandbox_get(id)
     }
 
     /// Destroys a sandbox: stops its VM, removes its runtime directory and its row.
@@ -1238,6 +1312,21 @@ struct Launch {
     idle_timeout_secs: Option<u64>,
     source: StartSource,
     snapshot: Option<String>,
+    /// Its network, planned before the VM started.
+    net: Option<network::Planned>,
+}
+
+/// The VM's network device: the planned one, else (a snapshot taken with a device, started
+/// with network `none`) a device whose frames go nowhere.
+fn nic_of(net: Option<&network::Planned>, snapshot_has_nic: bool) -> Option<kiln_vmm::Nic> {
+    match net {
+        Some(n) => Some(n.nic.clone()),
+        None if snapshot_has_nic => Some(kiln_vmm::Nic {
+            mac: kiln_net::Mac::random().to_string(),
+            backend: kiln_vmm::NicBackend::Stream,
+        }),
+        None => None,
+    }
 }
 
 /// The newest save generation (`gen-N`) under `root`.

@@ -108,6 +108,8 @@ pub(crate) enum Op {
     Detach(Reply<()>),
     /// Save it (memory and disk) and stop its VM.
     Stop(Reply<()>),
+    /// Change its network policy (`allow` ↔ `nat`).
+    Network(kiln_api_types::NetworkSpec, Reply<()>),
 }
 
 /// The sending side of an owner's queue.
@@ -491,6 +493,10 @@ impl Owner {
                 };
                 let _ = reply.send(r);
             }
+            Op::Network(spec, reply) => {
+                let r = self.set_network(&spec).await;
+                let _ = reply.send(r);
+            }
             Op::Ping(reply) => {
                 let r = match self.need(SandboxState::Running) {
                     Ok(()) => {
@@ -603,6 +609,40 @@ impl Owner {
         Flow::Continue
     }
 
+    /// Applies a new network policy and records it in the spec. A paused sandbox's policy
+    /// changes too (its relay runs; the guest sends nothing while paused).
+    async fn set_network(&mut self, spec: &kiln_api_types::NetworkSpec) -> Result<(), CoreError> {
+        if !matches!(self.state, SandboxState::Running | SandboxState::Paused) {
+            return Err(self.refusal(SandboxState::Running));
+        }
+        let engine = self
+            .engine
+            .upgrade()
+            .ok_or_else(|| CoreError::HostSetup("the daemon is stopping".into()))?;
+        let current = self
+            .sb
+            .with_network(|live| live.spec())
+            .unwrap_or(kiln_api_types::NetworkSpec::None);
+        let relay = self
+            .sb
+            .with_network(|live| live.relay_for(spec))
+            .unwrap_or_else(|| {
+                Err(CoreError::BadRequest(format!(
+                    "sandbox {} has no network (it was created with network none; the network \
+                     is chosen at create: --network)",
+                    self.id()
+                )))
+            })?;
+        relay
+            .set_policy(spec.clone())
+            .await
+            .map_err(|e| CoreError::BadRequest(format!("network policy: {e}")))?;
+        self.sb.with_network(|live| live.set_spec(spec));
+        engine.store.sandbox_set_network(self.id(), spec)?;
+        info!(sandbox_id = %self.id(), from = %current, to = %spec, "network policy changed");
+        Ok(())
+    }
+
     async fn pause(&mut self) -> Result<(), CoreError> {
         let sb = Arc::clone(&self.sb);
         self.answer("QEMU pausing", QMP_DEADLINE, async {
@@ -654,6 +694,8 @@ impl Owner {
         engine.archive_console(self.id());
         crate::remove_dir(&engine.home.sandbox_dir(self.id()));
         engine.prune_saves(self.id());
+        // A stopped sandbox holds no address or tap: `kiln start` plans its network anew.
+        crate::network::release(&engine, self.id());
         self.transition(SandboxState::Stopped, None);
         info!(sandbox_id = %self.id(), "sandbox stopped and saved");
         Ok(())
@@ -687,6 +729,7 @@ impl Owner {
             self.sb.shutdown().await;
             engine.archive_console(self.id());
             crate::remove_dir(&engine.home.sandbox_dir(self.id()));
+            crate::network::release(&engine, self.id());
         } else {
             self.sb.shutdown().await;
         }

@@ -6,7 +6,8 @@
 //!
 //! ```text
 //!   Vm::attach (pidfile + vm.json, pidfd, QMP) ─▶ [paused: cont] ─▶ agent resync (SYNC/ACK)
-//!     ─▶ secrets read back from /run/secrets ─▶ [paused: stop] ─▶ published ports bound
+//!     ─▶ secrets read back from /run/secrets ─▶ [paused: stop] ─▶ network relay started
+//!     ─▶ published ports bound
 //!     ─▶ owner task ─▶ serving, in the state it was in
 //! ```
 //!
@@ -116,6 +117,11 @@ async fn one(engine: &Arc<Engine>, row: SandboxInfo) -> Result<(), CoreError> {
             .as_ref()
             .map(|i| crate::sandbox::ExecDefaults::of(&i.recipe))
             .unwrap_or_default();
+    }
+    // The previous daemon's relay and passt ended with it: start them again. The guest
+    // keeps its interface; a failure leaves it without a network (closed), reported.
+    if let Err(e) = crate::network::reattach(engine, &sb, &row.spec.network).await {
+        warn!(sandbox_id = %id, error = %e.chain(), "network not restored; the sandbox has no network until it restarts");
     }
     // The previous daemon's listeners closed with it: bind the ports again. A port taken
     // meanwhile is reported; the sandbox itself is kept.

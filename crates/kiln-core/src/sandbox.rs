@@ -155,6 +155,9 @@ pub struct Sandbox {
     pub(crate) activity: Activity,
     /// Accept loops of published ports; aborted at shutdown.
     forwards: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Its network while it runs (`None` for network `none`); dropped at shutdown, which
+    /// ends its relay and passt.
+    net: std::sync::Mutex<Option<crate::network::Live>>,
 }
 
 impl Sandbox {
@@ -217,7 +220,27 @@ impl Sandbox {
             extras: std::sync::Mutex::new(SandboxExtras::default()),
             activity: Activity::new(),
             forwards: std::sync::Mutex::new(Vec::new()),
+            net: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Keeps its network's running parts.
+    pub(crate) fn set_network(&self, live: crate::network::Live) {
+        *self.net.lock().unwrap_or_else(|e| e.into_inner()) = Some(live);
+    }
+
+    /// Runs `f` on its network, if it has one.
+    pub(crate) fn with_network<T>(&self, f: impl FnOnce(&crate::network::Live) -> T) -> Option<T> {
+        self.net
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(f)
+    }
+
+    /// Ends its network's relay and passt (if any).
+    fn drop_network(&self) {
+        self.net.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     /// Secrets, hook and options (a short-held lock; never across an `.await`).
@@ -331,6 +354,7 @@ impl Sandbox {
         {
             task.abort();
         }
+        self.drop_network();
         self.vm.shutdown(Duration::from_millis(500)).await;
     }
 
@@ -345,6 +369,9 @@ impl Sandbox {
         {
             task.abort();
         }
+        // The relay ends with this daemon; the guest keeps its interface, and the next
+        // daemon starts a relay again (frames meanwhile go nowhere: fail closed).
+        self.drop_network();
         self.vm.release();
     }
 

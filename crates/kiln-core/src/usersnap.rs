@@ -52,6 +52,9 @@ struct Origin {
     image: String,
     /// The sandbox the snapshot was taken of.
     sandbox: String,
+    /// Whether its VM had a network device (snapshots of before networks had none).
+    #[serde(default)]
+    nic: bool,
 }
 
 /// A user snapshot resolved for a restore.
@@ -66,6 +69,8 @@ pub struct UserSnapshot {
     pub machine: kiln_api_types::MachineSpec,
     /// How its RAM is saved.
     pub mode: CaptureMode,
+    /// Whether its VM had a network device: a restore must have one too.
+    pub nic: bool,
 }
 
 fn read_manifest(dir: &Path) -> Result<SnapshotManifest, String> {
@@ -127,6 +132,7 @@ pub fn open_in(home: &Home, root: &Path, name: &str) -> Result<UserSnapshot, Cor
             CaptureKind::IgnoreShared => CaptureMode::IgnoreShared,
             CaptureKind::FullRam => CaptureMode::FullRam,
         },
+        nic: origin.nic,
     })
 }
 
@@ -294,6 +300,7 @@ async fn publish(
     let origin = Origin {
         image: spec.image.name.clone(),
         sandbox: sb.id().to_string(),
+        nic: spec.nic.is_some(),
     };
     let origin_path = builder.dir().join(ORIGIN_FILE);
     std::fs::write(

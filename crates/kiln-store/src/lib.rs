@@ -353,6 +353,41 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Records a sandbox's new network policy in its spec (`kiln network set`).
+    pub fn sandbox_set_network(
+        &self,
+        id: &SandboxId,
+        network: &kiln_api_types::NetworkSpec,
+    ) -> Result<(), StoreError> {
+        let q = |source| StoreError::Query {
+            what: "update sandbox network",
+            source,
+        };
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(q)?;
+        let spec: Option<String> = tx
+            .query_row(
+                "SELECT spec FROM sandboxes WHERE id = ?1",
+                params![id.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(q)?;
+        let Some(spec) = spec else {
+            return Ok(());
+        };
+        let mut spec: SandboxSpec = serde_json::from_str(&spec)
+            .map_err(|e| StoreError::Corrupt(format!("spec of sandbox {id}: {e}")))?;
+        spec.network = network.clone();
+        let body = serde_json::to_string(&spec).expect("a spec serializes");
+        tx.execute(
+            "UPDATE sandboxes SET spec = ?2 WHERE id = ?1",
+            params![id.as_str(), body],
+        )
+        .map_err(q)?;
+        tx.commit().map_err(q)
+    }
+
     /// Records how a sandbox's VM started and from which snapshot.
     pub fn sandbox_set_source(
         &self,

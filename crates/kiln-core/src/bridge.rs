@@ -1,0 +1,334 @@
+//! The bridge mode in the engine: the host side made once per daemon ([`BridgeState`]: the
+//! bridge, kiln's nftables tables with every live bridge sandbox's elements, the DNS server
+//! on the gateway), and per sandbox a lease from the bridge pool, a tap and its elements
+//! ([`plan`]), removed again by [`release`] and, after a crash, by the janitor ([`reclaim`]).
+//!
+//! Must not: render rules or run `ip`/`nft` itself (that is `kiln_net::bridge`).
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+
+use kiln_api_types::{NetStats, NetworkSpec, Refusal, SandboxId, SandboxState};
+use kiln_net::bridge::{BridgeConfig, BridgeHost, BridgePort, tap_name};
+use kiln_net::{GuestNet, Mac};
+use tracing::{info, warn};
+
+use crate::Engine;
+use crate::error::CoreError;
+use crate::network::{BRIDGE_MTU, BRIDGE_POOL, Planned};
+
+/// The daemon's bridge, made when the first bridge sandbox starts.
+#[derive(Default)]
+pub(crate) struct BridgeState {
+    host: tokio::sync::OnceCell<Arc<BridgeHost>>,
+    /// The DNS server's tasks (UDP and TCP).
+    dns: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Who is on the bridge, for the DNS server's group names.
+    members: Arc<Members>,
+    /// Serializes rule changes: two sandboxes of one group added at once must see each other.
+    changes: tokio::sync::Mutex<()>,
+}
+
+impl Drop for BridgeState {
+    fn drop(&mut self) {
+        for task in self.dns.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// One sandbox on the bridge as the DNS server knows it.
+#[derive(Debug, Clone)]
+struct Member {
+    id: SandboxId,
+    name: Option<String>,
+    ip: Ipv4Addr,
+    group: Option<String>,
+}
+
+/// The bridge's sandboxes, by address.
+#[derive(Debug, Default)]
+struct Members(Mutex<Vec<Member>>);
+
+impl Members {
+    fn set(&self, member: Member) {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|m| m.id != member.id);
+        all.push(member);
+    }
+
+    fn remove(&self, id: &SandboxId) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|m| &m.id != id);
+    }
+}
+
+impl kiln_net::bridge::dns::GroupNames for Members {
+    /// A member of the querier's group by name or id; nothing for sandboxes without a group.
+    fn lookup(&self, querier: Ipv4Addr, name: &str) -> Option<Ipv4Addr> {
+        let all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let group = all.iter().find(|m| m.ip == querier)?.group.clone()?;
+        all.iter()
+            .find(|m| {
+                m.group.as_deref() == Some(group.as_str())
+                    && m.ip != querier
+                    && (m.name.as_deref() == Some(name) || m.id.as_str() == name)
+            })
+            .map(|m| m.ip)
+    }
+}
+
+impl Engine {
+    /// The bridge's configuration.
+    pub(crate) fn bridge_config(&self) -> BridgeConfig {
+        BridgeConfig::default()
+    }
+
+    /// The bridge host, set up on first use: bridge up, rules with every live bridge
+    /// sandbox's elements, DNS server on the gateway.
+    async fn bridge_host(self: &Engine) -> Result<Arc<BridgeHost>, CoreError> {
+        let unavailable = |reason: String| CoreError::NetworkUnavailable {
+            mode: "bridge",
+            reason,
+        };
+        self.bridge
+            .host
+            .get_or_try_init(|| async {
+                let missing: Vec<String> = kiln_net::bridge::doctor()
+                    .into_iter()
+                    .filter_map(|c| c.reason)
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(unavailable(missing.join("; ")));
+                }
+                let host = BridgeHost::new(self.bridge_config())
+                    .map_err(|e| unavailable(e.to_string()))?;
+                host.ensure_bridge().map_err(|e| unavailable(e.to_string()))?;
+                let members = self.bridge_members(None)?;
+                let ports: Vec<BridgePort> = members.iter().map(|(p, _)| p.clone()).collect();
+                host.apply_rules(&ports)
+                    .map_err(|e| unavailable(e.to_string()))?;
+                for (port, name) in members {
+                    self.bridge.members.set(member(&port, name));
+                }
+                info!(bridge = %host.config().name, subnet = %host.config().subnet, sandboxes = ports.len(), "bridge ready");
+                let host = Arc::new(host);
+                let tasks = serve_dns(self, host.config().gateway())
+                    .await
+                    .map_err(|e| unavailable(format!("kiln's DNS on the bridge: {e}")))?;
+                *self.bridge.dns.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
+                Ok(host)
+            })
+            .await
+            .cloned()
+    }
+
+    /// Every bridge sandbox with a lease (except `but`), as the rules know them, with its name.
+    fn bridge_members(
+        &self,
+        but: Option<&SandboxId>,
+    ) -> Result<Vec<(BridgePort, Option<String>)>, CoreError> {
+        let rows = self.store.sandbox_list()?;
+        let leases = self.store.leases()?;
+        Ok(leases
+            .into_iter()
+            .filter(|l| l.pool == BRIDGE_POOL && Some(&l.sandbox_id) != but)
+            .filter_map(|l| {
+                let row = rows.iter().find(|r| r.id == l.sandbox_id)?;
+                let NetworkSpec::Bridge { group } = &row.spec.network else {
+                    return None;
+                };
+                let port = BridgePort {
+                    sandbox_id: l.sandbox_id.clone(),
+                    mac: crate::network::parse_mac(&l.mac)?,
+                    ip: l.ip,
+                    group: group.clone(),
+                };
+                Some((port, row.spec.name.as_ref().map(|n| n.to_string())))
+            })
+            .collect())
+    }
+}
+
+fn member(port: &BridgePort, name: Option<String>) -> Member {
+    Member {
+        id: port.sandbox_id.clone(),
+        name,
+        ip: port.ip,
+        group: port.group.as_ref().map(|g| g.to_string()),
+    }
+}
+
+/// Leases a bridge address, makes the sandbox's tap and adds its elements to the rules.
+pub(crate) async fn plan(
+    engine: &Engine,
+    id: &SandboxId,
+    spec: &NetworkSpec,
+) -> Result<Option<Planned>, CoreError> {
+    let NetworkSpec::Bridge { group } = spec else {
+        return Ok(None);
+    };
+    let host = engine.bridge_host().await?;
+    let _serial = engine.bridge.changes.lock().await;
+    let cfg = host.config().clone();
+    let mac = Mac::random();
+    let address = engine.store.lease_acquire(
+        BRIDGE_POOL,
+        kiln_store::LeaseSubnet {
+            addr: cfg.subnet.addr(),
+            prefix: cfg.subnet.prefix(),
+        },
+        id,
+        &mac.to_string(),
+    )?;
+    let port = BridgePort {
+        sandbox_id: id.clone(),
+        mac,
+        ip: address,
+        group: group.clone(),
+    };
+    let others: Vec<BridgePort> = engine
+        .bridge_members(Some(id))?
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    let tap = tap_name(id);
+    let made = host
+        .create_tap(&tap)
+        .and_then(|()| host.add_port(&port, &others));
+    if let Err(e) = made {
+        let _ = host.delete_tap(&tap);
+        return Err(CoreError::NetworkUnavailable {
+            mode: "bridge",
+            reason: e.to_string(),
+        });
+    }
+    let name = engine
+        .store
+        .sandbox_get(id)?
+        .and_then(|r| r.spec.name.map(|n| n.to_string()));
+    engine.bridge.members.set(member(&port, name));
+    Ok(Some(Planned {
+        spec: spec.clone(),
+        guest: GuestNet {
+            mac,
+            address,
+            prefix_len: cfg.subnet.prefix(),
+            gateway: cfg.gateway(),
+            mtu: BRIDGE_MTU,
+        },
+        nic: kiln_vmm::Nic {
+            mac: mac.to_string(),
+            backend: kiln_vmm::NicBackend::Tap { ifname: tap },
+        },
+    }))
+}
+
+/// Removes sandbox `id`'s tap and rule elements, if the bridge is up in this daemon (the
+/// janitor removes those of a previous one).
+pub(crate) fn release(engine: &Engine, id: &SandboxId) {
+    let Some(host) = engine.bridge.host.get() else {
+        return;
+    };
+    engine.bridge.members.remove(id);
+    if let Err(e) = host.remove_port(id) {
+        warn!(sandbox_id = %id, error = %e, "bridge rule elements not removed");
+    }
+    if let Err(e) = host.delete_tap(&tap_name(id)) {
+        warn!(sandbox_id = %id, error = %e, "tap not removed");
+    }
+}
+
+/// A bridge sandbox's counters: its tap's byte counts (what the tap receives, the guest
+/// sent). Connections and refusals are not counted in the bridge mode: the kernel forwards.
+pub(crate) fn stats(id: &SandboxId) -> (NetStats, Vec<Refusal>) {
+    let read = |what: &str| {
+        std::fs::read_to_string(format!("/sys/class/net/{}/statistics/{what}", tap_name(id)))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (
+        NetStats {
+            bytes_out: read("rx_bytes"),
+            bytes_in: read("tx_bytes"),
+            connections: 0,
+            refused: 0,
+        },
+        Vec::new(),
+    )
+}
+
+/// After a daemon crash: leases, taps and rule elements of sandboxes that are gone (`live`
+/// are the ones the store still has and that may run again). Returns what was removed.
+pub(crate) fn reclaim(
+    store: &kiln_store::Store,
+    live: &HashSet<SandboxId>,
+) -> Result<(usize, usize), CoreError> {
+    let leases = store.leases_release_except(live)?.len();
+    let mut taps = 0;
+    let has_taps = std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.flatten().any(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(kiln_net::bridge::TAP_PREFIX))
+            })
+        })
+        .unwrap_or(false);
+    if has_taps || nft_table_exists() {
+        match BridgeHost::new(BridgeConfig::default()).and_then(|h| h.reclaim(live)) {
+            Ok(report) => taps = report.taps.len(),
+            Err(e) => warn!(error = %e, "bridge leftovers not reclaimed"),
+        }
+    }
+    Ok((leases, taps))
+}
+
+/// Whether kiln's nftables table exists (a previous daemon ran bridge sandboxes).
+fn nft_table_exists() -> bool {
+    std::process::Command::new("nft")
+        .args(["list", "table", "inet", "kiln"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The sandboxes whose network state must survive a daemon start: every row that is not
+/// failed (a failed sandbox's VM is gone and it never runs again).
+pub(crate) fn keeps_network(state: SandboxState) -> bool {
+    state != SandboxState::Failed
+}
+
+/// Starts the DNS server of bridge guests on the gateway (UDP, and TCP for long answers):
+/// names of the querier's group members, everything else from the upstream resolvers.
+async fn serve_dns(
+    engine: &Engine,
+    gateway: Ipv4Addr,
+) -> std::io::Result<Vec<tokio::task::JoinHandle<()>>> {
+    use kiln_net::bridge::dns;
+    let cfg = dns::DnsConfig {
+        upstreams: engine.net.upstream_dns.clone(),
+        ..dns::DnsConfig::default()
+    };
+    let names: Arc<dyn dns::GroupNames> = engine.bridge.members.clone();
+    let udp = dns::bind(gateway).await?;
+    let tcp = dns::bind_tcp(gateway).await?;
+    let (c1, n1) = (cfg.clone(), Arc::clone(&names));
+    Ok(vec![
+        tokio::spawn(async move {
+            if let Err(e) = dns::serve(udp, c1, n1).await {
+                warn!(error = %e, "bridge DNS (UDP) ended");
+            }
+        }),
+        tokio::spawn(async move {
+            if let Err(e) = dns::serve_tcp(tcp, cfg, names).await {
+                warn!(error = %e, "bridge DNS (TCP) ended");
+            }
+        }),
+    ])
+}
