@@ -190,7 +190,8 @@ table inet {TABLE} {{
     ip daddr {gw} udp dport 53 accept
     ip daddr {gw} tcp dport 53 accept
     ct state established,related accept
-    counter drop comment "guest to host"
+    meta l4proto tcp counter reject with tcp reset comment "guest to host"
+    counter reject with icmpx type admin-prohibited comment "guest to host"
   }}
   chain forward {{
     type filter hook forward priority 0; policy accept;
@@ -202,7 +203,8 @@ table inet {TABLE} {{
   chain guest_out {{
     meta nfproto ipv6 counter drop
     ip saddr != {sub} counter drop comment "source outside the bridge subnet"
-    ip daddr @closed4 counter drop comment "closed destination"
+    ip daddr @closed4 meta l4proto tcp counter reject with tcp reset comment "closed destination"
+    ip daddr @closed4 counter reject with icmpx type admin-prohibited comment "closed destination"
     accept
   }}
   chain postrouting {{
@@ -364,7 +366,9 @@ mod tests {
         has("ip daddr 10.214.0.1 udp dport 53 accept");
         has("ip daddr 10.214.0.1 tcp dport 53 accept");
         has(r#"iifname "kiln0" jump guest_to_host"#);
-        has(r#"ip daddr @closed4 counter drop comment "closed destination""#);
+        has(r#"ip daddr @closed4 meta l4proto tcp counter reject with tcp reset comment "closed destination""#);
+        has(r#"ip daddr @closed4 counter reject with icmpx type admin-prohibited comment "closed destination""#);
+        has(r#"meta l4proto tcp counter reject with tcp reset comment "guest to host""#);
         has(r#"ip saddr 10.214.0.0/16 oifname != "kiln0" masquerade"#);
         let closed = lines
             .iter()
