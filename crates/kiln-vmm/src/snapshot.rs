@@ -11,7 +11,7 @@
 //!
 //!  restore (same VmConfig except run_dir/disk; forced share=off + -incoming defer; the
 //!  state file open as QEMU's fd 3; kernel and initramfs replaced by stubs, see `boot_stub`):
-//!    spawn ─▶ QMP up ─▶ migrate-set-capabilities + migrate-incoming fd:3 (pipelined)
+//!    spawn ─▶ QMP up ─▶ migrate-set-capabilities + announce-rounds 0 + migrate-incoming fd:3 (pipelined)
 //!          ─▶ paused ─▶ cont
 //!    any failure: QEMU is killed and reaped, the error carries qemu.log's tail
 //! ```
@@ -262,6 +262,31 @@ impl Vm {
         }
     }
 
+    /// Turns off QEMU's self-announcement after an incoming migration (`announce-rounds` 0).
+    /// QEMU would otherwise send RARP frames with the snapshot's MAC from every network
+    /// device as the restored VM starts, before kiln has connected the device's backend: a
+    /// `-netdev stream` whose client is not there yet makes QEMU 7.2 dereference a missing
+    /// channel (a SIGSEGV at `cont`, seen in about one restore in ten), and on a bridge the
+    /// frames carry a MAC the guest no longer owns. A restored guest gets a fresh MAC and
+    /// address from kiln anyway; nothing needs to learn the old one.
+    async fn no_announce(&self) -> Result<(), VmmError> {
+        match self
+            .qmp()
+            .execute_raw(
+                "migrate-set-parameters",
+                Some(serde_json::json!({ "announce-rounds": 0 })),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(source) => Err(VmmError::SnapshotQmp {
+                step: "migrate-set-parameters",
+                log_tail: self.qemu_log_tail(LOG_TAIL_BYTES),
+                source,
+            }),
+        }
+    }
+
     /// `stop`: pauses the VM's vCPUs in place (no CPU use; memory and devices kept).
     pub async fn pause(&self) -> Result<(), VmmError> {
         self.snapshot_step("stop", &Stop).await.map(|_| ())
@@ -348,11 +373,13 @@ impl Vm {
             let incoming = MigrateIncoming {
                 uri: incoming_uri(),
             };
-            let (set, load) = tokio::join!(
+            let (set, quiet, load) = tokio::join!(
                 vm.snapshot_step("migrate-set-capabilities", &caps),
+                vm.no_announce(),
                 vm.snapshot_step("migrate-incoming", &incoming),
             );
             set?;
+            quiet?;
             load?;
             let state = vm.wait_incoming(deadline).await?;
             let incoming_done = start.elapsed();
