@@ -22,7 +22,7 @@
 
 mod frames;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -57,6 +57,12 @@ const TCP_IDLE: Duration = Duration::from_secs(3600);
 const TCP_EMBRYONIC_IDLE: Duration = Duration::from_secs(60);
 const UDP_IDLE: Duration = Duration::from_secs(120);
 const ICMP_IDLE: Duration = Duration::from_secs(30);
+/// Half-close workaround ([`HalfClose`]): how long passt must have sent no new data, with
+/// all of it acknowledged by the guest, before the filter lets passt see that acknowledgment.
+pub const HALF_CLOSE_QUIET: Duration = Duration::from_millis(500);
+/// Half-close workaround: how long after that probe a silent passt counts as having closed
+/// the connection (it answers a still-open one at once, in the same event-loop turn).
+pub const HALF_CLOSE_GRACE: Duration = Duration::from_millis(200);
 /// Protocol drops (spoofing, IPv6...) are counted each time but logged at most this often.
 const PROTOCOL_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -191,6 +197,51 @@ struct Hold {
     frames: Vec<Vec<u8>>,
 }
 
+/// Works around passt 0.0~git20230309 (Debian bookworm) mishandling a connection the guest
+/// half-closed first (`shutdown(SHUT_WR)`). passt reads server data with `MSG_PEEK` and
+/// discards it from its socket only when the guest acknowledges it, in `tcp_data_from_tap()`;
+/// once it has the guest's FIN (`TAP_FIN_RCVD`) it handles guest segments elsewhere and never
+/// discards again, yet still advances its acknowledged sequence. So, for server data that
+/// arrives after the guest's FIN:
+/// - passt's FIN to the guest needs an empty socket queue, so it is never sent: when the
+///   guest then acknowledges everything and the server has closed, passt marks the
+///   connection closed and forgets it silently (the guest waits for EOF forever);
+/// - if the server has not closed yet, each guest ACK makes passt send the same bytes again
+///   at later sequence numbers (a livelock of corrupted data).
+///
+/// Measured with `relay_netns` (passt's pcap and its source at that commit). The filter
+/// therefore keeps passt's view consistent and supplies the missing FIN itself:
+/// - after forwarding the guest's FIN, every later guest segment reaches passt with its ACK
+///   clamped to what passt had discarded then (`consumed`), so passt's peek offsets stay right
+///   and it sends the server's data correctly (up to the guest's window; beyond, passt
+///   retransmits and eventually resets, as it would for a silent guest);
+/// - when the guest has acknowledged all of it and passt sent nothing new for
+///   [`HALF_CLOSE_QUIET`], the filter sends passt that real ACK once (the probe). If the server
+///   has closed, passt closes silently: after [`HALF_CLOSE_GRACE`] the filter sends the guest a
+///   FIN|ACK in passt's place. If not, passt's answer is the duplicated data: the filter drops
+///   it and resets the connection both ways (an explicit error instead of corrupt data; only a
+///   server pausing longer than the quiet time after the guest's FIN meets this).
+///
+/// Without data after the guest's FIN, passt's socket queue is empty and it sends its own FIN;
+/// the filter then does nothing.
+#[derive(Debug)]
+struct HalfClose {
+    /// passt's discard point: the ACK of the guest's FIN (last ACK passt acted on).
+    consumed: u32,
+    /// The guest's window as passt last took it (from the FIN segment): passt sends at most
+    /// this much past `consumed`, so reaching it may mean data passt can never send.
+    window: u32,
+    /// The guest's newest ACK and window (unclamped).
+    guest_ack: u32,
+    guest_win: u16,
+    /// When passt last sent new data (or the half-close began).
+    last_data: Instant,
+    /// When the probe ACK went to passt, and what it acknowledged.
+    probe: Option<(Instant, u32)>,
+    /// The filter sent the guest its FIN.
+    fin_sent: bool,
+}
+
 #[derive(Debug)]
 struct TcpState {
     /// Next sequence number passt expects from the guest.
@@ -201,6 +252,50 @@ struct TcpState {
     server_fin: bool,
     reset: bool,
     hold: Option<Hold>,
+    /// A guest segment after the SYN reached passt (passt handles a FIN on the handshake's
+    /// final ACK correctly, without [`HalfClose`]).
+    handshake_acked: bool,
+    /// The window scale of the guest's SYN.
+    guest_wscale: u8,
+    half: Option<HalfClose>,
+}
+
+/// Whether `flow` is (still) in the half-close workaround.
+fn half_active(flow: Option<&Flow>) -> bool {
+    flow.and_then(|f| f.tcp.as_ref())
+        .is_some_and(|t| t.half.as_ref().is_some_and(|h| !h.fin_sent) && !(t.reset || t.server_fin))
+}
+
+/// The ACK number and window of a TCP segment in an Ethernet frame, if it has the ACK flag.
+fn tcp_ack_of(frame: &[u8]) -> Option<(u32, u16)> {
+    let ip = Ipv4Slice::from_slice(frame.get(14..)?).ok()?;
+    let tcp = TcpSlice::from_slice(ip.payload().payload).ok()?;
+    tcp.ack()
+        .then(|| (tcp.acknowledgment_number(), tcp.window_size()))
+}
+
+impl TcpState {
+    /// The guest's FIN (in `fin_frame`) is going to passt: start the workaround unless passt
+    /// will handle the close itself (see [`HalfClose`]).
+    /// Returns whether it started.
+    fn guest_fin_forwarded(&mut self, fin_frame: &[u8], now: Instant) -> bool {
+        if self.half.is_some() || self.server_fin || !self.handshake_acked {
+            return false;
+        }
+        if let Some((ack, win)) = tcp_ack_of(fin_frame) {
+            self.half = Some(HalfClose {
+                consumed: ack,
+                window: u32::from(win) << self.guest_wscale.min(14),
+                guest_ack: ack,
+                guest_win: win,
+                last_data: now,
+                probe: None,
+                fin_sent: false,
+            });
+            return true;
+        }
+        false
+    }
 }
 
 #[derive(Debug)]
@@ -246,6 +341,8 @@ pub struct Filter {
     policy: Policy,
     host: HostAddrs,
     flows: HashMap<Key, Flow>,
+    /// Flows in the half-close workaround (a superset: [`Filter::poll`] prunes it).
+    half_closes: HashSet<Key>,
     names: HashMap<Ipv4Addr, Vec<(String, Instant)>>,
     max_flows: usize,
     dns_pending: usize,
@@ -273,6 +370,7 @@ impl Filter {
             policy: Policy::from_spec(spec)?,
             host,
             flows: HashMap::new(),
+            half_closes: HashSet::new(),
             names: HashMap::new(),
             max_flows: MAX_FLOWS,
             dns_pending: 0,
@@ -762,6 +860,15 @@ impl Filter {
                         guest_fin: false,
                         server_fin: false,
                         reset: false,
+                        handshake_acked: false,
+                        guest_wscale: tcp
+                            .options_iterator()
+                            .find_map(|o| match o {
+                                Ok(etherparse::TcpOptionElement::WindowScale(w)) => Some(w),
+                                _ => None,
+                            })
+                            .unwrap_or(0),
+                        half: None,
                         hold: inspect.then(|| Hold {
                             start,
                             bytes: Vec::new(),
@@ -790,13 +897,39 @@ impl Filter {
             if tcp_seq_after(end, t.guest_next) {
                 t.guest_next = end;
             }
+            if let Some(h) = t.half.as_mut() {
+                if h.fin_sent {
+                    return; // passt forgot the connection; the guest ACKs kiln's FIN
+                }
+                if tcp.ack() {
+                    let ack = tcp.acknowledgment_number();
+                    if tcp_seq_after(ack, h.guest_ack) {
+                        h.guest_ack = ack;
+                    }
+                    h.guest_win = tcp.window_size();
+                    if tcp_seq_after(ack, h.consumed) {
+                        let mut f = frame.to_vec();
+                        frames::set_tcp_ack(&mut f, h.consumed);
+                        out.to_passt.push(f);
+                        return;
+                    }
+                }
+                out.to_passt.push(frame.to_vec());
+                return;
+            }
             t.guest_fin |= tcp.fin();
+            let half = tcp.fin() && t.guest_fin_forwarded(frame, now.mono);
+            t.handshake_acked = true;
             out.to_passt.push(frame.to_vec());
+            if half {
+                self.half_closes.insert(key);
+            }
             return;
         };
         // Inspecting: hold payload until the name is known.
         if len == 0 && !tcp.fin() {
             // A pure ACK (of server data, e.g. a greeting): passt needs it.
+            t.handshake_acked = true;
             out.to_passt.push(frame.to_vec());
             return;
         }
@@ -854,7 +987,15 @@ impl Filter {
                 .start
                 .wrapping_add(hold.bytes.len() as u32)
                 .wrapping_add(u32::from(t.guest_fin));
+            let half = t.guest_fin
+                && hold
+                    .frames
+                    .last()
+                    .is_some_and(|last| t.guest_fin_forwarded(last, now.mono));
             out.to_passt.extend(hold.frames);
+            if half {
+                self.half_closes.insert(key);
+            }
             return;
         }
         // Refuse: RST to the guest (at the server's next sequence number) and to passt (at
@@ -908,9 +1049,10 @@ impl Filter {
         out.to_passt.push(to_passt);
     }
 
-    /// Handles one frame from passt; returns whether to deliver it to the guest (always: the
-    /// frame only updates the state of flows the guest opened).
-    pub fn from_passt(&mut self, frame: &[u8], now: Now) -> bool {
+    /// Handles one frame from passt; returns whether to deliver it to the guest (the frame
+    /// only updates the state of flows the guest opened; it is held back only by the
+    /// half-close workaround, see [`HalfClose`], which may also queue resets in `out`).
+    pub fn from_passt(&mut self, frame: &[u8], now: Now, out: &mut Output) -> bool {
         self.stats.bytes_in += frame.len() as u64;
         if frame.len() < 14 || frame[12..14] != [8, 0] {
             return true;
@@ -930,10 +1072,39 @@ impl Filter {
             dst: ip.header().source_addr(),
             dport: tcp.source_port(),
         };
+        let mut bogus = false;
         if let Some(f) = self.flows.get_mut(&key)
             && let Some(t) = f.tcp.as_mut()
         {
             f.last = now.mono;
+            let len = tcp.payload().len() as u32;
+            if let Some(h) = t.half.as_mut()
+                && !tcp.rst()
+                && len > 0
+            {
+                if let Some((_, acked)) = h.probe
+                    && !tcp_seq_after(acked, tcp.sequence_number())
+                {
+                    // passt's answer to the probe: the server is still open and passt now
+                    // sends already-sent bytes as new ones; nothing good can follow (reset
+                    // below, once the flow is no longer borrowed). A retransmission from
+                    // before the probe's ACK is harmless and passes.
+                    tracing::debug!(dst = %key.dst, dport = key.dport, "passt half-close: connection still open after the probe; resetting");
+                    bogus = true;
+                }
+                if !bogus {
+                    let end = tcp.sequence_number().wrapping_add(len);
+                    if t.server_next.is_none_or(|n| tcp_seq_after(end, n)) {
+                        h.last_data = now.mono;
+                    }
+                }
+            }
+            if bogus {
+                t.half = None;
+                t.reset = true;
+                self.reset_both(key, None, out);
+                return false;
+            }
             let end = tcp
                 .sequence_number()
                 .wrapping_add(tcp.payload().len() as u32)
@@ -948,6 +1119,96 @@ impl Filter {
             t.server_fin |= tcp.fin();
         }
         true
+    }
+
+    /// Drives the half-close workaround ([`HalfClose`]): the probe ACK to passt once the guest
+    /// has acknowledged everything and passt has been quiet, then the FIN to the guest when
+    /// passt stayed silent. The relay calls it every few tens of milliseconds.
+    pub fn poll(&mut self, now: Now, out: &mut Output) {
+        let guest = self.guest.clone();
+        let mut stuck = Vec::new();
+        let flows = &mut self.flows;
+        self.half_closes.retain(|key| half_active(flows.get(key)));
+        for key in &self.half_closes {
+            let Some(flow) = flows.get_mut(key) else {
+                continue;
+            };
+            let Some(t) = flow.tcp.as_mut() else {
+                continue;
+            };
+            let Some(h) = t.half.as_mut() else {
+                continue;
+            };
+            let Some(server_next) = t.server_next else {
+                continue;
+            };
+            match h.probe {
+                None => {
+                    // Only data after the guest's FIN needs the workaround; all of it must be
+                    // acknowledged, and passt quiet.
+                    if server_next == h.consumed
+                        || h.guest_ack != server_next
+                        || now.mono.saturating_duration_since(h.last_data) < HALF_CLOSE_QUIET
+                    {
+                        continue;
+                    }
+                    if server_next.wrapping_sub(h.consumed) >= h.window {
+                        // passt filled the window it will ever use: more may wait in its
+                        // socket that it can never send. A reset, not a silent truncation.
+                        stuck.push(*key);
+                        continue;
+                    }
+                    h.probe = Some((now.mono, server_next));
+                    out.to_passt.push(frames::tcp_ack(
+                        guest.mac.0,
+                        flow.gw_mac,
+                        guest.address,
+                        key.dst,
+                        key.sport,
+                        key.dport,
+                        t.guest_next,
+                        server_next,
+                        h.guest_win,
+                        false,
+                    ));
+                }
+                Some((at, _)) if now.mono.saturating_duration_since(at) >= HALF_CLOSE_GRACE => {
+                    // passt closed the connection without its FIN: send it in its place.
+                    h.fin_sent = true;
+                    t.server_fin = true;
+                    t.server_next = Some(server_next.wrapping_add(1));
+                    let f = frames::tcp_ack(
+                        flow.gw_mac,
+                        guest.mac.0,
+                        key.dst,
+                        guest.address,
+                        key.dport,
+                        key.sport,
+                        server_next,
+                        t.guest_next,
+                        65535,
+                        true,
+                    );
+                    self.stats.bytes_in += f.len() as u64;
+                    out.to_guest.push(f);
+                }
+                Some(_) => {}
+            }
+        }
+        self.half_closes.retain(|key| half_active(flows.get(key)));
+        for key in stuck {
+            tracing::debug!(dst = %key.dst, dport = key.dport, "passt half-close: window exhausted after the guest's FIN; resetting");
+            if let Some(t) = self.flows.get_mut(&key).and_then(|f| f.tcp.as_mut()) {
+                t.half = None;
+                t.reset = true;
+            }
+            self.reset_both(key, None, out);
+        }
+    }
+
+    /// Whether any connection is in the half-close workaround (the relay polls meanwhile).
+    pub fn half_closing(&self) -> bool {
+        !self.half_closes.is_empty()
     }
 
     /// Replaces the policy; flows the new one no longer allows are reset both ways at once

@@ -41,6 +41,8 @@ pub const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
 pub const RECONNECT_DEADLINE: Duration = Duration::from_secs(10);
 /// Least time between two passt starts.
 pub const PASST_RESTART_EVERY: Duration = Duration::from_secs(1);
+/// How often the filter's half-close workaround is driven while a connection needs it.
+pub const HALF_CLOSE_POLL: Duration = Duration::from_millis(50);
 /// Capacity of the refusal channel ([`RelayHandle::refusals`]).
 pub const REFUSAL_CHANNEL: usize = 256;
 
@@ -349,12 +351,15 @@ async fn run(
     let mut to_passt = spawn_writer(pw, "passt");
     let mut last_passt_start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut half_tick = tokio::time::interval(HALF_CLOSE_POLL);
+    half_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let filter = || shared.0.filter();
     loop {
         let mut out = Output::default();
         let passt_room = to_passt.capacity() >= QUEUE_HEADROOM;
         let guest_room = to_guest.capacity() >= QUEUE_HEADROOM;
         let (passt_q, guest_q) = (to_passt.clone(), to_guest.clone());
+        let half_closing = filter().half_closing();
         tokio::select! {
             frame = qr.next(), if passt_room => match frame? {
                 Some(frame) => {
@@ -374,7 +379,7 @@ async fn run(
             },
             frame = pr.next(), if guest_room => match frame {
                 Ok(Some(frame)) => {
-                    if filter().from_passt(&frame, Now::read()) {
+                    if filter().from_passt(&frame, Now::read(), &mut out) {
                         out.to_guest.push(frame);
                     }
                 }
@@ -412,6 +417,8 @@ async fn run(
                 None => return Ok(()),
             },
             _ = tick.tick() => filter().expire(Instant::now()),
+            // The filter's half-close workaround for passt (see `filter::HalfClose`).
+            _ = half_tick.tick(), if half_closing => filter().poll(Now::read(), &mut out),
         }
         for req in out.dns.drain(..) {
             let resolver = resolver.clone();

@@ -386,7 +386,11 @@ fn named_flow(rules: &str, port: u16) -> (Filter, Instant) {
     let mut out = Output::default();
     f.from_guest(&syn(PUBLIC, port, 40000, 1000), at(t0, 1), &mut out);
     assert_eq!(out.to_passt.len(), 1, "SYN to a resolved name passes");
-    assert!(f.from_passt(&synack(PUBLIC, port, 40000, 5000, 1001), at(t0, 1)));
+    assert!(f.from_passt(
+        &synack(PUBLIC, port, 40000, 5000, 1001),
+        at(t0, 1),
+        &mut Output::default()
+    ));
     let mut out = Output::default();
     f.from_guest(
         &data(PUBLIC, port, 40000, 1001, 5001, &[]),
@@ -540,7 +544,11 @@ fn filter_set_policy_keeps_name_allowed_flows_by_their_name() {
         &mut out,
     );
     f.from_guest(&syn(PUBLIC, 80, 40001, 1000), at(t0, 2), &mut out);
-    f.from_passt(&synack(PUBLIC, 80, 40001, 5000, 1001), at(t0, 2));
+    f.from_passt(
+        &synack(PUBLIC, 80, 40001, 5000, 1001),
+        at(t0, 2),
+        &mut Output::default(),
+    );
     let req = b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n";
     f.from_guest(
         &data(PUBLIC, 80, 40001, 1001, 5001, req),
@@ -586,7 +594,11 @@ fn filter_set_policy_resets_flows_no_longer_allowed() {
     let t0 = Instant::now();
     let mut out = Output::default();
     f.from_guest(&syn(PUBLIC, 80, 40000, 1000), at(t0, 0), &mut out);
-    f.from_passt(&synack(PUBLIC, 80, 40000, 5000, 1001), at(t0, 0));
+    f.from_passt(
+        &synack(PUBLIC, 80, 40000, 5000, 1001),
+        at(t0, 0),
+        &mut Output::default(),
+    );
     f.from_guest(
         &data(PUBLIC, 80, 40000, 1001, 5001, b"abc"),
         at(t0, 0),
@@ -686,10 +698,204 @@ proptest::proptest! {
         }
         let mut out = Output::default();
         f.from_guest(&frame, t, &mut out);
-        f.from_passt(&frame, t);
+        f.from_passt(&frame, t, &mut Output::default());
         for req in out.dns.drain(..) {
             let mut o = Output::default();
             f.dns_done(req, Ok(Resolved { addrs: vec![PUBLIC], ttl: 60 }), t, &mut o);
         }
     }
+}
+
+// The half-close workaround for passt (see `HalfClose`): guest ISN 1000, passt's 5000.
+
+fn from_passt_data(seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
+    build(
+        PacketBuilder::ethernet2(GWMAC, GMAC)
+            .ipv4(PUBLIC.octets(), GIP.octets(), 64)
+            .tcp(80, 40000, seq, 64000)
+            .ack(ack),
+        payload,
+    )
+}
+
+fn guest_ack(seq: u32, ack: u32, fin: bool) -> Vec<u8> {
+    let b = from_guest_tcp(PUBLIC, 40000, 80, seq).ack(ack);
+    build(if fin { b.fin() } else { b }, &[])
+}
+
+fn ms(t0: Instant, ms: u64) -> Now {
+    Now {
+        mono: t0 + Duration::from_millis(ms),
+        unix_ms: 1_000 + ms,
+    }
+}
+
+/// A connection where the guest sent 5 bytes, then its FIN (passt has discarded up to 5001).
+fn half_closed() -> (Filter, Instant) {
+    let mut f = filter("nat");
+    let t0 = Instant::now();
+    let mut out = Output::default();
+    f.from_guest(&syn(PUBLIC, 80, 40000, 1000), ms(t0, 0), &mut out);
+    assert!(f.from_passt(&synack(PUBLIC, 80, 40000, 5000, 1001), ms(t0, 0), &mut out));
+    f.from_guest(&guest_ack(1001, 5001, false), ms(t0, 0), &mut out);
+    f.from_guest(
+        &data(PUBLIC, 80, 40000, 1001, 5001, b"hello"),
+        ms(t0, 0),
+        &mut out,
+    );
+    f.from_guest(&guest_ack(1006, 5001, true), ms(t0, 0), &mut out);
+    assert_eq!(out.to_passt.len(), 4);
+    assert!(out.to_guest.is_empty());
+    (f, t0)
+}
+
+#[test]
+fn filter_half_close_clamps_acks_probes_then_sends_the_missing_fin() {
+    let (mut f, t0) = half_closed();
+    let mut out = Output::default();
+    // The server's answer reaches the guest; the guest's ACK of it reaches passt clamped.
+    assert!(f.from_passt(&from_passt_data(5001, 1007, b"hello"), ms(t0, 10), &mut out));
+    f.from_guest(&guest_ack(1007, 5006, false), ms(t0, 10), &mut out);
+    let (_, _, t) = tcp_of(&out.to_passt[0]);
+    assert_eq!(
+        t.acknowledgment_number, 5001,
+        "clamped to passt's discard point"
+    );
+    assert!(f.half_closing());
+    // Not quiet long enough: nothing.
+    out = Output::default();
+    f.poll(ms(t0, 300), &mut out);
+    assert!(out.to_passt.is_empty() && out.to_guest.is_empty());
+    // Quiet: the real ACK goes to passt once.
+    f.poll(ms(t0, 600), &mut out);
+    assert_eq!(out.to_passt.len(), 1);
+    let (eth, _, t) = tcp_of(&out.to_passt[0]);
+    assert_eq!(eth.source, GMAC);
+    assert!(t.ack && !t.fin && !t.rst);
+    assert_eq!((t.sequence_number, t.acknowledgment_number), (1007, 5006));
+    out = Output::default();
+    f.poll(ms(t0, 700), &mut out);
+    assert!(out.to_passt.is_empty() && out.to_guest.is_empty());
+    // passt stayed silent (it closed the connection): kiln sends the guest its FIN.
+    f.poll(ms(t0, 850), &mut out);
+    assert_eq!(out.to_guest.len(), 1);
+    let (eth, ip, t) = tcp_of(&out.to_guest[0]);
+    assert_eq!((eth.source, eth.destination), (GWMAC, GMAC));
+    assert_eq!(Ipv4Addr::from(ip.source), PUBLIC);
+    assert!(t.fin && t.ack && !t.rst);
+    assert_eq!((t.sequence_number, t.acknowledgment_number), (5006, 1007));
+    assert!(!f.half_closing());
+    // The guest's ACK of that FIN does not go to passt, which forgot the connection.
+    out = Output::default();
+    f.from_guest(&guest_ack(1007, 5007, false), ms(t0, 860), &mut out);
+    assert!(out.to_passt.is_empty());
+    f.poll(ms(t0, 5000), &mut out);
+    assert!(out.to_guest.is_empty());
+}
+
+#[test]
+fn filter_half_close_resets_when_passt_answers_the_probe_with_old_bytes() {
+    let (mut f, t0) = half_closed();
+    let mut out = Output::default();
+    assert!(f.from_passt(&from_passt_data(5001, 1007, b"abc"), ms(t0, 10), &mut out));
+    f.from_guest(&guest_ack(1007, 5004, false), ms(t0, 10), &mut out);
+    f.poll(ms(t0, 600), &mut out);
+    out = Output::default();
+    // The server is still open: passt sends the same bytes again, as new ones.
+    assert!(!f.from_passt(&from_passt_data(5004, 1007, b"abc"), ms(t0, 601), &mut out));
+    assert_eq!(out.to_guest.len(), 1);
+    assert_rst_to_guest(&out.to_guest[0], PUBLIC, 80, 40000, 5004, 1007);
+    assert_eq!(out.to_passt.len(), 1);
+    let (_, _, t) = tcp_of(&out.to_passt[0]);
+    assert!(t.rst);
+    f.poll(ms(t0, 602), &mut Output::default());
+    assert!(!f.half_closing());
+}
+
+#[test]
+fn filter_half_close_resets_when_the_window_is_used_up() {
+    let (mut f, t0) = half_closed();
+    let mut out = Output::default();
+    // The guest's window at its FIN was 64000 (no scaling): passt sent all of it.
+    let chunk = vec![7u8; 32000];
+    assert!(f.from_passt(&from_passt_data(5001, 1007, &chunk), ms(t0, 10), &mut out));
+    assert!(f.from_passt(&from_passt_data(37001, 1007, &chunk), ms(t0, 10), &mut out));
+    f.from_guest(&guest_ack(1007, 69001, false), ms(t0, 10), &mut out);
+    out = Output::default();
+    f.poll(ms(t0, 600), &mut out);
+    assert_eq!(
+        out.to_guest.len(),
+        1,
+        "a reset, not a FIN after a truncated answer"
+    );
+    assert_rst_to_guest(&out.to_guest[0], PUBLIC, 80, 40000, 69001, 1007);
+}
+
+#[test]
+fn filter_half_close_without_later_data_leaves_the_fin_to_passt() {
+    let (mut f, t0) = half_closed();
+    let mut out = Output::default();
+    f.poll(ms(t0, 2000), &mut out);
+    assert!(out.to_passt.is_empty() && out.to_guest.is_empty());
+    // passt's own FIN passes, and the workaround ends.
+    let fin = build(
+        PacketBuilder::ethernet2(GWMAC, GMAC)
+            .ipv4(PUBLIC.octets(), GIP.octets(), 64)
+            .tcp(80, 40000, 5001, 64000)
+            .ack(1007)
+            .fin(),
+        &[],
+    );
+    assert!(f.from_passt(&fin, ms(t0, 2001), &mut out));
+    f.poll(ms(t0, 2002), &mut out);
+    assert!(!f.half_closing());
+    // The server closing first needs nothing either: the guest's later FIN starts nothing.
+    let mut g = filter("nat");
+    g.from_guest(&syn(PUBLIC, 80, 40001, 1000), ms(t0, 0), &mut out);
+    g.from_passt(&synack(PUBLIC, 80, 40001, 5000, 1001), ms(t0, 0), &mut out);
+    let ack = build(from_guest_tcp(PUBLIC, 40001, 80, 1001).ack(5001), &[]);
+    g.from_guest(&ack, ms(t0, 0), &mut out);
+    let sfin = build(
+        PacketBuilder::ethernet2(GWMAC, GMAC)
+            .ipv4(PUBLIC.octets(), GIP.octets(), 64)
+            .tcp(80, 40001, 5001, 64000)
+            .ack(1001)
+            .fin(),
+        &[],
+    );
+    g.from_passt(&sfin, ms(t0, 1), &mut out);
+    let gfin = build(from_guest_tcp(PUBLIC, 40001, 80, 1001).ack(5002).fin(), &[]);
+    g.from_guest(&gfin, ms(t0, 2), &mut out);
+    assert!(!g.half_closing(), "nothing to poll for");
+}
+
+#[test]
+fn set_tcp_ack_keeps_the_checksum_valid() {
+    for (seq, ack, new) in [
+        (1, 2, 3),
+        (0xffff_fff0, 0x1234_5678, 0xfedc_ba98),
+        (7, 0, u32::MAX),
+    ] {
+        let mut f = data(PUBLIC, 80, 40000, seq, ack, b"some payload");
+        frames::set_tcp_ack(&mut f, new);
+        let (_, _, t) = tcp_of(&f);
+        assert_eq!(t.acknowledgment_number, new);
+    }
+}
+
+#[test]
+fn filter_half_close_retransmission_below_the_probe_passes() {
+    let (mut f, t0) = half_closed();
+    let mut out = Output::default();
+    assert!(f.from_passt(&from_passt_data(5001, 1007, b"abc"), ms(t0, 10), &mut out));
+    f.from_guest(&guest_ack(1007, 5004, false), ms(t0, 10), &mut out);
+    f.poll(ms(t0, 600), &mut out);
+    out = Output::default();
+    // passt's ACK-timeout retransmission (from what it has discarded), sent before the probe
+    // reached it: harmless, delivered, no reset.
+    assert!(f.from_passt(&from_passt_data(5001, 1007, b"abc"), ms(t0, 601), &mut out));
+    assert!(out.to_guest.is_empty() && out.to_passt.is_empty());
+    f.poll(ms(t0, 900), &mut out);
+    let (_, _, t) = tcp_of(&out.to_guest[0]);
+    assert!(t.fin && !t.rst);
 }
