@@ -87,9 +87,9 @@ impl Engine {
         BridgeConfig::default()
     }
 
-    /// The bridge host, set up on first use: bridge up, rules with every live bridge
-    /// sandbox's elements, DNS server on the gateway.
-    async fn bridge_host(self: &Engine) -> Result<Arc<BridgeHost>, CoreError> {
+    /// The bridge host, set up on first use (a bridge sandbox's start or re-attach): bridge
+    /// up, rules with every live bridge sandbox's elements, DNS server on the gateway.
+    pub(crate) async fn bridge_host(self: &Engine) -> Result<Arc<BridgeHost>, CoreError> {
         let unavailable = |reason: String| CoreError::NetworkUnavailable {
             mode: "bridge",
             reason,
@@ -227,18 +227,35 @@ pub(crate) async fn plan(
     }))
 }
 
-/// Removes sandbox `id`'s tap and rule elements, if the bridge is up in this daemon (the
-/// janitor removes those of a previous one).
+/// Removes sandbox `id`'s tap and rule elements (it held a bridge lease): through this
+/// daemon's bridge host, or, when no bridge sandbox started in this daemon yet (it was
+/// re-attached), through a host made for the removal alone.
 pub(crate) fn release(engine: &Engine, id: &SandboxId) {
-    let Some(host) = engine.bridge.host.get() else {
-        return;
-    };
     engine.bridge.members.remove(id);
+    let host = match engine.bridge.host.get() {
+        Some(h) => Arc::clone(h),
+        None => match BridgeHost::new(engine.bridge_config()) {
+            Ok(h) => Arc::new(h),
+            Err(e) => {
+                warn!(sandbox_id = %id, error = %e, "tap and bridge rule elements not removed");
+                return;
+            }
+        },
+    };
+    remove_port(&host, id);
+}
+
+/// Deletes `id`'s rule elements and tap; says whether the tap went.
+fn remove_port(host: &BridgeHost, id: &SandboxId) -> bool {
     if let Err(e) = host.remove_port(id) {
         warn!(sandbox_id = %id, error = %e, "bridge rule elements not removed");
     }
-    if let Err(e) = host.delete_tap(&tap_name(id)) {
-        warn!(sandbox_id = %id, error = %e, "tap not removed");
+    match host.delete_tap(&tap_name(id)) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(sandbox_id = %id, error = %e, "tap not removed");
+            false
+        }
     }
 }
 
@@ -262,40 +279,33 @@ pub(crate) fn stats(id: &SandboxId) -> (NetStats, Vec<Refusal>) {
     )
 }
 
-/// After a daemon crash: leases, taps and rule elements of sandboxes that are gone (`live`
-/// are the ones the store still has and that may run again). Returns what was removed.
+/// After a daemon crash: leases, taps and rule elements of this home's sandboxes that are
+/// gone (`keep` are the ones its store still has that may run again). Only what this store
+/// leased is touched: taps of another kiln home on the machine are left alone. Returns the
+/// leases released and the taps removed.
 pub(crate) fn reclaim(
     store: &kiln_store::Store,
-    live: &HashSet<SandboxId>,
+    keep: &HashSet<SandboxId>,
 ) -> Result<(usize, usize), CoreError> {
-    let leases = store.leases_release_except(live)?.len();
+    let dead_bridge: Vec<SandboxId> = store
+        .leases()?
+        .into_iter()
+        .filter(|l| l.pool == BRIDGE_POOL && !keep.contains(&l.sandbox_id))
+        .map(|l| l.sandbox_id)
+        .collect();
     let mut taps = 0;
-    let has_taps = std::fs::read_dir("/sys/class/net")
-        .map(|d| {
-            d.flatten().any(|e| {
-                e.file_name()
-                    .to_str()
-                    .is_some_and(|n| n.starts_with(kiln_net::bridge::TAP_PREFIX))
-            })
-        })
-        .unwrap_or(false);
-    if has_taps || nft_table_exists() {
-        match BridgeHost::new(BridgeConfig::default()).and_then(|h| h.reclaim(live)) {
-            Ok(report) => taps = report.taps.len(),
+    if !dead_bridge.is_empty() {
+        match BridgeHost::new(BridgeConfig::default()) {
+            Ok(host) => {
+                for id in &dead_bridge {
+                    taps += usize::from(remove_port(&host, id));
+                }
+            }
             Err(e) => warn!(error = %e, "bridge leftovers not reclaimed"),
         }
     }
+    let leases = store.leases_release_except(keep)?.len();
     Ok((leases, taps))
-}
-
-/// Whether kiln's nftables table exists (a previous daemon ran bridge sandboxes).
-fn nft_table_exists() -> bool {
-    std::process::Command::new("nft")
-        .args(["list", "table", "inet", "kiln"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// The sandboxes whose network state must survive a daemon start: every row that is not

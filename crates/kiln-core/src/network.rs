@@ -343,10 +343,22 @@ async fn publish_refusals(
 /// Releases what sandbox `id`'s network held on the host: its lease, and a bridge's tap and
 /// rules. Idempotent; failures are logged (the janitor retries at the next start).
 pub(crate) fn release(engine: &Engine, id: &SandboxId) {
+    let lease = match engine.store.lease_of(id) {
+        Ok(lease) => lease,
+        Err(e) => {
+            warn!(sandbox_id = %id, error = %crate::error::error_chain(&e), "network lease not read");
+            None
+        }
+    };
+    let Some(lease) = lease else {
+        return;
+    };
+    if lease.pool == BRIDGE_POOL {
+        crate::bridge::release(engine, id);
+    }
     if let Err(e) = engine.store.lease_release(id) {
         warn!(sandbox_id = %id, error = %crate::error::error_chain(&e), "network lease not released");
     }
-    crate::bridge::release(engine, id);
 }
 
 /// Rebuilds a re-attached sandbox's network from its lease: the guest keeps the interface it
@@ -376,6 +388,8 @@ pub(crate) async fn reattach(
     let (subnet, mtu) = if spec.is_user_mode() {
         (USER_SUBNET, USER_MTU)
     } else {
+        // The bridge and its tables outlived the previous daemon; its DNS server did not.
+        engine.bridge_host().await?;
         let subnet = engine.bridge_config().subnet;
         ((subnet.addr(), subnet.prefix()), BRIDGE_MTU)
     };

@@ -366,8 +366,12 @@ mod tests {
         has("ip daddr 10.214.0.1 udp dport 53 accept");
         has("ip daddr 10.214.0.1 tcp dport 53 accept");
         has(r#"iifname "kiln0" jump guest_to_host"#);
-        has(r#"ip daddr @closed4 meta l4proto tcp counter reject with tcp reset comment "closed destination""#);
-        has(r#"ip daddr @closed4 counter reject with icmpx type admin-prohibited comment "closed destination""#);
+        has(
+            r#"ip daddr @closed4 meta l4proto tcp counter reject with tcp reset comment "closed destination""#,
+        );
+        has(
+            r#"ip daddr @closed4 counter reject with icmpx type admin-prohibited comment "closed destination""#,
+        );
         has(r#"meta l4proto tcp counter reject with tcp reset comment "guest to host""#);
         has(r#"ip saddr 10.214.0.0/16 oifname != "kiln0" masquerade"#);
         let closed = lines
