@@ -42,7 +42,8 @@ pub struct ReclaimReport {
     pub taps: Vec<String>,
     /// Taps whose firewall elements were deleted.
     pub rule_taps: Vec<String>,
-    /// How many set elements were deleted.
+    /// How many elements were deleted (set elements, and per sandbox one for its counters
+    /// and their map elements).
     pub elements: usize,
 }
 
@@ -290,13 +291,34 @@ impl BridgeHost {
 
     /// (Re)creates kiln's tables with the rules and the elements of `ports`, in one atomic
     /// transaction. The host's connected subnets are read now and closed to guests.
+    /// Refusing rules log to [`super::nflog::NFLOG_GROUP`]; when the kernel has no
+    /// nfnetlink_log (the rules do not load), the rules are applied without logging (the
+    /// counters still count) and a warning says so.
     pub fn apply_rules(&self, ports: &[BridgePort]) -> Result<(), BridgeError> {
         let host = self.host_networks()?;
-        self.nft_apply(&nft::render_ruleset(
-            &self.cfg,
-            &host,
-            &Elements::of_ports(ports),
-        ))
+        let elements = Elements::of_ports(ports);
+        let logged =
+            nft::render_ruleset(&self.cfg, &host, &elements, Some(super::nflog::NFLOG_GROUP));
+        match self.nft_apply(&logged) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let plain = nft::render_ruleset(&self.cfg, &host, &elements, None);
+                self.nft_apply(&plain)?;
+                tracing::warn!(error = %e, "bridge rules without the refusal log (nflog unavailable?): counters only");
+                Ok(())
+            }
+        }
+    }
+
+    /// Sandbox `id`'s counters: new connections it opened out of the bridge, and packets of
+    /// it refused (to the host, to closed destinations, to guests outside its group). Zero
+    /// for a sandbox without counters.
+    pub fn counters(&self, id: &SandboxId) -> Result<(u64, u64), BridgeError> {
+        let out = self.run("nft", &["-j", "list", "counters"])?;
+        nft::parse_counters(&out, &tap_name(id)).map_err(|why| BridgeError::Output {
+            cmd: "nft -j list counters".into(),
+            why,
+        })
     }
 
     /// Re-reads the host's addresses and replaces the closed destinations with them (call it
@@ -320,21 +342,28 @@ impl BridgeHost {
         self.nft_apply(&nft::render_delete(&dead))
     }
 
-    /// The per-sandbox elements now in `table bridge kiln` (empty when it does not exist).
+    /// The per-sandbox elements now in kiln's tables (none from a table that does not exist).
     pub fn elements(&self) -> Result<Elements, BridgeError> {
-        let out = match self.run("nft", &["-j", "list", "table", "bridge", nft::TABLE]) {
-            Ok(out) => out,
-            Err(BridgeError::Command { stderr, .. })
-                if stderr.contains("No such file or directory") =>
-            {
-                return Ok(Elements::default());
-            }
-            Err(e) => return Err(e),
-        };
-        nft::parse_elements(&out).map_err(|why| BridgeError::Output {
-            cmd: "nft -j list table bridge kiln".into(),
-            why,
-        })
+        let mut all = Elements::default();
+        for family in ["bridge", "inet"] {
+            let out = match self.run("nft", &["-j", "list", "table", family, nft::TABLE]) {
+                Ok(out) => out,
+                Err(BridgeError::Command { stderr, .. })
+                    if stderr.contains("No such file or directory") =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let e = nft::parse_elements(&out).map_err(|why| BridgeError::Output {
+                cmd: format!("nft -j list table {family} kiln"),
+                why,
+            })?;
+            all.src4.extend(e.src4);
+            all.peers.extend(e.peers);
+            all.acct.extend(e.acct);
+        }
+        Ok(all)
     }
 
     /// Deletes both kiln tables (tests, full reset).
@@ -403,7 +432,7 @@ impl BridgeHost {
         let dead = self.elements()?.filter_dead(|t| keep.contains(t));
         if !dead.is_empty() {
             self.nft_apply(&nft::render_delete(&dead))?;
-            report.elements = dead.src4.len() + dead.peers.len();
+            report.elements = dead.len();
             report.rule_taps = dead
                 .taps()
                 .into_iter()

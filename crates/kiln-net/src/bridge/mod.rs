@@ -37,6 +37,7 @@
 
 pub mod dns;
 pub mod link;
+pub mod nflog;
 pub mod nft;
 pub mod pool;
 

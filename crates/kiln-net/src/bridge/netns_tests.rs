@@ -595,6 +595,7 @@ fn scenario(br_netfilter: bool) {
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    accounting(&lab, &h, &host, &a, &b, &c);
     // Other-group guests routing to each other through the gateway (both ways, so that a
     // handshake could complete) are stopped before the host routes them.
     sh(
@@ -627,7 +628,13 @@ fn scenario(br_netfilter: bool) {
     removed.sort();
     assert_eq!(removed, vec![c.port.tap(), tap_name(&stray)]);
     assert_eq!(report.rule_taps, vec![c.port.tap()]);
-    assert_eq!(report.elements, 1, "c's lease only (c has no peers)");
+    assert_eq!(
+        report.elements, 2,
+        "c's lease and counters only (c has no peers)"
+    );
+    let counters = sh(Some(&h), &["nft", "list", "counters"]);
+    assert!(!counters.contains("_0000000000c1"), "{counters}");
+    assert!(counters.contains("conn_0000000000a1"), "{counters}");
     assert_eq!(
         host.list_taps().expect("list taps"),
         vec![a.port.tap(), b.port.tap()]
@@ -645,6 +652,9 @@ fn scenario(br_netfilter: bool) {
         vec![a.port.tap()]
     );
     assert_eq!(outcome(connect(&a.ns, &bip, 7000, None)), None);
+    assert_eq!(host.counters(&b.port.sandbox_id).expect("counters"), (0, 0));
+    let counters = sh(Some(&h), &["nft", "list", "counters"]);
+    assert!(!counters.contains("_0000000000b1"), "{counters}");
 
     host.delete_tap(&tap_name(&stray))
         .expect("deleting a missing tap is fine");
@@ -698,15 +708,134 @@ fn bridge_netns_reclaim_after_crash_removes_all_dead_sandboxes() {
     host.ensure_bridge().expect("bridge up again");
     let report = host.reclaim(&HashSet::new()).expect("reclaim");
     assert_eq!(report.taps.len(), 8);
-    assert_eq!(report.elements, 8 + 12);
+    assert_eq!(report.elements, 8 + 12 + 8, "leases, pairs, counters");
     assert!(host.list_taps().expect("taps").is_empty());
     assert!(host.elements().expect("elements").is_empty());
+    let counters = sh(Some(&h), &["nft", "list", "counters"]);
+    assert!(!counters.contains("counter "), "{counters}");
     // The rules themselves stay (a new sandbox is element adds only).
     let rules = sh(Some(&h), &["nft", "list", "table", "inet", "kiln"]);
     assert!(rules.contains("masquerade"), "{rules}");
     host.remove_all().expect("remove tables");
     host.delete_bridge().expect("delete the bridge");
     assert!(!sh(Some(&h), &["ip", "-o", "link"]).contains("kiln7"));
+}
+
+/// Starts kiln's refusal log inside namespace `ns` (a netlink socket belongs to the
+/// namespace of the thread that creates it); records arrive on the returned channel.
+fn nflog_in(
+    ns: &str,
+) -> (
+    super::nflog::NflogListener,
+    std::sync::mpsc::Receiver<super::nflog::LogRecord>,
+) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = format!("/run/netns/{ns}");
+    let listener = std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open the namespace");
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        super::nflog::NflogListener::spawn(super::nflog::NFLOG_GROUP, move |r| {
+            let _ = tx.send(r);
+        })
+        .expect("nfnetlink_log: bind the group")
+    })
+    .join()
+    .expect("the setns thread");
+    (listener, rx)
+}
+
+/// Waits (bounded) for a record from `src` to `dst`.
+fn record_to(
+    rx: &std::sync::mpsc::Receiver<super::nflog::LogRecord>,
+    src: Ipv4Addr,
+    dst: &str,
+) -> Option<super::nflog::LogRecord> {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(r) if r.source == src && r.destination_text() == dst => return Some(r),
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// Counters move by exactly what a guest did, and the refusal log reports refusals with
+/// destination and reason.
+fn accounting(_lab: &Lab, h: &str, host: &BridgeHost, a: &Guest, b: &Guest, c: &Guest) {
+    use super::nflog::LogReason;
+    let (listener, rx) = nflog_in(h);
+    let aid = &a.port.sandbox_id;
+    // Let the log's rate limit refill after the probes above.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    while rx.try_recv().is_ok() {}
+    let before = host.counters(aid).expect("counters");
+    assert!(
+        before.0 >= 1 && before.1 >= 1,
+        "the probes moved them: {before:?}"
+    );
+    assert_eq!(
+        outcome(connect(&a.ns, "203.0.113.5", 80, None)),
+        Some("198.51.100.1".to_owned())
+    );
+    assert_eq!(
+        host.counters(aid).expect("counters"),
+        (before.0 + 1, before.1),
+        "one accepted connection"
+    );
+    assert_eq!(outcome(connect(&a.ns, "192.168.77.2", 8080, None)), None);
+    assert_eq!(
+        host.counters(aid).expect("counters"),
+        (before.0 + 1, before.1 + 1),
+        "one refused connection (a TCP reset: one packet)"
+    );
+    let r = record_to(&rx, a.port.ip, "192.168.77.2:8080").expect("a refusal record");
+    assert_eq!((r.reason, r.protocol), (LogReason::Closed, "tcp"));
+    assert_eq!(
+        r.reason.refusal_reason(r.destination),
+        kiln_api_types::RefusalReason::Private
+    );
+    // 169.254.169.254 is the host's own (refused as the host); another link-local is routed.
+    assert_eq!(outcome(connect(&a.ns, "169.254.1.1", 80, None)), None);
+    let r = record_to(&rx, a.port.ip, "169.254.1.1:80").expect("a refusal record");
+    assert_eq!(
+        r.reason.refusal_reason(r.destination),
+        kiln_api_types::RefusalReason::LinkLocal
+    );
+    let gw = host.config().gateway();
+    assert_eq!(outcome(connect(&a.ns, &gw.to_string(), 8080, None)), None);
+    let r = record_to(&rx, a.port.ip, &format!("{gw}:8080")).expect("a refusal record");
+    assert_eq!(r.reason, LogReason::Host);
+    // Guest to guest outside the group: dropped in the bridge table (retried SYNs count).
+    // Its ARP question goes unanswered (dropped too, not counted): c is told b's MAC.
+    let bmac = b.port.mac.to_string();
+    let bip = b.port.ip.to_string();
+    sh(
+        Some(&c.ns),
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            &bip,
+            "lladdr",
+            &bmac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    );
+    let cid = &c.port.sandbox_id;
+    let c_before = host.counters(cid).expect("counters");
+    assert_eq!(outcome(connect(&c.ns, &bip, 7000, None)), None);
+    sh(Some(&c.ns), &["ip", "neigh", "del", &bip, "dev", "eth0"]);
+    let c_after = host.counters(cid).expect("counters");
+    assert_eq!(c_after.0, c_before.0);
+    assert!(c_after.1 > c_before.1, "{c_before:?} -> {c_after:?}");
+    let r = record_to(&rx, c.port.ip, &format!("{}:7000", b.port.ip)).expect("a refusal record");
+    assert_eq!(r.reason, LogReason::Peer);
+    drop(listener);
 }
 
 /// Not a test on its own: [`Lab::dns_server`] runs it inside a namespace (through

@@ -28,8 +28,15 @@
 
 use std::fmt::Write as _;
 
+use super::nflog::{PREFIX_CLOSED, PREFIX_HOST, PREFIX_PEER};
 use super::pool::Subnet;
 use super::{BridgeConfig, BridgePort, TAP_PREFIX};
+
+/// Most refused packets logged per second per refusing rule (all sandboxes together); the
+/// counters count every one.
+pub const LOG_RATE: u32 = 20;
+/// Burst allowed above [`LOG_RATE`].
+pub const LOG_BURST: u32 = 40;
 
 /// The closed destination ranges for guest egress, besides the host's connected subnets.
 pub const CLOSED_RANGES: &[&str] = &[
@@ -56,6 +63,21 @@ pub struct Elements {
     pub src4: Vec<(String, String, String)>,
     /// `@peers`: ordered pairs of taps that may talk.
     pub peers: Vec<(String, String)>,
+    /// Per-sandbox accounting, tap and IP: named counters `conn_<hex>` and `ref_<hex>` in
+    /// `table inet kiln` (`ref_<hex>` also in `table bridge kiln`), reached from the rules
+    /// through the maps `@conns4` and `@refused4` keyed by the guest's address (the bridge
+    /// table's anti-spoofing ties the address to the tap).
+    pub acct: Vec<(String, String)>,
+}
+
+/// Name of a tap's connection counter (`conn_` and the tap's 12 hex digits).
+pub fn conn_counter(tap: &str) -> String {
+    format!("conn_{}", tap.strip_prefix(TAP_PREFIX).unwrap_or(tap))
+}
+
+/// Name of a tap's refusal counter (`ref_` and the tap's 12 hex digits).
+pub fn refused_counter(tap: &str) -> String {
+    format!("ref_{}", tap.strip_prefix(TAP_PREFIX).unwrap_or(tap))
 }
 
 impl Elements {
@@ -64,6 +86,7 @@ impl Elements {
         let mut e = Elements::default();
         for p in ports {
             e.src4.push((p.tap(), p.mac.to_string(), p.ip.to_string()));
+            e.acct.push((p.tap(), p.ip.to_string()));
             for q in ports {
                 if p.peers_with(q) {
                     e.peers.push((p.tap(), q.tap()));
@@ -78,6 +101,7 @@ impl Elements {
         let mut e = Elements::default();
         e.src4
             .push((port.tap(), port.mac.to_string(), port.ip.to_string()));
+        e.acct.push((port.tap(), port.ip.to_string()));
         for o in others.iter().filter(|o| port.peers_with(o)) {
             e.peers.push((port.tap(), o.tap()));
             e.peers.push((o.tap(), port.tap()));
@@ -100,12 +124,24 @@ impl Elements {
                 .filter(|(a, b)| !keep(a) || !keep(b))
                 .cloned()
                 .collect(),
+            acct: self
+                .acct
+                .iter()
+                .filter(|(t, _)| !keep(t))
+                .cloned()
+                .collect(),
         }
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.src4.is_empty() && self.peers.is_empty()
+        self.src4.is_empty() && self.peers.is_empty() && self.acct.is_empty()
+    }
+
+    /// How many elements (set and map elements; each accounting entry is one sandbox's
+    /// counters and their map elements).
+    pub fn len(&self) -> usize {
+        self.src4.len() + self.peers.len() + self.acct.len()
     }
 
     /// The taps named anywhere.
@@ -115,6 +151,7 @@ impl Elements {
             .iter()
             .map(|(t, _, _)| t.clone())
             .chain(self.peers.iter().flat_map(|(a, b)| [a.clone(), b.clone()]))
+            .chain(self.acct.iter().map(|(t, _)| t.clone()))
             .collect();
         t.sort();
         t.dedup();
@@ -129,6 +166,21 @@ impl Elements {
             .join(", ")
     }
 
+    fn map_list(&self, counter: fn(&str) -> String) -> String {
+        self.acct
+            .iter()
+            .map(|(t, ip)| format!("{ip} : \"{}\"", counter(t)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn counters_decl(&self, counter: fn(&str) -> String) -> String {
+        self.acct
+            .iter()
+            .map(|(t, _)| format!("  counter {} {{\n  }}\n", counter(t)))
+            .collect()
+    }
+
     fn peers_list(&self) -> String {
         self.peers
             .iter()
@@ -140,18 +192,50 @@ impl Elements {
 
 /// The whole ruleset: (re)creates both kiln tables with `elements`, atomically (one `nft -f`
 /// transaction: `table`/`delete table` first, so it works whether or not they exist).
-/// `host_nets` are the host's connected subnets and own addresses (closed to guests).
-pub fn render_ruleset(cfg: &BridgeConfig, host_nets: &[Subnet], elements: &Elements) -> String {
+/// `host_nets` are the host's connected subnets and own addresses (closed to guests). With
+/// `nflog`, every refusing rule also logs the refused packet (rate-limited) to that
+/// nfnetlink_log group, prefixed with its reason ([`super::nflog`]).
+pub fn render_ruleset(
+    cfg: &BridgeConfig,
+    host_nets: &[Subnet],
+    elements: &Elements,
+    nflog: Option<u16>,
+) -> String {
     let br = &cfg.name;
     let sub = cfg.subnet;
     let gw = cfg.gateway();
     let closed = closed_list(host_nets);
     let tap = format!("{TAP_PREFIX}*");
+    // Broadcasts and multicasts are not connections: neither counted nor logged as refused.
+    let not_cast = format!(
+        "ip daddr != {{ {}, 224.0.0.0/4, 255.255.255.255 }}",
+        sub.broadcast()
+    );
+    let log = |matches: &str, prefix: &str| match nflog {
+        Some(group) => format!(
+            "    {matches} limit rate {LOG_RATE}/second burst {LOG_BURST} packets log prefix \"{prefix}\" group {group}\n"
+        ),
+        None => String::new(),
+    };
+    let peer_match = format!("iifname \"{tap}\" ether type ip {not_cast}");
+    let hairpin_match = format!("iifname \"{tap}\" ip daddr {sub} ip daddr != {gw} {not_cast}");
+    let log_peer = log(&peer_match, PREFIX_PEER);
+    let log_hairpin = log(&hairpin_match, PREFIX_PEER);
+    let log_host = log("meta pkttype host", PREFIX_HOST);
+    let log_closed = log("ip daddr @closed4", PREFIX_CLOSED);
+    let inet_counters = format!(
+        "{}{}",
+        elements.counters_decl(conn_counter),
+        elements.counters_decl(refused_counter)
+    );
     let mut s = String::new();
     s.push_str(&render_remove_all());
     let _ = write!(
         s,
         r#"table bridge {TABLE} {{
+{bridge_counters}  map refused4 {{
+    type ipv4_addr : counter
+{refused}  }}
   set src4 {{
     type ifname . ether_addr . ipv4_addr
 {src4}  }}
@@ -168,14 +252,22 @@ pub fn render_ruleset(cfg: &BridgeConfig, host_nets: &[Subnet], elements: &Eleme
   chain forward {{
     type filter hook forward priority -200; policy accept;
     iifname "{tap}" iifname . oifname @peers accept
-    iifname "{tap}" counter drop comment "guest to guest outside a group"
+    {peer_match} counter name ip saddr map @refused4
+{log_peer}    iifname "{tap}" counter drop comment "guest to guest outside a group"
   }}
   chain input {{
     type filter hook input priority -200; policy accept;
-    iifname "{tap}" ip daddr {sub} ip daddr != {gw} counter drop comment "guest to guest routed through the host"
+    {hairpin_match} counter name ip saddr map @refused4
+{log_hairpin}    iifname "{tap}" ip daddr {sub} ip daddr != {gw} counter drop comment "guest to guest routed through the host"
   }}
 }}
 table inet {TABLE} {{
+{inet_counters}  map conns4 {{
+    type ipv4_addr : counter
+{conns}  }}
+  map refused4 {{
+    type ipv4_addr : counter
+{refused}  }}
   set closed4 {{
     type ipv4_addr
     flags interval
@@ -190,7 +282,8 @@ table inet {TABLE} {{
     ip daddr {gw} udp dport 53 accept
     ip daddr {gw} tcp dport 53 accept
     ct state established,related accept
-    meta l4proto tcp counter reject with tcp reset comment "guest to host"
+    meta pkttype host counter name ip saddr map @refused4
+{log_host}    meta l4proto tcp counter reject with tcp reset comment "guest to host"
     counter reject with icmpx type admin-prohibited comment "guest to host"
   }}
   chain forward {{
@@ -203,8 +296,10 @@ table inet {TABLE} {{
   chain guest_out {{
     meta nfproto ipv6 counter drop
     ip saddr != {sub} counter drop comment "source outside the bridge subnet"
-    ip daddr @closed4 meta l4proto tcp counter reject with tcp reset comment "closed destination"
+    ip daddr @closed4 counter name ip saddr map @refused4
+{log_closed}    ip daddr @closed4 meta l4proto tcp counter reject with tcp reset comment "closed destination"
     ip daddr @closed4 counter reject with icmpx type admin-prohibited comment "closed destination"
+    ct state new counter name ip saddr map @conns4
     accept
   }}
   chain postrouting {{
@@ -215,6 +310,9 @@ table inet {TABLE} {{
 "#,
         src4 = elements_line(&elements.src4_list()),
         peers = elements_line(&elements.peers_list()),
+        refused = elements_line(&elements.map_list(refused_counter)),
+        conns = elements_line(&elements.map_list(conn_counter)),
+        bridge_counters = elements.counters_decl(refused_counter),
     );
     s
 }
@@ -254,6 +352,48 @@ pub fn render_delete(elements: &Elements) -> String {
 
 fn render_elements(verb: &str, e: &Elements) -> String {
     let mut s = String::new();
+    // Counters exist before the map elements naming them, and go after them.
+    let counters = |s: &mut String| {
+        for (t, _) in &e.acct {
+            let _ = writeln!(s, "{verb} counter inet {TABLE} {}", conn_counter(t));
+            let _ = writeln!(s, "{verb} counter inet {TABLE} {}", refused_counter(t));
+            let _ = writeln!(s, "{verb} counter bridge {TABLE} {}", refused_counter(t));
+        }
+    };
+    if verb == "add" {
+        counters(&mut s);
+    }
+    if !e.acct.is_empty() {
+        let keys = |counter: fn(&str) -> String| {
+            if verb == "add" {
+                e.map_list(counter)
+            } else {
+                e.acct
+                    .iter()
+                    .map(|(_, ip)| ip.clone())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        let _ = writeln!(
+            s,
+            "{verb} element inet {TABLE} conns4 {{ {} }}",
+            keys(conn_counter)
+        );
+        let _ = writeln!(
+            s,
+            "{verb} element inet {TABLE} refused4 {{ {} }}",
+            keys(refused_counter)
+        );
+        let _ = writeln!(
+            s,
+            "{verb} element bridge {TABLE} refused4 {{ {} }}",
+            keys(refused_counter)
+        );
+    }
+    if verb == "delete" {
+        counters(&mut s);
+    }
     if !e.src4.is_empty() {
         let _ = writeln!(
             s,
@@ -278,7 +418,8 @@ pub fn render_remove_all() -> String {
     )
 }
 
-/// Reads the elements of `@src4` and `@peers` from `nft -j list table bridge kiln`.
+/// Reads the elements of `@src4` and `@peers` from `nft -j list table bridge kiln`, and the
+/// accounting entries (`@conns4`) from `nft -j list table inet kiln`.
 pub fn parse_elements(json: &str) -> Result<Elements, String> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
     let items = v
@@ -287,10 +428,36 @@ pub fn parse_elements(json: &str) -> Result<Elements, String> {
         .ok_or("no `nftables` array")?;
     let mut out = Elements::default();
     for item in items {
+        if let Some(map) = item.get("map")
+            && map.get("name").and_then(|n| n.as_str()) == Some("conns4")
+        {
+            for el in map
+                .get("elem")
+                .and_then(|e| e.as_array())
+                .into_iter()
+                .flatten()
+            {
+                let pair = el.as_array().map(Vec::as_slice);
+                let Some([ip, counter]) = pair else {
+                    return Err(format!("unexpected element of conns4: {el}"));
+                };
+                let hex = counter
+                    .as_str()
+                    .and_then(|c| c.strip_prefix("conn_"))
+                    .ok_or_else(|| format!("unexpected counter in conns4: {el}"))?;
+                let ip = ip
+                    .as_str()
+                    .ok_or_else(|| format!("bad key in conns4: {el}"))?;
+                out.acct.push((format!("{TAP_PREFIX}{hex}"), ip.to_owned()));
+            }
+        }
         let Some(set) = item.get("set") else {
             continue;
         };
         let name = set.get("name").and_then(|n| n.as_str()).unwrap_or("");
+        if name != "src4" && name != "peers" {
+            continue;
+        }
         let elems = set
             .get("elem")
             .and_then(|e| e.as_array())
@@ -317,6 +484,31 @@ pub fn parse_elements(json: &str) -> Result<Elements, String> {
     Ok(out)
 }
 
+/// A tap's (connections, refused) from `nft -j list counters`: `conn_<hex>` of
+/// `table inet kiln`, and `ref_<hex>` of both kiln tables added up. Missing counters are 0.
+pub fn parse_counters(json: &str, tap: &str) -> Result<(u64, u64), String> {
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
+    let items = v
+        .get("nftables")
+        .and_then(|n| n.as_array())
+        .ok_or("no `nftables` array")?;
+    let (conn, refused) = (conn_counter(tap), refused_counter(tap));
+    let (mut c, mut r) = (0u64, 0u64);
+    for counter in items.iter().filter_map(|i| i.get("counter")) {
+        let field = |k: &str| counter.get(k).and_then(|v| v.as_str()).unwrap_or("");
+        if field("table") != TABLE {
+            continue;
+        }
+        let packets = counter.get("packets").and_then(|p| p.as_u64()).unwrap_or(0);
+        match (field("family"), field("name")) {
+            ("inet", n) if n == conn => c = c.saturating_add(packets),
+            ("inet" | "bridge", n) if n == refused => r = r.saturating_add(packets),
+            _ => {}
+        }
+    }
+    Ok((c, r))
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -341,7 +533,7 @@ mod tests {
             "192.0.2.0/24".parse().unwrap(),
             "192.0.2.2/32".parse().unwrap(),
         ];
-        let r = render_ruleset(&cfg, &host, &Elements::of_ports(&ports));
+        let r = render_ruleset(&cfg, &host, &Elements::of_ports(&ports), Some(2140));
         let lines: Vec<&str> = r.lines().map(str::trim).collect();
         let has = |l: &str| assert!(lines.contains(&l), "missing line {l:?} in\n{r}");
         // Atomic re-create, only kiln's tables.
@@ -374,6 +566,26 @@ mod tests {
         );
         has(r#"meta l4proto tcp counter reject with tcp reset comment "guest to host""#);
         has(r#"ip saddr 10.214.0.0/16 oifname != "kiln0" masquerade"#);
+        // Accounting: counters per sandbox, reached through maps on the guest's address.
+        has("counter conn_000000000001 {");
+        has("counter ref_000000000003 {");
+        has(
+            r#"elements = { 10.214.0.2 : "conn_000000000001", 10.214.0.3 : "conn_000000000002", 10.214.0.4 : "conn_000000000003" }"#,
+        );
+        has("ct state new counter name ip saddr map @conns4");
+        has("ip daddr @closed4 counter name ip saddr map @refused4");
+        has(
+            r#"ip daddr @closed4 limit rate 20/second burst 40 packets log prefix "kiln-closed" group 2140"#,
+        );
+        has("meta pkttype host counter name ip saddr map @refused4");
+        has(
+            r#"iifname "kt-*" ether type ip ip daddr != { 10.214.255.255, 224.0.0.0/4, 255.255.255.255 } counter name ip saddr map @refused4"#,
+        );
+        assert_eq!(r.matches("log prefix").count(), 4, "{r}");
+        // The counting rules come before the verdicts they count.
+        let at = |l: &str| r.find(l).unwrap_or_else(|| panic!("{l}"));
+        assert!(at("map @conns4\n    accept") > at("comment \"closed destination\""));
+        assert!(at("log prefix \"kiln-host\"") < at("comment \"guest to host\""));
         let closed = lines
             .iter()
             .find(|l| l.starts_with("elements = { 0.0.0.0/8"))
@@ -408,7 +620,8 @@ mod tests {
 
     #[test]
     fn render_ruleset_without_ports_has_empty_sets() {
-        let r = render_ruleset(&BridgeConfig::default(), &[], &Elements::default());
+        let r = render_ruleset(&BridgeConfig::default(), &[], &Elements::default(), None);
+        assert!(!r.contains(" log "), "{r}");
         assert!(!r.contains("elements = {  }"), "{r}");
         assert!(
             r.contains("set peers {\n    type ifname . ifname\n  }"),
@@ -430,9 +643,23 @@ mod tests {
         let add = render_add(&e);
         assert_eq!(
             add,
-            "add element bridge kiln src4 { \"kt-000000000004\" . 02:00:00:00:00:04 . 10.214.0.5 }\n\
+            "add counter inet kiln conn_000000000004\n\
+             add counter inet kiln ref_000000000004\n\
+             add counter bridge kiln ref_000000000004\n\
+             add element inet kiln conns4 { 10.214.0.5 : \"conn_000000000004\" }\n\
+             add element inet kiln refused4 { 10.214.0.5 : \"ref_000000000004\" }\n\
+             add element bridge kiln refused4 { 10.214.0.5 : \"ref_000000000004\" }\n\
+             add element bridge kiln src4 { \"kt-000000000004\" . 02:00:00:00:00:04 . 10.214.0.5 }\n\
              add element bridge kiln peers { \"kt-000000000004\" . \"kt-000000000001\", \"kt-000000000001\" . \"kt-000000000004\" }\n"
         );
+        // Deleting: the map elements first, then the counters they name.
+        let del = render_delete(&e);
+        let at = |l: &str| del.find(l).unwrap_or_else(|| panic!("{l} in {del}"));
+        assert!(
+            at("delete element inet kiln conns4 { 10.214.0.5 }")
+                < at("delete counter inet kiln conn_000000000004")
+        );
+        assert!(del.contains("delete counter bridge kiln ref_000000000004\n"));
         let lone = Elements::of_new_port(&port(5, None), &others);
         assert!(lone.peers.is_empty());
         assert!(!render_add(&lone).contains("peers"));
@@ -457,5 +684,27 @@ mod tests {
         assert_eq!(dead.taps(), vec!["kt-000000000001", "kt-000000000002"]);
         assert!(e.filter_dead(|_| true).is_empty());
         assert!(parse_elements("{}").is_err());
+        let inet = r#"{"nftables": [{"counter": {"family": "inet", "name": "conn_000000000001", "table": "kiln", "packets": 3, "bytes": 180}},
+          {"set": {"family": "inet", "name": "closed4", "table": "kiln", "type": "ipv4_addr", "elem": [{"prefix": {"addr": "10.0.0.0", "len": 8}}]}},
+          {"map": {"family": "inet", "name": "conns4", "table": "kiln", "type": "ipv4_addr", "map": "counter", "elem": [["10.214.0.2", "conn_000000000001"]]}}]}"#;
+        let e = parse_elements(inet).unwrap();
+        assert_eq!(
+            e.acct,
+            vec![("kt-000000000001".to_owned(), "10.214.0.2".to_owned())]
+        );
+        assert_eq!(e.len(), 1);
+    }
+
+    #[test]
+    fn parse_counters_adds_up_kilns_counters_of_the_tap() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+          {"counter": {"family": "inet", "name": "conn_000000000001", "table": "kiln", "packets": 3, "bytes": 180}},
+          {"counter": {"family": "inet", "name": "ref_000000000001", "table": "kiln", "packets": 2, "bytes": 120}},
+          {"counter": {"family": "bridge", "name": "ref_000000000001", "table": "kiln", "packets": 5, "bytes": 300}},
+          {"counter": {"family": "inet", "name": "ref_000000000001", "table": "other", "packets": 100, "bytes": 1}},
+          {"counter": {"family": "inet", "name": "conn_000000000002", "table": "kiln", "packets": 9, "bytes": 1}}]}"#;
+        assert_eq!(parse_counters(json, "kt-000000000001").unwrap(), (3, 7));
+        assert_eq!(parse_counters(json, "kt-00000000000f").unwrap(), (0, 0));
+        assert!(parse_counters("[]", "kt-000000000001").is_err());
     }
 }
