@@ -3,20 +3,30 @@
 //! on the gateway), and per sandbox a lease from the bridge pool, a tap and its elements
 //! ([`plan`]), removed again by [`release`] and, after a crash, by the janitor ([`reclaim`]).
 //!
+//! Accounting ([`Accounting`]): the kernel counts each bridge sandbox's new connections and
+//! refused packets in nftables counters; the refusing rules also log to nfnetlink_log, which
+//! one listener per daemon reads ([`kiln_net::bridge::nflog`]), maps to the sandbox by its
+//! guest address ([`Members`]), keeps the newest [`MAX_REFUSALS_KEPT`] per sandbox and
+//! publishes as events (at most [`REFUSAL_EVENTS_PER_SEC`] per sandbox per second).
+//!
 //! Must not: render rules or run `ip`/`nft` itself (that is `kiln_net::bridge`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use kiln_api_types::{NetStats, NetworkSpec, Refusal, SandboxId, SandboxState};
+use kiln_api_types::{
+    EventKind, NetStats, NetworkSpec, Refusal, SandboxId, SandboxState, network::MAX_REFUSALS_KEPT,
+};
+use kiln_net::bridge::nflog::{LogRecord, NFLOG_GROUP, NflogListener};
 use kiln_net::bridge::{BridgeConfig, BridgeHost, BridgePort, tap_name};
 use kiln_net::{GuestNet, Mac};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::Engine;
 use crate::error::CoreError;
-use crate::network::{BRIDGE_MTU, BRIDGE_POOL, Planned};
+use crate::network::{BRIDGE_MTU, BRIDGE_POOL, Planned, REFUSAL_EVENTS_PER_SEC};
 
 /// The daemon's bridge, made when the first bridge sandbox starts.
 #[derive(Default)]
@@ -28,6 +38,10 @@ pub(crate) struct BridgeState {
     members: Arc<Members>,
     /// Serializes rule changes: two sandboxes of one group added at once must see each other.
     changes: tokio::sync::Mutex<()>,
+    /// Refusals read from the kernel's log, per sandbox.
+    refusals: Arc<RefusalLog>,
+    /// The kernel log's reader (none when nfnetlink_log is unavailable).
+    nflog: Mutex<Option<NflogListener>>,
 }
 
 impl Drop for BridgeState {
@@ -64,6 +78,123 @@ impl Members {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|m| &m.id != id);
     }
+
+    /// The sandbox leasing `ip` (the bridge's anti-spoofing ties a source address to its tap).
+    fn id_of(&self, ip: Ipv4Addr) -> Option<SandboxId> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|m| m.ip == ip)
+            .map(|m| m.id.clone())
+    }
+}
+
+/// Refusals of bridge sandboxes: the newest [`MAX_REFUSALS_KEPT`] each, and the event rate.
+#[derive(Debug, Default)]
+pub(crate) struct RefusalLog(Mutex<HashMap<SandboxId, Kept>>);
+
+#[derive(Debug)]
+struct Kept {
+    refusals: VecDeque<Refusal>,
+    window: Instant,
+    published: u32,
+}
+
+impl RefusalLog {
+    /// Keeps `refusal`; says whether it may also be published (the rate limit).
+    fn push(&self, id: &SandboxId, refusal: Refusal) -> bool {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = all.entry(id.clone()).or_insert_with(|| Kept {
+            refusals: VecDeque::new(),
+            window: Instant::now(),
+            published: 0,
+        });
+        if kept.refusals.len() >= MAX_REFUSALS_KEPT {
+            kept.refusals.pop_front();
+        }
+        kept.refusals.push_back(refusal);
+        if kept.window.elapsed() >= Duration::from_secs(1) {
+            kept.window = Instant::now();
+            kept.published = 0;
+        }
+        if kept.published >= REFUSAL_EVENTS_PER_SEC {
+            return false;
+        }
+        kept.published += 1;
+        true
+    }
+
+    /// Sandbox `id`'s kept refusals, oldest first.
+    fn recent(&self, id: &SandboxId) -> Vec<Refusal> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .map(|k| k.refusals.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn forget(&self, id: &SandboxId) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+}
+
+/// What a running bridge sandbox's status reads: the kernel's counters and the refusal log.
+#[derive(Debug, Clone)]
+pub(crate) struct Accounting {
+    host: Arc<BridgeHost>,
+    refusals: Arc<RefusalLog>,
+}
+
+/// The accounting of the daemon's bridge (none before its bridge host is set up).
+pub(crate) fn accounting(engine: &Engine) -> Option<Accounting> {
+    Some(Accounting {
+        host: Arc::clone(engine.bridge.host.get()?),
+        refusals: Arc::clone(&engine.bridge.refusals),
+    })
+}
+
+/// Starts the daemon's reader of the refusal log; `None` (and a warning) when nfnetlink_log
+/// is unavailable: the counters still count.
+fn start_refusal_log(engine: &Engine) -> Option<NflogListener> {
+    let members = Arc::clone(&engine.bridge.members);
+    let log = Arc::clone(&engine.bridge.refusals);
+    let events = engine.events.clone();
+    let on_record = move |record: LogRecord| {
+        let Some(id) = members.id_of(record.source) else {
+            return;
+        };
+        let refusal = refusal_of(&record, unix_ms());
+        if log.push(&id, refusal.clone()) {
+            let _ = events.send(crate::event(&id, EventKind::NetworkRefused { refusal }));
+        }
+    };
+    match NflogListener::spawn(NFLOG_GROUP, on_record) {
+        Ok(listener) => Some(listener),
+        Err(e) => {
+            warn!(error = %e, group = NFLOG_GROUP, "no refused-connection log for bridge sandboxes (nfnetlink_log unavailable or its group taken): counters only");
+            None
+        }
+    }
+}
+
+/// The API's form of a logged refusal.
+fn refusal_of(record: &LogRecord, at_unix_ms: u64) -> Refusal {
+    Refusal {
+        at_unix_ms,
+        protocol: record.protocol.to_owned(),
+        destination: record.destination_text(),
+        name: None,
+        reason: record.reason.refusal_reason(record.destination),
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 impl kiln_net::bridge::dns::GroupNames for Members {
@@ -120,6 +251,8 @@ impl Engine {
                     .await
                     .map_err(|e| unavailable(format!("kiln's DNS on the bridge: {e}")))?;
                 *self.bridge.dns.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
+                *self.bridge.nflog.lock().unwrap_or_else(|e| e.into_inner()) =
+                    start_refusal_log(self);
                 Ok(host)
             })
             .await
@@ -232,6 +365,7 @@ pub(crate) async fn plan(
 /// re-attached), through a host made for the removal alone.
 pub(crate) fn release(engine: &Engine, id: &SandboxId) {
     engine.bridge.members.remove(id);
+    engine.bridge.refusals.forget(id);
     let host = match engine.bridge.host.get() {
         Some(h) => Arc::clone(h),
         None => match BridgeHost::new(engine.bridge_config()) {
@@ -260,22 +394,31 @@ fn remove_port(host: &BridgeHost, id: &SandboxId) -> bool {
 }
 
 /// A bridge sandbox's counters: its tap's byte counts (what the tap receives, the guest
-/// sent). Connections and refusals are not counted in the bridge mode: the kernel forwards.
-pub(crate) fn stats(id: &SandboxId) -> (NetStats, Vec<Refusal>) {
+/// sent), and from `acct` the kernel's counts of its new connections out of the bridge and
+/// of its refused packets, with the newest refusals the kernel logged.
+pub(crate) fn stats(id: &SandboxId, acct: Option<&Accounting>) -> (NetStats, Vec<Refusal>) {
     let read = |what: &str| {
         std::fs::read_to_string(format!("/sys/class/net/{}/statistics/{what}", tap_name(id)))
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
             .unwrap_or(0)
     };
+    let (connections, refused) = match acct.map(|a| a.host.counters(id)) {
+        Some(Ok(counts)) => counts,
+        Some(Err(e)) => {
+            debug!(sandbox_id = %id, error = %e, "bridge counters not read");
+            (0, 0)
+        }
+        None => (0, 0),
+    };
     (
         NetStats {
             bytes_out: read("rx_bytes"),
             bytes_in: read("tx_bytes"),
-            connections: 0,
-            refused: 0,
+            connections,
+            refused,
         },
-        Vec::new(),
+        acct.map(|a| a.refusals.recent(id)).unwrap_or_default(),
     )
 }
 
@@ -341,4 +484,79 @@ async fn serve_dns(
             }
         }),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_api_types::RefusalReason;
+    use kiln_net::bridge::nflog::LogReason;
+
+    use super::*;
+
+    fn record(reason: LogReason, dst: [u8; 4], port: Option<u16>) -> LogRecord {
+        LogRecord {
+            reason,
+            protocol: "tcp",
+            source: Ipv4Addr::new(10, 214, 0, 2),
+            destination: Ipv4Addr::from(dst),
+            port,
+        }
+    }
+
+    #[test]
+    fn logged_refusals_become_api_refusals() {
+        let r = refusal_of(&record(LogReason::Closed, [192, 168, 1, 9], Some(22)), 7);
+        assert_eq!(r.destination, "192.168.1.9:22");
+        assert_eq!(r.reason, RefusalReason::Private);
+        assert_eq!(
+            (r.protocol.as_str(), r.at_unix_ms, r.name),
+            ("tcp", 7, None)
+        );
+        let r = refusal_of(&record(LogReason::Peer, [10, 214, 0, 3], Some(80)), 0);
+        assert_eq!(r.reason, RefusalReason::OtherSandbox);
+        let r = refusal_of(&record(LogReason::Host, [10, 214, 0, 1], None), 0);
+        assert_eq!(
+            (r.reason, r.destination.as_str()),
+            (RefusalReason::Host, "10.214.0.1:0")
+        );
+    }
+
+    #[test]
+    fn refusal_log_keeps_the_newest_and_rate_limits_events() {
+        let log = RefusalLog::default();
+        let id: SandboxId = "sb-0000000000a1".parse().unwrap();
+        let other: SandboxId = "sb-0000000000b1".parse().unwrap();
+        let mut published = 0;
+        for n in 0..(MAX_REFUSALS_KEPT as u64 + 10) {
+            let r = refusal_of(&record(LogReason::Closed, [10, 0, 0, 1], Some(1)), n);
+            published += u32::from(log.push(&id, r));
+        }
+        assert_eq!(
+            published, REFUSAL_EVENTS_PER_SEC,
+            "one second's worth of events"
+        );
+        let kept = log.recent(&id);
+        assert_eq!(kept.len(), MAX_REFUSALS_KEPT);
+        assert_eq!(kept[0].at_unix_ms, 10, "the oldest went");
+        assert!(log.recent(&other).is_empty());
+        assert!(log.push(&other, kept[0].clone()), "limits are per sandbox");
+        log.forget(&id);
+        assert!(log.recent(&id).is_empty());
+    }
+
+    #[test]
+    fn members_map_addresses_to_sandboxes() {
+        let m = Members::default();
+        let id: SandboxId = "sb-0000000000a1".parse().unwrap();
+        m.set(Member {
+            id: id.clone(),
+            name: None,
+            ip: Ipv4Addr::new(10, 214, 0, 2),
+            group: None,
+        });
+        assert_eq!(m.id_of(Ipv4Addr::new(10, 214, 0, 2)), Some(id.clone()));
+        assert_eq!(m.id_of(Ipv4Addr::new(10, 214, 0, 3)), None);
+        m.remove(&id);
+        assert_eq!(m.id_of(Ipv4Addr::new(10, 214, 0, 2)), None);
+    }
 }

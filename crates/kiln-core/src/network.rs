@@ -44,7 +44,7 @@ pub const USER_MTU: u16 = 65520;
 pub const BRIDGE_MTU: u16 = 1500;
 /// Most refusal events published per sandbox per second; the rest are only counted (and the
 /// newest 64 kept for `kiln inspect`).
-const REFUSAL_EVENTS_PER_SEC: u32 = 5;
+pub(crate) const REFUSAL_EVENTS_PER_SEC: u32 = 5;
 
 /// The daemon's network settings.
 #[derive(Debug, Clone)]
@@ -174,6 +174,8 @@ pub(crate) struct Live {
     guest: GuestNet,
     spec: Mutex<NetworkSpec>,
     relay: Option<Arc<kiln_net::relay::RelayHandle>>,
+    /// A bridge sandbox's counters and refusal log.
+    bridge: Option<crate::bridge::Accounting>,
 }
 
 impl Live {
@@ -181,7 +183,7 @@ impl Live {
     pub(crate) fn status(&self) -> NetworkStatus {
         let (stats, refused) = match &self.relay {
             Some(r) => r.stats(),
-            None => crate::bridge::stats(&self.id),
+            None => crate::bridge::stats(&self.id, self.bridge.as_ref()),
         };
         NetworkStatus {
             mac: self.guest.mac.to_string(),
@@ -288,6 +290,9 @@ pub(crate) async fn attach(
     sb.set_network(Live {
         id: sb.id().clone(),
         guest: planned.guest,
+        bridge: matches!(planned.spec, NetworkSpec::Bridge { .. })
+            .then(|| crate::bridge::accounting(engine))
+            .flatten(),
         spec: Mutex::new(planned.spec),
         relay,
     });
