@@ -32,8 +32,10 @@
 //!
 //! Invariants: every link kiln creates is named `kt-<12 hex>` (a tap, from the sandbox id) or
 //! is the configured bridge; per-sandbox firewall state is only set elements keyed by the
-//! tap's name, so adding or removing a sandbox never rewrites the ruleset and the janitor can
-//! find a dead sandbox's elements by name.
+//! tap's name (and its counters, named by the tap's hex digits, with map elements keyed by
+//! its lease), so adding or removing a sandbox never rewrites the ruleset and the janitor can
+//! find a dead sandbox's elements by name. Refused packets are also logged to nfnetlink_log
+//! ([`nflog`]) for the engine's per-sandbox refusal log.
 
 pub mod dns;
 pub mod link;

@@ -21,8 +21,18 @@
 //!     subnets and addresses), never IPv6, never a source outside the subnet; the rest passes;
 //!   - `postrouting`: masquerade the subnet leaving by any other interface.
 //!
-//! Per-sandbox state is only elements of `@src4` and `@peers`, keyed by the tap's name:
-//! adding or removing a sandbox adds or deletes elements, never rewrites the rules. Every
+//! Accounting: each sandbox has named counters `conn_<hex>` (new connections leaving the
+//! bridge, `ct state new` before the final accept of `guest_out`) and `ref_<hex>` (refused
+//! packets: guest → host, closed destinations, guest → guest outside its group; in both
+//! tables), reached through maps keyed by the guest's address (`@conns4`, `@refused4`: the
+//! anti-spoofing above ties the address to the tap). A map lookup that misses ends the rule,
+//! so counting rules carry no verdict: the refusing rule follows. Broadcasts and multicasts
+//! are neither counted nor logged. With an nflog group, every refusing rule is preceded by a
+//! rate-limited `log group N prefix "kiln-…"` rule ([`super::nflog`] reads it).
+//!
+//! Per-sandbox state is only elements of `@src4`, `@peers` and the two maps, and the
+//! sandbox's counters, all named by its tap (or keyed by its lease): adding or removing a
+//! sandbox adds or deletes those, never rewrites the rules. Every
 //! chain has policy accept and drops only traffic of kiln's bridge, so the host's other
 //! traffic is left to the host's own rules. Must not: name or change any other table.
 
