@@ -98,6 +98,10 @@ pub struct VmMode {
     pub run_connect_ms: Summary,
     /// p50 of that minus p50 of `kiln run -- python3 -c pass` (no network) (ms).
     pub network_share_ms: f64,
+    /// Probe connections that failed (not counted in the figures), and the last failure.
+    pub failed_connections: u64,
+    /// The last such failure.
+    pub last_failure: Option<String>,
 }
 
 /// The VM part.
@@ -130,6 +134,10 @@ pub struct RelayMode {
     pub connect_ms: Summary,
     /// p50 throughput / p50 of passt only.
     pub ratio: f64,
+    /// Probe connections that failed (not counted in the figures).
+    pub failed_connections: u64,
+    /// The last such failure.
+    pub last_failure: Option<String>,
 }
 
 /// The relay part.
@@ -160,7 +168,7 @@ pub struct NetworkBench {
 const PROBE: &str = r#"
 import json, os, socket, struct, sys, time
 c = json.loads(sys.argv[1])
-out = {"dns_ms": [], "connect_ms": [], "answer_ms": [], "mib_s": []}
+out = {"dns_ms": [], "connect_ms": [], "answer_ms": [], "mib_s": [], "errors": 0, "error": None}
 def server():
     if c.get("dns_server"): return c["dns_server"]
     for l in open("/etc/resolv.conf"):
@@ -184,18 +192,25 @@ if c["name"]:
     for i in range(max(c["dns"], 1)):
         ip, dt = lookup(c["name"], srv)
         if i < c["dns"]: out["dns_ms"].append(dt)
+def fail(e):
+    out["errors"] += 1; out["error"] = "%s: %s" % (type(e).__name__, e)
+    if out["errors"] > 5: raise SystemExit("too many failed connections: " + out["error"])
 for _ in range(c["connects"]):
-    t = time.monotonic()
-    s = socket.create_connection((ip, c["connect_port"]), timeout=20)
-    t1 = time.monotonic()
-    s.sendall(("GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host).encode())
-    d = s.recv(100)
-    t2 = time.monotonic(); s.close()
+    try:
+        t = time.monotonic()
+        s = socket.create_connection((ip, c["connect_port"]), timeout=20)
+        t1 = time.monotonic()
+        s.sendall(("GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host).encode())
+        d = s.recv(100)
+        t2 = time.monotonic(); s.close()
+    except OSError as e:
+        fail(e); continue
     if not d.startswith(b"HTTP/1.0 200"): raise SystemExit("connect target answered %r" % d)
     out["connect_ms"].append((t1 - t) * 1000); out["answer_ms"].append((t2 - t) * 1000)
 buf = b"x" * (1 << 20)
-for _ in range(c["runs"]):
-    n = c["mib"] << 20
+while len(out["mib_s"]) < c["runs"]:
+  n = c["mib"] << 20
+  try:
     t = time.monotonic()
     s = socket.create_connection((ip, c["sink_port"]), timeout=60)
     s.sendall(("POST /sink HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (host, n)).encode())
@@ -208,9 +223,11 @@ for _ in range(c["runs"]):
         if not d: raise SystemExit("sink closed early: %r" % r)
         r += d
     dt = time.monotonic() - t; s.close()
-    got = int(r.split(b"received ")[1].split()[0])
-    if got != n: raise SystemExit("sink received %d of %d bytes" % (got, n))
-    out["mib_s"].append(c["mib"] / dt)
+  except OSError as e:
+    fail(e); continue
+  got = int(r.split(b"received ")[1].split()[0])
+  if got != n: raise SystemExit("sink received %d of %d bytes" % (got, n))
+  out["mib_s"].append(c["mib"] / dt)
 print(json.dumps(out))
 "#;
 
@@ -262,6 +279,10 @@ struct ProbeOut {
     connect_ms: Vec<f64>,
     answer_ms: Vec<f64>,
     mib_s: Vec<f64>,
+    /// Connections that failed (reset, timeout) and were not counted; at most 5.
+    errors: u64,
+    /// The last such failure.
+    error: Option<String>,
 }
 
 fn probe_config(name: Option<&str>, dns_server: Option<&str>, a: &NetworkBenchArgs) -> String {
@@ -715,6 +736,8 @@ async fn vm_bench(
                 tcp_vs_nat: tcp.p50 / nat_tput,
                 tcp_mib_s: tcp,
                 network_share_ms: run_connect.p50 - run_python.p50,
+                failed_connections: p.errors,
+                last_failure: p.error.clone(),
                 run_connect_ms: run_connect,
             }
         })
@@ -884,6 +907,9 @@ async fn relay_bench(
     let (mac_s, mtu_s) = (mac.to_string(), mtu.to_string());
     for cmd in [
         vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+        // Each connection starts afresh: no cwnd/ssthresh carried over from earlier runs to
+        // the same destination (the configurations are interleaved).
+        vec!["sysctl", "-qw", "net.ipv4.tcp_no_metrics_save=1"],
         vec!["ip", "link", "set", "lo", "up"],
         vec!["ip", "link", "set", &tap_name, "address", &mac_s],
         vec!["ip", "link", "set", &tap_name, "mtu", &mtu_s],
@@ -924,6 +950,7 @@ async fn relay_bench(
     ];
     let mut tput: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut conn: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut failed: Vec<(u64, Option<String>)> = vec![(0, None); modes.len()];
     // One warm-up run of each, then `runs` rounds, interleaved.
     for round in 0..=runs {
         for (i, mode) in modes.iter().enumerate() {
@@ -959,6 +986,10 @@ async fn relay_bench(
                 let _ = std::fs::remove_file(&sock);
                 r.with_context(|| format!("relay {mode}"))?
             };
+            if p.errors > 0 {
+                failed[i].0 += p.errors;
+                failed[i].1 = p.error.clone();
+            }
             if round > 0 {
                 tput[i].extend(p.mib_s);
                 conn[i].extend(p.connect_ms);
@@ -973,9 +1004,12 @@ async fn relay_bench(
         modes: modes
             .iter()
             .zip(tput.iter_mut().zip(conn.iter_mut()))
-            .map(|(m, (t, c))| {
+            .zip(failed)
+            .map(|((m, (t, c)), (failed_connections, last_failure))| {
                 let t = summary(t);
                 RelayMode {
+                    failed_connections,
+                    last_failure,
                     mode: m.clone(),
                     ratio: t.p50 / base,
                     tcp_mib_s: t,
@@ -1029,6 +1063,12 @@ fn print_table(out: &NetworkBench, a: &NetworkBenchArgs) {
                 m.run_connect_ms.p50,
                 m.network_share_ms
             );
+            if let Some(e) = &m.last_failure {
+                println!(
+                    "    {} probe connection(s) failed and were not counted, last: {e}",
+                    m.failed_connections
+                );
+            }
         }
         println!(
             "  kiln run -- true (no network)              p50 {:>7.0} ms  p95 {:>7.0} ms",
