@@ -505,7 +505,13 @@ impl Drop for TestHost {
             .stderr(Stdio::null())
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(relay_dir());
     }
+}
+
+/// The relay part's sockets (removed by [`TestHost`]'s drop too, also after an error).
+fn relay_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("kiln-bench-relay-{}", std::process::id()))
 }
 
 /// Runs `kiln bench network`.
@@ -930,7 +936,7 @@ async fn relay_bench(
         gateway: GATEWAY,
         mtu,
     };
-    let dir = std::env::temp_dir().join(format!("kiln-bench-relay-{}", std::process::id()));
+    let dir = relay_dir();
     std::fs::create_dir_all(&dir)?;
     // Throughput-only config for most modes; the name mode resolves through the relay first.
     let mut cidr_cfg: serde_json::Value = serde_json::from_str(&name_cfg)?;
