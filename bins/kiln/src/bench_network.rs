@@ -1,15 +1,15 @@
 //! `kiln bench network`: what a sandbox's network costs, per mode, side by side in one run.
 //!
 //! The bench brings its own test host (root only): a network namespace `kiln-bn-PID` joined
-//! to this one by a veth pair, with a routed "public" address 203.0.113.2 (TEST-NET-3:
-//! outside the host's connected subnets, which `nat` refuses, and outside the ranges bridge
-//! mode closes, which include the benchmarking 198.18.0.0/15) serving an HTTP sink (:9000, answers
+//! to this one by a veth pair, with a routed "public" address 198.51.100.2 (TEST-NET-2,
+//! on a /32 route so the host's own routes stay; outside the host's connected subnets, which
+//! every mode refuses) serving an HTTP sink (:9000, answers
 //! `received N` after Content-Length bytes: no EOF after a half-close is needed), an HTTP
-//! connect target (:9001) and dnsmasq (`bench.test` → 203.0.113.2). The sandboxes run in a
+//! connect target (:9001) and dnsmasq (`bench.test` → 198.51.100.2). The sandboxes run in a
 //! daemon started for the bench (home `$KILN_HOME/bench-network`, the images shared) with
 //! `KILN_NET_DNS` pointing at that dnsmasq; it is stopped at the end.
 //!
-//! - VM, per mode (`nat`, `allow=bench.test`, `allow=203.0.113.0/24`, `bridge` when the
+//! - VM, per mode (`nat`, `allow=bench.test`, `allow=198.51.100.0/24`, `bridge` when the
 //!   daemon offers it): one python3 probe inside the guest measures TCP connects and the
 //!   first HTTP answer (p50/p95), DNS answers from the guest's resolver (not for the CIDR
 //!   mode), and TCP throughput guest → test host (median of `--runs`); then `kiln run
@@ -40,9 +40,9 @@ use serde::{Deserialize, Serialize};
 use crate::bench::{Summary, summary};
 
 /// The test host's routed address.
-const HOST_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 /// Its network, as a CIDR rule.
-const HOST_CIDR: &str = "203.0.113.0/24";
+const HOST_CIDR: &str = "198.51.100.0/24";
 /// This namespace's end of the veth (a /30; the test host's end is .2).
 const LINK_NET: &str = "198.18.251";
 /// The name dnsmasq answers with [`HOST_IP`].
@@ -346,11 +346,11 @@ impl TestHost {
             dir: std::env::temp_dir().join(format!("kiln-bench-network-{pid}")),
             children: Vec::new(),
         };
-        let routes = sh(&["ip", "-4", "route", "show", HOST_CIDR])?;
+        let routes = sh(&["ip", "-4", "route", "show", &format!("{HOST_IP}/32")])?;
         let addrs = sh(&["ip", "-4", "-o", "addr", "show"])?;
         if !routes.trim().is_empty() || addrs.contains(&format!("{LINK_NET}.")) {
             bail!(
-                "{HOST_CIDR} or {LINK_NET}.0/30 is already in use here (another `kiln bench \
+                "{HOST_IP} or {LINK_NET}.0/30 is already in use here (another `kiln bench \
                  network`?)"
             );
         }
@@ -381,11 +381,13 @@ impl TestHost {
             v.extend(args.iter().copied());
             sh(&v)?;
         }
+        // A /32 route: the host's other routes (its package mirror may share the /24) stay.
+        let host_route = format!("{HOST_IP}/32");
         sh(&[
             "ip",
             "route",
             "add",
-            HOST_CIDR,
+            &host_route,
             "dev",
             &h.link,
             "src",
