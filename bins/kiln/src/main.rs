@@ -9,6 +9,7 @@
 
 mod bench;
 mod bench_images;
+mod bench_network;
 mod bench_platform;
 mod completion;
 mod cp;
@@ -228,6 +229,9 @@ enum BenchCmd {
     Lifecycle(bench_platform::LifecycleBenchArgs),
     /// Image rebuilds (per stage, compaction sizes) and up-to-date checks.
     Images(bench_images::ImagesBenchArgs),
+    /// Network modes against a test host of its own (root): connects, DNS, TCP throughput,
+    /// start to first connection; and the relay's filter against bare passt.
+    Network(bench_network::NetworkBenchArgs),
 }
 
 fn main() {
@@ -259,6 +263,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Doctor { json } => return doctor::run(&home, *json).await,
         Cmd::Daemon(cmd) => return sandbox::daemon(&home, cmd).await,
         Cmd::Token { rotate, json } => return token::run(&home, *rotate, *json),
+        // Starts a daemon of its own (a home under this one), with its DNS settings.
+        Cmd::Bench(BenchCmd::Network(args)) => return bench_network::run(&home, args).await,
         Cmd::Completion { shell } => {
             completion::write(*shell, &mut std::io::stdout());
             return Ok(0);
@@ -305,7 +311,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Secret(cmd) => sandbox::secret(&client, cmd).await,
         Cmd::Df { verbose, json } => storage::df(&client, *json, *verbose).await,
         Cmd::Prune { dry_run, json } => storage::prune(&client, *dry_run, *json).await,
-        Cmd::Doctor { .. } | Cmd::Daemon(_) | Cmd::Token { .. } | Cmd::Completion { .. } => {
+        Cmd::Doctor { .. }
+        | Cmd::Daemon(_)
+        | Cmd::Token { .. }
+        | Cmd::Completion { .. }
+        | Cmd::Bench(BenchCmd::Network(_)) => {
             unreachable!("handled above")
         }
     }
