@@ -632,6 +632,21 @@ fn bridge_groups_reach_each_other_by_name_and_nothing_else() {
         );
     }
     assert_eq!(any.accepted(), 0, "a bridge sandbox reached a host service");
+    // a1's refusals are counted and logged (nftables counters, the kernel's log), with the
+    // host as the reason; its connection to a2 is not a refusal.
+    let n = probe::network(&k, &a1);
+    assert!(
+        n["stats"]["refused"].as_u64().unwrap_or(0) >= 2,
+        "a1's refusals are not counted: {n:#}"
+    );
+    assert!(
+        probe::refusal_reasons(&n).iter().any(|r| r == "host"),
+        "a1's refusals do not name the host: {n:#}"
+    );
+    assert!(
+        n["stats"]["bytes_out"].as_u64().unwrap_or(0) > 0,
+        "a1's tap counted no bytes: {n:#}"
+    );
     assert_success(&k.run(&["rm", &a1, &a2, &b1, &c1]), "kiln rm");
     wait_until("taps removed with their sandboxes", 30, || {
         taps().is_empty()
