@@ -186,16 +186,12 @@ pub async fn wait_ready(
                 }
                 r.describe(&format!("`{}`", cmd.argv.join(" ")), timeout)
             }
-            ProbeCheck::TcpPort { port } => match agent.open_tcp(*port).await {
-                // The agent connected to the port inside the guest: something listens.
-                Ok(_tunnel) => return Ok(()),
-                // Refused (nothing listens yet) is the usual "not ready"; anything else
-                // (a dead channel) ends the wait at once.
-                Err(kiln_agent_host::AgentError::Remote { message, .. }) => {
-                    format!("connecting to guest port {port}: {message}")
+            ProbeCheck::TcpPort { port } => {
+                if listening(agent, *port).await? {
+                    return Ok(());
                 }
-                Err(e) => return Err(CoreError::Agent(e)),
-            },
+                format!("nothing listens on guest port {port} yet")
+            }
         };
         if started.elapsed() + interval > deadline {
             return Err(CoreError::GuestCommand(format!(
@@ -205,6 +201,54 @@ pub async fn wait_ready(
         }
         tokio::time::sleep(interval).await;
     }
+}
+
+/// Most bytes of `/proc/net/tcp{,6}` read for a readiness check (about 6 600 sockets).
+const MAX_PROC_NET_BYTES: u64 = 1 << 20;
+
+/// Whether a socket listens on TCP `port` in the guest, read from `/proc/net/tcp` and
+/// `/proc/net/tcp6` through the file channel. No connection is made: the guest kernel draws
+/// the keys of its TCP sequence numbers, timestamp offsets and ephemeral ports at its first
+/// TCP connection, and a warm snapshot captured before any lets every clone draw its own
+/// (after the fresh entropy of its restore). A missing file (no IPv6) counts as no socket.
+async fn listening(agent: &AgentClient, port: u16) -> Result<bool, CoreError> {
+    use tokio::io::AsyncReadExt;
+    for path in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let path = kiln_agent_host::GuestPath::new(path)
+            .map_err(|e| CoreError::HostSetup(format!("{path}: {e}")))?;
+        let reader = match agent
+            .file_read(kiln_agent_host::FileReadRequest::new(path))
+            .await
+        {
+            Ok(r) => r,
+            Err(kiln_agent_host::AgentError::Remote { .. }) => continue,
+            Err(e) => return Err(CoreError::Agent(e)),
+        };
+        let mut text = Vec::new();
+        reader
+            .take(MAX_PROC_NET_BYTES)
+            .read_to_end(&mut text)
+            .await
+            .map_err(|e| CoreError::GuestCommand(format!("reading the guest's sockets: {e}")))?;
+        if proc_net_listens(&text, port) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Whether a `/proc/net/tcp`-format table has a socket in state `0A` (LISTEN) on `port`.
+fn proc_net_listens(table: &[u8], port: u16) -> bool {
+    String::from_utf8_lossy(table).lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace();
+        let local = fields.nth(1);
+        let state = fields.nth(1);
+        state == Some("0A")
+            && local
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                == Some(port)
+    })
 }
 
 /// Writes each secret to `/run/secrets/<name>` (tmpfs, mode 0400) in the guest. The value
@@ -468,6 +512,19 @@ mod tests {
             .to_string();
         assert!(msg.contains("did not pass within 300 ms"), "{msg}");
         assert!(msg.contains("not yet"), "{msg}");
+    }
+
+    #[test]
+    fn proc_net_tables_show_listening_ports_only() {
+        let table = b"  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1538 00000000:0000 0A 00000000:00000000 00:00000000 00000000   105        0 1 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 20 4 30 10 -1
+";
+        assert!(proc_net_listens(table, 5432), "0x1538 listens");
+        assert!(!proc_net_listens(table, 8080), "0x1F90 is established, not listening");
+        assert!(!proc_net_listens(table, 22));
+        assert!(!proc_net_listens(b"", 5432));
+        assert!(!proc_net_listens(b"header\n0: garbage\n\xff\xfe 0A", 5432));
     }
 
     #[tokio::test]
