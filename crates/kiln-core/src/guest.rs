@@ -521,7 +521,10 @@ mod tests {
    1: 0100007F:1F90 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 20 4 30 10 -1
 ";
         assert!(proc_net_listens(table, 5432), "0x1538 listens");
-        assert!(!proc_net_listens(table, 8080), "0x1F90 is established, not listening");
+        assert!(
+            !proc_net_listens(table, 8080),
+            "0x1F90 is established, not listening"
+        );
         assert!(!proc_net_listens(table, 22));
         assert!(!proc_net_listens(b"", 5432));
         assert!(!proc_net_listens(b"header\n0: garbage\n\xff\xfe 0A", 5432));

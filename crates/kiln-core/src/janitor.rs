@@ -197,10 +197,10 @@ pub fn reclaim(home: &Home, store: &Store) -> Result<Reclaimed, CoreError> {
     let keep: std::collections::HashSet<_> = store
         .sandbox_list()?
         .into_iter()
-        .filter(|r| crate::bridge::keeps_network(r.status.state))
+        .filter(|r| crate::network::bridge::keeps_network(r.status.state))
         .map(|r| r.id)
         .collect();
-    match crate::bridge::reclaim(store, &keep) {
+    match crate::network::bridge::reclaim(store, &keep) {
         Ok((leases, taps)) => {
             report.leases_released = leases as u32;
             report.taps_removed = taps as u32;

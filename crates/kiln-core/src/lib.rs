@@ -12,7 +12,6 @@
 //!   and the janitor removes any left by a daemon that died;
 //! - no lock is held across an `.await`.
 
-mod bridge;
 mod build_guest;
 pub mod console;
 mod detached;
@@ -79,7 +78,7 @@ pub struct Engine {
     /// Network settings (resolvers, passt).
     pub(crate) net: network::NetSettings,
     /// The bridge mode's host side, once a bridge sandbox started.
-    pub(crate) bridge: bridge::BridgeState,
+    pub(crate) bridge: network::bridge::BridgeState,
 }
 
 impl Engine {
@@ -118,7 +117,7 @@ impl Engine {
             capture_locks: Mutex::new(HashMap::new()),
             full_ram_announced: std::sync::atomic::AtomicBool::new(false),
             net,
-            bridge: bridge::BridgeState::default(),
+            bridge: network::bridge::BridgeState::default(),
         });
         let count = live.len() as u32;
         let started = std::time::Instant::now();

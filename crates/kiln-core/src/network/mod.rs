@@ -17,6 +17,8 @@
 //! `none` has no network device and nothing here runs for it. Must not: parse frames or apply
 //! policy (that is `kiln-net`), or start VMs.
 
+pub(crate) mod bridge;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -159,7 +161,7 @@ pub(crate) async fn plan(
                 guest,
             }))
         }
-        NetworkSpec::Bridge { .. } => crate::bridge::plan(engine, id, spec).await,
+        NetworkSpec::Bridge { .. } => bridge::plan(engine, id, spec).await,
     }
 }
 
@@ -175,7 +177,7 @@ pub(crate) struct Live {
     spec: Mutex<NetworkSpec>,
     relay: Option<Arc<kiln_net::relay::RelayHandle>>,
     /// A bridge sandbox's counters and refusal log.
-    bridge: Option<crate::bridge::Accounting>,
+    bridge: Option<bridge::Accounting>,
 }
 
 impl Live {
@@ -183,7 +185,7 @@ impl Live {
     pub(crate) fn status(&self) -> NetworkStatus {
         let (stats, refused) = match &self.relay {
             Some(r) => r.stats(),
-            None => crate::bridge::stats(&self.id, self.bridge.as_ref()),
+            None => bridge::stats(&self.id, self.bridge.as_ref()),
         };
         NetworkStatus {
             mac: self.guest.mac.to_string(),
@@ -291,7 +293,7 @@ pub(crate) async fn attach(
         id: sb.id().clone(),
         guest: planned.guest,
         bridge: matches!(planned.spec, NetworkSpec::Bridge { .. })
-            .then(|| crate::bridge::accounting(engine))
+            .then(|| bridge::accounting(engine))
             .flatten(),
         spec: Mutex::new(planned.spec),
         relay,
@@ -359,7 +361,7 @@ pub(crate) fn release(engine: &Engine, id: &SandboxId) {
         return;
     };
     if lease.pool == BRIDGE_POOL {
-        crate::bridge::release(engine, id);
+        bridge::release(engine, id);
     }
     if let Err(e) = engine.store.lease_release(id) {
         warn!(sandbox_id = %id, error = %crate::error::error_chain(&e), "network lease not released");
