@@ -45,6 +45,15 @@ fn recipe_files_build_run_rebuild_when_stale_and_fail_precisely() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let (app, tool) = ("e2e-recipe-app", "e2e-recipe-tool");
+    // The shared home keeps images between runs: a run cut short leaves these behind, and
+    // this test's first build must be a real one.
+    for name in [tool, app] {
+        let _ = k.run(&["image", "rm", name]);
+    }
+    assert!(
+        !stdout(&k.run(&["image", "ls"])).contains(app),
+        "{app} still listed after kiln image rm"
+    );
 
     // A parent recipe (extends the built-in base) and a child that extends it.
     write(&d.join("greeting.txt"), "hello v1\n");
