@@ -774,43 +774,6 @@ fn median(v: &[f64]) -> f64 {
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 
-/// Opens a tap named `name` (IFF_TAP | IFF_NO_PI, non-blocking) in this namespace.
-#[allow(unsafe_code)]
-fn open_tap(name: &str) -> anyhow::Result<File> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; 16],
-        flags: libc::c_short,
-        pad: [u8; 22],
-    }
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    if name.len() >= 16 {
-        bail!("tap name {name} too long");
-    }
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open("/dev/net/tun")
-        .context("open /dev/net/tun")?;
-    let mut req = IfReq {
-        name: [0; 16],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
-        pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which IfReq matches in size (40
-    // bytes) and layout for the fields used; the fd is a valid open /dev/net/tun and `req`
-    // outlives the call.
-    let rc = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
-    if rc < 0 {
-        bail!("TUNSETIFF: {}", std::io::Error::last_os_error());
-    }
-    Ok(f)
-}
-
 type Tap = Arc<tokio::io::unix::AsyncFd<File>>;
 
 /// Copies frames between the tap and a stream in QEMU's framing (u32 BE length + frame)
@@ -909,7 +872,7 @@ async fn relay_bench(
     let mtu = kiln_net::passt::DEFAULT_MTU;
     let mac = kiln_net::Mac::random();
     let tap_name = format!("kbt{}", std::process::id());
-    let tap = open_tap(&tap_name)?;
+    let tap = kiln_net::tap::open_tap(&tap_name)?;
     sh(&["ip", "netns", "add", &ns])?;
     sh(&["ip", "link", "set", &tap_name, "netns", &ns])?;
     let (mac_s, mtu_s) = (mac.to_string(), mtu.to_string());

@@ -29,6 +29,7 @@ pub mod filter;
 pub mod inspect;
 pub mod passt;
 pub mod relay;
+pub mod tap;
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -43,6 +44,24 @@ impl Mac {
         let mut b: [u8; 6] = rand::random();
         b[0] = (b[0] & 0xfc) | 0x02;
         Mac(b)
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff` (any case).
+impl std::str::FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mac, String> {
+        let bad = || format!("{s:?} is not a MAC address (aa:bb:cc:dd:ee:ff)");
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in &mut out {
+            let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+            *b = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        match parts.next() {
+            None => Ok(Mac(out)),
+            Some(_) => Err(bad()),
+        }
     }
 }
 

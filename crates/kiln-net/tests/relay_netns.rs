@@ -9,15 +9,11 @@
 //!
 //! Needs root (namespaces, taps): without it the test fails with a message saying so.
 
-#![allow(unsafe_code)]
 // Tests may unwrap (house style); helpers here are not `#[test]` functions.
 #![allow(clippy::unwrap_used)]
 
-use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -84,6 +80,7 @@ fn names() -> (String, String, String) {
 #[test]
 fn relay_netns_allowed_tcp_connects_refused_fails_fast() {
     // SAFETY: geteuid has no preconditions and cannot fail.
+    #[allow(unsafe_code)]
     let euid = unsafe { libc::geteuid() };
     assert!(
         euid == 0,
@@ -116,33 +113,6 @@ fn relay_netns_allowed_tcp_connects_refused_fails_fast() {
 }
 
 /// Opens a tap named `name` (IFF_TAP | IFF_NO_PI) in the current namespace.
-fn open_tap(name: &str) -> File {
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; 16],
-        flags: libc::c_short,
-        pad: [u8; 22],
-    }
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open("/dev/net/tun")
-        .expect("open /dev/net/tun");
-    let mut req = IfReq {
-        name: [0; 16],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
-        pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which IfReq matches in size (40
-    // bytes) and layout for the fields used; the fd is a valid open /dev/net/tun.
-    let rc = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
-    assert!(rc >= 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
-    f
-}
-
 const CLIENT: &str = r#"
 import socket, sys, time, struct
 mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -421,7 +391,7 @@ async fn relay_netns_inner() {
 
     // The guest: a tap opened here, then moved into its namespace (the fd stays attached).
     let mac = Mac::random();
-    let tap = open_tap("kt-tap0");
+    let tap = kiln_net::tap::open_tap("kt-tap0").expect("open the tap");
     let g = Netns::new(guest_name);
     sh(&["ip", "link", "set", "kt-tap0", "netns", &g.0]);
     for cmd in [

@@ -419,14 +419,9 @@ pub(crate) async fn reattach(
     attach(engine, sb, planned, false).await
 }
 
-/// `aa:bb:cc:dd:ee:ff`.
+/// `aa:bb:cc:dd:ee:ff`, as the store keeps it.
 pub(crate) fn parse_mac(s: &str) -> Option<Mac> {
-    let mut out = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut out {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(Mac(out))
+    s.parse().ok()
 }
 
 #[cfg(test)]
