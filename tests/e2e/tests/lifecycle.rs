@@ -282,8 +282,9 @@ fn stop_and_start_keep_disk_memory_and_processes() {
         "sh",
         "-c",
         "echo on-disk > /root/f; echo in-ram > /run/marker; \
-         (n=$(od -An -tu4 -N4 /dev/urandom | tr -d ' '); while :; do echo $n > /run/value; sleep 1; done) >/dev/null 2>&1 & \
-         echo $! > /run/loop.pid",
+         (n=$(od -An -tu4 -N4 /dev/urandom | tr -d ' '); while :; do echo $n > /run/value.tmp && mv /run/value.tmp /run/value; sleep 1; done) >/dev/null 2>&1 & \
+         echo $! > /run/loop.pid; \
+         until [ -s /run/value ]; do sleep 0.05; done",
     ]);
     assert_success(&out, "prepare state");
     let probe = "cat /root/f /run/marker; pid=$(cat /run/loop.pid); kill -0 $pid && echo alive $pid; cat /run/value";
