@@ -242,6 +242,13 @@ impl Engine {
                 let ports: Vec<BridgePort> = members.iter().map(|(p, _)| p.clone()).collect();
                 host.apply_rules(&ports)
                     .map_err(|e| unavailable(e.to_string()))?;
+                // A running sandbox's tap is attached again: isolation is a port setting, and
+                // a tap made by an earlier kiln may lack it.
+                let taps = host.list_taps().map_err(|e| unavailable(e.to_string()))?;
+                for tap in ports.iter().map(BridgePort::tap).filter(|t| taps.contains(t)) {
+                    host.attach_port(&tap)
+                        .map_err(|e| unavailable(e.to_string()))?;
+                }
                 for (port, name) in members {
                     self.bridge.members.set(member(&port, name));
                 }

@@ -255,7 +255,16 @@ impl BridgeHost {
     /// ([`BridgeError::SubnetCollision`]). Also enables IPv4 forwarding
     /// (`net.ipv4.ip_forward=1`): the guests' egress is routed by the host. That sysctl is
     /// host-wide; kiln never turns it off again (other software may rely on it), and the
-    /// forward chain of `table inet kiln` is what confines the guests.
+    /// forward chain of `table inet kiln` is what confines the guests. On the bridge:
+    /// `proxy_arp_pvlan=1` and `proxy_delay=0`, so the host answers every guest's ARP
+    /// question for another guest at once with its own MAC: the taps are isolated ports
+    /// ([`BridgeHost::attach_port`]) and guest ↔ guest traffic is routed through the rules.
+    /// And no ICMP redirects out of the bridge: the kernel sends one whenever it routes a
+    /// packet back out of the interface it came in by, and sending it resets the rate limit
+    /// its ICMP errors to that guest share, so the guest's next refusal (an ICMP error) would
+    /// be lost. A device sends redirects if its own `send_redirects` *or* `all`'s is on, so
+    /// both are turned off; `all` alone changes no other interface (each keeps its own
+    /// setting, on by default).
     pub fn ensure_bridge(&self) -> Result<(), BridgeError> {
         subnet_collision(&self.cfg, &self.routes()?)?;
         let name = self.cfg.name.as_str();
@@ -267,21 +276,63 @@ impl BridgeHost {
                 Err(e) => return Err(e),
             }
         }
+        // A bridge whose MAC was never set takes its lowest port's MAC, and changes it as
+        // taps come and go: every guest's neighbour entry for the gateway (and, through
+        // proxy ARP, for its peers) would go stale. Setting the MAC it has pins it.
+        let mac = self.json("ip", &["-j", "link", "show", "dev", name])?[0]["address"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| BridgeError::Output {
+                cmd: format!("ip -j link show dev {name}"),
+                why: "no address".into(),
+            })?;
+        self.run("ip", &["link", "set", "dev", name, "address", &mac])?;
         let addr = format!("{}/{}", self.cfg.gateway(), self.cfg.subnet.prefix());
         self.run("ip", &["addr", "replace", &addr, "dev", name])?;
+        self.sysctl(&format!("net/ipv4/conf/{name}/proxy_arp_pvlan"), "1")?;
+        self.sysctl(&format!("net/ipv4/neigh/{name}/proxy_delay"), "0")?;
+        self.sysctl(&format!("net/ipv4/conf/{name}/send_redirects"), "0")?;
+        self.sysctl("net/ipv4/conf/all/send_redirects", "0")?;
         self.run("ip", &["link", "set", name, "up"])?;
+        self.sysctl("net/ipv4/ip_forward", "1")
+    }
+
+    /// Sets `/proc/sys/<key>` to `value`.
+    fn sysctl(&self, key: &str, value: &str) -> Result<(), BridgeError> {
         match &self.netns {
             // On the host: no tool needed.
-            None => std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|source| {
-                BridgeError::Spawn {
-                    cmd: "write 1 to /proc/sys/net/ipv4/ip_forward".into(),
+            None => {
+                let path = format!("/proc/sys/{key}");
+                std::fs::write(&path, value).map_err(|source| BridgeError::Spawn {
+                    cmd: format!("write {value} to {path}"),
                     source,
-                }
-            })?,
+                })
+            }
             // In a namespace, its own /proc/sys/net is seen from inside it.
-            Some(_) => drop(self.run("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"])?),
+            Some(_) => {
+                let assignment = format!("{}={value}", key.replace('/', "."));
+                self.run("sysctl", &["-q", "-w", &assignment]).map(drop)
+            }
         }
-        Ok(())
+    }
+
+    /// Puts link `name` on the bridge as an isolated port (the bridge forwards its frames to
+    /// the host only, never to another isolated port) and brings it up.
+    pub fn attach_port(&self, name: &str) -> Result<(), BridgeError> {
+        self.run("ip", &["link", "set", name, "master", &self.cfg.name])?;
+        self.run(
+            "ip",
+            &[
+                "link",
+                "set",
+                name,
+                "type",
+                "bridge_slave",
+                "isolated",
+                "on",
+            ],
+        )?;
+        self.run("ip", &["link", "set", name, "up"]).map(drop)
     }
 
     /// Deletes the bridge (full reset; taps on it must be gone first). Missing is fine.
@@ -382,10 +433,7 @@ impl BridgeHost {
         if !self.link_exists(name)? {
             self.run("ip", &["tuntap", "add", "dev", name, "mode", "tap"])?;
         }
-        let attached = self
-            .run("ip", &["link", "set", name, "master", &self.cfg.name])
-            .and_then(|_| self.run("ip", &["link", "set", name, "up"]));
-        if let Err(e) = attached {
+        if let Err(e) = self.attach_port(name) {
             let _ = self.delete_link(name);
             return Err(e);
         }

@@ -1,41 +1,47 @@
 //! kiln's nftables rules for the bridge, as text for `nft -f -`: rendering is pure (unit
 //! tested here); [`super::link::BridgeHost`] applies it.
 //!
+//! Every tap is an *isolated* bridge port ([`super::link::BridgeHost::attach_port`]): the
+//! bridge never forwards a frame from one tap to another, only between a tap and the host.
+//! The bridge answers ARP for every address of the subnet with its own MAC
+//! (`proxy_arp_pvlan`), so guest ↔ guest traffic is routed by the host, where the forward hook
+//! decides it and refuses what it refuses with a TCP reset or an ICMP error at once (a bridged
+//! frame could only be dropped: the kernel's bridge family cannot reject, and a dropped ARP
+//! leaves the guest waiting seconds for its neighbour to fail).
+//!
 //! Two tables, both named `kiln`, nothing else touched:
 //!
-//! - `table bridge kiln` sees frames between bridge ports, which never reach the inet forward
-//!   hook (unless `br_netfilter` is loaded, see below):
+//! - `table bridge kiln` sees frames on the bridge's ports:
 //!   - `prerouting` (anti-spoofing): a frame from a tap (`kt-*`) passes only if
 //!     `tap . source MAC . source IP` is in `@src4` (ARP: the sender MAC and IP too); IPv6
 //!     and every other ethertype from a tap are dropped;
-//!   - `forward` (guest ↔ guest): a frame from a tap to another tap passes only if
-//!     `in-tap . out-tap` is in `@peers` (both sandboxes share a network group);
-//!   - `input` (no hairpin): a tap may not send the host an IP packet for another address of
-//!     the subnet than the gateway, so the host never routes guest → guest around `@peers`.
+//!   - `forward`: tap → tap is dropped (a second fence behind the isolated ports).
 //! - `table inet kiln`:
 //!   - `input` from the bridge: only UDP/TCP 53 to the gateway (kiln's DNS) and replies;
-//!   - `forward`: bridge → bridge is accepted (only bridged frames get there, the bridge table
-//!     decided them; with `br_netfilter` they pass this hook with the bridge as in and out);
-//!     into the bridge only replies (conntrack); from the bridge never to `@closed4`
-//!     (loopback, private, shared, link-local, multicast, reserved, the host's connected
-//!     subnets and addresses), never IPv6, never a source outside the subnet; the rest passes;
+//!   - `forward`: bridge → bridge (guest ↔ guest, routed) only for address pairs in
+//!     `@peers4` (both sandboxes share a network group), else refused; into the bridge only
+//!     replies (conntrack); from the bridge never to `@closed4` (loopback, private, shared,
+//!     link-local, multicast, reserved, the host's connected subnets and addresses), never
+//!     IPv6, never a source outside the subnet; the rest passes;
+//!   - `output`: no ICMP redirects to the guests (routing back out of the bridge is the point);
 //!   - `postrouting`: masquerade the subnet leaving by any other interface.
 //!
 //! Accounting: each sandbox has named counters `conn_<hex>` (new connections leaving the
 //! bridge, `ct state new` before the final accept of `guest_out`) and `ref_<hex>` (refused
-//! packets: guest → host, closed destinations, guest → guest outside its group; in both
-//! tables), reached through maps keyed by the guest's address (`@conns4`, `@refused4`: the
-//! anti-spoofing above ties the address to the tap). A map lookup that misses ends the rule,
-//! so counting rules carry no verdict: the refusing rule follows. Broadcasts and multicasts
-//! are neither counted nor logged. With an nflog group, every refusing rule is preceded by a
-//! rate-limited `log group N prefix "kiln-…"` rule ([`super::nflog`] reads it).
+//! packets: guest → host, closed destinations, guest → guest outside its group), reached
+//! through maps keyed by the guest's address (`@conns4`, `@refused4`: the anti-spoofing above
+//! ties the address to the tap). A map lookup that misses ends the rule, so counting rules
+//! carry no verdict: the refusing rule follows. Broadcasts and multicasts are neither counted
+//! nor logged. With an nflog group, every refusing rule is preceded by a rate-limited
+//! `log group N prefix "kiln-…"` rule ([`super::nflog`] reads it).
 //!
-//! Per-sandbox state is only elements of `@src4`, `@peers` and the two maps, and the
-//! sandbox's counters, all named by its tap (or keyed by its lease): adding or removing a
-//! sandbox adds or deletes those, never rewrites the rules. Every
-//! chain has policy accept and drops only traffic of kiln's bridge, so the host's other
-//! traffic is left to the host's own rules. Must not: name or change any other table.
+//! Per-sandbox state is only elements of `@src4`, `@peers4` and the two maps, and the
+//! sandbox's counters, named by its tap or keyed by its lease: adding or removing a sandbox
+//! adds or deletes those, never rewrites the rules. Every chain has policy accept and drops
+//! only traffic of kiln's bridge, so the host's other traffic is left to the host's own
+//! rules. Must not: name or change any other table.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 
 use super::nflog::{PREFIX_CLOSED, PREFIX_HOST, PREFIX_PEER};
@@ -71,12 +77,12 @@ pub const TABLE: &str = "kiln";
 pub struct Elements {
     /// `@src4`: tap, MAC, IP (as nft prints them).
     pub src4: Vec<(String, String, String)>,
-    /// `@peers`: ordered pairs of taps that may talk.
+    /// `@peers4`: ordered pairs of guest addresses that may talk (as nft prints them).
     pub peers: Vec<(String, String)>,
     /// Per-sandbox accounting, tap and IP: named counters `conn_<hex>` and `ref_<hex>` in
-    /// `table inet kiln` (`ref_<hex>` also in `table bridge kiln`), reached from the rules
-    /// through the maps `@conns4` and `@refused4` keyed by the guest's address (the bridge
-    /// table's anti-spoofing ties the address to the tap).
+    /// `table inet kiln`, reached from the rules through the maps `@conns4` and `@refused4`
+    /// keyed by the guest's address (the bridge table's anti-spoofing ties the address to the
+    /// tap).
     pub acct: Vec<(String, String)>,
 }
 
@@ -99,7 +105,7 @@ impl Elements {
             e.acct.push((p.tap(), p.ip.to_string()));
             for q in ports {
                 if p.peers_with(q) {
-                    e.peers.push((p.tap(), q.tap()));
+                    e.peers.push((p.ip.to_string(), q.ip.to_string()));
                 }
             }
         }
@@ -113,14 +119,24 @@ impl Elements {
             .push((port.tap(), port.mac.to_string(), port.ip.to_string()));
         e.acct.push((port.tap(), port.ip.to_string()));
         for o in others.iter().filter(|o| port.peers_with(o)) {
-            e.peers.push((port.tap(), o.tap()));
-            e.peers.push((o.tap(), port.tap()));
+            e.peers.push((port.ip.to_string(), o.ip.to_string()));
+            e.peers.push((o.ip.to_string(), port.ip.to_string()));
         }
         e
     }
 
-    /// Only the elements that involve a tap `keep` rejects.
+    /// Only the elements that involve a tap `keep` rejects. A pair of `@peers4` is kept while
+    /// both its addresses belong to kept taps (by `@src4` or the accounting maps); a pair
+    /// naming an address no kept tap has is dead too.
     pub fn filter_dead(&self, keep: impl Fn(&str) -> bool) -> Elements {
+        let live: HashSet<&str> = self
+            .src4
+            .iter()
+            .map(|(t, _, ip)| (t, ip))
+            .chain(self.acct.iter().map(|(t, ip)| (t, ip)))
+            .filter(|(t, _)| keep(t))
+            .map(|(_, ip)| ip.as_str())
+            .collect();
         Elements {
             src4: self
                 .src4
@@ -131,7 +147,7 @@ impl Elements {
             peers: self
                 .peers
                 .iter()
-                .filter(|(a, b)| !keep(a) || !keep(b))
+                .filter(|(a, b)| !live.contains(a.as_str()) || !live.contains(b.as_str()))
                 .cloned()
                 .collect(),
             acct: self
@@ -154,13 +170,12 @@ impl Elements {
         self.src4.len() + self.peers.len() + self.acct.len()
     }
 
-    /// The taps named anywhere.
+    /// The taps named anywhere (pairs of `@peers4` name addresses, not taps).
     pub fn taps(&self) -> Vec<String> {
         let mut t: Vec<String> = self
             .src4
             .iter()
             .map(|(t, _, _)| t.clone())
-            .chain(self.peers.iter().flat_map(|(a, b)| [a.clone(), b.clone()]))
             .chain(self.acct.iter().map(|(t, _)| t.clone()))
             .collect();
         t.sort();
@@ -194,7 +209,7 @@ impl Elements {
     fn peers_list(&self) -> String {
         self.peers
             .iter()
-            .map(|(a, b)| format!("\"{a}\" . \"{b}\""))
+            .map(|(a, b)| format!("{a} . {b}"))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -216,21 +231,13 @@ pub fn render_ruleset(
     let gw = cfg.gateway();
     let closed = closed_list(host_nets);
     let tap = format!("{TAP_PREFIX}*");
-    // Broadcasts and multicasts are not connections: neither counted nor logged as refused.
-    let not_cast = format!(
-        "ip daddr != {{ {}, 224.0.0.0/4, 255.255.255.255 }}",
-        sub.broadcast()
-    );
     let log = |matches: &str, prefix: &str| match nflog {
         Some(group) => format!(
             "    {matches} limit rate {LOG_RATE}/second burst {LOG_BURST} packets log prefix \"{prefix}\" group {group}\n"
         ),
         None => String::new(),
     };
-    let peer_match = format!("iifname \"{tap}\" ether type ip {not_cast}");
-    let hairpin_match = format!("iifname \"{tap}\" ip daddr {sub} ip daddr != {gw} {not_cast}");
-    let log_peer = log(&peer_match, PREFIX_PEER);
-    let log_hairpin = log(&hairpin_match, PREFIX_PEER);
+    let log_peer = log("ip saddr != 0.0.0.0", PREFIX_PEER);
     let log_host = log("meta pkttype host", PREFIX_HOST);
     let log_closed = log("ip daddr @closed4", PREFIX_CLOSED);
     let inet_counters = format!(
@@ -243,15 +250,9 @@ pub fn render_ruleset(
     let _ = write!(
         s,
         r#"table bridge {TABLE} {{
-{bridge_counters}  map refused4 {{
-    type ipv4_addr : counter
-{refused}  }}
   set src4 {{
     type ifname . ether_addr . ipv4_addr
 {src4}  }}
-  set peers {{
-    type ifname . ifname
-{peers}  }}
   chain prerouting {{
     type filter hook prerouting priority -200; policy accept;
     iifname != "{tap}" accept
@@ -261,14 +262,7 @@ pub fn render_ruleset(
   }}
   chain forward {{
     type filter hook forward priority -200; policy accept;
-    iifname "{tap}" iifname . oifname @peers accept
-    {peer_match} counter name ip saddr map @refused4
-{log_peer}    iifname "{tap}" counter drop comment "guest to guest outside a group"
-  }}
-  chain input {{
-    type filter hook input priority -200; policy accept;
-    {hairpin_match} counter name ip saddr map @refused4
-{log_hairpin}    iifname "{tap}" ip daddr {sub} ip daddr != {gw} counter drop comment "guest to guest routed through the host"
+    iifname "{tap}" oifname "{tap}" counter drop comment "tap to tap: the ports are isolated, guest to guest is routed"
   }}
 }}
 table inet {TABLE} {{
@@ -278,6 +272,9 @@ table inet {TABLE} {{
   map refused4 {{
     type ipv4_addr : counter
 {refused}  }}
+  set peers4 {{
+    type ipv4_addr . ipv4_addr
+{peers}  }}
   set closed4 {{
     type ipv4_addr
     flags interval
@@ -298,10 +295,16 @@ table inet {TABLE} {{
   }}
   chain forward {{
     type filter hook forward priority 0; policy accept;
-    iifname "{br}" oifname "{br}" accept
+    iifname "{br}" oifname "{br}" jump guest_to_guest
     oifname "{br}" ct state established,related accept
     oifname "{br}" counter drop comment "unsolicited traffic into the bridge"
     iifname "{br}" jump guest_out
+  }}
+  chain guest_to_guest {{
+    ip saddr . ip daddr @peers4 accept
+    counter name ip saddr map @refused4
+{log_peer}    meta l4proto tcp counter reject with tcp reset comment "guest to guest outside a group"
+    counter reject with icmpx type admin-prohibited comment "guest to guest outside a group"
   }}
   chain guest_out {{
     meta nfproto ipv6 counter drop
@@ -311,6 +314,10 @@ table inet {TABLE} {{
     ip daddr @closed4 counter reject with icmpx type admin-prohibited comment "closed destination"
     ct state new counter name ip saddr map @conns4
     accept
+  }}
+  chain output {{
+    type filter hook output priority 0; policy accept;
+    oifname "{br}" icmp type redirect drop comment "guest to guest is routed through the host on purpose"
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
@@ -322,7 +329,6 @@ table inet {TABLE} {{
         peers = elements_line(&elements.peers_list()),
         refused = elements_line(&elements.map_list(refused_counter)),
         conns = elements_line(&elements.map_list(conn_counter)),
-        bridge_counters = elements.counters_decl(refused_counter),
     );
     s
 }
@@ -367,7 +373,6 @@ fn render_elements(verb: &str, e: &Elements) -> String {
         for (t, _) in &e.acct {
             let _ = writeln!(s, "{verb} counter inet {TABLE} {}", conn_counter(t));
             let _ = writeln!(s, "{verb} counter inet {TABLE} {}", refused_counter(t));
-            let _ = writeln!(s, "{verb} counter bridge {TABLE} {}", refused_counter(t));
         }
     };
     if verb == "add" {
@@ -395,11 +400,6 @@ fn render_elements(verb: &str, e: &Elements) -> String {
             "{verb} element inet {TABLE} refused4 {{ {} }}",
             keys(refused_counter)
         );
-        let _ = writeln!(
-            s,
-            "{verb} element bridge {TABLE} refused4 {{ {} }}",
-            keys(refused_counter)
-        );
     }
     if verb == "delete" {
         counters(&mut s);
@@ -414,7 +414,7 @@ fn render_elements(verb: &str, e: &Elements) -> String {
     if !e.peers.is_empty() {
         let _ = writeln!(
             s,
-            "{verb} element bridge {TABLE} peers {{ {} }}",
+            "{verb} element inet {TABLE} peers4 {{ {} }}",
             e.peers_list()
         );
     }
@@ -428,8 +428,8 @@ pub fn render_remove_all() -> String {
     )
 }
 
-/// Reads the elements of `@src4` and `@peers` from `nft -j list table bridge kiln`, and the
-/// accounting entries (`@conns4`) from `nft -j list table inet kiln`.
+/// Reads the elements of `@src4` from `nft -j list table bridge kiln`, and those of `@peers4`
+/// and the accounting entries (`@conns4`) from `nft -j list table inet kiln`.
 pub fn parse_elements(json: &str) -> Result<Elements, String> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
     let items = v
@@ -465,7 +465,7 @@ pub fn parse_elements(json: &str) -> Result<Elements, String> {
             continue;
         };
         let name = set.get("name").and_then(|n| n.as_str()).unwrap_or("");
-        if name != "src4" && name != "peers" {
+        if name != "src4" && name != "peers4" {
             continue;
         }
         let elems = set
@@ -486,7 +486,7 @@ pub fn parse_elements(json: &str) -> Result<Elements, String> {
                 .collect();
             match (name, parts.as_slice()) {
                 ("src4", [t, m, i]) => out.src4.push((t.clone(), m.clone(), i.clone())),
-                ("peers", [a, b]) => out.peers.push((a.clone(), b.clone())),
+                ("peers4", [a, b]) => out.peers.push((a.clone(), b.clone())),
                 _ => return Err(format!("unexpected element of {name}: {el}")),
             }
         }
@@ -495,7 +495,7 @@ pub fn parse_elements(json: &str) -> Result<Elements, String> {
 }
 
 /// A tap's (connections, refused) from `nft -j list counters`: `conn_<hex>` of
-/// `table inet kiln`, and `ref_<hex>` of both kiln tables added up. Missing counters are 0.
+/// `table inet kiln` and `ref_<hex>` of the same table. Missing counters are 0.
 pub fn parse_counters(json: &str, tap: &str) -> Result<(u64, u64), String> {
     let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
     let items = v
@@ -512,7 +512,7 @@ pub fn parse_counters(json: &str, tap: &str) -> Result<(u64, u64), String> {
         let packets = counter.get("packets").and_then(|p| p.as_u64()).unwrap_or(0);
         match (field("family"), field("name")) {
             ("inet", n) if n == conn => c = c.saturating_add(packets),
-            ("inet" | "bridge", n) if n == refused => r = r.saturating_add(packets),
+            ("inet", n) if n == refused => r = r.saturating_add(packets),
             _ => {}
         }
     }
@@ -557,13 +557,22 @@ mod tests {
         has(
             r#"elements = { "kt-000000000001" . 02:00:00:00:00:01 . 10.214.0.2, "kt-000000000002" . 02:00:00:00:00:02 . 10.214.0.3, "kt-000000000003" . 02:00:00:00:00:03 . 10.214.0.4 }"#,
         );
-        has(
-            r#"elements = { "kt-000000000001" . "kt-000000000002", "kt-000000000002" . "kt-000000000001" }"#,
-        );
+        has(r#"elements = { 10.214.0.2 . 10.214.0.3, 10.214.0.3 . 10.214.0.2 }"#);
         has(r#"ether type ip iifname . ether saddr . ip saddr @src4 accept"#);
-        has(r#"iifname "kt-*" iifname . oifname @peers accept"#);
+        // Guest to guest: never bridged, routed and decided by address pairs.
         has(
-            r#"iifname "kt-*" ip daddr 10.214.0.0/16 ip daddr != 10.214.0.1 counter drop comment "guest to guest routed through the host""#,
+            r#"iifname "kt-*" oifname "kt-*" counter drop comment "tap to tap: the ports are isolated, guest to guest is routed""#,
+        );
+        has(r#"iifname "kiln0" oifname "kiln0" jump guest_to_guest"#);
+        has("ip saddr . ip daddr @peers4 accept");
+        has(
+            r#"meta l4proto tcp counter reject with tcp reset comment "guest to guest outside a group""#,
+        );
+        has(
+            r#"counter reject with icmpx type admin-prohibited comment "guest to guest outside a group""#,
+        );
+        has(
+            r#"oifname "kiln0" icmp type redirect drop comment "guest to guest is routed through the host on purpose""#,
         );
         has("ip daddr 10.214.0.1 udp dport 53 accept");
         has("ip daddr 10.214.0.1 tcp dport 53 accept");
@@ -589,13 +598,14 @@ mod tests {
         );
         has("meta pkttype host counter name ip saddr map @refused4");
         has(
-            r#"iifname "kt-*" ether type ip ip daddr != { 10.214.255.255, 224.0.0.0/4, 255.255.255.255 } counter name ip saddr map @refused4"#,
+            r#"ip saddr != 0.0.0.0 limit rate 20/second burst 40 packets log prefix "kiln-peer" group 2140"#,
         );
-        assert_eq!(r.matches("log prefix").count(), 4, "{r}");
+        assert_eq!(r.matches("log prefix").count(), 3, "{r}");
         // The counting rules come before the verdicts they count.
         let at = |l: &str| r.find(l).unwrap_or_else(|| panic!("{l}"));
         assert!(at("map @conns4\n    accept") > at("comment \"closed destination\""));
         assert!(at("log prefix \"kiln-host\"") < at("comment \"guest to host\""));
+        assert!(at("ip saddr . ip daddr @peers4 accept") < at("log prefix \"kiln-peer\""));
         let closed = lines
             .iter()
             .find(|l| l.starts_with("elements = { 0.0.0.0/8"))
@@ -634,7 +644,7 @@ mod tests {
         assert!(!r.contains(" log "), "{r}");
         assert!(!r.contains("elements = {  }"), "{r}");
         assert!(
-            r.contains("set peers {\n    type ifname . ifname\n  }"),
+            r.contains("set peers4 {\n    type ipv4_addr . ipv4_addr\n  }"),
             "{r}"
         );
     }
@@ -646,8 +656,8 @@ mod tests {
         assert_eq!(
             e.peers,
             vec![
-                ("kt-000000000004".into(), "kt-000000000001".into()),
-                ("kt-000000000001".into(), "kt-000000000004".into()),
+                ("10.214.0.5".into(), "10.214.0.2".into()),
+                ("10.214.0.2".into(), "10.214.0.5".into()),
             ]
         );
         let add = render_add(&e);
@@ -655,12 +665,10 @@ mod tests {
             add,
             "add counter inet kiln conn_000000000004\n\
              add counter inet kiln ref_000000000004\n\
-             add counter bridge kiln ref_000000000004\n\
              add element inet kiln conns4 { 10.214.0.5 : \"conn_000000000004\" }\n\
              add element inet kiln refused4 { 10.214.0.5 : \"ref_000000000004\" }\n\
-             add element bridge kiln refused4 { 10.214.0.5 : \"ref_000000000004\" }\n\
              add element bridge kiln src4 { \"kt-000000000004\" . 02:00:00:00:00:04 . 10.214.0.5 }\n\
-             add element bridge kiln peers { \"kt-000000000004\" . \"kt-000000000001\", \"kt-000000000001\" . \"kt-000000000004\" }\n"
+             add element inet kiln peers4 { 10.214.0.5 . 10.214.0.2, 10.214.0.2 . 10.214.0.5 }\n"
         );
         // Deleting: the map elements first, then the counters they name.
         let del = render_delete(&e);
@@ -669,10 +677,11 @@ mod tests {
             at("delete element inet kiln conns4 { 10.214.0.5 }")
                 < at("delete counter inet kiln conn_000000000004")
         );
-        assert!(del.contains("delete counter bridge kiln ref_000000000004\n"));
+        assert!(del.contains("delete counter inet kiln ref_000000000004\n"));
+        assert!(!del.contains("bridge kiln ref_"), "{del}");
         let lone = Elements::of_new_port(&port(5, None), &others);
         assert!(lone.peers.is_empty());
-        assert!(!render_add(&lone).contains("peers"));
+        assert!(!render_add(&lone).contains("peers4"));
     }
 
     #[test]
@@ -681,18 +690,26 @@ mod tests {
           {"table": {"family": "bridge", "name": "kiln", "handle": 1}},
           {"set": {"family": "bridge", "name": "src4", "table": "kiln", "type": ["ifname", "ether_addr", "ipv4_addr"], "handle": 1,
              "elem": [{"concat": ["kt-000000000001", "02:00:00:00:00:01", "10.214.0.2"]}, {"concat": ["kt-000000000002", "02:00:00:00:00:02", "10.214.0.3"]}]}},
-          {"set": {"family": "bridge", "name": "peers", "table": "kiln", "type": ["ifname", "ifname"], "handle": 2,
-             "elem": [{"concat": ["kt-000000000001", "kt-000000000002"]}, {"concat": ["kt-000000000002", "kt-000000000001"]}]}},
+          {"set": {"family": "inet", "name": "peers4", "table": "kiln", "type": ["ipv4_addr", "ipv4_addr"], "handle": 2,
+             "elem": [{"concat": ["10.214.0.2", "10.214.0.3"]}, {"concat": ["10.214.0.3", "10.214.0.2"]}, {"concat": ["10.214.0.3", "10.214.0.9"]}]}},
           {"chain": {"family": "bridge", "table": "kiln", "name": "prerouting"}}]}"#;
         let e = parse_elements(json).unwrap();
         assert_eq!(e.src4.len(), 2);
-        assert_eq!(e.peers.len(), 2);
+        assert_eq!(e.peers.len(), 3);
+        // Keep tap 1: the pairs with tap 2's address go, and so does the pair naming an
+        // address no tap has (left by a crash between two deletions).
         let dead = e.filter_dead(|t| t == "kt-000000000001");
         assert_eq!(dead.src4.len(), 1);
         assert_eq!(dead.src4[0].0, "kt-000000000002");
-        assert_eq!(dead.peers.len(), 2, "both pairs name the dead tap");
-        assert_eq!(dead.taps(), vec!["kt-000000000001", "kt-000000000002"]);
-        assert!(e.filter_dead(|_| true).is_empty());
+        assert_eq!(dead.peers.len(), 3, "every pair names tap 2's address");
+        assert_eq!(dead.taps(), vec!["kt-000000000002"]);
+        let orphan = e.filter_dead(|_| true);
+        assert_eq!(
+            orphan.peers,
+            vec![("10.214.0.3".to_owned(), "10.214.0.9".to_owned())],
+            "a pair naming an address of no tap"
+        );
+        assert!(orphan.src4.is_empty() && orphan.acct.is_empty());
         assert!(parse_elements("{}").is_err());
         let inet = r#"{"nftables": [{"counter": {"family": "inet", "name": "conn_000000000001", "table": "kiln", "packets": 3, "bytes": 180}},
           {"set": {"family": "inet", "name": "closed4", "table": "kiln", "type": "ipv4_addr", "elem": [{"prefix": {"addr": "10.0.0.0", "len": 8}}]}},
@@ -710,10 +727,10 @@ mod tests {
         let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
           {"counter": {"family": "inet", "name": "conn_000000000001", "table": "kiln", "packets": 3, "bytes": 180}},
           {"counter": {"family": "inet", "name": "ref_000000000001", "table": "kiln", "packets": 2, "bytes": 120}},
-          {"counter": {"family": "bridge", "name": "ref_000000000001", "table": "kiln", "packets": 5, "bytes": 300}},
+          {"counter": {"family": "bridge", "name": "ref_000000000001", "table": "kiln", "packets": 50, "bytes": 300}},
           {"counter": {"family": "inet", "name": "ref_000000000001", "table": "other", "packets": 100, "bytes": 1}},
           {"counter": {"family": "inet", "name": "conn_000000000002", "table": "kiln", "packets": 9, "bytes": 1}}]}"#;
-        assert_eq!(parse_counters(json, "kt-000000000001").unwrap(), (3, 7));
+        assert_eq!(parse_counters(json, "kt-000000000001").unwrap(), (3, 2));
         assert_eq!(parse_counters(json, "kt-00000000000f").unwrap(), (0, 0));
         assert!(parse_counters("[]", "kt-000000000001").is_err());
     }
