@@ -24,6 +24,7 @@ use kiln_api_types::SandboxId;
 use super::nft::{self, Elements};
 use super::pool::Subnet;
 use super::{BridgeConfig, BridgeError, BridgePort, live_taps, sandbox_of_tap, tap_name};
+use crate::Mac;
 
 /// Most bytes of a tool's stderr kept in an error.
 const MAX_STDERR: usize = 2000;
@@ -277,16 +278,18 @@ impl BridgeHost {
             }
         }
         // A bridge whose MAC was never set takes its lowest port's MAC, and changes it as
-        // taps come and go: every guest's neighbour entry for the gateway (and, through
-        // proxy ARP, for its peers) would go stale. Setting the MAC it has pins it.
-        let mac = self.json("ip", &["-j", "link", "show", "dev", name])?[0]["address"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| BridgeError::Output {
-                cmd: format!("ip -j link show dev {name}"),
-                why: "no address".into(),
-            })?;
-        self.run("ip", &["link", "set", "dev", name, "address", &mac])?;
+        // taps come and go (all zeros without ports): every guest's neighbour entry for the
+        // gateway (and, through proxy ARP, for its peers) would go stale. Setting the MAC it
+        // has pins it; a bridge left without ports gets a random one.
+        let out = self.json("ip", &["-j", "link", "show", "dev", name])?;
+        let mac = match out[0]["address"].as_str().map(str::parse::<Mac>) {
+            Some(Ok(mac)) if mac.0 != [0; 6] && mac.0[0] & 1 == 0 => mac,
+            _ => Mac::random(),
+        };
+        self.run(
+            "ip",
+            &["link", "set", "dev", name, "address", &mac.to_string()],
+        )?;
         let addr = format!("{}/{}", self.cfg.gateway(), self.cfg.subnet.prefix());
         self.run("ip", &["addr", "replace", &addr, "dev", name])?;
         self.sysctl(&format!("net/ipv4/conf/{name}/proxy_arp_pvlan"), "1")?;

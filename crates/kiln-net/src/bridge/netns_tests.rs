@@ -717,7 +717,26 @@ fn bridge_netns_reclaim_after_crash_removes_all_dead_sandboxes() {
         subnet: "10.77.0.0/24".parse().expect("valid subnet"),
     };
     let host = BridgeHost::in_netns(cfg.clone(), &h).expect("valid config");
+    // A bridge left by an earlier kiln whose last port went: its MAC is all zeros (the
+    // kernel's choice for a bridge without ports whose MAC was never set).
+    sh(Some(&h), &["ip", "link", "add", "kiln7", "type", "bridge"]);
+    sh(
+        Some(&h),
+        &[
+            "ip", "link", "add", "x0", "type", "veth", "peer", "name", "x1",
+        ],
+    );
+    sh(Some(&h), &["ip", "link", "set", "x0", "master", "kiln7"]);
+    sh(Some(&h), &["ip", "link", "del", "x0"]);
+    let mac = || sh(Some(&h), &["cat", "/sys/class/net/kiln7/address"]);
+    assert_eq!(mac().trim(), "00:00:00:00:00:00");
     host.ensure_bridge().expect("bridge up");
+    let pinned = mac();
+    assert_ne!(
+        pinned.trim(),
+        "00:00:00:00:00:00",
+        "the bridge kept a zero MAC"
+    );
     host.apply_rules(&[]).expect("rules");
     let mut used = HashSet::new();
     let mut ports: Vec<BridgePort> = Vec::new();
@@ -744,6 +763,7 @@ fn bridge_netns_reclaim_after_crash_removes_all_dead_sandboxes() {
     );
     let master = sh(Some(&h), &["ip", "-o", "link", "show", "master", "kiln7"]);
     assert_eq!(master.lines().count(), 8, "{master}");
+    assert_eq!(mac(), pinned, "the bridge's MAC moved with its ports");
 
     // The daemon restarts: the bridge and rules are ensured again, nothing is live.
     host.ensure_bridge().expect("bridge up again");

@@ -54,6 +54,7 @@ const NFULNL_MSG_PACKET: u16 = 0;
 const NFULNL_MSG_CONFIG: u16 = 1;
 const NFULA_CFG_CMD: u16 = 1;
 const NFULA_CFG_MODE: u16 = 2;
+const NFULA_CFG_QTHRESH: u16 = 5;
 const NFULNL_CFG_CMD_BIND: u8 = 1;
 const NFULNL_CFG_CMD_PF_BIND: u8 = 3;
 const NFULNL_CFG_CMD_PF_UNBIND: u8 = 4;
@@ -308,6 +309,9 @@ impl NflogSocket {
         let mut mode = COPY_RANGE.to_be_bytes().to_vec();
         mode.extend_from_slice(&[NFULNL_COPY_PACKET, 0]);
         s.config(0, group, (NFULA_CFG_MODE, &mode))?;
+        // Every record at once: by default the kernel batches up to 100 and flushes them
+        // after up to a second, so `kiln inspect` right after a refusal would not show it.
+        s.config(0, group, (NFULA_CFG_QTHRESH, &1u32.to_be_bytes()))?;
         Ok(s)
     }
 
