@@ -2,12 +2,13 @@
 //! a pool, and nftables rules in kiln's own tables.
 //!
 //! ```text
-//!  guest ─ virtio-net ─ QEMU -netdev tap,ifname=kt-<12 hex> ─ tap ─┐
-//!  guest ─ …                                                  tap ─┼─ kiln0 (gateway .1) ─ host
-//!                                                                  │   │ routing, masquerade
-//!   table bridge kiln: anti-spoofing per tap (MAC+IP, ARP sender),  │   ▼
-//!     guest↔guest only for pairs in @peers, no hairpin via the host    eth0 … internet
-//!   table inet kiln: guest→host only DNS on the gateway; guest→out never to @closed4
+//!  guest ─ virtio-net ─ QEMU -netdev tap,ifname=kt-<12 hex> ─ tap ─┐ isolated ports
+//!  guest ─ …                                                  tap ─┼─ kiln0 (gateway .1,
+//!                                                                  │  proxy ARP for guests)
+//!   table bridge kiln: anti-spoofing per tap (MAC+IP, ARP sender),  │ routing, masquerade
+//!     no frame from tap to tap                                      ▼
+//!   table inet kiln: guest↔guest (routed) only for pairs in @peers4;   eth0 … internet
+//!     guest→host only DNS on the gateway; guest→out never to @closed4
 //!     (private, link-local, loopback, multicast, the host's connected subnets); masquerade
 //! ```
 //!
@@ -15,7 +16,8 @@
 //! ([`link`]: `ip` commands), the rules ([`nft`]: rendered text applied with `nft -f`), the
 //! address arithmetic ([`pool`]), the DNS server of bridge guests ([`dns`]) and the janitor's
 //! clean-up ([`BridgeHost::reclaim`]). Must not: change anything it did not create (the host's
-//! interfaces, routes, other nftables tables), know the store (the engine passes leases in),
+//! interfaces, routes, other nftables tables; the two host-wide sysctls it sets are named in
+//! [`BridgeHost::ensure_bridge`]), know the store (the engine passes leases in),
 //! start QEMU, or decide which sandboxes are alive (the engine says).
 //!
 //! How the engine drives it (each step is idempotent, and every leftover of a crash is
@@ -32,9 +34,9 @@
 //!
 //! Invariants: every link kiln creates is named `kt-<12 hex>` (a tap, from the sandbox id) or
 //! is the configured bridge; per-sandbox firewall state is only set elements keyed by the
-//! tap's name (and its counters, named by the tap's hex digits, with map elements keyed by
-//! its lease), so adding or removing a sandbox never rewrites the ruleset and the janitor can
-//! find a dead sandbox's elements by name. Refused packets are also logged to nfnetlink_log
+//! tap's name or its lease (and its counters, named by the tap's hex digits), so adding or
+//! removing a sandbox never rewrites the ruleset and the janitor can find a dead sandbox's
+//! elements by name. Refused packets are also logged to nfnetlink_log
 //! ([`nflog`]) for the engine's per-sandbox refusal log.
 
 pub mod dns;
