@@ -10,12 +10,16 @@
 //! `KILN_NET_DNS` pointing at that dnsmasq; it is stopped at the end.
 //!
 //! - VM, per mode (`nat`, `allow=bench.test`, `allow=198.51.100.0/24`, `bridge` when the
-//!   daemon offers it): one python3 probe inside the guest measures TCP connects and the
-//!   first HTTP answer (p50/p95), DNS answers from the guest's resolver (not for the CIDR
-//!   mode), and TCP throughput guest → test host (median of `--runs`); then `kiln run
-//!   --network MODE -- python3 -c <connect once>` wall time, interleaved with `kiln run --
-//!   true` and `kiln run -- python3 -c pass` without network, so the network's share of a
-//!   start shows.
+//!   daemon offers it, and the baseline: QEMU's own user networking, libslirp, with no policy
+//!   of kiln's, from a second daemon started with `KILN_NET_BASELINE=qemu-user` in
+//!   `$KILN_HOME/bench-network-baseline`): one python3 probe inside the guest measures TCP
+//!   connects and the first HTTP answer (p50/p95), DNS answers from the guest's resolver
+//!   (not for the CIDR mode nor the baseline, whose resolver is the host's), and TCP
+//!   throughput guest → test host (median of `--runs`); then `kiln run --network MODE --
+//!   python3 -c <connect once>` wall time, interleaved with `kiln run -- true` and `kiln run
+//!   -- python3 -c pass` without network, so the network's share of a start shows. Each
+//!   mode's throughput and connect time are also given as a ratio to the baseline's: the
+//!   cost of kiln's policy.
 //! - relay: the filter's cost where the guest's CPU does not hide it. A native Linux stack
 //!   (a tap in namespace `kiln-bng-PID`) is bridged, by this process, either to kiln's relay
 //!   (filter + real passt) or straight to a passt started the same way; the ratio is
@@ -45,6 +49,8 @@ const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 const HOST_CIDR: &str = "198.51.100.0/24";
 /// This namespace's end of the veth (a /30; the test host's end is .2).
 const LINK_NET: &str = "198.18.251";
+/// The baseline's row: QEMU's user networking without kiln's policy.
+const BASELINE: &str = "qemu-user (no policy)";
 /// The name dnsmasq answers with [`HOST_IP`].
 const NAME: &str = "bench.test";
 const SINK_PORT: u16 = 9000;
@@ -94,6 +100,10 @@ pub struct VmMode {
     pub tcp_mib_s: Summary,
     /// p50 throughput / p50 of `nat`.
     pub tcp_vs_nat: f64,
+    /// p50 throughput / p50 of the baseline (QEMU user networking, no policy).
+    pub tcp_vs_baseline: Option<f64>,
+    /// p50 connect time / p50 of the baseline.
+    pub connect_vs_baseline: Option<f64>,
     /// Wall time of `kiln run --network MODE -- python3 -c <connect once>` (ms).
     pub run_connect_ms: Summary,
     /// p50 of that minus p50 of `kiln run -- python3 -c pass` (no network) (ms).
@@ -528,18 +538,23 @@ pub async fn run(home: &ClientHome, a: &NetworkBenchArgs) -> anyhow::Result<i32>
         );
     }
     let host = TestHost::start()?;
-    let bench_home = ClientHome::new(home.root().join("bench-network"));
+    let homes = BenchHomes {
+        kiln: ClientHome::new(home.root().join("bench-network")),
+        baseline: ClientHome::new(home.root().join("bench-network-baseline")),
+    };
     let result = tokio::select! {
-        r = bench(home, &bench_home, &host, a) => r,
+        r = bench(home, &homes, &host, a) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
-    // Whatever happened: the bench's daemon goes, then the test host (drop).
-    if !a.relay_only
-        && let Some(c) = Client::existing(&bench_home).await
-    {
-        let _ = crate::sandbox::remove_all(&c).await;
-        if let Ok(h) = c.health().await {
-            let _ = crate::sandbox::stop_daemon(&h).await;
+    // Whatever happened: the bench's daemons go, then the test host (drop).
+    if !a.relay_only {
+        for h in [&homes.kiln, &homes.baseline] {
+            if let Some(c) = Client::existing(h).await {
+                let _ = crate::sandbox::remove_all(&c).await;
+                if let Ok(h) = c.health().await {
+                    let _ = crate::sandbox::stop_daemon(&h).await;
+                }
+            }
         }
     }
     drop(host);
@@ -552,16 +567,24 @@ pub async fn run(home: &ClientHome, a: &NetworkBenchArgs) -> anyhow::Result<i32>
     Ok(0)
 }
 
+/// The homes of the bench's two daemons (the images shared with the user's home).
+struct BenchHomes {
+    /// kiln's networks.
+    kiln: ClientHome,
+    /// The baseline: `KILN_NET_BASELINE=qemu-user`.
+    baseline: ClientHome,
+}
+
 async fn bench(
     home: &ClientHome,
-    bench_home: &ClientHome,
+    homes: &BenchHomes,
     host: &TestHost,
     a: &NetworkBenchArgs,
 ) -> anyhow::Result<NetworkBench> {
     let vm = if a.relay_only {
         None
     } else {
-        Some(vm_bench(home, bench_home, host, a).await?)
+        Some(vm_bench(home, homes, host, a).await?)
     };
     let relay = if a.no_relay {
         None
@@ -629,14 +652,13 @@ async fn timed_run(home: &ClientHome, args: Vec<String>) -> anyhow::Result<f64> 
     .await?
 }
 
-async fn vm_bench(
+/// A daemon of the bench's own in `bench_home` (images linked to `home`'s) with `env`: a
+/// stale one from an earlier run is stopped first, so that `env` applies.
+async fn fresh_daemon(
     home: &ClientHome,
     bench_home: &ClientHome,
-    host: &TestHost,
-    a: &NetworkBenchArgs,
-) -> anyhow::Result<VmBench> {
-    // A daemon of its own, so that KILN_NET_DNS applies: a stale one from an earlier run
-    // is stopped first.
+    env: &[(&str, &str)],
+) -> anyhow::Result<Client> {
     std::fs::create_dir_all(bench_home.root())?;
     let link = bench_home.root().join("images");
     if std::fs::symlink_metadata(&link).is_err() {
@@ -650,43 +672,89 @@ async fn vm_bench(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    Ok(Client::connect_with_env(bench_home, env).await?)
+}
+
+/// One row of the VM part: a `--network` value in one of the bench's daemons.
+struct Row {
+    label: String,
+    network: String,
+    home: ClientHome,
+    /// The name the probe resolves and connects to (`None`: the test host's address).
+    name: Option<&'static str>,
+}
+
+async fn vm_bench(
+    home: &ClientHome,
+    homes: &BenchHomes,
+    host: &TestHost,
+    a: &NetworkBenchArgs,
+) -> anyhow::Result<VmBench> {
     let dns = host.dns();
-    let client = Client::connect_with_env(bench_home, &[("KILN_NET_DNS", dns.as_str())]).await?;
+    let client = fresh_daemon(home, &homes.kiln, &[("KILN_NET_DNS", dns.as_str())]).await?;
     crate::image::ensure_built(&client, &a.image).await?;
+    fresh_daemon(
+        home,
+        &homes.baseline,
+        &[
+            ("KILN_NET_DNS", dns.as_str()),
+            ("KILN_NET_BASELINE", "qemu-user"),
+        ],
+    )
+    .await?;
     let report = client.doctor().await?;
     let accel = report.accel.clone().unwrap_or_else(|| "unknown".into());
     let bridge = report.network_modes.iter().find(|m| m.mode == "bridge");
-    let mut modes = vec![
-        "nat".to_string(),
-        format!("allow={NAME}"),
-        format!("allow={HOST_CIDR}"),
+    let row = |network: String, name: Option<&'static str>| Row {
+        label: network.clone(),
+        network,
+        home: homes.kiln.clone(),
+        name,
+    };
+    let mut rows = vec![
+        row("nat".into(), Some(NAME)),
+        row(format!("allow={NAME}"), Some(NAME)),
+        row(format!("allow={HOST_CIDR}"), None),
     ];
     let bridge_skipped = match bridge {
         Some(m) if m.available => {
-            modes.push("bridge".into());
+            rows.push(row("bridge".into(), Some(NAME)));
             None
         }
         Some(m) => Some(m.missing.clone().unwrap_or_else(|| "unavailable".into())),
         None => Some("the daemon does not report it".into()),
     };
+    rows.push(Row {
+        label: BASELINE.into(),
+        network: "nat".into(),
+        home: homes.baseline.clone(),
+        name: None,
+    });
     let img = a.image.as_str();
-    // Warm-up (outside the measurement): the warm snapshot of this home.
-    let warm = kiln_out(bench_home, &["run", "--image", img, "--", "true"]);
-    warm.context("warm-up run")?;
+    // Warm-up (outside the measurement): each daemon's warm snapshot.
+    for h in [&homes.kiln, &homes.baseline] {
+        kiln_out(h, &["run", "--image", img, "--", "true"]).context("warm-up run")?;
+    }
     let mut probes = Vec::new();
-    for mode in &modes {
-        let name = (*mode != format!("allow={HOST_CIDR}")).then_some(NAME);
-        let id = kiln_out(bench_home, &["create", "--image", img, "--network", mode])?;
+    for r in &rows {
+        let (mode, h) = (&r.label, &r.home);
+        let id = kiln_out(h, &["create", "--image", img, "--network", &r.network])?;
         let id = id.trim().to_string();
-        let cfg = probe_config(name, None, a);
-        let out = kiln_out(
-            bench_home,
-            &["exec", &id, "--", "python3", "-c", PROBE, &cfg],
-        );
-        let _ = kiln_out(bench_home, &["rm", &id]);
+        let cfg = probe_config(r.name, None, a);
+        let out = kiln_out(h, &["exec", &id, "--", "python3", "-c", PROBE, &cfg]);
+        let relayed = relayed_bytes(h, &id);
+        let _ = kiln_out(h, &["rm", &id]);
         let p: ProbeOut =
             serde_json::from_str(out.with_context(|| format!("probe, {mode}"))?.trim())
                 .with_context(|| format!("probe output, {mode}"))?;
+        // The baseline's frames never reach kiln: a relay that counted them would mean the
+        // baseline daemon was not one.
+        let relayed = relayed?;
+        if (mode == BASELINE) != (relayed == 0) {
+            bail!(
+                "{mode}: kiln counted {relayed} bytes out of the guest; the baseline must count none and kiln's modes some"
+            );
+        }
         if !a.json {
             eprintln!(
                 "{mode}: {:.1} MiB/s, connect p50 {:.2} ms",
@@ -706,39 +774,41 @@ async fn vm_bench(
     };
     let connect_once = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30).close()";
     let (mut t_true, mut t_py) = (Vec::new(), Vec::new());
-    let mut t_modes: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut t_modes: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
     let port = CONNECT_PORT.to_string();
-    for r in 0..a.runs {
-        t_true.push(timed_run(bench_home, base(&[], &["true"])).await?);
-        t_py.push(timed_run(bench_home, base(&[], &["python3", "-c", "pass"])).await?);
-        for (i, mode) in modes.iter().enumerate() {
-            let target = if mode == &format!("allow={NAME}") {
-                NAME.to_string()
-            } else {
-                HOST_IP.to_string()
-            };
+    for n in 0..a.runs {
+        t_true.push(timed_run(&homes.kiln, base(&[], &["true"])).await?);
+        t_py.push(timed_run(&homes.kiln, base(&[], &["python3", "-c", "pass"])).await?);
+        for (i, r) in rows.iter().enumerate() {
+            let target = r.name.map_or(HOST_IP.to_string(), str::to_string);
             let args = base(
-                &["--network", mode],
+                &["--network", &r.network],
                 &["python3", "-c", connect_once, &target, &port],
             );
-            t_modes[i].push(timed_run(bench_home, args).await?);
+            t_modes[i].push(timed_run(&r.home, args).await?);
         }
         if !a.json {
-            eprintln!("starts {}/{}", r + 1, a.runs);
+            eprintln!("starts {}/{}", n + 1, a.runs);
         }
     }
     let run_python = summary(&mut t_py);
     let nat_tput = median(&probes[0].mib_s);
-    let out_modes = modes
+    let baseline = probes
+        .last()
+        .map(|p| (median(&p.mib_s), median(&p.connect_ms)));
+    let out_modes = rows
         .iter()
         .zip(probes)
         .zip(t_modes)
-        .map(|((mode, mut p), mut t)| {
+        .map(|((r, mut p), mut t)| {
             let run_connect = summary(&mut t);
             let tcp = summary(&mut p.mib_s);
+            let connect = summary(&mut p.connect_ms);
             VmMode {
-                mode: mode.clone(),
-                connect_ms: summary(&mut p.connect_ms),
+                mode: r.label.clone(),
+                tcp_vs_baseline: baseline.map(|(b, _)| tcp.p50 / b),
+                connect_vs_baseline: baseline.map(|(_, b)| connect.p50 / b),
+                connect_ms: connect,
                 first_answer_ms: summary(&mut p.answer_ms),
                 dns_ms: (!p.dns_ms.is_empty()).then(|| summary(&mut p.dns_ms)),
                 tcp_vs_nat: tcp.p50 / nat_tput,
@@ -754,14 +824,24 @@ async fn vm_bench(
         accel,
         image: a.image.clone(),
         daemon_home: format!(
-            "{} (started for the bench, KILN_NET_DNS={dns})",
-            bench_home.root().display()
+            "{} (started for the bench, KILN_NET_DNS={dns}; the baseline's: {})",
+            homes.kiln.root().display(),
+            homes.baseline.root().display()
         ),
         run_true_ms: summary(&mut t_true),
         run_python_ms: run_python,
         modes: out_modes,
         bridge_skipped,
     })
+}
+
+/// Bytes kiln counted out of sandbox `id`'s guest (`kiln inspect`: `network.stats.bytes_out`).
+fn relayed_bytes(home: &ClientHome, id: &str) -> anyhow::Result<u64> {
+    let out = kiln_out(home, &["inspect", id])?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("kiln inspect output")?;
+    v[0]["network"]["stats"]["bytes_out"]
+        .as_u64()
+        .with_context(|| format!("kiln inspect {id}: no network.stats.bytes_out"))
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -1005,14 +1085,15 @@ fn print_table(out: &NetworkBench, a: &NetworkBenchArgs) {
             vm.image, vm.accel, vm.daemon_home, a.connects, a.mib
         );
         println!(
-            "  {:<26} {:>17} {:>17} {:>17} {:>15} {:>17} {:>9}",
+            "  {:<26} {:>17} {:>17} {:>17} {:>15} {:>17} {:>9} {:>20}",
             "mode",
             "connect p50/p95",
             "1st answer",
             "DNS p50/p95",
             "TCP MiB/s (x nat)",
             "run->connect p50",
-            "net share"
+            "net share",
+            "x baseline TCP/conn"
         );
         for m in &vm.modes {
             let dns = m
@@ -1020,8 +1101,12 @@ fn print_table(out: &NetworkBench, a: &NetworkBenchArgs) {
                 .as_ref()
                 .map(|d| format!("{:.2}/{:.2} ms", d.p50, d.p95))
                 .unwrap_or_else(|| "-".into());
+            let vs = match (m.tcp_vs_baseline, m.connect_vs_baseline) {
+                (Some(t), Some(c)) => format!("{t:.2}x / {c:.2}x"),
+                _ => "-".into(),
+            };
             println!(
-                "  {:<26} {:>17} {:>17} {:>17} {:>8.1} ({:.2}x) {:>14.0} ms {:>6.0} ms",
+                "  {:<26} {:>17} {:>17} {:>17} {:>8.1} ({:.2}x) {:>14.0} ms {:>6.0} ms {:>20}",
                 m.mode,
                 format!("{:.2}/{:.2} ms", m.connect_ms.p50, m.connect_ms.p95),
                 format!(
@@ -1032,7 +1117,8 @@ fn print_table(out: &NetworkBench, a: &NetworkBenchArgs) {
                 m.tcp_mib_s.p50,
                 m.tcp_vs_nat,
                 m.run_connect_ms.p50,
-                m.network_share_ms
+                m.network_share_ms,
+                vs
             );
             if let Some(e) = &m.last_failure {
                 println!(

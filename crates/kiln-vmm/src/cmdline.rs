@@ -144,6 +144,17 @@ pub enum NicBackend {
         /// The tap's interface name.
         ifname: String,
     },
+    /// `-netdev user`: QEMU's own user networking (libslirp), with no policy of kiln's: the
+    /// guest reaches the host's loopback through `host`. Only the baseline of `kiln bench
+    /// network` uses it (what the policy costs is measured against it).
+    User {
+        /// The guest's network (CIDR).
+        net: String,
+        /// The gateway's address inside it.
+        host: String,
+        /// slirp's DNS address (it must differ from `host`).
+        dns: String,
+    },
 }
 
 /// The files of a runtime directory (see `docs/architecture.md`, state directory).
@@ -283,6 +294,14 @@ pub fn build_args(cfg: &VmConfig) -> Vec<OsString> {
             NicBackend::Tap { ifname } => a.push("-netdev").push(opt([
                 "tap,id=net0,script=no,downscript=no,vhost=off,ifname=".as_ref(),
                 escape(OsStr::new(ifname)).as_os_str(),
+            ])),
+            NicBackend::User { net, host, dns } => a.push("-netdev").push(opt([
+                "user,id=net0,ipv6=off,net=".as_ref(),
+                escape(OsStr::new(net)).as_os_str(),
+                ",host=".as_ref(),
+                escape(OsStr::new(host)).as_os_str(),
+                ",dns=".as_ref(),
+                escape(OsStr::new(dns)).as_os_str(),
             ])),
         };
         // No option ROM: kiln boots the kernel directly, never from the network.
@@ -628,6 +647,21 @@ mod tests {
         assert_eq!(
             values(&tap, "-netdev"),
             ["tap,id=net0,script=no,downscript=no,vhost=off,ifname=kt-0123456789ab"]
+        );
+        let user = strings(&build_args(&VmConfig {
+            nic: nic(
+                "02:11:22:33:44:55",
+                NicBackend::User {
+                    net: "10.213.0.0/16".into(),
+                    host: "10.213.0.1".into(),
+                    dns: "10.213.255.254".into(),
+                },
+            ),
+            ..config()
+        }));
+        assert_eq!(
+            values(&user, "-netdev"),
+            ["user,id=net0,ipv6=off,net=10.213.0.0/16,host=10.213.0.1,dns=10.213.255.254"]
         );
     }
 

@@ -55,19 +55,45 @@ pub struct NetSettings {
     pub upstream_dns: Vec<SocketAddr>,
     /// The `passt` binary, if found.
     pub passt: Option<PathBuf>,
+    /// `KILN_NET_BASELINE=qemu-user`: `nat` sandboxes get QEMU's own user networking
+    /// (libslirp) with no policy of kiln's at all — the baseline `kiln bench network`
+    /// measures the policy's cost against, in a daemon of its own. Such a guest reaches the
+    /// host's loopback through its gateway; never set it for real sandboxes.
+    pub qemu_user_baseline: bool,
 }
 
+/// slirp's DNS address in the baseline (it must differ from the gateway; the last host
+/// address of the subnet, which the lowest-free leases reach last).
+const BASELINE_DNS: Ipv4Addr = Ipv4Addr::new(10, 213, 255, 254);
+
 impl NetSettings {
-    /// From the environment: `KILN_NET_DNS` (`IP[:PORT],...`) and `PATH` for passt.
+    /// From the environment: `KILN_NET_DNS` (`IP[:PORT],...`), `KILN_NET_BASELINE` and
+    /// `PATH` for passt.
     pub fn from_env() -> Result<NetSettings, CoreError> {
         let upstream_dns = match std::env::var("KILN_NET_DNS") {
             Ok(v) if !v.trim().is_empty() => parse_dns_list(&v)
                 .map_err(|e| CoreError::HostSetup(format!("KILN_NET_DNS: {e}")))?,
             _ => kiln_net::dns::system_upstreams(),
         };
+        let qemu_user_baseline = match std::env::var("KILN_NET_BASELINE").as_deref() {
+            Err(_) | Ok("") => false,
+            Ok("qemu-user") => {
+                warn!(
+                    "KILN_NET_BASELINE=qemu-user: nat sandboxes use QEMU's user networking \
+                     with no policy (they reach this host's loopback); for kiln bench network only"
+                );
+                true
+            }
+            Ok(other) => {
+                return Err(CoreError::HostSetup(format!(
+                    "KILN_NET_BASELINE={other:?}: the only value is qemu-user"
+                )));
+            }
+        };
         Ok(NetSettings {
             upstream_dns,
             passt: crate::doctor::find_in_path("passt"),
+            qemu_user_baseline,
         })
     }
 }
@@ -152,11 +178,20 @@ pub(crate) async fn plan(
                 gateway: first_host(USER_SUBNET),
                 mtu: USER_MTU,
             };
+            let backend = if engine.net.qemu_user_baseline && *spec == NetworkSpec::Nat {
+                kiln_vmm::NicBackend::User {
+                    net: format!("{}/{}", USER_SUBNET.0, USER_SUBNET.1),
+                    host: guest.gateway.to_string(),
+                    dns: BASELINE_DNS.to_string(),
+                }
+            } else {
+                kiln_vmm::NicBackend::Stream
+            };
             Ok(Some(Planned {
                 spec: spec.clone(),
                 nic: kiln_vmm::Nic {
                     mac: mac.to_string(),
-                    backend: kiln_vmm::NicBackend::Stream,
+                    backend,
                 },
                 guest,
             }))
@@ -241,7 +276,9 @@ pub(crate) async fn attach(
     configure: bool,
 ) -> Result<(), CoreError> {
     let started = Instant::now();
-    let relay = if planned.spec.is_user_mode() {
+    // The user modes' frames go through kiln's relay (QEMU's stream socket); the baseline's
+    // stay inside QEMU.
+    let relay = if planned.nic.backend == kiln_vmm::NicBackend::Stream {
         let passt = engine
             .net
             .passt
