@@ -17,6 +17,7 @@ mod doctor;
 mod execs;
 mod image;
 mod network;
+mod pool;
 mod ps;
 mod run;
 mod sandbox;
@@ -55,6 +56,10 @@ enum Cmd {
     /// A running sandbox's network policy (`kiln network set ID RULES`).
     #[command(subcommand)]
     Network(network::NetworkCmd),
+    /// Warm pools: sandboxes of an image restored ahead of demand (`kiln pool set IMAGE
+    /// --size N`, `kiln pool ls`).
+    #[command(subcommand)]
+    Pool(pool::PoolCmd),
     /// Run a command in a running sandbox (same streaming and exit code rules as `run`).
     Exec(sandbox::ExecArgs),
     /// An interactive login shell in a running sandbox (`exec -it ID -- bash -l`, or `sh -l`
@@ -290,6 +295,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Resume { id, json } => ps::pause_resume(&client, id, false, *json).await,
         Cmd::Ttl { id, duration, json } => ps::ttl(&client, id, duration, *json).await,
         Cmd::Network(cmd) => network::run(&client, cmd).await,
+        Cmd::Pool(cmd) => pool::run(&client, cmd).await,
         Cmd::Events { json } => ps::events(&client, *json).await,
         Cmd::Logs { id, follow } => execs::logs(&client, id, *follow).await,
         Cmd::Cp { src, dst, json } => cp::cp(&client, src, dst, *json).await,

@@ -38,6 +38,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 mod images;
+mod pools;
 
 type Shared = State<Arc<Engine>>;
 
@@ -81,6 +82,8 @@ pub(crate) fn api_routes() -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(images::image_build_recipe))
         .routes(routes!(images::image_import))
         .routes(routes!(images::image_delete))
+        .routes(routes!(pools::pool_list))
+        .routes(routes!(pools::pool_set))
         .routes(routes!(system_df))
         .routes(routes!(system_prune))
 }
