@@ -15,8 +15,8 @@ use std::fmt::Debug;
 
 use kiln_api_types::{
     ExecKillRequest, ExecRequest, FileMkdirRequest, FileRenameRequest, ImageBuildRecipeRequest,
-    ImageBuildRequest, ImageImportRequest, PruneRequest, RunRequest, SandboxSpec,
-    SandboxStartRequest, SecretsUpdateRequest, SnapshotCreateRequest, TtlRequest,
+    ImageBuildRequest, ImageImportRequest, NetworkUpdate, PoolSetRequest, PruneRequest, RunRequest,
+    SandboxSpec, SandboxStartRequest, SecretsUpdateRequest, SnapshotCreateRequest, TtlRequest,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -55,7 +55,7 @@ pub fn run(data: &[u8]) {
     let Some((&pick, body)) = data.split_first() else {
         return;
     };
-    match pick % 14 {
+    match pick % 16 {
         0 => check::<SandboxSpec>(body, |v| v.validate().err().map(|e| e.to_string())),
         1 => check::<ExecRequest>(body, |v| v.validate().err()),
         2 => check::<RunRequest>(body, |v| {
@@ -75,6 +75,8 @@ pub fn run(data: &[u8]) {
         10 => check::<ImageBuildRequest>(body, none),
         11 => check::<ImageBuildRecipeRequest>(body, none),
         12 => check::<ImageImportRequest>(body, none),
-        _ => check::<PruneRequest>(body, none),
+        13 => check::<PruneRequest>(body, none),
+        14 => check::<NetworkUpdate>(body, none),
+        _ => check::<PoolSetRequest>(body, |v| v.validate().err().map(|e| e.to_string())),
     }
 }
