@@ -30,7 +30,8 @@ pub struct PoolSetRequest {
     pub memory_mib: Option<u32>,
     /// A command each pooled sandbox runs once after its restore, before it is ready (e.g.
     /// the language's interpreter once, so that the emulator has translated its hot code
-    /// before a job arrives). Must exit 0, else the sandbox is discarded.
+    /// before a job arrives). Must exit 0, else the sandbox is discarded. Without one, a
+    /// pooled sandbox runs `true` once (and is pooled even if that fails).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup: Option<Vec<String>>,
     /// Longest the warm-up may run, seconds (default 60).

@@ -475,21 +475,33 @@ impl Engine {
                 return Err(why);
             }
         };
-        if let Some(argv) = &target.warmup {
-            let warmed = crate::guest::run(sb.agent(), argv, None, target.warmup_timeout).await;
-            let failed = match warmed {
-                Ok(r) if r.code == 0 => None,
-                Ok(r) => Some(r.describe(
-                    &format!("the pool's warm-up `{}`", argv.join(" ")),
-                    target.warmup_timeout,
-                )),
-                Err(e) => Some(format!("the pool's warm-up: {e}")),
-            };
-            if let Some(why) = failed {
+        // Without a warm-up of its own, a pool runs `true`: one command through the agent
+        // translates the exec path (fork, exec, exit, the stream's end) once, so the first
+        // command of whoever takes the sandbox does not pay for it (measured in
+        // docs/benchmarks.md). An image without `true` is pooled all the same.
+        let (argv, explicit) = match &target.warmup {
+            Some(argv) => (argv.clone(), true),
+            None => (vec!["true".to_owned()], false),
+        };
+        let warmed = crate::guest::run(sb.agent(), &argv, None, target.warmup_timeout).await;
+        let failed = match warmed {
+            Ok(r) if r.code == 0 => None,
+            Ok(r) => Some(r.describe(
+                &format!("the pool's warm-up `{}`", argv.join(" ")),
+                target.warmup_timeout,
+            )),
+            Err(e) => Some(format!("the pool's warm-up: {e}")),
+        };
+        match failed {
+            Some(why) if explicit => {
                 sb.shutdown().await;
                 remove_dir(&run_dir);
                 return Err(why);
             }
+            Some(why) => {
+                info!(sandbox_id = %id, reason = %why, "default warm-up failed; pooled without it")
+            }
+            None => {}
         }
         Ok(Pooled {
             sb,
