@@ -357,7 +357,7 @@ async fn start_and_exec(
 }
 
 /// PSS in KiB of a sandbox's QEMU (`/proc/PID/smaps_rollup`), via its pidfile.
-fn qemu_pss_kib(home: &ClientHome, id: &SandboxId) -> Option<f64> {
+pub(crate) fn qemu_pss_kib(home: &ClientHome, id: &SandboxId) -> Option<f64> {
     let pidfile = std::fs::read_to_string(home.sandbox_dir(id).join("qemu.pid")).ok()?;
     let pid: u32 = pidfile.split_whitespace().next()?.parse().ok()?;
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;

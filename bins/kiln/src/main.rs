@@ -11,6 +11,7 @@ mod bench;
 mod bench_images;
 mod bench_network;
 mod bench_platform;
+mod bench_pool;
 mod completion;
 mod cp;
 mod doctor;
@@ -237,6 +238,9 @@ enum BenchCmd {
     /// Network modes against a test host of its own (root): connects, DNS, TCP throughput,
     /// start to first connection; and the relay's filter against bare passt.
     Network(bench_network::NetworkBenchArgs),
+    /// The warm pool: acquire, `kiln run -- true` with a pool / a restore / a cold boot,
+    /// refill, PSS of a pooled sandbox.
+    Pool(bench_pool::PoolBenchArgs),
 }
 
 fn main() {
@@ -303,6 +307,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Stop { id, json } => ps::stop(&client, id, *json).await,
         Cmd::Start { id, secrets, json } => ps::start(&client, id, secrets, *json).await,
         Cmd::Bench(BenchCmd::Boot(args)) => bench::run(&client, args).await,
+        Cmd::Bench(BenchCmd::Pool(args)) => bench_pool::run(&client, &home, args).await,
         Cmd::Bench(BenchCmd::Snapshot(args)) => bench::snapshot(&client, &home, args).await,
         Cmd::Bench(BenchCmd::Files(args)) => bench_platform::files(&client, args).await,
         Cmd::Bench(BenchCmd::Images(args)) => bench_images::run(&client, args).await,
