@@ -12,6 +12,7 @@
 //!   and the janitor removes any left by a daemon that died;
 //! - no lock is held across an `.await`.
 
+mod admission;
 mod build_guest;
 pub mod console;
 mod detached;
@@ -82,6 +83,8 @@ pub struct Engine {
     pub(crate) bridge: network::bridge::BridgeState,
     /// The warm pool.
     pub(crate) pools: pool::Pools,
+    /// The budget for sandboxes, and the starts in flight.
+    pub(crate) admission: admission::Admission,
 }
 
 impl Engine {
@@ -95,6 +98,12 @@ impl Engine {
         })?;
         let store = Store::open(&home.database())?;
         let net = network::NetSettings::from_env()?;
+        let budget = admission::Budget::from_env()?;
+        info!(
+            memory_mib = budget.memory_mib,
+            vcpus = budget.vcpus,
+            "budget for sandboxes"
+        );
         let janitor::Reclaimed {
             report: mut janitor,
             live,
@@ -122,6 +131,7 @@ impl Engine {
             net,
             bridge: network::bridge::BridgeState::default(),
             pools: pool::Pools::default(),
+            admission: admission::Admission::new(budget),
         });
         let count = live.len() as u32;
         let started = std::time::Instant::now();
@@ -252,6 +262,20 @@ impl Engine {
             self.pool_take(&image, machine).await
         } else {
             None
+        };
+        // A pooled sandbox is counted already; any other start must fit the budget.
+        let _reservation = match pooled {
+            Some(_) => None,
+            None => Some(
+                self.admit(
+                    machine,
+                    format!(
+                        "to start a sandbox of image {} ({} vCPU, {} MiB)",
+                        image.name, machine.cpus, machine.memory_mib
+                    ),
+                )
+                .await?,
+            ),
         };
         let id = pooled
             .as_ref()
@@ -481,7 +505,28 @@ impl Engine {
                 reason: None,
             },
         );
-        match self.start_saved(id, secrets).await {
+        let machine = self.sandbox_get(id).map(|row| MachineSpec {
+            cpus: row.status.cpus,
+            memory_mib: row.status.memory_mib,
+        });
+        let admitted = match machine {
+            Ok(m) => {
+                self.admit(
+                    m,
+                    format!(
+                        "to start sandbox {id} ({} vCPU, {} MiB)",
+                        m.cpus, m.memory_mib
+                    ),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        let started = match admitted {
+            Ok(_reservation) => self.start_saved(id, secrets).await,
+            Err(e) => Err(e),
+        };
+        match started {
             Ok(()) => self.sandbox_get(id),
             Err(e) => {
                 let reason = format!("start failed, still stopped: {}", e.chain());

@@ -39,6 +39,7 @@ use kiln_api_types::{
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use crate::admission::{Cost, Verdict};
 use crate::error::CoreError;
 use crate::machine::MachinePlan;
 use crate::sandbox::Sandbox;
@@ -48,6 +49,8 @@ use crate::{Engine, remove_dir};
 const DEFAULT_WARMUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a pool waits after a failed refill before it tries again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(10);
+/// How long a pool waits when the budget has no room for a refill.
+const WAIT_FOR_ROOM: Duration = Duration::from_secs(1);
 /// How often the refill task looks at the pools without being woken (rebuilt images).
 const RECHECK: Duration = Duration::from_secs(5);
 
@@ -263,6 +266,56 @@ impl Pools {
         out
     }
 
+    /// What the pooled VMs cost (ready and being restored).
+    pub(crate) fn cost(&self) -> Cost {
+        let pools = self.lock();
+        pools.iter().fold(Cost::default(), |acc, (key, p)| {
+            let n = p.ready.len() as u64 + u64::from(p.filling);
+            let one = Cost::of(key.machine());
+            Cost {
+                memory_mib: acc.memory_mib + n * one.memory_mib,
+                vcpus: acc.vcpus + n * one.vcpus,
+            }
+        })
+    }
+
+    /// Ready pooled sandboxes worth at least `short` (or all there are), to give their room
+    /// to a start: from the largest pools first.
+    pub(crate) fn shrink(&self, short: Cost) -> Vec<Pooled> {
+        let mut pools = self.lock();
+        let mut freed = Cost::default();
+        let mut out = Vec::new();
+        loop {
+            if freed.memory_mib >= short.memory_mib && freed.vcpus >= short.vcpus {
+                break;
+            }
+            let Some((key, pool)) = pools
+                .iter_mut()
+                .filter(|(_, p)| !p.ready.is_empty())
+                .max_by_key(|(_, p)| p.ready.len())
+            else {
+                break;
+            };
+            let one = Cost::of(key.machine());
+            if let Some(p) = pool.ready.pop_back() {
+                freed.memory_mib += one.memory_mib;
+                freed.vcpus += one.vcpus;
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    /// A refill that found no room in the budget: not filling after all, and not again
+    /// before a while (no error: the pool waits for room).
+    fn unfill(&self, key: &Key) {
+        let mut pools = self.lock();
+        if let Some(pool) = pools.get_mut(key) {
+            pool.filling = pool.filling.saturating_sub(1);
+            pool.not_before = Some(Instant::now() + WAIT_FOR_ROOM);
+        }
+    }
+
     /// Every pooled sandbox (daemon shutdown).
     fn drain(&self) -> Vec<Pooled> {
         let mut pools = self.lock();
@@ -296,7 +349,7 @@ impl Pools {
 }
 
 /// Shuts pooled sandboxes down and removes their runtime directories.
-async fn discard(engine: &Engine, pooled: Vec<Pooled>, why: &str) {
+pub(crate) async fn discard(engine: &Engine, pooled: Vec<Pooled>, why: &str) {
     for p in pooled {
         let id = p.sb.id().clone();
         p.sb.shutdown().await;
@@ -528,6 +581,21 @@ async fn refill(engine: Weak<Engine>) {
         discard(&e, stale, "its image was rebuilt or removed").await;
         match e.pools.next_fill() {
             Some((key, target)) => {
+                // The refill is counted as filling already: room for it means room beside
+                // everything else.
+                let own = Cost::of(key.machine());
+                let used = e.used();
+                let used = Cost {
+                    memory_mib: used.memory_mib.saturating_sub(own.memory_mib),
+                    vcpus: used.vcpus.saturating_sub(own.vcpus),
+                };
+                let _reservation = match e.admission.try_admit(used, own) {
+                    Verdict::Admitted(r) => r,
+                    Verdict::Short(_) => {
+                        e.pools.unfill(&key);
+                        continue;
+                    }
+                };
                 let started = Instant::now();
                 let result = e.pool_fill(&key, &target).await;
                 match &result {

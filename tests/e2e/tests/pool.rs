@@ -184,3 +184,86 @@ fn pool_hands_out_ready_sandboxes_once_refills_and_leaves_nothing_behind() {
     assert_eq!(c["source"], "snapshot", "{c:#}");
     assert_success(&k.run(&["rm", c["id"].as_str().expect("id")]), "kiln rm");
 }
+
+/// One raw request to the daemon of `home`: the whole answer (status line, headers, body).
+fn raw_request(home: &Path, method: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(home.join("kilnd.sock"))
+        .expect("connect to kilnd.sock");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .expect("timeout");
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: kilnd\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("send");
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    String::from_utf8_lossy(&resp).into_owned()
+}
+
+#[test]
+#[ignore = "boots VMs: run by scripts/test"]
+fn admission_refuses_what_does_not_fit_with_429_and_shrinks_pools_first() {
+    // Room for two 256 MiB sandboxes (256 + 64 MiB each), not three.
+    let k = Kiln::isolated().with_env("KILN_MEMORY_BUDGET_MIB", "700");
+    let a = create(&k, &[]);
+    let b = create(&k, &[]);
+    let ids = [
+        a["id"].as_str().expect("id").to_owned(),
+        b["id"].as_str().expect("id").to_owned(),
+    ];
+    let out = k.run(&["create", "--image", "python"]);
+    assert!(!out.status.success(), "a third sandbox started over budget");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.contains("no room") && err.contains("640 of 700 MiB"),
+        "the refusal names the budget: {err}"
+    );
+    let resp = raw_request(
+        k.home(),
+        "POST",
+        "/v1/sandboxes",
+        r#"{"source":{"kind":"image","image":"python"}}"#,
+    );
+    let head = resp
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/1.1 429") || head.starts_with("http/1.0 429"),
+        "{resp}"
+    );
+    assert!(head.contains("retry-after: 2"), "{resp}");
+    assert!(resp.contains("\"code\":\"over_capacity\""), "{resp}");
+    assert_eq!(
+        k.ps()["sandboxes"].as_array().expect("ps").len(),
+        2,
+        "the refusals left nothing behind"
+    );
+    // Room again once one ends.
+    assert_success(&k.run(&["rm", &ids[0]]), "kiln rm");
+    let c = create(&k, &[]);
+    let c_id = c["id"].as_str().expect("id").to_owned();
+
+    // A pool fills only the room there is, and gives it up for a start that needs it.
+    assert_success(&k.run(&["rm", &ids[1], &c_id]), "kiln rm");
+    assert_success(
+        &k.run(&["pool", "set", "python", "--size", "2"]),
+        "kiln pool set",
+    );
+    wait_until("the pool filled the budget", 240, || ready(&k) == 2);
+    let big = create(&k, &["--memory", "300"]);
+    assert_eq!(big["source"], "snapshot", "{big:#}");
+    assert!(
+        ready(&k) <= 1,
+        "a pooled sandbox gave its room to the start: {:#}",
+        python_pool(&k)
+    );
+    assert_success(
+        &k.run(&["pool", "set", "python", "--size", "0"]),
+        "kiln pool set 0",
+    );
+    assert_success(&k.run(&["rm", big["id"].as_str().expect("id")]), "kiln rm");
+}
