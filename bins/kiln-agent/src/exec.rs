@@ -24,7 +24,8 @@
 //! - Output is read straight into the frame that carries it ([`DataFrameBuf`]): one buffer per
 //!   frame and no second copy. Every byte the agent touches costs the guest CPU under TCG, and
 //!   every buffer is zeroed again when freed (the zero-on-free allocator, which stays: output
-//!   can carry secrets); the extra copy and zeroing per frame cost ~15 % of the stream rate.
+//!   can carry secrets). Dropping the second buffer's copy and zeroing raised stdout / guest
+//!   pipe by 0.08–0.11 (`kiln bench boot`, docs/benchmarks.md).
 //! - `Exit` is queued after the last output frame of the exec (same queue, same task).
 //! - After the leader exits, a pump keeps reading while data keeps coming; it gives up on a
 //!   pipe that stays silent for `drain_linger` (a background process still holds it).
