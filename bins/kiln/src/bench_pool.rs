@@ -11,7 +11,10 @@
 //!   critical path, and is measured separately as `refill_ms`);
 //! - `cold_vs_pool`: p50 of the cold run / p50 of the pool run (the ≥ 20× target);
 //! - `refill_ms`: a take → the pool full again (restore + warm-up in the background);
-//! - `pooled_pss_mib`: PSS of each idle pooled sandbox's QEMU process.
+//! - `pooled_pss_mib`: PSS of each idle pooled sandbox's QEMU process;
+//! - `stdout_mib_s`, `guest_pipe_mib_s`, `stdout_vs_guest_pipe`: in each round's pooled
+//!   sandbox, the guest's own pipe rate and then kiln's stdout stream, and their ratio
+//!   (`kiln bench boot`'s measurement, `bench::StreamRates`).
 //!
 //! Nothing is asserted: numbers go to stdout (`--json` for machines) and into
 //! docs/benchmarks.md by hand.
@@ -165,6 +168,10 @@ pub async fn run(client: &Client, home: &ClientHome, a: &PoolBenchArgs) -> anyho
         row("kiln run --cold -- true", &out.run_cold_ms);
         row("refill (take -> pool full again)", &out.refill_ms);
         println!(
+            "  stdout {:.1} MiB/s, guest pipe {:.1} MiB/s, stdout / guest pipe {:.2}x (p50)",
+            out.stdout_mib_s.p50, out.guest_pipe_mib_s.p50, out.stdout_vs_guest_pipe.p50
+        );
+        println!(
             "  cold / pool {:.1}x, restore / pool {:.1}x; idle pooled sandbox PSS p50 {:.1} MiB",
             out.cold_vs_pool, out.restore_vs_pool, out.pooled_pss_mib.p50
         );
@@ -182,6 +189,7 @@ async fn bench(client: &Client, home: &ClientHome, a: &PoolBenchArgs) -> anyhow:
     kiln(home, &["run", "--cold", "--image", img, "--", "true"])?;
     let (mut acquire, mut pool, mut restore, mut cold, mut refill, mut pss) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut streams = crate::bench::StreamRates::default();
     for round in 0..a.runs {
         set(client, img, a.size, None).await?;
         wait_full(client, img, a.size).await?;
@@ -208,6 +216,10 @@ async fn bench(client: &Client, home: &ClientHome, a: &PoolBenchArgs) -> anyhow:
                 info.status.source
             );
         }
+        streams
+            .measure(client, &info.id, a.stream_mib << 20)
+            .await
+            .context("stdout and guest pipe rates")?;
         client.sandbox_delete(&info.id).await?;
         set(client, img, 0, None).await?;
         restore.push(kiln(home, &["run", "--image", img, "--", "true"])?);
@@ -235,6 +247,9 @@ async fn bench(client: &Client, home: &ClientHome, a: &PoolBenchArgs) -> anyhow:
         run_cold_ms: cold,
         refill_ms: summary(&mut refill),
         pooled_pss_mib: summary(&mut pss),
+        stdout_mib_s: summary(&mut streams.stdout),
+        guest_pipe_mib_s: summary(&mut streams.guest_pipe),
+        stdout_vs_guest_pipe: summary(&mut streams.ratio),
     })
 }
 
