@@ -42,6 +42,9 @@ pub struct PoolBenchArgs {
     /// Pool size during the bench.
     #[arg(long, default_value_t = 2)]
     pub size: u32,
+    /// MiB per stream (stdout and the guest's pipe), one pair per round.
+    #[arg(long, default_value_t = 128)]
+    pub stream_mib: u64,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -70,6 +73,13 @@ pub struct PoolBench {
     pub refill_ms: Summary,
     /// PSS of an idle pooled sandbox's QEMU (MiB).
     pub pooled_pss_mib: Summary,
+    /// stdout streaming guest → client through kiln (MiB/s), in sandboxes from the pool.
+    pub stdout_mib_s: Summary,
+    /// The guest's own pipe (`head -c N /dev/zero | cat > /dev/null`, timed in the guest),
+    /// right before each stdout stream in the same sandbox (MiB/s).
+    pub guest_pipe_mib_s: Summary,
+    /// stdout / guest pipe, per sandbox (the ≥ 0.8× target).
+    pub stdout_vs_guest_pipe: Summary,
 }
 
 fn kiln(home: &ClientHome, args: &[&str]) -> anyhow::Result<f64> {
