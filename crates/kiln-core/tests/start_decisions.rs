@@ -84,45 +84,14 @@ exit 1
     path
 }
 
-/// An image named `fake` (id `0123456789ab`) with a kernel, initramfs and a sparse rootfs.
-fn write_image(home: &Path) {
-    let dir = home.join("images/fake");
-    std::fs::create_dir_all(&dir).expect("image dir");
-    std::fs::write(dir.join("vmlinuz"), b"not a kernel").expect("kernel");
-    std::fs::write(dir.join("initramfs.cpio"), b"not an initramfs").expect("initramfs");
-    std::fs::File::create(dir.join("rootfs.ext4"))
-        .and_then(|f| f.set_len(64 << 20))
-        .expect("rootfs");
-    let recipe = kiln_image::builtin("base").expect("the base recipe");
-    let manifest = kiln_image::ImageManifest {
-        schema: kiln_image::MANIFEST_SCHEMA,
-        id: kiln_image::ImageId("0123456789ab".to_owned()),
-        name: "fake".to_owned(),
-        inputs: kiln_image::FingerprintInputs::new(&recipe, "", "6.1.0", "agent", "m", "s"),
-        recipe,
-        fingerprint: "f".into(),
-        kernel_version: "6.1.0".into(),
-        kernel_release: "6.1.0-test".into(),
-        created_unix: 1,
-        files: Vec::new(),
-        rootfs_sha256: None,
-        recipe_path: None,
-        origin: None,
-    };
-    std::fs::write(
-        dir.join("manifest.json"),
-        serde_json::to_vec_pretty(&manifest).expect("manifest json"),
-    )
-    .expect("manifest");
-}
-
 async fn fixture(no_snapshot: bool) -> Fixture {
     let tmp = tempfile::tempdir().expect("tempdir");
     let vm_log = tmp.path().join("vms.log");
     let qemu = write_fake_qemu(tmp.path(), &vm_log);
     set_env(&qemu, no_snapshot);
     let home = tmp.path().join("home");
-    write_image(&home);
+    // Image `fake` with a kernel, an initramfs and a sparse rootfs (none of them bootable).
+    kiln_testkit::write_image(&home, None, true);
     let engine = Engine::start(Home::new(home.clone()))
         .await
         .expect("engine starts");
