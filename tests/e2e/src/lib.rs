@@ -460,3 +460,62 @@ pub fn rss_kib(pid: i32) -> (u64, u64) {
     };
     (field("VmRSS:"), field("VmHWM:"))
 }
+
+/// What a scan for a needle read: the files that hold it and every file read.
+pub struct Scan {
+    /// The files that hold the needle.
+    pub hits: Vec<PathBuf>,
+    /// Every file read.
+    pub files: Vec<PathBuf>,
+}
+
+/// Reads every regular file under `root` (symlinks not followed) and notes those containing
+/// `needle`. A missing or unreadable root or file fails the test (a scan that reads nothing
+/// must not pass); only a file removed between listing and reading is skipped.
+pub fn scan(root: &Path, needle: &[u8]) -> Scan {
+    assert!(root.is_dir(), "nothing to scan at {}", root.display());
+    let mut scan = Scan {
+        hits: Vec::new(),
+        files: Vec::new(),
+    };
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != root => continue,
+            Err(e) => panic!("cannot list {}: {e}", dir.display()),
+        };
+        for e in entries {
+            let e = e.expect("directory entry");
+            let (path, ft) = (e.path(), e.file_type().expect("file type"));
+            if ft.is_dir() {
+                stack.push(path);
+            } else if ft.is_file() {
+                let data = match std::fs::read(&path) {
+                    Ok(data) => data,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => panic!("cannot read {}: {e}", path.display()),
+                };
+                if data.windows(needle.len()).any(|w| w == needle) {
+                    scan.hits.push(path.clone());
+                }
+                scan.files.push(path);
+            }
+        }
+    }
+    scan
+}
+
+impl Scan {
+    /// Fails unless a file named `name` was read.
+    pub fn read_a(&self, name: &str) -> &Self {
+        assert!(
+            self.files
+                .iter()
+                .any(|f| f.file_name().is_some_and(|n| n == name)),
+            "the scan read no `{name}` (it read {:?})",
+            self.files
+        );
+        self
+    }
+}

@@ -1,10 +1,9 @@
 //! Warm snapshots against real VMs: restore by default, a fresh identity per restore, and a
 //! cold-boot fallback when the snapshot is corrupt or `--cold` is asked for.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kiln_e2e::{Kiln, assert_success, stdout};
+use kiln_e2e::{Kiln, assert_success, scan, stdout};
 
 /// `kiln create --json` → (id, source).
 fn create(k: &Kiln, extra: &[&str]) -> (String, String) {
@@ -142,63 +141,6 @@ fn corrupt_snapshot_falls_back_to_cold_boot_then_recaptures() {
     assert_eq!(source, "cold");
     for id in [&first, &second, &third, &fourth] {
         assert_success(&k.run(&["rm", id]), "kiln rm");
-    }
-}
-
-/// What a scan for a needle read: the files that hold it and every file read.
-struct Scan {
-    hits: Vec<PathBuf>,
-    files: Vec<PathBuf>,
-}
-
-/// Reads every regular file under `root` (symlinks not followed) and notes those containing
-/// `needle`. A missing or unreadable root or file fails the test (a scan that reads nothing
-/// must not pass); only a file removed between listing and reading is skipped.
-fn scan(root: &Path, needle: &[u8]) -> Scan {
-    assert!(root.is_dir(), "nothing to scan at {}", root.display());
-    let mut scan = Scan {
-        hits: Vec::new(),
-        files: Vec::new(),
-    };
-    let mut stack = vec![root.to_owned()];
-    while let Some(dir) = stack.pop() {
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != root => continue,
-            Err(e) => panic!("cannot list {}: {e}", dir.display()),
-        };
-        for e in entries {
-            let e = e.expect("directory entry");
-            let (path, ft) = (e.path(), e.file_type().expect("file type"));
-            if ft.is_dir() {
-                stack.push(path);
-            } else if ft.is_file() {
-                let data = match std::fs::read(&path) {
-                    Ok(data) => data,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => panic!("cannot read {}: {e}", path.display()),
-                };
-                if data.windows(needle.len()).any(|w| w == needle) {
-                    scan.hits.push(path.clone());
-                }
-                scan.files.push(path);
-            }
-        }
-    }
-    scan
-}
-
-impl Scan {
-    /// Fails unless a file named `name` was read.
-    fn read_a(&self, name: &str) -> &Self {
-        assert!(
-            self.files
-                .iter()
-                .any(|f| f.file_name().is_some_and(|n| n == name)),
-            "the scan read no `{name}` (it read {:?})",
-            self.files
-        );
-        self
     }
 }
 
