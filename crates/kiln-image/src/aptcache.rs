@@ -256,13 +256,20 @@ impl AptCache {
         Ok(report)
     }
 
-    /// Takes the `.deb` files a finished bootstrap left in `tree_archives` (its
-    /// `/var/cache/apt/archives`) into the cache, records them as the files of image
-    /// `image`, and deletes every cached file no image uses any more.
+    /// Takes the `.deb` files of the packages a finished bootstrap installed (the tree
+    /// `tree`'s dpkg status names them; the files are in its `/var/cache/apt/archives`) into
+    /// the cache, records them as the files of image `image`, and deletes every cached file
+    /// no image uses any more. Staged files the bootstrap did not install are not this
+    /// image's.
     ///
     /// The files must be ones apt verified: downloaded by this bootstrap, or staged by
     /// [`AptCache::stage`] (those are recognized by their inode and not hashed again).
-    pub fn harvest(&self, image: &str, tree_archives: &Path) -> Result<HarvestReport, ImageError> {
+    pub fn harvest(&self, image: &str, tree: &Path) -> Result<HarvestReport, ImageError> {
+        let status_path = tree.join("var/lib/dpkg/status");
+        let status = std::fs::read_to_string(&status_path).ctx("read", &status_path)?;
+        let installed = installed_deb_names(&status);
+        let tree_archives = tree.join("var/cache/apt/archives");
+        let tree_archives = tree_archives.as_path();
         let _lock = self.lock()?;
         let mut index = self.load_index();
         let archives = self.archives();
@@ -279,7 +286,7 @@ impl AptCache {
             let name = dent.file_name().to_string_lossy().into_owned();
             let src = dent.path();
             let meta = std::fs::symlink_metadata(&src).ctx("stat", &src)?;
-            if !meta.is_file() || !is_deb_name(&name) {
+            if !meta.is_file() || !is_deb_name(&name) || !installed.contains(&name) {
                 continue;
             }
             let dst = archives.join(&name);
@@ -339,6 +346,49 @@ impl AptCache {
     }
 }
 
+/// The file names apt gives the `.deb` files of the packages dpkg's `status` lists as
+/// installed: `<package>_<version>_<arch>.deb`, with `_`, `:` (an epoch), `%`, and in the
+/// architecture `.`, written as `%xx` (apt's `QuoteString`).
+fn installed_deb_names(status: &str) -> BTreeSet<String> {
+    fn quote(s: &str, bad: &str) -> String {
+        let mut out = String::with_capacity(s.len());
+        for b in s.bytes() {
+            if bad.as_bytes().contains(&b) || b == b'%' || b <= 0x20 || b >= 0x7f {
+                out.push_str(&format!("%{b:02x}"));
+            } else {
+                out.push(char::from(b));
+            }
+        }
+        out
+    }
+    let mut names = BTreeSet::new();
+    for stanza in status.split("\n\n") {
+        let (mut pkg, mut version, mut arch, mut installed) = (None, None, None, false);
+        for line in stanza.lines() {
+            let Some((key, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            match key {
+                "Package" => pkg = Some(value),
+                "Version" => version = Some(value),
+                "Architecture" => arch = Some(value),
+                "Status" => installed = value.ends_with(" installed"),
+                _ => {}
+            }
+        }
+        if let (Some(p), Some(v), Some(a), true) = (pkg, version, arch, installed) {
+            names.insert(format!(
+                "{}_{}_{}.deb",
+                quote(p, "_:"),
+                quote(v, "_:"),
+                quote(a, "_:.")
+            ));
+        }
+    }
+    names
+}
+
 /// Hard-links `src` to `dst`, or copies it when they are on different file systems.
 fn link_or_copy(src: &Path, dst: &Path) -> Result<(), ImageError> {
     match std::fs::hard_link(src, dst) {
@@ -368,15 +418,19 @@ mod tests {
             Self { home, cache }
         }
 
-        /// A bootstrap's `/var/cache/apt/archives` holding `files` (name, content).
+        /// A finished bootstrap's tree: `/var/cache/apt/archives` holding `files` (name,
+        /// content), each installed according to `/var/lib/dpkg/status`.
         fn tree(&self, label: &str, files: &[(&str, &str)]) -> PathBuf {
-            let dir = self.home.path().join(format!("tree-{label}"));
+            let root = self.home.path().join(format!("tree-{label}"));
+            let dir = root.join("var/cache/apt/archives");
             std::fs::create_dir_all(dir.join("partial")).expect("mkdir");
             std::fs::write(dir.join("lock"), "").expect("lock");
             for (name, content) in files {
                 std::fs::write(dir.join(name), content).expect("write");
             }
-            dir
+            let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
+            write_status(&root, &names);
+            root
         }
 
         fn publish_image(&self, name: &str) {
@@ -395,6 +449,31 @@ mod tests {
         }
     }
 
+    /// Writes a dpkg status file listing the packages of the `.deb` names `installed`
+    /// (`package_version_arch.deb`) as installed, plus one package that is not.
+    fn write_status(root: &Path, installed: &[&str]) {
+        let mut text = String::from(
+            "Package: removed\nStatus: deinstall ok config-files\nVersion: 1\nArchitecture: amd64\n",
+        );
+        for name in installed {
+            let Some(stem) = name.strip_suffix(".deb") else {
+                continue;
+            };
+            let parts: Vec<&str> = stem.split('_').collect();
+            let [p, v, a] = parts.as_slice() else {
+                continue;
+            };
+            let v = v.replace("%3a", ":");
+            text.push_str(&format!(
+                "\nPackage: {p}\nStatus: install ok installed\nPriority: optional\n\
+                 Version: {v}\nArchitecture: {a}\nDescription: a test\n multi-line\n"
+            ));
+        }
+        let dir = root.join("var/lib/dpkg");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("status"), text).expect("status");
+    }
+
     fn set(names: &[&str]) -> BTreeSet<String> {
         names.iter().map(|s| (*s).to_owned()).collect()
     }
@@ -408,7 +487,9 @@ mod tests {
         assert_eq!((r.total_files, r.total_bytes), (2, 6));
         assert_eq!(f.cached(), set(&["a_1_amd64.deb", "b_2_all.deb"]));
 
-        let staging = f.staging("1");
+        // The next build's tree, with the staged files in its archives.
+        let next = f.home.path().join("tree-next");
+        let staging = next.join("var/cache/apt/archives");
         let s = f.cache.stage(&staging).expect("stage");
         assert_eq!((s.files, s.bytes), (2, 6));
         assert!(s.dropped.is_empty(), "{:?}", s.dropped);
@@ -417,7 +498,8 @@ mod tests {
             "AAAA"
         );
         // Staged files are hard links: harvesting them again hashes and adds nothing.
-        let r = f.cache.harvest("base", &staging).expect("harvest");
+        write_status(&next, &["a_1_amd64.deb", "b_2_all.deb"]);
+        let r = f.cache.harvest("base", &next).expect("harvest");
         assert_eq!((r.used, r.added), (2, 0));
     }
 
@@ -540,11 +622,53 @@ mod tests {
     fn harvest_ignores_partial_downloads_and_foreign_names() {
         let f = Fixture::new();
         let tree = f.tree("a", &[("a_1_amd64.deb", "AAAA"), ("x.txt", "x")]);
-        std::fs::write(tree.join("partial/b_1_amd64.deb"), "half").expect("partial");
-        std::fs::write(tree.join(".hidden.deb"), "h").expect("hidden");
+        let archives = tree.join("var/cache/apt/archives");
+        std::fs::write(archives.join("partial/b_1_amd64.deb"), "half").expect("partial");
+        std::fs::write(archives.join(".hidden.deb"), "h").expect("hidden");
         let r = f.cache.harvest("base", &tree).expect("harvest");
         assert_eq!(r.used, 1);
         assert_eq!(f.cached(), set(&["a_1_amd64.deb"]));
+    }
+
+    #[test]
+    fn harvest_records_only_the_packages_the_bootstrap_installed() {
+        let f = Fixture::new();
+        f.publish_image("python");
+        let python = f.tree("py", &[("libc_1_amd64.deb", "L"), ("py_3_amd64.deb", "PY")]);
+        f.cache.harvest("python", &python).expect("harvest");
+        // base's build was given python's packages too, but installed only libc.
+        let base = f.tree(
+            "base",
+            &[("libc_1_amd64.deb", "L"), ("py_3_amd64.deb", "PY")],
+        );
+        write_status(&base, &["libc_1_amd64.deb"]);
+        let r = f.cache.harvest("base", &base).expect("harvest");
+        assert_eq!(r.used, 1);
+        let index = f.cache.load_index();
+        assert_eq!(index.images["base"], set(&["libc_1_amd64.deb"]));
+        // Once python is gone, its package goes although base's tree held a copy.
+        std::fs::remove_dir(f.home.path().join("images/python")).expect("rm");
+        let r = f.cache.harvest("base", &base).expect("harvest");
+        assert_eq!(r.pruned, 1);
+        assert_eq!(f.cached(), set(&["libc_1_amd64.deb"]));
+    }
+
+    #[test]
+    fn installed_deb_names_quote_like_apt() {
+        let status = "Package: bsdutils\nStatus: install ok installed\nVersion: 1:2.38.1-5+deb12u3\n\
+                      Architecture: amd64\n\n\
+                      Package: g++\nStatus: install ok installed\nVersion: 4:12.2.0-3\nArchitecture: amd64\n\n\
+                      Package: tzdata\nStatus: install ok installed\nVersion: 2025b-0+deb12u1\nArchitecture: all\n\n\
+                      Package: gone\nStatus: deinstall ok config-files\nVersion: 1\nArchitecture: amd64\n\n\
+                      Package: half\nStatus: install ok half-configured\nVersion: 1\nArchitecture: amd64\n";
+        assert_eq!(
+            installed_deb_names(status),
+            set(&[
+                "bsdutils_1%3a2.38.1-5+deb12u3_amd64.deb",
+                "g++_4%3a12.2.0-3_amd64.deb",
+                "tzdata_2025b-0+deb12u1_all.deb",
+            ])
+        );
     }
 
     #[test]

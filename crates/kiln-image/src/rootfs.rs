@@ -224,7 +224,7 @@ pub fn bootstrap(
     );
     crate::publish::safe_remove(staging)?;
     ran?;
-    let harvested = cache.harvest(&recipe.name, &target.join("var/cache/apt/archives"))?;
+    let harvested = cache.harvest(&recipe.name, target)?;
     on_line(&format!(
         "package cache: {} packages used, {} downloaded ({:.1} MiB) and kept, {} reused; \
          {} no longer used removed ({:.1} MiB); {} files ({:.1} MiB) cached",
