@@ -670,6 +670,76 @@ mod tests {
         );
     }
 
+    /// A real bootstrap with the cache, then the same with one cached package changed in
+    /// place (same size): the second build must delete it, download it again and leave the
+    /// cache with the bytes the first one verified. Needs root and the Debian mirror; two
+    /// bootstraps of the Essential set (about 1–2 min).
+    #[test]
+    #[ignore = "root and the Debian mirror: two real bootstraps"]
+    fn bootstrap_with_a_poisoned_cache_downloads_the_package_again() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let h = home.path();
+        std::fs::create_dir_all(h.join("images")).expect("mkdir");
+        let cache = AptCache::new(h);
+        let recipe = Recipe::debian("poison-test", "bookworm");
+        let mirror = Mirror::resolve(std::env::var("KILN_DEBIAN_MIRROR").ok().as_deref());
+        let mut first = Vec::new();
+        bootstrap(
+            &recipe,
+            &mirror,
+            &h.join("tree1"),
+            Some((&cache, &h.join("staging1"))),
+            &mut |l| first.push(l.to_owned()),
+        )
+        .expect("first bootstrap");
+        assert!(!h.join("staging1").exists(), "staging removed");
+        let deb = std::fs::read_dir(cache.archives())
+            .expect("cache")
+            .map(|e| e.expect("entry").path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("dash_"))
+            })
+            .expect("dash is cached");
+        let good = crate::fingerprint::sha256_file(&deb).expect("hash");
+        let mut bytes = std::fs::read(&deb).expect("read");
+        let mid = bytes.len() / 2;
+        bytes[mid..mid + 8].copy_from_slice(b"POISONED");
+        std::fs::remove_file(&deb).expect("unlink");
+        std::fs::write(&deb, &bytes).expect("poison");
+
+        let mut second = Vec::new();
+        bootstrap(
+            &recipe,
+            &mirror,
+            &h.join("tree2"),
+            Some((&cache, &h.join("staging2"))),
+            &mut |l| second.push(l.to_owned()),
+        )
+        .expect("second bootstrap");
+        let name = deb
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            second
+                .iter()
+                .any(|l| l.starts_with(&format!("package cache: deleted {name}: sha256"))),
+            "{second:#?}"
+        );
+        assert!(
+            second.iter().any(|l| l.contains(" 1 downloaded")),
+            "{second:#?}"
+        );
+        assert_eq!(crate::fingerprint::sha256_file(&deb).expect("hash"), good);
+        let installed = std::fs::read(h.join("tree2/bin/dash")).expect("dash installed");
+        assert_eq!(
+            installed,
+            std::fs::read(h.join("tree1/bin/dash")).expect("first dash")
+        );
+    }
+
     #[test]
     fn shell_quote_survives_sh() {
         for s in ["plain", "it's", "a b", "$HOME", "'\"`"] {
