@@ -1,9 +1,10 @@
 //! The eight language images (issue 11) against real VMs, driven by kiln-core's language
 //! table (`kiln_core::languages`): for each language, one sandbox of its image runs the
 //! table's compile and run commands on a hello world, a program that echoes its stdin, a
-//! program that exits 3, and (compiled languages) a program that does not compile, whose
-//! error must come from the compile step (no program is left for the run step). The
-//! table's version command must name the toolchain.
+//! program that exits 3, a program that never ends (killed at `--timeout`), one that prints
+//! forever (killed at `--max-output`), and (compiled languages) a program that does not
+//! compile, whose error must come from the compile step (no program is left for the run
+//! step). The table's version command must name the toolchain.
 //!
 //! The programs are written on the host and copied into the sandbox with `kiln cp` (one
 //! directory per check); every command runs with `kiln exec --workdir` in that directory,
@@ -21,6 +22,10 @@ struct Programs {
     hello: &'static str,
     echo: &'static str,
     exit3: &'static str,
+    /// A program that never ends (busy, no output).
+    spin: &'static str,
+    /// A program that prints lines forever.
+    flood: &'static str,
     /// A program the compiler refuses, and a piece of the compiler's message.
     broken: Option<(&'static str, &'static str)>,
     /// A piece of the first line the version command prints.
@@ -33,6 +38,8 @@ fn programs(lang: Language) -> Programs {
             hello: "print('hello, world')\n",
             echo: "import sys\nsys.stdout.write(sys.stdin.read())\n",
             exit3: "import sys\nprint('bye', file=sys.stderr)\nsys.exit(3)\n",
+            spin: "while True:\n    pass\n",
+            flood: "while True:\n    print('y' * 100)\n",
             broken: None,
             version: "Python 3.",
         },
@@ -40,6 +47,10 @@ fn programs(lang: Language) -> Programs {
             hello: "console.log('hello, world');\n",
             echo: "process.stdin.pipe(process.stdout);\n",
             exit3: "console.error('bye');\nprocess.exit(3);\n",
+            spin: "for (;;) {}\n",
+            // A loop of console.log would never yield to the event loop that writes to a pipe.
+            flood: "const s = 'y'.repeat(100) + '\\n';\n\
+                    function w() {\n  while (process.stdout.write(s)) {}\n  process.stdout.once('drain', w);\n}\nw();\n",
             broken: None,
             version: "v18.",
         },
@@ -47,6 +58,8 @@ fn programs(lang: Language) -> Programs {
             hello: "puts 'hello, world'\n",
             echo: "STDOUT.write(STDIN.read)\n",
             exit3: "STDERR.puts 'bye'\nexit 3\n",
+            spin: "loop {}\n",
+            flood: "loop { puts 'y' * 100 }\n",
             broken: None,
             version: "ruby 3.",
         },
@@ -56,6 +69,9 @@ fn programs(lang: Language) -> Programs {
                    func main() { io.Copy(os.Stdout, os.Stdin) }\n",
             exit3: "package main\n\nimport (\n\t\"fmt\"\n\t\"os\"\n)\n\n\
                     func main() {\n\tfmt.Fprintln(os.Stderr, \"bye\")\n\tos.Exit(3)\n}\n",
+            spin: "package main\n\nfunc main() {\n\tfor {\n\t}\n}\n",
+            flood: "package main\n\nimport \"fmt\"\n\n\
+                    func main() {\n\tfor {\n\t\tfmt.Println(\"yyyyyyyyyyyyyyyy\")\n\t}\n}\n",
             broken: Some((
                 "package main\n\nfunc main() { undefinedFunction() }\n",
                 "undefined: undefinedFunction",
@@ -68,6 +84,8 @@ fn programs(lang: Language) -> Programs {
                    std::io::stdin().read_to_end(&mut buf).unwrap();\n    \
                    std::io::stdout().write_all(&buf).unwrap();\n}\n",
             exit3: "fn main() {\n    eprintln!(\"bye\");\n    std::process::exit(3);\n}\n",
+            spin: "fn main() {\n    loop {}\n}\n",
+            flood: "fn main() {\n    loop {\n        println!(\"{}\", \"y\".repeat(100));\n    }\n}\n",
             broken: Some((
                 "fn main() {\n    let x: i32 = \"not a number\";\n}\n",
                 "mismatched types",
@@ -80,6 +98,8 @@ fn programs(lang: Language) -> Programs {
                    while ((c = getchar()) != EOF)\n        putchar(c);\n    return 0;\n}\n",
             exit3: "#include <stdio.h>\n\nint main(void) {\n    fprintf(stderr, \"bye\\n\");\n    \
                     return 3;\n}\n",
+            spin: "int main(void) {\n    volatile unsigned long n = 0;\n    for (;;)\n        n++;\n}\n",
+            flood: "#include <stdio.h>\n\nint main(void) {\n    for (;;)\n        puts(\"yyyyyyyyyyyyyyyy\");\n}\n",
             broken: Some((
                 "int main(void) {\n    return undeclared_variable;\n}\n",
                 "undeclared_variable",
@@ -91,6 +111,8 @@ fn programs(lang: Language) -> Programs {
             echo: "#include <iostream>\n\nint main() {\n    std::cout << std::cin.rdbuf();\n}\n",
             exit3: "#include <iostream>\n\nint main() {\n    std::cerr << \"bye\" << std::endl;\n    \
                     return 3;\n}\n",
+            spin: "int main() {\n    volatile unsigned long n = 0;\n    for (;;)\n        n++;\n}\n",
+            flood: "#include <iostream>\n\nint main() {\n    for (;;)\n        std::cout << \"yyyyyyyyyyyyyyyy\\n\";\n}\n",
             broken: Some((
                 "#include <string>\n\nint main() {\n    std::string s = 3.5;\n}\n",
                 "conversion from",
@@ -101,6 +123,8 @@ fn programs(lang: Language) -> Programs {
             hello: "echo 'hello, world'\n",
             echo: "cat\n",
             exit3: "echo bye >&2\nexit 3\n",
+            spin: "while :; do :; done\n",
+            flood: "while :; do echo yyyyyyyyyyyyyyyy; done\n",
             broken: None,
             version: "GNU bash",
         },
@@ -136,6 +160,21 @@ fn compile_and_run(k: &Kiln, id: &str, lang: Language, case: &str, stdin: &[u8])
     exec(k, id, case, lang.run(), stdin)
 }
 
+/// Compiles the program of `case` (if compiled) and runs it with the `kiln exec` options
+/// `opts` (e.g. `--timeout 3`) and no stdin.
+fn compile_and_run_with(k: &Kiln, id: &str, lang: Language, case: &str, opts: &[&str]) -> Output {
+    let workdir = format!("/root/lang/{case}");
+    if let Some(compile) = lang.compile() {
+        let out = exec(k, id, case, compile, b"");
+        assert_success(&out, &format!("{lang}: compile {case}"));
+    }
+    let mut args = vec!["exec", id, "--no-stdin", "--workdir", &workdir];
+    args.extend_from_slice(opts);
+    args.push("--");
+    args.extend_from_slice(lang.run());
+    k.run(&args)
+}
+
 fn check_language(lang: Language) {
     let k = Kiln::shared();
     let p = programs(lang);
@@ -146,7 +185,13 @@ fn check_language(lang: Language) {
     // The programs, one directory per check, copied in at once.
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().join("lang");
-    let mut cases = vec![("hello", p.hello), ("echo", p.echo), ("exit3", p.exit3)];
+    let mut cases = vec![
+        ("hello", p.hello),
+        ("echo", p.echo),
+        ("exit3", p.exit3),
+        ("spin", p.spin),
+        ("flood", p.flood),
+    ];
     if let Some((broken, _)) = p.broken {
         cases.push(("broken", broken));
     }
@@ -180,6 +225,30 @@ fn check_language(lang: Language) {
     let out = compile_and_run(&k, &id, lang, "exit3", b"");
     assert_exit(&out, 3, &format!("{lang}: exit 3"));
     assert_eq!(stderr(&out).trim_end(), "bye", "{lang}: exit 3's stderr");
+
+    // A program that never ends is killed at the timeout (exit 124, saying so).
+    let out = compile_and_run_with(&k, &id, lang, "spin", &["--timeout", "3"]);
+    assert_exit(&out, 124, &format!("{lang}: spin"));
+    assert!(
+        stderr(&out).contains("timed out"),
+        "{lang}: {}",
+        stderr(&out)
+    );
+
+    // A program that prints forever is killed at the output cap, with at most that much.
+    let out = compile_and_run_with(&k, &id, lang, "flood", &["--max-output", "100000"]);
+    assert!(!out.status.success(), "{lang}: flood exited 0");
+    let n = out.stdout.len();
+    assert!(
+        (50_000..=100_000).contains(&n),
+        "{lang}: flood gave {n} bytes"
+    );
+    assert!(out.stdout.starts_with(b"y"), "{lang}: flood's output");
+    assert!(
+        stderr(&out).contains("exceeded"),
+        "{lang}: {}",
+        stderr(&out)
+    );
 
     // A compile error is the compile step's: it fails naming the source file and the error,
     // and leaves no program for the run step.
@@ -227,12 +296,12 @@ macro_rules! language_tests {
 }
 
 language_tests! {
-    language_python_hello_stdin_exit_code => Language::Python,
-    language_node_hello_stdin_exit_code => Language::Node,
-    language_ruby_hello_stdin_exit_code => Language::Ruby,
-    language_bash_hello_stdin_exit_code => Language::Bash,
-    language_go_compile_error_hello_stdin_exit_code => Language::Go,
-    language_rust_compile_error_hello_stdin_exit_code => Language::Rust,
-    language_c_compile_error_hello_stdin_exit_code => Language::C,
-    language_cpp_compile_error_hello_stdin_exit_code => Language::Cpp,
+    language_python_hello_stdin_exit_timeout_output_cap => Language::Python,
+    language_node_hello_stdin_exit_timeout_output_cap => Language::Node,
+    language_ruby_hello_stdin_exit_timeout_output_cap => Language::Ruby,
+    language_bash_hello_stdin_exit_timeout_output_cap => Language::Bash,
+    language_go_compile_error_hello_stdin_exit_timeout_output_cap => Language::Go,
+    language_rust_compile_error_hello_stdin_exit_timeout_output_cap => Language::Rust,
+    language_c_compile_error_hello_stdin_exit_timeout_output_cap => Language::C,
+    language_cpp_compile_error_hello_stdin_exit_timeout_output_cap => Language::Cpp,
 }
