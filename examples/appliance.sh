@@ -22,17 +22,20 @@ ids=()
 cleanup() { [ ${#ids[@]} -eq 0 ] || "$KILN" rm "${ids[@]}" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
-# Starts a postgres sandbox on host port $1; sets ID, PASSWORD and MS.
+# Starts a postgres sandbox on host port $1; sets ID, PASSWORD, SOURCE, SNAPSHOT and MS.
 start() {
-    local err t0
-    err=$(mktemp)
+    local json t0
     t0=$(now_ms)
-    ID=$("$KILN" create --image postgres --publish "$1:5432" --secret PGPASSWORD 2>"$err")
+    json=$("$KILN" create --json --image postgres --publish "$1:5432" --secret PGPASSWORD)
     MS=$(( $(now_ms) - t0 ))
-    PASSWORD=$(sed -n 's/^kiln: generated secret PGPASSWORD=//p' "$err")
-    rm -f "$err"
-    [ -n "$PASSWORD" ] || { echo "appliance: no generated password announced" >&2; exit 1; }
+    # One line each: id, how its VM started, the snapshot it came from, the generated password.
+    { read -r ID; read -r SOURCE; read -r SNAPSHOT; read -r PASSWORD; } < <(python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+print(v["id"]); print(v["source"]); print(v.get("snapshot") or "")
+print(v.get("generated_secrets", {}).get("PGPASSWORD", ""))' <<<"$json")
     ids+=("$ID")
+    [ -n "$PASSWORD" ] || { echo "appliance: no generated password announced" >&2; exit 1; }
 }
 
 psql_as() { # port password sql...
@@ -49,13 +52,25 @@ done
 
 p1=$(free_port)
 start "$p1"
-id1=$ID pw1=$PASSWORD cold_ms=$MS
+id1=$ID pw1=$PASSWORD cold_ms=$MS snap1=$SNAPSHOT
+[ "$SOURCE" = snapshot ] || { echo "appliance: FAIL: the first start did not restore its capture ($SOURCE)" >&2; exit 1; }
 psql_as "$p1" "$pw1" -c "CREATE TABLE visits (who text); INSERT INTO visits VALUES ('first sandbox');"
 rows1=$(psql_as "$p1" "$pw1" -c "SELECT count(*) FROM visits")
 
 p2=$(free_port)
 start "$p2"
 id2=$ID pw2=$PASSWORD warm_ms=$MS
+# Both came from the one warm snapshot of postgres (the first start captured it).
+if [ "$SOURCE" != snapshot ] || [ -z "$SNAPSHOT" ] || [ "$SNAPSHOT" != "$snap1" ]; then
+    echo "appliance: FAIL: sandbox 2 started from '$SOURCE' '$SNAPSHOT', not the warm snapshot '$snap1'" >&2
+    exit 1
+fi
+"$KILN" snapshot ls --json | python3 -c '
+import json, sys
+name = sys.argv[1]
+s = [s for s in json.load(sys.stdin)["snapshots"] if s["name"] == name]
+assert s and s[0]["kind"] == "warm" and s[0]["image"] == "postgres", f"{name} is not the warm snapshot of postgres: {s}"
+' "$snap1"
 [ "$pw1" != "$pw2" ] || { echo "appliance: both sandboxes got the same password" >&2; exit 1; }
 
 if psql_as "$p2" "$pw1" -c "SELECT 1" >/dev/null 2>&1; then
@@ -70,6 +85,6 @@ echo "sandbox 1: $id1  port $p1  password ${pw1:0:8}…  rows in visits: $rows1"
 echo "sandbox 2: $id2  port $p2  password ${pw2:0:8}…  visits tables: $tables2"
 echo "first password in sandbox 2: refused; its own password: accepted"
 echo "start 1 (cold boot + pg_isready + capture + restore): ${cold_ms} ms"
-echo "start 2 (restore from the warm snapshot):             ${warm_ms} ms"
+echo "start 2 (restore from the warm snapshot $snap1): ${warm_ms} ms"
 [ "$rows1" = 1 ] && [ "$tables2" = 0 ]
 echo "appliance: OK"

@@ -10,10 +10,10 @@ use std::path::Path;
 
 use bytes::Bytes;
 use kiln_agent_proto::{
-    AgentInfo, DataChannel, EntryName, ErrorBody, ErrorCode, ExecRequest, ExecUser, ExitStatus, FileEntry,
-    FileKind, FileList, FileStat, Frame, GuestMessage, GuestPath, HostMessage, InterfaceName,
-    LinkTarget, MacAddr, NetworkAck, NetworkConfig, Request,
-    RequestId, Response, StreamId, SyncAckFrame, SyncFrame, TermName, TtyRequest, TtySize,
+    AgentInfo, DataChannel, EntryName, ErrorBody, ErrorCode, ExecRequest, ExecUser, ExitStatus,
+    FileEntry, FileKind, FileList, FileStat, Frame, GuestMessage, GuestPath, HostMessage,
+    InterfaceName, LinkTarget, MacAddr, NetworkAck, NetworkConfig, Request, RequestId, Response,
+    StreamId, SyncAckFrame, SyncFrame, TermName, TtyRequest, TtySize,
 };
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -153,6 +153,140 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     minimal_ack.extend_from_slice(&[0; 10]);
     minimal_ack.extend_from_slice(br#"{"agent_version":"","pid":0,"future":[1,{"a":null}]}"#);
     write(&dir, "sync-ack-unknown-field", &minimal_ack)?;
+
+    qmp_seeds(&root.join("qmp_reader"))?;
+    manifest_seeds(&root.join("snapshot_manifest"))?;
+    api_request_seeds(&root.join("api_request"))?;
+    Ok(())
+}
+
+/// What QEMU 7.2 says on a QMP socket: the greeting, replies, events, errors.
+fn qmp_seeds(dir: &Path) -> std::io::Result<()> {
+    const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian 1:7.2+dfsg-7+deb12u18"}, "capabilities": ["oob"]}}"#;
+    let lines = |ls: &[&str]| ls.iter().map(|l| format!("{l}\r\n")).collect::<String>();
+    write(dir, "greeting-only", lines(&[GREETING]).as_bytes())?;
+    write(
+        dir,
+        "session",
+        lines(&[
+            GREETING,
+            r#"{"return": {}, "id": 1}"#,
+            r#"{"timestamp": {"seconds": 1796024734, "microseconds": 1}, "event": "RESUME"}"#,
+            r#"{"return": {"status": "running", "singlestep": false, "running": true}, "id": 2}"#,
+        ])
+        .as_bytes(),
+    )?;
+    write(
+        dir,
+        "error-reply",
+        lines(&[
+            GREETING,
+            r#"{"return": {}, "id": 1}"#,
+            r#"{"error": {"class": "GenericError", "desc": "Migration is disabled"}, "id": 2}"#,
+        ])
+        .as_bytes(),
+    )?;
+    write(
+        dir,
+        "unknown-id-and-garbage",
+        lines(&[
+            GREETING,
+            r#"{"return": {}, "id": 99}"#,
+            "not json",
+            r#"{"id": 1}"#,
+        ])
+        .as_bytes(),
+    )?;
+    write(dir, "no-newline", GREETING.as_bytes())?;
+    Ok(())
+}
+
+/// `manifest.json` bodies (byte 0 = 0: the target writes the right checksum line).
+fn manifest_seeds(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let file = |name: &str, size: u64| serde_json::json!({ "name": name, "size": size, "sha256": "ab".repeat(32) });
+    let manifest = serde_json::json!({
+        "magic": kiln_snapshot::MAGIC,
+        "format_version": kiln_snapshot::FORMAT_VERSION,
+        "name": "warm-0a20286ea769-1c256m",
+        "created_unix": 1_796_024_734u64,
+        "image_id": "0a20286ea769",
+        "files": [file("mem", 268_435_456), file("state", 393_523), file("disk.qcow2", 786_432)],
+        "fingerprint": {
+            "qemu_version": "QEMU emulator version 7.2.22",
+            "machine": "q35,smm=off",
+            "device_fingerprint": "0".repeat(64),
+            "cpu_model": "max",
+            "accel": "tcg",
+            "cpus": 1,
+            "memory_mib": 256,
+            "kernel_digest": "6.1.0",
+            "initramfs_digest": "1".repeat(64),
+            "image_digest": "1".repeat(64),
+            "disk_digest": "2".repeat(64),
+            "format_version": kiln_snapshot::FORMAT_VERSION
+        },
+        "capture": { "pause_ms": 11, "mode": "ignore-shared" }
+    });
+    let body = |v: &serde_json::Value| -> Result<Vec<u8>, serde_json::Error> {
+        let mut b = vec![0u8];
+        b.extend_from_slice(&serde_json::to_vec_pretty(v)?);
+        b.push(b'\n');
+        Ok(b)
+    };
+    write(dir, "manifest", &body(&manifest)?)?;
+    let mut other = manifest.clone();
+    other["magic"] = "kiln-snapshot-2".into();
+    write(dir, "wrong-magic", &body(&other)?)?;
+    let mut future = manifest.clone();
+    future["format_version"] = 2.into();
+    write(dir, "future-format", &body(&future)?)?;
+    let mut unknown = manifest.clone();
+    unknown["files"][1]["name"] = "../state".into();
+    write(dir, "unknown-file", &body(&unknown)?)?;
+    // Byte 0 = 1: the manifest, a NUL, then a checksum line of the wrong case and length.
+    let mut bad_sum = vec![1u8];
+    bad_sum.extend_from_slice(&serde_json::to_vec(&manifest)?);
+    bad_sum.push(0);
+    bad_sum.extend_from_slice(b"ABCDEF  manifest.json\n");
+    write(dir, "bad-checksum-line", &bad_sum)?;
+    Ok(())
+}
+
+/// Request bodies as the CLI sends them (byte 0 picks the type; see `api_request.rs`).
+fn api_request_seeds(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    use kiln_api_types::{ExecRequest, SandboxSpec};
+    let seed = |pick: u8, json: Vec<u8>| [vec![pick], json].concat();
+    write(
+        dir,
+        "spec-default",
+        &seed(0, serde_json::to_vec(&SandboxSpec::default())?),
+    )?;
+    let full = br#"{"source":{"kind":"image","image":"python","machine":{"cpus":2,"memory_mib":512},"cold":true},"name":"web","labels":{"tier":"db"},"secrets":{"TOKEN":"x"},"secret_env":true,"publish":[{"host":8080,"guest":80}],"lifetime":{"ttl_secs":60}}"#;
+    // A seed that decodes reaches the round trip and validation, not just the parser.
+    serde_json::from_slice::<SandboxSpec>(full)?;
+    write(dir, "spec-full", &seed(0, full.to_vec()))?;
+    let exec = ExecRequest::new(vec!["sh".into(), "-c".into(), "echo hi".into()]);
+    write(dir, "exec", &seed(1, serde_json::to_vec(&exec)?))?;
+    write(
+        dir,
+        "run",
+        &seed(
+            2,
+            format!(r#"{{"exec":{}}}"#, serde_json::to_string(&exec)?).into_bytes(),
+        ),
+    )?;
+    write(
+        dir,
+        "snapshot-create",
+        &seed(3, br#"{"name":"s1"}"#.to_vec()),
+    )?;
+    write(
+        dir,
+        "secrets",
+        &seed(4, br#"{"secrets":{"TOKEN":"v","../x":"y"}}"#.to_vec()),
+    )?;
+    write(dir, "ttl", &seed(6, br#"{"ttl_secs":3600}"#.to_vec()))?;
+    write(dir, "prune", &seed(13, br#"{"dry_run":true}"#.to_vec()))?;
     Ok(())
 }
 

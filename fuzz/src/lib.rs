@@ -1,8 +1,9 @@
 //! Shared harness for kiln's fuzz targets (`fuzz_targets/*.rs`).
 //!
-//! Owns: the global allocator of every target ([`alloc::CappedAlloc`]) and the per-input
-//! memory [`Budget`] it enforces. Must not do: anything a target could do itself; the targets
-//! hold the protocol checks.
+//! Owns: the global allocator of every target ([`alloc::CappedAlloc`]), the per-input
+//! memory [`Budget`] it enforces, and the targets' checks ([`targets`]: one `run(data)` per
+//! target, shared by the libFuzzer entries in `fuzz_targets/` and the corpus replay in
+//! `tests/corpus.rs`).
 //!
 //! Why an allocator: the protocol's first rule for hostile input is "never reserve memory from
 //! a peer-supplied length before checking it against a cap" (`docs/protocol.md`). A decoder
@@ -12,6 +13,7 @@
 //! be satisfied honestly, so an allocation that size is a finding.
 
 pub mod alloc;
+pub mod targets;
 
 pub use alloc::Budget;
 

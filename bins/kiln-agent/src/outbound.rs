@@ -60,6 +60,18 @@ impl Outbound {
         }
     }
 
+    /// Queues a frame that is already encoded (a [`kiln_agent_proto::DataFrameBuf`] built in
+    /// place); `false` if the writer is gone.
+    pub(crate) async fn send_encoded(&self, bytes: Bytes) -> bool {
+        self.tx
+            .send(OutItem::Frame {
+                epoch: self.epoch,
+                bytes,
+            })
+            .await
+            .is_ok()
+    }
+
     /// Queues a control message; `false` if the writer is gone.
     pub(crate) async fn message(&self, msg: &GuestMessage) -> bool {
         match msg.to_frame() {

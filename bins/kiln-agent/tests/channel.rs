@@ -487,9 +487,25 @@ async fn exec_stalled_on_credit_does_not_block_other_execs() {
 async fn exec_background_holder_of_stdout_does_not_block_exit() {
     let agent = start_agent();
     let client = agent.connect(64 << 10).await;
-    let out = run(&client, sh("sleep 3 & echo done")).await;
-    assert_eq!(text(&out.stdout), "done\n");
+    // The background sleep holds stdout far longer than `run`'s guard (60 s): the exec ends
+    // within the guard only if the agent stops draining once the pipe lingers silent after the
+    // leader exited.
+    let out = run(&client, sh("sleep 600 & echo $!; echo done")).await;
+    let stdout = text(&out.stdout);
+    let mut lines = stdout.lines();
+    let holder: i32 = lines
+        .next()
+        .and_then(|l| l.parse().ok())
+        .expect("the background pid first");
+    assert_eq!(lines.collect::<Vec<_>>(), ["done"]);
     assert_eq!(out.status.code, Some(0));
+    // The holder outlived the exec (so the exec really ended while stdout was still held).
+    let alive = std::fs::read_to_string(format!("/proc/{holder}/stat"))
+        .is_ok_and(|stat| !stat.rsplit(") ").next().is_some_and(|s| s.starts_with('Z')));
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &holder.to_string()])
+        .status();
+    assert!(alive, "the background holder {holder} was still running");
 }
 
 #[tokio::test]

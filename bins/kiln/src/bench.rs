@@ -3,9 +3,12 @@
 //!
 //! Each run boots a fresh sandbox (`POST /v1/sandboxes`, which answers once the agent has
 //! completed its handshake), then measures in it: agent pings (timed inside the daemon, and
-//! through the API), `true` execs (client-side wall time from request to exit status), and a
-//! stdout stream of `--stream-mib` MiB (bytes received / wall time). Nothing is asserted: the
-//! numbers go to stdout (`--json` for machines) and into docs/benchmarks.md by hand.
+//! through the API), `true` execs (client-side wall time from request to exit status), a
+//! stdout stream of `--stream-mib` MiB (bytes received / wall time), and the guest's own pipe
+//! rate for the same number of bytes (`head -c N /dev/zero | cat > /dev/null`, timed inside the
+//! guest), so the stream is also reported as a ratio to what the guest itself can move through
+//! a pipe in the same sandbox. Nothing is asserted: the numbers go to stdout (`--json` for
+//! machines) and into docs/benchmarks.md by hand.
 
 use std::time::{Duration, Instant};
 
@@ -76,6 +79,12 @@ pub struct BootBench {
     pub exec_true_ms: Summary,
     /// stdout throughput guest → client (MiB/s).
     pub stdout_mib_s: Summary,
+    /// The guest's own pipe rate, `head -c N /dev/zero | cat > /dev/null` timed in the guest,
+    /// in the same sandboxes as `stdout_mib_s` (MiB/s).
+    pub guest_pipe_mib_s: Summary,
+    /// stdout throughput / guest pipe rate, one ratio per sandbox (both measured in it, one
+    /// after the other).
+    pub stdout_vs_guest_pipe: Summary,
 }
 
 /// Options of `kiln bench snapshot`.
@@ -357,7 +366,7 @@ async fn start_and_exec(
 }
 
 /// PSS in KiB of a sandbox's QEMU (`/proc/PID/smaps_rollup`), via its pidfile.
-fn qemu_pss_kib(home: &ClientHome, id: &SandboxId) -> Option<f64> {
+pub(crate) fn qemu_pss_kib(home: &ClientHome, id: &SandboxId) -> Option<f64> {
     let pidfile = std::fs::read_to_string(home.sandbox_dir(id).join("qemu.pid")).ok()?;
     let pid: u32 = pidfile.split_whitespace().next()?.parse().ok()?;
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
@@ -373,14 +382,9 @@ pub async fn run(client: &Client, a: &BenchArgs) -> anyhow::Result<i32> {
         bail!("--runs must be at least 1");
     }
     crate::image::ensure_built(client, &a.image).await?;
-    let (mut boot, mut create, mut ping, mut api_ping, mut exec, mut tput) = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
+    let (mut boot, mut create, mut ping, mut api_ping, mut exec) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut tput = StreamRates::default();
     let mut accel = String::new();
     for run in 0..a.runs {
         // This benchmark measures cold boots; `kiln bench snapshot` measures restores.
@@ -403,8 +407,17 @@ pub async fn run(client: &Client, a: &BenchArgs) -> anyhow::Result<i32> {
         client.sandbox_delete(&info.id).await?;
         result?;
         if !a.json {
+            let stream = match (tput.stdout.last(), tput.guest_pipe.last()) {
+                (Some(s), Some(p)) if a.stream_mib > 0 => {
+                    format!(
+                        ", stdout {s:.1} MiB/s, guest pipe {p:.1} MiB/s ({:.2}x)",
+                        s / p
+                    )
+                }
+                _ => String::new(),
+            };
             eprintln!(
-                "run {}/{}: boot {} ms",
+                "run {}/{}: boot {} ms{stream}",
                 run + 1,
                 a.runs,
                 info.status.boot_ms.unwrap_or(0)
@@ -420,7 +433,9 @@ pub async fn run(client: &Client, a: &BenchArgs) -> anyhow::Result<i32> {
         ping_ms: summary(&mut ping),
         api_ping_ms: summary(&mut api_ping),
         exec_true_ms: summary(&mut exec),
-        stdout_mib_s: summary(&mut tput),
+        stdout_mib_s: summary(&mut tput.stdout),
+        guest_pipe_mib_s: summary(&mut tput.guest_pipe),
+        stdout_vs_guest_pipe: summary(&mut tput.ratio),
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -441,6 +456,8 @@ pub async fn run(client: &Client, a: &BenchArgs) -> anyhow::Result<i32> {
         row("ping via API", &out.api_ping_ms, "ms");
         row("exec true round trip", &out.exec_true_ms, "ms");
         row("stdout throughput", &out.stdout_mib_s, "MiB/s");
+        row("guest pipe (in guest)", &out.guest_pipe_mib_s, "MiB/s");
+        row("stdout / guest pipe", &out.stdout_vs_guest_pipe, "x");
     }
     Ok(0)
 }
@@ -452,7 +469,7 @@ async fn measure_in(
     ping: &mut Vec<f64>,
     api_ping: &mut Vec<f64>,
     exec: &mut Vec<f64>,
-    tput: &mut Vec<f64>,
+    tput: &mut StreamRates,
 ) -> anyhow::Result<()> {
     for _ in 0..a.pings {
         let t = Instant::now();
@@ -469,9 +486,76 @@ async fn measure_in(
         }
     }
     if a.stream_mib > 0 {
-        tput.push(stdout_rate(client, id, a.stream_mib << 20).await?);
+        tput.measure(client, id, a.stream_mib << 20).await?;
     }
     Ok(())
+}
+
+/// stdout stream rates and the guest's own pipe rate, paired per sandbox.
+#[derive(Debug, Default)]
+pub struct StreamRates {
+    /// stdout throughput guest → client (MiB/s), one per [`StreamRates::measure`].
+    pub stdout: Vec<f64>,
+    /// The guest's pipe rate (MiB/s), measured right before each stdout stream.
+    pub guest_pipe: Vec<f64>,
+    /// stdout / guest pipe of each pair.
+    pub ratio: Vec<f64>,
+}
+
+impl StreamRates {
+    /// Measures the guest's pipe rate, then the stdout stream, for `bytes` each, in sandbox
+    /// `id`, and records both and their ratio.
+    pub async fn measure(
+        &mut self,
+        client: &Client,
+        id: &SandboxId,
+        bytes: u64,
+    ) -> anyhow::Result<()> {
+        let pipe = guest_pipe_rate(client, id, bytes).await?;
+        let stdout = stdout_rate(client, id, bytes).await?;
+        self.guest_pipe.push(pipe);
+        self.stdout.push(stdout);
+        self.ratio.push(stdout / pipe);
+        Ok(())
+    }
+}
+
+/// The shell script of [`guest_pipe_rate`]: `bytes` zero bytes through a pipe inside the
+/// guest, between two readings of the guest's `/proc/uptime`, which it prints. The file is
+/// read with the shell's `read` builtin, so no extra process start falls inside the interval
+/// (it holds the start of `head` and `cat`, as the stdout stream holds the start of `head`);
+/// the clock's 10 ms resolution is below 1 % of a stream of a few seconds.
+pub fn guest_pipe_script(bytes: u64) -> String {
+    format!(
+        "read t0 _ < /proc/uptime; head -c {bytes} /dev/zero | cat > /dev/null; \
+         read t1 _ < /proc/uptime; echo \"$t0 $t1\""
+    )
+}
+
+/// Seconds between the two uptime readings [`guest_pipe_script`] prints.
+pub fn guest_pipe_seconds(printed: &str) -> anyhow::Result<f64> {
+    let mut it = printed.split_whitespace().map(str::parse::<f64>);
+    match (it.next(), it.next(), it.next()) {
+        (Some(Ok(t0)), Some(Ok(t1)), None) if t1 >= t0 => Ok(t1 - t0),
+        _ => bail!("the guest pipe probe printed {printed:?}, not two uptime readings"),
+    }
+}
+
+/// The guest's own pipe rate for `bytes` bytes (`head -c N /dev/zero | cat > /dev/null`,
+/// timed in the guest); MiB/s.
+pub async fn guest_pipe_rate(client: &Client, id: &SandboxId, bytes: u64) -> anyhow::Result<f64> {
+    let argv = vec!["sh".into(), "-c".into(), guest_pipe_script(bytes)];
+    let (status, out) = exec_output(client, id, argv).await?;
+    let text = String::from_utf8_lossy(&out);
+    if status.shell_code() != 0 {
+        bail!(
+            "the guest pipe probe exited {}: {text}",
+            status.shell_code()
+        );
+    }
+    // A stream shorter than the clock's resolution still gets a finite rate.
+    let secs = guest_pipe_seconds(&text)?.max(0.01);
+    Ok(bytes as f64 / (1024.0 * 1024.0) / secs)
 }
 
 /// Streams `bytes` zero bytes from a guest command's stdout to this client; MiB/s.
@@ -504,19 +588,41 @@ pub async fn exec_collect(
     id: &SandboxId,
     argv: Vec<String>,
 ) -> anyhow::Result<(ExitStatus, u64)> {
+    let mut stdout = 0u64;
+    let status = exec_stdout(client, id, argv, |b| stdout += b.len() as u64).await?;
+    Ok((status, stdout))
+}
+
+/// Runs a command in a sandbox and keeps its stdout (for commands that print little).
+pub async fn exec_output(
+    client: &Client,
+    id: &SandboxId,
+    argv: Vec<String>,
+) -> anyhow::Result<(ExitStatus, Vec<u8>)> {
+    let mut stdout = Vec::new();
+    let status = exec_stdout(client, id, argv, |b| stdout.extend_from_slice(b)).await?;
+    Ok((status, stdout))
+}
+
+/// Runs a command in a sandbox, handing each stdout chunk to `on_stdout`.
+async fn exec_stdout(
+    client: &Client,
+    id: &SandboxId,
+    argv: Vec<String>,
+    mut on_stdout: impl FnMut(&[u8]),
+) -> anyhow::Result<ExitStatus> {
     let mut ws = client.sandbox_exec(id).await?;
     ws.send(Message::Text(
         serde_json::to_string(&ExecRequest::new(argv))?.into(),
     ))
     .await?;
-    let mut stdout = 0u64;
     while let Some(msg) = ws.next().await {
         match msg.context("exec stream broke")? {
             Message::Binary(b) if b.first() == Some(&kiln_api_types::STREAM_STDOUT) => {
-                stdout += b.len() as u64 - 1
+                on_stdout(&b[1..])
             }
             Message::Text(t) => match serde_json::from_str::<ExecServerMessage>(t.as_str())? {
-                ExecServerMessage::Exit(s) => return Ok((s, stdout)),
+                ExecServerMessage::Exit(s) => return Ok(s),
                 ExecServerMessage::Error(e) => bail!("{}", e.message),
                 ExecServerMessage::Started { .. } | ExecServerMessage::Dropped { .. } => {}
             },
@@ -572,5 +678,26 @@ mod tests {
         let s = summary(&mut [7.0]);
         assert_eq!((s.p50, s.p95), (7.0, 7.0));
         assert!(summary(&mut []).p50.is_nan());
+    }
+
+    #[test]
+    fn guest_pipe_seconds_reads_two_uptimes() {
+        let secs = guest_pipe_seconds("1234.56 1239.81\n").expect("two readings");
+        assert!((secs - 5.25).abs() < 1e-9, "{secs}");
+        assert!(guest_pipe_seconds("1234.56").is_err());
+        assert!(guest_pipe_seconds("1239.81 1234.56").is_err());
+        assert!(guest_pipe_seconds("1 2 3").is_err());
+        assert!(guest_pipe_seconds("sh: 1: head: not found").is_err());
+    }
+
+    #[test]
+    fn guest_pipe_script_prints_both_readings_around_the_pipe() {
+        let s = guest_pipe_script(4096);
+        let pipe = s
+            .find("head -c 4096 /dev/zero | cat > /dev/null")
+            .expect("pipe");
+        assert!(s.find("read t0").expect("t0") < pipe);
+        assert!(s.find("read t1").expect("t1") > pipe);
+        assert!(s.ends_with("echo \"$t0 $t1\""), "{s}");
     }
 }

@@ -11,12 +11,14 @@ mod bench;
 mod bench_images;
 mod bench_network;
 mod bench_platform;
+mod bench_pool;
 mod completion;
 mod cp;
 mod doctor;
 mod execs;
 mod image;
 mod network;
+mod pool;
 mod ps;
 mod run;
 mod sandbox;
@@ -55,6 +57,10 @@ enum Cmd {
     /// A running sandbox's network policy (`kiln network set ID RULES`).
     #[command(subcommand)]
     Network(network::NetworkCmd),
+    /// Warm pools: sandboxes of an image restored ahead of demand (`kiln pool set IMAGE
+    /// --size N`, `kiln pool ls`).
+    #[command(subcommand)]
+    Pool(pool::PoolCmd),
     /// Run a command in a running sandbox (same streaming and exit code rules as `run`).
     Exec(sandbox::ExecArgs),
     /// An interactive login shell in a running sandbox (`exec -it ID -- bash -l`, or `sh -l`
@@ -232,6 +238,9 @@ enum BenchCmd {
     /// Network modes against a test host of its own (root): connects, DNS, TCP throughput,
     /// start to first connection; and the relay's filter against bare passt.
     Network(bench_network::NetworkBenchArgs),
+    /// The warm pool: acquire, `kiln run -- true` with a pool / a restore / a cold boot,
+    /// refill, PSS of a pooled sandbox.
+    Pool(bench_pool::PoolBenchArgs),
 }
 
 fn main() {
@@ -290,6 +299,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Resume { id, json } => ps::pause_resume(&client, id, false, *json).await,
         Cmd::Ttl { id, duration, json } => ps::ttl(&client, id, duration, *json).await,
         Cmd::Network(cmd) => network::run(&client, cmd).await,
+        Cmd::Pool(cmd) => pool::run(&client, cmd).await,
         Cmd::Events { json } => ps::events(&client, *json).await,
         Cmd::Logs { id, follow } => execs::logs(&client, id, *follow).await,
         Cmd::Cp { src, dst, json } => cp::cp(&client, src, dst, *json).await,
@@ -297,6 +307,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Stop { id, json } => ps::stop(&client, id, *json).await,
         Cmd::Start { id, secrets, json } => ps::start(&client, id, secrets, *json).await,
         Cmd::Bench(BenchCmd::Boot(args)) => bench::run(&client, args).await,
+        Cmd::Bench(BenchCmd::Pool(args)) => bench_pool::run(&client, &home, args).await,
         Cmd::Bench(BenchCmd::Snapshot(args)) => bench::snapshot(&client, &home, args).await,
         Cmd::Bench(BenchCmd::Files(args)) => bench_platform::files(&client, args).await,
         Cmd::Bench(BenchCmd::Images(args)) => bench_images::run(&client, args).await,

@@ -38,6 +38,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 mod images;
+mod pools;
 
 type Shared = State<Arc<Engine>>;
 
@@ -81,6 +82,8 @@ pub(crate) fn api_routes() -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(images::image_build_recipe))
         .routes(routes!(images::image_import))
         .routes(routes!(images::image_delete))
+        .routes(routes!(pools::pool_list))
+        .routes(routes!(pools::pool_set))
         .routes(routes!(system_df))
         .routes(routes!(system_prune))
 }
@@ -147,11 +150,18 @@ pub(crate) async fn json_errors(resp: Response) -> Response {
 
 /// An error response.
 #[derive(Debug)]
-pub struct HttpError(StatusCode, ApiError);
+pub struct HttpError(StatusCode, ApiError, Option<u64>);
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        (self.0, axum::Json(self.1)).into_response()
+        let mut resp = (self.0, axum::Json(self.1)).into_response();
+        if let Some(secs) = self.2 {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        }
+        resp
     }
 }
 
@@ -163,6 +173,7 @@ pub(crate) fn error(status: StatusCode, code: ErrorCode, message: String) -> Htt
             code: code.as_str().to_owned(),
             message,
         },
+        None,
     )
 }
 
@@ -192,6 +203,7 @@ pub fn status_of(e: &CoreError) -> StatusCode {
         | CoreError::Unresponsive { .. }
         | CoreError::NetworkUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         CoreError::NoSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
+        CoreError::OverCapacity { .. } => StatusCode::TOO_MANY_REQUESTS,
         CoreError::File { kind, .. } => {
             use kiln_core::files::FileErrorKind as K;
             match kind {
@@ -225,7 +237,13 @@ pub fn api_error(e: &CoreError) -> ApiError {
 
 impl From<CoreError> for HttpError {
     fn from(e: CoreError) -> Self {
-        HttpError(status_of(&e), api_error(&e))
+        let retry_after = match &e {
+            CoreError::OverCapacity {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        };
+        HttpError(status_of(&e), api_error(&e), retry_after)
     }
 }
 

@@ -710,6 +710,7 @@ async fn api_fuzz_every_route_no_5xx_and_answers_on_schema() {
         max_body_bytes: MAX_BODY_BYTES,
         max_connections: 64,
         header_timeout: Duration::from_secs(30),
+        pools: Vec::new(),
         body_timeout: BODY_TIMEOUT,
     };
     let socket = dir.path().join("fuzz.sock");

@@ -274,6 +274,7 @@ mod tests {
             max_body_bytes: 1 << 20,
             max_connections: 64,
             header_timeout: Duration::from_secs(60),
+            pools: Vec::new(),
             body_timeout: Duration::from_secs(60),
         }
     }

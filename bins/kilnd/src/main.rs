@@ -75,6 +75,8 @@ pub struct Settings {
     pub header_timeout: Duration,
     /// Time a request body may send nothing while a handler waits for it.
     pub body_timeout: Duration,
+    /// The config file's warm pools.
+    pub pools: Vec<(kiln_api_types::ImageName, kiln_api_types::PoolSetRequest)>,
 }
 
 impl Settings {
@@ -148,12 +150,35 @@ impl Settings {
                 DEFAULT_BODY_TIMEOUT_SECS,
             ),
         )?;
+        let pools = file
+            .pool
+            .iter()
+            .map(|p| {
+                let image = p
+                    .image
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("config [[pool]] of image {:?}: {e}", p.image))?;
+                let req = kiln_api_types::PoolSetRequest {
+                    size: p.size,
+                    // A pool serves the starts that ask for its size: by default the size
+                    // `kiln run` asks for with this config file (then the image's).
+                    cpus: p.cpus.or(file.cpus),
+                    memory_mib: p.memory_mib.or(file.memory_mib),
+                    warmup: p.warmup.clone(),
+                    warmup_timeout_secs: p.warmup_timeout_secs,
+                };
+                req.validate()
+                    .map_err(|e| anyhow::anyhow!("config [[pool]] of image {:?}: {e}", p.image))?;
+                Ok((image, req))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Settings {
             listen,
             max_body_bytes,
             max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
             header_timeout,
             body_timeout,
+            pools,
         })
     }
 }
@@ -219,6 +244,10 @@ async fn serve(home: Home, settings: Settings) -> anyhow::Result<()> {
     let engine = Engine::start(home.clone())
         .await
         .map_err(|e| anyhow::anyhow!(e.chain()))?;
+    engine
+        .pool_configure(&settings.pools)
+        .await
+        .map_err(|e| anyhow::anyhow!("config [[pool]]: {}", e.chain()))?;
 
     let socket = home.socket();
     match std::fs::remove_file(&socket) {

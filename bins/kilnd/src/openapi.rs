@@ -38,6 +38,7 @@ use utoipa::openapi::{RefOr, Response as OaResponse, ResponseBuilder};
         (name = "system", description = "The state directory: what it takes on disk, and reclaiming what nothing uses"),
         (name = "execs", description = "Detached commands: started once, attached to any number of times"),
         (name = "files", description = "Files in a sandbox: transfers in and out, listings and small operations"),
+        (name = "pools", description = "Warm pools: sandboxes restored ahead of demand"),
     ),
     components(schemas(
         ApiError,

@@ -66,7 +66,7 @@ pub use files::{
     MAX_LIST_ENTRIES, MAX_NAME_BYTES, MAX_PATH_BYTES, PathError, TooManyEntries, check_entry_name,
 };
 pub use flow::{FlowError, RecvWindow, SendCredit};
-pub use frame::{DataChannel, Frame, FrameKind, StreamId};
+pub use frame::{DataChannel, DataFrameBuf, Frame, FrameKind, StreamId};
 pub use fuzz::fuzz_decode;
 pub use handshake::{AgentInfo, SyncAckFrame, SyncFrame, choose_version};
 pub use identity::{

@@ -88,6 +88,9 @@ pub enum ErrorCode {
     HostSetup,
     /// 503: this host cannot give a sandbox the network mode asked for (no passt, not root).
     NetworkUnavailable,
+    /// 429: the host's memory or vCPU budget for sandboxes is used up; retry after the
+    /// `Retry-After` seconds (or when a sandbox ends).
+    OverCapacity,
     /// 500: building or reading an image failed.
     ImageError,
     /// 500: capturing, verifying or using a snapshot failed.
@@ -150,6 +153,7 @@ impl ErrorCode {
         ErrorCode::VmmError,
         ErrorCode::HostSetup,
         ErrorCode::NetworkUnavailable,
+        ErrorCode::OverCapacity,
         ErrorCode::ImageError,
         ErrorCode::SnapshotError,
         ErrorCode::StoreError,
@@ -201,6 +205,7 @@ impl ErrorCode {
             ErrorCode::VmmError => "vmm_error",
             ErrorCode::HostSetup => "host_setup",
             ErrorCode::NetworkUnavailable => "network_unavailable",
+            ErrorCode::OverCapacity => "over_capacity",
             ErrorCode::ImageError => "image_error",
             ErrorCode::SnapshotError => "snapshot_error",
             ErrorCode::StoreError => "store_error",
@@ -297,6 +302,7 @@ mod tests {
             | ErrorCode::VmmError
             | ErrorCode::HostSetup
             | ErrorCode::NetworkUnavailable
+            | ErrorCode::OverCapacity
             | ErrorCode::ImageError
             | ErrorCode::SnapshotError
             | ErrorCode::StoreError
@@ -309,6 +315,6 @@ mod tests {
             | ErrorCode::NoSpace
             | ErrorCode::Internal => 1,
         };
-        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 46);
+        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 47);
     }
 }

@@ -41,6 +41,7 @@ pub mod execs;
 pub mod files;
 pub mod names;
 pub mod network;
+pub mod pools;
 pub mod sandbox;
 
 pub use execs::{ExecId, ExecInfo, ExecKillRequest, ExecList, ExecState, parse_signal};
@@ -57,6 +58,7 @@ pub use network::{
     NetRule, NetRules, NetStats, NetworkGroup, NetworkSpec, NetworkStatus, NetworkUpdate, Refusal,
     RefusalReason,
 };
+pub use pools::{PoolInfo, PoolList, PoolOrigin, PoolSetRequest};
 pub use sandbox::{
     Event, EventKind, Lifetime, MachineSpec, SandboxFilter, SandboxInfo, SandboxSource,
     SandboxSpec, SandboxState, SandboxStatus, StartSource,

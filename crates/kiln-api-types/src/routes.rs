@@ -226,6 +226,10 @@ routes! {
     IMAGE_IMPORT = Post "/v1/imports" "image_import" NdJson;
     /// `DELETE /v1/images/{name}`.
     IMAGE_DELETE = Delete "/v1/images/{name}" "image_delete" Empty;
+    /// `GET /v1/pools`: the warm pools.
+    POOL_LIST = Get "/v1/pools" "pool_list" Json;
+    /// `PUT /v1/pools/{image}`: one pool's size (per image and machine size).
+    POOL_SET = Put "/v1/pools/{image}" "pool_set" Json;
     /// `GET /v1/system/df`: what kiln's state takes on disk, and what could be reclaimed.
     SYSTEM_DF = Get "/v1/system/df" "system_df" Json;
     /// `POST /v1/system/prune`: remove what nothing uses (`{"dry_run": true}` to only list it).

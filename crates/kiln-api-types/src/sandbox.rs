@@ -336,6 +336,8 @@ pub enum StartSource {
     Cold,
     /// Restored from a snapshot (warm, user, or its own `kiln stop` save).
     Snapshot,
+    /// Taken from the warm pool: restored from the image's warm snapshot ahead of demand.
+    Pool,
 }
 
 impl StartSource {
@@ -344,6 +346,7 @@ impl StartSource {
         match self {
             StartSource::Cold => "cold",
             StartSource::Snapshot => "snapshot",
+            StartSource::Pool => "pool",
         }
     }
 }
@@ -355,6 +358,7 @@ impl FromStr for StartSource {
         match s {
             "cold" => Ok(StartSource::Cold),
             "snapshot" => Ok(StartSource::Snapshot),
+            "pool" => Ok(StartSource::Pool),
             other => Err(InvalidInput::Rule(format!(
                 "unknown start source {other:?}"
             ))),

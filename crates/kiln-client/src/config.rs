@@ -36,6 +36,27 @@ pub struct Config {
     /// Seconds a request body may send nothing while `kilnd` waits for it
     /// (`$KILN_REQUEST_BODY_TIMEOUT_SECS`).
     pub request_body_timeout_secs: Option<u64>,
+    /// Warm pools of `kilnd` (`[[pool]]` tables); `kiln pool set` wins over them.
+    #[serde(default)]
+    pub pool: Vec<PoolConfig>,
+}
+
+/// One `[[pool]]` table: sandboxes of an image `kilnd` keeps restored ahead of demand.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// The image.
+    pub image: String,
+    /// Sandboxes to keep ready.
+    pub size: u32,
+    /// vCPUs of the pooled sandboxes (default: the sandbox default).
+    pub cpus: Option<u32>,
+    /// Memory of the pooled sandboxes in MiB (default: the sandbox default).
+    pub memory_mib: Option<u32>,
+    /// A command each pooled sandbox runs once after its restore.
+    pub warmup: Option<Vec<String>>,
+    /// Longest the warm-up may run (seconds, default 60).
+    pub warmup_timeout_secs: Option<u64>,
 }
 
 /// Errors loading the config file.

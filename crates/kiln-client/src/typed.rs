@@ -333,6 +333,20 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/pools`.
+    pub async fn pool_list(&self) -> Result<kiln_api_types::PoolList> {
+        self.call(routes::POOL_LIST, &[], NONE).await
+    }
+
+    /// `PUT /v1/pools/{image}`.
+    pub async fn pool_set(
+        &self,
+        image: &str,
+        req: &kiln_api_types::PoolSetRequest,
+    ) -> Result<kiln_api_types::PoolInfo> {
+        self.call(routes::POOL_SET, &[image], Some(req)).await
+    }
+
     /// `GET /v1/images`.
     pub async fn image_list(&self) -> Result<ImageList> {
         self.call(routes::IMAGE_LIST, &[], NONE).await

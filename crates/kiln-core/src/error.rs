@@ -164,6 +164,16 @@ pub enum CoreError {
         /// What is missing, and how to get it.
         reason: String,
     },
+    /// The host's budget for sandboxes has no room for this one.
+    #[error("no room {what}: {why}; retry in {retry_after_secs} s or when a sandbox ends")]
+    OverCapacity {
+        /// What could not be done, e.g. "to start a sandbox of 256 MiB and 1 vCPU".
+        what: String,
+        /// Which budget is used up, with the numbers.
+        why: String,
+        /// When to try again (seconds), for `Retry-After`.
+        retry_after_secs: u64,
+    },
     /// A file system operation on kiln's state failed.
     #[error("failed to {what} {path}")]
     Io {
@@ -199,6 +209,7 @@ impl CoreError {
             CoreError::ExecRejected(_) => "exec_rejected",
             CoreError::HostSetup(_) => "host_setup",
             CoreError::NetworkUnavailable { .. } => "network_unavailable",
+            CoreError::OverCapacity { .. } => "over_capacity",
             CoreError::Image(kiln_image::ImageError::BadRecipe { .. }) => "bad_recipe",
             CoreError::Image(kiln_image::ImageError::GuestStep { .. }) => "build_failed",
             CoreError::Image(kiln_image::ImageError::ImageNotFound { .. }) => "image_not_found",

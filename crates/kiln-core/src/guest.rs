@@ -37,7 +37,7 @@ pub struct GuestRun {
 }
 
 impl GuestRun {
-    fn describe(&self, what: &str, timeout: Duration) -> String {
+    pub(crate) fn describe(&self, what: &str, timeout: Duration) -> String {
         let how = if self.timed_out {
             format!(
                 "did not finish within {} ms and was killed",

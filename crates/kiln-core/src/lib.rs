@@ -12,6 +12,7 @@
 //!   and the janitor removes any left by a daemon that died;
 //! - no lock is held across an `.await`.
 
+mod admission;
 mod build_guest;
 pub mod console;
 mod detached;
@@ -26,6 +27,7 @@ mod machine;
 pub mod network;
 mod owner;
 pub mod paths;
+mod pool;
 mod ports;
 mod reattach;
 pub mod sandbox;
@@ -80,6 +82,10 @@ pub struct Engine {
     pub(crate) net: network::NetSettings,
     /// The bridge mode's host side, once a bridge sandbox started.
     pub(crate) bridge: network::bridge::BridgeState,
+    /// The warm pool.
+    pub(crate) pools: pool::Pools,
+    /// The budget for sandboxes, and the starts in flight.
+    pub(crate) admission: admission::Admission,
 }
 
 impl Engine {
@@ -93,6 +99,12 @@ impl Engine {
         })?;
         let store = Store::open(&home.database())?;
         let net = network::NetSettings::from_env()?;
+        let budget = admission::Budget::from_env()?;
+        info!(
+            memory_mib = budget.memory_mib,
+            vcpus = budget.vcpus,
+            "budget for sandboxes"
+        );
         let janitor::Reclaimed {
             report: mut janitor,
             live,
@@ -119,6 +131,8 @@ impl Engine {
             full_ram_announced: std::sync::atomic::AtomicBool::new(false),
             net,
             bridge: network::bridge::BridgeState::default(),
+            pools: pool::Pools::default(),
+            admission: admission::Admission::new(budget),
         });
         let count = live.len() as u32;
         let started = std::time::Instant::now();
@@ -127,6 +141,7 @@ impl Engine {
         janitor.sandboxes_reattached = reattached;
         janitor.sandboxes_failed += count - reattached;
         *engine.janitor.lock().unwrap_or_else(|e| e.into_inner()) = janitor;
+        engine.start_pools()?;
         Ok(engine)
     }
 
@@ -238,13 +253,48 @@ impl Engine {
             .await?
             .accel;
 
-        let id = SandboxId::random();
+        // A sandbox restored ahead of demand, for starts whose VM it fits (an image's warm
+        // snapshot, no network device).
+        let poolable = user_snap.is_none()
+            && !cold
+            && !snapshots_disabled()
+            && spec.network == kiln_api_types::NetworkSpec::None;
+        let pooled = if poolable {
+            self.pool_take(&image, machine).await
+        } else {
+            None
+        };
+        // A pooled sandbox is counted already; any other start must fit the budget.
+        let _reservation = match pooled {
+            Some(_) => None,
+            None => Some(
+                self.admit(
+                    machine,
+                    format!(
+                        "to start a sandbox of image {} ({} vCPU, {} MiB)",
+                        image.name, machine.cpus, machine.memory_mib
+                    ),
+                )
+                .await?,
+            ),
+        };
+        let id = pooled
+            .as_ref()
+            .map_or_else(SandboxId::random, |p| p.sb.id().clone());
         let run_dir = self.home.sandbox_dir(&id);
-        std::fs::create_dir_all(&run_dir).map_err(|source| CoreError::Io {
-            what: "create",
-            path: run_dir.clone(),
-            source,
-        })?;
+        let discard_pooled = |pooled: Option<pool::Pooled>| async move {
+            if let Some(p) = pooled {
+                p.sb.shutdown().await;
+            }
+        };
+        if let Err(source) = std::fs::create_dir_all(&run_dir) {
+            discard_pooled(pooled).await;
+            return Err(CoreError::Io {
+                what: "create",
+                path: run_dir.clone(),
+                source,
+            });
+        }
         let created_unix = unix_now();
         let row = SandboxInfo {
             id: id.clone(),
@@ -268,6 +318,7 @@ impl Engine {
             },
         };
         if let Err(e) = self.store.sandbox_insert(&row) {
+            discard_pooled(pooled).await;
             remove_dir(&run_dir);
             return Err(e.into());
         }
@@ -284,6 +335,7 @@ impl Engine {
         {
             Ok(net) => net,
             Err(e) => {
+                discard_pooled(pooled).await;
                 self.remove_records(&id, "failed to start");
                 return Err(e);
             }
@@ -301,11 +353,13 @@ impl Engine {
             nic: nic_of(net.as_ref(), user_snap.as_ref().is_some_and(|u| u.nic)),
         };
         let mut warnings = Vec::new();
-        let started = match &user_snap {
-            Some(u) => usersnap::restore(&plan, u, &id, &run_dir)
+        let from_pool = pooled.is_some();
+        let started = match (&user_snap, pooled) {
+            (_, Some(p)) => Ok((p.sb, Some(p.snapshot))),
+            (Some(u), None) => usersnap::restore(&plan, u, &id, &run_dir)
                 .await
                 .map(|sb| (sb, Some(u.name.clone()))),
-            None => {
+            (None, None) => {
                 let restored = if cold || snapshots_disabled() {
                     None
                 } else {
@@ -342,10 +396,10 @@ impl Engine {
                 return Err(e);
             }
         };
-        let source = if snapshot.is_some() {
-            StartSource::Snapshot
-        } else {
-            StartSource::Cold
+        let source = match (from_pool, snapshot.is_some()) {
+            (true, _) => StartSource::Pool,
+            (false, true) => StartSource::Snapshot,
+            (false, false) => StartSource::Cold,
         };
         let launch = Launch {
             sb,
@@ -452,7 +506,28 @@ impl Engine {
                 reason: None,
             },
         );
-        match self.start_saved(id, secrets).await {
+        let machine = self.sandbox_get(id).map(|row| MachineSpec {
+            cpus: row.status.cpus,
+            memory_mib: row.status.memory_mib,
+        });
+        let admitted = match machine {
+            Ok(m) => {
+                self.admit(
+                    m,
+                    format!(
+                        "to start sandbox {id} ({} vCPU, {} MiB)",
+                        m.cpus, m.memory_mib
+                    ),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        let started = match admitted {
+            Ok(_reservation) => self.start_saved(id, secrets).await,
+            Err(e) => Err(e),
+        };
+        match started {
             Ok(()) => self.sandbox_get(id),
             Err(e) => {
                 let reason = format!("start failed, still stopped: {}", e.chain());
@@ -1279,6 +1354,7 @@ impl Engine {
     /// Daemon shutdown: lets go of every sandbox, leaving its VM running for the next
     /// daemon to re-attach (`kiln daemon stop --all` removes them first).
     pub async fn shutdown(&self) {
+        self.pool_shutdown().await;
         let all: Vec<_> = self.table().drain().collect();
         for (id, (handle, sb)) in all {
             if handle.call(owner::Op::Detach).await.is_none() {

@@ -339,17 +339,6 @@ mod tests {
         );
     }
 
-    /// Measures [`sha256_sparse`] on a real root file system:
-    /// `KILN_ROOTFS=…/images/base/rootfs.ext4 cargo test --release -p kiln-image -- --ignored --nocapture sha256_sparse_rootfs`.
-    #[test]
-    #[ignore = "needs a built image; a measurement, not a check"]
-    fn sha256_sparse_rootfs_throughput() {
-        let path = std::env::var_os("KILN_ROOTFS").expect("KILN_ROOTFS");
-        let t = std::time::Instant::now();
-        let digest = sha256_sparse(std::path::Path::new(&path)).expect("hash");
-        println!("sha256_sparse {digest} in {:?}", t.elapsed());
-    }
-
     #[test]
     fn fingerprint_same_inputs_same_value() {
         assert_eq!(inputs().fingerprint(), inputs().fingerprint());

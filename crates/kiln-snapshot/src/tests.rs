@@ -671,35 +671,6 @@ fn cleanup_stale_tmp_removes_dead_pids_only() {
     );
 }
 
-/// Measurement, not an assertion: sha256 throughput over a 256 MiB file (the size of a
-/// default guest's `mem`). Run with `--release -- --ignored --nocapture`.
-#[test]
-#[ignore = "benchmark: writes and hashes 256 MiB"]
-fn sha256_throughput_256mib() {
-    let dir = scratch();
-    let p = dir.path().join("mem");
-    let chunk: Vec<u8> = (0..1u32 << 20)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&p).expect("create");
-        for _ in 0..256 {
-            f.write_all(&chunk).expect("write");
-        }
-    }
-    for run in 0..3 {
-        let t = std::time::Instant::now();
-        let digest = sha256_file(&p).expect("hash");
-        let took = t.elapsed();
-        eprintln!(
-            "run {run}: sha256 of 256 MiB (page cache) in {took:?} = {:.0} MiB/s ({})",
-            256.0 / took.as_secs_f64(),
-            &digest[..12]
-        );
-    }
-}
-
 #[test]
 fn publish_seals_every_file_read_only_and_immutable_where_supported() {
     use std::os::unix::fs::PermissionsExt;

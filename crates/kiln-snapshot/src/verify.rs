@@ -6,8 +6,8 @@
 //! [`VerifyLevel::FullCached`]) each data file's sha256.
 //!
 //! Cost of hashing: it reads every byte, dominated by the 256 MiB+ `mem` file. Measured on
-//! the 2-core dev machine (CPU with SHA-NI, file in page cache, sha2 0.10;
-//! `sha256_throughput_256mib` ignored test): release build 180–200 ms per 256 MiB
+//! the 2-core dev machine (CPU with SHA-NI, file in page cache, sha2 0.10; `sha256sum`
+//! of a 256 MiB file agrees): release build 180–200 ms per 256 MiB
 //! (~1.3 GiB/s); debug build ~5 s (~50 MiB/s, sha2 unoptimized). That is 2–3x a whole
 //! restore, so the hot restore path uses [`VerifyLevel::FullCached`]: a file this process
 //! already hashed (at publish or at an earlier verify) and whose inode, size, mtime and ctime

@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use kiln_api_types::SandboxId;
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
-use crate::{Store, StoreError};
+use crate::{Store, StoreError, query};
 
 /// A pool's subnet: network address and prefix length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,10 +98,6 @@ fn parse(raw: (String, String, String, String, i64)) -> Result<NetLease, StoreEr
         mac,
         created_unix: u64::try_from(created).unwrap_or(0),
     })
-}
-
-fn query(what: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
-    move |source| StoreError::Query { what, source }
 }
 
 impl Store {

@@ -28,7 +28,9 @@ use kiln_api_types::{
 use rusqlite::{Connection, OptionalExtension, params};
 
 mod leases;
+mod pools;
 pub use leases::{LeaseSubnet, NetLease};
+pub use pools::StoredPool;
 
 /// Schema migrations; index + 1 is the `user_version` each one brings the database to.
 const MIGRATIONS: &[&str] = &[
@@ -69,7 +71,22 @@ const MIGRATIONS: &[&str] = &[
         created_unix  INTEGER NOT NULL
     ) STRICT;
      CREATE UNIQUE INDEX net_leases_sandbox ON net_leases (pool, sandbox_id);",
+    // 6: warm pool sizes set through the API, one per image and machine size.
+    "CREATE TABLE pools (
+        image               TEXT NOT NULL,
+        cpus                INTEGER NOT NULL,
+        memory_mib          INTEGER NOT NULL,
+        size                INTEGER NOT NULL,
+        warmup              TEXT,
+        warmup_timeout_secs INTEGER,
+        PRIMARY KEY (image, cpus, memory_mib)
+    ) STRICT;",
 ];
+
+/// Maps a query's error to [`StoreError::Query`] naming `what` was being done.
+pub(crate) fn query(what: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Query { what, source }
+}
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]

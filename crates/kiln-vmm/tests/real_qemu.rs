@@ -1,13 +1,17 @@
-//! Real QEMU tests (ignored by default: they boot a Linux guest under TCG).
+//! Real QEMU tests: they boot Linux guests under TCG, so they are `#[ignore]`d for the fast
+//! run and run by `scripts/test` with the end-to-end suite, once the guest images are built.
 //!
-//! Run with a Debian cloud kernel and the busybox test initramfs:
+//! Inputs are found the way the end-to-end suite finds them: the `base` image in
+//! `$KILN_E2E_HOME/images/base` (its kernel, and its initramfs with the real agent and rootfs
+//! for the snapshot tests); the busybox test initramfs of the first tests is built from that
+//! initramfs's modules by `tests/support/make-test-initramfs.sh`. `KILN_TEST_KERNEL`,
+//! `KILN_TEST_INITRAMFS` and `KILN_TEST_IMAGE_DIR` override them.
 //! ```text
-//! tests/support/make-test-initramfs.sh <extracted kernel package> /tmp/kiln-test.cpio
-//! KILN_TEST_KERNEL=<root>/boot/vmlinuz-... KILN_TEST_INITRAMFS=/tmp/kiln-test.cpio \
-//!     cargo test -p kiln-vmm --test real_qemu -- --ignored --test-threads=1 --nocapture
+//! KILN_E2E_HOME=/tmp/kiln-e2e-home cargo nextest run -p kiln-vmm --run-ignored only
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use kiln_vmm::accel::{self, ProbeOutcome};
@@ -16,10 +20,50 @@ use kiln_vmm::{Accel, Vm, VmConfig, VmExit, VmmError, create_overlay};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(60);
 
-fn env_path(name: &str) -> PathBuf {
-    PathBuf::from(
-        std::env::var_os(name).unwrap_or_else(|| panic!("set {name} (see the file's docs)")),
-    )
+/// The `base` image of the end-to-end suite's home (or `KILN_TEST_IMAGE_DIR`).
+fn image_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KILN_TEST_IMAGE_DIR") {
+        return PathBuf::from(dir);
+    }
+    match std::env::var_os("KILN_E2E_HOME") {
+        Some(h) if !h.is_empty() => PathBuf::from(h).join("images/base"),
+        _ => panic!(
+            "KILN_E2E_HOME is not set: these tests use its built base image (scripts/test sets it)"
+        ),
+    }
+}
+
+/// The guest kernel: `KILN_TEST_KERNEL`, else the base image's.
+fn test_kernel() -> PathBuf {
+    std::env::var_os("KILN_TEST_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| image_dir().join("vmlinuz"))
+}
+
+/// The busybox test initramfs (markers, `kiln.test=sleep`): `KILN_TEST_INITRAMFS`, else built
+/// once per test process from the base image's initramfs.
+fn test_initramfs() -> PathBuf {
+    if let Some(p) = std::env::var_os("KILN_TEST_INITRAMFS") {
+        return PathBuf::from(p);
+    }
+    static BUILT: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let out = dir.path().join("test.cpio");
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/make-test-initramfs.sh");
+            let status = std::process::Command::new("sh")
+                .arg(&script)
+                .arg(image_dir().join("initramfs.cpio"))
+                .arg(&out)
+                .status()
+                .expect("run make-test-initramfs.sh");
+            assert!(status.success(), "make-test-initramfs.sh failed: {status}");
+            (dir, out)
+        })
+        .1
+        .clone()
 }
 
 fn config(run_dir: &Path, extra: &str) -> VmConfig {
@@ -29,8 +73,8 @@ fn config(run_dir: &Path, extra: &str) -> VmConfig {
         accel: Accel::Tcg,
         cpus: 1,
         memory_mib: 256,
-        kernel: env_path("KILN_TEST_KERNEL"),
-        initramfs: env_path("KILN_TEST_INITRAMFS"),
+        kernel: test_kernel(),
+        initramfs: test_initramfs(),
         extra_cmdline: extra.to_owned(),
         disk: None,
         memory_file: run_dir.join("mem"),
@@ -59,7 +103,7 @@ async fn wait_marker(vm: &Vm, marker: &str, start: Instant) -> Duration {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "boots a real guest under TCG"]
+#[ignore = "boots a real guest under TCG: run by scripts/test"]
 async fn vm_boots_with_disk_and_agent_port_then_guest_poweroff_exits() {
     let dir = tempfile::tempdir().expect("tempdir");
     let base = dir.path().join("base.raw");
@@ -94,7 +138,7 @@ async fn vm_boots_with_disk_and_agent_port_then_guest_poweroff_exits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "boots a real guest under TCG"]
+#[ignore = "boots a real guest under TCG: run by scripts/test"]
 async fn vm_shutdown_quits_running_guest_and_kill_and_drop_reap() {
     let dir = tempfile::tempdir().expect("tempdir");
     let start = Instant::now();
@@ -135,7 +179,7 @@ async fn vm_shutdown_quits_running_guest_and_kill_and_drop_reap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "starts real QEMU"]
+#[ignore = "starts real QEMU: run by scripts/test"]
 async fn vm_spawn_missing_kernel_is_early_exit_with_qemu_message() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = VmConfig {
@@ -152,7 +196,7 @@ async fn vm_spawn_missing_kernel_is_early_exit_with_qemu_message() {
 }
 
 #[tokio::test]
-#[ignore = "starts real QEMU"]
+#[ignore = "starts real QEMU: run by scripts/test"]
 async fn qemu_detect_real_binary_reports_version_and_x_ignore_shared() {
     let info = kiln_vmm::qemu::detect().await.expect("detect");
     eprintln!("{info:?}");
@@ -163,11 +207,11 @@ async fn qemu_detect_real_binary_reports_version_and_x_ignore_shared() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "boots a real guest under KVM (if any)"]
+#[ignore = "boots a real guest under KVM (if any): run by scripts/test"]
 async fn accel_probe_real_kernel_finishes_within_deadline() {
     let qemu = kiln_vmm::qemu::detect().await.expect("detect");
-    let kernel = env_path("KILN_TEST_KERNEL");
-    let initramfs = env_path("KILN_TEST_INITRAMFS");
+    let kernel = test_kernel();
+    let initramfs = test_initramfs();
     let t = Instant::now();
     let outcome = accel::probe_kvm(&qemu.path, &kernel, &initramfs, accel::PROBE_DEADLINE).await;
     let took = t.elapsed();
@@ -187,39 +231,10 @@ async fn accel_probe_real_kernel_finishes_within_deadline() {
     }
 }
 
-/// Boot-time measurement (not an assertion): N boots to the init and devices markers.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark: boots real guests under TCG"]
-async fn bench_boot_to_marker() {
-    let runs: usize = std::env::var("KILN_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let extra = std::env::var("KILN_BENCH_CMDLINE").unwrap_or_default();
-    let mut init = Vec::new();
-    let mut done = Vec::new();
-    for i in 0..runs {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let start = Instant::now();
-        let vm = Vm::spawn(&config(dir.path(), &extra)).await.expect("spawn");
-        init.push(wait_marker(&vm, "KILN-MARKER-INIT", start).await);
-        done.push(wait_marker(&vm, "KILN-MARKER-DONE", start).await);
-        vm.kill().await;
-        eprintln!("run {i}: init {:?} devices {:?}", init[i], done[i]);
-    }
-    init.sort();
-    done.sort();
-    eprintln!(
-        "median of {runs}: init {:?}, devices {:?}",
-        init[runs / 2],
-        done[runs / 2]
-    );
-}
-
 /// The fast-restore recipe (MACHINE_NOTES) works with this command line: capture with
 /// `share=on` + `x-ignore-shared`, restore a clone with `share=off` on the same memory file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "boots a real guest under TCG"]
+#[ignore = "boots a real guest under TCG: run by scripts/test"]
 async fn vm_snapshot_restore_recipe_resumes_guest() {
     use kiln_vmm::Incoming;
     use kiln_vmm::qmp::commands::{
@@ -307,19 +322,11 @@ async fn vm_snapshot_restore_recipe_resumes_guest() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Warm snapshots with the real image (kernel + initramfs with the real agent + rootfs), e.g.
-// the one `kiln image build base` produced:
-//   KILN_TEST_IMAGE_DIR=/tmp/kh/images/base (the default) cargo test -p kiln-vmm \
-//       --test real_qemu snapshot_ -- --ignored --test-threads=1 --nocapture
+// Warm snapshots with the real image (kernel + initramfs with the real agent + rootfs): the
+// base image of `$KILN_E2E_HOME` (see `image_dir`).
 
 use kiln_agent_host::AgentClient;
 use kiln_vmm::{AfterCapture, BackingFormat, CaptureMode, create_overlay_with};
-
-fn image_dir() -> PathBuf {
-    std::env::var_os("KILN_TEST_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp/kh/images/base"))
-}
 
 /// A VM of the real image with its own qcow2 overlay backed by `base` (the image's raw
 /// rootfs, or a snapshot's captured qcow2 layer).
@@ -390,7 +397,7 @@ fn sha256_file(path: &Path) -> String {
 /// disk as captured, write to memory and disk, and the template memory file is unchanged.
 /// Prints cold boot → ping versus restore → ping.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "boots the real image under TCG"]
+#[ignore = "boots the real image under TCG: run by scripts/test"]
 async fn snapshot_capture_then_two_concurrent_clones_share_untouched_template() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rootfs = image_dir().join("rootfs.ext4");
@@ -500,7 +507,7 @@ async fn snapshot_capture_then_two_concurrent_clones_share_untouched_template() 
 /// Full-RAM capture (the fallback without x-ignore-shared) of a running guest that resumes,
 /// then one clone restored from the stream alone (its memory file is a fresh empty file).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "boots the real image under TCG"]
+#[ignore = "boots the real image under TCG: run by scripts/test"]
 async fn snapshot_full_ram_capture_resumes_and_restores_from_stream() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rootfs = image_dir().join("rootfs.ext4");
@@ -538,7 +545,7 @@ async fn snapshot_full_ram_capture_resumes_and_restores_from_stream() {
 
 /// A restore from a corrupt state file fails with QEMU's words and leaves no QEMU behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "starts real QEMU"]
+#[ignore = "starts real QEMU: run by scripts/test"]
 async fn snapshot_restore_corrupt_state_is_error_and_kills_qemu() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rootfs = image_dir().join("rootfs.ext4");
@@ -564,6 +571,18 @@ async fn snapshot_restore_corrupt_state_is_error_and_kills_qemu() {
     assert!(!ident.is_same_process_alive(), "QEMU was killed");
 }
 
+/// How far outside the host's bracket a restored guest clock may read, in seconds (the
+/// identity's time is read before its delivery; the rest is margin).
+const CLOCK_SLACK: f64 = 1.0;
+
+/// Host wall clock as seconds since the epoch.
+fn host_clock() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after the epoch")
+        .as_secs_f64()
+}
+
 /// A fresh identity for clone `i`: distinct ids and names, host entropy, the host's clock.
 fn identity_for(i: u8) -> kiln_agent_host::GuestIdentity {
     use kiln_agent_host::{Entropy, GuestIdentity, Hostname, MachineId, RestoreId, UnixNanos};
@@ -587,7 +606,7 @@ fn identity_for(i: u8) -> kiln_agent_host::GuestIdentity {
 /// `connect_restored`, and check inside each guest that hostname, machine-id, restore id,
 /// wall clock and RNG output are the new ones and differ between the clones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "boots the real image under TCG"]
+#[ignore = "boots the real image under TCG: run by scripts/test"]
 async fn snapshot_clones_get_fresh_identity_from_real_agent() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rootfs = image_dir().join("rootfs.ext4");
@@ -647,26 +666,26 @@ async fn snapshot_clones_get_fresh_identity_from_real_agent() {
             "clock moved only {} ns",
             ack.clock_step_ns
         );
+        let host_before = host_clock();
         let out = guest_sh(
             &agent,
             "hostname; cat /etc/machine-id; echo $KILN_RESTORE_ID; cat /run/kiln/restore-id; \
-             date +%s; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo",
+             date +%s.%N; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo",
         )
         .await;
-        let host_now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_secs() as i64;
+        let host_after = host_clock();
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 6, "{out}");
         assert_eq!(lines[0], format!("clone-{i}"));
         assert_eq!(lines[1], identity.machine_id.as_str());
         assert_eq!(lines[2], identity.restore_id.as_str());
         assert_eq!(lines[3].trim(), identity.restore_id.as_str());
-        let guest_now: i64 = lines[4].parse().expect("guest date");
+        // The guest's reading lies between the host's readings around the exec, give or take
+        // the delivery of the identity (a clock left at the capture's time is 40 s behind).
+        let guest_now: f64 = lines[4].parse().expect("guest date");
         assert!(
-            (guest_now - host_now).abs() <= 2,
-            "guest clock {guest_now}, host {host_now}"
+            guest_now >= host_before - CLOCK_SLACK && guest_now <= host_after + CLOCK_SLACK,
+            "guest clock {guest_now:.3} outside the host's [{host_before:.3}, {host_after:.3}] ± {CLOCK_SLACK} s"
         );
         seen.push(lines[5].to_owned());
         drop(agent);

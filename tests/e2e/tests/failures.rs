@@ -157,12 +157,27 @@ fn daemon_sigkill_sandbox_keeps_running_and_is_reattached() {
     assert!(wait_http(port).contains("served-by-kiln"));
     let paused = k.create("base");
     assert_success(&k.run(&["pause", &paused]), "pause");
+    // Two more whose records the janitor cannot trust once the daemon is dead: one lost its
+    // VM config (as if killed half-started), one its pidfile too (as if the daemon died
+    // between spawning QEMU and recording it). Their QEMUs must be killed by the janitor
+    // itself: nothing else kills a QEMU whose daemon died.
+    let no_config = k.create("base");
+    let no_pidfile = k.create("base");
+    let orphan_qemus = [k.qemu_pid(&no_config), k.qemu_pid(&no_pidfile)];
     let qemu = k.qemu_pid(&id);
     let daemon = k.daemon_pid().expect("daemon running");
 
     signal(daemon, libc::SIGKILL);
     // QEMU does not die with its daemon, and the published port is gone with the daemon.
     assert!(process_alive(qemu), "QEMU {qemu} died with its daemon");
+    for q in orphan_qemus {
+        assert!(process_alive(q), "QEMU {q} died with its daemon");
+    }
+    let run = k.home().join("run");
+    std::fs::remove_file(run.join(&no_config).join("vm.json")).expect("remove vm.json");
+    for f in ["vm.json", "qemu.pid"] {
+        std::fs::remove_file(run.join(&no_pidfile).join(f)).expect("remove a record");
+    }
 
     // The next CLI call starts a new daemon, which re-attaches before it serves.
     assert_eq!(k.state_of(&id).as_deref(), Some("running"));
@@ -173,8 +188,31 @@ fn daemon_sigkill_sandbox_keeps_running_and_is_reattached() {
     let status = k.run(&["daemon", "status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
     assert_eq!(v["janitor"]["sandboxes_reattached"], 2, "{v}");
-    assert_eq!(v["janitor"]["sandboxes_failed"], 0, "{v}");
-    assert_eq!(v["janitor"]["processes_killed"], 0, "{v}");
+    assert_eq!(v["janitor"]["sandboxes_failed"], 2, "{v}");
+    assert_eq!(v["janitor"]["processes_killed"], 2, "{v}");
+    // The janitor killed both orphans' QEMUs (by pidfile, and by command line), removed their
+    // runtime directories and failed their rows with the reason.
+    for q in orphan_qemus {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_alive(q) {
+            assert!(Instant::now() < deadline, "orphaned QEMU {q} still runs");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    for orphan in [&no_config, &no_pidfile] {
+        assert!(!run.join(orphan).exists(), "run/{orphan} left behind");
+        let out = k.run(&["inspect", orphan]);
+        assert_success(&out, "inspect an orphan");
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect json");
+        assert_eq!(info[0]["state"], "failed", "{info}");
+        assert!(
+            info[0]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("daemon restarted")),
+            "{info}"
+        );
+        assert_success(&k.run(&["rm", orphan]), "rm an orphan");
+    }
     // Its files, its running server (through the published port, bound again), its name
     // and its secrets (read back from the guest for --secret-env) are all still there.
     let out = k.run(&[

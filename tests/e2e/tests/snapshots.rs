@@ -3,7 +3,7 @@
 //! reaches a snapshot file, ports keep working across snapshot and restore, and bad input
 //! is refused with a clear error.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kiln_e2e::{Kiln, assert_success, free_port, http_get, stderr, stdout, wait_http};
@@ -44,18 +44,61 @@ fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-/// Files under `dir` that contain `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
-    let mut files = Vec::new();
-    files_under(dir, &mut files);
-    files
-        .into_iter()
-        .filter(|f| {
-            let data = std::fs::read(f).unwrap_or_default();
-            data.windows(needle.len()).any(|w| w == needle)
-        })
-        .map(|f| f.display().to_string())
-        .collect()
+/// What a scan for a needle read: the files that hold it and every file read.
+struct Scan {
+    hits: Vec<PathBuf>,
+    files: Vec<PathBuf>,
+}
+
+/// Reads every regular file under `root` (symlinks not followed) and notes those containing
+/// `needle`. A missing or unreadable root or file fails the test (a scan that reads nothing
+/// must not pass); only a file removed between listing and reading is skipped.
+fn scan(root: &Path, needle: &[u8]) -> Scan {
+    assert!(root.is_dir(), "nothing to scan at {}", root.display());
+    let mut scan = Scan {
+        hits: Vec::new(),
+        files: Vec::new(),
+    };
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != root => continue,
+            Err(e) => panic!("cannot list {}: {e}", dir.display()),
+        };
+        for e in entries {
+            let e = e.expect("directory entry");
+            let (path, ft) = (e.path(), e.file_type().expect("file type"));
+            if ft.is_dir() {
+                stack.push(path);
+            } else if ft.is_file() {
+                let data = match std::fs::read(&path) {
+                    Ok(data) => data,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => panic!("cannot read {}: {e}", path.display()),
+                };
+                if data.windows(needle.len()).any(|w| w == needle) {
+                    scan.hits.push(path.clone());
+                }
+                scan.files.push(path);
+            }
+        }
+    }
+    scan
+}
+
+impl Scan {
+    /// Fails unless a file named `name` was read.
+    fn read_a(&self, name: &str) -> &Self {
+        assert!(
+            self.files
+                .iter()
+                .any(|f| f.file_name().is_some_and(|n| n == name)),
+            "the scan read no `{name}` (it read {:?})",
+            self.files
+        );
+        self
+    }
 }
 
 #[test]
@@ -134,9 +177,34 @@ fn secrets_never_reach_a_user_snapshot_and_come_back_to_the_source() {
     );
     let a = a["id"].as_str().expect("id").to_owned();
     assert_eq!(sh(&k, &a, "echo $TOKEN").trim(), value, "secret as env");
+    // Positive control: a value in the same tmpfs as the secrets, which the snapshot keeps.
+    let marker = sh(
+        &k,
+        &a,
+        "m=kiln-e2e-marker-$(od -An -tx1 -N8 /dev/urandom | tr -d ' \\n'); \
+         echo $m > /run/kiln-e2e-marker; echo $m",
+    );
+    let marker = marker.trim();
+    assert!(marker.len() > "kiln-e2e-marker-".len(), "marker {marker:?}");
     assert_success(&k.run(&["snapshot", &a, "--name", "nosecret"]), "snapshot");
-    let leaks = files_containing(&k.home().join("snapshots/nosecret"), value.as_bytes());
-    assert!(leaks.is_empty(), "secret value found in {leaks:?}");
+    let dir = k.home().join("snapshots/nosecret");
+    let found = scan(&dir, value.as_bytes());
+    found
+        .read_a("mem")
+        .read_a("state")
+        .read_a("disk.qcow2")
+        .read_a("manifest.json");
+    assert!(
+        found.hits.is_empty(),
+        "secret value found in {:?}",
+        found.hits
+    );
+    let control = scan(&dir, marker.as_bytes());
+    assert!(
+        control.hits.iter().any(|f| f.ends_with("mem")),
+        "the scan did not find the marker the guest kept in RAM (hits {:?})",
+        control.hits
+    );
     // The source has it back; a restore of the snapshot does not.
     assert_eq!(sh(&k, &a, "cat /run/secrets/TOKEN"), value);
     let b = create(&k, &["--snapshot", "nosecret"]);
@@ -167,8 +235,13 @@ fn secrets_never_reach_a_user_snapshot_and_come_back_to_the_source() {
         stderr(&out)
     );
     // Nothing of either value in the state directory (logs, store, snapshots, layers).
-    let leaks = files_containing(k.home(), value.as_bytes());
-    assert!(leaks.is_empty(), "secret value found in {leaks:?}");
+    let found = scan(k.home(), value.as_bytes());
+    found.read_a("mem").read_a("kiln.db");
+    assert!(
+        found.hits.is_empty(),
+        "secret value found in {:?}",
+        found.hits
+    );
 }
 
 #[test]

@@ -3,6 +3,9 @@
 #
 # usage: make-test-initramfs.sh <extracted linux-image-*-cloud-amd64 root> <output.cpio>
 #   e.g. apt-get download linux-image-6.1.0-56-cloud-amd64 && dpkg-deb -x linux-image-*.deb root
+#    or: make-test-initramfs.sh <a kiln image's initramfs.cpio> <output.cpio>
+#   (its lib/modules/*.ko: the modules kiln puts in every image's initramfs, for its vmlinuz;
+#   this is how tests/real_qemu.rs builds it from $KILN_E2E_HOME/images/base)
 #
 # /init prints KILN-MARKER-INIT, answers kiln.probe=1 with KILN-PROBE-OK + poweroff, else loads
 # the virtio modules, lists the virtio devices and ports (KILN-MARKER-DONE) and powers off,
@@ -11,19 +14,31 @@ set -eu
 root=$1
 out=$2
 busybox=${BUSYBOX:-/bin/busybox}
-kdir=$(echo "$root"/lib/modules/*/kernel)
-[ -d "$kdir" ] || { echo "no lib/modules/*/kernel under $root" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/bin" "$work/lib/modules" "$work/proc" "$work/sys" "$work/dev"
 cp "$busybox" "$work/bin/busybox"
 # Dependencies first.
-for m in drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_mmio \
-         drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci_modern_dev \
-         drivers/virtio/virtio_pci drivers/char/virtio_console drivers/block/virtio_blk \
-         drivers/char/hw_random/virtio-rng; do
-    cp "$kdir/$m.ko" "$work/lib/modules/"
-done
+mods="drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_mmio
+      drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci_modern_dev
+      drivers/virtio/virtio_pci drivers/char/virtio_console drivers/block/virtio_blk
+      drivers/char/hw_random/virtio-rng"
+if [ -f "$root" ]; then
+    # A kiln initramfs: flat lib/modules/NAME.ko, with '-' in names written as '_'.
+    from=$(mktemp -d)
+    trap 'rm -rf "$work" "$from"' EXIT
+    (cd "$from" && cpio -i -d --quiet 'lib/modules/*.ko' < "$root")
+    for m in $mods; do
+        name=$(basename "$m")
+        cp "$from/lib/modules/$(echo "$name" | tr - _).ko" "$work/lib/modules/$name.ko"
+    done
+else
+    kdir=$(echo "$root"/lib/modules/*/kernel)
+    [ -d "$kdir" ] || { echo "no lib/modules/*/kernel under $root" >&2; exit 1; }
+    for m in $mods; do
+        cp "$kdir/$m.ko" "$work/lib/modules/"
+    done
+fi
 cat > "$work/init" <<'INIT'
 #!/bin/busybox sh
 B=/bin/busybox
