@@ -22,6 +22,7 @@ pub mod files;
 mod guest;
 pub mod images;
 mod janitor;
+pub mod languages;
 mod machine;
 pub mod network;
 mod owner;

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use crate::aptcache::AptCache;
 use crate::error::{ImageError, IoContext};
 use crate::fingerprint::{FingerprintInputs, sha256_file, short_id};
 use crate::manifest::{
@@ -414,7 +415,9 @@ pub fn build(
             (None, _) | (Some(_), Some(_)) => {
                 let tree = tmp.join("rootfs.d");
                 let mut log = |line: &str| on_event(BuildEvent::Log(line.to_owned()));
-                rootfs::bootstrap(plan, &mirror, &tree, &mut log)?;
+                let cache = AptCache::new(&cfg.home);
+                let staging = tmp.join("debs.in");
+                rootfs::bootstrap(plan, &mirror, &tree, Some((&cache, &staging)), &mut log)?;
                 rootfs::finish(&tree)?;
                 let uuid = rootfs::uuid_from_fingerprint(&fingerprint);
                 rootfs::pack_ext4(&tree, &rootfs_path, &uuid, recipe.disk_mib, &mut |line| {

@@ -1,6 +1,6 @@
 //! Guest image builder: recipes -> kernel + initramfs + rootfs.
 //!
-//! Owns `$KILN_HOME/images/` and `$KILN_HOME/cache/{kernel,debs}/` (layout and boot contract in
+//! Owns `$KILN_HOME/images/` and `$KILN_HOME/cache/{kernel,debs,apt}/` (layout and boot contract in
 //! docs/architecture.md, "Boot contract"). One function per stage, one module per concern:
 //!
 //! | module        | owns                                                                |
@@ -12,6 +12,7 @@
 //! | `cpio`        | reproducible newc writer                                            |
 //! | `initramfs`   | the initramfs layout of the boot contract                           |
 //! | `rootfs`      | mirrors, mmdebstrap, trimming, `mkfs.ext4 -d`                        |
+//! | `aptcache`    | the `.deb` download cache shared by bootstraps (`cache/apt/`)        |
 //! | `fingerprint` | canonical encoding and sha256 of the build inputs                   |
 //! | `manifest`    | `manifest.json` and the file layout of one image                    |
 //! | `publish`     | temp dirs, atomic swap, per-name and cache locks, mount-safe removal, sealing |
@@ -24,6 +25,7 @@
 //! Host tools used: apt-cache, apt-get, dpkg-deb, mmdebstrap, mkfs.ext4 (and xz/zstd only for
 //! compressed modules); for imports skopeo, umoci, qemu-img, sfdisk, blkid, debugfs, dd. `scripts/setup-host` installs them.
 
+mod aptcache;
 mod build;
 mod cmd;
 mod cpio;
@@ -43,6 +45,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+pub use aptcache::{APT_CACHE_DIR, AptCache, HarvestReport, StageReport};
 pub use build::{
     BootFiles, BuildGuest, MIRROR_ENV, build, compact, copy_sparse, describe_change, get, list,
     remove, resolve_parent, staleness,

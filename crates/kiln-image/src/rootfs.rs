@@ -14,6 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::aptcache::AptCache;
 use crate::cmd;
 use crate::error::{ImageError, IoContext};
 use crate::recipe::Recipe;
@@ -193,14 +194,59 @@ pub const DPKG_FILTERS: &[&str] = &[
 ];
 
 /// Runs mmdebstrap for `recipe` into `target` (which must not exist yet), passing each line it
-/// prints to `on_line`.
+/// prints to `on_line`. With a package `cache`, the build first takes the cache's verified
+/// `.deb` files (hard links in `staging`, which is removed again), mmdebstrap downloads only
+/// what they lack, and what the tree then holds goes back into the cache for image `image`
+/// (see `aptcache.rs`).
 pub fn bootstrap(
     recipe: &Recipe,
     mirror: &Mirror,
     target: &Path,
+    cache: Option<(&AptCache, &Path)>,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<(), ImageError> {
-    cmd::run_streaming(mmdebstrap_command(recipe, mirror, target), on_line)
+    let Some((cache, staging)) = cache else {
+        return cmd::run_streaming(mmdebstrap_command(recipe, mirror, target, None), on_line);
+    };
+    let staged = cache.stage(staging)?;
+    for (name, why) in &staged.dropped {
+        on_line(&format!("package cache: deleted {name}: {why}"));
+    }
+    on_line(&format!(
+        "package cache: {} files ({:.1} MiB) verified in {} ms",
+        staged.files,
+        mib(staged.bytes),
+        staged.elapsed_ms
+    ));
+    let ran = cmd::run_streaming(
+        mmdebstrap_command(recipe, mirror, target, Some(staging)),
+        on_line,
+    );
+    crate::publish::safe_remove(staging)?;
+    ran?;
+    let harvested = cache.harvest(&recipe.name, target)?;
+    on_line(&format!(
+        "package cache: {} packages used, {} downloaded ({:.1} MiB) and kept, {} reused; \
+         {} no longer used removed ({:.1} MiB); {} files ({:.1} MiB) cached",
+        harvested.used,
+        harvested.added,
+        mib(harvested.added_bytes),
+        harvested.used - harvested.added,
+        harvested.pruned,
+        mib(harvested.pruned_bytes),
+        harvested.total_files,
+        mib(harvested.total_bytes)
+    ));
+    Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1 << 20)
+}
+
+/// `s` as one shell word.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// The mmdebstrap invocation for `recipe`: options and packages, then suite, target,
@@ -219,7 +265,18 @@ pub fn bootstrap(
 ///   that spawned it ends, i.e. when the daemon dies (the spawning thread blocks in `wait`
 ///   until the build ends, so it never ends first). A daemon killed mid-build leaves no
 ///   helper working in the home.
-fn mmdebstrap_command(recipe: &Recipe, mirror: &Mirror, target: &Path) -> Command {
+///
+/// With `staging` (the package cache's verified files), a setup hook hard-links them into
+/// the tree's `/var/cache/apt/archives` before apt runs (apt then downloads only the rest),
+/// and the tree keeps every `.deb` for the harvest: `--skip=essential/unlink` (mmdebstrap
+/// would delete the Essential set's files after installing them) and
+/// `--skip=cleanup/apt/cache` (and the apt cache at the end); [`finish`] empties it.
+fn mmdebstrap_command(
+    recipe: &Recipe,
+    mirror: &Mirror,
+    target: &Path,
+    staging: Option<&Path>,
+) -> Command {
     let mut c = Command::new("setpriv");
     c.args(["--pdeathsig", "KILL", "--", "unshare"]);
     c.args(["--mount", "--propagation", "private"]);
@@ -230,6 +287,13 @@ fn mmdebstrap_command(recipe: &Recipe, mirror: &Mirror, target: &Path) -> Comman
     }
     for filter in DPKG_FILTERS {
         c.arg(format!("--dpkgopt={filter}"));
+    }
+    if let Some(staging) = staging {
+        c.args(["--skip=essential/unlink", "--skip=cleanup/apt/cache"]);
+        c.arg(format!(
+            "--setup-hook=mkdir -p \"$1/var/cache/apt/archives\" && cp -al -- {}/. \"$1/var/cache/apt/archives/\"",
+            shell_quote(&staging.to_string_lossy())
+        ));
     }
     c.arg(&recipe.suite).arg(target);
     c.args(mirror.source_lines(&recipe.suite));
@@ -499,7 +563,12 @@ mod tests {
     #[test]
     fn mmdebstrap_command_packages_then_suite_target_sources() {
         let recipe = crate::recipe::builtin("python").expect("python");
-        let c = mmdebstrap_command(&recipe, &Mirror::from_uri(DEFAULT_MIRROR), Path::new("/t"));
+        let c = mmdebstrap_command(
+            &recipe,
+            &Mirror::from_uri(DEFAULT_MIRROR),
+            Path::new("/t"),
+            None,
+        );
         let args: Vec<String> = c
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
@@ -517,7 +586,12 @@ mod tests {
     #[test]
     fn mmdebstrap_command_runs_in_private_namespaces_and_dies_with_the_daemon() {
         let recipe = crate::recipe::builtin("base").expect("base");
-        let c = mmdebstrap_command(&recipe, &Mirror::from_uri(DEFAULT_MIRROR), Path::new("/t"));
+        let c = mmdebstrap_command(
+            &recipe,
+            &Mirror::from_uri(DEFAULT_MIRROR),
+            Path::new("/t"),
+            None,
+        );
         assert_eq!(c.get_program(), "setpriv");
         let args: Vec<String> = c
             .get_args()
@@ -547,11 +621,134 @@ mod tests {
     #[test]
     fn mmdebstrap_command_no_customize_no_hook_args() {
         let recipe = crate::recipe::builtin("base").expect("base");
-        let c = mmdebstrap_command(&recipe, &Mirror::from_uri(DEFAULT_MIRROR), Path::new("/t"));
+        let c = mmdebstrap_command(
+            &recipe,
+            &Mirror::from_uri(DEFAULT_MIRROR),
+            Path::new("/t"),
+            None,
+        );
         assert!(
             !c.get_args()
                 .any(|a| a.to_string_lossy().starts_with("--customize-hook"))
         );
+    }
+
+    #[test]
+    fn mmdebstrap_command_with_cache_links_staged_files_and_keeps_every_deb() {
+        let recipe = crate::recipe::builtin("base").expect("base");
+        let mirror = Mirror::from_uri(DEFAULT_MIRROR);
+        let staging = Path::new("/home/it's/debs.in");
+        let c = mmdebstrap_command(&recipe, &mirror, Path::new("/t"), Some(staging));
+        let args: Vec<String> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            args.contains(&"--skip=essential/unlink".to_owned()),
+            "{args:?}"
+        );
+        assert!(
+            args.contains(&"--skip=cleanup/apt/cache".to_owned()),
+            "{args:?}"
+        );
+        let hook = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--setup-hook="))
+            .expect("a setup hook");
+        // The hook is kiln's own, with the staging path as one shell word.
+        assert_eq!(
+            hook,
+            r#"mkdir -p "$1/var/cache/apt/archives" && cp -al -- '/home/it'\''s/debs.in'/. "$1/var/cache/apt/archives/""#
+        );
+        let suite = args.iter().position(|a| a == "bookworm").expect("suite");
+        assert!(args.iter().position(|a| a.starts_with("--setup-hook")) < Some(suite));
+        let plain = mmdebstrap_command(&recipe, &mirror, Path::new("/t"), None);
+        assert!(
+            !plain
+                .get_args()
+                .any(|a| a.to_string_lossy().starts_with("--s"))
+        );
+    }
+
+    /// A real bootstrap with the cache, then the same with one cached package changed in
+    /// place (same size): the second build must delete it, download it again and leave the
+    /// cache with the bytes the first one verified. Needs root and the Debian mirror; two
+    /// bootstraps of the Essential set (about 1–2 min).
+    #[test]
+    #[ignore = "root and the Debian mirror: two real bootstraps"]
+    fn bootstrap_with_a_poisoned_cache_downloads_the_package_again() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let h = home.path();
+        std::fs::create_dir_all(h.join("images")).expect("mkdir");
+        let cache = AptCache::new(h);
+        let recipe = Recipe::debian("poison-test", "bookworm");
+        let mirror = Mirror::resolve(std::env::var("KILN_DEBIAN_MIRROR").ok().as_deref());
+        let mut first = Vec::new();
+        bootstrap(
+            &recipe,
+            &mirror,
+            &h.join("tree1"),
+            Some((&cache, &h.join("staging1"))),
+            &mut |l| first.push(l.to_owned()),
+        )
+        .expect("first bootstrap");
+        assert!(!h.join("staging1").exists(), "staging removed");
+        let deb = std::fs::read_dir(cache.archives())
+            .expect("cache")
+            .map(|e| e.expect("entry").path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("dash_"))
+            })
+            .expect("dash is cached");
+        let good = crate::fingerprint::sha256_file(&deb).expect("hash");
+        let mut bytes = std::fs::read(&deb).expect("read");
+        let mid = bytes.len() / 2;
+        bytes[mid..mid + 8].copy_from_slice(b"POISONED");
+        std::fs::remove_file(&deb).expect("unlink");
+        std::fs::write(&deb, &bytes).expect("poison");
+
+        let mut second = Vec::new();
+        bootstrap(
+            &recipe,
+            &mirror,
+            &h.join("tree2"),
+            Some((&cache, &h.join("staging2"))),
+            &mut |l| second.push(l.to_owned()),
+        )
+        .expect("second bootstrap");
+        let name = deb
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            second
+                .iter()
+                .any(|l| l.starts_with(&format!("package cache: deleted {name}: sha256"))),
+            "{second:#?}"
+        );
+        assert!(
+            second.iter().any(|l| l.contains(" 1 downloaded")),
+            "{second:#?}"
+        );
+        assert_eq!(crate::fingerprint::sha256_file(&deb).expect("hash"), good);
+        let installed = std::fs::read(h.join("tree2/bin/dash")).expect("dash installed");
+        assert_eq!(
+            installed,
+            std::fs::read(h.join("tree1/bin/dash")).expect("first dash")
+        );
+    }
+
+    #[test]
+    fn shell_quote_survives_sh() {
+        for s in ["plain", "it's", "a b", "$HOME", "'\"`"] {
+            let out = Command::new("sh")
+                .args(["-c", &format!("printf %s {}", shell_quote(s))])
+                .output()
+                .expect("sh");
+            assert_eq!(String::from_utf8_lossy(&out.stdout), s);
+        }
     }
 
     #[test]

@@ -15,11 +15,20 @@ const BUILTIN: &[(&str, &str)] = &[
     ("base", include_str!("../../../../images/base.toml")),
     ("python", include_str!("../../../../images/python.toml")),
     ("postgres", include_str!("../../../../images/postgres.toml")),
+    ("node", include_str!("../../../../images/node.toml")),
+    ("ruby", include_str!("../../../../images/ruby.toml")),
+    ("go", include_str!("../../../../images/go.toml")),
+    ("rust", include_str!("../../../../images/rust.toml")),
+    ("c", include_str!("../../../../images/c.toml")),
+    ("cpp", include_str!("../../../../images/cpp.toml")),
+    ("bash", include_str!("../../../../images/bash.toml")),
 ];
 
 /// Names of the built-in recipes, in presentation order.
 pub fn builtin_names() -> &'static [&'static str] {
-    &["base", "python", "postgres"]
+    &[
+        "base", "python", "postgres", "node", "ruby", "go", "rust", "c", "cpp", "bash",
+    ]
 }
 
 /// The built-in recipe called `name`, if there is one.
@@ -147,6 +156,57 @@ mod tests {
     }
 
     #[test]
+    fn builtin_language_images_extend_base_and_self_test_a_hello_world() {
+        let base = builtin("base").expect("base");
+        for (name, package) in [
+            ("node", "nodejs"),
+            ("ruby", "ruby"),
+            ("go", "golang-go"),
+            ("rust", "rustc"),
+            ("c", "gcc"),
+            ("cpp", "g++"),
+            ("bash", "bash"),
+        ] {
+            let r = builtin(name).expect("listed");
+            assert_eq!(r.suite, "bookworm", "{name}");
+            assert!(r.packages.contains(&package.to_owned()), "{name}");
+            assert!(
+                base.packages.iter().all(|p| r.packages.contains(p)),
+                "{name}"
+            );
+            let test = r.test.as_ref().expect("self-test").argv.join(" ");
+            assert!(
+                test.contains(&format!("hello from {name}")),
+                "{name}: {test}"
+            );
+        }
+    }
+
+    #[test]
+    fn builtin_compiled_languages_warm_their_compiler_before_capture() {
+        for (name, compiler) in [
+            ("go", "go build"),
+            ("rust", "rustc"),
+            ("c", "gcc"),
+            ("cpp", "g++"),
+        ] {
+            let r = builtin(name).expect("listed");
+            let [warm] = r.on_boot.as_slice() else {
+                panic!("{name}: one on_boot command: {:?}", r.on_boot)
+            };
+            assert!(warm.argv.join(" ").contains(compiler), "{name}: {warm:?}");
+        }
+        for name in ["python", "node", "ruby", "bash"] {
+            assert!(builtin(name).expect("listed").on_boot.is_empty(), "{name}");
+        }
+        let go = builtin("go").expect("go");
+        assert_eq!(
+            go.env.get("GOCACHE").map(String::as_str),
+            Some("/var/cache/go-build")
+        );
+    }
+
+    #[test]
     fn builtin_postgres_round_trips_through_json() {
         let mut pg = builtin("postgres").expect("postgres");
         let json = serde_json::to_string(&pg).expect("json");
@@ -160,10 +220,10 @@ mod tests {
 
     #[test]
     fn lookup_unknown_lists_known_recipes() {
-        let err = lookup("ruby").expect_err("unknown");
+        let err = lookup("cobol").expect_err("unknown");
         let msg = err.to_string();
         assert!(
-            msg.contains("ruby") && msg.contains("base, python, postgres"),
+            msg.contains("cobol") && msg.contains("base, python, postgres, node"),
             "{msg}"
         );
     }
