@@ -3,7 +3,8 @@
 //!
 //! The tests are `#[ignore]`d so that a plain `cargo nextest run --workspace` stays fast and
 //! needs no QEMU; `scripts/test` runs them with `--run-ignored only` after building the
-//! release binaries and the `base` and `python` images into `$KILN_E2E_HOME`.
+//! release binaries and the built-in images (`base`, `python`, `postgres` and the language
+//! images) into `$KILN_E2E_HOME`.
 //!
 //! Most tests share that home (and so one daemon). Tests that kill or restart the daemon get
 //! an isolated home of their own ([`Kiln::isolated`]) whose `images` directory links to the
