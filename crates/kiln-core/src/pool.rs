@@ -22,8 +22,9 @@
 //! Invariants:
 //! - a pooled sandbox is handed out at most once: [`Pools::take`] removes it from its queue
 //!   under the lock;
-//! - a pooled sandbox of an image that was rebuilt since it was restored is shut down, never
-//!   handed out (the queue is checked against the image's id at every take and refill);
+//! - a pooled sandbox of an image that was rebuilt since it was restored, or whose QEMU has
+//!   exited, is shut down, never handed out (the queue is checked at every take, and against
+//!   the image's id at every refill);
 //! - a crashed daemon's pooled VMs are QEMUs without a row: the next daemon's janitor kills
 //!   them and removes their directories, like any half-started sandbox;
 //! - starts with a network, a user snapshot, `cold` or `KILN_NO_SNAPSHOT` never take from
@@ -190,9 +191,12 @@ impl Pools {
         let Some(pool) = pools.get_mut(&Key::of(image, machine)) else {
             return (None, Vec::new());
         };
-        // Restored from an older build of the image: never handed out.
-        let (stale, fresh): (Vec<Pooled>, Vec<Pooled>) =
-            pool.ready.drain(..).partition(|p| p.image_id != image_id);
+        // Restored from an older build of the image, or its QEMU is gone (killed, crashed):
+        // never handed out.
+        let (stale, fresh): (Vec<Pooled>, Vec<Pooled>) = pool
+            .ready
+            .drain(..)
+            .partition(|p| p.image_id != image_id || p.sb.vm().try_exit().is_some());
         pool.ready = fresh.into();
         let got = pool.ready.pop_front();
         match &got {
@@ -250,7 +254,8 @@ impl Pools {
         }
     }
 
-    /// Pooled sandboxes of `image` not at `image_id` (the image was rebuilt or removed).
+    /// Pooled sandboxes whose image is no longer at their id (rebuilt or removed) or whose
+    /// QEMU has exited.
     fn take_stale(&self, current: &dyn Fn(&str) -> Option<String>) -> Vec<Pooled> {
         let mut pools = self.lock();
         let mut out = Vec::new();
@@ -259,7 +264,7 @@ impl Pools {
             let (stale, fresh): (Vec<Pooled>, Vec<Pooled>) = pool
                 .ready
                 .drain(..)
-                .partition(|p| Some(&p.image_id) != id.as_ref());
+                .partition(|p| Some(&p.image_id) != id.as_ref() || p.sb.vm().try_exit().is_some());
             pool.ready = fresh.into();
             out.extend(stale);
         }
@@ -480,7 +485,7 @@ impl Engine {
         machine: MachineSpec,
     ) -> Option<Pooled> {
         let (got, stale) = self.pools.take(&image.name, &image.id.to_string(), machine);
-        discard(self, stale, "its image was rebuilt").await;
+        discard(self, stale, "its image was rebuilt or its VM is gone").await;
         got
     }
 
@@ -578,7 +583,12 @@ async fn refill(engine: Weak<Engine>) {
                 .map(|m| m.id.to_string())
         };
         let stale = e.pools.take_stale(&current);
-        discard(&e, stale, "its image was rebuilt or removed").await;
+        discard(
+            &e,
+            stale,
+            "its image was rebuilt or removed, or its VM is gone",
+        )
+        .await;
         match e.pools.next_fill() {
             Some((key, target)) => {
                 // The refill is counted as filling already: room for it means room beside

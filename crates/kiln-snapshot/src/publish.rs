@@ -163,13 +163,33 @@ impl SnapshotBuilder {
     }
 }
 
+/// How often a build directory's removal is tried while something still writes into it.
+const REMOVE_TRIES: u32 = 20;
+/// The pause between two tries.
+const REMOVE_PAUSE: std::time::Duration = std::time::Duration::from_millis(25);
+
 impl Drop for SnapshotBuilder {
     fn drop(&mut self) {
-        // The files may be sealed already (publish failed after sealing them).
-        if !self.published
-            && let Err(e) = immutable::remove_tree(&self.tmp)
-        {
-            warn!(dir = %self.tmp.display(), error = %e, "failed to remove snapshot build directory");
+        if self.published {
+            return;
+        }
+        // The files may be sealed already (publish failed after sealing them). A capture's
+        // writer may outlive its QEMU for a moment: the `exec:` helper that writes the state
+        // stream finishes its copy when a killed QEMU's pipe closes and renames its part file
+        // into place, and a removal that listed the directory before that rename finds it
+        // not empty. Tried again while the directory is still there (an error path: at most
+        // half a second).
+        for attempt in 1..=REMOVE_TRIES {
+            match immutable::remove_tree(&self.tmp) {
+                Ok(()) => return,
+                Err(_) if attempt < REMOVE_TRIES && self.tmp.exists() => {
+                    std::thread::sleep(REMOVE_PAUSE);
+                }
+                Err(e) => {
+                    warn!(dir = %self.tmp.display(), error = %e, "failed to remove snapshot build directory");
+                    return;
+                }
+            }
         }
     }
 }

@@ -49,6 +49,26 @@ fn qemus_of(home: &Path) -> usize {
         .count()
 }
 
+/// QEMU pids of the pooled sandboxes: runtime directories no listed sandbox owns.
+fn pooled_pids(k: &Kiln) -> Vec<i32> {
+    let listed: Vec<String> = k.ps()["sandboxes"]
+        .as_array()
+        .expect("ps")
+        .iter()
+        .map(|s| s["id"].as_str().expect("id").to_owned())
+        .collect();
+    std::fs::read_dir(k.home().join("run"))
+        .expect("run dir")
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("sb-") && !listed.contains(&name)
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("qemu.pid")).ok())
+        .filter_map(|p| p.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
 fn create(k: &Kiln, extra: &[&str]) -> Value {
     let mut args = vec!["create", "--image", "python", "--json"];
     args.extend_from_slice(extra);
@@ -142,6 +162,19 @@ fn pool_hands_out_ready_sandboxes_once_refills_and_leaves_nothing_behind() {
     assert_eq!(p["handed_out"], 2, "{p:#}");
     assert_eq!(p["misses"], 0, "{p:#}");
     assert_eq!(p["origin"], "api", "{p:#}");
+
+    // A pooled VM that died (killed here) is never handed out: the start takes the other
+    // one, and the pool replaces the dead one.
+    let pooled = pooled_pids(&k);
+    assert_eq!(pooled.len(), 2, "{pooled:?}");
+    kiln_e2e::signal(pooled[0], libc::SIGKILL);
+    let survivor = create(&k, &[]);
+    assert_eq!(survivor["source"], "pool", "{survivor:#}");
+    wait_until("the pool replaced its dead VM", 240, || ready(&k) == 2);
+    assert_success(
+        &k.run(&["rm", survivor["id"].as_str().expect("id")]),
+        "kiln rm",
+    );
 
     // Starts the pool does not serve: another machine size, a cold boot.
     let other = create(&k, &["--memory", "384"]);
