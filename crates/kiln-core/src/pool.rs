@@ -50,6 +50,8 @@ use crate::{Engine, remove_dir};
 const DEFAULT_WARMUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a pool waits after a failed refill before it tries again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(10);
+/// Longest a daemon shutdown waits for a pool's restore in flight.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
 /// How long a pool waits when the budget has no room for a refill.
 const WAIT_FOR_ROOM: Duration = Duration::from_secs(1);
 /// How often the refill task looks at the pools without being woken (rebuilt images).
@@ -148,6 +150,8 @@ pub(crate) struct Pools {
     pools: Mutex<BTreeMap<Key, Pool>>,
     /// Wakes the refill task (a permit is kept when it is not waiting).
     wake: Arc<Notify>,
+    /// Set at daemon shutdown: no refill starts, and one that ends gives its VM back.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Pools {
@@ -211,6 +215,9 @@ impl Pools {
 
     /// The next pool to refill (its `filling` counted up), if one is short.
     fn next_fill(&self) -> Option<(Key, PoolTarget)> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
         let now = Instant::now();
         let mut pools = self.lock();
         let (key, pool) = pools.iter_mut().find(|(_, p)| {
@@ -233,6 +240,11 @@ impl Pools {
         let Some(pool) = pools.get_mut(key) else {
             return result.ok();
         };
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) && result.is_ok() {
+            // Still counted as filling until the caller has shut it down
+            // ([`Pools::fill_discarded`]), so that a shutdown waits for that too.
+            return result.ok();
+        }
         pool.filling = pool.filling.saturating_sub(1);
         match result {
             Ok(p) => {
@@ -319,6 +331,18 @@ impl Pools {
             pool.filling = pool.filling.saturating_sub(1);
             pool.not_before = Some(Instant::now() + WAIT_FOR_ROOM);
         }
+    }
+
+    /// A refill that ended after the shutdown began: its VM is shut down now.
+    fn fill_discarded(&self, key: &Key) {
+        if let Some(pool) = self.lock().get_mut(key) {
+            pool.filling = pool.filling.saturating_sub(1);
+        }
+    }
+
+    /// Restores in flight.
+    fn filling(&self) -> u32 {
+        self.lock().values().map(|p| p.filling).sum()
     }
 
     /// Every pooled sandbox (daemon shutdown).
@@ -489,8 +513,17 @@ impl Engine {
         got
     }
 
-    /// Daemon shutdown: pooled sandboxes have no row to be re-attached by; they go.
+    /// Daemon shutdown: pooled sandboxes have no row to be re-attached by; they go. A
+    /// restore in flight is waited for (its VM is shut down when it ends), up to
+    /// [`SHUTDOWN_WAIT`]; one still running then is left to the next daemon's janitor.
     pub(crate) async fn pool_shutdown(&self) {
+        self.pools
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        let since = Instant::now();
+        while self.pools.filling() > 0 && since.elapsed() < SHUTDOWN_WAIT {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let all = self.pools.drain();
         discard(self, all, "daemon shutdown").await;
     }
@@ -616,8 +649,12 @@ async fn refill(engine: Weak<Engine>) {
                         warn!(image = %key.image, reason = %why, "pool refill failed; retried later")
                     }
                 }
+                let closing = e.pools.closed.load(std::sync::atomic::Ordering::Acquire);
                 if let Some(extra) = e.pools.filled(&key, &target, result) {
                     discard(&e, vec![extra], "its pool no longer wants it").await;
+                    if closing || e.pools.closed.load(std::sync::atomic::Ordering::Acquire) {
+                        e.pools.fill_discarded(&key);
+                    }
                 }
             }
             None => {

@@ -49,6 +49,17 @@ fn qemus_of(home: &Path) -> usize {
         .count()
 }
 
+/// Whether process `pid` has exited (gone, or a zombie not yet reaped).
+fn exited(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
 /// QEMU pids of the pooled sandboxes: runtime directories no listed sandbox owns.
 fn pooled_pids(k: &Kiln) -> Vec<i32> {
     let listed: Vec<String> = k.ps()["sandboxes"]
@@ -174,9 +185,13 @@ fn pool_hands_out_ready_sandboxes_once_refills_and_leaves_nothing_behind() {
     // of failing, and the pool replaces them.
     let pooled = pooled_pids(&k);
     assert_eq!(pooled.len(), 2, "{pooled:?}");
-    for pid in pooled {
+    for &pid in &pooled {
         kiln_e2e::signal(pid, libc::SIGKILL);
     }
+    // Dead as the kernel sees it (a zombie until the daemon reaps it): what the pool checks.
+    wait_until("the killed QEMUs exited", 30, || {
+        pooled.iter().all(|&p| exited(p))
+    });
     let survivor = create(&k, &[]);
     assert_eq!(survivor["source"], "snapshot", "{survivor:#}");
     wait_until("the pool replaced its dead VMs", 240, || ready(&k) == 2);
