@@ -228,22 +228,21 @@ impl Pools {
         Some((key.clone(), pool.target.clone()))
     }
 
-    /// A refill's end: the sandbox joins the pool if its target still wants it (else it
-    /// is returned, to be shut down).
+    /// A refill's end: the sandbox joins the pool if its target still wants it, else it is
+    /// returned to be shut down — after a shutdown began, still counted as filling (the
+    /// `bool`), so that the shutdown waits until [`Pools::fill_discarded`] says it is gone.
     fn filled(
         &self,
         key: &Key,
         target: &PoolTarget,
         result: Result<Pooled, String>,
-    ) -> Option<Pooled> {
+    ) -> Option<(Pooled, bool)> {
         let mut pools = self.lock();
         let Some(pool) = pools.get_mut(key) else {
-            return result.ok();
+            return result.ok().map(|p| (p, false));
         };
         if self.closed.load(std::sync::atomic::Ordering::Acquire) && result.is_ok() {
-            // Still counted as filling until the caller has shut it down
-            // ([`Pools::fill_discarded`]), so that a shutdown waits for that too.
-            return result.ok();
+            return result.ok().map(|p| (p, true));
         }
         pool.filling = pool.filling.saturating_sub(1);
         match result {
@@ -255,7 +254,7 @@ impl Pools {
                     pool.ready.push_back(p);
                     None
                 } else {
-                    Some(p)
+                    Some((p, false))
                 }
             }
             Err(why) => {
@@ -649,10 +648,9 @@ async fn refill(engine: Weak<Engine>) {
                         warn!(image = %key.image, reason = %why, "pool refill failed; retried later")
                     }
                 }
-                let closing = e.pools.closed.load(std::sync::atomic::Ordering::Acquire);
-                if let Some(extra) = e.pools.filled(&key, &target, result) {
+                if let Some((extra, counted)) = e.pools.filled(&key, &target, result) {
                     discard(&e, vec![extra], "its pool no longer wants it").await;
-                    if closing || e.pools.closed.load(std::sync::atomic::Ordering::Acquire) {
+                    if counted {
                         e.pools.fill_discarded(&key);
                     }
                 }

@@ -150,15 +150,7 @@ impl AptCache {
         let archives = self.archives();
         std::fs::create_dir_all(&archives).ctx("create directory", &archives)?;
         let path = self.dir.join(".lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|source| ImageError::Lock {
-                path: path.clone(),
-                source,
-            })?;
+        let file = crate::publish::open_lock_file(&path)?;
         file.lock()
             .map_err(|source| ImageError::Lock { path, source })?;
         Ok(Locked { _file: file })

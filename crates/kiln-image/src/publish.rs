@@ -288,6 +288,19 @@ pub(crate) struct NameLock {
     _file: File,
 }
 
+/// Opens (creating it) the lock file at `path`, not yet locked.
+pub(crate) fn open_lock_file(path: &Path) -> Result<File, ImageError> {
+    File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|source| ImageError::Lock {
+            path: path.to_owned(),
+            source,
+        })
+}
+
 /// Takes the exclusive lock `dir/.lock-<name>`, calling `on_wait` once if another process
 /// holds it (and then blocking until it is released).
 pub(crate) fn lock_name(
@@ -296,15 +309,7 @@ pub(crate) fn lock_name(
     on_wait: &mut dyn FnMut(),
 ) -> Result<NameLock, ImageError> {
     let path = dir.join(format!(".lock-{name}"));
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| ImageError::Lock {
-            path: path.clone(),
-            source,
-        })?;
+    let file = open_lock_file(&path)?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
