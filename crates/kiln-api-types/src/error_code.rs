@@ -30,6 +30,8 @@ pub enum ErrorCode {
     SnapshotNotFound,
     /// 404: no such detached command.
     ExecNotFound,
+    /// 404: no such job.
+    JobNotFound,
     /// 404: no recipe of that name to build an image from.
     RecipeNotFound,
     /// 404: a file operation's path (or a parent) does not exist in the guest.
@@ -91,6 +93,8 @@ pub enum ErrorCode {
     /// 429: the host's memory or vCPU budget for sandboxes is used up; retry after the
     /// `Retry-After` seconds (or when a sandbox ends).
     OverCapacity,
+    /// 429: the job queue is full; retry after the `Retry-After` seconds.
+    QueueFull,
     /// 500: building or reading an image failed.
     ImageError,
     /// 500: capturing, verifying or using a snapshot failed.
@@ -125,6 +129,7 @@ impl ErrorCode {
         ErrorCode::ImageNotFound,
         ErrorCode::SnapshotNotFound,
         ErrorCode::ExecNotFound,
+        ErrorCode::JobNotFound,
         ErrorCode::RecipeNotFound,
         ErrorCode::FileNotFound,
         ErrorCode::FileConflict,
@@ -154,6 +159,7 @@ impl ErrorCode {
         ErrorCode::HostSetup,
         ErrorCode::NetworkUnavailable,
         ErrorCode::OverCapacity,
+        ErrorCode::QueueFull,
         ErrorCode::ImageError,
         ErrorCode::SnapshotError,
         ErrorCode::StoreError,
@@ -206,6 +212,8 @@ impl ErrorCode {
             ErrorCode::HostSetup => "host_setup",
             ErrorCode::NetworkUnavailable => "network_unavailable",
             ErrorCode::OverCapacity => "over_capacity",
+            ErrorCode::QueueFull => "queue_full",
+            ErrorCode::JobNotFound => "job_not_found",
             ErrorCode::ImageError => "image_error",
             ErrorCode::SnapshotError => "snapshot_error",
             ErrorCode::StoreError => "store_error",
@@ -303,6 +311,8 @@ mod tests {
             | ErrorCode::HostSetup
             | ErrorCode::NetworkUnavailable
             | ErrorCode::OverCapacity
+            | ErrorCode::QueueFull
+            | ErrorCode::JobNotFound
             | ErrorCode::ImageError
             | ErrorCode::SnapshotError
             | ErrorCode::StoreError
@@ -315,6 +325,6 @@ mod tests {
             | ErrorCode::NoSpace
             | ErrorCode::Internal => 1,
         };
-        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 47);
+        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 49);
     }
 }

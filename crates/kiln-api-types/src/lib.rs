@@ -39,6 +39,7 @@ pub use storage::{
 
 pub mod execs;
 pub mod files;
+pub mod jobs;
 pub mod names;
 pub mod network;
 pub mod pools;
@@ -50,6 +51,10 @@ pub use files::{
     FileRemoveQuery, FileRenameRequest, FileWriteQuery, parse_mode,
 };
 
+pub use jobs::{
+    CloudeJob, CloudeStatus, JobCompile, JobCreated, JobEvent, JobId, JobInfo, JobList, JobRequest,
+    JobStatus, JobStream, JobSummary, JobTiming, LanguageEntry, LanguageList,
+};
 pub use names::{
     ImageName, InvalidInput, Label, LabelKey, Labels, SandboxName, SnapshotName,
     parse_duration_secs,

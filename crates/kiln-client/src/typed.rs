@@ -4,6 +4,9 @@
 
 use kiln_api_types::routes;
 use kiln_api_types::{
+    CloudeJob, JobCreated, JobEvent, JobId, JobInfo, JobList, JobRequest, LanguageList,
+};
+use kiln_api_types::{
     DiskUsage, DoctorReport, Event, ExecId, ExecInfo, ExecKillRequest, ExecList, ExecRequest,
     FileInfo, FileList, FileMkdirRequest, FileRenameRequest, Health, ImageBuildEvent,
     ImageBuildRecipeRequest, ImageBuildRequest, ImageImportRequest, ImageList, NetworkUpdate,
@@ -331,6 +334,73 @@ impl Client {
     pub async fn snapshot_delete(&self, name: &str) -> Result<()> {
         self.call_no_content(routes::SNAPSHOT_DELETE, &[name], NONE)
             .await
+    }
+
+    /// `POST /v1/jobs`: the job's id (it runs in the background).
+    pub async fn job_create(&self, req: &JobRequest) -> Result<JobCreated> {
+        self.call(routes::JOB_CREATE, &[], Some(req)).await
+    }
+
+    /// `GET /v1/jobs`, with filters (`("status", "running")`, `("language", "python")`,
+    /// `("limit", "20")`).
+    pub async fn job_list(&self, filters: &[(&str, &str)]) -> Result<JobList> {
+        self.call_with_query(routes::JOB_LIST, &[], filters, NONE)
+            .await
+    }
+
+    /// `GET /v1/jobs/{job_id}`; with `wait_secs`, the daemon answers once the job has ended
+    /// or that many seconds have passed, whichever is first.
+    pub async fn job_get(&self, id: &JobId, wait_secs: Option<u64>) -> Result<JobInfo> {
+        let wait = wait_secs.map(|w| w.to_string());
+        let query: Vec<(&str, &str)> = wait.iter().map(|w| ("wait", w.as_str())).collect();
+        self.call_with_query(routes::JOB_GET, &[id.as_str()], &query, NONE)
+            .await
+    }
+
+    /// `DELETE /v1/jobs/{job_id}`: cancels the job; returns it as it ended.
+    pub async fn job_cancel(&self, id: &JobId) -> Result<JobInfo> {
+        self.call(routes::JOB_CANCEL, &[id.as_str()], NONE).await
+    }
+
+    /// `GET /v1/jobs/{job_id}/events`: `on_event` sees each event (output replayed first)
+    /// until it answers `false` or the stream ends after `end`.
+    pub async fn job_events<E>(
+        &self,
+        id: &JobId,
+        mut on_event: impl FnMut(JobEvent) -> Result<bool, E>,
+    ) -> Result<()>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.stream_text_lines(
+            routes::JOB_EVENTS,
+            &[id.as_str()],
+            |line| -> std::result::Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+                let Some(data) = line.strip_prefix("data: ") else {
+                    return Ok(true);
+                };
+                match serde_json::from_str::<JobEvent>(data) {
+                    Ok(ev) => on_event(ev).map_err(Into::into),
+                    Err(e) => Err(Box::new(e).into()),
+                }
+            },
+        )
+        .await
+    }
+
+    /// `GET /v1/languages`: the languages of jobs, with their versions.
+    pub async fn language_list(&self) -> Result<LanguageList> {
+        self.call(routes::LANGUAGE_LIST, &[], NONE).await
+    }
+
+    /// `POST /run`: cloude's spelling of [`Client::job_create`].
+    pub async fn cloude_run(&self, req: &JobRequest) -> Result<JobCreated> {
+        self.call(routes::CLOUDE_RUN, &[], Some(req)).await
+    }
+
+    /// `GET /status/{id}`: a job in cloude's shape.
+    pub async fn cloude_status(&self, id: &JobId) -> Result<CloudeJob> {
+        self.call(routes::CLOUDE_STATUS, &[id.as_str()], NONE).await
     }
 
     /// `GET /v1/pools`.
