@@ -186,6 +186,7 @@ pub fn status_of(e: &CoreError) -> StatusCode {
         CoreError::NameTaken(_) | CoreError::WrongState { .. } => StatusCode::CONFLICT,
         CoreError::SandboxNotFound(_)
         | CoreError::ExecNotFound(_)
+        | CoreError::JobNotFound(_)
         | CoreError::RecipeNotFound { .. }
         | CoreError::ImageNotFound { .. }
         | CoreError::SnapshotNotFound(_) => StatusCode::NOT_FOUND,
@@ -203,7 +204,9 @@ pub fn status_of(e: &CoreError) -> StatusCode {
         | CoreError::Unresponsive { .. }
         | CoreError::NetworkUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         CoreError::NoSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
-        CoreError::OverCapacity { .. } => StatusCode::TOO_MANY_REQUESTS,
+        CoreError::OverCapacity { .. } | CoreError::QueueFull { .. } => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
         CoreError::File { kind, .. } => {
             use kiln_core::files::FileErrorKind as K;
             match kind {
@@ -239,6 +242,9 @@ impl From<CoreError> for HttpError {
     fn from(e: CoreError) -> Self {
         let retry_after = match &e {
             CoreError::OverCapacity {
+                retry_after_secs, ..
+            }
+            | CoreError::QueueFull {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             _ => None,

@@ -43,6 +43,21 @@ pub enum CoreError {
     /// No detached command with that id.
     #[error("no detached command {0} (see `kiln exec ls SANDBOX`)")]
     ExecNotFound(String),
+    /// No job with that id.
+    #[error("no job {0} (see `kiln job ls`)")]
+    JobNotFound(String),
+    /// The job queue is full.
+    #[error(
+        "the job queue is full ({queued} jobs wait, at most {max}: KILN_JOB_QUEUE); retry in {retry_after_secs} s"
+    )]
+    QueueFull {
+        /// Jobs waiting.
+        queued: usize,
+        /// The queue's bound.
+        max: usize,
+        /// When to try again (seconds), for `Retry-After`.
+        retry_after_secs: u64,
+    },
     /// Another sandbox has that name.
     #[error("a sandbox named {0:?} exists already")]
     NameTaken(String),
@@ -201,6 +216,8 @@ impl CoreError {
             },
             CoreError::AmbiguousSandbox { .. } => "ambiguous_sandbox",
             CoreError::ExecNotFound(_) => "exec_not_found",
+            CoreError::JobNotFound(_) => "job_not_found",
+            CoreError::QueueFull { .. } => "queue_full",
             CoreError::RecipeNotFound { .. } => "recipe_not_found",
             CoreError::File { kind, .. } => kind.code(),
             CoreError::NameTaken(_) => "name_taken",

@@ -27,8 +27,10 @@ use kiln_api_types::{
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
+mod jobs;
 mod leases;
 mod pools;
+pub use jobs::{JobFilter, StoredJob};
 pub use leases::{LeaseSubnet, NetLease};
 pub use pools::StoredPool;
 
@@ -81,6 +83,20 @@ const MIGRATIONS: &[&str] = &[
         warmup_timeout_secs INTEGER,
         PRIMARY KEY (image, cpus, memory_mib)
     ) STRICT;",
+    // 7: jobs: the request (to run a queued job after a restart), the job's record and its
+    // summary for lists, as JSON the engine writes.
+    "CREATE TABLE jobs (
+        id          TEXT PRIMARY KEY NOT NULL,
+        seq         INTEGER NOT NULL,
+        created_ms  INTEGER NOT NULL,
+        status      TEXT NOT NULL,
+        language    TEXT NOT NULL,
+        request     TEXT NOT NULL,
+        info        TEXT NOT NULL,
+        summary     TEXT NOT NULL
+    ) STRICT;
+     CREATE UNIQUE INDEX jobs_seq ON jobs (seq);
+     CREATE INDEX jobs_status ON jobs (status, seq);",
 ];
 
 /// Maps a query's error to [`StoreError::Query`] naming `what` was being done.
