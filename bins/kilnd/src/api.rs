@@ -38,6 +38,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 mod images;
+mod jobs;
 mod pools;
 
 type Shared = State<Arc<Engine>>;
@@ -84,6 +85,12 @@ pub(crate) fn api_routes() -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(images::image_delete))
         .routes(routes!(pools::pool_list))
         .routes(routes!(pools::pool_set))
+        .routes(routes!(jobs::job_create, jobs::job_list))
+        .routes(routes!(jobs::job_get, jobs::job_cancel))
+        .routes(routes!(jobs::job_events))
+        .routes(routes!(jobs::language_list))
+        .routes(routes!(jobs::cloude_run))
+        .routes(routes!(jobs::cloude_status))
         .routes(routes!(system_df))
         .routes(routes!(system_prune))
 }

@@ -39,6 +39,7 @@ use utoipa::openapi::{RefOr, Response as OaResponse, ResponseBuilder};
         (name = "execs", description = "Detached commands: started once, attached to any number of times"),
         (name = "files", description = "Files in a sandbox: transfers in and out, listings and small operations"),
         (name = "pools", description = "Warm pools: sandboxes restored ahead of demand"),
+        (name = "jobs", description = "Jobs: a program in one of kiln's languages, run once in a fresh sandbox; cloude's `/run` and `/status/{id}`"),
     ),
     components(schemas(
         ApiError,

@@ -71,25 +71,12 @@ pub struct Budget {
 impl Budget {
     /// From the environment, else from the host's size.
     pub fn from_env() -> Result<Budget, CoreError> {
-        let num = |name: &str| -> Result<Option<u64>, CoreError> {
-            match std::env::var(name) {
-                Ok(v) if !v.trim().is_empty() => v
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .map(Some)
-                    .ok_or_else(|| {
-                        CoreError::HostSetup(format!("{name}={v:?}: expected a positive number"))
-                    }),
-                _ => Ok(None),
-            }
-        };
         let host_mib = host_memory_mib().unwrap_or(4096);
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
         Ok(Budget {
-            memory_mib: num("KILN_MEMORY_BUDGET_MIB")?.unwrap_or_else(|| default_memory(host_mib)),
-            vcpus: num("KILN_VCPU_BUDGET")?.unwrap_or_else(|| default_vcpus(cpus)),
+            memory_mib: positive_env("KILN_MEMORY_BUDGET_MIB")?
+                .unwrap_or_else(|| default_memory(host_mib)),
+            vcpus: positive_env("KILN_VCPU_BUDGET")?.unwrap_or_else(|| default_vcpus(cpus)),
         })
     }
 
@@ -100,6 +87,23 @@ impl Budget {
 }
 
 /// [`VCPUS_PER_CPU`] per host CPU.
+/// A positive number from the daemon's environment variable `name` (`None`: unset or empty);
+/// anything else is refused naming the variable.
+pub(crate) fn positive_env(name: &str) -> Result<Option<u64>, CoreError> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(Some)
+            .ok_or_else(|| {
+                CoreError::HostSetup(format!("{name}={v:?}: expected a positive number"))
+            }),
+        _ => Ok(None),
+    }
+}
+
 fn default_vcpus(host_cpus: u64) -> u64 {
     host_cpus * u64::from(VCPUS_PER_CPU)
 }

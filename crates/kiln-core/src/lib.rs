@@ -22,6 +22,7 @@ pub mod files;
 mod guest;
 pub mod images;
 mod janitor;
+mod jobs;
 pub mod languages;
 mod machine;
 pub mod network;
@@ -57,6 +58,7 @@ use tracing::{info, warn};
 
 pub use detached::{AttachItem, DetachedExec};
 pub use error::CoreError;
+pub use jobs::JobEvents;
 pub use paths::Home;
 pub use sandbox::{Exec, ExecOutput, Sandbox};
 
@@ -86,6 +88,8 @@ pub struct Engine {
     pub(crate) pools: pool::Pools,
     /// The budget for sandboxes, and the starts in flight.
     pub(crate) admission: admission::Admission,
+    /// The job queue and the jobs in flight.
+    pub(crate) jobs: jobs::Jobs,
 }
 
 impl Engine {
@@ -100,6 +104,7 @@ impl Engine {
         let store = Store::open(&home.database())?;
         let net = network::NetSettings::from_env()?;
         let budget = admission::Budget::from_env()?;
+        let job_settings = jobs::Settings::from_env()?;
         info!(
             memory_mib = budget.memory_mib,
             vcpus = budget.vcpus,
@@ -133,6 +138,7 @@ impl Engine {
             bridge: network::bridge::BridgeState::default(),
             pools: pool::Pools::default(),
             admission: admission::Admission::new(budget),
+            jobs: jobs::Jobs::new(job_settings),
         });
         let count = live.len() as u32;
         let started = std::time::Instant::now();
@@ -142,6 +148,7 @@ impl Engine {
         janitor.sandboxes_failed += count - reattached;
         *engine.janitor.lock().unwrap_or_else(|e| e.into_inner()) = janitor;
         engine.start_pools()?;
+        engine.jobs_start().await?;
         Ok(engine)
     }
 
@@ -795,6 +802,7 @@ impl Engine {
     /// Daemon shutdown: lets go of every sandbox, leaving its VM running for the next
     /// daemon to re-attach (`kiln daemon stop --all` removes them first).
     pub async fn shutdown(&self) {
+        self.jobs_shutdown().await;
         self.pool_shutdown().await;
         let all: Vec<_> = self.table().drain().collect();
         for (id, (handle, sb)) in all {

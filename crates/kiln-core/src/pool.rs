@@ -394,7 +394,7 @@ impl Engine {
         req: &PoolSetRequest,
     ) -> Result<PoolInfo, CoreError> {
         req.validate()?;
-        let machine = self.pool_machine(image, req)?;
+        let machine = self.pool_machine(image, req.cpus, req.memory_mib)?;
         self.store.pool_set(&kiln_store::StoredPool {
             image: image.to_string(),
             cpus: machine.cpus,
@@ -416,12 +416,13 @@ impl Engine {
             .ok_or_else(|| CoreError::HostSetup("the pool vanished while being set".into()))
     }
 
-    /// The machine size a pool request means: the sizes it names, else the image's
+    /// The machine size a pool (or a job) means: the sizes given, else the image's
     /// defaults, else kiln's (as a start of the image without sizes would ask).
-    fn pool_machine(
+    pub(crate) fn pool_machine(
         &self,
         image: &ImageName,
-        req: &PoolSetRequest,
+        cpus: Option<u32>,
+        memory_mib: Option<u32>,
     ) -> Result<MachineSpec, CoreError> {
         let manifest = kiln_image::get(self.home.root(), image.as_str())?.ok_or_else(|| {
             CoreError::ImageNotFound {
@@ -429,12 +430,10 @@ impl Engine {
             }
         })?;
         let machine = MachineSpec {
-            cpus: req
-                .cpus
+            cpus: cpus
                 .or(manifest.recipe.cpus)
                 .unwrap_or(kiln_api_types::DEFAULT_CPUS),
-            memory_mib: req
-                .memory_mib
+            memory_mib: memory_mib
                 .or(manifest.recipe.memory_mib)
                 .unwrap_or(kiln_api_types::DEFAULT_MEMORY_MIB),
         };
@@ -451,7 +450,7 @@ impl Engine {
         let stored = self.store.pools()?;
         for (image, req) in pools {
             req.validate()?;
-            let machine = self.pool_machine(image, req)?;
+            let machine = self.pool_machine(image, req.cpus, req.memory_mib)?;
             let overridden = stored.iter().any(|s| {
                 s.image == image.as_str()
                     && s.cpus == machine.cpus
