@@ -5,7 +5,7 @@
 //! ```text
 //!  acquire      sandbox_create(image, labels kiln.job=<id>)  pool → restore → cold boot;
 //!               over capacity: wait for a sandbox to go, try again
-//!  setup        one tar archive unpacked into /root:  job/<source file>, job/<files…>
+//!  setup        one tar archive unpacked into /root/job:  <source file>, <files…>
 //!  compile      cd /root/job && <compile argv>   output → `compile`; ≠ 0 → failed, no run
 //!  run          cd /root/job && <run argv> <args>   stdout, stderr; stdin written, closed
 //!  end          record stored and published; sandbox removed (slot freed after that)
@@ -265,33 +265,29 @@ pub(super) async fn acquire(
     }
 }
 
-/// Writes the program and its files into `WORKDIR`, as one tar archive unpacked by the
-/// guest (it makes the directories).
+/// Writes the program and its files into `WORKDIR`, as one tar archive the guest unpacks
+/// into that new directory (it makes the directories).
 async fn setup(engine: &Engine, live: &Live, id: &SandboxId) -> Result<(), CoreError> {
     let archive = archive(live.language, &live.req).map_err(|e| CoreError::Io {
         what: "pack the job's files for",
         path: WORKDIR.into(),
         source: e,
     })?;
-    let mut up = engine.file_upload(id, "/root", None, true).await?;
+    let mut up = engine.file_upload(id, WORKDIR, None, true).await?;
     up.write_all(&archive)
         .await
         .map_err(|e| crate::files::transfer_error(WORKDIR, e))?;
     up.finish().await.map(drop)
 }
 
-/// The tar archive of a job: `job/`, its program and its files (with their directories).
+/// The tar archive of a job: its program and its files, with their directories.
 fn archive(language: Language, req: &kiln_api_types::JobRequest) -> std::io::Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
     let mut dirs = std::collections::BTreeSet::new();
-    dirs.insert("job".to_owned());
     for path in req.files.keys() {
-        let mut at = String::from("job");
         let parts: Vec<&str> = path.split('/').collect();
-        for part in &parts[..parts.len() - 1] {
-            at.push('/');
-            at.push_str(part);
-            dirs.insert(at.clone());
+        for n in 1..parts.len() {
+            dirs.insert(parts[..n].join("/"));
         }
     }
     for dir in &dirs {
@@ -308,7 +304,7 @@ fn archive(language: Language, req: &kiln_api_types::JobRequest) -> std::io::Res
         h.set_entry_type(tar::EntryType::Regular);
         h.set_mode(0o644);
         h.set_size(content.len() as u64);
-        b.append_data(&mut h, format!("job/{path}"), content.as_bytes())?;
+        b.append_data(&mut h, path, content.as_bytes())?;
     }
     b.into_inner()
 }
@@ -478,16 +474,15 @@ mod tests {
         assert_eq!(
             names,
             [
-                "job/",
-                "job/data/",
-                "job/lib/",
-                "job/lib/a/",
-                "job/main.py",
-                "job/data/in.txt",
-                "job/lib/a/b.py"
+                "data/",
+                "lib/",
+                "lib/a/",
+                "main.py",
+                "data/in.txt",
+                "lib/a/b.py"
             ]
         );
-        assert_eq!(seen[4].1, "print(1)\n");
-        assert_eq!(seen[6].1, "X = 1\n");
+        assert_eq!(seen[3].1, "print(1)\n");
+        assert_eq!(seen[5].1, "X = 1\n");
     }
 }
