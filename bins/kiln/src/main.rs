@@ -17,6 +17,7 @@ mod cp;
 mod doctor;
 mod execs;
 mod image;
+mod job;
 mod network;
 mod pool;
 mod ps;
@@ -61,6 +62,13 @@ enum Cmd {
     /// --size N`, `kiln pool ls`).
     #[command(subcommand)]
     Pool(pool::PoolCmd),
+    /// Jobs: programs in one of kiln's languages, run once each in a fresh sandbox by the
+    /// daemon's queue (`kiln job run --language python --file main.py`, `kiln job ls`).
+    #[command(subcommand)]
+    Job(job::JobCmd),
+    /// Run a program and wait for its result: `kiln job run` (cloude's spelling, e.g. `kiln
+    /// go --language rust --file main.rs`).
+    Go(job::JobRunArgs),
     /// Run a command in a running sandbox (same streaming and exit code rules as `run`).
     Exec(sandbox::ExecArgs),
     /// An interactive login shell in a running sandbox (`exec -it ID -- bash -l`, or `sh -l`
@@ -274,6 +282,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Token { rotate, json } => return token::run(&home, *rotate, *json),
         // Starts a daemon of its own (a home under this one), with its DNS settings.
         Cmd::Bench(BenchCmd::Network(args)) => return bench_network::run(&home, args).await,
+        // Reads the program and its files, and checks them, before connecting.
+        Cmd::Job(job::JobCmd::Run(args)) | Cmd::Go(args) => return job::run(&home, args).await,
         Cmd::Completion { shell } => {
             completion::write(*shell, &mut std::io::stdout());
             return Ok(0);
@@ -300,6 +310,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Ttl { id, duration, json } => ps::ttl(&client, id, duration, *json).await,
         Cmd::Network(cmd) => network::run(&client, cmd).await,
         Cmd::Pool(cmd) => pool::run(&client, cmd).await,
+        Cmd::Job(cmd) => job::cmd(&client, cmd).await,
         Cmd::Events { json } => ps::events(&client, *json).await,
         Cmd::Logs { id, follow } => execs::logs(&client, id, *follow).await,
         Cmd::Cp { src, dst, json } => cp::cp(&client, src, dst, *json).await,
@@ -326,6 +337,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         | Cmd::Daemon(_)
         | Cmd::Token { .. }
         | Cmd::Completion { .. }
+        | Cmd::Go(_)
         | Cmd::Bench(BenchCmd::Network(_)) => {
             unreachable!("handled above")
         }
