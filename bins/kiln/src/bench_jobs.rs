@@ -37,7 +37,7 @@ use kiln_client::Client;
 use serde::Serialize;
 
 use crate::bench::{Summary, summary};
-use crate::job::{submit, wait_final};
+use crate::job_result::{submit, wait_final};
 
 /// The language of the throughput part.
 const THROUGHPUT_LANGUAGE: &str = "python";

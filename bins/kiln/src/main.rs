@@ -19,6 +19,7 @@ mod doctor;
 mod execs;
 mod image;
 mod job;
+mod job_result;
 mod network;
 mod pool;
 mod ps;
