@@ -5,7 +5,8 @@
 //! none runs, a one-shot `kilnd --doctor`, so it works even when the daemon cannot start. The
 //! CLI does not link the engine: it knows kiln only through `kiln-api-types` and
 //! `kiln-client`. Errors are printed with their whole chain as one line
-//! `kiln: ...` and give exit code 1 (`kiln run` passes the command's own code through).
+//! `kiln: ...` and give exit code 1 (`kiln run` passes the command's own code through, `kiln
+//! job run` the program's; see `job.rs`).
 
 mod bench;
 mod bench_images;
