@@ -309,8 +309,10 @@ pub async fn cmd(client: &Client, cmd: &JobCmd) -> anyhow::Result<i32> {
             let job = client.job_cancel(id).await?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&job)?);
+            } else if job.status == JobStatus::Cancelled {
+                println!("job {}: cancelled", job.id);
             } else {
-                println!("job {}: {}", job.id, job.status);
+                println!("job {} had already ended: {}", job.id, job.status);
             }
             Ok(0)
         }

@@ -193,7 +193,8 @@ impl<O: Write, E: Write> Echo<O, E> {
         w.flush()
     }
 
-    /// Prints what `job` holds of each stream beyond what was printed.
+    /// Prints what `job` holds of each stream beyond what was printed (the text is the
+    /// daemon's: the bytes kept, invalid UTF-8 replaced, as its events carry it).
     pub fn catch_up(&mut self, job: &JobInfo) -> std::io::Result<()> {
         let streams = [
             (JobStream::Compile, job.compile.as_ref().map(|c| &c.output)),
@@ -203,12 +204,19 @@ impl<O: Write, E: Write> Echo<O, E> {
         for (stream, full) in streams {
             let Some(full) = full else { continue };
             let done = self.printed[Self::slot(stream)];
-            if let Some(rest) = full.as_bytes().get(done..)
-                && !rest.is_empty()
-            {
-                // A boundary inside a character cannot come from whole events; lossy keeps
-                // the rest printable anyway.
-                self.event(stream, &String::from_utf8_lossy(rest))?;
+            let Some(rest) = full.as_bytes().get(done..) else {
+                continue;
+            };
+            // A boundary inside a character cannot come from whole events; lossy keeps the
+            // rest printable anyway.
+            let mut rest = String::from_utf8_lossy(rest).into_owned();
+            // A running job's record ends in U+FFFD while the rest of a character is still
+            // on its way: leave it for the next look, which has the whole character.
+            if !job.status.is_final() && rest.ends_with(char::REPLACEMENT_CHARACTER) {
+                rest.pop();
+            }
+            if !rest.is_empty() {
+                self.event(stream, &rest)?;
             }
         }
         Ok(())
@@ -397,8 +405,14 @@ pub(crate) mod tests {
         j.stderr = "e1\ne2\n".into();
         echo.catch_up(&j).unwrap();
         echo.catch_up(&j).unwrap();
+        // A character cut in the running record is printed whole once it is complete.
+        j.stdout = "hello\nworld\n\u{fffd}".into();
+        echo.catch_up(&j).unwrap();
+        j.stdout = "hello\nworld\n☃".into();
+        j.status = JobStatus::Succeeded;
+        echo.catch_up(&j).unwrap();
         let (out, err) = echo.into_parts();
-        assert_eq!(String::from_utf8(out).unwrap(), "hello\nworld\n");
+        assert_eq!(String::from_utf8(out).unwrap(), "hello\nworld\n☃");
         assert_eq!(String::from_utf8(err).unwrap(), "warning: x\ne1\ne2\n");
     }
 
