@@ -6,7 +6,10 @@
 //! with one line on stderr; output is streamed from the events and, when the event stream
 //! breaks off (here: the daemon's `event: lagged` entry, which the client cannot read), caught
 //! up from `GET /v1/jobs/{id}?wait=` without printing anything twice; the exit code follows
-//! the job's end (its own code, 124 timed out, 125 error); `--detach` and `--json`.
+//! the job's end (its own code, 124 timed out, 125 error); `--detach` and `--json`. And
+//! `kiln bench jobs` against a daemon whose pools are ready at once: only built languages
+//! are measured, the pools it set are put back as they were (size and warm-up), also when a
+//! job's wrong output fails the bench naming the job.
 
 use std::path::Path;
 use std::process::Output;
@@ -190,18 +193,30 @@ fn answer(
     }
 }
 
-/// Serves HTTP/1.1 on `socket` until the test ends.
+/// The job scripts' daemon: [`answer`], the first create refused as `queue_full`.
 fn fake_daemon(socket: &Path) -> Seen {
+    let creates = Mutex::new(0u32);
+    serve(
+        socket,
+        Arc::new(move |method, path, body| answer(method, path, body, &creates)),
+    )
+}
+
+/// A fake daemon's answer to one request (method, path with query, body): status, content
+/// type, body.
+type Handler = Arc<dyn Fn(&str, &str, &[u8]) -> (u16, &'static str, String) + Send + Sync>;
+
+/// Serves HTTP/1.1 on `socket` with `handler` until the test ends.
+fn serve(socket: &Path, handler: Handler) -> Seen {
     let listener = UnixListener::bind(socket).expect("bind the fake daemon's socket");
     let seen: Seen = Arc::default();
-    let creates = Arc::new(Mutex::new(0u32));
     let seen2 = Arc::clone(&seen);
     tokio::spawn(async move {
         loop {
             let Ok((mut conn, _)) = listener.accept().await else {
                 return;
             };
-            let (seen, creates) = (Arc::clone(&seen2), Arc::clone(&creates));
+            let (seen, handler) = (Arc::clone(&seen2), Arc::clone(&handler));
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
@@ -237,7 +252,7 @@ fn fake_daemon(socket: &Path) -> Seen {
                         }
                     }
                     let body: Vec<u8> = buf.drain(..head_len + body_len).skip(head_len).collect();
-                    let (status, ctype, answer) = answer(&method, &path, &body, &creates);
+                    let (status, ctype, answer) = handler(&method, &path, &body);
                     seen.lock().expect("lock").push((method, path));
                     let head = format!(
                         "HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n\r\n",
@@ -374,5 +389,223 @@ async fn job_run_detach_prints_the_id_and_json_prints_the_record() {
     assert_eq!(
         (job.status, job.stdout.as_str()),
         (JobStatus::TimedOut, "tick\n")
+    );
+}
+
+/// The pools of the bench's fake daemon: image → (size, warm-up), and every `PUT` in order.
+#[derive(Default)]
+struct FakePools {
+    now: std::collections::BTreeMap<String, (u32, Option<Vec<String>>)>,
+    puts: Vec<(String, u32, Option<Vec<String>>)>,
+}
+
+/// A daemon for `kiln bench jobs`: python and bash built (rust not), a python pool of 3
+/// with a warm-up before the bench, pools ready at once, every job a warm hello world —
+/// except the `bad_job`-th, which prints `hell`.
+fn bench_daemon(socket: &Path, bad_job: u32) -> (Seen, Arc<Mutex<FakePools>>) {
+    use kiln_api_types::{
+        LanguageEntry, LanguageList, MachineSpec, PoolInfo, PoolList, PoolOrigin, PoolSetRequest,
+    };
+    const JSON: &str = "application/json";
+    let pools = Arc::new(Mutex::new(FakePools::default()));
+    pools.lock().expect("lock").now.insert(
+        "python".into(),
+        (3, Some(vec!["python3".into(), "-c".into(), "pass".into()])),
+    );
+    let jobs = Mutex::new(Vec::<String>::new());
+    let state = Arc::clone(&pools);
+    let lang = |id: &str, built: bool| LanguageEntry {
+        id: id.into(),
+        name: id.into(),
+        aliases: Vec::new(),
+        image: id.into(),
+        compiled: false,
+        source_file: "main".into(),
+        image_built: built,
+        version: None,
+    };
+    let languages = LanguageList {
+        languages: vec![
+            lang("python", true),
+            lang("rust", false),
+            lang("bash", true),
+        ],
+    };
+    let seen = serve(
+        socket,
+        Arc::new(move |method, path, body| {
+            let (route, _) = path.split_once('?').unwrap_or((path, ""));
+            match (method, route) {
+                ("GET", "/v1/health") => (
+                    200,
+                    JSON,
+                    json(&Health {
+                        api_version: API_VERSION,
+                        version: "fake".into(),
+                        pid: 1,
+                        janitor: JanitorReport::default(),
+                    }),
+                ),
+                ("GET", "/v1/languages") => (200, JSON, json(&languages)),
+                ("GET", "/v1/pools") => {
+                    let pools = state.lock().expect("lock");
+                    let list = pools
+                        .now
+                        .iter()
+                        .filter(|(_, (size, _))| *size > 0)
+                        .map(|(image, (size, warmup))| PoolInfo {
+                            image: image.parse().expect("image"),
+                            machine: MachineSpec::default(),
+                            size: *size,
+                            ready: *size,
+                            filling: 0,
+                            handed_out: 0,
+                            misses: 0,
+                            warmup: warmup.clone(),
+                            origin: PoolOrigin::Api,
+                            last_error: None,
+                        })
+                        .collect();
+                    (200, JSON, json(&PoolList { pools: list }))
+                }
+                ("PUT", p) if p.starts_with("/v1/pools/") => {
+                    let image = p.trim_start_matches("/v1/pools/").to_owned();
+                    let req: PoolSetRequest = serde_json::from_slice(body).expect("pool set");
+                    let mut pools = state.lock().expect("lock");
+                    pools
+                        .puts
+                        .push((image.clone(), req.size, req.warmup.clone()));
+                    pools
+                        .now
+                        .insert(image.clone(), (req.size, req.warmup.clone()));
+                    let info = PoolInfo {
+                        image: image.parse().expect("image"),
+                        machine: MachineSpec::default(),
+                        size: req.size,
+                        ready: req.size,
+                        filling: 0,
+                        handed_out: 0,
+                        misses: 0,
+                        warmup: req.warmup,
+                        origin: PoolOrigin::Api,
+                        last_error: None,
+                    };
+                    (200, JSON, json(&info))
+                }
+                ("POST", "/v1/jobs") => {
+                    let req: JobRequest = serde_json::from_slice(body).expect("a job request");
+                    let mut jobs = jobs.lock().expect("lock");
+                    jobs.push(req.language);
+                    let id: JobId = format!("job-{:012x}", jobs.len()).parse().expect("id");
+                    (202, JSON, json(&JobCreated { id }))
+                }
+                ("GET", p) if p.starts_with("/v1/jobs/") => {
+                    let id: JobId = p.trim_start_matches("/v1/jobs/").parse().expect("id");
+                    let n = u32::from_str_radix(&id.as_str()[4..], 16).expect("hex");
+                    let language = jobs.lock().expect("lock")[n as usize - 1].clone();
+                    let mut j = job(&id, JobStatus::Succeeded);
+                    j.language = language;
+                    j.exit_code = Some(0);
+                    j.stdout = if n == bad_job { "hell\n" } else { "hello\n" }.into();
+                    j.timing.total_ms = Some(10);
+                    j.timing.acquire_ms = Some(2);
+                    j.timing.run_ms = Some(5);
+                    (200, JSON, json(&j))
+                }
+                _ => (
+                    404,
+                    JSON,
+                    json(&ApiError {
+                        code: "not_found".into(),
+                        message: format!("fake daemon: no route {method} {path}"),
+                    }),
+                ),
+            }
+        }),
+    );
+    (seen, pools)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_jobs_measures_built_languages_and_puts_the_pools_back() {
+    let home = tempfile::tempdir().expect("home");
+    let (_seen, pools) = bench_daemon(&home.path().join("kilnd.sock"), 0);
+    let out = kiln(
+        home.path(),
+        &[
+            "bench",
+            "jobs",
+            "--runs",
+            "2",
+            "--throughput-jobs",
+            "3",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["languages"], serde_json::json!(["python", "bash"]), "{v}");
+    assert_eq!(v["submit_to_result_ms"]["python"]["n"], 2, "{v}");
+    assert_eq!(v["warm_runs"]["bash"], 2, "{v}");
+    assert_eq!(v["job_total_ms_p50"]["python"], 10.0, "{v}");
+    assert!(v["job_compile_ms_p50"]["python"].is_null(), "{v}");
+    assert!(
+        v["jobs_per_min_pool"].as_f64().is_some_and(|r| r > 0.0),
+        "{v}"
+    );
+    assert!(v["throughput_pool_vs_no_pool"].as_f64().is_some(), "{v}");
+    let pools = pools.lock().expect("lock");
+    // Python: 1 for its runs, 0, 2 and 0 for the throughput halves, then as it was.
+    let python: Vec<u32> = pools
+        .puts
+        .iter()
+        .filter(|(i, ..)| i == "python")
+        .map(|(_, s, _)| *s)
+        .collect();
+    assert_eq!(python, [1, 0, 2, 0, 3], "{:?}", pools.puts);
+    assert_eq!(
+        pools.now.get("python"),
+        Some(&(3, Some(vec!["python3".into(), "-c".into(), "pass".into()])))
+    );
+    assert_eq!(pools.now.get("bash"), Some(&(0, None)));
+    assert!(
+        !pools.now.contains_key("rust"),
+        "an unbuilt language is left out"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_jobs_a_wrong_result_fails_naming_the_job_and_still_restores_pools() {
+    let home = tempfile::tempdir().expect("home");
+    // The 4th job: the second bash run.
+    let (_seen, pools) = bench_daemon(&home.path().join("kilnd.sock"), 4);
+    let out = kiln(
+        home.path(),
+        &["bench", "jobs", "--runs", "2", "--throughput-jobs", "3"],
+    )
+    .await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("job job-000000000004 (bash) printed \"hell\\n\" instead of \"hello\\n\""),
+        "{stderr}"
+    );
+    assert!(
+        text(&out.stdout).is_empty(),
+        "no numbers from a failed bench"
+    );
+    let pools = pools.lock().expect("lock");
+    assert_eq!(
+        pools.now.get("python").map(|p| p.0),
+        Some(3),
+        "{:?}",
+        pools.puts
+    );
+    assert_eq!(
+        pools.now.get("bash").map(|p| p.0),
+        Some(0),
+        "{:?}",
+        pools.puts
     );
 }
