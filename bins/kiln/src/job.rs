@@ -427,31 +427,48 @@ fn jobs_table(jobs: &[JobSummary]) -> String {
     out
 }
 
-/// `kiln job languages`' table.
+/// `kiln job languages`' table; columns as wide as their longest cell (aliases grow).
 fn languages_table(langs: &[LanguageEntry]) -> String {
-    let mut out = format!(
-        "{:<8} {:<12} {:<24} {:<8} {:<22} {}\n",
-        "ID", "NAME", "ALIASES", "COMPILED", "IMAGE", "VERSION"
-    );
-    for l in langs {
-        let aliases = if l.aliases.is_empty() {
-            "-".to_owned()
-        } else {
-            l.aliases.join(",")
-        };
-        out.push_str(&format!(
-            "{:<8} {:<12} {:<24} {:<8} {:<22} {}\n",
-            l.id,
-            l.name,
-            aliases,
-            if l.compiled { "yes" } else { "no" },
-            format!(
-                "{} ({})",
-                l.image,
-                if l.image_built { "built" } else { "not built" }
-            ),
-            l.version.as_deref().unwrap_or("-")
-        ));
+    let rows: Vec<[String; 6]> = langs
+        .iter()
+        .map(|l| {
+            [
+                l.id.clone(),
+                l.name.clone(),
+                if l.aliases.is_empty() {
+                    "-".to_owned()
+                } else {
+                    l.aliases.join(",")
+                },
+                if l.compiled { "yes" } else { "no" }.to_owned(),
+                format!(
+                    "{} ({})",
+                    l.image,
+                    if l.image_built { "built" } else { "not built" }
+                ),
+                l.version.clone().unwrap_or_else(|| "-".to_owned()),
+            ]
+        })
+        .collect();
+    let head = ["ID", "NAME", "ALIASES", "COMPILED", "IMAGE", "VERSION"].map(str::to_owned);
+    let mut width = [0usize; 6];
+    for row in std::iter::once(&head).chain(&rows) {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&head).chain(&rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = width[i]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out
 }
@@ -720,21 +737,30 @@ mod tests {
             "{t}"
         );
 
-        let t = languages_table(&[LanguageEntry {
-            id: "cpp".into(),
-            name: "C++".into(),
-            aliases: vec!["c++".into(), "cxx".into()],
-            image: "cpp".into(),
-            compiled: true,
-            source_file: "main.cpp".into(),
-            image_built: false,
+        let lang = |id: &str, aliases: &[&str], built| LanguageEntry {
+            id: id.into(),
+            name: id.to_uppercase(),
+            aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
+            image: id.into(),
+            compiled: id == "cpp",
+            source_file: "main".into(),
+            image_built: built,
             version: None,
-        }]);
+        };
+        let t = languages_table(&[
+            lang("cpp", &["c++", "cxx"], false),
+            lang("node", &["js", "javascript", "nodejs", "node.js"], true),
+        ]);
         let cols: Vec<&str> = t.lines().nth(1).unwrap().split_whitespace().collect();
         assert_eq!(
             cols,
-            ["cpp", "C++", "c++,cxx", "yes", "cpp", "(not", "built)", "-"],
+            ["cpp", "CPP", "c++,cxx", "yes", "cpp", "(not", "built)", "-"],
             "{t}"
         );
+        // A long alias list widens its column: the columns after it stay aligned.
+        let lines: Vec<&str> = t.lines().collect();
+        let image_at = lines[0].find("IMAGE").unwrap();
+        assert_eq!(lines[1].find("cpp (not built)"), Some(image_at), "{t}");
+        assert_eq!(lines[2].find("node (built)"), Some(image_at), "{t}");
     }
 }
