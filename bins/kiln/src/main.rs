@@ -5,10 +5,12 @@
 //! none runs, a one-shot `kilnd --doctor`, so it works even when the daemon cannot start. The
 //! CLI does not link the engine: it knows kiln only through `kiln-api-types` and
 //! `kiln-client`. Errors are printed with their whole chain as one line
-//! `kiln: ...` and give exit code 1 (`kiln run` passes the command's own code through).
+//! `kiln: ...` and give exit code 1 (`kiln run` passes the command's own code through, `kiln
+//! job run` the program's; see `job.rs`).
 
 mod bench;
 mod bench_images;
+mod bench_jobs;
 mod bench_network;
 mod bench_platform;
 mod bench_pool;
@@ -17,6 +19,8 @@ mod cp;
 mod doctor;
 mod execs;
 mod image;
+mod job;
+mod job_result;
 mod network;
 mod pool;
 mod ps;
@@ -61,6 +65,13 @@ enum Cmd {
     /// --size N`, `kiln pool ls`).
     #[command(subcommand)]
     Pool(pool::PoolCmd),
+    /// Jobs: programs in one of kiln's languages, run once each in a fresh sandbox by the
+    /// daemon's queue (`kiln job run --language python --file main.py`, `kiln job ls`).
+    #[command(subcommand)]
+    Job(job::JobCmd),
+    /// Run a program and wait for its result: `kiln job run` (cloude's spelling, e.g. `kiln
+    /// go --language rust --file main.rs`).
+    Go(job::JobRunArgs),
     /// Run a command in a running sandbox (same streaming and exit code rules as `run`).
     Exec(sandbox::ExecArgs),
     /// An interactive login shell in a running sandbox (`exec -it ID -- bash -l`, or `sh -l`
@@ -241,6 +252,9 @@ enum BenchCmd {
     /// The warm pool: acquire, `kiln run -- true` with a pool / a restore / a cold boot,
     /// refill, PSS of a pooled sandbox.
     Pool(bench_pool::PoolBenchArgs),
+    /// Jobs: submit → result per language with a warm pool (p50/p95, the job's own step
+    /// timings), and jobs per minute with and without a pool.
+    Jobs(bench_jobs::JobsBenchArgs),
 }
 
 fn main() {
@@ -274,6 +288,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Token { rotate, json } => return token::run(&home, *rotate, *json),
         // Starts a daemon of its own (a home under this one), with its DNS settings.
         Cmd::Bench(BenchCmd::Network(args)) => return bench_network::run(&home, args).await,
+        // Reads the program and its files, and checks them, before connecting.
+        Cmd::Job(job::JobCmd::Run(args)) | Cmd::Go(args) => return job::run(&home, args).await,
         Cmd::Completion { shell } => {
             completion::write(*shell, &mut std::io::stdout());
             return Ok(0);
@@ -300,6 +316,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Ttl { id, duration, json } => ps::ttl(&client, id, duration, *json).await,
         Cmd::Network(cmd) => network::run(&client, cmd).await,
         Cmd::Pool(cmd) => pool::run(&client, cmd).await,
+        Cmd::Job(cmd) => job::cmd(&client, cmd).await,
         Cmd::Events { json } => ps::events(&client, *json).await,
         Cmd::Logs { id, follow } => execs::logs(&client, id, *follow).await,
         Cmd::Cp { src, dst, json } => cp::cp(&client, src, dst, *json).await,
@@ -308,6 +325,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Start { id, secrets, json } => ps::start(&client, id, secrets, *json).await,
         Cmd::Bench(BenchCmd::Boot(args)) => bench::run(&client, args).await,
         Cmd::Bench(BenchCmd::Pool(args)) => bench_pool::run(&client, &home, args).await,
+        Cmd::Bench(BenchCmd::Jobs(args)) => bench_jobs::run(&client, args).await,
         Cmd::Bench(BenchCmd::Snapshot(args)) => bench::snapshot(&client, &home, args).await,
         Cmd::Bench(BenchCmd::Files(args)) => bench_platform::files(&client, args).await,
         Cmd::Bench(BenchCmd::Images(args)) => bench_images::run(&client, args).await,
@@ -326,6 +344,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         | Cmd::Daemon(_)
         | Cmd::Token { .. }
         | Cmd::Completion { .. }
+        | Cmd::Go(_)
         | Cmd::Bench(BenchCmd::Network(_)) => {
             unreachable!("handled above")
         }
