@@ -238,25 +238,35 @@ pub async fn follow<O: Write, E: Write>(
 ) -> anyhow::Result<JobInfo> {
     let mut end = None;
     let mut write_err = None;
+    let mut missed = 0u64;
     let streamed = client
-        .job_events(id, |ev| -> Result<bool, std::io::Error> {
-            let written = match ev {
-                JobEvent::Status { .. } => Ok(()),
-                JobEvent::Output { stream, data } => echo.event(stream, &data),
-                JobEvent::End { job } => {
-                    end = Some(*job);
-                    return Ok(false);
+        .job_events(
+            id,
+            |ev| -> Result<bool, std::io::Error> {
+                let written = match ev {
+                    JobEvent::Status { .. } => Ok(()),
+                    JobEvent::Output { stream, data } => echo.event(stream, &data),
+                    JobEvent::End { job } => {
+                        end = Some(*job);
+                        return Ok(false);
+                    }
+                };
+                match written {
+                    Ok(()) => Ok(true),
+                    Err(e) => {
+                        write_err = Some(e);
+                        Ok(false)
+                    }
                 }
-            };
-            match written {
-                Ok(()) => Ok(true),
-                Err(e) => {
-                    write_err = Some(e);
-                    Ok(false)
-                }
-            }
-        })
+            },
+            |n| missed += n,
+        )
         .await;
+    if missed > 0 {
+        eprintln!(
+            "kiln: this terminal fell behind the job's output and missed {missed} pieces of it; `kiln job status {id}` has all of it"
+        );
+    }
     if let Some(e) = write_err {
         return Err(e).context("writing the job's output failed");
     }

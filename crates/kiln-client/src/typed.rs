@@ -363,22 +363,38 @@ impl Client {
     }
 
     /// `GET /v1/jobs/{job_id}/events`: `on_event` sees each event (output replayed first)
-    /// until it answers `false` or the stream ends after `end`.
+    /// until it answers `false` or the stream ends after `end`. A reader that fell behind
+    /// missed some output (the `end` record has all of it); `on_lagged` is told how many
+    /// events it missed.
     pub async fn job_events<E>(
         &self,
         id: &JobId,
         mut on_event: impl FnMut(JobEvent) -> Result<bool, E>,
+        mut on_lagged: impl FnMut(u64),
     ) -> Result<()>
     where
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let mut lagged = false;
         self.stream_text_lines(
             routes::JOB_EVENTS,
             &[id.as_str()],
             |line| -> std::result::Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+                if line == "event: lagged" {
+                    lagged = true;
+                    return Ok(true);
+                }
                 let Some(data) = line.strip_prefix("data: ") else {
                     return Ok(true);
                 };
+                if std::mem::take(&mut lagged) {
+                    let missed = serde_json::from_str::<serde_json::Value>(data)
+                        .ok()
+                        .and_then(|v| v["missed"].as_u64())
+                        .unwrap_or(0);
+                    on_lagged(missed);
+                    return Ok(true);
+                }
                 match serde_json::from_str::<JobEvent>(data) {
                     Ok(ev) => on_event(ev).map_err(Into::into),
                     Err(e) => Err(Box::new(e).into()),
