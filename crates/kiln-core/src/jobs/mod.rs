@@ -707,3 +707,142 @@ fn compile_record(exit_code: Option<i32>) -> JobCompile {
         output_truncated: false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Home;
+
+    fn record(id: &str, status: JobStatus, sandbox: Option<&str>) -> JobInfo {
+        JobInfo {
+            id: id.parse().unwrap(),
+            language: "python".into(),
+            status,
+            queue_position: None,
+            // Now: an old job would be pruned at the start.
+            created_unix_ms: unix_now_ms(),
+            finished_unix_ms: None,
+            exit_code: None,
+            signal: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            compile: None,
+            error: None,
+            timing: JobTiming::default(),
+            warm: false,
+            source: None,
+            sandbox: sandbox.map(|s| s.parse().unwrap()),
+            timeout_secs: 30,
+            max_output: 1 << 20,
+        }
+    }
+
+    fn insert(store: &kiln_store::Store, info: &JobInfo, request: &str) {
+        store
+            .job_insert(&kiln_store::StoredJob {
+                id: info.id.to_string(),
+                created_ms: info.created_unix_ms,
+                status: info.status.as_str().into(),
+                language: info.language.clone(),
+                request: request.into(),
+                info: serde_json::to_string(info).unwrap(),
+                summary: serde_json::to_string(&JobSummary::from(info)).unwrap(),
+            })
+            .unwrap();
+    }
+
+    /// What a daemon that died left: a running job (with a sandbox that is gone too), a
+    /// queued one, and a queued one whose request cannot be read.
+    #[tokio::test]
+    async fn a_restart_interrupts_running_jobs_and_runs_queued_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = Home::new(tmp.path().to_owned());
+        home.ensure().unwrap();
+        {
+            let store = kiln_store::Store::open(&home.database()).unwrap();
+            let req = serde_json::to_string(&JobRequest::new("py", "print(1)")).unwrap();
+            insert(
+                &store,
+                &record(
+                    "job-000000000001",
+                    JobStatus::Running,
+                    Some("sb-0123456789ab"),
+                ),
+                &req,
+            );
+            insert(
+                &store,
+                &record("job-000000000002", JobStatus::Queued, None),
+                &req,
+            );
+            insert(
+                &store,
+                &record("job-000000000003", JobStatus::Queued, None),
+                "{",
+            );
+        }
+        let engine = Engine::start(home).await.unwrap();
+        let get = |id: &str| {
+            let id: JobId = id.parse().unwrap();
+            let engine = Arc::clone(&engine);
+            async move { engine.job_get(&id, Some(Duration::from_secs(10))).await }
+        };
+        let running = get("job-000000000001").await.unwrap();
+        assert_eq!(running.status, JobStatus::Interrupted);
+        assert!(running.error.unwrap().contains("daemon stopped"));
+        assert_eq!(running.sandbox, None);
+        let unreadable = get("job-000000000003").await.unwrap();
+        assert_eq!(unreadable.status, JobStatus::Error);
+        // The queued job ran after the start: its image is not built here, which it says.
+        let queued = get("job-000000000002").await.unwrap();
+        assert_eq!(queued.status, JobStatus::Error, "{queued:?}");
+        assert!(queued.error.unwrap().contains("python"));
+        assert!(queued.timing.queued_ms.is_some());
+        // Nothing is left in flight, and the list has all three, newest first.
+        // (A job from before the retention would have been pruned at the start.)
+        assert!(engine.jobs.state().live.is_empty());
+        let list = engine.job_list(None, None, 10).unwrap();
+        let ids: Vec<String> = list.jobs.iter().map(|j| j.id.to_string()).collect();
+        assert_eq!(
+            ids,
+            ["job-000000000003", "job-000000000002", "job-000000000001"]
+        );
+    }
+
+    #[tokio::test]
+    async fn submissions_are_checked_before_they_are_queued() {
+        let tmp = tempfile::tempdir().unwrap();
+        let engine = Engine::start(Home::new(tmp.path().to_owned()))
+            .await
+            .unwrap();
+        let err = engine
+            .job_submit(JobRequest::new("cobol", "x"))
+            .unwrap_err();
+        assert!(
+            matches!(&err, CoreError::BadRequest(m) if m.contains("python")),
+            "{err}"
+        );
+        let mut own = JobRequest::new("python", "x");
+        own.files.insert("main.py".into(), "y".into());
+        let err = engine.job_submit(own).unwrap_err();
+        assert!(
+            matches!(&err, CoreError::BadRequest(m) if m.contains("main.py")),
+            "{err}"
+        );
+        let err = engine
+            .job_submit(JobRequest::new("go", "package main"))
+            .unwrap_err();
+        assert!(
+            matches!(&err, CoreError::ImageNotFound { name } if name.contains("kiln image build go")),
+            "{err}"
+        );
+        assert!(engine.job_list(None, None, 10).unwrap().jobs.is_empty());
+        let err = engine
+            .job_get(&"job-0123456789ab".parse().unwrap(), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CoreError::JobNotFound(_)));
+    }
+}
