@@ -601,8 +601,26 @@ pub(crate) fn survey(home: &Home, facts: &Facts<'_>) -> Survey {
         };
         b.add(K::BuildCaches, &name, rel, verdict, Removal::BuildDir);
     }
+    // The package download cache shared by image builds: one entry, as builds use it whole.
+    if root.join(kiln_image::APT_CACHE_DIR).is_dir() {
+        let verdict = if facts.build_running {
+            Verdict::Held(cache_held.to_owned())
+        } else {
+            Verdict::Reclaim(
+                "packages downloaded by image builds (fetched again if a build needs them)"
+                    .to_owned(),
+            )
+        };
+        b.add(
+            K::BuildCaches,
+            "apt packages",
+            PathBuf::from(kiln_image::APT_CACHE_DIR),
+            verdict,
+            Removal::BuildDir,
+        );
+    }
     for name in names(&root.join("cache")) {
-        if ["kernel", "debs", kiln_image::CACHE_LOCK_FILE].contains(&name.as_str()) {
+        if ["kernel", "debs", "apt", kiln_image::CACHE_LOCK_FILE].contains(&name.as_str()) {
             continue;
         }
         b.add(

@@ -194,6 +194,10 @@ fn planted() -> (
     write(&root.join("cache/kernel/5.0-1/vmlinuz"), &[1u8; 7000]);
     write(&root.join("cache/debs/linux.deb"), &[1u8; 9000]);
     write(
+        &root.join("cache/apt/archives/python3_3.11_amd64.deb"),
+        &[1u8; 6000],
+    );
+    write(
         &root.join("images/.tmp-base-99999999/rootfs.ext4"),
         &[1u8; 4000],
     );
@@ -241,6 +245,7 @@ fn prune_removes_only_what_nothing_uses_and_reports_measured_bytes() {
         "saved/sb-000000000002",
         "cache/kernel/5.0-1",
         "cache/debs/linux.deb",
+        "cache/apt",
         "images/.tmp-base-99999999",
         "logs/sb-000000000001.console.log",
     ];
@@ -302,7 +307,7 @@ fn prune_dry_run_removes_nothing_and_lists_what_would_go() {
         panic!("dry run removed {}", e.rel.display())
     });
     assert!(report.dry_run);
-    assert_eq!(report.reclaimed.len(), 6, "{report:#?}");
+    assert_eq!(report.reclaimed.len(), 7, "{report:#?}");
     assert_eq!(report.reclaimed_disk_bytes, usage.reclaimable_disk_bytes);
     assert_eq!(
         report.reclaimed_apparent_bytes,
@@ -339,7 +344,7 @@ fn prune_failed_removal_is_reported_and_not_reclaimed() {
     assert!(!paths(&report.reclaimed).contains(&"snapshots/warm-bbbbbbbbbbbb-1c256m"));
     let sum: u64 = report.reclaimed.iter().map(|i| i.disk_bytes).sum();
     assert_eq!(report.reclaimed_disk_bytes, sum);
-    assert_eq!(report.reclaimed.len(), 4);
+    assert_eq!(report.reclaimed.len(), 5);
 }
 
 #[test]
@@ -353,6 +358,7 @@ fn survey_holds_caches_while_a_build_runs_and_starting_sandboxes_snapshots() {
     for rel in [
         "cache/kernel/5.0-1",
         "cache/debs/linux.deb",
+        "cache/apt",
         "snapshots/warm-bbbbbbbbbbbb-1c256m",
     ] {
         assert!(
