@@ -244,6 +244,15 @@ pub async fn follow<O: Write, E: Write>(
             id,
             |ev| -> Result<bool, std::io::Error> {
                 let written = match ev {
+                    JobEvent::Status {
+                        status: JobStatus::Queued,
+                    } => {
+                        // Said to a person only: a script reads the program's stderr.
+                        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                            eprintln!("kiln: job {id} is queued; waiting for a free slot…");
+                        }
+                        Ok(())
+                    }
                     JobEvent::Status { .. } => Ok(()),
                     JobEvent::Output { stream, data } => echo.event(stream, &data),
                     JobEvent::End { job } => {
