@@ -15,8 +15,9 @@ use std::fmt::Debug;
 
 use kiln_api_types::{
     ExecKillRequest, ExecRequest, FileMkdirRequest, FileRenameRequest, ImageBuildRecipeRequest,
-    ImageBuildRequest, ImageImportRequest, NetworkUpdate, PoolSetRequest, PruneRequest, RunRequest,
-    SandboxSpec, SandboxStartRequest, SecretsUpdateRequest, SnapshotCreateRequest, TtlRequest,
+    ImageBuildRequest, ImageImportRequest, JobRequest, NetworkUpdate, PoolSetRequest, PruneRequest,
+    RunRequest, SandboxSpec, SandboxStartRequest, SecretsUpdateRequest, SnapshotCreateRequest,
+    TtlRequest,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -55,7 +56,7 @@ pub fn run(data: &[u8]) {
     let Some((&pick, body)) = data.split_first() else {
         return;
     };
-    match pick % 16 {
+    match pick % 17 {
         0 => check::<SandboxSpec>(body, |v| v.validate().err().map(|e| e.to_string())),
         1 => check::<ExecRequest>(body, |v| v.validate().err()),
         2 => check::<RunRequest>(body, |v| {
@@ -77,6 +78,7 @@ pub fn run(data: &[u8]) {
         12 => check::<ImageImportRequest>(body, none),
         13 => check::<PruneRequest>(body, none),
         14 => check::<NetworkUpdate>(body, none),
-        _ => check::<PoolSetRequest>(body, |v| v.validate().err().map(|e| e.to_string())),
+        15 => check::<PoolSetRequest>(body, |v| v.validate().err().map(|e| e.to_string())),
+        _ => check::<JobRequest>(body, |v| v.validate().err().map(|e| e.to_string())),
     }
 }
