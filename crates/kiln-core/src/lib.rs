@@ -105,6 +105,8 @@ impl Engine {
         let net = network::NetSettings::from_env()?;
         let budget = admission::Budget::from_env()?;
         let job_settings = jobs::Settings::from_env()?;
+        // Measured once (60 ms), off the runtime's threads, before any VM boots.
+        let _ = tokio::task::spawn_blocking(kiln_vmm::tsc::host_tsc_khz).await;
         info!(
             memory_mib = budget.memory_mib,
             vcpus = budget.vcpus,

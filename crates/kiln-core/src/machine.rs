@@ -66,7 +66,7 @@ impl MachinePlan<'_> {
             memory_mib: self.machine.memory_mib,
             kernel: self.image.kernel_path(self.home),
             initramfs: self.image.initramfs_path(self.home),
-            extra_cmdline: String::new(),
+            extra_cmdline: tsc_cmdline(self.accel),
             disk: Some(disk),
             memory_file,
             memory_shared: shared,
@@ -88,7 +88,8 @@ impl MachinePlan<'_> {
         }
     }
 
-    /// What must be equal between capture and restore.
+    /// What must be equal between capture and restore (the kernel command line's host TSC
+    /// rate is not: it only steers the boot, and its measurement differs by a few kHz).
     pub fn fingerprint(&self, cfg: &VmConfig) -> SnapshotFingerprint {
         SnapshotFingerprint {
             qemu_version: self.qemu.version_line.clone(),
@@ -113,6 +114,16 @@ impl MachinePlan<'_> {
             disk_digest: self.image.rootfs_sha256.clone().unwrap_or_default(),
             format_version: kiln_snapshot::FORMAT_VERSION,
         }
+    }
+}
+
+/// Under TCG, the host's TSC rate for the guest kernel (`tsc_early_khz`): without it a
+/// guest booted on a loaded host can measure its TSC an order of magnitude wrong, and its
+/// clocks run that much fast for good (see `kiln_vmm::tsc`).
+fn tsc_cmdline(accel: Accel) -> String {
+    match (accel, kiln_vmm::tsc::host_tsc_khz()) {
+        (Accel::Tcg, Some(khz)) => format!("tsc_early_khz={khz}"),
+        _ => String::new(),
     }
 }
 

@@ -30,6 +30,7 @@ mod process;
 pub mod procid;
 pub mod qemu;
 pub mod snapshot;
+pub mod tsc;
 mod vm;
 
 pub use accel::{Accel, AccelVerdict};

@@ -79,6 +79,43 @@ fn restores_by_default_with_fresh_identity_each_time() {
             "guest clock {guest:.3} outside the host's [{before:.3}, {after:.3}] ± {CLOCK_SLACK} s"
         );
     }
+    // The restored clock runs at the host's rate: the guest's uptime advances between two
+    // execs by no more than the host's time around both and no less than the host's time
+    // between them (a guest whose TSC was measured wrong at the capture's boot ran 45×
+    // fast). The guest boots with the host's TSC rate under TCG.
+    let uptime = |id: &str| -> f64 {
+        let out = sh(&k, id, "cut -d' ' -f1 /proc/uptime");
+        out.trim().parse().expect("guest uptime")
+    };
+    let h0 = Instant::now();
+    let u1 = uptime(&a);
+    let h1 = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let h2 = Instant::now();
+    let u2 = uptime(&a);
+    let h3 = Instant::now();
+    let (guest, inner, outer) = (
+        u2 - u1,
+        h2.duration_since(h1).as_secs_f64(),
+        h3.duration_since(h0).as_secs_f64(),
+    );
+    assert!(
+        guest >= inner - 0.05 && guest <= outer + 0.05,
+        "the guest's uptime advanced {guest:.2} s while the host's took {inner:.2}–{outer:.2} s"
+    );
+    let accel = k.ps()["sandboxes"]
+        .as_array()
+        .expect("sandboxes array")
+        .iter()
+        .find(|s| s["id"] == a.as_str())
+        .and_then(|s| s["accel"].as_str().map(str::to_owned))
+        .expect("the sandbox's accelerator");
+    if accel == "tcg" {
+        assert!(
+            sh(&k, &a, "cat /proc/cmdline").contains("tsc_early_khz="),
+            "a TCG guest boots with the host's TSC rate"
+        );
+    }
     // Ten execs issued at once right after a restore all succeed.
     let (c, source_c) = create(&k, &[]);
     assert_eq!(source_c, "snapshot");

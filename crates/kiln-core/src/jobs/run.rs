@@ -11,8 +11,8 @@
 //!  end          record stored and published; sandbox removed (slot freed after that)
 //! ```
 //!
-//! Limits: compile and run share the job's `timeout` (the agent kills the command at what is
-//! left of it and reports `timed_out`); a stream past `max_output` gets the program killed
+//! Limits: compile and run share the job's `timeout`, kept by the host's clock (the program's
+//! process group is SIGKILLed when it passes; a guest's clock may run at any rate); a stream past `max_output` gets the program killed
 //! (SIGKILL to its process group) and the job ends `failed` saying which stream. A cancel or a
 //! daemon stop ends the job at whatever step it is.
 //!
@@ -342,7 +342,8 @@ async fn exec_step<S: AsRef<str>>(
         env: live.req.env.clone(),
         cwd: Some(WORKDIR.into()),
         stdin: stdin.is_some(),
-        timeout_ms: Some((left.as_millis() as u64).max(1)),
+        // The host's clock decides: a guest's clock is the guest's to get wrong.
+        timeout_ms: None,
         max_output_bytes: None,
         tty: None,
         user: None,
@@ -360,8 +361,19 @@ async fn exec_step<S: AsRef<str>>(
             })
         });
         let mut over: Option<&'static str> = None;
-        let status = loop {
-            let (stream, data) = match exec.next().await? {
+        let mut timed_out = false;
+        let overdue = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+        tokio::pin!(overdue);
+        let mut status = loop {
+            let next = tokio::select! {
+                next = exec.next() => next?,
+                () = &mut overdue, if !timed_out => {
+                    timed_out = true;
+                    exec.signal(libc::SIGKILL).await?;
+                    continue;
+                }
+            };
+            let (stream, data) = match next {
                 ExecOutput::Exit(status) => break status,
                 ExecOutput::Stdout(b) => (
                     match step {
@@ -390,6 +402,7 @@ async fn exec_step<S: AsRef<str>>(
         if let Some(w) = writer {
             w.abort();
         }
+        status.timed_out |= timed_out;
         Ok(Ended {
             status,
             over: over.is_some(),
