@@ -419,10 +419,37 @@ pub fn free_port() -> u16 {
 /// One raw HTTP/1.0 request to the daemon of `home` over its unix socket: (status, body).
 /// For checking what the API answers to input the CLI would refuse before sending.
 pub fn api_request(home: &Path, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let r = api_call(home, method, path, body, 60);
+    (r.status, r.body)
+}
+
+/// A daemon's answer read by [`api_call`].
+pub struct ApiResponse {
+    /// The HTTP status, 0 if the answer had none.
+    pub status: u16,
+    /// The status line and headers, as sent.
+    pub head: String,
+    /// The body (a streamed one, such as server-sent events, read to its end).
+    pub body: String,
+}
+
+impl ApiResponse {
+    /// The value of header `name` (case-insensitive), if sent.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// Like [`api_request`], with the headers, and waiting up to `read_secs` for each read: for
+/// answers that take longer than a minute to start (a long poll) or stream (events).
+pub fn api_call(home: &Path, method: &str, path: &str, body: &[u8], read_secs: u64) -> ApiResponse {
     use std::io::Read;
     let mut s = std::os::unix::net::UnixStream::connect(home.join("kilnd.sock"))
         .expect("connect to kilnd.sock");
-    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+    s.set_read_timeout(Some(std::time::Duration::from_secs(read_secs)))
         .expect("timeout");
     let head = format!(
         "{method} {path} HTTP/1.0\r\nHost: kilnd\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -441,11 +468,65 @@ pub fn api_request(home: &Path, method: &str, path: &str, body: &[u8]) -> (u16, 
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text
+    let (head, body) = text
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+        .map(|(h, b)| (h.to_owned(), b.to_owned()))
+        .unwrap_or((text.clone(), String::new()));
+    ApiResponse { status, head, body }
+}
+
+/// `POST /v1/jobs` with `request`; the new job's id (the answer must be 202).
+pub fn job_submit(home: &Path, request: &serde_json::Value) -> String {
+    let (status, body) = api_request(home, "POST", "/v1/jobs", request.to_string().as_bytes());
+    assert_eq!(status, 202, "POST /v1/jobs {request}: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("job created json");
+    v["id"].as_str().expect("job id").to_owned()
+}
+
+/// `GET /v1/jobs/{id}` as JSON (the answer must be 200).
+pub fn job_get(home: &Path, id: &str) -> serde_json::Value {
+    let (status, body) = api_request(home, "GET", &format!("/v1/jobs/{id}"), b"");
+    assert_eq!(status, 200, "GET /v1/jobs/{id}: {body}");
+    serde_json::from_str(&body).expect("job json")
+}
+
+/// Whether a job's status is final (not `queued` or `running`).
+pub fn job_is_final(job: &serde_json::Value) -> bool {
+    !matches!(job["status"].as_str(), Some("queued" | "running"))
+}
+
+/// Long-polls `GET /v1/jobs/{id}?wait=50` until the job has ended; panics after `secs`
+/// seconds (a guard against a hang, not a speed check).
+pub fn job_wait(home: &Path, id: &str, secs: u64) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let r = api_call(home, "GET", &format!("/v1/jobs/{id}?wait=50"), b"", 120);
+        assert_eq!(r.status, 200, "GET /v1/jobs/{id}?wait=50: {}", r.body);
+        let job: serde_json::Value = serde_json::from_str(&r.body).expect("job json");
+        if job_is_final(&job) {
+            return job;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job {id} not over within {secs} s: {job:#}"
+        );
+    }
+}
+
+/// The sandboxes of jobs per `kiln ps`: (sandbox id, job id from its `kiln.job` label).
+pub fn job_sandboxes(k: &Kiln) -> Vec<(String, String)> {
+    k.ps()["sandboxes"]
+        .as_array()
+        .expect("sandboxes array")
+        .iter()
+        .filter_map(|s| {
+            let job = s["spec"]["labels"]["kiln.job"].as_str()?;
+            Some((
+                s["id"].as_str().unwrap_or_default().to_owned(),
+                job.to_owned(),
+            ))
+        })
+        .collect()
 }
 
 /// Resident and peak memory of a process, in KiB (`VmRSS`, `VmHWM`).

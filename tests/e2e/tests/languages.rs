@@ -1,21 +1,20 @@
-//! The eight language images (issue 11) against real VMs, driven by kiln-core's language
-//! table (`kiln_core::languages`): for each language, one sandbox of its image runs the
-//! table's compile and run commands on a hello world, a program that echoes its stdin, a
-//! program that exits 3, a program that never ends (killed at `--timeout`), one that prints
-//! forever (killed at `--max-output`), and (compiled languages) a program that does not
-//! compile, whose error must come from the compile step (no program is left for the run
-//! step). The table's version command must name the toolchain.
+//! The eight language images (issue 11) through jobs, driven by kiln-core's language table
+//! (`kiln_core::languages`): for each language, a hello world, a program that echoes its
+//! stdin, a program that exits 3, a program that never ends (stopped at the job's timeout),
+//! one that prints forever (stopped at `max_output`), and (compiled languages) a program that
+//! does not compile, whose error must come from the compile step (the program never runs).
+//! `GET /v1/languages` must name each toolchain's version.
 //!
-//! The programs are written on the host and copied into the sandbox with `kiln cp` (one
-//! directory per check); every command runs with `kiln exec --workdir` in that directory,
-//! exactly as the table's commands say. The images are built-in recipes: `kiln image build`
-//! is a no-op when `scripts/test` built them already, a build otherwise.
-
-use std::path::Path;
-use std::process::Output;
+//! A language's API jobs are submitted at once and then waited for (they run side by side up
+//! to the daemon's `KILN_JOB_CONCURRENCY`); the hello world also goes through
+//! `kiln job run --language <alias> --code` and the exit 3 through `kiln go --file`, whose
+//! exit codes are the program's. The images are built-in recipes: `kiln image build` is a
+//! no-op when `scripts/test` built them already, a build otherwise.
 
 use kiln_core::languages::Language;
-use kiln_e2e::{Kiln, assert_success, stderr, stdout};
+use kiln_e2e::{Kiln, assert_success, job_submit, job_wait, stderr, stdout, wait_bounded};
+use serde_json::{Value, json};
+use std::process::Stdio;
 
 /// The programs of one language, and what identifies its toolchain and its compile error.
 struct Programs {
@@ -131,48 +130,44 @@ fn programs(lang: Language) -> Programs {
     }
 }
 
-/// Runs the table's `argv` in `/root/lang/<case>` of sandbox `id`, with `stdin`.
-fn exec(k: &Kiln, id: &str, case: &str, argv: &[&str], stdin: &[u8]) -> Output {
-    let workdir = format!("/root/lang/{case}");
-    let mut args = vec!["exec", id, "--workdir", &workdir, "--"];
-    args.extend_from_slice(argv);
-    k.run_with_stdin(&args, stdin)
+/// Stdin sent to the echo program: two lines, non-ASCII characters, no final newline.
+const ECHO_INPUT: &str = "first line\nh\u{e9}llo \u{2603}\nno newline";
+
+/// The bytes `max_output` lets through for the flood program.
+const FLOOD_CAP: usize = 4096;
+
+/// The timeout of the spin program: it covers the compile step as well (compile and run share
+/// a job's timeout), and compiling takes 2-13 s under TCG with four jobs at once.
+fn spin_timeout(lang: Language) -> u64 {
+    if lang.is_compiled() { 30 } else { 3 }
 }
 
-/// `what` of `lang` exited with `code`; the message shows its output.
-fn assert_exit(out: &Output, code: i32, what: &str) {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "{what}: exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        stdout(out),
-        stderr(out)
-    );
+/// The job's fields that show what happened, for messages.
+fn summary(job: &Value) -> String {
+    format!(
+        "status {} exit {} signal {} error {}\nstdout: {:.400}\nstderr: {:.400}\ncompile: {}",
+        job["status"],
+        job["exit_code"],
+        job["signal"],
+        job["error"],
+        job["stdout"].as_str().unwrap_or_default(),
+        job["stderr"].as_str().unwrap_or_default(),
+        job["compile"]
+    )
 }
 
-/// Compiles (if the language is compiled) and runs the program of `case` with `stdin`.
-fn compile_and_run(k: &Kiln, id: &str, lang: Language, case: &str, stdin: &[u8]) -> Output {
-    if let Some(compile) = lang.compile() {
-        let out = exec(k, id, case, compile, b"");
-        assert_success(&out, &format!("{lang}: compile {case}"));
+/// A compiled language's program got past its compile step (the checks are about the run).
+fn assert_compiled(lang: Language, case: &str, job: &Value) {
+    if lang.is_compiled() {
+        assert_eq!(
+            job["compile"]["exit_code"],
+            0,
+            "{lang} {case}: {}",
+            summary(job)
+        );
+    } else {
+        assert!(job["compile"].is_null(), "{lang} {case}: {}", summary(job));
     }
-    exec(k, id, case, lang.run(), stdin)
-}
-
-/// Compiles the program of `case` (if compiled) and runs it with the `kiln exec` options
-/// `opts` (e.g. `--timeout 3`) and no stdin.
-fn compile_and_run_with(k: &Kiln, id: &str, lang: Language, case: &str, opts: &[&str]) -> Output {
-    let workdir = format!("/root/lang/{case}");
-    if let Some(compile) = lang.compile() {
-        let out = exec(k, id, case, compile, b"");
-        assert_success(&out, &format!("{lang}: compile {case}"));
-    }
-    let mut args = vec!["exec", id, "--no-stdin", "--workdir", &workdir];
-    args.extend_from_slice(opts);
-    args.push("--");
-    args.extend_from_slice(lang.run());
-    k.run(&args)
 }
 
 fn check_language(lang: Language) {
@@ -181,108 +176,171 @@ fn check_language(lang: Language) {
     let image = lang.image();
     let out = k.run(&["image", "build", image]);
     assert_success(&out, &format!("kiln image build {image}"));
+    let id = lang.id();
 
-    // The programs, one directory per check, copied in at once.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().join("lang");
-    let mut cases = vec![
-        ("hello", p.hello),
-        ("echo", p.echo),
-        ("exit3", p.exit3),
-        ("spin", p.spin),
-        ("flood", p.flood),
+    // The API's jobs, submitted at once.
+    let mut jobs = vec![
+        (
+            "echo",
+            json!({"language": id, "code": p.echo, "stdin": ECHO_INPUT}),
+        ),
+        (
+            "spin",
+            json!({"language": id, "code": p.spin, "timeout": spin_timeout(lang)}),
+        ),
+        (
+            "flood",
+            json!({"language": id, "code": p.flood, "max_output": FLOOD_CAP}),
+        ),
     ];
     if let Some((broken, _)) = p.broken {
-        cases.push(("broken", broken));
+        jobs.push(("broken", json!({"language": id, "code": broken})));
     }
-    for (case, source) in &cases {
-        let d = root.join(case);
-        std::fs::create_dir_all(&d).expect("mkdir");
-        std::fs::write(d.join(lang.source_file()), source).expect("write program");
-    }
-    let id = k.create(image);
-    let out = k.run(&["cp", path_str(&root), &format!("{id}:/root")]);
-    assert_success(&out, "kiln cp the programs in");
+    let submitted: Vec<(&str, String)> = jobs
+        .iter()
+        .map(|(case, req)| (*case, job_submit(k.home(), req)))
+        .collect();
 
-    // The toolchain answers its version command.
-    let out = k.run(&[&["exec", id.as_str(), "--"][..], lang.version()].concat());
-    assert_success(&out, &format!("{lang}: version"));
-    let first = stdout(&out).lines().next().unwrap_or_default().to_owned();
-    assert!(first.contains(p.version), "{lang}: version said {first:?}");
+    // The CLI's, beside them: hello by an alias with the code inline, exit 3 from a file.
+    let alias = lang.aliases()[0];
+    let hello = k
+        .cmd(&["job", "run", "--language", alias, "--code", p.hello])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kiln job run");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join(lang.source_file());
+    std::fs::write(&file, p.exit3).expect("write program");
+    let exit3 = k
+        .cmd(&[
+            "go",
+            "--language",
+            id,
+            "--file",
+            file.to_str().expect("utf-8 path"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kiln go");
 
-    // Hello world.
-    let out = compile_and_run(&k, &id, lang, "hello", b"");
-    assert_exit(&out, 0, &format!("{lang}: hello"));
-    assert_eq!(stdout(&out), "hello, world\n", "{lang}: hello");
-
-    // Stdin comes back byte for byte (two lines, no trailing newline, a non-ASCII char).
-    let input = "first line\nsecond: ünïcode\nno newline";
-    let out = compile_and_run(&k, &id, lang, "echo", input.as_bytes());
-    assert_exit(&out, 0, &format!("{lang}: echo"));
-    assert_eq!(stdout(&out), input, "{lang}: echo");
+    // Hello world: the program's output and exit code are kiln's.
+    let out = wait_bounded(hello, &format!("{lang}: kiln job run hello"), 600);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{lang}: hello\nstdout: {}\nstderr: {}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert_eq!(
+        stdout(&out),
+        "hello, world\n",
+        "{lang}: hello (stderr: {})",
+        stderr(&out)
+    );
 
     // A non-zero exit is the program's, with its stderr.
-    let out = compile_and_run(&k, &id, lang, "exit3", b"");
-    assert_exit(&out, 3, &format!("{lang}: exit 3"));
-    assert_eq!(stderr(&out).trim_end(), "bye", "{lang}: exit 3's stderr");
-
-    // A program that never ends is killed at the timeout (exit 124, saying so).
-    let out = compile_and_run_with(&k, &id, lang, "spin", &["--timeout", "3"]);
-    assert_exit(&out, 124, &format!("{lang}: spin"));
-    assert!(
-        stderr(&out).contains("timed out"),
-        "{lang}: {}",
+    let out = wait_bounded(exit3, &format!("{lang}: kiln go exit3"), 600);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{lang}: exit 3\nstdout: {}\nstderr: {}",
+        stdout(&out),
         stderr(&out)
     );
-
-    // A program that prints forever is killed at the output cap, with at most that much.
-    let out = compile_and_run_with(&k, &id, lang, "flood", &["--max-output", "100000"]);
-    assert!(!out.status.success(), "{lang}: flood exited 0");
-    let n = out.stdout.len();
     assert!(
-        (50_000..=100_000).contains(&n),
-        "{lang}: flood gave {n} bytes"
-    );
-    assert!(out.stdout.starts_with(b"y"), "{lang}: flood's output");
-    assert!(
-        stderr(&out).contains("exceeded"),
-        "{lang}: {}",
+        stderr(&out).lines().any(|l| l == "bye"),
+        "{lang}: exit 3's stderr: {}",
         stderr(&out)
     );
+    assert_eq!(stdout(&out), "", "{lang}: exit 3's stdout");
 
-    // A compile error is the compile step's: it fails naming the source file and the error,
-    // and leaves no program for the run step.
-    if let Some((_, message)) = p.broken {
-        let compile = lang
-            .compile()
-            .expect("compiled languages have broken programs");
-        let out = exec(&k, &id, "broken", compile, b"");
-        assert!(
-            !out.status.success(),
-            "{lang}: the broken program compiled:\n{}",
-            stdout(&out)
-        );
-        let said = format!("{}{}", stdout(&out), stderr(&out));
-        assert!(said.contains(message), "{lang}: compile said {said}");
-        assert!(
-            said.contains(lang.source_file()),
-            "{lang}: compile did not name {}: {said}",
-            lang.source_file()
-        );
-        let bin = compile
-            .windows(2)
-            .find(|w| w[0] == "-o")
-            .map(|w| w[1])
-            .expect("the table's compile command names its output");
-        let out = exec(&k, &id, "broken", &["test", "-e", bin], b"");
-        assert_exit(&out, 1, &format!("{lang}: no {bin} after a failed compile"));
+    for (case, job_id) in &submitted {
+        let job = job_wait(k.home(), job_id, 600);
+        let why = summary(&job);
+        match *case {
+            // Stdin comes back byte for byte.
+            "echo" => {
+                assert_eq!(job["status"], "succeeded", "{lang} echo: {why}");
+                assert_eq!(job["exit_code"], 0, "{lang} echo: {why}");
+                assert_eq!(job["stdout"], ECHO_INPUT, "{lang} echo: {why}");
+                assert_compiled(lang, case, &job);
+            }
+            // A program that never ends is stopped at the timeout, saying so.
+            "spin" => {
+                assert_eq!(job["status"], "timed_out", "{lang} spin: {why}");
+                assert_compiled(lang, case, &job);
+                let error = job["error"].as_str().unwrap_or_default();
+                assert!(
+                    error.contains(&format!("timeout of {} s", spin_timeout(lang))),
+                    "{lang} spin: {why}"
+                );
+            }
+            // A program that prints forever is stopped at the cap, with exactly that much.
+            "flood" => {
+                assert_eq!(job["status"], "failed", "{lang} flood: {why}");
+                assert_eq!(job["stdout_truncated"], true, "{lang} flood: {why}");
+                let out = job["stdout"].as_str().expect("stdout");
+                assert_eq!(out.len(), FLOOD_CAP, "{lang} flood: {why}");
+                assert!(
+                    out.bytes().all(|b| b == b'y' || b == b'\n'),
+                    "{lang} flood: {why}"
+                );
+                assert!(
+                    job["error"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("max_output"),
+                    "{lang} flood: {why}"
+                );
+                assert_compiled(lang, case, &job);
+            }
+            // A compile error is the compile step's; the program never runs.
+            "broken" => {
+                let (_, message) = p.broken.expect("compiled languages have broken programs");
+                assert_eq!(job["status"], "failed", "{lang} broken: {why}");
+                let code = job["compile"]["exit_code"].as_i64();
+                assert!(code.is_some_and(|c| c != 0), "{lang} broken: {why}");
+                let output = job["compile"]["output"].as_str().unwrap_or_default();
+                assert!(output.contains(message), "{lang} broken: {why}");
+                assert!(output.contains(lang.source_file()), "{lang} broken: {why}");
+                assert!(job["exit_code"].is_null(), "{lang} broken: {why}");
+                assert_eq!(job["stdout"], "", "{lang} broken: {why}");
+            }
+            other => unreachable!("no case {other}"),
+        }
     }
-
-    assert_success(&k.run(&["rm", &id]), "kiln rm");
 }
 
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
+/// `GET /v1/languages` lists the eight languages in the table's order, each built and naming
+/// its toolchain's version.
+#[test]
+#[ignore = "boots VMs: run by scripts/test"]
+fn languages_list_versions() {
+    let k = Kiln::shared();
+    for lang in Language::all() {
+        let out = k.run(&["image", "build", lang.image()]);
+        assert_success(&out, &format!("kiln image build {}", lang.image()));
+    }
+    // Asking each image for its version the first time boots a sandbox of each.
+    let r = kiln_e2e::api_call(k.home(), "GET", "/v1/languages", b"", 600);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let list: Value = serde_json::from_str(&r.body).expect("languages json");
+    let entries = list["languages"].as_array().expect("languages array");
+    let ids: Vec<&str> = entries
+        .iter()
+        .map(|e| e["id"].as_str().unwrap_or_default())
+        .collect();
+    let want: Vec<&str> = Language::all().iter().map(|l| l.id()).collect();
+    assert_eq!(ids, want, "{list:#}");
+    for (lang, e) in Language::all().iter().zip(entries) {
+        assert_eq!(e["image_built"], true, "{lang}: {e:#}");
+        assert_eq!(e["compiled"], lang.is_compiled(), "{lang}: {e:#}");
+        let version = e["version"].as_str().unwrap_or_default();
+        assert!(version.contains(programs(*lang).version), "{lang}: {e:#}");
+    }
 }
 
 macro_rules! language_tests {
