@@ -155,7 +155,8 @@ pub(super) async fn job_get(
 /// Cancel a job
 ///
 /// A queued job leaves the queue; a running one is stopped and its sandbox removed. Answers
-/// with the job as it ended (`cancelled`, or its own end if it ended first).
+/// once that is done (waited for up to 30 s) with the job as it ended (`cancelled`, or its
+/// own end if it ended first).
 #[utoipa::path(
     delete,
     path = routes::JOB_CANCEL.path,

@@ -146,6 +146,8 @@ pub(crate) struct Live {
     events: broadcast::Sender<JobEvent>,
     /// True once the job ended (and its end is stored).
     done: watch::Sender<bool>,
+    /// True once its sandbox is gone too (a runner's last step).
+    released: watch::Sender<bool>,
     stop: watch::Sender<Option<Stop>>,
 }
 
@@ -194,6 +196,7 @@ impl Live {
             }),
             events: broadcast::channel(EVENT_BACKLOG).0,
             done: watch::channel(false).0,
+            released: watch::channel(false).0,
             stop: watch::channel(None).0,
         })
     }
@@ -449,8 +452,8 @@ impl Engine {
         Ok(JobList { jobs })
     }
 
-    /// Cancels a queued or running job (its sandbox is removed) and returns it as it ended;
-    /// a job that had ended already is returned as it is.
+    /// Cancels a queued or running job and returns it as it ended, once its sandbox is gone
+    /// (waited for up to 30 s); a job that had ended already is returned as it is.
     pub async fn job_cancel(&self, id: &JobId) -> Result<JobInfo, CoreError> {
         let Some(live) = self.jobs.live(id) else {
             return self.job_info(id);
@@ -468,8 +471,9 @@ impl Engine {
             }));
         }
         live.stop.send_replace(Some(Stop::Cancelled));
-        let mut done = live.done.subscribe();
-        let _ = tokio::time::timeout(Duration::from_secs(30), done.wait_for(|d| *d)).await;
+        // Answered once the job has ended and its sandbox is gone.
+        let mut released = live.released.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(30), released.wait_for(|d| *d)).await;
         self.job_info(id)
     }
 

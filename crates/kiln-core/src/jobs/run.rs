@@ -83,6 +83,7 @@ pub(super) async fn run(engine: &Arc<Engine>, live: &Arc<Live>) {
     {
         warn!(job_id = %live.id, sandbox_id = %id, error = %crate::error::error_chain(&e), "could not remove a job's sandbox");
     }
+    live.released.send_replace(true);
 }
 
 /// Waits for `fut`, unless the job is told to stop first.
