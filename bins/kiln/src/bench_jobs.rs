@@ -546,7 +546,7 @@ fn text(b: &JobsBench) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_api_types::{JobCompile, JobTiming};
+    use kiln_api_types::JobCompile;
 
     fn lang(id: &str, aliases: &[&str], built: bool) -> LanguageEntry {
         LanguageEntry {
@@ -625,26 +625,11 @@ mod tests {
 
     fn job(status: JobStatus, stdout: &str) -> JobInfo {
         JobInfo {
-            id: "job-00000000abcd".parse().unwrap(),
-            language: "go".into(),
             status,
-            queue_position: None,
-            created_unix_ms: 1,
-            finished_unix_ms: None,
             exit_code: Some(0),
-            signal: None,
             stdout: stdout.into(),
-            stderr: String::new(),
-            stdout_truncated: false,
-            stderr_truncated: false,
-            compile: None,
-            error: None,
-            timing: JobTiming::default(),
             warm: true,
-            source: None,
-            sandbox: None,
-            timeout_secs: 30,
-            max_output: 1 << 20,
+            ..JobInfo::queued("job-00000000abcd".parse().unwrap(), "go", 1, 30, 1 << 20)
         }
     }
 

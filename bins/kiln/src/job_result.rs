@@ -305,31 +305,13 @@ pub async fn follow<O: Write, E: Write>(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use kiln_api_types::{ApiError, JobCompile, JobTiming};
+    use kiln_api_types::{ApiError, JobCompile};
 
     /// A job of language `c` in `status`, nothing else set.
     pub(crate) fn job(status: JobStatus) -> JobInfo {
         JobInfo {
-            id: "job-0123456789ab".parse().unwrap(),
-            language: "c".into(),
             status,
-            queue_position: None,
-            created_unix_ms: 1,
-            finished_unix_ms: None,
-            exit_code: None,
-            signal: None,
-            stdout: String::new(),
-            stderr: String::new(),
-            stdout_truncated: false,
-            stderr_truncated: false,
-            compile: None,
-            error: None,
-            timing: JobTiming::default(),
-            warm: false,
-            source: None,
-            sandbox: None,
-            timeout_secs: 30,
-            max_output: 1 << 20,
+            ..JobInfo::queued("job-0123456789ab".parse().unwrap(), "c", 1, 30, 1 << 20)
         }
     }
 

@@ -6,6 +6,8 @@
 //! before anything starts, and a clone of N where one start fails removes the ones that did
 //! start (all or nothing) and fails naming the error.
 
+mod common;
+
 use std::path::Path;
 use std::process::Output;
 use std::sync::{Arc, Mutex};
@@ -14,7 +16,6 @@ use kiln_api_types::{
     API_VERSION, ApiError, Health, JanitorReport, SandboxId, SandboxInfo, SandboxSpec,
     SandboxState, SandboxStatus, StartSource,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
 /// One request the fake daemon got: method and path.
@@ -107,39 +108,9 @@ fn fake_daemon(socket: &Path, fail_create: u32) -> (Seen, Arc<Mutex<Vec<String>>
             );
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                loop {
-                    // One request: its head, then Content-Length bytes of body.
-                    let (method, path, body_len, head_len) = loop {
-                        let mut headers = [httparse::EMPTY_HEADER; 32];
-                        let mut req = httparse::Request::new(&mut headers);
-                        if let Ok(httparse::Status::Complete(n)) = req.parse(&buf) {
-                            let len = req
-                                .headers
-                                .iter()
-                                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
-                                .unwrap_or(0usize);
-                            break (
-                                req.method.unwrap_or_default().to_owned(),
-                                req.path.unwrap_or_default().to_owned(),
-                                len,
-                                n,
-                            );
-                        }
-                        let mut chunk = [0u8; 4096];
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    while buf.len() < head_len + body_len {
-                        let mut chunk = [0u8; 4096];
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    buf.drain(..head_len + body_len);
+                while let Some((method, path, _body)) =
+                    common::read_request(&mut conn, &mut buf).await
+                {
                     let (status, body) = answer(&method, &path, &creates, fail_create);
                     if status == 201
                         && let Ok(v) = serde_json::from_str::<serde_json::Value>(&body)
@@ -150,20 +121,7 @@ fn fake_daemon(socket: &Path, fail_create: u32) -> (Seen, Arc<Mutex<Vec<String>>
                             .push(v["id"].as_str().unwrap_or_default().to_owned());
                     }
                     seen.lock().expect("lock").push((method, path));
-                    let reason = match status {
-                        200 => "OK",
-                        201 => "Created",
-                        204 => "No Content",
-                        404 => "Not Found",
-                        _ => "Internal Server Error",
-                    };
-                    let head = format!(
-                        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-                        body.len()
-                    );
-                    if conn.write_all(head.as_bytes()).await.is_err()
-                        || conn.write_all(body.as_bytes()).await.is_err()
-                    {
+                    if !common::write_answer(&mut conn, status, "application/json", &body).await {
                         return;
                     }
                 }

@@ -4,12 +4,14 @@
 //!
 //! What is checked is the CLI's own decisions: a full queue (429 `queue_full`) is waited out
 //! with one line on stderr; output is streamed from the events and, when the event stream
-//! breaks off (here: the daemon's `event: lagged` entry, which the client cannot read), caught
+//! ends without `end` (here after an `event: lagged` entry, which is said on stderr), caught
 //! up from `GET /v1/jobs/{id}?wait=` without printing anything twice; the exit code follows
 //! the job's end (its own code, 124 timed out, 125 error); `--detach` and `--json`. And
 //! `kiln bench jobs` against a daemon whose pools are ready at once: only built languages
 //! are measured, the pools it set are put back as they were (size and warm-up), also when a
 //! job's wrong output fails the bench naming the job.
+
+mod common;
 
 use std::path::Path;
 use std::process::Output;
@@ -17,9 +19,8 @@ use std::sync::{Arc, Mutex};
 
 use kiln_api_types::{
     API_VERSION, ApiError, Health, JanitorReport, JobCreated, JobEvent, JobId, JobInfo, JobRequest,
-    JobStatus, JobStream, JobTiming,
+    JobStatus, JobStream,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
 /// Requests the fake daemon got: method and path (with query).
@@ -42,26 +43,10 @@ fn id_of(language: &str) -> JobId {
 
 fn job(id: &JobId, status: JobStatus) -> JobInfo {
     JobInfo {
-        id: id.clone(),
-        language: "c".into(),
         status,
-        queue_position: None,
-        created_unix_ms: 1,
         finished_unix_ms: Some(2),
-        exit_code: None,
-        signal: None,
-        stdout: String::new(),
-        stderr: String::new(),
-        stdout_truncated: false,
-        stderr_truncated: false,
-        compile: None,
-        error: None,
-        timing: JobTiming::default(),
         warm: true,
-        source: None,
-        sandbox: None,
-        timeout_secs: 7,
-        max_output: 1 << 20,
+        ..JobInfo::queued(id.clone(), "c", 1, 7, 1 << 20)
     }
 }
 
@@ -110,7 +95,7 @@ fn events(id: &JobId) -> String {
         status: JobStatus::Running,
     });
     match id.as_str() {
-        // Breaks off after part of stdout, as the daemon does for a reader that fell behind.
+        // Ends without `end` after part of stdout and a lagged entry.
         "job-000000000001" => format!(
             "{running}{}{}event: lagged\ndata: {{\"missed\":3}}\n\n",
             out(JobStream::Compile, "warning: unused\n"),
@@ -219,48 +204,12 @@ fn serve(socket: &Path, handler: Handler) -> Seen {
             let (seen, handler) = (Arc::clone(&seen2), Arc::clone(&handler));
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                loop {
-                    // One request: its head, then Content-Length bytes of body.
-                    let (method, path, body_len, head_len) = loop {
-                        let mut headers = [httparse::EMPTY_HEADER; 32];
-                        let mut req = httparse::Request::new(&mut headers);
-                        if let Ok(httparse::Status::Complete(n)) = req.parse(&buf) {
-                            let len = req
-                                .headers
-                                .iter()
-                                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
-                                .unwrap_or(0usize);
-                            break (
-                                req.method.unwrap_or_default().to_owned(),
-                                req.path.unwrap_or_default().to_owned(),
-                                len,
-                                n,
-                            );
-                        }
-                        let mut chunk = [0u8; 4096];
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    while buf.len() < head_len + body_len {
-                        let mut chunk = [0u8; 4096];
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let body: Vec<u8> = buf.drain(..head_len + body_len).skip(head_len).collect();
+                while let Some((method, path, body)) =
+                    common::read_request(&mut conn, &mut buf).await
+                {
                     let (status, ctype, answer) = handler(&method, &path, &body);
                     seen.lock().expect("lock").push((method, path));
-                    let head = format!(
-                        "HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n\r\n",
-                        answer.len()
-                    );
-                    if conn.write_all(head.as_bytes()).await.is_err()
-                        || conn.write_all(answer.as_bytes()).await.is_err()
-                    {
+                    if !common::write_answer(&mut conn, status, ctype, &answer).await {
                         return;
                     }
                 }
@@ -306,6 +255,7 @@ async fn job_run_waits_out_a_full_queue_and_catches_up_once_after_the_stream_bre
         "{stderr}"
     );
     assert_eq!(stderr.matches("warning: unused\n").count(), 1, "{stderr}");
+    assert!(stderr.contains("missed 3 pieces of it"), "{stderr}");
     assert!(stderr.ends_with("oops\n"), "{stderr}");
     let seen = seen.lock().expect("lock");
     let creates = seen.iter().filter(|(m, _)| m == "POST").count();

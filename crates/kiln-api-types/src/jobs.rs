@@ -430,6 +430,40 @@ pub struct JobInfo {
     pub max_output: u64,
 }
 
+impl JobInfo {
+    /// A job just submitted: `queued`, nothing of it run yet.
+    pub fn queued(
+        id: JobId,
+        language: impl Into<String>,
+        created_unix_ms: u64,
+        timeout_secs: u64,
+        max_output: u64,
+    ) -> JobInfo {
+        JobInfo {
+            id,
+            language: language.into(),
+            status: JobStatus::Queued,
+            queue_position: None,
+            created_unix_ms,
+            finished_unix_ms: None,
+            exit_code: None,
+            signal: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            compile: None,
+            error: None,
+            timing: JobTiming::default(),
+            warm: false,
+            source: None,
+            sandbox: None,
+            timeout_secs,
+            max_output,
+        }
+    }
+}
+
 /// One job in `GET /v1/jobs` (no output; `GET /v1/jobs/{id}` has it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct JobSummary {
@@ -690,26 +724,8 @@ mod tests {
 
     fn job(status: JobStatus) -> JobInfo {
         JobInfo {
-            id: JobId::random(),
-            language: "c".into(),
             status,
-            queue_position: None,
-            created_unix_ms: 1,
-            finished_unix_ms: None,
-            exit_code: None,
-            signal: None,
-            stdout: String::new(),
-            stderr: String::new(),
-            stdout_truncated: false,
-            stderr_truncated: false,
-            compile: None,
-            error: None,
-            timing: JobTiming::default(),
-            warm: false,
-            source: None,
-            sandbox: None,
-            timeout_secs: 30,
-            max_output: 1 << 20,
+            ..JobInfo::queued(JobId::random(), "c", 1, 30, 1 << 20)
         }
     }
 

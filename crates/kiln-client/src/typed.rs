@@ -244,17 +244,42 @@ impl Client {
     /// fell behind.
     pub async fn event_stream<E>(
         &self,
-        mut on_subscribed: impl FnMut(),
-        mut on_event: impl FnMut(Event) -> Result<bool, E>,
-        mut on_lagged: impl FnMut(u64),
+        on_subscribed: impl FnMut(),
+        on_event: impl FnMut(Event) -> Result<bool, E>,
+        on_lagged: impl FnMut(u64),
     ) -> Result<()>
     where
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let mut lagged = false;
-        self.stream_text_lines(
+        self.server_events(
             routes::EVENT_STREAM,
             &[],
+            on_subscribed,
+            on_event,
+            on_lagged,
+        )
+        .await
+    }
+
+    /// A server-sent event stream of `T`s: `: subscribed` comments go to `on_subscribed`,
+    /// `event: lagged` entries (how many events this reader missed) to `on_lagged`, each
+    /// `data:` line to `on_event` until it answers `false` or the stream ends.
+    async fn server_events<T, E>(
+        &self,
+        route: routes::Route,
+        params: &[&str],
+        mut on_subscribed: impl FnMut(),
+        mut on_event: impl FnMut(T) -> Result<bool, E>,
+        mut on_lagged: impl FnMut(u64),
+    ) -> Result<()>
+    where
+        T: serde::de::DeserializeOwned,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut lagged = false;
+        self.stream_text_lines(
+            route,
+            params,
             |line| -> std::result::Result<bool, Box<dyn std::error::Error + Send + Sync>> {
                 if line == "event: lagged" {
                     lagged = true;
@@ -275,7 +300,7 @@ impl Client {
                     on_lagged(missed);
                     return Ok(true);
                 }
-                match serde_json::from_str::<Event>(data) {
+                match serde_json::from_str::<T>(data) {
                     Ok(ev) => on_event(ev).map_err(Into::into),
                     Err(e) => Err(Box::new(e).into()),
                 }
@@ -369,37 +394,18 @@ impl Client {
     pub async fn job_events<E>(
         &self,
         id: &JobId,
-        mut on_event: impl FnMut(JobEvent) -> Result<bool, E>,
-        mut on_lagged: impl FnMut(u64),
+        on_event: impl FnMut(JobEvent) -> Result<bool, E>,
+        on_lagged: impl FnMut(u64),
     ) -> Result<()>
     where
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let mut lagged = false;
-        self.stream_text_lines(
+        self.server_events(
             routes::JOB_EVENTS,
             &[id.as_str()],
-            |line| -> std::result::Result<bool, Box<dyn std::error::Error + Send + Sync>> {
-                if line == "event: lagged" {
-                    lagged = true;
-                    return Ok(true);
-                }
-                let Some(data) = line.strip_prefix("data: ") else {
-                    return Ok(true);
-                };
-                if std::mem::take(&mut lagged) {
-                    let missed = serde_json::from_str::<serde_json::Value>(data)
-                        .ok()
-                        .and_then(|v| v["missed"].as_u64())
-                        .unwrap_or(0);
-                    on_lagged(missed);
-                    return Ok(true);
-                }
-                match serde_json::from_str::<JobEvent>(data) {
-                    Ok(ev) => on_event(ev).map_err(Into::into),
-                    Err(e) => Err(Box::new(e).into()),
-                }
-            },
+            || {},
+            on_event,
+            on_lagged,
         )
         .await
     }

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use kiln_api_types::{
     ImageName, JobCompile, JobEvent, JobId, JobInfo, JobList, JobRequest, JobStatus, JobStream,
-    JobSummary, JobTiming, LanguageEntry, LanguageList,
+    JobSummary, LanguageEntry, LanguageList,
 };
 use tokio::sync::{Notify, Semaphore, broadcast, watch};
 use tracing::{info, warn};
@@ -361,26 +361,14 @@ impl Engine {
         }
         let id = JobId::random();
         let info = JobInfo {
-            id: id.clone(),
-            language: language.to_string(),
-            status: JobStatus::Queued,
             queue_position: Some(state.queue.len() as u32),
-            created_unix_ms: unix_now_ms(),
-            finished_unix_ms: None,
-            exit_code: None,
-            signal: None,
-            stdout: String::new(),
-            stderr: String::new(),
-            stdout_truncated: false,
-            stderr_truncated: false,
-            compile: None,
-            error: None,
-            timing: JobTiming::default(),
-            warm: false,
-            source: None,
-            sandbox: None,
-            timeout_secs: req.timeout_secs(),
-            max_output: req.max_output_bytes(),
+            ..JobInfo::queued(
+                id.clone(),
+                language.to_string(),
+                unix_now_ms(),
+                req.timeout_secs(),
+                req.max_output_bytes(),
+            )
         };
         self.store.job_insert(&kiln_store::StoredJob {
             id: id.to_string(),
@@ -719,27 +707,10 @@ mod tests {
 
     fn record(id: &str, status: JobStatus, sandbox: Option<&str>) -> JobInfo {
         JobInfo {
-            id: id.parse().unwrap(),
-            language: "python".into(),
             status,
-            queue_position: None,
-            // Now: an old job would be pruned at the start.
-            created_unix_ms: unix_now_ms(),
-            finished_unix_ms: None,
-            exit_code: None,
-            signal: None,
-            stdout: String::new(),
-            stderr: String::new(),
-            stdout_truncated: false,
-            stderr_truncated: false,
-            compile: None,
-            error: None,
-            timing: JobTiming::default(),
-            warm: false,
-            source: None,
             sandbox: sandbox.map(|s| s.parse().unwrap()),
-            timeout_secs: 30,
-            max_output: 1 << 20,
+            // Now: an old job would be pruned at the start.
+            ..JobInfo::queued(id.parse().unwrap(), "python", unix_now_ms(), 30, 1 << 20)
         }
     }
 
