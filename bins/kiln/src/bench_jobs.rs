@@ -88,6 +88,15 @@ pub struct JobsBench {
     pub job_compile_ms_p50: BTreeMap<String, Option<f64>>,
     /// Median of `timing.run_ms`, per language.
     pub job_run_ms_p50: BTreeMap<String, Option<f64>>,
+    /// The language's own warm-up (`GET /v1/languages`), per language.
+    pub warmup: BTreeMap<String, Vec<String>>,
+    /// `submit_to_result_ms` with the pool warming up with the language's own warm-up
+    /// instead of the default `true` (rounds alternate, same machine).
+    pub submit_to_result_ms_warmup: BTreeMap<String, Summary>,
+    /// `warm_runs` of those rounds.
+    pub warm_runs_warmup: BTreeMap<String, usize>,
+    /// `job_run_ms_p50` of those rounds.
+    pub job_run_ms_p50_warmup: BTreeMap<String, Option<f64>>,
     /// Jobs per throughput half (0: skipped).
     pub throughput_jobs: usize,
     /// Python jobs per minute, submitted at once, with a pool of 2.
@@ -234,19 +243,20 @@ struct Pools {
 }
 
 impl Pools {
-    /// Sets the pool of `image` at its default machine size to `size` (no warm-up); returns
-    /// that machine size.
+    /// Sets the pool of `image` at its default machine size to `size` with `warmup` (`None`:
+    /// the daemon's default, `true`); returns that machine size.
     async fn set(
         &mut self,
         client: &Client,
         image: &str,
         size: u32,
+        warmup: Option<Vec<String>>,
     ) -> anyhow::Result<MachineSpec> {
         let req = PoolSetRequest {
             size,
             cpus: None,
             memory_mib: None,
-            warmup: None,
+            warmup,
             warmup_timeout_secs: None,
         };
         let info = client
@@ -396,6 +406,10 @@ async fn bench(
         job_acquire_ms_p50: BTreeMap::new(),
         job_compile_ms_p50: BTreeMap::new(),
         job_run_ms_p50: BTreeMap::new(),
+        warmup: BTreeMap::new(),
+        submit_to_result_ms_warmup: BTreeMap::new(),
+        warm_runs_warmup: BTreeMap::new(),
+        job_run_ms_p50_warmup: BTreeMap::new(),
         throughput_jobs: a.throughput_jobs,
         jobs_per_min_pool: None,
         jobs_per_min_no_pool: None,
@@ -405,29 +419,43 @@ async fn bench(
     };
     for lang in langs {
         let req = request(&lang.id)?;
-        let machine = pools.set(client, &lang.image, 1).await?;
+        // Rounds alternate the pool's warm-up: the daemon's default (`true`), then the
+        // language's own (its toolchain once), so both meet the same machine.
         let (mut latency, mut jobs) = (Vec::new(), Vec::new());
-        for run in 0..a.runs {
+        let (mut latency_w, mut jobs_w) = (Vec::new(), Vec::new());
+        for run in 0..a.runs * 2 {
+            let toolchain = run % 2 == 1;
+            let warmup = toolchain.then(|| lang.warmup.clone());
+            // The refill after the last round warmed up the other way: empty the pool first.
+            let machine = pools.set(client, &lang.image, 0, None).await?;
+            wait_pool(client, &lang.image, &machine, 0).await?;
+            pools.set(client, &lang.image, 1, warmup).await?;
             wait_pool(client, &lang.image, &machine, 1).await?;
             let t = Instant::now();
             let id = submit(client, &req, &told).await?;
             let job = wait_final(client, &id).await?;
-            latency.push(t.elapsed().as_secs_f64() * 1000.0);
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
             check(&job)?;
             if !a.json {
                 eprintln!(
-                    "{} {}/{}: {:.0} ms{}",
+                    "{} {}/{} ({} warm-up): {ms:.0} ms{}",
                     lang.id,
-                    run + 1,
+                    run / 2 + 1,
                     a.runs,
-                    latency[run],
+                    if toolchain { "toolchain" } else { "default" },
                     if job.warm { "" } else { " (not warm)" }
                 );
             }
-            jobs.push(job);
+            if toolchain {
+                latency_w.push(ms);
+                jobs_w.push(job);
+            } else {
+                latency.push(ms);
+                jobs.push(job);
+            }
         }
         // Free the language's pooled VM before the next language (put back at the end).
-        pools.set(client, &lang.image, 0).await?;
+        pools.set(client, &lang.image, 0, None).await?;
         let id = lang.id.clone();
         out.submit_to_result_ms
             .insert(id.clone(), summary(&mut latency));
@@ -440,11 +468,21 @@ async fn bench(
             .insert(id.clone(), p50(|j| j.timing.acquire_ms));
         out.job_compile_ms_p50
             .insert(id.clone(), p50(|j| j.timing.compile_ms));
-        out.job_run_ms_p50.insert(id, p50(|j| j.timing.run_ms));
+        out.job_run_ms_p50
+            .insert(id.clone(), p50(|j| j.timing.run_ms));
+        out.warmup.insert(id.clone(), lang.warmup.clone());
+        out.submit_to_result_ms_warmup
+            .insert(id.clone(), summary(&mut latency_w));
+        out.warm_runs_warmup
+            .insert(id.clone(), jobs_w.iter().filter(|j| j.warm).count());
+        out.job_run_ms_p50_warmup
+            .insert(id, p50_of(jobs_w.iter().map(|j| j.timing.run_ms)));
     }
     if let Some(py) = python {
         let req = request(&py.id)?;
-        let machine = pools.set(client, &py.image, THROUGHPUT_POOL_SIZE).await?;
+        let machine = pools
+            .set(client, &py.image, THROUGHPUT_POOL_SIZE, None)
+            .await?;
         wait_pool(client, &py.image, &machine, THROUGHPUT_POOL_SIZE).await?;
         let (elapsed, jobs) = burst(client, &req, a.throughput_jobs, &told).await?;
         let pooled = per_minute(jobs.len(), elapsed);
@@ -452,7 +490,7 @@ async fn bench(
         if !a.json {
             eprintln!("throughput with a pool of {THROUGHPUT_POOL_SIZE}: {pooled:.1} jobs/min");
         }
-        pools.set(client, &py.image, 0).await?;
+        pools.set(client, &py.image, 0, None).await?;
         wait_pool(client, &py.image, &machine, 0).await?;
         let (elapsed, jobs) = burst(client, &req, a.throughput_jobs, &told).await?;
         let bare = per_minute(jobs.len(), elapsed);
@@ -508,9 +546,20 @@ async fn burst(
 fn text(b: &JobsBench) -> String {
     let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
     let mut s = format!(
-        "kiln bench jobs: {} runs per language, each a warm take from a pool of 1\n\
-         {:<8} {:>10} {:>10} {:>6}   job's own p50 (ms): {:>7} {:>8} {:>8} {:>6}\n",
-        b.runs, "LANGUAGE", "P50 MS", "P95 MS", "WARM", "TOTAL", "ACQUIRE", "COMPILE", "RUN"
+        "kiln bench jobs: {} runs per language and warm-up, each a warm take from a pool of 1\n\
+         {:<8} {:>10} {:>10} {:>6}   job's own p50 (ms): {:>7} {:>8} {:>8} {:>6}   \
+         toolchain warm-up: {:>7} {:>6}\n",
+        b.runs,
+        "LANGUAGE",
+        "P50 MS",
+        "P95 MS",
+        "WARM",
+        "TOTAL",
+        "ACQUIRE",
+        "COMPILE",
+        "RUN",
+        "P50 MS",
+        "RUN"
     );
     for id in &b.languages {
         let (Some(lat), Some(warm)) = (b.submit_to_result_ms.get(id), b.warm_runs.get(id)) else {
@@ -518,7 +567,7 @@ fn text(b: &JobsBench) -> String {
         };
         let get = |m: &BTreeMap<String, Option<f64>>| opt(m.get(id).copied().flatten());
         s.push_str(&format!(
-            "{id:<8} {:>10.1} {:>10.1} {:>6}   {:>26} {:>8} {:>8} {:>6}\n",
+            "{id:<8} {:>10.1} {:>10.1} {:>6}   {:>26} {:>8} {:>8} {:>6}   {:>26} {:>6}\n",
             lat.p50,
             lat.p95,
             format!("{warm}/{}", lat.n),
@@ -526,6 +575,8 @@ fn text(b: &JobsBench) -> String {
             get(&b.job_acquire_ms_p50),
             get(&b.job_compile_ms_p50),
             get(&b.job_run_ms_p50),
+            opt(b.submit_to_result_ms_warmup.get(id).map(|l| l.p50)),
+            get(&b.job_run_ms_p50_warmup),
         ));
     }
     if let (Some(pool), Some(bare), Some(ratio)) = (
@@ -556,6 +607,7 @@ mod tests {
             image: id.into(),
             compiled: false,
             source_file: "main".into(),
+            warmup: vec!["true".into()],
             image_built: built,
             version: None,
         }
@@ -680,6 +732,10 @@ mod tests {
             job_acquire_ms_p50: BTreeMap::new(),
             job_compile_ms_p50: BTreeMap::new(),
             job_run_ms_p50: BTreeMap::new(),
+            warmup: BTreeMap::new(),
+            submit_to_result_ms_warmup: BTreeMap::new(),
+            warm_runs_warmup: BTreeMap::new(),
+            job_run_ms_p50_warmup: BTreeMap::new(),
             throughput_jobs: 100,
             jobs_per_min_pool: Some(300.0),
             jobs_per_min_no_pool: Some(100.0),
@@ -692,11 +748,16 @@ mod tests {
         b.warm_runs.insert("python".into(), 2);
         b.job_total_ms_p50.insert("python".into(), Some(45.0));
         b.job_compile_ms_p50.insert("python".into(), None);
+        b.submit_to_result_ms_warmup
+            .insert("python".into(), summary(&mut [20.0, 30.0]));
+        b.job_run_ms_p50_warmup.insert("python".into(), Some(12.0));
         let t = text(&b);
         let row: Vec<&str> = t.lines().nth(2).unwrap().split_whitespace().collect();
         assert_eq!(
             row,
-            ["python", "50.0", "70.0", "2/2", "45", "-", "-", "-"],
+            [
+                "python", "50.0", "70.0", "2/2", "45", "-", "-", "-", "20", "12"
+            ],
             "{t}"
         );
         assert!(

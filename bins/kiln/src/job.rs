@@ -744,6 +744,7 @@ mod tests {
             image: id.into(),
             compiled: id == "cpp",
             source_file: "main".into(),
+            warmup: vec!["true".into()],
             image_built: built,
             version: None,
         };

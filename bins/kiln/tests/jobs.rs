@@ -371,6 +371,7 @@ fn bench_daemon(socket: &Path, bad_job: u32) -> (Seen, Arc<Mutex<FakePools>>) {
         image: id.into(),
         compiled: false,
         source_file: "main".into(),
+        warmup: vec!["true".into()],
         image_built: built,
         version: None,
     };
@@ -506,14 +507,30 @@ async fn bench_jobs_measures_built_languages_and_puts_the_pools_back() {
     );
     assert!(v["throughput_pool_vs_no_pool"].as_f64().is_some(), "{v}");
     let pools = pools.lock().expect("lock");
-    // Python: 1 for its runs, 0, 2 and 0 for the throughput halves, then as it was.
-    let python: Vec<u32> = pools
+    // Python: emptied and set to 1 before each of its runs, the warm-up alternating between
+    // the default and the language's own; 0 after them; 2 and 0 for the throughput halves;
+    // then as it was.
+    let python: Vec<(u32, Option<Vec<String>>)> = pools
         .puts
         .iter()
         .filter(|(i, ..)| i == "python")
-        .map(|(_, s, _)| *s)
+        .map(|(_, s, w)| (*s, w.clone()))
         .collect();
-    assert_eq!(python, [1, 0, 2, 0, 3], "{:?}", pools.puts);
+    let own = Some(vec!["true".to_owned()]);
+    let sizes: Vec<u32> = python.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        sizes,
+        [0, 1, 0, 1, 0, 1, 0, 1, 0, 2, 0, 3],
+        "{:?}",
+        pools.puts
+    );
+    let warmups: Vec<&Option<Vec<String>>> = python
+        .iter()
+        .filter(|(s, _)| *s == 1)
+        .map(|(_, w)| w)
+        .collect();
+    assert_eq!(warmups, [&None, &own, &None, &own], "{:?}", pools.puts);
+    assert_eq!(v["submit_to_result_ms_warmup"]["python"]["n"], 2, "{v}");
     assert_eq!(
         pools.now.get("python"),
         Some(&(3, Some(vec!["python3".into(), "-c".into(), "pass".into()])))
@@ -528,8 +545,8 @@ async fn bench_jobs_measures_built_languages_and_puts_the_pools_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_jobs_a_wrong_result_fails_naming_the_job_and_still_restores_pools() {
     let home = tempfile::tempdir().expect("home");
-    // The 4th job: the second bash run.
-    let (_seen, pools) = bench_daemon(&home.path().join("kilnd.sock"), 4);
+    // The 6th job: bash's second (python's four come first: two runs of each warm-up).
+    let (_seen, pools) = bench_daemon(&home.path().join("kilnd.sock"), 6);
     let out = kiln(
         home.path(),
         &["bench", "jobs", "--runs", "2", "--throughput-jobs", "3"],
@@ -538,7 +555,7 @@ async fn bench_jobs_a_wrong_result_fails_naming_the_job_and_still_restores_pools
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("job job-000000000004 (bash) printed \"hell\\n\" instead of \"hello\\n\""),
+        stderr.contains("job job-000000000006 (bash) printed \"hell\\n\" instead of \"hello\\n\""),
         "{stderr}"
     );
     assert!(

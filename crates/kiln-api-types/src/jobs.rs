@@ -636,6 +636,9 @@ pub struct LanguageEntry {
     pub compiled: bool,
     /// The source file a program is written to.
     pub source_file: String,
+    /// A command that runs the toolchain once on nothing: a good `warmup` for a pool of the
+    /// language's image (`PUT /v1/pools/{image}`).
+    pub warmup: Vec<String>,
     /// Whether its image is built (a job of an unbuilt image ends `error`).
     pub image_built: bool,
     /// The toolchain's version (the first line its version command prints), once known:

@@ -85,6 +85,11 @@ pub struct LanguageInfo {
     pub run: &'static [&'static str],
     /// argv printing the toolchain's version; the first line of its stdout says it.
     pub version: &'static [&'static str],
+    /// argv running the toolchain once on nothing: a warm pool's warm-up for the language,
+    /// so that the emulator has translated the interpreter's start before a job arrives
+    /// (compiled languages: the compiler's start; their images warm a whole compile before
+    /// the snapshot is captured).
+    pub warmup: &'static [&'static str],
 }
 
 /// The table, in presentation order (the order of [`Language::all`]).
@@ -99,6 +104,7 @@ const TABLE: [LanguageInfo; 8] = [
         compile: None,
         run: &["python3", "main.py"],
         version: &["python3", "--version"],
+        warmup: &["python3", "-c", "pass"],
     },
     LanguageInfo {
         language: Language::Node,
@@ -110,6 +116,7 @@ const TABLE: [LanguageInfo; 8] = [
         compile: None,
         run: &["node", "main.js"],
         version: &["node", "--version"],
+        warmup: &["node", "-e", "0"],
     },
     LanguageInfo {
         language: Language::Ruby,
@@ -121,6 +128,7 @@ const TABLE: [LanguageInfo; 8] = [
         compile: None,
         run: &["ruby", "main.rb"],
         version: &["ruby", "--version"],
+        warmup: &["ruby", "-e", "0"],
     },
     LanguageInfo {
         language: Language::Go,
@@ -132,6 +140,7 @@ const TABLE: [LanguageInfo; 8] = [
         compile: Some(&["go", "build", "-o", "main", "main.go"]),
         run: &["./main"],
         version: &["go", "version"],
+        warmup: &["go", "version"],
     },
     LanguageInfo {
         language: Language::Rust,
@@ -143,6 +152,7 @@ const TABLE: [LanguageInfo; 8] = [
         compile: Some(&["rustc", "--edition", "2021", "-o", "main", "main.rs"]),
         run: &["./main"],
         version: &["rustc", "--version"],
+        warmup: &["rustc", "--version"],
     },
     LanguageInfo {
         language: Language::C,
@@ -154,6 +164,7 @@ const TABLE: [LanguageInfo; 8] = [
         compile: Some(&["gcc", "-O2", "-o", "main", "main.c", "-lm"]),
         run: &["./main"],
         version: &["gcc", "--version"],
+        warmup: &["gcc", "--version"],
     },
     LanguageInfo {
         language: Language::Cpp,
@@ -165,6 +176,7 @@ const TABLE: [LanguageInfo; 8] = [
         compile: Some(&["g++", "-O2", "-std=c++17", "-o", "main", "main.cpp"]),
         run: &["./main"],
         version: &["g++", "--version"],
+        warmup: &["g++", "--version"],
     },
     LanguageInfo {
         language: Language::Bash,
@@ -176,6 +188,7 @@ const TABLE: [LanguageInfo; 8] = [
         compile: None,
         run: &["bash", "main.sh"],
         version: &["bash", "--version"],
+        warmup: &["bash", "-c", ":"],
     },
 ];
 
@@ -408,7 +421,12 @@ mod tests {
                 !src.contains('/') && src.starts_with("main."),
                 "{lang}: {src}"
             );
-            let argvs = [lang.compile(), Some(lang.run()), Some(lang.version())];
+            let argvs = [
+                lang.compile(),
+                Some(lang.run()),
+                Some(lang.version()),
+                Some(lang.info().warmup),
+            ];
             for argv in argvs.into_iter().flatten() {
                 assert!(!argv.is_empty(), "{lang}");
                 assert!(

@@ -526,6 +526,7 @@ impl Engine {
                 image: info.image.to_owned(),
                 compiled: info.compile.is_some(),
                 source_file: info.source_file.to_owned(),
+                warmup: info.warmup.iter().map(|a| (*a).to_owned()).collect(),
                 image_built: manifest.is_some(),
                 version,
             });
