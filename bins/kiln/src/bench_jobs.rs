@@ -90,8 +90,9 @@ pub struct JobsBench {
     pub job_run_ms_p50: BTreeMap<String, Option<f64>>,
     /// The language's own warm-up (`GET /v1/languages`), per language.
     pub warmup: BTreeMap<String, Vec<String>>,
-    /// `submit_to_result_ms` with the pool warming up with the language's own warm-up
-    /// instead of the default `true` (rounds alternate, same machine).
+    /// `submit_to_result_ms` with the pool warming up with the language's own warm-up (the
+    /// daemon's default for a language's image) instead of `true`, which the rounds of
+    /// `submit_to_result_ms` use (rounds alternate, same machine).
     pub submit_to_result_ms_warmup: BTreeMap<String, Summary>,
     /// `warm_runs` of those rounds.
     pub warm_runs_warmup: BTreeMap<String, usize>,
@@ -419,17 +420,22 @@ async fn bench(
     };
     for lang in langs {
         let req = request(&lang.id)?;
-        // Rounds alternate the pool's warm-up: the daemon's default (`true`), then the
-        // language's own (its toolchain once), so both meet the same machine.
+        // Rounds alternate the pool's warm-up: `true` (the agent's exec path only), then the
+        // language's own (its toolchain once: the daemon's default for a language's image),
+        // so both meet the same machine.
         let (mut latency, mut jobs) = (Vec::new(), Vec::new());
         let (mut latency_w, mut jobs_w) = (Vec::new(), Vec::new());
         for run in 0..a.runs * 2 {
             let toolchain = run % 2 == 1;
-            let warmup = toolchain.then(|| lang.warmup.clone());
+            let warmup = if toolchain {
+                lang.warmup.clone()
+            } else {
+                vec!["true".to_owned()]
+            };
             // The refill after the last round warmed up the other way: empty the pool first.
             let machine = pools.set(client, &lang.image, 0, None).await?;
             wait_pool(client, &lang.image, &machine, 0).await?;
-            pools.set(client, &lang.image, 1, warmup).await?;
+            pools.set(client, &lang.image, 1, Some(warmup)).await?;
             wait_pool(client, &lang.image, &machine, 1).await?;
             let t = Instant::now();
             let id = submit(client, &req, &told).await?;
@@ -442,7 +448,7 @@ async fn bench(
                     lang.id,
                     run / 2 + 1,
                     a.runs,
-                    if toolchain { "toolchain" } else { "default" },
+                    if toolchain { "toolchain" } else { "`true`" },
                     if job.warm { "" } else { " (not warm)" }
                 );
             }

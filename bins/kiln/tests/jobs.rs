@@ -371,7 +371,7 @@ fn bench_daemon(socket: &Path, bad_job: u32) -> (Seen, Arc<Mutex<FakePools>>) {
         image: id.into(),
         compiled: false,
         source_file: "main".into(),
-        warmup: vec!["true".into()],
+        warmup: vec!["toolchain".into()],
         image_built: built,
         version: None,
     };
@@ -508,7 +508,7 @@ async fn bench_jobs_measures_built_languages_and_puts_the_pools_back() {
     assert!(v["throughput_pool_vs_no_pool"].as_f64().is_some(), "{v}");
     let pools = pools.lock().expect("lock");
     // Python: emptied and set to 1 before each of its runs, the warm-up alternating between
-    // the default and the language's own; 0 after them; 2 and 0 for the throughput halves;
+    // `true` and the language's own; 0 after them; 2 and 0 for the throughput halves;
     // then as it was.
     let python: Vec<(u32, Option<Vec<String>>)> = pools
         .puts
@@ -516,7 +516,7 @@ async fn bench_jobs_measures_built_languages_and_puts_the_pools_back() {
         .filter(|(i, ..)| i == "python")
         .map(|(_, s, w)| (*s, w.clone()))
         .collect();
-    let own = Some(vec!["true".to_owned()]);
+    let own = Some(vec!["toolchain".to_owned()]);
     let sizes: Vec<u32> = python.iter().map(|(s, _)| *s).collect();
     assert_eq!(
         sizes,
@@ -529,7 +529,8 @@ async fn bench_jobs_measures_built_languages_and_puts_the_pools_back() {
         .filter(|(s, _)| *s == 1)
         .map(|(_, w)| w)
         .collect();
-    assert_eq!(warmups, [&None, &own, &None, &own], "{:?}", pools.puts);
+    let plain = Some(vec!["true".to_owned()]);
+    assert_eq!(warmups, [&plain, &own, &plain, &own], "{:?}", pools.puts);
     assert_eq!(v["submit_to_result_ms_warmup"]["python"]["n"], 2, "{v}");
     assert_eq!(
         pools.now.get("python"),

@@ -31,7 +31,9 @@ pub struct PoolSetRequest {
     /// A command each pooled sandbox runs once after its restore, before it is ready (e.g.
     /// the language's interpreter once, so that the emulator has translated its hot code
     /// before a job arrives). Must exit 0, else the sandbox is discarded. Without one, a
-    /// pooled sandbox runs `true` once (and is pooled even if that fails).
+    /// pooled sandbox of a language's image runs the language's warm-up (`GET
+    /// /v1/languages`: `python3 -c pass`, ...), any other `true`, once (and is pooled even if
+    /// that fails).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup: Option<Vec<String>>,
     /// Longest the warm-up may run, seconds (default 60).
