@@ -130,10 +130,14 @@ fn run_large_output_arrives_intact() {
     ]);
     assert_success(&out, "kiln run large output");
     assert_eq!(out.stdout.len(), 64 << 20);
-    let guest_sum = stderr(&out)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
+    // The checksum line (`<hex>  /tmp/blob`); kiln may have said something first (a warm
+    // snapshot from an older kiln is replaced with a warning).
+    let err = stderr(&out);
+    let guest_sum = err
+        .lines()
+        .find(|l| l.ends_with("/tmp/blob"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no checksum line in stderr: {err}"))
         .to_owned();
     assert_eq!(sha256_hex(&out.stdout), guest_sum);
 }
