@@ -34,6 +34,17 @@ pub use jobs::{JobFilter, StoredJob};
 pub use leases::{LeaseSubnet, NetLease};
 pub use pools::StoredPool;
 
+/// Makes the database and its WAL files readable by their owner only (best effort: a file
+/// system without modes keeps them as they are).
+fn owner_only(db: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+    }
+}
+
 /// Schema migrations; index + 1 is the `user_version` each one brings the database to.
 const MIGRATIONS: &[&str] = &[
     // 1: sandboxes.
@@ -191,6 +202,9 @@ impl Store {
             .map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(open_err)?;
+        // Only its owner reads it: it keeps sandbox specs and job requests (their `env`).
+        // SQLite gives the WAL and shared-memory files the database's mode.
+        owner_only(path);
         let mut store = Self::migrate(conn)?;
         let mut reserve = path.as_os_str().to_owned();
         reserve.push(".reserve");
@@ -669,6 +683,23 @@ mod tests {
         Store::open(&path).unwrap().sandbox_insert(&r).unwrap();
         let again = Store::open(&path).unwrap();
         assert_eq!(again.sandbox_get(&r.id).unwrap(), Some(r));
+    }
+
+    #[test]
+    fn open_makes_the_database_and_its_wal_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        // A database an older kiln left readable by everyone.
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = Store::open(&path).unwrap();
+        store.sandbox_insert(&row(1)).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        let wal = dir.path().join("kiln.db-wal");
+        assert!(wal.exists(), "WAL mode writes a -wal file");
+        assert_eq!(mode(&wal), 0o600);
     }
 
     #[test]
