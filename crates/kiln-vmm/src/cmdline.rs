@@ -18,8 +18,10 @@
 //! on ("tsc: No reference (HPET/PMTIMER) available"), hangs forever. `q35` has both
 //! references, never hung, and its PCI addresses are stable for snapshot/restore. So kiln uses
 //! `q35` with the legacy devices it does not need turned off ([`MACHINE`]).
-//! `tsc_early_khz=<host TSC kHz>` fixes microvm (0 of 10 hangs) but ties the guest command
-//! line to the host CPU, which a snapshot may outlive.
+//! `tsc_early_khz=<host TSC kHz>` fixes microvm (0 of 10 hangs); kiln now passes it on q35
+//! too under TCG (`crate::tsc`), because a q35 guest's PIT calibration on a loaded host can
+//! also be off by an order of magnitude, and a snapshot keeps it (it is passed as the
+//! configuration's extra command line, outside the device fingerprint).
 //!
 //! Not done here but measured: booting the *uncompressed* ELF `vmlinux` (PVH entry, extracted
 //! from the bzImage's LZ4 payload) instead of the bzImage takes q35 from 2.18 s to 1.76 s.
