@@ -70,7 +70,7 @@ pub struct JobsBenchArgs {
 }
 
 /// The result.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct JobsBench {
     /// Jobs per language.
     pub runs: usize,
@@ -401,22 +401,8 @@ async fn bench(
     let mut out = JobsBench {
         runs: a.runs,
         languages: langs.iter().map(|l| l.id.clone()).collect(),
-        submit_to_result_ms: BTreeMap::new(),
-        warm_runs: BTreeMap::new(),
-        job_total_ms_p50: BTreeMap::new(),
-        job_acquire_ms_p50: BTreeMap::new(),
-        job_compile_ms_p50: BTreeMap::new(),
-        job_run_ms_p50: BTreeMap::new(),
-        warmup: BTreeMap::new(),
-        submit_to_result_ms_warmup: BTreeMap::new(),
-        warm_runs_warmup: BTreeMap::new(),
-        job_run_ms_p50_warmup: BTreeMap::new(),
         throughput_jobs: a.throughput_jobs,
-        jobs_per_min_pool: None,
-        jobs_per_min_no_pool: None,
-        throughput_pool_vs_no_pool: None,
-        throughput_warm_jobs: None,
-        throughput_failures: 0,
+        ..JobsBench::default()
     };
     for lang in langs {
         let req = request(&lang.id)?;
@@ -732,22 +718,12 @@ mod tests {
         let mut b = JobsBench {
             runs: 2,
             languages: vec!["python".into()],
-            submit_to_result_ms: BTreeMap::new(),
-            warm_runs: BTreeMap::new(),
-            job_total_ms_p50: BTreeMap::new(),
-            job_acquire_ms_p50: BTreeMap::new(),
-            job_compile_ms_p50: BTreeMap::new(),
-            job_run_ms_p50: BTreeMap::new(),
-            warmup: BTreeMap::new(),
-            submit_to_result_ms_warmup: BTreeMap::new(),
-            warm_runs_warmup: BTreeMap::new(),
-            job_run_ms_p50_warmup: BTreeMap::new(),
             throughput_jobs: 100,
             jobs_per_min_pool: Some(300.0),
             jobs_per_min_no_pool: Some(100.0),
             throughput_pool_vs_no_pool: Some(3.0),
             throughput_warm_jobs: Some(40),
-            throughput_failures: 0,
+            ..JobsBench::default()
         };
         b.submit_to_result_ms
             .insert("python".into(), summary(&mut [50.0, 70.0]));
