@@ -659,6 +659,15 @@ mod tests {
         Frame::new(width, height, rgb).expect("pattern has the right length")
     }
 
+    fn rect(x: u32, y: u32, width: u32, height: u32) -> Rect {
+        Rect {
+            x,
+            y,
+            width,
+            height,
+        }
+    }
+
     fn solid(width: u32, height: u32, px: [u8; 3]) -> Frame {
         Frame::new(width, height, px.repeat((width * height) as usize)).expect("solid frame")
     }
@@ -843,16 +852,7 @@ mod tests {
     fn scaled_keeps_a_one_pixel_stroke_visible() {
         // A vertical 1-px black line on white, halved: it becomes a grey column, not nothing.
         let mut frame = solid(8, 4, [255; 3]);
-        paint(
-            &mut frame,
-            Rect {
-                x: 3,
-                y: 0,
-                width: 1,
-                height: 4,
-            },
-            [0; 3],
-        );
+        paint(&mut frame, rect(3, 0, 1, 4), [0; 3]);
         let half = frame.scaled(Scale::Factor(0.5)).expect("scales");
         let column1 = &half.rgb()[3..6];
         assert_eq!(column1, &[128, 128, 128]);
@@ -882,44 +882,16 @@ mod tests {
             }
         );
         let mut b = a.clone();
-        paint(
-            &mut b,
-            Rect {
-                x: 2,
-                y: 3,
-                width: 1,
-                height: 1,
-            },
-            [9; 3],
-        );
-        paint(
-            &mut b,
-            Rect {
-                x: 15,
-                y: 7,
-                width: 2,
-                height: 2,
-            },
-            [9; 3],
-        );
+        paint(&mut b, rect(2, 3, 1, 1), [9; 3]);
+        paint(&mut b, rect(15, 7, 2, 2), [9; 3]);
         let diff = a.diff(&b);
         assert_eq!(diff.changed_px, 5);
-        let bbox = Rect {
-            x: 2,
-            y: 3,
-            width: 15,
-            height: 6,
-        };
+        let bbox = rect(2, 3, 15, 6);
         assert_eq!(diff.bbox, Some(bbox));
         // A change in one channel only still counts.
         let mut c = a.clone();
         c.rgb[(9 * 20 + 19) * 3 + 2] = 4;
-        let last = Rect {
-            x: 19,
-            y: 9,
-            width: 1,
-            height: 1,
-        };
+        let last = rect(19, 9, 1, 1);
         assert_eq!(
             a.diff(&c),
             Diff {
@@ -932,12 +904,7 @@ mod tests {
     #[test]
     fn diff_of_different_sizes_is_a_full_change_of_the_new_frame() {
         let diff = solid(4, 4, [0; 3]).diff(&solid(3, 2, [0; 3]));
-        let all = Rect {
-            x: 0,
-            y: 0,
-            width: 3,
-            height: 2,
-        };
+        let all = rect(0, 0, 3, 2);
         assert_eq!(
             diff,
             Diff {
@@ -1005,16 +972,7 @@ mod tests {
         let mut frame = solid(200, 100, [255; 3]);
         if on {
             // A 10x20 block cursor: 200 px.
-            paint(
-                &mut frame,
-                Rect {
-                    x: 40,
-                    y: 30,
-                    width: 10,
-                    height: 20,
-                },
-                [0; 3],
-            );
+            paint(&mut frame, rect(40, 30, 10, 20), [0; 3]);
         }
         frame
     }
