@@ -3,3 +3,4 @@
 //! pointer events). Nothing here performs I/O or reads a clock.
 
 pub mod frame;
+pub mod keys;
