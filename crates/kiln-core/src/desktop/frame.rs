@@ -491,8 +491,8 @@ fn box_weights(src: u32, dst: u32) -> Vec<(usize, usize, u32)> {
         while o < dst && o * src < hi {
             let overlap = hi.min((o + 1) * src) - lo.max(o * src);
             if overlap > 0 {
-                // Indices and overlaps are bounded by MAX_DIMENSION (and its square for the
-                // overlap's units, 2^26): they fit in usize and u32.
+                // Indices are below MAX_DIMENSION and an overlap is at most `dst` units (one
+                // source sample's width): all fit in usize and u32.
                 out.push((i as usize, o as usize, overlap as u32));
             }
             o += 1;
