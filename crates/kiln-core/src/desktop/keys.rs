@@ -386,7 +386,9 @@ pub fn type_plan(text: &str) -> Result<Vec<TypeChunk>, KeyError> {
 /// pixel's centre lands back on `pixel` under both for any `size <= 8192`. Callers check
 /// `pixel < size` and `size >= 1` ([`abs_move`] does).
 pub fn abs_axis_value(pixel: u32, size: u32) -> u32 {
-    let scaled = (2 * u64::from(pixel) + 1) * (u64::from(ABS_MAX) + 1) / (2 * u64::from(size));
+    // A size of 0 is a caller's mistake; treat it as 1 rather than divide by zero.
+    let size = u64::from(size.max(1));
+    let scaled = (2 * u64::from(pixel) + 1) * (u64::from(ABS_MAX) + 1) / (2 * size);
     // pixel < size makes this < ABS_MAX + 1; the min keeps a caller's mistake in range.
     scaled.min(u64::from(ABS_MAX)) as u32
 }
@@ -696,6 +698,9 @@ mod tests {
         // The centre: the middle pixel of an even axis lands just past half the range.
         assert_eq!(abs_axis_value(640, 1280), 0x4000 + 12);
         assert_eq!(abs_axis_value(0, 1), 0x4000);
+        // Misuse stays in range instead of panicking.
+        assert_eq!(abs_axis_value(0, 0), 0x4000);
+        assert_eq!(abs_axis_value(5000, 10), ABS_MAX);
     }
 
     #[test]
