@@ -38,6 +38,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 mod images;
+mod desktop;
 mod jobs;
 mod pools;
 
@@ -89,6 +90,8 @@ pub(crate) fn api_routes() -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(jobs::job_get, jobs::job_cancel))
         .routes(routes!(jobs::job_events))
         .routes(routes!(jobs::language_list))
+        .routes(routes!(desktop::desktop_screenshot))
+        .routes(routes!(desktop::desktop_act))
         .routes(routes!(jobs::cloude_run))
         .routes(routes!(jobs::cloude_status))
         .routes(routes!(system_df))

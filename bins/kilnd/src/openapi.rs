@@ -40,6 +40,7 @@ use utoipa::openapi::{RefOr, Response as OaResponse, ResponseBuilder};
         (name = "files", description = "Files in a sandbox: transfers in and out, listings and small operations"),
         (name = "pools", description = "Warm pools: sandboxes restored ahead of demand"),
         (name = "jobs", description = "Jobs: a program in one of kiln's languages, run once in a fresh sandbox; cloude's `/run` and `/status/{id}`"),
+        (name = "desktop", description = "Desktop sandboxes: screenshots and actions (pointer, keys, text) through QEMU, for computer-use agents"),
     ),
     components(schemas(
         ApiError,

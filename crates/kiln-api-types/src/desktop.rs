@@ -90,7 +90,7 @@ impl Screen {
                 "screen {self}: a screen is {SCREEN_MIN} to {SCREEN_MAX} pixels"
             )));
         }
-        if self.width % 8 != 0 {
+        if !self.width.is_multiple_of(8) {
             return Err(InvalidInput::Rule(format!(
                 "screen {self}: the width must be a multiple of 8"
             )));

@@ -242,6 +242,11 @@ routes! {
     JOB_EVENTS = Get "/v1/jobs/{job_id}/events" "job_events" EventStream;
     /// `GET /v1/languages`: the languages of jobs, with their versions.
     LANGUAGE_LIST = Get "/v1/languages" "language_list" Json;
+    /// `GET /v1/sandboxes/{id}/desktop/screenshot`: a PNG of a desktop's screen.
+    DESKTOP_SCREENSHOT = Get "/v1/sandboxes/{id}/desktop/screenshot" "desktop_screenshot" Bytes;
+    /// `POST /v1/sandboxes/{id}/desktop/actions`: one action (pointer, keys, text, wait) and
+    /// its receipt.
+    DESKTOP_ACT = Post "/v1/sandboxes/{id}/desktop/actions" "desktop_act" Json;
     /// `POST /run`: cloude's spelling of `POST /v1/jobs`.
     CLOUDE_RUN = Post "/run" "cloude_run" Json;
     /// `GET /status/{id}`: cloude's spelling of `GET /v1/jobs/{job_id}`, in its shape.

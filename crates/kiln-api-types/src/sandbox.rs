@@ -594,6 +594,7 @@ mod tests {
                 machine: MachineSpec {
                     cpus: 99,
                     memory_mib: 256,
+                    screen: None,
                 },
                 cold: false,
             },

@@ -143,7 +143,11 @@ impl EngineBuildGuest {
             run_dir: run_dir.clone(),
             incoming: None,
             nic: None,
-            display: None,
+            // A desktop's guests have its screen: its on-boot command starts the X server.
+            display: recipe.desktop.as_ref().map(|d| kiln_vmm::Display {
+                width: d.width,
+                height: d.height,
+            }),
         };
         let vm = match Vm::spawn(&config).await {
             Ok(vm) => vm,

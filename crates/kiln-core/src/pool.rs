@@ -741,6 +741,7 @@ mod tests {
         let other = MachineSpec {
             cpus: 2,
             memory_mib: 512,
+            screen: None,
         };
         let (got, _) = pools.take("python", "id1", other);
         assert!(got.is_none());

@@ -96,12 +96,14 @@ impl KernelFlavour {
         }
     }
 
-    /// The flavour of a kernel release (`uname -r`): `...-cloud-amd64` is the cloud one.
+    /// The flavour of a kernel release (`uname -r`): `...-amd64` without `-cloud` is the
+    /// generic one; anything else counts as cloud, the flavour of every image built before
+    /// flavours existed.
     pub fn of_release(release: &str) -> KernelFlavour {
-        if release.ends_with("-cloud-amd64") {
-            KernelFlavour::Cloud
-        } else {
+        if release.ends_with("-amd64") && !release.ends_with("-cloud-amd64") {
             KernelFlavour::Generic
+        } else {
+            KernelFlavour::Cloud
         }
     }
 }
@@ -144,7 +146,7 @@ pub fn parse_screen(s: &str) -> Result<(u32, u32), String> {
             SCREEN_MIN.0, SCREEN_MIN.1, SCREEN_MAX.0, SCREEN_MAX.1
         ));
     }
-    if w % 8 != 0 {
+    if !w.is_multiple_of(8) {
         return Err(format!("{s:?}: the width must be a multiple of 8"));
     }
     Ok((w, h))
