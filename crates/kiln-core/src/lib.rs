@@ -15,6 +15,7 @@
 mod admission;
 mod build_guest;
 pub mod console;
+pub mod desktop;
 mod detached;
 pub mod doctor;
 pub mod error;
