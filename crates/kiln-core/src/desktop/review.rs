@@ -129,6 +129,14 @@ pub enum ReviewError {
 }
 
 impl ReviewError {
+    pub(crate) fn io_of(what: &'static str, path: &Path, source: std::io::Error) -> ReviewError {
+        ReviewError::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
     fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ReviewError {
         let path = path.to_owned();
         move |source| ReviewError::Io { what, path, source }
@@ -1159,4 +1167,4 @@ pub(crate) fn referenced_screenshots(lines: &[Value]) -> Vec<ScreenshotHash> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
