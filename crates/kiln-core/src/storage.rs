@@ -44,7 +44,7 @@ use kiln_api_types::{
 };
 use kiln_image::ImageManifest;
 
-use crate::desktop::review;
+use crate::desktop::{retention, timestamp};
 use crate::paths::Home;
 
 /// Suffix of a console archive (`logs/<id>.console.log`, and its `.1`).
@@ -702,10 +702,10 @@ pub(crate) fn survey(home: &Home, facts: &Facts<'_>) -> Survey {
             Verdict::Keep("not a recording kiln names".to_owned())
         } else if let Some(state) = row_state(facts.rows, &name) {
             Verdict::Keep(format!("recording of sandbox {name} ({})", state.as_str()))
-        } else if let Some(until) = review::pinned_past(&root.join(&rel), now) {
+        } else if let Some(until) = retention::pinned_past(&root.join(&rel), now) {
             Verdict::Held(format!(
                 "recording of removed sandbox {name}, pinned by a failed action until {}",
-                review::rfc3339_ms(until)
+                timestamp::rfc3339_ms(until)
             ))
         } else {
             Verdict::Reclaim(format!("recording of removed sandbox {name}"))

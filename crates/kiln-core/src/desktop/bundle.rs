@@ -31,8 +31,9 @@ use sha2::{Digest, Sha256};
 
 use super::review::{
     Recorder, ReviewError, SCREENSHOTS_DIR, ScreenSize, ScreenshotHash, TIMELINE_FILE, hex,
-    read_meta, referenced_screenshots, rfc3339_ms,
+    read_meta, referenced_screenshots,
 };
+use super::timestamp::rfc3339_ms;
 
 /// `manifest.json`'s `format`.
 pub const BUNDLE_FORMAT: &str = "kiln-review-bundle";

@@ -10,9 +10,9 @@
 //!   screenshots/<sha256>.png   every screenshot once, named by the SHA-256 of its bytes
 //! ```
 //!
-//! and what becomes of that directory when its sandbox goes ([`remove_or_keep`], [`reclaim`]):
-//! removed, unless a failed action pinned it for a post-mortem ([`Recorder::pin_for`]). Export
-//! bundles are `bundle.rs`; the formats are written down in `docs/review.md`.
+//! A failed action pins the recording for a post-mortem ([`Recorder::pin_for`]); what becomes of
+//! the directory when its sandbox goes is `retention.rs`, redaction `redact.rs`, export bundles
+//! `bundle.rs`. The formats are written down in `docs/review.md`.
 //!
 //! Invariants:
 //! - `seq` starts at 1 and has no gaps, and file order is `seq` order: a line gets its `seq` and
@@ -41,14 +41,15 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use kiln_api_types::SandboxId;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::error::CoreError;
+use super::redact::Redactor;
+use super::timestamp::{parse_rfc3339_ms, rfc3339_ms};
 
 /// The timeline, one JSON object per line.
 pub const TIMELINE_FILE: &str = "timeline.jsonl";
@@ -58,13 +59,6 @@ pub const META_FILE: &str = "meta.json";
 pub const SCREENSHOTS_DIR: &str = "screenshots";
 /// Version of `meta.json`'s format.
 pub const META_FORMAT: u32 = 1;
-/// Setting: how long a failed action keeps its sandbox's recording after the sandbox is
-/// removed, in seconds (`0`: never pinned).
-pub const PIN_SECS_ENV: &str = "KILN_REVIEW_PIN_SECS";
-/// [`PIN_SECS_ENV`] when unset: one hour.
-pub const DEFAULT_PIN: Duration = Duration::from_secs(3600);
-/// Secret values shorter than this are not redacted: they would match everywhere.
-pub const MIN_SECRET_BYTES: usize = 4;
 
 const PNG_MAGIC: &[u8] = b"\x89PNG\r\n\x1a\n";
 /// Room kept for `seq` and `at` when a line's body is bounded.
@@ -405,101 +399,6 @@ pub(crate) fn write_atomic(path: &Path, body: &[u8], sync: bool) -> Result<(), R
     })
 }
 
-/// The secrets a recording must never contain, and the rule that finds them.
-///
-/// Every string of an event (object keys included) has each secret value replaced by
-/// `[secret:NAME]`, longest values first and in one pass, so a secret whose value is part of
-/// another's is not found inside it, and markers are never searched again. Values shorter than
-/// [`MIN_SECRET_BYTES`] are ignored. Its `Debug` shows names only.
-#[derive(Clone, Default)]
-pub struct Redactor {
-    /// Name, value; longest value first.
-    secrets: Vec<(String, Vec<u8>)>,
-}
-
-impl std::fmt::Debug for Redactor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<&str> = self.secrets.iter().map(|(n, _)| n.as_str()).collect();
-        f.debug_struct("Redactor").field("secrets", &names).finish()
-    }
-}
-
-impl Redactor {
-    /// A redactor of `secrets` (name, value).
-    pub fn new(secrets: Vec<(String, Vec<u8>)>) -> Redactor {
-        let mut secrets: Vec<(String, Vec<u8>)> = secrets
-            .into_iter()
-            .filter(|(_, v)| v.len() >= MIN_SECRET_BYTES)
-            .collect();
-        secrets.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then_with(|| a.0.cmp(&b.0)));
-        Redactor { secrets }
-    }
-
-    /// A redactor that knows no secrets (the `type_text` rule still applies).
-    pub fn none() -> Redactor {
-        Redactor::default()
-    }
-
-    /// `s` with every secret replaced; `None` when it holds none.
-    pub fn redact_str(&self, s: &str) -> Option<String> {
-        let bytes = s.as_bytes();
-        let mut out: Vec<u8> = Vec::new();
-        let (mut i, mut copied) = (0, 0);
-        while i < bytes.len() {
-            let hit = self.secrets.iter().find(|(_, v)| bytes[i..].starts_with(v));
-            match hit {
-                Some((name, value)) => {
-                    out.extend_from_slice(&bytes[copied..i]);
-                    out.extend_from_slice(format!("[secret:{name}]").as_bytes());
-                    i += value.len();
-                    copied = i;
-                }
-                None => i += 1,
-            }
-        }
-        if copied == 0 {
-            return None;
-        }
-        out.extend_from_slice(&bytes[copied..]);
-        // A secret that is not UTF-8 may end inside a character: what is left of that
-        // character becomes U+FFFD, never the secret.
-        Some(String::from_utf8_lossy(&out).into_owned())
-    }
-
-    /// Redacts every string of `v`, recursively, and drops the text of `type_text` actions
-    /// that name a secret.
-    pub fn redact_value(&self, v: &mut Value) {
-        match v {
-            Value::String(s) => {
-                if let Some(r) = self.redact_str(s) {
-                    *s = r;
-                }
-            }
-            Value::Array(items) => items.iter_mut().for_each(|i| self.redact_value(i)),
-            Value::Object(map) => {
-                if is_secret_typing(map) {
-                    map.remove("text");
-                }
-                let old = std::mem::take(map);
-                for (k, mut item) in old {
-                    self.redact_value(&mut item);
-                    map.insert(self.redact_str(&k).unwrap_or(k), item);
-                }
-            }
-            Value::Null | Value::Bool(_) | Value::Number(_) => {}
-        }
-    }
-}
-
-/// An action that types a secret: `type_text` (in `kind`, `type` or `action`) with a string
-/// `secret` (its name). Its text is not recorded at all, whatever the redactor knows.
-fn is_secret_typing(map: &Map<String, Value>) -> bool {
-    let typing = ["kind", "type", "action"]
-        .iter()
-        .any(|k| map.get(*k).and_then(Value::as_str) == Some("type_text"));
-    typing && map.get("secret").is_some_and(Value::is_string)
-}
-
 /// Cuts every string of `v` longer than `cap` bytes (at a character boundary) and marks it.
 fn cut_strings(v: &mut Value, cap: usize) {
     match v {
@@ -526,7 +425,7 @@ fn json_len(v: &Value) -> usize {
 /// if that is not enough (many small values), each field over 1 KiB but `kind` is replaced by
 /// a marker saying how large it was.
 fn bound_body(body: &mut Map<String, Value>, max: usize) {
-    let len = |b: &Map<String, Value>| json_len(&Value::Object(b.clone()));
+    let len = |b: &Map<String, Value>| serde_json::to_vec(b).map_or(usize::MAX, |v| v.len());
     if len(body) <= max {
         return;
     }
@@ -949,7 +848,8 @@ impl Recorder {
         Ok(())
     }
 
-    /// Flushes and closes the recording (before [`remove_or_keep`] on the sandbox's removal).
+    /// Flushes and closes the recording (before
+    /// [`remove_or_keep`](super::retention::remove_or_keep) on the sandbox's removal).
     pub fn close(self) -> Result<(), ReviewError> {
         self.flush()
     }
@@ -963,190 +863,6 @@ impl Drop for Recorder {
             let _ = write_meta(&self.dir, &inner.meta);
         }
     }
-}
-
-/// [`PIN_SECS_ENV`] from the daemon's environment, [`DEFAULT_PIN`] when unset or empty; any
-/// other value than a whole number of seconds is refused naming the variable.
-pub fn pin_from_env() -> Result<Duration, CoreError> {
-    parse_pin_secs(std::env::var(PIN_SECS_ENV).ok().as_deref()).map_err(CoreError::HostSetup)
-}
-
-/// The pin duration of a [`PIN_SECS_ENV`] value (`None`: unset).
-pub fn parse_pin_secs(value: Option<&str>) -> Result<Duration, String> {
-    match value.map(str::trim) {
-        None | Some("") => Ok(DEFAULT_PIN),
-        Some(v) => v.parse::<u64>().map(Duration::from_secs).map_err(|_| {
-            format!("{PIN_SECS_ENV}={v:?}: expected a whole number of seconds (0: never pin)")
-        }),
-    }
-}
-
-/// What became of a recording when its sandbox was removed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Kept {
-    /// There was none.
-    Absent,
-    /// Removed.
-    Removed,
-    /// Kept for a post-mortem until then; [`reclaim`] removes it afterwards.
-    Pinned {
-        /// The end of the pin.
-        until: SystemTime,
-    },
-}
-
-/// Decides the fate of the recording in `dir` when its sandbox is removed: removed unless it
-/// is pinned past `now` (a recording whose `meta.json` cannot be read is not pinned). The
-/// directory is renamed out of sight first (`.tmp-rm-<name>-<pid>`), so a crash never leaves
-/// half a recording under its name. The sandbox's [`Recorder`] must be closed first.
-pub fn remove_or_keep(dir: &Path, now: SystemTime) -> Result<Kept, ReviewError> {
-    if std::fs::symlink_metadata(dir).is_err() {
-        return Ok(Kept::Absent);
-    }
-    if let Some(until) = read_meta(dir).ok().and_then(|m| m.pinned_until())
-        && until > now
-    {
-        return Ok(Kept::Pinned { until });
-    }
-    let name = dir.file_name().unwrap_or_default().to_string_lossy();
-    let gone = dir.with_file_name(format!(".tmp-rm-{name}-{}", std::process::id()));
-    std::fs::rename(dir, &gone).map_err(ReviewError::io("remove", dir))?;
-    std::fs::remove_dir_all(&gone).map_err(ReviewError::io("remove", &gone))?;
-    Ok(Kept::Removed)
-}
-
-/// What [`reclaim`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ReclaimReport {
-    /// Recordings (sandbox ids) and leftovers of interrupted removals that were removed.
-    pub removed: Vec<String>,
-    /// Recordings of removed sandboxes kept while pinned: id and end of the pin.
-    pub pinned: Vec<(String, SystemTime)>,
-    /// Removals that failed: name and error chain.
-    pub failed: Vec<(String, String)>,
-}
-
-/// Removes the recordings below `root` whose sandbox is not in `live` and whose pin (if any)
-/// ended before `now`, and the `.tmp-*` leftovers of removals whose process is gone. Names
-/// that are not sandbox ids are left alone. For the janitor (at startup, and periodically so
-/// expired pins go).
-pub fn reclaim(
-    root: &Path,
-    live: &HashSet<String>,
-    now: SystemTime,
-) -> Result<ReclaimReport, ReviewError> {
-    let mut report = ReclaimReport::default();
-    let entries = match std::fs::read_dir(root) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(report),
-        Err(e) => return Err(ReviewError::io("read", root)(e)),
-    };
-    let mut names: Vec<String> = entries
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
-    names.sort();
-    for name in names {
-        let path = root.join(&name);
-        if name.starts_with(kiln_snapshot::TMP_PREFIX) {
-            let dead = kiln_image::tmp_pid(&name).is_some_and(|pid| {
-                pid != std::process::id() && !kiln_snapshot::process_running(pid)
-            });
-            if dead {
-                match std::fs::remove_dir_all(&path) {
-                    Ok(()) => report.removed.push(name),
-                    Err(e) => report.failed.push((name, e.to_string())),
-                }
-            }
-            continue;
-        }
-        if name.parse::<SandboxId>().is_err() || live.contains(&name) {
-            continue;
-        }
-        match remove_or_keep(&path, now) {
-            Ok(Kept::Removed) => report.removed.push(name),
-            Ok(Kept::Pinned { until }) => report.pinned.push((name, until)),
-            Ok(Kept::Absent) => {}
-            Err(e) => report.failed.push((name, crate::error::error_chain(&e))),
-        }
-    }
-    Ok(report)
-}
-
-/// Whether the recording in `dir` is pinned past `now` (for `kiln df`).
-pub(crate) fn pinned_past(dir: &Path, now: SystemTime) -> Option<SystemTime> {
-    read_meta(dir)
-        .ok()
-        .and_then(|m| m.pinned_until())
-        .filter(|u| *u > now)
-}
-
-/// `t` as RFC 3339 UTC with milliseconds: `2026-11-30T14:02:11.250Z` (times before 1970 as
-/// 1970).
-pub fn rfc3339_ms(t: SystemTime) -> String {
-    let ms = t
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let (days, rem) = ((ms / 86_400_000) as i64, ms % 86_400_000);
-    let (y, m, d) = civil_from_days(days);
-    let (h, min, s, milli) = (
-        rem / 3_600_000,
-        rem / 60_000 % 60,
-        rem / 1000 % 60,
-        rem % 1000,
-    );
-    format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{milli:03}Z")
-}
-
-/// The time [`rfc3339_ms`] wrote (exactly that shape; `None` otherwise).
-pub fn parse_rfc3339_ms(s: &str) -> Option<SystemTime> {
-    let b = s.as_bytes();
-    if b.len() != 24
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || b[10] != b'T'
-        || b[13] != b':'
-        || b[16] != b':'
-        || b[19] != b'.'
-        || b[23] != b'Z'
-    {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<u64>().ok();
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, se, ms) = (num(11..13)?, num(14..16)?, num(17..19)?, num(20..23)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 59 {
-        return None;
-    }
-    let days = days_from_civil(y as i64, mo as u32, d as u32);
-    let days = u64::try_from(days).ok()?;
-    let total = days * 86_400_000 + h * 3_600_000 + mi * 60_000 + se * 1000 + ms;
-    Some(UNIX_EPOCH + Duration::from_millis(total))
-}
-
-/// Year, month, day of a day count since 1970-01-01 (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-/// Days since 1970-01-01 of a date (Howard Hinnant's `days_from_civil`).
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// The screenshots the timeline lines in `lines` refer to, in first-seen order.

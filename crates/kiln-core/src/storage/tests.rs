@@ -457,7 +457,8 @@ fn survey_never_offers_runtime_dirs_images_or_user_snapshots() {
 
 #[test]
 fn survey_recordings_reclaimable_once_gone_and_unpinned_and_exports_never() {
-    use crate::desktop::review::{Recorder, Redactor, TimelineEvent};
+    use crate::desktop::redact::Redactor;
+    use crate::desktop::review::{Recorder, TimelineEvent};
     use std::time::{Duration, SystemTime};
     let tmp = tempfile::tempdir().unwrap();
     let home = Home::new(tmp.path().to_owned());

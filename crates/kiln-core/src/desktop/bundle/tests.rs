@@ -1,8 +1,10 @@
 //! Unit tests of export bundles (temporary directories only).
 
 use super::*;
+use crate::desktop::redact::Redactor;
+use crate::desktop::retention::{Kept, remove_or_keep};
 use crate::desktop::review::{
-    ActionError, Redactor, TimelineEvent, remove_or_keep,
+    ActionError, TimelineEvent,
     tests::{png, sb},
 };
 use std::time::{Duration, UNIX_EPOCH};
@@ -231,7 +233,7 @@ fn export_outlives_the_recording_and_works_after_the_recorder_closed() {
     assert_eq!(info.events, 4);
     assert_eq!(
         remove_or_keep(&dir, SystemTime::now()).unwrap(),
-        crate::desktop::review::Kept::Removed
+        Kept::Removed
     );
     assert!(!dir.exists());
     let shot = info.path.join(SCREENSHOTS_DIR).join(after.file_name());

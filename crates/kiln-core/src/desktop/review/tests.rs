@@ -340,7 +340,7 @@ fn screenshot_hash_accepts_only_64_lowercase_hex_digits() {
     assert!(serde_json::from_value::<TimelineEvent>(bad_event).is_err());
 }
 
-fn secrets() -> Redactor {
+pub(crate) fn secrets() -> Redactor {
     Redactor::new(vec![
         ("DB_PASSWORD".into(), b"hunter22".to_vec()),
         // Its value is part of API_TOKEN's.
@@ -348,50 +348,6 @@ fn secrets() -> Redactor {
         ("API_TOKEN".into(), b"xx-tok-1234-yy".to_vec()),
         ("PIN".into(), b"123".to_vec()), // too short: ignored
     ])
-}
-
-#[test]
-fn redact_value_hides_secrets_in_text_nested_fields_and_keys() {
-    let r = secrets();
-    let mut v = json!({
-        "kind": "type_text",
-        "text": "my password is hunter22!",
-        "deep": [{"receipt": {"echo": "token xx-tok-1234-yy and tok-1234"}}],
-        "hunter22": 1,
-        "code": "123"
-    });
-    r.redact_value(&mut v);
-    assert_eq!(v["text"], "my password is [secret:DB_PASSWORD]!");
-    assert_eq!(
-        v["deep"][0]["receipt"]["echo"],
-        "token [secret:API_TOKEN] and [secret:SHORTER]"
-    );
-    assert_eq!(v["[secret:DB_PASSWORD]"], 1);
-    assert_eq!(v["code"], "123", "values under 4 bytes are not secrets");
-    assert!(format!("{r:?}").contains("DB_PASSWORD"));
-    assert!(!format!("{r:?}").contains("hunter22"), "Debug shows values");
-}
-
-#[test]
-fn redact_value_drops_the_text_of_typed_secrets() {
-    let mut v = json!({"kind": "type_text", "secret": "UNKNOWN_TO_REDACTOR", "text": "s3cr3t"});
-    Redactor::none().redact_value(&mut v);
-    assert_eq!(
-        v,
-        json!({"kind": "type_text", "secret": "UNKNOWN_TO_REDACTOR"})
-    );
-    // Without a secret name, the text stays.
-    let mut v = json!({"type": "type_text", "text": "hello"});
-    Redactor::none().redact_value(&mut v);
-    assert_eq!(v["text"], "hello");
-}
-
-#[test]
-fn redact_str_never_leaves_part_of_a_non_utf8_secret() {
-    let r = Redactor::new(vec![("BIN".into(), vec![0xa9, b'a', b'b', b'c'])]);
-    // "é" is c3 a9: the secret starts inside it.
-    let out = r.redact_str("xéabcx").unwrap();
-    assert_eq!(out, "x\u{fffd}[secret:BIN]x");
 }
 
 #[test]
@@ -447,103 +403,4 @@ fn pin_for_sets_pinned_until_and_never_shortens_it() {
         until,
         "a shorter pin shortened it"
     );
-}
-
-#[test]
-fn remove_or_keep_removes_unpinned_and_keeps_pinned_until_expiry() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("sb-0123456789ab");
-    let now = SystemTime::now();
-    assert_eq!(remove_or_keep(&dir, now).unwrap(), Kept::Absent);
-
-    recorder(&dir).close().unwrap();
-    assert_eq!(remove_or_keep(&dir, now).unwrap(), Kept::Removed);
-    assert!(!dir.exists());
-    assert_eq!(
-        std::fs::read_dir(tmp.path()).unwrap().count(),
-        0,
-        "leftovers"
-    );
-
-    let rec = recorder(&dir);
-    let until = now + Duration::from_secs(60);
-    rec.pin_until(until).unwrap();
-    rec.close().unwrap();
-    let until = parse_rfc3339_ms(&rfc3339_ms(until)).unwrap(); // ms precision
-    assert_eq!(remove_or_keep(&dir, now).unwrap(), Kept::Pinned { until });
-    assert!(dir.join(TIMELINE_FILE).exists());
-    assert_eq!(
-        remove_or_keep(&dir, now + Duration::from_secs(61)).unwrap(),
-        Kept::Removed
-    );
-    assert!(!dir.exists());
-}
-
-#[test]
-fn reclaim_removes_gone_unpinned_recordings_only() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    let now = SystemTime::now();
-    let open = |id: &str| {
-        let id: SandboxId = id.parse().unwrap();
-        Recorder::open(&root.join(id.as_str()), &id, Redactor::none()).unwrap()
-    };
-    open("sb-00000000000a").close().unwrap(); // live
-    open("sb-00000000000b").close().unwrap(); // gone
-    let pinned = open("sb-00000000000c"); // gone, pinned
-    pinned.pin_for(Duration::from_secs(600)).unwrap();
-    pinned.close().unwrap();
-    let expired = open("sb-00000000000d"); // gone, pin expired
-    expired.pin_until(now - Duration::from_secs(1)).unwrap();
-    expired.close().unwrap();
-    std::fs::create_dir(root.join("not-a-recording")).unwrap();
-    std::fs::create_dir(root.join(".tmp-rm-sb-00000000000e-4000000000")).unwrap();
-
-    let live: HashSet<String> = ["sb-00000000000a".to_owned()].into();
-    let report = reclaim(root, &live, now).unwrap();
-    assert_eq!(
-        report.removed,
-        vec![
-            ".tmp-rm-sb-00000000000e-4000000000".to_owned(),
-            "sb-00000000000b".into(),
-            "sb-00000000000d".into()
-        ]
-    );
-    assert_eq!(report.pinned.len(), 1);
-    assert_eq!(report.pinned[0].0, "sb-00000000000c");
-    assert!(report.failed.is_empty(), "{:?}", report.failed);
-    for kept in ["sb-00000000000a", "sb-00000000000c", "not-a-recording"] {
-        assert!(root.join(kept).exists(), "{kept} removed");
-    }
-    for gone in ["sb-00000000000b", "sb-00000000000d"] {
-        assert!(!root.join(gone).exists(), "{gone} kept");
-    }
-    // A missing root is an empty report.
-    assert_eq!(
-        reclaim(&root.join("none"), &live, now).unwrap(),
-        ReclaimReport::default()
-    );
-}
-
-#[test]
-fn rfc3339_ms_formats_and_parses_known_instants() {
-    assert_eq!(rfc3339_ms(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-    let leap = UNIX_EPOCH + Duration::from_millis(951_782_400_250);
-    assert_eq!(rfc3339_ms(leap), "2000-02-29T00:00:00.250Z");
-    assert_eq!(parse_rfc3339_ms("2000-02-29T00:00:00.250Z"), Some(leap));
-    let t = UNIX_EPOCH + Duration::from_millis(1_796_051_391_123);
-    assert_eq!(parse_rfc3339_ms(&rfc3339_ms(t)), Some(t));
-    for bad in ["2000-02-29T00:00:00Z", "2000-13-01T00:00:00.000Z", "x"] {
-        assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
-    }
-}
-
-#[test]
-fn parse_pin_secs_defaults_accepts_zero_and_names_the_variable() {
-    assert_eq!(parse_pin_secs(None).unwrap(), DEFAULT_PIN);
-    assert_eq!(parse_pin_secs(Some(" ")).unwrap(), DEFAULT_PIN);
-    assert_eq!(parse_pin_secs(Some("0")).unwrap(), Duration::ZERO);
-    assert_eq!(parse_pin_secs(Some("90")).unwrap(), Duration::from_secs(90));
-    let err = parse_pin_secs(Some("1h")).unwrap_err();
-    assert!(err.contains(PIN_SECS_ENV), "{err}");
 }
