@@ -370,10 +370,11 @@ pub fn read_meta(dir: &Path) -> Result<RecordingMeta, ReviewError> {
     })
 }
 
-/// Writes `dir/meta.json` through a temporary file and a rename: never half written.
-fn write_meta(dir: &Path, meta: &RecordingMeta) -> Result<(), ReviewError> {
+/// Writes `dir/meta.json` through a temporary file and a rename: never half written (and
+/// fsynced with `sync`: a pin must survive a power failure).
+fn write_meta(dir: &Path, meta: &RecordingMeta, sync: bool) -> Result<(), ReviewError> {
     let body = serde_json::to_vec_pretty(meta).expect("the meta serializes");
-    write_atomic(&dir.join(META_FILE), &body, false)
+    write_atomic(&dir.join(META_FILE), &body, sync)
 }
 
 /// Writes `path` through `.tmp-<name>-<pid>` beside it and a rename (fsynced first with
@@ -599,7 +600,7 @@ impl Recorder {
             }
         };
         if meta_dirty {
-            write_meta(dir, &meta)?;
+            write_meta(dir, &meta, false)?;
         }
 
         let path = dir.join(TIMELINE_FILE);
@@ -712,7 +713,7 @@ impl Recorder {
         let mut inner = self.lock();
         inner.meta.image = Some(image.to_owned());
         inner.meta.screen = Some(screen);
-        write_meta(&self.dir, &inner.meta)?;
+        write_meta(&self.dir, &inner.meta, false)?;
         inner.meta_dirty = false;
         Ok(())
     }
@@ -768,7 +769,7 @@ impl Recorder {
             inner.full = true;
             inner.meta.dropped_events += 1;
             let dropped = inner.meta.dropped_events;
-            write_meta(&self.dir, &inner.meta)?;
+            write_meta(&self.dir, &inner.meta, false)?;
             inner.meta_dirty = false;
             return Err(ReviewError::TimelineFull { dropped });
         }
@@ -843,7 +844,7 @@ impl Recorder {
             .file
             .sync_data()
             .map_err(ReviewError::io("fsync", &path))?;
-        write_meta(&self.dir, &inner.meta)?;
+        write_meta(&self.dir, &inner.meta, true)?;
         inner.meta_dirty = false;
         Ok(())
     }
@@ -860,7 +861,7 @@ impl Drop for Recorder {
         // Keep the count of dropped events; no fsync here (drop may run on the runtime).
         let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
         if inner.meta_dirty {
-            let _ = write_meta(&self.dir, &inner.meta);
+            let _ = write_meta(&self.dir, &inner.meta, false);
         }
     }
 }

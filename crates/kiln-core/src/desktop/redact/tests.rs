@@ -10,12 +10,14 @@ fn redact_value_hides_secrets_in_text_nested_fields_and_keys() {
     let mut v = json!({
         "kind": "type_text",
         "text": "my password is hunter22!",
+        "long": "hunter22-and-more, hunter22",
         "deep": [{"receipt": {"echo": "token xx-tok-1234-yy and tok-1234"}}],
         "hunter22": 1,
         "code": "123"
     });
     r.redact_value(&mut v);
     assert_eq!(v["text"], "my password is [secret:DB_PASSWORD]!");
+    assert_eq!(v["long"], "[secret:LONG_PW], [secret:DB_PASSWORD]");
     assert_eq!(
         v["deep"][0]["receipt"]["echo"],
         "token [secret:API_TOKEN] and [secret:SHORTER]"

@@ -346,6 +346,8 @@ pub(crate) fn secrets() -> Redactor {
         // Its value is part of API_TOKEN's.
         ("SHORTER".into(), b"tok-1234".to_vec()),
         ("API_TOKEN".into(), b"xx-tok-1234-yy".to_vec()),
+        // Starts with DB_PASSWORD's value.
+        ("LONG_PW".into(), b"hunter22-and-more".to_vec()),
         ("PIN".into(), b"123".to_vec()), // too short: ignored
     ])
 }
