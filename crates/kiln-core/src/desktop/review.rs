@@ -557,7 +557,8 @@ impl std::fmt::Debug for Recorder {
 impl Recorder {
     /// Opens the recording in `dir` (created, mode 0700, if missing) with the default
     /// [`Limits`]. An existing timeline continues after its last complete line; a torn end is
-    /// cut away and reported in [`Recorder::recovery`].
+    /// cut away and reported in [`Recorder::recovery`]. One recorder per directory at a time:
+    /// the engine keeps one per sandbox (and the daemon's lock makes it one process).
     pub fn open(
         dir: &Path,
         sandbox: &SandboxId,
@@ -577,7 +578,7 @@ impl Recorder {
         let shots = dir.join(SCREENSHOTS_DIR);
         std::fs::create_dir_all(&shots).map_err(ReviewError::io("create", &shots))?;
 
-        let mut meta_dirty = false;
+        let mut fresh = false;
         let meta = if dir.join(META_FILE).exists() {
             let meta = read_meta(dir)?;
             if meta.sandbox_id != sandbox.as_str() {
@@ -588,7 +589,7 @@ impl Recorder {
             }
             meta
         } else {
-            meta_dirty = true;
+            fresh = true;
             RecordingMeta {
                 format: META_FORMAT,
                 sandbox_id: sandbox.as_str().to_owned(),
@@ -599,7 +600,7 @@ impl Recorder {
                 dropped_events: 0,
             }
         };
-        if meta_dirty {
+        if fresh {
             write_meta(dir, &meta, false)?;
         }
 
