@@ -152,6 +152,7 @@ pub async fn run(client: &Client, cmd: &ImageCmd) -> anyhow::Result<i32> {
                     machine: kiln_api_types::MachineSpec {
                         cpus: *cpus,
                         memory_mib: *memory,
+                        screen: None,
                     },
                     cold: false,
                 },

@@ -49,6 +49,9 @@ pub struct SandboxOpts {
     /// else 256].
     #[arg(long)]
     pub memory: Option<u32>,
+    /// Screen of a desktop image's sandbox, WIDTHxHEIGHT [default: the image's, 1280x800].
+    #[arg(long, value_name = "WxH")]
+    pub screen: Option<kiln_api_types::Screen>,
     /// Boot from scratch instead of restoring the image's warm snapshot.
     #[arg(long)]
     pub cold: bool,
@@ -154,6 +157,7 @@ impl SandboxOpts {
                             info.memory_mib
                                 .unwrap_or(kiln_api_types::DEFAULT_MEMORY_MIB),
                         ),
+                        screen: self.screen,
                     },
                     cold: self.cold,
                 }

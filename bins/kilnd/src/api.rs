@@ -201,7 +201,8 @@ pub fn status_of(e: &CoreError) -> StatusCode {
         | CoreError::SnapshotUnusable { .. }
         | CoreError::SnapshotInUse { .. }
         | CoreError::ImageInUse { .. }
-        | CoreError::PortUnavailable { .. } => StatusCode::CONFLICT,
+        | CoreError::PortUnavailable { .. }
+        | CoreError::NotADesktop(_) => StatusCode::CONFLICT,
         CoreError::GuestCommand(_) => StatusCode::UNPROCESSABLE_ENTITY,
         CoreError::ExecRejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
         CoreError::SandboxFailed { .. } | CoreError::Agent(_) | CoreError::Vmm(_) => {

@@ -76,6 +76,9 @@ pub enum ErrorCode {
     SnapshotUnusable,
     /// 409: a host port to publish cannot be bound; nothing was started.
     PortUnavailable,
+    /// 409: the sandbox has no screen (its image is not a desktop), or a screen was asked of
+    /// an image that is not one.
+    NotADesktop,
     /// 422: the guest refused the command (e.g. its working directory is missing).
     ExecRejected,
     /// 422: the image's on-boot command, readiness probe or on-restore hook failed.
@@ -151,6 +154,7 @@ impl ErrorCode {
         ErrorCode::BuildFailed,
         ErrorCode::SnapshotUnusable,
         ErrorCode::PortUnavailable,
+        ErrorCode::NotADesktop,
         ErrorCode::ExecRejected,
         ErrorCode::GuestCommandFailed,
         ErrorCode::SandboxFailed,
@@ -204,6 +208,7 @@ impl ErrorCode {
             ErrorCode::BuildFailed => "build_failed",
             ErrorCode::SnapshotUnusable => "snapshot_unusable",
             ErrorCode::PortUnavailable => "port_unavailable",
+            ErrorCode::NotADesktop => "not_a_desktop",
             ErrorCode::ExecRejected => "exec_rejected",
             ErrorCode::GuestCommandFailed => "guest_command_failed",
             ErrorCode::SandboxFailed => "sandbox_failed",
@@ -303,6 +308,7 @@ mod tests {
             | ErrorCode::BuildFailed
             | ErrorCode::SnapshotUnusable
             | ErrorCode::PortUnavailable
+            | ErrorCode::NotADesktop
             | ErrorCode::ExecRejected
             | ErrorCode::GuestCommandFailed
             | ErrorCode::SandboxFailed
@@ -325,6 +331,6 @@ mod tests {
             | ErrorCode::NoSpace
             | ErrorCode::Internal => 1,
         };
-        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 49);
+        assert_eq!(ErrorCode::ALL.iter().map(|&c| count(c)).sum::<usize>(), 50);
     }
 }

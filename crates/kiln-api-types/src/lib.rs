@@ -37,6 +37,7 @@ pub use storage::{
     DiskUsage, PruneItem, PruneReport, PruneRequest, UsageCategory, UsageItem, UsageKind,
 };
 
+pub mod desktop;
 pub mod execs;
 pub mod files;
 pub mod jobs;
@@ -45,6 +46,10 @@ pub mod network;
 pub mod pools;
 pub mod sandbox;
 
+pub use desktop::{
+    ActionQuery, ActionReceipt, DEFAULT_SCREEN, DesktopAction, MouseButton, Point, ReceiptScreenshot,
+    ReviewExport, ReviewExportRequest, Screen, ScreenshotQuery, Settle,
+};
 pub use execs::{ExecId, ExecInfo, ExecKillRequest, ExecList, ExecState, parse_signal};
 pub use files::{
     FileInfo, FileKind, FileList, FileListQuery, FileMkdirRequest, FilePathQuery, FileReadQuery,

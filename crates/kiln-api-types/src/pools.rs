@@ -56,6 +56,7 @@ impl PoolSetRequest {
         MachineSpec {
             cpus: self.cpus.unwrap_or(crate::DEFAULT_CPUS),
             memory_mib: self.memory_mib.unwrap_or(crate::DEFAULT_MEMORY_MIB),
+            screen: None,
         }
         .validate()?;
         if let Some(w) = &self.warmup {

@@ -41,6 +41,10 @@ pub struct MachineSpec {
     /// Guest memory in MiB.
     #[serde(default = "default_memory")]
     pub memory_mib: u32,
+    /// A desktop sandbox's screen, `WIDTHxHEIGHT` (default: its image's, 1280x800 unless its
+    /// recipe says otherwise). Only desktop images have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub screen: Option<crate::desktop::Screen>,
 }
 
 fn default_cpus() -> u32 {
@@ -55,6 +59,7 @@ impl Default for MachineSpec {
         MachineSpec {
             cpus: DEFAULT_CPUS,
             memory_mib: DEFAULT_MEMORY_MIB,
+            screen: None,
         }
     }
 }
@@ -77,6 +82,9 @@ impl MachineSpec {
                 max: MAX_MEMORY_MIB.into(),
                 got: self.memory_mib.into(),
             });
+        }
+        if let Some(screen) = &self.screen {
+            screen.validate()?;
         }
         Ok(())
     }

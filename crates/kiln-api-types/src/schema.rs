@@ -156,3 +156,10 @@ mod tests {
         assert_eq!(labels["maxProperties"], crate::names::MAX_LABELS);
     }
 }
+named_string_schema!(
+    crate::desktop::Screen,
+    "Screen",
+    "^[0-9]{3,4}x[0-9]{3,4}$",
+    "A desktop sandbox's screen size, `WIDTHxHEIGHT` in pixels (640x480 to 2560x1600, the width a multiple of 8).",
+    "1280x800"
+);

@@ -219,6 +219,7 @@ impl Engine {
             acc.add(Cost::of(MachineSpec {
                 cpus: c.cpus,
                 memory_mib: c.memory_mib,
+                screen: None,
             }))
         });
         drop(table);
@@ -254,7 +255,11 @@ mod tests {
     use super::*;
 
     fn m(cpus: u32, memory_mib: u32) -> MachineSpec {
-        MachineSpec { cpus, memory_mib }
+        MachineSpec {
+            cpus,
+            memory_mib,
+            screen: None,
+        }
     }
 
     #[test]

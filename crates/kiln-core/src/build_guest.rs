@@ -143,6 +143,7 @@ impl EngineBuildGuest {
             run_dir: run_dir.clone(),
             incoming: None,
             nic: None,
+            display: None,
         };
         let vm = match Vm::spawn(&config).await {
             Ok(vm) => vm,

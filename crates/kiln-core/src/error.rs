@@ -151,6 +151,10 @@ pub enum CoreError {
         /// Why (e.g. "address already in use").
         reason: String,
     },
+    /// A desktop operation on a sandbox without a screen, or a screen asked of an image that
+    /// is not a desktop.
+    #[error("{0}")]
+    NotADesktop(String),
     /// The guest agent stopped answering; the sandbox is `unresponsive` (it may recover).
     #[error("sandbox {id} is unresponsive: {reason}")]
     Unresponsive {
@@ -243,6 +247,7 @@ impl CoreError {
             CoreError::SnapshotInUse { .. } => "snapshot_in_use",
             CoreError::ImageInUse { .. } => "image_in_use",
             CoreError::PortUnavailable { .. } => "port_unavailable",
+            CoreError::NotADesktop(_) => "not_a_desktop",
             CoreError::Unresponsive { .. } => "sandbox_unresponsive",
             CoreError::NoSpace { .. } => "no_space",
         }

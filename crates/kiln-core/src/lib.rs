@@ -525,6 +525,10 @@ impl Engine {
             machine: MachineSpec {
                 cpus: row.status.cpus,
                 memory_mib: row.status.memory_mib,
+                screen: sb.vm().config().display.map(|d| kiln_api_types::Screen {
+                    width: d.width,
+                    height: d.height,
+                }),
             },
             mode: self.snapshot_mode(qemu),
             nic: sb.vm().config().nic.clone(),

@@ -8,6 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use kiln_api_types::MachineSpec;
+
+use crate::error::CoreError;
 use kiln_snapshot::SnapshotFingerprint;
 use kiln_vmm::qemu::QemuInfo;
 use kiln_vmm::{Accel, CaptureMode, VmConfig};
@@ -44,8 +46,12 @@ impl MachinePlan<'_> {
             CaptureMode::FullRam => "-fullram",
         };
         let net = if self.nic.is_some() { "-net" } else { "" };
+        let screen = self
+            .machine
+            .screen
+            .map_or_else(String::new, |s| format!("-{s}"));
         format!(
-            "warm-{}-{}c{}m{net}{suffix}",
+            "warm-{}-{}c{}m{screen}{net}{suffix}",
             self.image.id, self.machine.cpus, self.machine.memory_mib
         )
     }
@@ -73,6 +79,10 @@ impl MachinePlan<'_> {
             run_dir: run_dir.to_owned(),
             incoming: None,
             nic: self.nic.clone(),
+            display: self.machine.screen.map(|s| kiln_vmm::Display {
+                width: s.width,
+                height: s.height,
+            }),
         }
     }
 
@@ -114,6 +124,26 @@ impl MachinePlan<'_> {
             disk_digest: self.image.rootfs_sha256.clone().unwrap_or_default(),
             format_version: kiln_snapshot::FORMAT_VERSION,
         }
+    }
+}
+
+/// The screen of a sandbox of `image` that asked for `asked`: what it asked, else the
+/// image's default, for a desktop image; none for any other image, which cannot have one.
+pub(crate) fn resolve_screen(
+    image: &kiln_image::ImageManifest,
+    asked: Option<kiln_api_types::Screen>,
+) -> Result<Option<kiln_api_types::Screen>, CoreError> {
+    match (&image.recipe.desktop, asked) {
+        (Some(_), Some(s)) => Ok(Some(s)),
+        (Some(d), None) => Ok(Some(kiln_api_types::Screen {
+            width: d.width,
+            height: d.height,
+        })),
+        (None, None) => Ok(None),
+        (None, Some(s)) => Err(CoreError::NotADesktop(format!(
+            "image {} is not a desktop: a screen ({s}) needs a desktop image, e.g. `desktop`",
+            image.name
+        ))),
     }
 }
 
@@ -176,6 +206,7 @@ mod tests {
             image,
             home: Path::new("/home/kiln"),
             machine: MachineSpec {
+                screen: None,
                 cpus: 1,
                 memory_mib: 256,
             },

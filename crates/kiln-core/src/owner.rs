@@ -110,6 +110,17 @@ pub(crate) enum Op {
     Stop(Reply<()>),
     /// Change its network policy (`allow` ↔ `nat`).
     Network(kiln_api_types::NetworkSpec, Reply<()>),
+    /// Read a desktop's screen or send it input, through QEMU (the guest is not asked).
+    Screen(ScreenOp, Reply<()>),
+}
+
+/// What [`Op::Screen`] does: one QMP round trip.
+#[derive(Debug)]
+pub(crate) enum ScreenOp {
+    /// Write the current frame to this host file (binary PPM).
+    Dump(std::path::PathBuf),
+    /// Send these `InputEvent`s, in order.
+    Input(Vec<serde_json::Value>),
 }
 
 /// The sending side of an owner's queue.
@@ -538,6 +549,13 @@ impl Owner {
                 };
                 let _ = reply.send(r);
             }
+            Op::Screen(op, reply) => {
+                let r = match self.need(SandboxState::Running) {
+                    Ok(()) => self.screen(op).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
             Op::Pause(reply) => {
                 let r = match self.need(SandboxState::Running) {
                     Ok(()) => self.pause().await,
@@ -641,6 +659,32 @@ impl Owner {
         engine.store.sandbox_set_network(self.id(), spec)?;
         info!(sandbox_id = %self.id(), from = %current, to = %spec, "network policy changed");
         Ok(())
+    }
+
+    async fn screen(&mut self, op: ScreenOp) -> Result<(), CoreError> {
+        if self.sb.vm().config().display.is_none() {
+            return Err(CoreError::NotADesktop(format!(
+                "sandbox {} has no screen: its image is not a desktop",
+                self.id()
+            )));
+        }
+        let sb = Arc::clone(&self.sb);
+        match op {
+            ScreenOp::Dump(path) => {
+                self.answer("QEMU taking a screenshot", QMP_DEADLINE, async {
+                    sb.vm().screendump(&path).await.map_err(CoreError::from)
+                })
+                .await
+            }
+            ScreenOp::Input(events) => {
+                // Input is use: it keeps an idle timeout from firing.
+                self.sb.activity.touch();
+                self.answer("QEMU sending input", QMP_DEADLINE, async {
+                    sb.vm().send_input(events).await.map_err(CoreError::from)
+                })
+                .await
+            }
+        }
     }
 
     async fn pause(&mut self) -> Result<(), CoreError> {

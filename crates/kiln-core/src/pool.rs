@@ -63,6 +63,7 @@ struct Key {
     image: String,
     cpus: u32,
     memory_mib: u32,
+    screen: Option<kiln_api_types::Screen>,
 }
 
 impl Key {
@@ -71,6 +72,7 @@ impl Key {
             image: image.to_owned(),
             cpus: machine.cpus,
             memory_mib: machine.memory_mib,
+            screen: machine.screen,
         }
     }
 
@@ -78,6 +80,7 @@ impl Key {
         MachineSpec {
             cpus: self.cpus,
             memory_mib: self.memory_mib,
+            screen: self.screen,
         }
     }
 }
@@ -436,6 +439,7 @@ impl Engine {
             memory_mib: memory_mib
                 .or(manifest.recipe.memory_mib)
                 .unwrap_or(kiln_api_types::DEFAULT_MEMORY_MIB),
+            screen: crate::machine::resolve_screen(&manifest, None)?,
         };
         machine.validate()?;
         Ok(machine)
@@ -481,6 +485,10 @@ impl Engine {
             let machine = MachineSpec {
                 cpus: s.cpus,
                 memory_mib: s.memory_mib,
+                screen: kiln_image::get(self.home.root(), &s.image)
+                    .ok()
+                    .flatten()
+                    .and_then(|m| crate::machine::resolve_screen(&m, None).ok().flatten()),
             };
             let req = PoolSetRequest {
                 size: s.size,

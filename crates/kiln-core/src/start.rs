@@ -41,15 +41,18 @@ impl Engine {
                 let u = usersnap::open(&self.home, snapshot)?;
                 (u.image.clone(), u.machine, Some(u))
             }
-            SandboxSource::Image { image, machine, .. } => (
-                kiln_image::get(self.home.root(), image.as_str())?.ok_or_else(|| {
+            SandboxSource::Image { image, machine, .. } => {
+                let image = kiln_image::get(self.home.root(), image.as_str())?.ok_or_else(|| {
                     CoreError::ImageNotFound {
                         name: image.to_string(),
                     }
-                })?,
-                *machine,
-                None,
-            ),
+                })?;
+                let machine = MachineSpec {
+                    screen: crate::machine::resolve_screen(&image, machine.screen)?,
+                    ..*machine
+                };
+                (image, machine, None)
+            }
         };
         let cold = matches!(spec.source, SandboxSource::Image { cold: true, .. });
         // Room for its disk overlay to start with.
@@ -321,6 +324,7 @@ impl Engine {
         let machine = self.sandbox_get(id).map(|row| MachineSpec {
             cpus: row.status.cpus,
             memory_mib: row.status.memory_mib,
+            screen: None,
         });
         let admitted = match machine {
             Ok(m) => {

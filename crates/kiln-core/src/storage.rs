@@ -574,7 +574,7 @@ pub(crate) fn survey(home: &Home, facts: &Facts<'_>) -> Survey {
         let users: Vec<&str> = facts
             .images
             .iter()
-            .filter(|i| i.kernel_version == name)
+            .filter(|i| kiln_image::kernel_cache_key(&i.kernel_version, &i.kernel_release) == name)
             .map(|i| i.name.as_str())
             .collect();
         let verdict = if !users.is_empty() {

@@ -55,6 +55,9 @@ struct Origin {
     /// Whether its VM had a network device (snapshots of before networks had none).
     #[serde(default)]
     nic: bool,
+    /// Its VM's screen, if it was a desktop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    screen: Option<kiln_api_types::Screen>,
 }
 
 /// A user snapshot resolved for a restore.
@@ -127,6 +130,7 @@ pub fn open_in(home: &Home, root: &Path, name: &str) -> Result<UserSnapshot, Cor
         machine: kiln_api_types::MachineSpec {
             cpus: manifest.fingerprint.cpus,
             memory_mib: manifest.fingerprint.memory_mib,
+            screen: origin.screen,
         },
         mode: match manifest.capture.mode {
             CaptureKind::IgnoreShared => CaptureMode::IgnoreShared,
@@ -301,6 +305,7 @@ async fn publish(
         image: spec.image.name.clone(),
         sandbox: sb.id().to_string(),
         nic: spec.nic.is_some(),
+        screen: spec.machine.screen,
     };
     let origin_path = builder.dir().join(ORIGIN_FILE);
     std::fs::write(

@@ -37,6 +37,7 @@ use crate::manifest::{
 use crate::publish::{self, TMP_PREFIX};
 use crate::recipe::{Base, Recipe, validate_name};
 use crate::rootfs::{self, Mirror};
+use crate::recipe::KernelFlavour;
 use crate::{BuildConfig, BuildEvent, BuildOutcome, cmd, initramfs, kernel, modules};
 
 /// Number of stages a build reports.
@@ -334,10 +335,12 @@ pub fn build(
     let kpkg = match (&parent, &existing_now) {
         // An extended image boots its parent's kernel (its modules are in the initramfs).
         (Some(p), _) => kernel::KernelPackage::of_image(&p.kernel_version, &p.kernel_release),
-        (None, Some(e)) if cfg.keep_kernel => {
+        (None, Some(e))
+            if cfg.keep_kernel && KernelFlavour::of_release(&e.kernel_release) == recipe.kernel =>
+        {
             kernel::KernelPackage::of_image(&e.kernel_version, &e.kernel_release)
         }
-        _ => kernel::resolve_kernel()?,
+        _ => kernel::resolve_kernel(recipe.kernel)?,
     };
     let inputs = inputs_for(
         &recipe,
@@ -393,7 +396,7 @@ pub fn build(
     let dest = images.join(&recipe.name);
     let manifest = publish::build_atomically(&dest, &recipe.name, |tmp| {
         stages.begin(on_event, 3, "initramfs");
-        boot_files(&kernel, &cfg.agent_binary, tmp, on_event)?;
+        boot_files(&kernel, &recipe.modules, &cfg.agent_binary, tmp, on_event)?;
 
         // 4. Root file system.
         stages.begin(on_event, 4, "rootfs");
@@ -600,15 +603,20 @@ pub(crate) fn lock_for_build(
 /// the build directory `tmp`.
 pub(crate) fn boot_files(
     kernel: &kernel::Kernel,
+    extra_modules: &[String],
     agent_binary: &Path,
     tmp: &Path,
     on_event: &mut dyn FnMut(BuildEvent),
 ) -> Result<(), ImageError> {
     link_or_copy(&kernel.vmlinuz, &tmp.join(KERNEL_FILE))?;
-    let mods =
-        modules::initramfs_modules(&kernel.modules_dir, &kernel.release, &mut |done, total| {
+    let mods = modules::initramfs_modules(
+        &kernel.modules_dir,
+        &kernel.release,
+        extra_modules,
+        &mut |done, total| {
             on_event(BuildEvent::Progress { done, total });
-        })?;
+        },
+    )?;
     let names: Vec<&str> = mods.iter().map(|m| m.file_name.as_str()).collect();
     on_event(BuildEvent::Log(format!("modules: {}", names.join(" "))));
     initramfs::write(agent_binary, mods, &tmp.join(INITRAMFS_FILE)).map(drop)

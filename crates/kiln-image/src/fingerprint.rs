@@ -87,12 +87,15 @@ fn config(recipe: &Recipe) -> String {
         && r.test.is_none()
         && r.cpus.is_none()
         && r.memory_mib.is_none()
-        && r.disk_mib.is_none();
+        && r.disk_mib.is_none()
+        && r.kernel.is_cloud()
+        && r.modules.is_empty()
+        && r.desktop.is_none();
     if empty {
         return String::new();
     }
     // serde_json's maps are sorted (no preserve_order): the text is canonical.
-    serde_json::json!({
+    let mut config = serde_json::json!({
         "from": r.from,
         "files": r.files,
         "run": r.run,
@@ -105,8 +108,21 @@ fn config(recipe: &Recipe) -> String {
         "cpus": r.cpus,
         "memory_mib": r.memory_mib,
         "disk_mib": r.disk_mib,
-    })
-    .to_string()
+    });
+    // Keys added later appear only when set, so the recipes of before keep their
+    // fingerprints.
+    if let Some(map) = config.as_object_mut() {
+        if !r.kernel.is_cloud() {
+            map.insert("kernel".into(), serde_json::json!(r.kernel));
+        }
+        if !r.modules.is_empty() {
+            map.insert("modules".into(), serde_json::json!(r.modules));
+        }
+        if let Some(d) = &r.desktop {
+            map.insert("desktop".into(), serde_json::json!(d));
+        }
+    }
+    config.to_string()
 }
 
 /// The canonical JSON of a recipe's guest commands, or "" when it has none.

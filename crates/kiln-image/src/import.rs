@@ -335,7 +335,7 @@ pub fn import(
         )));
         Some(format!("sha256:{}", sha256_file(src.path())?))
     };
-    let kpkg = kernel::resolve_kernel()?;
+    let kpkg = kernel::resolve_kernel(crate::recipe::KernelFlavour::Cloud)?;
     on_event(BuildEvent::Log(format!(
         "importing {given} as {name}; kernel {} {}",
         kpkg.package, kpkg.version
@@ -361,7 +361,7 @@ pub fn import(
     let manifest = publish::build_atomically(&dest, &name, |tmp| {
         // 3. Initramfs.
         stages.begin(on_event, 3, "initramfs");
-        build::boot_files(&kernel, &cfg.agent_binary, tmp, on_event)?;
+        build::boot_files(&kernel, &[], &cfg.agent_binary, tmp, on_event)?;
 
         // 4. The root file system.
         stages.begin(on_event, 4, "unpack");

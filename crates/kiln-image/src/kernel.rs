@@ -1,7 +1,10 @@
-//! The guest kernel: Debian's `linux-image-cloud-amd64`, resolved with the host's apt,
-//! downloaded with `apt-get download` and extracted with `dpkg-deb -x` (never installed).
+//! The guest kernel: Debian's `linux-image-cloud-amd64` (or, for desktop images, the generic
+//! `linux-image-amd64`: see [`KernelFlavour`]), resolved with the host's apt, downloaded with
+//! `apt-get download` and extracted with `dpkg-deb -x` (never installed).
 //!
-//! Owns `$KILN_HOME/cache/debs/` and `$KILN_HOME/cache/kernel/<deb version>/`, which holds
+//! Owns `$KILN_HOME/cache/debs/` and `$KILN_HOME/cache/kernel/<key>/` (the key is the deb
+//! version for the cloud kernel and `generic-<deb version>` for the generic one, whose
+//! packages share version numbers: [`cache_key`]), which holds
 //! `vmlinuz` and `lib/modules/<release>/` (with a `modules.dep`, generated here because
 //! Debian's packages leave that to depmod at install time).
 //!
@@ -17,9 +20,19 @@ use crate::cmd;
 use crate::error::{ImageError, IoContext};
 use crate::modules;
 use crate::publish::{self, TmpDir};
+use crate::recipe::KernelFlavour;
 
 /// The Debian metapackage that names the current cloud kernel.
 pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
+
+/// The name of an extracted kernel's directory in `cache/kernel/`: the deb version for the
+/// cloud kernel (as before there were flavours), `<flavour>-<version>` otherwise.
+pub fn cache_key(version: &str, release: &str) -> String {
+    match KernelFlavour::of_release(release) {
+        KernelFlavour::Cloud => version.to_owned(),
+        other => format!("{}-{version}", other.as_str()),
+    }
+}
 
 /// A kernel package as resolved by apt-cache (not necessarily downloaded yet).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,7 +74,10 @@ pub struct Kernel {
 
 /// Parses `apt-cache show --no-all-versions <metapackage>` output into the real package and
 /// its version (from the `Depends: linux-image-X (= V)` line).
-pub(crate) fn parse_metapackage(show: &str) -> Option<(String, Option<String>)> {
+pub(crate) fn parse_metapackage(
+    show: &str,
+    metapackage: &str,
+) -> Option<(String, Option<String>)> {
     let depends = show
         .lines()
         .find_map(|l| l.strip_prefix("Depends:"))?
@@ -71,7 +87,7 @@ pub(crate) fn parse_metapackage(show: &str) -> Option<(String, Option<String>)> 
         for alt in dep.split('|') {
             let alt = alt.trim();
             let (name, rest) = alt.split_once(' ').unwrap_or((alt, ""));
-            if name.starts_with("linux-image-") && name != KERNEL_METAPACKAGE {
+            if name.starts_with("linux-image-") && name != metapackage {
                 let version = rest
                     .trim()
                     .strip_prefix("(=")
@@ -93,24 +109,26 @@ pub(crate) fn parse_candidate(policy: &str) -> Option<String> {
     (!candidate.is_empty() && candidate != "(none)").then(|| candidate.to_owned())
 }
 
-/// Resolves the cloud kernel metapackage to the real package and its candidate version using
-/// the host's apt lists. Cheap (no download); the fingerprint of an image needs only this.
-pub fn resolve_kernel() -> Result<KernelPackage, ImageError> {
+/// Resolves the metapackage of the kernel `flavour` to the real package and its candidate
+/// version using the host's apt lists. Cheap (no download); the fingerprint of an image
+/// needs only this.
+pub fn resolve_kernel(flavour: KernelFlavour) -> Result<KernelPackage, ImageError> {
+    let metapackage = flavour.metapackage();
     let unresolvable = |detail: String| ImageError::KernelUnresolvable {
-        package: KERNEL_METAPACKAGE.to_owned(),
+        package: metapackage.to_owned(),
         detail,
     };
     let show = cmd::run_capture(Command::new("apt-cache").args([
         "show",
         "--no-all-versions",
-        KERNEL_METAPACKAGE,
+        metapackage,
     ]))
     .map_err(|e| match e {
         ImageError::CommandFailed { output_tail, .. } => unresolvable(output_tail),
         other => other,
     })?;
     let show = String::from_utf8_lossy(&show);
-    let (package, version) = parse_metapackage(&show)
+    let (package, version) = parse_metapackage(&show, metapackage)
         .ok_or_else(|| unresolvable("its Depends names no linux-image package".into()))?;
     let version = match version {
         Some(v) => v,
@@ -134,13 +152,15 @@ pub fn resolve_kernel() -> Result<KernelPackage, ImageError> {
 /// Resolves, downloads and extracts the current cloud kernel into `$KILN_HOME/cache/`.
 /// Returns at once if that version is already extracted.
 pub fn ensure_kernel(home: &Path) -> Result<Kernel, ImageError> {
-    let pkg = resolve_kernel()?;
+    let pkg = resolve_kernel(KernelFlavour::Cloud)?;
     ensure_package(home, &pkg, &mut |_| {})
 }
 
 /// The cache layout of an extracted kernel version.
 fn cached(home: &Path, pkg: &KernelPackage) -> Kernel {
-    let dir = home.join("cache/kernel").join(&pkg.version);
+    let dir = home
+        .join("cache/kernel")
+        .join(cache_key(&pkg.version, &pkg.release));
     Kernel {
         package: pkg.package.clone(),
         version: pkg.version.clone(),
@@ -164,7 +184,8 @@ pub(crate) fn ensure_package(
     let kernel_root = home.join("cache/kernel");
     std::fs::create_dir_all(&kernel_root).ctx("create directory", &kernel_root)?;
     publish::clean_stale_tmp(&kernel_root);
-    let tmp = TmpDir::create(&kernel_root, &pkg.version)?;
+    let key = cache_key(&pkg.version, &pkg.release);
+    let tmp = TmpDir::create(&kernel_root, &key)?;
     on_log(&format!("extracting {}", deb.display()));
     cmd::run_capture(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(tmp.path()))?;
     let layout = |detail: String| ImageError::KernelLayout {
@@ -194,7 +215,7 @@ pub(crate) fn ensure_package(
         let deps = modules::generate_modules_dep(&modules_dir)?;
         std::fs::write(&dep_file, deps.render()).ctx("write", &dep_file)?;
     }
-    let dest = kernel_root.join(&pkg.version);
+    let dest = kernel_root.join(&key);
     match std::fs::rename(tmp.path(), &dest) {
         Ok(()) => tmp.disarm(),
         // Another builder won the race; its copy is complete by construction. Ours is
@@ -270,7 +291,7 @@ mod tests {
                     Version: 6.1.192-2\nDepends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)\n\
                     Description: Linux for x86-64 cloud (meta-package)\n";
         assert_eq!(
-            parse_metapackage(show),
+            parse_metapackage(show, KERNEL_METAPACKAGE),
             Some((
                 "linux-image-6.1.0-56-cloud-amd64".into(),
                 Some("6.1.192-2".into())
@@ -282,21 +303,42 @@ mod tests {
     fn parse_metapackage_unversioned_alternative() {
         let show = "Depends: foo, linux-image-6.12.1-cloud-amd64 | linux-image-x\n";
         assert_eq!(
-            parse_metapackage(show),
+            parse_metapackage(show, KERNEL_METAPACKAGE),
             Some(("linux-image-6.12.1-cloud-amd64".into(), None))
         );
     }
 
     #[test]
     fn parse_metapackage_without_depends_is_none() {
-        assert_eq!(parse_metapackage("Package: x\n"), None);
+        assert_eq!(parse_metapackage("Package: x\n", KERNEL_METAPACKAGE), None);
+    }
+
+    #[test]
+    fn parse_metapackage_generic_kernel_skips_its_own_name() {
+        let show = "Package: linux-image-amd64\nVersion: 6.1.192-3\n\
+                    Depends: linux-image-6.1.0-57-amd64 (= 6.1.192-3)\n";
+        assert_eq!(
+            parse_metapackage(show, "linux-image-amd64"),
+            Some(("linux-image-6.1.0-57-amd64".into(), Some("6.1.192-3".into())))
+        );
+    }
+
+    #[test]
+    fn cache_key_keeps_cloud_versions_and_prefixes_other_flavours() {
+        // The two flavours of one Debian kernel upload share its version: their
+        // extractions must not share a directory.
+        assert_eq!(cache_key("6.1.192-3", "6.1.0-57-cloud-amd64"), "6.1.192-3");
+        assert_eq!(
+            cache_key("6.1.192-3", "6.1.0-57-amd64"),
+            "generic-6.1.192-3"
+        );
     }
 
     fn fake_pkg() -> KernelPackage {
         KernelPackage {
-            package: "linux-image-9.9.9-1-test".into(),
+            package: "linux-image-9.9.9-1-cloud-amd64".into(),
             version: "9.9.9-1".into(),
-            release: "9.9.9-1-test".into(),
+            release: "9.9.9-1-cloud-amd64".into(),
         }
     }
 
@@ -319,23 +361,23 @@ mod tests {
         let home = tempfile::tempdir().expect("tempdir");
         let pkg = fake_pkg();
         let src = home.path().join("src");
-        let mdir = src.join("lib/modules/9.9.9-1-test/kernel/drivers/virtio");
+        let mdir = src.join("lib/modules/9.9.9-1-cloud-amd64/kernel/drivers/virtio");
         std::fs::create_dir_all(&mdir).expect("mkdir");
         std::fs::create_dir_all(src.join("boot")).expect("mkdir");
         std::fs::create_dir_all(src.join("DEBIAN")).expect("mkdir");
-        std::fs::write(src.join("boot/vmlinuz-9.9.9-1-test"), "kernel").expect("write");
+        std::fs::write(src.join("boot/vmlinuz-9.9.9-1-cloud-amd64"), "kernel").expect("write");
         let m = crate::elf::tests::fake_module;
         std::fs::write(mdir.join("virtio.ko"), m(b"depends=\0")).expect("write");
         std::fs::write(mdir.join("virtio_blk.ko"), m(b"depends=virtio\0")).expect("write");
         std::fs::write(
             src.join("DEBIAN/control"),
-            "Package: linux-image-9.9.9-1-test\nVersion: 9.9.9-1\nArchitecture: amd64\n\
+            "Package: linux-image-9.9.9-1-cloud-amd64\nVersion: 9.9.9-1\nArchitecture: amd64\n\
              Maintainer: kiln <kiln@localhost>\nDescription: test kernel\n",
         )
         .expect("write");
         let debs = home.path().join("cache/debs");
         std::fs::create_dir_all(&debs).expect("mkdir");
-        let deb = debs.join("linux-image-9.9.9-1-test_9.9.9-1_amd64.deb");
+        let deb = debs.join("linux-image-9.9.9-1-cloud-amd64_9.9.9-1_amd64.deb");
         cmd::run_capture(
             Command::new("dpkg-deb")
                 .args(["--root-owner-group", "-Znone", "-b"])

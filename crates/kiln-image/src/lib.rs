@@ -59,7 +59,10 @@ pub use fingerprint::{
 pub use import::{
     ImportOrigin, ImportSource, OciRuntimeConfig, check_import, import, parse_os_release,
 };
-pub use kernel::{KERNEL_METAPACKAGE, Kernel, KernelPackage, ensure_kernel, resolve_kernel};
+pub use kernel::{
+    KERNEL_METAPACKAGE, Kernel, KernelPackage, cache_key as kernel_cache_key, ensure_kernel,
+    resolve_kernel,
+};
 pub use manifest::{
     FileSize, INITRAMFS_FILE, ImageFile, ImageId, ImageManifest, KERNEL_FILE, MANIFEST_FILE,
     MANIFEST_SCHEMA, ROOTFS_FILE, images_dir,
@@ -70,8 +73,9 @@ pub use publish::{
 };
 pub use recipe::file::load as load_recipe;
 pub use recipe::{
-    Base, DEFAULT_SUITE, FileSource, GuestCommand, ProbeCheck, ReadinessProbe, Recipe, RecipeFile,
-    RestoreHook, builtin, builtin_names, lookup, validate_name,
+    Base, DEFAULT_SUITE, DesktopSpec, FileSource, GuestCommand, KernelFlavour, ProbeCheck,
+    ReadinessProbe, Recipe, RecipeFile, RestoreHook, SCREEN_MAX, SCREEN_MIN, builtin,
+    builtin_names, lookup, parse_screen, validate_name,
 };
 pub use rootfs::{DEFAULT_MIRROR, MIN_ROOTFS_BYTES, Mirror};
 

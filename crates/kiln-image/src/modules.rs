@@ -33,6 +33,11 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_net",
 ];
 
+/// The root file system's driver and the checksum driver it asks for by name (ext4's
+/// metadata checksums): built into the cloud kernel (so they add nothing to its initramfs),
+/// modules of the generic one, which must load them before it can mount the root.
+pub const ROOT_FS_MODULES: &[&str] = &["crc32c_generic", "ext4"];
+
 /// The parsed `modules.dep` of one kernel: module name -> (relative path, dependency names).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ModuleDeps {
@@ -236,11 +241,18 @@ pub struct InitramfsModule {
 pub fn initramfs_modules(
     modules_dir: &Path,
     release: &str,
+    extra: &[String],
     on_progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Vec<InitramfsModule>, ImageError> {
     let deps = load_deps(modules_dir)?;
     let builtin = read_builtin(modules_dir)?;
-    let order = deps.closure(GUEST_MODULES, &builtin, release)?;
+    let wanted: Vec<&str> = GUEST_MODULES
+        .iter()
+        .chain(ROOT_FS_MODULES)
+        .copied()
+        .chain(extra.iter().map(String::as_str))
+        .collect();
+    let order = deps.closure(&wanted, &builtin, release)?;
     let total = order.len() as u64;
     let mut out = Vec::with_capacity(order.len());
     for (i, rel) in order.iter().enumerate() {

@@ -167,6 +167,32 @@ impl QmpCommand for Cont {
     type Returns = Empty;
 }
 
+/// `screendump`: writes the display's current frame to a host file, as binary PPM (P6).
+/// kiln never asks QEMU for PNG: 7.1's PNG writer crashed QEMU and 7.2's swaps red and blue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Screendump {
+    /// The host file QEMU writes (replaced if it exists).
+    pub filename: String,
+}
+
+impl QmpCommand for Screendump {
+    const NAME: &'static str = "screendump";
+    type Returns = Empty;
+}
+
+/// `input-send-event`: injects input events (`InputEvent`: `key`, `btn`, `abs`, `rel`) into
+/// the guest's input devices, in order, as one batch.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InputSendEvent {
+    /// The events, each `{"type": ..., "data": ...}` as QEMU's schema spells it.
+    pub events: Vec<serde_json::Value>,
+}
+
+impl QmpCommand for InputSendEvent {
+    const NAME: &'static str = "input-send-event";
+    type Returns = Empty;
+}
+
 /// `quit`: QEMU exits immediately (the reply may race the socket closing).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Quit;

@@ -120,6 +120,33 @@ pub struct VmConfig {
     /// The network device, if the VM has one (`None`: no NIC at all).
     #[serde(default)]
     pub nic: Option<Nic>,
+    /// A screen, pointer and keyboard, if the VM is a desktop (`None`: headless).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display: Option<Display>,
+}
+
+/// A desktop VM's screen: QEMU's standard VGA (the guest's `bochs` DRM driver), whose EDID
+/// offers `width` × `height` as the preferred mode; a `virtio-tablet-pci` (absolute pointer)
+/// and a `virtio-keyboard-pci`, fed by QMP `input-send-event` and by VNC viewers; and QEMU's
+/// VNC server on [`RunPaths::vnc_socket`] only (no TCP port), every client shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Display {
+    /// Screen width in pixels.
+    pub width: u32,
+    /// Screen height in pixels.
+    pub height: u32,
+}
+
+impl Display {
+    /// The VGA's video memory (MiB): room for two frames of 32-bit pixels (the driver's
+    /// double buffering), as a power of two (QEMU rounds up to one anyway), at least 4.
+    /// Smaller than QEMU's 16 MiB default for the usual screens: video memory is not guest
+    /// RAM, so every restore reads it from the snapshot's state.
+    pub fn vgamem_mib(&self) -> u32 {
+        let bytes = 2 * u64::from(self.width) * u64::from(self.height) * 4;
+        let mib = bytes.div_ceil(1 << 20).max(4);
+        u32::try_from(mib.next_power_of_two()).unwrap_or(u32::MAX)
+    }
 }
 
 /// A VM's one network device: `virtio-net-pci` with `mac`, and what its frames go to.
@@ -178,6 +205,8 @@ pub struct RunPaths {
     pub config_file: PathBuf,
     /// The network device's frames with [`NicBackend::Stream`] (QEMU listens).
     pub net_socket: PathBuf,
+    /// A desktop VM's VNC server (QEMU listens; the daemon's live view relays to it).
+    pub vnc_socket: PathBuf,
 }
 
 impl RunPaths {
@@ -192,6 +221,7 @@ impl RunPaths {
             pidfile: run_dir.join("qemu.pid"),
             config_file: run_dir.join("vm.json"),
             net_socket: run_dir.join("net.sock"),
+            vnc_socket: run_dir.join("vnc.sock"),
         }
     }
 }
@@ -311,6 +341,21 @@ pub fn build_args(cfg: &VmConfig) -> Vec<OsString> {
             "virtio-net-pci,netdev=net0,romfile=,mac={}",
             nic.mac
         ));
+    }
+    if let Some(d) = &cfg.display {
+        a.push("-device").push(format!(
+            "VGA,xres={},yres={},edid=on,vgamem_mb={}",
+            d.width,
+            d.height,
+            d.vgamem_mib()
+        ));
+        a.push("-device").push("virtio-tablet-pci");
+        a.push("-device").push("virtio-keyboard-pci");
+        a.push("-vnc").push(opt([
+            "unix:".as_ref(),
+            escape(paths.vnc_socket.as_os_str()).as_os_str(),
+            ",share=force-shared".as_ref(),
+        ]));
     }
     // `-S` with `-incoming`: a loaded VM stays paused until the host says `cont`, even when
     // the stream came from a running (live-migrated) VM.

@@ -117,6 +117,15 @@ pub enum VmmError {
         /// The end of `qemu.log`.
         log_tail: String,
     },
+    /// A desktop VM's screendump or input injection failed.
+    #[error("QMP {command} failed")]
+    ScreenQmp {
+        /// The command.
+        command: &'static str,
+        /// Underlying error.
+        #[source]
+        source: kiln_qmp::QmpError,
+    },
     /// The QMP handshake failed.
     #[error("qmp handshake with QEMU failed")]
     Qmp(#[source] kiln_qmp::QmpError),

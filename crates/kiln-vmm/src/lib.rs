@@ -29,12 +29,13 @@ mod overlay;
 mod process;
 pub mod procid;
 pub mod qemu;
+mod screen;
 pub mod snapshot;
 pub mod tsc;
 mod vm;
 
 pub use accel::{Accel, AccelVerdict};
-pub use cmdline::{Incoming, Nic, NicBackend, RunPaths, VmConfig, device_fingerprint};
+pub use cmdline::{Display, Incoming, Nic, NicBackend, RunPaths, VmConfig, device_fingerprint};
 pub use error::VmmError;
 pub use overlay::{BackingFormat, create_overlay, create_overlay_with, rebase_overlay};
 pub use process::VmExit;

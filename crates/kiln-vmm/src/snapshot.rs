@@ -765,6 +765,7 @@ mod tests {
             run_dir: dir.join("run"),
             incoming: None,
             nic: None,
+            display: None,
         }
     }
 
@@ -820,6 +821,7 @@ mod tests {
             run_dir: dir.path().to_owned(),
             incoming: None,
             nic: None,
+            display: None,
         };
         assert!(matches!(check_memory_file(&cfg), Err(VmmError::Io { .. })));
         let f = std::fs::File::create(&mem).expect("create");

@@ -468,6 +468,7 @@ mod tests {
             run_dir: run_dir.to_owned(),
             incoming: None,
             nic: None,
+            display: None,
         }
     }
 

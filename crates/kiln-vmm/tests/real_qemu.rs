@@ -69,6 +69,7 @@ fn test_initramfs() -> PathBuf {
 fn config(run_dir: &Path, extra: &str) -> VmConfig {
     VmConfig {
         nic: None,
+        display: None,
         qemu: kiln_vmm::qemu::find_binary().expect("qemu installed"),
         accel: Accel::Tcg,
         cpus: 1,
@@ -339,6 +340,7 @@ async fn image_config(run_dir: &Path, base: &Path, format: BackingFormat) -> VmC
         .expect("overlay");
     VmConfig {
         nic: None,
+        display: None,
         qemu: kiln_vmm::qemu::find_binary().expect("qemu installed"),
         accel: Accel::Tcg,
         cpus: 1,

@@ -181,6 +181,7 @@ pub fn write_run_dir(run: &Path) -> FakeQemu {
     std::fs::create_dir_all(run).expect("run dir");
     let cfg = kiln_vmm::VmConfig {
         nic: None,
+        display: None,
         qemu: PathBuf::from("/nonexistent/qemu-system-x86_64"),
         accel: kiln_vmm::Accel::Tcg,
         cpus: 1,

@@ -22,12 +22,14 @@ const BUILTIN: &[(&str, &str)] = &[
     ("c", include_str!("../../../../images/c.toml")),
     ("cpp", include_str!("../../../../images/cpp.toml")),
     ("bash", include_str!("../../../../images/bash.toml")),
+    ("desktop", include_str!("../../../../images/desktop.toml")),
 ];
 
 /// Names of the built-in recipes, in presentation order.
 pub fn builtin_names() -> &'static [&'static str] {
     &[
         "base", "python", "postgres", "node", "ruby", "go", "rust", "c", "cpp", "bash",
+        "desktop",
     ]
 }
 

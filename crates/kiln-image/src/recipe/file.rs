@@ -18,7 +18,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    Base, FileSource, GuestCommand, ProbeCheck, ReadinessProbe, Recipe, RecipeFile, validate_name,
+    Base, DesktopSpec, FileSource, GuestCommand, KernelFlavour, ProbeCheck, ReadinessProbe, Recipe,
+    RecipeFile, validate_name,
 };
 use crate::error::ImageError;
 
@@ -65,7 +66,24 @@ struct RawRecipe {
     cpus: Option<Spanned<u32>>,
     memory_mib: Option<Spanned<u32>>,
     disk_mib: Option<Spanned<u32>>,
+    kernel: Option<Spanned<String>>,
+    #[serde(default)]
+    modules: Vec<Spanned<String>>,
+    desktop: Option<Spanned<RawDesktop>>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDesktop {
+    user: Option<String>,
+    display: Option<String>,
+    screen: Option<String>,
+}
+
+/// The desktop user and screen of a `[desktop]` table that names none.
+const DEFAULT_DESKTOP_USER: &str = "kiln";
+const DEFAULT_DISPLAY: &str = ":0";
+const DEFAULT_SCREEN: (u32, u32) = (1280, 800);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -384,6 +402,89 @@ pub fn parse(file: &str, text: &str, dir: &Path, name: Option<&str>) -> Result<R
             ));
         }
         recipe.disk_mib = Some(*d.get_ref());
+    }
+    if let Some(k) = &raw.kernel {
+        recipe.kernel = match k.get_ref().as_str() {
+            "cloud" => KernelFlavour::Cloud,
+            "generic" => KernelFlavour::Generic,
+            other => {
+                return Err(src.at(
+                    k,
+                    "kernel",
+                    format!("{other:?}: expected \"cloud\" or \"generic\""),
+                ));
+            }
+        };
+        if !recipe.from.is_debian() {
+            return Err(src.at(
+                k,
+                "kernel",
+                "an image that extends another boots its parent's kernel".to_owned(),
+            ));
+        }
+    }
+    for m in &raw.modules {
+        let v = m.get_ref();
+        let ok = !v.is_empty()
+            && v.len() <= 64
+            && v.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-".contains(&b));
+        if !ok {
+            return Err(src.at(
+                m,
+                "modules",
+                format!("{v:?} is not a kernel module name"),
+            ));
+        }
+        if !recipe.modules.contains(v) {
+            recipe.modules.push(v.clone());
+        }
+    }
+    if let Some(d) = &raw.desktop {
+        let raw_d = d.get_ref();
+        let user = raw_d.user.as_deref().unwrap_or(DEFAULT_DESKTOP_USER);
+        let user_ok = !user.is_empty()
+            && user.len() <= 32
+            && user != "root"
+            && user
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-".contains(&b));
+        if !user_ok {
+            return Err(src.at(
+                d,
+                "desktop.user",
+                format!("{user:?}: expected the name of an unprivileged user (not root)"),
+            ));
+        }
+        let display = raw_d.display.as_deref().unwrap_or(DEFAULT_DISPLAY);
+        let display_ok = display
+            .strip_prefix(':')
+            .is_some_and(|n| !n.is_empty() && n.len() <= 3 && n.bytes().all(|b| b.is_ascii_digit()));
+        if !display_ok {
+            return Err(src.at(
+                d,
+                "desktop.display",
+                format!("{display:?}: expected an X display such as \":0\""),
+            ));
+        }
+        let (width, height) = match &raw_d.screen {
+            None => DEFAULT_SCREEN,
+            Some(s) => super::parse_screen(s).map_err(|e| src.at(d, "desktop.screen", e))?,
+        };
+        recipe.desktop = Some(DesktopSpec {
+            user: user.to_owned(),
+            display: display.to_owned(),
+            width,
+            height,
+        });
+        if recipe.from.is_debian() && recipe.kernel.is_cloud() {
+            return Err(src.at(
+                d,
+                "desktop",
+                "a desktop needs kernel = \"generic\" (the cloud kernel has no display driver)"
+                    .to_owned(),
+            ));
+        }
     }
     Ok(recipe)
 }
@@ -824,5 +925,64 @@ owner = "app"
             let r = super::super::builtin(name).expect("listed");
             assert_eq!(r.name, *name);
         }
+    }
+
+    #[test]
+    fn desktop_kernel_and_modules_parse_with_defaults() {
+        let r = parse_ok(
+            "name = \"d\"\nkernel = \"generic\"\nmodules = [\"bochs\", \"evdev\", \"bochs\"]\n\
+             [desktop]\nscreen = \"1024x768\"\n",
+        );
+        assert_eq!(r.kernel, KernelFlavour::Generic);
+        assert_eq!(r.modules, ["bochs", "evdev"], "duplicates dropped, order kept");
+        let d = r.desktop.expect("desktop");
+        assert_eq!((d.user.as_str(), d.display.as_str()), ("kiln", ":0"));
+        assert_eq!((d.width, d.height), (1024, 768));
+        let plain = parse_ok("name = \"p\"\n");
+        assert!(plain.kernel.is_cloud() && plain.modules.is_empty() && plain.desktop.is_none());
+    }
+
+    #[test]
+    fn desktop_kernel_and_modules_errors_name_the_field() {
+        let cases = [
+            ("name = \"d\"\nkernel = \"rt\"\n", "kernel", "\"cloud\" or \"generic\""),
+            ("name = \"d\"\nmodules = [\"../x\"]\n", "modules", "not a kernel module"),
+            ("name = \"d\"\n[desktop]\n", "desktop", "kernel = \"generic\""),
+            (
+                "name = \"d\"\nkernel = \"generic\"\n[desktop]\nuser = \"root\"\n",
+                "desktop.user",
+                "unprivileged",
+            ),
+            (
+                "name = \"d\"\nkernel = \"generic\"\n[desktop]\nscreen = \"99x99\"\n",
+                "desktop.screen",
+                "640x480 to 2560x1600",
+            ),
+            (
+                "name = \"d\"\nkernel = \"generic\"\n[desktop]\ndisplay = \"0\"\n",
+                "desktop.display",
+                "X display",
+            ),
+            (
+                "name = \"d\"\nfrom = \"desktop\"\nkernel = \"generic\"\n",
+                "kernel",
+                "parent's kernel",
+            ),
+        ];
+        for (text, field, needle) in cases {
+            let (_, f, message) = parse_err(text);
+            assert_eq!(f, field, "{text}");
+            assert!(message.contains(needle), "{text}: {message}");
+        }
+    }
+
+    #[test]
+    fn extension_keeps_the_parents_kernel_modules_and_desktop() {
+        let parent = super::super::builtin("desktop").expect("desktop recipe");
+        let mut child = parse_ok("name = \"mine\"\nfrom = \"desktop\"\nmodules = [\"uinput\"]\n");
+        child.inherit(&parent);
+        assert_eq!(child.kernel, KernelFlavour::Generic);
+        assert_eq!(child.modules, ["bochs", "virtio_input", "evdev", "uinput"]);
+        assert_eq!(child.desktop, parent.desktop);
     }
 }

@@ -59,6 +59,97 @@ pub struct ReadinessProbe {
 /// start. `kiln secret rotate` reruns it.
 pub type RestoreHook = GuestCommand;
 
+/// Which of Debian's kernel flavours an image boots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelFlavour {
+    /// `linux-image-cloud-amd64`: virtio and ext4 built in, no DRM, no USB, no sound. Small
+    /// and quick to boot: every image but desktops.
+    #[default]
+    Cloud,
+    /// `linux-image-amd64`: Debian's generic kernel, with DRM (the `bochs` driver of QEMU's
+    /// standard VGA) and input drivers as modules; ext4 is a module too, so the initramfs
+    /// loads it before mounting the root.
+    Generic,
+}
+
+impl KernelFlavour {
+    /// Whether this is the default flavour (left out of manifests and fingerprints, which
+    /// predate the field).
+    pub fn is_cloud(&self) -> bool {
+        matches!(self, KernelFlavour::Cloud)
+    }
+
+    /// The Debian metapackage naming the flavour's current kernel.
+    pub fn metapackage(self) -> &'static str {
+        match self {
+            KernelFlavour::Cloud => "linux-image-cloud-amd64",
+            KernelFlavour::Generic => "linux-image-amd64",
+        }
+    }
+
+    /// The name a recipe gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KernelFlavour::Cloud => "cloud",
+            KernelFlavour::Generic => "generic",
+        }
+    }
+
+    /// The flavour of a kernel release (`uname -r`): `...-cloud-amd64` is the cloud one.
+    pub fn of_release(release: &str) -> KernelFlavour {
+        if release.ends_with("-cloud-amd64") {
+            KernelFlavour::Cloud
+        } else {
+            KernelFlavour::Generic
+        }
+    }
+}
+
+/// A desktop image's graphical session: sandboxes of the image get a screen (QEMU's
+/// standard VGA), an absolute pointer and a keyboard, and are driven through the desktop
+/// API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesktopSpec {
+    /// The unprivileged user the session runs as (text QEMU cannot type is typed as it).
+    pub user: String,
+    /// The X display of the session, e.g. `:0`.
+    pub display: String,
+    /// Screen width of sandboxes that ask for none (pixels).
+    pub width: u32,
+    /// Screen height of sandboxes that ask for none (pixels).
+    pub height: u32,
+}
+
+/// Smallest and largest screen a desktop sandbox may have (pixels, width × height).
+pub const SCREEN_MIN: (u32, u32) = (640, 480);
+/// See [`SCREEN_MIN`]: 2560 × 1600 fits the VGA's largest video memory kiln gives it.
+pub const SCREEN_MAX: (u32, u32) = (2560, 1600);
+
+/// Parses a screen size `WIDTHxHEIGHT` (e.g. `1280x800`) within [`SCREEN_MIN`] and
+/// [`SCREEN_MAX`]; widths must be multiples of 8 (the VGA's scanline granularity).
+pub fn parse_screen(s: &str) -> Result<(u32, u32), String> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("{s:?}: expected WIDTHxHEIGHT, e.g. 1280x800"))?;
+    let num = |v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{s:?}: expected WIDTHxHEIGHT, e.g. 1280x800"))
+    };
+    let (w, h) = (num(w)?, num(h)?);
+    if !(SCREEN_MIN.0..=SCREEN_MAX.0).contains(&w) || !(SCREEN_MIN.1..=SCREEN_MAX.1).contains(&h) {
+        return Err(format!(
+            "{s:?}: a screen is {}x{} to {}x{} pixels",
+            SCREEN_MIN.0, SCREEN_MIN.1, SCREEN_MAX.0, SCREEN_MAX.1
+        ));
+    }
+    if w % 8 != 0 {
+        return Err(format!("{s:?}: the width must be a multiple of 8"));
+    }
+    Ok((w, h))
+}
+
 /// What an image's root file system starts from.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -182,6 +273,16 @@ pub struct Recipe {
     /// Apparent size of the root file system (MiB); at least what the content needs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_mib: Option<u32>,
+    /// The kernel flavour the image boots.
+    #[serde(default, skip_serializing_if = "KernelFlavour::is_cloud")]
+    pub kernel: KernelFlavour,
+    /// Kernel modules the initramfs loads (with their dependencies) besides kiln's own,
+    /// e.g. a display driver; each must exist in the kernel (or be built into it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<String>,
+    /// A graphical session: sandboxes get a screen, pointer and keyboard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desktop: Option<DesktopSpec>,
 }
 
 impl Recipe {
@@ -206,6 +307,9 @@ impl Recipe {
             cpus: None,
             memory_mib: None,
             disk_mib: None,
+            kernel: KernelFlavour::Cloud,
+            modules: Vec::new(),
+            desktop: None,
         }
     }
 
@@ -225,7 +329,8 @@ impl Recipe {
     /// Takes over what `parent` defines and this recipe does not (Docker's inheritance):
     /// environment (merged, ours win), working directory, user, entrypoint and command (a
     /// recipe that sets `entrypoint` drops the parent's `cmd`, as Docker does), guest
-    /// hooks, self-test, machine size and disk size; and the parent's suite.
+    /// hooks, self-test, machine size and disk size, desktop; the parent's suite, kernel flavour
+    /// and modules.
     pub fn inherit(&mut self, parent: &Recipe) {
         let mut env = parent.env.clone();
         env.append(&mut self.env);
@@ -253,6 +358,13 @@ impl Recipe {
         self.cpus = self.cpus.or(parent.cpus);
         self.memory_mib = self.memory_mib.or(parent.memory_mib);
         self.disk_mib = self.disk_mib.or(parent.disk_mib);
+        // An extension boots its parent's kernel, so it keeps its flavour and modules (and
+        // adds its own), and a desktop stays one.
+        self.kernel = parent.kernel;
+        let mut modules = parent.modules.clone();
+        modules.extend(self.modules.drain(..).filter(|m| !parent.modules.contains(m)));
+        self.modules = modules;
+        self.desktop = self.desktop.take().or_else(|| parent.desktop.clone());
     }
 }
 
