@@ -33,6 +33,11 @@ pub enum UsageKind {
     BuildCaches,
     /// Console archives (`logs/`) and the daemon's log (`kilnd.log`).
     Logs,
+    /// Review recordings of desktop sandboxes (`recordings/<id>/`): kept while the sandbox
+    /// exists and, after its removal, while a failed action pins it; reclaimable after that.
+    Recordings,
+    /// Exported review bundles (`exports/<name>/`): the user's, never reclaimed.
+    Exports,
     /// Everything else: the database, settings, sockets, locks and the directories' own
     /// entries.
     Other,
@@ -40,7 +45,7 @@ pub enum UsageKind {
 
 impl UsageKind {
     /// Every kind, in report order.
-    pub const ALL: [UsageKind; 8] = [
+    pub const ALL: [UsageKind; 10] = [
         UsageKind::Images,
         UsageKind::WarmSnapshots,
         UsageKind::UserSnapshots,
@@ -48,6 +53,8 @@ impl UsageKind {
         UsageKind::StoppedSandboxes,
         UsageKind::BuildCaches,
         UsageKind::Logs,
+        UsageKind::Recordings,
+        UsageKind::Exports,
         UsageKind::Other,
     ];
 
@@ -61,6 +68,8 @@ impl UsageKind {
             UsageKind::StoppedSandboxes => "stopped_sandboxes",
             UsageKind::BuildCaches => "build_caches",
             UsageKind::Logs => "logs",
+            UsageKind::Recordings => "recordings",
+            UsageKind::Exports => "exports",
             UsageKind::Other => "other",
         }
     }

@@ -117,10 +117,26 @@ impl Home {
     pub fn images_dir(&self) -> PathBuf {
         self.root.join("images")
     }
+
+    /// Parent of the desktop sandboxes' review recordings (`kiln_core::desktop::review`).
+    pub fn recordings_dir(&self) -> PathBuf {
+        self.root.join("recordings")
+    }
+
+    /// The review recording of one sandbox: kept while the sandbox exists, and after its
+    /// removal while a failed action pins it.
+    pub fn recording_dir(&self, id: &SandboxId) -> PathBuf {
+        self.recordings_dir().join(id.as_str())
+    }
+
+    /// Where review bundles are exported: the user's, never removed by kiln.
+    pub fn exports_dir(&self) -> PathBuf {
+        self.root.join("exports")
+    }
 }
 
 /// Creates `dir` with mode 0700, or tightens it to 0700 if it exists with a looser mode.
-fn private_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -167,5 +183,10 @@ mod tests {
             PathBuf::from("/k/run/sb-0123456789ab")
         );
         assert_eq!(home.socket(), PathBuf::from("/k/kilnd.sock"));
+        assert_eq!(
+            home.recording_dir(&id),
+            PathBuf::from("/k/recordings/sb-0123456789ab")
+        );
+        assert_eq!(home.exports_dir(), PathBuf::from("/k/exports"));
     }
 }

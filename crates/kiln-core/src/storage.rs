@@ -17,6 +17,9 @@
 //!   is alive (`kiln_snapshot::process_running`; this daemon's own are always alive);
 //! - the build caches' lock (`kiln_image::try_lock_caches`): while any build holds it, no
 //!   cached kernel or package is removed;
+//! - a review recording (`recordings/<id>/`) is its sandbox's while the row exists, and after
+//!   that is kept while `meta.json`'s `pinned_until` (set by a failed action) is ahead; export
+//!   bundles (`exports/`) are the user's and never removed, only counted;
 //! - runtime directories (`run/`) are never removed here: a QEMU may use one before its row
 //!   exists, and only the startup janitor, which runs before anything starts, can prove one
 //!   dead.
@@ -41,6 +44,7 @@ use kiln_api_types::{
 };
 use kiln_image::ImageManifest;
 
+use crate::desktop::{retention, timestamp};
 use crate::paths::Home;
 
 /// Suffix of a console archive (`logs/<id>.console.log`, and its `.1`).
@@ -447,7 +451,7 @@ fn row_state(rows: &[SandboxInfo], id: &str) -> Option<SandboxState> {
 }
 
 /// Top-level entries with a category of their own; the rest are `other` items.
-const KNOWN_TOP: [&str; 7] = [
+const KNOWN_TOP: [&str; 9] = [
     "images",
     "snapshots",
     "run",
@@ -455,6 +459,8 @@ const KNOWN_TOP: [&str; 7] = [
     "cache",
     "logs",
     "kilnd.log",
+    "recordings",
+    "exports",
 ];
 
 /// Measures everything below `home` and judges each item. `home/images` is followed if it
@@ -684,6 +690,36 @@ pub(crate) fn survey(home: &Home, facts: &Facts<'_>) -> Survey {
             Verdict::Keep("the daemon's log".to_owned()),
             Removal::Tree,
         );
+    }
+
+    // Review recordings: a sandbox's own while it has a row, then kept while pinned.
+    let now = std::time::SystemTime::now();
+    for name in names(&home.recordings_dir()) {
+        let rel = Path::new("recordings").join(&name);
+        let verdict = if name.starts_with(kiln_snapshot::TMP_PREFIX) {
+            tmp_verdict(&name, facts.me, "recording removal")
+        } else if name.parse::<kiln_api_types::SandboxId>().is_err() {
+            Verdict::Keep("not a recording kiln names".to_owned())
+        } else if let Some(state) = row_state(facts.rows, &name) {
+            Verdict::Keep(format!("recording of sandbox {name} ({})", state.as_str()))
+        } else if let Some(until) = retention::pinned_past(&root.join(&rel), now) {
+            Verdict::Held(format!(
+                "recording of removed sandbox {name}, pinned by a failed action until {}",
+                timestamp::rfc3339_ms(until)
+            ))
+        } else {
+            Verdict::Reclaim(format!("recording of removed sandbox {name}"))
+        };
+        b.add(K::Recordings, &name, rel, verdict, Removal::Tree);
+    }
+    for name in names(&home.exports_dir()) {
+        let rel = Path::new("exports").join(&name);
+        let verdict = if name.starts_with(kiln_snapshot::TMP_PREFIX) {
+            tmp_verdict(&name, facts.me, "review export")
+        } else {
+            Verdict::Keep("exported review bundle: yours, kiln never removes it".to_owned())
+        };
+        b.add(K::Exports, &name, rel, verdict, Removal::Tree);
     }
 
     for name in names(root) {

@@ -5,9 +5,19 @@
 //!   combinations, typing plans, pointer events); no I/O, no clock.
 //! - `ops`: the engine's desktop operations (screenshot, actions with receipts, the VNC
 //!   socket), through the sandbox's owner.
+//! - The review recording of a desktop sandbox, which owns `recordings/<id>/` and writes
+//!   export bundles: [`review`] (its timeline, screenshots and meta), [`redact`] (the
+//!   secrets it must never contain), [`retention`] (pinning, removal and the janitor's
+//!   sweep), [`bundle`] (export bundles), [`timestamp`] (its RFC 3339 times). It knows
+//!   nothing about QEMU or the API: the action path and the sandbox lifecycle call it.
 
+pub mod bundle;
 pub mod frame;
 pub mod keys;
 mod ops;
+pub mod redact;
+pub mod retention;
+pub mod review;
+pub mod timestamp;
 
 pub use ops::{DEFAULT_SETTLE_MS, Screenshot};

@@ -454,3 +454,118 @@ fn survey_never_offers_runtime_dirs_images_or_user_snapshots() {
             .contains("janitor")
     );
 }
+
+#[test]
+fn survey_recordings_reclaimable_once_gone_and_unpinned_and_exports_never() {
+    use crate::desktop::redact::Redactor;
+    use crate::desktop::review::{Recorder, TimelineEvent};
+    use std::time::{Duration, SystemTime};
+    let tmp = tempfile::tempdir().unwrap();
+    let home = Home::new(tmp.path().to_owned());
+    home.ensure().unwrap();
+    let root = tmp.path();
+    let live: SandboxId = "sb-00000000000a".parse().unwrap();
+    let rows = [row(&live, SandboxState::Running, None, "x")];
+    let record = |id: &str, pin: Option<SystemTime>| {
+        let id: SandboxId = id.parse().unwrap();
+        let rec = Recorder::open(&home.recording_dir(&id), &id, Redactor::none()).unwrap();
+        rec.record(TimelineEvent::Note {
+            text: "x".repeat(5000),
+        })
+        .unwrap();
+        if let Some(until) = pin {
+            rec.pin_until(until).unwrap();
+        }
+        rec.close().unwrap();
+    };
+    record("sb-00000000000a", None);
+    record("sb-00000000000b", None);
+    record(
+        "sb-00000000000c",
+        Some(SystemTime::now() + Duration::from_secs(600)),
+    );
+    record(
+        "sb-00000000000d",
+        Some(SystemTime::now() - Duration::from_secs(1)),
+    );
+    write(&root.join("recordings/notes.txt"), b"mine");
+    write(
+        &root.join("exports/sb-00000000000b-20261130T000000000Z/index.html"),
+        &[1u8; 3000],
+    );
+    write(
+        &root.join("exports/.tmp-export-x-0-4000000000/index.html"),
+        b"half",
+    );
+
+    let s = survey(&home, &facts(&rows, &[]));
+    let verdict = |rel: &str| entry(&s, rel).verdict.clone();
+    assert!(
+        matches!(verdict("recordings/sb-00000000000a"), Verdict::Keep(w) if w.contains("running"))
+    );
+    assert!(matches!(
+        verdict("recordings/sb-00000000000b"),
+        Verdict::Reclaim(_)
+    ));
+    assert!(
+        matches!(verdict("recordings/sb-00000000000c"), Verdict::Held(w) if w.contains("pinned"))
+    );
+    assert!(matches!(
+        verdict("recordings/sb-00000000000d"),
+        Verdict::Reclaim(_)
+    ));
+    assert!(matches!(verdict("recordings/notes.txt"), Verdict::Keep(_)));
+    assert!(matches!(
+        verdict("exports/sb-00000000000b-20261130T000000000Z"),
+        Verdict::Keep(_)
+    ));
+    assert!(matches!(
+        verdict("exports/.tmp-export-x-0-4000000000"),
+        Verdict::Reclaim(_)
+    ));
+
+    let usage = s.usage();
+    let cat = |k: UsageKind| usage.categories.iter().find(|c| c.kind == k).unwrap();
+    let recordings = cat(UsageKind::Recordings);
+    let all = du(&[root.join("recordings")]);
+    let own = std::fs::metadata(root.join("recordings")).unwrap();
+    assert_eq!(
+        (recordings.apparent_bytes, recordings.disk_bytes),
+        (all.apparent - own.size(), all.disk - own.blocks() * 512),
+        "every recording counted (the directory's own entry is other's)"
+    );
+    let gone = du(&[
+        root.join("recordings/sb-00000000000b"),
+        root.join("recordings/sb-00000000000d"),
+    ]);
+    assert_eq!(recordings.reclaimable_disk_bytes, gone.disk);
+    assert!(gone.apparent > 10_000, "{gone:?}");
+    assert!(cat(UsageKind::Exports).apparent_bytes >= 3004);
+    // Totals still equal du of the whole home.
+    let whole = du(&[root.to_owned()]);
+    assert_eq!(
+        (usage.apparent_bytes, usage.disk_bytes),
+        (whole.apparent, whole.disk)
+    );
+
+    let report = prune(&s, false, &mut |e| match remove_entry(root, e) {
+        Ok(()) => Outcome::Removed,
+        Err(err) => Outcome::Failed(err),
+    });
+    assert_eq!(
+        paths(&report.reclaimed),
+        [
+            "recordings/sb-00000000000b",
+            "recordings/sb-00000000000d",
+            "exports/.tmp-export-x-0-4000000000"
+        ]
+    );
+    assert_eq!(paths(&report.kept), ["recordings/sb-00000000000c"]);
+    for kept in [
+        "recordings/sb-00000000000a",
+        "recordings/sb-00000000000c",
+        "exports/sb-00000000000b-20261130T000000000Z/index.html",
+    ] {
+        assert!(root.join(kept).exists(), "{kept} removed");
+    }
+}
