@@ -16,6 +16,7 @@ mod bench_platform;
 mod bench_pool;
 mod completion;
 mod cp;
+mod desktop;
 mod doctor;
 mod execs;
 mod image;
@@ -65,6 +66,13 @@ enum Cmd {
     /// --size N`, `kiln pool ls`).
     #[command(subcommand)]
     Pool(pool::PoolCmd),
+    /// Desktop sandboxes: screenshots and actions (`kiln desktop screenshot ID -o FILE`,
+    /// `kiln desktop click ID X Y`, `kiln desktop type ID TEXT`, `kiln desktop key ID ctrl+l`).
+    #[command(subcommand)]
+    Desktop(desktop::DesktopCmd),
+    /// A desktop's review recording (`kiln review export ID [-o DIR]`).
+    #[command(subcommand)]
+    Review(desktop::ReviewCmd),
     /// Jobs: programs in one of kiln's languages, run once each in a fresh sandbox by the
     /// daemon's queue (`kiln job run --language python --file main.py`, `kiln job ls`).
     #[command(subcommand)]
@@ -317,6 +325,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Network(cmd) => network::run(&client, cmd).await,
         Cmd::Pool(cmd) => pool::run(&client, cmd).await,
         Cmd::Job(cmd) => job::cmd(&client, cmd).await,
+        Cmd::Desktop(cmd) => desktop::run(&client, cmd).await,
+        Cmd::Review(cmd) => desktop::review(&client, cmd).await,
         Cmd::Events { json } => ps::events(&client, *json).await,
         Cmd::Logs { id, follow } => execs::logs(&client, id, *follow).await,
         Cmd::Cp { src, dst, json } => cp::cp(&client, src, dst, *json).await,

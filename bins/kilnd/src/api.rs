@@ -37,8 +37,8 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-mod images;
 mod desktop;
+mod images;
 mod jobs;
 mod pools;
 
@@ -92,6 +92,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(jobs::language_list))
         .routes(routes!(desktop::desktop_screenshot))
         .routes(routes!(desktop::desktop_act))
+        .routes(routes!(desktop::review_export))
         .routes(routes!(jobs::cloude_run))
         .routes(routes!(jobs::cloude_status))
         .routes(routes!(system_df))

@@ -312,12 +312,12 @@ impl DesktopAction {
                 Ok(())
             }
             DesktopAction::TypeText { text, secret } => match (text, secret) {
-                (Some(t), None) if t.len() > MAX_TYPE_TEXT_BYTES => Err(InvalidInput::Rule(
-                    format!(
+                (Some(t), None) if t.len() > MAX_TYPE_TEXT_BYTES => {
+                    Err(InvalidInput::Rule(format!(
                         "text is {} bytes; type_text takes at most {MAX_TYPE_TEXT_BYTES}",
                         t.len()
-                    ),
-                )),
+                    )))
+                }
                 (Some(t), None) if t.is_empty() => {
                     Err(InvalidInput::Rule("text must not be empty".to_owned()))
                 }
@@ -394,8 +394,9 @@ pub struct ReceiptScreenshot {
 /// What an action did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ActionReceipt {
-    /// The action's number in the sandbox's review timeline.
-    pub action_id: u64,
+    /// The action's id in the sandbox's review timeline (`a-N`; empty when the sandbox
+    /// records none).
+    pub action_id: String,
     /// The action's kind.
     pub kind: String,
     /// What was done, in words (`clicked left at (100, 200)`); typed text is not repeated.
@@ -454,7 +455,9 @@ mod tests {
         assert_eq!((s.width, s.height), (1280, 800));
         assert_eq!(s.to_string(), "1280x800");
         assert_eq!(serde_json::to_string(&s).expect("json"), "\"1280x800\"");
-        for bad in ["1280", "x800", "1280x", "100x100", "4000x800", "1283x800", "ax b"] {
+        for bad in [
+            "1280", "x800", "1280x", "100x100", "4000x800", "1283x800", "ax b",
+        ] {
             assert!(bad.parse::<Screen>().is_err(), "{bad} accepted");
         }
         let e = serde_json::from_str::<Screen>("\"10x10\"").expect_err("too small");
@@ -474,9 +477,7 @@ mod tests {
                 count: 1
             }
         );
-        assert!(
-            serde_json::from_str::<DesktopAction>(r#"{"kind":"mouse_click","z":1}"#).is_err()
-        );
+        assert!(serde_json::from_str::<DesktopAction>(r#"{"kind":"mouse_click","z":1}"#).is_err());
         assert!(serde_json::from_str::<DesktopAction>(r#"{"kind":"teleport"}"#).is_err());
         let t: DesktopAction =
             serde_json::from_str(r#"{"kind":"type_text","text":"héllo →"}"#).expect("text");
@@ -522,12 +523,7 @@ mod tests {
             })
             .contains("exactly one")
         );
-        assert!(
-            err(DesktopAction::KeyPress {
-                keys: " ".into()
-            })
-            .contains("keys")
-        );
+        assert!(err(DesktopAction::KeyPress { keys: " ".into() }).contains("keys"));
         assert!(err(DesktopAction::Wait { ms: 60_001 }).contains("ms"));
         DesktopAction::MouseMove { x: 1279, y: 799 }
             .validate(screen)

@@ -47,8 +47,8 @@ pub mod pools;
 pub mod sandbox;
 
 pub use desktop::{
-    ActionQuery, ActionReceipt, DEFAULT_SCREEN, DesktopAction, MouseButton, Point, ReceiptScreenshot,
-    ReviewExport, ReviewExportRequest, Screen, ScreenshotQuery, Settle,
+    ActionQuery, ActionReceipt, DEFAULT_SCREEN, DesktopAction, MouseButton, Point,
+    ReceiptScreenshot, ReviewExport, ReviewExportRequest, Screen, ScreenshotQuery, Settle,
 };
 pub use execs::{ExecId, ExecInfo, ExecKillRequest, ExecList, ExecState, parse_signal};
 pub use files::{

@@ -247,6 +247,9 @@ routes! {
     /// `POST /v1/sandboxes/{id}/desktop/actions`: one action (pointer, keys, text, wait) and
     /// its receipt.
     DESKTOP_ACT = Post "/v1/sandboxes/{id}/desktop/actions" "desktop_act" Json;
+    /// `POST /v1/sandboxes/{id}/review/export`: a desktop's review bundle (timeline,
+    /// screenshots, a static page), kept after the sandbox is removed.
+    REVIEW_EXPORT = Post "/v1/sandboxes/{id}/review/export" "review_export" Json;
     /// `POST /run`: cloude's spelling of `POST /v1/jobs`.
     CLOUDE_RUN = Post "/run" "cloude_run" Json;
     /// `GET /status/{id}`: cloude's spelling of `GET /v1/jobs/{job_id}`, in its shape.

@@ -75,6 +75,9 @@ pub enum ClientError {
         #[source]
         source: hyper::Error,
     },
+    /// Reading a response body failed.
+    #[error("reading the response failed")]
+    Read(#[source] std::io::Error),
     /// The request could not be built (e.g. a token that is not a valid header value).
     #[error("building the request failed")]
     Build(#[source] hyper::http::Error),

@@ -439,6 +439,55 @@ impl Client {
         self.call(routes::POOL_SET, &[image], Some(req)).await
     }
 
+    /// `GET /v1/sandboxes/{id}/desktop/screenshot`: the PNG, scaled to `width` if given.
+    pub async fn desktop_screenshot(&self, id: &SandboxId, width: Option<u32>) -> Result<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let width = width.map(|w| w.to_string());
+        let query: Vec<(&str, &str)> = width.iter().map(|w| ("width", w.as_str())).collect();
+        let mut stream = self
+            .download(routes::DESKTOP_SCREENSHOT, &[id.as_str()], &query)
+            .await?;
+        let mut png = Vec::new();
+        stream
+            .read_to_end(&mut png)
+            .await
+            .map_err(crate::ClientError::Read)?;
+        Ok(png)
+    }
+
+    /// `POST /v1/sandboxes/{id}/desktop/actions`.
+    pub async fn desktop_act(
+        &self,
+        id: &SandboxId,
+        action: &kiln_api_types::DesktopAction,
+        q: &kiln_api_types::ActionQuery,
+    ) -> Result<kiln_api_types::ActionReceipt> {
+        let width = q.width.map(|w| w.to_string());
+        let settle = q.settle_ms.map(|m| m.to_string());
+        let mut query: Vec<(&str, &str)> = Vec::new();
+        if q.screenshot {
+            query.push(("screenshot", "true"));
+        }
+        if let Some(w) = &width {
+            query.push(("width", w));
+        }
+        if let Some(m) = &settle {
+            query.push(("settle_ms", m));
+        }
+        self.call_with_query(routes::DESKTOP_ACT, &[id.as_str()], &query, Some(action))
+            .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/review/export`.
+    pub async fn review_export(
+        &self,
+        id: &SandboxId,
+        req: &kiln_api_types::ReviewExportRequest,
+    ) -> Result<kiln_api_types::ReviewExport> {
+        self.call(routes::REVIEW_EXPORT, &[id.as_str()], Some(req))
+            .await
+    }
+
     /// `GET /v1/images`.
     pub async fn image_list(&self) -> Result<ImageList> {
         self.call(routes::IMAGE_LIST, &[], NONE).await

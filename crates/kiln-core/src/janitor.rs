@@ -86,6 +86,23 @@ pub fn reclaim(home: &Home, store: &Store) -> Result<Reclaimed, CoreError> {
     // QEMU is found below `run/` like any other).
     kiln_image::clean_stale_tmp(&home.images_dir());
     let rows = store.sandbox_list()?;
+    // Review recordings of sandboxes that are gone, once their pin has ended.
+    let ids: std::collections::HashSet<String> =
+        rows.iter().map(|r| r.id.as_str().to_owned()).collect();
+    match crate::desktop::retention::reclaim(
+        &home.recordings_dir(),
+        &ids,
+        std::time::SystemTime::now(),
+    ) {
+        Ok(r) if !r.removed.is_empty() => {
+            tracing::info!(
+                count = r.removed.len(),
+                "removed review recordings of gone sandboxes"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not sweep review recordings"),
+    }
     let live: Vec<SandboxInfo> = rows
         .iter()
         .filter(|r| adoptable(home, r))

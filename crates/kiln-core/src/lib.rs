@@ -279,6 +279,17 @@ impl Engine {
             .retain(|_, d| d.sandbox() != id);
         remove_dir(&self.home.sandbox_dir(id));
         remove_dir(&self.home.saved_dir(id));
+        // A desktop's review recording goes too, unless a failed action pinned it.
+        match desktop::retention::remove_or_keep(
+            &self.home.recording_dir(id),
+            std::time::SystemTime::now(),
+        ) {
+            Ok(desktop::retention::Kept::Pinned { until }) => {
+                info!(sandbox_id = %id, ?until, "review recording kept: pinned after a failed action");
+            }
+            Ok(_) => {}
+            Err(e) => warn!(sandbox_id = %id, error = %e, "could not remove the review recording"),
+        }
         match self.store.sandbox_delete(id) {
             Ok(true) => {
                 self.publish(

@@ -761,6 +761,13 @@ impl Owner {
         };
         engine.forget(self.id(), &self.sb);
         self.sb.shutdown().await;
+        let recording = self.sb.extras().recording.take();
+        if let Some(r) = recording {
+            r.record(crate::desktop::review::TimelineEvent::Readiness {
+                state: format!("removed: {reason}"),
+            });
+            let _ = r.recorder.flush();
+        }
         engine.remove_records(self.id(), reason);
     }
 

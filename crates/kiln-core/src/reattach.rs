@@ -145,7 +145,8 @@ async fn one(engine: &Arc<Engine>, row: SandboxInfo) -> Result<(), CoreError> {
         row.status.expires_unix,
         row.spec.lifetime.idle_timeout_secs,
     );
-    engine.adopt(id.clone(), handle, sb);
+    engine.adopt(id.clone(), handle, Arc::clone(&sb));
+    engine.recording_open(&sb, row.status.image.as_str(), "reattached");
     info!(sandbox_id = %id, %state, "sandbox re-attached");
     Ok(())
 }

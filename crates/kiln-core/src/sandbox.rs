@@ -87,6 +87,8 @@ pub struct SandboxExtras {
     pub hook: Option<kiln_image::GuestCommand>,
     /// The image's environment, working directory and user for commands that name none.
     pub defaults: ExecDefaults,
+    /// A desktop's review recording.
+    pub(crate) recording: Option<std::sync::Arc<crate::desktop::record::Recording>>,
 }
 
 /// What an image's recipe sets for every command run in its sandboxes (`env`, `workdir`,

@@ -42,11 +42,12 @@ impl Engine {
                 (u.image.clone(), u.machine, Some(u))
             }
             SandboxSource::Image { image, machine, .. } => {
-                let image = kiln_image::get(self.home.root(), image.as_str())?.ok_or_else(|| {
-                    CoreError::ImageNotFound {
-                        name: image.to_string(),
-                    }
-                })?;
+                let image =
+                    kiln_image::get(self.home.root(), image.as_str())?.ok_or_else(|| {
+                        CoreError::ImageNotFound {
+                            name: image.to_string(),
+                        }
+                    })?;
                 let machine = MachineSpec {
                     screen: crate::machine::resolve_screen(&image, machine.screen)?,
                     ..*machine
@@ -282,6 +283,9 @@ impl Engine {
         self.table().insert(id.clone(), (handle, Arc::clone(&sb)));
         self.store
             .sandbox_set_state(&id, SandboxState::Running, Some(boot_ms), None)?;
+        if let Ok(row) = self.sandbox_get(&id) {
+            self.recording_open(&sb, row.status.image.as_str(), l.source.as_str());
+        }
         self.publish(
             &id,
             EventKind::State {

@@ -35,9 +35,9 @@ use crate::manifest::{
     MANIFEST_SCHEMA, ROOTFS_FILE, images_dir,
 };
 use crate::publish::{self, TMP_PREFIX};
+use crate::recipe::KernelFlavour;
 use crate::recipe::{Base, Recipe, validate_name};
 use crate::rootfs::{self, Mirror};
-use crate::recipe::KernelFlavour;
 use crate::{BuildConfig, BuildEvent, BuildOutcome, cmd, initramfs, kernel, modules};
 
 /// Number of stages a build reports.

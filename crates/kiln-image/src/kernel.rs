@@ -74,10 +74,7 @@ pub struct Kernel {
 
 /// Parses `apt-cache show --no-all-versions <metapackage>` output into the real package and
 /// its version (from the `Depends: linux-image-X (= V)` line).
-pub(crate) fn parse_metapackage(
-    show: &str,
-    metapackage: &str,
-) -> Option<(String, Option<String>)> {
+pub(crate) fn parse_metapackage(show: &str, metapackage: &str) -> Option<(String, Option<String>)> {
     let depends = show
         .lines()
         .find_map(|l| l.strip_prefix("Depends:"))?
@@ -319,7 +316,10 @@ mod tests {
                     Depends: linux-image-6.1.0-57-amd64 (= 6.1.192-3)\n";
         assert_eq!(
             parse_metapackage(show, "linux-image-amd64"),
-            Some(("linux-image-6.1.0-57-amd64".into(), Some("6.1.192-3".into())))
+            Some((
+                "linux-image-6.1.0-57-amd64".into(),
+                Some("6.1.192-3".into())
+            ))
         );
     }
 

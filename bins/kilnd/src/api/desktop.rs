@@ -6,7 +6,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use kiln_api_types::routes;
-use kiln_api_types::{ActionQuery, ActionReceipt, ApiError, DesktopAction, ScreenshotQuery};
+use kiln_api_types::{
+    ActionQuery, ActionReceipt, ApiError, DesktopAction, ReviewExport, ReviewExportRequest,
+    ScreenshotQuery,
+};
 
 use super::{HttpError, ID_PARAM, Shared, json, parse_required, resolve};
 
@@ -72,4 +75,48 @@ pub(super) async fn desktop_act(
     let action: DesktopAction = parse_required(&body)?;
     let receipt = engine.desktop_act(&id, &action, &q).await?;
     Ok(json(receipt))
+}
+
+/// Export a desktop's review bundle
+///
+/// Writes the sandbox's review recording as a self-contained bundle (`manifest.json`,
+/// `timeline.jsonl`, the screenshots it names, and an `index.html` that shows them offline)
+/// into `dest`, or a new directory of kiln's exports. Works after `kiln rm` while a failed
+/// action keeps the recording pinned; the bundle itself is never removed by kiln.
+#[utoipa::path(
+    post,
+    path = routes::REVIEW_EXPORT.path,
+    operation_id = routes::REVIEW_EXPORT.operation_id,
+    tag = "desktop",
+    params(("id" = String, Path, description = ID_PARAM)),
+    request_body(content = ReviewExportRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Written", body = ReviewExport),
+        (status = 400, description = "Malformed id or body, or `dest` not empty (`bad_request`)", body = ApiError),
+        (status = 404, description = "No such sandbox and no kept recording (`sandbox_not_found`)", body = ApiError),
+        (status = 409, description = "Not a desktop (`not_a_desktop`)", body = ApiError),
+    ),
+)]
+pub(super) async fn review_export(
+    State(engine): Shared,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    // A removed sandbox's recording is found by its full id.
+    let id = match resolve(&engine, &id) {
+        Ok(id) => id,
+        Err(e) => match id.parse::<kiln_api_types::SandboxId>() {
+            Ok(full) => full,
+            Err(_) => return Err(e),
+        },
+    };
+    let req: ReviewExportRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ReviewExportRequest::default()
+    } else {
+        parse_required(&body)?
+    };
+    let export = engine
+        .review_export(&id, req.dest.map(std::path::PathBuf::from))
+        .await?;
+    Ok(json(export))
 }

@@ -15,6 +15,7 @@ pub mod bundle;
 pub mod frame;
 pub mod keys;
 mod ops;
+pub(crate) mod record;
 pub mod redact;
 pub mod retention;
 pub mod review;

@@ -20,13 +20,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_api_types::{
-    ActionQuery, ActionReceipt, DesktopAction, ExecRequest, ReceiptScreenshot,
-    SandboxId, Screen, Settle,
+    ActionQuery, ActionReceipt, DesktopAction, ExecRequest, ReceiptScreenshot, SandboxId, Screen,
+    Settle,
 };
 use serde_json::Value;
 
 use super::frame::{Frame, Scale, SettleConfig, SettleState};
 use super::keys::{self, KeyEvent, TypeChunk};
+use super::review::TimelineEvent;
 use crate::error::CoreError;
 use crate::owner::{Op, ScreenOp};
 use crate::sandbox::ExecOutput;
@@ -128,7 +129,9 @@ impl Engine {
             source,
         })?;
         Frame::from_ppm(&bytes).map_err(|e| {
-            CoreError::HostSetup(format!("QEMU's screendump of sandbox {id} is unusable: {e}"))
+            CoreError::HostSetup(format!(
+                "QEMU's screendump of sandbox {id} is unusable: {e}"
+            ))
         })
     }
 
@@ -181,6 +184,74 @@ impl Engine {
             None => Vec::new(),
         };
 
+        let rec = self.recording(id);
+        let _busy = rec.as_ref().map(|r| r.busy());
+        let action_id = rec.as_ref().map_or_else(String::new, |r| r.action_id());
+        let before = match &rec {
+            Some(r) => {
+                r.record(TimelineEvent::ActionRequested {
+                    action_id: action_id.clone(),
+                    action: serde_json::to_value(action).unwrap_or(Value::Null),
+                });
+                self.desktop_frame(id).await.ok()
+            }
+            None => None,
+        };
+        let done = self
+            .perform(
+                id,
+                &desk,
+                action,
+                plan,
+                chunks,
+                q.screenshot.then_some(settle_ms),
+            )
+            .await;
+        let (mut receipt, after) = match done {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(r) = &rec {
+                    let now = self.desktop_frame(id).await.ok();
+                    r.failed(action_id, &e, now.as_ref().or(before.as_ref()));
+                }
+                return Err(e);
+            }
+        };
+        receipt.action_id = action_id.clone();
+        if let Some(frame) = &after {
+            receipt.screenshot = Some(receipt_shot(&encode(frame, scale)?));
+        }
+        if let Some(r) = &rec {
+            let after = match after {
+                Some(f) => Some(f),
+                None => self.desktop_frame(id).await.ok(),
+            };
+            let mut logged = serde_json::to_value(&receipt).unwrap_or(Value::Null);
+            if let Some(shot) = logged.get_mut("screenshot").and_then(Value::as_object_mut) {
+                // The picture is in the recording's screenshots; the line keeps its name.
+                shot.remove("png_base64");
+            }
+            r.record(TimelineEvent::ActionCompleted {
+                action_id,
+                receipt: logged,
+                screenshot_before: before.as_ref().and_then(|f| r.screenshot(f)),
+                screenshot_after: after.as_ref().and_then(|f| r.screenshot(f)),
+            });
+        }
+        Ok(receipt)
+    }
+
+    /// Sends an action's input (and types its text); with `settle_ms`, waits for the screen
+    /// to settle and answers the frame it settled on.
+    async fn perform(
+        &self,
+        id: &SandboxId,
+        desk: &DesktopOf,
+        action: &DesktopAction,
+        plan: Plan,
+        chunks: Vec<TypeChunk>,
+        settle_ms: Option<u64>,
+    ) -> Result<(ActionReceipt, Option<Frame>), CoreError> {
         let started_unix_ms = unix_now_ms();
         let t0 = Instant::now();
         let mut events = 0u32;
@@ -201,7 +272,7 @@ impl Engine {
                 }
                 TypeChunk::Other(s) => {
                     typed_in_guest += u32::try_from(s.chars().count()).unwrap_or(u32::MAX);
-                    self.type_in_guest(id, &desk, &s).await?;
+                    self.type_in_guest(id, desk, &s).await?;
                 }
             }
         }
@@ -209,16 +280,15 @@ impl Engine {
             tokio::time::sleep(Duration::from_millis(*ms)).await;
         }
         let input_ms = t0.elapsed().as_secs_f64() * 1000.0;
-
-        let (settle, screenshot) = if q.screenshot {
-            let (settle, frame) = self.settle(id, settle_ms).await?;
-            let shot = encode(&frame, scale)?;
-            (Some(settle), Some(receipt_shot(&shot)))
-        } else {
-            (None, None)
+        let (settle, frame) = match settle_ms {
+            Some(ms) => {
+                let (settle, frame) = self.settle(id, ms).await?;
+                (Some(settle), Some(frame))
+            }
+            None => (None, None),
         };
-        Ok(ActionReceipt {
-            action_id: 0,
+        let receipt = ActionReceipt {
+            action_id: String::new(),
             kind: action.kind().to_owned(),
             done: plan.done,
             started_unix_ms,
@@ -226,8 +296,9 @@ impl Engine {
             events,
             typed_in_guest,
             settle,
-            screenshot,
-        })
+            screenshot: None,
+        };
+        Ok((receipt, frame))
     }
 
     /// Samples `id`'s screen until it settles or `timeout_ms` pass; answers how, and the
@@ -296,9 +367,17 @@ impl Engine {
         text: &str,
     ) -> Result<(), CoreError> {
         let req = ExecRequest {
-            argv: ["xdotool", "type", "--clearmodifiers", "--delay", "12", "--file", "-"]
-                .map(str::to_owned)
-                .to_vec(),
+            argv: [
+                "xdotool",
+                "type",
+                "--clearmodifiers",
+                "--delay",
+                "12",
+                "--file",
+                "-",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
             env: [("DISPLAY".to_owned(), desk.display.clone())].into(),
             cwd: Some("/".into()),
             stdin: true,
@@ -414,8 +493,10 @@ fn plan(action: &DesktopAction, screen: Screen) -> Result<Plan, CoreError> {
             if let (Some(x), Some(y)) = (x, y) {
                 frames.push(move_to(*x, *y, screen)?);
             }
-            for (steps, fwd, back) in [(*dy, "wheel-down", "wheel-up"), (*dx, "wheel-right", "wheel-left")]
-            {
+            for (steps, fwd, back) in [
+                (*dy, "wheel-down", "wheel-up"),
+                (*dx, "wheel-right", "wheel-left"),
+            ] {
                 let name = if steps >= 0 { fwd } else { back };
                 for _ in 0..steps.unsigned_abs() {
                     frames.push(press(name, true)?);
@@ -531,7 +612,10 @@ mod tests {
             last_move[0]["data"]["value"].as_u64().expect("x"),
             last_move[1]["data"]["value"].as_u64().expect("y"),
         );
-        assert_eq!(x, u64::from(keys::abs_axis_value(800, DEFAULT_SCREEN.width)));
+        assert_eq!(
+            x,
+            u64::from(keys::abs_axis_value(800, DEFAULT_SCREEN.width))
+        );
     }
 
     #[test]
@@ -553,7 +637,14 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["wheel-down", "wheel-down", "wheel-down", "wheel-down", "wheel-left", "wheel-left"]
+            [
+                "wheel-down",
+                "wheel-down",
+                "wheel-down",
+                "wheel-down",
+                "wheel-left",
+                "wheel-left"
+            ]
         );
         let k = plan(
             &DesktopAction::KeyPress {

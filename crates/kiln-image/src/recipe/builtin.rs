@@ -28,8 +28,7 @@ const BUILTIN: &[(&str, &str)] = &[
 /// Names of the built-in recipes, in presentation order.
 pub fn builtin_names() -> &'static [&'static str] {
     &[
-        "base", "python", "postgres", "node", "ruby", "go", "rust", "c", "cpp", "bash",
-        "desktop",
+        "base", "python", "postgres", "node", "ruby", "go", "rust", "c", "cpp", "bash", "desktop",
     ]
 }
 

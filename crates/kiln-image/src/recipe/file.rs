@@ -430,11 +430,7 @@ pub fn parse(file: &str, text: &str, dir: &Path, name: Option<&str>) -> Result<R
             && v.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-".contains(&b));
         if !ok {
-            return Err(src.at(
-                m,
-                "modules",
-                format!("{v:?} is not a kernel module name"),
-            ));
+            return Err(src.at(m, "modules", format!("{v:?} is not a kernel module name")));
         }
         if !recipe.modules.contains(v) {
             recipe.modules.push(v.clone());
@@ -457,9 +453,9 @@ pub fn parse(file: &str, text: &str, dir: &Path, name: Option<&str>) -> Result<R
             ));
         }
         let display = raw_d.display.as_deref().unwrap_or(DEFAULT_DISPLAY);
-        let display_ok = display
-            .strip_prefix(':')
-            .is_some_and(|n| !n.is_empty() && n.len() <= 3 && n.bytes().all(|b| b.is_ascii_digit()));
+        let display_ok = display.strip_prefix(':').is_some_and(|n| {
+            !n.is_empty() && n.len() <= 3 && n.bytes().all(|b| b.is_ascii_digit())
+        });
         if !display_ok {
             return Err(src.at(
                 d,
@@ -934,7 +930,11 @@ owner = "app"
              [desktop]\nscreen = \"1024x768\"\n",
         );
         assert_eq!(r.kernel, KernelFlavour::Generic);
-        assert_eq!(r.modules, ["bochs", "evdev"], "duplicates dropped, order kept");
+        assert_eq!(
+            r.modules,
+            ["bochs", "evdev"],
+            "duplicates dropped, order kept"
+        );
         let d = r.desktop.expect("desktop");
         assert_eq!((d.user.as_str(), d.display.as_str()), ("kiln", ":0"));
         assert_eq!((d.width, d.height), (1024, 768));
@@ -945,9 +945,21 @@ owner = "app"
     #[test]
     fn desktop_kernel_and_modules_errors_name_the_field() {
         let cases = [
-            ("name = \"d\"\nkernel = \"rt\"\n", "kernel", "\"cloud\" or \"generic\""),
-            ("name = \"d\"\nmodules = [\"../x\"]\n", "modules", "not a kernel module"),
-            ("name = \"d\"\n[desktop]\n", "desktop", "kernel = \"generic\""),
+            (
+                "name = \"d\"\nkernel = \"rt\"\n",
+                "kernel",
+                "\"cloud\" or \"generic\"",
+            ),
+            (
+                "name = \"d\"\nmodules = [\"../x\"]\n",
+                "modules",
+                "not a kernel module",
+            ),
+            (
+                "name = \"d\"\n[desktop]\n",
+                "desktop",
+                "kernel = \"generic\"",
+            ),
             (
                 "name = \"d\"\nkernel = \"generic\"\n[desktop]\nuser = \"root\"\n",
                 "desktop.user",

@@ -364,7 +364,11 @@ impl Recipe {
         // adds its own), and a desktop stays one.
         self.kernel = parent.kernel;
         let mut modules = parent.modules.clone();
-        modules.extend(self.modules.drain(..).filter(|m| !parent.modules.contains(m)));
+        modules.extend(
+            self.modules
+                .drain(..)
+                .filter(|m| !parent.modules.contains(m)),
+        );
         self.modules = modules;
         self.desktop = self.desktop.take().or_else(|| parent.desktop.clone());
     }
