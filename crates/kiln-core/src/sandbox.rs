@@ -89,6 +89,8 @@ pub struct SandboxExtras {
     pub defaults: ExecDefaults,
     /// A desktop's review recording.
     pub(crate) recording: Option<std::sync::Arc<crate::desktop::record::Recording>>,
+    /// Where kiln last put a desktop's pointer (screen pixels).
+    pub(crate) pointer: Option<(u32, u32)>,
 }
 
 /// What an image's recipe sets for every command run in its sandboxes (`env`, `workdir`,

@@ -128,6 +128,14 @@ pub struct Rect {
 }
 
 impl Rect {
+    /// Whether pixel `(x, y)` is inside.
+    pub fn contains(&self, x: u32, y: u32) -> bool {
+        x >= self.x
+            && y >= self.y
+            && u64::from(x) < u64::from(self.x) + u64::from(self.width)
+            && u64::from(y) < u64::from(self.y) + u64::from(self.height)
+    }
+
     /// Pixels covered.
     pub fn area(&self) -> u64 {
         u64::from(self.width) * u64::from(self.height)
@@ -367,6 +375,12 @@ impl Frame {
     /// How `other` (the newer frame) differs from `self`. Frames of different sizes differ
     /// everywhere: every pixel of `other` counts as changed and the box is all of `other`.
     pub fn diff(&self, other: &Frame) -> Diff {
+        self.diff_outside(other, &[])
+    }
+
+    /// [`Frame::diff`] with the pixels inside `masks` left out (e.g. where the pointer is
+    /// drawn: kiln moved it, so its picture changing says nothing about the application).
+    pub fn diff_outside(&self, other: &Frame, masks: &[Rect]) -> Diff {
         if (self.width, self.height) != (other.width, other.height) {
             return Diff {
                 changed_px: u64::from(other.width) * u64::from(other.height),
@@ -392,7 +406,7 @@ impl Frame {
             }
             let pixels = a.chunks_exact(3).zip(b.chunks_exact(3));
             for (x, (pa, pb)) in (0u32..).zip(pixels) {
-                if pa != pb {
+                if pa != pb && !masks.iter().any(|m| m.contains(x, y)) {
                     changed_px += 1;
                     bounds = Some(match bounds {
                         None => (x, y, x, y),
@@ -518,6 +532,12 @@ pub struct SettleConfig {
     pub timeout_ms: u64,
     /// A change whose bounding box covers this many pixels or fewer counts as still.
     pub ignore_small_changes_px: u64,
+    /// How long to wait for the screen to answer the action at all: before this, a screen
+    /// that has not yet differed from the frame before the action (see
+    /// [`Settle::with_baseline`]) is not settled, however still. Applications under TCG take
+    /// a few hundred ms to draw a reaction; without it a click would "settle" on the
+    /// unchanged screen before the application even noticed it.
+    pub respond_ms: u64,
 }
 
 impl Default for SettleConfig {
@@ -527,6 +547,7 @@ impl Default for SettleConfig {
             quiet_frames: 3,
             timeout_ms: 3000,
             ignore_small_changes_px: 400,
+            respond_ms: 800,
         }
     }
 }
@@ -574,6 +595,11 @@ pub struct Settle {
     last_sample_ms: Option<u64>,
     last_frame: Option<Frame>,
     done: Option<SettleState>,
+    /// The screen before the action, and whether a sample has differed from it yet.
+    baseline: Option<Frame>,
+    answered: bool,
+    /// Left out of every comparison (where the pointer is drawn).
+    masks: Vec<Rect>,
 }
 
 impl Settle {
@@ -587,6 +613,32 @@ impl Settle {
             last_sample_ms: None,
             last_frame: None,
             done: None,
+            baseline: None,
+            answered: true,
+            masks: Vec::new(),
+        }
+    }
+
+    /// The same detector, told the screen before the action: until a sample differs from
+    /// it (outside the masks, beyond the small-change threshold) or `respond_ms` pass, the
+    /// screen is not settled.
+    pub fn with_baseline(mut self, before: Frame) -> Settle {
+        self.baseline = Some(before);
+        self.answered = false;
+        self
+    }
+
+    /// The same detector, leaving `masks` out of every comparison.
+    pub fn with_masks(mut self, masks: Vec<Rect>) -> Settle {
+        self.masks = masks;
+        self
+    }
+
+    /// Whether `b` differs from `a` beyond the masks and the small-change threshold.
+    fn differs(&self, a: &Frame, b: &Frame) -> bool {
+        match a.diff_outside(b, &self.masks).bbox {
+            None => false,
+            Some(bbox) => bbox.area() > self.config.ignore_small_changes_px,
         }
     }
 
@@ -610,12 +662,15 @@ impl Settle {
             return done;
         }
         self.last_sample_ms = Some(now_ms);
+        if !self.answered
+            && let Some(before) = &self.baseline
+            && self.differs(before, &frame)
+        {
+            self.answered = true;
+        }
         let still = match &self.reference {
             None => false,
-            Some((reference, _)) => match reference.diff(&frame).bbox {
-                None => true,
-                Some(bbox) => bbox.area() <= self.config.ignore_small_changes_px,
-            },
+            Some((reference, _)) => !self.differs(reference, &frame),
         };
         if still {
             self.quiet += 1;
@@ -624,8 +679,10 @@ impl Settle {
             self.quiet = 0;
         }
         self.last_frame = Some(frame);
+        let elapsed = now_ms.saturating_sub(self.start_ms);
+        let answered = self.answered || elapsed >= self.config.respond_ms;
         let state = match &self.reference {
-            Some((_, since)) if self.quiet >= self.config.quiet_frames.max(1) => {
+            Some((_, since)) if answered && self.quiet >= self.config.quiet_frames.max(1) => {
                 SettleState::Settled {
                     after_ms: since.saturating_sub(self.start_ms),
                 }
@@ -927,6 +984,74 @@ mod tests {
 
     fn numbered(n: u8) -> Frame {
         solid(32, 32, [n, 0, 0])
+    }
+
+    #[test]
+    fn settle_with_a_baseline_waits_for_the_screen_to_answer() {
+        // A click whose window appears 400 ms later: the unchanged screen before it is not
+        // "settled", the window drawn and still is.
+        let before = numbered(1);
+        let mut frames: Vec<Frame> = vec![numbered(1); 8]; // 50..400 ms: nothing yet
+        frames.extend(vec![numbered(7); 4]); // 450..600: the window, still
+        let mut settle = Settle::new(SettleConfig::default(), 1000).with_baseline(before.clone());
+        let mut last = SettleState::Waiting;
+        for (i, f) in frames.iter().enumerate() {
+            let now = settle.next_sample_ms();
+            last = settle.observe(f.clone(), now);
+            if i < 11 {
+                assert_eq!(last, SettleState::Waiting, "sample {i}");
+            }
+        }
+        assert_eq!(last, SettleState::Settled { after_ms: 450 });
+
+        // Nothing ever answers: settled once the response window has passed.
+        let mut quiet = Settle::new(SettleConfig::default(), 1000).with_baseline(before);
+        let mut t = 0;
+        let state = loop {
+            let now = quiet.next_sample_ms();
+            match quiet.observe(numbered(1), now) {
+                SettleState::Waiting => t = now - 1000,
+                other => break other,
+            }
+        };
+        assert_eq!(state, SettleState::Settled { after_ms: 50 });
+        assert_eq!(
+            t + 50,
+            SettleConfig::default().respond_ms,
+            "not before the window"
+        );
+    }
+
+    #[test]
+    fn settle_leaves_the_masked_pointer_out() {
+        // The pointer's picture moves every sample inside the mask: still. Without the mask
+        // the same frames never settle (each move is a 100-pixel box change, above 400 px
+        // only together, so use a small threshold to make the point).
+        let config = SettleConfig {
+            ignore_small_changes_px: 0,
+            ..SettleConfig::default()
+        };
+        let frames: Vec<Frame> = (0..6u32)
+            .map(|i| {
+                let mut f = solid(32, 32, [9, 9, 9]);
+                let mut rgb = f.rgb().to_vec();
+                let at = ((i % 4) as usize * 32 + 2) * 3;
+                rgb[at] = 200;
+                f = Frame::new(32, 32, rgb).expect("same size");
+                f
+            })
+            .collect();
+        let mut masked = Settle::new(config, 1000).with_masks(vec![rect(0, 0, 8, 8)]);
+        let mut plain = Settle::new(config, 1000);
+        let (mut a, mut b) = (SettleState::Waiting, SettleState::Waiting);
+        for f in &frames {
+            let now = masked.next_sample_ms();
+            a = masked.observe(f.clone(), now);
+            b = plain.observe(f.clone(), now);
+        }
+        assert_eq!(a, SettleState::Settled { after_ms: 50 });
+        assert_eq!(b, SettleState::Waiting);
+        assert!(rect(0, 0, 8, 8).contains(7, 7) && !rect(0, 0, 8, 8).contains(8, 0));
     }
 
     #[test]

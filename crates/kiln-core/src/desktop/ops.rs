@@ -25,7 +25,7 @@ use kiln_api_types::{
 };
 use serde_json::Value;
 
-use super::frame::{Frame, Scale, SettleConfig, SettleState};
+use super::frame::{Frame, Rect, Scale, SettleConfig, SettleState};
 use super::keys::{self, KeyEvent, TypeChunk};
 use super::review::TimelineEvent;
 use crate::error::CoreError;
@@ -107,6 +107,19 @@ impl Engine {
         }
     }
 
+    /// Where kiln last put `id`'s pointer (none known before its first pointer action).
+    fn pointer(&self, id: &SandboxId) -> Option<(u32, u32)> {
+        let sb = self.table().get(id).map(|(_, sb)| Arc::clone(sb))?;
+        let p = sb.extras().pointer;
+        p
+    }
+
+    fn set_pointer(&self, id: &SandboxId, p: Option<(u32, u32)>) {
+        if let Some(sb) = self.table().get(id).map(|(_, sb)| Arc::clone(sb)) {
+            sb.extras().pointer = p;
+        }
+    }
+
     /// Where the desktop `id`'s VNC server listens (a unix socket of its run directory).
     pub fn desktop_vnc_socket(&self, id: &SandboxId) -> Result<PathBuf, CoreError> {
         self.desktop_of(id)?;
@@ -180,32 +193,59 @@ impl Engine {
             _ => None,
         };
         let chunks = match &text {
-            Some(t) => keys::type_plan(t).map_err(|e| CoreError::BadRequest(e.to_string()))?,
+            Some(t) => {
+                let chunks =
+                    keys::type_plan(t).map_err(|e| CoreError::BadRequest(e.to_string()))?;
+                // Text with characters a US keyboard cannot type goes to the guest whole:
+                // xdotool types those by remapping a spare key, and the X server gives the
+                // keyboard the virtio keyboard's map back whenever one of QEMU's key events
+                // arrives in between, which loses the character (measured: "héllo → 日本"
+                // typed in pieces came out as "héllo  日").
+                if chunks.iter().any(|c| matches!(c, TypeChunk::Other(_))) {
+                    vec![TypeChunk::Other(t.clone())]
+                } else {
+                    chunks
+                }
+            }
             None => Vec::new(),
         };
 
         let rec = self.recording(id);
         let _busy = rec.as_ref().map(|r| r.busy());
         let action_id = rec.as_ref().map_or_else(String::new, |r| r.action_id());
-        let before = match &rec {
-            Some(r) => {
-                r.record(TimelineEvent::ActionRequested {
-                    action_id: action_id.clone(),
-                    action: serde_json::to_value(action).unwrap_or(Value::Null),
-                });
-                self.desktop_frame(id).await.ok()
-            }
-            None => None,
+        if let Some(r) = &rec {
+            r.record(TimelineEvent::ActionRequested {
+                action_id: action_id.clone(),
+                action: serde_json::to_value(action).unwrap_or(Value::Null),
+            });
+        }
+        // The screen before: for the recording, and as the settle detector's baseline.
+        let before = if rec.is_some() || q.screenshot {
+            self.desktop_frame(id).await.ok()
+        } else {
+            None
         };
+        // Where the pointer is drawn before and after: left out of the settle comparison.
+        let masks = {
+            let mut pointer = self.pointer(id);
+            let mut masks: Vec<Rect> = pointer
+                .iter()
+                .map(|&p| pointer_box(p, desk.screen))
+                .collect();
+            if let Some(p) = pointer_after(action) {
+                masks.push(pointer_box(p, desk.screen));
+                pointer = Some(p);
+            }
+            self.set_pointer(id, pointer);
+            masks
+        };
+        let settle_with = q.screenshot.then(|| SettleWith {
+            timeout_ms: settle_ms,
+            before: before.clone(),
+            masks,
+        });
         let done = self
-            .perform(
-                id,
-                &desk,
-                action,
-                plan,
-                chunks,
-                q.screenshot.then_some(settle_ms),
-            )
+            .perform(id, &desk, action, plan, chunks, settle_with)
             .await;
         let (mut receipt, after) = match done {
             Ok(r) => r,
@@ -250,7 +290,7 @@ impl Engine {
         action: &DesktopAction,
         plan: Plan,
         chunks: Vec<TypeChunk>,
-        settle_ms: Option<u64>,
+        settle_with: Option<SettleWith>,
     ) -> Result<(ActionReceipt, Option<Frame>), CoreError> {
         let started_unix_ms = unix_now_ms();
         let t0 = Instant::now();
@@ -280,9 +320,9 @@ impl Engine {
             tokio::time::sleep(Duration::from_millis(*ms)).await;
         }
         let input_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        let (settle, frame) = match settle_ms {
-            Some(ms) => {
-                let (settle, frame) = self.settle(id, ms).await?;
+        let (settle, frame) = match settle_with {
+            Some(w) => {
+                let (settle, frame) = self.settle(id, w).await?;
                 (Some(settle), Some(frame))
             }
             None => (None, None),
@@ -303,18 +343,18 @@ impl Engine {
 
     /// Samples `id`'s screen until it settles or `timeout_ms` pass; answers how, and the
     /// last frame.
-    pub(crate) async fn settle(
-        &self,
-        id: &SandboxId,
-        timeout_ms: u64,
-    ) -> Result<(Settle, Frame), CoreError> {
+    async fn settle(&self, id: &SandboxId, w: SettleWith) -> Result<(Settle, Frame), CoreError> {
         let config = SettleConfig {
-            timeout_ms,
+            timeout_ms: w.timeout_ms,
+            respond_ms: SettleConfig::default().respond_ms.min(w.timeout_ms),
             ..SettleConfig::default()
         };
         let t0 = Instant::now();
         let now_ms = || u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let mut settle = super::frame::Settle::new(config, 0);
+        let mut settle = super::frame::Settle::new(config, 0).with_masks(w.masks);
+        if let Some(before) = w.before {
+            settle = settle.with_baseline(before);
+        }
         let mut frames = 0u32;
         loop {
             let wait = settle.next_sample_ms().saturating_sub(now_ms());
@@ -412,6 +452,49 @@ impl Engine {
                 }
             }
         }
+    }
+}
+
+/// How an action waits for the screen to settle.
+struct SettleWith {
+    /// Longest wait (ms).
+    timeout_ms: u64,
+    /// The screen before the action.
+    before: Option<Frame>,
+    /// Where the pointer is drawn, before and after.
+    masks: Vec<Rect>,
+}
+
+/// Where the pointer ends up after `action`, if it moves it.
+fn pointer_after(action: &DesktopAction) -> Option<(u32, u32)> {
+    match action {
+        DesktopAction::MouseMove { x, y } => Some((*x, *y)),
+        DesktopAction::MouseClick {
+            x: Some(x),
+            y: Some(y),
+            ..
+        }
+        | DesktopAction::Scroll {
+            x: Some(x),
+            y: Some(y),
+            ..
+        } => Some((*x, *y)),
+        DesktopAction::MouseDrag { to, .. } => Some((to.x, to.y)),
+        _ => None,
+    }
+}
+
+/// The box the pointer's picture may cover when its hot spot is at `p`: X cursors are at
+/// most 32 × 32 with the hot spot inside, so 32 pixels each way, clipped to the screen.
+fn pointer_box(p: (u32, u32), screen: Screen) -> Rect {
+    const REACH: u32 = 32;
+    let x = p.0.saturating_sub(REACH);
+    let y = p.1.saturating_sub(REACH);
+    Rect {
+        x,
+        y,
+        width: (p.0 + REACH + 1).min(screen.width) - x,
+        height: (p.1 + REACH + 1).min(screen.height) - y,
     }
 }
 
