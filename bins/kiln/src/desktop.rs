@@ -268,7 +268,9 @@ fn summary(r: &ActionReceipt) -> String {
         ));
     }
     if let Some(settle) = &r.settle {
-        if settle.settled {
+        if !settle.changed {
+            s.push_str("; the screen did not change");
+        } else if settle.settled {
             s.push_str(&format!("; settled after {} ms", settle.after_ms));
         } else {
             s.push_str(&format!("; still changing after {} ms", settle.after_ms));
@@ -328,6 +330,7 @@ mod tests {
             typed_in_guest: 0,
             settle: Some(kiln_api_types::Settle {
                 settled: true,
+                changed: true,
                 after_ms: 420,
                 frames: 9,
             }),

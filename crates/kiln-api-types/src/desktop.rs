@@ -372,6 +372,10 @@ pub struct ActionQuery {
 pub struct Settle {
     /// The screen stopped changing (false: it still changed when the wait ran out).
     pub settled: bool,
+    /// The screen changed after the action (pointer aside) within the response window
+    /// (1 s) or later; false: it still looked as before (the application may answer later
+    /// still: a `wait` action and another screenshot tell).
+    pub changed: bool,
     /// When it stopped changing (or the wait ran out), ms after the input was sent.
     pub after_ms: u64,
     /// Frames compared.

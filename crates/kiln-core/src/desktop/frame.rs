@@ -535,7 +535,7 @@ pub struct SettleConfig {
     /// How long to wait for the screen to answer the action at all: before this, a screen
     /// that has not yet differed from the frame before the action (see
     /// [`Settle::with_baseline`]) is not settled, however still. Applications under TCG take
-    /// a few hundred ms to draw a reaction; without it a click would "settle" on the
+    /// up to a second to draw a reaction (xterm's window: 0.7–1 s after the click); without it a click would "settle" on the
     /// unchanged screen before the application even noticed it.
     pub respond_ms: u64,
 }
@@ -547,7 +547,7 @@ impl Default for SettleConfig {
             quiet_frames: 3,
             timeout_ms: 3000,
             ignore_small_changes_px: 400,
-            respond_ms: 800,
+            respond_ms: 1000,
         }
     }
 }
@@ -648,6 +648,11 @@ impl Settle {
         self.last_sample_ms
             .unwrap_or(self.start_ms)
             .saturating_add(self.config.interval_ms.max(1))
+    }
+
+    /// Whether a sample differed from the baseline (always true without one).
+    pub fn answered(&self) -> bool {
+        self.answered
     }
 
     /// The last frame observed: after `Settled`, the settled screen, ready to encode.

@@ -227,7 +227,11 @@ impl Engine {
         };
         // Where the pointer is drawn before and after: left out of the settle comparison.
         let masks = {
-            let mut pointer = self.pointer(id);
+            // Unknown before the first pointer action: the X server puts it in the middle
+            // of the screen when it starts, and the warm snapshot was taken with it there.
+            let mut pointer = self
+                .pointer(id)
+                .or(Some((desk.screen.width / 2, desk.screen.height / 2)));
             let mut masks: Vec<Rect> = pointer
                 .iter()
                 .map(|&p| pointer_box(p, desk.screen))
@@ -376,6 +380,7 @@ impl Engine {
             return Ok((
                 Settle {
                     settled,
+                    changed: settle.answered(),
                     after_ms,
                     frames,
                 },
