@@ -9,6 +9,7 @@
 //! job run` the program's; see `job.rs`).
 
 mod bench;
+mod bench_desktop;
 mod bench_images;
 mod bench_jobs;
 mod bench_network;
@@ -260,6 +261,9 @@ enum BenchCmd {
     /// The warm pool: acquire, `kiln run -- true` with a pool / a restore / a cold boot,
     /// refill, PSS of a pooled sandbox.
     Pool(bench_pool::PoolBenchArgs),
+    /// A desktop agent's loop: ready from the warm snapshot, screenshots, input, click →
+    /// settled screenshot, idle CPU.
+    Desktop(bench_desktop::DesktopBenchArgs),
     /// Jobs: submit → result per language with a warm pool (p50/p95, the job's own step
     /// timings), and jobs per minute with and without a pool.
     Jobs(bench_jobs::JobsBenchArgs),
@@ -335,6 +339,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Start { id, secrets, json } => ps::start(&client, id, secrets, *json).await,
         Cmd::Bench(BenchCmd::Boot(args)) => bench::run(&client, args).await,
         Cmd::Bench(BenchCmd::Pool(args)) => bench_pool::run(&client, &home, args).await,
+        Cmd::Bench(BenchCmd::Desktop(args)) => bench_desktop::run(&client, &home, args).await,
         Cmd::Bench(BenchCmd::Jobs(args)) => bench_jobs::run(&client, args).await,
         Cmd::Bench(BenchCmd::Snapshot(args)) => bench::snapshot(&client, &home, args).await,
         Cmd::Bench(BenchCmd::Files(args)) => bench_platform::files(&client, args).await,

@@ -134,9 +134,9 @@ fn open_terminal(k: &Kiln, id: &str, dir: &Path) {
             "--",
             "sh",
             "-c",
-            "xdotool getwindowfocus getwindowclassname",
+            "xprop -id \"$(xdotool getwindowfocus)\" WM_CLASS",
         ]);
-        out.status.success() && stdout(&out).trim().eq_ignore_ascii_case("xterm")
+        out.status.success() && stdout(&out).contains("\"XTerm\"")
     });
 }
 
