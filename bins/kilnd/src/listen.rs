@@ -275,7 +275,7 @@ pub(crate) mod tests {
 
     /// The limits of a test daemon: small enough for tests, large enough not to fire by
     /// accident on a slow machine.
-    fn test_settings() -> Settings {
+    pub(crate) fn test_settings() -> Settings {
         Settings {
             listen: None,
             max_body_bytes: 1 << 20,

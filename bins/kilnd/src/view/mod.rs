@@ -23,7 +23,8 @@
 //!   drops every input message. Memory per viewer is bounded: one WebSocket message
 //!   ([`MAX_WS_MESSAGE`]) in, [`RELAY_BUFFER`] out.
 //!
-//! Both directions end together; a viewer also ends when its link expires, when its sandbox
+//! A refused client message ends the connection and nothing of the WebSocket message that
+//! held it is forwarded. Both directions end together; a viewer also ends when its link expires, when its sandbox
 //! is removed ([`Viewers::watch_events`]), when QEMU closes the socket (the VM stopped) and
 //! when the daemon stops ([`Viewers::close_all`]). Unknown or expired tokens are 404.
 
@@ -544,3 +545,5 @@ async fn relay(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_real;
