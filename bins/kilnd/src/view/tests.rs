@@ -440,3 +440,81 @@ async fn websocket_to_an_unreachable_screen_is_refused_before_the_upgrade() {
     let err = tokio_tungstenite::connect_async(url).await.unwrap_err();
     assert!(err.to_string().contains("502"), "{err}");
 }
+
+/// The whole path with a test engine: the API (on its unix socket, through the client) mints
+/// a link for a running sandbox whose run directory holds a VNC socket; the link's page and
+/// WebSocket reach that socket; a sandbox without one, or none at all, gets no link.
+#[tokio::test]
+async fn api_link_reaches_the_sandbox_screen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let engine = kiln_core::Engine::start(kiln_core::Home::new(home.clone()))
+        .await
+        .unwrap();
+    let id = SandboxId::random();
+    kiln_store::Store::open(&home.join("kiln.db"))
+        .unwrap()
+        .sandbox_insert(&kiln_testkit::running_row(&id, serde_json::json!({})))
+        .unwrap();
+    let settings = crate::listen::tests::test_settings();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let locator: Arc<dyn VncLocator> = engine.clone();
+    let viewers = Viewers::new(
+        ViewConfig {
+            addr: listener.local_addr().unwrap(),
+            ttl: HANG,
+            novnc_dir: novnc_dir(tmp.path()),
+        },
+        locator,
+    );
+    let app = viewers.router();
+    let s = settings.clone();
+    tokio::spawn(
+        async move { crate::listen::serve(listener, app, &s, std::future::pending()).await },
+    );
+    let socket = tmp.path().join("api.sock");
+    let unix = tokio::net::UnixListener::bind(&socket).unwrap();
+    let app = crate::listen::unix_app(Arc::clone(&engine), &settings, &viewers);
+    tokio::spawn(async move {
+        crate::listen::serve(unix, app, &settings, std::future::pending()).await
+    });
+    let client = kiln_client::Client::unix(socket);
+    let req = kiln_api_types::DesktopViewRequest { control: false };
+
+    let api_code = |e: kiln_client::ClientError| match e {
+        kiln_client::ClientError::Api { status, body } => (status, body.code),
+        other => panic!("expected an API error, got {other:?}"),
+    };
+    // No screen yet.
+    let err = client.desktop_view(&id, &req).await.unwrap_err();
+    assert_eq!(api_code(err).0, 400);
+    let other = SandboxId::random();
+    let err = client.desktop_view(&other, &req).await.unwrap_err();
+    assert_eq!(api_code(err), (404, "sandbox_not_found".to_owned()));
+
+    let run = home.join("run").join(id.as_str());
+    std::fs::create_dir_all(&run).unwrap();
+    let mut server = fake_vnc(
+        UnixListener::bind(run.join("vnc.sock")).unwrap(),
+        Vec::new(),
+    );
+    let link = client.desktop_view(&id, &req).await.unwrap();
+    assert!(!link.control);
+    let (token, page) = split_url(&link.url);
+    assert_eq!(http(&viewers, "GET", &page).await.0, 200);
+    let mut ws = connect(&viewers, &token).await;
+    assert_eq!(recv_bytes(&mut ws, 12).await, b"RFB 003.008\n");
+    ws.send(WsMessage::Binary(
+        b"RFB 003.008\n\x01\x00\x05\x00\x00\x01\x00\x02"
+            .to_vec()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    ws.close(None).await.unwrap();
+    let got = tokio::time::timeout(HANG, server.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"RFB 003.008\n\x01\x01", "view only, shared");
+}
