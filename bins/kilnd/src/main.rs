@@ -5,7 +5,8 @@
 //! (flags > environment > `$KILN_HOME/config.toml` > defaults, see `docs/config.md`), takes
 //! the single-instance lock, binds `$KILN_HOME/kilnd.sock` (mode 0600), starts the engine
 //! (whose janitor reclaims what a previous daemon left), serves [`api::router`] (on TCP behind
-//! [`auth::require_token`]), and on SIGTERM or SIGINT stops every sandbox before exiting.
+//! [`auth::require_token`]) and the desktop viewer listener ([`view`], loopback by default),
+//! and on SIGTERM or SIGINT closes every viewer and stops every sandbox before exiting.
 //!
 //! Invariant: a TCP listener on a non-loopback address is refused unless `--listen-public`
 //! (or `listen_public = true`) asks for it: whoever holds the token can run code here.
@@ -477,6 +478,57 @@ mod tests {
         )
         .unwrap();
         assert_eq!(parsed.max_connections, Some(9));
+    }
+
+    #[test]
+    fn settings_viewer_listener_defaults_file_values_and_loopback_rule() {
+        let s = Settings::resolve(&args(&[]), &Config::default()).unwrap();
+        assert_eq!(s.view_listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(
+            s.view_ttl,
+            Duration::from_secs(kiln_api_types::DEFAULT_VIEW_TTL_SECS)
+        );
+        assert_eq!(s.novnc_dir, std::path::Path::new(view::DEFAULT_NOVNC_DIR));
+        let file = Config {
+            view_listen: Some("127.0.0.1:7080".into()),
+            view_ttl_secs: Some(600),
+            novnc_dir: Some("/opt/novnc".into()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&args(&[]), &file).unwrap();
+        assert_eq!(
+            (s.view_listen, s.view_ttl, s.novnc_dir.as_path()),
+            (
+                "127.0.0.1:7080".parse().unwrap(),
+                Duration::from_secs(600),
+                std::path::Path::new("/opt/novnc")
+            )
+        );
+        let public = Config {
+            view_listen: Some("0.0.0.0:7080".into()),
+            ..Default::default()
+        };
+        let err = Settings::resolve(&args(&[]), &public).unwrap_err();
+        assert!(err.to_string().contains("listen_public"), "{err}");
+        assert!(Settings::resolve(&args(&["--listen-public"]), &public).is_ok());
+        for bad in [
+            Config {
+                view_listen: Some("localhost".into()),
+                ..Default::default()
+            },
+            Config {
+                view_ttl_secs: Some(0),
+                ..Default::default()
+            },
+        ] {
+            assert!(Settings::resolve(&args(&[]), &bad).is_err());
+        }
+        let parsed = Config::parse(
+            "view_listen = \"127.0.0.1:1\"\nview_ttl_secs = 5\nnovnc_dir = \"/x\"\n",
+            std::path::Path::new("config.toml"),
+        )
+        .unwrap();
+        assert_eq!(parsed.view_ttl_secs, Some(5));
     }
 
     #[test]
