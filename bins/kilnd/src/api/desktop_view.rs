@@ -29,9 +29,9 @@ use crate::view::{ViewError, Viewers};
     request_body(content = Option<DesktopViewRequest>, description = "View only unless `control`; an empty body means view only", content_type = "application/json", example = json!({"control": false})),
     responses(
         (status = 200, description = "The link", body = DesktopViewResponse),
-        (status = 400, description = "Malformed body or id, ambiguous id, or a sandbox without a screen (`bad_request`, `ambiguous_sandbox`)", body = ApiError),
+        (status = 400, description = "Malformed body or id, or ambiguous id (`bad_request`, `ambiguous_sandbox`)", body = ApiError),
         (status = 404, description = "No such sandbox (`sandbox_not_found`)", body = ApiError),
-        (status = 409, description = "The sandbox is not running (`sandbox_not_running`)", body = ApiError),
+        (status = 409, description = "Not running, or not a desktop (`sandbox_not_running`, `not_a_desktop`)", body = ApiError),
         (status = 503, description = "noVNC is not installed on the daemon's host (`host_setup`), or too many links are alive (`over_capacity`)", body = ApiError),
     ),
 )]
@@ -43,7 +43,6 @@ pub(super) async fn desktop_view(
 ) -> Result<Response, HttpError> {
     let req: DesktopViewRequest = parse_body(&body)?;
     let id = resolve(&engine, &id)?;
-    engine.desktop_vnc_socket(&id)?;
     let Some(Extension(viewers)) = viewers else {
         return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -51,6 +50,8 @@ pub(super) async fn desktop_view(
             "this daemon serves no desktop viewers".to_owned(),
         ));
     };
+    // The engine (`Engine::desktop_vnc_socket`) says whether it runs and has a screen.
+    viewers.screen_of(&id)?;
     let link = viewers.mint(&id, req.control).map_err(|e| {
         let code = match e {
             ViewError::NoNovnc { .. } => ErrorCode::HostSetup,

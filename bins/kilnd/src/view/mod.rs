@@ -208,6 +208,11 @@ impl Viewers {
         })
     }
 
+    /// The VNC socket of `sandbox`, or why it has none (not running, not a desktop).
+    pub fn screen_of(&self, sandbox: &SandboxId) -> Result<PathBuf, CoreError> {
+        self.0.locator.vnc_socket(sandbox)
+    }
+
     /// The grant of a live token.
     fn lookup(&self, token: &str) -> Option<Grant> {
         let key = digest(token);

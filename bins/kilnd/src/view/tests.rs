@@ -441,13 +441,32 @@ async fn websocket_to_an_unreachable_screen_is_refused_before_the_upgrade() {
     assert!(err.to_string().contains("502"), "{err}");
 }
 
-/// The whole path with a test engine: the API (on its unix socket, through the client) mints
-/// a link for a running sandbox whose run directory holds a VNC socket; the link's page and
-/// WebSocket reach that socket; a sandbox without one, or none at all, gets no link.
-#[tokio::test]
-async fn api_link_reaches_the_sandbox_screen() {
-    let tmp = tempfile::tempdir().unwrap();
-    let home = tmp.path().join("home");
+/// Finds a sandbox's screen as the engine would, but without a live VM: the sandbox must be
+/// in the store, and its run directory must hold `vnc.sock`.
+struct RunDirLocator {
+    engine: Arc<kiln_core::Engine>,
+}
+
+impl VncLocator for RunDirLocator {
+    fn vnc_socket(&self, id: &SandboxId) -> Result<PathBuf, CoreError> {
+        self.engine.sandbox_get(id)?;
+        let socket = self.engine.home().sandbox_dir(id).join("vnc.sock");
+        if !socket.exists() {
+            return Err(CoreError::NotADesktop(format!(
+                "sandbox {id} has no screen"
+            )));
+        }
+        Ok(socket)
+    }
+}
+
+/// A test engine with one `running` row (no VM), its API on a unix socket with `locator`
+/// behind the viewers, and the viewer listener on a loopback port.
+async fn api_daemon(
+    tmp: &std::path::Path,
+    locator: impl FnOnce(Arc<kiln_core::Engine>) -> Arc<dyn VncLocator>,
+) -> (kiln_client::Client, Viewers, SandboxId, PathBuf) {
+    let home = tmp.join("home");
     let engine = kiln_core::Engine::start(kiln_core::Home::new(home.clone()))
         .await
         .unwrap();
@@ -458,41 +477,62 @@ async fn api_link_reaches_the_sandbox_screen() {
         .unwrap();
     let settings = crate::listen::tests::test_settings();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let locator: Arc<dyn VncLocator> = engine.clone();
     let viewers = Viewers::new(
         ViewConfig {
             addr: listener.local_addr().unwrap(),
             ttl: HANG,
-            novnc_dir: novnc_dir(tmp.path()),
+            novnc_dir: novnc_dir(tmp),
         },
-        locator,
+        locator(Arc::clone(&engine)),
     );
     let app = viewers.router();
     let s = settings.clone();
     tokio::spawn(
         async move { crate::listen::serve(listener, app, &s, std::future::pending()).await },
     );
-    let socket = tmp.path().join("api.sock");
+    let socket = tmp.join("api.sock");
     let unix = tokio::net::UnixListener::bind(&socket).unwrap();
     let app = crate::listen::unix_app(Arc::clone(&engine), &settings, &viewers);
     tokio::spawn(async move {
         crate::listen::serve(unix, app, &settings, std::future::pending()).await
     });
-    let client = kiln_client::Client::unix(socket);
-    let req = kiln_api_types::DesktopViewRequest { control: false };
+    let run = home.join("run").join(id.as_str());
+    (kiln_client::Client::unix(socket), viewers, id, run)
+}
 
-    let api_code = |e: kiln_client::ClientError| match e {
+fn api_code(e: kiln_client::ClientError) -> (u16, String) {
+    match e {
         kiln_client::ClientError::Api { status, body } => (status, body.code),
         other => panic!("expected an API error, got {other:?}"),
-    };
-    // No screen yet.
-    let err = client.desktop_view(&id, &req).await.unwrap_err();
-    assert_eq!(api_code(err).0, 400);
+    }
+}
+
+/// With the engine as the locator (as in the daemon), a sandbox the engine has no live VM
+/// for gets no link, nor does one that does not exist.
+#[tokio::test]
+async fn api_link_needs_a_running_sandbox() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (client, _, id, _) = api_daemon(tmp.path(), |e| e).await;
+    let req = kiln_api_types::DesktopViewRequest { control: false };
+    let (status, code) = api_code(client.desktop_view(&id, &req).await.unwrap_err());
+    assert_eq!((status, code.as_str()), (409, "sandbox_not_running"));
     let other = SandboxId::random();
     let err = client.desktop_view(&other, &req).await.unwrap_err();
     assert_eq!(api_code(err), (404, "sandbox_not_found".to_owned()));
+}
 
-    let run = home.join("run").join(id.as_str());
+/// The whole path with a test engine: the API (on its unix socket, through the client) mints
+/// a link for a sandbox whose run directory holds a VNC socket; the link's page and
+/// WebSocket reach that socket; without the socket there is no link.
+#[tokio::test]
+async fn api_link_reaches_the_sandbox_screen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (client, viewers, id, run) =
+        api_daemon(tmp.path(), |engine| Arc::new(RunDirLocator { engine })).await;
+    let req = kiln_api_types::DesktopViewRequest { control: false };
+    let (status, code) = api_code(client.desktop_view(&id, &req).await.unwrap_err());
+    assert_eq!((status, code.as_str()), (409, "not_a_desktop"));
+
     std::fs::create_dir_all(&run).unwrap();
     let mut server = fake_vnc(
         UnixListener::bind(run.join("vnc.sock")).unwrap(),
