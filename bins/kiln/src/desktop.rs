@@ -113,6 +113,8 @@ pub enum DesktopCmd {
         #[command(flatten)]
         opts: ActOpts,
     },
+    /// Print a link that opens the screen in a browser (view only unless --control).
+    View(crate::desktop_view::ViewArgs),
 }
 
 /// What every action form takes.
@@ -159,6 +161,7 @@ fn button(name: &str) -> anyhow::Result<MouseButton> {
 /// Runs a `kiln desktop` subcommand.
 pub async fn run(client: &Client, cmd: &DesktopCmd) -> anyhow::Result<i32> {
     let (id, action, opts) = match cmd {
+        DesktopCmd::View(args) => return crate::desktop_view::view(client, args).await,
         DesktopCmd::Screenshot { id, output, width } => {
             let sid = resolve(client, id).await?;
             let png = client.desktop_screenshot(&sid, *width).await?;

@@ -18,6 +18,7 @@ mod bench_pool;
 mod completion;
 mod cp;
 mod desktop;
+mod desktop_view;
 mod doctor;
 mod execs;
 mod image;

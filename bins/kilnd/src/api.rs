@@ -38,6 +38,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 mod desktop;
+mod desktop_view;
 mod images;
 mod jobs;
 mod pools;
@@ -95,6 +96,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<Arc<Engine>> {
         .routes(routes!(desktop::review_export))
         .routes(routes!(jobs::cloude_run))
         .routes(routes!(jobs::cloude_status))
+        .routes(routes!(desktop_view::desktop_view))
         .routes(routes!(system_df))
         .routes(routes!(system_prune))
 }

@@ -712,10 +712,14 @@ async fn api_fuzz_every_route_no_5xx_and_answers_on_schema() {
         header_timeout: Duration::from_secs(30),
         pools: Vec::new(),
         body_timeout: BODY_TIMEOUT,
+        view_listen: "127.0.0.1:0".parse().expect("address"),
+        view_ttl: Duration::from_secs(60),
+        novnc_dir: crate::view::DEFAULT_NOVNC_DIR.into(),
     };
+    let viewers = crate::listen::tests::test_viewers(&engine, &settings);
     let socket = dir.path().join("fuzz.sock");
     let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
-    let app = crate::listen::unix_app(Arc::clone(&engine), &settings);
+    let app = crate::listen::unix_app(Arc::clone(&engine), &settings, &viewers);
     let s = settings.clone();
     tokio::spawn(
         async move { crate::listen::serve(listener, app, &s, std::future::pending()).await },
@@ -727,7 +731,7 @@ async fn api_fuzz_every_route_no_5xx_and_answers_on_schema() {
         .await
         .expect("bind");
     let tcp_addr = tcp.local_addr().expect("address");
-    let app = crate::listen::tcp_app(Arc::clone(&engine), &settings, token_path);
+    let app = crate::listen::tcp_app(Arc::clone(&engine), &settings, &viewers, token_path);
     let s = settings.clone();
     tokio::spawn(async move { crate::listen::serve(tcp, app, &s, std::future::pending()).await });
     let (unix_door, tcp_door) = (Door::Unix(socket), Door::Tcp(tcp_addr));

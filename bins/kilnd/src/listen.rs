@@ -43,25 +43,32 @@ use tracing::{debug, warn};
 
 use crate::Settings;
 use crate::auth::{TokenFile, require_token};
+use crate::view::Viewers;
 
 /// Longest path and query a request may have (8 KiB: far above any real id, name or guest
 /// path, which are capped at 4 KiB by the guest).
 pub const MAX_URI_BYTES: usize = 8 << 10;
 
-/// The router served on the unix socket.
-pub fn unix_app(engine: Arc<Engine>, settings: &Settings) -> Router {
+/// The router served on the unix socket; `viewers` mints the desktop viewer links.
+pub fn unix_app(engine: Arc<Engine>, settings: &Settings, viewers: &Viewers) -> Router {
     let limits = EdgeLimits {
         body_timeout: settings.body_timeout,
     };
     crate::api::router(engine)
+        .layer(axum::Extension(viewers.clone()))
         .layer(DefaultBodyLimit::max(body_limit(settings)))
         .layer(axum::middleware::from_fn_with_state(limits, edge_limits))
 }
 
 /// The router served on the TCP listener: every request needs the bearer token in
 /// `token_path`.
-pub fn tcp_app(engine: Arc<Engine>, settings: &Settings, token_path: PathBuf) -> Router {
-    unix_app(engine, settings).layer(axum::middleware::from_fn_with_state(
+pub fn tcp_app(
+    engine: Arc<Engine>,
+    settings: &Settings,
+    viewers: &Viewers,
+    token_path: PathBuf,
+) -> Router {
+    unix_app(engine, settings, viewers).layer(axum::middleware::from_fn_with_state(
         TokenFile(Arc::new(token_path)),
         require_token,
     ))
@@ -251,7 +258,7 @@ pub async fn serve<L>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use kiln_client::{Client, ClientError, ClientHome};
     use kiln_core::Home;
@@ -268,7 +275,7 @@ mod tests {
 
     /// The limits of a test daemon: small enough for tests, large enough not to fire by
     /// accident on a slow machine.
-    fn test_settings() -> Settings {
+    pub(crate) fn test_settings() -> Settings {
         Settings {
             listen: None,
             max_body_bytes: 1 << 20,
@@ -276,7 +283,23 @@ mod tests {
             header_timeout: Duration::from_secs(60),
             pools: Vec::new(),
             body_timeout: Duration::from_secs(60),
+            view_listen: "127.0.0.1:0".parse().unwrap(),
+            view_ttl: Duration::from_secs(60),
+            novnc_dir: crate::view::DEFAULT_NOVNC_DIR.into(),
         }
+    }
+
+    /// The viewer side of a test daemon (its listener is not served).
+    pub(crate) fn test_viewers(engine: &Arc<Engine>, settings: &Settings) -> Viewers {
+        let locator: Arc<dyn crate::view::VncLocator> = engine.clone();
+        Viewers::new(
+            crate::view::ViewConfig {
+                addr: settings.view_listen,
+                ttl: settings.view_ttl,
+                novnc_dir: settings.novnc_dir.clone(),
+            },
+            locator,
+        )
     }
 
     async fn start() -> Daemon {
@@ -294,11 +317,12 @@ mod tests {
         kiln_client::token::read_or_create(&home.token()).unwrap();
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
-        let app = tcp_app(Arc::clone(&engine), &settings, home.token());
+        let viewers = test_viewers(&engine, &settings);
+        let app = tcp_app(Arc::clone(&engine), &settings, &viewers, home.token());
         let s = settings.clone();
         tokio::spawn(async move { serve(tcp, app, &s, std::future::pending()).await });
         let unix = tokio::net::UnixListener::bind(home.socket()).unwrap();
-        let app = unix_app(engine, &settings);
+        let app = unix_app(engine, &settings, &viewers);
         tokio::spawn(async move { serve(unix, app, &settings, std::future::pending()).await });
         Daemon {
             _dir: dir,
@@ -607,7 +631,8 @@ mod tests {
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let settings = test_settings();
-        let app = unix_app(engine, &settings);
+        let viewers = test_viewers(&engine, &settings);
+        let app = unix_app(engine, &settings, &viewers);
         let served = tokio::spawn(async move {
             serve(listener, app, &settings, async {
                 let _ = stop_rx.await;

@@ -5,7 +5,8 @@
 //! (flags > environment > `$KILN_HOME/config.toml` > defaults, see `docs/config.md`), takes
 //! the single-instance lock, binds `$KILN_HOME/kilnd.sock` (mode 0600), starts the engine
 //! (whose janitor reclaims what a previous daemon left), serves [`api::router`] (on TCP behind
-//! [`auth::require_token`]), and on SIGTERM or SIGINT stops every sandbox before exiting.
+//! [`auth::require_token`]) and the desktop viewer listener ([`view`], loopback by default),
+//! and on SIGTERM or SIGINT closes every viewer and stops every sandbox before exiting.
 //!
 //! Invariant: a TCP listener on a non-loopback address is refused unless `--listen-public`
 //! (or `listen_public = true`) asks for it: whoever holds the token can run code here.
@@ -17,6 +18,7 @@ mod auth;
 mod exec_ws;
 mod listen;
 mod openapi;
+mod view;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -77,6 +79,12 @@ pub struct Settings {
     pub body_timeout: Duration,
     /// The config file's warm pools.
     pub pools: Vec<(kiln_api_types::ImageName, kiln_api_types::PoolSetRequest)>,
+    /// The viewer listener's address (port 0: picked at start).
+    pub view_listen: SocketAddr,
+    /// How long a viewer link is valid.
+    pub view_ttl: Duration,
+    /// Where noVNC's files are.
+    pub novnc_dir: std::path::PathBuf,
 }
 
 impl Settings {
@@ -111,6 +119,47 @@ impl Settings {
                 "refusing to listen on {addr}: it is not a loopback address, and anyone who can reach it with the token can run code on this host; pass --listen-public (or set listen_public = true in config.toml) if that is what you want"
             );
         }
+        let secs = |name: &'static str, v: u64| {
+            if v == 0 {
+                bail!("{name} must be at least 1 second");
+            }
+            Ok(Duration::from_secs(v))
+        };
+        let file_view_listen = file
+            .view_listen
+            .as_deref()
+            .map(|a| {
+                a.parse::<SocketAddr>().with_context(|| {
+                    format!("config key view_listen: {a:?} is not an ADDRESS:PORT")
+                })
+            })
+            .transpose()?;
+        let view_listen = config::pick(
+            None,
+            config::env("KILN_VIEW_LISTEN", "an ADDRESS:PORT such as 127.0.0.1:7080")?,
+            file_view_listen,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        );
+        if !view_listen.ip().is_loopback() && !public {
+            bail!(
+                "refusing to serve desktop viewers on {view_listen}: it is not a loopback address, and viewer links travel unencrypted; set listen_public = true in config.toml (or pass --listen-public) if that is what you want"
+            );
+        }
+        let view_ttl = secs(
+            "view_ttl_secs",
+            config::pick(
+                None,
+                config::env("KILN_VIEW_TTL_SECS", "a number of seconds")?,
+                file.view_ttl_secs,
+                kiln_api_types::DEFAULT_VIEW_TTL_SECS,
+            ),
+        )?;
+        let novnc_dir = config::pick(
+            None,
+            config::env("KILN_NOVNC_DIR", "a directory")?,
+            file.novnc_dir.clone(),
+            std::path::PathBuf::from(view::DEFAULT_NOVNC_DIR),
+        );
         let max_body_bytes = config::pick(
             None,
             config::env("KILN_MAX_BODY_BYTES", "a number of bytes")?,
@@ -126,12 +175,6 @@ impl Settings {
         if max_connections == 0 {
             bail!("max_connections must be at least 1");
         }
-        let secs = |name: &'static str, v: u64| {
-            if v == 0 {
-                bail!("{name} must be at least 1 second");
-            }
-            Ok(Duration::from_secs(v))
-        };
         let header_timeout = secs(
             "request_header_timeout_secs",
             config::pick(
@@ -179,6 +222,9 @@ impl Settings {
             header_timeout,
             body_timeout,
             pools,
+            view_listen,
+            view_ttl,
+            novnc_dir,
         })
     }
 }
@@ -240,6 +286,14 @@ async fn serve(home: Home, settings: Settings) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let view_listener = tokio::net::TcpListener::bind(settings.view_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "failed to listen for desktop viewers on {}",
+                settings.view_listen
+            )
+        })?;
 
     let engine = Engine::start(home.clone())
         .await
@@ -271,16 +325,39 @@ async fn serve(home: Home, settings: Settings) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let unix_app = listen::unix_app(Arc::clone(&engine), &settings);
+    let view_addr = view_listener.local_addr()?;
+    let locator: Arc<dyn view::VncLocator> = engine.clone();
+    let viewers = view::Viewers::new(
+        view::ViewConfig {
+            addr: view_addr,
+            ttl: settings.view_ttl,
+            novnc_dir: settings.novnc_dir.clone(),
+        },
+        locator,
+    );
+    viewers.watch_events(engine.events());
+    info!(addr = %view_addr, "kilnd serving desktop viewers");
+    let view_app = viewers.router();
+    let view_stop = {
+        let (viewers, stop) = (viewers.clone(), stopped(stop_rx.clone()));
+        async move {
+            stop.await;
+            viewers.close_all();
+        }
+    };
+    let view = listen::serve(view_listener, view_app, &settings, view_stop);
+    let unix_app = listen::unix_app(Arc::clone(&engine), &settings, &viewers);
     let unix = listen::serve(listener, unix_app, &settings, stopped(stop_rx.clone()));
     match tcp {
         Some((tcp_listener, token_path)) => {
             info!(addr = %tcp_listener.local_addr()?, "kilnd serving on TCP (bearer token required)");
-            let tcp_app = listen::tcp_app(Arc::clone(&engine), &settings, token_path);
+            let tcp_app = listen::tcp_app(Arc::clone(&engine), &settings, &viewers, token_path);
             let tcp = listen::serve(tcp_listener, tcp_app, &settings, stopped(stop_rx.clone()));
-            tokio::join!(unix, tcp);
+            tokio::join!(unix, tcp, view);
         }
-        None => unix.await,
+        None => {
+            tokio::join!(unix, view);
+        }
     }
 
     info!("shutting down: stopping sandboxes");
@@ -401,6 +478,57 @@ mod tests {
         )
         .unwrap();
         assert_eq!(parsed.max_connections, Some(9));
+    }
+
+    #[test]
+    fn settings_viewer_listener_defaults_file_values_and_loopback_rule() {
+        let s = Settings::resolve(&args(&[]), &Config::default()).unwrap();
+        assert_eq!(s.view_listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(
+            s.view_ttl,
+            Duration::from_secs(kiln_api_types::DEFAULT_VIEW_TTL_SECS)
+        );
+        assert_eq!(s.novnc_dir, std::path::Path::new(view::DEFAULT_NOVNC_DIR));
+        let file = Config {
+            view_listen: Some("127.0.0.1:7080".into()),
+            view_ttl_secs: Some(600),
+            novnc_dir: Some("/opt/novnc".into()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&args(&[]), &file).unwrap();
+        assert_eq!(
+            (s.view_listen, s.view_ttl, s.novnc_dir.as_path()),
+            (
+                "127.0.0.1:7080".parse().unwrap(),
+                Duration::from_secs(600),
+                std::path::Path::new("/opt/novnc")
+            )
+        );
+        let public = Config {
+            view_listen: Some("0.0.0.0:7080".into()),
+            ..Default::default()
+        };
+        let err = Settings::resolve(&args(&[]), &public).unwrap_err();
+        assert!(err.to_string().contains("listen_public"), "{err}");
+        assert!(Settings::resolve(&args(&["--listen-public"]), &public).is_ok());
+        for bad in [
+            Config {
+                view_listen: Some("localhost".into()),
+                ..Default::default()
+            },
+            Config {
+                view_ttl_secs: Some(0),
+                ..Default::default()
+            },
+        ] {
+            assert!(Settings::resolve(&args(&[]), &bad).is_err());
+        }
+        let parsed = Config::parse(
+            "view_listen = \"127.0.0.1:1\"\nview_ttl_secs = 5\nnovnc_dir = \"/x\"\n",
+            std::path::Path::new("config.toml"),
+        )
+        .unwrap();
+        assert_eq!(parsed.view_ttl_secs, Some(5));
     }
 
     #[test]

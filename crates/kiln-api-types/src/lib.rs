@@ -38,6 +38,7 @@ pub use storage::{
 };
 
 pub mod desktop;
+pub mod desktop_view;
 pub mod execs;
 pub mod files;
 pub mod jobs;
@@ -50,6 +51,7 @@ pub use desktop::{
     ActionQuery, ActionReceipt, DEFAULT_SCREEN, DesktopAction, MouseButton, Point,
     ReceiptScreenshot, ReviewExport, ReviewExportRequest, Screen, ScreenshotQuery, Settle,
 };
+pub use desktop_view::{DEFAULT_VIEW_TTL_SECS, DesktopViewRequest, DesktopViewResponse};
 pub use execs::{ExecId, ExecInfo, ExecKillRequest, ExecList, ExecState, parse_signal};
 pub use files::{
     FileInfo, FileKind, FileList, FileListQuery, FileMkdirRequest, FilePathQuery, FileReadQuery,

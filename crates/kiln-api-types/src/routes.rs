@@ -254,6 +254,9 @@ routes! {
     CLOUDE_RUN = Post "/run" "cloude_run" Json;
     /// `GET /status/{id}`: cloude's spelling of `GET /v1/jobs/{job_id}`, in its shape.
     CLOUDE_STATUS = Get "/status/{id}" "cloude_status" Json;
+    /// `POST /v1/sandboxes/{id}/desktop/view`: a browser link to watch (or control) a desktop
+    /// sandbox's screen.
+    DESKTOP_VIEW = Post "/v1/sandboxes/{id}/desktop/view" "desktop_view" Json;
     /// `GET /v1/system/df`: what kiln's state takes on disk, and what could be reclaimed.
     SYSTEM_DF = Get "/v1/system/df" "system_df" Json;
     /// `POST /v1/system/prune`: remove what nothing uses (`{"dry_run": true}` to only list it).

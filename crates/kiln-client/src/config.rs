@@ -36,6 +36,13 @@ pub struct Config {
     /// Seconds a request body may send nothing while `kilnd` waits for it
     /// (`$KILN_REQUEST_BODY_TIMEOUT_SECS`).
     pub request_body_timeout_secs: Option<u64>,
+    /// Address of `kilnd`'s viewer listener for desktop sandboxes' live view, e.g.
+    /// `127.0.0.1:7080` (`$KILN_VIEW_LISTEN`; default: loopback, a port picked at start).
+    pub view_listen: Option<String>,
+    /// Lifetime of a viewer link in seconds (`$KILN_VIEW_TTL_SECS`; default 24 h).
+    pub view_ttl_secs: Option<u64>,
+    /// Where noVNC's files are (`$KILN_NOVNC_DIR`; default `/usr/share/novnc`).
+    pub novnc_dir: Option<PathBuf>,
     /// Warm pools of `kilnd` (`[[pool]]` tables); `kiln pool set` wins over them.
     #[serde(default)]
     pub pool: Vec<PoolConfig>,

@@ -6,6 +6,7 @@ use kiln_api_types::routes;
 use kiln_api_types::{
     CloudeJob, JobCreated, JobEvent, JobId, JobInfo, JobList, JobRequest, LanguageList,
 };
+use kiln_api_types::{DesktopViewRequest, DesktopViewResponse};
 use kiln_api_types::{
     DiskUsage, DoctorReport, Event, ExecId, ExecInfo, ExecKillRequest, ExecList, ExecRequest,
     FileInfo, FileList, FileMkdirRequest, FileRenameRequest, Health, ImageBuildEvent,
@@ -327,6 +328,16 @@ impl Client {
         req: &SecretsUpdateRequest,
     ) -> Result<()> {
         self.call_no_content(routes::SANDBOX_SECRETS_UPDATE, &[id.as_str()], Some(req))
+            .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/desktop/view`: a browser link to a desktop sandbox's screen.
+    pub async fn desktop_view(
+        &self,
+        id: &SandboxId,
+        req: &DesktopViewRequest,
+    ) -> Result<DesktopViewResponse> {
+        self.call(routes::DESKTOP_VIEW, &[id.as_str()], Some(req))
             .await
     }
 
