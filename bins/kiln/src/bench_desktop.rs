@@ -219,7 +219,10 @@ pub async fn run(client: &Client, home: &ClientHome, a: &DesktopBenchArgs) -> an
         return Ok(0);
     }
     let row = |name: &str, s: &Summary| {
-        println!("{name:<22} p50 {:>9.1}  p95 {:>9.1}  (n={})", s.p50, s.p95, s.n);
+        println!(
+            "{name:<22} p50 {:>9.1}  p95 {:>9.1}  (n={})",
+            s.p50, s.p95, s.n
+        );
     };
     row("ready_ms", &out.ready_ms);
     if let Some(c) = &out.cold_ms {

@@ -483,7 +483,57 @@ mod tests {
             run_dir: "/run/kiln/sb1".into(),
             incoming: None,
             nic: None,
+            display: None,
         }
+    }
+
+    #[test]
+    fn display_adds_vga_tablet_keyboard_and_a_unix_vnc_server() {
+        let mut cfg = config();
+        let headless = strings(&build_args(&cfg));
+        assert!(
+            !values(&headless, "-device")
+                .iter()
+                .any(|d| d.starts_with("VGA"))
+        );
+        assert!(values(&headless, "-vnc").is_empty());
+        cfg.display = Some(Display {
+            width: 1280,
+            height: 800,
+        });
+        let args = strings(&build_args(&cfg));
+        let devices = values(&args, "-device");
+        assert!(
+            devices.contains(&"VGA,xres=1280,yres=800,edid=on,vgamem_mb=8"),
+            "{devices:?}"
+        );
+        assert!(devices.contains(&"virtio-tablet-pci"));
+        assert!(devices.contains(&"virtio-keyboard-pci"));
+        assert_eq!(
+            values(&args, "-vnc"),
+            ["unix:/run/kiln/sb1/vnc.sock,share=force-shared"]
+        );
+        // A screen is device state: another one, or none, is another snapshot.
+        let with = device_fingerprint(&cfg);
+        assert_ne!(with, device_fingerprint(&config()));
+        cfg.display = Some(Display {
+            width: 1024,
+            height: 768,
+        });
+        assert_ne!(with, device_fingerprint(&cfg));
+        // The run directory (and so the socket's path) is not.
+        let mut moved = cfg.clone();
+        moved.run_dir = "/elsewhere/sb2".into();
+        assert_eq!(device_fingerprint(&cfg), device_fingerprint(&moved));
+    }
+
+    #[test]
+    fn vga_memory_holds_two_frames_as_a_power_of_two() {
+        let mib = |width, height| Display { width, height }.vgamem_mib();
+        assert_eq!(mib(640, 480), 4, "at least 4");
+        assert_eq!(mib(1280, 800), 8, "7.8 MiB rounds up to 8");
+        assert_eq!(mib(1920, 1080), 16);
+        assert_eq!(mib(2560, 1600), 32);
     }
 
     fn nic(mac: &str, backend: NicBackend) -> Option<Nic> {

@@ -110,8 +110,7 @@ impl Engine {
     /// Where kiln last put `id`'s pointer (none known before its first pointer action).
     fn pointer(&self, id: &SandboxId) -> Option<(u32, u32)> {
         let sb = self.table().get(id).map(|(_, sb)| Arc::clone(sb))?;
-        let p = sb.extras().pointer;
-        p
+        sb.extras().pointer
     }
 
     fn set_pointer(&self, id: &SandboxId, p: Option<(u32, u32)>) {
