@@ -40,8 +40,13 @@ pub const DEFAULT_SETTLE_MS: u64 = 3000;
 const FRAME_GAP: Duration = Duration::from_millis(2);
 /// Steps of the pointer's path during a drag (applications see it move, not jump).
 const DRAG_STEPS: u32 = 8;
-/// Longest the guest may take to type text QEMU cannot type.
-const GUEST_TYPE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The guest's pace for text a US keyboard cannot type (ms per character). xdotool types such
+/// a character by binding it to a spare key for the moment; an application that reads the
+/// key after the next rebinding sees the wrong character. Measured under TCG on "héllo → 日本
+/// ✓": 12 ms lost three characters, 50 ms two, 120 ms none; 150 ms leaves a margin.
+const GUEST_TYPE_DELAY_MS: u64 = 150;
+/// Most characters one action may have the guest type (about 5 minutes at its pace).
+pub const MAX_GUEST_TYPED_CHARS: usize = 2000;
 
 /// A screenshot: PNG bytes and the picture's size.
 #[derive(Debug, Clone)]
@@ -201,6 +206,15 @@ impl Engine {
                 // arrives in between, which loses the character (measured: "héllo → 日本"
                 // typed in pieces came out as "héllo  日").
                 if chunks.iter().any(|c| matches!(c, TypeChunk::Other(_))) {
+                    let n = t.chars().count();
+                    if n > MAX_GUEST_TYPED_CHARS {
+                        return Err(CoreError::BadRequest(format!(
+                            "text with characters a US keyboard lacks is typed by the guest at \
+                             about {} per second, so at most {MAX_GUEST_TYPED_CHARS} of them in \
+                             one action; this one has {n}: split it",
+                            1000 / GUEST_TYPE_DELAY_MS
+                        )));
+                    }
                     vec![TypeChunk::Other(t.clone())]
                 } else {
                     chunks
@@ -412,20 +426,20 @@ impl Engine {
     ) -> Result<(), CoreError> {
         let req = ExecRequest {
             argv: [
-                "xdotool",
-                "type",
-                "--clearmodifiers",
-                "--delay",
-                "12",
-                "--file",
-                "-",
+                "xdotool".to_owned(),
+                "type".to_owned(),
+                "--clearmodifiers".to_owned(),
+                "--delay".to_owned(),
+                GUEST_TYPE_DELAY_MS.to_string(),
+                "--file".to_owned(),
+                "-".to_owned(),
             ]
-            .map(str::to_owned)
             .to_vec(),
             env: [("DISPLAY".to_owned(), desk.display.clone())].into(),
             cwd: Some("/".into()),
             stdin: true,
-            timeout_ms: Some(GUEST_TYPE_TIMEOUT.as_millis() as u64),
+            // Its pace, plus room for the command to start on a busy guest.
+            timeout_ms: Some(GUEST_TYPE_DELAY_MS * (text.chars().count() as u64 + 1) + 30_000),
             max_output_bytes: None,
             tty: None,
             user: Some(desk.user.clone()),
