@@ -531,16 +531,17 @@ fn hex_bytes(hex: &str) -> Vec<u8> {
         .collect()
 }
 
-/// `GET path` (HTTP/1.0) from `addr`; the body ("" when nothing answers).
+/// `GET path` from `addr`; the body ("" when nothing answers).
 fn http_get(addr: SocketAddr, path: &str) -> String {
     http(addr, path).map(|(_, body)| body).unwrap_or_default()
 }
 
-/// `GET path` (HTTP/1.0) from `addr`: (status, body), read up to its `Content-Length`.
+/// `GET path` from `addr` (HTTP/1.1: Chromium's DevTools ignores 1.0): (status, body),
+/// read up to its `Content-Length`.
 fn http(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(IO_TIMEOUT)).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
     let mut data = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
