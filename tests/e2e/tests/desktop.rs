@@ -230,6 +230,48 @@ fn desktop_screen_input_review_and_clone() {
         &format!("{secret}\n"),
     );
 
+    // The wheel on both axes, seen by an X client (xev prints each button event).
+    as_user(
+        &k,
+        &id,
+        "setsid xev -geometry 240x180+1020+40 -event button >/tmp/xev.txt 2>&1 </dev/null &",
+    );
+    wait_until("xev's window is mapped", 60, || {
+        let out = k.run(&[
+            "exec",
+            &id,
+            "--user",
+            "kiln",
+            "--env",
+            "DISPLAY=:0",
+            "--",
+            "xdotool",
+            "search",
+            "--onlyvisible",
+            "--name",
+            "Event Tester",
+        ]);
+        out.status.success()
+    });
+    act(
+        &k,
+        &id,
+        &json!({"kind": "scroll", "x": 1140, "y": 130, "dy": 2, "dx": -1}),
+    );
+    act(&k, &id, &json!({"kind": "scroll", "dx": 1}));
+    let count = |button: u32| {
+        guest_file(&k, &id, "/tmp/xev.txt")
+            .unwrap_or_default()
+            .matches(&format!("button {button},"))
+            .count()
+    };
+    wait_until(
+        "xev saw the wheel turn down twice, left once, right once",
+        60,
+        || count(5) == 4 && count(6) == 2 && count(7) == 2,
+    );
+    assert_eq!(count(4), 0, "never up");
+
     // Malformed actions: 4xx naming what was wrong, nothing done.
     let cases = [
         (

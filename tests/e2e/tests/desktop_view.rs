@@ -382,9 +382,19 @@ impl Rfb {
     }
 }
 
+/// The browser's process, killed when dropped (its helpers end with it).
+struct Chromium(Child);
+
+impl Drop for Chromium {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Headless Chromium with one page, driven over the DevTools protocol; killed when dropped.
 struct Browser {
-    child: Child,
+    _chromium: Chromium,
     page: WebSocket<TcpStream>,
     next_id: u64,
     _profile: tempfile::TempDir,
@@ -394,25 +404,28 @@ impl Browser {
     /// Starts Chromium on `url`.
     fn open(url: &str) -> Browser {
         let profile = tempfile::tempdir().expect("profile dir");
-        let mut child = Command::new("chromium")
-            .args([
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-dev-shm-usage",
-                "--remote-debugging-port=0",
-                "--window-size=1400,1000",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg(url)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("chromium (Debian's chromium) must be installed");
+        let mut chromium = Chromium(
+            Command::new("chromium")
+                .args([
+                    "--headless=new",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--no-first-run",
+                    "--disable-dev-shm-usage",
+                    "--disable-breakpad",
+                    "--remote-debugging-port=0",
+                    "--window-size=1400,1000",
+                ])
+                .arg(format!("--user-data-dir={}", profile.path().display()))
+                .arg(url)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("chromium (Debian's chromium) must be installed"),
+        );
         // The DevTools port is announced on stderr; the thread then drains it to the end.
-        let stderr = child.stderr.take().expect("piped stderr");
+        let stderr = chromium.0.stderr.take().expect("piped stderr");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
@@ -428,10 +441,7 @@ impl Browser {
         });
         let port = match rx.recv_timeout(IO_TIMEOUT) {
             Ok(Some(port)) => port,
-            other => {
-                let _ = child.kill();
-                panic!("chromium announced no DevTools port: {other:?}");
-            }
+            other => panic!("chromium announced no DevTools port: {other:?}"),
         };
         let devtools: SocketAddr = ([127, 0, 0, 1], port).into();
         let path = poll("Chromium lists its page", 60, || {
@@ -447,7 +457,7 @@ impl Browser {
         });
         let page = websocket(devtools, &format!("ws://{devtools}{path}"));
         Browser {
-            child,
+            _chromium: chromium,
             page,
             next_id: 1,
             _profile: profile,
@@ -493,13 +503,6 @@ impl Browser {
     }
 }
 
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// noVNC's page: connected or not, view-only or not, the canvas size and, once connected and
 /// big enough, the pixels of one rectangle as hex RGB.
 const CANVAS_PROBE: &str = r#"(x, y, w, h) => {
@@ -541,7 +544,11 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
 fn http(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(IO_TIMEOUT)).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut data = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
@@ -671,6 +678,10 @@ fn desktop_live_view_in_a_browser_and_view_only_input() {
     );
     let (state, _) = browser.canvas(PANEL);
     assert_eq!(state["connected"], true, "three viewers at once: {state}");
+    eprintln!(
+        "pointer {start:?} unchanged for {watched:?} ({samples} samples) after a view-only \
+         event; a control event moved it in {arrived:?}"
+    );
     raw.close();
     ctl.close();
     drop(browser);

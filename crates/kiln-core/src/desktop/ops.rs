@@ -318,6 +318,12 @@ impl Engine {
             self.send_input(id, frame).await?;
             tokio::time::sleep(FRAME_GAP).await;
         }
+        if plan.guest_hscroll != 0 {
+            let steps = plan.guest_hscroll.unsigned_abs().to_string();
+            let button = if plan.guest_hscroll > 0 { "7" } else { "6" };
+            let args = ["click", "--repeat", &steps, "--delay", "20", button];
+            self.xdotool(id, desk, &args, None, 30_000).await?;
+        }
         for chunk in chunks {
             match chunk {
                 TypeChunk::Keys(keys) => {
@@ -424,33 +430,44 @@ impl Engine {
         desk: &DesktopOf,
         text: &str,
     ) -> Result<(), CoreError> {
+        let delay = GUEST_TYPE_DELAY_MS.to_string();
+        let args = ["type", "--clearmodifiers", "--delay", &delay, "--file", "-"];
+        // Its pace, plus room for the command to start on a busy guest.
+        let timeout_ms = GUEST_TYPE_DELAY_MS * (text.chars().count() as u64 + 1) + 30_000;
+        self.xdotool(id, desk, &args, Some(text), timeout_ms).await
+    }
+
+    /// Runs `xdotool ARGS` in the guest as the session's user, feeding `stdin`; fails with
+    /// its output unless it exits 0.
+    async fn xdotool(
+        &self,
+        id: &SandboxId,
+        desk: &DesktopOf,
+        args: &[&str],
+        stdin: Option<&str>,
+        timeout_ms: u64,
+    ) -> Result<(), CoreError> {
         let req = ExecRequest {
-            argv: [
-                "xdotool".to_owned(),
-                "type".to_owned(),
-                "--clearmodifiers".to_owned(),
-                "--delay".to_owned(),
-                GUEST_TYPE_DELAY_MS.to_string(),
-                "--file".to_owned(),
-                "-".to_owned(),
-            ]
-            .to_vec(),
+            argv: std::iter::once("xdotool")
+                .chain(args.iter().copied())
+                .map(str::to_owned)
+                .collect(),
             env: [("DISPLAY".to_owned(), desk.display.clone())].into(),
             cwd: Some("/".into()),
-            stdin: true,
-            // Its pace, plus room for the command to start on a busy guest.
-            timeout_ms: Some(GUEST_TYPE_DELAY_MS * (text.chars().count() as u64 + 1) + 30_000),
+            stdin: stdin.is_some(),
+            timeout_ms: Some(timeout_ms),
             max_output_bytes: None,
             tty: None,
             user: Some(desk.user.clone()),
         };
         let mut exec = self.sandbox_exec(id, &req).await?;
-        let stdin = exec.stdin();
-        stdin
-            .write(bytes::Bytes::copy_from_slice(text.as_bytes()))
-            .await
-            .map_err(CoreError::Agent)?;
-        stdin.close().await.map_err(CoreError::Agent)?;
+        if let Some(text) = stdin {
+            let tx = exec.stdin();
+            tx.write(bytes::Bytes::copy_from_slice(text.as_bytes()))
+                .await
+                .map_err(CoreError::Agent)?;
+            tx.close().await.map_err(CoreError::Agent)?;
+        }
         let mut output = Vec::new();
         loop {
             match exec.next().await? {
@@ -463,8 +480,8 @@ impl Engine {
                         return Ok(());
                     }
                     return Err(CoreError::GuestCommand(format!(
-                        "typing text the keyboard cannot type failed: `xdotool type` exited with \
-                         {code}: {}",
+                        "`xdotool {}` in the guest exited with {code}: {}",
+                        args.first().unwrap_or(&""),
                         String::from_utf8_lossy(&output).trim()
                     )));
                 }
@@ -520,6 +537,8 @@ fn pointer_box(p: (u32, u32), screen: Screen) -> Rect {
 /// words of its receipt.
 struct Plan {
     frames: Vec<Vec<Value>>,
+    /// Horizontal wheel steps the guest clicks (negative: left).
+    guest_hscroll: i32,
     done: String,
 }
 
@@ -540,6 +559,7 @@ fn press(button: &str, down: bool) -> Result<Vec<Value>, CoreError> {
 /// The input frames of `action` on `screen` (typing is planned apart: it may need the guest).
 fn plan(action: &DesktopAction, screen: Screen) -> Result<Plan, CoreError> {
     let mut frames = Vec::new();
+    let mut guest_hscroll = 0;
     let done = match action {
         DesktopAction::MouseMove { x, y } => {
             frames.push(move_to(*x, *y, screen)?);
@@ -594,16 +614,14 @@ fn plan(action: &DesktopAction, screen: Screen) -> Result<Plan, CoreError> {
             if let (Some(x), Some(y)) = (x, y) {
                 frames.push(move_to(*x, *y, screen)?);
             }
-            for (steps, fwd, back) in [
-                (*dy, "wheel-down", "wheel-up"),
-                (*dx, "wheel-right", "wheel-left"),
-            ] {
-                let name = if steps >= 0 { fwd } else { back };
-                for _ in 0..steps.unsigned_abs() {
-                    frames.push(press(name, true)?);
-                    frames.push(press(name, false)?);
-                }
+            let name = if *dy >= 0 { "wheel-down" } else { "wheel-up" };
+            for _ in 0..dy.unsigned_abs() {
+                frames.push(press(name, true)?);
+                frames.push(press(name, false)?);
             }
+            // QEMU 7.2's virtio tablet drops the horizontal wheel (it maps only up and down):
+            // the guest clicks X's buttons 6 (left) and 7 (right) instead, where the pointer is.
+            guest_hscroll = *dx;
             format!("scrolled {dy} down and {dx} right")
         }
         DesktopAction::KeyPress { keys: combo } => {
@@ -618,7 +636,11 @@ fn plan(action: &DesktopAction, screen: Screen) -> Result<Plan, CoreError> {
         },
         DesktopAction::Wait { ms } => format!("waited {ms} ms"),
     };
-    Ok(Plan { frames, done })
+    Ok(Plan {
+        frames,
+        guest_hscroll,
+        done,
+    })
 }
 
 /// One frame per key event: a press and its release never share a frame.
@@ -737,16 +759,10 @@ mod tests {
             .map(|f| f[0]["data"]["button"].as_str().expect("button"))
             .collect();
         assert_eq!(
-            names,
-            [
-                "wheel-down",
-                "wheel-down",
-                "wheel-down",
-                "wheel-down",
-                "wheel-left",
-                "wheel-left"
-            ]
+            names, ["wheel-down"; 4],
+            "dy: QEMU's wheel, press and release"
         );
+        assert_eq!(p.guest_hscroll, -1, "dx: the guest's buttons 6 and 7");
         let k = plan(
             &DesktopAction::KeyPress {
                 keys: "ctrl+shift+t".into(),
