@@ -11,7 +11,10 @@
 //!   `?screenshot=true`: input, the menu drawn, the screen still, its screenshot in the
 //!   receipt — client wall time; the menu is closed with Escape between runs;
 //! - `idle_cpu_pct`: the desktop's QEMU's CPU time over `--idle-secs` with nothing to do
-//!   (percent of one core; includes kiln's screen watch of the review recording).
+//!   (percent of one core; includes kiln's screen watch of the review recording);
+//! - `live_view`: frames per second a view-only live viewer receives (RFB over the viewer
+//!   listener's WebSocket, one incremental request after each update, as noVNC does) while
+//!   a terminal prints without pause (`bench_liveview.rs`).
 //!
 //! Nothing is asserted: numbers go to stdout (`--json` for machines) and into
 //! docs/benchmarks.md by hand.
@@ -73,6 +76,8 @@ pub struct DesktopBench {
     pub clicks_changed: usize,
     /// Idle QEMU CPU use (percent of one core).
     pub idle_cpu_pct: f64,
+    /// Frames a live viewer gets per second while a terminal prints without pause.
+    pub live_view: crate::bench_liveview::LiveViewFps,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -199,6 +204,7 @@ pub async fn run(client: &Client, home: &ClientHome, a: &DesktopBenchArgs) -> an
         (Some(b), Some(e)) => (e - b) / t.elapsed().as_secs_f64() * 100.0,
         _ => f64::NAN,
     };
+    let live_view = crate::bench_liveview::live_view_fps(client, &id, 10.0).await?;
     client.sandbox_delete(&id).await?;
 
     let out = DesktopBench {
@@ -213,6 +219,7 @@ pub async fn run(client: &Client, home: &ClientHome, a: &DesktopBenchArgs) -> an
         click_settled_ms: summary(&mut clicks),
         clicks_changed: changed,
         idle_cpu_pct,
+        live_view,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -238,5 +245,12 @@ pub async fn run(client: &Client, home: &ClientHome, a: &DesktopBenchArgs) -> an
         out.clicks_changed, out.click_settled_ms.n
     );
     println!("idle_cpu_pct           {:.1}", out.idle_cpu_pct);
+    println!(
+        "live_view_fps          {:.1} ({} updates, {:.1} MiB in {:.1} s)",
+        out.live_view.fps,
+        out.live_view.updates,
+        out.live_view.bytes as f64 / (1 << 20) as f64,
+        out.live_view.secs
+    );
     Ok(0)
 }

@@ -154,7 +154,10 @@ impl UpdateParser {
                         }
                     };
                 }
-                State::UpdateHead | State::RectHead { .. } | State::ColourMapHead | State::CutHead => {
+                State::UpdateHead
+                | State::RectHead { .. }
+                | State::ColourMapHead
+                | State::CutHead => {
                     let need = match self.state {
                         State::UpdateHead => 3,
                         State::RectHead { .. } => 12,
@@ -553,7 +556,13 @@ mod tests {
         };
         assert_eq!(whole.updates(), 4);
         assert!(
-            matches!(whole.state, State::RectData { remaining: 2, left: 0 }),
+            matches!(
+                whole.state,
+                State::RectData {
+                    remaining: 2,
+                    left: 0
+                }
+            ),
             "inside update 5: {:?}",
             whole.state
         );
@@ -607,7 +616,8 @@ mod tests {
 
     #[test]
     fn websocket_url_of_a_viewer_link() {
-        let page = "http://127.0.0.1:4321/view/abc123/vnc.html?autoconnect=1&path=view/abc123/websockify";
+        let page =
+            "http://127.0.0.1:4321/view/abc123/vnc.html?autoconnect=1&path=view/abc123/websockify";
         assert_eq!(
             websocket_url(page).unwrap(),
             "ws://127.0.0.1:4321/view/abc123/websockify"

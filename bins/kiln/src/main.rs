@@ -12,6 +12,7 @@ mod bench;
 mod bench_desktop;
 mod bench_images;
 mod bench_jobs;
+mod bench_liveview;
 mod bench_network;
 mod bench_platform;
 mod bench_pool;

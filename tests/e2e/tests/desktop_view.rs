@@ -34,8 +34,7 @@ const BACKGROUND: Region = Region {
     w: 1280,
     h: 300,
 };
-/// Where the test's pointer events point (away from the compared regions' use: they are
-/// compared before any event is sent).
+/// Where the test's pointer events point (the regions are compared before any is sent).
 const TARGET: (u16, u16) = (300, 200);
 /// Longest a socket read or write may block.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -129,7 +128,8 @@ fn view_link(k: &Kiln, id: &str, control: bool) -> Link {
     let out = k.run(&args);
     assert_success(&out, "kiln desktop view");
     let v: Value = serde_json::from_slice(&out.stdout).expect("view json");
-    let keys: Vec<&String> = v.as_object().expect("a JSON object").keys().collect();
+    let mut keys: Vec<&String> = v.as_object().expect("a JSON object").keys().collect();
+    keys.sort();
     assert_eq!(keys, ["control", "expires_at_unix_ms", "url"], "{v:#}");
     assert_eq!(v["control"], control, "{v:#}");
     let expires = v["expires_at_unix_ms"].as_u64().expect("expiry in ms");
