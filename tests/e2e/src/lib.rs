@@ -601,3 +601,36 @@ impl Scan {
         self
     }
 }
+
+/// A PNG decoded into (width, height, RGB bytes); kiln's screenshots are 8-bit RGB.
+pub fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut rgb = vec![0; reader.output_buffer_size().expect("a frame size")];
+    let frame = reader.next_frame(&mut rgb).expect("a PNG frame");
+    assert_eq!(frame.color_type, png::ColorType::Rgb, "an RGB screenshot");
+    rgb.truncate(frame.buffer_size());
+    (frame.width, frame.height, rgb)
+}
+
+/// `kiln desktop screenshot ID -o PATH`, decoded.
+pub fn desktop_screenshot(k: &Kiln, id: &str, path: &Path) -> (u32, u32, Vec<u8>) {
+    let out = k.run(&[
+        "desktop",
+        "screenshot",
+        id,
+        "-o",
+        path.to_str().expect("utf-8 path"),
+    ]);
+    assert_success(&out, "kiln desktop screenshot");
+    decode_png(&std::fs::read(path).expect("screenshot file"))
+}
+
+/// `kiln exec ID --user kiln --env DISPLAY=:0 -- ARGS`: a command in a desktop's session
+/// (the built-in desktop image's user and display).
+pub fn desktop_exec(k: &Kiln, id: &str, args: &[&str]) -> Output {
+    let mut all = vec!["exec", id, "--user", "kiln", "--env", "DISPLAY=:0", "--"];
+    all.extend_from_slice(args);
+    k.run(&all)
+}

@@ -15,36 +15,18 @@
 
 use std::path::Path;
 
-use kiln_e2e::{Kiln, api_request, assert_success, stderr, stdout, wait_until};
+use kiln_e2e::{
+    Kiln, api_request, assert_success, decode_png, desktop_exec, desktop_screenshot, stderr,
+    stdout, wait_until,
+};
 use serde_json::{Value, json};
 
 /// The terminal launcher: the first icon of the panel, at the screen's bottom-left corner.
 const TERMINAL_LAUNCHER: (u32, u32) = (19, 781);
 
-/// Decodes a PNG into (width, height, RGB bytes).
-fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
-    let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
-    decoder.set_transformations(png::Transformations::EXPAND);
-    let mut reader = decoder.read_info().expect("png header");
-    let mut buf = vec![0; reader.output_buffer_size().expect("size")];
-    let info = reader.next_frame(&mut buf).expect("png frame");
-    assert_eq!(info.color_type, png::ColorType::Rgb, "kiln writes RGB");
-    buf.truncate(info.buffer_size());
-    (info.width, info.height, buf)
-}
-
 /// `kiln desktop screenshot ID` into `dir`, decoded.
 fn screenshot(k: &Kiln, id: &str, dir: &Path, name: &str) -> (u32, u32, Vec<u8>) {
-    let path = dir.join(name);
-    let out = k.run(&[
-        "desktop",
-        "screenshot",
-        id,
-        "-o",
-        path.to_str().expect("utf-8 path"),
-    ]);
-    assert_success(&out, "kiln desktop screenshot");
-    decode_png(&std::fs::read(&path).expect("screenshot file"))
+    desktop_screenshot(k, id, &dir.join(name))
 }
 
 /// Distinct colours among the pixels of rows `y0..y1`.
@@ -59,18 +41,7 @@ fn colours(width: u32, rgb: &[u8], y0: u32, y1: u32) -> usize {
 
 /// A command run as the desktop's user with its display; its stdout.
 fn as_user(k: &Kiln, id: &str, script: &str) -> String {
-    let out = k.run(&[
-        "exec",
-        id,
-        "--user",
-        "kiln",
-        "--env",
-        "DISPLAY=:0",
-        "--",
-        "sh",
-        "-c",
-        script,
-    ]);
+    let out = desktop_exec(k, id, &["sh", "-c", script]);
     assert_success(&out, script);
     stdout(&out)
 }
@@ -124,18 +95,15 @@ fn open_terminal(k: &Kiln, id: &str, dir: &Path) {
         "{receipt:#}"
     );
     wait_until("an xterm window has the focus", 60, || {
-        let out = k.run(&[
-            "exec",
+        let out = desktop_exec(
+            k,
             id,
-            "--user",
-            "kiln",
-            "--env",
-            "DISPLAY=:0",
-            "--",
-            "sh",
-            "-c",
-            "xprop -id \"$(xdotool getwindowfocus)\" WM_CLASS",
-        ]);
+            &[
+                "sh",
+                "-c",
+                "xprop -id \"$(xdotool getwindowfocus)\" WM_CLASS",
+            ],
+        );
         out.status.success() && stdout(&out).contains("\"XTerm\"")
     });
 }
@@ -237,20 +205,17 @@ fn desktop_screen_input_review_and_clone() {
         "setsid xev -geometry 240x180+1020+40 -event button >/tmp/xev.txt 2>&1 </dev/null &",
     );
     wait_until("xev's window is mapped", 60, || {
-        let out = k.run(&[
-            "exec",
+        let out = desktop_exec(
+            &k,
             &id,
-            "--user",
-            "kiln",
-            "--env",
-            "DISPLAY=:0",
-            "--",
-            "xdotool",
-            "search",
-            "--onlyvisible",
-            "--name",
-            "Event Tester",
-        ]);
+            &[
+                "xdotool",
+                "search",
+                "--onlyvisible",
+                "--name",
+                "Event Tester",
+            ],
+        );
         out.status.success()
     });
     act(
@@ -451,7 +416,36 @@ fn desktop_screen_size_and_bad_requests() {
     assert_success(&out, "scaled screenshot");
     let (sw, sh, _) = decode_png(&std::fs::read(tmp.path().join("half.png")).expect("png"));
     assert_eq!((sw, sh), (512, 384), "scaled, aspect kept");
+
+    // A failed action (the sandbox is paused: QEMU takes no input) pins the recording, which
+    // then outlives `kiln rm` and still exports.
+    assert_success(&k.run(&["pause", &id]), "kiln pause");
+    let out = k.run(&["desktop", "click", &id, "10", "10"]);
+    assert!(!out.status.success(), "a paused desktop takes no input");
+    assert!(stderr(&out).contains("paused"), "{}", stderr(&out));
+    assert_success(&k.run(&["resume", &id]), "kiln resume");
     assert_success(&k.run(&["rm", &id]), "kiln rm");
+    let recording = k.home().join("recordings").join(&id);
+    assert!(recording.join("timeline.jsonl").is_file(), "kept: pinned");
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(recording.join("meta.json")).expect("meta.json"))
+            .expect("meta json");
+    assert!(meta["pinned_until"].is_string(), "pinned: {meta}");
+    let bundle = tmp.path().join("after-rm");
+    let out = k.run(&[
+        "review",
+        "export",
+        &id,
+        "-o",
+        bundle.to_str().expect("utf-8"),
+    ]);
+    assert_success(&out, "kiln review export after rm");
+    let timeline = std::fs::read_to_string(bundle.join("timeline.jsonl")).expect("timeline");
+    assert!(timeline.contains("\"action_failed\""), "{timeline}");
+    assert!(
+        timeline.contains("removed"),
+        "the removal is in the timeline: {timeline}"
+    );
 
     // A screen for an image that is not a desktop, and a bad size: refused before a start.
     let out = k.run(&["create", "--image", "python", "--screen", "1024x768"]);

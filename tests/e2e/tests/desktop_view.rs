@@ -167,39 +167,13 @@ fn view_link(k: &Kiln, id: &str, control: bool) -> Link {
 
 /// `kiln desktop screenshot ID` as (width, height, RGB bytes).
 fn screenshot(k: &Kiln, id: &str, dir: &std::path::Path) -> (usize, usize, Vec<u8>) {
-    let file = dir.join("screen.png");
-    let out = k.run(&[
-        "desktop",
-        "screenshot",
-        id,
-        "-o",
-        file.to_str().expect("utf-8 path"),
-    ]);
-    assert_success(&out, "kiln desktop screenshot");
-    let bytes = std::fs::read(&file).expect("screenshot file");
-    let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
-    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-    let mut reader = decoder.read_info().expect("a PNG");
-    let mut rgb = vec![0; reader.output_buffer_size().expect("a frame size")];
-    let frame = reader.next_frame(&mut rgb).expect("a PNG frame");
-    assert_eq!(frame.color_type, png::ColorType::Rgb, "an RGB screenshot");
-    rgb.truncate(frame.buffer_size());
-    (frame.width as usize, frame.height as usize, rgb)
+    let (w, h, rgb) = kiln_e2e::desktop_screenshot(k, id, &dir.join("screen.png"));
+    (w as usize, h as usize, rgb)
 }
 
 /// The desktop's pointer per `xdotool getmouselocation` (`x:640 y:400 screen:0 window:…`).
 fn pointer(k: &Kiln, id: &str) -> (i64, i64) {
-    let out = k.run(&[
-        "exec",
-        id,
-        "--user",
-        "kiln",
-        "--env",
-        "DISPLAY=:0",
-        "--",
-        "xdotool",
-        "getmouselocation",
-    ]);
+    let out = kiln_e2e::desktop_exec(k, id, &["xdotool", "getmouselocation"]);
     assert_success(&out, "xdotool getmouselocation");
     let text = stdout(&out);
     let field = |name: &str| {
