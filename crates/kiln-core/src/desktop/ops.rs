@@ -40,13 +40,49 @@ pub const DEFAULT_SETTLE_MS: u64 = 3000;
 const FRAME_GAP: Duration = Duration::from_millis(2);
 /// Steps of the pointer's path during a drag (applications see it move, not jump).
 const DRAG_STEPS: u32 = 8;
-/// The guest's pace for text a US keyboard cannot type (ms per character). xdotool types such
-/// a character by binding it to a spare key for the moment; an application that reads the
-/// key after the next rebinding sees the wrong character. Measured under TCG on "héllo → 日本
-/// ✓": 12 ms lost three characters, 50 ms two, 120 ms none; 150 ms leaves a margin.
-const GUEST_TYPE_DELAY_MS: u64 = 150;
-/// Most characters one action may have the guest type (about 5 minutes at its pace).
-pub const MAX_GUEST_TYPED_CHARS: usize = 2000;
+/// The guest's pace for text a US keyboard cannot type (ms per character, xdotool's delay).
+const GUEST_TYPE_DELAY_MS: u64 = 12;
+/// Most characters a US keyboard lacks that one guest run binds to spare keys: the desktop's
+/// keymap has about 18 unbound keycodes. Text with more distinct ones is typed in batches.
+const GUEST_KEYS_PER_BATCH: usize = 16;
+/// Pause between two batches: the application must have read the last batch's keys before
+/// their keycodes are bound to other characters.
+const GUEST_BATCH_GAP: Duration = Duration::from_millis(500);
+/// Types stdin with xdotool after binding each character named in the arguments (keysyms
+/// `Uxxxx`) to a spare keycode, all in one keymap change before the first key. xdotool on its
+/// own binds one character at a time to one scratch key and unbinds it right after; an
+/// application that reads the keymap when it handles the key (after the next rebinding) then
+/// sees another character or none: measured under TCG on "héllo → 日本 ✓", 12 ms between
+/// characters lost three, 50 ms two, and 150 ms on a loaded host still lost three. With every
+/// character bound beforehand and nothing rebound while typing, the keymap an application
+/// reads is the right one whenever it reads it. The keycodes bound by the previous run
+/// (listed in `/tmp/.kiln-typed-keys`) are reused.
+const GUEST_TYPE_SCRIPT: &str = r#"set -eu
+state=/tmp/.kiln-typed-keys
+used=$(cat "$state" 2>/dev/null || true)
+spare=$( { xmodmap -pke | awk '$1 == "keycode" && NF == 3 && $2 > 8 { print $2 }'; printf '%s
+' $used; } | sort -n -u)
+exprs=$(mktemp)
+trap 'rm -f "$exprs" "$state.new"' EXIT
+: > "$state.new"
+for code in $used; do printf 'keycode %s =
+' "$code" >> "$exprs"; done
+i=0
+for sym in "$@"; do
+  i=$((i + 1))
+  code=$(printf '%s
+' $spare | sed -n "${i}p")
+  if [ -z "$code" ]; then echo "no spare keycode left for $sym ($i characters)" >&2; exit 3; fi
+  printf 'keycode %s = %s %s
+' "$code" "$sym" "$sym" >> "$exprs"
+  echo "$code" >> "$state.new"
+done
+xmodmap "$exprs"
+mv "$state.new" "$state"
+exec xdotool type --clearmodifiers --delay "$KILN_TYPE_DELAY_MS" --file -
+"#;
+/// Most characters one action may have the guest type.
+pub const MAX_GUEST_TYPED_CHARS: usize = 20_000;
 
 /// A screenshot: PNG bytes and the picture's size.
 #[derive(Debug, Clone)]
@@ -200,19 +236,17 @@ impl Engine {
             Some(t) => {
                 let chunks =
                     keys::type_plan(t).map_err(|e| CoreError::BadRequest(e.to_string()))?;
-                // Text with characters a US keyboard cannot type goes to the guest whole:
-                // xdotool types those by remapping a spare key, and the X server gives the
-                // keyboard the virtio keyboard's map back whenever one of QEMU's key events
-                // arrives in between, which loses the character (measured: "héllo → 日本"
-                // typed in pieces came out as "héllo  日").
+                // Text with characters a US keyboard cannot type goes to the guest whole: a
+                // key event of QEMU's keyboard arriving between the guest's keymap change and
+                // its keys makes the X server switch to that keyboard's map and loses the
+                // character (measured: "héllo → 日本" typed in pieces came out "héllo  日").
                 if chunks.iter().any(|c| matches!(c, TypeChunk::Other(_))) {
                     let n = t.chars().count();
                     if n > MAX_GUEST_TYPED_CHARS {
                         return Err(CoreError::BadRequest(format!(
-                            "text with characters a US keyboard lacks is typed by the guest at \
-                             about {} per second, so at most {MAX_GUEST_TYPED_CHARS} of them in \
-                             one action; this one has {n}: split it",
-                            1000 / GUEST_TYPE_DELAY_MS
+                            "text with characters a US keyboard lacks is typed by the guest, at \
+                             most {MAX_GUEST_TYPED_CHARS} characters in one action; this one has \
+                             {n}: split it"
                         )));
                     }
                     vec![TypeChunk::Other(t.clone())]
@@ -322,7 +356,8 @@ impl Engine {
             let steps = plan.guest_hscroll.unsigned_abs().to_string();
             let button = if plan.guest_hscroll > 0 { "7" } else { "6" };
             let args = ["click", "--repeat", &steps, "--delay", "20", button];
-            self.xdotool(id, desk, &args, None, 30_000).await?;
+            self.guest_x(id, desk, "xdotool", &args, None, 30_000)
+                .await?;
         }
         for chunk in chunks {
             match chunk {
@@ -422,37 +457,53 @@ impl Engine {
         })
     }
 
-    /// Types `text` with the guest's `xdotool` as the session's user: for characters a US
-    /// keyboard cannot produce, which xdotool maps onto spare keycodes.
+    /// Types `text` in the guest as the session's user: for characters a US keyboard cannot
+    /// produce, bound to spare keys first ([`GUEST_TYPE_SCRIPT`]), in batches of at most
+    /// [`GUEST_KEYS_PER_BATCH`] such characters.
     async fn type_in_guest(
         &self,
         id: &SandboxId,
         desk: &DesktopOf,
         text: &str,
     ) -> Result<(), CoreError> {
-        let delay = GUEST_TYPE_DELAY_MS.to_string();
-        let args = ["type", "--clearmodifiers", "--delay", &delay, "--file", "-"];
-        // Its pace, plus room for the command to start on a busy guest.
-        let timeout_ms = GUEST_TYPE_DELAY_MS * (text.chars().count() as u64 + 1) + 30_000;
-        self.xdotool(id, desk, &args, Some(text), timeout_ms).await
+        for (i, (batch, syms)) in guest_batches(text).into_iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(GUEST_BATCH_GAP).await;
+            }
+            let mut args = vec!["-c", GUEST_TYPE_SCRIPT, "kiln-type"];
+            args.extend(syms.iter().map(String::as_str));
+            // Its pace, plus room for the command to start on a busy guest.
+            let timeout_ms = GUEST_TYPE_DELAY_MS * (batch.chars().count() as u64 + 1) + 30_000;
+            self.guest_x(id, desk, "sh", &args, Some(&batch), timeout_ms)
+                .await?;
+        }
+        Ok(())
     }
 
-    /// Runs `xdotool ARGS` in the guest as the session's user, feeding `stdin`; fails with
-    /// its output unless it exits 0.
-    async fn xdotool(
+    /// Runs `program ARGS` in the guest as the session's user on its display, feeding
+    /// `stdin`; fails with its output unless it exits 0.
+    async fn guest_x(
         &self,
         id: &SandboxId,
         desk: &DesktopOf,
+        program: &str,
         args: &[&str],
         stdin: Option<&str>,
         timeout_ms: u64,
     ) -> Result<(), CoreError> {
         let req = ExecRequest {
-            argv: std::iter::once("xdotool")
+            argv: std::iter::once(program)
                 .chain(args.iter().copied())
                 .map(str::to_owned)
                 .collect(),
-            env: [("DISPLAY".to_owned(), desk.display.clone())].into(),
+            env: [
+                ("DISPLAY".to_owned(), desk.display.clone()),
+                (
+                    "KILN_TYPE_DELAY_MS".to_owned(),
+                    GUEST_TYPE_DELAY_MS.to_string(),
+                ),
+            ]
+            .into(),
             cwd: Some("/".into()),
             stdin: stdin.is_some(),
             timeout_ms: Some(timeout_ms),
@@ -480,14 +531,38 @@ impl Engine {
                         return Ok(());
                     }
                     return Err(CoreError::GuestCommand(format!(
-                        "`xdotool {}` in the guest exited with {code}: {}",
-                        args.first().unwrap_or(&""),
+                        "`{program}` in the guest (for input QEMU cannot send) exited with \
+                         {code}: {}",
                         String::from_utf8_lossy(&output).trim()
                     )));
                 }
             }
         }
     }
+}
+
+/// `text` cut into the guest's batches: each with the keysyms (`Uxxxx`) of its characters a US
+/// keyboard lacks, at most [`GUEST_KEYS_PER_BATCH`] distinct ones.
+fn guest_batches(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    let mut batch = String::new();
+    let mut syms: Vec<String> = Vec::new();
+    for c in text.chars() {
+        if !keys::us_typeable(c) {
+            let sym = format!("U{:04X}", u32::from(c));
+            if !syms.contains(&sym) {
+                if syms.len() == GUEST_KEYS_PER_BATCH {
+                    out.push((std::mem::take(&mut batch), std::mem::take(&mut syms)));
+                }
+                syms.push(sym);
+            }
+        }
+        batch.push(c);
+    }
+    if !batch.is_empty() {
+        out.push((batch, syms));
+    }
+    out
 }
 
 /// How an action waits for the screen to settle.
@@ -781,6 +856,28 @@ mod tests {
         .err()
         .expect("unknown key");
         assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn guest_batches_bind_each_character_once_and_split_past_the_spare_keys() {
+        let b = guest_batches("héllo → 日本 ✓ é");
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].0, "héllo → 日本 ✓ é", "the text whole, ASCII included");
+        assert_eq!(b[0].1, ["U00E9", "U2192", "U65E5", "U672C", "U2713"]);
+        // 20 distinct CJK characters: two batches, the text cut where the 17th begins.
+        let text: String = (0..20u32)
+            .map(|i| char::from_u32(0x4E00 + i).expect("cjk"))
+            .collect();
+        let b = guest_batches(&text);
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].1.len(), GUEST_KEYS_PER_BATCH);
+        assert_eq!(b[1].1.len(), 4);
+        assert_eq!(
+            format!("{}{}", b[0].0, b[1].0),
+            text,
+            "nothing lost or repeated"
+        );
+        assert!(guest_batches("").is_empty());
     }
 
     #[test]
