@@ -4,6 +4,7 @@
 //! ```text
 //!  capture (source keeps running, pause = QEMU downtime + disk copy):
 //!    scrub /run/secrets ─▶ live full-RAM migration ─▶ [paused] copy disk layer ─▶ cont
+//!    (stop-and-copy instead of live for a VM of more than one vCPU under TCG: see capture)
 //!      ─▶ re-deliver secrets                                   (source back to normal)
 //!  offline, in the snapshot's build directory:
 //!    rebase disk layer onto the image's root fs (self-contained)
@@ -202,7 +203,18 @@ pub async fn capture_into(
         guest::purge_channel(sb.agent()).await?;
     }
     let saved = async {
-        let report = sb.vm().capture_live(&stream).await?;
+        // With more than one vCPU under TCG the capture is stop-and-copy: a live (pre-copy)
+        // migration of a busy two-vCPU desktop once gave a snapshot whose clones panicked
+        // at once (list corruption in the scheduler: pages written during the copy and not
+        // sent again). Not reproduced on demand; one vCPU, the default, stays live.
+        let live = sb.vm().config().cpus == 1 || sb.vm().config().accel != kiln_vmm::Accel::Tcg;
+        let report = if live {
+            sb.vm().capture_live(&stream).await?
+        } else {
+            sb.vm()
+                .capture(&stream, CaptureMode::FullRam, AfterCapture::Paused)
+                .await?
+        };
         let paused_at = Instant::now();
         let disk_src = sb.vm().config().disk.clone().ok_or_else(|| {
             CoreError::HostSetup("the sandbox has no disk to snapshot".to_owned())
