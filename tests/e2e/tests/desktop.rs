@@ -292,11 +292,18 @@ fn desktop_screen_input_review_and_clone() {
     let clone = stdout(&out).trim().to_owned();
     let (cw, ch, _) = screenshot(&k, &clone, tmp.path(), "clone.png");
     assert_eq!((cw, ch), (1280, 800), "the clone keeps the screen");
-    act(
-        &k,
+    // The click gives the terminal the focus back (xev took it); waiting for the screen to
+    // settle lets the window manager act on it before the keys arrive.
+    let out = k.run(&[
+        "desktop",
+        "click",
         &clone,
-        &json!({"kind": "mouse_click", "x": 640, "y": 300}),
-    );
+        "640",
+        "300",
+        "--screenshot",
+        tmp.path().join("clone-focus.png").to_str().expect("utf-8"),
+    ]);
+    assert_success(&out, "kiln desktop click in the clone");
     type_line_and_wait(
         &k,
         &clone,
