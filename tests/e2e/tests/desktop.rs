@@ -237,6 +237,39 @@ fn desktop_screen_input_review_and_clone() {
     );
     assert_eq!(count(4), 0, "never up");
 
+    // A drag: xev's window moved by its title bar, as the window manager saw the pointer go.
+    let position = || {
+        let out = desktop_exec(
+            &k,
+            &id,
+            &[
+                "xdotool",
+                "search",
+                "--name",
+                "Event Tester",
+                "getwindowgeometry",
+            ],
+        );
+        let text = stdout(&out);
+        let pos = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Position: "))
+            .and_then(|p| p.split_whitespace().next())
+            .and_then(|p| p.split_once(','))
+            .and_then(|(x, y)| Some((x.parse::<i64>().ok()?, y.parse::<i64>().ok()?)));
+        pos.unwrap_or_else(|| panic!("no position in {text:?}"))
+    };
+    let (x0, y0) = position();
+    act(
+        &k,
+        &id,
+        &json!({"kind": "mouse_drag", "from": {"x": 1100, "y": 49}, "to": {"x": 700, "y": 449}}),
+    );
+    wait_until("xev's window moved with the drag", 60, || {
+        let (x, y) = position();
+        (x - (x0 - 400)).abs() <= 8 && (y - (y0 + 400)).abs() <= 8
+    });
+
     // Malformed actions: 4xx naming what was wrong, nothing done.
     let cases = [
         (
