@@ -31,8 +31,11 @@ use kiln_vmm::{AfterCapture, BackingFormat, CaptureMode, Vm, create_overlay_with
 use crate::error::CoreError;
 use crate::machine::MachinePlan;
 
-/// How long a restored guest's agent may take to resync and apply its identity.
+/// How long a restored guest's agent may take to answer the resync.
 const RESTORE_AGENT_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a restored guest may take to acknowledge its new identity once its agent has
+/// answered the resync (generous: under TCG on a loaded host it takes milliseconds).
+const IDENTITY_DEADLINE: Duration = Duration::from_secs(60);
 /// Bytes of host entropy given to each restored guest.
 const ENTROPY_BYTES: usize = 64;
 
@@ -219,8 +222,18 @@ pub async fn restore(
             let ack = agent.apply_identity(&identity).await?;
             Ok::<_, kiln_agent_host::AgentError>((agent, ack, resync, t.elapsed() - resync))
         };
+        // The identity's acknowledgement has a deadline too: a restored guest that never
+        // answers it (seen once: a clone of a snapshot taken under two CPU hogs, QEMU busy,
+        // no answer after 10 minutes) fails the start instead of leaving it `creating`.
+        let deadline = RESTORE_AGENT_DEADLINE + IDENTITY_DEADLINE;
         tokio::select! {
-            r = handshake => r.map_err(CoreError::Agent),
+            r = tokio::time::timeout(deadline, handshake) => match r {
+                Ok(r) => r.map_err(CoreError::Agent),
+                Err(_) => Err(CoreError::HostSetup(format!(
+                    "the restored guest did not take its new identity within {} s",
+                    deadline.as_secs()
+                ))),
+            },
             status = vm.wait_exit() => Err(CoreError::HostSetup(format!("restored QEMU exited ({status})"))),
         }
     }
