@@ -60,21 +60,17 @@ const GUEST_BATCH_GAP: Duration = Duration::from_millis(500);
 const GUEST_TYPE_SCRIPT: &str = r#"set -eu
 state=/tmp/.kiln-typed-keys
 used=$(cat "$state" 2>/dev/null || true)
-spare=$( { xmodmap -pke | awk '$1 == "keycode" && NF == 3 && $2 > 8 { print $2 }'; printf '%s
-' $used; } | sort -n -u)
+spare=$( { xmodmap -pke | awk '$1 == "keycode" && NF == 3 && $2 > 8 { print $2 }'; printf '%s\n' $used; } | sort -n -u)
 exprs=$(mktemp)
 trap 'rm -f "$exprs" "$state.new"' EXIT
 : > "$state.new"
-for code in $used; do printf 'keycode %s =
-' "$code" >> "$exprs"; done
+for code in $used; do printf 'keycode %s =\n' "$code" >> "$exprs"; done
 i=0
 for sym in "$@"; do
   i=$((i + 1))
-  code=$(printf '%s
-' $spare | sed -n "${i}p")
+  code=$(printf '%s\n' $spare | sed -n "${i}p")
   if [ -z "$code" ]; then echo "no spare keycode left for $sym ($i characters)" >&2; exit 3; fi
-  printf 'keycode %s = %s %s
-' "$code" "$sym" "$sym" >> "$exprs"
+  printf 'keycode %s = %s %s\n' "$code" "$sym" "$sym" >> "$exprs"
   echo "$code" >> "$state.new"
 done
 xmodmap "$exprs"
@@ -109,11 +105,7 @@ struct DesktopOf {
 impl Engine {
     /// The screen and session of `id`, or `not_a_desktop`.
     fn desktop_of(&self, id: &SandboxId) -> Result<DesktopOf, CoreError> {
-        let sb = self
-            .table()
-            .get(id)
-            .map(|(_, sb)| Arc::clone(sb))
-            .ok_or_else(|| self.not_running(id))?;
+        let sb = self.live_sandbox(id).ok_or_else(|| self.not_running(id))?;
         let Some(d) = sb.vm().config().display else {
             return Err(CoreError::NotADesktop(format!(
                 "sandbox {id} has no screen: its image is not a desktop"
@@ -148,14 +140,18 @@ impl Engine {
         }
     }
 
+    /// The running sandbox `id` (its owner's table entry), if there is one.
+    pub(crate) fn live_sandbox(&self, id: &SandboxId) -> Option<Arc<crate::sandbox::Sandbox>> {
+        self.table().get(id).map(|(_, sb)| Arc::clone(sb))
+    }
+
     /// Where kiln last put `id`'s pointer (none known before its first pointer action).
     fn pointer(&self, id: &SandboxId) -> Option<(u32, u32)> {
-        let sb = self.table().get(id).map(|(_, sb)| Arc::clone(sb))?;
-        sb.extras().pointer
+        self.live_sandbox(id)?.extras().pointer
     }
 
     fn set_pointer(&self, id: &SandboxId, p: Option<(u32, u32)>) {
-        if let Some(sb) = self.table().get(id).map(|(_, sb)| Arc::clone(sb)) {
+        if let Some(sb) = self.live_sandbox(id) {
             sb.extras().pointer = p;
         }
     }
@@ -446,11 +442,7 @@ impl Engine {
     /// The value of secret `name` of sandbox `id` (for `type_text` with `secret`), from the
     /// daemon's memory.
     pub(crate) fn secret_value(&self, id: &SandboxId, name: &str) -> Result<String, CoreError> {
-        let sb = self
-            .table()
-            .get(id)
-            .map(|(_, sb)| Arc::clone(sb))
-            .ok_or_else(|| self.not_running(id))?;
+        let sb = self.live_sandbox(id).ok_or_else(|| self.not_running(id))?;
         let value = sb.extras().secrets.0.get(name).cloned();
         value.ok_or_else(|| {
             CoreError::BadRequest(format!("sandbox {id} has no secret named {name:?}"))

@@ -149,8 +149,7 @@ impl Engine {
 
     /// The recording of running sandbox `id`, if it is a desktop.
     pub(crate) fn recording(&self, id: &SandboxId) -> Option<Arc<Recording>> {
-        let sb = self.table().get(id).map(|(_, sb)| Arc::clone(sb))?;
-        sb.extras().recording.clone()
+        self.live_sandbox(id)?.extras().recording.clone()
     }
 
     /// Writes the review bundle of sandbox `id` (running, or removed while its recording is
