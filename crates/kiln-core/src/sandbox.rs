@@ -103,6 +103,9 @@ pub struct ExecDefaults {
     pub workdir: Option<String>,
     /// User of commands that name none.
     pub user: Option<String>,
+    /// A desktop image's session (its user and X display): where the desktop actions' guest
+    /// commands run. Not applied to other commands.
+    pub desktop: Option<kiln_image::DesktopSpec>,
 }
 
 impl ExecDefaults {
@@ -112,6 +115,7 @@ impl ExecDefaults {
             env: recipe.env.clone(),
             workdir: recipe.workdir.clone(),
             user: recipe.user.clone(),
+            desktop: recipe.desktop.clone(),
         }
     }
 

@@ -3,8 +3,10 @@
 //!
 //! - [`frame`], [`keys`]: the pure, VM-free pieces (PPM frames → PNG, settle detection, key
 //!   combinations, typing plans, pointer events); no I/O, no clock.
-//! - `ops`: the engine's desktop operations (screenshot, actions with receipts, the VNC
-//!   socket), through the sandbox's owner.
+//! - `ops`: the engine's desktop operations (screenshot, actions with receipts and the settle
+//!   wait, the VNC socket), through the sandbox's owner; `plan`: each action's input frames
+//!   and pointer masks (pure); `guest_type`: what the guest types or clicks itself (text a
+//!   US keyboard lacks, the horizontal wheel).
 //! - The review recording of a desktop sandbox, which owns `recordings/<id>/` and writes
 //!   export bundles: [`review`] (its timeline, screenshots and meta), [`redact`] (the
 //!   secrets it must never contain), [`retention`] (pinning, removal and the janitor's
@@ -13,8 +15,10 @@
 
 pub mod bundle;
 pub mod frame;
+mod guest_type;
 pub mod keys;
 mod ops;
+mod plan;
 pub(crate) mod record;
 pub mod redact;
 pub mod retention;

@@ -1,7 +1,14 @@
 //! Unit tests of the recorder, redaction, pinning and reclaiming (temporary directories only).
 
-use super::*;
+use std::fs::OpenOptions;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_api_types::SandboxId;
 use serde_json::json;
+
+use super::super::redact::Redactor;
+use super::*;
 
 pub(crate) fn sb() -> SandboxId {
     "sb-0123456789ab".parse().unwrap()
