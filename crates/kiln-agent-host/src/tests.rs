@@ -404,6 +404,69 @@ async fn apply_identity_confirmed_ack_is_returned() {
 }
 
 #[tokio::test]
+async fn an_unanswered_request_is_nudged_and_answered_with_the_next_message() {
+    // The guest handles the identity only once another message reaches it (the notification
+    // of the first was lost): the client's nudge is that message.
+    let cfg = ClientConfig {
+        nudge_after: Duration::from_millis(50),
+        ..config(64)
+    };
+    let (client, mut guest) = connected_with(cfg).await;
+    let ident = identity();
+    let answer = async {
+        let id = guest.expect_identity(&ident).await;
+        let (nudge, req) = guest.request().await;
+        assert_eq!(req, Request::Ping, "the nudge is a ping");
+        let ack = full_ack(ident.restore_id.clone());
+        guest.respond(id, Response::IdentityApplied(ack)).await;
+        guest.respond(nudge, Response::Pong).await;
+    };
+    let both = async { tokio::join!(client.apply_identity(&ident), answer) };
+    let (ack, ()) = tokio::time::timeout(DEADLINE, both)
+        .await
+        .expect("answered after the nudge");
+    assert_eq!(ack.expect("identity applied").restore_id, ident.restore_id);
+    // The nudge's answer went nowhere and the channel still works (any later nudges are
+    // pings too, answered like the client's own).
+    let ping = client.ping();
+    tokio::pin!(ping);
+    loop {
+        tokio::select! {
+            pong = &mut ping => {
+                pong.expect("pong");
+                break;
+            }
+            (id, req) = guest.request() => {
+                assert_eq!(req, Request::Ping);
+                guest.respond(id, Response::Pong).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_prompt_answer_is_never_nudged() {
+    let (client, mut guest) = connected(64).await; // nudges after the default 1 s
+    let ident = identity();
+    let answer = async {
+        let id = guest.expect_identity(&ident).await;
+        let ack = full_ack(ident.restore_id.clone());
+        guest.respond(id, Response::IdentityApplied(ack)).await;
+        id
+    };
+    let (ack, first) = tokio::join!(client.apply_identity(&ident), answer);
+    ack.expect("identity applied");
+    let (pong, ()) = tokio::join!(client.ping(), async {
+        let (id, req) = guest.request().await;
+        assert_eq!(req, Request::Ping);
+        // No request id went to a nudge in between.
+        assert_eq!(id, RequestId(first.0 + 1), "a nudge was sent");
+        guest.respond(id, Response::Pong).await;
+    });
+    pong.expect("pong");
+}
+
+#[tokio::test]
 async fn apply_identity_wrong_echo_is_rejected() {
     let (client, mut guest) = connected(64).await;
     let ident = identity();

@@ -7,8 +7,7 @@
 //!            ─ kill VM ─ publish (hash, fsync, atomic rename) ─▶ snapshots/warm-<image>-<c>c<m>m/
 //!   restore: verify (fingerprint, sha256 via seals) ─ qcow2 overlay on the snapshot's disk layer
 //!            ─ QEMU -incoming defer, same devices, RAM = snapshot mem (share=off, copy-on-write)
-//!            ─ migrate-incoming state ─ cont ─ agent resync + fresh identity (pinged while
-//!              unanswered: a notification can be lost across the restore) ─▶ Running
+//!            ─ migrate-incoming state ─ cont ─ agent resync + fresh identity ─▶ Running
 //! ```
 //!
 //! Invariants: a snapshot directory is visible only once complete (atomic publish) and its
@@ -39,9 +38,6 @@ const RESTORE_AGENT_DEADLINE: Duration = Duration::from_secs(30);
 const IDENTITY_DEADLINE: Duration = Duration::from_secs(60);
 /// Bytes of host entropy given to each restored guest.
 const ENTROPY_BYTES: usize = 64;
-/// How long the identity may go unanswered before the host sends the guest another message
-/// (a ping), and again after each further second: see [`with_nudges`].
-const IDENTITY_NUDGE: Duration = Duration::from_secs(1);
 
 /// The directory holding all snapshots.
 pub fn snapshots_dir(home: &Path) -> PathBuf {
@@ -222,17 +218,10 @@ pub async fn restore(
             let t = Instant::now();
             let (agent, _info) = AgentClient::connect_with(stream, config).await?;
             let resync = t.elapsed();
-            // Nothing but pings is sent before the identity is acknowledged.
-            let nudge = || async {
-                // Its answer does not matter: the message is the nudge.
-                let _ = agent.ping().await;
-            };
-            let (ack, nudges) =
-                with_nudges(agent.apply_identity(&identity), IDENTITY_NUDGE, nudge).await;
-            if nudges > 0 {
-                tracing::info!(nudges, "the restored guest answered its identity after a nudge");
-            }
-            Ok::<_, kiln_agent_host::AgentError>((agent, ack?, resync, t.elapsed() - resync))
+            // Nothing but the client's nudges (pings, `ClientConfig::nudge_after`) is sent
+            // before the identity is acknowledged.
+            let ack = agent.apply_identity(&identity).await?;
+            Ok::<_, kiln_agent_host::AgentError>((agent, ack, resync, t.elapsed() - resync))
         };
         // The identity's acknowledgement has a deadline too: a restored guest that answers
         // neither it nor the nudges fails the start instead of leaving it `creating` (before
@@ -267,35 +256,6 @@ pub async fn restore(
     }
 }
 
-/// Waits for `answer`; each time `every` passes without it, runs `nudge` to completion and
-/// waits again. Returns the answer and how many nudges it took.
-///
-/// Why: a restored guest with two vCPUs under TCG sometimes leaves a request of its agent
-/// channel unanswered although its agent runs. Measured on a busy two-vCPU desktop's user
-/// snapshot: 4 of 70 restores did not acknowledge their identity (before the nudge, such a
-/// start failed after 90 s), while pings sent meanwhile were answered in 120–190 ms and the
-/// identity right with them. That is the picture of a virtqueue notification lost across the
-/// restore: any later message wakes the queue and the waiting request with it.
-async fn with_nudges<T, F, N, NF>(answer: F, every: Duration, mut nudge: N) -> (T, u32)
-where
-    F: std::future::Future<Output = T>,
-    N: FnMut() -> NF,
-    NF: std::future::Future<Output = ()>,
-{
-    tokio::pin!(answer);
-    let mut nudges = 0;
-    loop {
-        tokio::select! {
-            out = &mut answer => return (out, nudges),
-            () = tokio::time::sleep(every) => {
-                nudges += 1;
-                // Not raced against the answer: a nudge is never cut off mid-message.
-                nudge().await;
-            }
-        }
-    }
-}
-
 /// A new identity: random restore id, machine id and entropy, the host's clock, `hostname`.
 fn fresh_identity(hostname: &str) -> Result<GuestIdentity, CoreError> {
     let bad = |e: kiln_agent_host::IdentityError| {
@@ -322,67 +282,4 @@ pub fn capture_kind(mode: CaptureMode) -> CaptureKind {
 
 fn snapshot_err(e: kiln_snapshot::SnapshotError) -> CoreError {
     CoreError::Snapshot(e)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    use tokio::sync::Notify;
-
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn an_answer_waiting_for_another_message_comes_after_one_nudge() {
-        // The guest answers only once a later message reached it (the lost notification).
-        let woken = Arc::new(Notify::new());
-        let sent = Arc::new(AtomicU32::new(0));
-        let answer = {
-            let woken = Arc::clone(&woken);
-            async move {
-                woken.notified().await;
-                "ack"
-            }
-        };
-        let nudged = with_nudges(answer, Duration::from_secs(1), || {
-            let (woken, sent) = (Arc::clone(&woken), Arc::clone(&sent));
-            async move {
-                sent.fetch_add(1, Ordering::SeqCst);
-                woken.notify_one();
-            }
-        });
-        let (out, nudges) = tokio::time::timeout(Duration::from_secs(60), nudged)
-            .await
-            .expect("the nudge woke the answer");
-        assert_eq!((out, nudges, sent.load(Ordering::SeqCst)), ("ack", 1, 1));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_prompt_answer_is_never_nudged() {
-        let (out, nudges) = with_nudges(
-            async {
-                tokio::time::sleep(Duration::from_millis(40)).await;
-                7
-            },
-            Duration::from_secs(1),
-            || async { panic!("nudged a guest that answered in time") },
-        )
-        .await;
-        assert_eq!((out, nudges), (7, 0));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_silent_guest_is_nudged_every_interval_until_the_caller_gives_up() {
-        let sent = Arc::new(AtomicU32::new(0));
-        let waiting = with_nudges(std::future::pending::<()>(), Duration::from_secs(1), || {
-            let sent = Arc::clone(&sent);
-            async move {
-                sent.fetch_add(1, Ordering::SeqCst);
-            }
-        });
-        let r = tokio::time::timeout(Duration::from_millis(5500), waiting).await;
-        assert!(r.is_err(), "a guest that never answers is not answered for");
-        assert_eq!(sent.load(Ordering::SeqCst), 5);
-    }
 }
